@@ -1,0 +1,239 @@
+"""The Python API: run a recipe, or call a method directly with diffusers-style arguments.
+
+    from multifusion import load_models, average
+    general, expert = load_models(["zoo:general", "zoo:expert"])
+    result = average([general, expert], ["a red circle in a snowy field", "a red striped circle"],
+                     weights=[0.6, 0.4], num_inference_steps=30, seed=0)
+    result.images[0].save("out.png")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from multifusion.errors import RecipeError
+from multifusion.handles import ModelHandle, check_same_latent_space
+from multifusion.loading import load_models
+from multifusion.loop import StepInfo, decode, initial_noise, make_scheduler, sample, to_pil
+from multifusion.recipe import Recipe, parse_recipe, validate_recipe
+from multifusion.registry import get_method
+
+
+@dataclass
+class Result:
+    """Images of one run (or one batch of it), with what made them."""
+
+    images: list  # PIL images
+    latents: torch.Tensor  # (B, C, h, w) final latents, before decoding
+    seeds: list[int]
+    recipe: Recipe
+
+
+def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
+    """Load the recipe's models (identical components shared)."""
+    rt = recipe.runtime
+    return load_models(
+        [m.model for m in recipe.models],
+        names=[m.label for m in recipe.models],
+        configs=[m.config for m in recipe.models],
+        dtype=rt.dtype,
+        device=rt.device,
+        offload=rt.offload,
+        allow_pickle=rt.allow_pickle,
+    )
+
+
+def _image_size(recipe: Recipe, base: ModelHandle) -> tuple[int, int]:
+    f = base.vae_scale_factor
+    default = int(base.unet.config.sample_size) * f
+    h = recipe.sampling.height or default
+    w = recipe.sampling.width or default
+    for side, v in (("height", h), ("width", w)):
+        if v % f:
+            raise RecipeError(f"sampling.{side}: {v} is not a multiple of the VAE downsampling factor {f}")
+    return h, w
+
+
+def iter_run(
+    recipe: Recipe | dict | str | Path,
+    *,
+    models: Sequence[ModelHandle] | None = None,
+    batch_size: int = 4,
+    seeds: Sequence[int] | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = True,
+) -> Iterator[Result]:
+    """Run a recipe in batches of `batch_size` images, yielding each batch as it finishes, so a
+    caller can save it before the next starts. Image i uses seed `sampling.seed + i` alone: the
+    same image comes out whatever the batch size or position in the run. `seeds` replaces the
+    recipe's seeds (to redo a subset of a run)."""
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe)
+    recipe, params = validate_recipe(recipe)
+    if batch_size <= 0:
+        raise RecipeError(f"batch_size must be positive, got {batch_size}")
+    handles = list(models) if models is not None else load_recipe_models(recipe)
+    if len(handles) != len(recipe.models):
+        raise RecipeError(f"got {len(handles)} loaded models for a recipe naming {len(recipe.models)}")
+    if len(handles) > 1:
+        check_same_latent_space(handles)
+    base = handles[0]
+    height, width = _image_size(recipe, base)
+    f = base.vae_scale_factor
+    shape = (base.latent_channels, height // f, width // f)
+    method = get_method(recipe.method)
+    seeds = list(recipe.seeds() if seeds is None else seeds)
+    for start in range(0, len(seeds), batch_size):
+        batch_seeds = seeds[start : start + batch_size]
+        b = len(batch_seeds)
+        guided = [
+            h.guide(recipe.prompt_of(i), negative_prompt=recipe.negative_of(i), guidance_scale=recipe.guidance_of(i), batch_size=b)
+            for i, h in enumerate(handles)
+        ]
+        plan = method.build(guided, params)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+        noise = initial_noise(shape, generators)
+        scheduler = make_scheduler(recipe.sampling.scheduler, base.scheduler_config)
+        out = sample(
+            plan.denoise if len(plan.denoise) > 1 else plan.denoise[0],
+            scheduler,
+            [noise] * len(plan.denoise) if len(plan.denoise) > 1 else noise,
+            num_inference_steps=recipe.sampling.num_inference_steps,
+            generators=generators,
+            eta=recipe.sampling.eta,
+            meet=plan.meet,
+            callback=callback,
+            progress=progress,
+            desc=f"{recipe.method} images {start + 1}-{start + b}/{len(seeds)}",
+        )
+        latents = out[0] if isinstance(out, list) else out
+        if base.offloader is not None:
+            base.offloader.activate(base.vae)
+        images = to_pil(decode(base.vae, latents))
+        yield Result(images, latents, batch_seeds, recipe)
+
+
+def run(recipe: Recipe | dict | str | Path, **kwargs: Any) -> Result:
+    """Run a recipe and return all its images (see `iter_run` for the arguments)."""
+    parts = list(iter_run(recipe, **kwargs))
+    return Result(
+        [im for p in parts for im in p.images],
+        torch.cat([p.latents for p in parts]),
+        [s for p in parts for s in p.seeds],
+        parts[0].recipe,
+    )
+
+
+def _call(method: str, models, prompts, params: dict, negative_prompt, guidance_scale, sampling: dict, **kwargs) -> Result:
+    handles = [m for m in models if isinstance(m, ModelHandle)]
+    if handles and len(handles) != len(models):
+        raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(models)
+    if len(prompts) != len(models):
+        raise RecipeError(f"prompts: {len(prompts)} prompts for {len(models)} models; give one per model (or one string for all)")
+    scales = guidance_scale if isinstance(guidance_scale, (list, tuple)) else [guidance_scale] * len(models)
+    negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(models)
+    entries = [
+        {"model": m.source if isinstance(m, ModelHandle) else m, "name": m.name if isinstance(m, ModelHandle) else None,
+         "prompt": p, "guidance_scale": s, "negative_prompt": n}
+        for m, p, s, n in zip(models, prompts, scales, negatives)
+    ]
+    recipe = {"method": method, "models": entries, "params": params, "sampling": {k: v for k, v in sampling.items() if v is not None}}
+    if "runtime" in kwargs:
+        recipe["runtime"] = kwargs.pop("runtime")
+    return run(recipe, models=handles or None, **kwargs)
+
+
+def single(
+    model: ModelHandle | str,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 30,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    num_images: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    **kwargs: Any,
+) -> Result:
+    """One model alone; equals diffusers' StableDiffusionPipeline for the same settings."""
+    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
+    return _call("single", [model], [prompt], {}, negative_prompt, guidance_scale, sampling, **kwargs)
+
+
+def average(
+    models: Sequence[ModelHandle | str],
+    prompts: str | Sequence[str],
+    *,
+    weights: Sequence[float] | None = None,
+    negative_prompt: str | Sequence[str] = "",
+    guidance_scale: float | Sequence[float] = 7.5,
+    num_inference_steps: int = 30,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    num_images: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    **kwargs: Any,
+) -> Result:
+    """Weighted average of several models' guided noise predictions, each with its own prompt."""
+    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
+    params = {"weights": list(weights)} if weights is not None else {}
+    return _call("average", list(models), prompts, params, negative_prompt, guidance_scale, sampling, **kwargs)
+
+
+def image_name(stem: str, seed: int) -> str:
+    return f"{stem}-s{seed}.png"
+
+
+def generate_to_folder(
+    recipe: Recipe | dict | str | Path,
+    out: str | Path,
+    *,
+    stem: str = "image",
+    batch_size: int = 4,
+    overwrite: bool = False,
+    progress: bool = True,
+    models: Sequence[ModelHandle] | None = None,
+) -> list[Path]:
+    """Run a recipe and write `OUT/{stem}-s{seed}.png` for each image, atomically, each batch as
+    soon as it is decoded. Images already present with the same recipe are not redone, so an
+    interrupted run resumes; a different image under the same name is an error unless
+    `overwrite`."""
+    from multifusion.io import image_metadata, read_png_metadata, save_png
+
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe)
+    validate_recipe(recipe)
+    out = Path(out)
+    todo, paths = [], []
+    for seed in recipe.seeds():
+        path = out / image_name(stem, seed)
+        paths.append(path)
+        want = image_metadata(recipe.to_json(), seed)
+        if path.exists() and not overwrite:
+            try:
+                have = read_png_metadata(path)
+            except (RecipeError, OSError, ValueError):
+                have = None
+            if have is not None and have.get("recipe") == want["recipe"]:
+                continue
+            raise RecipeError(
+                f"--out: {str(path)!r} exists and was made by a different recipe; choose another --out, "
+                "another --name, or pass --overwrite"
+            )
+        todo.append(seed)
+    if todo:
+        for part in iter_run(recipe, models=models, batch_size=batch_size, seeds=todo, progress=progress):
+            for image, seed in zip(part.images, part.seeds):
+                save_png(image, out / image_name(stem, seed), image_metadata(recipe.to_json(), seed))
+    return paths

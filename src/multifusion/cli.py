@@ -1,0 +1,152 @@
+"""Command line: a thin layer over the Python API (no maths here).
+
+    multifusion generate RECIPE.yaml --out DIR       one PNG per image, recipe + seed inside
+    multifusion generate --from-image IMG.png --out DIR
+    multifusion validate RECIPE.yaml                 check a recipe without loading models
+    multifusion methods                              list the methods
+    multifusion demo --out DIR                       the main job on the built-in models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from multifusion.errors import MultifusionError, RecipeError
+
+
+def _add_sampling_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("overrides (take precedence over the recipe)")
+    g.add_argument("--steps", dest="num_inference_steps", type=int, help="sampling.num_inference_steps")
+    g.add_argument("--cfg", dest="guidance_scale", type=float, help="sampling.guidance_scale (default of every model)")
+    g.add_argument("--seed", type=int, help="sampling.seed: image i uses seed + i")
+    g.add_argument("--num-images", dest="num_images", type=int, help="sampling.num_images")
+    g.add_argument("--scheduler", help="sampling.scheduler: ddim, euler, euler_a, dpm++, pndm, lms, heun, unipc, ... or a diffusers class name")
+    g.add_argument("--eta", type=float, help="sampling.eta (DDIM-type schedulers)")
+    g.add_argument("--height", type=int, help="sampling.height in pixels (multiple of the VAE factor)")
+    g.add_argument("--width", type=int, help="sampling.width in pixels (multiple of the VAE factor)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="runtime.device: cpu, cuda, cuda:N, mps")
+    r.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="runtime.dtype of the weights")
+    r.add_argument("--offload", action="store_true", default=None, help="runtime.offload: keep only the model in use on the device")
+    r.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
+                   help="runtime.allow_pickle: allow .ckpt/.bin/.pt checkpoints (they can run code: trusted files only)")
+
+
+def _apply_overrides(data: dict, args: argparse.Namespace) -> dict:
+    data = json.loads(json.dumps(data))
+    sampling = data.setdefault("sampling", {})
+    for key in ("num_inference_steps", "guidance_scale", "seed", "num_images", "scheduler", "eta", "height", "width"):
+        v = getattr(args, key, None)
+        if v is not None:
+            sampling[key] = v
+    runtime = data.setdefault("runtime", {})
+    for key in ("device", "dtype", "offload", "allow_pickle"):
+        v = getattr(args, key, None)
+        if v is not None:
+            runtime[key] = v
+    return data
+
+
+def _read_recipe_dict(path: str) -> dict:
+    from multifusion.recipe import parse_recipe
+
+    return json.loads(parse_recipe(path).model_dump_json(exclude_none=True))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from multifusion.api import generate_to_folder
+    from multifusion.io import read_png_metadata
+
+    if (args.recipe is None) == (args.from_image is None):
+        raise RecipeError("give a RECIPE file or --from-image IMG.png (one of them)")
+    data = read_png_metadata(args.from_image)["recipe"] if args.from_image else _read_recipe_dict(args.recipe)
+    data = _apply_overrides(data, args)
+    stem = args.name or (Path(args.recipe).stem if args.recipe else Path(args.from_image).stem.rsplit("-s", 1)[0])
+    written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+    for p in written:
+        print(p)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from multifusion.recipe import parse_recipe, validate_recipe
+
+    recipe, params = validate_recipe(parse_recipe(_apply_overrides(_read_recipe_dict(args.recipe), args)))
+    print(f"ok: method {recipe.method!r}, {len(recipe.models)} model(s), {recipe.sampling.num_images} image(s)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from multifusion.registry import METHODS
+
+    for m in METHODS.values():
+        params = ", ".join(m.params.model_fields) or "-"
+        count = f"{m.min_models}" if m.min_models == m.max_models else f"{m.min_models}+"
+        print(f"{m.name:10s} meets at {m.meets:8s} models: {count:3s} params: {params}\n           {m.summary}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from multifusion.demo import run_demo
+
+    report = run_demo(args.out, progress=not args.no_progress)
+    print(f"wrote {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multifusion",
+        description="Combine several text-to-image diffusion models (diffusers) at sampling time.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="run a recipe and write one PNG per image",
+                       description="Run a recipe (YAML or JSON) and write one PNG per image into --out. Each PNG "
+                       "holds the full recipe and its seed, so --from-image regenerates it. Images already in "
+                       "--out from the same recipe are kept (an interrupted run resumes).")
+    g.add_argument("recipe", nargs="?", help="recipe file (.yaml, .yml or .json)")
+    g.add_argument("--from-image", dest="from_image", help="regenerate from the metadata of a PNG written by multifusion")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--name", help="file name stem of the images (default: the recipe file's stem)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="images per batch (default 4); results do not depend on it")
+    g.add_argument("--overwrite", action="store_true", help="replace images of a different recipe under the same names")
+    g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    _add_sampling_overrides(g)
+    g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("validate", help="check a recipe without loading any model",
+                       description="Validate a recipe: fields, method, parameters, model references, sizes.")
+    v.add_argument("recipe", help="recipe file (.yaml, .yml or .json)")
+    _add_sampling_overrides(v)
+    v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("methods", help="list the methods and their parameters", description="List the methods.")
+    m.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("demo", help="the main job: every method on the built-in models, with a report",
+                       description="Run each available method on fixed prompts and seeds; write images, a labelled "
+                       "comparison grid and report.md / report.json into --out.")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MultifusionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished images are kept, nothing half-written was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Model handles: one denoiser, how to condition it, and its classifier-free guidance.
+
+A handle is the edge where models differ: its own tokenizer and text encoder, its own
+prediction type (v-prediction is converted to epsilon here, once, so no combiner ever sees v),
+its own guidance scale and negative prompt. What leaves a handle is a *noise function*
+``(x_t, t) -> eps``, the one callable every combiner takes and returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from multifusion.errors import IncompatibleModelsError
+
+
+class NoiseFn(Protocol):
+    """``(x_t, t, record=None) -> eps``: epsilon prediction for latents ``x_t`` (B, C, H, W),
+    already scaled by ``scheduler.scale_model_input``, at scheduler timestep ``t``.
+
+    ``record``, when a dict, collects named tensors for the step callback (masks, maps)."""
+
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, record: dict[str, Any] | None = None
+    ) -> torch.Tensor: ...
+
+
+class Offloader:
+    """Keeps at most one registered module on the accelerator; the others wait on the CPU.
+
+    `activate(module)` moves the previously active module to the CPU and `module` to `device`.
+    This is diffusers' model offload reduced to its rule, so it also covers several UNets:
+    while model A denoises, model B's weights stay in host memory. `move` is injectable so the
+    rule can be tested on a machine without an accelerator.
+    """
+
+    def __init__(self, device: torch.device | str, move: Callable[[torch.nn.Module, Any], Any] | None = None):
+        self.device = torch.device(device)
+        self.active: torch.nn.Module | None = None
+        self._move = move or (lambda module, device: module.to(device))
+
+    def activate(self, module: torch.nn.Module) -> None:
+        if module is self.active:
+            return
+        if self.active is not None:
+            self._move(self.active, torch.device("cpu"))
+        self._move(module, self.device)
+        self.active = module
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar(t) for integer or fractional timesteps t (any shape).
+
+    Fractional t (Euler-type schedules) interpolate log sigma linearly, sigma = sqrt((1-a)/a),
+    as k-diffusion's discrete-schedule wrapper does; integer t index the table exactly.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(alphas_cumprod) - 1)
+    a = alphas_cumprod.to(torch.float64)
+    log_sigma = 0.5 * torch.log((1 - a) / a)
+    lo = t.floor().long()
+    hi = t.ceil().long()
+    w = t - lo
+    ls = (1 - w) * log_sigma[lo] + w * log_sigma[hi]
+    exact = a[lo]
+    return torch.where(w == 0, exact, 1 / (1 + torch.exp(2 * ls)))
+
+
+def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """eps from a v-prediction: with x_t = sqrt(a) x0 + sqrt(1-a) eps and
+    v = sqrt(a) eps - sqrt(1-a) x0, eps = sqrt(a) v + sqrt(1-a) x_t (Salimans & Ho 2022).
+    `x_t` is the variance-preserving latent, i.e. the UNet's (scaled) input."""
+    a = alpha_bar.to(v.dtype)
+    return a.sqrt() * v + (1 - a).sqrt() * x_t
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """One loaded text-to-image model: its denoiser and its conditioning.
+
+    Components may be shared objects between handles (same text encoder or VAE weights are held
+    once; see `multifusion.loading`).
+    """
+
+    name: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler_config: dict
+    source: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    offloader: Offloader | None = None
+
+    # --- facts used to check that models can meet ------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        if not hasattr(self, "_alphas_cumprod"):
+            sched = DDPMScheduler.from_config(self.scheduler_config)
+            self._alphas_cumprod = sched.alphas_cumprod.clone()
+        return self._alphas_cumprod
+
+    def _on_device(self, module: torch.nn.Module) -> None:
+        if self.offloader is not None:
+            self.offloader.activate(module)
+
+    # --- conditioning -------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D) as diffusers' StableDiffusionPipeline computes them:
+        padded to the tokenizer's max length, truncated, attention mask only where the text
+        encoder's config asks for it, last hidden state."""
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        self._on_device(self.text_encoder)
+        dev = self.offloader.device if self.offloader else self.device
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tok.attention_mask.to(dev)
+        embeds = self.text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
+        return embeds.to(dtype=self.dtype)
+
+    def guide(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] = "",
+        guidance_scale: float = 7.5,
+        batch_size: int = 1,
+    ) -> "Guided":
+        """A noise function for this model, conditioned on `prompt` with its own guidance."""
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts; give one per prompt or a single string"
+            )
+        return Guided(self, self.encode_prompt(prompts), self.encode_prompt(negatives), float(guidance_scale), prompts)
+
+    # --- denoising ---------------------------------------------------------------------
+    @torch.no_grad()
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """One UNet call converted to epsilon. x_t (B, C, H, W) float32, embeds (B, L, D);
+        returns eps (B, C, H, W) float32."""
+        self._on_device(self.unet)
+        dev = self.offloader.device if self.offloader else self.device
+        out = self.unet(
+            x_t.to(dev, self.dtype), t, encoder_hidden_states=embeds.to(dev), return_dict=False
+        )[0].to(x_t.device, torch.float32)
+        if self.prediction_type == "v_prediction":
+            out = v_to_eps(out, x_t, alpha_bar_at(self.alphas_cumprod, t).to(x_t.device, torch.float32))
+        elif self.prediction_type != "epsilon":
+            raise IncompatibleModelsError(
+                f"model {self.name!r} predicts {self.prediction_type!r}; only 'epsilon' and 'v_prediction' models can be combined"
+            )
+        return out
+
+
+@dataclass(eq=False)
+class GuidedPrediction:
+    """The parts of one classifier-free-guided prediction, all (B, C, H, W) in eps space."""
+
+    eps: torch.Tensor  # u + s (c - u)
+    uncond: torch.Tensor | None  # u (None when guidance_scale == 1 and it was not asked for)
+    cond: torch.Tensor  # c
+    guidance_scale: float
+
+    @property
+    def response(self) -> torch.Tensor:
+        """s (c - u): the guidance response MagicFusion's salience is built from."""
+        if self.uncond is None:
+            raise ValueError("the unconditional prediction was not computed; call predict(..., need_uncond=True)")
+        return self.guidance_scale * (self.cond - self.uncond)
+
+
+@dataclass(eq=False)
+class Guided:
+    """A model conditioned on a batch of prompts: the basic noise function.
+
+    Unconditional and conditional halves run as one batch of 2B, as diffusers does; at
+    guidance scale 1 only the conditional half runs (as diffusers does) unless asked for.
+    """
+
+    handle: ModelHandle
+    cond_embeds: torch.Tensor  # (B, L, D)
+    uncond_embeds: torch.Tensor  # (B, L, D)
+    guidance_scale: float
+    prompts: list[str]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond_embeds.shape[0]
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, need_uncond: bool = False) -> GuidedPrediction:
+        if self.guidance_scale == 1.0 and not need_uncond:
+            c = self.handle.eps(x_t, t, self.cond_embeds)
+            return GuidedPrediction(c, None, c, self.guidance_scale)
+        both = self.handle.eps(torch.cat([x_t, x_t]), t, torch.cat([self.uncond_embeds, self.cond_embeds]))
+        u, c = both.chunk(2)
+        return GuidedPrediction(u + self.guidance_scale * (c - u), u, c, self.guidance_scale)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        return self.predict(x_t, t).eps
+
+
+def check_same_latent_space(handles: list[ModelHandle]) -> None:
+    """Raise IncompatibleModelsError unless all handles share latent channels, VAE factor,
+    VAE scaling factor and noise schedule: the conditions for meeting at noise or latent level."""
+    base = handles[0]
+    for h in handles[1:]:
+        for what, a, b in (
+            ("latent channels", base.latent_channels, h.latent_channels),
+            ("VAE downsampling factor", base.vae_scale_factor, h.vae_scale_factor),
+            ("VAE scaling_factor", round(base.scaling_factor, 6), round(h.scaling_factor, 6)),
+            ("num_train_timesteps", len(base.alphas_cumprod), len(h.alphas_cumprod)),
+        ):
+            if a != b:
+                raise IncompatibleModelsError(
+                    f"models {base.name!r} and {h.name!r} differ in {what} ({a} vs {b}): their latents "
+                    "cannot be combined; use models fine-tuned from the same base (same VAE and schedule)"
+                )
+        if not torch.allclose(base.alphas_cumprod, h.alphas_cumprod, atol=1e-6):
+            raise IncompatibleModelsError(
+                f"models {base.name!r} and {h.name!r} use different noise schedules (betas); "
+                "a timestep would mean different noise levels for them"
+            )

@@ -1,0 +1,273 @@
+"""Naming and loading models: diffusers folders, Hub ids, single-file checkpoints, the zoo.
+
+Loading a checkpoint must not run code, so pickle files (.ckpt, .bin, .pt, .pth) are refused
+unless the caller passes ``allow_pickle=True``; folders are read with ``use_safetensors=True``
+under the same rule. Components with identical weights across models (a text encoder or VAE
+that fine-tunes inherit unchanged) are held once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from multifusion.errors import ModelLoadError, PickleRefusedError
+from multifusion.handles import ModelHandle, Offloader
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+RefKind = Literal["folder", "hub", "single_file", "zoo"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model name: what kind of thing it is and where."""
+
+    text: str
+    kind: RefKind
+    location: str  # folder or file path, or Hub id
+    config: str | None = None  # diffusers config folder for single-file checkpoints
+
+
+def zoo_root() -> Path:
+    return Path(__file__).parent / "zoo" / "weights"
+
+
+def zoo_models() -> list[str]:
+    """Names of the models shipped in the embedded zoo (folders with a model_index.json)."""
+    root = zoo_root()
+    return sorted(p.parent.name for p in root.glob("*/model_index.json")) if root.is_dir() else []
+
+
+def resolve(text: str, *, config: str | None = None, allow_pickle: bool = False) -> ModelRef:
+    """Decide what `text` names, without loading anything. Raises ModelLoadError with a fix."""
+    if text.startswith("zoo:"):
+        name = text[4:]
+        available = zoo_models()
+        if name not in available:
+            import difflib
+
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f"; did you mean 'zoo:{close[0]}'?" if close else ""
+            listed = ", ".join(available) or "none yet"
+            raise ModelLoadError(f"unknown zoo model {text!r} (available: {listed}){hint}")
+        return ModelRef(text, "zoo", str(zoo_root() / name))
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it "
+                "to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source"
+            )
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint file {text!r} does not exist")
+        return ModelRef(text, "single_file", str(path), config)
+    if suffix == ".safetensors":
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint file {text!r} does not exist")
+        if config is not None and not (Path(config) / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"config {config!r} for {text!r} is not a diffusers pipeline folder (no model_index.json)"
+            )
+        return ModelRef(text, "single_file", str(path), config)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"folder {text!r} is not a diffusers pipeline folder (no model_index.json); "
+                "name the pipeline's root folder, or a single .safetensors checkpoint"
+            )
+        return ModelRef(text, "folder", str(path))
+    if _HUB_ID.match(text) and not path.exists():
+        return ModelRef(text, "hub", text)
+    raise ModelLoadError(
+        f"cannot find model {text!r}: not an existing folder, not a .safetensors file, not a Hub id "
+        "(owner/name) and not 'zoo:NAME'"
+    )
+
+
+def read_local_config(ref: ModelRef) -> dict | None:
+    """Configs needed for validation (VAE factor, latent channels), read without loading
+    weights; None when they are not local (Hub ids, single files without a config)."""
+    root = Path(ref.location) if ref.kind in ("folder", "zoo") else (Path(ref.config) if ref.config else None)
+    if root is None:
+        return None
+    try:
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        unet = json.loads((root / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {
+        "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+        "latent_channels": unet.get("in_channels", 4),
+    }
+
+
+def _dtype_kwarg() -> str:
+    # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works, with a warning).
+    import diffusers
+
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
+
+
+_DTYPE_KWARG = _dtype_kwarg()
+
+
+def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
+    from diffusers import StableDiffusionPipeline
+
+    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    common[_DTYPE_KWARG] = dtype
+    try:
+        if ref.kind == "single_file":
+            kwargs = dict(common)
+            if ref.config:
+                kwargs["config"] = ref.config
+            return StableDiffusionPipeline.from_single_file(ref.location, **kwargs)
+        return StableDiffusionPipeline.from_pretrained(
+            ref.location, use_safetensors=None if allow_pickle else True, **common
+        )
+    except (OSError, ValueError, EnvironmentError) as err:
+        hint = ""
+        if ref.kind == "single_file" and not ref.config:
+            hint = " (single-file checkpoints need their diffusers config: pass config=FOLDER, CLI --config)"
+        elif not allow_pickle and "safetensors" in str(err).lower():
+            hint = " (this model ships no .safetensors weights; pass allow_pickle=True if you trust it)"
+        raise ModelLoadError(f"could not load {ref.text!r}: {err}{hint}") from err
+
+
+def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two modules are interchangeable: same class, config and every tensor equal."""
+    if type(a) is not type(b):
+        return False
+    ca, cb = getattr(a, "config", None), getattr(b, "config", None)
+    if ca is not None and cb is not None:
+        da = ca.to_dict() if hasattr(ca, "to_dict") else dict(ca)
+        db = cb.to_dict() if hasattr(cb, "to_dict") else dict(cb)
+        for d in (da, db):
+            for k in ("_name_or_path", "transformers_version", "_diffusers_version", "_commit_hash"):
+                d.pop(k, None)
+        if da != db:
+            return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def share_components(handles: list[ModelHandle]) -> dict[str, int]:
+    """Point each handle's text encoder, VAE and UNet at an earlier handle's when they are equal,
+    so identical weights are held once. Returns how many components were shared, per kind."""
+    shared = {"text_encoder": 0, "vae": 0, "unet": 0}
+    for i in range(1, len(handles)):
+        for kind, n in _share_with_earlier(handles[: i + 1]).items():
+            shared[kind] += n
+    return shared
+
+
+def _share_with_earlier(handles: list[ModelHandle]) -> dict[str, int]:
+    *earlier, h = handles
+    shared = {"text_encoder": 0, "vae": 0, "unet": 0}
+    for kind in shared:
+        mine = getattr(h, kind)
+        for prev in earlier:
+            theirs = getattr(prev, kind)
+            if theirs is mine:
+                break
+            if _same_module(theirs, mine):
+                setattr(h, kind, theirs)
+                shared[kind] += 1
+                break
+    return shared
+
+
+def held_bytes(handles: list[ModelHandle]) -> int:
+    """Bytes of parameters and buffers held by all handles, each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for h in handles:
+        for module in (h.unet, h.vae, h.text_encoder):
+            for t in list(module.parameters()) + list(module.buffers()):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+    return total
+
+
+def load_model(
+    ref: str | ModelRef,
+    *,
+    name: str | None = None,
+    config: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    offloader: Offloader | None = None,
+    allow_pickle: bool = False,
+) -> ModelHandle:
+    """Load one model into a handle. `offloader` (shared between handles) keeps the components
+    on the CPU and moves each one to its device only while it runs."""
+    if isinstance(ref, str):
+        ref = resolve(ref, config=config, allow_pickle=allow_pickle)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    pipe = _load_pipeline(ref, torch_dtype, allow_pickle)
+    device = torch.device(device)
+    if offloader is None:
+        pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    return ModelHandle(
+        name=name or ref.text,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+        source=ref.text,
+        device=device,
+        dtype=torch_dtype,
+        offloader=offloader,
+    )
+
+
+def load_models(
+    refs: list[str],
+    *,
+    names: list[str | None] | None = None,
+    configs: list[str | None] | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    offload: bool = False,
+    allow_pickle: bool = False,
+    share: bool = True,
+) -> list[ModelHandle]:
+    """Load several models, sharing identical components. All refs are resolved (and refused,
+    for pickles) before the first one loads."""
+    names = names or [None] * len(refs)
+    configs = configs or [None] * len(refs)
+    resolved = [resolve(r, config=c, allow_pickle=allow_pickle) for r, c in zip(refs, configs)]
+    offloader = Offloader(device) if offload else None
+    handles: list[ModelHandle] = []
+    cache: dict[str, ModelHandle] = {}
+    for ref, name in zip(resolved, names):
+        key = f"{ref.kind}:{ref.location}:{ref.config}"
+        if key in cache:
+            # The same checkpoint named twice: share everything, load nothing.
+            base = cache[key]
+            handles.append(dataclasses.replace(base, name=name or ref.text))
+            continue
+        h = load_model(ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle)
+        cache[key] = h
+        handles.append(h)
+        if share:
+            _share_with_earlier(handles)
+    return handles

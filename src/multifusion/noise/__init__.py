@@ -1,0 +1,9 @@
+"""Where models meet after each model's classifier-free guidance: noise combiners.
+
+Each combiner is a noise function ``(x_t, t, record=None) -> eps`` built from other noise
+functions, so combiners nest (a region painted by a fusion of two models needs no extra code).
+"""
+
+from multifusion.noise.average import Average, weighted_average
+
+__all__ = ["Average", "weighted_average"]

@@ -1,0 +1,159 @@
+"""Tiny Stable-Diffusion-shaped pipelines built from config, with no network access.
+
+A diffusers pipeline folder needs a tokenizer, a text encoder, a VAE, a UNet and a scheduler.
+Here each is built from a small config with a fixed seed and saved through the real
+`save_pretrained`, so the loaders under test read them exactly as they read a real checkpoint.
+The tokenizer's vocabulary is written locally: the 256 byte symbols of CLIP's byte-level BPE
+(each also with the end-of-word mark), the two special tokens, and merges for a few whole words.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_WORDS = (
+    "a an the of in on and with at left right centre center red blue green yellow purple orange "
+    "pink grey white black circle square triangle diamond star striped dotted checkered plain "
+    "snowy field desert forest night sky sea cartoon photo cat dog tree house"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from byte values to printable unicode symbols."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes)}
+
+
+def write_clip_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = _WORDS) -> Path:
+    """Write `vocab.json` and `merges.txt` of a small CLIP BPE tokenizer and save it with
+    `CLIPTokenizer.save_pretrained` into `folder`. Whole words in `words` become single tokens;
+    anything else falls back to byte symbols, so every string is encodable."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        # Merge left to right: ((w o) r) d</w>, adding each intermediate symbol to the vocabulary.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((current, piece))
+            current = current + piece
+            if current not in vocab_list:
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=16)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_pipeline(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    text_seed: int | None = None,
+    vae_seed: int | None = None,
+    cross_attention_dim: int = 32,
+    latent_channels: int = 4,
+    vae_factor: int = 4,
+    sample_size: int = 8,
+) -> Path:
+    """Build and save a tiny `StableDiffusionPipeline` folder (about 0.3M parameters).
+
+    `seed` sets the UNet's weights; `text_seed` and `vae_seed` (default: `seed`) set the text
+    encoder's and the VAE's, so several pipelines can share (or not) those components the way
+    fine-tunes of one base model do. `vae_factor` is 2**(number of VAE blocks - 1).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = write_clip_tokenizer(folder / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    torch.manual_seed(seed if text_seed is None else text_seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+
+    n_vae_blocks = {1: 1, 2: 2, 4: 3, 8: 4}[vae_factor]
+    torch.manual_seed(seed if vae_seed is None else vae_seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_vae_blocks,
+        block_out_channels=(8, 16, 16, 16)[:n_vae_blocks],
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=sample_size * vae_factor,
+    ).eval()
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    # Random weights give near-zero outputs of the zero-initialised conv_out; perturb it so
+    # different seeds give clearly different predictions.
+    with torch.no_grad():
+        unet.conv_out.weight.normal_(0.0, 0.05)
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder

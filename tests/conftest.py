@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny Stable-Diffusion-shaped pipelines built from config, saved and loaded
+through the real loaders (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Folder of tiny pipelines: `a` and `b` are fine-tunes of one base (same text encoder and
+    VAE, different UNets); `v` predicts v; `wide` has 8 latent channels (another latent space)."""
+    from multifusion.testing import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_pipeline(root / "a", seed=0)
+    build_tiny_pipeline(root / "b", seed=1, text_seed=0, vae_seed=0)
+    build_tiny_pipeline(root / "c", seed=2, text_seed=0, vae_seed=0)
+    build_tiny_pipeline(root / "v", seed=3, prediction_type="v_prediction")
+    build_tiny_pipeline(root / "wide", seed=4, latent_channels=8)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_a(tiny_dir):
+    return str(tiny_dir / "a")
+
+
+@pytest.fixture(scope="session")
+def tiny_b(tiny_dir):
+    return str(tiny_dir / "b")

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from multifusion.cli import build_parser, main
+from multifusion.io import read_png_metadata
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_a, tiny_b):
+    data = {
+        "method": "average",
+        "params": {"weights": [0.7, 0.3]},
+        "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square", "guidance_scale": 3}],
+        "sampling": {"num_inference_steps": 3, "seed": 10, "num_images": 3, "scheduler": "euler_a"},
+    }
+    path = tmp_path / "fusion.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_generate_writes_images_with_metadata_and_regenerates(tmp_path, recipe_file, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", str(recipe_file), "--out", str(out), "--batch-size", "2", "--no-progress"]) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["fusion-s10.png", "fusion-s11.png", "fusion-s12.png"]
+    meta = read_png_metadata(out / "fusion-s11.png")
+    assert meta["seed"] == 11 and meta["recipe"]["params"] == {"weights": [0.7, 0.3]}
+    assert meta["recipe"]["sampling"]["num_images"] == 1
+
+    again = tmp_path / "again"
+    assert main(["generate", "--from-image", str(out / "fusion-s11.png"), "--out", str(again), "--no-progress"]) == 0
+    a = Image.open(out / "fusion-s11.png").tobytes()
+    b = Image.open(again / "fusion-s11.png").tobytes()
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1  # batch of 2 vs alone: float-level differences only
+
+
+def test_second_run_resumes_and_keeps_finished_images(tmp_path, recipe_file):
+    out = tmp_path / "out"
+    main(["generate", str(recipe_file), "--out", str(out), "--no-progress"])
+    (out / "fusion-s11.png").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    main(["generate", str(recipe_file), "--out", str(out), "--no-progress"])
+    assert (out / "fusion-s11.png").exists()
+    assert all((out / n).stat().st_mtime_ns == t for n, t in stamps.items())
+
+
+def test_other_recipe_into_same_names_is_refused(tmp_path, recipe_file, capsys):
+    out = tmp_path / "out"
+    main(["generate", str(recipe_file), "--out", str(out), "--no-progress", "--num-images", "1"])
+    assert main(["generate", str(recipe_file), "--out", str(out), "--no-progress", "--num-images", "1", "--cfg", "2"]) == 2
+    assert "different recipe" in capsys.readouterr().err
+
+
+def test_interrupt_leaves_no_partial_files(tmp_path, recipe_file, monkeypatch):
+    import multifusion.api as api
+
+    real_sample = api.sample
+
+    def interrupted(*args, **kwargs):
+        kwargs["callback"] = lambda info: (_ for _ in ()).throw(KeyboardInterrupt) if info.step == 1 else None
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(api, "sample", interrupted)
+    out = tmp_path / "out"
+    assert main(["generate", str(recipe_file), "--out", str(out), "--no-progress"]) == 130
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_bad_recipe_exits_2_with_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "single", "models": [{"model": "zoo:nope", "prompt": "x"}]}))
+    assert main(["generate", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "models[0].model" in capsys.readouterr().err
+    assert main(["validate", str(bad), "--steps", "0"]) == 2
+    assert "sampling.num_inference_steps" in capsys.readouterr().err
+
+
+def test_size_not_multiple_of_vae_factor(tmp_path, recipe_file, capsys):
+    assert main(["validate", str(recipe_file), "--height", "30"]) == 2
+    assert "sampling.height: 30 is not a multiple of the VAE downsampling factor 4" in capsys.readouterr().err
+
+
+def test_help_documents_every_command_and_option(capsys):
+    parser = build_parser()
+    text = parser.format_help()
+    for cmd in ("generate", "validate", "methods", "demo"):
+        assert cmd in text
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"{name}: option {action.option_strings or action.dest} has no help"

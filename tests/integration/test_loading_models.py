@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from multifusion import IncompatibleModelsError, average, load_models, single
+from multifusion.loading import held_bytes, share_components
+
+
+def test_identical_components_are_held_once(tiny_dir):
+    paths = [str(tiny_dir / n) for n in ("a", "b", "c")]
+    shared = load_models(paths)
+    separate = load_models(paths, share=False)
+    assert shared[0].text_encoder is shared[1].text_encoder is shared[2].text_encoder
+    assert shared[0].vae is shared[1].vae is shared[2].vae
+    assert shared[0].unet is not shared[1].unet
+    assert held_bytes(shared) < held_bytes(separate)
+    assert share_components(separate) == {"text_encoder": 2, "vae": 2, "unet": 0}
+    assert held_bytes(separate) == held_bytes(shared)
+
+
+def test_different_components_are_not_shared(tiny_dir):
+    a, v = load_models([str(tiny_dir / "a"), str(tiny_dir / "v")])
+    assert a.text_encoder is not v.text_encoder and a.vae is not v.vae
+
+
+def test_same_checkpoint_twice_loads_once(tiny_a):
+    a1, a2 = load_models([tiny_a, tiny_a], names=["one", "two"])
+    assert a1.unet is a2.unet and (a1.name, a2.name) == ("one", "two")
+
+
+def test_models_with_other_latent_spaces_cannot_meet(tiny_dir):
+    a, wide = load_models([str(tiny_dir / "a"), str(tiny_dir / "wide")])
+    with pytest.raises(IncompatibleModelsError, match="latent channels"):
+        average([a, wide], ["x", "y"], num_inference_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_weights(tiny_a, dtype):
+    [h] = load_models([tiny_a], dtype=dtype)
+    assert next(h.unet.parameters()).dtype == getattr(torch, dtype)
+    try:
+        out = single(h, "a red circle", num_inference_steps=3, progress=False)
+    except RuntimeError as err:  # some CPU builds lack half-precision kernels
+        pytest.skip(f"{dtype} kernels unavailable on this CPU build: {err}")
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+
+
+def test_offload_moves_only_the_running_module(tiny_a, tiny_b):
+    """With offload, text encoders run first, then the UNets take turns, then the VAE."""
+    ha, hb = load_models([tiny_a, tiny_b], offload=True)
+    assert ha.offloader is hb.offloader
+    order = []
+    activate = ha.offloader.activate
+
+    def recording(module):
+        if module is not ha.offloader.active:
+            order.append(type(module).__name__)
+        activate(module)
+
+    ha.offloader.activate = recording
+    ref = average([ha, hb], ["x", "y"], num_inference_steps=2, progress=False).latents
+    # Text encoder (shared by a and b: one move), then a, b, a, b, then the VAE.
+    assert order == ["CLIPTextModel"] + ["UNet2DConditionModel"] * 4 + ["AutoencoderKL"]
+    plain = average(load_models([tiny_a, tiny_b]), ["x", "y"], num_inference_steps=2, progress=False).latents
+    assert torch.equal(ref, plain)

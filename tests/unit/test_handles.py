@@ -1,0 +1,49 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from multifusion.handles import GuidedPrediction, Offloader, alpha_bar_at, v_to_eps
+
+
+def _schedule():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@given(st.floats(0.001, 0.999), st.integers(0, 10_000))
+@settings(max_examples=50, deadline=None)
+def test_v_to_eps_inverts_the_v_parameterisation(a, seed):
+    g = torch.Generator().manual_seed(seed)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    a = torch.tensor(a)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(v_to_eps(v, x_t, a), eps, atol=1e-5)
+
+
+def test_alpha_bar_exact_on_integers_and_between_neighbours_otherwise():
+    ac = _schedule()
+    t = torch.tensor([0, 10, 999])
+    assert torch.equal(alpha_bar_at(ac, t), ac[t])
+    mid = alpha_bar_at(ac, torch.tensor(10.5))
+    assert ac[11] < mid < ac[10]
+
+
+def test_offloader_keeps_one_module_on_the_device():
+    moves = []
+    off = Offloader("cuda", move=lambda m, d: moves.append((m, str(d))))
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    off.activate(a)
+    off.activate(a)  # already there: no move
+    off.activate(b)
+    assert moves == [(a, "cuda"), (a, "cpu"), (b, "cuda")]
+    assert off.active is b
+
+
+def test_guidance_response_is_scale_times_difference():
+    u, c = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    p = GuidedPrediction(u + 3 * (c - u), u, c, 3.0)
+    assert torch.equal(p.response, torch.full_like(c, 3.0))
+    with pytest.raises(ValueError, match="need_uncond"):
+        GuidedPrediction(c, None, c, 1.0).response

@@ -1,0 +1,26 @@
+import pytest
+from PIL import Image
+
+from multifusion.errors import RecipeError
+from multifusion.io import atomic_path, image_metadata, read_png_metadata, save_png
+
+
+def test_png_metadata_round_trip(tmp_path):
+    meta = image_metadata('{"method": "single", "sampling": {"seed": 1, "num_images": 4}}', seed=3)
+    assert meta["recipe"]["sampling"] == {"seed": 3, "num_images": 1}
+    save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png", meta)
+    assert read_png_metadata(tmp_path / "x.png") == meta
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "out.png") as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_png_without_metadata(tmp_path):
+    Image.new("RGB", (2, 2)).save(tmp_path / "plain.png")
+    with pytest.raises(RecipeError, match="no multifusion metadata"):
+        read_png_metadata(tmp_path / "plain.png")

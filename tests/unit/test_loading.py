@@ -1,0 +1,35 @@
+import pytest
+
+from multifusion.errors import ModelLoadError, PickleRefusedError
+from multifusion.loading import resolve
+
+
+def test_kinds(tmp_path):
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    assert resolve(str(tmp_path / "pipe")).kind == "folder"
+    assert resolve(str(tmp_path / "m.safetensors")).kind == "single_file"
+    assert resolve("runwayml/stable-diffusion-v1-5").kind == "hub"
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickles_refused_unless_allowed(tmp_path, suffix):
+    f = tmp_path / f"model{suffix}"
+    f.write_bytes(b"x")
+    with pytest.raises(PickleRefusedError, match="can run arbitrary code"):
+        resolve(str(f))
+    assert resolve(str(f), allow_pickle=True).kind == "single_file"
+
+
+def test_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        resolve(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve(str(tmp_path / "gone.safetensors"))
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a diffusers pipeline folder"):
+        resolve(str(tmp_path / "m.safetensors"), config=str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="unknown zoo model"):
+        resolve("zoo:does-not-exist")
