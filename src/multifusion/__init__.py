@@ -1,6 +1,6 @@
 """multifusion: combine several text-to-image diffusion models at sampling time."""
 
-from multifusion.api import Result, average, iter_run, load_recipe_models, run, single
+from multifusion.api import Result, average, iter_run, load_recipe_models, run, single, snb
 from multifusion.errors import (
     IncompatibleModelsError,
     ModelLoadError,
@@ -32,4 +32,5 @@ __all__ = [
     "parse_recipe",
     "run",
     "single",
+    "snb",
 ]

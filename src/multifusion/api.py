@@ -86,6 +86,8 @@ def iter_run(
     f = base.vae_scale_factor
     shape = (base.latent_channels, height // f, width // f)
     method = get_method(recipe.method)
+    if method.check_latent is not None:
+        method.check_latent(params, shape)
     seeds = list(recipe.seeds() if seeds is None else seeds)
     for start in range(0, len(seeds), batch_size):
         batch_seeds = seeds[start : start + batch_size]
@@ -237,3 +239,33 @@ def generate_to_folder(
             for image, seed in zip(part.images, part.seeds):
                 save_png(image, out / image_name(stem, seed), image_metadata(recipe.to_json(), seed))
     return paths
+
+
+def snb(
+    models: Sequence[ModelHandle | str],
+    prompts: str | Sequence[str],
+    *,
+    k: float | Sequence[float] = 1.0,
+    blur: str = "box",
+    blur_size: int = 4,
+    blur_sigma: float = 1.0,
+    window: tuple[float, float] = (0.0, 1.0),
+    fusion_timestep: int | None = None,
+    fusion: str = "late",
+    temperature: float | None = None,
+    negative_prompt: str | Sequence[str] = "",
+    guidance_scale: float | Sequence[float] = 7.5,
+    num_inference_steps: int = 30,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    num_images: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    **kwargs: Any,
+) -> Result:
+    """MagicFusion saliency-aware noise blending of two or more models (the first is the base)."""
+    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
+    params = dict(k=list(k) if isinstance(k, (list, tuple)) else k, blur=blur, blur_size=blur_size, blur_sigma=blur_sigma,
+                  window=list(window), fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
+    return _call("snb", list(models), prompts, params, negative_prompt, guidance_scale, sampling, **kwargs)

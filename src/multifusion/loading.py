@@ -136,10 +136,10 @@ def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
         return StableDiffusionPipeline.from_pretrained(
             ref.location, use_safetensors=None if allow_pickle else True, **common
         )
-    except (OSError, ValueError, EnvironmentError) as err:
+    except Exception as err:  # diffusers raises OSError, ValueError and its own error classes here
         hint = ""
         if ref.kind == "single_file" and not ref.config:
-            hint = " (single-file checkpoints need their diffusers config: pass config=FOLDER, CLI --config)"
+            hint = " (single-file checkpoints need their diffusers config: give the model a `config:` folder in the recipe, or config=FOLDER in Python)"
         elif not allow_pickle and "safetensors" in str(err).lower():
             hint = " (this model ships no .safetensors weights; pass allow_pickle=True if you trust it)"
         raise ModelLoadError(f"could not load {ref.text!r}: {err}{hint}") from err

@@ -8,14 +8,16 @@ methods, the `meet` applied to the latents after each step.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from multifusion.errors import RecipeError
 from multifusion.handles import Guided, NoiseFn
 from multifusion.noise.average import Average
+from multifusion.noise.snb import SNB
 
 
 @dataclass
@@ -51,6 +53,41 @@ class AverageParams(Params):
         return v
 
 
+class SNBParams(Params):
+    k: float | list[float] = Field(1.0, description="softmax temperature k_i per model (one value for all, or a list)")
+    blur: Literal["box", "gaussian", "none"] = "box"
+    blur_size: int = Field(4, ge=1, description="box blur width in latent pixels")
+    blur_sigma: float = Field(1.0, gt=0, description="Gaussian blur std in latent pixels")
+    window: tuple[float, float] = Field((0.0, 1.0), description="fusion window on the trajectory, 0 = noise, 1 = clean")
+    fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
+    fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
+    temperature: float | None = Field(None, gt=0, description="soft mask over models instead of argmax")
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v, info: ValidationInfo):
+        ks = v if isinstance(v, list) else [v]
+        if any(k <= 0 for k in ks):
+            raise ValueError(f"every k must be > 0 (got {v}); k scales the salience before the spatial softmax")
+        n = (info.context or {}).get("n_models")
+        if isinstance(v, list) and n is not None and len(v) != n:
+            raise ValueError(f"has {len(v)} entries for {n} models; give one k per model or a single number")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v):
+        if not (0.0 <= v[0] <= v[1] <= 1.0):
+            raise ValueError(f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(v)}")
+        return v
+
+    def fusion_window(self, num_train_timesteps: int) -> tuple[float, float]:
+        if self.fusion_timestep is None:
+            return self.window
+        edge = 1.0 - self.fusion_timestep / (num_train_timesteps - 1)
+        return (edge, 1.0) if self.fusion == "late" else (0.0, edge)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -60,6 +97,7 @@ class Method:
     build: Callable[[list[Guided], Any], Plan]
     min_models: int = 1
     max_models: int | None = None
+    check_latent: Callable[[Any, tuple[int, ...]], None] | None = None  # params, (C, h, w)
 
     def parse_params(self, raw: dict, n_models: int) -> Any:
         try:
@@ -85,6 +123,20 @@ def _build_average(guided: list[Guided], params: AverageParams) -> Plan:
     return Plan([Average(guided, weights)])
 
 
+def _build_snb(guided: list[Guided], params: SNBParams) -> Plan:
+    k = params.k if isinstance(params.k, list) else [params.k] * len(guided)
+    window = params.fusion_window(len(guided[0].handle.alphas_cumprod))
+    return Plan([SNB(guided, k, params.blur, params.blur_size, params.blur_sigma, window, params.temperature)])
+
+
+def _check_snb(params: SNBParams, latent_shape: tuple[int, ...]) -> None:
+    h, w = latent_shape[-2:]
+    if params.blur == "box" and params.blur_size > min(h, w):
+        raise RecipeError(f"params.blur_size: {params.blur_size} is larger than the latent ({h}x{w}); use at most {min(h, w)}")
+    if params.blur == "gaussian" and 2 * math.ceil(2 * params.blur_sigma) + 1 > min(h, w):
+        raise RecipeError(f"params.blur_sigma: a Gaussian of std {params.blur_sigma} is wider than the latent ({h}x{w})")
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -97,6 +149,16 @@ METHODS: dict[str, Method] = {
             _build_average,
             1,
             None,
+        ),
+        Method(
+            "snb",
+            "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
+            "noise",
+            SNBParams,
+            _build_snb,
+            2,
+            None,
+            _check_snb,
         ),
     )
 }

@@ -5,5 +5,6 @@ functions, so combiners nest (a region painted by a fusion of two models needs n
 """
 
 from multifusion.noise.average import Average, weighted_average
+from multifusion.noise.snb import SNB, blend, blend_mask, salience, spatial_softmax
 
-__all__ = ["Average", "weighted_average"]
+__all__ = ["SNB", "Average", "blend", "blend_mask", "salience", "spatial_softmax", "weighted_average"]

@@ -1,0 +1,138 @@
+"""MagicFusion: saliency-aware noise blending (SNB).
+
+Zhao, Zheng, Wang, Lan, Yang, "MagicFusion: Boosting Text-to-Image Generation Performance by
+Fusing Diffusion Models", ICCV 2023, arXiv 2303.13126 (Sec. 3.2, Eq. 3-5).
+
+At a step inside the fusion window every model i sees the same x_t with its own prompt:
+
+    eps_i = u_i + s_i (c_i - u_i)                          guided prediction
+    S_i   = mean_channels(blur(|s_i (c_i - u_i)|))         salience of the guidance response
+    M_i   = softmax over all H*W positions of k_i * S_i    sums to one per image
+    mask  = onehot(argmax_i M_i)                           per pixel, same for every channel
+    eps   = sum_i mask_i * eps_i
+
+Outside the window only the first (base, "general") model runs.
+
+Deviations from the authors' code (ldm/models/diffusion/ddim.py of the MagicFusion release):
+- The authors compute the expert's salience against the base model's unconditional
+  prediction, s (c_expert - u_general); here each model's map uses its own u_i, as the paper's
+  Eq. 3 states, which keeps a model fused with itself equal to that model.
+- The authors' box blur is a 4x4 stride-1 average with zero padding followed by a bilinear
+  resize back to 64x64; here the box average keeps the size (replicate padding), so no zeros
+  dim the borders and any latent size works.
+- N >= 2 models (argmax over N maps); an optional soft mask, mask_i proportional to
+  M_i ** (1 / temperature), which tends to the hard mask as temperature -> 0.
+- Each model encodes its own prompt with its own text encoder (the authors feed both models
+  the base model's embeddings).
+- Before the window opens only the base model is evaluated (the authors evaluate both).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from multifusion.handles import Guided
+
+Blur = Literal["box", "gaussian", "none"]
+
+
+def blur2d(x: torch.Tensor, kind: Blur = "box", size: int = 4, sigma: float = 1.0) -> torch.Tensor:
+    """Same-size spatial blur of (B, C, H, W): a size x size box average, a Gaussian of std
+    `sigma` (kernel 2*ceil(2 sigma)+1, separable), or nothing. Borders are replicated."""
+    if kind == "none":
+        return x
+    if kind == "box":
+        k = size
+        # Even kernels cannot be centred: pad one more on the bottom/right, as 'same' padding does.
+        x = F.pad(x, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2), mode="replicate")
+        return F.avg_pool2d(x, k, stride=1)
+    if kind == "gaussian":
+        r = math.ceil(2 * sigma)
+        taps = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        g = torch.exp(-0.5 * (taps / sigma) ** 2)
+        g = g / g.sum()
+        c = x.shape[1]
+        x = F.pad(x, (r, r, r, r), mode="replicate")
+        x = F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    raise ValueError(f"blur must be 'box', 'gaussian' or 'none', got {kind!r}")
+
+
+def salience(response: torch.Tensor, blur: Blur = "box", size: int = 4, sigma: float = 1.0) -> torch.Tensor:
+    """Salience map of a guidance response s (c - u): (B, C, H, W) -> (B, 1, H, W),
+    |response| blurred and averaged over latent channels."""
+    return blur2d(response.abs(), blur, size, sigma).mean(dim=1, keepdim=True)
+
+
+def spatial_softmax(s: torch.Tensor, k: float) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, H, W): softmax of k * s over all H*W positions of each image."""
+    b, _, h, w = s.shape
+    return torch.softmax(k * s.reshape(b, h * w), dim=1).reshape(b, 1, h, w)
+
+
+def blend_mask(maps: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """(N, B, 1, H, W) normalised maps -> (N, B, 1, H, W) mask over models, summing to one at
+    every pixel: one-hot argmax (the paper), or M_i^(1/T) / sum_j M_j^(1/T) for temperature T."""
+    if temperature is None:
+        return F.one_hot(maps.argmax(dim=0), maps.shape[0]).movedim(-1, 0).to(maps.dtype)
+    return torch.softmax(torch.log(maps.clamp_min(torch.finfo(maps.dtype).tiny)) / temperature, dim=0)
+
+
+def blend(eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """eps (N, B, C, H, W), mask (N, B, 1, H, W) -> (B, C, H, W): per-pixel mixture, the same
+    for every channel. A one-hot mask picks values exactly (no arithmetic on the chosen eps)."""
+    if torch.all((mask == 0) | (mask == 1)):
+        index = mask.argmax(dim=0, keepdim=True).expand(1, *eps.shape[1:])  # (1, B, C, H, W)
+        return torch.gather(eps, 0, index)[0]
+    return (mask * eps).sum(dim=0)
+
+
+@dataclass(eq=False)
+class SNB:
+    """Noise function blending guided models by salience (see module docstring).
+
+    `window` is (start, end) on the trajectory axis, 0 = pure noise, 1 = clean; the paper's
+    "late" fusion for t <= t_s is (1 - t_s / (T - 1), 1), the authors' "early" option is
+    (0, 1 - t_s / (T - 1)). `record` receives `snb/maps` and `snb/mask` (N, B, 1, H, W).
+    """
+
+    guided: Sequence[Guided]
+    k: Sequence[float]
+    blur: Blur = "box"
+    blur_size: int = 4
+    blur_sigma: float = 1.0
+    window: tuple[float, float] = (0.0, 1.0)
+    temperature: float | None = None
+
+    def __post_init__(self):
+        if len(self.guided) < 2:
+            raise ValueError(f"SNB fuses at least two models, got {len(self.guided)}")
+        if len(self.k) != len(self.guided):
+            raise ValueError(f"k has {len(self.k)} entries for {len(self.guided)} models; give one per model")
+        self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
+
+    def active(self, t: torch.Tensor) -> bool:
+        frac = 1.0 - float(t) / float(self.num_train_timesteps - 1)
+        return self.window[0] <= frac <= self.window[1]
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        if not self.active(t):
+            return self.guided[0](x_t, t, record)
+        h, w = x_t.shape[-2:]
+        if self.blur == "box" and self.blur_size > min(h, w):
+            raise ValueError(f"blur_size {self.blur_size} is larger than the latent ({h}x{w}); use a smaller blur_size or blur 'none'")
+        preds = [g.predict(x_t, t, need_uncond=True) for g in self.guided]
+        maps = torch.stack([
+            spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k)
+            for p, k in zip(preds, self.k)
+        ])  # (N, B, 1, H, W)
+        mask = blend_mask(maps, self.temperature)
+        if record is not None:
+            record["snb/maps"] = maps
+            record["snb/mask"] = mask
+        return blend(torch.stack([p.eps for p in preds]), mask)

@@ -1,0 +1,91 @@
+"""SNB on tiny models: degenerate cases, the fusion window, records, bad input."""
+
+import pytest
+import torch
+
+from multifusion import IncompatibleModelsError, RecipeError, load_models, single, snb
+from multifusion.loop import StepInfo
+
+PROMPT = "a red circle in a snowy field"
+KW = dict(num_inference_steps=5, seed=2, num_images=2, progress=False)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler_a"])
+@pytest.mark.parametrize("blur", ["box", "gaussian", "none"])
+def test_snb_of_a_model_with_itself_is_single(tiny_a, scheduler, blur):
+    [h] = load_models([tiny_a])
+    ref = single(h, PROMPT, scheduler=scheduler, **KW).latents
+    assert torch.equal(snb([h, h], [PROMPT, PROMPT], blur=blur, scheduler=scheduler, **KW).latents, ref)
+    assert torch.equal(snb([h, h, h], PROMPT, scheduler=scheduler, **KW).latents, ref)
+    # The soft mask weighs identical predictions by 1/3 each: equal up to rounding.
+    assert torch.allclose(snb([h, h, h], PROMPT, temperature=0.5, scheduler=scheduler, **KW).latents, ref, atol=1e-4)
+
+
+def _count_calls(handle):
+    calls = []
+    eps = handle.eps
+
+    def counting(x, t, embeds):
+        calls.append(float(t))
+        return eps(x, t, embeds)
+
+    handle.eps = counting
+    return calls
+
+
+def test_before_the_window_only_the_base_model_runs(tiny_a, tiny_b):
+    ha, hb = load_models([tiny_a, tiny_b])
+    calls_a, calls_b = _count_calls(ha), _count_calls(hb)
+    # 10 DDIM steps: t = 901, 801, ..., 1; fuse late, for t <= 400.
+    out = snb([ha, hb], [PROMPT, "a blue square"], fusion_timestep=400, num_inference_steps=10, progress=False).latents
+    assert len(calls_a) == 10 and calls_b == [301.0, 201.0, 101.0, 1.0]
+    calls_a.clear(), calls_b.clear()
+    snb([ha, hb], [PROMPT, "a blue square"], fusion_timestep=400, fusion="early", num_inference_steps=10, progress=False)
+    assert len(calls_a) == 10 and all(t > 400 for t in calls_b) and len(calls_b) == 6
+    assert torch.isfinite(out).all()
+
+
+def test_snb_differs_from_both_models_and_records_masks(tiny_a, tiny_b):
+    ha, hb = load_models([tiny_a, tiny_b])
+    steps: list[StepInfo] = []
+    from multifusion.api import run
+
+    recipe = {"method": "snb", "params": {"k": [1.0, 2.0]},
+              "models": [{"model": tiny_a, "prompt": PROMPT}, {"model": tiny_b, "prompt": "a blue square"}],
+              "sampling": {"num_inference_steps": 4, "num_images": 2}}
+    fused = run(recipe, models=[ha, hb], callback=steps.append, progress=False).latents
+    a = single(ha, PROMPT, num_inference_steps=4, num_images=2, progress=False).latents
+    assert not torch.allclose(fused, a)
+    mask = steps[0].record["snb/mask"]
+    assert mask.shape == (2, 2, 1, 8, 8) and torch.equal(mask.sum(0), torch.ones(2, 1, 8, 8))
+    assert 0 < mask[1].mean() < 1  # both models paint some pixels
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"k": 0}, "params.k: every k must be > 0"),
+        ({"k": [1.0, -1.0]}, "params.k: every k must be > 0"),
+        ({"k": [1.0, 1.0, 1.0]}, "params.k: has 3 entries for 2 models"),
+        ({"window": [0.5, 1.2]}, "params.window: must be [start, end]"),
+        ({"window": [0.8, 0.2]}, "params.window: must be [start, end]"),
+        ({"blur": "median"}, "params.blur"),
+        ({"blur_size": 9}, "params.blur_size: 9 is larger than the latent (8x8)"),
+        ({"blur": "gaussian", "blur_sigma": 3}, "params.blur_sigma"),
+    ],
+)
+def test_bad_params(tiny_a, tiny_b, params, message):
+    from multifusion.api import run
+
+    recipe = {"method": "snb", "params": params, "sampling": {"num_inference_steps": 2},
+              "models": [{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y"}]}
+    with pytest.raises(RecipeError) as info:
+        run(recipe, progress=False)
+    assert message in str(info.value)
+
+
+def test_snb_needs_two_models_of_one_latent_space(tiny_a, tiny_dir):
+    with pytest.raises(RecipeError, match="at least 2 model"):
+        snb([tiny_a], PROMPT, num_inference_steps=2, progress=False)
+    with pytest.raises(IncompatibleModelsError, match="latent channels"):
+        snb([tiny_a, str(tiny_dir / "wide")], PROMPT, num_inference_steps=2, progress=False)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from multifusion.noise.snb import blend, blend_mask, blur2d, salience, spatial_softmax
+
+
+def _blob(h, w, cy, cx, value=5.0):
+    r = torch.zeros(1, 4, h, w)
+    r[:, :, cy - 1 : cy + 2, cx - 1 : cx + 2] = value
+    return r
+
+
+@pytest.mark.parametrize("kind", ["box", "gaussian", "none"])
+def test_blur_keeps_size_and_constants(kind):
+    x = torch.full((2, 3, 7, 9), 2.5)
+    y = blur2d(x, kind, size=4, sigma=1.0)
+    assert y.shape == x.shape and torch.allclose(y, x)
+
+
+def test_box_blur_is_a_local_mean():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 4, 4] = 16.0
+    y = blur2d(x, "box", size=4)
+    assert torch.isclose(y.sum(), torch.tensor(16.0)) and torch.isclose(y.max(), torch.tensor(1.0))
+
+
+def test_salience_is_channel_mean_of_blurred_magnitude():
+    r = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    s = salience(r, "none")
+    assert s.shape == (2, 1, 6, 6) and torch.allclose(s, r.abs().mean(1, keepdim=True))
+    assert torch.equal(salience(-r, "box"), salience(r, "box"))
+
+
+@given(st.floats(0.01, 50.0), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_spatial_softmax_sums_to_one_per_image(k, seed):
+    s = torch.rand(3, 1, 5, 7, generator=torch.Generator().manual_seed(seed))
+    m = spatial_softmax(s, k)
+    assert torch.allclose(m.sum(dim=(1, 2, 3)), torch.ones(3), atol=1e-5)
+    assert torch.equal(m.flatten(1).argmax(1), s.flatten(1).argmax(1))
+
+
+def test_a_bright_blob_selects_its_model_there():
+    h = w = 12
+    resp_a, resp_b = _blob(h, w, 3, 3), _blob(h, w, 8, 8)
+    maps = torch.stack([spatial_softmax(salience(r, "box", 3), 1.0) for r in (resp_a, resp_b)])
+    mask = blend_mask(maps)
+    assert mask.shape == (2, 1, 1, h, w)
+    assert mask[0, 0, 0, 3, 3] == 1 and mask[1, 0, 0, 8, 8] == 1
+    assert torch.equal(mask.sum(0), torch.ones(1, 1, h, w))
+
+
+def test_large_k_makes_the_mask_follow_that_models_salience():
+    g = torch.Generator().manual_seed(3)
+    resp = [torch.rand(1, 4, 10, 10, generator=g) for _ in range(2)]
+    sal = [salience(r, "none") for r in resp]
+    maps = torch.stack([spatial_softmax(sal[0], 200.0), spatial_softmax(sal[1], 1.0)])
+    mask = blend_mask(maps)
+    peak = sal[0].flatten().argmax()
+    assert mask[0].flatten()[peak] == 1
+    # Model 0 wins only where its own salience is high: its winning pixels are its top ones.
+    won = mask[0].flatten().bool()
+    assert sal[0].flatten()[won].min() >= torch.quantile(sal[0].flatten(), 0.8)
+
+
+@given(st.integers(2, 4), st.integers(0, 10_000))
+@settings(max_examples=30, deadline=None)
+def test_soft_mask_sums_to_one_and_hardens_as_temperature_falls(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.stack([spatial_softmax(torch.rand(1, 1, 4, 4, generator=g) * 5, 1.0) for _ in range(n)])
+    soft = blend_mask(maps, temperature=1.0)
+    assert torch.allclose(soft.sum(0), torch.ones(1, 1, 4, 4), atol=1e-5)
+    cold = blend_mask(maps, temperature=1e-4)
+    assert torch.allclose(cold, blend_mask(maps), atol=1e-3)
+
+
+def test_blend_picks_the_chosen_models_values_exactly():
+    eps = torch.stack([torch.full((1, 4, 2, 2), 1.0), torch.full((1, 4, 2, 2), 7.0)])
+    mask = torch.zeros(2, 1, 1, 2, 2)
+    mask[0, ..., 0] = 1
+    mask[1, ..., 1] = 1
+    out = blend(eps, mask)
+    assert torch.equal(out[..., 0], torch.full((1, 4, 2), 1.0)) and torch.equal(out[..., 1], torch.full((1, 4, 2), 7.0))
+    half = torch.full((2, 1, 1, 2, 2), 0.5)
+    assert torch.allclose(blend(eps, half), torch.full((1, 4, 2, 2), 4.0))
