@@ -206,11 +206,13 @@ def generate_to_folder(
     overwrite: bool = False,
     progress: bool = True,
     models: Sequence[ModelHandle] | None = None,
+    export_masks: bool = False,
 ) -> list[Path]:
     """Run a recipe and write `OUT/{stem}-s{seed}.png` for each image, atomically, each batch as
     soon as it is decoded. Images already present with the same recipe are not redone, so an
     interrupted run resumes; a different image under the same name is an error unless
-    `overwrite`."""
+    `overwrite`. `export_masks` also writes `{stem}-s{seed}-masks.png/.gif` for methods that
+    record masks (SNB)."""
     from multifusion.io import image_metadata, read_png_metadata, save_png
 
     if not isinstance(recipe, Recipe):
@@ -234,9 +236,15 @@ def generate_to_folder(
                 "another --name, or pass --overwrite"
             )
         todo.append(seed)
-    if todo:
-        for part in iter_run(recipe, models=models, batch_size=batch_size, seeds=todo, progress=progress):
-            for image, seed in zip(part.images, part.seeds):
+    from multifusion.viz import MaskRecorder
+
+    for start in range(0, len(todo), batch_size):
+        recorder = MaskRecorder() if export_masks else None
+        batch = todo[start : start + batch_size]
+        for part in iter_run(recipe, models=models, batch_size=batch_size, seeds=batch, progress=progress, callback=recorder):
+            for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
+                if recorder is not None:
+                    paths += recorder.save(out / image_name(stem, seed).removesuffix(".png"), i, [m.label for m in recipe.models])
                 save_png(image, out / image_name(stem, seed), image_metadata(recipe.to_json(), seed))
     return paths
 

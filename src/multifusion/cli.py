@@ -65,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     data = read_png_metadata(args.from_image)["recipe"] if args.from_image else _read_recipe_dict(args.recipe)
     data = _apply_overrides(data, args)
     stem = args.name or (Path(args.recipe).stem if args.recipe else Path(args.from_image).stem.rsplit("-s", 1)[0])
-    written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+    written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite,
+                                 progress=not args.no_progress, export_masks=args.export_masks)
     for p in written:
         print(p)
     return 0
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="images per batch (default 4); results do not depend on it")
     g.add_argument("--overwrite", action="store_true", help="replace images of a different recipe under the same names")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--export-masks", dest="export_masks", action="store_true",
+                   help="also write each image's per-step blend masks and salience maps (PNG strip + GIF), for methods that make them (snb)")
     _add_sampling_overrides(g)
     g.set_defaults(func=cmd_generate)
 

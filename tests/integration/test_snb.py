@@ -89,3 +89,24 @@ def test_snb_needs_two_models_of_one_latent_space(tiny_a, tiny_dir):
         snb([tiny_a], PROMPT, num_inference_steps=2, progress=False)
     with pytest.raises(IncompatibleModelsError, match="latent channels"):
         snb([tiny_a, str(tiny_dir / "wide")], PROMPT, num_inference_steps=2, progress=False)
+
+
+def test_cli_exports_mask_strip_and_gif(tmp_path, tiny_a, tiny_b):
+    import yaml
+    from PIL import Image
+
+    from multifusion.cli import main
+
+    recipe = tmp_path / "fuse.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "snb", "params": {"window": [0.6, 1.0]},
+        "models": [{"model": tiny_a, "prompt": PROMPT, "name": "general"}, {"model": tiny_b, "prompt": "a blue square", "name": "expert"}],
+        "sampling": {"num_inference_steps": 6, "num_images": 2},
+    }))
+    out = tmp_path / "out"
+    assert main(["generate", str(recipe), "--out", str(out), "--export-masks", "--no-progress"]) == 0
+    strip = Image.open(out / "fuse-s1-masks.png")
+    gif = Image.open(out / "fuse-s1-masks.gif")
+    # DDIM t = 831, 665, 499, 333, 167, 1: the last three lie in the window: three frames, each a mask and two maps.
+    assert gif.n_frames == 3
+    assert strip.size[0] == 3 * 8 * 8 and strip.size[1] == 14 + 3 * 8 * 8

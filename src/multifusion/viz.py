@@ -1,0 +1,98 @@
+"""Pictures of what happened during sampling: who painted which pixel, step by step.
+
+`MaskRecorder` is a step callback that keeps the masks and maps that combiners put in the step
+record (e.g. SNB's `snb/mask`, `snb/maps`); `save` writes, per image, a PNG strip (one column
+per step: the mask coloured by model, then each model's salience map) and an animated GIF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from multifusion.io import atomic_path
+from multifusion.loop import StepInfo
+
+# Distinct colours for up to eight models (model i -> PALETTE[i % 8]).
+PALETTE = np.array(
+    [[230, 80, 60], [60, 130, 230], [250, 200, 40], [70, 180, 90], [170, 90, 200], [240, 140, 40], [90, 200, 210], [200, 200, 200]],
+    dtype=np.uint8,
+)
+
+
+def colour_mask(mask: torch.Tensor) -> np.ndarray:
+    """(N, 1, H, W) mask over N models -> (H, W, 3) uint8, each pixel the mask-weighted mix of
+    the models' colours (a hard mask shows pure colours)."""
+    m = mask[:, 0].float().cpu().numpy()  # (N, H, W)
+    cols = PALETTE[np.arange(m.shape[0]) % len(PALETTE)].astype(np.float32)  # (N, 3)
+    return np.einsum("nhw,nc->hwc", m, cols).clip(0, 255).astype(np.uint8)
+
+
+def grey_map(x: torch.Tensor) -> np.ndarray:
+    """(1, H, W) map -> (H, W, 3) uint8, min-max normalised."""
+    a = x[0].float().cpu().numpy()
+    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+    return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+@dataclass
+class MaskRecorder:
+    """Step callback collecting `{prefix}/mask` and `{prefix}/maps` (N, B, 1, H, W) per step."""
+
+    prefix: str = "snb"
+    steps: list[int] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+    def __call__(self, info: StepInfo) -> None:
+        mask = info.record.get(f"{self.prefix}/mask")
+        if mask is None:
+            return
+        self.steps.append(info.step)
+        self.masks.append(mask.detach().cpu())
+        maps = info.record.get(f"{self.prefix}/maps")
+        self.maps.append(maps.detach().cpu() if maps is not None else None)
+
+    def frames(self, image: int = 0, scale: int = 8) -> list[Image.Image]:
+        """One picture per recorded step for batch index `image`: the coloured mask above each
+        model's map, enlarged `scale` times."""
+        out = []
+        for step, mask, maps in zip(self.steps, self.masks, self.maps):
+            tiles = [colour_mask(mask[:, image])]
+            if maps is not None:
+                tiles += [grey_map(maps[i, image]) for i in range(maps.shape[0])]
+            column = np.concatenate(tiles, axis=0)
+            im = Image.fromarray(column).resize((column.shape[1] * scale, column.shape[0] * scale), Image.NEAREST)
+            ImageDraw.Draw(im).text((2, 2), f"step {step}", fill="white")
+            out.append(im)
+        return out
+
+    def save(self, stem: str | Path, image: int = 0, model_names: list[str] | None = None) -> list[Path]:
+        """Write `{stem}-masks.png` (steps left to right) and `{stem}-masks.gif`; returns the
+        paths, or [] when nothing was recorded (no step inside a fusion window)."""
+        frames = self.frames(image)
+        if not frames:
+            return []
+        w, h = frames[0].size
+        legend = 14 if model_names else 0
+        strip = Image.new("RGB", (w * len(frames), h + legend), "black")
+        for j, f in enumerate(frames):
+            strip.paste(f, (j * w, legend))
+        if model_names:
+            draw = ImageDraw.Draw(strip)
+            x = 2
+            for i, name in enumerate(model_names):
+                draw.rectangle((x, 3, x + 8, 11), fill=tuple(int(c) for c in PALETTE[i % len(PALETTE)]))
+                draw.text((x + 11, 1), name, fill="white")
+                x += 16 + 7 * len(name)
+        stem = Path(stem)
+        png, gif = stem.with_name(stem.name + "-masks.png"), stem.with_name(stem.name + "-masks.gif")
+        with atomic_path(png) as tmp:
+            strip.save(tmp, format="PNG")
+        with atomic_path(gif) as tmp:
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+        return [png, gif]
