@@ -5,6 +5,7 @@
     multifusion validate RECIPE.yaml                 check a recipe without loading models
     multifusion methods                              list the methods
     multifusion demo --out DIR                       the main job on the built-in models
+    multifusion zoo list | zoo train --out DIR       the embedded ShapeWorld models
 """
 
 from __future__ import annotations
@@ -98,12 +99,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from multifusion.loading import zoo_models, zoo_root
+
+    names = zoo_models()
+    if not names:
+        print("no zoo models are installed in this build (train them with `multifusion zoo train --out DIR`)")
+    for name in names:
+        size = sum(f.stat().st_size for f in (zoo_root() / name).rglob("*") if f.is_file())
+        print(f"zoo:{name:12s} {size / 1e6:6.2f} MB")
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from multifusion.zoo.train import train_zoo
+
+    models = args.models.split(",") if args.models else None
+    train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multifusion",
         description="Combine several text-to-image diffusion models (diffusers) at sampling time.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="run `multifusion COMMAND --help` for its options")
 
     g = sub.add_parser("generate", help="run a recipe and write one PNG per image",
                        description="Run a recipe (YAML or JSON) and write one PNG per image into --out. Each PNG "
@@ -136,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+
+    z = sub.add_parser("zoo", help="the embedded ShapeWorld models: list or retrain them",
+                       description="The embedded ShapeWorld zoo: small models trained and shipped by the project.")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list or train")
+    zl = zsub.add_parser("list", help="list the installed zoo models", description="List the installed zoo models and their sizes.")
+    zl.set_defaults(func=cmd_zoo_list)
+    zt = zsub.add_parser("train", help="retrain the zoo from scratch (deterministic, resumable)",
+                         description="Retrain the zoo's VAE and UNets from scratch into --out; an interrupted run resumes from its checkpoints.")
+    zt.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs)")
+    zt.add_argument("--models", help="comma-separated model names (default: all)")
+    zt.add_argument("--steps", type=int, help="training steps per model (default: each model's own)")
+    zt.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    zt.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    zt.set_defaults(func=cmd_zoo_train)
     return parser
 
 

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -88,7 +89,11 @@ def test_help_documents_every_command_and_option(capsys):
     text = parser.format_help()
     for cmd in ("generate", "validate", "methods", "demo"):
         assert cmd in text
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
+    def check(p, path):
         for action in p._actions:
-            assert action.help, f"{name}: option {action.option_strings or action.dest} has no help"
+            assert action.help, f"{path}: option {action.option_strings or action.dest} has no help"
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    check(child, f"{path} {name}")
+
+    check(parser, "multifusion")
