@@ -1,6 +1,6 @@
 """multifusion: combine several text-to-image diffusion models at sampling time."""
 
-from multifusion.api import Result, average, iter_run, load_recipe_models, run, single, snb
+from multifusion.api import Result, average, iter_run, load_recipe_models, mod, run, single, snb
 from multifusion.errors import (
     IncompatibleModelsError,
     ModelLoadError,
@@ -29,6 +29,7 @@ __all__ = [
     "load_model",
     "load_models",
     "load_recipe_models",
+    "mod",
     "parse_recipe",
     "run",
     "single",

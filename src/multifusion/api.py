@@ -19,7 +19,8 @@ from multifusion.errors import RecipeError
 from multifusion.handles import ModelHandle, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import StepInfo, decode, initial_noise, make_scheduler, sample, to_pil
-from multifusion.recipe import Recipe, parse_recipe, validate_recipe
+from multifusion.plan import BuildContext
+from multifusion.recipe import Recipe, canvas_size, parse_recipe, validate_recipe
 from multifusion.registry import get_method
 
 
@@ -47,17 +48,6 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     )
 
 
-def _image_size(recipe: Recipe, base: ModelHandle) -> tuple[int, int]:
-    f = base.vae_scale_factor
-    default = int(base.unet.config.sample_size) * f
-    h = recipe.sampling.height or default
-    w = recipe.sampling.width or default
-    for side, v in (("height", h), ("width", w)):
-        if v % f:
-            raise RecipeError(f"sampling.{side}: {v} is not a multiple of the VAE downsampling factor {f}")
-    return h, w
-
-
 def iter_run(
     recipe: Recipe | dict | str | Path,
     *,
@@ -82,37 +72,37 @@ def iter_run(
     if len(handles) > 1:
         check_same_latent_space(handles)
     base = handles[0]
-    height, width = _image_size(recipe, base)
-    f = base.vae_scale_factor
-    shape = (base.latent_channels, height // f, width // f)
     method = get_method(recipe.method)
-    if method.check_latent is not None:
-        method.check_latent(params, shape)
+    f = base.vae_scale_factor
+    height, width = canvas_size(recipe, method, params, f, default=int(base.unet.config.sample_size) * f)
+    if method.check is not None:
+        method.check(params, (height, width), f, [m.label for m in recipe.models])
+    shape = (base.latent_channels, height // f, width // f)
     seeds = list(recipe.seeds() if seeds is None else seeds)
+    cache: dict = {}
     for start in range(0, len(seeds), batch_size):
         batch_seeds = seeds[start : start + batch_size]
-        b = len(batch_seeds)
-        guided = [
-            h.guide(recipe.prompt_of(i), negative_prompt=recipe.negative_of(i), guidance_scale=recipe.guidance_of(i), batch_size=b)
-            for i, h in enumerate(handles)
-        ]
-        plan = method.build(guided, params)
+        ctx = BuildContext(handles, recipe, batch_seeds, shape, f, cache)
+        plan = method.build(ctx, params)
         generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
         noise = initial_noise(shape, generators)
+        if plan.init_noise is not None:
+            noise = plan.init_noise(noise)
         scheduler = make_scheduler(recipe.sampling.scheduler, base.scheduler_config)
+        several = len(plan.denoise) > 1
         out = sample(
-            plan.denoise if len(plan.denoise) > 1 else plan.denoise[0],
+            plan.denoise if several else plan.denoise[0],
             scheduler,
-            [noise] * len(plan.denoise) if len(plan.denoise) > 1 else noise,
+            [noise] * len(plan.denoise) if several else noise,
             num_inference_steps=recipe.sampling.num_inference_steps,
             generators=generators,
             eta=recipe.sampling.eta,
             meet=plan.meet,
             callback=callback,
             progress=progress,
-            desc=f"{recipe.method} images {start + 1}-{start + b}/{len(seeds)}",
+            desc=f"{recipe.method} images {start + 1}-{start + len(batch_seeds)}/{len(seeds)}",
         )
-        latents = out[0] if isinstance(out, list) else out
+        latents = out[0] if several else out
         if base.offloader is not None:
             base.offloader.activate(base.vae)
         images = to_pil(decode(base.vae, latents))
@@ -277,3 +267,39 @@ def snb(
     params = dict(k=list(k) if isinstance(k, (list, tuple)) else k, blur=blur, blur_size=blur_size, blur_sigma=blur_sigma,
                   window=list(window), fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
     return _call("snb", list(models), prompts, params, negative_prompt, guidance_scale, sampling, **kwargs)
+
+
+def mod(
+    models: Sequence[ModelHandle | str],
+    *,
+    regions: Sequence[dict] = (),
+    tiles: dict | None = None,
+    background: dict | None = None,
+    image_regions: Sequence[dict] = (),
+    rerolls: Sequence[dict] = (),
+    tile_batch_size: int = 1,
+    negative_prompt: str = "",
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 30,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    num_images: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    **kwargs: Any,
+) -> Result:
+    """Mixture of Diffusers: regions (dicts with row_init, row_end, col_init, col_end, prompt and
+    optionally model, guidance_scale, negative_prompt, mask_type, mask_weight, units) or a tiles
+    grid, each denoised by its model and mixed with Gaussian weights on one canvas."""
+    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
+    params = {"regions": list(regions), "tiles": tiles, "background": background, "image_regions": list(image_regions),
+              "rerolls": list(rerolls), "tile_batch_size": tile_batch_size}
+    params = {k: v for k, v in params.items() if v not in (None, [])}
+    handles = [m for m in models if isinstance(m, ModelHandle)]
+    entries = [{"model": m.source, "name": m.name} if isinstance(m, ModelHandle) else {"model": m} for m in models]
+    recipe = {"method": "mod", "models": entries, "params": params, "negative_prompt": negative_prompt,
+              "sampling": {**{k: v for k, v in sampling.items() if v is not None}, "guidance_scale": guidance_scale}}
+    if "runtime" in kwargs:
+        recipe["runtime"] = kwargs.pop("runtime")
+    return run(recipe, models=handles or None, **kwargs)

@@ -4,7 +4,7 @@
     for t in scheduler.timesteps:
         for each trajectory k:  eps_k = denoise_k(scale_model_input(x_k, t), t)    # noise slot
                                 x_k   = scheduler_k.step(eps_k, t, x_k).prev_sample
-        xs = meet(xs, t)                                                           # latent slot
+        xs = meet(xs, t, step, schedulers)                                         # latent slot
 
 Noise combiners (average, SNB, regions) are one `denoise` function; trajectory combiners
 (AMDM) give one `denoise` per trajectory and a `meet`. Each trajectory has its own deep copy of
@@ -98,7 +98,7 @@ def sample(
     num_inference_steps: int,
     generators: Sequence[torch.Generator] | None = None,
     eta: float = 0.0,
-    meet: Callable[[list[torch.Tensor], torch.Tensor, int], list[torch.Tensor]] | None = None,
+    meet: Callable[[list[torch.Tensor], torch.Tensor, int, list], list[torch.Tensor]] | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = True,
     desc: str = "sampling",
@@ -109,8 +109,8 @@ def sample(
 
     `noise` is unit-variance; it is scaled by the scheduler's `init_noise_sigma` here, after
     `set_timesteps`, as diffusers pipelines do. `generators` (one per image) and `eta` go to
-    `scheduler.step` when it takes them. `meet(xs, t, step)` sees all trajectories' latents after
-    each step and returns them, possibly changed. `callback` gets a StepInfo after each step.
+    `scheduler.step` when it takes them. `meet(xs, t, step, schedulers)` sees all trajectories'
+    latents (and their schedulers) after each step and returns them, possibly changed. `callback` gets a StepInfo after each step.
     """
     single = callable(denoise) and not isinstance(denoise, (list, tuple))
     denoisers = [denoise] if single else list(denoise)
@@ -140,7 +140,7 @@ def sample(
             xs[k] = sched.step(eps, t, xs[k], **step_kwargs, return_dict=False)[0]
             eps_all.append(eps)
         if meet is not None:
-            xs = meet(xs, t, i)
+            xs = meet(xs, t, i, schedulers)
         if callback is not None:
             callback(StepInfo(i, len(timesteps), t, xs, eps_all, record or {}))
     return xs[0] if single else xs

@@ -76,13 +76,6 @@ class Recipe(_Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     runtime: Runtime = Field(default_factory=Runtime)
 
-    @model_validator(mode="after")
-    def _prompts(self):
-        for i, m in enumerate(self.models):
-            if m.prompt is None and self.prompt is None:
-                raise ValueError(f"models[{i}] has no prompt and the recipe has no default `prompt`; give one")
-        return self
-
     def prompt_of(self, i: int) -> str:
         return self.models[i].prompt if self.models[i].prompt is not None else self.prompt  # type: ignore[return-value]
 
@@ -155,21 +148,44 @@ def validate_recipe(recipe: Recipe) -> tuple[Recipe, Any]:
         want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
         raise RecipeError(f"models: method {method.name!r} takes {want} model(s), the recipe names {n}")
     params = method.parse_params(recipe.params, n)
+    if method.model_prompts:
+        for i, m in enumerate(recipe.models):
+            if m.prompt is None and recipe.prompt is None:
+                raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
+    factor = None
     for i, m in enumerate(recipe.models):
         try:
             ref = resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)
-        if cfg is None:
-            continue
-        f = cfg["vae_scale_factor"]
-        for side in ("height", "width"):
-            v = getattr(recipe.sampling, side)
-            if v is not None and v % f:
-                raise RecipeError(
-                    f"sampling.{side}: {v} is not a multiple of the VAE downsampling factor {f} of "
-                    f"models[{i}] ({m.model}); use {max(f, v // f * f)} or {(v // f + 1) * f}"
-                )
+        if cfg is not None and i == 0:
+            factor = cfg["vae_scale_factor"]
+    if factor is not None:
+        size = canvas_size(recipe, method, params, factor, default=None)
+        if size is not None and method.check is not None:
+            method.check(params, size, factor, [m.label for m in recipe.models])
     return recipe, params
+
+
+def canvas_size(recipe: Recipe, method, params, factor: int, default: int | None) -> tuple[int, int] | None:
+    """(height, width) in pixels: the method's own canvas (tiles), else the sampling size, else
+    `default` (the model's native size). Raises RecipeError for sizes off the VAE grid or a
+    sampling size contradicting the method's canvas. None when unknown yet."""
+    fixed = method.canvas(params) if method.canvas else None
+    h, w = recipe.sampling.height, recipe.sampling.width
+    if fixed is not None:
+        for side, given, need in (("height", h, fixed[0]), ("width", w, fixed[1])):
+            if given is not None and given != need:
+                raise RecipeError(f"sampling.{side}: {given} contradicts the tiles' canvas {side} {need}; drop sampling.{side} or change the tiles")
+        h, w = fixed
+    h = h or default
+    w = w or default
+    for side, v in (("height", h), ("width", w)):
+        if v is not None and v % factor:
+            raise RecipeError(
+                f"sampling.{side}: {v} is not a multiple of the VAE downsampling factor {factor}; "
+                f"use {max(factor, v // factor * factor)} or {(v // factor + 1) * factor}"
+            )
+    return None if h is None or w is None else (h, w)

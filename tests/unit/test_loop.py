@@ -36,7 +36,7 @@ def test_trajectories_have_their_own_scheduler_state():
 def test_meet_and_callback_see_every_step():
     seen, met = [], []
 
-    def meet(xs, t, i):
+    def meet(xs, t, i, schedulers):
         met.append(i)
         mean = (xs[0] + xs[1]) / 2
         return [mean, mean]

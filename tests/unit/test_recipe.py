@@ -37,7 +37,6 @@ def test_yaml_and_json_files(tmp_path):
         (recipe(sampling={"guidance_scale": -1}), "sampling.guidance_scale"),
         (recipe(samplng={}), "samplng: unknown field"),
         (recipe(models=[]), "models"),
-        (recipe(models=[{"model": "owner/x"}]), "models[0] has no prompt"),
         (recipe(runtime={"dtype": "float8"}), "runtime.dtype"),
         (recipe(runtime={"device": "tpu"}), "device 'tpu'"),
         (recipe(version=2), "version"),
@@ -77,6 +76,11 @@ def test_unknown_models_and_pickles_are_refused_before_loading(tmp_path):
     ckpt.write_bytes(b"not really")
     with pytest.raises(PickleRefusedError, match="allow_pickle"):
         validate_recipe(parse_recipe(recipe(models=[{"model": str(ckpt), "prompt": "a"}])))
+
+
+def test_missing_prompt_is_checked_for_methods_that_need_one():
+    with pytest.raises(RecipeError, match=r"models\[0\]: no prompt"):
+        validate_recipe(parse_recipe(recipe(models=[{"model": "owner/x"}])))
 
 
 def test_unknown_scheduler():

@@ -5,6 +5,21 @@ functions, so combiners nest (a region painted by a fusion of two models needs n
 """
 
 from multifusion.noise.average import Average, weighted_average
+from multifusion.noise.regions import Canvas, Region, gaussian_weights, mix, quartic_weights, region_weights
 from multifusion.noise.snb import SNB, blend, blend_mask, salience, spatial_softmax
 
-__all__ = ["SNB", "Average", "blend", "blend_mask", "salience", "spatial_softmax", "weighted_average"]
+__all__ = [
+    "SNB",
+    "Average",
+    "Canvas",
+    "Region",
+    "blend",
+    "blend_mask",
+    "gaussian_weights",
+    "mix",
+    "quartic_weights",
+    "region_weights",
+    "salience",
+    "spatial_softmax",
+    "weighted_average",
+]

@@ -1,0 +1,355 @@
+"""Recipe parameters of the noise-level methods and how each builds its plan.
+
+The maths lives in `average.py`, `snb.py` and `regions.py`; this module only validates
+parameters (errors name the recipe field) and wires models to combiners.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from multifusion.errors import RecipeError
+from multifusion.loop import timestep_fraction
+from multifusion.noise.average import Average
+from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
+from multifusion.noise.snb import SNB
+from multifusion.plan import BuildContext, Params, Plan
+
+# --------------------------------------------------------------------------- single, average
+
+
+class NoParams(Params):
+    pass
+
+
+def build_single(ctx: BuildContext, params: NoParams) -> Plan:
+    return Plan([ctx.guided[0]])
+
+
+class AverageParams(Params):
+    weights: list[float] | None = Field(None, description="one weight per model; default: equal")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None, info: ValidationInfo):
+        n = (info.context or {}).get("n_models")
+        if v is None:
+            return v
+        if n is not None and len(v) != n:
+            raise ValueError(f"has {len(v)} entries for {n} models; give one weight per model, in the order of `models`")
+        if any(w < 0 for w in v) or sum(v) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return v
+
+
+def build_average(ctx: BuildContext, params: AverageParams) -> Plan:
+    return Plan([Average(ctx.guided, params.weights or [1.0] * len(ctx.handles))])
+
+
+# --------------------------------------------------------------------------- SNB
+
+
+class SNBParams(Params):
+    k: float | list[float] = Field(1.0, description="softmax temperature k_i per model (one value for all, or a list)")
+    blur: Literal["box", "gaussian", "none"] = "box"
+    blur_size: int = Field(4, ge=1, description="box blur width in latent pixels")
+    blur_sigma: float = Field(1.0, gt=0, description="Gaussian blur std in latent pixels")
+    window: tuple[float, float] = Field((0.0, 1.0), description="fusion window on the trajectory, 0 = noise, 1 = clean")
+    fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
+    fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
+    temperature: float | None = Field(None, gt=0, description="soft mask over models instead of argmax")
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v, info: ValidationInfo):
+        ks = v if isinstance(v, list) else [v]
+        if any(k <= 0 for k in ks):
+            raise ValueError(f"every k must be > 0 (got {v}); k scales the salience before the spatial softmax")
+        n = (info.context or {}).get("n_models")
+        if isinstance(v, list) and n is not None and len(v) != n:
+            raise ValueError(f"has {len(v)} entries for {n} models; give one k per model or a single number")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v):
+        if not (0.0 <= v[0] <= v[1] <= 1.0):
+            raise ValueError(f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(v)}")
+        return v
+
+    def fusion_window(self, num_train_timesteps: int) -> tuple[float, float]:
+        if self.fusion_timestep is None:
+            return self.window
+        edge = 1.0 - self.fusion_timestep / (num_train_timesteps - 1)
+        return (edge, 1.0) if self.fusion == "late" else (0.0, edge)
+
+
+def build_snb(ctx: BuildContext, params: SNBParams) -> Plan:
+    guided = ctx.guided
+    k = params.k if isinstance(params.k, list) else [params.k] * len(guided)
+    window = params.fusion_window(len(guided[0].handle.alphas_cumprod))
+    return Plan([SNB(guided, k, params.blur, params.blur_size, params.blur_sigma, window, params.temperature)])
+
+
+def check_snb(params: SNBParams, canvas_px: tuple[int, int], factor: int, labels: list[str] | None = None) -> None:
+    h, w = canvas_px[0] // factor, canvas_px[1] // factor
+    if params.blur == "box" and params.blur_size > min(h, w):
+        raise RecipeError(f"params.blur_size: {params.blur_size} is larger than the latent ({h}x{w}); use at most {min(h, w)}")
+    if params.blur == "gaussian" and 2 * math.ceil(2 * params.blur_sigma) + 1 > min(h, w):
+        raise RecipeError(f"params.blur_sigma: a Gaussian of std {params.blur_sigma} is wider than the latent ({h}x{w})")
+
+
+# --------------------------------------------------------------------------- Mixture of Diffusers
+
+
+class Box(Params):
+    """A rectangle of the canvas: rows [row_init, row_end), columns [col_init, col_end), in
+    pixels (multiples of the VAE factor) or as fractions of the canvas (snapped to that grid)."""
+
+    row_init: float = Field(ge=0)
+    row_end: float = Field(gt=0)
+    col_init: float = Field(ge=0)
+    col_end: float = Field(gt=0)
+    units: Literal["px", "fraction"] = "px"
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.row_end <= self.row_init or self.col_end <= self.col_init:
+            raise ValueError(f"empty box: needs row_init < row_end and col_init < col_end, got rows {self.row_init}-{self.row_end}, cols {self.col_init}-{self.col_end}")
+        if self.units == "fraction" and max(self.row_end, self.col_end) > 1:
+            raise ValueError("fraction coordinates must lie in [0, 1]")
+        return self
+
+    def latent_box(self, where: str, canvas_px: tuple[int, int], factor: int) -> tuple[int, int, int, int]:
+        """(r0, r1, c0, c1) in latent pixels; RecipeError naming `where` when off the grid or canvas."""
+        H, W = canvas_px
+        coords = {"row_init": self.row_init, "row_end": self.row_end, "col_init": self.col_init, "col_end": self.col_end}
+        out = {}
+        for name, v in coords.items():
+            size = H if name.startswith("row") else W
+            shown = int(v) if float(v).is_integer() else v
+            if self.units == "fraction":
+                px = round(v * size / factor) * factor
+            else:
+                px = v
+                if px != int(px) or int(px) % factor:
+                    raise RecipeError(f"{where}.{name}: {shown} is not a multiple of the VAE factor {factor}; use {int(px) // factor * factor} or {(int(px) // factor + 1) * factor}")
+            if px > size:
+                raise RecipeError(f"{where}.{name}: {shown} lies outside the {H}x{W} canvas (height x width)")
+            out[name] = int(px) // factor
+        if out["row_end"] <= out["row_init"] or out["col_end"] <= out["col_init"]:
+            raise RecipeError(f"{where}: the box is empty on the {factor}-pixel latent grid; make it larger")
+        return out["row_init"], out["row_end"], out["col_init"], out["col_end"]
+
+
+class _Conditioning(Params):
+    model: int | str = Field(0, description="index or name of one of the recipe's models")
+    negative_prompt: str | None = None
+    guidance_scale: float | None = Field(None, ge=0)
+
+
+class RegionParams(Box, _Conditioning):
+    prompt: str
+    mask_type: Literal["gaussian", "quartic", "constant"] = "gaussian"
+    mask_weight: float = Field(1.0, ge=0)
+
+
+class TilesParams(_Conditioning):
+    prompts: list[list[str]] = Field(min_length=1, description="rows of prompts, one per tile")
+    tile_height: int = Field(gt=0)
+    tile_width: int = Field(gt=0)
+    tile_row_overlap: int = Field(0, ge=0)
+    tile_col_overlap: int = Field(0, ge=0)
+    mask_type: Literal["gaussian", "quartic", "constant"] = "gaussian"
+    mask_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if len({len(r) for r in self.prompts}) != 1 or not self.prompts[0]:
+            raise ValueError("prompts must be a rectangular grid: every row with the same, non-zero number of prompts")
+        if self.tile_row_overlap >= self.tile_height or self.tile_col_overlap >= self.tile_width:
+            raise ValueError("overlaps must be smaller than the tile size")
+        return self
+
+    def canvas(self) -> tuple[int, int]:
+        rows, cols = len(self.prompts), len(self.prompts[0])
+        return (rows * self.tile_height - (rows - 1) * self.tile_row_overlap, cols * self.tile_width - (cols - 1) * self.tile_col_overlap)
+
+    def regions(self) -> list[RegionParams]:
+        """The grid as regions, row-major (the tiling of the Mixture of Diffusers paper, Sec. 4)."""
+        out = []
+        for i, row in enumerate(self.prompts):
+            for j, prompt in enumerate(row):
+                r0, c0 = i * (self.tile_height - self.tile_row_overlap), j * (self.tile_width - self.tile_col_overlap)
+                out.append(RegionParams(row_init=r0, row_end=r0 + self.tile_height, col_init=c0, col_end=c0 + self.tile_width,
+                                        prompt=prompt, model=self.model, negative_prompt=self.negative_prompt,
+                                        guidance_scale=self.guidance_scale, mask_type=self.mask_type, mask_weight=self.mask_weight))
+        return out
+
+
+class BackgroundParams(_Conditioning):
+    prompt: str
+    mask_weight: float = Field(0.01, gt=0, description="constant weight over the whole canvas")
+
+
+class ImageRegionParams(Box):
+    image: str = Field(description="RGB image file placed in the box (resized to it)")
+    strength: float = Field(0.8, description="fraction of the trajectory during which the region is held to the image")
+    model: int | str = Field(0, description="model whose VAE encodes the image")
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must lie in [0, 1] (0: image ignored, 1: held to the end), got {v}")
+        return v
+
+
+class RerollParams(Box):
+    mode: Literal["reset", "epsilon"] = "reset"
+    seed: int = Field(0, ge=0)
+    eps: float = Field(0.1, ge=0, description="size of the nudge in 'epsilon' mode")
+
+
+class ModParams(Params):
+    regions: list[RegionParams] = Field(default_factory=list)
+    tiles: TilesParams | None = None
+    background: BackgroundParams | None = None
+    image_regions: list[ImageRegionParams] = Field(default_factory=list)
+    rerolls: list[RerollParams] = Field(default_factory=list)
+    tile_batch_size: int = Field(1, ge=1, description="regions of one model denoised per UNet call")
+
+    @model_validator(mode="after")
+    def _some_region(self):
+        if not self.regions and self.tiles is None:
+            raise ValueError("give `regions` or `tiles` (or both)")
+        return self
+
+    def all_regions(self) -> list[tuple[str, RegionParams]]:
+        tiles = self.tiles.regions() if self.tiles else []
+        return [(f"params.regions[{i}]", r) for i, r in enumerate(self.regions)] + [(f"params.tiles[{i}]", r) for i, r in enumerate(tiles)]
+
+
+def mod_canvas(params: ModParams) -> tuple[int, int] | None:
+    return params.tiles.canvas() if params.tiles else None
+
+
+def _model_index(where: str, model: int | str, labels: list[str]) -> int:
+    if isinstance(model, int):
+        if not 0 <= model < len(labels):
+            raise RecipeError(f"{where}.model: index {model} but the recipe has {len(labels)} model(s)")
+        return model
+    if model not in labels:
+        raise RecipeError(f"{where}.model: no model named {model!r} (names: {', '.join(labels)})")
+    return labels.index(model)
+
+
+def check_mod(params: ModParams, canvas_px: tuple[int, int], factor: int, labels: list[str] | None = None) -> list[tuple]:
+    """Every box on the grid and canvas, every model reference known, every pixel covered.
+    Returns [(where, latent box, weights (h, w))] of the denoising regions (background last)."""
+    placed = []
+    for where, r in params.all_regions():
+        box = r.latent_box(where, canvas_px, factor)
+        if labels is not None:
+            _model_index(where, r.model, labels)
+        placed.append((where, box, region_weights(box[1] - box[0], box[3] - box[2], r.mask_type, r.mask_weight)))
+    latent = (canvas_px[0] // factor, canvas_px[1] // factor)
+    if params.background is not None:
+        placed.append(("params.background", (0, latent[0], 0, latent[1]), region_weights(*latent, "constant", params.background.mask_weight)))
+    for i, r in enumerate(params.image_regions):
+        r.latent_box(f"params.image_regions[{i}]", canvas_px, factor)
+    for i, r in enumerate(params.rerolls):
+        r.latent_box(f"params.rerolls[{i}]", canvas_px, factor)
+    total = coverage([b for _, b, _ in placed], [w for _, _, w in placed], latent)
+    holes = (total <= 0).nonzero()
+    if len(holes):
+        (r0, c0), (r1, c1) = holes.min(0).values.tolist(), holes.max(0).values.tolist()
+        raise RecipeError(
+            f"params.regions: {len(holes)} latent pixels of the canvas are covered by no region (pixel rows "
+            f"{r0 * factor}-{(r1 + 1) * factor}, columns {c0 * factor}-{(c1 + 1) * factor}); add regions there "
+            "or give a `background` prompt"
+        )
+    return placed
+
+
+def load_reference_image(where: str, path: str, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, h, w) in [-1, 1] from an RGB (or greyscale) image file, resized to `size` (h, w)."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{where}.image: {path!r} does not exist")
+    with Image.open(p) as im:
+        if im.mode not in ("RGB", "L"):
+            raise RecipeError(f"{where}.image: {path!r} has mode {im.mode}; give an RGB image (e.g. convert it with PIL: im.convert('RGB'))")
+        im = im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
+    return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_image(handle, image: torch.Tensor) -> torch.Tensor:
+    """VAE latents (1, C, h/f, w/f) of an image in [-1, 1]: the posterior mean times the
+    scaling factor (the mean, not a sample, so a region is the same for every seed)."""
+    if handle.offloader is not None:
+        handle.offloader.activate(handle.vae)
+    p = next(handle.vae.parameters())
+    mean = handle.vae.encode(image.to(p.device, p.dtype)).latent_dist.mean
+    return mean.float().cpu() * handle.scaling_factor
+
+
+def build_mod(ctx: BuildContext, params: ModParams) -> Plan:
+    r = ctx.recipe
+    labels = [m.label for m in r.models]
+    factor = ctx.vae_scale_factor
+    canvas_px = (ctx.latent_shape[1] * factor, ctx.latent_shape[2] * factor)
+    placed = check_mod(params, canvas_px, factor, labels)
+    conds = [(w, reg) for (w, reg) in params.all_regions()] + ([("params.background", params.background)] if params.background else [])
+    guided_cache: dict[tuple, object] = {}
+    regions = []
+    for (where, box, weights), (_, spec) in zip(placed, conds):
+        i = _model_index(where, spec.model, labels)
+        key = (i, spec.prompt, spec.negative_prompt, spec.guidance_scale)
+        if key not in guided_cache:
+            neg = spec.negative_prompt if spec.negative_prompt is not None else r.negative_of(i)
+            scale = spec.guidance_scale if spec.guidance_scale is not None else r.guidance_of(i)
+            guided_cache[key] = ctx.handles[i].guide(spec.prompt, negative_prompt=neg, guidance_scale=scale, batch_size=ctx.batch_size)
+        regions.append(Region(box, guided_cache[key], weights))
+    canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
+
+    images = []
+    for n, spec in enumerate(params.image_regions):
+        where = f"params.image_regions[{n}]"
+        box = spec.latent_box(where, canvas_px, factor)
+        key = f"mod-image-{n}"
+        if key not in ctx.cache:  # encode once per run, not per batch
+            handle = ctx.handles[_model_index(where, spec.model, labels)]
+            pixels = load_reference_image(where, spec.image, ((box[1] - box[0]) * factor, (box[3] - box[2]) * factor))
+            ctx.cache[key] = encode_image(handle, pixels)
+        images.append(ImageRegion(box, ctx.cache[key], spec.strength))
+
+    state: dict[str, torch.Tensor] = {}
+
+    def init_noise(noise: torch.Tensor) -> torch.Tensor:
+        for n, spec in enumerate(params.rerolls):
+            box = spec.latent_box(f"params.rerolls[{n}]", canvas_px, factor)
+            noise = reroll(noise, box, spec.seed, ctx.seeds, spec.mode, spec.eps)
+        state["noise"] = noise
+        return noise
+
+    meet = None
+    if images:
+        num_train = len(ctx.handles[0].alphas_cumprod)
+
+        def meet(xs, t, step, schedulers):
+            timesteps = schedulers[0].timesteps
+            t_next = timesteps[step + 1] if step + 1 < len(timesteps) else None
+            return [hold_image_regions(xs[0], state["noise"], images, schedulers[0], t_next, timestep_fraction(t, num_train))]
+
+    return Plan([canvas], meet=meet, init_noise=init_noise)
+

@@ -1,0 +1,131 @@
+"""Mixture of Diffusers on tiny models: degenerate cases, batching, non-square canvases,
+image-guided regions, bad input."""
+
+import pytest
+import torch
+from PIL import Image
+
+from multifusion import RecipeError, load_models, single
+from multifusion.api import run
+from multifusion.loop import initial_noise, make_scheduler, sample
+from multifusion.noise.regions import Canvas, Region, region_weights
+
+PROMPT = "a red circle in a snowy field"
+
+
+def mod(models, params, **sampling):
+    return {"method": "mod", "models": [{"model": m} for m in models], "params": params,
+            "sampling": {"num_inference_steps": 4, "seed": 3, "num_images": 2, **sampling}}
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++"])
+def test_one_region_over_the_canvas_is_single(tiny_a, scheduler):
+    [h] = load_models([tiny_a])
+    region = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}
+    out = run(mod([tiny_a], {"regions": [region]}, scheduler=scheduler), models=[h], progress=False).latents
+    ref = single(h, PROMPT, num_inference_steps=4, seed=3, num_images=2, scheduler=scheduler, progress=False).latents
+    assert torch.equal(out, ref)
+
+
+def test_a_region_may_name_another_model(tiny_a, tiny_b):
+    ha, hb = load_models([tiny_a, tiny_b], names=["general", "expert"])
+    region = {"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 1, "units": "fraction", "prompt": PROMPT, "model": "expert", "guidance_scale": 3}
+    out = run({**mod([tiny_a, tiny_b], {"regions": [region]}), "models": [{"model": tiny_a, "name": "general"}, {"model": tiny_b, "name": "expert"}]},
+              models=[ha, hb], progress=False).latents
+    ref = single(hb, PROMPT, guidance_scale=3, num_inference_steps=4, seed=3, num_images=2, progress=False).latents
+    assert torch.equal(out, ref)
+
+
+def test_batched_regions_equal_one_at_a_time(tiny_a):
+    [h] = load_models([tiny_a])
+    tiles = {"prompts": [["a red circle", "a blue square", "a pink diamond"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 16}
+    one = run(mod([tiny_a], {"tiles": tiles, "tile_batch_size": 1}), models=[h], progress=False).latents
+    three = run(mod([tiny_a], {"tiles": tiles, "tile_batch_size": 3}), models=[h], progress=False).latents
+    assert one.shape == (2, 4, 8, 16)  # canvas 32 x 64 pixels from the tiles
+    assert torch.allclose(one, three, atol=1e-5)
+
+
+def test_non_square_canvas_halves_are_independent_models_runs(tiny_a):
+    """Two constant-weight regions side by side on a 32x64 canvas never mix: each half must be
+    exactly a single-model run on that half's noise (a swapped height/width would break this)."""
+    [h] = load_models([tiny_a])
+    left, right = h.guide("a red circle", batch_size=1), h.guide("a blue square", batch_size=1)
+    canvas = Canvas([Region((0, 8, 0, 8), left, region_weights(8, 8, "constant")),
+                     Region((0, 8, 8, 16), right, region_weights(8, 8, "constant"))], (8, 16))
+    noise = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
+    both = sample(canvas, make_scheduler("ddim", h.scheduler_config), noise, num_inference_steps=3, progress=False)
+    alone = sample(right, make_scheduler("ddim", h.scheduler_config), noise[:, :, :, 8:].contiguous(), num_inference_steps=3, progress=False)
+    assert torch.allclose(both[:, :, :, 8:], alone, atol=1e-5)
+
+
+def test_image_region_with_full_strength_reproduces_the_reference(tiny_a, tmp_path):
+    [h] = load_models([tiny_a])
+    Image.new("RGB", (16, 32), (200, 30, 30)).save(tmp_path / "ref.png")
+    params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}],
+              "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 16, "image": str(tmp_path / "ref.png"), "strength": 1.0}]}
+    out = run(mod([tiny_a], params), models=[h], progress=False).latents
+    from multifusion.noise.specs import encode_image, load_reference_image
+
+    ref = encode_image(h, load_reference_image("x", str(tmp_path / "ref.png"), (32, 16)))
+    assert torch.equal(out[:, :, :, :4], ref.expand(2, -1, -1, -1))
+    free = run(mod([tiny_a], {**params, "image_regions": [{**params["image_regions"][0], "strength": 0.0}]}), models=[h], progress=False).latents
+    assert torch.equal(free, run(mod([tiny_a], {"regions": params["regions"]}), models=[h], progress=False).latents)
+
+
+def test_reroll_keeps_the_rest_of_the_start_noise(tiny_a):
+    [h] = load_models([tiny_a])
+    region = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT, "mask_type": "constant"}
+    base = run(mod([tiny_a], {"regions": [region]}), models=[h], progress=False).latents
+    rerolled = run(mod([tiny_a], {"regions": [region], "rerolls": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 16, "seed": 5}]}),
+                   models=[h], progress=False).latents
+    assert not torch.equal(base, rerolled)
+    # Constant weights over one full region: pixels far from the rerolled box keep their latents
+    # only approximately (the UNet sees the whole canvas), so compare the untouched corner loosely.
+    assert (base - rerolled)[:, :, 6:, 6:].abs().mean() < (base - rerolled)[:, :, :4, :4].abs().mean()
+
+
+def test_guidance_at_or_below_one_and_background(tiny_a):
+    [h] = load_models([tiny_a])
+    params = {"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": PROMPT, "guidance_scale": 0.5}],
+              "background": {"prompt": "a snowy field", "guidance_scale": 1.0}}
+    out = run(mod([tiny_a], params), models=[h], progress=False).latents
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"regions": [{"row_init": 0, "row_end": 40, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "params.regions[0].row_end: 40 lies outside the 32x32 canvas"),
+        ({"regions": [{"row_init": 0, "row_end": 30, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "params.regions[0].row_end: 30 is not a multiple of the VAE factor 4"),
+        ({"regions": [{"row_init": 8, "row_end": 8, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "params.regions[0]: empty box"),
+        ({"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "covered by no region (pixel rows 16-32, columns 0-32)"),
+        ({"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x", "model": 3}]}, "params.regions[0].model: index 3"),
+        ({"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x", "mask_type": "cosine"}]}, "params.regions[0].mask_type"),
+        ({"regions": []}, "give `regions` or `tiles`"),
+        ({"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}],
+          "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": "ref.png", "strength": 1.5}]}, "params.image_regions[0].strength: must lie in [0, 1]"),
+        ({"tiles": {"prompts": [["a", "b"]], "tile_height": 32, "tile_width": 32}}, "sampling.width: 32 contradicts the tiles' canvas width 64"),
+    ],
+)
+def test_bad_regions_are_refused_before_sampling(tiny_a, params, message):
+    recipe = mod([tiny_a], params, height=32, width=32)
+    with pytest.raises(RecipeError) as info:
+        run(recipe, progress=False)
+    assert message in str(info.value)
+
+
+def test_reference_image_of_a_wrong_mode(tiny_a, tmp_path):
+    Image.new("RGBA", (8, 8)).save(tmp_path / "rgba.png")
+    params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}],
+              "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": str(tmp_path / "rgba.png")}]}
+    with pytest.raises(RecipeError, match=r"params.image_regions\[0\].image: .* has mode RGBA; give an RGB image"):
+        run(mod([tiny_a], params), progress=False)
+
+
+def test_python_api_mirrors_the_recipe(tiny_a):
+    from multifusion import mod as mixture
+
+    [h] = load_models([tiny_a])
+    tiles = {"prompts": [["a red circle", "a blue square"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 8}
+    out = mixture([h], tiles=tiles, num_inference_steps=3, seed=1, progress=False)
+    assert out.images[0].size == (56, 32)  # PIL size is (width, height)
