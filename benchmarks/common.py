@@ -33,4 +33,5 @@ def interleaved_medians(fns: dict[str, callable], repeats: int = 50, warmup: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-torch.set_num_threads(2)
+# One thread: timings stay comparable when another job shares the machine.
+torch.set_num_threads(1)

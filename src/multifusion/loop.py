@@ -147,14 +147,31 @@ def sample(
 
 
 @torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor, scaling_factor: float | None = None) -> torch.Tensor:
+def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], as diffusers'
     StableDiffusionPipeline decodes them (divide by the VAE scaling factor, decode, map
-    [-1, 1] to [0, 1])."""
-    sf = vae.config.scaling_factor if scaling_factor is None else scaling_factor
+    [-1, 1] to [0, 1]), one image at a time.
+
+    `tiled` (default: when the canvas has more than 4x the VAE's native area) decodes in
+    overlapping tiles with diffusers' VAE tiling, so memory stays near one tile's for large
+    canvases; seams are blended by diffusers, and results differ slightly from a whole decode."""
+    native = int(getattr(vae.config, "sample_size", 0) or 0)
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    if tiled is None:
+        tiled = native > 0 and latents.shape[-2] * latents.shape[-1] * f * f > 4 * native * native
     param = next(vae.parameters())
-    image = vae.decode(latents.to(param.device, param.dtype) / sf, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+    previous = getattr(vae, "use_tiling", False)
+    if hasattr(vae, "use_tiling"):
+        vae.use_tiling = bool(tiled)
+    try:
+        images = [
+            vae.decode(x[None].to(param.device, param.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            for x in latents
+        ]
+    finally:
+        if hasattr(vae, "use_tiling"):
+            vae.use_tiling = previous
+    return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
 def to_pil(images: torch.Tensor) -> list:
