@@ -120,45 +120,40 @@ def run(recipe: Recipe | dict | str | Path, **kwargs: Any) -> Result:
     )
 
 
-def _call(method: str, models, prompts, params: dict, negative_prompt, guidance_scale, sampling: dict, **kwargs) -> Result:
+_SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
+_SAMPLING_DOC = """
+    Sampling keywords (diffusers names): num_inference_steps (30), scheduler ("ddim"), seed (0;
+    image i uses seed + i), num_images (1), height, width (default: the model's native size),
+    eta (0.0). Run keywords: runtime (dict: dtype, device, offload, allow_pickle), batch_size,
+    callback, progress. Returns a `Result`."""
+
+
+def _call(method: str, models, prompts, params: dict, negative_prompt, guidance_scale, kwargs: dict) -> Result:
+    """Build the recipe a method function stands for and run it: the Python API and the CLI
+    share one validated path."""
     handles = [m for m in models if isinstance(m, ModelHandle)]
     if handles and len(handles) != len(models):
         raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
-    if isinstance(prompts, str):
-        prompts = [prompts] * len(models)
-    if len(prompts) != len(models):
-        raise RecipeError(f"prompts: {len(prompts)} prompts for {len(models)} models; give one per model (or one string for all)")
-    scales = guidance_scale if isinstance(guidance_scale, (list, tuple)) else [guidance_scale] * len(models)
-    negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(models)
-    entries = [
-        {"model": m.source if isinstance(m, ModelHandle) else m, "name": m.name if isinstance(m, ModelHandle) else None,
-         "prompt": p, "guidance_scale": s, "negative_prompt": n}
-        for m, p, s, n in zip(models, prompts, scales, negatives)
-    ]
-    recipe = {"method": method, "models": entries, "params": params, "sampling": {k: v for k, v in sampling.items() if v is not None}}
+    per_model = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * len(models)  # noqa: E731
+    prompts, scales, negatives = per_model(prompts), per_model(guidance_scale), per_model(negative_prompt)
+    for name, values in (("prompts", prompts), ("guidance_scale", scales), ("negative_prompt", negatives)):
+        if len(values) != len(models):
+            raise RecipeError(f"{name}: {len(values)} values for {len(models)} models; give one per model (or one for all)")
+    entries = []
+    for m, p, g, n in zip(models, prompts, scales, negatives):
+        entry = {"model": m.source, "name": m.name} if isinstance(m, ModelHandle) else {"model": m}
+        entries.append({**entry, **({"prompt": p} if p is not None else {}), "guidance_scale": g, "negative_prompt": n})
+    sampling = {k: kwargs.pop(k) for k in _SAMPLING_KEYS if kwargs.get(k) is not None}
+    kwargs = {k: v for k, v in kwargs.items() if k not in _SAMPLING_KEYS}
+    recipe = {"method": method, "models": entries, "params": {k: v for k, v in params.items() if v is not None}, "sampling": sampling}
     if "runtime" in kwargs:
         recipe["runtime"] = kwargs.pop("runtime")
     return run(recipe, models=handles or None, **kwargs)
 
 
-def single(
-    model: ModelHandle | str,
-    prompt: str,
-    *,
-    negative_prompt: str = "",
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 30,
-    scheduler: str = "ddim",
-    seed: int = 0,
-    num_images: int = 1,
-    height: int | None = None,
-    width: int | None = None,
-    eta: float = 0.0,
-    **kwargs: Any,
-) -> Result:
+def single(model: ModelHandle | str, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 7.5, **kwargs: Any) -> Result:
     """One model alone; equals diffusers' StableDiffusionPipeline for the same settings."""
-    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
-    return _call("single", [model], [prompt], {}, negative_prompt, guidance_scale, sampling, **kwargs)
+    return _call("single", [model], [prompt], {}, negative_prompt, guidance_scale, kwargs)
 
 
 def average(
@@ -168,19 +163,58 @@ def average(
     weights: Sequence[float] | None = None,
     negative_prompt: str | Sequence[str] = "",
     guidance_scale: float | Sequence[float] = 7.5,
-    num_inference_steps: int = 30,
-    scheduler: str = "ddim",
-    seed: int = 0,
-    num_images: int = 1,
-    height: int | None = None,
-    width: int | None = None,
-    eta: float = 0.0,
     **kwargs: Any,
 ) -> Result:
     """Weighted average of several models' guided noise predictions, each with its own prompt."""
-    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
-    params = {"weights": list(weights)} if weights is not None else {}
-    return _call("average", list(models), prompts, params, negative_prompt, guidance_scale, sampling, **kwargs)
+    params = {"weights": list(weights) if weights is not None else None}
+    return _call("average", list(models), prompts, params, negative_prompt, guidance_scale, kwargs)
+
+
+def snb(
+    models: Sequence[ModelHandle | str],
+    prompts: str | Sequence[str],
+    *,
+    k: float | Sequence[float] = 1.0,
+    blur: str = "box",
+    blur_size: int = 4,
+    blur_sigma: float = 1.0,
+    window: tuple[float, float] = (0.0, 1.0),
+    fusion_timestep: int | None = None,
+    fusion: str = "late",
+    temperature: float | None = None,
+    negative_prompt: str | Sequence[str] = "",
+    guidance_scale: float | Sequence[float] = 7.5,
+    **kwargs: Any,
+) -> Result:
+    """MagicFusion saliency-aware noise blending of two or more models (the first is the base)."""
+    params = dict(k=list(k) if isinstance(k, (list, tuple)) else k, blur=blur, blur_size=blur_size, blur_sigma=blur_sigma,
+                  window=list(window), fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
+    return _call("snb", list(models), prompts, params, negative_prompt, guidance_scale, kwargs)
+
+
+def mod(
+    models: Sequence[ModelHandle | str],
+    *,
+    regions: Sequence[dict] = (),
+    tiles: dict | None = None,
+    background: dict | None = None,
+    image_regions: Sequence[dict] = (),
+    rerolls: Sequence[dict] = (),
+    tile_batch_size: int = 1,
+    negative_prompt: str = "",
+    guidance_scale: float = 7.5,
+    **kwargs: Any,
+) -> Result:
+    """Mixture of Diffusers: regions (dicts with row_init, row_end, col_init, col_end, prompt and
+    optionally model, guidance_scale, negative_prompt, mask_type, mask_weight, units) or a tiles
+    grid, each denoised by its model and mixed with Gaussian weights on one canvas."""
+    params = {"regions": list(regions), "tiles": tiles, "background": background, "image_regions": list(image_regions),
+              "rerolls": list(rerolls), "tile_batch_size": tile_batch_size}
+    return _call("mod", list(models), [None] * len(models), params, negative_prompt, guidance_scale, kwargs)
+
+
+for _fn in (single, average, snb, mod):
+    _fn.__doc__ += _SAMPLING_DOC
 
 
 def image_name(stem: str, seed: int) -> str:
@@ -237,69 +271,3 @@ def generate_to_folder(
                     paths += recorder.save(out / image_name(stem, seed).removesuffix(".png"), i, [m.label for m in recipe.models])
                 save_png(image, out / image_name(stem, seed), image_metadata(recipe.to_json(), seed))
     return paths
-
-
-def snb(
-    models: Sequence[ModelHandle | str],
-    prompts: str | Sequence[str],
-    *,
-    k: float | Sequence[float] = 1.0,
-    blur: str = "box",
-    blur_size: int = 4,
-    blur_sigma: float = 1.0,
-    window: tuple[float, float] = (0.0, 1.0),
-    fusion_timestep: int | None = None,
-    fusion: str = "late",
-    temperature: float | None = None,
-    negative_prompt: str | Sequence[str] = "",
-    guidance_scale: float | Sequence[float] = 7.5,
-    num_inference_steps: int = 30,
-    scheduler: str = "ddim",
-    seed: int = 0,
-    num_images: int = 1,
-    height: int | None = None,
-    width: int | None = None,
-    eta: float = 0.0,
-    **kwargs: Any,
-) -> Result:
-    """MagicFusion saliency-aware noise blending of two or more models (the first is the base)."""
-    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
-    params = dict(k=list(k) if isinstance(k, (list, tuple)) else k, blur=blur, blur_size=blur_size, blur_sigma=blur_sigma,
-                  window=list(window), fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
-    return _call("snb", list(models), prompts, params, negative_prompt, guidance_scale, sampling, **kwargs)
-
-
-def mod(
-    models: Sequence[ModelHandle | str],
-    *,
-    regions: Sequence[dict] = (),
-    tiles: dict | None = None,
-    background: dict | None = None,
-    image_regions: Sequence[dict] = (),
-    rerolls: Sequence[dict] = (),
-    tile_batch_size: int = 1,
-    negative_prompt: str = "",
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 30,
-    scheduler: str = "ddim",
-    seed: int = 0,
-    num_images: int = 1,
-    height: int | None = None,
-    width: int | None = None,
-    eta: float = 0.0,
-    **kwargs: Any,
-) -> Result:
-    """Mixture of Diffusers: regions (dicts with row_init, row_end, col_init, col_end, prompt and
-    optionally model, guidance_scale, negative_prompt, mask_type, mask_weight, units) or a tiles
-    grid, each denoised by its model and mixed with Gaussian weights on one canvas."""
-    sampling = dict(num_inference_steps=num_inference_steps, scheduler=scheduler, seed=seed, num_images=num_images, height=height, width=width, eta=eta)
-    params = {"regions": list(regions), "tiles": tiles, "background": background, "image_regions": list(image_regions),
-              "rerolls": list(rerolls), "tile_batch_size": tile_batch_size}
-    params = {k: v for k, v in params.items() if v not in (None, [])}
-    handles = [m for m in models if isinstance(m, ModelHandle)]
-    entries = [{"model": m.source, "name": m.name} if isinstance(m, ModelHandle) else {"model": m} for m in models]
-    recipe = {"method": "mod", "models": entries, "params": params, "negative_prompt": negative_prompt,
-              "sampling": {**{k: v for k, v in sampling.items() if v is not None}, "guidance_scale": guidance_scale}}
-    if "runtime" in kwargs:
-        recipe["runtime"] = kwargs.pop("runtime")
-    return run(recipe, models=handles or None, **kwargs)
