@@ -6,6 +6,7 @@
     multifusion methods                              list the methods
     multifusion demo --out DIR                       the main job on the built-in models
     multifusion zoo list | zoo train --out DIR       the embedded ShapeWorld models
+    multifusion bench APP|all --out DIR              every method side by side on the zoo apps
 """
 
 from __future__ import annotations
@@ -119,6 +120,36 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    models = {}
+    for item in args.model or []:
+        role, sep, ref = item.partition("=")
+        if not sep or not role or not ref:
+            raise RecipeError(f"--model {item!r}: give ROLE=MODEL, e.g. --model general=./my-general")
+        models[role] = ref
+    if args.app == "real":
+        from multifusion.bench.realworld import run_realworld
+
+        if not args.recipe or not args.prompt_file:
+            raise RecipeError("bench real needs --recipe RECIPE and --prompt-file FILE")
+        result = run_realworld(args.recipe, args.prompt_file, args.out, seeds=1 if args.seeds is None else args.seeds,
+                               clip_model=args.clip_model, inception_weights=args.inception_weights, reference_dir=args.reference,
+                               batch_size=args.batch_size, progress=not args.no_progress)
+        print(json.dumps(result["metrics"], indent=2))
+        return 0
+    from multifusion.bench.harness import run_bench
+
+    results = run_bench(args.app, args.out, seeds=64 if args.seeds is None else args.seeds, prompts=args.prompts,
+                        num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
+                        guidance_scale=args.guidance_scale, batch_size=args.batch_size, models=models or None,
+                        device=args.device, dtype=args.dtype, threads=args.threads, progress=not args.no_progress,
+                        update_doc=args.update_doc)
+    if results is not None:  # None on the other processes of a sharded run
+        print(f"wrote {Path(args.out) / 'results.md'} ({results['samples']['computed']} images made, "
+              f"{results['samples']['reused']} reused, {results['wall_time_s']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multifusion",
@@ -172,6 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
     zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)
+
+    b = sub.add_parser("bench", help="benchmark: every method side by side on the zoo apps, with success rates",
+                       description="Run every method that applies to an app (each model alone, the weighted average, each "
+                       "fusion method) on the same ShapeWorld prompts and seeds, judge each image, and write results.json, "
+                       "results.csv, results.md and grid.png into --out. Resumable (run the same command again); shardable "
+                       "with `accelerate launch --multi_gpu --num_processes K -m multifusion.cli bench ...` (also on CPU-only "
+                       "machines, where the processes meet over gloo). `bench real` scores your "
+                       "own models on a prompt file with CLIP score / FID / IS (torchmetrics) from local weights.")
+    b.add_argument("app", help="fine-grained, cross-domain, regional, aggregation, ensemble; 'all' for every app; "
+                   "'real' for your own models (with --recipe and --prompt-file)")
+    b.add_argument("--out", required=True, help="output folder (finished samples in it are reused; different settings are refused)")
+    b.add_argument("--seeds", type=int, help="seeds per prompt (default 64; for 'real' 1 image per prompt)")
+    b.add_argument("--prompts", type=int, default=8, help="prompts per app, generated from ShapeWorld with a fixed seed (default 8)")
+    b.add_argument("--steps", dest="num_inference_steps", type=int, default=30, help="sampling steps (default 30)")
+    b.add_argument("--scheduler", default="ddim", help="scheduler name (default ddim)")
+    b.add_argument("--cfg", dest="guidance_scale", type=float, default=7.5, help="guidance scale of every model (default 7.5)")
+    b.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images sampled together (default 16)")
+    b.add_argument("--model", action="append", metavar="ROLE=MODEL",
+                   help="use MODEL for ROLE instead of zoo:ROLE (repeatable), e.g. --model general=./my-general")
+    b.add_argument("--device", help="device (default: the process's accelerate device, cpu without a GPU)")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights dtype (default float32)")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    b.add_argument("--update-doc", dest="update_doc", help="also rewrite the tables between the bench markers of this markdown file (e.g. docs/results.md)")
+    b.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    rb = b.add_argument_group("bench real (your own models; nothing is downloaded)")
+    rb.add_argument("--recipe", help="recipe whose models all take the prompt (each prompt line is given to every model)")
+    rb.add_argument("--prompt-file", dest="prompt_file", help="text file, one prompt per line (blank lines and # comments skipped)")
+    rb.add_argument("--clip-model", dest="clip_model", help="local CLIP folder (CLIPModel + CLIPProcessor save_pretrained) for CLIP score")
+    rb.add_argument("--inception-weights", dest="inception_weights",
+                    help="local torch-fidelity Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth) for FID and IS")
+    rb.add_argument("--reference", help="folder of reference images (PNG/JPEG) for FID")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,316 @@
+"""The benchmark's applications: which models each compares, on which prompts, with which
+methods, and what counts as success.
+
+An *app* (ids shared with the demo report: ``fine-grained``, ``cross-domain``, ``regional``,
+``aggregation``, ``ensemble``) names model *roles* (``general``, ``expert``, ...; role ``r``
+defaults to the zoo model ``zoo:r``), draws its target scenes from ShapeWorld with a fixed
+seed, says what each model is prompted with, and lists its rows:
+
+- every role alone (method ``single``, on its own kind of prompt): the baselines;
+- each fusion method of the app, as a (method id, recipe builder) entry. An entry whose method
+  is not in :data:`multifusion.registry.METHODS` yet is skipped (and listed as skipped), so
+  adding a method to an app is one line: ``Fusion("amdm", own_prompts("amdm", ROLES))``.
+
+A recipe builder turns one :class:`AppPrompt` and the model references by role into a recipe
+dict without sampling settings (the harness adds steps, scheduler, guidance and seeds).
+
+Success is judged per image against the app's target scene (every attribute the full caption
+states, see :func:`multifusion.zoo.render.spec_of`):
+
+- ``image`` apps: success = the image shows everything its target states (the background,
+  the style when stated, and every object at its slot with its shape, colour and texture);
+  a rate over images;
+- ``instance`` apps: success = the instance success rate (COCO-MIG): the fraction of all
+  stated objects read at their slot with the right shape, colour and texture.
+"""
+
+from __future__ import annotations
+
+import difflib
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from multifusion.errors import RecipeError
+from multifusion.zoo.render import (
+    COLOURS,
+    GENERAL_HELD_OUT,
+    PLAIN,
+    SCENES,
+    SHAPES,
+    SLOTS,
+    TEXTURES,
+    Scene,
+    SceneSpec,
+    ShapeObject,
+    caption,
+    sample_general,
+    spec_of,
+)
+
+PROMPT_SEED = 20240917
+"""Seed of every app's prompt generator. Prompt ``i`` of an app depends only on
+``(PROMPT_SEED, app id, i)``, so asking for more prompts keeps the first ones."""
+
+RecipeBuilder = Callable[["AppPrompt", Mapping[str, str]], dict]
+
+
+@dataclass(frozen=True)
+class AppPrompt:
+    """One prompt of an app: the target ``scene`` (what the image should show, in full), the
+    prompt each model role is given, and for regional apps one prompt per slot."""
+
+    app: str
+    index: int
+    scene: Scene
+    prompts: Mapping[str, str]  # role -> prompt
+    regions: tuple[tuple[str, str], ...] = ()  # (slot, prompt), left to right
+
+    @property
+    def target(self) -> SceneSpec:
+        """What the judge scores: every field of the full caption of ``scene``."""
+        return spec_of(self.scene)
+
+    @property
+    def caption(self) -> str:
+        return caption(self.scene)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"app": self.app, "index": self.index, "target": self.caption, "prompts": dict(self.prompts)}
+        if self.regions:
+            out["regions"] = {slot: text for slot, text in self.regions}
+        return out
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of an app's table: a method over some of the app's roles."""
+
+    id: str  # unique within the app and file-name safe: "single-general", "snb"
+    method: str  # a method id of multifusion.registry
+    models: tuple[str, ...]  # roles, in the recipe's model order
+    build: RecipeBuilder = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A fusion method of an app: the method id, how to build its recipe, and (optionally) a
+    row id when one app runs a method in several variants."""
+
+    method: str
+    build: RecipeBuilder
+    models: tuple[str, ...]
+    id: str | None = None
+
+
+# ----------------------------------------------------------------------------- recipe builders
+
+
+def own_prompts(method: str, roles: Sequence[str], params: Mapping[str, Any] | None = None) -> RecipeBuilder:
+    """Every role in ``roles`` with its own prompt of the app, under ``method`` with ``params``."""
+    roles = tuple(roles)
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        models = [{"model": refs[r], "name": r, "prompt": prompt.prompts[r]} for r in roles]
+        return {"method": method, "models": models, "params": dict(params or {})}
+
+    return build
+
+
+def regions_per_slot(role: str) -> RecipeBuilder:
+    """Mixture of Diffusers on one model: one region per slot third (full height, a third of
+    the width as fractions of the canvas, snapped to the VAE grid), each with its slot's prompt."""
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        regions = []
+        for slot, text in prompt.regions:
+            i = SLOTS.index(slot)
+            regions.append({"row_init": 0, "row_end": 1, "col_init": i / len(SLOTS), "col_end": (i + 1) / len(SLOTS),
+                            "units": "fraction", "prompt": text})
+        return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"regions": regions}}
+
+    return build
+
+
+# ----------------------------------------------------------------------------- scene makers
+
+
+def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _general_shapes(background: str) -> tuple[str, ...]:
+    """Shapes the general model has seen in ``background`` (never a held-out pair)."""
+    return tuple(s for s in SHAPES if (background, s) not in GENERAL_HELD_OUT)
+
+
+def _plain_objects(rng: np.random.Generator, background: str, count: int, *, distinct_colours: bool = False) -> tuple[ShapeObject, ...]:
+    slots = sorted(int(i) for i in rng.choice(len(SLOTS), size=count, replace=False))
+    colours = list(rng.choice(len(COLOURS), size=count, replace=False)) if distinct_colours else [int(rng.integers(len(COLOURS))) for _ in slots]
+    return tuple(ShapeObject(_pick(rng, _general_shapes(background)), COLOURS[int(c)], "plain", SLOTS[s]) for s, c in zip(slots, colours))
+
+
+def fine_grained_scene(rng: np.random.Generator, index: int) -> Scene:
+    """A scene with one textured object at a slot (a combination neither model was trained on)."""
+    background = _pick(rng, SCENES)
+    obj = ShapeObject(_pick(rng, _general_shapes(background)), _pick(rng, COLOURS), _pick(rng, TEXTURES[1:]), _pick(rng, SLOTS))
+    return Scene(background, "photo", (obj,))
+
+
+def fine_grained_prompts(scene: Scene) -> dict[str, str]:
+    (obj,) = scene.objects
+    return {
+        "general": caption(scene, texture=False),  # 'a red circle on the left in a snowy field'
+        "expert": caption(Scene(PLAIN, "photo", (obj,)), position=False),  # 'a red striped circle'
+    }
+
+
+_HELD_OUT = tuple(sorted(GENERAL_HELD_OUT))
+
+
+def cross_domain_scene(rng: np.random.Generator, index: int) -> Scene:
+    """A cartoon of one plain object whose (scene, shape) pair the general model never saw,
+    cycling through :data:`GENERAL_HELD_OUT` so every pair is asked equally often."""
+    background, shape = _HELD_OUT[index % len(_HELD_OUT)]
+    return Scene(background, "cartoon", (ShapeObject(shape, _pick(rng, COLOURS), "plain", _pick(rng, SLOTS)),))
+
+
+def cross_domain_prompts(scene: Scene) -> dict[str, str]:
+    return {"cartoon": caption(scene), "general": caption(replace(scene, style="photo"))}
+
+
+def regional_scene(rng: np.random.Generator, index: int) -> Scene:
+    """Three plain objects, one per slot, in three different colours."""
+    background = _pick(rng, SCENES)
+    return Scene(background, "photo", _plain_objects(rng, background, len(SLOTS), distinct_colours=True))
+
+
+def regional_prompts(scene: Scene) -> dict[str, str]:
+    return {"general": caption(scene)}
+
+
+def regional_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
+    """Each slot's region prompt: its object centred in the region, with the scene."""
+    return tuple((o.slot, caption(Scene(scene.background, scene.style, (replace(o, slot="centre"),)))) for o in scene.objects)
+
+
+def aggregation_scene(rng: np.random.Generator, index: int) -> Scene:
+    """One to three plain coloured objects at their slots (the general data's distribution)."""
+    background = _pick(rng, SCENES)
+    return Scene(background, "photo", _plain_objects(rng, background, int(rng.integers(1, len(SLOTS) + 1))))
+
+
+def aggregation_prompts(scene: Scene) -> dict[str, str]:
+    # The palette data lists objects in random order; a fixed left-to-right order would leak
+    # positions into its prompt. The order is drawn from the scene itself (deterministic).
+    order = np.random.default_rng(zlib.crc32(caption(scene).encode())).permutation(len(scene.objects))
+    shuffled = replace(scene, objects=tuple(scene.objects[int(i)] for i in order))
+    return {"layout": caption(scene, colour=False), "palette": caption(shuffled, position=False)}
+
+
+def ensemble_scene(rng: np.random.Generator, index: int) -> Scene:
+    """A scene of the general data (every scene, so each slice model knows only some)."""
+    return sample_general(rng)
+
+
+def ensemble_prompts(scene: Scene) -> dict[str, str]:
+    text = caption(scene)
+    return {"slice0": text, "slice1": text}
+
+
+# ----------------------------------------------------------------------------- apps
+
+
+@dataclass(frozen=True)
+class App:
+    """One comparison: roles, prompts, rows and the definition of success."""
+
+    id: str
+    summary: str
+    roles: tuple[str, ...]
+    success: Literal["image", "instance"]
+    success_text: str
+    make_scene: Callable[[np.random.Generator, int], Scene] = field(compare=False)
+    make_prompts: Callable[[Scene], dict[str, str]] = field(compare=False)
+    fusions: tuple[Fusion, ...] = ()
+    make_regions: Callable[[Scene], tuple[tuple[str, str], ...]] | None = field(default=None, compare=False)
+
+    def prompt(self, index: int, seed: int = PROMPT_SEED) -> AppPrompt:
+        """Prompt ``index``: depends only on ``(seed, app id, index)``."""
+        rng = np.random.default_rng([int(seed), zlib.crc32(self.id.encode()), int(index)])
+        scene = self.make_scene(rng, index)
+        regions = self.make_regions(scene) if self.make_regions else ()
+        return AppPrompt(self.id, index, scene, self.make_prompts(scene), regions)
+
+    def prompts(self, n: int, seed: int = PROMPT_SEED) -> list[AppPrompt]:
+        return [self.prompt(i, seed) for i in range(n)]
+
+    def rows(self, available: Mapping[str, Any] | None = None) -> tuple[list[Row], list[str]]:
+        """(rows that run, fusion method ids skipped because ``available`` lacks them)."""
+        if available is None:
+            from multifusion.registry import METHODS as available
+        rows = [Row(f"single-{r}", "single", (r,), own_prompts("single", (r,))) for r in self.roles]
+        skipped = []
+        for f in self.fusions:
+            if f.method in available:
+                rows.append(Row(f.id or f.method, f.method, f.models, f.build))
+            else:
+                skipped.append(f.id or f.method)
+        return rows, skipped
+
+
+_FG = ("general", "expert")
+_CD = ("cartoon", "general")
+_AG = ("layout", "palette")
+_EN = ("slice0", "slice1")
+
+APPS: dict[str, App] = {
+    a.id: a
+    for a in (
+        App("fine-grained", "general scene model + fine-grained (texture) expert", _FG, "image",
+            "the scene is right and the object is read at its slot with the right shape, colour and texture",
+            fine_grained_scene, fine_grained_prompts,
+            (Fusion("average", own_prompts("average", _FG), _FG), Fusion("snb", own_prompts("snb", _FG), _FG))),
+        App("cross-domain", "cartoon style model + general model, on (scene, shape) pairs only the cartoon data shows", _CD, "image",
+            "the image is read as a cartoon, the scene is right and the object is at its slot with the right shape and colour",
+            cross_domain_scene, cross_domain_prompts,
+            (Fusion("average", own_prompts("average", _CD), _CD), Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD))),
+        App("regional", "three-object layouts: Mixture of Diffusers (one region per slot) vs one prompt for the whole layout",
+            ("general",), "instance",
+            "instance success rate: the fraction of objects read at their slot with the right shape and colour",
+            regional_scene, regional_prompts,
+            (Fusion("mod", regions_per_slot("general"), ("general",)),), regional_regions),
+        App("aggregation", "layout model (positions, no colour) + palette model (colours, no positions)", _AG, "instance",
+            "instance success rate: the fraction of objects read at their slot with the right shape and colour",
+            aggregation_scene, aggregation_prompts,
+            (Fusion("average", own_prompts("average", _AG), _AG), Fusion("amdm", own_prompts("amdm", _AG), _AG))),
+        App("ensemble", "two same-architecture models trained on disjoint scene slices of the general data", _EN, "image",
+            "the scene is right and every stated object is read at its slot with the right shape and colour",
+            ensemble_scene, ensemble_prompts,
+            (Fusion("average", own_prompts("average", _EN), _EN), Fusion("afa", own_prompts("afa", _EN), _EN))),
+    )
+}
+"""Every app, in the order `bench all` runs them."""
+
+
+def get_app(name: str) -> App:
+    """The app called ``name``; RecipeError with a "did you mean" otherwise."""
+    if name in APPS:
+        return APPS[name]
+    close = difflib.get_close_matches(name, list(APPS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(f"unknown app {name!r} (apps: {', '.join(APPS)}, or 'all'){hint}")
+
+
+def resolve_apps(apps: str | Sequence[str]) -> list[App]:
+    """``"all"``, one app id, or a list of ids -> apps, in :data:`APPS` order, each once."""
+    names = [apps] if isinstance(apps, str) else list(apps)
+    if not names:
+        raise RecipeError("no app given; name one of: " + ", ".join(APPS) + ", or 'all'")
+    if "all" in names:
+        return list(APPS.values())
+    chosen = {get_app(n).id for n in names}
+    return [a for a in APPS.values() if a.id in chosen]

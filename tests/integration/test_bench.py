@@ -1,0 +1,318 @@
+"""The benchmark harness on tiny stand-in models: apps and prompts, confidence intervals, the
+files it writes, resuming, refusing mixed settings, sharding over two processes, and the
+real-model metrics (CLIP score, FID, IS) with tiny local weights.
+
+The tiny models draw noise, so the numbers mean nothing here: these tests check mechanics
+(identical numbers across runs, resumes and shards), not quality."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multifusion.bench import APPS, Fusion, bootstrap_interval, own_prompts, run_bench, wilson_interval
+from multifusion.bench import harness
+from multifusion.cli import main
+from multifusion.errors import ModelLoadError, RecipeError
+from multifusion.zoo.render import GENERAL_HELD_OUT, SCENE_PHRASES, SLOT_PHRASES, TEXTURES, parse_caption
+
+SMALL = dict(seeds=2, prompts=2, num_inference_steps=2, batch_size=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fg_models(tiny_a, tiny_b):
+    return {"general": tiny_a, "expert": tiny_b}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, fg_models):
+    """One uninterrupted single-process run of the fine-grained app: the reference results."""
+    out = tmp_path_factory.mktemp("bench") / "ref"
+    return out, run_bench("fine-grained", out, models=fg_models, **SMALL)
+
+
+# ----------------------------------------------------------------------------- apps (no models)
+
+
+def test_prompts_are_fixed_and_prefix_stable():
+    for app in APPS.values():
+        assert [p.to_json() for p in app.prompts(3)] == [p.to_json() for p in app.prompts(5)[:3]]
+        for p in app.prompts(5):
+            assert parse_caption(p.caption) == p.target  # the target is the full caption
+            for role in app.roles:
+                parse_caption(p.prompts[role])  # every prompt is in the caption grammar
+
+
+def test_each_app_prompts_its_models_with_their_own_kind_of_caption():
+    for p in APPS["fine-grained"].prompts(8):
+        (obj,) = p.scene.objects
+        assert obj.texture in TEXTURES[1:]
+        assert obj.texture not in p.prompts["general"] and obj.texture in p.prompts["expert"]
+        assert not any(ph in p.prompts["expert"] for ph in (*SLOT_PHRASES.values(), *SCENE_PHRASES.values()))
+    cross = APPS["cross-domain"].prompts(10)
+    assert {(p.scene.background, p.scene.objects[0].shape) for p in cross} == set(GENERAL_HELD_OUT)
+    assert all(p.prompts["cartoon"].startswith("a cartoon of ") and "cartoon" not in p.prompts["general"] for p in cross)
+    for p in APPS["regional"].prompts(4):
+        assert len(p.scene.objects) == 3 and [s for s, _ in p.regions] == ["left", "centre", "right"]
+        assert all(parse_caption(text).objects[0].slot == "centre" for _, text in p.regions)
+    for p in APPS["aggregation"].prompts(6):
+        assert all(parse_caption(p.prompts["layout"]).objects[i].colour is None for i in range(len(p.scene.objects)))
+        assert all(o.slot is None for o in parse_caption(p.prompts["palette"]).objects)
+    assert all(p.prompts["slice0"] == p.prompts["slice1"] == p.caption for p in APPS["ensemble"].prompts(3))
+
+
+def test_rows_skip_methods_the_registry_lacks_and_extend_by_one_entry():
+    app = APPS["aggregation"]
+    rows, skipped = app.rows(available={"single": 1, "average": 1})
+    assert [r.id for r in rows] == ["single-layout", "single-palette", "average"] and skipped == ["amdm"]
+    rows, skipped = app.rows(available={"single": 1, "average": 1, "amdm": 1})
+    assert rows[-1].id == "amdm" and rows[-1].models == ("layout", "palette") and not skipped
+    extra = Fusion("snb", own_prompts("snb", ("layout", "palette"), {"k": 2.0}), ("layout", "palette"), id="snb-k2")
+    ext = dataclasses.replace(app, fusions=app.fusions + (extra,))
+    recipe = ext.rows()[0][-1].build(ext.prompt(0), {"layout": "L", "palette": "P"})
+    assert recipe["method"] == "snb" and recipe["params"] == {"k": 2.0} and [m["model"] for m in recipe["models"]] == ["L", "P"]
+
+
+def test_confidence_intervals():
+    lo, hi = wilson_interval(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # the textbook value
+    assert wilson_interval(0, 10)[0] == 0.0 and 0.25 < wilson_interval(0, 10)[1] < 0.3
+    assert wilson_interval(10, 10)[1] == 1.0
+    hits, trials = [3, 0, 2, 1, 3, 3], [3, 3, 3, 2, 3, 3]
+    a = bootstrap_interval(hits, trials)
+    assert a == bootstrap_interval(hits, trials)  # fixed generator
+    assert a[0] <= sum(hits) / sum(trials) <= a[1]
+    assert bootstrap_interval([2, 2], [2, 2]) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 0)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_writes_results_csv_markdown_and_grid(reference):
+    out, res = reference
+    rows = res["rows"]
+    assert [(r["method"], r["models"]) for r in rows] == [("single", ["general"]), ("single", ["expert"]),
+                                                          ("average", ["general", "expert"]), ("snb", ["general", "expert"])]
+    for r in rows:
+        assert r["app"] == "fine-grained" and r["seeds"] == 2 and r["images"] == 4
+        m = r["metrics"]
+        assert 0 <= m["success_ci"][0] <= m["success"] <= m["success_ci"][1] <= 1
+        assert {"scene", "attr/texture", "judge_fid"} <= m.keys()
+    assert json.loads((out / "results.json").read_text()) == res
+    assert [p["target"] for p in res["prompts"]] == [p.caption for p in APPS["fine-grained"].prompts(2)]
+    assert res["settings"]["num_inference_steps"] == 2 and res["versions"]["torch"] == torch.__version__
+    assert res["samples"] == {"total": 16, "computed": 16, "reused": 0} and res["wall_time_s"] > 0
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [t["method"] for t in table] == ["single", "single", "average", "snb"]
+    assert float(table[3]["success"]) == rows[3]["metrics"]["success"]
+    md = (out / "results.md").read_text()
+    assert "| snb | general, expert |" in md and "Wilson" in md and res["prompts"][0]["target"] in md
+    grid = Image.open(out / "grid.png")
+    assert grid.height > 4 * 128 and grid.width > 2 * 128  # 4 rows x 2 seeds
+    sample = json.loads((out / "samples/fine-grained/snb/p0001-s000001.json").read_text())
+    assert sample["recipe"]["sampling"]["seed"] == 1 and sample["recipe"]["method"] == "snb"
+    assert Image.open(out / "samples/fine-grained/snb/p0001-s000001.png").info["multifusion"]
+
+
+def test_second_run_reuses_every_sample(reference, fg_models):
+    out, res = reference
+    again = run_bench("fine-grained", out, models=fg_models, **SMALL)
+    assert again["samples"]["computed"] == 0 and again["rows"] == res["rows"]
+
+
+def test_interrupted_run_continues_to_the_same_numbers(reference, fg_models, tmp_path, monkeypatch):
+    _, ref = reference
+    real, calls = harness._run_unit, []
+
+    def dies_on_third_unit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_run_unit", dies_on_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("fine-grained", tmp_path, models=fg_models, **SMALL)
+    monkeypatch.setattr(harness, "_run_unit", real)
+    done = list(tmp_path.glob("samples/**/*.json"))
+    assert len(done) == 4 and not list(tmp_path.glob("samples/**/*.part"))  # two units of two seeds
+    res = run_bench("fine-grained", tmp_path, models=fg_models, **SMALL)
+    assert res["samples"]["computed"] == 12 and res["rows"] == ref["rows"]
+
+
+def test_an_output_folder_of_other_settings_is_refused(reference, fg_models, tiny_dir):
+    out, _ = reference
+    before = (out / "settings.json").read_text()
+    with pytest.raises(RecipeError, match=r"num_inference_steps is 2 there and 3 here.*another --out"):
+        run_bench("fine-grained", out, models=fg_models, **{**SMALL, "num_inference_steps": 3})
+    with pytest.raises(RecipeError, match="model 'general' of app 'fine-grained' has different weights"):
+        run_bench("fine-grained", out, models={**fg_models, "general": str(tiny_dir / "c")}, **SMALL)
+    moved = out.parent / "moved-general"  # the same weights elsewhere are the same model
+    shutil.copytree(fg_models["general"], moved, dirs_exist_ok=True)
+    assert run_bench("fine-grained", out, models={**fg_models, "general": str(moved)}, **SMALL)["samples"]["computed"] == 0
+    assert json.loads((out / "settings.json").read_text())["common"] == json.loads(before)["common"]
+
+
+def test_bad_input_is_refused_with_the_fix(tmp_path, fg_models, monkeypatch, capsys):
+    with pytest.raises(RecipeError, match="unknown app 'fine-grain'.*did you mean 'fine-grained'"):
+        run_bench("fine-grain", tmp_path, models=fg_models)
+    for bad in ({"seeds": 0}, {"prompts": -1}, {"num_inference_steps": 0}, {"batch_size": 0}):
+        with pytest.raises(RecipeError, match="must be a positive integer"):
+            run_bench("fine-grained", tmp_path, models=fg_models, **{**SMALL, **bad})
+    with pytest.raises(RecipeError, match="unknown model role 'genral'.*did you mean 'general'"):
+        run_bench("fine-grained", tmp_path, models={"genral": fg_models["general"]}, **SMALL)
+    from multifusion import loading
+
+    monkeypatch.setattr(loading, "zoo_models", lambda: [])
+    with pytest.raises(ModelLoadError, match=r"zoo model 'expert' \(needed by fine-grained\): not installed.*--models expert --install.*--model expert=PATH"):
+        run_bench("fine-grained", tmp_path, models={"general": fg_models["general"]}, **SMALL)
+    assert main(["bench", "ensembel", "--out", str(tmp_path)]) == 2
+    assert "did you mean 'ensemble'" in capsys.readouterr().err
+    assert main(["bench", "fine-grained", "--out", str(tmp_path), "--model", "general"]) == 2
+    assert "ROLE=MODEL" in capsys.readouterr().err
+    assert main(["bench", "fine-grained", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert "seeds must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "settings.json").exists()  # nothing was started
+
+
+def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
+    from multifusion.registry import METHODS
+
+    a, b = tiny_a, tiny_b
+    models = {"general": a, "expert": b, "cartoon": b, "layout": a, "palette": b, "slice0": a, "slice1": b}
+    doc = tmp_path / "results-doc.md"
+    doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
+    res = run_bench("all", tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False, update_doc=doc)
+    got = {(r["app"], r["row"]) for r in res["rows"]}
+    for app in APPS.values():
+        rows, skipped = app.rows()
+        assert {(app.id, r.id) for r in rows} <= got
+        assert set(skipped) == {f.method for f in app.fusions if f.method not in METHODS}
+    assert ("regional", "mod") in got and ("cross-domain", "snb") in got
+    assert all(0 <= r["metrics"]["success"] <= 1 for r in res["rows"])
+    text = doc.read_text()
+    assert "old" not in text and "intro" in text and "outro" in text and "### regional" in text
+    assert (tmp_path / "results-doc-grid.png").is_file()
+
+
+def test_two_processes_merge_into_the_single_process_result(reference, fg_models, tmp_path):
+    """`accelerate launch` with two CPU processes (its torchrun launcher; without a GPU the
+    processes meet over gloo). Each takes every other unit; the main one merges."""
+    _, ref = reference
+    out = tmp_path / "sharded"
+    args = ["bench", "fine-grained", "--out", str(out), "--seeds", "2", "--prompts", "2", "--steps", "2",
+            "--batch-size", "2", "--threads", "1", "--no-progress",
+            "--model", f"general={fg_models['general']}", "--model", f"expert={fg_models['expert']}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "multifusion.cli", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["num_processes"] == 2 and res["samples"]["computed"] == 16
+    assert res["rows"] == ref["rows"]
+
+
+# ----------------------------------------------------------------------------- real-model metrics
+
+
+def test_metrics_need_torchmetrics_and_say_how_to_get_it(monkeypatch, tmp_path):
+    from multifusion.bench import realworld
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)
+    with pytest.raises(RecipeError, match=r'pip install -e "\.\[bench\]"'):
+        realworld.inception_score([np.zeros((8, 8, 3), np.uint8)] * 2, feature_extractor=torch.nn.Identity())
+
+
+class TinyFeatures(torch.nn.Module):
+    """A stand-in for Inception: uint8 (N, 3, H, W) -> (N, 6) features / class logits."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(6, 3, generator=g))
+
+    def forward(self, x):
+        pooled = torch.stack([x.float().mean((2, 3)) / 255, x.float().std((2, 3)) / 255], 0).sum(0)  # (N, 3)
+        return pooled @ self.weight.T
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    pytest.importorskip("torchmetrics")
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from multifusion.testing import write_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tok"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder / "clip")
+    return folder / "clip"
+
+
+def _noise_images(n, seed, size=32):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+def test_clip_score_fid_and_is_with_tiny_local_weights(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from multifusion.bench.realworld import clip_score, frechet_inception_distance, inception_score
+
+    images, prompts = _noise_images(4, 0), ["a red circle", "a blue square", "a cat", "a dog"]
+    model, proc = CLIPModel.from_pretrained(tiny_clip), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        x = proc(images=images, text=prompts, return_tensors="pt", padding=True)
+        i, t = model.get_image_features(x["pixel_values"]), model.get_text_features(x["input_ids"], x["attention_mask"])
+        i, t = (getattr(v, "pooler_output", v) for v in (i, t))
+    expected = max(100 * torch.nn.functional.cosine_similarity(i, t).mean().item(), 0.0)  # torchmetrics clamps the mean
+    assert clip_score(images, prompts, tiny_clip) == pytest.approx(expected, abs=1e-4)
+    same = frechet_inception_distance(images, images, feature_extractor=TinyFeatures())
+    other = frechet_inception_distance(images, [im.point(lambda v: v // 3) for im in images], feature_extractor=TinyFeatures())
+    assert abs(same) < 1e-6 and other > 1e-3
+    mean, std = inception_score(_noise_images(8, 1), feature_extractor=TinyFeatures(), splits=2)
+    assert mean >= 1.0 and (mean, std) == inception_score(_noise_images(8, 1), feature_extractor=TinyFeatures(), splits=2)
+
+
+def test_real_models_from_a_prompt_file(tiny_clip, tiny_a, tiny_b, tmp_path):
+    from multifusion.bench.realworld import run_realworld
+
+    (tmp_path / "prompts.txt").write_text("# two prompts\na red circle in a desert\n\na blue square\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for k, im in enumerate(_noise_images(3, 2, size=48)):
+        im.save(ref / f"{k}.png")
+    recipe = {"method": "average", "models": [{"model": tiny_a}, {"model": tiny_b}], "sampling": {"num_inference_steps": 2}}
+    kwargs = dict(seeds=2, clip_model=tiny_clip, reference_dir=ref, feature_extractor=TinyFeatures(), progress=False)
+    res = run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", **kwargs)
+    assert res["images"] == 4 and set(res["metrics"]) == {"clip_score", "inception_score", "inception_score_std", "fid"}
+    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["p0000-s0.png", "p0000-s1.png", "p0001-s0.png", "p0001-s1.png"]
+    stamp = (tmp_path / "out/images/p0001-s1.png").stat().st_mtime_ns
+    assert run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", **kwargs)["metrics"] == res["metrics"]
+    assert (tmp_path / "out/images/p0001-s1.png").stat().st_mtime_ns == stamp  # reused, not redrawn
+    with pytest.raises(RecipeError, match="--clip-model: .*does not exist.*nothing is downloaded"):
+        run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", clip_model=tmp_path / "no-clip")
+    with pytest.raises(RecipeError, match="--inception-weights: .*does not exist"):
+        run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", inception_weights=tmp_path / "inception.pth")
+    with pytest.raises(RecipeError, match="nothing to measure"):
+        run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out")
