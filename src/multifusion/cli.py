@@ -95,7 +95,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from multifusion.demo import run_demo
 
-    report = run_demo(args.out, progress=not args.no_progress)
+    report = run_demo(args.out, progress=not args.no_progress, tiny=args.tiny)
     print(f"wrote {report}")
     return 0
 
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "comparison grid and report.md / report.json into --out.")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    d.add_argument("--tiny", action="store_true", help="use tiny random test models even when the zoo is installed (a quick smoke run)")
     d.set_defaults(func=cmd_demo)
 
     z = sub.add_parser("zoo", help="the embedded ShapeWorld models: list or retrain them",

@@ -1,8 +1,17 @@
-"""`multifusion demo`: each available method on fixed prompts and seeds, with a report.
+"""`multifusion demo`: the main job on the embedded ShapeWorld zoo.
 
-Until the ShapeWorld zoo ships trained weights, the demo runs on tiny randomly initialised
-test models (built locally in seconds): it exercises every method end to end and writes the
-report in its final format, but its images are noise, not pictures, and it says so.
+It runs, on fixed prompts and seeds:
+
+- each installed zoo model alone on captions of its own training distribution, and on another
+  model's (app `base`): the judge shows each model good at its job and bad at the rest;
+- every benchmark app whose models are installed, through the benchmark harness with few seeds
+  (each model alone, the weighted average, and each fusion method: SNB, Mixture of Diffusers...);
+- pictures: a labelled comparison grid, the SNB masks of one fine-grained fusion, a regional
+  composition and a wide panorama (Mixture of Diffusers tiles);
+
+and writes `report.md` and `report.json` (`rows`: app, method, models, seeds, metrics, with
+`metrics.success` in [0, 1] as defined per app in docs/results.md). Without zoo weights it
+falls back to tiny randomly initialised models and says so.
 """
 
 from __future__ import annotations
@@ -13,62 +22,140 @@ from pathlib import Path
 
 from multifusion.io import grid, save_png, write_text
 
-SEEDS = [0, 1, 2, 3]
-PROMPTS = ["a red circle in a snowy field", "a blue striped square"]
+SEEDS = 4
+PROMPTS = 2
+STEPS = 25
+BASE_CAPTIONS = 8
 
 
-def _tiny_models(folder: Path) -> list[str]:
+def _base_rows(installed: list[str], out: Path, progress: bool) -> tuple[list[dict], list]:
+    """Each model on its own captions and on one other model's (zoo.evaluate.CROSS)."""
+    from tqdm.auto import tqdm
+
+    from multifusion.zoo.evaluate import CROSS, evaluate_model
+    from multifusion.zoo.judge import load_judge
+
+    judge = load_judge()
+    rows, pictures = [], []
+    jobs = [(m, m) for m in installed] + [(m, other) for m in installed for other in CROSS.get(m, [])[:1] if other in installed]
+    for model, prompts in tqdm(jobs, desc="base models", disable=not progress):
+        r = evaluate_model(f"zoo:{model}", n=BASE_CAPTIONS, prompts=prompts, num_inference_steps=STEPS, judge=judge, return_images=True)
+        metrics = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("n", "guidance_scale")}
+        metrics["success"] = r["image_success"]
+        rows.append({"app": "base", "method": "single", "models": [model], "prompts": prompts, "seeds": r["n"], "metrics": metrics})
+        if model == prompts:
+            pictures.append((f"{model}", r["images"][:SEEDS]))
+    return rows, pictures
+
+
+def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
+    """SNB masks of one fine-grained fusion; a three-region composition; a wide panorama."""
+    from multifusion.api import generate_to_folder
+
+    made = []
+    if {"general", "expert"} <= set(installed):
+        recipe = {"method": "snb", "models": [
+            {"model": "zoo:general", "name": "general", "prompt": "a red circle in the centre in a snowy field"},
+            {"model": "zoo:expert", "name": "expert", "prompt": "a red striped circle"}],
+            "sampling": {"num_inference_steps": STEPS, "seed": 0}}
+        generate_to_folder(recipe, out / "pictures", stem="snb", export_masks=True, progress=progress)
+        made += ["pictures/snb-s0.png", "pictures/snb-s0-masks.png", "pictures/snb-s0-masks.gif"]
+    if "general" in installed:
+        # One region per slot third, on the 4-pixel latent grid, overlapping by 4 pixels.
+        thirds = [("a red circle in a desert", 0, 24), ("a blue square in a desert", 20, 44), ("a yellow triangle in a desert", 40, 64)]
+        regions = [{"row_init": 0, "row_end": 64, "col_init": c0, "col_end": c1, "prompt": p} for p, c0, c1 in thirds]
+        composition = {"method": "mod", "models": [{"model": "zoo:general", "name": "general"}],
+                       "params": {"regions": regions, "background": {"prompt": "a desert"}},
+                       "sampling": {"num_inference_steps": STEPS, "seed": 0, "height": 64, "width": 64}}
+        generate_to_folder(composition, out / "pictures", stem="regions", progress=progress)
+        panorama = {"method": "mod", "models": [{"model": "zoo:general", "name": "general"}],
+                    "params": {"tiles": {"prompts": [["a red circle in a snowy field", "a blue square in a desert",
+                                                      "a yellow diamond in a forest", "a pink triangle at sea"]],
+                                         "tile_height": 64, "tile_width": 64, "tile_col_overlap": 24}, "tile_batch_size": 4},
+                    "sampling": {"num_inference_steps": STEPS, "seed": 0}}
+        generate_to_folder(panorama, out / "pictures", stem="panorama", progress=progress)
+        made += ["pictures/regions-s0.png", "pictures/panorama-s0.png"]
+    return made
+
+
+def _zoo_demo(installed: list[str], out: Path, progress: bool) -> Path:
+    from multifusion.bench.apps import APPS
+    from multifusion.bench.harness import run_bench
+
+    start = time.perf_counter()
+    base_rows, base_pictures = _base_rows(installed, out, progress)
+    save_png(grid([ims for _, ims in base_pictures], [name for name, _ in base_pictures]), out / "base-grid.png")
+    apps = [a.id for a in APPS.values() if set(a.roles) <= set(installed)]
+    bench = run_bench(apps, out / "bench", seeds=SEEDS, prompts=PROMPTS, num_inference_steps=STEPS, batch_size=SEEDS,
+                      threads=1, progress=progress) if apps else {"rows": [], "prompts": []}
+    bench_rows = [{k: r[k] for k in ("app", "method", "models", "seeds", "metrics")} | {"row": r["row"]} for r in bench["rows"]]
+    pictures = _pictures(installed, out, progress)
+    rows = base_rows + bench_rows
+    missing = [a.id for a in APPS.values() if a.id not in apps]
+    note = (f"Models: the ShapeWorld zoo ({', '.join(installed)}). Apps without their models installed: "
+            f"{', '.join(missing) or 'none'}. Few seeds ({SEEDS} per prompt, {PROMPTS} prompts per app, {STEPS} DDIM steps): "
+            "a smoke view; `multifusion bench all` gives the numbers with confidence intervals.")
+    report = {"note": note, "rows": rows, "wall_time_s": round(time.perf_counter() - start, 1)}
+    write_text(out / "report.json", json.dumps(report, indent=2))
+    lines = ["# multifusion demo", "", note, "",
+             "## Each model alone (app `base`): its own captions, then another model's", "",
+             "| model | prompts | success | scene | shape | colour | texture | instance success |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in base_rows:
+        m = r["metrics"]
+        lines.append(f"| {r['models'][0]} | {r['prompts']} | {fmt(m['success'])} | {fmt(m.get('scene'))} | {fmt(m.get('attr/shape'))} | "
+                     f"{fmt(m.get('attr/colour'))} | {fmt(m.get('attr/texture'))} | {fmt(m.get('isr'))} |")
+    lines += ["", "![each model on its own captions](base-grid.png)", "", "## Apps", "",
+              "| app | row | method | models | success |", "|---|---|---|---|---|"]
+    for r in bench_rows:
+        lines.append(f"| {r['app']} | {r['row']} | {r['method']} | {', '.join(r['models'])} | {fmt(r['metrics'].get('success'))} |")
+    if apps:
+        lines += ["", "![methods side by side](bench/grid.png)"]
+    for p in pictures:
+        if p.endswith(".png"):
+            lines += ["", f"![{Path(p).stem}]({p})"]
+    return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _tiny_demo(out: Path, progress: bool) -> Path:
+    """The demo's shape on tiny random models, for builds without zoo weights."""
+    from multifusion.api import run
+    from multifusion.loading import load_models
     from multifusion.testing import build_tiny_pipeline
 
     paths = []
     for name, seed in (("tiny-general", 0), ("tiny-expert", 1)):
-        path = folder / name
+        path = out / "models" / name
         if not (path / "model_index.json").exists():
             build_tiny_pipeline(path, seed=seed, text_seed=0, vae_seed=0)
         paths.append(str(path))
-    return paths
-
-
-def run_demo(out: str | Path, *, progress: bool = True) -> Path:
-    """Write OUT/{method}-s{seed}.png, OUT/grid.png, OUT/report.md and OUT/report.json."""
-    from multifusion.api import run
-    from multifusion.loading import load_models
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = _tiny_models(out / "models")
     handles = load_models(paths, names=["tiny-general", "tiny-expert"])
-    sampling = {"num_inference_steps": 20, "seed": SEEDS[0], "num_images": len(SEEDS), "scheduler": "ddim"}
-    runs = [
-        ("base", "single", [0], {}),
-        ("base", "single", [1], {}),
-        ("fine-grained", "average", [0, 1], {"weights": [0.5, 0.5]}),
-    ]
+    prompts = ["a red circle in a snowy field", "a blue striped square"]
+    sampling = {"num_inference_steps": 20, "seed": 0, "num_images": SEEDS}
     rows, grid_rows, labels = [], [], []
-    for app, method, which, params in runs:
-        models = [{"model": paths[i], "name": handles[i].name, "prompt": PROMPTS[i]} for i in which]
-        recipe = {"method": method, "models": models, "params": params, "sampling": sampling}
-        start = time.perf_counter()
+    for app, method, which in (("base", "single", [0]), ("base", "single", [1]), ("fine-grained", "average", [0, 1]), ("fine-grained", "snb", [0, 1])):
+        recipe = {"method": method, "models": [{"model": paths[i], "name": handles[i].name, "prompt": prompts[i]} for i in which], "sampling": sampling}
         result = run(recipe, models=[handles[i] for i in which], progress=progress)
-        seconds = time.perf_counter() - start
         tag = f"{method}-{'+'.join(handles[i].name for i in which)}"
         for image, seed in zip(result.images, result.seeds):
             save_png(image, out / f"{tag}-s{seed}.png", {"recipe": recipe, "seed": seed})
         grid_rows.append(result.images)
         labels.append(tag)
-        rows.append({
-            "app": app,
-            "method": method,
-            "models": [handles[i].name for i in which],
-            "seeds": len(result.seeds),
-            "metrics": {"seconds_per_image": round(seconds / len(result.seeds), 4)},
-        })
-    save_png(grid(grid_rows, labels, [f"seed {s}" for s in SEEDS]), out / "grid.png")
-    note = ("Models: tiny randomly initialised test models (the ShapeWorld zoo has no trained weights in "
-            "this build yet), so the images are noise and no quality metric is reported; the demo shows "
-            "the methods running end to end.")
+        rows.append({"app": app, "method": method, "models": [handles[i].name for i in which], "seeds": len(result.seeds), "metrics": {}})
+    save_png(grid(grid_rows, labels, [f"seed {s}" for s in range(SEEDS)]), out / "grid.png")
+    note = ("Models: tiny randomly initialised test models (no ShapeWorld zoo weights are installed in this build), "
+            "so the images are noise and no quality metric is reported; the demo shows the methods running end to end.")
     write_text(out / "report.json", json.dumps({"note": note, "rows": rows}, indent=2))
-    lines = ["# multifusion demo", "", note, "", "![comparison grid](grid.png)", "",
-             "| app | method | models | seeds | seconds per image |", "|---|---|---|---|---|"]
-    lines += [f"| {r['app']} | {r['method']} | {', '.join(r['models'])} | {r['seeds']} | {r['metrics']['seconds_per_image']} |" for r in rows]
+    lines = ["# multifusion demo", "", note, "", "![comparison grid](grid.png)", "", "| app | method | models | seeds |", "|---|---|---|---|"]
+    lines += [f"| {r['app']} | {r['method']} | {', '.join(r['models'])} | {r['seeds']} |" for r in rows]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def run_demo(out: str | Path, *, progress: bool = True, tiny: bool = False) -> Path:
+    """Write the demo into `out` and return the path of report.md. `tiny` forces the fallback."""
+    from multifusion.loading import zoo_models
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    installed = [] if tiny else zoo_models()
+    return _zoo_demo(installed, out, progress) if installed else _tiny_demo(out, progress)

@@ -1,15 +1,31 @@
 import json
 
+import pytest
+
 from multifusion.cli import main
+from multifusion.loading import zoo_models
 
 
-def test_demo_writes_images_grid_and_report(tmp_path, capsys):
+def test_tiny_demo_writes_images_grid_and_report(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--tiny"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert {(r["app"], r["method"]) for r in report["rows"]} >= {("base", "single"), ("fine-grained", "average")}
+    assert {(r["app"], r["method"]) for r in report["rows"]} >= {("base", "single"), ("fine-grained", "average"), ("fine-grained", "snb")}
     for row in report["rows"]:
         assert set(row) == {"app", "method", "models", "seeds", "metrics"} and row["seeds"] == 4
     assert "tiny randomly initialised" in (out / "report.md").read_text()
     assert (out / "grid.png").stat().st_size > 0
-    assert len(list(out.glob("*-s*.png"))) == 12
+    assert len(list(out.glob("*-s*.png"))) == 16
+
+
+@pytest.mark.skipif(not {"general", "expert"} <= set(zoo_models()), reason="zoo models general and expert are not installed")
+def test_zoo_demo_reports_every_row_with_success(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    apps = {r["app"] for r in report["rows"]}
+    assert "base" in apps and "fine-grained" in apps
+    for row in report["rows"]:
+        assert 0.0 <= row["metrics"]["success"] <= 1.0
+    assert {("fine-grained", "snb"), ("fine-grained", "average")} <= {(r["app"], r["method"]) for r in report["rows"]}
+    assert (out / "pictures" / "snb-s0-masks.png").exists() and (out / "pictures" / "panorama-s0.png").exists()
