@@ -316,3 +316,17 @@ def test_real_models_from_a_prompt_file(tiny_clip, tiny_a, tiny_b, tmp_path):
         run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", inception_weights=tmp_path / "inception.pth")
     with pytest.raises(RecipeError, match="nothing to measure"):
         run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out")
+
+
+def test_seam_score_sees_a_step_at_the_region_edges_only():
+    import numpy as np
+
+    from multifusion.bench.apps import seam_columns, seam_score
+
+    smooth = np.tile(np.linspace(0, 255, 64)[None, :, None], (64, 1, 3))
+    assert abs(seam_score(smooth, [20, 44]) - 1.0) < 1e-6
+    stepped = smooth.copy()
+    stepped[:, 20:] += 40
+    assert seam_score(stepped, [20, 44]) > 5
+    regions = [{"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction"} for lo, hi in ((0, 0.4), (0.27, 0.73), (0.6, 1.0))]
+    assert seam_columns(regions, 64, 4) == [16, 24, 40, 48]

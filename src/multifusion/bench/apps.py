@@ -120,19 +120,48 @@ def own_prompts(method: str, roles: Sequence[str], params: Mapping[str, Any] | N
     return build
 
 
-def regions_per_slot(role: str) -> RecipeBuilder:
-    """Mixture of Diffusers on one model: one region per slot third (full height, a third of
-    the width as fractions of the canvas, snapped to the VAE grid), each with its slot's prompt."""
+REGION_OVERLAP = 1 / 8
+"""Width shared by neighbouring slot regions, as a fraction of the canvas (8 px of 64): each
+region reaches half of it beyond its third, so Gaussian weights can blend across the border."""
+
+
+def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
+    """Mixture of Diffusers on one model: one region per slot third (full height; widened by
+    half of REGION_OVERLAP on each inner side; fractions of the canvas, snapped to the VAE grid),
+    each with its slot's prompt and weights of ``mask_type``."""
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
         regions = []
         for slot, text in prompt.regions:
             i = SLOTS.index(slot)
-            regions.append({"row_init": 0, "row_end": 1, "col_init": i / len(SLOTS), "col_end": (i + 1) / len(SLOTS),
-                            "units": "fraction", "prompt": text})
+            lo = max(0.0, i / len(SLOTS) - REGION_OVERLAP / 2)
+            hi = min(1.0, (i + 1) / len(SLOTS) + REGION_OVERLAP / 2)
+            regions.append({"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction", "prompt": text,
+                            "mask_type": mask_type})
         return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"regions": regions}}
 
     return build
+
+
+def seam_columns(regions: Sequence[Mapping[str, Any]], width: int, factor: int) -> list[int]:
+    """Pixel columns x (0 < x < width) where a region starts or ends: the places a seam shows."""
+    from multifusion.noise.specs import Box
+
+    edges = set()
+    for r in regions:
+        box = Box(**{k: r[k] for k in ("row_init", "row_end", "col_init", "col_end", "units")})
+        _, _, c0, c1 = box.latent_box("region", (width, width), factor)
+        edges.update({c0 * factor, c1 * factor})
+    return sorted(x for x in edges if 0 < x < width)
+
+
+def seam_score(image: np.ndarray, columns: Sequence[int]) -> float:
+    """Mean horizontal step |I[:, x] - I[:, x - 1]| at the seam columns over the same at every
+    other column of an (H, W, 3) image: 1 means the borders look like the rest, > 1 a visible seam."""
+    steps = np.abs(np.diff(image.astype(np.float64), axis=1)).mean(axis=(0, 2))  # (W - 1,): step into column x = i + 1
+    at = np.zeros(len(steps), dtype=bool)
+    at[[x - 1 for x in columns]] = True
+    return float(steps[at].mean() / max(steps[~at].mean(), 1e-12))
 
 
 # ----------------------------------------------------------------------------- scene makers
@@ -282,7 +311,8 @@ APPS: dict[str, App] = {
             ("general",), "instance",
             "instance success rate: the fraction of objects read at their slot with the right shape and colour",
             regional_scene, regional_prompts,
-            (Fusion("mod", regions_per_slot("general"), ("general",)),), regional_regions),
+            (Fusion("mod", regions_per_slot("general"), ("general",)),
+             Fusion("mod", regions_per_slot("general", "constant"), ("general",), id="mod-constant")), regional_regions),
         App("aggregation", "layout model (positions, no colour) + palette model (colours, no positions)", _AG, "instance",
             "instance success rate: the fraction of objects read at their slot with the right shape and colour",
             aggregation_scene, aggregation_prompts,

@@ -278,7 +278,16 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
     features = judge.features(images)
     seconds = (time.perf_counter() - start) / len(images)
     recipe_json = recipe.to_json()
-    for image, seed, reading, feats in zip(images, unit.seeds, readings, features):
+    seams: list[float | None] = [None] * len(images)
+    if unit.app.make_regions is not None:
+        # Every row of a regional app is scored at the same places: the slot regions' edges.
+        from multifusion.bench.apps import regions_per_slot, seam_columns, seam_score
+
+        layout = regions_per_slot(unit.app.roles[0])(unit.prompt, refs)["params"]["regions"]
+        factor = handles[unit.row.models[0]].vae_scale_factor
+        columns = seam_columns(layout, images[0].size[0], factor)
+        seams = [seam_score(np.asarray(im), columns) for im in images]
+    for image, seed, reading, feats, seam in zip(images, unit.seeds, readings, features, seams):
         meta = image_metadata(recipe_json, seed)
         if seed < GRID_SEEDS:
             save_png(image, sample_path(out, unit.app.id, unit.row.id, unit.prompt.index, seed, ".png"), meta)
@@ -286,6 +295,8 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
                   "prompt_index": unit.prompt.index, "seed": seed, "prompts": dict(unit.prompt.prompts),
                   "target": unit.prompt.caption, "reading": reading, "features": [float(x) for x in feats],
                   "seconds": seconds, "recipe": meta["recipe"]}
+        if seam is not None:
+            record["seam"] = seam
         # The JSON is written last: it is the mark of a finished sample.
         write_text(sample_path(out, unit.app.id, unit.row.id, unit.prompt.index, seed), json.dumps(record, sort_keys=True))
     return len(images)
@@ -489,6 +500,8 @@ def merge_results(out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequ
             metrics.update(summary(readings, targets))
             if reference is not None:
                 metrics["judge_fid"] = judge_fid(np.array([s["features"] for s in samples]), reference)
+            if all("seam" in s for s in samples):
+                metrics["seam"] = float(np.mean([s["seam"] for s in samples]))
             rows.append({"app": app.id, "method": row.method, "models": list(row.models), "row": row.id, "seeds": seeds,
                          "prompts": len(prompts), "images": len(samples), "metrics": metrics})
             # Timing is kept out of the rows: it is the one thing a resumed or sharded run changes.
@@ -499,7 +512,8 @@ def merge_results(out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequ
 # ----------------------------------------------------------------------------- writing
 
 _MD_COLUMNS = (("scene", "scene"), ("style", "style"), ("attr/shape", "shape"), ("attr/colour", "colour"),
-               ("attr/texture", "texture"), ("attr/position", "position"), ("isr", "ISR"), ("judge_fid", "judge-FID"))
+               ("attr/texture", "texture"), ("attr/position", "position"), ("isr", "ISR"), ("judge_fid", "judge-FID"),
+               ("seam", "seam"))
 
 
 def _fmt(v: Any) -> str:
