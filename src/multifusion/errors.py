@@ -5,6 +5,15 @@ Every message names what is wrong (the recipe field, the file, the model) and ho
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:
+    """"; did you mean 'X'?" for the option closest to a misspelt `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
 
 class MultifusionError(ValueError):
     """Base class of every error this library raises on purpose."""

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from multifusion.errors import ModelLoadError, PickleRefusedError
+from multifusion.errors import ModelLoadError, PickleRefusedError, did_you_mean
 from multifusion.handles import ModelHandle, Offloader
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -53,12 +53,8 @@ def resolve(text: str, *, config: str | None = None, allow_pickle: bool = False)
         name = text[4:]
         available = zoo_models()
         if name not in available:
-            import difflib
-
-            close = difflib.get_close_matches(name, available, n=1)
-            hint = f"; did you mean 'zoo:{close[0]}'?" if close else ""
             listed = ", ".join(available) or "none yet"
-            raise ModelLoadError(f"unknown zoo model {text!r} (available: {listed}){hint}")
+            raise ModelLoadError(f"unknown zoo model {text!r} (available: {listed}){did_you_mean(name, available, 'zoo:')}")
         return ModelRef(text, "zoo", str(zoo_root() / name))
     path = Path(text).expanduser()
     suffix = path.suffix.lower()

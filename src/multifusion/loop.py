@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from multifusion.errors import RecipeError
+from multifusion.errors import RecipeError, did_you_mean
 from multifusion.handles import NoiseFn
 
 # Short names users know (A1111 / diffusers docs) -> diffusers scheduler class names.
@@ -43,7 +43,6 @@ SCHEDULERS = {
 
 def scheduler_class(name: str):
     """The diffusers scheduler class for a short name or a class name; RecipeError otherwise."""
-    import difflib
 
     import diffusers
 
@@ -51,9 +50,7 @@ def scheduler_class(name: str):
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
         options = sorted(SCHEDULERS) + sorted({v for v in SCHEDULERS.values()})
-        close = difflib.get_close_matches(name, options, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"sampling.scheduler: unknown scheduler {name!r} (use one of {', '.join(sorted(SCHEDULERS))} or a diffusers class name){hint}")
+        raise RecipeError(f"sampling.scheduler: unknown scheduler {name!r} (use one of {', '.join(sorted(SCHEDULERS))} or a diffusers class name){did_you_mean(name, options)}")
     return cls
 
 

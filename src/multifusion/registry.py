@@ -6,13 +6,12 @@ pydantic model, given the number of models) and builds a `Plan` for the shared l
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from multifusion.errors import RecipeError
+from multifusion.errors import RecipeError, did_you_mean
 from multifusion.noise import specs as noise
 from multifusion.plan import BuildContext, Params, Plan
 
@@ -67,6 +66,4 @@ METHODS: dict[str, Method] = {
 def get_method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
-    close = difflib.get_close_matches(name, list(METHODS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise RecipeError(f"method: unknown method {name!r} (available: {', '.join(METHODS)}){hint}")
+    raise RecipeError(f"method: unknown method {name!r} (available: {', '.join(METHODS)}){did_you_mean(name, METHODS)}")

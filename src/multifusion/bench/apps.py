@@ -26,7 +26,6 @@ states, see :func:`multifusion.zoo.render.spec_of`):
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from multifusion.errors import RecipeError
+from multifusion.errors import RecipeError, did_you_mean
 from multifusion.zoo.render import (
     COLOURS,
     GENERAL_HELD_OUT,
@@ -330,9 +329,7 @@ def get_app(name: str) -> App:
     """The app called ``name``; RecipeError with a "did you mean" otherwise."""
     if name in APPS:
         return APPS[name]
-    close = difflib.get_close_matches(name, list(APPS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise RecipeError(f"unknown app {name!r} (apps: {', '.join(APPS)}, or 'all'){hint}")
+    raise RecipeError(f"unknown app {name!r} (apps: {', '.join(APPS)}, or 'all'){did_you_mean(name, APPS)}")
 
 
 def resolve_apps(apps: str | Sequence[str]) -> list[App]:

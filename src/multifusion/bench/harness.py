@@ -29,7 +29,6 @@ Confidence intervals (95 %), over the images of a row (every prompt x seed):
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import io
 import json
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from multifusion.bench.apps import APPS, PROMPT_SEED, App, AppPrompt, Row, resolve_apps
-from multifusion.errors import ModelLoadError, RecipeError
+from multifusion.errors import ModelLoadError, RecipeError, did_you_mean
 
 FORMAT = 1
 GRID_SEEDS = 4
@@ -204,9 +203,7 @@ def _resolve_models(apps: list[App], models: Mapping[str, str] | None) -> dict[s
     known = sorted({r for a in APPS.values() for r in a.roles})
     for role in models:
         if role not in known:
-            close = difflib.get_close_matches(role, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"models: unknown model role {role!r} (roles: {', '.join(known)}){hint}")
+            raise RecipeError(f"models: unknown model role {role!r} (roles: {', '.join(known)}){did_you_mean(role, known)}")
     installed = loading.zoo_models()
     refs, missing = {}, []
     for app in apps:
