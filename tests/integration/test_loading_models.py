@@ -62,3 +62,11 @@ def test_offload_moves_only_the_running_module(tiny_a, tiny_b):
     assert order == ["CLIPTextModel"] + ["UNet2DConditionModel"] * 4 + ["AutoencoderKL"]
     plain = average(load_models([tiny_a, tiny_b]), ["x", "y"], num_inference_steps=2, progress=False).latents
     assert torch.equal(ref, plain)
+
+
+def test_hub_id_goes_to_diffusers_and_fails_clearly_offline(monkeypatch):
+    from multifusion import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="could not load 'nobody-here/no-such-model'"):
+        load_models(["nobody-here/no-such-model"])
