@@ -239,8 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_loading() -> None:
+    """Hide diffusers' and transformers' per-component loading bars: with several models they
+    bury the one bar that tracks the work (sampling, benchmarking)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_loading()
     try:
         return args.func(args)
     except MultifusionError as err:

@@ -78,20 +78,27 @@ def image_metadata(recipe_json: str, seed: int) -> dict:
 
 
 def grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str] | None = None, cell: int = 128) -> Image.Image:
-    """A labelled grid: one row per label, images scaled to `cell` pixels (nearest neighbour,
-    so small zoo images stay crisp)."""
+    """A labelled grid: one row per label, images scaled to `cell` pixels high keeping their
+    aspect ratio (nearest neighbour, so small zoo images stay crisp); each column as wide as its
+    widest image."""
     from PIL import ImageDraw
 
+    def scaled(im: Image.Image) -> Image.Image:
+        return im.convert("RGB").resize((max(1, round(cell * im.width / im.height)), cell), Image.NEAREST)
+
+    rows = [[scaled(im) for im in row] for row in images]
+    ncols = max((len(r) for r in rows), default=0)
+    widths = [max((r[j].width for r in rows if j < len(r)), default=cell) for j in range(ncols)]
+    lefts = [sum(widths[:j]) + 2 * j for j in range(ncols)]
     label_w = max(8 * max((len(s) for s in row_labels), default=0), 40)
     top = 16 if col_labels else 0
-    ncols = max((len(r) for r in images), default=0)
-    canvas = Image.new("RGB", (label_w + ncols * (cell + 2), top + len(images) * (cell + 2)), "white")
+    canvas = Image.new("RGB", (label_w + sum(widths) + 2 * ncols, top + len(rows) * (cell + 2)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(col_labels or []):
-        draw.text((label_w + j * (cell + 2) + 2, 2), label, fill="black")
-    for i, (row, label) in enumerate(zip(images, row_labels)):
+    for j, label in enumerate((col_labels or [])[:ncols]):
+        draw.text((label_w + lefts[j] + 2, 2), label, fill="black")
+    for i, (row, label) in enumerate(zip(rows, row_labels)):
         y = top + i * (cell + 2)
         draw.text((2, y + cell // 2 - 6), label, fill="black")
         for j, im in enumerate(row):
-            canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + j * (cell + 2), y))
+            canvas.paste(im, (label_w + lefts[j], y))
     return canvas

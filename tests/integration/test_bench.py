@@ -328,5 +328,45 @@ def test_seam_score_sees_a_step_at_the_region_edges_only():
     stepped = smooth.copy()
     stepped[:, 20:] += 40
     assert seam_score(stepped, [20, 44]) > 5
-    regions = [{"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction"} for lo, hi in ((0, 0.4), (0.27, 0.73), (0.6, 1.0))]
-    assert seam_columns(regions, 64, 4) == [16, 24, 40, 48]
+    regions = [{"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction", "prompt": "x"}
+               for lo, hi in ((0, 0.4), (0.27, 0.73), (0.6, 1.0))]
+    assert seam_columns({"regions": regions}, (64, 64), 4) == [16, 24, 40, 48]
+    tiles = {"prompts": [["a", "b", "c"]], "tile_height": 64, "tile_width": 64, "tile_col_overlap": 16}
+    assert seam_columns({"tiles": tiles}, (64, 160), 4) == [48, 64, 96, 112]
+
+
+def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_object():
+    from multifusion.bench.apps import TILE, TILE_OVERLAP, tile_views, tiles_per_slot
+    from multifusion.noise.specs import ModParams
+
+    app = APPS["regional"]
+    rows = {r.id: r for r in app.rows()[0]}
+    assert list(rows) == ["single-general", "mod", "mod-constant", "mod-thirds"]
+    p = app.prompt(3)
+    recipe = tiles_per_slot("general")(p, {"general": "G"})
+    tiles = ModParams(**recipe["params"]).tiles
+    assert tiles.canvas() == (TILE, 3 * TILE - 2 * TILE_OVERLAP)
+    assert [r.prompt for r in tiles.regions()] == [text for _, text in p.regions]
+    views = tile_views(p)
+    assert [v.box for v in views] == [(0, 0, 64, 64), (48, 0, 112, 64), (96, 0, 160, 64)]
+    for v, obj in zip(views, p.scene.objects):
+        assert v.scene.background == p.scene.background
+        assert [(o.shape, o.colour, o.slot) for o in v.scene.objects] == [(obj.shape, obj.colour, "centre")]
+        assert parse_caption(dict(p.regions)[obj.slot]) == v.target  # the tile's prompt is the view's target
+    assert rows["mod"].views is tile_views and rows["single-general"].views(p)[0].box is None
+
+
+def test_success_over_views_pools_objects_for_instance_apps_and_needs_every_view_for_image_apps():
+    from multifusion.bench.apps import tile_views
+    from multifusion.zoo.judge import reading_from_scene
+
+    p = APPS["regional"].prompt(0)
+    views = tile_views(p)
+    readings = [reading_from_scene(v.scene) for v in views]
+    targets = [v.target for v in views]
+    assert harness.sample_success(APPS["regional"], readings, targets) == (3, 3)
+    readings[1] = reading_from_scene(dataclasses.replace(views[1].scene, objects=()))
+    assert harness.sample_success(APPS["regional"], readings, targets) == (2, 3)
+    assert harness.sample_success(APPS["ensemble"], readings, targets) == (0, 1)
+    readings[1] = reading_from_scene(views[1].scene)
+    assert harness.sample_success(APPS["ensemble"], readings, targets) == (1, 1)

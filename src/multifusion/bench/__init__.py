@@ -7,10 +7,10 @@ seeds and judge (``multifusion bench``); and CLIP score / FID / IS for real mode
     results["rows"][0]["metrics"]["success"], results["rows"][0]["metrics"]["success_ci"]
 """
 
-from multifusion.bench.apps import APPS, App, AppPrompt, Fusion, Row, get_app, own_prompts, regions_per_slot
+from multifusion.bench.apps import APPS, App, AppPrompt, Fusion, Row, View, get_app, own_prompts, regions_per_slot, tiles_per_slot
 from multifusion.bench.harness import bootstrap_interval, run_bench, wilson_interval
 
 __all__ = [
-    "APPS", "App", "AppPrompt", "Fusion", "Row", "get_app", "own_prompts", "regions_per_slot",
+    "APPS", "App", "AppPrompt", "Fusion", "Row", "View", "get_app", "own_prompts", "regions_per_slot", "tiles_per_slot",
     "bootstrap_interval", "run_bench", "wilson_interval",
 ]

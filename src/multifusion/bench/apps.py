@@ -85,13 +85,33 @@ class AppPrompt:
 
 
 @dataclass(frozen=True)
+class View:
+    """What the judge reads of one image: the crop ``box`` (left, top, right, bottom in pixels;
+    None for the whole image) and the ``scene`` that crop should show."""
+
+    box: tuple[int, int, int, int] | None
+    scene: Scene
+
+    @property
+    def target(self) -> SceneSpec:
+        return spec_of(self.scene)
+
+
+def whole_image(prompt: AppPrompt) -> list[View]:
+    """The default reading: the whole image against the prompt's target scene."""
+    return [View(None, prompt.scene)]
+
+
+@dataclass(frozen=True)
 class Row:
-    """One row of an app's table: a method over some of the app's roles."""
+    """One row of an app's table: a method over some of the app's roles, and how its images
+    are read."""
 
     id: str  # unique within the app and file-name safe: "single-general", "snb"
     method: str  # a method id of multifusion.registry
     models: tuple[str, ...]  # roles, in the recipe's model order
     build: RecipeBuilder = field(compare=False)
+    views: Callable[[AppPrompt], list[View]] = field(default=whole_image, compare=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,7 @@ class Fusion:
     build: RecipeBuilder
     models: tuple[str, ...]
     id: str | None = None
+    views: Callable[[AppPrompt], list[View]] = whole_image
 
 
 # ----------------------------------------------------------------------------- recipe builders
@@ -119,15 +140,40 @@ def own_prompts(method: str, roles: Sequence[str], params: Mapping[str, Any] | N
     return build
 
 
+TILE = 64
+"""Side of one Mixture-of-Diffusers tile in pixels: the zoo models' native size. The paper's
+regions are the model's native size on a larger canvas; windows smaller than that are images
+the model never saw (the ``mod-thirds`` row measures what that costs)."""
+TILE_OVERLAP = 16
+"""Columns shared by neighbouring tiles (a quarter tile), where Gaussian weights blend."""
 REGION_OVERLAP = 1 / 8
-"""Width shared by neighbouring slot regions, as a fraction of the canvas (8 px of 64): each
-region reaches half of it beyond its third, so Gaussian weights can blend across the border."""
+"""Width shared by neighbouring third-of-the-canvas regions (``mod-thirds``), as a fraction of
+the canvas (8 px of 64): each region reaches half of it beyond its third."""
+
+
+def tiles_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
+    """Mixture of Diffusers on one model: one native-size tile per slot, left to right on a
+    ``TILE x (3 TILE - 2 TILE_OVERLAP)`` canvas, each prompted with its object centred."""
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        tiles = {"prompts": [[text for _, text in prompt.regions]], "tile_height": TILE, "tile_width": TILE,
+                 "tile_col_overlap": TILE_OVERLAP, "mask_type": mask_type}
+        return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"tiles": tiles}}
+
+    return build
+
+
+def tile_views(prompt: AppPrompt) -> list[View]:
+    """Each tile of :func:`tiles_per_slot` read on its own: its object, centred, in the scene."""
+    step = TILE - TILE_OVERLAP
+    return [View((j * step, 0, j * step + TILE, TILE), Scene(prompt.scene.background, prompt.scene.style, (replace(o, slot="centre"),)))
+            for j, o in enumerate(prompt.scene.objects)]
 
 
 def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
-    """Mixture of Diffusers on one model: one region per slot third (full height; widened by
-    half of REGION_OVERLAP on each inner side; fractions of the canvas, snapped to the VAE grid),
-    each with its slot's prompt and weights of ``mask_type``."""
+    """Mixture of Diffusers on one model, on the native canvas: one region per slot third (full
+    height; widened by half of REGION_OVERLAP on each inner side; fractions of the canvas,
+    snapped to the VAE grid), each with its slot's prompt and weights of ``mask_type``."""
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
         regions = []
@@ -142,16 +188,17 @@ def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
     return build
 
 
-def seam_columns(regions: Sequence[Mapping[str, Any]], width: int, factor: int) -> list[int]:
-    """Pixel columns x (0 < x < width) where a region starts or ends: the places a seam shows."""
-    from multifusion.noise.specs import Box
+def seam_columns(params: Mapping[str, Any], canvas_px: tuple[int, int], factor: int) -> list[int]:
+    """Pixel columns x (0 < x < width) where a region of the MoD ``params`` (regions or tiles)
+    starts or ends: the places a seam shows."""
+    from multifusion.noise.specs import ModParams
 
+    mod = ModParams(**params)
     edges = set()
-    for r in regions:
-        box = Box(**{k: r[k] for k in ("row_init", "row_end", "col_init", "col_end", "units")})
-        _, _, c0, c1 = box.latent_box("region", (width, width), factor)
+    for r in mod.tiles.regions() if mod.tiles else mod.regions:
+        _, _, c0, c1 = r.latent_box("region", canvas_px, factor)
         edges.update({c0 * factor, c1 * factor})
-    return sorted(x for x in edges if 0 < x < width)
+    return sorted(x for x in edges if 0 < x < canvas_px[1])
 
 
 def seam_score(image: np.ndarray, columns: Sequence[int]) -> float:
@@ -284,7 +331,7 @@ class App:
         skipped = []
         for f in self.fusions:
             if f.method in available:
-                rows.append(Row(f.id or f.method, f.method, f.models, f.build))
+                rows.append(Row(f.id or f.method, f.method, f.models, f.build, f.views))
             else:
                 skipped.append(f.id or f.method)
         return rows, skipped
@@ -306,12 +353,14 @@ APPS: dict[str, App] = {
             "the image is read as a cartoon, the scene is right and the object is at its slot with the right shape and colour",
             cross_domain_scene, cross_domain_prompts,
             (Fusion("average", own_prompts("average", _CD), _CD), Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD))),
-        App("regional", "three-object layouts: Mixture of Diffusers (one region per slot) vs one prompt for the whole layout",
+        App("regional", "three-object layouts: Mixture of Diffusers (one native-size tile per slot) vs one prompt for the whole layout",
             ("general",), "instance",
-            "instance success rate: the fraction of objects read at their slot with the right shape and colour",
+            "instance success rate: the fraction of objects read where they were asked for (their slot of the 64x64 image; "
+            "for tiled rows, the centre of their own 64x64 tile) with the right shape and colour",
             regional_scene, regional_prompts,
-            (Fusion("mod", regions_per_slot("general"), ("general",)),
-             Fusion("mod", regions_per_slot("general", "constant"), ("general",), id="mod-constant")), regional_regions),
+            (Fusion("mod", tiles_per_slot("general"), ("general",), views=tile_views),
+             Fusion("mod", tiles_per_slot("general", "constant"), ("general",), id="mod-constant", views=tile_views),
+             Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds")), regional_regions),
         App("aggregation", "layout model (positions, no colour) + palette model (colours, no positions)", _AG, "instance",
             "instance success rate: the fraction of objects read at their slot with the right shape and colour",
             aggregation_scene, aggregation_prompts,

@@ -3,7 +3,7 @@
 Layout of an output folder::
 
     OUT/settings.json                       what the samples were made with (refused if different)
-    OUT/samples/APP/ROW/p0003-s000017.json  one finished sample: judge reading, features, recipe
+    OUT/samples/APP/ROW/p0003-s000017.json  one finished sample: judge readings (one per view), features, recipe
     OUT/samples/APP/ROW/p0003-s000002.png   its image (kept for the first GRID_SEEDS seeds)
     OUT/results.json  results.csv  results.md  grid.png
 
@@ -47,7 +47,7 @@ import numpy as np
 from multifusion.bench.apps import APPS, PROMPT_SEED, App, AppPrompt, Row, resolve_apps
 from multifusion.errors import ModelLoadError, RecipeError, did_you_mean
 
-FORMAT = 1
+FORMAT = 2
 GRID_SEEDS = 4
 """Images of the first GRID_SEEDS seeds of every prompt are kept as PNG (the grid shows prompt 0)."""
 CI_LEVEL = 0.95
@@ -86,20 +86,22 @@ def bootstrap_interval(hits: Sequence[int], trials: Sequence[int], *, level: flo
     return float(lo), float(hi)
 
 
-def sample_success(app: App, reading: Mapping[str, Any], target) -> tuple[int, int]:
-    """(hits, trials) of one image: for ``image`` apps (1 or 0, 1); for ``instance`` apps the
-    objects read right out of the objects stated."""
+def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Sequence[Any]) -> tuple[int, int]:
+    """(hits, trials) of one image read in one or more views (``readings[k]`` against
+    ``targets[k]``): for ``image`` apps (1 or 0, 1), 1 when every view shows everything its
+    target states; for ``instance`` apps the objects read right out of the objects stated."""
     from multifusion.zoo.metrics import instance_success_rate
 
-    spec = target
-    n = len(spec.objects)
-    hits = round(instance_success_rate([reading], [spec]) * n) if n else 0
-    if app.success == "instance":
-        return hits, n
-    ok = hits == n
-    ok &= spec.background is None or reading["background"] == spec.background
-    ok &= spec.style is None or reading["style"] == spec.style
-    return int(ok), 1
+    hits = trials = 0
+    every = True
+    for reading, spec in zip(readings, targets, strict=True):
+        n = len(spec.objects)
+        got = round(instance_success_rate([reading], [spec]) * n) if n else 0
+        hits, trials = hits + got, trials + n
+        every &= got == n
+        every &= spec.background is None or reading["background"] == spec.background
+        every &= spec.style is None or reading["style"] == spec.style
+    return (hits, trials) if app.success == "instance" else (int(every), 1)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -271,26 +273,32 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
     parts = list(iter_run(recipe, models=[handles[r] for r in unit.row.models], batch_size=len(unit.seeds),
                           seeds=list(unit.seeds), progress=False))
     images = [im for p in parts for im in p.images]
-    readings = judge.read(images)
-    features = judge.features(images)
+    views = unit.row.views(unit.prompt)
+    crops = [np.asarray(im.crop(v.box) if v.box else im) for im in images for v in views]
+    readings = judge.read(np.stack(crops))
+    features = judge.features(np.stack(crops))
     seconds = (time.perf_counter() - start) / len(images)
     recipe_json = recipe.to_json()
     seams: list[float | None] = [None] * len(images)
     if unit.app.make_regions is not None:
-        # Every row of a regional app is scored at the same places: the slot regions' edges.
+        # Seams are scored at the row's own region edges; a row without regions (one prompt for
+        # the whole image) is scored at the edges of the third-of-the-canvas layout, as a control.
         from multifusion.bench.apps import regions_per_slot, seam_columns, seam_score
 
-        layout = regions_per_slot(unit.app.roles[0])(unit.prompt, refs)["params"]["regions"]
+        build = unit.row.build if unit.row.method == "mod" else regions_per_slot(unit.app.roles[0])
+        params = build(unit.prompt, refs)["params"]
         factor = handles[unit.row.models[0]].vae_scale_factor
-        columns = seam_columns(layout, images[0].size[0], factor)
+        columns = seam_columns(params, (images[0].size[1], images[0].size[0]), factor)
         seams = [seam_score(np.asarray(im), columns) for im in images]
-    for image, seed, reading, feats, seam in zip(images, unit.seeds, readings, features, seams):
+    k = len(views)
+    for i, (image, seed, seam) in enumerate(zip(images, unit.seeds, seams)):
         meta = image_metadata(recipe_json, seed)
         if seed < GRID_SEEDS:
             save_png(image, sample_path(out, unit.app.id, unit.row.id, unit.prompt.index, seed, ".png"), meta)
         record = {"app": unit.app.id, "row": unit.row.id, "method": unit.row.method, "models": list(unit.row.models),
                   "prompt_index": unit.prompt.index, "seed": seed, "prompts": dict(unit.prompt.prompts),
-                  "target": unit.prompt.caption, "reading": reading, "features": [float(x) for x in feats],
+                  "target": unit.prompt.caption, "readings": readings[i * k:(i + 1) * k],
+                  "features": [[float(x) for x in f] for f in features[i * k:(i + 1) * k]],
                   "seconds": seconds, "recipe": meta["recipe"]}
         if seam is not None:
             record["seam"] = seam
@@ -459,13 +467,13 @@ def run_bench(
 # ----------------------------------------------------------------------------- merging
 
 
-def _reference_features(app: App, prompts: Sequence[AppPrompt], seeds: int, judge: Any) -> np.ndarray:
-    """Judge features of renders of every sample's target scene (render noise seeded by prompt
-    and seed): the reference set of judge-FID."""
+def _reference_features(app: App, row: Row, prompts: Sequence[AppPrompt], seeds: int, judge: Any) -> np.ndarray:
+    """Judge features of renders of every view's target scene of every sample (render noise
+    seeded by prompt, seed and view): the reference set of the row's judge-FID."""
     from multifusion.zoo.render import render
 
-    images = np.stack([render(p.scene, np.random.default_rng([PROMPT_SEED, zlib.crc32(app.id.encode()), p.index, s]))
-                       for p in prompts for s in range(seeds)])
+    images = np.stack([render(v.scene, np.random.default_rng([PROMPT_SEED, zlib.crc32(app.id.encode()), p.index, s, k]))
+                       for p in prompts for s in range(seeds) for k, v in enumerate(row.views(p))])
     return judge.features(images).numpy()
 
 
@@ -485,18 +493,20 @@ def merge_results(out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequ
     for app, app_rows, prompts in plan:
         success[app.id] = {"kind": app.success, "definition": app.success_text}
         prompt_list += [p.to_json() for p in prompts]
-        reference = _reference_features(app, prompts, seeds, judge) if len(prompts) * seeds >= 2 else None
+        references: dict[Any, np.ndarray] = {}  # rows that read their images alike share one reference
         for row in app_rows:
             samples = [_load_sample(sample_path(out, app.id, row.id, p.index, s)) for p in prompts for s in range(seeds)]
-            readings = [s["reading"] for s in samples]
-            targets = [p.target for p in prompts for _ in range(seeds)]
-            hits, trials = zip(*(sample_success(app, r, t) for r, t in zip(readings, targets)))
+            targets = [[v.target for v in row.views(p)] for p in prompts for _ in range(seeds)]
+            hits, trials = zip(*(sample_success(app, s["readings"], t) for s, t in zip(samples, targets)))
             rate = sum(hits) / sum(trials)
             ci = wilson_interval(sum(hits), len(hits)) if app.success == "image" else bootstrap_interval(hits, trials)
             metrics: dict[str, Any] = {"success": rate, "success_ci": [ci[0], ci[1]]}
-            metrics.update(summary(readings, targets))
-            if reference is not None:
-                metrics["judge_fid"] = judge_fid(np.array([s["features"] for s in samples]), reference)
+            metrics.update(summary([r for s in samples for r in s["readings"]], [t for ts in targets for t in ts]))
+            features = np.array([f for s in samples for f in s["features"]])
+            if len(features) >= 2:
+                if row.views not in references:
+                    references[row.views] = _reference_features(app, row, prompts, seeds, judge)
+                metrics["judge_fid"] = judge_fid(features, references[row.views])
             if all("seam" in s for s in samples):
                 metrics["seam"] = float(np.mean([s["seam"] for s in samples]))
             rows.append({"app": app.id, "method": row.method, "models": list(row.models), "row": row.id, "seeds": seeds,

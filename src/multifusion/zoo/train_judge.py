@@ -165,8 +165,8 @@ def train_judge(
     """Train a judge from scratch into ``out_dir``, resuming from ``out_dir/checkpoint.pt``.
 
     Writes ``out_dir/judge.safetensors`` + ``judge.json`` and a loss log ``log.jsonl``; returns
-    the trained judge (eval mode). ``until`` stops this session after that many steps (with a
-    checkpoint), so a long run can be spread over several sessions. Deterministic for a given ``(steps, seed, pool_size,
+    the trained judge (eval mode). ``until`` stops this invocation after that many steps (with a
+    checkpoint), so a long run can be spread over several invocations. Deterministic for a given ``(steps, seed, pool_size,
     batch_size, lr)`` and thread count.
     """
     if not isinstance(steps, int) or steps < 1:
@@ -219,8 +219,8 @@ def train_judge(
                 _save_checkpoint(ckpt_path, {"run": run, "step": step + 1, **state})
     judge.eval()
     if stop == steps:
-        session = {"threads": threads, "seconds_last_session": round(time.time() - t0, 1)}
-        save_judge(judge, out / "judge.safetensors", extra={"training": run | session})
+        timing = {"threads": threads, "seconds_last_run": round(time.time() - t0, 1)}
+        save_judge(judge, out / "judge.safetensors", extra={"training": run | timing})
     return judge
 
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/judge"), help="run folder (checkpoints, data cache, logs)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--until", type=int, default=None, help="stop this session after this many steps (resume later)")
+    parser.add_argument("--until", type=int, default=None, help="stop this invocation after this many steps (resume later)")
     parser.add_argument("--install", action="store_true", help="copy the trained weights into the package")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate existing weights (see --weights)")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="weights that --evaluate measures")

@@ -1,0 +1,631 @@
+"""Train the zoo's diffusion models from scratch, deterministically and resumably.
+
+Stages, all under one run folder ``out_dir`` (keep it outside the repository):
+
+1. ``base/``: the shared tokenizer, the shared text encoder (seeded, frozen at initialisation)
+   and the shared VAE, trained once on a mix of every zoo distribution; its ``scaling_factor``
+   is set to 1 / std of its latents on that data, as Stable Diffusion's 0.18215 was.
+2. ``<model>/data.pt``: the model's training set, rendered once and encoded once (VAE posterior
+   mean and std, token ids), so the training loop renders nothing.
+3. ``<model>/checkpoint.pt``: UNet, EMA of the UNet, optimiser and step, written every
+   ``checkpoint_every`` steps; ``<model>/loss.csv`` logs the loss. A restarted run continues at
+   the last checkpoint and ends with exactly the weights of an uninterrupted one, because the
+   batch, noise and timesteps of step ``s`` depend only on ``(seed, model, s)``.
+4. ``<model>/pipeline/``: a full StableDiffusionPipeline folder (fp32, EMA weights) after the
+   last step. :func:`install` copies finished models into the package as fp16 pipelines.
+
+Training follows Stable Diffusion's recipe at toy size: epsilon prediction, the scaled_linear
+schedule of 1000 steps, uniform timesteps, MSE loss, ~10 % of captions dropped to "" so
+classifier-free guidance works, AdamW with a short warm-up and a constant learning rate (so a
+later run can simply continue with more steps), and an EMA of the weights that is what ships.
+
+Command line (one command retrains everything; run it again to resume)::
+
+    python -m multifusion.zoo.train --out runs/zoo --threads 1 --install
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multifusion.errors import MultifusionError
+from multifusion.zoo import render
+from multifusion.zoo.models import (
+    SIZES,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    fast_cpu_attention,
+)
+
+MODELS: tuple[str, ...] = ("general", "expert", "cartoon", "layout", "palette", "slice0", "slice1")
+"""Every zoo model, in priority order (the order a short run trains them)."""
+
+DEFAULT_STEPS: dict[str, int] = {
+    "general": 6000,
+    "expert": 4000,
+    "cartoon": 2000,
+    "layout": 3000,
+    "palette": 2000,
+    "slice0": 2000,
+    "slice1": 2000,
+}
+"""Training steps per model at batch 32 when ``steps`` is not given."""
+
+INIT_FROM: dict[str, str] = {"cartoon": "general", "layout": "general", "palette": "general", "slice0": "general", "slice1": "general"}
+"""Models that start as fine-tunes of another (its EMA weights at its last checkpoint).
+
+Fine-tunes of one base is how the papers' models relate (AFA fuses fine-tunes of one SD), and
+it is what makes the zoo trainable on 2 CPU cores: a fine-tune learns a style, grey objects or
+a scene slice in a fraction of the steps a model from scratch needs. ``expert`` starts from
+scratch, so it has never seen a scene.
+"""
+
+VAE_MIX: tuple[str, ...] = ("general", "expert", "cartoon", "layout", "palette")
+"""Distributions the shared VAE trains on (equal shares)."""
+
+
+class ZooTrainError(MultifusionError):
+    """A zoo training request that cannot run (unknown model, bad steps, corrupt run folder)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a zoo training run; stored in ``out_dir/config.json``."""
+
+    size: str = "zoo"
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    dataset_size: int = 16000
+    checkpoint_every: int = 250
+    log_every: int = 25
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_dataset_size: int = 1500  # per distribution of VAE_MIX
+    vae_kl_weight: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ZooTrainError(f"size={self.size!r} is not one of {sorted(SIZES)}")
+        for key in ("batch_size", "dataset_size", "checkpoint_every", "log_every", "vae_batch_size", "vae_dataset_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ZooTrainError(f"{key}={value!r} must be a positive int")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ZooTrainError(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def distribution(name: str) -> render.Distribution:
+    """The training distribution of zoo model ``name`` (``sliceI``: slice I of 2 of general)."""
+    if name.startswith("slice") and name[5:].isdigit():
+        slices = render.ensemble_slices(2)
+        i = int(name[5:])
+        if i < len(slices):
+            return slices[i]
+    if name in MODELS:
+        return render.get_distribution(name)
+    import difflib
+
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ZooTrainError(f"unknown zoo model {name!r}{hint}; known: {', '.join(MODELS)}")
+
+
+def _step_generator(seed: int, tag: str, step: int) -> torch.Generator:
+    """The generator of one training step: depends only on (seed, tag, step), so resumes match."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode()), int(step)]).generate_state(1)[0]))
+    return g
+
+
+def _seed_of(seed: int, tag: str) -> int:
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode())]).generate_state(1)[0])
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so two training processes never build the same thing twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _try_locked(path: Path, blocking: bool) -> Iterator[bool]:
+    """Like :func:`_locked`, but yields False at once when another process holds the lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _to_unit(images: np.ndarray) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def _read_log(path: Path, upto: int) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [row for row in csv.DictReader(fh) if int(row["step"]) <= upto]
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _append_log(path: Path, row: dict[str, Any], fields: Sequence[str]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+# ----------------------------------------------------------------------------- shared base
+
+
+@dataclass
+class Base:
+    """The shared, frozen components every zoo model is trained against."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    info: dict[str, Any]
+
+
+def _vae_data(config: TrainConfig, seed: int) -> np.ndarray:
+    parts = [render.make_dataset(name, config.vae_dataset_size, seed).images for name in VAE_MIX]
+    return np.concatenate(parts)
+
+
+def _train_vae(base_dir: Path, config: TrainConfig, seed: int, progress: bool) -> Any:
+    """Train the shared VAE (resumable like the UNets); return it in eval mode."""
+    sizes = SIZES[config.size]
+    vae = build_vae(sizes, _seed_of(seed, "vae"))
+    fast_cpu_attention(vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    ckpt = base_dir / "vae_checkpoint.pt"
+    log = base_dir / "vae_loss.csv"
+    fields = ("step", "loss", "mse", "kl", "seconds")
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+    _write_log(log, _read_log(log, start), fields)
+    if start < config.vae_steps:
+        images = _vae_data(config, seed)  # (N, 64, 64, 3) uint8; re-rendered on resume (deterministic)
+        vae.train()
+        bar = _progress(config.vae_steps, start, "vae", progress)
+        t0, acc = time.time(), []
+        for step in range(start, config.vae_steps):
+            g = _step_generator(seed, "vae", step)
+            idx = torch.randint(0, len(images), (config.vae_batch_size,), generator=g)
+            x = _to_unit(images[idx.numpy()])
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            recon = vae.decode(z).sample
+            mse = F.mse_loss(recon, x)
+            kl = posterior.kl().mean()
+            loss = mse + config.vae_kl_weight * kl
+            for group in opt.param_groups:
+                group["lr"] = config.vae_lr * _lr_factor(step, 100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            acc.append((loss.item(), mse.item(), kl.item()))
+            bar.update(1)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.vae_steps:
+                m = np.mean(acc, axis=0)
+                bar.set_postfix(mse=f"{m[1]:.4f}")
+                _append_log(log, {"step": done, "loss": m[0], "mse": m[1], "kl": m[2], "seconds": round(elapsed + time.time() - t0, 1)}, fields)
+                acc = []
+            if done % config.checkpoint_every == 0 or done == config.vae_steps:
+                _save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed + time.time() - t0}, ckpt)
+        bar.close()
+    return vae.eval()
+
+
+@torch.no_grad()
+def _encode(vae: Any, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of ``images`` (N, 64, 64, 3) uint8: two (N, 4, 16, 16) fp32 tensors."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(_to_unit(images[i : i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def prepare_base(out_dir: str | Path, config: TrainConfig, seed: int = 0, progress: bool = True) -> Base:
+    """Build (once) and load the shared tokenizer, text encoder and VAE under ``out_dir/base``."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base_dir = Path(out_dir) / "base"
+    with _locked(Path(out_dir) / "base.lock"):
+        info_path = base_dir / "base.json"
+        if not info_path.exists():
+            base_dir.mkdir(parents=True, exist_ok=True)
+            sizes = SIZES[config.size]
+            tokenizer = build_tokenizer(base_dir / "tokenizer")
+            text_encoder = build_text_encoder(tokenizer, sizes, _seed_of(seed, "text_encoder"))
+            text_encoder.save_pretrained(base_dir / "text_encoder", safe_serialization=True)
+            t0 = time.time()
+            vae = _train_vae(base_dir, config, seed, progress)
+            # scaling_factor: 1 / std of the latents on the training mix (SD's 0.18215 came the same way).
+            held = _vae_data(replace(config, vae_dataset_size=min(200, config.vae_dataset_size)), seed + 1)
+            mean, std = _encode(vae, held)
+            scaling = float(1.0 / mean.std())
+            vae.register_to_config(scaling_factor=scaling)
+            with torch.no_grad():
+                recon = vae.decode(mean).sample.clamp(-1, 1)
+            mse = F.mse_loss(recon, _to_unit(held)).item() / 4.0  # in [0, 1] units
+            psnr = float(-10 * math.log10(mse))
+            vae.save_pretrained(base_dir / "vae", safe_serialization=True)
+            info = {"scaling_factor": scaling, "vae_psnr_db": round(psnr, 2), "vae_steps": config.vae_steps,
+                    "vae_minutes_this_run": round((time.time() - t0) / 60, 1), "max_tokens": tokenizer.model_max_length}
+            info_path.write_text(json.dumps(info, indent=2))
+    tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(base_dir / "vae").eval().requires_grad_(False)
+    return Base(tokenizer, text_encoder, vae, json.loads(info_path.read_text()))
+
+
+def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids (N, max_tokens), padded as StableDiffusionPipeline pads; errors on truncation."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=False, return_tensors="pt").input_ids
+    if ids.shape[1] != tokenizer.model_max_length:
+        raise ZooTrainError(f"a caption needs {ids.shape[1]} tokens, more than model_max_length={tokenizer.model_max_length}")
+    return ids
+
+
+# ----------------------------------------------------------------------------- per-model data and training
+
+
+def prepare_data(out_dir: str | Path, name: str, base: Base, config: TrainConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Render and encode ``name``'s training set once (cached in ``out_dir/name/data.pt``)."""
+    path = Path(out_dir) / name / "data.pt"
+    if not path.exists():
+        images, captions = render_data(out_dir, name, config, seed)
+        mean, std = _encode(base.vae, images)
+        payload = {"mean": mean.half(), "std": std.half(), "ids": tokenize(base.tokenizer, captions), "captions": captions}
+        _save_atomic(payload, path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def render_data(out_dir: str | Path, name: str, config: TrainConfig, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``name``'s training renders (N, 64, 64, 3) uint8 and captions, cached in ``out_dir/name``.
+
+    Needs no VAE, so it can run on a spare core while the VAE trains.
+    """
+    run = Path(out_dir) / name
+    images_path, captions_path = run / "images.npy", run / "captions.json"
+    if not captions_path.exists():
+        run.mkdir(parents=True, exist_ok=True)
+        data = render.make_dataset(distribution(name), config.dataset_size, seed)
+        np.save(run / "images.tmp.npy", data.images)
+        os.replace(run / "images.tmp.npy", images_path)
+        captions_path.write_text(json.dumps(data.captions))
+    return np.load(images_path), json.loads(captions_path.read_text())
+
+
+def _unet_for(base: Base, config: TrainConfig, name: str, seed: int):
+    return build_unet(SIZES[config.size], _seed_of(seed, f"unet/{name}"), base.text_encoder.config.hidden_size)
+
+
+def train_model(
+    out_dir: str | Path,
+    name: str,
+    base: Base,
+    config: TrainConfig,
+    steps: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or continue training) the UNet of zoo model ``name`` up to ``steps`` steps.
+
+    Returns a summary (steps, minutes, final loss). Checkpoints every ``config.checkpoint_every``
+    steps; the last one holds the final weights.
+    """
+    run = Path(out_dir) / name
+    data = prepare_data(out_dir, name, base, config, seed)
+    unet = _unet_for(base, config, name, seed)
+    fast_cpu_attention(unet)
+    ema = _unet_for(base, config, name, seed).requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    ckpt, log = run / "checkpoint.pt", run / "loss.csv"
+    fields = ("step", "loss", "lr", "seconds")
+    start, elapsed = 0, 0.0
+    init_from: dict[str, Any] | None = None
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        init_from = state.get("init_from")
+    elif name in INIT_FROM and steps > 0:
+        parent = INIT_FROM[name]
+        with _locked(Path(out_dir) / f"{parent}.lock"):  # waits while another process trains it
+            parent_ckpt = Path(out_dir) / parent / "checkpoint.pt"
+            if not parent_ckpt.exists():
+                raise ZooTrainError(f"{name!r} is a fine-tune of {parent!r}: train {parent!r} first (--models {parent},{name})")
+            parent_state = torch.load(parent_ckpt, map_location="cpu", weights_only=False)
+        unet.load_state_dict(parent_state["ema"])
+        ema.load_state_dict(parent_state["ema"])
+        init_from = {"model": parent, "step": parent_state["step"]}
+    _write_log(log, _read_log(log, start), fields)
+
+    scheduler = build_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.float()  # (1000,)
+    scaling = base.vae.config.scaling_factor
+    with torch.no_grad():
+        empty_ids = tokenize(base.tokenizer, [""])
+    n_data = data["mean"].shape[0]
+    ema_params = list(ema.parameters())
+    unet_params = list(unet.parameters())
+
+    unet.train()
+    bar = _progress(steps, start, name, progress)
+    t0, acc = time.time(), []
+    for step in range(start, steps):
+        g = _step_generator(seed, f"unet/{name}", step)
+        idx = torch.randint(0, n_data, (config.batch_size,), generator=g)
+        mean, std = data["mean"][idx].float(), data["std"][idx].float()
+        x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling  # (B, 4, 16, 16) scaled latents
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+        drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids, data["ids"][idx])
+        with torch.no_grad():
+            context = base.text_encoder(ids)[0]  # (B, tokens, hidden)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = unet(x_t, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(eps, noise)
+        lr = config.lr * _lr_factor(step, config.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet_params, 1.0)
+        opt.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in unet_params], 1 - decay)
+        acc.append(loss.item())
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every == 0 or done == steps:
+            bar.set_postfix(loss=f"{np.mean(acc):.4f}")
+            _append_log(log, {"step": done, "loss": round(float(np.mean(acc)), 5), "lr": lr, "seconds": round(elapsed + time.time() - t0, 1)}, fields)
+            acc = []
+        if done % config.checkpoint_every == 0 or done == steps:
+            _save_atomic({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed + time.time() - t0, "init_from": init_from}, ckpt)
+    bar.close()
+    summary = _summary(out_dir, name)
+    if start < steps or not (run / "pipeline" / "model_index.json").exists():
+        export(out_dir, name, base=base, config=config, seed=seed)
+    return summary
+
+
+def _summary(out_dir: str | Path, name: str) -> dict[str, Any]:
+    """Steps, minutes and final loss (mean of the last 200 steps' log rows) of ``name``'s checkpoint."""
+    run = Path(out_dir) / name
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    rows = _read_log(run / "loss.csv", state["step"])
+    tail = rows[-8:]
+    final = float(np.mean([float(r["loss"]) for r in tail])) if tail else float("nan")
+    return {"model": name, "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1), "final_loss": round(final, 4), "init_from": state.get("init_from")}
+
+
+def build_pipeline(base: Base, unet: Any):
+    """A StableDiffusionPipeline of the shared components and ``unet``."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def export(out_dir: str | Path, name: str, *, base: Base | None = None, config: TrainConfig | None = None, seed: int | None = None) -> Path:
+    """Write ``out_dir/name/pipeline`` from the last checkpoint: EMA UNet + shared parts, fp32.
+
+    Works on an unfinished run too (what a time-limited run ships).
+    """
+    out_dir = Path(out_dir)
+    saved = json.loads((out_dir / "config.json").read_text())
+    seed = saved["seed"] if seed is None else seed
+    config = config or TrainConfig(**{f.name: saved[f.name] for f in dataclass_fields(TrainConfig) if f.name in saved})
+    base = base or prepare_base(out_dir, config, seed, progress=False)
+    state = torch.load(out_dir / name / "checkpoint.pt", map_location="cpu", weights_only=False)
+    unet = _unet_for(base, config, name, seed)
+    unet.load_state_dict(state["ema"])
+    folder = out_dir / name / "pipeline"
+    build_pipeline(base, unet.eval()).save_pretrained(folder, safe_serialization=True)
+    info = {**_summary(out_dir, name), "data": distribution(name).name, "seed": seed, "config": asdict(config), "base": base.info}
+    (folder / "training.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def install(out_dir: str | Path, models: Sequence[str] | None = None, dest: str | Path | None = None) -> list[str]:
+    """Copy the models of ``out_dir`` into the package weights folder as fp16 pipelines.
+
+    Each model is exported from its last checkpoint first when its pipeline folder is older, so
+    an interrupted run installs what it has. Returns the names installed. ``dest`` defaults to
+    ``multifusion/zoo/weights``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from multifusion.loading import zoo_root
+
+    dest = Path(dest) if dest is not None else zoo_root()
+    names = []
+    for name in models or MODELS:
+        run = Path(out_dir) / name
+        if not (run / "checkpoint.pt").exists():
+            continue
+        info = run / "pipeline" / "training.json"
+        if not info.exists() or json.loads(info.read_text())["steps"] != _summary(out_dir, name)["steps"]:
+            export(out_dir, name)
+        src = run / "pipeline"
+        pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.to(torch.float16)
+        target = dest / name
+        if target.exists():
+            shutil.rmtree(target)
+        pipe.save_pretrained(target, safe_serialization=True)
+        shutil.copy(src / "training.json", target / "training.json")
+        _drop_local_paths(target)
+        names.append(name)
+    return names
+
+
+def _drop_local_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` (the run folder on the training machine) from shipped configs."""
+    for cfg in folder.rglob("*.json"):
+        data = json.loads(cfg.read_text())
+        if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _resolve_steps(models: Sequence[str], steps: int | Mapping[str, int] | None) -> dict[str, int]:
+    out = {}
+    for m in models:
+        n = DEFAULT_STEPS[m] if steps is None else (steps[m] if isinstance(steps, Mapping) else steps)
+        if not isinstance(n, int) or n < 0:
+            raise ZooTrainError(f"steps={n!r} for {m!r} must be a non-negative int")
+        out[m] = n
+    return out
+
+
+def train_zoo(
+    out_dir: str | Path,
+    models: Sequence[str] | None = None,
+    steps: int | Mapping[str, int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int = 1,
+    config: TrainConfig | None = None,
+) -> list[dict[str, Any]]:
+    """Train the zoo models ``models`` (default: all, in priority order) in ``out_dir``.
+
+    ``steps`` (an int for every model, or per model) defaults to :data:`DEFAULT_STEPS`; running
+    again with more steps continues from the last checkpoint. Deterministic for a given ``seed``
+    and ``threads`` (other thread counts reorder float sums). Returns one summary per model.
+    """
+    models = list(MODELS if models is None else models)
+    for m in models:
+        distribution(m)  # validates the name
+    per_model = _resolve_steps(models, steps)
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({**asdict(config), "seed": seed}, indent=2))
+    torch.set_num_threads(threads)
+    base = prepare_base(out_dir, config, seed, progress)
+    # Several processes may run this on one run folder (e.g. two with threads=1 on 2 cores):
+    # each takes the first model no other process is training, then waits for the rest.
+    summaries: dict[str, dict[str, Any]] = {}
+    for blocking in (False, True):
+        for m in models:
+            if m in summaries:
+                continue
+            with _try_locked(out_dir / f"{m}.lock", blocking) as got:
+                if got:
+                    summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress)
+    return [summaries[m] for m in models]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m multifusion.zoo.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs); keep it outside the repo")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--steps", type=int, default=None, help="training steps for every chosen model (default: per-model defaults)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is how the shipped weights were made)")
+    p.add_argument("--install", action="store_true", help="copy finished models into the package weights folder (fp16)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    models = args.models.split(",") if args.models else None
+    for s in train_zoo(args.out, models, args.steps, args.seed, not args.no_progress, args.threads):
+        print(json.dumps(s))
+    if args.install:
+        print("installed:", ", ".join(install(args.out, models)))
+
+
+if __name__ == "__main__":
+    main()
