@@ -79,41 +79,18 @@ def build_tiny_pipeline(
     encoder's and the VAE's, so several pipelines can share (or not) those components the way
     fine-tunes of one base model do. `vae_factor` is 2**(number of VAE blocks - 1).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from multifusion.zoo.models import clip_text_encoder, kl_vae
 
     folder = Path(folder)
     tok_dir = write_clip_tokenizer(folder / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
 
-    torch.manual_seed(seed if text_seed is None else text_seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
-
+    text_encoder = clip_text_encoder(tokenizer, cross_attention_dim, 64, 2, seed if text_seed is None else text_seed)
     n_vae_blocks = {1: 1, 2: 2, 4: 3, 8: 4}[vae_factor]
-    torch.manual_seed(seed if vae_seed is None else vae_seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_vae_blocks,
-        block_out_channels=(8, 16, 16, 16)[:n_vae_blocks],
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=sample_size * vae_factor,
-    ).eval()
+    vae = kl_vae((8, 16, 16, 16)[:n_vae_blocks], latent_channels, 4, sample_size * vae_factor, seed if vae_seed is None else vae_seed).eval()
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -82,17 +82,17 @@ def build_tokenizer(folder: str | Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_text_encoder(tokenizer, sizes: ZooSizes, seed: int):
-    """The shared CLIPTextModel at its seeded random initialisation (never trained)."""
+def clip_text_encoder(tokenizer, hidden: int, intermediate: int, layers: int, seed: int):
+    """A CLIPTextModel for ``tokenizer`` at its seeded random initialisation (eval mode)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=sizes.text_hidden,
-            intermediate_size=2 * sizes.text_hidden,
-            num_hidden_layers=sizes.text_layers,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             max_position_embeddings=tokenizer.model_max_length,
             bos_token_id=tokenizer.bos_token_id,
@@ -102,23 +102,33 @@ def build_text_encoder(tokenizer, sizes: ZooSizes, seed: int):
     ).eval()
 
 
-def build_vae(sizes: ZooSizes, seed: int):
-    """AutoencoderKL of factor 4: (N, 3, 64, 64) in [-1, 1] <-> (N, 4, 16, 16) latents."""
+def kl_vae(channels: tuple[int, ...], latent_channels: int, groups: int, sample_size: int, seed: int):
+    """An AutoencoderKL of factor 2**(len(channels) - 1), seeded, one layer per block."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    n = len(sizes.vae_channels)
+    n = len(channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=sizes.vae_channels,
-        latent_channels=4,
-        norm_num_groups=min(8, sizes.vae_channels[0]),
+        block_out_channels=channels,
+        latent_channels=latent_channels,
+        norm_num_groups=groups,
         layers_per_block=1,
-        sample_size=render.SIZE,
+        sample_size=sample_size,
     )
+
+
+def build_text_encoder(tokenizer, sizes: ZooSizes, seed: int):
+    """The shared text encoder, never trained."""
+    return clip_text_encoder(tokenizer, sizes.text_hidden, 2 * sizes.text_hidden, sizes.text_layers, seed)
+
+
+def build_vae(sizes: ZooSizes, seed: int):
+    """AutoencoderKL of factor 4: (N, 3, 64, 64) in [-1, 1] <-> (N, 4, 16, 16) latents."""
+    return kl_vae(tuple(sizes.vae_channels), 4, min(8, sizes.vae_channels[0]), render.SIZE, seed)
 
 
 def build_unet(sizes: ZooSizes, seed: int, cross_attention_dim: int):
