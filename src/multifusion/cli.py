@@ -113,10 +113,21 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
-    from multifusion.zoo.train import train_zoo
+    from multifusion.zoo.train import install, train_zoo
+    from multifusion.zoo.train_judge import install_judge, record_accuracy, train_judge
 
     models = args.models.split(",") if args.models else None
     train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads)
+    if models is None:  # everything: the judge too (it reads renders, not the models)
+        judge_dir = Path(args.out) / "judge"
+        train_judge(judge_dir, seed=args.seed, progress=not args.no_progress)
+        record_accuracy(judge_dir / "judge.safetensors")
+    if args.install:
+        names = install(args.out, models)
+        if models is None:
+            install_judge(Path(args.out) / "judge" / "judge.safetensors")
+            names.append("judge")
+        print("installed: " + ", ".join(names))
     return 0
 
 
@@ -196,12 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     zl = zsub.add_parser("list", help="list the installed zoo models", description="List the installed zoo models and their sizes.")
     zl.set_defaults(func=cmd_zoo_list)
     zt = zsub.add_parser("train", help="retrain the zoo from scratch (deterministic, resumable)",
-                         description="Retrain the zoo's VAE and UNets from scratch into --out; an interrupted run resumes from its checkpoints.")
+                         description="Retrain the zoo from scratch into --out: the shared VAE, every UNet and (without --models) "
+                                     "the judge; deterministic for a seed and thread count; an interrupted run resumes from its "
+                                     "checkpoints. Takes hours on 2 CPU cores (docs/zoo-training.md).")
     zt.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs)")
     zt.add_argument("--models", help="comma-separated model names (default: all)")
     zt.add_argument("--steps", type=int, help="training steps per model (default: each model's own)")
     zt.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     zt.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    zt.add_argument("--install", action="store_true", help="copy the trained models (fp16) and judge into the package weights folder")
     zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)
 

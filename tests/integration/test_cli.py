@@ -97,3 +97,23 @@ def test_help_documents_every_command_and_option(capsys):
                     check(child, f"{path} {name}")
 
     check(parser, "multifusion")
+
+
+def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatch, capsys):
+    # Training takes hours; this checks the wiring: what is trained, in which folder, what is installed.
+    import multifusion.zoo.train as train
+    import multifusion.zoo.train_judge as train_judge
+
+    calls = []
+    monkeypatch.setattr(train, "train_zoo", lambda out, **kw: calls.append(("models", str(out), kw["models"], kw["steps"])) or [])
+    monkeypatch.setattr(train, "install", lambda out, models: calls.append(("install", models)) or ["general"])
+    monkeypatch.setattr(train_judge, "train_judge", lambda out, **kw: calls.append(("judge", out.name, kw["seed"])))
+    monkeypatch.setattr(train_judge, "record_accuracy", lambda weights: calls.append(("accuracy", weights.name)))
+    monkeypatch.setattr(train_judge, "install_judge", lambda weights: calls.append(("install judge", weights.parent.name)))
+    assert main(["zoo", "train", "--out", str(tmp_path), "--seed", "3", "--install", "--no-progress"]) == 0
+    assert calls == [("models", str(tmp_path), None, None), ("judge", "judge", 3), ("accuracy", "judge.safetensors"),
+                     ("install", None), ("install judge", "judge")]
+    assert "installed: general, judge" in capsys.readouterr().out
+    calls.clear()
+    assert main(["zoo", "train", "--out", str(tmp_path), "--models", "expert", "--steps", "10"]) == 0
+    assert calls == [("models", str(tmp_path), ["expert"], 10)]  # one model: no judge, nothing installed

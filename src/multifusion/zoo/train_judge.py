@@ -323,19 +323,29 @@ def main(argv: list[str] | None = None) -> None:
         if args.until is not None and args.until < args.steps:
             print(f"stopped at step {args.until} of {args.steps}; run again without --until to finish")
             return
-    # Measure the fp16 weights as saved, not the fp32 ones in memory: those are what ships.
-    results = evaluate_judge(load_judge(weights), n=args.eval_n)
-    print(format_table(results))
+    print(format_table(record_accuracy(weights, args.eval_n)))
+    if args.install and not args.evaluate:
+        print(f"installed {install_judge(weights)}")
+
+
+def record_accuracy(weights: Path, eval_n: int = 2000) -> dict[str, dict[str, float]]:
+    """Measure the judge saved at ``weights`` on held-out renders (clean, noisy, blurred) and
+    record the numbers in its ``.json``. The fp16 weights as saved are measured, not the fp32
+    ones of training: those are what ships."""
+    results = evaluate_judge(load_judge(weights), n=eval_n)
     config_path = weights.with_suffix(".json")
     config = json.loads(config_path.read_text())
-    config["accuracy"] = {"n": args.eval_n, "seed": EVAL_SEED, "corruptions": CORRUPTIONS, "results": results}
+    config["accuracy"] = {"n": eval_n, "seed": EVAL_SEED, "corruptions": CORRUPTIONS, "results": results}
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    if args.install and not args.evaluate:
-        DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, DEFAULT_WEIGHTS)
-        shutil.copyfile(config_path, DEFAULT_WEIGHTS.with_suffix(".json"))
-        print(f"installed {DEFAULT_WEIGHTS}")
+    return results
 
+
+def install_judge(weights: Path) -> Path:
+    """Copy a trained judge (weights and its ``.json``) into the package; returns the target."""
+    DEFAULT_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, DEFAULT_WEIGHTS)
+    shutil.copyfile(weights.with_suffix(".json"), DEFAULT_WEIGHTS.with_suffix(".json"))
+    return DEFAULT_WEIGHTS
 
 if __name__ == "__main__":
     main()
