@@ -24,3 +24,17 @@ def test_png_without_metadata(tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "plain.png")
     with pytest.raises(RecipeError, match="no multifusion metadata"):
         read_png_metadata(tmp_path / "plain.png")
+
+
+def test_grid_keeps_each_image_aspect_and_sizes_columns_to_the_widest():
+    from PIL import Image
+
+    from multifusion.io import grid
+
+    square, wide = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (160, 64), "blue")
+    g = grid([[square, square], [wide, square]], ["a", "b"], cell=32)
+    label_w = 40
+    assert g.size == (label_w + 80 + 32 + 2 * 2, 2 * (32 + 2))  # no column labels: no top band
+    assert g.getpixel((label_w + 79, 34 + 16)) == (0, 0, 255)  # the wide image spans its 80 px
+    assert g.getpixel((label_w + 33, 16)) == (255, 255, 255)  # the square leaves the rest of the column blank
+    assert g.getpixel((label_w + 82, 16)) == (255, 0, 0)  # the second column starts after the widest
