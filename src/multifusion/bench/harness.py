@@ -554,13 +554,13 @@ def render_markdown(results: dict, grid: str | None = "grid.png") -> str:
         lines += [f"### {app}", "", f"Success ({results['success'][app]['kind']}): {results['success'][app]['definition']}.", ""]
         if results.get("skipped", {}).get(app):
             lines += [f"Not in this build yet (skipped): {', '.join(results['skipped'][app])}.", ""]
-        lines += ["| method | models | success (95% CI) | " + " | ".join(n for _, n in cols) + " | s/image |",
+        lines += ["| row | models | success (95% CI) | " + " | ".join(n for _, n in cols) + " | s/image |",
                   "|---|---|---|" + "---|" * len(cols) + "---|"]
         for r in rows:
             m = r["metrics"]
             cells = [_fmt(m.get(k)) for k, _ in cols]
             lo, hi = m["success_ci"]
-            lines.append(f"| {r['method']} | {', '.join(r['models'])} | {m['success']:.3f} [{lo:.3f}, {hi:.3f}] | "
+            lines.append(f"| {r['row']} | {', '.join(r['models'])} | {m['success']:.3f} [{lo:.3f}, {hi:.3f}] | "
                          + " | ".join(cells) + f" | {results['seconds_per_image'][r['app'] + '/' + r['row']]:.3f} |")
         lines.append("")
     lines += ["### Prompts", "", "| app | # | target | prompts per model |", "|---|---|---|---|"]
