@@ -178,7 +178,7 @@ def snb(
     blur: str = "box",
     blur_size: int = 4,
     blur_sigma: float = 1.0,
-    window: tuple[float, float] = (0.0, 1.0),
+    window: tuple[float, float] | None = None,
     fusion_timestep: int | None = None,
     fusion: str = "late",
     temperature: float | None = None,
@@ -186,9 +186,14 @@ def snb(
     guidance_scale: float | Sequence[float] = 7.5,
     **kwargs: Any,
 ) -> Result:
-    """MagicFusion saliency-aware noise blending of two or more models (the first is the base)."""
+    """MagicFusion saliency-aware noise blending of two or more models (the first is the base).
+
+    The fusion window is either `window` = (start, end) on the trajectory (0 = noise, 1 = clean)
+    or `fusion_timestep` t_s with `fusion` "late" (t <= t_s, the paper) or "early" (t > t_s)."""
     params = dict(k=list(k) if isinstance(k, (list, tuple)) else k, blur=blur, blur_size=blur_size, blur_sigma=blur_sigma,
-                  window=list(window), fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
+                  fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
+    if window is not None:  # default: the whole trajectory, or the window of fusion_timestep
+        params["window"] = list(window)
     return _call("snb", list(models), prompts, params, negative_prompt, guidance_scale, kwargs)
 
 

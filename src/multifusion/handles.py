@@ -181,6 +181,13 @@ class ModelHandle:
         return out
 
 
+def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance in eps space, u + s (c - u), all (B, C, H, W). At s = 1 it is
+    c itself (u + 1 * (c - u) would differ in the last bit). Deviation: diffusers turns guidance
+    off for s <= 1; here s in [0, 1) interpolates towards u (s = 0 is the unconditional model)."""
+    return cond if guidance_scale == 1.0 else uncond + guidance_scale * (cond - uncond)
+
+
 @dataclass(eq=False)
 class GuidedPrediction:
     """The parts of one classifier-free-guided prediction, all (B, C, H, W) in eps space."""
@@ -222,7 +229,7 @@ class Guided:
             return GuidedPrediction(c, None, c, self.guidance_scale)
         both = self.handle.eps(torch.cat([x_t, x_t]), t, torch.cat([self.uncond_embeds, self.cond_embeds]))
         u, c = both.chunk(2)
-        return GuidedPrediction(u + self.guidance_scale * (c - u), u, c, self.guidance_scale)
+        return GuidedPrediction(cfg(u, c, self.guidance_scale), u, c, self.guidance_scale)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         return self.predict(x_t, t).eps

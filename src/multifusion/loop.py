@@ -87,6 +87,14 @@ def timestep_fraction(t: torch.Tensor | float, num_train_timesteps: int) -> floa
     return 1.0 - float(t) / float(num_train_timesteps - 1)
 
 
+def in_window(fraction: float, window: tuple[float, float]) -> bool:
+    """Whether a trajectory fraction lies in `window` = [start, end), closed at end = 1 so a
+    window reaching 1 includes the last step. Half-open, so that a window and its complement
+    ([0, a) and [a, 1]) never both hold at the same step."""
+    start, end = window
+    return start <= fraction and (fraction < end or end >= 1.0)
+
+
 def sample(
     denoise: NoiseFn | Sequence[NoiseFn],
     scheduler,

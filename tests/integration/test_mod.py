@@ -129,3 +129,27 @@ def test_python_api_mirrors_the_recipe(tiny_a):
     tiles = {"prompts": [["a red circle", "a blue square"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 8}
     out = mixture([h], tiles=tiles, num_inference_steps=3, seed=1, progress=False)
     assert out.images[0].size == (56, 32)  # PIL size is (width, height)
+
+
+def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
+    """Combinators nest: an SNB of a model with itself as the only, full-canvas region is that
+    model; an SNB of two models in one half of a canvas records its masks for that half only."""
+    from multifusion.noise.snb import SNB
+
+    ha, hb = load_models([tiny_a, tiny_b])
+    g = ha.guide(PROMPT, batch_size=1)
+    noise = initial_noise((4, 8, 8), [torch.Generator().manual_seed(0)])
+    nested = Canvas([Region((0, 8, 0, 8), SNB([g, g], [1.0, 1.0]), region_weights(8, 8))], (8, 8))
+    ref = sample(g, make_scheduler("ddim", ha.scheduler_config), noise, num_inference_steps=3, progress=False)
+    out = sample(nested, make_scheduler("ddim", ha.scheduler_config), noise, num_inference_steps=3, progress=False)
+    assert torch.equal(out, ref)
+
+    fused = SNB([ha.guide(PROMPT, batch_size=1), hb.guide("a blue square", batch_size=1)], [1.0, 1.0])
+    canvas = Canvas([Region((0, 8, 0, 8), fused, region_weights(8, 8)),
+                     Region((0, 8, 4, 16), hb.guide("a forest", batch_size=1), region_weights(8, 12))], (8, 16))
+    masks = []
+    wide = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
+    out = sample(canvas, make_scheduler("ddim", ha.scheduler_config), wide, num_inference_steps=3, progress=False,
+                 callback=lambda info: masks.append(info.record["snb/mask"]))
+    assert out.shape == (1, 4, 8, 16) and torch.isfinite(out).all()
+    assert len(masks) == 3 and all(m.shape == (2, 1, 1, 8, 8) for m in masks)

@@ -110,3 +110,58 @@ def test_cli_exports_mask_strip_and_gif(tmp_path, tiny_a, tiny_b):
     # DDIM t = 831, 665, 499, 333, 167, 1: the last three lie in the window: three frames, each a mask and two maps.
     assert gif.n_frames == 3
     assert strip.size[0] == 3 * 8 * 8 and strip.size[1] == 14 + 3 * 8 * 8
+
+
+def test_late_and_early_windows_split_the_steps_at_t_s(tiny_a, tiny_b):
+    # 10 DDIM steps: t = 901, 801, ..., 1; t_s = 301 is one of them: late takes t <= 301, early t > 301.
+    ha, hb = load_models([tiny_a, tiny_b])
+    calls_b = _count_calls(hb)
+    snb([ha, hb], [PROMPT, "a blue square"], fusion_timestep=301, num_inference_steps=10, progress=False)
+    late = list(calls_b)
+    calls_b.clear()
+    snb([ha, hb], [PROMPT, "a blue square"], fusion_timestep=301, fusion="early", num_inference_steps=10, progress=False)
+    assert late == [301.0, 201.0, 101.0, 1.0] and calls_b == [901.0, 801.0, 701.0, 601.0, 501.0, 401.0]
+
+
+def test_snb_at_guidance_one_equals_single(tiny_a):
+    [h] = load_models([tiny_a])
+    ref = single(h, PROMPT, guidance_scale=1.0, **KW).latents
+    # single runs only the conditional batch at scale 1, SNB also the unconditional one for its
+    # salience: a UNet batch of 2B rounds differently from one of B, so equal to float tolerance.
+    fused = snb([h, h], PROMPT, guidance_scale=1.0, **KW).latents
+    assert torch.allclose(fused, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"fusion_timestep": 5000}, "params.fusion_timestep: 5000 is beyond"),
+        ({"fusion_timestep": 300, "window": [0.2, 1.0]}, "not both"),
+    ],
+)
+def test_bad_fusion_timestep(tiny_a, tiny_b, params, message):
+    from multifusion.api import run
+
+    recipe = {"method": "snb", "params": params, "sampling": {"num_inference_steps": 2},
+              "models": [{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y"}]}
+    with pytest.raises(RecipeError, match=message):
+        run(recipe, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": [1.0, 0.0]}, "every k must be > 0"),
+        ({"window": (0.5, 1.5)}, "window must be"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"blur": "median"}, "blur must be"),
+        ({"blur_size": 0}, "blur_size must be >= 1"),
+    ],
+)
+def test_snb_built_directly_checks_its_arguments(tiny_a, kwargs, message):
+    from multifusion.noise.snb import SNB
+
+    [h] = load_models([tiny_a])
+    g = h.guide(PROMPT)
+    with pytest.raises(ValueError, match=message):
+        SNB([g, g], **{"k": [1.0, 1.0], **kwargs})

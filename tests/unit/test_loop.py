@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from multifusion.loop import initial_noise, sample, timestep_fraction
@@ -51,3 +53,11 @@ def test_meet_and_callback_see_every_step():
 def test_mismatched_trajectories():
     with pytest.raises(ValueError, match="2 denoisers but 1"):
         sample([_toy_eps, _toy_eps], DDIMScheduler.from_config(_config()), [torch.zeros(1, 4, 2, 2)], num_inference_steps=2)
+
+
+@given(st.floats(0.0, 1.0, exclude_max=True), st.floats(0.0, 1.0))
+def test_a_window_and_its_complement_never_both_hold(edge, fraction):
+    from multifusion.loop import in_window
+
+    assert in_window(fraction, (0.0, edge)) != in_window(fraction, (edge, 1.0))
+    assert in_window(1.0, (edge, 1.0)) and in_window(0.0, (0.0, 1.0))

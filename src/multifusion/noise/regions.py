@@ -33,7 +33,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from multifusion.handles import Guided, GuidedPrediction, NoiseFn
+from multifusion.handles import Guided, GuidedPrediction, NoiseFn, cfg
 
 MaskType = Literal["gaussian", "quartic", "constant"]
 
@@ -129,7 +129,7 @@ def predict_batched(pairs: Sequence[tuple[Guided, torch.Tensor]], t: torch.Tenso
     for g, x in pairs:
         n = x.shape[0]
         u, c = u_all[start : start + n], c_all[start : start + n]
-        out.append(GuidedPrediction(u + g.guidance_scale * (c - u), u, c, g.guidance_scale))
+        out.append(GuidedPrediction(cfg(u, c, g.guidance_scale), u, c, g.guidance_scale))
         start += n
     return out
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from multifusion.handles import Guided
+from multifusion.loop import in_window, timestep_fraction
 
 Blur = Literal["box", "gaussian", "none"]
 
@@ -96,9 +97,9 @@ def blend(eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class SNB:
     """Noise function blending guided models by salience (see module docstring).
 
-    `window` is (start, end) on the trajectory axis, 0 = pure noise, 1 = clean; the paper's
-    "late" fusion for t <= t_s is (1 - t_s / (T - 1), 1), the authors' "early" option is
-    (0, 1 - t_s / (T - 1)). `record` receives `snb/maps` and `snb/mask` (N, B, 1, H, W).
+    `window` is [start, end) on the trajectory axis, 0 = pure noise, 1 = clean (closed at 1);
+    the paper's "late" fusion for t <= t_s is [1 - t_s / (T - 1), 1], the authors' "early"
+    option, t > t_s, is [0, 1 - t_s / (T - 1)). `record` receives `snb/maps` and `snb/mask` (N, B, 1, H, W).
     """
 
     guided: Sequence[Guided]
@@ -114,11 +115,20 @@ class SNB:
             raise ValueError(f"SNB fuses at least two models, got {len(self.guided)}")
         if len(self.k) != len(self.guided):
             raise ValueError(f"k has {len(self.k)} entries for {len(self.guided)} models; give one per model")
+        if any(not k > 0 for k in self.k):
+            raise ValueError(f"every k must be > 0, got {list(self.k)}; k scales the salience before the spatial softmax")
+        if not 0.0 <= self.window[0] <= self.window[1] <= 1.0:
+            raise ValueError(f"window must be (start, end) with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {self.window}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (or None for the hard argmax mask), got {self.temperature}")
+        if self.blur not in ("box", "gaussian", "none"):
+            raise ValueError(f"blur must be 'box', 'gaussian' or 'none', got {self.blur!r}")
+        if self.blur_size < 1 or not self.blur_sigma > 0:
+            raise ValueError(f"blur_size must be >= 1 and blur_sigma > 0, got {self.blur_size} and {self.blur_sigma}")
         self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
 
     def active(self, t: torch.Tensor) -> bool:
-        frac = 1.0 - float(t) / float(self.num_train_timesteps - 1)
-        return self.window[0] <= frac <= self.window[1]
+        return in_window(timestep_fraction(t, self.num_train_timesteps), self.window)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         if not self.active(t):

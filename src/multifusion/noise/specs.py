@@ -82,10 +82,23 @@ class SNBParams(Params):
             raise ValueError(f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _one_window(self):
+        if self.fusion_timestep is not None and "window" in self.model_fields_set:
+            raise ValueError("give either `window` (trajectory fractions) or `fusion_timestep` (t_s), not both")
+        return self
+
     def fusion_window(self, num_train_timesteps: int) -> tuple[float, float]:
+        """[start, end) on the trajectory axis (see `loop.in_window`): "late" fuses for
+        t <= t_s, "early" for t > t_s, so the two never both hold at one step."""
         if self.fusion_timestep is None:
             return self.window
-        edge = 1.0 - self.fusion_timestep / (num_train_timesteps - 1)
+        if self.fusion_timestep > num_train_timesteps - 1:
+            raise RecipeError(
+                f"params.fusion_timestep: {self.fusion_timestep} is beyond the models' training timesteps "
+                f"(0..{num_train_timesteps - 1}); give a timestep in that range, or `window` as fractions"
+            )
+        edge = timestep_fraction(self.fusion_timestep, num_train_timesteps)
         return (edge, 1.0) if self.fusion == "late" else (0.0, edge)
 
 
