@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,25 @@ import torch
 from multifusion import loading
 from multifusion.zoo import render
 from multifusion.zoo.models import MAX_TOKENS, build_tokenizer, vocabulary
-from multifusion.zoo.train import MODELS, TrainConfig, ZooTrainError, distribution, install, tokenize, train_zoo
+from multifusion.zoo.train import (
+    DEFAULT_STEPS,
+    INIT_FROM,
+    MODELS,
+    TrainConfig,
+    ZooTrainError,
+    _finetune_start,
+    distribution,
+    install,
+    snapshot_path,
+    tokenize,
+    train_zoo,
+)
 
+# The fine-tune snapshot (step 4) is not a multiple of checkpoint_every (3), and the resumed run
+# below stops at a checkpoint before it (3) and passes it on resume.
 TINY = TrainConfig(
-    size="tiny", dataset_size=24, vae_steps=3, vae_dataset_size=6, vae_batch_size=2, batch_size=4, checkpoint_every=2, log_every=1
+    size="tiny", dataset_size=24, vae_steps=3, vae_dataset_size=6, vae_batch_size=2, batch_size=4, checkpoint_every=3, log_every=1,
+    finetune_from_step=4,
 )
 
 
@@ -26,8 +43,9 @@ def runs(tmp_path_factory):
     resumed = tmp_path_factory.mktemp("resumed")
     train_zoo(straight, ["general"], steps=5, progress=False, config=TINY)
     train_zoo(resumed, ["general"], steps=3, progress=False, config=TINY)
+    snapshot_before_resume = snapshot_path(resumed, "general", 4).exists()
     summary = train_zoo(resumed, ["general"], steps=5, progress=False, config=TINY)
-    return straight, resumed, summary
+    return straight, resumed, summary, snapshot_before_resume
 
 
 def _ckpt(run: Path) -> dict:
@@ -44,7 +62,7 @@ def test_tokenizer_has_one_token_per_word_and_fits_every_caption(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(runs):
-    straight, resumed, summary = runs
+    straight, resumed, summary, _ = runs
     a, b = _ckpt(straight), _ckpt(resumed)
     assert a["step"] == b["step"] == 5 and summary[0]["steps"] == 5
     for key in ("unet", "ema"):
@@ -54,7 +72,7 @@ def test_resumed_run_equals_uninterrupted_run(runs):
 
 
 def test_install_writes_fp16_pipelines_that_load_as_zoo_models(runs, tmp_path, monkeypatch):
-    straight, _, _ = runs
+    straight, _, _, _ = runs
     assert install(straight, dest=tmp_path) == ["general"]
     folder = tmp_path / "general"
     info = json.loads((folder / "training.json").read_text())
@@ -70,10 +88,80 @@ def test_install_writes_fp16_pipelines_that_load_as_zoo_models(runs, tmp_path, m
 
 
 def test_more_steps_continue_from_the_checkpoint(runs):
-    straight, _, _ = runs
+    straight, _, _, _ = runs
     before = _ckpt(straight)
     summary = train_zoo(straight, ["general"], steps=5, progress=False, config=TINY)  # already done: no-op
     assert summary[0]["steps"] == 5 and torch.equal(_ckpt(straight)["unet"]["conv_in.weight"], before["unet"]["conv_in.weight"])
+
+
+def _snapshot(run: Path, step: int = 4) -> dict:
+    return torch.load(snapshot_path(run, "general", step), map_location="cpu", weights_only=False)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_parent_snapshot_is_written_at_its_step_across_a_resume(runs):
+    straight, resumed, _, snapshot_before_resume = runs
+    assert not snapshot_before_resume  # the first part stopped at step 3, before the snapshot step
+    a, b = _snapshot(straight), _snapshot(resumed)
+    assert a["step"] == b["step"] == 4 and a["model"] == "general"
+    assert _equal(a["ema"], b["ema"])  # the resume wrote exactly the uninterrupted run's EMA at step 4
+    assert not _equal(a["ema"], _ckpt(straight)["ema"])  # and it is not the latest (step 5) EMA
+
+
+def test_finetune_starts_from_the_snapshot_however_far_the_parent_has_got(runs, tmp_path):
+    straight, _, _, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)  # general at step 5, past the snapshot step 4
+    weights, init_from = _finetune_start(run, "cartoon", TINY)
+    assert init_from == {"model": "general", "step": 4}
+    assert _equal(weights, _snapshot(run)["ema"]) and not _equal(weights, _ckpt(run)["ema"])
+
+    summary = train_zoo(run, ["cartoon"], steps=1, progress=False, config=TINY)
+    assert summary[0]["init_from"] == {"model": "general", "step": 4}
+    first = torch.load(run / "cartoon" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert first["init_from"] == {"model": "general", "step": 4}
+
+    # Train the parent further, then redo the fine-tune from scratch: the same weights come out.
+    train_zoo(run, ["general"], steps=7, progress=False, config=TINY)
+    assert _equal(_snapshot(run)["ema"], weights)
+    for stale in ("checkpoint.pt", "loss.csv"):
+        (run / "cartoon" / stale).unlink()
+    train_zoo(run, ["cartoon"], steps=1, progress=False, config=TINY)
+    again = torch.load(run / "cartoon" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert _equal(again["unet"], first["unet"]) and _equal(again["ema"], first["ema"])
+
+
+def test_finetune_whose_parent_has_not_reached_the_step_is_refused(runs, tmp_path):
+    straight, _, _, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)  # general at step 5
+    with pytest.raises(ZooTrainError, match=r"train 'general' to at least 50 steps first.*--models general"):
+        train_zoo(run, ["cartoon"], steps=1, progress=False, config=replace(TINY, finetune_from_step=50))
+    assert not (run / "cartoon").exists()  # refused before rendering anything
+    # Past the step but without its snapshot (a folder from before snapshots, or another step).
+    with pytest.raises(ZooTrainError, match=r"although 'general' is at step 5.*again from scratch"):
+        train_zoo(run, ["cartoon"], steps=1, progress=False, config=replace(TINY, finetune_from_step=2))
+    # Asked for together: refused before any training.
+    with pytest.raises(ZooTrainError, match=r"would only be trained to 3 steps"):
+        train_zoo(tmp_path / "fresh", ["general", "cartoon"], steps={"general": 3, "cartoon": 1}, progress=False, config=TINY)
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(ZooTrainError, match="finetune_from_step"):
+        TrainConfig(finetune_from_step=0)
+
+
+def test_default_steps_are_the_shipped_schedule():
+    step = TrainConfig().finetune_from_step
+    assert all(DEFAULT_STEPS[parent] >= step for parent in set(INIT_FROM.values()))
+    for name in loading.zoo_models():
+        info_path = loading.zoo_root() / name / "training.json"
+        if name in MODELS and info_path.exists():
+            info = json.loads(info_path.read_text())
+            assert info["steps"] == DEFAULT_STEPS[name], name
+            expected = {"model": INIT_FROM[name], "step": step} if name in INIT_FROM else None
+            assert info["init_from"] == expected, name
 
 
 def test_bad_names_and_steps_are_refused(tmp_path):

@@ -10,7 +10,9 @@ Stages, all under one run folder ``out_dir`` (keep it outside the repository):
 3. ``<model>/checkpoint.pt``: UNet, EMA of the UNet, optimiser and step, written every
    ``checkpoint_every`` steps; ``<model>/loss.csv`` logs the loss. A restarted run continues at
    the last checkpoint and ends with exactly the weights of an uninterrupted one, because the
-   batch, noise and timesteps of step ``s`` depend only on ``(seed, model, s)``.
+   batch, noise and timesteps of step ``s`` depend only on ``(seed, model, s)``. A model that
+   others fine-tune from (see :data:`INIT_FROM`) also writes ``<model>/ema-step<N>.pt``, its EMA
+   weights at step ``TrainConfig.finetune_from_step``; the fine-tunes start from that file.
 4. ``<model>/pipeline/``: a full StableDiffusionPipeline folder (fp32, EMA weights) after the
    last step. :func:`install` copies finished models into the package as fp16 pipelines.
 
@@ -62,18 +64,23 @@ MODELS: tuple[str, ...] = ("general", "expert", "cartoon", "layout", "palette", 
 """Every zoo model, in priority order (the order a short run trains them)."""
 
 DEFAULT_STEPS: dict[str, int] = {
-    "general": 6000,
-    "expert": 4000,
-    "cartoon": 2000,
-    "layout": 3000,
-    "palette": 2000,
-    "slice0": 2000,
-    "slice1": 2000,
+    "general": 4500,
+    "expert": 3500,
+    "cartoon": 1500,
+    "layout": 2500,
+    "palette": 1500,
+    "slice0": 1200,
+    "slice1": 1200,
 }
-"""Training steps per model at batch 32 when ``steps`` is not given."""
+"""Training steps per model at batch 32 when ``steps`` is not given.
+
+These are the step counts of the shipped weights (their ``training.json``), so the default
+command retrains that schedule; pass ``steps`` to train further. ``general`` must reach
+``TrainConfig.finetune_from_step`` for its fine-tunes to start.
+"""
 
 INIT_FROM: dict[str, str] = {"cartoon": "general", "layout": "general", "palette": "general", "slice0": "general", "slice1": "general"}
-"""Models that start as fine-tunes of another (its EMA weights at its last checkpoint).
+"""Models that start as fine-tunes of another: its EMA weights at ``TrainConfig.finetune_from_step``.
 
 Fine-tunes of one base is how the papers' models relate (AFA fuses fine-tunes of one SD), and
 it is what makes the zoo trainable on 2 CPU cores: a fine-tune learns a style, grey objects or
@@ -107,11 +114,19 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_dataset_size: int = 1500  # per distribution of VAE_MIX
     vae_kl_weight: float = 1e-6
+    finetune_from_step: int = 3000
+    """Step of the parent's EMA that every fine-tune of :data:`INIT_FROM` starts from.
+
+    A fixed step, saved as a snapshot when the parent passes it, makes a fine-tune independent
+    of how far the parent had got when the fine-tune started (which depends on how worker
+    processes interleave) and of training the parent further later. 3000 is where the shipped
+    fine-tunes started.
+    """
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ZooTrainError(f"size={self.size!r} is not one of {sorted(SIZES)}")
-        for key in ("batch_size", "dataset_size", "checkpoint_every", "log_every", "vae_batch_size", "vae_dataset_size"):
+        for key in ("batch_size", "dataset_size", "checkpoint_every", "log_every", "vae_batch_size", "vae_dataset_size", "finetune_from_step"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ZooTrainError(f"{key}={value!r} must be a positive int")
@@ -378,6 +393,45 @@ def _unet_for(base: Base, config: TrainConfig, name: str, seed: int):
     return build_unet(SIZES[config.size], _seed_of(seed, f"unet/{name}"), base.text_encoder.config.hidden_size)
 
 
+def snapshot_path(out_dir: str | Path, parent: str, step: int) -> Path:
+    """Where ``parent``'s EMA weights at ``step`` are kept for its fine-tunes to start from."""
+    return Path(out_dir) / parent / f"ema-step{step}.pt"
+
+
+def _missing_snapshot(out_dir: str | Path, name: str, parent: str, config: TrainConfig) -> ZooTrainError:
+    """The error for fine-tune ``name`` whose parent has no snapshot, with the fix for each cause."""
+    step = config.finetune_from_step
+    ckpt = Path(out_dir) / parent / "checkpoint.pt"
+    reached = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if ckpt.exists() else 0
+    msg = (f"{name!r} is a fine-tune of {parent!r} from its EMA at step {step} (finetune_from_step), "
+           f"but {snapshot_path(out_dir, parent, step)} does not exist")
+    if reached >= step:
+        # The snapshot is written before the checkpoint of the same step, so this run folder was
+        # trained by an older version or with another finetune_from_step: no resume can recover it.
+        return ZooTrainError(f"{msg}, although {parent!r} is at step {reached}: delete {ckpt} and "
+                             f"{ckpt.parent / 'loss.csv'} and train {parent!r} again from scratch")
+    target = max(step, DEFAULT_STEPS[parent])
+    return ZooTrainError(f"{msg}: {parent!r} is at step {reached}; train {parent!r} to at least {step} steps first, "
+                         f"e.g. `multifusion zoo train --out {out_dir} --models {parent} --steps {target}`")
+
+
+def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights fine-tune ``name`` starts from, and its ``init_from`` record.
+
+    Always the parent's snapshot at ``config.finetune_from_step``, never its latest checkpoint.
+    """
+    parent, step = INIT_FROM[name], config.finetune_from_step
+    path = snapshot_path(out_dir, parent, step)
+    if not path.exists():
+        with _locked(Path(out_dir) / f"{parent}.lock"):  # waits while another process trains it
+            if not path.exists():
+                raise _missing_snapshot(out_dir, name, parent, config)
+    snap = torch.load(path, map_location="cpu", weights_only=False)
+    if snap.get("step") != step:
+        raise ZooTrainError(f"{path} holds step {snap.get('step')!r}, not {step}: delete it and train {parent!r} again from scratch")
+    return snap["ema"], {"model": parent, "step": step}
+
+
 def train_model(
     out_dir: str | Path,
     name: str,
@@ -393,7 +447,6 @@ def train_model(
     steps; the last one holds the final weights.
     """
     run = Path(out_dir) / name
-    data = prepare_data(out_dir, name, base, config, seed)
     unet = _unet_for(base, config, name, seed)
     fast_cpu_attention(unet)
     ema = _unet_for(base, config, name, seed).requires_grad_(False)
@@ -411,15 +464,10 @@ def train_model(
         start, elapsed = state["step"], state["elapsed"]
         init_from = state.get("init_from")
     elif name in INIT_FROM and steps > 0:
-        parent = INIT_FROM[name]
-        with _locked(Path(out_dir) / f"{parent}.lock"):  # waits while another process trains it
-            parent_ckpt = Path(out_dir) / parent / "checkpoint.pt"
-            if not parent_ckpt.exists():
-                raise ZooTrainError(f"{name!r} is a fine-tune of {parent!r}: train {parent!r} first (--models {parent},{name})")
-            parent_state = torch.load(parent_ckpt, map_location="cpu", weights_only=False)
-        unet.load_state_dict(parent_state["ema"])
-        ema.load_state_dict(parent_state["ema"])
-        init_from = {"model": parent, "step": parent_state["step"]}
+        start_weights, init_from = _finetune_start(out_dir, name, config)
+        unet.load_state_dict(start_weights)
+        ema.load_state_dict(start_weights)
+    data = prepare_data(out_dir, name, base, config, seed)  # after the fine-tune check: fail before rendering
     _write_log(log, _read_log(log, start), fields)
 
     scheduler = build_scheduler()
@@ -430,6 +478,9 @@ def train_model(
     n_data = data["mean"].shape[0]
     ema_params = list(ema.parameters())
     unet_params = list(unet.parameters())
+    # Checked at every step, not only at checkpoints, so any checkpoint_every works; a run resumed
+    # from a checkpoint before the step writes it on the way, one resumed past it wrote it before.
+    snapshot_at = config.finetune_from_step if name in INIT_FROM.values() else None
 
     unet.train()
     bar = _progress(steps, start, name, progress)
@@ -466,6 +517,8 @@ def train_model(
             bar.set_postfix(loss=f"{np.mean(acc):.4f}")
             _append_log(log, {"step": done, "loss": round(float(np.mean(acc)), 5), "lr": lr, "seconds": round(elapsed + time.time() - t0, 1)}, fields)
             acc = []
+        if done == snapshot_at:  # before the checkpoint of this step, so a checkpoint past it implies the file
+            _save_atomic({"model": name, "step": done, "ema": ema.state_dict()}, snapshot_path(out_dir, name, done))
         if done % config.checkpoint_every == 0 or done == steps:
             _save_atomic({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed + time.time() - t0, "init_from": init_from}, ckpt)
     bar.close()
@@ -572,6 +625,22 @@ def _resolve_steps(models: Sequence[str], steps: int | Mapping[str, int] | None)
     return out
 
 
+def _check_parents_reach_snapshot(out_dir: Path, per_model: Mapping[str, int], config: TrainConfig) -> None:
+    """Refuse, before any training, a request whose fine-tunes could not start.
+
+    Only when the parent is trained in the same request: a parent left out may be trained by
+    another process right now, so that case is left to the wait in :func:`_finetune_start`.
+    """
+    for name, n in per_model.items():
+        parent = INIT_FROM.get(name)
+        if parent not in per_model or n == 0 or (out_dir / name / "checkpoint.pt").exists():
+            continue
+        if per_model[parent] < config.finetune_from_step and not snapshot_path(out_dir, parent, config.finetune_from_step).exists():
+            raise ZooTrainError(f"{name!r} starts from {parent!r} at step {config.finetune_from_step} (finetune_from_step), "
+                                f"but {parent!r} would only be trained to {per_model[parent]} steps: give {parent!r} at least "
+                                f"{config.finetune_from_step} steps (its default is {DEFAULT_STEPS[parent]}) or leave {name!r} out")
+
+
 def train_zoo(
     out_dir: str | Path,
     models: Sequence[str] | None = None,
@@ -584,8 +653,10 @@ def train_zoo(
     """Train the zoo models ``models`` (default: all, in priority order) in ``out_dir``.
 
     ``steps`` (an int for every model, or per model) defaults to :data:`DEFAULT_STEPS`; running
-    again with more steps continues from the last checkpoint. Deterministic for a given ``seed``
-    and ``threads`` (other thread counts reorder float sums). Returns one summary per model.
+    again with more steps continues from the last checkpoint. Fine-tunes start from their
+    parent's EMA at ``config.finetune_from_step``, however far the parent has got. Deterministic
+    for a given ``seed`` and ``threads`` (other thread counts reorder float sums). Returns one
+    summary per model.
     """
     models = list(MODELS if models is None else models)
     for m in models:
@@ -593,6 +664,7 @@ def train_zoo(
     per_model = _resolve_steps(models, steps)
     config = config or TrainConfig()
     out_dir = Path(out_dir)
+    _check_parents_reach_snapshot(out_dir, per_model, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({**asdict(config), "seed": seed}, indent=2))
     torch.set_num_threads(threads)
