@@ -157,6 +157,8 @@ def test_an_output_folder_of_other_settings_is_refused(reference, fg_models, tin
     before = (out / "settings.json").read_text()
     with pytest.raises(RecipeError, match=r"num_inference_steps is 2 there and 3 here.*another --out"):
         run_bench("fine-grained", out, models=fg_models, **{**SMALL, "num_inference_steps": 3})
+    with pytest.raises(RecipeError, match=r"batch_size is 2 there and 1 here"):  # float rounding differs
+        run_bench("fine-grained", out, models=fg_models, **{**SMALL, "batch_size": 1})
     with pytest.raises(RecipeError, match="model 'general' of app 'fine-grained' has different weights"):
         run_bench("fine-grained", out, models={**fg_models, "general": str(tiny_dir / "c")}, **SMALL)
     moved = out.parent / "moved-general"  # the same weights elsewhere are the same model

@@ -427,6 +427,9 @@ def run_bench(
     state = PartialState(cpu=cpu)
     device = device or str(state.device)
     runtime = {"device": device, "dtype": dtype}
+    # Batch size, thread count and device kind change float rounding: samples made with other
+    # values are not mixed into one result.
+    common.update(batch_size=batch_size, threads=torch.get_num_threads(), device=torch.device(device).type)
 
     plan, skipped, want = _plan(chosen, refs, prompts, common, runtime)
     _sync_settings(state, out, want)
