@@ -103,9 +103,7 @@ def iter_run(
             desc=f"{recipe.method} images {start + 1}-{start + len(batch_seeds)}/{len(seeds)}",
         )
         latents = out[0] if several else out
-        if base.offloader is not None:
-            base.offloader.activate(base.vae)
-        images = to_pil(decode(base.vae, latents))
+        images = to_pil(decode(base.ready_vae(recipe.runtime.vae_device), latents))
         yield Result(images, latents, batch_seeds, recipe)
 
 

@@ -33,6 +33,7 @@ def _add_sampling_overrides(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", help="runtime.device: cpu, cuda, cuda:N, mps")
     r.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="runtime.dtype of the weights")
     r.add_argument("--offload", action="store_true", default=None, help="runtime.offload: keep only the model in use on the device")
+    r.add_argument("--vae-device", dest="vae_device", help="runtime.vae_device: run the VAE here (cpu: in float32), sparing accelerator memory on large canvases")
     r.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
                    help="runtime.allow_pickle: allow .ckpt/.bin/.pt checkpoints (they can run code: trusted files only)")
 
@@ -45,7 +46,7 @@ def _apply_overrides(data: dict, args: argparse.Namespace) -> dict:
         if v is not None:
             sampling[key] = v
     runtime = data.setdefault("runtime", {})
-    for key in ("device", "dtype", "offload", "allow_pickle"):
+    for key in ("device", "dtype", "offload", "allow_pickle", "vae_device"):
         v = getattr(args, key, None)
         if v is not None:
             runtime[key] = v

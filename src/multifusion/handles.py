@@ -162,6 +162,17 @@ class ModelHandle:
             )
         return Guided(self, self.encode_prompt(prompts), self.encode_prompt(negatives), float(guidance_scale), prompts)
 
+    def ready_vae(self, device: str | torch.device | None = None) -> torch.nn.Module:
+        """The VAE, ready to run: moved to `device` when one is given (in float32 on the CPU,
+        where half precision is slow or missing), else where this handle runs its models
+        (brought onto the accelerator under offload)."""
+        if device is not None:
+            device = torch.device(device)
+            self.vae.to(device, torch.float32 if device.type == "cpu" else self.dtype)
+        elif self.offloader is not None:
+            self.offloader.activate(self.vae)
+        return self.vae
+
     # --- denoising ---------------------------------------------------------------------
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ the scheduler, since multistep schedulers keep state between steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
@@ -152,31 +153,46 @@ def sample(
 
 
 @torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-    """Latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], as diffusers'
-    StableDiffusionPipeline decodes them (divide by the VAE scaling factor, decode, map
-    [-1, 1] to [0, 1]), one image at a time.
-
-    `tiled` (default: when the canvas has more than 4x the VAE's native area) decodes in
-    overlapping tiles with diffusers' VAE tiling, so memory stays near one tile's for large
-    canvases; seams are blended by diffusers, and results differ slightly from a whole decode."""
+@contextlib.contextmanager
+def _vae_tiling(vae: torch.nn.Module, area_px: int, tiled: bool | None):
+    """Switch diffusers' VAE tiling on for the block (default: when the image has more than 4x
+    the VAE's native area), so memory stays near one tile's for large canvases; seams are
+    blended by diffusers, and results differ slightly from a whole pass."""
     native = int(getattr(vae.config, "sample_size", 0) or 0)
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
     if tiled is None:
-        tiled = native > 0 and latents.shape[-2] * latents.shape[-1] * f * f > 4 * native * native
-    param = next(vae.parameters())
+        tiled = native > 0 and area_px > 4 * native * native
     previous = getattr(vae, "use_tiling", False)
     if hasattr(vae, "use_tiling"):
         vae.use_tiling = bool(tiled)
     try:
+        yield
+    finally:
+        if hasattr(vae, "use_tiling"):
+            vae.use_tiling = previous
+
+
+def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+    """Latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], as diffusers'
+    StableDiffusionPipeline decodes them (divide by the VAE scaling factor, decode, map
+    [-1, 1] to [0, 1]), one image at a time, on the VAE's device; tiled for large canvases."""
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    param = next(vae.parameters())
+    with _vae_tiling(vae, latents.shape[-2] * latents.shape[-1] * f * f, tiled):
         images = [
             vae.decode(x[None].to(param.device, param.dtype) / vae.config.scaling_factor, return_dict=False)[0]
             for x in latents
         ]
-    finally:
-        if hasattr(vae, "use_tiling"):
-            vae.use_tiling = previous
     return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def encode(vae: torch.nn.Module, image: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+    """Image (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) float32 on the CPU: the
+    posterior mean times the scaling factor (the mean, not a sample, so it is the same for
+    every seed), on the VAE's device; tiled for large images, as `decode` is."""
+    param = next(vae.parameters())
+    with _vae_tiling(vae, image.shape[-2] * image.shape[-1], tiled):
+        mean = vae.encode(image.to(param.device, param.dtype)).latent_dist.mean
+    return mean.float().cpu() * vae.config.scaling_factor
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -58,11 +58,13 @@ class Runtime(_Strict):
     device: str = "cpu"
     offload: bool = False
     allow_pickle: bool = False
+    vae_device: str | None = Field(None, description="run the VAE here (e.g. cpu, in float32) to spare accelerator memory on large canvases")
 
     @model_validator(mode="after")
     def _device(self):
-        if self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
-            raise ValueError(f"device {self.device!r} is not one of cpu, cuda[:N], mps, xpu")
+        for field, value in (("device", self.device), ("vae_device", self.vae_device)):
+            if value is not None and value.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+                raise ValueError(f"{field} {value!r} is not one of cpu, cuda[:N], mps, xpu")
         return self
 
 

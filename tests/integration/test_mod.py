@@ -153,3 +153,42 @@ def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
                  callback=lambda info: masks.append(info.record["snb/mask"]))
     assert out.shape == (1, 4, 8, 16) and torch.isfinite(out).all()
     assert len(masks) == 3 and all(m.shape == (2, 1, 1, 8, 8) for m in masks)
+
+
+def test_large_reference_images_and_canvases_use_vae_tiling(tiny_a, monkeypatch):
+    """Encode and decode switch diffusers' VAE tiling on above 4x the VAE's native area (the
+    tiny VAE's native size is 32 px) and restore the flag afterwards."""
+    from multifusion.loop import decode, encode
+
+    [h] = load_models([tiny_a])
+    vae, seen = h.vae, []
+    real_enc, real_dec = vae._encode, vae._decode
+    monkeypatch.setattr(vae, "_encode", lambda x, *a, **k: (seen.append(("enc", vae.use_tiling)), real_enc(x, *a, **k))[1])
+    monkeypatch.setattr(vae, "_decode", lambda z, *a, **k: (seen.append(("dec", vae.use_tiling)), real_dec(z, *a, **k))[1])
+    small, large = torch.zeros(1, 3, 32, 64), torch.zeros(1, 3, 64, 96)  # 2x and 6x the native area
+    assert encode(vae, small).shape == (1, 4, 8, 16) and encode(vae, large).shape == (1, 4, 16, 24)
+    assert decode(vae, torch.zeros(1, 4, 16, 24)).shape == (1, 3, 64, 96)
+    assert seen[0] == ("enc", False) and seen[1] == ("enc", True) and ("dec", True) in seen
+    assert vae.use_tiling is False
+
+
+def test_vae_on_its_own_device_in_float32(tiny_a):
+    """runtime.vae_device moves the VAE (float32 on the CPU) while the UNet keeps its dtype; the
+    result equals a run whose VAE never moved, because here both are on the CPU."""
+    region = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}
+    half = run({**mod([tiny_a], {"regions": [region]}), "runtime": {"dtype": "bfloat16"}}, progress=False)
+    [h] = load_models([tiny_a], dtype="bfloat16")
+    moved = run({**mod([tiny_a], {"regions": [region]}), "runtime": {"dtype": "bfloat16", "vae_device": "cpu"}}, models=[h], progress=False)
+    assert h.vae.dtype == torch.float32 and h.unet.dtype == torch.bfloat16
+    assert torch.equal(moved.latents, half.latents)
+    with pytest.raises(RecipeError, match="vae_device 'gpu' is not one of"):
+        run({**mod([tiny_a], {"regions": [region]}), "runtime": {"vae_device": "gpu"}}, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_canvas_follows_the_float32_one(tiny_a, dtype):
+    tiles = {"prompts": [["a red circle", "a blue square"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 16}
+    full = run(mod([tiny_a], {"tiles": tiles, "tile_batch_size": 2}), progress=False).latents
+    half = run({**mod([tiny_a], {"tiles": tiles, "tile_batch_size": 2}), "runtime": {"dtype": dtype}}, progress=False).latents
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()  # the loop keeps latents in float32
+    assert (half - full).abs().max() < 0.05 * full.abs().max()

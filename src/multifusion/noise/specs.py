@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from multifusion.errors import RecipeError
-from multifusion.loop import timestep_fraction
+from multifusion.loop import encode, timestep_fraction
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB
@@ -306,14 +306,9 @@ def load_reference_image(where: str, path: str, size: tuple[int, int]) -> torch.
 
 
 @torch.no_grad()
-def encode_image(handle, image: torch.Tensor) -> torch.Tensor:
-    """VAE latents (1, C, h/f, w/f) of an image in [-1, 1]: the posterior mean times the
-    scaling factor (the mean, not a sample, so a region is the same for every seed)."""
-    if handle.offloader is not None:
-        handle.offloader.activate(handle.vae)
-    p = next(handle.vae.parameters())
-    mean = handle.vae.encode(image.to(p.device, p.dtype)).latent_dist.mean
-    return mean.float().cpu() * handle.scaling_factor
+def encode_image(handle, image: torch.Tensor, vae_device: str | None = None) -> torch.Tensor:
+    """VAE latents (1, C, h/f, w/f) of an image in [-1, 1] (see `loop.encode`)."""
+    return encode(handle.ready_vae(vae_device), image)
 
 
 def build_mod(ctx: BuildContext, params: ModParams) -> Plan:
@@ -343,7 +338,7 @@ def build_mod(ctx: BuildContext, params: ModParams) -> Plan:
         if key not in ctx.cache:  # encode once per run, not per batch
             handle = ctx.handles[_model_index(where, spec.model, labels)]
             pixels = load_reference_image(where, spec.image, ((box[1] - box[0]) * factor, (box[3] - box[2]) * factor))
-            ctx.cache[key] = encode_image(handle, pixels)
+            ctx.cache[key] = encode_image(handle, pixels, ctx.recipe.runtime.vae_device)
         images.append(ImageRegion(box, ctx.cache[key], spec.strength))
 
     state: dict[str, torch.Tensor] = {}
