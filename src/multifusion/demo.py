@@ -121,7 +121,9 @@ def _zoo_demo(installed: list[str], out: Path, progress: bool) -> Path:
 
 def _tiny_demo(out: Path, progress: bool) -> Path:
     """The demo's shape on tiny random models, for builds without zoo weights."""
-    from multifusion.api import run
+    from PIL import Image
+
+    from multifusion.api import generate_to_folder
     from multifusion.loading import load_models
     from multifusion.testing import build_tiny_pipeline
 
@@ -137,19 +139,20 @@ def _tiny_demo(out: Path, progress: bool) -> Path:
     rows, grid_rows, labels = [], [], []
     for app, method, which in (("base", "single", [0]), ("base", "single", [1]), ("fine-grained", "average", [0, 1]), ("fine-grained", "snb", [0, 1])):
         recipe = {"method": method, "models": [{"model": paths[i], "name": handles[i].name, "prompt": prompts[i]} for i in which], "sampling": sampling}
-        result = run(recipe, models=[handles[i] for i in which], progress=progress)
         tag = f"{method}-{'+'.join(handles[i].name for i in which)}"
-        for image, seed in zip(result.images, result.seeds):
-            save_png(image, out / f"{tag}-s{seed}.png", {"recipe": recipe, "seed": seed})
-        grid_rows.append(result.images)
+        written = generate_to_folder(recipe, out, stem=tag, models=[handles[i] for i in which], progress=progress,
+                                     export_masks=method == "snb", overwrite=True)
+        grid_rows.append([Image.open(p).convert("RGB") for p in written if p.name.endswith(tuple(f"-s{s}.png" for s in range(SEEDS)))])
         labels.append(tag)
-        rows.append({"app": app, "method": method, "models": [handles[i].name for i in which], "seeds": len(result.seeds), "metrics": {}})
+        rows.append({"app": app, "method": method, "models": [handles[i].name for i in which], "seeds": SEEDS, "metrics": {}})
     save_png(grid(grid_rows, labels, [f"seed {s}" for s in range(SEEDS)]), out / "grid.png")
     note = ("Models: tiny randomly initialised test models (no ShapeWorld zoo weights are installed in this build), "
             "so the images are noise and no quality metric is reported; the demo shows the methods running end to end.")
     write_text(out / "report.json", json.dumps({"note": note, "rows": rows}, indent=2))
     lines = ["# multifusion demo", "", note, "", "![comparison grid](grid.png)", "", "| app | method | models | seeds |", "|---|---|---|---|"]
     lines += [f"| {r['app']} | {r['method']} | {', '.join(r['models'])} | {r['seeds']} |" for r in rows]
+    lines += ["", "Who painted which pixel in the SNB fusion (first image; per step: mask, then each model's salience):",
+              "", "![SNB masks](snb-tiny-general+tiny-expert-s0-masks.png)"]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 

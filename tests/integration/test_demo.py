@@ -15,7 +15,16 @@ def test_tiny_demo_writes_images_grid_and_report(tmp_path):
         assert set(row) == {"app", "method", "models", "seeds", "metrics"} and row["seeds"] == 4
     assert "tiny randomly initialised" in (out / "report.md").read_text()
     assert (out / "grid.png").stat().st_size > 0
-    assert len(list(out.glob("*-s*.png"))) == 16
+    assert len(list(out.glob("*-s[0-9].png"))) == 16
+    assert (out / "snb-tiny-general+tiny-expert-s0-masks.png").is_file() and "masks" in (out / "report.md").read_text()
+    # Each PNG regenerates its own image alone.
+    again = tmp_path / "again"
+    assert main(["generate", "--from-image", str(out / "snb-tiny-general+tiny-expert-s2.png"), "--out", str(again), "--no-progress"]) == 0
+    assert [p.name for p in again.glob("*.png")] == ["snb-tiny-general+tiny-expert-s2.png"]
+    from PIL import Image, ImageChops
+
+    first, second = (Image.open(d / "snb-tiny-general+tiny-expert-s2.png").convert("RGB") for d in (out, again))
+    assert ImageChops.difference(first, second).getbbox() is None
 
 
 @pytest.mark.skipif(not {"general", "expert"} <= set(zoo_models()), reason="zoo models general and expert are not installed")
