@@ -133,12 +133,15 @@ def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
             ref.location, use_safetensors=None if allow_pickle else True, **common
         )
     except Exception as err:  # diffusers raises OSError, ValueError and its own error classes here
-        hint = ""
         if ref.kind == "single_file" and not ref.config:
             hint = " (single-file checkpoints need their diffusers config: give the model a `config:` folder in the recipe, or config=FOLDER in Python)"
-        elif not allow_pickle and "safetensors" in str(err).lower():
-            hint = " (this model ships no .safetensors weights; pass allow_pickle=True if you trust it)"
-        raise ModelLoadError(f"could not load {ref.text!r}: {err}{hint}") from err
+            raise ModelLoadError(f"could not load {ref.text!r}: {err}{hint}") from err
+        if not allow_pickle and "safetensors" in str(err).lower():
+            raise PickleRefusedError(
+                f"could not load {ref.text!r}: {err} (this model ships no .safetensors weights for every component; "
+                "its pickle weights can run code when loaded: pass allow_pickle=True (--allow-pickle) only if you trust it)"
+            ) from err
+        raise ModelLoadError(f"could not load {ref.text!r}: {err}") from err
 
 
 def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:

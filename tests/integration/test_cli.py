@@ -117,3 +117,14 @@ def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatc
     calls.clear()
     assert main(["zoo", "train", "--out", str(tmp_path), "--models", "expert", "--steps", "10"]) == 0
     assert calls == [("models", str(tmp_path), ["expert"], 10)]  # one model: no judge, nothing installed
+
+
+def test_zoo_list_names_every_installed_model(capsys, monkeypatch):
+    from multifusion import loading
+
+    assert main(["zoo", "list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [f"zoo:{name}" for name in loading.zoo_models()]
+    monkeypatch.setattr(loading, "zoo_models", lambda: [])
+    assert main(["zoo", "list"]) == 0
+    assert "multifusion zoo train" in capsys.readouterr().out

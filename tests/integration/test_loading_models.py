@@ -70,3 +70,22 @@ def test_hub_id_goes_to_diffusers_and_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="could not load 'nobody-here/no-such-model'"):
         load_models(["nobody-here/no-such-model"])
+
+
+def test_a_folder_with_only_pickle_weights_is_refused_unless_allowed(tiny_a, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from multifusion import PickleRefusedError
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny_a, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(unet), unet.with_suffix(".bin"))
+    unet.unlink()
+    with pytest.raises(PickleRefusedError, match=r"no \.safetensors weights.*allow_pickle"):
+        load_models([str(folder)])
+    [h] = load_models([str(folder)], allow_pickle=True)
+    [ref] = load_models([tiny_a])
+    assert all(torch.equal(p, q) for p, q in zip(h.unet.state_dict().values(), ref.unet.state_dict().values()))
