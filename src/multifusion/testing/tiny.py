@@ -79,10 +79,10 @@ def build_tiny_pipeline(
     encoder's and the VAE's, so several pipelines can share (or not) those components the way
     fine-tunes of one base model do. `vae_factor` is 2**(number of VAE blocks - 1).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from multifusion.zoo.models import clip_text_encoder, kl_vae
+    from multifusion.zoo.models import build_scheduler, clip_text_encoder, kl_vae
 
     folder = Path(folder)
     tok_dir = write_clip_tokenizer(folder / "_tokenizer_build")
@@ -110,15 +110,7 @@ def build_tiny_pipeline(
     with torch.no_grad():
         unet.conv_out.weight.normal_(0.0, 0.05)
 
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = build_scheduler(prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

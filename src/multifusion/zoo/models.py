@@ -154,7 +154,7 @@ def build_unet(sizes: ZooSizes, seed: int, cross_attention_dim: int):
     )
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "epsilon"):
     """Stable Diffusion's schedule (scaled_linear 0.00085-0.012, 1000 steps) as a DDIM config."""
     from diffusers import DDIMScheduler
 
@@ -166,7 +166,7 @@ def build_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
 
 
