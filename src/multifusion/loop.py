@@ -152,7 +152,6 @@ def sample(
     return xs[0] if single else xs
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _vae_tiling(vae: torch.nn.Module, area_px: int, tiled: bool | None):
     """Switch diffusers' VAE tiling on for the block (default: when the image has more than 4x
@@ -171,6 +170,7 @@ def _vae_tiling(vae: torch.nn.Module, area_px: int, tiled: bool | None):
             vae.use_tiling = previous
 
 
+@torch.no_grad()
 def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], as diffusers'
     StableDiffusionPipeline decodes them (divide by the VAE scaling factor, decode, map
@@ -185,6 +185,7 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = Non
     return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
+@torch.no_grad()
 def encode(vae: torch.nn.Module, image: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Image (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) float32 on the CPU: the
     posterior mean times the scaling factor (the mean, not a sample, so it is the same for

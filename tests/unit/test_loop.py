@@ -61,3 +61,15 @@ def test_a_window_and_its_complement_never_both_hold(edge, fraction):
 
     assert in_window(fraction, (0.0, edge)) != in_window(fraction, (edge, 1.0))
     assert in_window(1.0, (edge, 1.0)) and in_window(0.0, (0.0, 1.0))
+
+
+def test_vae_encode_and_decode_build_no_autograd_graph(tiny_a):
+    """Decoding a large canvas must not keep activations for a backward pass."""
+    from multifusion.loading import load_models
+    from multifusion.loop import decode, encode
+
+    [h] = load_models([tiny_a])
+    h.vae.requires_grad_(True)  # as a VAE handed in by a training script would be
+    latents = encode(h.vae, torch.zeros(1, 3, 32, 32))
+    images = decode(h.vae, latents)
+    assert not latents.requires_grad and not images.requires_grad and latents.grad_fn is None and images.grad_fn is None

@@ -305,7 +305,6 @@ def load_reference_image(where: str, path: str, size: tuple[int, int]) -> torch.
     return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-@torch.no_grad()
 def encode_image(handle, image: torch.Tensor, vae_device: str | None = None) -> torch.Tensor:
     """VAE latents (1, C, h/f, w/f) of an image in [-1, 1] (see `loop.encode`)."""
     return encode(handle.ready_vae(vae_device), image)
