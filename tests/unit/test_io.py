@@ -38,3 +38,18 @@ def test_grid_keeps_each_image_aspect_and_sizes_columns_to_the_widest():
     assert g.getpixel((label_w + 79, 34 + 16)) == (0, 0, 255)  # the wide image spans its 80 px
     assert g.getpixel((label_w + 33, 16)) == (255, 255, 255)  # the square leaves the rest of the column blank
     assert g.getpixel((label_w + 82, 16)) == (255, 0, 0)  # the second column starts after the widest
+
+
+def test_atomic_write_has_the_permissions_of_a_plain_write(tmp_path):
+    import os
+
+    from multifusion.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        write_text(tmp_path / "atomic.txt", "x")
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic.txt") == mode("plain.txt") == 0o644
