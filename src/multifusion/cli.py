@@ -149,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, progress=not args.no_progress)
         print(json.dumps(result["metrics"], indent=2))
         return 0
-    from multifusion.bench.harness import run_bench
+    from multifusion.bench.run import run_bench
 
     results = run_bench(args.app, args.out, seeds=64 if args.seeds is None else args.seeds, prompts=args.prompts,
                         num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,

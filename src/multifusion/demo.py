@@ -82,7 +82,7 @@ def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
 
 def _zoo_demo(installed: list[str], out: Path, progress: bool) -> Path:
     from multifusion.bench.apps import APPS
-    from multifusion.bench.harness import run_bench
+    from multifusion.bench.run import run_bench
 
     start = time.perf_counter()
     base_rows, base_pictures = _base_rows(installed, out, progress)

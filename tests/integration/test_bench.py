@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from multifusion.bench import APPS, Fusion, bootstrap_interval, own_prompts, run_bench, wilson_interval
-from multifusion.bench import harness
+from multifusion.bench import run as bench_run
+from multifusion.bench.stats import sample_success
 from multifusion.cli import main
 from multifusion.errors import ModelLoadError, RecipeError
 from multifusion.zoo.render import GENERAL_HELD_OUT, SCENE_PHRASES, SLOT_PHRASES, TEXTURES, parse_caption
@@ -97,6 +98,37 @@ def test_confidence_intervals():
         wilson_interval(3, 0)
 
 
+# (successes, n, level) -> interval, as the hand-written Wilson formula (Wilson 1927) gave it
+# before the harness moved to scipy's: pins that the scipy call computes the same interval.
+WILSON_BEFORE_SCIPY = [
+    ((0, 1, 0.95), (0.0, 0.7934506856227626)),
+    ((1, 1, 0.95), (0.20654931437723745, 1.0)),
+    ((0, 10, 0.95), (0.0, 0.27753279986288915)),
+    ((5, 10, 0.95), (0.23659309051256405, 0.763406909487436)),
+    ((10, 10, 0.95), (0.7224672001371109, 1.0)),
+    ((1, 3, 0.95), (0.06149194472039632, 0.7923403991979523)),
+    ((2, 7, 0.95), (0.08221892400405678, 0.6410655481673806)),
+    ((1, 64, 0.95), (0.002763541923337512, 0.08334101600094262)),
+    ((17, 64, 0.95), (0.17296379074222612, 0.38482873728565126)),
+    ((63, 64, 0.95), (0.9166589839990573, 0.9972364580766624)),
+    ((3, 512, 0.95), (0.0019946757921860923, 0.01708378068394411)),
+    ((0, 10000, 0.95), (0.0, 0.00038399837067659557)),
+    ((1, 10000, 0.95), (1.7652673601122363e-05, 0.0005662688974013379)),
+    ((10000, 10000, 0.95), (0.9996160016293234, 1.0)),
+    ((123456, 1000000, 0.95), (0.12281269653142285, 0.12410219641400438)),
+    ((3, 10, 0.9), (0.12687658390319792, 0.5583002041301648)),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), WILSON_BEFORE_SCIPY)
+def test_wilson_interval_matches_the_formula_it_replaced(args, expected):
+    successes, n, level = args
+    lo, hi = wilson_interval(successes, n, level)
+    assert lo == pytest.approx(expected[0], abs=1e-12) and hi == pytest.approx(expected[1], abs=1e-12)
+    assert (lo == 0.0) == (successes == 0) and (hi == 1.0) == (successes == n)  # exact at the ends
+    assert type(lo) is float and type(hi) is float  # plain floats in results.json
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -134,7 +166,7 @@ def test_second_run_reuses_every_sample(reference, fg_models):
 
 def test_interrupted_run_continues_to_the_same_numbers(reference, fg_models, tmp_path, monkeypatch):
     _, ref = reference
-    real, calls = harness._run_unit, []
+    real, calls = bench_run._run_unit, []
 
     def dies_on_third_unit(*args, **kwargs):
         calls.append(1)
@@ -142,10 +174,10 @@ def test_interrupted_run_continues_to_the_same_numbers(reference, fg_models, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harness, "_run_unit", dies_on_third_unit)
+    monkeypatch.setattr(bench_run, "_run_unit", dies_on_third_unit)
     with pytest.raises(KeyboardInterrupt):
         run_bench("fine-grained", tmp_path, models=fg_models, **SMALL)
-    monkeypatch.setattr(harness, "_run_unit", real)
+    monkeypatch.setattr(bench_run, "_run_unit", real)
     done = list(tmp_path.glob("samples/**/*.json"))
     assert len(done) == 4 and not list(tmp_path.glob("samples/**/*.part"))  # two units of two seeds
     res = run_bench("fine-grained", tmp_path, models=fg_models, **SMALL)
@@ -366,9 +398,9 @@ def test_success_over_views_pools_objects_for_instance_apps_and_needs_every_view
     views = tile_views(p)
     readings = [reading_from_scene(v.scene) for v in views]
     targets = [v.target for v in views]
-    assert harness.sample_success(APPS["regional"], readings, targets) == (3, 3)
+    assert sample_success(APPS["regional"], readings, targets) == (3, 3)
     readings[1] = reading_from_scene(dataclasses.replace(views[1].scene, objects=()))
-    assert harness.sample_success(APPS["regional"], readings, targets) == (2, 3)
-    assert harness.sample_success(APPS["ensemble"], readings, targets) == (0, 1)
+    assert sample_success(APPS["regional"], readings, targets) == (2, 3)
+    assert sample_success(APPS["ensemble"], readings, targets) == (0, 1)
     readings[1] = reading_from_scene(views[1].scene)
-    assert harness.sample_success(APPS["ensemble"], readings, targets) == (1, 1)
+    assert sample_success(APPS["ensemble"], readings, targets) == (1, 1)

@@ -8,7 +8,8 @@ seeds and judge (``multifusion bench``); and CLIP score / FID / IS for real mode
 """
 
 from multifusion.bench.apps import APPS, App, AppPrompt, Fusion, Row, View, get_app, own_prompts, regions_per_slot, tiles_per_slot
-from multifusion.bench.harness import bootstrap_interval, run_bench, wilson_interval
+from multifusion.bench.run import run_bench
+from multifusion.bench.stats import bootstrap_interval, wilson_interval
 
 __all__ = [
     "APPS", "App", "AppPrompt", "Fusion", "Row", "View", "get_app", "own_prompts", "regions_per_slot", "tiles_per_slot",

@@ -1,0 +1,208 @@
+"""What a benchmark run's samples are made with, and the checks that keep runs apart.
+
+The *settings record* (``OUT/settings.json``) holds the common settings (steps, scheduler,
+guidance, dtype, batch size, threads, device kind, judge and package version), a content hash
+of every model per app and role, and a hash of every row's recipe. A folder whose record
+differs is refused, so samples of different settings are never mixed; apps and rows a folder
+does not have yet are added to its record. Model hashes are of content, not of paths, so the
+same weights elsewhere are the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multifusion.bench.apps import APPS, App, AppPrompt, Row
+from multifusion.errors import ModelLoadError, RecipeError, did_you_mean
+
+FORMAT = 2
+"""Version of the folder layout and settings record; a folder of another format is refused."""
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def json_fingerprint(data: Any) -> str:
+    """Short content hash of JSON-able ``data`` (keys sorted, so dict order does not count)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path, *, whole_below: int = 256 << 20) -> str:
+    """Content hash of a file or a folder (names, sizes and bytes of every file; for files over
+    ``whole_below`` bytes only the first and last MiB, so a multi-GB checkpoint costs nothing)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= whole_below:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(ref: str) -> str:
+    """``hub:REF`` for a Hub id (its files are not read), else the content hash of its file or folder."""
+    from multifusion.loading import resolve
+
+    r = resolve(ref)
+    return f"hub:{ref}" if r.kind == "hub" else file_fingerprint(r.location)
+
+
+# ----------------------------------------------------------------------------- the settings record
+
+
+def row_recipe(row: Row, prompt: AppPrompt, refs: Mapping[str, str], common: Mapping[str, Any],
+               seeds: Sequence[int], runtime: Mapping[str, Any] | None = None) -> dict:
+    """The recipe dict of ``seeds`` (consecutive) of one prompt of one row, with the run's sampling settings."""
+    recipe = row.build(prompt, refs)
+    recipe["sampling"] = {"num_inference_steps": common["num_inference_steps"], "scheduler": common["scheduler"],
+                          "guidance_scale": common["guidance_scale"], "seed": int(seeds[0]), "num_images": len(seeds)}
+    if runtime:
+        recipe["runtime"] = dict(runtime)
+    return recipe
+
+
+def settings_record(plan: Sequence[tuple[App, Sequence[Row], Sequence[AppPrompt]]], refs: Mapping[str, Mapping[str, str]],
+                    common: Mapping[str, Any]) -> dict:
+    """The settings record of a run: ``common``, each app's model hashes per role and row recipe hashes."""
+    record: dict[str, Any] = {"format": FORMAT, "common": common, "apps": {}}
+    hashes: dict[str, str] = {}  # a model shared by apps is hashed once
+    for app, rows, prompts in plan:
+        for ref in refs[app.id].values():
+            hashes.setdefault(ref, model_fingerprint(ref))
+        placeholders = {r: f"<{r}>" for r in app.roles}  # a row's hash must not depend on where models live
+        record["apps"][app.id] = {
+            "models": {r: {"ref": refs[app.id][r], "sha": hashes[refs[app.id][r]]} for r in app.roles},
+            "rows": {row.id: json_fingerprint(row_recipe(row, prompts[0], placeholders, common, [0])) for row in rows},
+        }
+    return record
+
+
+def _compare_settings(out: Path, have: dict, want: dict) -> None:
+    """RecipeError when the folder's samples were made with different settings."""
+    fix = f"Results of different settings are never mixed: choose another --out, or delete {str(out)!r} to start over."
+    if have.get("format") != want["format"]:
+        raise RecipeError(f"--out {str(out)!r} holds benchmark results of another format ({have.get('format')}); {fix}")
+    diffs = [f"{k} is {have['common'].get(k)!r} there and {v!r} here" for k, v in want["common"].items() if have["common"].get(k) != v]
+    for app, spec in want["apps"].items():
+        old = have.get("apps", {}).get(app)
+        if old is None:
+            continue
+        for role, m in spec["models"].items():
+            if role in old["models"] and old["models"][role]["sha"] != m["sha"]:
+                diffs.append(f"model {role!r} of app {app!r} has different weights ({old['models'][role]['ref']} there, {m['ref']} here)")
+        for row, sha in spec["rows"].items():
+            if row in old["rows"] and old["rows"][row] != sha:
+                diffs.append(f"row {row!r} of app {app!r} builds a different recipe")
+    if diffs:
+        raise RecipeError(f"--out {str(out)!r} holds benchmark results made with different settings: " + "; ".join(diffs) + ". " + fix)
+
+
+def _merge_settings(have: dict | None, want: dict) -> dict:
+    """The folder's record with the apps, models and rows of ``want`` added (``want`` is compatible)."""
+    if have is None:
+        return want
+    merged = json.loads(json.dumps(have))
+    for app, spec in want["apps"].items():
+        old = merged["apps"].setdefault(app, {"models": {}, "rows": {}})
+        old["models"].update(spec["models"])
+        old["rows"].update(spec["rows"])
+    return merged
+
+
+def sync_settings(state: Any, out: Path, want: dict) -> None:
+    """Refuse a folder of other settings (every process checks), then record ours (main only).
+    ``state`` is accelerate's ``PartialState`` of the run."""
+    from multifusion.io import write_text
+
+    path = out / "settings.json"
+    have = json.loads(path.read_text()) if path.is_file() else None
+    if have is not None:
+        _compare_settings(out, have, want)
+    state.wait_for_everyone()  # every process has read the file before the main one rewrites it
+    if state.is_main_process:
+        write_text(path, json.dumps(_merge_settings(have, want), indent=2, sort_keys=True) + "\n")
+    state.wait_for_everyone()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the package, Python, the libraries that change numbers, and the platform."""
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+
+    from multifusion.version import __version__
+
+    return {"multifusion": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "numpy": np.__version__, "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- arguments and models
+
+
+def check_args(seeds: int, prompts: int, steps: int, batch_size: int, guidance_scale: float, scheduler: str, dtype: str,
+               threads: int | None) -> None:
+    """RecipeError on the first bad argument of ``run_bench``, before anything loads."""
+    from multifusion.loading import DTYPES
+    from multifusion.loop import scheduler_class
+
+    counts = (("seeds", seeds), ("prompts", prompts), ("num_inference_steps (--steps)", steps), ("batch_size", batch_size),
+              ("threads", 1 if threads is None else threads))
+    for name, v in counts:
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise RecipeError(f"{name} must be a positive integer, got {v!r}")
+    if not guidance_scale >= 0:
+        raise RecipeError(f"guidance_scale (--cfg) must be >= 0, got {guidance_scale!r}")
+    if dtype not in DTYPES:
+        raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    scheduler_class(scheduler)
+
+
+def resolve_models(apps: list[App], models: Mapping[str, str] | None) -> dict[str, dict[str, str]]:
+    """Model reference per app and role: the override, else zoo:ROLE (which must be installed)."""
+    from multifusion.loading import zoo_models
+
+    models = dict(models or {})
+    known = sorted({r for a in APPS.values() for r in a.roles})
+    for role in models:
+        if role not in known:
+            raise RecipeError(f"models: unknown model role {role!r} (roles: {', '.join(known)}){did_you_mean(role, known)}")
+    installed = zoo_models()
+    refs, missing = {}, []
+    for app in apps:
+        refs[app.id] = {}
+        for role in app.roles:
+            if role in models:
+                refs[app.id][role] = str(models[role])
+            else:
+                refs[app.id][role] = f"zoo:{role}"
+                if role not in installed:
+                    missing.append((app.id, role))
+    if missing:
+        needed: dict[str, list[str]] = {}
+        for app_id, role in missing:
+            needed.setdefault(role, []).append(app_id)
+        listed = ", ".join(f"zoo model {r!r} (needed by {', '.join(a)})" for r, a in needed.items())
+        first = next(iter(needed))
+        raise ModelLoadError(
+            f"{listed}: not installed in this build (installed zoo models: {', '.join(installed) or 'none'}). "
+            f"Train and install with `multifusion zoo train --out runs/zoo --models {','.join(needed)} --install` "
+            f"(see docs/zoo.md), or point a role at another model with --model {first}=PATH (Python: models={{{first!r}: PATH}})"
+        )
+    return refs

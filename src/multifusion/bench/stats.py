@@ -1,0 +1,66 @@
+"""Success per sample and its confidence interval over the images of a row (every prompt x seed).
+
+Intervals are 95 %:
+
+- ``image`` apps (success is one yes/no per image): the Wilson score interval;
+- ``instance`` apps (success pools the objects of all images): a percentile bootstrap that
+  resamples images (the objects of one image are not independent), 2,000 resamples from a
+  fixed generator, so the interval is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from multifusion.bench.apps import App
+
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+CI_TEXT = ("95%: Wilson score interval for image apps; percentile bootstrap over images "
+           f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for instance apps")
+"""How the intervals are made, as recorded in a run's settings and printed under its tables."""
+
+
+def wilson_interval(successes: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate ``successes / n`` (Wilson 1927; scipy's
+    ``binomtest(...).proportion_ci(method="wilson")``): unlike the normal approximation it stays
+    inside [0, 1] and is not empty at 0 or n successes, where its bound is exactly 0 (1).
+    ValueError (scipy's) unless ``0 <= successes <= n`` and ``n >= 1``."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def bootstrap_interval(hits: Sequence[int], trials: Sequence[int], *, level: float = CI_LEVEL,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the pooled rate ``sum(hits) / sum(trials)``, resampling
+    whole images (clusters): ``hits[i]`` of ``trials[i] > 0`` objects of image ``i`` succeeded."""
+    h, t = np.asarray(hits, dtype=np.float64), np.asarray(trials, dtype=np.float64)
+    if h.shape != t.shape or h.ndim != 1 or not len(h) or (t <= 0).any():
+        raise ValueError("hits and trials must be equally long, non-empty, with trials > 0")
+    idx = np.random.default_rng(seed).integers(0, len(h), size=(resamples, len(h)))  # (R, n)
+    rates = h[idx].sum(axis=1) / t[idx].sum(axis=1)
+    lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Sequence[Any]) -> tuple[int, int]:
+    """(hits, trials) of one image read in one or more views (``readings[k]`` against
+    ``targets[k]``): for ``image`` apps (1 or 0, 1), 1 when every view shows everything its
+    target states; for ``instance`` apps the objects read right out of the objects stated."""
+    from multifusion.zoo.metrics import instance_success_rate
+
+    hits = trials = 0
+    every = True
+    for reading, spec in zip(readings, targets, strict=True):
+        n = len(spec.objects)
+        got = round(instance_success_rate([reading], [spec]) * n) if n else 0
+        hits, trials = hits + got, trials + n
+        every &= got == n
+        every &= spec.background is None or reading["background"] == spec.background
+        every &= spec.style is None or reading["style"] == spec.style
+    return (hits, trials) if app.success == "instance" else (int(every), 1)
