@@ -1,0 +1,1 @@
+"""Where models meet after each scheduler step: trajectory combiners (AMDM)."""
