@@ -17,7 +17,7 @@ import torch
 
 from common import interleaved_medians, tiny_models
 from multifusion.loading import load_models
-from multifusion.loop import make_scheduler
+from multifusion.schedulers import make_scheduler
 from multifusion.noise import SNB, Average
 
 

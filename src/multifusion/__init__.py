@@ -1,6 +1,11 @@
-"""multifusion: combine several text-to-image diffusion models at sampling time."""
+"""multifusion: combine several text-to-image diffusion models at sampling time.
 
-from multifusion.api import Result, average, iter_run, load_recipe_models, mod, run, single, snb
+Every registered method is also a function of this package (`single`, `average`, `snb`, `mod`,
+...), made from the registry: `multifusion.snb(models, prompts, k=..., seed=0)` is
+`multifusion.fuse("snb", models, prompts, k=..., seed=0)`.
+"""
+
+from multifusion.api import Result, Run, fuse, generate_to_folder, iter_run, load_recipe_models, method_function, run
 from multifusion.errors import (
     IncompatibleModelsError,
     ModelLoadError,
@@ -11,8 +16,19 @@ from multifusion.errors import (
 from multifusion.handles import Guided, ModelHandle
 from multifusion.loading import load_model, load_models
 from multifusion.recipe import Recipe, parse_recipe
+from multifusion.registry import METHODS, register
+from multifusion.version import __version__
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    if name in METHODS or name.replace("_", "-") in METHODS:
+        return method_function(name if name in METHODS else name.replace("_", "-"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {n.replace("-", "_") for n in METHODS})
+
 
 __all__ = [
     "Guided",
@@ -24,14 +40,17 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Result",
-    "average",
+    "Run",
+    "__version__",
+    "fuse",
+    "generate_to_folder",
     "iter_run",
     "load_model",
     "load_models",
     "load_recipe_models",
-    "mod",
+    "method_function",
     "parse_recipe",
+    "register",
     "run",
-    "single",
-    "snb",
+    *(n.replace("-", "_") for n in METHODS),  # the built-in methods as functions
 ]

@@ -1,27 +1,34 @@
-"""The Python API: run a recipe, or call a method directly with diffusers-style arguments.
+"""The Python API: run a recipe, or call any method with diffusers-style arguments.
 
     from multifusion import load_models, average
     general, expert = load_models(["zoo:general", "zoo:expert"])
     result = average([general, expert], ["a red circle in a snowy field", "a red striped circle"],
                      weights=[0.6, 0.4], num_inference_steps=30, seed=0)
     result.images[0].save("out.png")
+
+`fuse(method, models, prompts, **params)` runs any registered method; `single`, `average`, `snb`,
+`mod` and every other registered name are the same call with the method filled in (made from
+the registry by `method_function`, so a new method needs no code here).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from multifusion.errors import RecipeError
+from multifusion.errors import RecipeError, did_you_mean
 from multifusion.handles import ModelHandle, check_same_latent_space
 from multifusion.loading import load_models
-from multifusion.loop import StepInfo, decode, initial_noise, make_scheduler, sample, to_pil
-from multifusion.plan import BuildContext
-from multifusion.recipe import Recipe, canvas_size, parse_recipe, validate_recipe
+from multifusion.loop import Step, initial_noise, sample
+from multifusion.method import Batch, RunContext
+from multifusion.recipe import Recipe, canvas_size, check_canvas, parse_recipe, validate
 from multifusion.registry import get_method
+from multifusion.schedulers import make_scheduler
+from multifusion.vae import decode, to_pil
 
 
 @dataclass
@@ -48,176 +55,171 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     )
 
 
+def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
+
+
+class Run:
+    """A recipe ready to sample: validated once, its models loaded once, its method prepared
+    once; then `batch(seeds)` as often as needed."""
+
+    def __init__(self, recipe: Recipe | dict | str | Path, *, models: Sequence[ModelHandle] | None = None):
+        checked = validate(as_recipe(recipe))
+        self.recipe, self.method, self.params = checked.recipe, checked.method, checked.params
+        handles = list(models) if models is not None else load_recipe_models(self.recipe)
+        if len(handles) != len(self.recipe.models):
+            raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
+        if len(handles) > 1:
+            check_same_latent_space(handles)
+        base = handles[0]
+        f = base.vae_scale_factor
+        default = int(base.unet.config.sample_size) * f
+        size_of = canvas_size if checked.canvas_checked else check_canvas  # check once, before loading where possible
+        height, width = size_of(self.recipe, self.method, self.params, f, default)
+        self.latent_shape = (base.latent_channels, height // f, width // f)
+        self.ctx = RunContext(handles, self.recipe, self.latent_shape, f)
+        self.prepared = self.method.prepare(self.ctx, self.params)
+
+    @property
+    def handles(self) -> list[ModelHandle]:
+        return self.ctx.handles
+
+    def batch(self, seeds: Sequence[int], *, callback: Callable[[Step], None] | None = None, progress: bool = True,
+              desc: str | None = None) -> Result:
+        """Sample and decode the images of `seeds` (image i of the recipe has seed sampling.seed + i)."""
+        r = self.recipe
+        seeds = [int(s) for s in seeds]
+        indices = [s - r.sampling.seed for s in seeds]
+        outside = [s for s, i in zip(seeds, indices) if not 0 <= i < r.sampling.num_images]
+        if outside and any(isinstance(m.prompt, list) for m in r.models):
+            raise RecipeError(f"seeds: {outside} lie outside the recipe's images (seeds {r.sampling.seed} to "
+                              f"{r.sampling.seed + r.sampling.num_images - 1}), and its per-image prompts have none for them")
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        batch = Batch(seeds, indices, initial_noise(self.latent_shape, generators))
+        plan = self.method.plan(self.prepared, batch)
+        base = self.handles[0]
+        trajectories = [
+            replace(tr, scheduler=tr.scheduler if tr.scheduler is not None else make_scheduler(r.sampling.scheduler, base.scheduler_config),
+                    noise=tr.noise if tr.noise is not None else batch.noise)
+            for tr in plan.trajectories
+        ]
+        latents = sample(trajectories, num_inference_steps=r.sampling.num_inference_steps, generators=generators,
+                         eta=r.sampling.eta, meet=plan.meet, callback=callback, progress=progress,
+                         desc=desc or f"{r.method} seeds {seeds[0]}-{seeds[-1]}")[plan.output]
+        if latents is None:
+            raise RuntimeError(f"method {r.method!r} stopped its output trajectory {plan.output} before the last step")
+        images = to_pil(decode(base.ready_vae(r.runtime.vae_device), latents))
+        return Result(images, latents, seeds, r)
+
+    def batches(self, seeds: Sequence[int] | None = None, *, batch_size: int = 4, callback: Callable[[Step], None] | None = None,
+                progress: bool = True) -> Iterator[Result]:
+        """`batch` over `seeds` (default: the recipe's) in groups of `batch_size`, each yielded
+        as it finishes so a caller can save it before the next starts."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+        seeds = list(self.recipe.seeds() if seeds is None else seeds)
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start : start + batch_size]
+            yield self.batch(chunk, callback=callback, progress=progress,
+                             desc=f"{self.recipe.method} images {start + 1}-{start + len(chunk)}/{len(seeds)}")
+
+
 def iter_run(
     recipe: Recipe | dict | str | Path,
     *,
     models: Sequence[ModelHandle] | None = None,
     batch_size: int = 4,
     seeds: Sequence[int] | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callable[[Step], None] | None = None,
     progress: bool = True,
 ) -> Iterator[Result]:
-    """Run a recipe in batches of `batch_size` images, yielding each batch as it finishes, so a
-    caller can save it before the next starts. Image i uses seed `sampling.seed + i` alone: the
-    same image comes out whatever the batch size or position in the run. `seeds` replaces the
-    recipe's seeds (to redo a subset of a run)."""
-    if not isinstance(recipe, Recipe):
-        recipe = parse_recipe(recipe)
-    recipe, params = validate_recipe(recipe)
-    if batch_size <= 0:
-        raise RecipeError(f"batch_size must be positive, got {batch_size}")
-    handles = list(models) if models is not None else load_recipe_models(recipe)
-    if len(handles) != len(recipe.models):
-        raise RecipeError(f"got {len(handles)} loaded models for a recipe naming {len(recipe.models)}")
-    if len(handles) > 1:
-        check_same_latent_space(handles)
-    base = handles[0]
-    method = get_method(recipe.method)
-    f = base.vae_scale_factor
-    height, width = canvas_size(recipe, method, params, f, default=int(base.unet.config.sample_size) * f)
-    if method.check is not None:
-        method.check(params, (height, width), f, [m.label for m in recipe.models])
-    shape = (base.latent_channels, height // f, width // f)
-    seeds = list(recipe.seeds() if seeds is None else seeds)
-    cache: dict = {}
-    for start in range(0, len(seeds), batch_size):
-        batch_seeds = seeds[start : start + batch_size]
-        ctx = BuildContext(handles, recipe, batch_seeds, shape, f, cache)
-        plan = method.build(ctx, params)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-        noise = initial_noise(shape, generators)
-        if plan.init_noise is not None:
-            noise = plan.init_noise(noise)
-        scheduler = make_scheduler(recipe.sampling.scheduler, base.scheduler_config)
-        several = len(plan.denoise) > 1
-        out = sample(
-            plan.denoise if several else plan.denoise[0],
-            scheduler,
-            [noise] * len(plan.denoise) if several else noise,
-            num_inference_steps=recipe.sampling.num_inference_steps,
-            generators=generators,
-            eta=recipe.sampling.eta,
-            meet=plan.meet,
-            callback=callback,
-            progress=progress,
-            desc=f"{recipe.method} images {start + 1}-{start + len(batch_seeds)}/{len(seeds)}",
-        )
-        latents = out[0] if several else out
-        images = to_pil(decode(base.ready_vae(recipe.runtime.vae_device), latents))
-        yield Result(images, latents, batch_seeds, recipe)
+    """Run a recipe in batches of `batch_size` images, yielding each batch as it finishes. Image
+    i uses seed `sampling.seed + i` alone: the same image comes out whatever the batch size or
+    position in the run. `seeds` replaces the recipe's seeds (to redo a subset of a run)."""
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    yield from Run(recipe, models=models).batches(seeds, batch_size=batch_size, callback=callback, progress=progress)
 
 
 def run(recipe: Recipe | dict | str | Path, **kwargs: Any) -> Result:
     """Run a recipe and return all its images (see `iter_run` for the arguments)."""
     parts = list(iter_run(recipe, **kwargs))
-    return Result(
-        [im for p in parts for im in p.images],
-        torch.cat([p.latents for p in parts]),
-        [s for p in parts for s in p.seeds],
-        parts[0].recipe,
-    )
+    return Result([im for p in parts for im in p.images], torch.cat([p.latents for p in parts]),
+                  [s for p in parts for s in p.seeds], parts[0].recipe)
 
 
-_SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
+SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
+RUN_KEYS = ("runtime", "batch_size", "callback", "progress")
 _SAMPLING_DOC = """
     Sampling keywords (diffusers names): num_inference_steps (30), scheduler ("ddim"), seed (0;
     image i uses seed + i), num_images (1), height, width (default: the model's native size),
-    eta (0.0). Run keywords: runtime (dict: dtype, device, offload, allow_pickle), batch_size,
-    callback, progress. Returns a `Result`."""
+    eta (0.0). Run keywords: runtime (dict: dtype, device, offload, allow_pickle, vae_device),
+    batch_size, callback, progress. Returns a `Result`."""
 
 
-def _call(method: str, models, prompts, params: dict, negative_prompt, guidance_scale, kwargs: dict) -> Result:
-    """Build the recipe a method function stands for and run it: the Python API and the CLI
-    share one validated path."""
-    handles = [m for m in models if isinstance(m, ModelHandle)]
+def fuse(
+    method: str,
+    models: ModelHandle | str | Sequence[ModelHandle | str],
+    prompts: str | Sequence[str] | None = None,
+    *,
+    negative_prompt: str | Sequence[str] = "",
+    guidance_scale: float | Sequence[float] = 7.5,
+    **kwargs: Any,
+) -> Result:
+    """Run method `method` on `models` (loaded handles, or model names: Hub ids, folders,
+    .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
+    own negative prompt and guidance scale. Other keywords are the method's parameters (see
+    `multifusion methods`), sampling keywords or run keywords; None means "the default".
+    The Python API and the CLI share one validated path: this builds the recipe and runs it."""
+    m = get_method(method)
+    models = [models] if isinstance(models, (ModelHandle, str)) else list(models)
+    handles = [x for x in models if isinstance(x, ModelHandle)]
     if handles and len(handles) != len(models):
         raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
-    per_model = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * len(models)  # noqa: E731
-    prompts, scales, negatives = per_model(prompts), per_model(guidance_scale), per_model(negative_prompt)
-    for name, values in (("prompts", prompts), ("guidance_scale", scales), ("negative_prompt", negatives)):
+    known = set(m.params.model_fields) | set(SAMPLING_KEYS) | set(RUN_KEYS)
+    for key in kwargs:
+        if key not in known:
+            raise RecipeError(f"{key}: not a parameter of method {method!r} nor a sampling or run keyword"
+                              f"{did_you_mean(key, known)} (parameters: {', '.join(m.params.model_fields) or 'none'})")
+
+    def per_model(name: str, value: Any) -> list:
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * len(models)
         if len(values) != len(models):
             raise RecipeError(f"{name}: {len(values)} values for {len(models)} models; give one per model (or one for all)")
+        return values
+
     entries = []
-    for m, p, g, n in zip(models, prompts, scales, negatives):
-        entry = {"model": m.source, "name": m.name} if isinstance(m, ModelHandle) else {"model": m}
+    for x, p, g, n in zip(models, per_model("prompts", prompts), per_model("guidance_scale", guidance_scale),
+                          per_model("negative_prompt", negative_prompt)):
+        entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
         entries.append({**entry, **({"prompt": p} if p is not None else {}), "guidance_scale": g, "negative_prompt": n})
-    sampling = {k: kwargs.pop(k) for k in _SAMPLING_KEYS if kwargs.get(k) is not None}
-    kwargs = {k: v for k, v in kwargs.items() if k not in _SAMPLING_KEYS}
-    recipe = {"method": method, "models": entries, "params": {k: v for k, v in params.items() if v is not None}, "sampling": sampling}
-    if "runtime" in kwargs:
-        recipe["runtime"] = kwargs.pop("runtime")
-    return run(recipe, models=handles or None, **kwargs)
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in m.params.model_fields and v is not None}
+    recipe: dict[str, Any] = {"method": method, "models": entries, "params": params,
+                              "sampling": {k: kwargs[k] for k in SAMPLING_KEYS if kwargs.get(k) is not None}}
+    if kwargs.get("runtime") is not None:
+        recipe["runtime"] = kwargs["runtime"]
+    run_kwargs = {k: kwargs[k] for k in ("batch_size", "callback", "progress") if k in kwargs}
+    return run(recipe, models=handles or None, **run_kwargs)
 
 
-def single(model: ModelHandle | str, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 7.5, **kwargs: Any) -> Result:
-    """One model alone; equals diffusers' StableDiffusionPipeline for the same settings."""
-    return _call("single", [model], [prompt], {}, negative_prompt, guidance_scale, kwargs)
+def method_function(name: str) -> Callable[..., Result]:
+    """`fuse` with the method filled in, its signature and docstring made from the registry."""
+    m = get_method(name)
 
+    def call(models, prompts=None, **kwargs: Any) -> Result:
+        return fuse(name, models, prompts, **kwargs)
 
-def average(
-    models: Sequence[ModelHandle | str],
-    prompts: str | Sequence[str],
-    *,
-    weights: Sequence[float] | None = None,
-    negative_prompt: str | Sequence[str] = "",
-    guidance_scale: float | Sequence[float] = 7.5,
-    **kwargs: Any,
-) -> Result:
-    """Weighted average of several models' guided noise predictions, each with its own prompt."""
-    params = {"weights": list(weights) if weights is not None else None}
-    return _call("average", list(models), prompts, params, negative_prompt, guidance_scale, kwargs)
-
-
-def snb(
-    models: Sequence[ModelHandle | str],
-    prompts: str | Sequence[str],
-    *,
-    k: float | Sequence[float] = 1.0,
-    blur: str = "box",
-    blur_size: int = 4,
-    blur_sigma: float = 1.0,
-    window: tuple[float, float] | None = None,
-    fusion_timestep: int | None = None,
-    fusion: str = "late",
-    temperature: float | None = None,
-    negative_prompt: str | Sequence[str] = "",
-    guidance_scale: float | Sequence[float] = 7.5,
-    **kwargs: Any,
-) -> Result:
-    """MagicFusion saliency-aware noise blending of two or more models (the first is the base).
-
-    The fusion window is either `window` = (start, end) on the trajectory (0 = noise, 1 = clean)
-    or `fusion_timestep` t_s with `fusion` "late" (t <= t_s, the paper) or "early" (t > t_s)."""
-    params = dict(k=list(k) if isinstance(k, (list, tuple)) else k, blur=blur, blur_size=blur_size, blur_sigma=blur_sigma,
-                  fusion_timestep=fusion_timestep, fusion=fusion, temperature=temperature)
-    if window is not None:  # default: the whole trajectory, or the window of fusion_timestep
-        params["window"] = list(window)
-    return _call("snb", list(models), prompts, params, negative_prompt, guidance_scale, kwargs)
-
-
-def mod(
-    models: Sequence[ModelHandle | str],
-    *,
-    regions: Sequence[dict] = (),
-    tiles: dict | None = None,
-    background: dict | None = None,
-    image_regions: Sequence[dict] = (),
-    rerolls: Sequence[dict] = (),
-    tile_batch_size: int = 1,
-    negative_prompt: str = "",
-    guidance_scale: float = 7.5,
-    **kwargs: Any,
-) -> Result:
-    """Mixture of Diffusers: regions (dicts with row_init, row_end, col_init, col_end, prompt and
-    optionally model, guidance_scale, negative_prompt, mask_type, mask_weight, units) or a tiles
-    grid, each denoised by its model and mixed with Gaussian weights on one canvas."""
-    params = {"regions": list(regions), "tiles": tiles, "background": background, "image_regions": list(image_regions),
-              "rerolls": list(rerolls), "tile_batch_size": tile_batch_size}
-    return _call("mod", list(models), [None] * len(models), params, negative_prompt, guidance_scale, kwargs)
-
-
-for _fn in (single, average, snb, mod):
-    _fn.__doc__ += _SAMPLING_DOC
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+              inspect.Parameter("negative_prompt", kw, default=""), inspect.Parameter("guidance_scale", kw, default=7.5)]
+    params += [inspect.Parameter(f, kw, default=info.get_default(call_default_factory=True)) for f, info in m.params.model_fields.items()]
+    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    call.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    call.__name__ = call.__qualname__ = name.replace("-", "_")
+    described = "\n".join(f"    {f}: {info.description or info.annotation}" for f, info in m.params.model_fields.items())
+    call.__doc__ = f"{m.summary}.\n\n    Method parameters:\n{described or '    none'}\n{_SAMPLING_DOC}"
+    return call
 
 
 def image_name(stem: str, seed: int) -> str:
@@ -239,18 +241,21 @@ def generate_to_folder(
     soon as it is decoded. Images already present with the same recipe are not redone, so an
     interrupted run resumes; a different image under the same name is an error unless
     `overwrite`. `export_masks` also writes `{stem}-s{seed}-masks.png/.gif` for methods that
-    record masks (SNB)."""
+    record masks (SNB). Models load once for the whole run."""
     from multifusion.io import image_metadata, read_png_metadata, save_png
+    from multifusion.viz import MaskRecorder
 
-    if not isinstance(recipe, Recipe):
-        recipe = parse_recipe(recipe)
-    validate_recipe(recipe)
+    recipe = as_recipe(recipe)
+    validate(recipe)
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
     out = Path(out)
+    recipe_json = recipe.to_json()
     todo, paths = [], []
     for seed in recipe.seeds():
         path = out / image_name(stem, seed)
         paths.append(path)
-        want = image_metadata(recipe.to_json(), seed)
+        want = image_metadata(recipe_json, seed)
         if path.exists() and not overwrite:
             try:
                 have = read_png_metadata(path)
@@ -258,19 +263,26 @@ def generate_to_folder(
                 have = None
             if have is not None and have.get("recipe") == want["recipe"]:
                 continue
-            raise RecipeError(
-                f"--out: {str(path)!r} exists and was made by a different recipe; choose another --out, "
-                "another --name, or pass --overwrite"
-            )
+            raise RecipeError(f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder "
+                              "or name, or overwrite it")
         todo.append(seed)
-    from multifusion.viz import MaskRecorder
-
+    if not todo:
+        return paths
+    session = Run(recipe, models=models)
     for start in range(0, len(todo), batch_size):
         recorder = MaskRecorder() if export_masks else None
-        batch = todo[start : start + batch_size]
-        for part in iter_run(recipe, models=models, batch_size=batch_size, seeds=batch, progress=progress, callback=recorder):
-            for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
-                if recorder is not None:
-                    paths += recorder.save(out / image_name(stem, seed).removesuffix(".png"), i, [m.label for m in recipe.models])
-                save_png(image, out / image_name(stem, seed), image_metadata(recipe.to_json(), seed))
+        part = session.batch(todo[start : start + batch_size], callback=recorder, progress=progress)
+        for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
+            if recorder is not None:
+                paths += recorder.save(out / image_name(stem, seed).removesuffix(".png"), i, [m.label for m in recipe.models])
+            save_png(image, out / image_name(stem, seed), image_metadata(recipe_json, seed))
     return paths
+
+
+def __getattr__(name: str) -> Callable[..., Result]:
+    """`multifusion.api.single`, `.average`, ...: every registered method as a function."""
+    from multifusion.registry import METHODS
+
+    if name in METHODS or name.replace("_", "-") in METHODS:
+        return method_function(name if name in METHODS else name.replace("_", "-"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -125,7 +125,7 @@ def _tiny_demo(out: Path, progress: bool) -> Path:
 
     from multifusion.api import generate_to_folder
     from multifusion.loading import load_models
-    from multifusion.testing import build_tiny_pipeline
+    from multifusion.zoo.tiny import build_tiny_pipeline
 
     paths = []
     for name, seed in (("tiny-general", 0), ("tiny-expert", 1)):

@@ -6,13 +6,50 @@ Every message names what is wrong (the recipe field, the file, the model) and ho
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:
     """"; did you mean 'X'?" for the option closest to a misspelt `name`, or "" when none is close."""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
+def field_path(parts: Iterable[str | int], prefix: str = "") -> str:
+    """A location as users write it in a recipe: ("models", 1, "model") -> "models[1].model"."""
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+    return f"{prefix}.{text}" if prefix and text else (prefix or text)
+
+
+def format_validation_error(err: "ValidationError", prefix: str = "", unknown: Callable[[list], str] | None = None) -> str:
+    """One line per problem of a pydantic ValidationError, each starting with the field it names
+    (under `prefix`, e.g. "params"), what is wrong and the value given. A validator that raises
+    `FieldError` names its own field. `unknown(location)` words the error of an unknown field."""
+    lines = []
+    for e in err.errors():
+        parts = list(e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            parts.append(cause.field)
+        msg = cause.message if isinstance(cause, FieldError) else e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = unknown(parts) if unknown else "unknown field (check the spelling)"
+        got = e.get("input")
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) and e["type"] not in ("missing", "extra_forbidden") else ""
+        lines.append(f"{field_path(parts, prefix) or 'recipe'}: {msg}{shown}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+class FieldError(ValueError):
+    """Raised by a validator that checks several fields together, to name the one at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 class MultifusionError(ValueError):

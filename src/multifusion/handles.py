@@ -9,7 +9,7 @@ its own guidance scale and negative prompt. What leaves a handle is a *noise fun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -235,15 +235,37 @@ class Guided:
         return self.cond_embeds.shape[0]
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, need_uncond: bool = False) -> GuidedPrediction:
-        if self.guidance_scale == 1.0 and not need_uncond:
-            c = self.handle.eps(x_t, t, self.cond_embeds)
-            return GuidedPrediction(c, None, c, self.guidance_scale)
-        both = self.handle.eps(torch.cat([x_t, x_t]), t, torch.cat([self.uncond_embeds, self.cond_embeds]))
-        u, c = both.chunk(2)
-        return GuidedPrediction(cfg(u, c, self.guidance_scale), u, c, self.guidance_scale)
+        return predict_together([self], [x_t], t, need_uncond)[0]
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         return self.predict(x_t, t).eps
+
+
+def predict_together(
+    guided: Sequence[Guided], xs: Sequence[torch.Tensor], t: torch.Tensor, need_uncond: bool = False
+) -> list[GuidedPrediction]:
+    """Guided predictions of several conditioned copies of ONE model, each on its own input
+    xs[i] (B_i, C, H, W) of one size, in one UNet call: unconditional halves first, then
+    conditional, as diffusers batches CFG. When every guidance scale is 1 and the unconditional
+    prediction is not asked for, only the conditional half runs."""
+    handle = guided[0].handle
+    if any(g.handle is not handle for g in guided):
+        raise ValueError("predict_together takes conditioned copies of one model; group inputs by model first")
+    x = torch.cat(list(xs))
+    cond = torch.cat([g.cond_embeds for g in guided])
+    if not need_uncond and all(g.guidance_scale == 1.0 for g in guided):
+        c_all, u_all = handle.eps(x, t, cond), None
+    else:
+        uncond = torch.cat([g.uncond_embeds for g in guided])
+        u_all, c_all = handle.eps(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+    out, start = [], 0
+    for g, xi in zip(guided, xs):
+        n = xi.shape[0]
+        c = c_all[start : start + n]
+        u = None if u_all is None else u_all[start : start + n]
+        out.append(GuidedPrediction(c if u is None else cfg(u, c, g.guidance_scale), u, c, g.guidance_scale))
+        start += n
+    return out
 
 
 def check_same_latent_space(handles: list[ModelHandle]) -> None:

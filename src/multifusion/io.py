@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from PIL import Image, PngImagePlugin
 
 from multifusion.errors import RecipeError
@@ -66,24 +67,35 @@ def read_png_metadata(path: str | Path) -> dict:
     """The metadata `save_png` wrote; RecipeError when the file has none."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"--from-image: {str(path)!r} does not exist")
+        raise RecipeError(f"{str(path)!r} does not exist")
     with Image.open(path) as im:
         raw = im.info.get(META_KEY) if hasattr(im, "info") else None
     if raw is None:
-        raise RecipeError(f"--from-image: {str(path)!r} holds no multifusion metadata (was it written by `multifusion generate`?)")
+        raise RecipeError(f"{str(path)!r} holds no multifusion metadata (was it written by `multifusion generate`?)")
     return json.loads(raw)
 
 
 def image_metadata(recipe_json: str, seed: int) -> dict:
-    """Metadata of one image: the full recipe, narrowed to this image alone (its seed, one
-    image), so that running it again regenerates exactly this image."""
-    from multifusion import __version__
+    """Metadata of one image: the full recipe narrowed to this image alone (its seed, one image,
+    its own prompt), so that running it again regenerates exactly this image."""
+    from multifusion.recipe import narrow_to_image
+    from multifusion.version import __version__
 
-    recipe = json.loads(recipe_json)
-    sampling = dict(recipe.get("sampling", {}))
-    sampling.update(seed=seed, num_images=1)
-    recipe["sampling"] = sampling
-    return {"recipe": recipe, "seed": seed, "multifusion_version": __version__}
+    return {"recipe": narrow_to_image(json.loads(recipe_json), seed), "seed": seed, "multifusion_version": __version__}
+
+
+def read_rgb_image(where: str, path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, h, w) in [-1, 1] from an RGB (or greyscale) image file, resized to `size` (h, w)
+    with bicubic filtering; RecipeError naming the recipe field `where` otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{where}: {str(path)!r} does not exist")
+    with Image.open(p) as im:
+        if im.mode not in ("RGB", "L"):
+            raise RecipeError(f"{where}: {str(path)!r} has mode {im.mode}; give an RGB image (e.g. convert it with PIL: im.convert('RGB'))")
+        im = im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
+    return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str] | None = None, cell: int = 128) -> Image.Image:

@@ -1,20 +1,20 @@
 """The one sampling loop every method shares, written against the diffusers scheduler contract.
 
-    x_T ~ N(0, I) * init_noise_sigma
-    for t in scheduler.timesteps:
-        for each trajectory k:  eps_k = denoise_k(scale_model_input(x_k, t), t)    # noise slot
-                                x_k   = scheduler_k.step(eps_k, t, x_k).prev_sample
-        xs = meet(xs, t, step, schedulers)                                         # latent slot
+    x_k = noise_k * init_noise_sigma                                      for each trajectory k
+    for step i:
+        for each running trajectory k:
+            eps_k = denoise_k(scale_model_input(x_k, t_k), t_k)          # noise slot
+            x_k   = scheduler_k.step(eps_k, t_k, x_k).prev_sample
+        xs = meet(Step(...))                                              # latent slot
 
-Noise combiners (average, SNB, regions) are one `denoise` function; trajectory combiners
-(AMDM) give one `denoise` per trajectory and a `meet`. Each trajectory has its own deep copy of
-the scheduler, since multistep schedulers keep state between steps.
+Noise combiners (average, SNB, regions) are one trajectory's `denoise`; trajectory combiners
+(AMDM) run one trajectory per model and meet them after the step. Every trajectory owns its
+scheduler (multistep schedulers keep history between steps), so models with different noise
+schedules can run side by side as long as they take the same number of steps.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,183 +22,119 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from multifusion.errors import RecipeError, did_you_mean
-from multifusion.handles import NoiseFn
-
-# Short names users know (A1111 / diffusers docs) -> diffusers scheduler class names.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "dpm_single": "DPMSolverSinglestepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "deis": "DEISMultistepScheduler",
-}
+from multifusion.handles import NoiseFn, alpha_bar_at
 
 
-def scheduler_class(name: str):
-    """The diffusers scheduler class for a short name or a class name; RecipeError otherwise."""
+@dataclass(eq=False)
+class Trajectory:
+    """One latent trajectory: its noise function, its own scheduler and its unit-variance initial
+    noise (B, C, H, W). A method's plan may leave `scheduler` or `noise` as None; the run then
+    gives it a fresh scheduler of the recipe's kind and the batch's noise."""
 
-    import diffusers
-
-    cls_name = SCHEDULERS.get(name.lower(), name)
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not cls_name.endswith("Scheduler"):
-        options = sorted(SCHEDULERS) + sorted({v for v in SCHEDULERS.values()})
-        raise RecipeError(f"sampling.scheduler: unknown scheduler {name!r} (use one of {', '.join(sorted(SCHEDULERS))} or a diffusers class name){did_you_mean(name, options)}")
-    return cls
+    denoise: NoiseFn
+    scheduler: Any = None
+    noise: torch.Tensor | None = None
 
 
-def make_scheduler(name: str, base_config: dict):
-    """A scheduler of kind `name` with the noise schedule of `base_config`, set to epsilon
-    prediction: handles convert every model's output to eps before it reaches the scheduler."""
-    return scheduler_class(name).from_config(base_config, prediction_type="epsilon")
+@dataclass(eq=False)
+class Step:
+    """One step of every trajectory: what `meet` and the step callback receive. Lists are
+    indexed by trajectory; a stopped trajectory has None in each of them."""
 
-
-@dataclass
-class StepInfo:
-    """What the per-step callback receives."""
-
-    step: int  # 0-based index into scheduler.timesteps
+    step: int  # 0-based index into the timesteps
     num_steps: int
-    t: torch.Tensor  # scheduler timestep
-    latents: list[torch.Tensor]  # x_{t-1} per trajectory, after `meet`
-    eps: list[torch.Tensor]  # the noise prediction of each trajectory at this step
-    record: dict[str, Any] = field(default_factory=dict)  # named extras from combiners
+    t: list[torch.Tensor | None]  # each trajectory's timestep at this step
+    t_next: list[torch.Tensor | None]  # its timestep after this step (None after the last)
+    model_input: list[torch.Tensor | None]  # scale_model_input(x_t): the variance-preserving latent the model saw
+    eps: list[torch.Tensor | None]  # each trajectory's noise prediction (eps space)
+    latents: list[torch.Tensor | None]  # x after its own scheduler step; after `meet`, what meet returned
+    schedulers: list[Any]
+    record: dict[str, Any] = field(default_factory=dict)  # named extras from combiners (masks, maps)
+
+    def x0(self, k: int) -> torch.Tensor:
+        """Trajectory k's prediction of the clean latent, (x - sqrt(1 - a) eps) / sqrt(a) with
+        x the model's (variance-preserving) input and a = alpha_bar(t): the same formula for
+        every scheduler, whatever its own step does."""
+        a = alpha_bar_at(self.schedulers[k].alphas_cumprod, self.t[k]).to(self.eps[k].device, torch.float32)
+        return (self.model_input[k] - (1 - a).sqrt() * self.eps[k]) / a.sqrt()
 
 
-def initial_noise(
-    shape: tuple[int, int, int], generators: Sequence[torch.Generator], dtype=torch.float32
-) -> torch.Tensor:
+Meet = Callable[[Step], Sequence[torch.Tensor | None]]
+
+
+def initial_noise(shape: tuple[int, int, int], generators: Sequence[torch.Generator], dtype=torch.float32) -> torch.Tensor:
     """(B, C, H, W) standard normal noise, image i drawn from generators[i] alone, as
-    diffusers' `randn_tensor` does with a list of generators (so image i is reproducible
-    from its seed regardless of batch)."""
+    diffusers' `randn_tensor` does with a list of generators (so image i is reproducible from
+    its seed regardless of batch)."""
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators])
 
 
-def timestep_fraction(t: torch.Tensor | float, num_train_timesteps: int) -> float:
-    """Progress along the trajectory on the scheduler's timestep axis: 0 = pure noise
-    (t = T-1), 1 = clean (t = 0). Fusion windows are expressed in this unit."""
-    return 1.0 - float(t) / float(num_train_timesteps - 1)
-
-
-def in_window(fraction: float, window: tuple[float, float]) -> bool:
-    """Whether a trajectory fraction lies in `window` = [start, end), closed at end = 1 so a
-    window reaching 1 includes the last step. Half-open, so that a window and its complement
-    ([0, a) and [a, 1]) never both hold at the same step."""
-    start, end = window
-    return start <= fraction and (fraction < end or end >= 1.0)
+def _step_kwargs(scheduler, eta: float, generators) -> dict[str, Any]:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted and generators is not None:
+        kwargs["generator"] = list(generators)
+    return kwargs
 
 
 def sample(
-    denoise: NoiseFn | Sequence[NoiseFn],
-    scheduler,
-    noise: torch.Tensor | Sequence[torch.Tensor],
+    trajectories: Sequence[Trajectory],
     *,
     num_inference_steps: int,
     generators: Sequence[torch.Generator] | None = None,
     eta: float = 0.0,
-    meet: Callable[[list[torch.Tensor], torch.Tensor, int, list], list[torch.Tensor]] | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
+    meet: Meet | None = None,
+    callback: Callable[[Step], None] | None = None,
     progress: bool = True,
     desc: str = "sampling",
-) -> torch.Tensor | list[torch.Tensor]:
-    """Run the reverse process. One `denoise` and one `noise` tensor (B, C, H, W) give a
-    single trajectory and return its final latents; sequences give one trajectory each (with
-    its own scheduler copy) and return a list.
+) -> list[torch.Tensor | None]:
+    """Run the reverse process of every trajectory in lock-step and return each one's final
+    latents (None for a trajectory that `meet` stopped).
 
-    `noise` is unit-variance; it is scaled by the scheduler's `init_noise_sigma` here, after
-    `set_timesteps`, as diffusers pipelines do. `generators` (one per image) and `eta` go to
-    `scheduler.step` when it takes them. `meet(xs, t, step, schedulers)` sees all trajectories'
-    latents (and their schedulers) after each step and returns them, possibly changed. `callback` gets a StepInfo after each step.
+    Each trajectory's noise is unit-variance; it is scaled by its scheduler's `init_noise_sigma`
+    after `set_timesteps`, as diffusers pipelines do. `generators` (one per image) and `eta` go
+    to `scheduler.step` where it takes them. `meet(step)` sees every trajectory after its step
+    and returns the latents to continue from; None for a trajectory stops it (it is no longer
+    evaluated). `callback` gets the same `Step` after `meet`.
     """
-    single = callable(denoise) and not isinstance(denoise, (list, tuple))
-    denoisers = [denoise] if single else list(denoise)
-    noises = [noise] if isinstance(noise, torch.Tensor) else list(noise)
-    if len(noises) != len(denoisers):
-        raise ValueError(f"got {len(denoisers)} denoisers but {len(noises)} initial latents")
-
-    scheduler.set_timesteps(num_inference_steps, device=noises[0].device)
-    schedulers = [scheduler] + [copy.deepcopy(scheduler) for _ in denoisers[1:]]
-    xs = [n * s.init_noise_sigma for n, s in zip(noises, schedulers)]
-
-    accepted = set(inspect.signature(scheduler.step).parameters)
-    step_kwargs: dict[str, Any] = {}
-    if "eta" in accepted:
-        step_kwargs["eta"] = eta
-    if "generator" in accepted and generators is not None:
-        step_kwargs["generator"] = list(generators)
-
-    timesteps = scheduler.timesteps
-    want_record = callback is not None
-    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
-        record: dict[str, Any] | None = {} if want_record else None
-        eps_all = []
-        for k, (fn, sched) in enumerate(zip(denoisers, schedulers)):
-            x_in = sched.scale_model_input(xs[k], t)
-            eps = fn(x_in, t, record)
-            xs[k] = sched.step(eps, t, xs[k], **step_kwargs, return_dict=False)[0]
-            eps_all.append(eps)
+    if not trajectories:
+        raise ValueError("sample needs at least one trajectory")
+    schedulers = []
+    for k, tr in enumerate(trajectories):
+        if tr.scheduler is None or tr.noise is None:
+            raise ValueError(f"trajectory {k} has no {'scheduler' if tr.scheduler is None else 'initial noise'}")
+        if any(tr.scheduler is s for s in schedulers):
+            raise ValueError(f"trajectory {k} shares its scheduler object with another; give each its own (schedulers keep state)")
+        tr.scheduler.set_timesteps(num_inference_steps, device=tr.noise.device)
+        schedulers.append(tr.scheduler)
+    counts = {len(s.timesteps) for s in schedulers}
+    if len(counts) != 1:
+        raise ValueError(f"the trajectories' schedulers take different numbers of steps ({sorted(counts)}); they must run in lock-step")
+    n = counts.pop()
+    xs: list[torch.Tensor | None] = [tr.noise * s.init_noise_sigma for tr, s in zip(trajectories, schedulers)]
+    kwargs = [_step_kwargs(s, eta, generators) for s in schedulers]
+    for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+        running = [k for k, x in enumerate(xs) if x is not None]
+        nothing = [None] * len(xs)
+        step = Step(i, n, list(nothing), list(nothing), list(nothing), list(nothing), list(nothing), schedulers)
+        record = step.record if callback is not None else None
+        for k in running:
+            s = schedulers[k]
+            t = s.timesteps[i]
+            x_in = s.scale_model_input(xs[k], t)
+            eps = trajectories[k].denoise(x_in, t, record)
+            xs[k] = s.step(eps, t, xs[k], **kwargs[k], return_dict=False)[0]
+            step.t[k], step.model_input[k], step.eps[k] = t, x_in, eps
+            step.t_next[k] = s.timesteps[i + 1] if i + 1 < n else None
+        step.latents = list(xs)
         if meet is not None:
-            xs = meet(xs, t, i, schedulers)
+            met = list(meet(step))
+            if len(met) != len(xs):
+                raise ValueError(f"meet returned {len(met)} latents for {len(xs)} trajectories")
+            xs = [None if xs[k] is None else met[k] for k in range(len(xs))]
+            step.latents = list(xs)
         if callback is not None:
-            callback(StepInfo(i, len(timesteps), t, xs, eps_all, record or {}))
-    return xs[0] if single else xs
-
-
-@contextlib.contextmanager
-def _vae_tiling(vae: torch.nn.Module, area_px: int, tiled: bool | None):
-    """Switch diffusers' VAE tiling on for the block (default: when the image has more than 4x
-    the VAE's native area), so memory stays near one tile's for large canvases; seams are
-    blended by diffusers, and results differ slightly from a whole pass."""
-    native = int(getattr(vae.config, "sample_size", 0) or 0)
-    if tiled is None:
-        tiled = native > 0 and area_px > 4 * native * native
-    previous = getattr(vae, "use_tiling", False)
-    if hasattr(vae, "use_tiling"):
-        vae.use_tiling = bool(tiled)
-    try:
-        yield
-    finally:
-        if hasattr(vae, "use_tiling"):
-            vae.use_tiling = previous
-
-
-@torch.no_grad()
-def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-    """Latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], as diffusers'
-    StableDiffusionPipeline decodes them (divide by the VAE scaling factor, decode, map
-    [-1, 1] to [0, 1]), one image at a time, on the VAE's device; tiled for large canvases."""
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    param = next(vae.parameters())
-    with _vae_tiling(vae, latents.shape[-2] * latents.shape[-1] * f * f, tiled):
-        images = [
-            vae.decode(x[None].to(param.device, param.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            for x in latents
-        ]
-    return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1).cpu()
-
-
-@torch.no_grad()
-def encode(vae: torch.nn.Module, image: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-    """Image (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) float32 on the CPU: the
-    posterior mean times the scaling factor (the mean, not a sample, so it is the same for
-    every seed), on the VAE's device; tiled for large images, as `decode` is."""
-    param = next(vae.parameters())
-    with _vae_tiling(vae, image.shape[-2] * image.shape[-1], tiled):
-        mean = vae.encode(image.to(param.device, param.dtype)).latent_dist.mean
-    return mean.float().cpu() * vae.config.scaling_factor
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [0, 1] -> PIL images, rounding as diffusers' image processor does."""
-    from PIL import Image
-
-    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arr]
+            callback(step)
+    return xs

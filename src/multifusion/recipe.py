@@ -15,12 +15,16 @@ Errors name the field (``models[1].model``, ``sampling.height``) and what to cha
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
-from multifusion.errors import ModelLoadError, RecipeError
+from multifusion.errors import ModelLoadError, RecipeError, format_validation_error
+
+if TYPE_CHECKING:
+    from multifusion.method import Method, Params
 
 
 class _Strict(BaseModel):
@@ -33,7 +37,7 @@ class ModelEntry(_Strict):
     model: str = Field(min_length=1, description="diffusers folder, Hub id, .safetensors file or zoo:NAME")
     name: str | None = None
     config: str | None = Field(None, description="diffusers config folder for a single-file checkpoint")
-    prompt: str | None = None
+    prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = None
     guidance_scale: float | None = Field(None, ge=0)
 
@@ -74,12 +78,22 @@ class Recipe(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     prompt: str | None = Field(None, description="default prompt of models that give none")
     negative_prompt: str = ""
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, JsonValue] = Field(default_factory=dict)
     sampling: Sampling = Field(default_factory=Sampling)
     runtime: Runtime = Field(default_factory=Runtime)
 
-    def prompt_of(self, i: int) -> str:
-        return self.models[i].prompt if self.models[i].prompt is not None else self.prompt  # type: ignore[return-value]
+    @model_validator(mode="after")
+    def _prompt_lists(self):
+        for i, m in enumerate(self.models):
+            if isinstance(m.prompt, list) and len(m.prompt) != self.sampling.num_images:
+                raise ValueError(f"models[{i}].prompt has {len(m.prompt)} prompts for {self.sampling.num_images} images "
+                                 "(sampling.num_images); give one prompt per image, or a single prompt")
+        return self
+
+    def prompts_of(self, i: int, indices: list[int]) -> list[str]:
+        """Model i's prompt for each image index (0 = the image of `sampling.seed`)."""
+        p = self.models[i].prompt if self.models[i].prompt is not None else self.prompt
+        return [p[j] for j in indices] if isinstance(p, list) else [p] * len(indices)  # type: ignore[list-item]
 
     def negative_of(self, i: int) -> str:
         m = self.models[i]
@@ -97,17 +111,18 @@ class Recipe(_Strict):
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
-def _format_pydantic(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see `multifusion generate --help`)"
-        got = e.get("input")
-        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) and e["type"] != "missing" else ""
-        lines.append(f"{loc or 'recipe'}: {msg}{shown}")
-    return "invalid recipe:\n  " + "\n  ".join(lines)
+def narrow_to_image(recipe: dict, seed: int) -> dict:
+    """A recipe (as JSON data) narrowed to the one image of `seed`: that seed, one image, and
+    each per-image prompt list reduced to that image's prompt, so running it again regenerates
+    exactly that image."""
+    out = json.loads(json.dumps(recipe))
+    sampling = out.setdefault("sampling", {})
+    index = seed - int(sampling.get("seed", 0))
+    for m in out.get("models", []):
+        if isinstance(m.get("prompt"), list):
+            m["prompt"] = m["prompt"][index]
+    sampling.update(seed=seed, num_images=1)
+    return out
 
 
 def parse_recipe(data: dict | str | Path) -> Recipe:
@@ -132,17 +147,29 @@ def parse_recipe(data: dict | str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_pydantic(err)) from None
+        raise RecipeError(format_validation_error(err)) from None
 
 
-def validate_recipe(recipe: Recipe) -> tuple[Recipe, Any]:
+@dataclass(frozen=True)
+class Validated:
+    """A recipe checked before loading: its method, its params, and whether the canvas size and
+    the method's size checks could run already (they need the VAE factor from a local config
+    and a size given by the recipe; otherwise they run after loading)."""
+
+    recipe: Recipe
+    method: "Method"
+    params: "Params"
+    canvas_checked: bool
+
+
+def validate(recipe: Recipe) -> Validated:
     """Every check that can run before a model loads: the method exists and accepts this many
-    models and these params; every model reference resolves (pickles refused); the image size is
-    a multiple of the VAE factor of every model whose config is local. Returns the recipe and the
-    validated method params."""
+    models and these params; every model has a prompt (if the method needs one); the scheduler
+    exists; every model reference resolves (pickles refused); the canvas size fits the VAE
+    factor and the method's own size checks pass, where the first model's config is local."""
     from multifusion.loading import read_local_config, resolve
-    from multifusion.loop import scheduler_class
     from multifusion.registry import get_method
+    from multifusion.schedulers import scheduler_class
 
     method = get_method(recipe.method)
     n = len(recipe.models)
@@ -164,14 +191,26 @@ def validate_recipe(recipe: Recipe) -> tuple[Recipe, Any]:
         cfg = read_local_config(ref)
         if cfg is not None and i == 0:
             factor = cfg["vae_scale_factor"]
-    if factor is not None:
-        size = canvas_size(recipe, method, params, factor, default=None)
-        if size is not None and method.check is not None:
-            method.check(params, size, factor, [m.label for m in recipe.models])
-    return recipe, params
+    size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
+    return Validated(recipe, method, params, size is not None)
 
 
-def canvas_size(recipe: Recipe, method, params, factor: int, default: int | None) -> tuple[int, int] | None:
+def validate_recipe(recipe: Recipe) -> tuple[Recipe, "Params"]:
+    """`validate`, returning the recipe and its validated method params."""
+    v = validate(recipe)
+    return v.recipe, v.params
+
+
+def check_canvas(recipe: Recipe, method: "Method", params: "Params", factor: int, default: int | None) -> tuple[int, int] | None:
+    """The canvas size (see `canvas_size`) with the method's own size checks run on it, when the
+    size is known."""
+    size = canvas_size(recipe, method, params, factor, default)
+    if size is not None and method.check is not None:
+        method.check(params, size, factor, [m.label for m in recipe.models])
+    return size
+
+
+def canvas_size(recipe: Recipe, method: "Method", params: "Params", factor: int, default: int | None) -> tuple[int, int] | None:
     """(height, width) in pixels: the method's own canvas (tiles), else the sampling size, else
     `default` (the model's native size). Raises RecipeError for sizes off the VAE grid or a
     sampling size contradicting the method's canvas. None when unknown yet."""

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from multifusion.io import atomic_path
-from multifusion.loop import StepInfo
+from multifusion.loop import Step
 
 # Distinct colours for up to eight models (model i -> PALETTE[i % 8]).
 PALETTE = np.array(
@@ -48,7 +48,7 @@ class MaskRecorder:
     masks: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)
 
-    def __call__(self, info: StepInfo) -> None:
+    def __call__(self, info: Step) -> None:
         mask = info.record.get(f"{self.prefix}/mask")
         if mask is None:
             return

@@ -371,7 +371,7 @@ def test_seam_score_sees_a_step_at_the_region_edges_only():
 
 def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_object():
     from multifusion.bench.apps import TILE, TILE_OVERLAP, tile_views, tiles_per_slot
-    from multifusion.noise.specs import ModParams
+    from multifusion.noise.methods import ModParams
 
     app = APPS["regional"]
     rows = {r.id: r for r in app.rows()[0]}

@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from multifusion import average, load_models, single
-from multifusion.loop import scheduler_class
+from multifusion.schedulers import scheduler_class
 
 PROMPT = "a red circle in a snowy field"
 SCHEDULERS = ["ddim", "dpm++", "euler", "pndm", "lms", "euler_a", "heun", "unipc"]

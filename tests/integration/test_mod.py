@@ -7,10 +7,17 @@ from PIL import Image
 
 from multifusion import RecipeError, load_models, single
 from multifusion.api import run
-from multifusion.loop import initial_noise, make_scheduler, sample
+from multifusion.loop import Trajectory, initial_noise, sample
 from multifusion.noise.regions import Canvas, Region, region_weights
+from multifusion.schedulers import make_scheduler
 
 PROMPT = "a red circle in a snowy field"
+
+
+def ddim(fn, handle, noise, steps=3, **kwargs):
+    """One trajectory of noise function `fn` under a fresh DDIM scheduler of `handle`."""
+    return sample([Trajectory(fn, make_scheduler("ddim", handle.scheduler_config), noise)], num_inference_steps=steps,
+                  progress=False, **kwargs)[0]
 
 
 def mod(models, params, **sampling):
@@ -53,8 +60,8 @@ def test_non_square_canvas_halves_are_independent_models_runs(tiny_a):
     canvas = Canvas([Region((0, 8, 0, 8), left, region_weights(8, 8, "constant")),
                      Region((0, 8, 8, 16), right, region_weights(8, 8, "constant"))], (8, 16))
     noise = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
-    both = sample(canvas, make_scheduler("ddim", h.scheduler_config), noise, num_inference_steps=3, progress=False)
-    alone = sample(right, make_scheduler("ddim", h.scheduler_config), noise[:, :, :, 8:].contiguous(), num_inference_steps=3, progress=False)
+    both = ddim(canvas, h, noise)
+    alone = ddim(right, h, noise[:, :, :, 8:].contiguous())
     assert torch.allclose(both[:, :, :, 8:], alone, atol=1e-5)
 
 
@@ -64,9 +71,10 @@ def test_image_region_with_full_strength_reproduces_the_reference(tiny_a, tmp_pa
     params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}],
               "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 16, "image": str(tmp_path / "ref.png"), "strength": 1.0}]}
     out = run(mod([tiny_a], params), models=[h], progress=False).latents
-    from multifusion.noise.specs import encode_image, load_reference_image
+    from multifusion.io import read_rgb_image
+    from multifusion.vae import encode
 
-    ref = encode_image(h, load_reference_image("x", str(tmp_path / "ref.png"), (32, 16)))
+    ref = encode(h.vae, read_rgb_image("x", str(tmp_path / "ref.png"), (32, 16)))
     assert torch.equal(out[:, :, :, :4], ref.expand(2, -1, -1, -1))
     free = run(mod([tiny_a], {**params, "image_regions": [{**params["image_regions"][0], "strength": 0.0}]}), models=[h], progress=False).latents
     assert torch.equal(free, run(mod([tiny_a], {"regions": params["regions"]}), models=[h], progress=False).latents)
@@ -140,8 +148,8 @@ def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
     g = ha.guide(PROMPT, batch_size=1)
     noise = initial_noise((4, 8, 8), [torch.Generator().manual_seed(0)])
     nested = Canvas([Region((0, 8, 0, 8), SNB([g, g], [1.0, 1.0]), region_weights(8, 8))], (8, 8))
-    ref = sample(g, make_scheduler("ddim", ha.scheduler_config), noise, num_inference_steps=3, progress=False)
-    out = sample(nested, make_scheduler("ddim", ha.scheduler_config), noise, num_inference_steps=3, progress=False)
+    ref = ddim(g, ha, noise)
+    out = ddim(nested, ha, noise)
     assert torch.equal(out, ref)
 
     fused = SNB([ha.guide(PROMPT, batch_size=1), hb.guide("a blue square", batch_size=1)], [1.0, 1.0])
@@ -149,8 +157,7 @@ def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
                      Region((0, 8, 4, 16), hb.guide("a forest", batch_size=1), region_weights(8, 12))], (8, 16))
     masks = []
     wide = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
-    out = sample(canvas, make_scheduler("ddim", ha.scheduler_config), wide, num_inference_steps=3, progress=False,
-                 callback=lambda info: masks.append(info.record["snb/mask"]))
+    out = ddim(canvas, ha, wide, callback=lambda info: masks.append(info.record["snb/mask"]))
     assert out.shape == (1, 4, 8, 16) and torch.isfinite(out).all()
     assert len(masks) == 3 and all(m.shape == (2, 1, 1, 8, 8) for m in masks)
 
@@ -158,7 +165,7 @@ def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
 def test_large_reference_images_and_canvases_use_vae_tiling(tiny_a, monkeypatch):
     """Encode and decode switch diffusers' VAE tiling on above 4x the VAE's native area (the
     tiny VAE's native size is 32 px) and restore the flag afterwards."""
-    from multifusion.loop import decode, encode
+    from multifusion.vae import decode, encode
 
     [h] = load_models([tiny_a])
     vae, seen = h.vae, []

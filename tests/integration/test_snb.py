@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from multifusion import IncompatibleModelsError, RecipeError, load_models, single, snb
-from multifusion.loop import StepInfo
+from multifusion.loop import Step
 
 PROMPT = "a red circle in a snowy field"
 KW = dict(num_inference_steps=5, seed=2, num_images=2, progress=False)
@@ -47,7 +47,7 @@ def test_before_the_window_only_the_base_model_runs(tiny_a, tiny_b):
 
 def test_snb_differs_from_both_models_and_records_masks(tiny_a, tiny_b):
     ha, hb = load_models([tiny_a, tiny_b])
-    steps: list[StepInfo] = []
+    steps: list[Step] = []
     from multifusion.api import run
 
     recipe = {"method": "snb", "params": {"k": [1.0, 2.0]},
@@ -64,8 +64,8 @@ def test_snb_differs_from_both_models_and_records_masks(tiny_a, tiny_b):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"k": 0}, "params.k: every k must be > 0"),
-        ({"k": [1.0, -1.0]}, "params.k: every k must be > 0"),
+        ({"k": 0}, "params.k: must all be > 0"),
+        ({"k": [1.0, -1.0]}, "params.k: must all be > 0"),
         ({"k": [1.0, 1.0, 1.0]}, "params.k: has 3 entries for 2 models"),
         ({"window": [0.5, 1.2]}, "params.window: must be [start, end]"),
         ({"window": [0.8, 0.2]}, "params.window: must be [start, end]"),
@@ -151,11 +151,11 @@ def test_bad_fusion_timestep(tiny_a, tiny_b, params, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"k": [1.0, 0.0]}, "every k must be > 0"),
-        ({"window": (0.5, 1.5)}, "window must be"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"blur": "median"}, "blur must be"),
-        ({"blur_size": 0}, "blur_size must be >= 1"),
+        ({"k": [1.0, 0.0]}, "k: must all be > 0"),
+        ({"window": (0.5, 1.5)}, "window: must be"),
+        ({"temperature": 0.0}, "temperature: must be > 0"),
+        ({"blur": "median"}, "blur: must be"),
+        ({"blur_size": 0}, "blur_size: must be >= 1"),
     ],
 )
 def test_snb_built_directly_checks_its_arguments(tiny_a, kwargs, message):

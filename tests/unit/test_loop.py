@@ -4,7 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from multifusion.loop import initial_noise, sample, timestep_fraction
+from multifusion.loop import Trajectory, initial_noise, sample
+from multifusion.schedulers import in_window, timestep_fraction
 
 
 def _config():
@@ -26,39 +27,86 @@ def _toy_eps(x, t, record=None):
     return 0.1 * x + 0.001 * float(t)
 
 
+def _ddim():
+    return DDIMScheduler.from_config(_config())
+
+
+def _dpm():
+    return DPMSolverMultistepScheduler.from_config(_config())
+
+
 def test_trajectories_have_their_own_scheduler_state():
     """Two identical trajectories through a multistep scheduler must each equal one alone:
     a shared scheduler would mix their histories."""
     noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    one = sample(_toy_eps, DPMSolverMultistepScheduler.from_config(_config()), noise, num_inference_steps=6, progress=False)
-    two = sample([_toy_eps, _toy_eps], DPMSolverMultistepScheduler.from_config(_config()), [noise, noise], num_inference_steps=6, progress=False)
+    [one] = sample([Trajectory(_toy_eps, _dpm(), noise)], num_inference_steps=6, progress=False)
+    two = sample([Trajectory(_toy_eps, _dpm(), noise), Trajectory(_toy_eps, _dpm(), noise)], num_inference_steps=6, progress=False)
     assert torch.equal(two[0], one) and torch.equal(two[1], one)
+
+
+def test_one_scheduler_object_cannot_serve_two_trajectories():
+    noise, shared = torch.zeros(1, 4, 2, 2), _dpm()
+    with pytest.raises(ValueError, match="shares its scheduler"):
+        sample([Trajectory(_toy_eps, shared, noise), Trajectory(_toy_eps, shared, noise)], num_inference_steps=2)
 
 
 def test_meet_and_callback_see_every_step():
     seen, met = [], []
 
-    def meet(xs, t, i, schedulers):
-        met.append(i)
-        mean = (xs[0] + xs[1]) / 2
+    def meet(step):
+        met.append(step.step)
+        assert step.t_next[0] == (step.schedulers[0].timesteps[step.step + 1] if step.step < 3 else None)
+        mean = (step.latents[0] + step.latents[1]) / 2
         return [mean, mean]
 
     noise = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    out = sample([_toy_eps, _toy_eps], DDIMScheduler.from_config(_config()), [noise, -noise], num_inference_steps=4,
+    out = sample([Trajectory(_toy_eps, _ddim(), noise), Trajectory(_toy_eps, _ddim(), -noise)], num_inference_steps=4,
                  meet=meet, callback=lambda info: seen.append((info.step, len(info.latents))), progress=False)
     assert met == [0, 1, 2, 3] and seen == [(0, 2), (1, 2), (2, 2), (3, 2)]
     assert torch.equal(out[0], out[1])
 
 
-def test_mismatched_trajectories():
-    with pytest.raises(ValueError, match="2 denoisers but 1"):
-        sample([_toy_eps, _toy_eps], DDIMScheduler.from_config(_config()), [torch.zeros(1, 4, 2, 2)], num_inference_steps=2)
+def test_step_x0_is_the_ddim_prediction():
+    """Step.x0 from the model input and eps equals DDIM's own pred_original_sample (unclipped)."""
+    noise = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    got = []
+
+    def meet(step):
+        s = DDIMScheduler.from_config(_config(), clip_sample=False)
+        s.set_timesteps(5)
+        x = step.model_input[0]
+        ref = s.step(step.eps[0], step.t[0], x).pred_original_sample
+        got.append(torch.allclose(step.x0(0), ref, atol=1e-5))
+        return step.latents
+
+    sample([Trajectory(_toy_eps, _ddim(), noise)], num_inference_steps=5, meet=meet, progress=False)
+    assert got == [True] * 5
+
+
+def test_meet_can_stop_a_trajectory():
+    calls = []
+
+    def counted(x, t, record=None):
+        calls.append(float(t))
+        return _toy_eps(x, t)
+
+    noise = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    out = sample([Trajectory(_toy_eps, _ddim(), noise), Trajectory(counted, _ddim(), noise)], num_inference_steps=5,
+                 meet=lambda step: [step.latents[0], None if step.step >= 1 else step.latents[1]], progress=False)
+    assert out[1] is None and len(calls) == 2  # evaluated at steps 0 and 1 only
+    [alone] = sample([Trajectory(_toy_eps, _ddim(), noise)], num_inference_steps=5, progress=False)
+    assert torch.equal(out[0], alone)
+
+
+def test_trajectories_need_a_scheduler_and_noise():
+    with pytest.raises(ValueError, match="trajectory 0 has no initial noise"):
+        sample([Trajectory(_toy_eps, _ddim())], num_inference_steps=2)
+    with pytest.raises(ValueError, match="at least one trajectory"):
+        sample([], num_inference_steps=2)
 
 
 @given(st.floats(0.0, 1.0, exclude_max=True), st.floats(0.0, 1.0))
 def test_a_window_and_its_complement_never_both_hold(edge, fraction):
-    from multifusion.loop import in_window
-
     assert in_window(fraction, (0.0, edge)) != in_window(fraction, (edge, 1.0))
     assert in_window(1.0, (edge, 1.0)) and in_window(0.0, (0.0, 1.0))
 
@@ -66,7 +114,7 @@ def test_a_window_and_its_complement_never_both_hold(edge, fraction):
 def test_vae_encode_and_decode_build_no_autograd_graph(tiny_a):
     """Decoding a large canvas must not keep activations for a backward pass."""
     from multifusion.loading import load_models
-    from multifusion.loop import decode, encode
+    from multifusion.vae import decode, encode
 
     [h] = load_models([tiny_a])
     h.vae.requires_grad_(True)  # as a VAE handed in by a training script would be

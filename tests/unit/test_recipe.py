@@ -20,7 +20,7 @@ def test_valid_recipe_and_defaults():
 def test_yaml_and_json_files(tmp_path):
     (tmp_path / "r.yaml").write_text("method: average\nprompt: a cat\nmodels:\n  - model: owner/x\n  - model: owner/y\n")
     (tmp_path / "r.json").write_text(json.dumps(recipe()))
-    assert parse_recipe(tmp_path / "r.yaml").prompt_of(1) == "a cat"
+    assert parse_recipe(tmp_path / "r.yaml").prompts_of(1, [0, 1]) == ["a cat", "a cat"]
     assert parse_recipe(tmp_path / "r.json").method == "single"
     (tmp_path / "bad.yaml").write_text("method: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
 from multifusion.noise.regions import coverage, gaussian_weights, hold_image_regions, ImageRegion, mix, quartic_weights, region_weights, reroll
-from multifusion.noise.specs import Box, TilesParams
+from multifusion.noise.methods import Box, TilesParams
 
 
 def test_gaussian_weights_match_the_formula_computed_by_hand():

@@ -191,7 +191,7 @@ def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
 def seam_columns(params: Mapping[str, Any], canvas_px: tuple[int, int], factor: int) -> list[int]:
     """Pixel columns x (0 < x < width) where a region of the MoD ``params`` (regions or tiles)
     starts or ends: the places a seam shows."""
-    from multifusion.noise.specs import ModParams
+    from multifusion.noise.methods import ModParams
 
     mod = ModParams(**params)
     edges = set()

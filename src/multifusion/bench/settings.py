@@ -160,7 +160,7 @@ def check_args(seeds: int, prompts: int, steps: int, batch_size: int, guidance_s
                threads: int | None) -> None:
     """RecipeError on the first bad argument of ``run_bench``, before anything loads."""
     from multifusion.loading import DTYPES
-    from multifusion.loop import scheduler_class
+    from multifusion.schedulers import scheduler_class
 
     counts = (("seeds", seeds), ("prompts", prompts), ("num_inference_steps (--steps)", steps), ("batch_size", batch_size),
               ("threads", 1 if threads is None else threads))

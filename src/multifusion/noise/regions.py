@@ -33,7 +33,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from multifusion.handles import Guided, GuidedPrediction, NoiseFn, cfg
+from multifusion.handles import Guided, NoiseFn, predict_together
 
 MaskType = Literal["gaussian", "quartic", "constant"]
 
@@ -117,23 +117,6 @@ class Region:
         return r1 - r0, c1 - c0
 
 
-def predict_batched(pairs: Sequence[tuple[Guided, torch.Tensor]], t: torch.Tensor) -> list[GuidedPrediction]:
-    """Guided predictions of several (guided model, input) pairs of ONE model and one input size,
-    in one UNet call of batch 2 * sum(B_i): unconditional halves first, then conditional."""
-    handle = pairs[0][0].handle
-    xs = torch.cat([x for _, x in pairs])
-    uncond = torch.cat([g.uncond_embeds for g, _ in pairs])
-    cond = torch.cat([g.cond_embeds for g, _ in pairs])
-    u_all, c_all = handle.eps(torch.cat([xs, xs]), t, torch.cat([uncond, cond])).chunk(2)
-    out, start = [], 0
-    for g, x in pairs:
-        n = x.shape[0]
-        u, c = u_all[start : start + n], c_all[start : start + n]
-        out.append(GuidedPrediction(cfg(u, c, g.guidance_scale), u, c, g.guidance_scale))
-        start += n
-    return out
-
-
 @dataclass(eq=False)
 class Canvas:
     """Noise function of a regional canvas (see module docstring).
@@ -160,7 +143,7 @@ class Canvas:
             crops = [x_t[:, :, r0:r1, c0:c1] for r0, r1, c0, c1 in (self.regions[i].box for i in group)]
             first = self.regions[group[0]].fn
             if isinstance(first, Guided):
-                preds = predict_batched([(self.regions[i].fn, x) for i, x in zip(group, crops)], t)
+                preds = predict_together([self.regions[i].fn for i in group], crops, t)
                 for i, p in zip(group, preds):
                     eps[i] = p.eps
             else:

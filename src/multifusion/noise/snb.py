@@ -36,8 +36,9 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from multifusion.errors import FieldError
 from multifusion.handles import Guided
-from multifusion.loop import in_window, timestep_fraction
+from multifusion.schedulers import in_window, timestep_fraction
 
 Blur = Literal["box", "gaussian", "none"]
 
@@ -61,7 +62,7 @@ def blur2d(x: torch.Tensor, kind: Blur = "box", size: int = 4, sigma: float = 1.
         x = F.pad(x, (r, r, r, r), mode="replicate")
         x = F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    raise ValueError(f"blur must be 'box', 'gaussian' or 'none', got {kind!r}")
+    raise ValueError(f"must be 'box', 'gaussian' or 'none', got {kind!r}")
 
 
 def salience(response: torch.Tensor, blur: Blur = "box", size: int = 4, sigma: float = 1.0) -> torch.Tensor:
@@ -93,6 +94,37 @@ def blend(eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (mask * eps).sum(dim=0)
 
 
+def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[float, float], temperature: float | None,
+                    blur: str, blur_size: int, blur_sigma: float) -> None:
+    """Every check of SNB's arguments, in one place (the recipe's params and the combinator
+    built directly both run it); FieldError (a ValueError) naming the argument."""
+    if n_models is not None and n_models < 2:
+        raise FieldError("models", f"fuses at least two models, got {n_models}")
+    if n_models is not None and len(k) != n_models:
+        raise FieldError("k", f"has {len(k)} entries for {n_models} models; give one k per model or a single number")
+    if any(not x > 0 for x in k):
+        raise FieldError("k", f"must all be > 0 (got {list(k)}); k scales the salience before the spatial softmax")
+    if not 0.0 <= window[0] <= window[1] <= 1.0:
+        raise FieldError("window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(window)}")
+    if temperature is not None and not temperature > 0:
+        raise FieldError("temperature", f"must be > 0 (or None for the hard argmax mask), got {temperature}")
+    if blur not in ("box", "gaussian", "none"):
+        raise FieldError("blur", f"must be 'box', 'gaussian' or 'none', got {blur!r}")
+    if blur_size < 1:
+        raise FieldError("blur_size", f"must be >= 1, got {blur_size}")
+    if not blur_sigma > 0:
+        raise FieldError("blur_sigma", f"must be > 0, got {blur_sigma}")
+
+
+def check_blur_fits(blur: str, blur_size: int, blur_sigma: float, latent_hw: tuple[int, int]) -> None:
+    """FieldError when the blur kernel is wider than the latent (h, w)."""
+    h, w = latent_hw
+    if blur == "box" and blur_size > min(h, w):
+        raise FieldError("blur_size", f"{blur_size} is larger than the latent ({h}x{w}); use at most {min(h, w)} or blur 'none'")
+    if blur == "gaussian" and 2 * math.ceil(2 * blur_sigma) + 1 > min(h, w):
+        raise FieldError("blur_sigma", f"a Gaussian of std {blur_sigma} is wider than the latent ({h}x{w})")
+
+
 @dataclass(eq=False)
 class SNB:
     """Noise function blending guided models by salience (see module docstring).
@@ -111,20 +143,7 @@ class SNB:
     temperature: float | None = None
 
     def __post_init__(self):
-        if len(self.guided) < 2:
-            raise ValueError(f"SNB fuses at least two models, got {len(self.guided)}")
-        if len(self.k) != len(self.guided):
-            raise ValueError(f"k has {len(self.k)} entries for {len(self.guided)} models; give one per model")
-        if any(not k > 0 for k in self.k):
-            raise ValueError(f"every k must be > 0, got {list(self.k)}; k scales the salience before the spatial softmax")
-        if not 0.0 <= self.window[0] <= self.window[1] <= 1.0:
-            raise ValueError(f"window must be (start, end) with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {self.window}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (or None for the hard argmax mask), got {self.temperature}")
-        if self.blur not in ("box", "gaussian", "none"):
-            raise ValueError(f"blur must be 'box', 'gaussian' or 'none', got {self.blur!r}")
-        if self.blur_size < 1 or not self.blur_sigma > 0:
-            raise ValueError(f"blur_size must be >= 1 and blur_sigma > 0, got {self.blur_size} and {self.blur_sigma}")
+        check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
         self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
 
     def active(self, t: torch.Tensor) -> bool:
@@ -133,9 +152,7 @@ class SNB:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         if not self.active(t):
             return self.guided[0](x_t, t, record)
-        h, w = x_t.shape[-2:]
-        if self.blur == "box" and self.blur_size > min(h, w):
-            raise ValueError(f"blur_size {self.blur_size} is larger than the latent ({h}x{w}); use a smaller blur_size or blur 'none'")
+        check_blur_fits(self.blur, self.blur_size, self.blur_sigma, tuple(x_t.shape[-2:]))
         preds = [g.predict(x_t, t, need_uncond=True) for g in self.guided]
         maps = torch.stack([
             spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k)

@@ -1,5 +1,6 @@
-"""Helpers that build tiny, offline Stable-Diffusion-shaped models (tests, demos, benchmarks)."""
+"""The test kit: tiny offline pipelines (built by `multifusion.zoo.tiny`) and a writer of
+single-file (LDM layout) checkpoints. The library never imports it."""
 
-from multifusion.testing.tiny import build_tiny_pipeline, write_clip_tokenizer
+from multifusion.zoo.tiny import build_tiny_pipeline, write_clip_tokenizer
 
 __all__ = ["build_tiny_pipeline", "write_clip_tokenizer"]

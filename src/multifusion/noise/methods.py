@@ -1,4 +1,4 @@
-"""Recipe parameters of the noise-level methods and how each builds its plan.
+"""The noise-level methods as the registry sees them: parameters, checks, prepare and plan.
 
 The maths lives in `average.py`, `snb.py` and `regions.py`; this module only validates
 parameters (errors name the recipe field) and wires models to combiners.
@@ -6,19 +6,21 @@ parameters (errors name the recipe field) and wires models to combiners.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from multifusion.errors import RecipeError
-from multifusion.loop import encode, timestep_fraction
+from multifusion.errors import FieldError, RecipeError
+from multifusion.io import read_rgb_image
+from multifusion.loop import Step, Trajectory
+from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
-from multifusion.noise.snb import SNB
-from multifusion.plan import BuildContext, Params, Plan
+from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
+from multifusion.schedulers import timestep_fraction
+from multifusion.vae import encode
 
 # --------------------------------------------------------------------------- single, average
 
@@ -27,8 +29,8 @@ class NoParams(Params):
     pass
 
 
-def build_single(ctx: BuildContext, params: NoParams) -> Plan:
-    return Plan([ctx.guided[0]])
+def plan_single(prep: Prepared[NoParams], batch: Batch) -> Plan:
+    return Plan([Trajectory(prep.ctx.guided(batch)[0])])
 
 
 class AverageParams(Params):
@@ -47,8 +49,9 @@ class AverageParams(Params):
         return v
 
 
-def build_average(ctx: BuildContext, params: AverageParams) -> Plan:
-    return Plan([Average(ctx.guided, params.weights or [1.0] * len(ctx.handles))])
+def plan_average(prep: Prepared[AverageParams], batch: Batch) -> Plan:
+    guided = prep.ctx.guided(batch)
+    return Plan([Trajectory(Average(guided, prep.params.weights or [1.0] * len(guided)))])
 
 
 # --------------------------------------------------------------------------- SNB
@@ -57,36 +60,24 @@ def build_average(ctx: BuildContext, params: AverageParams) -> Plan:
 class SNBParams(Params):
     k: float | list[float] = Field(1.0, description="softmax temperature k_i per model (one value for all, or a list)")
     blur: Literal["box", "gaussian", "none"] = "box"
-    blur_size: int = Field(4, ge=1, description="box blur width in latent pixels")
-    blur_sigma: float = Field(1.0, gt=0, description="Gaussian blur std in latent pixels")
+    blur_size: int = Field(4, description="box blur width in latent pixels")
+    blur_sigma: float = Field(1.0, description="Gaussian blur std in latent pixels")
     window: tuple[float, float] = Field((0.0, 1.0), description="fusion window on the trajectory, 0 = noise, 1 = clean")
     fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
     fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
-    temperature: float | None = Field(None, gt=0, description="soft mask over models instead of argmax")
-
-    @field_validator("k")
-    @classmethod
-    def _k(cls, v, info: ValidationInfo):
-        ks = v if isinstance(v, list) else [v]
-        if any(k <= 0 for k in ks):
-            raise ValueError(f"every k must be > 0 (got {v}); k scales the salience before the spatial softmax")
-        n = (info.context or {}).get("n_models")
-        if isinstance(v, list) and n is not None and len(v) != n:
-            raise ValueError(f"has {len(v)} entries for {n} models; give one k per model or a single number")
-        return v
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v):
-        if not (0.0 <= v[0] <= v[1] <= 1.0):
-            raise ValueError(f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(v)}")
-        return v
+    temperature: float | None = Field(None, description="soft mask over models instead of argmax (> 0)")
 
     @model_validator(mode="after")
-    def _one_window(self):
+    def _checks(self, info: ValidationInfo):
+        n = (info.context or {}).get("n_models")
         if self.fusion_timestep is not None and "window" in self.model_fields_set:
-            raise ValueError("give either `window` (trajectory fractions) or `fusion_timestep` (t_s), not both")
+            raise FieldError("window", "give either `window` (trajectory fractions) or `fusion_timestep` (t_s), not both")
+        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
         return self
+
+    def ks(self, n: int) -> list[float]:
+        """One k per model."""
+        return list(self.k) if isinstance(self.k, list) else [self.k] * n
 
     def fusion_window(self, num_train_timesteps: int) -> tuple[float, float]:
         """[start, end) on the trajectory axis (see `loop.in_window`): "late" fuses for
@@ -102,19 +93,22 @@ class SNBParams(Params):
         return (edge, 1.0) if self.fusion == "late" else (0.0, edge)
 
 
-def build_snb(ctx: BuildContext, params: SNBParams) -> Plan:
-    guided = ctx.guided
-    k = params.k if isinstance(params.k, list) else [params.k] * len(guided)
-    window = params.fusion_window(len(guided[0].handle.alphas_cumprod))
-    return Plan([SNB(guided, k, params.blur, params.blur_size, params.blur_sigma, window, params.temperature)])
+def prepare_snb(ctx: RunContext, params: SNBParams) -> Prepared[SNBParams]:
+    params.fusion_window(len(ctx.handles[0].alphas_cumprod))  # t_s within the models' schedule
+    return Prepared(ctx, params)
 
 
-def check_snb(params: SNBParams, canvas_px: tuple[int, int], factor: int, labels: list[str] | None = None) -> None:
-    h, w = canvas_px[0] // factor, canvas_px[1] // factor
-    if params.blur == "box" and params.blur_size > min(h, w):
-        raise RecipeError(f"params.blur_size: {params.blur_size} is larger than the latent ({h}x{w}); use at most {min(h, w)}")
-    if params.blur == "gaussian" and 2 * math.ceil(2 * params.blur_sigma) + 1 > min(h, w):
-        raise RecipeError(f"params.blur_sigma: a Gaussian of std {params.blur_sigma} is wider than the latent ({h}x{w})")
+def plan_snb(prep: Prepared[SNBParams], batch: Batch) -> Plan:
+    p, guided = prep.params, prep.ctx.guided(batch)
+    window = p.fusion_window(len(guided[0].handle.alphas_cumprod))
+    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature))])
+
+
+def check_snb(params: SNBParams, canvas_px: tuple[int, int], factor: int, labels: list[str]) -> None:
+    try:
+        check_blur_fits(params.blur, params.blur_size, params.blur_sigma, (canvas_px[0] // factor, canvas_px[1] // factor))
+    except FieldError as err:
+        raise RecipeError(f"params.{err}") from None
 
 
 # --------------------------------------------------------------------------- Mixture of Diffusers
@@ -290,73 +284,62 @@ def check_mod(params: ModParams, canvas_px: tuple[int, int], factor: int, labels
     return placed
 
 
-def load_reference_image(where: str, path: str, size: tuple[int, int]) -> torch.Tensor:
-    """(1, 3, h, w) in [-1, 1] from an RGB (or greyscale) image file, resized to `size` (h, w)."""
-    from PIL import Image
+@dataclass(frozen=True)
+class PreparedCanvas:
+    """A Mixture-of-Diffusers run: regions placed and checked, reference images encoded."""
 
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"{where}.image: {path!r} does not exist")
-    with Image.open(p) as im:
-        if im.mode not in ("RGB", "L"):
-            raise RecipeError(f"{where}.image: {path!r} has mode {im.mode}; give an RGB image (e.g. convert it with PIL: im.convert('RGB'))")
-        im = im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
-        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
-    return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
+    ctx: RunContext
+    params: ModParams
+    placed: list[tuple[str, tuple[int, int, int, int], torch.Tensor]]  # (where, latent box, weights), background last
+    images: list[ImageRegion]
 
 
-def encode_image(handle, image: torch.Tensor, vae_device: str | None = None) -> torch.Tensor:
-    """VAE latents (1, C, h/f, w/f) of an image in [-1, 1] (see `loop.encode`)."""
-    return encode(handle.ready_vae(vae_device), image)
-
-
-def build_mod(ctx: BuildContext, params: ModParams) -> Plan:
-    r = ctx.recipe
-    labels = [m.label for m in r.models]
-    factor = ctx.vae_scale_factor
-    canvas_px = (ctx.latent_shape[1] * factor, ctx.latent_shape[2] * factor)
-    placed = check_mod(params, canvas_px, factor, labels)
-    conds = [(w, reg) for (w, reg) in params.all_regions()] + ([("params.background", params.background)] if params.background else [])
-    guided_cache: dict[tuple, object] = {}
-    regions = []
-    for (where, box, weights), (_, spec) in zip(placed, conds):
-        i = _model_index(where, spec.model, labels)
-        key = (i, spec.prompt, spec.negative_prompt, spec.guidance_scale)
-        if key not in guided_cache:
-            neg = spec.negative_prompt if spec.negative_prompt is not None else r.negative_of(i)
-            scale = spec.guidance_scale if spec.guidance_scale is not None else r.guidance_of(i)
-            guided_cache[key] = ctx.handles[i].guide(spec.prompt, negative_prompt=neg, guidance_scale=scale, batch_size=ctx.batch_size)
-        regions.append(Region(box, guided_cache[key], weights))
-    canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
-
+def prepare_mod(ctx: RunContext, params: ModParams) -> PreparedCanvas:
+    factor, canvas_px = ctx.vae_scale_factor, ctx.canvas_px
+    placed = check_mod(params, canvas_px, factor, ctx.labels)
     images = []
     for n, spec in enumerate(params.image_regions):
         where = f"params.image_regions[{n}]"
         box = spec.latent_box(where, canvas_px, factor)
-        key = f"mod-image-{n}"
-        if key not in ctx.cache:  # encode once per run, not per batch
-            handle = ctx.handles[_model_index(where, spec.model, labels)]
-            pixels = load_reference_image(where, spec.image, ((box[1] - box[0]) * factor, (box[3] - box[2]) * factor))
-            ctx.cache[key] = encode_image(handle, pixels, ctx.recipe.runtime.vae_device)
-        images.append(ImageRegion(box, ctx.cache[key], spec.strength))
+        handle = ctx.handles[_model_index(where, spec.model, ctx.labels)]
+        pixels = read_rgb_image(f"{where}.image", spec.image, ((box[1] - box[0]) * factor, (box[3] - box[2]) * factor))
+        images.append(ImageRegion(box, encode(handle.ready_vae(ctx.recipe.runtime.vae_device), pixels), spec.strength))
+    return PreparedCanvas(ctx, params, placed, images)
 
-    state: dict[str, torch.Tensor] = {}
 
-    def init_noise(noise: torch.Tensor) -> torch.Tensor:
-        for n, spec in enumerate(params.rerolls):
-            box = spec.latent_box(f"params.rerolls[{n}]", canvas_px, factor)
-            noise = reroll(noise, box, spec.seed, ctx.seeds, spec.mode, spec.eps)
-        state["noise"] = noise
-        return noise
+def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
+    ctx, params = prep.ctx, prep.params
+    specs = [spec for _, spec in params.all_regions()] + ([params.background] if params.background else [])
+    regions = []
+    for (where, box, weights), spec in zip(prep.placed, specs):
+        i = _model_index(where, spec.model, ctx.labels)
+        guided = ctx.guide(i, [spec.prompt] * batch.size, spec.negative_prompt, spec.guidance_scale)
+        regions.append(Region(box, guided, weights))
+    canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
+
+    noise = batch.noise
+    for n, spec in enumerate(params.rerolls):
+        box = spec.latent_box(f"params.rerolls[{n}]", ctx.canvas_px, ctx.vae_scale_factor)
+        noise = reroll(noise, box, spec.seed, batch.seeds, spec.mode, spec.eps)
 
     meet = None
-    if images:
+    if prep.images:
         num_train = len(ctx.handles[0].alphas_cumprod)
 
-        def meet(xs, t, step, schedulers):
-            timesteps = schedulers[0].timesteps
-            t_next = timesteps[step + 1] if step + 1 < len(timesteps) else None
-            return [hold_image_regions(xs[0], state["noise"], images, schedulers[0], t_next, timestep_fraction(t, num_train))]
+        def meet(step: Step) -> list[torch.Tensor]:
+            fraction = timestep_fraction(step.t[0], num_train)
+            return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], fraction)]
 
-    return Plan([canvas], meet=meet, init_noise=init_noise)
+    return Plan([Trajectory(canvas, noise=noise)], meet=meet)
 
+
+METHODS = [
+    Method("single", "one model, as diffusers' StableDiffusionPipeline samples it", "noise", NoParams, plan_single,
+           min_models=1, max_models=1),
+    Method("average", "weighted average of the models' guided noise predictions (MagicFusion's weighted-sum baseline)",
+           "noise", AverageParams, plan_average),
+    Method("snb", "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
+           "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb),
+    Method("mod", "Mixture of Diffusers: regional prompts (each may use its own model) on one canvas, Gaussian-weighted",
+           "noise", ModParams, plan_mod, prepare_mod, model_prompts=False, check=check_mod, canvas=mod_canvas),
+]

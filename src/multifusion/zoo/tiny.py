@@ -1,4 +1,6 @@
-"""Tiny Stable-Diffusion-shaped pipelines built from config, with no network access.
+"""Tiny Stable-Diffusion-shaped pipelines built from config, with no network access: the zoo's
+component builders at random initialisation and a few hundred thousand parameters, for tests,
+benchmarks and `multifusion demo --tiny`.
 
 A diffusers pipeline folder needs a tokenizer, a text encoder, a VAE, a UNet and a scheduler.
 Here each is built from a small config with a fixed seed and saved through the real

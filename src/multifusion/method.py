@@ -1,0 +1,143 @@
+"""What a method is, and the two steps in which it runs: `prepare` once per run, `plan` per batch.
+
+    recipe --validate--> params --load--> RunContext --prepare--> prepared --plan(batch)--> Plan
+                                                                               --> loop.sample
+
+- `prepare(ctx, params)` runs once per run, after the models load: place regions, encode
+  reference images, build ensembles, load trained parts. What it returns is the method's own.
+- `plan(prepared, batch)` runs per batch of images: one `Trajectory` per latent trajectory
+  (usually one), an optional `meet` after each step, and which trajectory is the image.
+
+Methods register themselves in their package's `methods.py` (see `multifusion.registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from multifusion.errors import RecipeError, format_validation_error
+from multifusion.handles import Guided, ModelHandle
+from multifusion.loop import Meet, Trajectory
+from multifusion.recipe import Recipe
+
+
+class Params(BaseModel):
+    """Base of every method's parameters: frozen, unknown fields rejected. Validators see the
+    number of models as `info.context["n_models"]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=Params)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of images: their seeds, their index in the run (for per-image prompts), and the
+    unit-variance initial noise (B, C, h, w) drawn from the seeds' generators."""
+
+    seeds: list[int]
+    indices: list[int]
+    noise: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class Plan:
+    """What the shared loop runs for one batch. `trajectories[k].scheduler` / `.noise` left None
+    get a fresh scheduler of the recipe's kind (the first model's schedule) and the batch's
+    noise; `output` names the trajectory whose final latents are the images."""
+
+    trajectories: list[Trajectory]
+    meet: Meet | None = None
+    output: int = 0
+
+
+@dataclass(eq=False)
+class RunContext:
+    """What a method may use when it prepares a run: the loaded models, the recipe, sizes, and
+    each model's conditioning (text encoded once per distinct batch of prompts)."""
+
+    handles: list[ModelHandle]
+    recipe: Recipe
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    vae_scale_factor: int
+    _guided: dict[tuple, Guided] = field(default_factory=dict, repr=False)
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in self.recipe.models]
+
+    @property
+    def canvas_px(self) -> tuple[int, int]:
+        return self.latent_shape[1] * self.vae_scale_factor, self.latent_shape[2] * self.vae_scale_factor
+
+    def guide(self, i: int, prompts: Sequence[str], negative_prompt: str | None = None, guidance_scale: float | None = None) -> Guided:
+        """Model i conditioned on one prompt per image (negative prompt and guidance default to
+        the recipe's for that model). Encoded once per run for each distinct batch of prompts."""
+        neg = self.recipe.negative_of(i) if negative_prompt is None else negative_prompt
+        scale = self.recipe.guidance_of(i) if guidance_scale is None else guidance_scale
+        key = (i, tuple(prompts), neg, scale)
+        if key not in self._guided:
+            self._guided[key] = self.handles[i].guide(list(prompts), negative_prompt=neg, guidance_scale=scale)
+        return self._guided[key]
+
+    def guided(self, batch: Batch) -> list[Guided]:
+        """Every model conditioned on its own recipe prompt for the images of `batch`."""
+        return [self.guide(i, self.recipe.prompts_of(i, batch.indices)) for i in range(len(self.handles))]
+
+
+@dataclass(frozen=True)
+class Prepared(Generic[P]):
+    """What `prepare` returns for methods with nothing to prepare."""
+
+    ctx: RunContext
+    params: P
+
+
+def prepare_nothing(ctx: RunContext, params: P) -> Prepared[P]:
+    return Prepared(ctx, params)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method, named once and found by name. See the module docstring for the two steps."""
+
+    name: str
+    summary: str
+    meets: str  # "noise" | "latents" | "features" | "weights": where the models meet
+    params: type[Params]
+    plan: Callable[[Any, Batch], Plan]
+    prepare: Callable[[RunContext, Any], Any] = prepare_nothing
+    min_models: int = 1
+    max_models: int | None = None
+    model_prompts: bool = True  # every model needs a prompt (False: the params carry prompts)
+    # check(params, canvas_px (H, W), vae_factor, model labels): what needs the canvas size;
+    # run before loading when the first model's config is local, else after loading
+    check: Callable[[Any, tuple[int, int], int, list[str]], None] | None = None
+    # canvas(params) -> (H, W) in pixels when the method fixes the canvas size itself
+    canvas: Callable[[Any], tuple[int, int] | None] | None = None
+
+    def __post_init__(self):
+        if self.meets not in ("noise", "latents", "features", "weights"):
+            raise ValueError(f"method {self.name!r}: meets must be noise, latents, features or weights, got {self.meets!r}")
+        if not self.name or not self.name.replace("-", "_").isidentifier():
+            raise ValueError(f"method name {self.name!r} must be a word (letters, digits, _ or -)")
+
+    def parse_params(self, raw: dict, n_models: int) -> Params:
+        """The recipe's `params` validated for `n_models` models; RecipeError naming each field."""
+        try:
+            return self.params.model_validate(raw, context={"n_models": n_models})
+        except ValidationError as err:
+            def unknown(loc: list) -> str:
+                top = "" if len(loc) > 1 else f" (it takes: {', '.join(self.params.model_fields) or 'none'})"
+                return f"unknown parameter of method {self.name!r}{top}"
+
+            raise RecipeError(format_validation_error(err, "params", unknown)) from None
