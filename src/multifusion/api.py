@@ -245,8 +245,7 @@ def generate_to_folder(
     from multifusion.io import image_metadata, read_png_metadata, save_png
     from multifusion.viz import MaskRecorder
 
-    recipe = as_recipe(recipe)
-    validate(recipe)
+    recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
     out = Path(out)

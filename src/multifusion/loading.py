@@ -62,7 +62,7 @@ def resolve(text: str, *, config: str | None = None, allow_pickle: bool = False)
         if not allow_pickle:
             raise PickleRefusedError(
                 f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it "
-                "to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source"
+                "to .safetensors, or pass allow_pickle=True (runtime.allow_pickle in a recipe) if you trust its source"
             )
         if not path.is_file():
             raise ModelLoadError(f"checkpoint file {text!r} does not exist")
@@ -139,7 +139,7 @@ def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
         if not allow_pickle and "safetensors" in str(err).lower():
             raise PickleRefusedError(
                 f"could not load {ref.text!r}: {err} (this model ships no .safetensors weights for every component; "
-                "its pickle weights can run code when loaded: pass allow_pickle=True (--allow-pickle) only if you trust it)"
+                "its pickle weights can run code when loaded: pass allow_pickle=True (runtime.allow_pickle in a recipe) only if you trust it)"
             ) from err
         raise ModelLoadError(f"could not load {ref.text!r}: {err}") from err
 

@@ -187,7 +187,7 @@ def test_interrupted_run_continues_to_the_same_numbers(reference, fg_models, tmp
 def test_an_output_folder_of_other_settings_is_refused(reference, fg_models, tiny_dir):
     out, _ = reference
     before = (out / "settings.json").read_text()
-    with pytest.raises(RecipeError, match=r"num_inference_steps is 2 there and 3 here.*another --out"):
+    with pytest.raises(RecipeError, match=r"num_inference_steps is 2 there and 3 here.*another output folder"):
         run_bench("fine-grained", out, models=fg_models, **{**SMALL, "num_inference_steps": 3})
     with pytest.raises(RecipeError, match=r"batch_size is 2 there and 1 here"):  # float rounding differs
         run_bench("fine-grained", out, models=fg_models, **{**SMALL, "batch_size": 1})
@@ -344,9 +344,9 @@ def test_real_models_from_a_prompt_file(tiny_clip, tiny_a, tiny_b, tmp_path):
     stamp = (tmp_path / "out/images/p0001-s1.png").stat().st_mtime_ns
     assert run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", **kwargs)["metrics"] == res["metrics"]
     assert (tmp_path / "out/images/p0001-s1.png").stat().st_mtime_ns == stamp  # reused, not redrawn
-    with pytest.raises(RecipeError, match="--clip-model: .*does not exist.*nothing is downloaded"):
+    with pytest.raises(RecipeError, match="clip_model: .*does not exist.*nothing is downloaded"):
         run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", clip_model=tmp_path / "no-clip")
-    with pytest.raises(RecipeError, match="--inception-weights: .*does not exist"):
+    with pytest.raises(RecipeError, match="inception_weights: .*does not exist"):
         run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", inception_weights=tmp_path / "inception.pth")
     with pytest.raises(RecipeError, match="nothing to measure"):
         run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out")

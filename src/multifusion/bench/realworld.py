@@ -56,7 +56,7 @@ def _existing(option: str, path: str | Path, what: str) -> Path:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a text file, one per line; blank lines and lines starting with # are skipped."""
-    p = _existing("--prompt-file", path, "a text file with one prompt per line")
+    p = _existing("prompt_file", path, "a text file with one prompt per line")
     prompts = [line.strip() for line in p.read_text().splitlines()]
     prompts = [line for line in prompts if line and not line.startswith("#")]
     if not prompts:
@@ -68,10 +68,10 @@ def load_image_folder(folder: str | Path) -> list:
     """Every PNG/JPEG/WebP image of ``folder`` (sorted by name), as RGB PIL images."""
     from PIL import Image
 
-    p = _existing("--reference", folder, "a folder of reference images")
+    p = _existing("reference_dir", folder, "a folder of reference images")
     files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
     if len(files) < 2:
-        raise RecipeError(f"--reference: {str(folder)!r} holds {len(files)} image(s); FID needs a folder of at least 2 PNG/JPEG images")
+        raise RecipeError(f"reference_dir: {str(folder)!r} holds {len(files)} image(s); FID needs a folder of at least 2 PNG/JPEG images")
     images = []
     for f in files:
         with Image.open(f) as im:
@@ -129,9 +129,9 @@ def clip_score(images: Sequence[Any], prompts: Sequence[str], clip_model: str | 
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
-    folder = _existing("--clip-model", clip_model, "a CLIP folder (CLIPModel and CLIPProcessor saved with save_pretrained)")
+    folder = _existing("clip_model", clip_model, "a CLIP folder (CLIPModel and CLIPProcessor saved with save_pretrained)")
     if not (folder / "config.json").is_file():
-        raise RecipeError(f"--clip-model: {str(clip_model)!r} has no config.json; save a CLIPModel and its CLIPProcessor there with save_pretrained")
+        raise RecipeError(f"clip_model: {str(clip_model)!r} has no config.json; save a CLIPModel and its CLIPProcessor there with save_pretrained")
     if len(images) != len(prompts):
         raise RecipeError(f"got {len(images)} images and {len(prompts)} prompts; pass one prompt per image")
 
@@ -155,7 +155,7 @@ def _inception(option: str, inception_weights, feature_extractor, features: str)
         return feature_extractor
     if inception_weights is None:
         raise RecipeError(f"{option}: give inception_weights (the local {INCEPTION_FILE}) or a feature_extractor module")
-    path = _existing("--inception-weights", inception_weights, f"torch-fidelity's Inception-v3 weights ({INCEPTION_FILE})")
+    path = _existing("inception_weights", inception_weights, f"torch-fidelity's Inception-v3 weights ({INCEPTION_FILE})")
     _torchmetrics()
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -236,13 +236,13 @@ def run_realworld(
         raise RecipeError(f"seeds must be a positive integer, got {seeds!r}")
     prompts = read_prompt_file(prompt_file)
     if clip_model is None and inception_weights is None and feature_extractor is None:
-        raise RecipeError("nothing to measure: give --clip-model (CLIP score) and/or --inception-weights (IS, and FID with --reference)")
+        raise RecipeError("nothing to measure: give clip_model (CLIP score) and/or inception_weights (IS, and FID with reference_dir)")
     if reference_dir is not None and inception_weights is None and feature_extractor is None:
-        raise RecipeError("--reference is for FID, which also needs --inception-weights (or a feature_extractor)")
+        raise RecipeError("reference_dir: is for FID, which also needs inception_weights (or a feature_extractor)")
     if clip_model is not None:
-        _existing("--clip-model", clip_model, "a CLIP folder (CLIPModel and CLIPProcessor saved with save_pretrained)")
+        _existing("clip_model", clip_model, "a CLIP folder (CLIPModel and CLIPProcessor saved with save_pretrained)")
     if inception_weights is not None:
-        _existing("--inception-weights", inception_weights, f"torch-fidelity's Inception-v3 weights ({INCEPTION_FILE})")
+        _existing("inception_weights", inception_weights, f"torch-fidelity's Inception-v3 weights ({INCEPTION_FILE})")
     reference = load_image_folder(reference_dir) if reference_dir is not None else None
     _torchmetrics()
     base = parse_recipe(recipe).model_dump(mode="json", exclude_none=True)

@@ -121,10 +121,10 @@ def write_doc(doc: str | Path, results: dict, grid_png: str | Path | None = None
 
     doc = Path(doc)
     if not doc.is_file():
-        raise RecipeError(f"--update-doc: {str(doc)!r} does not exist")
+        raise RecipeError(f"update_doc: {str(doc)!r} does not exist")
     text = doc.read_text()
     if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
-        raise RecipeError(f"--update-doc: {str(doc)!r} needs one {DOC_BEGIN} line followed by one {DOC_END} line around the tables")
+        raise RecipeError(f"update_doc: {str(doc)!r} needs one {DOC_BEGIN} line followed by one {DOC_END} line around the tables")
     grid_name = None
     if grid_png is not None and Path(grid_png).is_file():
         grid_name = f"{doc.stem}-grid.png"

@@ -94,9 +94,9 @@ def settings_record(plan: Sequence[tuple[App, Sequence[Row], Sequence[AppPrompt]
 
 def _compare_settings(out: Path, have: dict, want: dict) -> None:
     """RecipeError when the folder's samples were made with different settings."""
-    fix = f"Results of different settings are never mixed: choose another --out, or delete {str(out)!r} to start over."
+    fix = f"Results of different settings are never mixed: choose another output folder, or delete {str(out)!r} to start over."
     if have.get("format") != want["format"]:
-        raise RecipeError(f"--out {str(out)!r} holds benchmark results of another format ({have.get('format')}); {fix}")
+        raise RecipeError(f"out: {str(out)!r} holds benchmark results of another format ({have.get('format')}); {fix}")
     diffs = [f"{k} is {have['common'].get(k)!r} there and {v!r} here" for k, v in want["common"].items() if have["common"].get(k) != v]
     for app, spec in want["apps"].items():
         old = have.get("apps", {}).get(app)
@@ -109,7 +109,7 @@ def _compare_settings(out: Path, have: dict, want: dict) -> None:
             if row in old["rows"] and old["rows"][row] != sha:
                 diffs.append(f"row {row!r} of app {app!r} builds a different recipe")
     if diffs:
-        raise RecipeError(f"--out {str(out)!r} holds benchmark results made with different settings: " + "; ".join(diffs) + ". " + fix)
+        raise RecipeError(f"out: {str(out)!r} holds benchmark results made with different settings: " + "; ".join(diffs) + ". " + fix)
 
 
 def _merge_settings(have: dict | None, want: dict) -> dict:
@@ -162,13 +162,13 @@ def check_args(seeds: int, prompts: int, steps: int, batch_size: int, guidance_s
     from multifusion.loading import DTYPES
     from multifusion.schedulers import scheduler_class
 
-    counts = (("seeds", seeds), ("prompts", prompts), ("num_inference_steps (--steps)", steps), ("batch_size", batch_size),
+    counts = (("seeds", seeds), ("prompts", prompts), ("num_inference_steps", steps), ("batch_size", batch_size),
               ("threads", 1 if threads is None else threads))
     for name, v in counts:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise RecipeError(f"{name} must be a positive integer, got {v!r}")
     if not guidance_scale >= 0:
-        raise RecipeError(f"guidance_scale (--cfg) must be >= 0, got {guidance_scale!r}")
+        raise RecipeError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
     if dtype not in DTYPES:
         raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     scheduler_class(scheduler)
@@ -203,6 +203,6 @@ def resolve_models(apps: list[App], models: Mapping[str, str] | None) -> dict[st
         raise ModelLoadError(
             f"{listed}: not installed in this build (installed zoo models: {', '.join(installed) or 'none'}). "
             f"Train and install with `multifusion zoo train --out runs/zoo --models {','.join(needed)} --install` "
-            f"(see docs/zoo.md), or point a role at another model with --model {first}=PATH (Python: models={{{first!r}: PATH}})"
+            f"(see docs/zoo.md), or point a role at another model with models={{{first!r}: PATH}} (CLI: --model {first}=PATH)"
         )
     return refs

@@ -217,14 +217,14 @@ def load_judge(path: str | Path | None = None) -> Judge:
     if not path.is_file() or not config_path.is_file():
         raise JudgeError(
             f"judge weights {path} (and its {config_path.name}) not found; retrain them with "
-            f"`python -m multifusion.zoo.train_judge --out runs/judge --install`"
+            f"`multifusion zoo judge --out runs/judge --install`"
         )
     config = json.loads(config_path.read_text())
     saved = {k: tuple(v) for k, v in config.get("vocabulary", {}).items()}
     if saved != VOCABULARY:
         raise JudgeError(
             f"judge weights {path} were trained for another vocabulary ({saved}); the renderer now has "
-            f"{VOCABULARY}; retrain with `python -m multifusion.zoo.train_judge --out runs/judge --install`"
+            f"{VOCABULARY}; retrain with `multifusion zoo judge --out runs/judge --install`"
         )
     judge = Judge(widths=config["widths"], feature_dim=config["feature_dim"])
     judge.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
