@@ -1,0 +1,502 @@
+"""Whole-model merges: checked first, then streamed tensor by tensor into a diffusers folder.
+
+`plan_merge` checks everything before a byte is written: the method and its weights against the
+number of models, the block weights against the UNet's blocks, and the models against each
+other (configs, prediction type, every tensor's name and shape). `merge_models` then reads one
+parameter at a time from every input's safetensors files (`safetensors.safe_open`, memory-mapped;
+the files are reopened every 1/(4N) of a component so that mapped pages do not pile up), merges
+it with `multifusion.weights.merge` and appends it to the output file, whose header is written
+first from the known shapes. Peak memory stays below one model whatever the number N of models.
+The output folder is built under a temporary name and renamed at the end, so an interrupted
+merge leaves nothing.
+
+What is merged, following A1111's merger and the AFA paper's baselines (arXiv 2405.17082):
+the UNet (per block with block weights), the text encoder(s) with the BASE weight (or the
+models' weights in a plain merge), unless `text_encoder="first"` keeps the first model's.
+Deviation from A1111, which merges the VAE too: the VAE, tokenizer and scheduler are the first
+model's, as fine-tunes of one base share them. A component identical in every model is copied,
+not merged, and so is every tensor identical in every model (exact, whatever the weights).
+
+`merge_in_memory` runs the same per-parameter merge into the first model's loaded modules and
+returns a `ModelHandle`; it agrees with a merged folder loaded by `load_models` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
+from multifusion.weights.blocks import BlockLayout, unet_layout
+from multifusion.weights.merge import check_weights, merge_tensor
+from multifusion.weights.presets import BlockWeights, block_weights
+
+METHODS = ("weighted_sum", "add_difference")
+TEXT_ENCODER = ("merge", "first")
+MERGE_JSON = "merge.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
+# Config keys that describe how a file was saved, not the architecture.
+_CONFIG_NOISE = ("transformers_version", "dtype", "torch_dtype", "architectures")
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How to merge: the method and its weights. Checked on construction; checked against the
+    models (their number, the UNet's blocks) by `plan_merge`.
+
+    - weighted_sum: `weights`, one per model in the order the models are named (normalised;
+      default equal), or `blocks` for two models: per-block share of the second model.
+    - add_difference: models (A, B, C) give A + alpha (B - C); `blocks` gives alpha per block.
+    - `blocks`: a preset name ("RING08_SOFT"), an A1111 weight string or a list of numbers.
+    - `text_encoder`: "merge" (with BASE, or the models' weights) or "first" (model 0's).
+    """
+
+    method: str = "weighted_sum"
+    weights: tuple[float, ...] | None = None
+    alpha: float | None = None
+    blocks: str | tuple[float, ...] | None = None
+    text_encoder: str = "merge"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RecipeError(f"unknown merge method {self.method!r} (known: {', '.join(METHODS)}){did_you_mean(self.method, METHODS)}")
+        if self.text_encoder not in TEXT_ENCODER:
+            raise RecipeError(f"text_encoder must be one of {TEXT_ENCODER}, got {self.text_encoder!r}")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            check_weights(self.weights)
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            object.__setattr__(self, "blocks", tuple(float(w) for w in self.blocks))
+        if self.method == "add_difference" and self.weights is not None:
+            raise RecipeError("add_difference takes `alpha` (A + alpha (B - C)), not `weights`")
+        if self.method == "weighted_sum" and self.alpha is not None:
+            raise RecipeError("weighted_sum takes `weights` (one per model), not `alpha`; alpha belongs to add_difference")
+        if self.blocks is not None and (self.weights is not None or self.alpha is not None):
+            raise RecipeError("give either block weights (`blocks`) or a single weighting (`weights` / `alpha`), not both")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise RecipeError(f"add-difference alpha {self.alpha!r} is not a finite number")
+
+    def model_count_error(self, n: int) -> str | None:
+        """Why `n` models do not fit this spec, or None."""
+        if self.method == "add_difference" and n != 3:
+            return f"add_difference merges three models (A + alpha (B - C)), got {n}"
+        if self.method == "weighted_sum" and self.blocks is not None and n != 2:
+            return f"a block-weighted sum merges two models ((1 - w) A + w B per block), got {n}"
+        if self.weights is not None and len(self.weights) != n:
+            return f"{len(self.weights)} weights for {n} models; give one weight per model, in the order the models are named"
+        return None if n >= 1 else "name at least one model"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One pipeline component in the plan: merged tensor by tensor, or copied from model 0."""
+
+    name: str
+    action: str  # "merge" or "copy"
+    reason: str
+    files: tuple[Mapping[str, Path], ...] = ()  # per model: tensor name -> safetensors file
+    header: tuple[tuple[str, str, tuple[int, ...]], ...] = ()  # (name, dtype, shape) of model 0
+    out_file: str = ""
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge will do, decided and checked before anything is written."""
+
+    spec: MergeSpec
+    models: tuple[str, ...]
+    folders: tuple[Path, ...]
+    components: tuple[Component, ...]
+    layout: BlockLayout | None = None
+    blocks: Mapping[str, float] | None = None
+    base: float | None = None
+    blocks_note: str = ""
+
+    def weight(self, component: str, name: str) -> float | tuple[float, ...]:
+        """The weight `merge_tensor` takes for tensor `name` of `component`."""
+        if self.blocks is not None:
+            return self.blocks[self.layout.block_of(name)] if component == "unet" else (self.base or 0.0)
+        if self.spec.method == "add_difference":
+            return 1.0 if self.spec.alpha is None else self.spec.alpha
+        return self.spec.weights or (1.0,) * len(self.models)
+
+    def recipe(self) -> dict:
+        """The merge as JSON: the spec (rebuilds with MergeSpec(**recipe["spec"])), resolved
+        block weights, the inputs and what happened to each component."""
+        out = {"format": "multifusion-merge", "version": 1, "spec": dataclasses.asdict(self.spec),
+               "models": list(self.models),
+               "components": {c.name: f"{c.action}: {c.reason}" for c in self.components}}
+        if self.blocks is not None:
+            out["blocks"] = {"base": self.base, "weights": dict(self.blocks), "source": self.blocks_note}
+        return out
+
+
+def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePlan:
+    """Check `spec` against `models` (names as `multifusion.loading.resolve` takes them: local
+    diffusers folders or zoo:NAME) and decide what happens to each component. Reads configs
+    and safetensors headers only. Raises RecipeError, ModelLoadError or IncompatibleModelsError."""
+    from multifusion.loading import resolve
+
+    spec = spec or MergeSpec()
+    problem = spec.model_count_error(len(models))
+    if problem:
+        raise RecipeError(problem)
+    folders = []
+    for text in models:
+        ref = resolve(text)
+        if ref.kind not in ("folder", "zoo"):
+            raise ModelLoadError(
+                f"{text!r} is a {ref.kind.replace('_', '-')} model; merges read diffusers pipeline folders. Load it "
+                "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder")
+        folders.append(Path(ref.location))
+    index = [_model_index(f) for f in folders]
+    if "unet" not in index[0]:
+        raise IncompatibleModelsError(f"{models[0]!r} has no unet; merges combine UNet pipelines")
+    _check_same_prediction(models, folders)
+
+    layout = blocks = base = None
+    note = ""
+    if spec.blocks is not None:
+        layout = unet_layout(_config(folders[0] / "unet"))
+        weights, note = block_weights(spec.blocks, layout)
+        blocks, base = weights.by_block(layout), weights.base
+        if spec.method == "weighted_sum":
+            _check_interpolation(weights, layout)
+
+    components = []
+    for name, library in index[0].items():
+        if name != "unet" and not name.startswith("text_encoder"):
+            components.append(Component(name, "copy", "model 0's (only the UNet and text encoders are merged)"))
+            continue
+        if name != "unet" and spec.text_encoder == "first":
+            components.append(Component(name, "copy", "model 0's (text_encoder='first')"))
+            continue
+        for text, idx in zip(models, index):
+            if name not in idx:
+                raise IncompatibleModelsError(f"{text!r} has no {name}; {models[0]!r} has one, so they cannot be merged")
+        out_file = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
+        components.append(_plan_component(name, models, folders, spec, base, out_file))
+
+    unet = next(c for c in components if c.name == "unet")
+    if layout is not None and unet.action == "merge":
+        for tensor, _, _ in unet.header:
+            layout.block_of(tensor)  # every UNet parameter must have a block
+    return MergePlan(spec, tuple(models), tuple(folders), tuple(components), layout, blocks, base, note)
+
+
+def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], spec: MergeSpec, base: float | None, out_file: str) -> Component:
+    dirs = [f / name for f in folders]
+    files = [_tensor_files(d, text) for d, text in zip(dirs, models)]
+    headers = [_header(f) for f in files]
+    for text, h in zip(models[1:], headers[1:]):
+        _check_same_tensors(name, models[0], headers[0], text, h)
+    configs = [_config(d) for d in dirs]  # same shapes can still mean another architecture
+    for text, cfg in zip(models[1:], configs[1:]):
+        _check_same(f"{name} config", models[0], configs[0], text, cfg)
+    header = tuple((k, *headers[0][k]) for k in sorted(headers[0]))
+    if name != "unet" and spec.blocks is not None and not base:
+        return Component(name, "copy", "model 0's (BASE weight 0)" if base == 0 else "model 0's (no BASE weight given)")
+    if all(_same_files(files[0], f) for f in files[1:]):
+        return Component(name, "copy", "model 0's (identical in every model)")
+    return Component(name, "merge", spec.method, tuple(files), header, out_file)
+
+
+def _check_interpolation(weights: BlockWeights, layout: BlockLayout) -> None:
+    pairs = list(zip(layout.ids, weights.values)) + ([("BASE", weights.base)] if weights.base is not None else [])
+    for block, w in pairs:
+        if not 0 <= w <= 1:
+            raise RecipeError(
+                f"block weight {w!r} for {block} is outside [0, 1]; a block-weighted sum interpolates "
+                "between A and B (add_difference extrapolates)")
+
+
+def _model_index(folder: Path) -> dict[str, str]:
+    """The pipeline's components (non-null in model_index.json) and the library of each."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {k: v[0] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+
+
+def _config(folder: Path) -> dict:
+    for name in ("config.json", "scheduler_config.json"):
+        if (folder / name).is_file():
+            cfg = json.loads((folder / name).read_text())
+            return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _CONFIG_NOISE}
+    raise ModelLoadError(f"{folder} has no config.json")
+
+
+def _check_same_prediction(models: Sequence[str], folders: Sequence[Path]) -> None:
+    kinds = [_config(f / "scheduler").get("prediction_type", "epsilon") for f in folders]
+    for text, kind in zip(models[1:], kinds[1:]):
+        if kind != kinds[0]:
+            raise IncompatibleModelsError(
+                f"{models[0]!r} predicts {kinds[0]} and {text!r} predicts {kind}; their weights do not mean the same "
+                "thing, so a merge of them is not a model (combine them at noise level instead)")
+
+
+def _check_same(what: str, name_a: str, a: Mapping, name_b: str, b: Mapping) -> None:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            raise IncompatibleModelsError(
+                f"{what} differs: {key} is {a.get(key)!r} in {name_a!r} and {b.get(key)!r} in {name_b!r}; "
+                "merges need one architecture")
+
+
+def _check_same_tensors(component: str, name_a: str, a: Mapping, name_b: str, b: Mapping) -> None:
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            has, lacks = (name_a, name_b) if key in a else (name_b, name_a)
+            raise IncompatibleModelsError(f"{component} tensor {key!r} is in {has!r} but not in {lacks!r}; merges need one architecture")
+        if a[key][1] != b[key][1]:
+            raise IncompatibleModelsError(
+                f"{component} tensor {key!r} has shape {tuple(a[key][1])} in {name_a!r} and {tuple(b[key][1])} in "
+                f"{name_b!r}; merges need one architecture")
+
+
+def _tensor_files(folder: Path, model: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file of one component: the standard file or shard index
+    diffusers and transformers write, else the folder's only .safetensors file."""
+    from safetensors import safe_open
+
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    candidates = [folder / f"{stem}.safetensors" for stem in ("diffusion_pytorch_model", "model")]
+    candidates = [p for p in candidates if p.is_file()] or sorted(folder.glob("*.safetensors"))
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in candidates) or "none"
+        raise ModelLoadError(
+            f"{model!r}: cannot tell which weights of {folder.name} to merge (.safetensors files: {found}); "
+            "merges read the standard safetensors file of each component (convert pickle weights first)")
+    with safe_open(candidates[0], framework="pt") as h:
+        return {k: candidates[0] for k in h.keys()}
+
+
+def _header(files: Mapping[str, Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape), read from the files' headers only."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as h:
+            for k in h.keys():
+                s = h.get_slice(k)
+                out[k] = (s.get_dtype(), tuple(s.get_shape()))
+    return out
+
+
+def _same_files(a: Mapping[str, Path], b: Mapping[str, Path]) -> bool:
+    fa, fb = sorted(set(a.values())), sorted(set(b.values()))
+    return len(fa) == len(fb) and all(filecmp.cmp(x, y, shallow=False) for x, y in zip(fa, fb))
+
+
+# --- the merge itself -----------------------------------------------------------------------
+
+
+def merged_tensors(plan: MergePlan, component: Component) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) for every tensor of a merged component, one at a time, in the
+    first model's dtype. Tensors bitwise equal in every model, and non-float tensors, are
+    model 0's."""
+    from safetensors import safe_open
+
+    # Files are opened per chunk of tensors and closed after it: a safe_open handle keeps the
+    # pages it has read mapped (they count as resident memory), and reopening per tensor would
+    # parse the header every time. Chunks of 1/(4N) of the component bound what all N inputs
+    # hold mapped to about a quarter of one model.
+    sizes = [_nbytes(dtype, shape) for _, dtype, shape in component.header]
+    budget = max(max(sizes, default=0), sum(sizes) // (4 * len(component.files)))
+    for chunk in _chunks(component.header, sizes, budget):
+        with ExitStack() as stack:
+            handles: dict[Path, object] = {}
+            for name, _, _ in chunk:
+                tensors = []
+                for files in component.files:
+                    path = files[name]
+                    if path not in handles:
+                        handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                    tensors.append(handles[path].get_tensor(name))
+                first = tensors[0]
+                if not first.is_floating_point() or all(_same_bits(first, t) for t in tensors[1:]):
+                    out = first
+                else:
+                    out = merge_tensor(tensors, plan.spec.method, plan.weight(component.name, name))
+                del tensors
+                yield name, out
+
+
+def _chunks(header: Sequence, sizes: Sequence[int], budget: int) -> Iterator[list]:
+    chunk, total = [], 0
+    for entry, size in zip(header, sizes):
+        if chunk and total + size > budget:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(entry)
+        total += size
+    if chunk:
+        yield chunk
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=_ST_DTYPES[dtype]).element_size()
+
+
+def _as_bytes(t: torch.Tensor):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN equals itself, -0.0 differs from 0.0): 'identical' for a copy.
+    Compared as 8-byte words where the size allows (numpy's comparison is fast, and its
+    temporary is then 1/8 of the tensor)."""
+    import numpy as np
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    x, y = _as_bytes(a), _as_bytes(b)
+    if x.size % 8 == 0:
+        x, y = x.view(np.int64), y.view(np.int64)
+    return np.array_equal(x, y)
+
+
+def write_safetensors(path: Path, header: Sequence[tuple[str, str, tuple[int, ...]]], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Write a safetensors file whose tensors arrive one at a time, in `header` order: the
+    header (8-byte little-endian length, JSON with dtype, shape and data offsets, padded to 8
+    bytes) first, then each tensor's bytes as it comes, so only one tensor is held at a time."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in header:
+        size = _nbytes(dtype, shape)
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for (name, dtype, shape), (got, t) in zip(header, tensors, strict=True):
+            if got != name or t.dtype != _ST_DTYPES[dtype] or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"streamed tensor {got!r} {t.dtype} {tuple(t.shape)} does not match the header entry {name!r} {dtype} {shape}")
+            f.write(memoryview(_as_bytes(t)))
+
+
+def merge_models(models: Sequence[str], out: str | Path, spec: MergeSpec | None = None, *, overwrite: bool = False) -> Path:
+    """Merge `models` into a new diffusers pipeline folder `out` (with merge.json), streaming:
+    peak memory stays near one tensor per model. All checks run before anything is written;
+    the folder appears complete or not at all. Returns `out`."""
+    plan = plan_merge(models, spec)
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise RecipeError(f"output {str(out)!r} already exists; choose another folder or pass overwrite=True")
+    if any(out.resolve() == f.resolve() for f in plan.folders):
+        raise RecipeError(f"output {str(out)!r} is one of the models being merged; write the merge elsewhere")
+    recipe = plan.recipe()
+    recipe["fingerprints"] = [_fingerprint(f) for f in plan.folders]
+    recipe["library"] = _library_version()
+    with _atomic_folder(out, overwrite) as tmp:
+        shutil.copy2(plan.folders[0] / "model_index.json", tmp / "model_index.json")
+        for c in plan.components:
+            src = plan.folders[0] / c.name
+            if c.action == "copy":
+                shutil.copytree(src, tmp / c.name, ignore=shutil.ignore_patterns(".*"))
+                continue
+            (tmp / c.name).mkdir()
+            for f in src.iterdir():
+                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
+                    shutil.copy2(f, tmp / c.name / f.name)
+            write_safetensors(tmp / c.name / c.out_file, c.header, merged_tensors(plan, c))
+        (tmp / MERGE_JSON).write_text(json.dumps(recipe, indent=2) + "\n")
+    return out
+
+
+def merge_in_memory(models: Sequence[str], spec: MergeSpec | None = None, *, name: str | None = None,
+                    dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    """The same merge without writing: model 0 is loaded and its UNet and text encoder receive
+    the merged tensors one at a time (peak memory: one model). Returns a `ModelHandle` equal,
+    bit for bit, to loading the folder `merge_models` writes."""
+    from multifusion.loading import load_model
+
+    plan = plan_merge(models, spec)
+    for c in plan.components:
+        if c.action == "merge" and c.name not in ("unet", "text_encoder"):
+            raise RecipeError(f"in-memory merges cover the UNet and one text encoder; {c.name} needs merge_models (a folder)")
+    handle = load_model(plan.models[0], name=name or "merge", dtype=dtype, device=device)
+    with torch.no_grad():
+        for c in plan.components:
+            if c.action == "merge":
+                _load_into(getattr(handle, c.name), merged_tensors(plan, c), c.name)
+    return dataclasses.replace(handle, source=f"merge of {', '.join(plan.models)} ({plan.spec.method})")
+
+
+def _load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], component: str) -> None:
+    state = module.state_dict()
+    filled = set()
+    for key, t in tensors:
+        target = key if key in state else _state_key(key, state)
+        if target is None:
+            continue  # saved but not a persistent tensor of the module (e.g. old position_ids)
+        state[target].copy_(t)
+        filled.add(target)
+    if filled != set(state):
+        missing = sorted(set(state) - filled)[:3]
+        raise ModelLoadError(f"{component}: the merge produced no value for {missing}; its files and its module disagree")
+
+
+def _state_key(key: str, state: Mapping[str, torch.Tensor]) -> str | None:
+    """A file's tensor name in the module's naming (transformers may add or drop `text_model.`)."""
+    for candidate in (key.removeprefix("text_model."), f"text_model.{key}"):
+        if candidate in state:
+            return candidate
+    return None
+
+
+@contextmanager
+def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` on success and deleted on any error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.part"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists() and overwrite:
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fingerprint(folder: Path) -> str:
+    # The bench's content hash, so a merge's inputs match the bench's model fingerprints.
+    from multifusion.bench.settings import file_fingerprint
+
+    return file_fingerprint(folder)
+
+
+def _library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"multifusion {version('multifusion')}"
+    except PackageNotFoundError:
+        return "multifusion"

@@ -1,0 +1,182 @@
+"""Block weights: A1111 weight strings and the community's named presets.
+
+A block weight is the share of the second model in that block, as in A1111's merge-block-
+weighted extension: `(1 - w) * A + w * B` (for add-difference, the alpha of `A + w (B - C)`).
+A string holds one value per block id of the UNet (`multifusion.weights.blocks`), optionally
+led by BASE, which weighs the text encoder(s); for SD-1.x/2.x that is 25 or 26 values.
+
+Presets are named as in the merge-block-weighted extension (bbc-mc/sdweb-merge-block-weighted-gui,
+`csv/preset.tsv`, 25 values) and SuperMerger (hako-mikan/sd-webui-supermerger,
+`scripts/mbwpresets.txt`, the same 25 values after a BASE of 0, and a BASE of 1 for ALL_B).
+Their values are quoted below; the smooth ones are written as the formulas that reproduce the
+published numbers (GRAD: i/12; SMOOTHSTEP: 3x^2 - 2x^3 at x = i/24; COSINE: (1 + cos(pi x)) / 2),
+and tests check them against published values. The AFA paper (arXiv 2405.17082) measures
+against these merges.
+
+Presets are defined on the 25 SD-1 blocks. On a UNet with fewer or more levels (the zoo's has
+13 blocks, SDXL 19) `block_weights` resamples them: the IN values and the OUT values are each
+interpolated linearly over their relative depth, M00 and BASE are kept. Deviation: SuperMerger
+maps its presets to SDXL by dropping entries (`weighttoxl`); resampling keeps a gradient a
+gradient and a ring a ring on any depth. Weight strings the user writes are never resampled:
+their length must match the UNet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from multifusion.errors import RecipeError, did_you_mean
+from multifusion.weights.blocks import BlockLayout
+
+SD1_BLOCKS = 25
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """One weight per block id in notation order (IN.., M00, OUT..) and the BASE weight
+    (text encoders); `base` None when the string gave none (the first model's text encoder)."""
+
+    values: tuple[float, ...]
+    base: float | None = None
+
+    def __post_init__(self):
+        if len(self.values) % 2 != 1 or len(self.values) < 3:
+            raise RecipeError(f"block weights need an odd number of values (IN.., M00, OUT..), got {len(self.values)}")
+        for v in (*self.values, *(() if self.base is None else (self.base,))):
+            if not math.isfinite(v):
+                raise RecipeError(f"block weight {v!r} is not a finite number")
+
+    def by_block(self, layout: BlockLayout) -> dict[str, float]:
+        """{block id: weight} for `layout`; the lengths must agree."""
+        if len(self.values) != len(layout.ids):
+            raise RecipeError(_length_message(len(self.values), layout))
+        return dict(zip(layout.ids, self.values))
+
+
+def _length_message(given: int, layout: BlockLayout | None) -> str:
+    n = SD1_BLOCKS if layout is None else len(layout.ids)
+    k = (n - 1) // 2
+    names = f"IN00..IN{k - 1:02d}, M00, OUT00..OUT{k - 1:02d}"
+    return f"block weights: {given} values given; this UNet expects {n} ({names}) or {n + 1} (with a leading BASE)"
+
+
+def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None = None) -> BlockWeights:
+    """Parse "w,w,...,w" (or a list of numbers) with one value per block id of `layout` (the
+    SD-1 25 blocks when None), or one more with BASE first."""
+    if isinstance(text, str):
+        items = [s.strip() for s in text.split(",")]
+        try:
+            values = [float(s) for s in items]
+        except ValueError:
+            bad = next(s for s in items if not _is_number(s))
+            raise RecipeError(f"block weights: {bad!r} is not a number (in {text!r})") from None
+    else:
+        values = [float(v) for v in text]
+    n = SD1_BLOCKS if layout is None else len(layout.ids)
+    if len(values) == n + 1:
+        return BlockWeights(tuple(values[1:]), base=values[0])
+    if len(values) == n:
+        return BlockWeights(tuple(values))
+    raise RecipeError(_length_message(len(values), layout))
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _gradient(i: int) -> float:
+    return 1 - i / 12  # GRAD_V's IN half: 1, 11/12, ..., 1/12 (preset.tsv rounds to 10 digits)
+
+
+def _smoothstep(x: float) -> float:
+    return 3 * x * x - 2 * x**3
+
+
+def _cosine(x: float) -> float:
+    return (1 + math.cos(math.pi * x)) / 2
+
+
+def _values(text: str) -> tuple[float, ...]:
+    return tuple(float(s) for s in text.split(","))
+
+
+_GRAD_V = tuple(_gradient(i) for i in range(12)) + (0.0,) + tuple(_gradient(12 - i) for i in range(1, 13))
+# The 25 block values of each preset (BASE is 0 in SuperMerger's tables, 1 for ALL_B).
+_PRESETS: dict[str, tuple[float, ...]] = {
+    "GRAD_V": _GRAD_V,
+    "GRAD_A": tuple(1 - v for v in _GRAD_V),
+    "FLAT_25": (0.25,) * 25,
+    "FLAT_75": (0.75,) * 25,
+    "WRAP08": _values("1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1"),
+    "WRAP12": _values("1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1"),
+    "WRAP14": _values("1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1"),
+    "WRAP16": _values("1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1"),
+    "MID12_50": _values("0,0,0,0,0,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0,0,0,0,0,0"),
+    "OUT07": _values("0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1"),
+    "OUT12": _values("0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1"),
+    "OUT12_5": _values("0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,1"),
+    "RING08_SOFT": _values("0,0,0,0,0,0.5,1,1,1,0.5,0,0,0,0,0,0.5,1,1,1,0.5,0,0,0,0,0"),
+    "RING08_5": _values("0,0,0,0,0,0,1,1,1,1,0,0,0,0,0,1,1,1,1,0,0,0,0,0,0"),
+    "RING10_5": _values("0,0,0,0,0,1,1,1,1,1,0,0,0,0,0,1,1,1,1,1,0,0,0,0,0"),
+    "RING10_3": _values("0,0,0,0,0,0,1,1,1,1,1,0,0,0,1,1,1,1,1,0,0,0,0,0,0"),
+    "SMOOTHSTEP": tuple(_smoothstep(i / 24) for i in range(25)),
+    "REVERSE_SMOOTHSTEP": tuple(1 - _smoothstep(i / 24) for i in range(25)),
+    "COSINE": tuple(_cosine(i / 24) for i in range(25)),
+    "REVERSE_COSINE": tuple(1 - _cosine(i / 24) for i in range(25)),
+    "ALL_A": (0.0,) * 25,
+    "ALL_B": (1.0,) * 25,
+}
+PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
+
+
+def preset(name: str) -> BlockWeights:
+    """The named preset on the 25 SD-1 blocks (case and '-'/'_' do not matter)."""
+    key = name.strip().upper().replace("-", "_")
+    if key not in _PRESETS:
+        raise RecipeError(f"unknown block-weight preset {name!r} (known: {', '.join(PRESET_NAMES)}){did_you_mean(key, PRESET_NAMES)}")
+    return BlockWeights(_PRESETS[key], base=1.0 if key == "ALL_B" else 0.0)
+
+
+def resample(weights: BlockWeights, layout: BlockLayout) -> BlockWeights:
+    """`weights` moved to `layout`'s number of blocks: the IN values and the OUT values each
+    linearly interpolated over relative depth, M00 and BASE kept. Same length: unchanged."""
+    n = len(layout.ids)
+    if len(weights.values) == n:
+        return weights
+    k_src, k_dst = (len(weights.values) - 1) // 2, (n - 1) // 2
+    ins, mid, outs = weights.values[:k_src], weights.values[k_src], weights.values[k_src + 1 :]
+    return BlockWeights((*_interpolate(ins, k_dst), mid, *_interpolate(outs, k_dst)), weights.base)
+
+
+def _interpolate(values: Sequence[float], n: int) -> tuple[float, ...]:
+    """`n` samples of the piecewise-linear curve through `values` (evenly spaced, ends kept)."""
+    if n == 1 or len(values) == 1:
+        return (values[0],) * n
+    out = []
+    for j in range(n):
+        pos = j * (len(values) - 1) / (n - 1)
+        lo = min(int(pos), len(values) - 2)
+        frac = pos - lo
+        out.append(values[lo] if frac == 0 else values[lo] * (1 - frac) + values[lo + 1] * frac)
+    return tuple(out)
+
+
+def block_weights(spec: str | Sequence[float] | BlockWeights, layout: BlockLayout) -> tuple[BlockWeights, str]:
+    """Block weights for `layout` from a preset name, a weight string, a list of numbers or a
+    BlockWeights, and a note of where they came from (for merge.json). Presets are resampled to
+    the layout; strings and lists must already have its length."""
+    if isinstance(spec, BlockWeights):
+        spec.by_block(layout)  # checks the length
+        return spec, "given"
+    if isinstance(spec, str) and "," not in spec and not _is_number(spec):
+        weights = preset(spec)
+        resampled = resample(weights, layout)
+        note = f"preset {spec.strip().upper().replace('-', '_')}"
+        return resampled, note if resampled is weights else f"{note}, resampled from 25 to {len(layout.ids)} blocks"
+    return parse_block_weights(spec, layout), "given"
