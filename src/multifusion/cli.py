@@ -5,7 +5,7 @@
     multifusion validate RECIPE.yaml                 check a recipe without loading models
     multifusion methods                              list the methods
     multifusion demo --out DIR                       the main job on the built-in models
-    multifusion zoo list | zoo train --out DIR       the embedded ShapeWorld models
+    multifusion zoo list | train | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
     multifusion bench APP|all --out DIR              every method side by side on the zoo apps
 """
 
@@ -132,6 +132,41 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_judge(args: argparse.Namespace) -> int:
+    import torch
+
+    from multifusion.zoo.judge import DEFAULT_WEIGHTS
+    from multifusion.zoo.train_judge import format_table, install_judge, record_accuracy, train_judge
+
+    torch.set_num_threads(args.threads)
+    if args.evaluate:
+        print(format_table(record_accuracy(Path(args.weights) if args.weights else DEFAULT_WEIGHTS, args.eval_n, not args.no_progress)))
+        return 0
+    train_judge(args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress, until=args.until)
+    if args.until is not None and args.until < args.steps:
+        print(f"stopped at step {args.until} of {args.steps}; run the same command without --until to finish")
+        return 0
+    weights = Path(args.out) / "judge.safetensors"
+    print(format_table(record_accuracy(weights, args.eval_n, not args.no_progress)))
+    if args.install:
+        print(f"installed {install_judge(weights)}")
+    return 0
+
+
+def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from multifusion.zoo.evaluate import draw_training_figures, evaluate_zoo, format_table
+
+    if args.run and not args.out:
+        raise MultifusionError("--run draws the loss curves into --out: give --out too")
+    models = args.models.split(",") if args.models else None
+    rows = evaluate_zoo(models, args.n, args.seed, guidance_scale=args.guidance_scale, out=args.out, progress=not args.no_progress)
+    print(format_table(rows))
+    if args.out:
+        psnr = draw_training_figures(args.out, run=args.run, vae_of=(models or ["general"])[0])
+        print(f"wrote {args.out}; VAE reconstruction PSNR on held-out renders: {psnr:.2f} dB")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     models = {}
     for item in args.model or []:
@@ -202,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="use tiny random test models even when the zoo is installed (a quick smoke run)")
     d.set_defaults(func=cmd_demo)
 
-    z = sub.add_parser("zoo", help="the embedded ShapeWorld models: list or retrain them",
+    z = sub.add_parser("zoo", help="the embedded ShapeWorld models: list, retrain or score them",
                        description="The embedded ShapeWorld zoo: small models trained and shipped by the project.")
-    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list or train")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list, train, judge or evaluate")
     zl = zsub.add_parser("list", help="list the installed zoo models", description="List the installed zoo models and their sizes.")
     zl.set_defaults(func=cmd_zoo_list)
     zt = zsub.add_parser("train", help="retrain the zoo from scratch (deterministic, resumable)",
@@ -219,6 +254,34 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--install", action="store_true", help="copy the trained models (fp16) and judge into the package weights folder")
     zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)
+    zj = zsub.add_parser("judge", help="train the judge alone (deterministic, resumable), or --evaluate one",
+                         description="Train the ShapeWorld judge from scratch into --out (an interrupted run resumes from its "
+                                     "checkpoint; deterministic for a seed and thread count), then measure its accuracy on "
+                                     "held-out renders and record it in its judge.json. --evaluate only measures existing weights.")
+    zj.add_argument("--out", default="runs/judge", help="run folder (checkpoint, render cache, loss log; default runs/judge)")
+    zj.add_argument("--steps", type=int, default=2000, help="training steps (default 2000, the shipped judge's)")
+    zj.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    zj.add_argument("--until", type=int, help="stop this invocation after this many steps (run the same command again to continue)")
+    zj.add_argument("--threads", type=int, default=1, help="torch threads (default 1, how the shipped judge was trained)")
+    zj.add_argument("--eval-n", dest="eval_n", type=int, default=2000, help="held-out renders per evaluation set (default 2000)")
+    zj.add_argument("--install", action="store_true", help="copy the trained judge (fp16) into the package weights folder")
+    zj.add_argument("--evaluate", action="store_true", help="train nothing: measure --weights and record the accuracy in its .json")
+    zj.add_argument("--weights", help="judge weights that --evaluate measures (default: the installed judge)")
+    zj.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    zj.set_defaults(func=cmd_zoo_judge)
+    ze = zsub.add_parser("evaluate", help="score zoo models with the judge: the tables and figures of docs/zoo-training.md",
+                         description="Sample one image per held-out caption (--n per row, DDIM 30 steps) for each model on its "
+                                     "own prompts and on another model's, read them with the judge and print the table; the "
+                                     "renders of the same captions give the judge's ceiling. With --out, also write "
+                                     "zoo-eval.json, zoo-eval.md, sample grids and the VAE's reconstructions there.")
+    ze.add_argument("--models", help="comma-separated zoo models (default: every installed one)")
+    ze.add_argument("--n", type=int, default=32, help="held-out captions per row (default 32)")
+    ze.add_argument("--seed", type=int, default=0, help="evaluation seed (default 0)")
+    ze.add_argument("--cfg", dest="guidance_scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+    ze.add_argument("--out", help="folder for zoo-eval.json/.md, the sample grids, zoo-vae.png (and zoo-loss.png)")
+    ze.add_argument("--run", help="zoo training run folder (of `multifusion zoo train --out`): also draw its loss curves")
+    ze.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    ze.set_defaults(func=cmd_zoo_evaluate)
 
     b = sub.add_parser("bench", help="benchmark: every method side by side on the zoo apps, with success rates",
                        description="Run every method that applies to an app (each model alone, the weighted average, each "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
+from multifusion.training import CHECKPOINT, CheckpointError
 from multifusion.zoo import metrics
 from multifusion.zoo.judge import DEFAULT_WEIGHTS, Judge, JudgeError, load_judge, reading_from_scene, reading_to_scene
 from multifusion.zoo.metrics import MetricError
@@ -160,6 +164,25 @@ def test_training_resumes_to_the_same_weights(tmp_path, one_thread) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="pass the same arguments"):
         train_judge(tmp_path / "whole", **(kwargs | {"steps": 5}))
+
+
+class _Touch:
+    """Unpickled, creates ``marker``: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_training_refuses_a_pickle_in_place_of_its_checkpoint(tmp_path, one_thread) -> None:
+    marker, run = tmp_path / "code-ran", tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(pickle.dumps({"model": _Touch(marker)}))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        train_judge(run, steps=4, progress=False, pool_size=16, batch_size=8)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- metrics

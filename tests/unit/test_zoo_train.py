@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from multifusion import loading
+from multifusion.training import CHECKPOINT, Checkpoint, load_checkpoint, load_tensors
 from multifusion.zoo import render
 from multifusion.zoo.models import MAX_TOKENS, build_tokenizer, vocabulary
 from multifusion.zoo.train import (
@@ -48,8 +49,8 @@ def runs(tmp_path_factory):
     return straight, resumed, summary, snapshot_before_resume
 
 
-def _ckpt(run: Path) -> dict:
-    return torch.load(run / "general" / "checkpoint.pt", map_location="cpu", weights_only=False)
+def _ckpt(run: Path, name: str = "general") -> Checkpoint:
+    return load_checkpoint(run / name / CHECKPOINT)
 
 
 def test_tokenizer_has_one_token_per_word_and_fits_every_caption(tmp_path):
@@ -64,9 +65,10 @@ def test_tokenizer_has_one_token_per_word_and_fits_every_caption(tmp_path):
 def test_resumed_run_equals_uninterrupted_run(runs):
     straight, resumed, summary, _ = runs
     a, b = _ckpt(straight), _ckpt(resumed)
-    assert a["step"] == b["step"] == 5 and summary[0]["steps"] == 5
-    for key in ("unet", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a.step == b.step == 5 and summary[0]["steps"] == 5
+    assert a.modules.keys() == {"model", "ema"}
+    for key in a.modules:
+        assert _equal(a.modules[key], b.modules[key]), key
     steps = [int(line.split(",")[0]) for line in (resumed / "general" / "loss.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]  # the log is not duplicated by the resume
 
@@ -91,11 +93,12 @@ def test_more_steps_continue_from_the_checkpoint(runs):
     straight, _, _, _ = runs
     before = _ckpt(straight)
     summary = train_zoo(straight, ["general"], steps=5, progress=False, config=TINY)  # already done: no-op
-    assert summary[0]["steps"] == 5 and torch.equal(_ckpt(straight)["unet"]["conv_in.weight"], before["unet"]["conv_in.weight"])
+    assert summary[0]["steps"] == 5 and _equal(_ckpt(straight).modules["model"], before.modules["model"])
 
 
-def _snapshot(run: Path, step: int = 4) -> dict:
-    return torch.load(snapshot_path(run, "general", step), map_location="cpu", weights_only=False)
+def _snapshot(run: Path, step: int = 4) -> tuple[dict, dict]:
+    """The EMA weights of ``general``'s snapshot at ``step``, and its info."""
+    return load_tensors(snapshot_path(run, "general", step))
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -105,10 +108,10 @@ def _equal(a: dict, b: dict) -> bool:
 def test_parent_snapshot_is_written_at_its_step_across_a_resume(runs):
     straight, resumed, _, snapshot_before_resume = runs
     assert not snapshot_before_resume  # the first part stopped at step 3, before the snapshot step
-    a, b = _snapshot(straight), _snapshot(resumed)
-    assert a["step"] == b["step"] == 4 and a["model"] == "general"
-    assert _equal(a["ema"], b["ema"])  # the resume wrote exactly the uninterrupted run's EMA at step 4
-    assert not _equal(a["ema"], _ckpt(straight)["ema"])  # and it is not the latest (step 5) EMA
+    (a, a_info), (b, b_info) = _snapshot(straight), _snapshot(resumed)
+    assert a_info == b_info == {"model": "general", "step": 4}
+    assert _equal(a, b)  # the resume wrote exactly the uninterrupted run's EMA at step 4
+    assert not _equal(a, _ckpt(straight).modules["ema"])  # and it is not the latest (step 5) EMA
 
 
 def test_finetune_starts_from_the_snapshot_however_far_the_parent_has_got(runs, tmp_path):
@@ -117,21 +120,21 @@ def test_finetune_starts_from_the_snapshot_however_far_the_parent_has_got(runs, 
     shutil.copytree(straight, run)  # general at step 5, past the snapshot step 4
     weights, init_from = _finetune_start(run, "cartoon", TINY)
     assert init_from == {"model": "general", "step": 4}
-    assert _equal(weights, _snapshot(run)["ema"]) and not _equal(weights, _ckpt(run)["ema"])
+    assert _equal(weights, _snapshot(run)[0]) and not _equal(weights, _ckpt(run).modules["ema"])
 
     summary = train_zoo(run, ["cartoon"], steps=1, progress=False, config=TINY)
     assert summary[0]["init_from"] == {"model": "general", "step": 4}
-    first = torch.load(run / "cartoon" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert first["init_from"] == {"model": "general", "step": 4}
+    first = _ckpt(run, "cartoon")
+    assert first.meta["init_from"] == {"model": "general", "step": 4}
 
     # Train the parent further, then redo the fine-tune from scratch: the same weights come out.
     train_zoo(run, ["general"], steps=7, progress=False, config=TINY)
-    assert _equal(_snapshot(run)["ema"], weights)
-    for stale in ("checkpoint.pt", "loss.csv"):
+    assert _equal(_snapshot(run)[0], weights)
+    for stale in (CHECKPOINT, "loss.csv"):
         (run / "cartoon" / stale).unlink()
     train_zoo(run, ["cartoon"], steps=1, progress=False, config=TINY)
-    again = torch.load(run / "cartoon" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert _equal(again["unet"], first["unet"]) and _equal(again["ema"], first["ema"])
+    again = _ckpt(run, "cartoon")
+    assert _equal(again.modules["model"], first.modules["model"]) and _equal(again.modules["ema"], first.modules["ema"])
 
 
 def test_finetune_whose_parent_has_not_reached_the_step_is_refused(runs, tmp_path):

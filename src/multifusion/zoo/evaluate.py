@@ -7,14 +7,15 @@ sampler (:func:`multifusion.single`, DDIM, 30 steps) and scores them with the ju
 distribution's own renders the same way: the judge's ceiling, to tell a model's error from the
 judge's.
 
-Command line (writes the JSON, sample grids and loss curves used by docs/zoo-training.md)::
+:func:`evaluate_zoo` scores every installed model this way and :func:`draw_training_figures`
+draws the loss curves and VAE reconstructions; together they make the tables and figures of
+docs/zoo-training.md::
 
-    python -m multifusion.zoo.evaluate --run runs/zoo --out docs/img --n 32
+    multifusion zoo evaluate --run runs/zoo --out docs/img --n 32
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
@@ -240,47 +241,60 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def evaluate_zoo(
+    models: Sequence[str] | None = None,
+    n: int = 32,
+    seed: int = 0,
+    *,
+    guidance_scale: float = 7.5,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The rows of docs/zoo-training.md's judge table: each model (default: every installed zoo
+    model) on its own prompts and on :data:`CROSS`'s, then the renders of its prompts.
+
+    With ``out``, also writes there ``zoo-eval.json`` (the rows), ``zoo-eval.md`` (their table)
+    and ``zoo-samples-MODEL-on-PROMPTS.png`` (the first 16 images of each row).
+    """
+    from tqdm.auto import tqdm
+
     from multifusion.loading import zoo_models
     from multifusion.zoo.train import MODELS
 
-    p = argparse.ArgumentParser(prog="python -m multifusion.zoo.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=None, help="comma-separated zoo models (default: every installed one)")
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--run", default=None, help="training run folder: also draw its loss curves")
-    p.add_argument("--out", default=None, help="folder for results.json, sample grids and loss curves")
-    args = p.parse_args(argv)
-    installed = zoo_models()
-    models = args.models.split(",") if args.models else [m for m in MODELS if m in installed]
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    models = list(models) if models else [m for m in MODELS if m in zoo_models()]
+    folder = Path(out) if out is not None else None
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
     judge = load_judge()
     rows: list[dict[str, Any]] = []
-    for m in models:
+    for m in tqdm(models, desc="evaluating zoo models", disable=not progress):
         handle = _handle(m)
         for prompts in [m, *CROSS.get(m, [])]:
-            r = evaluate_model(handle, args.n, args.seed, prompts=prompts, guidance_scale=args.guidance_scale, judge=judge, return_images=True)
+            r = evaluate_model(handle, n, seed, prompts=prompts, guidance_scale=guidance_scale, judge=judge, return_images=True)
             images = r.pop("images")
             r.pop("captions")
             rows.append(r)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-            if out:
-                image_grid(images[:16], cols=8).save(out / f"zoo-samples-{m}-on-{prompts}.png")
-        rows.append(evaluate_renders(m, args.n, args.seed, judge=judge))
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-    print(format_table(rows))
-    if out:
-        (out / "zoo-eval.json").write_text(json.dumps(rows, indent=2))
-        (out / "zoo-eval.md").write_text(format_table(rows) + "\n")
-        if args.run:
-            loss_plot({m: read_loss(args.run, m) for m in MODELS}, out / "zoo-loss.png")
-        grid, psnr = reconstruction_grid(_handle(models[0]).vae)
-        grid.save(out / "zoo-vae.png")
-        print(f"VAE reconstruction PSNR on held-out renders: {psnr:.2f} dB")
+            if folder:
+                image_grid(images[:16], cols=8).save(folder / f"zoo-samples-{m}-on-{prompts}.png")
+        rows.append(evaluate_renders(m, n, seed, judge=judge))
+    if folder:
+        (folder / "zoo-eval.json").write_text(json.dumps(rows, indent=2))
+        (folder / "zoo-eval.md").write_text(format_table(rows) + "\n")
+    return rows
 
 
-if __name__ == "__main__":
-    main()
+def draw_training_figures(out: str | Path, run: str | Path | None = None, vae_of: str = "general") -> float:
+    """Write ``zoo-vae.png`` (held-out renders over their reconstructions by zoo model ``vae_of``'s
+    VAE) and, given a training ``run`` folder, ``zoo-loss.png`` (its loss curves) into ``out``.
+
+    Returns the reconstructions' PSNR in dB.
+    """
+    from multifusion.zoo.train import MODELS
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if run is not None:
+        loss_plot({m: read_loss(run, m) for m in MODELS}, folder / "zoo-loss.png")
+    grid, psnr = reconstruction_grid(_handle(vae_of).vae)
+    grid.save(folder / "zoo-vae.png")
+    return psnr

@@ -5,14 +5,15 @@ Stages, all under one run folder ``out_dir`` (keep it outside the repository):
 1. ``base/``: the shared tokenizer, the shared text encoder (seeded, frozen at initialisation)
    and the shared VAE, trained once on a mix of every zoo distribution; its ``scaling_factor``
    is set to 1 / std of its latents on that data, as Stable Diffusion's 0.18215 was.
-2. ``<model>/data.pt``: the model's training set, rendered once and encoded once (VAE posterior
-   mean and std, token ids), so the training loop renders nothing.
-3. ``<model>/checkpoint.pt``: UNet, EMA of the UNet, optimiser and step, written every
-   ``checkpoint_every`` steps; ``<model>/loss.csv`` logs the loss. A restarted run continues at
-   the last checkpoint and ends with exactly the weights of an uninterrupted one, because the
-   batch, noise and timesteps of step ``s`` depend only on ``(seed, model, s)``. A model that
-   others fine-tune from (see :data:`INIT_FROM`) also writes ``<model>/ema-step<N>.pt``, its EMA
-   weights at step ``TrainConfig.finetune_from_step``; the fine-tunes start from that file.
+2. ``<model>/data.safetensors``: the model's training set, rendered once and encoded once (VAE
+   posterior mean and std, token ids), so the training loop renders nothing.
+3. ``<model>/checkpoint.safetensors``: UNet, EMA of the UNet, optimiser and step, written every
+   ``checkpoint_every`` steps; ``<model>/loss.csv`` logs the loss (both by
+   :class:`multifusion.training.TrainingRun`). A restarted run continues at the last checkpoint
+   and ends with exactly the weights of an uninterrupted one, because the batch, noise and
+   timesteps of step ``s`` depend only on ``(seed, model, s)``. A model that others fine-tune
+   from (see :data:`INIT_FROM`) also writes ``<model>/ema-step<N>.safetensors``, its EMA weights
+   at step ``TrainConfig.finetune_from_step``; the fine-tunes start from that file.
 4. ``<model>/pipeline/``: a full StableDiffusionPipeline folder (fp32, EMA weights) after the
    last step. :func:`install` copies finished models into the package as fp16 pipelines.
 
@@ -23,21 +24,17 @@ later run can simply continue with more steps), and an EMA of the weights that i
 
 Command line (one command retrains everything; run it again to resume)::
 
-    python -m multifusion.zoo.train --out runs/zoo --threads 1 --install
+    multifusion zoo train --out runs/zoo --install
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import fcntl
 import json
 import math
-import os
 import shutil
 import time
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
@@ -47,8 +44,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from multifusion.errors import MultifusionError
+from multifusion.io import atomic_path, write_text
+from multifusion.training import (
+    CHECKPOINT,
+    LOSS_LOG,
+    StepFn,
+    TrainingRun,
+    checkpoint_info,
+    derived_seed,
+    load_checkpoint,
+    load_tensors,
+    read_log,
+    save_tensors,
+)
 from multifusion.zoo import render
 from multifusion.zoo.models import (
     SIZES,
@@ -153,21 +164,18 @@ def distribution(name: str) -> render.Distribution:
     raise ZooTrainError(f"unknown zoo model {name!r}{hint}; known: {', '.join(MODELS)}")
 
 
-def _step_generator(seed: int, tag: str, step: int) -> torch.Generator:
-    """The generator of one training step: depends only on (seed, tag, step), so resumes match."""
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode()), int(step)]).generate_state(1)[0]))
-    return g
+def _accelerator() -> Accelerator:
+    """The accelerator of zoo training: the CPU, one process.
 
-
-def _seed_of(seed: int, tag: str) -> int:
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode())]).generate_state(1)[0])
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    The zoo's determinism is defined on the CPU for a thread count. Its processes share the work
+    one model each (file locks); ``accelerate launch`` would join them into one data-parallel
+    run of a single model, which the locks would then split across models, so it is refused.
+    """
+    accelerator = Accelerator(cpu=True)
+    if accelerator.num_processes > 1:
+        raise ZooTrainError("zoo training shares models between processes through file locks: start `multifusion zoo train` "
+                            "once per core (each with --threads 1) instead of under `accelerate launch`")
+    return accelerator
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -207,35 +215,6 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
-
-
-def _read_log(path: Path, upto: int) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) <= upto]
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(fields))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _append_log(path: Path, row: dict[str, Any], fields: Sequence[str]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(fields))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 # ----------------------------------------------------------------------------- shared base
 
 
@@ -254,54 +233,33 @@ def _vae_data(config: TrainConfig, seed: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _vae_loss(vae: Any, images: np.ndarray, config: TrainConfig) -> StepFn:
+    """The step function of VAE training: reconstruction MSE plus a small KL on a batch of ``images``."""
+
+    def step(_: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(images), (config.vae_batch_size,), generator=g)
+        x = _to_unit(images[idx.numpy()])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        mse = F.mse_loss(vae.decode(z).sample, x)
+        kl = posterior.kl().mean()
+        return {"loss": mse + config.vae_kl_weight * kl, "mse": mse, "kl": kl}
+
+    return step
+
+
 def _train_vae(base_dir: Path, config: TrainConfig, seed: int, progress: bool) -> Any:
     """Train the shared VAE (resumable like the UNets); return it in eval mode."""
-    sizes = SIZES[config.size]
-    vae = build_vae(sizes, _seed_of(seed, "vae"))
+    vae = build_vae(SIZES[config.size], derived_seed(seed, "vae"))
     fast_cpu_attention(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    ckpt = base_dir / "vae_checkpoint.pt"
-    log = base_dir / "vae_loss.csv"
-    fields = ("step", "loss", "mse", "kl", "seconds")
-    start, elapsed = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        start, elapsed = state["step"], state["elapsed"]
-    _write_log(log, _read_log(log, start), fields)
-    if start < config.vae_steps:
+    run = TrainingRun(base_dir, "vae", vae, opt, seed=seed, metrics=("loss", "mse", "kl"), checkpoint_every=config.checkpoint_every,
+                      log_every=config.log_every, prefix="vae_", accelerator=_accelerator())
+    run.resume()
+    if run.step < config.vae_steps:
         images = _vae_data(config, seed)  # (N, 64, 64, 3) uint8; re-rendered on resume (deterministic)
-        vae.train()
-        bar = _progress(config.vae_steps, start, "vae", progress)
-        t0, acc = time.time(), []
-        for step in range(start, config.vae_steps):
-            g = _step_generator(seed, "vae", step)
-            idx = torch.randint(0, len(images), (config.vae_batch_size,), generator=g)
-            x = _to_unit(images[idx.numpy()])
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-            recon = vae.decode(z).sample
-            mse = F.mse_loss(recon, x)
-            kl = posterior.kl().mean()
-            loss = mse + config.vae_kl_weight * kl
-            for group in opt.param_groups:
-                group["lr"] = config.vae_lr * _lr_factor(step, 100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            acc.append((loss.item(), mse.item(), kl.item()))
-            bar.update(1)
-            done = step + 1
-            if done % config.log_every == 0 or done == config.vae_steps:
-                m = np.mean(acc, axis=0)
-                bar.set_postfix(mse=f"{m[1]:.4f}")
-                _append_log(log, {"step": done, "loss": m[0], "mse": m[1], "kl": m[2], "seconds": round(elapsed + time.time() - t0, 1)}, fields)
-                acc = []
-            if done % config.checkpoint_every == 0 or done == config.vae_steps:
-                _save_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed + time.time() - t0}, ckpt)
-        bar.close()
+        run.train(_vae_loss(vae, images, config), config.vae_steps, lr=lambda s: config.vae_lr * _lr_factor(s, 100),
+                  max_grad_norm=1.0, progress=progress)
     return vae.eval()
 
 
@@ -328,7 +286,7 @@ def prepare_base(out_dir: str | Path, config: TrainConfig, seed: int = 0, progre
             base_dir.mkdir(parents=True, exist_ok=True)
             sizes = SIZES[config.size]
             tokenizer = build_tokenizer(base_dir / "tokenizer")
-            text_encoder = build_text_encoder(tokenizer, sizes, _seed_of(seed, "text_encoder"))
+            text_encoder = build_text_encoder(tokenizer, sizes, derived_seed(seed, "text_encoder"))
             text_encoder.save_pretrained(base_dir / "text_encoder", safe_serialization=True)
             t0 = time.time()
             vae = _train_vae(base_dir, config, seed, progress)
@@ -344,7 +302,7 @@ def prepare_base(out_dir: str | Path, config: TrainConfig, seed: int = 0, progre
             vae.save_pretrained(base_dir / "vae", safe_serialization=True)
             info = {"scaling_factor": scaling, "vae_psnr_db": round(psnr, 2), "vae_steps": config.vae_steps,
                     "vae_minutes_this_run": round((time.time() - t0) / 60, 1), "max_tokens": tokenizer.model_max_length}
-            info_path.write_text(json.dumps(info, indent=2))
+            write_text(info_path, json.dumps(info, indent=2))  # last, and atomically: it marks the base as complete
     tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder").eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(base_dir / "vae").eval().requires_grad_(False)
@@ -363,14 +321,13 @@ def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
 
 
 def prepare_data(out_dir: str | Path, name: str, base: Base, config: TrainConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Render and encode ``name``'s training set once (cached in ``out_dir/name/data.pt``)."""
-    path = Path(out_dir) / name / "data.pt"
+    """Render and encode ``name``'s training set once (cached in ``out_dir/name/data.safetensors``)."""
+    path = Path(out_dir) / name / "data.safetensors"
     if not path.exists():
         images, captions = render_data(out_dir, name, config, seed)
         mean, std = _encode(base.vae, images)
-        payload = {"mean": mean.half(), "std": std.half(), "ids": tokenize(base.tokenizer, captions), "captions": captions}
-        _save_atomic(payload, path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+        save_tensors(path, {"mean": mean.half(), "std": std.half(), "ids": tokenize(base.tokenizer, captions)}, {"model": name})
+    return load_tensors(path)[0]
 
 
 def render_data(out_dir: str | Path, name: str, config: TrainConfig, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -380,36 +337,35 @@ def render_data(out_dir: str | Path, name: str, config: TrainConfig, seed: int =
     """
     run = Path(out_dir) / name
     images_path, captions_path = run / "images.npy", run / "captions.json"
-    if not captions_path.exists():
-        run.mkdir(parents=True, exist_ok=True)
+    if not captions_path.exists():  # written last: it marks the images as complete
         data = render.make_dataset(distribution(name), config.dataset_size, seed)
-        np.save(run / "images.tmp.npy", data.images)
-        os.replace(run / "images.tmp.npy", images_path)
-        captions_path.write_text(json.dumps(data.captions))
+        with atomic_path(images_path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, data.images)
+        write_text(captions_path, json.dumps(data.captions))
     return np.load(images_path), json.loads(captions_path.read_text())
 
 
 def _unet_for(base: Base, config: TrainConfig, name: str, seed: int):
-    return build_unet(SIZES[config.size], _seed_of(seed, f"unet/{name}"), base.text_encoder.config.hidden_size)
+    return build_unet(SIZES[config.size], derived_seed(seed, f"unet/{name}"), base.text_encoder.config.hidden_size)
 
 
 def snapshot_path(out_dir: str | Path, parent: str, step: int) -> Path:
     """Where ``parent``'s EMA weights at ``step`` are kept for its fine-tunes to start from."""
-    return Path(out_dir) / parent / f"ema-step{step}.pt"
+    return Path(out_dir) / parent / f"ema-step{step}.safetensors"
 
 
 def _missing_snapshot(out_dir: str | Path, name: str, parent: str, config: TrainConfig) -> ZooTrainError:
     """The error for fine-tune ``name`` whose parent has no snapshot, with the fix for each cause."""
     step = config.finetune_from_step
-    ckpt = Path(out_dir) / parent / "checkpoint.pt"
-    reached = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if ckpt.exists() else 0
+    ckpt = Path(out_dir) / parent / CHECKPOINT
+    reached = checkpoint_info(ckpt)["step"] if ckpt.exists() else 0
     msg = (f"{name!r} is a fine-tune of {parent!r} from its EMA at step {step} (finetune_from_step), "
            f"but {snapshot_path(out_dir, parent, step)} does not exist")
     if reached >= step:
         # The snapshot is written before the checkpoint of the same step, so this run folder was
         # trained by an older version or with another finetune_from_step: no resume can recover it.
         return ZooTrainError(f"{msg}, although {parent!r} is at step {reached}: delete {ckpt} and "
-                             f"{ckpt.parent / 'loss.csv'} and train {parent!r} again from scratch")
+                             f"{ckpt.parent / LOSS_LOG} and train {parent!r} again from scratch")
     target = max(step, DEFAULT_STEPS[parent])
     return ZooTrainError(f"{msg}: {parent!r} is at step {reached}; train {parent!r} to at least {step} steps first, "
                          f"e.g. `multifusion zoo train --out {out_dir} --models {parent} --steps {target}`")
@@ -426,10 +382,52 @@ def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tupl
         with _locked(Path(out_dir) / f"{parent}.lock"):  # waits while another process trains it
             if not path.exists():
                 raise _missing_snapshot(out_dir, name, parent, config)
-    snap = torch.load(path, map_location="cpu", weights_only=False)
-    if snap.get("step") != step:
-        raise ZooTrainError(f"{path} holds step {snap.get('step')!r}, not {step}: delete it and train {parent!r} again from scratch")
-    return snap["ema"], {"model": parent, "step": step}
+    ema, info = load_tensors(path)
+    if info.get("step") != step:
+        raise ZooTrainError(f"{path} holds step {info.get('step')!r}, not {step}: delete it and train {parent!r} again from scratch")
+    return ema, {"model": parent, "step": step}
+
+
+def _denoising_loss(unet: Any, base: Base, data: Mapping[str, torch.Tensor], config: TrainConfig) -> StepFn:
+    """The step function of UNet training: eps-prediction MSE at uniform timesteps, ~10 % of captions dropped."""
+    scheduler = build_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod.float()  # (1000,)
+    scaling = base.vae.config.scaling_factor
+    empty_ids = tokenize(base.tokenizer, [""])
+    n_data = data["mean"].shape[0]
+
+    def step(_: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, n_data, (config.batch_size,), generator=g)
+        mean, std = data["mean"][idx].float(), data["std"][idx].float()
+        x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling  # (B, 4, 16, 16) scaled latents
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
+        drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids, data["ids"][idx])
+        with torch.no_grad():
+            context = base.text_encoder(ids)[0]  # (B, tokens, hidden)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return {"loss": F.mse_loss(unet(x_t, t, encoder_hidden_states=context).sample, noise)}
+
+    return step
+
+
+def _ema_update(out_dir: str | Path, name: str, unet: Any, ema: Any, config: TrainConfig) -> Callable[[int], None]:
+    """After each step: move the EMA towards the UNet; write the fine-tunes' snapshot at its step."""
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
+    # Checked at every step, not only at checkpoints, so any checkpoint_every works; a run resumed
+    # from a checkpoint before the step writes it on the way, one resumed past it wrote it before.
+    snapshot_at = config.finetune_from_step if name in INIT_FROM.values() else None
+
+    def after_step(step: int) -> None:
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in unet_params], 1 - decay)
+        if step + 1 == snapshot_at:  # before the checkpoint of this step, so a checkpoint past it implies the file
+            save_tensors(snapshot_path(out_dir, name, step + 1), ema.state_dict(), {"model": name, "step": step + 1})
+
+    return after_step
 
 
 def train_model(
@@ -446,96 +444,38 @@ def train_model(
     Returns a summary (steps, minutes, final loss). Checkpoints every ``config.checkpoint_every``
     steps; the last one holds the final weights.
     """
-    run = Path(out_dir) / name
     unet = _unet_for(base, config, name, seed)
     fast_cpu_attention(unet)
     ema = _unet_for(base, config, name, seed).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
-    ckpt, log = run / "checkpoint.pt", run / "loss.csv"
-    fields = ("step", "loss", "lr", "seconds")
-    start, elapsed = 0, 0.0
-    init_from: dict[str, Any] | None = None
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, elapsed = state["step"], state["elapsed"]
-        init_from = state.get("init_from")
-    elif name in INIT_FROM and steps > 0:
+    run = TrainingRun(Path(out_dir) / name, f"unet/{name}", unet, opt, seed=seed, modules={"ema": ema},
+                      checkpoint_every=config.checkpoint_every, log_every=config.log_every, accelerator=_accelerator())
+    saved = run.resume()
+    init_from = saved.get("init_from") if saved is not None else None
+    if saved is None and name in INIT_FROM and steps > 0:
         start_weights, init_from = _finetune_start(out_dir, name, config)
         unet.load_state_dict(start_weights)
         ema.load_state_dict(start_weights)
     data = prepare_data(out_dir, name, base, config, seed)  # after the fine-tune check: fail before rendering
-    _write_log(log, _read_log(log, start), fields)
-
-    scheduler = build_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod.float()  # (1000,)
-    scaling = base.vae.config.scaling_factor
-    with torch.no_grad():
-        empty_ids = tokenize(base.tokenizer, [""])
-    n_data = data["mean"].shape[0]
-    ema_params = list(ema.parameters())
-    unet_params = list(unet.parameters())
-    # Checked at every step, not only at checkpoints, so any checkpoint_every works; a run resumed
-    # from a checkpoint before the step writes it on the way, one resumed past it wrote it before.
-    snapshot_at = config.finetune_from_step if name in INIT_FROM.values() else None
-
-    unet.train()
-    bar = _progress(steps, start, name, progress)
-    t0, acc = time.time(), []
-    for step in range(start, steps):
-        g = _step_generator(seed, f"unet/{name}", step)
-        idx = torch.randint(0, n_data, (config.batch_size,), generator=g)
-        mean, std = data["mean"][idx].float(), data["std"][idx].float()
-        x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling  # (B, 4, 16, 16) scaled latents
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g)
-        drop = torch.rand(config.batch_size, generator=g) < config.caption_dropout
-        ids = torch.where(drop[:, None], empty_ids, data["ids"][idx])
-        with torch.no_grad():
-            context = base.text_encoder(ids)[0]  # (B, tokens, hidden)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        eps = unet(x_t, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(eps, noise)
-        lr = config.lr * _lr_factor(step, config.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet_params, 1.0)
-        opt.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in unet_params], 1 - decay)
-        acc.append(loss.item())
-        bar.update(1)
-        done = step + 1
-        if done % config.log_every == 0 or done == steps:
-            bar.set_postfix(loss=f"{np.mean(acc):.4f}")
-            _append_log(log, {"step": done, "loss": round(float(np.mean(acc)), 5), "lr": lr, "seconds": round(elapsed + time.time() - t0, 1)}, fields)
-            acc = []
-        if done == snapshot_at:  # before the checkpoint of this step, so a checkpoint past it implies the file
-            _save_atomic({"model": name, "step": done, "ema": ema.state_dict()}, snapshot_path(out_dir, name, done))
-        if done % config.checkpoint_every == 0 or done == steps:
-            _save_atomic({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed + time.time() - t0, "init_from": init_from}, ckpt)
-    bar.close()
+    start = run.step
+    run.train(_denoising_loss(run.model, base, data, config), steps, lr=lambda s: config.lr * _lr_factor(s, config.warmup),
+              max_grad_norm=1.0, after_step=_ema_update(out_dir, name, unet, ema, config), meta={"init_from": init_from},
+              progress=progress, desc=name)
     summary = _summary(out_dir, name)
-    if start < steps or not (run / "pipeline" / "model_index.json").exists():
+    if start < steps or not (Path(out_dir) / name / "pipeline" / "model_index.json").exists():
         export(out_dir, name, base=base, config=config, seed=seed)
     return summary
 
 
 def _summary(out_dir: str | Path, name: str) -> dict[str, Any]:
     """Steps, minutes and final loss (mean of the last 200 steps' log rows) of ``name``'s checkpoint."""
-    run = Path(out_dir) / name
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    rows = _read_log(run / "loss.csv", state["step"])
-    tail = rows[-8:]
+    folder = Path(out_dir) / name
+    info = checkpoint_info(folder / CHECKPOINT)
+    tail = read_log(folder / LOSS_LOG, info["step"])[-8:]
     final = float(np.mean([float(r["loss"]) for r in tail])) if tail else float("nan")
-    return {"model": name, "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1), "final_loss": round(final, 4), "init_from": state.get("init_from")}
+    return {"model": name, "steps": info["step"], "minutes": round(info["elapsed"] / 60, 1), "final_loss": round(final, 4),
+            "init_from": info["meta"].get("init_from")}
 
 
 def build_pipeline(base: Base, unet: Any):
@@ -564,9 +504,8 @@ def export(out_dir: str | Path, name: str, *, base: Base | None = None, config: 
     seed = saved["seed"] if seed is None else seed
     config = config or TrainConfig(**{f.name: saved[f.name] for f in dataclass_fields(TrainConfig) if f.name in saved})
     base = base or prepare_base(out_dir, config, seed, progress=False)
-    state = torch.load(out_dir / name / "checkpoint.pt", map_location="cpu", weights_only=False)
     unet = _unet_for(base, config, name, seed)
-    unet.load_state_dict(state["ema"])
+    unet.load_state_dict(load_checkpoint(out_dir / name / CHECKPOINT).modules["ema"])
     folder = out_dir / name / "pipeline"
     build_pipeline(base, unet.eval()).save_pretrained(folder, safe_serialization=True)
     info = {**_summary(out_dir, name), "data": distribution(name).name, "seed": seed, "config": asdict(config), "base": base.info}
@@ -589,7 +528,7 @@ def install(out_dir: str | Path, models: Sequence[str] | None = None, dest: str 
     names = []
     for name in models or MODELS:
         run = Path(out_dir) / name
-        if not (run / "checkpoint.pt").exists():
+        if not (run / CHECKPOINT).exists():
             continue
         info = run / "pipeline" / "training.json"
         if not info.exists() or json.loads(info.read_text())["steps"] != _summary(out_dir, name)["steps"]:
@@ -633,7 +572,7 @@ def _check_parents_reach_snapshot(out_dir: Path, per_model: Mapping[str, int], c
     """
     for name, n in per_model.items():
         parent = INIT_FROM.get(name)
-        if parent not in per_model or n == 0 or (out_dir / name / "checkpoint.pt").exists():
+        if parent not in per_model or n == 0 or (out_dir / name / CHECKPOINT).exists():
             continue
         if per_model[parent] < config.finetune_from_step and not snapshot_path(out_dir, parent, config.finetune_from_step).exists():
             raise ZooTrainError(f"{name!r} starts from {parent!r} at step {config.finetune_from_step} (finetune_from_step), "
@@ -681,23 +620,3 @@ def train_zoo(
                     summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress)
     return [summaries[m] for m in models]
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m multifusion.zoo.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs); keep it outside the repo")
-    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--steps", type=int, default=None, help="training steps for every chosen model (default: per-model defaults)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is how the shipped weights were made)")
-    p.add_argument("--install", action="store_true", help="copy finished models into the package weights folder (fp16)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    models = args.models.split(",") if args.models else None
-    for s in train_zoo(args.out, models, args.steps, args.seed, not args.no_progress, args.threads):
-        print(json.dumps(s))
-    if args.install:
-        print("installed:", ", ".join(install(args.out, models)))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 One command retrains the shipped judge and prints its held-out accuracy::
 
-    python -m multifusion.zoo.train_judge --out runs/judge --install
+    multifusion zoo judge --out runs/judge --install
 
 ``--install`` copies the weights to ``src/multifusion/zoo/weights/`` (fp16 safetensors + JSON
 config with the measured accuracies). ``--evaluate`` only measures the shipped weights (and
@@ -14,26 +14,26 @@ Training data is a fixed pool of renders of the ``"any"`` distribution (every ba
 style, shape, colour, texture and slot), re-augmented at every step with colour jitter,
 Gaussian blur and Gaussian noise so that the judge also reads the slightly soft, noisy images a
 small diffusion model draws. Batch ``step`` depends only on ``(seed, step)``, so a run resumed
-from ``out_dir/checkpoint.pt`` ends with the same weights as an uninterrupted one.
+from ``out_dir/checkpoint.safetensors`` ends with the same weights as an uninterrupted one (the
+loop is :class:`multifusion.training.TrainingRun`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from multifusion.errors import MultifusionError
+from multifusion.training import StepFn, TrainingRun
 from multifusion.zoo.judge import DEFAULT_WEIGHTS, EMPTY, VOCABULARY, Judge, load_judge, save_judge, to_tensor
 from multifusion.zoo.render import DISTRIBUTIONS, SIZE, SLOTS, Scene, example_rng, make_dataset
 
@@ -144,10 +144,17 @@ def _pool(out: Path, size: int, seed: int, progress: bool) -> tuple[np.ndarray, 
     return images, scenes
 
 
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def _judge_loss(judge: torch.nn.Module, images: np.ndarray, labels: dict[str, torch.Tensor], seed: int, batch_size: int) -> StepFn:
+    """The step function of judge training: the heads' cross-entropy on an augmented batch of ``images``."""
+
+    def step(index: int, _: torch.Generator) -> dict[str, torch.Tensor]:
+        # Deviation: draws from (seed, step) with its own generators rather than the run's step
+        # generator, as the shipped judge was trained; another stream would change its weights.
+        idx = np.random.default_rng([seed, index]).integers(0, len(images), batch_size)
+        x = augment(to_tensor(images[idx]), torch.Generator().manual_seed(seed * 1_000_003 + index))
+        return {"loss": judge_loss(judge(x), {k: v[torch.from_numpy(idx)] for k, v in labels.items()})}
+
+    return step
 
 
 def train_judge(
@@ -160,67 +167,42 @@ def train_judge(
     batch_size: int = 128,
     lr: float = 2e-3,
     checkpoint_every: int = 250,
+    log_every: int = 25,
     until: int | None = None,
 ) -> Judge:
-    """Train a judge from scratch into ``out_dir``, resuming from ``out_dir/checkpoint.pt``.
+    """Train a judge from scratch into ``out_dir``, resuming from ``out_dir/checkpoint.safetensors``.
 
-    Writes ``out_dir/judge.safetensors`` + ``judge.json`` and a loss log ``log.jsonl``; returns
+    Writes ``out_dir/judge.safetensors`` + ``judge.json`` and a loss log ``loss.csv``; returns
     the trained judge (eval mode). ``until`` stops this invocation after that many steps (with a
-    checkpoint), so a long run can be spread over several invocations. Deterministic for a given ``(steps, seed, pool_size,
-    batch_size, lr)`` and thread count.
+    checkpoint), so a long run can be spread over several invocations. Deterministic for a given
+    ``(steps, seed, pool_size, batch_size, lr)`` and thread count.
     """
     if not isinstance(steps, int) or steps < 1:
         raise TrainJudgeError(f"steps={steps!r} must be a positive int")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"steps": steps, "seed": seed, "pool_size": pool_size, "batch_size": batch_size, "lr": lr}
+    args = {"steps": steps, "seed": seed, "pool_size": pool_size, "batch_size": batch_size, "lr": lr}
     # Floating-point sums depend on the thread count: record it (resuming may change it).
     threads = torch.get_num_threads()
     images, scenes = _pool(out, pool_size, seed, progress)
-    labels = scene_labels(scenes)
 
     torch.manual_seed(seed)
     judge = Judge()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
-    start = 0
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["run"] != run:
-            raise TrainJudgeError(
-                f"{ckpt_path} was made by the run {ckpt['run']}, not {run}; "
-                "pass the same arguments to resume, or use a new out_dir"
-            )
-        judge.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start = ckpt["step"]
-
-    judge.train()
-    stop = steps if until is None else min(until, steps)
-    bar = tqdm(range(start, stop), initial=start, total=steps, desc="training judge", disable=not progress)
+    # On the CPU: the determinism of the shipped weights is defined there.
+    run = TrainingRun(out, "judge", judge, opt, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
+                      accelerator=Accelerator(cpu=True))
+    saved = run.resume()
+    if saved is not None and saved.get("run") != args:
+        raise TrainJudgeError(f"{run.checkpoint_path} was made by the run {saved.get('run')}, not {args}; "
+                              "pass the same arguments to resume, or use a new out_dir")
     t0 = time.time()
-    with open(out / "log.jsonl", "a") as log:
-        for step in bar:
-            idx = np.random.default_rng([seed, step]).integers(0, pool_size, batch_size)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            x = augment(to_tensor(images[idx]), gen)
-            loss = judge_loss(judge(x), {k: v[torch.from_numpy(idx)] for k, v in labels.items()})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
-            if (step + 1) % checkpoint_every == 0 or step + 1 == stop:
-                state = {"model": judge.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-                _save_checkpoint(ckpt_path, {"run": run, "step": step + 1, **state})
+    run.train(_judge_loss(run.model, images, scene_labels(scenes), seed, batch_size), steps,
+              lr=lambda s: lr * _lr_factor(s, steps), stop=until, meta={"run": args}, progress=progress, desc="training judge")
     judge.eval()
-    if stop == steps:
+    if run.step == steps:
         timing = {"threads": threads, "seconds_last_run": round(time.time() - t0, 1)}
-        save_judge(judge, out / "judge.safetensors", extra={"training": run | timing})
+        save_judge(judge, out / "judge.safetensors", extra={"training": args | timing})
     return judge
 
 
@@ -304,35 +286,11 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/judge"), help="run folder (checkpoints, data cache, logs)")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--until", type=int, default=None, help="stop this invocation after this many steps (resume later)")
-    parser.add_argument("--install", action="store_true", help="copy the trained weights into the package")
-    parser.add_argument("--evaluate", action="store_true", help="only evaluate existing weights (see --weights)")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="weights that --evaluate measures")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster when the cores are busy)")
-    parser.add_argument("--eval-n", type=int, default=2000, help="held-out renders per evaluation set")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    weights = args.weights if args.evaluate else args.out / "judge.safetensors"
-    if not args.evaluate:
-        train_judge(args.out, steps=args.steps, seed=args.seed, until=args.until)
-        if args.until is not None and args.until < args.steps:
-            print(f"stopped at step {args.until} of {args.steps}; run again without --until to finish")
-            return
-    print(format_table(record_accuracy(weights, args.eval_n)))
-    if args.install and not args.evaluate:
-        print(f"installed {install_judge(weights)}")
-
-
-def record_accuracy(weights: Path, eval_n: int = 2000) -> dict[str, dict[str, float]]:
+def record_accuracy(weights: Path, eval_n: int = 2000, progress: bool = True) -> dict[str, dict[str, float]]:
     """Measure the judge saved at ``weights`` on held-out renders (clean, noisy, blurred) and
     record the numbers in its ``.json``. The fp16 weights as saved are measured, not the fp32
     ones of training: those are what ships."""
-    results = evaluate_judge(load_judge(weights), n=eval_n)
+    results = evaluate_judge(load_judge(weights), n=eval_n, progress=progress)
     config_path = weights.with_suffix(".json")
     config = json.loads(config_path.read_text())
     config["accuracy"] = {"n": eval_n, "seed": EVAL_SEED, "corruptions": CORRUPTIONS, "results": results}
@@ -346,6 +304,3 @@ def install_judge(weights: Path) -> Path:
     shutil.copyfile(weights, DEFAULT_WEIGHTS)
     shutil.copyfile(weights.with_suffix(".json"), DEFAULT_WEIGHTS.with_suffix(".json"))
     return DEFAULT_WEIGHTS
-
-if __name__ == "__main__":
-    main()
