@@ -24,7 +24,7 @@ from multifusion.errors import RecipeError, did_you_mean
 from multifusion.handles import ModelHandle, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
-from multifusion.method import Batch, RunContext
+from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
 from multifusion.recipe import Recipe, canvas_size, check_canvas, parse_recipe, validate
 from multifusion.registry import get_method
 from multifusion.schedulers import make_scheduler
@@ -148,8 +148,6 @@ def run(recipe: Recipe | dict | str | Path, **kwargs: Any) -> Result:
                   [s for p in parts for s in p.seeds], parts[0].recipe)
 
 
-SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
-RUN_KEYS = ("runtime", "batch_size", "callback", "progress")
 _SAMPLING_DOC = """
     Sampling keywords (diffusers names): num_inference_steps (30), scheduler ("ddim"), seed (0;
     image i uses seed + i), num_images (1), height, width (default: the model's native size),
@@ -240,10 +238,10 @@ def generate_to_folder(
     """Run a recipe and write `OUT/{stem}-s{seed}.png` for each image, atomically, each batch as
     soon as it is decoded. Images already present with the same recipe are not redone, so an
     interrupted run resumes; a different image under the same name is an error unless
-    `overwrite`. `export_masks` also writes `{stem}-s{seed}-masks.png/.gif` for methods that
-    record masks (SNB). Models load once for the whole run."""
+    `overwrite`. `export_masks` also writes each method's step pictures: `{stem}-s{seed}-masks.png/.gif`
+    (SNB's masks) and `{stem}-s{seed}-amdm.png` (AMDM's meetings). Models load once for the whole run."""
     from multifusion.io import image_metadata, read_png_metadata, save_png
-    from multifusion.viz import MaskRecorder
+    from multifusion.viz import AggregationRecorder, MaskRecorder
 
     recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
     if not isinstance(batch_size, int) or batch_size <= 0:
@@ -268,12 +266,14 @@ def generate_to_folder(
     if not todo:
         return paths
     session = Run(recipe, models=models)
+    labels = [m.label for m in recipe.models]
     for start in range(0, len(todo), batch_size):
-        recorder = MaskRecorder() if export_masks else None
-        part = session.batch(todo[start : start + batch_size], callback=recorder, progress=progress)
+        recorders = [MaskRecorder(), AggregationRecorder(session.handles[0].ready_vae(recipe.runtime.vae_device))] if export_masks else []
+        callback = (lambda step: [r(step) for r in recorders]) if recorders else None
+        part = session.batch(todo[start : start + batch_size], callback=callback, progress=progress)
         for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
-            if recorder is not None:
-                paths += recorder.save(out / image_name(stem, seed).removesuffix(".png"), i, [m.label for m in recipe.models])
+            for r in recorders:
+                paths += r.save(out / image_name(stem, seed).removesuffix(".png"), i, labels)
             save_png(image, out / image_name(stem, seed), image_metadata(recipe_json, seed))
     return paths
 

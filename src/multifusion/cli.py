@@ -65,7 +65,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.recipe is None) == (args.from_image is None):
         raise RecipeError("give a RECIPE file or --from-image IMG.png (one of them)")
-    data = read_png_metadata(args.from_image)["recipe"] if args.from_image else _read_recipe_dict(args.recipe)
+    if args.from_image:
+        try:
+            data = read_png_metadata(args.from_image)["recipe"]
+        except RecipeError as err:
+            raise RecipeError(f"--from-image: {err}") from None
+    else:
+        data = _read_recipe_dict(args.recipe)
     data = _apply_overrides(data, args)
     stem = args.name or (Path(args.recipe).stem if args.recipe else Path(args.from_image).stem.rsplit("-s", 1)[0])
     written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite,
@@ -216,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace images of a different recipe under the same names")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     g.add_argument("--export-masks", dest="export_masks", action="store_true",
-                   help="also write each image's per-step blend masks and salience maps (PNG strip + GIF), for methods that make them (snb)")
+                   help="also write each image's step pictures, for methods that make them: SNB's blend masks and salience maps "
+                        "(PNG strip + GIF), AMDM's meetings (the clean image before and after each aggregation, PNG strip)")
     _add_sampling_overrides(g)
     g.set_defaults(func=cmd_generate)
 

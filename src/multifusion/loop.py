@@ -29,11 +29,14 @@ from multifusion.handles import NoiseFn, alpha_bar_at
 class Trajectory:
     """One latent trajectory: its noise function, its own scheduler and its unit-variance initial
     noise (B, C, H, W). A method's plan may leave `scheduler` or `noise` as None; the run then
-    gives it a fresh scheduler of the recipe's kind and the batch's noise."""
+    gives it a fresh scheduler of the recipe's kind and the batch's noise. A trajectory whose
+    noise is not the images' own should bring its own `generators` for an ancestral
+    scheduler's draws, so that it does not consume the images' streams."""
 
     denoise: NoiseFn
     scheduler: Any = None
     noise: torch.Tensor | None = None
+    generators: Sequence[torch.Generator] | None = None  # for the scheduler's own draws (default: the images')
 
 
 @dataclass(eq=False)
@@ -50,6 +53,7 @@ class Step:
     latents: list[torch.Tensor | None]  # x after its own scheduler step; after `meet`, what meet returned
     schedulers: list[Any]
     record: dict[str, Any] = field(default_factory=dict)  # named extras from combiners (masks, maps)
+    recording: bool = False  # whether a callback will read `record` (skip building extras otherwise)
 
     def x0(self, k: int) -> torch.Tensor:
         """Trajectory k's prediction of the clean latent, (x - sqrt(1 - a) eps) / sqrt(a) with
@@ -67,6 +71,23 @@ def initial_noise(shape: tuple[int, int, int], generators: Sequence[torch.Genera
     diffusers' `randn_tensor` does with a list of generators (so image i is reproducible from
     its seed regardless of batch)."""
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in generators])
+
+
+def stream_seed(stream: int, seed: int) -> int:
+    """A seed for noise stream `stream` of the image of `seed`: a fixed odd multiplier
+    (2^64 / golden ratio) spreads nearby streams apart."""
+    return (stream * 0x9E3779B97F4A7C15 + seed) % (2**63)
+
+
+def stream_generators(seeds: Sequence[int], stream: int) -> list[torch.Generator]:
+    """One CPU generator per image for noise stream `stream`: not the images' own streams, yet
+    reproducible from their seeds whatever the batch."""
+    return [torch.Generator("cpu").manual_seed(stream_seed(stream, s)) for s in seeds]
+
+
+def derived_noise(shape: tuple[int, int, int], seeds: Sequence[int], stream: int) -> torch.Tensor:
+    """(B, C, H, W) standard normal noise of stream `stream` (see `stream_generators`)."""
+    return initial_noise(shape, stream_generators(seeds, stream))
 
 
 def _step_kwargs(scheduler, eta: float, generators) -> dict[str, Any]:
@@ -114,12 +135,13 @@ def sample(
         raise ValueError(f"the trajectories' schedulers take different numbers of steps ({sorted(counts)}); they must run in lock-step")
     n = counts.pop()
     xs: list[torch.Tensor | None] = [tr.noise * s.init_noise_sigma for tr, s in zip(trajectories, schedulers)]
-    kwargs = [_step_kwargs(s, eta, generators) for s in schedulers]
+    kwargs = [_step_kwargs(s, eta, tr.generators if tr.generators is not None else generators) for tr, s in zip(trajectories, schedulers)]
     for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
         running = [k for k, x in enumerate(xs) if x is not None]
         nothing = [None] * len(xs)
-        step = Step(i, n, list(nothing), list(nothing), list(nothing), list(nothing), list(nothing), schedulers)
-        record = step.record if callback is not None else None
+        step = Step(i, n, list(nothing), list(nothing), list(nothing), list(nothing), list(nothing), schedulers,
+                    recording=callback is not None)
+        record = step.record if step.recording else None
         for k in running:
             s = schedulers[k]
             t = s.timesteps[i]

@@ -27,12 +27,17 @@ from multifusion.recipe import Recipe
 
 class Params(BaseModel):
     """Base of every method's parameters: frozen, unknown fields rejected. Validators see the
-    number of models as `info.context["n_models"]`."""
+    number of models as `info.context["n_models"]` (see `Method.parse_params`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 P = TypeVar("P", bound=Params)
+
+SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
+RUN_KEYS = ("runtime", "batch_size", "callback", "progress")
+RESERVED = frozenset(SAMPLING_KEYS + RUN_KEYS + ("models", "prompts", "negative_prompt", "guidance_scale"))
+"""Keywords of `multifusion.fuse` that are not method parameters: no method may take these names."""
 
 
 @dataclass(frozen=True)
@@ -126,15 +131,20 @@ class Method:
     canvas: Callable[[Any], tuple[int, int] | None] | None = None
 
     def __post_init__(self):
+        clash = RESERVED & set(self.params.model_fields)
+        if clash:
+            raise ValueError(f"method {self.name!r}: parameter(s) {sorted(clash)} clash with the API's own keywords; rename them")
         if self.meets not in ("noise", "latents", "features", "weights"):
             raise ValueError(f"method {self.name!r}: meets must be noise, latents, features or weights, got {self.meets!r}")
         if not self.name or not self.name.replace("-", "_").isidentifier():
             raise ValueError(f"method name {self.name!r} must be a word (letters, digits, _ or -)")
 
-    def parse_params(self, raw: dict, n_models: int) -> Params:
-        """The recipe's `params` validated for `n_models` models; RecipeError naming each field."""
+    def parse_params(self, raw: dict, n_models: int, **context: Any) -> Params:
+        """The recipe's `params` validated for `n_models` models; RecipeError naming each field.
+        Validators see `n_models` and `context` (from a recipe: `labels`, the models' names, and
+        `num_inference_steps`) in `info.context`."""
         try:
-            return self.params.model_validate(raw, context={"n_models": n_models})
+            return self.params.model_validate(raw, context={"n_models": n_models, **context})
         except ValidationError as err:
             def unknown(loc: list) -> str:
                 top = "" if len(loc) > 1 else f" (it takes: {', '.join(self.params.model_fields) or 'none'})"

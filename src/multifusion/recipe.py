@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
-from multifusion.errors import ModelLoadError, RecipeError, format_validation_error
+from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, format_validation_error
 
 if TYPE_CHECKING:
     from multifusion.method import Method, Params
@@ -176,21 +176,30 @@ def validate(recipe: Recipe) -> Validated:
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
         raise RecipeError(f"models: method {method.name!r} takes {want} model(s), the recipe names {n}")
-    params = method.parse_params(recipe.params, n)
+    params = method.parse_params(recipe.params, n, labels=[m.label for m in recipe.models],
+                                 num_inference_steps=recipe.sampling.num_inference_steps)
     if method.model_prompts:
         for i, m in enumerate(recipe.models):
             if m.prompt is None and recipe.prompt is None:
                 raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
-    factor = None
+    factor, spaces = None, {}
     for i, m in enumerate(recipe.models):
         try:
             ref = resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)
-        if cfg is not None and i == 0:
-            factor = cfg["vae_scale_factor"]
+        if cfg is not None:
+            factor = cfg["vae_scale_factor"] if i == 0 else factor
+            spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
+    for j, space in spaces.items():  # the full check (with the noise schedule) runs after loading
+        i = min(spaces)
+        if space != spaces[i]:
+            raise IncompatibleModelsError(
+                f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "
+                f"({spaces[i][0]}, {spaces[i][1]}), so their latents cannot meet; use models fine-tuned from one base "
+                "(same VAE)")
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
     return Validated(recipe, method, params, size is not None)
 

@@ -1,8 +1,10 @@
-"""Pictures of what happened during sampling: who painted which pixel, step by step.
+"""Pictures of what happened during sampling: who painted which pixel, what a meeting changed.
 
 `MaskRecorder` is a step callback that keeps the masks and maps that combiners put in the step
 record (e.g. SNB's `snb/mask`, `snb/maps`); `save` writes, per image, a PNG strip (one column
 per step: the mask coloured by model, then each model's salience map) and an animated GIF.
+`AggregationRecorder` does the same for AMDM's meetings: the clean image each latent implies,
+before and after, decoded with the VAE.
 """
 
 from __future__ import annotations
@@ -96,3 +98,51 @@ class MaskRecorder:
         with atomic_path(gif) as tmp:
             frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
         return [png, gif]
+
+
+@dataclass
+class AggregationRecorder:
+    """Step callback keeping what AMDM's meetings record (`amdm/x0`, `amdm/x0_corrected` (N, B,
+    C, h, w), `amdm/x0_aggregate` (B, C, h, w)); `save` decodes them with `vae` into one PNG
+    strip per image: a column per meeting step, rows the aggregate's clean image, then each
+    model's clean image before and after the correction."""
+
+    vae: torch.nn.Module
+    steps: list[int] = field(default_factory=list)
+    records: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def __call__(self, info: Step) -> None:
+        if "amdm/x0" not in info.record:
+            return
+        self.steps.append(info.step)
+        self.records.append({k: info.record[k].detach().cpu() for k in ("amdm/x0", "amdm/x0_corrected", "amdm/x0_aggregate")})
+
+    def save(self, stem: str | Path, image: int = 0, model_names: list[str] | None = None, scale: int = 2) -> list[Path]:
+        """Write `{stem}-amdm.png`; returns [] when no step met."""
+        from multifusion.vae import decode, to_pil
+
+        if not self.records:
+            return []
+        n = self.records[0]["amdm/x0"].shape[0]
+        names = model_names or [f"model {k}" for k in range(n)]
+        labels = ["aggregate"] + [f"{names[k]} {when}" for k in range(n) for when in ("before", "after")]
+        columns = []
+        for rec in self.records:
+            latents = [rec["amdm/x0_aggregate"][image]]
+            for k in range(n):
+                latents += [rec["amdm/x0"][k, image], rec["amdm/x0_corrected"][k, image]]
+            columns.append(to_pil(decode(self.vae, torch.stack(latents))))
+        w, h = columns[0][0].width * scale, columns[0][0].height * scale
+        label_w, top = 8 * max(len(s) for s in labels) + 4, 14
+        strip = Image.new("RGB", (label_w + w * len(columns), top + h * len(labels)), "black")
+        draw = ImageDraw.Draw(strip)
+        for j, (step, col) in enumerate(zip(self.steps, columns)):
+            draw.text((label_w + j * w + 2, 1), f"step {step}", fill="white")
+            for i, im in enumerate(col):
+                strip.paste(im.resize((w, h), Image.NEAREST), (label_w + j * w, top + i * h))
+        for i, label in enumerate(labels):
+            draw.text((2, top + i * h + h // 2 - 6), label, fill="white")
+        path = Path(stem).with_name(Path(stem).name + "-amdm.png")
+        with atomic_path(path) as tmp:
+            strip.save(tmp, format="PNG")
+        return [path]

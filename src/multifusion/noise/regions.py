@@ -34,6 +34,7 @@ from typing import Literal, Sequence
 import torch
 
 from multifusion.handles import Guided, NoiseFn, predict_together
+from multifusion.loop import derived_noise
 
 MaskType = Literal["gaussian", "quartic", "constant"]
 
@@ -198,11 +199,7 @@ def reroll(
     noise ("epsilon"): change one part of an image and keep the rest. Image j's fresh noise comes
     from (seed, image_seeds[j]) alone, so it does not depend on the batch."""
     r0, r1, c0, c1 = box
-    c = noise.shape[1]
-    fresh = torch.cat([
-        torch.randn((1, c, r1 - r0, c1 - c0), generator=torch.Generator("cpu").manual_seed(_mix_seeds(seed, s)))
-        for s in image_seeds
-    ]).to(noise)
+    fresh = derived_noise((noise.shape[1], r1 - r0, c1 - c0), image_seeds, seed).to(noise)
     out = noise.clone()
     if mode == "reset":
         out[:, :, r0:r1, c0:c1] = fresh
@@ -211,8 +208,3 @@ def reroll(
     else:
         raise ValueError(f"reroll mode must be 'reset' or 'epsilon', got {mode!r}")
     return out
-
-
-def _mix_seeds(a: int, b: int) -> int:
-    # A fixed odd multiplier (2^64 / golden ratio) spreads nearby seeds apart.
-    return (a * 0x9E3779B97F4A7C15 + b) % (2**63)
