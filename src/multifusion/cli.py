@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="device (default: the process's accelerate device, cpu without a GPU)")
     b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="weights dtype (default float32)")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    b.add_argument("--update-doc", dest="update_doc", help="also rewrite the tables between the bench markers of this markdown file (e.g. docs/results.md)")
+    b.add_argument("--update-doc", dest="update_doc", help="also rewrite the tables between the bench markers of this markdown file (e.g. docs/results.md; "
+                   "FILE#NAME: between the markers named NAME)")
     b.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     rb = b.add_argument_group("bench real (your own models; nothing is downloaded)")
     rb.add_argument("--recipe", help="recipe whose models all take the prompt (each prompt line is given to every model)")

@@ -129,9 +129,12 @@ def test_bad_params_are_refused_before_loading(tiny_a, tiny_b, params, message, 
     assert message in str(info.value)
 
 
-def test_a_window_holding_no_step_is_an_error(pair):
+def test_a_window_holding_no_step_is_an_error_but_the_default_holds_the_first(pair):
     with pytest.raises(RecipeError, match=r"params.window: \[0.0, 0.1\] holds none of the 6 steps"):
-        mf.amdm(list(pair), PROMPTS, num_inference_steps=6, progress=False)
+        mf.amdm(list(pair), PROMPTS, window=(0.0, 0.1), num_inference_steps=6, progress=False)
+    met = []
+    mf.amdm(list(pair), PROMPTS, num_inference_steps=6, callback=lambda s: met.append(s.step) if "amdm/x0" in s.record else None, progress=False)
+    assert met == [0]
 
 
 def test_models_of_another_latent_space_are_refused_before_loading(tiny_a, tiny_dir, monkeypatch):

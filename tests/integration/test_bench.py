@@ -240,6 +240,17 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     assert "old" not in text and "intro" in text and "outro" in text and "### regional" in text
     assert (tmp_path / "results-doc-grid.png").is_file()
 
+    # A named section: one file holds the tables of several runs.
+    from multifusion.bench.report import write_doc
+
+    named = tmp_path / "named.md"
+    named.write_text("<!-- bench:begin -->\nkeep\n<!-- bench:end -->\n<!-- bench:begin amdm -->\nold\n<!-- bench:end amdm -->\n")
+    write_doc(f"{named}#amdm", res, tmp_path / "out" / "grid.png")
+    text = named.read_text()
+    assert "keep" in text and "old" not in text and "### aggregation" in text and (tmp_path / "named-amdm-grid.png").is_file()
+    with pytest.raises(RecipeError, match="bench:begin other"):
+        write_doc(f"{named}#other", res)
+
 
 def test_two_processes_merge_into_the_single_process_result(reference, fg_models, tmp_path):
     """`accelerate launch` with two CPU processes (its torchrun launcher; without a GPU the

@@ -116,20 +116,25 @@ def write_results(out: str | Path, results: dict, plan: Sequence[tuple[App, Sequ
 
 def write_doc(doc: str | Path, results: dict, grid_png: str | Path | None = None) -> Path:
     """Replace the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` of the
-    markdown file ``doc`` with the tables; the grid is copied beside it as ``<stem>-grid.png``."""
+    markdown file ``doc`` with the tables; the grid is copied beside it as ``<stem>-grid.png``.
+    ``doc`` may name a section, ``FILE#NAME``: then the markers are ``<!-- bench:begin NAME -->``
+    and ``<!-- bench:end NAME -->`` and the grid ``<stem>-NAME-grid.png``, so one file can hold
+    the tables of several runs (say, one app run again with more rows)."""
     from multifusion.io import atomic_path, write_text
 
-    doc = Path(doc)
+    path, _, section = str(doc).partition("#")
+    doc = Path(path)
+    begin, end = (DOC_BEGIN, DOC_END) if not section else (f"<!-- bench:begin {section} -->", f"<!-- bench:end {section} -->")
     if not doc.is_file():
         raise RecipeError(f"update_doc: {str(doc)!r} does not exist")
     text = doc.read_text()
-    if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
-        raise RecipeError(f"update_doc: {str(doc)!r} needs one {DOC_BEGIN} line followed by one {DOC_END} line around the tables")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise RecipeError(f"update_doc: {str(doc)!r} needs one {begin} line followed by one {end} line around the tables")
     grid_name = None
     if grid_png is not None and Path(grid_png).is_file():
-        grid_name = f"{doc.stem}-grid.png"
+        grid_name = f"{doc.stem}-{section}-grid.png" if section else f"{doc.stem}-grid.png"
         with atomic_path(doc.parent / grid_name) as tmp:
             shutil.copyfile(grid_png, tmp)
-    head, rest = text.split(DOC_BEGIN)
-    _, tail = rest.split(DOC_END)
-    return write_text(doc, head + DOC_BEGIN + "\n" + render_markdown(results, grid_name) + DOC_END + tail)
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return write_text(doc, head + begin + "\n" + render_markdown(results, grid_name) + end + tail)

@@ -34,6 +34,7 @@ from multifusion.loop import Step, Trajectory, initial_noise, stream_generators
 from multifusion.method import Batch, Method, Params, Plan, RunContext
 from multifusion.schedulers import in_window, make_scheduler, timestep_fraction
 
+DEFAULT_WINDOW = (0.0, 0.1)
 NOISE_STREAM = zlib.crc32(b"amdm")  # the other models' initial noise: stream NOISE_STREAM + k
 AUTHORS_ETA = (0.43, 0.68)
 """The authors' eta 55 (specified) and 45 (others) on 4x64x64 SD latents as fractions of
@@ -44,8 +45,8 @@ class AMDMParams(Params):
     specified: int | str = Field(0, description="index or name of the model whose image is the result")
     w: float | list[float] = Field(0.5, description="the specified model's weight in the variance-preserving aggregate "
                                    "(the others share sqrt(1 - w^2)); a list gives each nesting level (n - 1 values)")
-    window: tuple[float, float] = Field((0.0, 0.1), description="aggregation window on the trajectory, 0 = noise, "
-                                        "1 = clean (default: the first tenth, 3 of 30 steps)")
+    window: tuple[float, float] | None = Field(None, description="aggregation window on the trajectory, 0 = noise, 1 = clean "
+                                               "(default: the first tenth, 3 of 30 steps, and at least the first step)")
     steps: tuple[int, int] | None = Field(None, description="the window as step indices [first, last], inclusive "
                                           "(the authors' notation, e.g. [1, 3]); replaces `window`")
     correction: float | list[float] | None = Field(None, description="the paper's eta_k: length of the manifold correction, "
@@ -59,9 +60,9 @@ class AMDMParams(Params):
     def _checks(self, info: ValidationInfo):
         ctx = info.context or {}
         n, labels, steps = ctx.get("n_models"), ctx.get("labels"), ctx.get("num_inference_steps")
-        if self.steps is not None and "window" in self.model_fields_set:
+        if self.steps is not None and self.window is not None:
             raise FieldError("window", "give either `window` (trajectory fractions) or `steps` (step indices), not both")
-        if not 0.0 <= self.window[0] <= self.window[1] <= 1.0:
+        if self.window is not None and not 0.0 <= self.window[0] <= self.window[1] <= 1.0:
             raise FieldError("window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(self.window)}")
         if self.steps is not None:
             first, last = self.steps
@@ -126,11 +127,13 @@ def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
     num_train = len(ctx.handles[spec].alphas_cumprod)
     if params.steps is not None:
         meets = [params.steps[0] <= i <= params.steps[1] for i in range(len(sched.timesteps))]
+    elif params.window is None:  # the default: the first tenth, and at least the first step
+        meets = [i == 0 or in_window(timestep_fraction(t, num_train), DEFAULT_WINDOW) for i, t in enumerate(sched.timesteps)]
     else:
         meets = [in_window(timestep_fraction(t, num_train), params.window) for t in sched.timesteps]
     if not any(meets):
         fractions = ", ".join(f"{timestep_fraction(t, num_train):.3f}" for t in sched.timesteps[:4])
-        raise RecipeError(f"params.window: {list(params.window)} holds none of the {len(meets)} steps (their trajectory "
+        raise RecipeError(f"params.window: {list(params.window or DEFAULT_WINDOW)} holds none of the {len(meets)} steps (their trajectory "
                           f"fractions start {fractions}, ...); widen it, or give `steps` as step indices")
     return PreparedAMDM(ctx, params, spec, order, vp_weights(params.w, n), params.etas(n, spec), meets)
 
