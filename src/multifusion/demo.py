@@ -7,7 +7,8 @@ It runs, on fixed prompts and seeds:
 - every benchmark app whose models are installed, through the benchmark harness with few seeds
   (each model alone, the weighted average, and each fusion method: SNB, Mixture of Diffusers...);
 - pictures: a labelled comparison grid, the SNB masks of one fine-grained fusion, a regional
-  composition and a wide panorama (Mixture of Diffusers tiles);
+  composition and a wide panorama (Mixture of Diffusers tiles), and an AMDM aggregation strip
+  (the clean image before and after each meeting);
 
 and writes `report.md` and `report.json` (`rows`: app, method, models, seeds, metrics, with
 `metrics.success` in [0, 1] as defined per app in docs/results.md). Without zoo weights it
@@ -49,7 +50,8 @@ def _base_rows(installed: list[str], out: Path, progress: bool) -> tuple[list[di
 
 
 def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
-    """SNB masks of one fine-grained fusion; a three-region composition; a wide panorama."""
+    """SNB masks of one fine-grained fusion; a three-region composition; a wide panorama; the
+    strip of one AMDM aggregation."""
     from multifusion.api import generate_to_folder
 
     made = []
@@ -77,6 +79,14 @@ def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
                     "sampling": {"num_inference_steps": STEPS, "seed": 0}}
         generate_to_folder(panorama, out / "pictures", stem="panorama", progress=progress)
         made += ["pictures/regions-s0.png", "pictures/panorama-s0.png"]
+    if {"layout", "palette"} <= set(installed):
+        # AMDM: the layout model's trajectory, aggregated with the palette model's in the first steps.
+        recipe = {"method": "amdm", "models": [
+            {"model": "zoo:layout", "name": "layout", "prompt": "a circle on the left and a square on the right in a desert"},
+            {"model": "zoo:palette", "name": "palette", "prompt": "a red circle and a blue square in a desert"}],
+            "sampling": {"num_inference_steps": STEPS, "seed": 0}}
+        generate_to_folder(recipe, out / "pictures", stem="amdm", export_masks=True, progress=progress)
+        made += ["pictures/amdm-s0.png", "pictures/amdm-s0-amdm.png"]
     return made
 
 
@@ -137,11 +147,12 @@ def _tiny_demo(out: Path, progress: bool) -> Path:
     prompts = ["a red circle in a snowy field", "a blue striped square"]
     sampling = {"num_inference_steps": 20, "seed": 0, "num_images": SEEDS}
     rows, grid_rows, labels = [], [], []
-    for app, method, which in (("base", "single", [0]), ("base", "single", [1]), ("fine-grained", "average", [0, 1]), ("fine-grained", "snb", [0, 1])):
+    for app, method, which in (("base", "single", [0]), ("base", "single", [1]), ("fine-grained", "average", [0, 1]),
+                               ("fine-grained", "snb", [0, 1]), ("aggregation", "amdm", [0, 1])):
         recipe = {"method": method, "models": [{"model": paths[i], "name": handles[i].name, "prompt": prompts[i]} for i in which], "sampling": sampling}
         tag = f"{method}-{'+'.join(handles[i].name for i in which)}"
         written = generate_to_folder(recipe, out, stem=tag, models=[handles[i] for i in which], progress=progress,
-                                     export_masks=method == "snb", overwrite=True)
+                                     export_masks=method in ("snb", "amdm"), overwrite=True)
         grid_rows.append([Image.open(p).convert("RGB") for p in written if p.name.endswith(tuple(f"-s{s}.png" for s in range(SEEDS)))])
         labels.append(tag)
         rows.append({"app": app, "method": method, "models": [handles[i].name for i in which], "seeds": SEEDS, "metrics": {}})
@@ -152,7 +163,9 @@ def _tiny_demo(out: Path, progress: bool) -> Path:
     lines = ["# multifusion demo", "", note, "", "![comparison grid](grid.png)", "", "| app | method | models | seeds |", "|---|---|---|---|"]
     lines += [f"| {r['app']} | {r['method']} | {', '.join(r['models'])} | {r['seeds']} |" for r in rows]
     lines += ["", "Who painted which pixel in the SNB fusion (first image; per step: mask, then each model's salience):",
-              "", "![SNB masks](snb-tiny-general+tiny-expert-s0-masks.png)"]
+              "", "![SNB masks](snb-tiny-general+tiny-expert-s0-masks.png)",
+              "", "What AMDM's meetings changed (first image; per meeting step: the aggregate, then each model before and after):",
+              "", "![AMDM strip](amdm-tiny-general+tiny-expert-s0-amdm.png)"]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
