@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from multifusion.errors import RecipeError, did_you_mean
-from multifusion.handles import ModelHandle, check_same_latent_space
+from multifusion.handles import ModelHandle, Offloader, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
-from multifusion.recipe import Recipe, canvas_size, check_canvas, parse_recipe, validate
+from multifusion.recipe import MERGE_PREFIX, Recipe, canvas_size, check_canvas, parse_recipe, validate
 from multifusion.registry import get_method
 from multifusion.schedulers import make_scheduler
 from multifusion.vae import decode, to_pil
@@ -42,17 +42,40 @@ class Result:
 
 
 def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
-    """Load the recipe's models (identical components shared)."""
+    """Load the recipe's models (identical components shared); a `merge:NAME` model is merged
+    in memory from its models (`multifusion.weights.merge_in_memory`)."""
     rt = recipe.runtime
-    return load_models(
-        [m.model for m in recipe.models],
-        names=[m.label for m in recipe.models],
-        configs=[m.config for m in recipe.models],
+    plain = [i for i, m in enumerate(recipe.models) if not m.model.startswith(MERGE_PREFIX)]
+    loaded = load_models(
+        [recipe.models[i].model for i in plain],
+        names=[recipe.models[i].label for i in plain],
+        configs=[recipe.models[i].config for i in plain],
         dtype=rt.dtype,
         device=rt.device,
         offload=rt.offload,
         allow_pickle=rt.allow_pickle,
-    )
+    ) if plain else []
+    if len(plain) == len(recipe.models):
+        return loaded
+    from multifusion.loading import share_components
+    from multifusion.weights.models import merge_in_memory
+
+    handles: list[ModelHandle] = []
+    merged: dict[str, ModelHandle] = {}
+    offloader = (next((h.offloader for h in loaded), None) or Offloader(rt.device)) if rt.offload else None
+    by_index = dict(zip(plain, loaded))
+    for i, m in enumerate(recipe.models):
+        if i in by_index:
+            handles.append(by_index[i])
+            continue
+        if m.model not in merged:  # one merge named twice is merged once
+            entry = recipe.merges[m.model[len(MERGE_PREFIX):]]
+            # Offloaded: merged on the CPU, then moved by the run's offloader like every model.
+            h = merge_in_memory(entry.models, entry.spec(), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
+            merged[m.model] = replace(h, device=torch.device(rt.device), offloader=offloader) if rt.offload else h
+        handles.append(replace(merged[m.model], name=m.label))
+    share_components(handles)
+    return handles
 
 
 def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:

@@ -36,7 +36,7 @@ P = TypeVar("P", bound=Params)
 
 SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
 RUN_KEYS = ("runtime", "batch_size", "callback", "progress")
-RESERVED = frozenset(SAMPLING_KEYS + RUN_KEYS + ("models", "prompts", "negative_prompt", "guidance_scale"))
+RESERVED = frozenset(SAMPLING_KEYS + RUN_KEYS + ("method", "models", "prompts", "negative_prompt", "guidance_scale"))
 """Keywords of `multifusion.fuse` that are not method parameters: no method may take these names."""
 
 
@@ -141,8 +141,8 @@ class Method:
 
     def parse_params(self, raw: dict, n_models: int, **context: Any) -> Params:
         """The recipe's `params` validated for `n_models` models; RecipeError naming each field.
-        Validators see `n_models` and `context` (from a recipe: `labels`, the models' names, and
-        `num_inference_steps`) in `info.context`."""
+        Validators see `n_models` and `context` (from a recipe: `labels`, the models' names,
+        `models`, their references, and `num_inference_steps`) in `info.context`."""
         try:
             return self.params.model_validate(raw, context={"n_models": n_models, **context})
         except ValidationError as err:

@@ -46,6 +46,29 @@ class ModelEntry(_Strict):
         return self.name or self.model
 
 
+class MergeEntry(_Strict):
+    """A model merged from others before sampling, named in `models` as `merge:NAME`: the
+    fields of `multifusion.weights.MergeSpec` (see docs/merges.md) and the models it merges
+    (folders or zoo:NAME; not merges themselves)."""
+
+    models: list[str] = Field(min_length=1, description="the models merged, in order (A, B[, C])")
+    method: Literal["weighted_sum", "add_difference"] = "weighted_sum"
+    weights: list[float] | None = Field(None, description="weighted_sum: one weight per model (normalised); default equal")
+    alpha: float | None = Field(None, description="add_difference: A + alpha (B - C); default 1")
+    blocks: str | list[float] | None = Field(None, description="block weights: a preset name, an A1111 string or a list")
+    text_encoder: Literal["merge", "first"] = "merge"
+
+    def spec(self):
+        from multifusion.weights.models import MergeSpec
+
+        return MergeSpec(self.method, None if self.weights is None else tuple(self.weights), self.alpha,
+                         self.blocks if self.blocks is None or isinstance(self.blocks, str) else tuple(self.blocks),
+                         self.text_encoder)
+
+
+MERGE_PREFIX = "merge:"
+
+
 class Sampling(_Strict):
     num_inference_steps: int = Field(30, gt=0, le=1000)
     scheduler: str = "ddim"
@@ -79,6 +102,7 @@ class Recipe(_Strict):
     prompt: str | None = Field(None, description="default prompt of models that give none")
     negative_prompt: str = ""
     params: dict[str, JsonValue] = Field(default_factory=dict)
+    merges: dict[str, MergeEntry] = Field(default_factory=dict, description="merged models, named in `models` as merge:NAME")
     sampling: Sampling = Field(default_factory=Sampling)
     runtime: Runtime = Field(default_factory=Runtime)
 
@@ -177,6 +201,7 @@ def validate(recipe: Recipe) -> Validated:
         want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
         raise RecipeError(f"models: method {method.name!r} takes {want} model(s), the recipe names {n}")
     params = method.parse_params(recipe.params, n, labels=[m.label for m in recipe.models],
+                                 models=[m.model for m in recipe.models],
                                  num_inference_steps=recipe.sampling.num_inference_steps)
     if method.model_prompts:
         for i, m in enumerate(recipe.models):
@@ -184,9 +209,10 @@ def validate(recipe: Recipe) -> Validated:
                 raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
     factor, spaces = None, {}
+    merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
         try:
-            ref = resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
+            ref = merged[m.model] if m.model in merged else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)
@@ -202,6 +228,43 @@ def validate(recipe: Recipe) -> Validated:
                 "(same VAE)")
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
     return Validated(recipe, method, params, size is not None)
+
+
+def check_merges(recipe: Recipe) -> dict:
+    """Every `merge:NAME` of `models` defined in `merges`, and every used merge checked as
+    `merge_models` checks it (spec, model count, block weights against the UNet, the models
+    against each other; configs and file headers only). Returns {"merge:NAME": the ModelRef of
+    its first model} (whose config gives the merge's latent space)."""
+    from multifusion.errors import did_you_mean
+
+    out = {}
+    for i, m in enumerate(recipe.models):
+        if not m.model.startswith(MERGE_PREFIX):
+            continue
+        name = m.model[len(MERGE_PREFIX):]
+        if name not in recipe.merges:
+            known = f" (merges: {', '.join(recipe.merges)})" if recipe.merges else "; define it under `merges:`"
+            raise RecipeError(f"models[{i}].model: no merge named {name!r}{known}{did_you_mean(name, recipe.merges)}")
+        if m.config is not None:
+            raise RecipeError(f"models[{i}].config: a merge takes its configs from its models; drop `config`")
+        out[m.model] = _check_merge(name, recipe.merges[name])
+    return out
+
+
+def _check_merge(name: str, entry: MergeEntry):
+    from multifusion.loading import resolve
+    from multifusion.weights.models import plan_merge
+
+    where = f"merges.{name}"
+    for j, model in enumerate(entry.models):
+        if model.startswith(MERGE_PREFIX):
+            raise RecipeError(f"{where}.models[{j}]: {model!r} is a merge; a merge merges models (folders or zoo:NAME), "
+                              "write the inner merge to a folder first (multifusion merge)")
+    try:
+        plan_merge(entry.models, entry.spec())
+    except (RecipeError, ModelLoadError, IncompatibleModelsError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    return resolve(entry.models[0])
 
 
 def validate_recipe(recipe: Recipe) -> tuple[Recipe, "Params"]:

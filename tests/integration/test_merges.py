@@ -219,7 +219,7 @@ def _nothing_written(tmp_path):
 @pytest.mark.parametrize("models, spec, error, match", [
     (["a", "wide"], MergeSpec(), IncompatibleModelsError, r"unet tensor 'conv_in.weight' has shape \(16, 4, 3, 3\) in .* and \(16, 8, 3, 3\)"),
     (["a", "v"], MergeSpec(), IncompatibleModelsError, "predicts epsilon and .* predicts v_prediction"),
-    (["a", "b"], MergeSpec(blocks=",".join(["0.5"] * 25)), RecipeError, r"25 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10"),
+    (["a", "b"], MergeSpec(blocks=",".join(["0.5"] * 13)), RecipeError, r"13 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10"),
     (["a", "b"], MergeSpec(blocks="RING08_SOFTT"), RecipeError, "did you mean 'RING08_SOFT'"),
     (["a", "b"], MergeSpec(blocks="0,0,0,0,1.5,0,0,0,0"), RecipeError, r"block weight 1.5 for M00 is outside \[0, 1\]"),
     (["a", "b"], MergeSpec(weights=(1.0, 2.0, 3.0)), RecipeError, "3 weights for 2 models"),

@@ -342,17 +342,38 @@ _CD = ("cartoon", "general")
 _AG = ("layout", "palette")
 _EN = ("slice0", "slice1")
 
+MBW_PRESET = "GRAD_V"
+"""The `mbw` rows' preset: the merge-block-weighted extension's first and best-known gradient,
+model A (the first role) in the deep, low-resolution blocks (layout, composition; M00 is all
+A) and model B more and more towards the outer, high-resolution ones (detail, texture). It is
+resampled from 25 to the zoo UNet's 13 blocks."""
+
+
+def merged(method: str, roles: Sequence[str], params: Mapping[str, Any] | None = None) -> Fusion:
+    """A weight-merge row (`merge`, `mbw`) over ``roles``. A merged model is one model and takes
+    ONE prompt: the first role's (the recipe's first model's). The roles are in app order, and
+    the first role's prompt is the one that states the most of the target: ``general``'s in
+    fine-grained (scene, slot, shape and colour; the texture is left to the expert's weights),
+    ``cartoon``'s in cross-domain (the full caption), either in ensemble (they are the same)."""
+    return Fusion(method, own_prompts(method, roles, params), tuple(roles))
+
+
+def merge_rows(roles: Sequence[str]) -> tuple[Fusion, ...]:
+    """`merge` with equal weights and `mbw` with :data:`MBW_PRESET`, both over ``roles``."""
+    return (merged("merge", roles), merged("mbw", roles, {"blocks": MBW_PRESET}))
+
 APPS: dict[str, App] = {
     a.id: a
     for a in (
         App("fine-grained", "general scene model + fine-grained (texture) expert", _FG, "image",
             "the scene is right and the object is read at its slot with the right shape, colour and texture",
             fine_grained_scene, fine_grained_prompts,
-            (Fusion("average", own_prompts("average", _FG), _FG), Fusion("snb", own_prompts("snb", _FG), _FG))),
+            (Fusion("average", own_prompts("average", _FG), _FG), Fusion("snb", own_prompts("snb", _FG), _FG), *merge_rows(_FG))),
         App("cross-domain", "cartoon style model + general model, on (scene, shape) pairs only the cartoon data shows", _CD, "image",
             "the image is read as a cartoon, the scene is right and the object is at its slot with the right shape and colour",
             cross_domain_scene, cross_domain_prompts,
-            (Fusion("average", own_prompts("average", _CD), _CD), Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD))),
+            (Fusion("average", own_prompts("average", _CD), _CD), Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD),
+             *merge_rows(_CD))),
         App("regional", "three-object layouts: Mixture of Diffusers (one native-size tile per slot) vs one prompt for the whole layout",
             ("general",), "instance",
             "instance success rate: the fraction of objects read where they were asked for (their slot of the 64x64 image; "
@@ -369,7 +390,7 @@ APPS: dict[str, App] = {
         App("ensemble", "two same-architecture models trained on disjoint scene slices of the general data", _EN, "image",
             "the scene is right and every stated object is read at its slot with the right shape and colour",
             ensemble_scene, ensemble_prompts,
-            (Fusion("average", own_prompts("average", _EN), _EN), Fusion("afa", own_prompts("afa", _EN), _EN))),
+            (Fusion("average", own_prompts("average", _EN), _EN), Fusion("afa", own_prompts("afa", _EN), _EN), *merge_rows(_EN))),
     )
 }
 """Every app, in the order `bench all` runs them."""

@@ -34,7 +34,7 @@ import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,9 @@ from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeEr
 from multifusion.weights.blocks import BlockLayout, unet_layout
 from multifusion.weights.merge import check_weights, merge_tensor
 from multifusion.weights.presets import BlockWeights, block_weights
+
+if TYPE_CHECKING:
+    from multifusion.handles import ModelHandle
 
 METHODS = ("weighted_sum", "add_difference")
 TEXT_ENCODER = ("merge", "first")
@@ -199,6 +202,18 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
         for tensor, _, _ in unet.header:
             layout.block_of(tensor)  # every UNet parameter must have a block
     return MergePlan(spec, tuple(models), tuple(folders), tuple(components), layout, blocks, base, note)
+
+
+def local_layout(model: str) -> BlockLayout | None:
+    """The block layout of `model`'s UNet from its local config (a folder or zoo:NAME), without
+    loading it; None when the config is not local or not readable (checked later, on loading)."""
+    from multifusion.loading import resolve
+
+    try:
+        ref = resolve(model)
+        return unet_layout(_config(Path(ref.location) / "unet")) if ref.kind in ("folder", "zoo") else None
+    except (ModelLoadError, OSError, KeyError, ValueError):
+        return None
 
 
 def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], spec: MergeSpec, base: float | None, out_file: str) -> Component:
@@ -425,23 +440,59 @@ def merge_models(models: Sequence[str], out: str | Path, spec: MergeSpec | None 
     return out
 
 
-def merge_in_memory(models: Sequence[str], spec: MergeSpec | None = None, *, name: str | None = None,
+def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | None = None, *, name: str | None = None,
                     dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """The same merge without writing: model 0 is loaded and its UNet and text encoder receive
-    the merged tensors one at a time (peak memory: one model). Returns a `ModelHandle` equal,
-    bit for bit, to loading the folder `merge_models` writes."""
+    """The same merge without writing, returned as a `ModelHandle`.
+
+    `models` are names (model 0 is loaded and its UNet and text encoder receive the merged
+    tensors one at a time, read from every input's files; peak memory: one model) or loaded
+    `ModelHandle`s (nothing is loaded: the tensors come from the handles' modules and go into
+    copies of model 0's UNet and text encoder, so the handles stay as they were; `dtype` and
+    `device` are then the handles'). Either way the result equals, bit for bit, loading the
+    folder `merge_models` writes (merged tensors are rounded through the files' dtype, as the
+    folder stores them), provided the handles were loaded in a dtype at least as wide as their
+    files'. The checks read the models' configs and file headers (a handle's `source`)."""
+    from multifusion.handles import ModelHandle
     from multifusion.loading import load_model
 
-    plan = plan_merge(models, spec)
+    handles = [m for m in models if isinstance(m, ModelHandle)]
+    if handles and len(handles) != len(models):
+        raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
+    plan = plan_merge([h.source for h in handles] if handles else models, spec)
     for c in plan.components:
         if c.action == "merge" and c.name not in ("unet", "text_encoder"):
             raise RecipeError(f"in-memory merges cover the UNet and one text encoder; {c.name} needs merge_models (a folder)")
+    source = f"merge of {', '.join(plan.models)} ({plan.spec.method})"
+    if handles:
+        merged = {c.name: _merge_modules(plan, c, [getattr(h, c.name) for h in handles]) for c in plan.components if c.action == "merge"}
+        return dataclasses.replace(handles[0], name=name or "merge", source=source, **merged)
     handle = load_model(plan.models[0], name=name or "merge", dtype=dtype, device=device)
     with torch.no_grad():
         for c in plan.components:
             if c.action == "merge":
                 _load_into(getattr(handle, c.name), merged_tensors(plan, c), c.name)
-    return dataclasses.replace(handle, source=f"merge of {', '.join(plan.models)} ({plan.spec.method})")
+    return dataclasses.replace(handle, source=source)
+
+
+@torch.no_grad()
+def _merge_modules(plan: MergePlan, component: Component, modules: Sequence[torch.nn.Module]) -> torch.nn.Module:
+    """A copy of modules[0] holding the merge of `modules` (loaded, same architecture): the
+    in-memory twin of `merged_tensors`, tensor by tensor, each rounded through its file's dtype."""
+    import copy
+
+    stored = {k: _ST_DTYPES[dtype] for k, dtype, _ in component.header}
+    out = copy.deepcopy(modules[0])
+    states = [m.state_dict() for m in modules]
+    for key, target in out.state_dict().items():
+        tensors = [s[key] for s in states]
+        if not tensors[0].is_floating_point() or all(t is tensors[0] or _same_bits(tensors[0].cpu(), t.cpu()) for t in tensors[1:]):
+            continue  # the copy holds model 0's already
+        file_key = key if key in stored else _state_key(key, stored)
+        if file_key is None:
+            raise ModelLoadError(f"{component.name}: {key!r} of the loaded module is not in its files; reload the models")
+        merged = merge_tensor(tensors, plan.spec.method, plan.weight(component.name, file_key))
+        target.copy_(merged.to(stored[file_key]))  # as the folder stores it, then in the module's dtype
+    return out
 
 
 def _load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], component: str) -> None:

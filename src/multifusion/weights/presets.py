@@ -17,8 +17,9 @@ Presets are defined on the 25 SD-1 blocks. On a UNet with fewer or more levels (
 13 blocks, SDXL 19) `block_weights` resamples them: the IN values and the OUT values are each
 interpolated linearly over their relative depth, M00 and BASE are kept. Deviation: SuperMerger
 maps its presets to SDXL by dropping entries (`weighttoxl`); resampling keeps a gradient a
-gradient and a ring a ring on any depth. Weight strings the user writes are never resampled:
-their length must match the UNet.
+gradient and a ring a ring on any depth. A weight string the user writes is resampled the
+same way only when it is in the SD-1 notation (25 values, or 26 with BASE) and the UNet has
+another depth; any other length must match the UNet (its count, or one more with BASE).
 """
 
 from __future__ import annotations
@@ -169,14 +170,18 @@ def _interpolate(values: Sequence[float], n: int) -> tuple[float, ...]:
 
 def block_weights(spec: str | Sequence[float] | BlockWeights, layout: BlockLayout) -> tuple[BlockWeights, str]:
     """Block weights for `layout` from a preset name, a weight string, a list of numbers or a
-    BlockWeights, and a note of where they came from (for merge.json). Presets are resampled to
-    the layout; strings and lists must already have its length."""
+    BlockWeights, and a note of where they came from (for merge.json). Presets, and strings or
+    lists in the SD-1 notation (25 values, or 26 with BASE), are resampled to the layout; other
+    strings and lists must have the layout's length (or one more, with BASE)."""
     if isinstance(spec, BlockWeights):
         spec.by_block(layout)  # checks the length
         return spec, "given"
     if isinstance(spec, str) and "," not in spec and not _is_number(spec):
-        weights = preset(spec)
-        resampled = resample(weights, layout)
-        note = f"preset {spec.strip().upper().replace('-', '_')}"
-        return resampled, note if resampled is weights else f"{note}, resampled from 25 to {len(layout.ids)} blocks"
-    return parse_block_weights(spec, layout), "given"
+        weights, note = preset(spec), f"preset {spec.strip().upper().replace('-', '_')}"
+    else:
+        n = len(spec.split(",")) if isinstance(spec, str) else len(spec)
+        if n in (len(layout.ids), len(layout.ids) + 1) or n not in (SD1_BLOCKS, SD1_BLOCKS + 1):
+            return parse_block_weights(spec, layout), "given"
+        weights, note = parse_block_weights(spec), f"given as {n} SD-1 values"
+    resampled = resample(weights, layout)
+    return resampled, note if resampled is weights else f"{note}, resampled from 25 to {len(layout.ids)} blocks"

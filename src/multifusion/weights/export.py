@@ -1,0 +1,58 @@
+"""Write the merge a recipe describes: `multifusion merge RECIPE --out DIR [--single-file]`.
+
+The recipe is the one that samples the merge (method `merge` or `mbw`, its `models` and
+`params`), so a merge tried with `multifusion generate` is written with the same file; prompts
+and sampling settings are ignored. The folder is written by `merge_models` (streamed, atomic,
+with merge.json); `single_file=True` also writes `DIR.safetensors` beside it, one checkpoint in
+the original SD-1.x (LDM) layout for tools that expect single files (load it back with the
+folder as its config).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from multifusion.errors import RecipeError
+from multifusion.weights.models import MergeSpec, merge_models
+
+MERGE_METHODS = ("merge", "mbw")
+
+
+def recipe_merge(recipe) -> tuple[list[str], MergeSpec]:
+    """(model references, MergeSpec) of a `merge` or `mbw` recipe (a Recipe, dict or file),
+    its params checked as a run checks them (errors name `params.<field>`)."""
+    from multifusion.api import as_recipe
+    from multifusion.registry import get_method
+
+    r = as_recipe(recipe)
+    if r.method not in MERGE_METHODS:
+        raise RecipeError(f"method: {r.method!r} does not merge weights; a merge recipe has method merge or mbw")
+    models = [m.model for m in r.models]
+    params = get_method(r.method).parse_params(r.params, len(models), labels=[m.label for m in r.models], models=models)
+    return models, params.spec()
+
+
+def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool = False) -> Path:
+    """Write the merge of a `merge` / `mbw` recipe (a Recipe, dict or YAML/JSON file) to the
+    diffusers folder `out` (and, with `single_file`, `out` + ".safetensors" in the LDM layout).
+    Everything is checked before anything is written. Returns the folder."""
+    models, spec = recipe_merge(recipe)
+    out = Path(out).expanduser()
+    single = out.with_name(out.name + ".safetensors")
+    if single_file and single.exists() and not overwrite:
+        raise RecipeError(f"output {str(single)!r} already exists; choose another folder or pass overwrite=True")
+    folder = merge_models(models, out, spec, overwrite=overwrite)
+    if single_file:
+        from multifusion.weights.ldm import save_as_single_file
+
+        tmp = single.with_name(f".{single.name}.part")
+        try:
+            save_as_single_file(folder, tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o666 & ~umask)  # safetensors creates the file private; give it the usual mode
+            tmp.replace(single)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return folder

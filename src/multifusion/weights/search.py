@@ -1,0 +1,319 @@
+"""Automatic block-weight search (auto-MBW): block weights of two models maximising a score.
+
+Every candidate is a list of block weights (one per block id of the UNet, `blocks.py`; BASE is
+left out, so the text encoder is the first model's and each prompt is encoded the same way for
+every candidate). A candidate is scored by running the `mbw` method on the loaded models (a
+merge in memory, sampled as `single` with the first model's prompts) and calling the scorer on
+the images: any `scorer(images, prompts) -> float`, higher is better, or `app_scorer`, the zoo
+judge's success rate on a benchmark app's prompts.
+
+Two optimisers:
+
+- ``coordinate``: the auto-MBW extension's search (Xerxemi/sdweb-auto-MBW): from a start point
+  (all 0.5), block by block, try every value of a grid (0, 0.25, 0.5, 0.75, 1) and keep the
+  best; repeat passes until a pass improves nothing or the budget is spent.
+  Deviation: auto-MBW also varies BASE and offers other walks; BASE is fixed here (see above).
+- ``optuna``: Optuna's TPE sampler (seeded) on the same grid, warm-started with every
+  candidate already in the log (of either optimiser). Needs `pip install multifusion[search]`.
+
+Resumable: every evaluated candidate is appended to ``OUT/search.jsonl`` with its score the
+moment it is known; a rerun reads the log and scores no candidate twice (the coordinate walk
+replays to where it stopped). ``OUT/search.json`` holds the settings; a rerun with other
+settings in the same folder is refused (its scores would not compare). ``OUT/search.png`` plots
+the best score over evaluations; ``OUT/best.json`` holds the best candidate as `mbw` params.
+
+The evaluation is cheap by default (4 prompts, 1 seed each, 10 DDIM steps): a search ranks
+candidates on a small, noisy sample, so re-check the winner with the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from multifusion.errors import RecipeError, did_you_mean
+
+Scorer = Callable[[list, list[str]], float]
+OPTIMIZERS = ("coordinate", "optuna")
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+LOG, SETTINGS, PLOT, BEST = "search.jsonl", "search.json", "search.png", "best.json"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What a score depends on; a log is only resumed under the same settings."""
+
+    models: tuple[str, ...]
+    prompts: tuple[str, ...]
+    seeds: int = 1
+    num_inference_steps: int = 10
+    scheduler: str = "ddim"
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scorer: str = "custom"
+
+    def __post_init__(self):
+        if len(self.models) != 2:
+            raise RecipeError(f"models: a block-weight search merges two models ((1 - w) A + w B per block), got {len(self.models)}")
+        if not self.prompts:
+            raise RecipeError("prompts: give at least one prompt")
+        for name in ("seeds", "num_inference_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RecipeError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    blocks: tuple[float, ...]
+    score: float
+    evaluations: int  # candidates in the log
+    computed: int  # of which scored by this call
+    log: Path
+    plot: Path
+
+
+def app_scorer(app: str, prompts: int = 4, *, seeds: int = 1) -> tuple[list[str], Scorer]:
+    """(the merged model's prompts, a scorer) for benchmark app `app`: its first `prompts`
+    prompts as its first role gives them (the prompt a merged model takes, as in the bench's
+    merge rows), each repeated `seeds` times in the order the search samples them; the score is
+    the zoo judge's success rate against each prompt's target scene (the bench's definition)."""
+    from multifusion.bench.apps import get_app
+    from multifusion.bench.stats import sample_success
+    from multifusion.zoo.judge import load_judge
+
+    a = get_app(app)
+    app_prompts = a.prompts(prompts)
+    texts = [p.prompts[a.roles[0]] for p in app_prompts for _ in range(seeds)]
+    targets = [p for p in app_prompts for _ in range(seeds)]
+    judge = load_judge()
+
+    def score(images: list, given: list[str]) -> float:
+        import numpy as np
+
+        if list(given) != texts:
+            raise RecipeError("app_scorer: the images do not follow the prompts it was made with")
+        hits = trials = 0
+        for image, prompt in zip(images, targets, strict=True):
+            views = a.fusions[0].views(prompt) if a.fusions else [None]
+            crops = [np.asarray(image.crop(v.box) if v is not None and v.box else image) for v in views]
+            readings = judge.read(np.stack(crops))
+            h, t = sample_success(a, readings, [v.target if v is not None else prompt.target for v in views])
+            hits, trials = hits + h, trials + t
+        return hits / max(trials, 1)
+
+    return texts, score
+
+
+def _key(blocks: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(float(v), 6) for v in blocks)
+
+
+class _Log:
+    """The JSONL log: candidate -> score, appended as each is known."""
+
+    def __init__(self, out: Path, settings: SearchSettings):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / LOG
+        want = json.loads(json.dumps(asdict(settings)))
+        have_path = out / SETTINGS
+        if have_path.is_file():
+            have = json.loads(have_path.read_text())
+            if have != want:
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise RecipeError(f"{out}: a search with other settings ({', '.join(diff)}) is logged there; "
+                                  "use another folder, or the same settings to resume it")
+        else:
+            have_path.write_text(json.dumps(want, indent=2) + "\n")
+        self.scores: dict[tuple[float, ...], float] = {}
+        self.order: list[tuple[float, ...]] = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: that candidate is scored again
+                self._add(_key(entry["blocks"]), float(entry["score"]))
+
+    def _add(self, key: tuple[float, ...], score: float) -> None:
+        if key not in self.scores:
+            self.order.append(key)
+        self.scores[key] = score
+
+    def append(self, key: tuple[float, ...], score: float, optimizer: str, seconds: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"blocks": list(key), "score": score, "optimizer": optimizer, "seconds": round(seconds, 3)}) + "\n")
+        self._add(key, score)
+
+
+def search_block_weights(
+    models: Sequence[str],
+    prompts: Sequence[str],
+    scorer: Scorer,
+    out: str | Path,
+    *,
+    optimizer: str = "coordinate",
+    budget: int = 30,
+    grid: Sequence[float] = GRID,
+    start: float = 0.5,
+    seeds: int = 1,
+    num_inference_steps: int = 10,
+    scheduler: str = "ddim",
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    scorer_name: str = "custom",
+    runtime: dict | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search the block weights of merging `models` (A, B: (1 - w) A + w B per block) that
+    maximise `scorer(images, prompts)` on images of `prompts` (each sampled `seeds` times, image
+    i with seed `seed + i`), spending at most `budget` evaluations (logged ones included).
+    See the module docstring for the optimisers, the log and the outputs."""
+    if optimizer not in OPTIMIZERS:
+        raise RecipeError(f"optimizer: unknown {optimizer!r} (known: {', '.join(OPTIMIZERS)}){did_you_mean(optimizer, OPTIMIZERS)}")
+    if not isinstance(budget, int) or budget < 1:
+        raise RecipeError(f"budget: must be a positive integer, got {budget!r}")
+    grid = sorted({float(v) for v in grid})
+    if not grid or any(not (math.isfinite(v) and 0 <= v <= 1) for v in grid):
+        raise RecipeError(f"grid: block weights must lie in [0, 1], got {grid}")
+    if not 0 <= start <= 1:
+        raise RecipeError(f"start: must lie in [0, 1], got {start!r}")
+    settings = SearchSettings(tuple(models), tuple(prompts), seeds, num_inference_steps, scheduler, guidance_scale, seed, scorer_name)
+    if optimizer == "optuna":
+        _require_optuna()
+
+    from tqdm.auto import tqdm
+
+    from multifusion.api import Run
+    from multifusion.loading import load_models
+    from multifusion.weights.models import local_layout
+
+    layout = local_layout(models[0])
+    if layout is None:
+        raise RecipeError(f"models[0]: {models[0]!r} is not a local diffusers folder or zoo model; a search merges local folders")
+    out = Path(out)
+    log = _Log(out, settings)
+    handles = load_models(list(models), dtype=(runtime or {}).get("dtype", "float32"), device=(runtime or {}).get("device", "cpu"))
+    texts = [p for p in prompts for _ in range(seeds)]
+    base = {"method": "mbw", "models": [{"model": m, "prompt": texts} for m in models],
+            "sampling": {"num_inference_steps": num_inference_steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
+                         "seed": seed, "num_images": len(texts)}, "runtime": dict(runtime or {})}
+    bar = tqdm(total=budget, desc=f"mbw search ({optimizer})", disable=not progress)
+    state = {"calls": 0, "computed": 0}
+
+    def evaluate(blocks: Sequence[float]) -> float:
+        key = _key(blocks)
+        state["calls"] += 1
+        if key not in log.scores:
+            started = time.perf_counter()
+            run = Run({**base, "params": {"blocks": list(key)}}, models=handles)
+            images = [im for part in run.batches(batch_size=len(texts), progress=False) for im in part.images]
+            score = float(scorer(images, list(texts)))
+            if not math.isfinite(score):
+                raise RecipeError(f"scorer returned {score!r} for blocks {list(key)}; it must return a finite number")
+            log.append(key, score, optimizer, time.perf_counter() - started)
+            state["computed"] += 1
+        bar.update(1)
+        bar.set_postfix(best=f"{max(log.scores.values()):.3f}")
+        return log.scores[key]
+
+    try:
+        n = len(layout.ids)
+        if optimizer == "coordinate":
+            _coordinate(evaluate, n, grid, start, budget)
+        else:
+            bar.update(min(len(log.order), budget))  # the logged candidates warm-start the study
+            _optuna(evaluate, log, n, grid, budget, seed)
+    finally:
+        bar.close()
+    best = max(log.order, key=lambda k: log.scores[k])
+    (out / BEST).write_text(json.dumps({"blocks": list(best), "score": log.scores[best], "blocks_ids": list(layout.ids),
+                                        "mbw_params": {"blocks": ",".join(f"{v:g}" for v in best)}}, indent=2) + "\n")
+    plot = plot_progress([log.scores[k] for k in log.order], out / PLOT, title=f"mbw search: best {log.scores[best]:.3f}")
+    return SearchResult(best, log.scores[best], len(log.order), state["computed"], log.path, plot)
+
+
+def _coordinate(evaluate: Callable[[Sequence[float]], float], n: int, grid: Sequence[float], start: float, budget: int) -> None:
+    """auto-MBW's walk: block by block, every grid value, keep the best; passes until no change."""
+    calls = 0
+    current = [float(start)] * n
+    best = evaluate(current)
+    calls += 1
+    while calls < budget:
+        improved = False
+        for b in range(n):
+            for v in grid:
+                if v == current[b] or calls >= budget:
+                    continue
+                candidate = current[:b] + [v] + current[b + 1 :]
+                score = evaluate(candidate)
+                calls += 1
+                if score > best:  # strictly better: ties keep the earlier candidate
+                    best, current, improved = score, candidate, True
+        if not improved:
+            return
+
+
+def _require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise RecipeError("optimizer 'optuna' needs the optuna package: pip install 'multifusion[search]' "
+                          "(or use --optimizer coordinate)") from None
+    return optuna
+
+
+def _optuna(evaluate: Callable[[Sequence[float]], float], log: _Log, n: int, grid: Sequence[float], budget: int, seed: int) -> None:
+    """Optuna's TPE on the grid, warm-started with every logged candidate on the grid."""
+    optuna = _require_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    grid = list(grid)
+    distributions = {f"b{i:02d}": optuna.distributions.CategoricalDistribution(grid) for i in range(n)}
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    for key in log.order:
+        if len(key) == n and all(v in grid for v in key):
+            params = {f"b{i:02d}": v for i, v in enumerate(key)}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=log.scores[key]))
+    remaining = budget - len(log.order)
+    if remaining > 0:
+        study.optimize(lambda trial: evaluate([trial.suggest_categorical(f"b{i:02d}", grid) for i in range(n)]), n_trials=remaining)
+
+
+def plot_progress(scores: Sequence[float], path: str | Path, *, title: str = "") -> Path:
+    """A PNG of the best score so far (line) and each evaluation's score (dots) over the
+    evaluations, drawn with PIL (no plotting library needed)."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 480, 300, 48, 12, 24, 32
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
+    n = max(len(scores) - 1, 1)
+
+    def xy(i: int, s: float) -> tuple[float, float]:
+        return L + (W - L - R) * i / n, H - B - (H - T - B) * (s - lo) / (hi - lo)
+
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for s in (lo, (lo + hi) / 2, hi):
+        d.text((4, xy(0, s)[1] - 6), f"{s:.3g}", fill="black")
+    d.text((L, H - B + 6), "1", fill="black")
+    d.text((W - R - 24, H - B + 6), str(len(scores)), fill="black")
+    d.text(((W - 80) // 2, H - 14), "evaluation", fill="black")
+    d.text((L, 6), title or "best score over evaluations", fill="black")
+    best, line = -math.inf, []
+    for i, s in enumerate(scores):
+        best = max(best, s)
+        line.append(xy(i, best))
+        x, y = xy(i, s)
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(150, 150, 150))
+    if len(line) > 1:
+        d.line(line, fill=(200, 30, 30), width=2)
+    path = Path(path)
+    img.save(path)
+    return path

@@ -1,0 +1,129 @@
+"""Automatic block-weight search: the coordinate walk, Optuna, the resumable log, the plot, the
+judge scorer and the command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from multifusion.cli import main
+from multifusion.errors import RecipeError
+from multifusion.weights.search import app_scorer, plot_progress, search_block_weights
+
+SMALL = dict(num_inference_steps=2, progress=False)
+
+
+class CountingScorer:
+    """Mean brightness of the images (any callable(images, prompts) -> float is a scorer)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        assert len(images) == len(prompts)
+        return float(np.mean([np.asarray(im, dtype=np.float64).mean() for im in images]))
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_coordinate_search_logs_every_candidate_and_resumes_without_rescoring(tiny_a, tiny_b, tmp_path):
+    scorer = CountingScorer()
+    first = search_block_weights([tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=6, grid=(0, 1), **SMALL)
+    log = _lines(tmp_path / "search.jsonl")
+    assert len(log) == first.evaluations == first.computed == scorer.calls == 6  # start + 9 blocks x 1 other value, cut at 6
+    assert log[0]["blocks"] == [0.5] * 9 and log[1]["blocks"] == [0.0] + [0.5] * 8 and log[2]["blocks"] == [1.0] + [0.5] * 8
+    assert first.score == max(e["score"] for e in log)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["blocks"] == list(first.blocks) and len(best["blocks_ids"]) == 9
+
+    again = search_block_weights([tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=8, grid=(0, 1), **SMALL)
+    assert scorer.calls == 8 and again.computed == 2 and again.evaluations == 8  # the first 6 replayed from the log
+    assert (tmp_path / "search.png").is_file()
+
+
+def test_the_walk_keeps_a_better_value_and_moves_on(tiny_a, tiny_b, tmp_path):
+    """Scores in a fixed order: the walk keeps block 0 at 1 and tries block 1 from there."""
+    scores = iter([0.1, 0.0, 0.9] + [0.5] * 20)  # start, block 0 -> 0, block 0 -> 1 (kept), ...
+    res = search_block_weights([tiny_a, tiny_b], ["p"], lambda ims, ps: next(scores), tmp_path, budget=5, grid=(0, 1), **SMALL)
+    log = _lines(tmp_path / "search.jsonl")
+    assert log[3]["blocks"] == [1.0, 0.0] + [0.5] * 7  # block 1 tried from the improved point
+    assert res.blocks == tuple([1.0] + [0.5] * 8) and res.score == 0.9
+
+
+def test_optuna_is_warm_started_from_the_log_and_stays_on_the_grid(tiny_a, tiny_b, tmp_path):
+    pytest.importorskip("optuna", reason="optuna not installed: pip install 'multifusion[search]'")
+    scorer = CountingScorer()
+    search_block_weights([tiny_a, tiny_b], ["p"], scorer, tmp_path, budget=3, grid=(0, 0.5, 1), **SMALL)
+    res = search_block_weights([tiny_a, tiny_b], ["p"], scorer, tmp_path, optimizer="optuna", budget=6, grid=(0, 0.5, 1), **SMALL)
+    log = _lines(tmp_path / "search.jsonl")
+    assert res.evaluations == len(log) <= 6 and scorer.calls == len(log)
+    assert [e["optimizer"] for e in log[:3]] == ["coordinate"] * 3
+    assert all(v in (0, 0.5, 1) for e in log for v in e["blocks"])
+
+
+def test_optuna_missing_says_how_to_install(tiny_a, tiny_b, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "optuna" else real(name, *a, **k))
+    with pytest.raises(RecipeError, match=r"pip install 'multifusion\[search\]'"):
+        search_block_weights([tiny_a, tiny_b], ["p"], CountingScorer(), tmp_path, optimizer="optuna", **SMALL)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(optimizer="cordinate"), "did you mean 'coordinate'"),
+    (dict(budget=0), "budget: must be a positive integer"),
+    (dict(grid=(0, 1.5)), r"grid: block weights must lie in \[0, 1\]"),
+    (dict(seeds=0), "seeds: must be a positive integer"),
+])
+def test_bad_arguments(tiny_a, tiny_b, tmp_path, kwargs, match):
+    with pytest.raises(RecipeError, match=match):
+        search_block_weights([tiny_a, tiny_b], ["p"], CountingScorer(), tmp_path, **{**SMALL, **kwargs})
+
+
+def test_a_folder_of_other_settings_is_refused(tiny_a, tiny_b, tmp_path):
+    search_block_weights([tiny_a, tiny_b], ["p"], CountingScorer(), tmp_path, budget=1, **SMALL)
+    with pytest.raises(RecipeError, match=r"other settings \(prompts\)"):
+        search_block_weights([tiny_a, tiny_b], ["q"], CountingScorer(), tmp_path, budget=1, **SMALL)
+
+
+def test_plot_draws_the_best_score_so_far(tmp_path):
+    from PIL import Image
+
+    path = plot_progress([0.1, 0.5, 0.3, 0.7], tmp_path / "p.png")
+    assert Image.open(path).size == (480, 300)
+    plot_progress([0.2], tmp_path / "one.png")  # one point, flat range: no error
+
+
+def test_the_judge_scorer_reads_an_apps_targets():
+    from multifusion.bench.apps import APPS
+    from multifusion.zoo.render import render
+
+    prompts, score = app_scorer("cross-domain", 2, seeds=2)
+    app = APPS["cross-domain"]
+    assert prompts == [p.prompts["cartoon"] for p in app.prompts(2) for _ in range(2)]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    perfect = [Image.fromarray(render(p.scene, rng)) for p in app.prompts(2) for _ in range(2)]
+    assert score(perfect, prompts) >= 0.5  # the judge reads renders of the targets
+    blank = [Image.new("RGB", (64, 64), "grey")] * 4
+    assert score(blank, prompts) == 0.0
+    with pytest.raises(RecipeError, match="do not follow the prompts"):
+        score(blank, prompts[::-1])
+
+
+def test_mbw_search_command(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["mbw-search", "ensemble", "--out", str(out), "--budget", "2", "--prompts", "1", "--steps", "2", "--grid", "0,1", "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "best" in text and "after 2 evaluations (2 new)" in text
+    assert main(args) == 0
+    assert "(0 new)" in capsys.readouterr().out
+    assert json.loads((out / "search.json").read_text())["models"] == ["zoo:slice0", "zoo:slice1"]
+    assert main(["mbw-search", "regional", "--out", str(tmp_path / "r")]) == 2
+    assert "a block-weight search merges two" in capsys.readouterr().err
