@@ -7,8 +7,7 @@
     multifusion demo --out DIR                       the main job on the built-in models
     multifusion zoo list | train | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
     multifusion bench APP|all --out DIR              every method side by side on the zoo apps
-    multifusion merge RECIPE.yaml --out DIR          write a merge/mbw recipe's merged model
-    multifusion mbw-search APP --out DIR             search block weights against the zoo judge
+    multifusion afa train MODEL... --data D --out DIR  train AFA's feature aggregators
 """
 
 from __future__ import annotations
@@ -205,43 +204,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from multifusion.weights import merge
-
-    folder = merge(args.recipe, args.out, single_file=args.single_file, overwrite=args.overwrite)
-    print(folder)
-    if args.single_file:
-        print(folder.with_name(folder.name + ".safetensors"))
-    return 0
-
-
-def cmd_mbw_search(args: argparse.Namespace) -> int:
+def cmd_afa_train(args: argparse.Namespace) -> int:
     import torch
 
-    from multifusion.bench.apps import get_app
-    from multifusion.weights.search import app_scorer, search_block_weights
+    from multifusion.features.train import AFATrainConfig, train_afa
+    from multifusion.loading import load_models
 
     torch.set_num_threads(args.threads)
-    app = get_app(args.app)
-    refs = {r: f"zoo:{r}" for r in app.roles}
-    for item in args.model or []:
-        role, sep, ref = item.partition("=")
-        if not sep or role not in refs:
-            raise RecipeError(f"--model {item!r}: give ROLE=MODEL with ROLE one of {', '.join(app.roles)}")
-        refs[role] = ref
-    if len(app.roles) < 2:
-        raise RecipeError(f"app {app.id!r} has one model ({app.roles[0]}); a block-weight search merges two")
-    prompts, scorer = app_scorer(app.id, args.prompts, seeds=args.seeds)
-    grid = {"grid": [float(v) for v in args.grid.split(",")]} if args.grid else {}
-    result = search_block_weights([refs[r] for r in app.roles[:2]], prompts[:: args.seeds], scorer, args.out,
-                                  optimizer=args.optimizer, budget=args.budget, seeds=args.seeds,
-                                  num_inference_steps=args.num_inference_steps,
-                                  scorer_name=f"zoo judge: {app.id} success on {args.prompts} prompts",
-                                  progress=not args.no_progress, **grid)
-    print(f"best {result.score:.3f} after {result.evaluations} evaluations ({result.computed} new): "
-          f"blocks {','.join(f'{v:g}' for v in result.blocks)}")
-    print(result.log)
-    print(result.plot)
+    handles = load_models(args.models, allow_pickle=args.allow_pickle)
+    config = AFATrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
+                            dataset_size=args.dataset_size, checkpoint_every=args.checkpoint_every)
+    summary = train_afa(handles, args.data, args.out, config, progress=not args.no_progress)
+    if "heldout" in summary:
+        print(f"trained {summary['steps']} steps; final loss {summary['final_loss']}; aggregators in {Path(args.out) / 'aggregator'}")
+    else:
+        print(f"stopped at step {summary['steps']} of {args.steps}: run the same command again to continue")
     return 0
 
 
@@ -332,6 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     ze.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     ze.set_defaults(func=cmd_zoo_evaluate)
 
+    a = sub.add_parser("afa", help="AFA: train the feature aggregators of an ensemble of same-architecture models",
+                       description="Adaptive Feature Aggregation (features/): train the aggregators a recipe's `afa` method loads.")
+    asub = a.add_subparsers(dest="afa_command", required=True, metavar="AFA_COMMAND", help="train")
+    at = asub.add_parser("train", help="train aggregators over MODELs (frozen); resumable",
+                         description="Train AFA aggregators over the MODELs, in this order (the recipe must list them in the "
+                                     "same order). Checkpoints in --out; run the same command again to resume. Writes "
+                                     "--out/aggregator (use as `params: {aggregator: DIR}`), loss.csv, loss.png, heldout.json.")
+    at.add_argument("models", nargs="+", metavar="MODEL", help="model folders, Hub ids, single files or zoo:NAME (>= 2, one UNet configuration)")
+    at.add_argument("--data", required=True, help="shapeworld:NAME (zoo renders), a JSONL of {file_name, text} rows, or a folder with metadata.jsonl")
+    at.add_argument("--out", required=True, help="run folder (checkpoints, logs, the trained aggregators)")
+    at.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    at.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="batch size (default 16)")
+    at.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate after 100 warm-up steps (default 1e-4)")
+    at.add_argument("--width", type=int, help="aggregator width d (default: the largest keeping them within ~6%% of one UNet)")
+    at.add_argument("--dataset-size", dest="dataset_size", type=int, default=4000, help="renders for shapeworld:NAME (default 4000)")
+    at.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=100, help="steps between checkpoints (default 100)")
+    at.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    at.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    at.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", help="allow .ckpt/.bin checkpoints (trusted files only)")
+    at.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    at.set_defaults(func=cmd_afa_train)
+
     b = sub.add_parser("bench", help="benchmark: every method side by side on the zoo apps, with success rates",
                        description="Run every method that applies to an app (each model alone, the weighted average, each "
                        "fusion method) on the same ShapeWorld prompts and seeds, judge each image, and write results.json, "
@@ -364,36 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local torch-fidelity Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth) for FID and IS")
     rb.add_argument("--reference", help="folder of reference images (PNG/JPEG) for FID")
     b.set_defaults(func=cmd_bench)
-
-    mg = sub.add_parser("merge", help="write the merged model of a merge/mbw recipe as a diffusers folder",
-                        description="Merge the models of a recipe whose method is merge or mbw (its params: weights, alpha, "
-                        "blocks, ...) into a diffusers pipeline folder with merge.json, streaming (peak memory below one "
-                        "model). Prompts and sampling settings are ignored. See docs/merges.md.")
-    mg.add_argument("recipe", help="recipe file (.yaml, .yml or .json) with method merge or mbw")
-    mg.add_argument("--out", required=True, help="output folder (written atomically)")
-    mg.add_argument("--single-file", dest="single_file", action="store_true",
-                    help="also write OUT.safetensors: one checkpoint in the original SD-1.x (LDM) layout, for tools that expect single files")
-    mg.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    mg.set_defaults(func=cmd_merge)
-
-    ms = sub.add_parser("mbw-search", help="search block weights of an app's two models against the zoo judge (auto-MBW)",
-                        description="Search the block weights (mbw) of merging a zoo app's first two roles that maximise the "
-                        "judge's success on the app's prompts (each image sampled with the first role's prompt). Cheap by "
-                        "default: 4 prompts, 1 seed, 10 steps. Resumable: every candidate and its score go to OUT/search.jsonl; "
-                        "a rerun scores none twice. Writes OUT/best.json and OUT/search.png (best score over evaluations).")
-    ms.add_argument("app", help="fine-grained, cross-domain, aggregation or ensemble (the app's first two roles are merged)")
-    ms.add_argument("--out", required=True, help="output folder (log, best candidate, plot)")
-    ms.add_argument("--optimizer", choices=["coordinate", "optuna"], default="coordinate",
-                    help="coordinate: auto-MBW's block-by-block walk (default); optuna: TPE (pip install 'multifusion[search]')")
-    ms.add_argument("--budget", type=int, default=30, help="evaluations at most, logged ones included (default 30)")
-    ms.add_argument("--prompts", type=int, default=4, help="prompts of the app per evaluation (default 4)")
-    ms.add_argument("--seeds", type=int, default=1, help="images per prompt (default 1)")
-    ms.add_argument("--steps", dest="num_inference_steps", type=int, default=10, help="sampling steps (default 10, DDIM)")
-    ms.add_argument("--grid", help="block weight values tried, comma separated (default 0,0.25,0.5,0.75,1)")
-    ms.add_argument("--model", action="append", metavar="ROLE=MODEL", help="replace a role's zoo model (repeatable)")
-    ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ms.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
-    ms.set_defaults(func=cmd_mbw_search)
     return parser
 
 

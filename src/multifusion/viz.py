@@ -4,7 +4,8 @@
 record (e.g. SNB's `snb/mask`, `snb/maps`); `save` writes, per image, a PNG strip (one column
 per step: the mask coloured by model, then each model's salience map) and an animated GIF.
 `AggregationRecorder` does the same for AMDM's meetings: the clean image each latent implies,
-before and after, decoded with the VAE.
+before and after, decoded with the VAE. `AFAMapRecorder` keeps AFA's per-step aggregation maps
+(`afa/maps`) and draws which model dominates where, per aggregation point and step.
 """
 
 from __future__ import annotations
@@ -145,4 +146,54 @@ class AggregationRecorder:
         path = Path(stem).with_name(Path(stem).name + "-amdm.png")
         with atomic_path(path) as tmp:
             strip.save(tmp, format="PNG")
+        return [path]
+
+
+@dataclass
+class AFAMapRecorder:
+    """Step callback keeping AFA's per-step aggregation maps (`afa/maps`: one (N, B, 1, h, w)
+    tensor of per-pixel model weights per aggregation point); `save` writes, per image, a PNG
+    grid: a column per step, a row per aggregation point (conv_in at the top, the output at
+    the bottom), each map coloured by model as `colour_mask` does (which model dominates where)."""
+
+    every: int = 1
+    steps: list[int] = field(default_factory=list)
+    maps: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def __call__(self, info: Step) -> None:
+        maps = info.record.get("afa/maps")
+        if maps is None or info.step % self.every:
+            return
+        self.steps.append(info.step)
+        self.maps.append([m.detach().cpu() for m in maps])
+
+    def grid(self, image: int = 0, cell: int = 32) -> np.ndarray:
+        """(points * cell, steps * cell, 3) uint8: every map resized to cell x cell."""
+        rows = []
+        for p in range(len(self.maps[0])):
+            tiles = [np.asarray(Image.fromarray(colour_mask(maps[p][:, image])).resize((cell, cell), Image.NEAREST)) for maps in self.maps]
+            rows.append(np.concatenate(tiles, axis=1))
+        return np.concatenate(rows, axis=0)
+
+    def save(self, stem: str | Path, image: int = 0, model_names: list[str] | None = None, cell: int = 32) -> list[Path]:
+        """Write `{stem}-afa.png`; returns [] when nothing was recorded."""
+        if not self.maps:
+            return []
+        body = Image.fromarray(self.grid(image, cell))
+        top, left = 28 if model_names else 14, 34
+        im = Image.new("RGB", (left + body.width, top + body.height), "black")
+        im.paste(body, (left, top))
+        draw = ImageDraw.Draw(im)
+        for j, step in enumerate(self.steps):
+            draw.text((left + j * cell + 2, top - 13), f"{step}", fill="white")
+        for p in range(len(self.maps[0])):
+            draw.text((2, top + p * cell + cell // 2 - 6), f"#{p}", fill="white")
+        x = 2
+        for i, name in enumerate(model_names or []):
+            draw.rectangle((x, 3, x + 8, 11), fill=tuple(int(c) for c in PALETTE[i % len(PALETTE)]))
+            draw.text((x + 11, 1), name, fill="white")
+            x += 16 + 7 * len(name)
+        path = Path(stem).with_name(Path(stem).name + "-afa.png")
+        with atomic_path(path) as tmp:
+            im.save(tmp, format="PNG")
         return [path]

@@ -1,0 +1,293 @@
+"""Train AFA's aggregators over N frozen models (paper Sec. 3.3; Tenvence/afa `train.py`).
+
+UNets, text encoders and VAE are frozen; only the aggregators learn. Each step: a batch of
+images encoded by the first model's VAE (posterior sample, scaled), uniform timesteps, eps (or v,
+for v-prediction models) MSE of the ensemble's prediction; each model embeds the captions with
+its own text encoder; captions dropped to "" with probability `prompt_dropout` so CFG works.
+AdamW (lr 1e-4, weight decay 0.01), linear warm-up over 100 steps, then constant.
+
+Runs on `multifusion.training.TrainingRun`: checkpoints every `checkpoint_every` steps and
+exact resume (step s draws only from its own generator), a progress bar, `loss.csv`, and at the
+end `loss.png`, `heldout.json` (held-out eps-MSE per timestep band for the ensemble, the
+untrained ensemble (feature averaging), each model alone and their eps average) and
+`aggregator/` (the aggregators with the models' content hashes; what `afa` loads).
+
+Data: `shapeworld:NAME` renders a zoo distribution (`multifusion.zoo.train.distribution`: a
+render distribution or a zoo model's own data, e.g. `slice0`); a JSONL file of
+`{"file_name": ..., "text": ...}` rows (paths relative to the file), or a folder holding such a
+`metadata.jsonl` (the Hugging Face imagefolder layout).
+
+Deviations from the authors: a fixed number of steps on one CPU process (they train for epochs
+on 8 GPUs); batches drawn with replacement from a fixed rendered set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multifusion.errors import MultifusionError
+from multifusion.features.ensemble import AFAEnsemble, check_aggregators_fit, fresh_aggregators, model_hash
+from multifusion.handles import ModelHandle
+from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, load_tensors, read_log, save_tensors
+
+BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
+"""Timestep bands of the held-out loss (training timesteps, [lo, hi))."""
+
+
+class AFATrainError(MultifusionError):
+    """An AFA training request that cannot run (bad data, a run folder of other models)."""
+
+
+@dataclass(frozen=True)
+class AFATrainConfig:
+    """Every setting of an aggregator training run (stored in each checkpoint and `afa.json`)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 100
+    prompt_dropout: float = 0.1
+    width: int | None = None  # None: `ensemble.default_width` (~6 % of one UNet)
+    dataset_size: int = 4000  # shapeworld renders
+    heldout_size: int = 128
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "dataset_size", "heldout_size", "checkpoint_every", "log_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < (0 if key == "steps" else 1):
+                raise AFATrainError(f"{key}={v!r} must be a positive int")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise AFATrainError(f"prompt_dropout={self.prompt_dropout!r} must lie in [0, 1)")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_data(spec: str, size: int, n: int, seed: int, heldout: int) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+    """(train images (n, H, W, 3) uint8, captions, held-out images, captions) of `spec`, at
+    `size` x `size` pixels (the models' canvas)."""
+    if spec.startswith("shapeworld:"):
+        from multifusion.zoo import render
+        from multifusion.zoo.train import distribution
+
+        dist = distribution(spec.split(":", 1)[1])
+        train, held = render.make_dataset(dist, n, seed), render.make_dataset(dist, heldout, seed, start=n)
+        if train.images.shape[1] != size:
+            raise AFATrainError(f"--data {spec}: renders are {train.images.shape[1]} px, the models draw {size} px")
+        return train.images, train.captions, held.images, held.captions
+    path = Path(spec)
+    jsonl = path / "metadata.jsonl" if path.is_dir() else path
+    if not jsonl.is_file():
+        raise AFATrainError(f"--data {spec}: no such JSONL file or folder with metadata.jsonl (or use shapeworld:NAME)")
+    from PIL import Image
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    if len(rows) <= heldout:
+        raise AFATrainError(f"--data {spec}: {len(rows)} examples; need more than the {heldout} held out")
+    images, captions = [], []
+    for i, row in enumerate(rows):
+        if "file_name" not in row or "text" not in row:
+            raise AFATrainError(f"{jsonl}, line {i + 1}: each row needs 'file_name' and 'text'")
+        im = Image.open(jsonl.parent / row["file_name"]).convert("RGB").resize((size, size), Image.BICUBIC)
+        images.append(np.asarray(im))
+        captions.append(str(row["text"]))
+    arr = np.stack(images)
+    return arr[:-heldout], captions[:-heldout], arr[-heldout:], captions[-heldout:]
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of uint8 images (N, H, W, 3): two (N, C, h, w) float32."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        dist = vae.encode(x.to(vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _ids(handle: ModelHandle, captions: Sequence[str]) -> torch.Tensor:
+    tok = handle.tokenizer
+    return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+class _Texts:
+    """Each model's own text embedding of token ids, shared encoders run once: (B, N*L, D)."""
+
+    def __init__(self, handles: Sequence[ModelHandle], captions: Sequence[str]):
+        self.handles = list(handles)
+        self.ids = [_ids(h, captions) for h in handles]  # per model (n, L)
+        self.empty = [_ids(h, [""]) for h in handles]  # per model (1, L)
+
+    @torch.no_grad()
+    def embed(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        done: dict[tuple, torch.Tensor] = {}
+        parts = []
+        for h, ids, empty in zip(self.handles, self.ids, self.empty):
+            batch = ids[idx] if drop is None else torch.where(drop[:, None], empty, ids[idx])
+            key = (id(h.tokenizer), id(h.text_encoder))
+            if key not in done:
+                done[key] = h.text_encoder(batch)[0].float()
+            parts.append(done[key])
+        return torch.cat(parts, dim=1)
+
+
+def _target(handle: ModelHandle, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return a.sqrt() * noise - (1 - a).sqrt() * x0 if handle.prediction_type == "v_prediction" else noise
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_afa(
+    handles: Sequence[ModelHandle],
+    data: str,
+    out: str | Path,
+    config: AFATrainConfig = AFATrainConfig(),
+    *,
+    progress: bool = True,
+    stop: int | None = None,
+    accelerator: Any = None,
+) -> dict[str, Any]:
+    """Train (or resume training) aggregators over `handles` (in this order) on `data`; writes
+    the run into `out` (module docstring). `stop` ends this call early (checkpointed there), as
+    a killed process would. Returns the summary also written to `out/afa.json`."""
+    out = Path(out)
+    unets = [h.unet for h in handles]
+    labels = [h.name for h in handles]
+    hashes = [model_hash(h) for h in handles]
+    for h in handles:
+        h.unet.eval().requires_grad_(False)
+        h.text_encoder.eval().requires_grad_(False)
+        h.vae.eval().requires_grad_(False)
+    if len({h.prediction_type for h in handles}) != 1:
+        raise AFATrainError(f"the models predict different things ({', '.join(f'{h.name}: {h.prediction_type}' for h in handles)})")
+    torch.manual_seed(config.seed)  # the aggregators' initialisation (conv_out aside: zero)
+    aggregators = fresh_aggregators(unets, hashes, labels, config.width)
+    ensemble = AFAEnsemble(unets, aggregators, labels)
+    opt = torch.optim.AdamW(aggregators.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    out.mkdir(parents=True, exist_ok=True)
+    run = TrainingRun(out, "afa", aggregators, opt, seed=config.seed, checkpoint_every=config.checkpoint_every,
+                      log_every=config.log_every, accelerator=accelerator)
+    settings = {k: v for k, v in asdict(config).items() if k != "steps"}  # more steps may continue a run
+    meta = {"models": hashes, "labels": labels, "data": data, "config": settings}
+    saved = run.resume()
+    if saved is not None and (saved.get("models") != hashes or saved.get("data") != data or saved.get("config") != settings):
+        raise AFATrainError(f"{out / CHECKPOINT} is a run of other models, data or settings ({saved.get('labels')}, {saved.get('data')}); "
+                            "give another --out or delete that folder")
+
+    first = handles[0]
+    size = int(first.unet.config.sample_size) * first.vae_scale_factor
+    cache = out / "data.safetensors"
+    if cache.exists():
+        tensors, info = load_tensors(cache)
+        captions, held_captions = info["captions"], info["held_captions"]
+    else:
+        images, captions, held, held_captions = read_data(data, size, config.dataset_size, config.seed, config.heldout_size)
+        mean, std = encode_images(first.vae, images)
+        hmean, hstd = encode_images(first.vae, held)
+        tensors = {"mean": mean, "std": std, "held_mean": hmean, "held_std": hstd}
+        save_tensors(cache, tensors, {"captions": captions, "held_captions": held_captions, "data": data})
+    scaling = first.scaling_factor
+    texts = _Texts(handles, captions)
+    alphas = first.alphas_cumprod.float()
+    n_data = tensors["mean"].shape[0]
+
+    def step(_: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        b = config.batch_size
+        idx = torch.randint(0, n_data, (b,), generator=g)
+        mean, std = tensors["mean"][idx], tensors["std"][idx]
+        x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling  # (B, C, h, w) scaled latents
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(alphas), (b,), generator=g)
+        drop = torch.rand(b, generator=g) < config.prompt_dropout
+        context = texts.embed(idx, drop)  # (B, N*L, D)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = ensemble(x_t.to(first.dtype), t, context.to(first.dtype)).sample.float()
+        return {"loss": F.mse_loss(pred, _target(first, x0, noise, a))}
+
+    run.train(step, config.steps, lr=lambda s: config.lr * min(1.0, (s + 1) / config.warmup), meta=meta, stop=stop,
+              progress=progress, desc="afa")
+    summary: dict[str, Any] = {"models": labels, "hashes": hashes, "data": data, "steps": run.step, "config": asdict(config),
+                               "minutes": round(run.elapsed / 60, 1), "aggregator_parameters": sum(p.numel() for p in aggregators.parameters()),
+                               "unet_parameters": sum(p.numel() for p in unets[0].parameters())}
+    if run.step < config.steps:
+        return summary
+    rows = read_log(out / LOSS_LOG, run.step)
+    tail = rows[-max(1, len(rows) // 10):]
+    summary["final_loss"] = round(float(np.mean([float(r["loss"]) for r in tail])), 5)
+    aggregators.save_pretrained(out / "aggregator", safe_serialization=True)
+    ensemble.eval()
+    summary["heldout"] = heldout_losses(handles, ensemble, tensors["held_mean"], tensors["held_std"], held_captions, config.seed)
+    from multifusion.zoo.evaluate import loss_plot
+
+    loss_plot({"afa": [(int(r["step"]), float(r["loss"])) for r in rows]}, out / "loss.png", smooth=4)
+    (out / "afa.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@torch.no_grad()
+def heldout_losses(handles: Sequence[ModelHandle], ensemble: AFAEnsemble, mean: torch.Tensor, std: torch.Tensor,
+                   captions: Sequence[str], seed: int, batch: int = 64) -> dict[str, dict[str, float]]:
+    """Held-out eps-MSE per timestep band (`BANDS`): the trained ensemble (`afa`), the untrained
+    one (`feature average`), each model alone and the mean of their predictions (`eps average`),
+    on the same latents, noise and timesteps (drawn from `seed`), captions kept."""
+    first = handles[0]
+    g = torch.Generator().manual_seed(seed + 12345)
+    alphas = first.alphas_cumprod.float()
+    texts = _Texts(handles, captions)
+    plain = AFAEnsemble(list(ensemble.unets), fresh_aggregators(list(ensemble.unets), ensemble.aggregators.config.models,
+                                                                 ensemble.aggregators.config.labels, ensemble.aggregators.config.width))
+    n_models, names = len(handles), [h.name for h in handles]
+    sums: dict[str, dict[str, float]] = {}
+    for lo, hi in BANDS:
+        band = f"{lo}-{hi}"
+        totals = {k: 0.0 for k in ["afa", "feature average", *names, "eps average"]}
+        for i in range(0, len(mean), batch):
+            m, s = mean[i : i + batch], std[i : i + batch]
+            x0 = (m + s * torch.randn(m.shape, generator=g)) * first.scaling_factor
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(lo, hi, (len(m),), generator=g)
+            a = alphas[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            target = _target(first, x0, noise, a)
+            context = texts.embed(torch.arange(i, i + len(m)))
+            per_model = context.chunk(n_models, dim=1)
+            preds = {"afa": ensemble(x_t, t, context).sample, "feature average": plain(x_t, t, context).sample}
+            singles = [h.unet(x_t, t, encoder_hidden_states=c).sample for h, c in zip(handles, per_model)]
+            preds.update(zip(names, singles))
+            preds["eps average"] = torch.stack(singles).mean(0)
+            for k, p in preds.items():
+                totals[k] += F.mse_loss(p.float(), target, reduction="sum").item()
+        count = mean[0].numel() * len(mean)
+        sums[band] = {k: round(v / count, 5) for k, v in totals.items()}
+    return sums
+
+
+def load_trained(path: str | Path, handles: Sequence[ModelHandle], dtype: torch.dtype = torch.float32):
+    """The aggregators in `path` (an `aggregator/` folder or a run folder holding one), checked
+    against `handles` (their content hashes and order, the UNet configuration)."""
+    from multifusion.features.afa import AFAAggregators
+
+    path = Path(path)
+    if (path / "aggregator" / "config.json").exists():
+        path = path / "aggregator"
+    if not (path / "config.json").exists():
+        raise AFATrainError(f"{path}: no trained aggregators here (expected config.json and diffusion_pytorch_model.safetensors)")
+    aggregators = AFAAggregators.from_pretrained(path, use_safetensors=True, torch_dtype=dtype).eval().requires_grad_(False)
+    check_aggregators_fit(aggregators, [h.unet for h in handles], [model_hash(h) for h in handles], [h.name for h in handles],
+                          where=f"the aggregators in {path}")
+    return aggregators

@@ -1,0 +1,96 @@
+"""AFA's aggregation maths on hand-made tensors: stacking, per-pixel softmax weights, the convex
+combination, zero initialisation, and the aggregation points and parameter counts of UNet
+configurations (built on the meta device: no weights)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from multifusion.features.afa import SABW, AFAAggregators, convex_combination, model_weights, stack_models
+from multifusion.features.ensemble import aggregation_channels, default_width, parameter_count
+
+SD15 = dict(block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+            layers_per_block=2, sample_size=64)
+
+
+def test_stack_models_is_model_major_on_channels():
+    f = torch.arange(2 * 1 * 3 * 2 * 2, dtype=torch.float32).view(2, 1, 3, 2, 2)  # (N, B, C, H, W)
+    s = stack_models(f)
+    assert s.shape == (1, 6, 2, 2)
+    assert torch.equal(s[0, :3], f[0, 0]) and torch.equal(s[0, 3:], f[1, 0])
+
+
+def test_convex_combination_by_hand():
+    f = torch.stack([torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2) * 4])  # (2, 1, 1, 1, 2)
+    w = torch.tensor([[[[0.25, 1.0]], [[0.75, 0.0]]]])  # (1, 2, 1, 2)
+    assert torch.equal(convex_combination(f, w), torch.tensor([[[[3.0, 0.0]]]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 4), b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 4), w=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1), scale=st.floats(0.0, 30.0))
+def test_every_aggregation_is_a_convex_combination_per_pixel(n, b, c, h, w, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, b, c, h, w, generator=g, dtype=torch.float64)
+    weights = model_weights(torch.randn(b, n, h, w, generator=g, dtype=torch.float64) * scale)
+    assert (weights >= 0).all() and torch.allclose(weights.sum(1), torch.ones(b, h, w, dtype=torch.float64))
+    out = convex_combination(features, weights)
+    assert out.shape == (b, c, h, w)
+    tol = 1e-12
+    assert (out >= features.min(0).values - tol).all() and (out <= features.max(0).values + tol).all()
+    manual = sum(weights[:, k, None] * features[k] for k in range(n))
+    assert torch.allclose(out, manual)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_copies_of_one_feature_aggregate_to_it_exactly(n):
+    f = torch.randn(1, 2, 3, 5, 5)
+    assert torch.equal(convex_combination(f.expand(n, -1, -1, -1, -1), model_weights(torch.zeros(2, n, 5, 5))), f[0])
+
+
+def test_zero_initialised_aggregator_averages():
+    torch.manual_seed(0)
+    agg = SABW(channels=4, n_models=3, width=8, heads=1, temb_channels=16, cross_attention_dim=6, norm_groups=4)
+    assert torch.count_nonzero(agg.conv_out.weight) == 0 and agg.conv_out.bias is None
+    logits = agg(torch.randn(3, 2, 4, 5, 5), torch.randn(2, 16), torch.randn(2, 7, 6))
+    assert torch.equal(logits, torch.zeros(2, 3, 5, 5))
+    assert torch.allclose(model_weights(logits), torch.full((2, 3, 5, 5), 1 / 3))
+
+
+def test_aggregators_refuse_one_model_and_bad_widths():
+    with pytest.raises(ValueError, match="at least 2"):
+        AFAAggregators([4], n_models=1, width=8, heads=1, norm_groups=4)
+    with pytest.raises(ValueError, match="multiple"):
+        AFAAggregators([4], n_models=2, width=10, heads=4, norm_groups=5)
+
+
+def _meta_unet(**config):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**config)
+
+
+def test_sd15_has_25_aggregation_points_and_the_output_last():
+    ch = aggregation_channels(_meta_unet(**SD15))
+    assert len(ch) == 1 + 11 + 1 + 11 + 1
+    assert ch[0] == 320 and ch[12] == 1280 and ch[-1] == 4
+
+
+@pytest.mark.parametrize("levels,layers", [(2, 1), (3, 1), (4, 1), (3, 2), (4, 2)])
+def test_aggregation_points_for_2_3_4_levels(levels, layers):
+    cfg = dict(block_out_channels=(8, 16, 16, 16)[:levels], down_block_types=("DownBlock2D",) * levels,
+               up_block_types=("UpBlock2D",) * levels, layers_per_block=layers, norm_num_groups=4, cross_attention_dim=8)
+    ch = aggregation_channels(_meta_unet(**cfg))
+    # conv_in + down (layers per level + a downsampler except the last) + mid + up (layers + 1 per level, the last
+    # one meeting after the output head, which is the final point)
+    assert len(ch) == 1 + (levels * layers + levels - 1) + 1 + levels * (layers + 1)
+
+
+def test_parameter_counts_from_config_alone():
+    agg, unet = parameter_count(SD15, 2, 128)
+    assert unet == 859_520_964  # SD-1.5's UNet
+    assert agg == 30_082_944  # 3.5 % of it at the paper's d = 128 (docs/afa.md)
+    assert default_width(SD15, 2) == 128
