@@ -7,6 +7,8 @@
     multifusion demo --out DIR                       the main job on the built-in models
     multifusion zoo list | train | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
     multifusion bench APP|all --out DIR              every method side by side on the zoo apps
+    multifusion merge RECIPE.yaml --out DIR          write a merge/mbw recipe's merged model
+    multifusion mbw-search APP --out DIR             search block weights against the zoo judge
     multifusion afa train MODEL... --data D --out DIR  train AFA's feature aggregators
 """
 
@@ -222,6 +224,46 @@ def cmd_afa_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from multifusion.weights import merge
+
+    folder = merge(args.recipe, args.out, single_file=args.single_file, overwrite=args.overwrite)
+    print(folder)
+    if args.single_file:
+        print(folder.with_name(folder.name + ".safetensors"))
+    return 0
+
+
+def cmd_mbw_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from multifusion.bench.apps import get_app
+    from multifusion.weights.search import app_scorer, search_block_weights
+
+    torch.set_num_threads(args.threads)
+    app = get_app(args.app)
+    refs = {r: f"zoo:{r}" for r in app.roles}
+    for item in args.model or []:
+        role, sep, ref = item.partition("=")
+        if not sep or role not in refs:
+            raise RecipeError(f"--model {item!r}: give ROLE=MODEL with ROLE one of {', '.join(app.roles)}")
+        refs[role] = ref
+    if len(app.roles) < 2:
+        raise RecipeError(f"app {app.id!r} has one model ({app.roles[0]}); a block-weight search merges two")
+    prompts, scorer = app_scorer(app.id, args.prompts, seeds=args.seeds)
+    grid = {"grid": [float(v) for v in args.grid.split(",")]} if args.grid else {}
+    result = search_block_weights([refs[r] for r in app.roles[:2]], prompts[:: args.seeds], scorer, args.out,
+                                  optimizer=args.optimizer, budget=args.budget, seeds=args.seeds,
+                                  num_inference_steps=args.num_inference_steps,
+                                  scorer_name=f"zoo judge: {app.id} success on {args.prompts} prompts",
+                                  progress=not args.no_progress, **grid)
+    print(f"best {result.score:.3f} after {result.evaluations} evaluations ({result.computed} new): "
+          f"blocks {','.join(f'{v:g}' for v in result.blocks)}")
+    print(result.log)
+    print(result.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multifusion",
@@ -363,6 +405,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local torch-fidelity Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth) for FID and IS")
     rb.add_argument("--reference", help="folder of reference images (PNG/JPEG) for FID")
     b.set_defaults(func=cmd_bench)
+
+    mg = sub.add_parser("merge", help="write the merged model of a merge/mbw recipe as a diffusers folder",
+                        description="Merge the models of a recipe whose method is merge or mbw (its params: weights, alpha, "
+                        "blocks, ...) into a diffusers pipeline folder with merge.json, streaming (peak memory below one "
+                        "model). Prompts and sampling settings are ignored. See docs/merges.md.")
+    mg.add_argument("recipe", help="recipe file (.yaml, .yml or .json) with method merge or mbw")
+    mg.add_argument("--out", required=True, help="output folder (written atomically)")
+    mg.add_argument("--single-file", dest="single_file", action="store_true",
+                    help="also write OUT.safetensors: one checkpoint in the original SD-1.x (LDM) layout, for tools that expect single files")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    mg.set_defaults(func=cmd_merge)
+
+    ms = sub.add_parser("mbw-search", help="search block weights of an app's two models against the zoo judge (auto-MBW)",
+                        description="Search the block weights (mbw) of merging a zoo app's first two roles that maximise the "
+                        "judge's success on the app's prompts (each image sampled with the first role's prompt). Cheap by "
+                        "default: 4 prompts, 1 seed, 10 steps. Resumable: every candidate and its score go to OUT/search.jsonl; "
+                        "a rerun scores none twice. Writes OUT/best.json and OUT/search.png (best score over evaluations).")
+    ms.add_argument("app", help="fine-grained, cross-domain, aggregation or ensemble (the app's first two roles are merged)")
+    ms.add_argument("--out", required=True, help="output folder (log, best candidate, plot)")
+    ms.add_argument("--optimizer", choices=["coordinate", "optuna"], default="coordinate",
+                    help="coordinate: auto-MBW's block-by-block walk (default); optuna: TPE (pip install 'multifusion[search]')")
+    ms.add_argument("--budget", type=int, default=30, help="evaluations at most, logged ones included (default 30)")
+    ms.add_argument("--prompts", type=int, default=4, help="prompts of the app per evaluation (default 4)")
+    ms.add_argument("--seeds", type=int, default=1, help="images per prompt (default 1)")
+    ms.add_argument("--steps", dest="num_inference_steps", type=int, default=10, help="sampling steps (default 10, DDIM)")
+    ms.add_argument("--grid", help="block weight values tried, comma separated (default 0,0.25,0.5,0.75,1)")
+    ms.add_argument("--model", action="append", metavar="ROLE=MODEL", help="replace a role's zoo model (repeatable)")
+    ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ms.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    ms.set_defaults(func=cmd_mbw_search)
     return parser
 
 
