@@ -34,7 +34,9 @@ def test_coordinate_search_logs_every_candidate_and_resumes_without_rescoring(ti
     first = search_block_weights([tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=6, grid=(0, 1), **SMALL)
     log = _lines(tmp_path / "search.jsonl")
     assert len(log) == first.evaluations == first.computed == scorer.calls == 6  # start + 9 blocks x 1 other value, cut at 6
-    assert log[0]["blocks"] == [0.5] * 9 and log[1]["blocks"] == [0.0] + [0.5] * 8 and log[2]["blocks"] == [1.0] + [0.5] * 8
+    m00 = [0.5] * 4  # IN00..IN03 before M00
+    assert log[0]["blocks"] == [0.5] * 9 and log[1]["blocks"] == m00 + [0.0] + m00 and log[2]["blocks"] == m00 + [1.0] + m00
+    assert log[3]["blocks"][:2] in ([0.0, 0.5], [1.0, 0.5])  # then IN00, from the better M00 (or 0.5 on a tie)
     assert first.score == max(e["score"] for e in log)
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["blocks"] == list(first.blocks) and len(best["blocks_ids"]) == 9
@@ -45,12 +47,12 @@ def test_coordinate_search_logs_every_candidate_and_resumes_without_rescoring(ti
 
 
 def test_the_walk_keeps_a_better_value_and_moves_on(tiny_a, tiny_b, tmp_path):
-    """Scores in a fixed order: the walk keeps block 0 at 1 and tries block 1 from there."""
-    scores = iter([0.1, 0.0, 0.9] + [0.5] * 20)  # start, block 0 -> 0, block 0 -> 1 (kept), ...
+    """Scores in a fixed order: the walk keeps M00 at 1 and tries IN00 from there."""
+    scores = iter([0.1, 0.0, 0.9] + [0.5] * 20)  # start, M00 -> 0, M00 -> 1 (kept), ...
     res = search_block_weights([tiny_a, tiny_b], ["p"], lambda ims, ps: next(scores), tmp_path, budget=5, grid=(0, 1), **SMALL)
     log = _lines(tmp_path / "search.jsonl")
-    assert log[3]["blocks"] == [1.0, 0.0] + [0.5] * 7  # block 1 tried from the improved point
-    assert res.blocks == tuple([1.0] + [0.5] * 8) and res.score == 0.9
+    assert log[3]["blocks"] == [0.0] + [0.5] * 3 + [1.0] + [0.5] * 4  # IN00 tried from the improved point
+    assert res.blocks == tuple([0.5] * 4 + [1.0] + [0.5] * 4) and res.score == 0.9
 
 
 def test_optuna_is_warm_started_from_the_log_and_stays_on_the_grid(tiny_a, tiny_b, tmp_path):

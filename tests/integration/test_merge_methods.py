@@ -69,6 +69,18 @@ def test_in_memory_merge_of_loaded_handles_equals_the_written_folder(tiny_a, tin
     assert merged.unet is not ha.unet and merged.vae is ha.vae  # only merged parts are new
 
 
+def test_in_memory_merge_of_handles_merges_different_text_encoders_too(tiny_a, tmp_path):
+    from multifusion.testing import build_tiny_pipeline
+
+    d = str(build_tiny_pipeline(tmp_path / "d", seed=5, text_seed=7, vae_seed=0))
+    spec = MergeSpec(weights=(1.0, 2.0))
+    ha, hd = load_models([tiny_a, d])
+    merged = merge_in_memory([ha, hd], spec)
+    [folder] = load_models([str(merge_models([tiny_a, d], tmp_path / "m", spec))])
+    _same_modules(merged, folder)
+    assert merged.text_encoder is not ha.text_encoder
+
+
 def test_the_method_merges_the_handles_the_run_loaded(tiny_a, tiny_b, monkeypatch):
     import multifusion.loading as loading
 

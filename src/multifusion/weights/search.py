@@ -9,10 +9,13 @@ judge's success rate on a benchmark app's prompts.
 
 Two optimisers:
 
-- ``coordinate``: the auto-MBW extension's search (Xerxemi/sdweb-auto-MBW): from a start point
-  (all 0.5), block by block, try every value of a grid (0, 0.25, 0.5, 0.75, 1) and keep the
-  best; repeat passes until a pass improves nothing or the budget is spent.
-  Deviation: auto-MBW also varies BASE and offers other walks; BASE is fixed here (see above).
+- ``coordinate``: the "Linear" search of the auto-MBW extension (Xerxemi/sdweb-auto-MBW,
+  `scripts/mbw/auto_mbw.py`, `linear_pass`): M00 first, then IN00.. and OUT.. in order, each
+  block tried at every value of a grid (0, 0.25, 0.5, 0.75, 1) with the others held, keeping
+  the best. Deviations: the start is all 0.5 (the plain average; auto-MBW starts from its
+  sliders, 0 by default) and a value replaces the current one only when strictly better (ties
+  keep it, and the current value is not scored again); passes repeat until one improves nothing
+  or the budget is spent (auto-MBW runs 1 to 3); BASE is not searched (see above).
 - ``optuna``: Optuna's TPE sampler (seeded) on the same grid, warm-started with every
   candidate already in the log (of either optimiser). Needs `pip install multifusion[search]`.
 
@@ -239,14 +242,16 @@ def search_block_weights(
 
 
 def _coordinate(evaluate: Callable[[Sequence[float]], float], n: int, grid: Sequence[float], start: float, budget: int) -> None:
-    """auto-MBW's walk: block by block, every grid value, keep the best; passes until no change."""
+    """auto-MBW's linear walk: M00 first, then the IN and OUT blocks in order; every grid value
+    of one block with the others held, keep the best; passes until one changes nothing."""
     calls = 0
     current = [float(start)] * n
     best = evaluate(current)
     calls += 1
+    order = [n // 2] + [b for b in range(n) if b != n // 2]  # ids are IN.., M00, OUT..: M00 is the middle
     while calls < budget:
         improved = False
-        for b in range(n):
+        for b in order:
             for v in grid:
                 if v == current[b] or calls >= budget:
                     continue
