@@ -75,8 +75,8 @@ def test_each_app_prompts_its_models_with_their_own_kind_of_caption():
 def test_rows_skip_methods_the_registry_lacks_and_extend_by_one_entry():
     app = APPS["aggregation"]
     rows, skipped = app.rows(available={"single": 1, "average": 1})
-    assert [r.id for r in rows] == ["single-layout", "single-palette", "average"] and skipped == ["amdm"]
-    rows, skipped = app.rows(available={"single": 1, "average": 1, "amdm": 1})
+    assert [r.id for r in rows] == ["single-layout", "single-palette", "average"] and skipped == ["snb", "amdm"]
+    rows, skipped = app.rows(available={"single": 1, "average": 1, "snb": 1, "amdm": 1})
     assert rows[-1].id == "amdm" and rows[-1].models == ("layout", "palette") and not skipped
     extra = Fusion("snb", own_prompts("snb", ("layout", "palette"), {"k": 2.0}), ("layout", "palette"), id="snb-k2")
     ext = dataclasses.replace(app, fusions=app.fusions + (extra,))
