@@ -195,11 +195,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from multifusion.bench.run import run_bench
 
-    results = run_bench(args.app, args.out, seeds=64 if args.seeds is None else args.seeds, prompts=args.prompts,
+    results = run_bench(args.app.split(","), args.out, seeds=64 if args.seeds is None else args.seeds, prompts=args.prompts,
                         num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
                         guidance_scale=args.guidance_scale, batch_size=args.batch_size, models=models or None,
                         device=args.device, dtype=args.dtype, threads=args.threads, progress=not args.no_progress,
-                        update_doc=args.update_doc)
+                        update_doc=args.update_doc, rows=args.rows.split(",") if args.rows else None)
     if results is not None:  # None on the other processes of a sharded run
         print(f"wrote {Path(args.out) / 'results.md'} ({results['samples']['computed']} images made, "
               f"{results['samples']['reused']} reused, {results['wall_time_s']:.0f} s)")
@@ -380,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "with `accelerate launch --multi_gpu --num_processes K -m multifusion.cli bench ...` (also on CPU-only "
                        "machines, where the processes meet over gloo). `bench real` scores your "
                        "own models on a prompt file with CLIP score / FID / IS (torchmetrics) from local weights.")
-    b.add_argument("app", help="fine-grained, cross-domain, regional, aggregation, ensemble; 'all' for every app; "
-                   "'real' for your own models (with --recipe and --prompt-file)")
+    b.add_argument("app", help="fine-grained, cross-domain, regional, aggregation, ensemble (several: comma-separated); "
+                   "'all' for every app; 'real' for your own models (with --recipe and --prompt-file)")
+    b.add_argument("--rows", help="run only these rows (comma-separated row ids, e.g. merge,mbw); the others' numbers "
+                   "do not change, the benchmark being deterministic")
     b.add_argument("--out", required=True, help="output folder (finished samples in it are reused; different settings are refused)")
     b.add_argument("--seeds", type=int, help="seeds per prompt (default 64; for 'real' 1 image per prompt)")
     b.add_argument("--prompts", type=int, default=8, help="prompts per app, generated from ShapeWorld with a fixed seed (default 8)")

@@ -415,3 +415,20 @@ def test_success_over_views_pools_objects_for_instance_apps_and_needs_every_view
     assert sample_success(APPS["ensemble"], readings, targets) == (0, 1)
     readings[1] = reading_from_scene(views[1].scene)
     assert sample_success(APPS["ensemble"], readings, targets) == (1, 1)
+
+
+def test_rows_runs_only_the_rows_named(tmp_path, tiny_a, tiny_b, capsys):
+    from multifusion.cli import main
+
+    models = {"general": tiny_a, "expert": tiny_b}
+    res = run_bench(["fine-grained"], tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False,
+                    rows=["average"])
+    assert [r["row"] for r in res["rows"]] == ["average"]
+    with pytest.raises(RecipeError, match=r"rows: averag: not a row of fine-grained.*did you mean 'average'"):
+        run_bench("fine-grained", tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False,
+                  rows=["averag"])
+    args = ["bench", "fine-grained,regional", "--rows", "snb,mod", "--out", str(tmp_path / "cli"), "--seeds", "1", "--prompts", "1",
+            "--steps", "2", "--no-progress", "--model", f"general={tiny_a}", "--model", f"expert={tiny_b}"]
+    assert main(args) == 0
+    got = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert [(r["app"], r["row"]) for r in got["rows"]] == [("fine-grained", "snb"), ("regional", "mod")]

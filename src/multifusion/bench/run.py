@@ -27,6 +27,7 @@ import numpy as np
 
 from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row, resolve_apps
 from multifusion.bench.layout import GRID_SEEDS, sample_path
+from multifusion.errors import RecipeError, did_you_mean
 from multifusion.bench.merge import merge_results
 from multifusion.bench.report import write_doc, write_results
 from multifusion.bench.settings import (check_args, file_fingerprint, json_fingerprint, resolve_models, row_recipe,
@@ -90,15 +91,26 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
     return len(images)
 
 
-def _plan(chosen: list[App], refs: dict[str, dict[str, str]], prompts: int, common: dict, runtime: dict):
-    """Rows and prompts of every app, every recipe validated before any model loads (or is
-    hashed), and the fusion rows each app skips because the registry lacks their method."""
+def _plan(chosen: list[App], refs: dict[str, dict[str, str]], prompts: int, common: dict, runtime: dict,
+          only: Sequence[str] | None = None):
+    """Rows and prompts of every app (only the rows named in `only`, when given), every recipe
+    validated before any model loads (or is hashed), and the fusion rows each app skips
+    because the registry lacks their method."""
     from multifusion.recipe import parse_recipe, validate_recipe
 
     plan: list[tuple[App, list[Row], list[AppPrompt]]] = []
     skipped: dict[str, list[str]] = {}
+    if only is not None:
+        known = {r.id for app in chosen for r in app.rows()[0]}
+        unknown = [r for r in only if r not in known]
+        if unknown or not only:
+            raise RecipeError(f"rows: {', '.join(unknown) or 'none given'}: not a row of {', '.join(a.id for a in chosen)} "
+                              f"(rows: {', '.join(sorted(known))}){did_you_mean(unknown[0], known) if unknown else ''}")
     for app in chosen:
         rows, skipped[app.id] = app.rows()
+        rows = [r for r in rows if only is None or r.id in only]
+        if not rows:
+            continue
         app_prompts = app.prompts(prompts)
         for row in rows:
             validate_recipe(parse_recipe(row_recipe(row, app_prompts[0], refs[app.id], common, [0], runtime)))
@@ -148,6 +160,7 @@ def run_bench(
     threads: int | None = None,
     progress: bool = True,
     update_doc: str | Path | None = None,
+    rows: Sequence[str] | None = None,
 ) -> dict | None:
     """Run the benchmark apps ``apps`` (an id, a list of ids, or ``"all"``) into ``out`` and
     return the results dict written to ``out/results.json`` (``None`` on the non-main
@@ -159,6 +172,8 @@ def run_bench(
     together; ``threads`` sets torch's CPU threads (results are bit-identical across resumes
     and shards for one batch size and thread count). ``update_doc`` rewrites the part of a
     markdown file between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` with the tables.
+    ``rows`` runs only the rows of these ids (say, one new method beside tables made before: the
+    other rows' numbers do not change, the harness being deterministic).
     """
     import torch
     from accelerate import PartialState
@@ -188,7 +203,7 @@ def run_bench(
     # values are not mixed into one result.
     common.update(batch_size=batch_size, threads=torch.get_num_threads(), device=torch.device(device).type)
 
-    plan, skipped = _plan(chosen, refs, prompts, common, runtime)
+    plan, skipped = _plan(chosen, refs, prompts, common, runtime, rows)
     sync_settings(state, out, settings_record(plan, refs, common))
 
     units = [Unit(app, row, p, tuple(range(s, min(s + batch_size, seeds))))
