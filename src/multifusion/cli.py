@@ -234,6 +234,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from multifusion.ui.app import launch
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in ("gradio", "pandas"):
+            raise MultifusionError(f"the web UI needs the ui extra ({err.name} is missing): pip install -e \".[ui]\"") from None
+        raise
+    launch(args.models or [], port=args.port, host=args.host)
+    return 0
+
+
 def cmd_mbw_search(args: argparse.Namespace) -> int:
     import torch
 
@@ -437,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ms.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     ms.set_defaults(func=cmd_mbw_search)
+
+    u = sub.add_parser("ui", help="a local web UI (Gradio; the ui extra): compose, run and compare fusions",
+                       description="Start the web UI on this machine only (127.0.0.1), on the zoo models plus any --models.")
+    u.add_argument("--models", nargs="+", metavar="DIR", help="model folders or files offered besides the zoo")
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    u.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""The UI's form logic without a browser or Gradio: widgets from params models, form <-> recipe,
+errors routed to their field, the region canvas."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+from pydantic import Field
+from pydantic_core import PydanticUndefined
+
+from multifusion.errors import RecipeError
+from multifusion.io import save_png
+from multifusion.method import Method, Params
+from multifusion.registry import METHODS
+from multifusion.ui import forms
+
+
+class ThrowawayParams(Params):
+    strength: float = Field(0.5, description="how hard")
+    mode: Literal["a", "b"] = "a"
+    steps: int = 3
+    window: tuple[float, float] | None = None
+
+
+def test_widgets_come_from_the_params_model_so_a_new_method_needs_no_ui_code():
+    m = Method("throwaway-ui", "a test method", "noise", ThrowawayParams, plan=lambda p, b: None)
+    ws = {w.name: w for w in forms.method_widgets(m)}
+    assert (ws["strength"].kind, ws["strength"].default, ws["strength"].description) == ("float", 0.5, "how hard")
+    assert ws["mode"].kind == "choice" and ws["mode"].choices == ("a", "b")
+    assert ws["steps"].kind == "int" and ws["window"].kind == "yaml"
+    # defaults are left out of the recipe; changed values and YAML are read back typed
+    values = {w.name: w.initial() for w in ws.values()}
+    assert forms.params_from_widgets(m, values) == {}
+    values.update(strength=0.7, mode="b", window="[0.1, 0.2]")
+    assert forms.params_from_widgets(m, values) == {"strength": 0.7, "mode": "b", "window": [0.1, 0.2]}
+
+
+def test_every_registered_method_gets_a_form():
+    for name, m in METHODS.items():
+        for w in forms.method_widgets(m):
+            w.initial()  # every default shows
+    regions = {w.name: w for w in forms.method_widgets(METHODS["mod"])}["regions"]
+    assert regions.kind == "table" and regions.columns[:5] == ("row_init", "row_end", "col_init", "col_end", "prompt")
+
+
+def test_region_table_round_trips():
+    w = {w.name: w for w in forms.method_widgets(METHODS["mod"])}["regions"]
+    items = [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 40, "prompt": "a red circle", "model": 0},
+             {"row_init": 0, "row_end": 64, "col_init": 24, "col_end": 64, "prompt": "7", "model": "expert"}]
+    back = forms.from_widget(w, forms.to_widget(w, items))
+    assert back == items  # a prompt that reads as a number stays text
+    assert forms.from_widget(w, [[""] * len(w.columns)]) is PydanticUndefined  # blank rows dropped: the default
+
+
+def test_errors_go_to_the_field_they_name():
+    err = RecipeError("invalid recipe:\n  params.regions[0].col_end: 72 lies outside\n  models[1].model: cannot find\n  sampling.seed: bad")
+    routed = forms.route_errors(err)
+    assert routed == {"params.regions": ["params.regions[0].col_end: 72 lies outside"], "models[1]": ["models[1].model: cannot find"],
+                      "sampling": ["sampling.seed: bad"]}
+    assert forms.route_errors("something odd") == {"general": ["something odd"]}
+
+
+def test_form_recipe_round_trip_and_typed_errors():
+    slots = [{"model": "zoo:general", "name": "", "prompt": "a red circle", "guidance_scale": "5", "negative_prompt": ""},
+             {"model": " zoo:expert ", "name": "e", "prompt": "a red striped circle", "guidance_scale": "", "negative_prompt": ""}]
+    sampling = {"num_inference_steps": 4, "scheduler": "ddim", "guidance_scale": 7.5, "seed": 3, "num_images": 1, "height": "", "width": None, "eta": 0}
+    recipe = forms.recipe_from_form("snb", 2, slots, {"k": 1.2}, sampling)
+    assert recipe["models"][0]["guidance_scale"] == 5.0 and recipe["models"][1]["model"] == "zoo:expert"
+    assert "height" not in recipe["sampling"]
+    method, n, back, params, samp = forms.form_from_recipe(recipe)
+    assert (method, n, params, samp["seed"], back[1]["name"]) == ("snb", 2, {"k": 1.2}, 3, "e")
+    with pytest.raises(RecipeError, match=r"^sampling\.height: 'tall' is not a number"):
+        forms.recipe_from_form("snb", 2, slots, {}, {**sampling, "height": "tall"})
+    with pytest.raises(RecipeError, match=r"^models\[0\]\.guidance_scale"):
+        forms.recipe_from_form("snb", 1, [{**slots[0], "guidance_scale": "x"}], {}, sampling)
+
+
+def test_dropped_files(tmp_path):
+    from PIL import Image
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    with pytest.raises(RecipeError, match="'bad.png' is not a readable image"):
+        forms.read_recipe_file(str(bad))
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(RecipeError, match="holds no multifusion metadata"):
+        forms.read_recipe_file(str(plain))
+    made = save_png(Image.new("RGB", (8, 8)), tmp_path / "made.png", {"recipe": {"method": "single", "models": [{"model": "zoo:general"}]}})
+    assert forms.read_recipe_file(str(made))["method"] == "single"
+
+
+def test_canvas_preview_snaps_and_shows_uncovered_pixels():
+    im, notes = forms.regions_preview([{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 30}], 64, 64, 4, scale=2)
+    assert im.size == (128, 128)
+    assert "snapped to rows 0-64, cols 0-32" in notes and "covered by no region" in notes
+    # an uncovered latent cell is hatched red; a covered one is not
+    assert im.getpixel((127, 60))[0] > im.getpixel((127, 60))[1] and im.getpixel((10, 60))[0] < 250
+    _, notes = forms.regions_preview([{"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 1, "units": "fraction"}], 64, 64, 4)
+    assert "every pixel" in notes
+    _, notes = forms.regions_preview([{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 72}], 64, 64, 4)
+    assert "outside the 64x64 canvas" in notes
+
+
+def test_clicks_and_tiles_make_boxes_on_the_grid():
+    assert forms.box_from_clicks((0, 0), (59, 113), 4, 64, 64, scale=2) == {"row_init": 0, "row_end": 56, "col_init": 0, "col_end": 28}
+    assert forms.box_from_clicks((10, 10), (10, 10), 4, 64, 64, scale=1)["row_end"] == 12  # a click makes one cell
+    tiles = forms.tile_rows(1, 2, 64, 40, 16, "a desert")
+    assert [(t["col_init"], t["col_end"]) for t in tiles] == [(0, 40), (24, 64)]
