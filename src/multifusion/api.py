@@ -25,7 +25,7 @@ from multifusion.handles import ModelHandle, Offloader, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
-from multifusion.recipe import MERGE_PREFIX, Recipe, canvas_size, check_canvas, parse_recipe, validate
+from multifusion.recipe import MERGE_PREFIX, Recipe, canvas_size, check_canvas, check_devices, parse_recipe, validate
 from multifusion.registry import get_method
 from multifusion.schedulers import make_scheduler
 from multifusion.vae import decode, to_pil
@@ -54,6 +54,7 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
         device=rt.device,
         offload=rt.offload,
         allow_pickle=rt.allow_pickle,
+        fields=[f"models[{i}].model" for i in plain],
     ) if plain else []
     if len(plain) == len(recipe.models):
         return loaded
@@ -89,6 +90,7 @@ class Run:
     def __init__(self, recipe: Recipe | dict | str | Path, *, models: Sequence[ModelHandle] | None = None):
         checked = validate(as_recipe(recipe))
         self.recipe, self.method, self.params = checked.recipe, checked.method, checked.params
+        check_devices(self.recipe.runtime)  # before loading: a missing accelerator is named, not a CUDA traceback
         handles = list(models) if models is not None else load_recipe_models(self.recipe)
         if len(handles) != len(self.recipe.models):
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
@@ -247,6 +249,18 @@ def image_name(stem: str, seed: int) -> str:
     return f"{stem}-s{seed}.png"
 
 
+def check_stem(stem: str, where: str = "stem") -> str:
+    """A file name stem that stays inside the output folder: no folder separators, not `.` or
+    `..`, not absolute, not empty; RecipeError naming `where` otherwise."""
+    import os
+
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if not isinstance(stem, str) or not stem or stem in (".", "..") or any(c in stem for c in seps) or "\0" in stem:
+        raise RecipeError(f"{where}: {stem!r} is not a plain file name (no folders, '..' or absolute paths: images are "
+                          "written inside the output folder only); give a name such as 'portrait'")
+    return stem
+
+
 def generate_to_folder(
     recipe: Recipe | dict | str | Path,
     out: str | Path,
@@ -263,12 +277,13 @@ def generate_to_folder(
     interrupted run resumes; a different image under the same name is an error unless
     `overwrite`. `export_masks` also writes each method's step pictures: `{stem}-s{seed}-masks.png/.gif`
     (SNB's masks) and `{stem}-s{seed}-amdm.png` (AMDM's meetings). Models load once for the whole run."""
-    from multifusion.io import image_metadata, read_png_metadata, save_png
+    from multifusion.io import check_output_dir, image_is_whole, image_metadata, read_png_metadata, save_png
     from multifusion.viz import AggregationRecorder, MaskRecorder
 
     recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
-    if not isinstance(batch_size, int) or batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_stem(stem)
     out = Path(out)
     recipe_json = recipe.to_json()
     todo, paths = [], []
@@ -279,15 +294,19 @@ def generate_to_folder(
         if path.exists() and not overwrite:
             try:
                 have = read_png_metadata(path)
-            except (RecipeError, OSError, ValueError):
+            except RecipeError:
                 have = None
-            if have is not None and have.get("recipe") == want["recipe"]:
-                continue
-            raise RecipeError(f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder "
-                              "or name, or overwrite it")
+            whole = image_is_whole(path)
+            if have is not None and have.get("recipe") == want["recipe"] and have.get("seed") == seed and whole:
+                continue  # finished: same recipe, and every pixel decodes
+            if whole and not (have is not None and have.get("recipe") == want["recipe"]):
+                raise RecipeError(f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder "
+                                  "or name, or overwrite it")
+            # a damaged file (truncated, or its metadata unreadable) under our name: made again
         todo.append(seed)
     if not todo:
         return paths
+    check_output_dir("out", out)  # before loading and sampling: no computed batch lost to an unwritable folder
     session = Run(recipe, models=models)
     labels = [m.label for m in recipe.models]
     for start in range(0, len(todo), batch_size):

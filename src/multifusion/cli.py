@@ -62,19 +62,48 @@ def _read_recipe_dict(path: str) -> dict:
     return json.loads(parse_recipe(path).model_dump_json(exclude_none=True))
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from multifusion.api import generate_to_folder
+FROM_IMAGE_FIELDS = ("version", "method", "models", "prompt", "negative_prompt", "params", "merges", "sampling")
+"""What `generate --from-image` takes from an image's metadata: what makes the picture. Never
+`runtime` (pickle loading, devices, dtype, memory limits), nor output paths (the image holds
+none): settings that widen trust come from the command line of the user running it."""
+
+
+def _recipe_from_image(path: str) -> dict:
     from multifusion.io import read_png_metadata
+
+    try:
+        meta = read_png_metadata(path)
+    except RecipeError as err:
+        raise RecipeError(f"--from-image: {err}") from None
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, dict):
+        what = "no `recipe`" if recipe is None else f"a `recipe` that is a {type(recipe).__name__}, not a mapping"
+        raise RecipeError(f"--from-image: {path!r} holds multifusion metadata with {what}; was it written by `multifusion generate`?")
+    unknown = sorted(set(recipe) - set(FROM_IMAGE_FIELDS) - {"runtime"})
+    if unknown:
+        raise RecipeError(f"--from-image: the recipe in {path!r} has unknown field(s) {', '.join(map(repr, unknown))[:200]}")
+    runtime = recipe.get("runtime")
+    if runtime:
+        from multifusion.recipe import Runtime
+
+        defaults = Runtime().model_dump(mode="json")
+        changed = [str(k) for k, v in runtime.items() if defaults.get(k) != v] if isinstance(runtime, dict) else ["runtime"]
+        if changed:
+            print(f"note: --from-image ignores the image's runtime settings ({', '.join(changed)[:200]}); give --device, "
+                  "--dtype, --allow-pickle ... yourself if you want them", file=sys.stderr)
+    return {k: recipe[k] for k in FROM_IMAGE_FIELDS if k in recipe}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from multifusion.api import check_stem, generate_to_folder
 
     if (args.recipe is None) == (args.from_image is None):
         raise RecipeError("give a RECIPE file or --from-image IMG.png (one of them)")
-    if args.from_image:
-        try:
-            data = read_png_metadata(args.from_image)["recipe"]
-        except RecipeError as err:
-            raise RecipeError(f"--from-image: {err}") from None
-    else:
-        data = _read_recipe_dict(args.recipe)
+    if args.batch_size <= 0:
+        raise RecipeError(f"--batch-size: must be a positive integer, got {args.batch_size}")
+    if args.name is not None:
+        check_stem(args.name, "--name")
+    data = _recipe_from_image(args.from_image) if args.from_image else _read_recipe_dict(args.recipe)
     data = _apply_overrides(data, args)
     stem = args.name or (Path(args.recipe).stem if args.recipe else Path(args.from_image).stem.rsplit("-s", 1)[0])
     written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite,
@@ -458,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERROR_LIMIT = 4000
+
+
 def _quiet_loading() -> None:
     """Hide diffusers' and transformers' per-component loading bars: with several models they
     bury the one bar that tracks the work (sampling, benchmarking)."""
@@ -474,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MultifusionError as err:
-        print(f"error: {err}", file=sys.stderr)
+        text = str(err)
+        if len(text) > ERROR_LIMIT:  # messages quote user input; never pages of it
+            text = f"{text[:ERROR_LIMIT]}... ({len(text):,} characters in all)"
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished images are kept, nothing half-written was left", file=sys.stderr)

@@ -6,6 +6,7 @@ Every message names what is wrong (the recipe field, the file, the model) and ho
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,22 @@ def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:
     """"; did you mean 'X'?" for the option closest to a misspelt `name`, or "" when none is close."""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
+ECHO_LIMIT = 200
+"""Characters of a user's value an error message quotes at most (a YAML alias bomb expands to
+megabytes)."""
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
+    """repr(value), cut to `limit` characters with a note of how long it was."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+# pydantic puts the member of a union it tried into an error's location ("k.float",
+# "window.tuple[float, float]"); users never write those, so they are dropped.
+_UNION_TAG = re.compile(r"^(float|int|str|bool|none|list|dict|(list|tuple|dict|set|function-\w+)\[.*\])$")
 
 
 def field_path(parts: Iterable[str | int], prefix: str = "") -> str:
@@ -31,7 +48,7 @@ def format_validation_error(err: "ValidationError", prefix: str = "", unknown: C
     `FieldError` names its own field. `unknown(location)` words the error of an unknown field."""
     lines = []
     for e in err.errors():
-        parts = list(e["loc"])
+        parts = [p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
         cause = (e.get("ctx") or {}).get("error")
         if isinstance(cause, FieldError):
             parts.append(cause.field)
@@ -39,7 +56,7 @@ def format_validation_error(err: "ValidationError", prefix: str = "", unknown: C
         if e["type"] == "extra_forbidden":
             msg = unknown(parts) if unknown else "unknown field (check the spelling)"
         got = e.get("input")
-        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) and e["type"] not in ("missing", "extra_forbidden") else ""
+        shown = f" (got {shorten(got)})" if got is not None and not isinstance(got, dict) and e["type"] not in ("missing", "extra_forbidden") else ""
         lines.append(f"{field_path(parts, prefix) or 'recipe'}: {msg}{shown}")
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
@@ -66,6 +83,11 @@ class ModelLoadError(MultifusionError):
 
 class PickleRefusedError(ModelLoadError):
     """A pickle checkpoint was named without an explicit allow-pickle option."""
+
+
+class SamplingError(MultifusionError):
+    """Sampling went wrong in a way the recipe could not show beforehand (latents that stop being
+    finite); raised before any image of the batch is written."""
 
 
 class IncompatibleModelsError(MultifusionError):

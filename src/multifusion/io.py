@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from PIL import Image, PngImagePlugin
 
-from multifusion.errors import RecipeError
+from multifusion.errors import RecipeError, shorten
 
 META_KEY = "multifusion"
 
@@ -64,15 +64,58 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict | None = None)
 
 
 def read_png_metadata(path: str | Path) -> dict:
-    """The metadata `save_png` wrote; RecipeError when the file has none."""
+    """The metadata `save_png` wrote, a JSON object; RecipeError when the file is not an image,
+    has none, or holds something else."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{str(path)!r} does not exist")
-    with Image.open(path) as im:
-        raw = im.info.get(META_KEY) if hasattr(im, "info") else None
+    try:
+        with Image.open(path) as im:
+            raw = im.info.get(META_KEY) if hasattr(im, "info") else None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
+        raise RecipeError(f"{str(path)!r} is not a readable image ({type(err).__name__}: {shorten(str(err))[1:-1]})") from None
     if raw is None:
         raise RecipeError(f"{str(path)!r} holds no multifusion metadata (was it written by `multifusion generate`?)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise RecipeError(f"{str(path)!r}: its multifusion metadata is not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise RecipeError(f"{str(path)!r}: its multifusion metadata is a {type(meta).__name__}, not an object with a `recipe`")
+    return meta
+
+
+def image_is_whole(path: str | Path) -> bool:
+    """Whether `path` is an image whose pixel data decodes completely (a truncated or damaged PNG
+    does not): what a resumed run checks before keeping a finished image."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # chunk checksums (PNG), without decoding
+        with Image.open(path) as im:
+            im.load()  # every pixel decodes
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def check_output_dir(where: str, path: str | Path) -> Path:
+    """RecipeError naming `where` unless `path` is a folder this process can write in, or can be
+    created as one: not a file, not under a file, and writable (a file is created and removed
+    in it, or in its nearest existing parent: permission bits alone do not tell, e.g. as root
+    or on a read-only file system). Creates nothing. Run it before any sampling, so no computed
+    batch is lost to an unwritable folder."""
+    path = Path(path)
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor) or str(p) == ".")
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
+        raise RecipeError(f"{where}: {str(path)!r} {what}, not a folder; choose a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RecipeError(f"{where}: cannot write in {str(existing)!r} ({err.strerror or err}); choose a writable folder") from None
+    return path
 
 
 def image_metadata(recipe_json: str, seed: int) -> dict:
@@ -87,15 +130,22 @@ def image_metadata(recipe_json: str, seed: int) -> dict:
 def read_rgb_image(where: str, path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """(1, 3, h, w) in [-1, 1] from an RGB (or greyscale) image file, resized to `size` (h, w)
     with bicubic filtering; RecipeError naming the recipe field `where` otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"{where}: {str(path)!r} does not exist")
-    with Image.open(p) as im:
+    check_image_file(where, path)
+    with Image.open(path) as im:
         if im.mode not in ("RGB", "L"):
             raise RecipeError(f"{where}: {str(path)!r} has mode {im.mode}; give an RGB image (e.g. convert it with PIL: im.convert('RGB'))")
         im = im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
         arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
     return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def check_image_file(where: str, path: str | Path) -> None:
+    """RecipeError naming `where` unless `path` is an existing file that decodes as an image."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{where}: {str(path)!r} does not exist")
+    if not image_is_whole(p):
+        raise RecipeError(f"{where}: {str(path)!r} is not an image PIL can read (or it is damaged); give a PNG or JPEG file")
 
 
 def grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str] | None = None, cell: int = 128) -> Image.Image:

@@ -90,6 +90,35 @@ def resolve(text: str, *, config: str | None = None, allow_pickle: bool = False)
     )
 
 
+def check_safetensors(path: Path) -> None:
+    """ModelLoadError when a .safetensors file is damaged: its header is read (not its tensors),
+    which also checks that the tensors it lists fit in the file, so a truncated download is
+    reported as corrupt before loading rather than as a missing-weights (or pickle) problem."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{str(path)!r} is a corrupt .safetensors file ({err}); download or export it again") from None
+
+
+def check_weight_files(ref: ModelRef) -> None:
+    """`check_safetensors` on every local .safetensors file of `ref` (the file itself, or each
+    component's in a pipeline folder)."""
+    if ref.kind == "single_file" and ref.location.lower().endswith(".safetensors"):
+        check_safetensors(Path(ref.location))
+    elif ref.kind in ("folder", "zoo"):
+        for f in sorted(Path(ref.location).glob("*/*.safetensors")):
+            check_safetensors(f)
+
+
+def _pickle_only_components(root: Path) -> list[str]:
+    """Component folders of a pipeline folder with pickle weights and no .safetensors ones."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not any(d.glob("*.safetensors"))
+                  and any(f.suffix.lower() in PICKLE_SUFFIXES for f in d.iterdir())) if root.is_dir() else []
+
+
 def read_local_config(ref: ModelRef) -> dict | None:
     """Configs needed for validation (VAE factor, latent channels), read without loading
     weights; None when they are not local (Hub ids, single files without a config)."""
@@ -101,9 +130,14 @@ def read_local_config(ref: ModelRef) -> dict | None:
         unet = json.loads((root / "unet" / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    try:  # the noise schedule, to check the step count against the scheduler before loading
+        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        scheduler = None
     return {
         "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
         "latent_channels": unet.get("in_channels", 4),
+        "scheduler": scheduler,
     }
 
 
@@ -123,6 +157,7 @@ def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
 
     common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     common[_DTYPE_KWARG] = dtype
+    check_weight_files(ref)
     try:
         if ref.kind == "single_file":
             kwargs = dict(common)
@@ -136,9 +171,11 @@ def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
         if ref.kind == "single_file" and not ref.config:
             hint = " (single-file checkpoints need their diffusers config: give the model a `config:` folder in the recipe, or config=FOLDER in Python)"
             raise ModelLoadError(f"could not load {ref.text!r}: {err}{hint}") from err
-        if not allow_pickle and "safetensors" in str(err).lower():
+        pickled = _pickle_only_components(Path(ref.location)) if ref.kind in ("folder", "zoo") else []
+        if not allow_pickle and (pickled or (ref.kind == "hub" and "safetensors" in str(err).lower())):
+            which = f" ({', '.join(pickled)} only as pickles)" if pickled else ""
             raise PickleRefusedError(
-                f"could not load {ref.text!r}: {err} (this model ships no .safetensors weights for every component; "
+                f"could not load {ref.text!r}: {err} (this model ships no .safetensors weights for every component{which}; "
                 "its pickle weights can run code when loaded: pass allow_pickle=True (runtime.allow_pickle in a recipe) only if you trust it)"
             ) from err
         raise ModelLoadError(f"could not load {ref.text!r}: {err}") from err
@@ -248,23 +285,38 @@ def load_models(
     offload: bool = False,
     allow_pickle: bool = False,
     share: bool = True,
+    fields: list[str] | None = None,
 ) -> list[ModelHandle]:
     """Load several models, sharing identical components. All refs are resolved (and refused,
-    for pickles) before the first one loads."""
+    for pickles) before the first one loads. `fields` (say, "models[1].model") prefix each
+    model's load errors, so they name where the model was given."""
     names = names or [None] * len(refs)
     configs = configs or [None] * len(refs)
-    resolved = [resolve(r, config=c, allow_pickle=allow_pickle) for r, c in zip(refs, configs)]
+    fields = fields or [""] * len(refs)
+
+    def named(k: int, err: ModelLoadError) -> ModelLoadError:
+        return type(err)(f"{fields[k]}: {err}") if fields[k] else err
+
+    resolved = []
+    for k, (r, c) in enumerate(zip(refs, configs)):
+        try:
+            resolved.append(resolve(r, config=c, allow_pickle=allow_pickle))
+        except ModelLoadError as err:
+            raise named(k, err) from None
     offloader = Offloader(device) if offload else None
     handles: list[ModelHandle] = []
     cache: dict[str, ModelHandle] = {}
-    for ref, name in zip(resolved, names):
+    for k, (ref, name) in enumerate(zip(resolved, names)):
         key = f"{ref.kind}:{ref.location}:{ref.config}"
         if key in cache:
             # The same checkpoint named twice: share everything, load nothing.
             base = cache[key]
             handles.append(dataclasses.replace(base, name=name or ref.text))
             continue
-        h = load_model(ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle)
+        try:
+            h = load_model(ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle)
+        except ModelLoadError as err:
+            raise named(k, err) from err.__cause__
         cache[key] = h
         handles.append(h)
         if share:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from multifusion.errors import SamplingError
 from multifusion.handles import NoiseFn, alpha_bar_at
 
 
@@ -100,6 +101,16 @@ def _step_kwargs(scheduler, eta: float, generators) -> dict[str, Any]:
     return kwargs
 
 
+def _not_finite(step: Step, k: int, n_trajectories: int) -> str:
+    eps = step.eps[k]
+    where = "the noise prediction" if eps is not None and not bool(torch.isfinite(eps).all()) else "the scheduler step or the meeting"
+    which = f" of trajectory {k}" if n_trajectories > 1 else ""
+    return (f"sampling step {step.step + 1} of {step.num_steps} (timestep {float(step.t[k]):g}): the latents{which} are no "
+            f"longer finite (NaN or inf), first in {where}. Likely causes: a guidance scale or method weight so large "
+            "that values overflow, float16 weights overflowing (try runtime.dtype float32 or bfloat16), eta or a "
+            "scheduler unsuited to these models, or a checkpoint with NaN weights. No image was written")
+
+
 def sample(
     trajectories: Sequence[Trajectory],
     *,
@@ -119,6 +130,9 @@ def sample(
     to `scheduler.step` where it takes them. `meet(step)` sees every trajectory after its step
     and returns the latents to continue from; None for a trajectory stops it (it is no longer
     evaluated). `callback` gets the same `Step` after `meet`.
+
+    Every trajectory's latents are checked finite after each step (one reduction per step):
+    NaN or inf raises SamplingError naming the step, before anything is decoded or written.
     """
     if not trajectories:
         raise ValueError("sample needs at least one trajectory")
@@ -128,7 +142,11 @@ def sample(
             raise ValueError(f"trajectory {k} has no {'scheduler' if tr.scheduler is None else 'initial noise'}")
         if any(tr.scheduler is s for s in schedulers):
             raise ValueError(f"trajectory {k} shares its scheduler object with another; give each its own (schedulers keep state)")
-        tr.scheduler.set_timesteps(num_inference_steps, device=tr.noise.device)
+        try:
+            tr.scheduler.set_timesteps(num_inference_steps, device=tr.noise.device)
+        except (ValueError, IndexError) as err:  # e.g. PNDM under 4 steps, LCM over its original steps
+            raise SamplingError(f"sampling.scheduler: {type(tr.scheduler).__name__} cannot take {num_inference_steps} steps "
+                                f"({err}); change sampling.num_inference_steps or the scheduler") from None
         schedulers.append(tr.scheduler)
     counts = {len(s.timesteps) for s in schedulers}
     if len(counts) != 1:
@@ -157,6 +175,9 @@ def sample(
                 raise ValueError(f"meet returned {len(met)} latents for {len(xs)} trajectories")
             xs = [None if xs[k] is None else met[k] for k in range(len(xs))]
             step.latents = list(xs)
+        for k in running:
+            if xs[k] is not None and not bool(torch.isfinite(xs[k]).all()):
+                raise SamplingError(_not_finite(step, k, len(trajectories)))
         if callback is not None:
             callback(step)
     return xs

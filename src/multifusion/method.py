@@ -26,10 +26,11 @@ from multifusion.recipe import Recipe
 
 
 class Params(BaseModel):
-    """Base of every method's parameters: frozen, unknown fields rejected. Validators see the
-    number of models as `info.context["n_models"]` (see `Method.parse_params`)."""
+    """Base of every method's parameters: frozen, unknown fields rejected, every float (at any
+    depth: lists, tuples, nested models) finite. Validators see the number of models as
+    `info.context["n_models"]` (see `Method.parse_params`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 P = TypeVar("P", bound=Params)

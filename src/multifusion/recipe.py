@@ -21,14 +21,29 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
-from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, format_validation_error
+from multifusion.errors import FieldError, IncompatibleModelsError, ModelLoadError, RecipeError, format_validation_error, shorten
 
 if TYPE_CHECKING:
     from multifusion.method import Method, Params
 
 
+MAX_GUIDANCE = 100.0
+"""Guidance scales above this are refused: classifier-free guidance is useful up to ~30, and
+scales like 1e30 overflow the latents to an all-black image."""
+
+MAX_PIXELS = 4096 * 4096
+"""Default `runtime.max_pixels`: the largest canvas (height x width, one image) a run accepts
+unless the recipe raises the limit on purpose."""
+
+MAX_YAML_NODES = 100_000
+"""A YAML recipe expanding (through its aliases) to more values than this is refused: nested
+aliases of a few hundred bytes can expand to gigabytes ("billion laughs")."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float of a recipe (at any depth) is finite; YAML `.nan` or
+    # `.inf` is an error naming the field, never a silently black image.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelEntry(_Strict):
@@ -39,7 +54,7 @@ class ModelEntry(_Strict):
     config: str | None = Field(None, description="diffusers config folder for a single-file checkpoint")
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = None
-    guidance_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
 
     @property
     def label(self) -> str:
@@ -72,12 +87,21 @@ MERGE_PREFIX = "merge:"
 class Sampling(_Strict):
     num_inference_steps: int = Field(30, gt=0, le=1000)
     scheduler: str = "ddim"
-    guidance_scale: float = Field(7.5, ge=0)
-    eta: float = Field(0.0, ge=0)
+    guidance_scale: float = Field(7.5, ge=0, le=MAX_GUIDANCE)
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM-type noise: 0 deterministic, 1 DDPM-like; above 1 the step's variance is undefined")
     seed: int = Field(0, ge=0, lt=2**63)
     num_images: int = Field(1, gt=0, le=4096)
     height: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _last_seed(self):
+        # Image i has seed + i, written into its metadata and read back as a recipe seed.
+        last = self.seed + self.num_images - 1
+        if last >= 2**63:
+            raise FieldError("seed", f"{self.seed} + {self.num_images} images reaches seed {last}, beyond the largest "
+                             f"seed 2^63 - 1; use a seed <= {2**63 - self.num_images}")
+        return self
 
 
 class Runtime(_Strict):
@@ -86,12 +110,13 @@ class Runtime(_Strict):
     offload: bool = False
     allow_pickle: bool = False
     vae_device: str | None = Field(None, description="run the VAE here (e.g. cpu, in float32) to spare accelerator memory on large canvases")
+    max_pixels: int = Field(MAX_PIXELS, gt=0, description="largest canvas (height x width, one image) accepted; raise it on purpose for larger ones")
 
     @model_validator(mode="after")
     def _device(self):
         for field, value in (("device", self.device), ("vae_device", self.vae_device)):
             if value is not None and value.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
-                raise ValueError(f"{field} {value!r} is not one of cpu, cuda[:N], mps, xpu")
+                raise FieldError(field, f"{value!r} is not one of cpu, cuda[:N], mps, xpu")
         return self
 
 
@@ -106,12 +131,38 @@ class Recipe(_Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     runtime: Runtime = Field(default_factory=Runtime)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data):
+        # A lone surrogate (a "\ud800" escape in JSON) is a Python str but no text: it fails later in
+        # the tokenizer or the PNG metadata, after the models have loaded.
+        where = _not_utf8(data)
+        if where is not None:
+            raise FieldError(where, "holds invalid Unicode (a lone surrogate, e.g. a \\udXXX escape); write the text as UTF-8")
+        return data
+
     @model_validator(mode="after")
     def _prompt_lists(self):
         for i, m in enumerate(self.models):
             if isinstance(m.prompt, list) and len(m.prompt) != self.sampling.num_images:
                 raise ValueError(f"models[{i}].prompt has {len(m.prompt)} prompts for {self.sampling.num_images} images "
                                  "(sampling.num_images); give one prompt per image, or a single prompt")
+        labels = [m.label for m in self.models]
+        for i, m in enumerate(self.models):
+            # A region or `specified` names a model by its label: a name two different models
+            # answer to is ambiguous. (One model listed twice under one label is fine, the weights
+            # being the same: fusing a model with itself is how the degenerate cases are tested.)
+            same = (m.model, m.config)
+            earlier = [j for j in range(i) if labels[j] == labels[i] and (self.models[j].model, self.models[j].config) != same]
+            named = [k for k in (*earlier, i) if self.models[k].name is not None]
+            if earlier and named:
+                k = i if i in named else named[0]
+                raise FieldError(f"models[{k}].name", f"{labels[i]!r} names both models[{earlier[0]}] and models[{i}]; "
+                                 "give each model its own name")
+        if self.sampling.height is not None and self.sampling.width is not None:
+            problem = pixels_problem(self.sampling.height, self.sampling.width, self.runtime.max_pixels)
+            if problem:
+                raise FieldError("sampling.height", problem)
         return self
 
     def prompts_of(self, i: int, indices: list[int]) -> list[str]:
@@ -135,6 +186,104 @@ class Recipe(_Strict):
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
+def _not_utf8(data, where: str = "") -> str | None:
+    """The field path of the first string (or key) in `data` that cannot be encoded as UTF-8."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "recipe"
+        return None
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(data))
+    else:
+        return None
+    for key, value in items:
+        if isinstance(key, str) and _not_utf8(key, where) is not None:
+            return where or "recipe"
+        sub = f"{where}{key}" if isinstance(key, str) and key.startswith("[") else (f"{where}.{key}" if where else str(key))
+        found = _not_utf8(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def pixels_problem(height: int, width: int, max_pixels: int) -> str | None:
+    """What is wrong with a height x width canvas beyond `max_pixels`, with a floor estimate of the
+    memory it needs (the decoded float32 image alone: 12 bytes a pixel; the UNet's activations
+    grow faster still, with the square of the latent area in attention layers); None if it fits."""
+    pixels = height * width
+    if pixels <= max_pixels:
+        return None
+    need = pixels * 3 * 4
+    return (f"{height} x {width} = {pixels:,} pixels exceeds runtime.max_pixels ({max_pixels:,}); one image needs "
+            f"at least {need / 2**30:,.1f} GiB for its decoded float32 pixels alone, and far more for the UNet's "
+            "activations. Use a smaller canvas, or raise runtime.max_pixels on purpose if the machine has the memory")
+
+
+def check_pixels(height: int, width: int, max_pixels: int, where: str) -> None:
+    """RecipeError naming `where` when the canvas exceeds `max_pixels` (see `pixels_problem`)."""
+    problem = pixels_problem(height, width, max_pixels)
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
+
+
+def check_devices(runtime: "Runtime") -> None:
+    """RecipeError when runtime.device or runtime.vae_device names an accelerator this machine does
+    not have (checked when a run starts, before any model loads)."""
+    for field, value in (("device", runtime.device), ("vae_device", runtime.vae_device)):
+        if value is not None:
+            check_device(f"runtime.{field}", value)
+
+
+def check_device(where: str, value: str) -> None:
+    """RecipeError naming `where` unless `value` is cpu or an accelerator (cuda[:N], mps, xpu[:N])
+    that torch sees on this machine."""
+    import torch
+
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda", "mps", "xpu"):
+        raise RecipeError(f"{where}: {value!r} is not one of cpu, cuda[:N], mps, xpu")
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, kind, None)
+        available = backend is not None and backend.is_available()
+        count = backend.device_count() if available else 0
+    if not available:
+        raise RecipeError(f"{where}: {value!r} but this machine has no {kind} device (torch sees none); "
+                          "use cpu, or run where the accelerator is")
+    if index and (not index.isdigit() or int(index) >= count):
+        raise RecipeError(f"{where}: {value!r} but this machine has {count} {kind} device(s) (indices 0-{count - 1})")
+
+
+def _expanded_size(data, limit: int) -> int:
+    """How many values `data` holds once its shared parts (YAML aliases) are counted at every
+    place they appear; stops counting past `limit`."""
+    memo: dict[int, int] = {}
+
+    def size(x) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        if id(x) in memo:
+            return memo[id(x)]
+        memo[id(x)] = limit + 1  # a cycle (a self-referencing alias) counts as too large
+        children = x.values() if isinstance(x, dict) else x
+        total = 1
+        for c in children:
+            total += size(c)
+            if total > limit:
+                break
+        memo[id(x)] = total
+        return total
+
+    return size(data)
+
+
 def narrow_to_image(recipe: dict, seed: int) -> dict:
     """A recipe (as JSON data) narrowed to the one image of `seed`: that seed, one image, and
     each per-image prompt list reduced to that image's prompt, so running it again regenerates
@@ -156,7 +305,12 @@ def parse_recipe(data: dict | str | Path) -> Recipe:
         path = Path(data)
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text()
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                              "save it as UTF-8") from None
         try:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
@@ -165,7 +319,11 @@ def parse_recipe(data: dict | str | Path) -> Recipe:
 
                 data = yaml.safe_load(text)
         except Exception as err:  # yaml and json errors alike
-            raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {err}") from err
+            raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: "
+                              f"{shorten(str(err), 1000)[1:-1]}") from None
+        if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise RecipeError(f"recipe file {str(path)!r} expands to more than {MAX_YAML_NODES:,} values (nested YAML "
+                              "aliases?); a recipe is refused rather than expanded")
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file {str(path)!r} must hold a mapping at top level, got {type(data).__name__}")
     try:
@@ -191,9 +349,9 @@ def validate(recipe: Recipe) -> Validated:
     models and these params; every model has a prompt (if the method needs one); the scheduler
     exists; every model reference resolves (pickles refused); the canvas size fits the VAE
     factor and the method's own size checks pass, where the first model's config is local."""
-    from multifusion.loading import read_local_config, resolve
+    from multifusion.loading import check_weight_files, read_local_config, resolve
     from multifusion.registry import get_method
-    from multifusion.schedulers import scheduler_class
+    from multifusion.schedulers import check_steps, scheduler_class
 
     method = get_method(recipe.method)
     n = len(recipe.models)
@@ -213,9 +371,13 @@ def validate(recipe: Recipe) -> Validated:
     for i, m in enumerate(recipe.models):
         try:
             ref = merged[m.model] if m.model in merged else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
+            if m.model not in merged:
+                check_weight_files(ref)  # headers only: a truncated download is named here, before loading
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)
+        if cfg is not None and i == 0 and cfg.get("scheduler") is not None:
+            check_steps(recipe.sampling.scheduler, cfg["scheduler"], recipe.sampling.num_inference_steps)
         if cfg is not None:
             factor = cfg["vae_scale_factor"] if i == 0 else factor
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
@@ -301,4 +463,6 @@ def canvas_size(recipe: Recipe, method: "Method", params: "Params", factor: int,
                 f"sampling.{side}: {v} is not a multiple of the VAE downsampling factor {factor}; "
                 f"use {max(factor, v // factor * factor)} or {(v // factor + 1) * factor}"
             )
+    if h is not None and w is not None:
+        check_pixels(h, w, recipe.runtime.max_pixels, "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width")
     return None if h is None or w is None else (h, w)

@@ -29,17 +29,53 @@ SCHEDULERS = {
 }
 
 
+# diffusers class names accepted: the samplers of an epsilon (or v) model on a DDPM noise schedule
+# with `alphas_cumprod`, i.e. the schedulers diffusers declares compatible with
+# StableDiffusionPipeline (`KarrasDiffusionSchedulers`) less EDMEulerScheduler (EDM sigmas,
+# no alphas_cumprod), plus the DDPM-schedule samplers LCM, TCD, SA-Solver and the parallel
+# DDIM/DDPM. Refused although diffusers has them: flow-matching schedulers (FlowMatch*), inverse
+# ones (DDIMInverseScheduler runs image -> noise), and those of other model kinds (VQ-Diffusion,
+# score SDE, consistency models, aMUSEd, unCLIP, RePaint, video); each failed or gave a wrong
+# image on these models when tried.
+SAMPLING_SCHEDULERS = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+    "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler",
+    "DDIMParallelScheduler", "DDPMParallelScheduler",
+})
+
+
 def scheduler_class(name: str):
-    """The diffusers scheduler class for a short name or a class name; RecipeError otherwise."""
+    """The diffusers scheduler class for a short name or a class name; RecipeError otherwise,
+    also for diffusers classes that are not samplers for these models (see SAMPLING_SCHEDULERS)."""
     import diffusers
 
     cls_name = SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
-        options = sorted(SCHEDULERS) + sorted(set(SCHEDULERS.values()))
+        options = sorted(SCHEDULERS) + sorted(SAMPLING_SCHEDULERS)
         raise RecipeError(f"sampling.scheduler: unknown scheduler {name!r} (use one of {', '.join(sorted(SCHEDULERS))} "
                           f"or a diffusers class name){did_you_mean(name, options)}")
+    if cls_name not in SAMPLING_SCHEDULERS:
+        raise RecipeError(f"sampling.scheduler: {cls_name} is a diffusers scheduler, but not a sampler for these models "
+                          "(epsilon or v prediction on a DDPM noise schedule); use one of "
+                          f"{', '.join(sorted(SCHEDULERS))} or {', '.join(sorted(SAMPLING_SCHEDULERS - set(SCHEDULERS.values())))}")
+    if type(cls).__name__ == "DummyObject":  # diffusers' placeholder for a class whose extra is missing
+        raise RecipeError(f"sampling.scheduler: {cls_name} needs a package that is not installed "
+                          "(DPMSolverSDEScheduler: pip install torchsde); install it or choose another scheduler")
     return cls
+
+
+def check_steps(name: str, base_config: dict, num_inference_steps: int) -> None:
+    """RecipeError when scheduler `name` on the schedule of `base_config` cannot take
+    `num_inference_steps` steps (PNDM without skip_prk_steps needs 4 or more; LCM and TCD at most
+    their original steps): found before loading, where the config is local."""
+    try:
+        make_scheduler(name, base_config).set_timesteps(num_inference_steps)
+    except (ValueError, IndexError) as err:
+        raise RecipeError(f"sampling.num_inference_steps: {num_inference_steps} steps do not work with scheduler {name!r} "
+                          f"on this model's schedule ({err}); change the step count or the scheduler") from None
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -38,7 +38,7 @@ def test_yaml_and_json_files(tmp_path):
         (recipe(samplng={}), "samplng: unknown field"),
         (recipe(models=[]), "models"),
         (recipe(runtime={"dtype": "float8"}), "runtime.dtype"),
-        (recipe(runtime={"device": "tpu"}), "device 'tpu'"),
+        (recipe(runtime={"device": "tpu"}), "runtime.device: 'tpu'"),
         (recipe(version=2), "version"),
     ],
 )

@@ -185,9 +185,16 @@ def run_bench(
     wall_start = time.perf_counter()
     chosen = resolve_apps(apps)
     check_args(seeds, prompts, num_inference_steps, batch_size, guidance_scale, scheduler, dtype, threads)
+    if device is not None:
+        from multifusion.recipe import check_device
+
+        check_device("device", device)
+    out = Path(out)
+    from multifusion.io import check_output_dir
+
+    check_output_dir("out", out)  # before the judge and the models load
     if threads is not None:
         torch.set_num_threads(threads)
-    out = Path(out)
     refs = resolve_models(chosen, models)
 
     judge_path = Path(judge) if judge is not None else DEFAULT_WEIGHTS

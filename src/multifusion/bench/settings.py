@@ -167,8 +167,10 @@ def check_args(seeds: int, prompts: int, steps: int, batch_size: int, guidance_s
     for name, v in counts:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise RecipeError(f"{name} must be a positive integer, got {v!r}")
-    if not guidance_scale >= 0:
-        raise RecipeError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    from multifusion.recipe import MAX_GUIDANCE
+
+    if not 0 <= guidance_scale <= MAX_GUIDANCE:  # NaN fails too
+        raise RecipeError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance_scale!r}")
     if dtype not in DTYPES:
         raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     scheduler_class(scheduler)

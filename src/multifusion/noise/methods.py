@@ -7,13 +7,14 @@ parameters (errors name the recipe field) and wires models to combiners.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from multifusion.errors import FieldError, RecipeError
-from multifusion.io import read_rgb_image
+from multifusion.io import image_is_whole, read_rgb_image
 from multifusion.loop import Step, Trajectory
 from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
 from multifusion.noise.average import Average
@@ -44,8 +45,8 @@ class AverageParams(Params):
             return v
         if n is not None and len(v) != n:
             raise ValueError(f"has {len(v)} entries for {n} models; give one weight per model, in the order of `models`")
-        if any(w < 0 for w in v) or sum(v) <= 0:
-            raise ValueError("weights must be >= 0 with a positive sum")
+        if any(w < 0 for w in v) or not 0 < sum(v) < float("inf"):
+            raise ValueError("weights must be >= 0 with a positive, finite sum")
         return v
 
 
@@ -208,6 +209,16 @@ class ImageRegionParams(Box):
     image: str = Field(description="RGB image file placed in the box (resized to it)")
     strength: float = Field(0.8, description="fraction of the trajectory during which the region is held to the image")
     model: int | str = Field(0, description="model whose VAE encodes the image")
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str):
+        # Checked with the recipe, before any model loads (the file is local by definition).
+        if not Path(v).is_file():
+            raise ValueError(f"{v!r} does not exist (relative paths are read from the working folder)")
+        if not image_is_whole(v):
+            raise ValueError(f"{v!r} is not an image PIL can read (or it is damaged); give a PNG or JPEG file")
+        return v
 
     @field_validator("strength")
     @classmethod
