@@ -195,3 +195,19 @@ def test_training_killed_and_resumed_equals_uninterrupted(models, tmp_path):
     mf.afa([ha, hb], PROMPT, aggregator=str(tmp_path / "whole"), **KW)  # what training writes is what afa loads
     with pytest.raises(Exception, match="other models"):
         train_afa([hb, ha], data, tmp_path / "whole", cfg, progress=False)
+
+
+def test_cli_trains_and_resumes(tiny_a, tiny_b, tmp_path, capsys):
+    from multifusion.cli import main
+
+    data = _jsonl(tmp_path)
+    args = ["afa", "train", tiny_a, tiny_b, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "2",
+            "--width", "8", "--checkpoint-every", "1", "--no-progress"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "3"]) == 0  # more steps continue the run
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out
+    summary = json.loads((tmp_path / "run" / "afa.json").read_text())
+    assert summary["steps"] == 3 and summary["aggregator_parameters"] > 0
+    assert main(["afa", "train", tiny_a, "--data", data, "--out", str(tmp_path / "one")]) == 2  # one model: a clear error
+    assert "at least 2" in capsys.readouterr().err

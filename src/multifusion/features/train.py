@@ -76,7 +76,8 @@ class AFATrainConfig:
 
 def read_data(spec: str, size: int, n: int, seed: int, heldout: int) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
     """(train images (n, H, W, 3) uint8, captions, held-out images, captions) of `spec`, at
-    `size` x `size` pixels (the models' canvas)."""
+    `size` x `size` pixels (the models' canvas). A JSONL data set holds out its last rows:
+    `heldout` of them, at most a tenth."""
     if spec.startswith("shapeworld:"):
         from multifusion.zoo import render
         from multifusion.zoo.train import distribution
@@ -93,8 +94,9 @@ def read_data(spec: str, size: int, n: int, seed: int, heldout: int) -> tuple[np
     from PIL import Image
 
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    if len(rows) <= heldout:
-        raise AFATrainError(f"--data {spec}: {len(rows)} examples; need more than the {heldout} held out")
+    if len(rows) < 2:
+        raise AFATrainError(f"--data {spec}: {len(rows)} example(s); need at least 2 (one is held out)")
+    heldout = min(heldout, max(1, len(rows) // 10))  # at most a tenth of a small data set
     images, captions = [], []
     for i, row in enumerate(rows):
         if "file_name" not in row or "text" not in row:
