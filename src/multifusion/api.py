@@ -276,9 +276,10 @@ def generate_to_folder(
     soon as it is decoded. Images already present with the same recipe are not redone, so an
     interrupted run resumes; a different image under the same name is an error unless
     `overwrite`. `export_masks` also writes each method's step pictures: `{stem}-s{seed}-masks.png/.gif`
-    (SNB's masks) and `{stem}-s{seed}-amdm.png` (AMDM's meetings). Models load once for the whole run."""
+    (SNB's masks), `{stem}-s{seed}-amdm.png` (AMDM's meetings), `{stem}-s{seed}-afa.png` (AFA's
+    maps). Models load once for the whole run."""
     from multifusion.io import check_output_dir, image_is_whole, image_metadata, read_png_metadata, save_png
-    from multifusion.viz import AggregationRecorder, MaskRecorder
+    from multifusion.viz import method_recorders
 
     recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -310,7 +311,7 @@ def generate_to_folder(
     session = Run(recipe, models=models)
     labels = [m.label for m in recipe.models]
     for start in range(0, len(todo), batch_size):
-        recorders = [MaskRecorder(), AggregationRecorder(session.handles[0].ready_vae(recipe.runtime.vae_device))] if export_masks else []
+        recorders = method_recorders(session.handles[0].ready_vae(recipe.runtime.vae_device)) if export_masks else []
         callback = (lambda step: [r(step) for r in recorders]) if recorders else None
         part = session.batch(todo[start : start + batch_size], callback=callback, progress=progress)
         for i, (image, seed) in enumerate(zip(part.images, part.seeds)):

@@ -87,6 +87,14 @@ def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
             "sampling": {"num_inference_steps": STEPS, "seed": 0}}
         generate_to_folder(recipe, out / "pictures", stem="amdm", export_masks=True, progress=progress)
         made += ["pictures/amdm-s0.png", "pictures/amdm-s0-amdm.png"]
+    if {"slice0", "slice1"} <= set(installed):
+        # AFA: which slice model's features win where, per aggregation point (shipped aggregators).
+        prompt = "a red circle on the left and a blue square on the right in a forest"
+        recipe = {"method": "afa", "models": [{"model": "zoo:slice0", "name": "slice0", "prompt": prompt},
+                                              {"model": "zoo:slice1", "name": "slice1", "prompt": prompt}],
+                  "sampling": {"num_inference_steps": STEPS, "seed": 0}}
+        generate_to_folder(recipe, out / "pictures", stem="afa", export_masks=True, progress=progress)
+        made += ["pictures/afa-s0.png", "pictures/afa-s0-afa.png"]
     return made
 
 

@@ -197,3 +197,9 @@ class AFAMapRecorder:
         with atomic_path(path) as tmp:
             im.save(tmp, format="PNG")
         return [path]
+
+
+def method_recorders(vae: torch.nn.Module) -> list:
+    """Every recorder of the methods' step pictures (SNB masks, AMDM strip, AFA maps): call each
+    as the step callback, then `save` each; a method's recorder writes nothing for the others."""
+    return [MaskRecorder(), AggregationRecorder(vae), AFAMapRecorder()]
