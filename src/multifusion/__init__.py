@@ -12,6 +12,7 @@ from multifusion.errors import (
     MultifusionError,
     PickleRefusedError,
     RecipeError,
+    SamplingError,
 )
 from multifusion.handles import Guided, ModelHandle
 from multifusion.loading import load_model, load_models
@@ -40,6 +41,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Result",
+    "SamplingError",
     "Run",
     "__version__",
     "fuse",

@@ -149,9 +149,9 @@ def save_as_single_file(pipeline_folder: str | Path, out_file: str | Path) -> Pa
     if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
         raise IncompatibleModelsError(f"{folder} holds a {index['_class_name']}, not a StableDiffusionPipeline; "
                                       "the single-file (LDM) layout is written for SD-1.x-shaped pipelines only")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(to_ldm_state_dict(unet, vae, text_encoder), str(out_file), metadata={"format": "pt"})
     return out_file

@@ -304,8 +304,9 @@ def prepare_base(out_dir: str | Path, config: TrainConfig, seed: int = 0, progre
                     "vae_minutes_this_run": round((time.time() - t0) / 60, 1), "max_tokens": tokenizer.model_max_length}
             write_text(info_path, json.dumps(info, indent=2))  # last, and atomically: it marks the base as complete
     tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder").eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(base_dir / "vae").eval().requires_grad_(False)
+    # use_safetensors: a run folder may hold files nobody vetted; only safetensors are read.
+    text_encoder = CLIPTextModel.from_pretrained(base_dir / "text_encoder", use_safetensors=True).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(base_dir / "vae", use_safetensors=True).eval().requires_grad_(False)
     return Base(tokenizer, text_encoder, vae, json.loads(info_path.read_text()))
 
 
@@ -534,7 +535,8 @@ def install(out_dir: str | Path, models: Sequence[str] | None = None, dest: str 
         if not info.exists() or json.loads(info.read_text())["steps"] != _summary(out_dir, name)["steps"]:
             export(out_dir, name)
         src = run / "pipeline"
-        pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                                       use_safetensors=True)
         pipe.to(torch.float16)
         target = dest / name
         if target.exists():
