@@ -1,12 +1,13 @@
-"""Faults (issue 19): `generate` and `bench` killed with SIGKILL at random points, several times,
-then run to the end, give final outputs identical to an uninterrupted run.
+"""Faults (issue 19): `generate`, `bench` and `afa train` killed with SIGKILL at random points,
+several times, then run to the end, give final outputs identical to an uninterrupted run.
 
 SIGKILL leaves no chance to clean up, so what this checks is that every file is written
 atomically and that a resumed run trusts only finished files. Each run is a real subprocess on
 the tiny test models; kills land after a random number of finished files plus a random delay,
 so they fall in the middle of sampling, between batches and during writes. Bounded in time: a
-few kills each, every wait capped. (`multifusion.training`'s own kill/resume test covers
-`zoo train` and `afa train`, which train through it.)
+few kills each, every wait capped. (`zoo train` trains through the same `multifusion.training`
+loop as `afa train`; its models are too big for a test, and tests/unit/test_training.py kills
+and resumes that loop.)
 """
 
 from __future__ import annotations
@@ -113,4 +114,47 @@ def test_bench_killed_at_random_points_ends_identical(tmp_path, tiny_a, tiny_b):
     want, got = _bench_outcome(ref), _bench_outcome(out)
     assert sorted(got["samples"]) == sorted(want["samples"])
     assert got == want
+    assert killed >= 1
+
+
+def test_afa_train_killed_at_random_points_ends_identical(tmp_path, tiny_a, tiny_b):
+    """`afa train` through the CLI, SIGKILLed mid-run (between and during checkpoints), resumed
+    to the same aggregator weights as an uninterrupted run. (`zoo train` uses the same
+    `multifusion.training` loop; its real models are too big for a test, and
+    tests/unit/test_training.py kills and resumes that loop.)"""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}))
+    (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+    def argv(out: Path) -> list[str]:
+        return _cli("afa", "train", tiny_a, tiny_b, "--data", str(data), "--out", str(out), "--steps", "8", "--batch-size", "2",
+                    "--width", "8", "--checkpoint-every", "2", "--no-progress")
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _run(argv(ref))
+
+    def logged() -> int:
+        log = out / "loss.csv"
+        return max(0, len(log.read_text().splitlines()) - 1) // 2 if log.exists() else 0
+
+    killed = _kill_at_random(argv(out), logged, random.Random(13))
+    _run(argv(out))
+
+    for name in ("checkpoint.safetensors",):
+        a, b = load_file(str(ref / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    weights = sorted(p.relative_to(ref) for p in (ref / "aggregator").rglob("*.safetensors"))
+    assert weights and weights == sorted(p.relative_to(out) for p in (out / "aggregator").rglob("*.safetensors"))
+    for rel in weights:
+        a, b = load_file(str(ref / rel)), load_file(str(out / rel))
+        assert all(a[k].equal(b[k]) for k in a)
     assert killed >= 1
