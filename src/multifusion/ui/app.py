@@ -105,7 +105,7 @@ class App:
                                 for w in self.widgets[name]:
                                     c = self.param_component(name, w)
                                     self.error_box(f"{name}:params.{w.name}")
-                                    if w.kind == "table" and set(BOX) <= set(w.columns):
+                                    if w.kind == "table" and set(BOX) | {"prompt"} <= set(w.columns):  # regions that paint
                                         self.canvas_tools(name, w, c)
                                 if not self.widgets[name]:
                                     gr.Markdown("no parameters")
@@ -133,8 +133,8 @@ class App:
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 self.status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    self.images = gr.Gallery(label="images", columns=4, height=320, elem_id="images")
-                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps)", columns=1, height=320, elem_id="pictures")
+                    self.images = gr.Gallery(label="images", columns=4, height=320, object_fit="contain", elem_id="images")
+                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps)", columns=1, height=320, object_fit="contain", elem_id="pictures")
                 with gr.Row():
                     self.recipe_file = gr.File(label="recipe (YAML)", elem_id="recipe-file")
                     self.png_files = gr.File(label="PNGs (each carries its recipe)", file_count="multiple", elem_id="png-files")
@@ -148,7 +148,7 @@ class App:
                 cmp_methods = gr.CheckboxGroup(list(METHODS), value=["average", "snb"], label="methods", elem_id="compare-methods")
                 cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 cmp_status = gr.Markdown(elem_id="compare-status")
-                cmp_gallery = gr.Gallery(label="side by side", columns=4, height=320, elem_id="compare-images")
+                cmp_gallery = gr.Gallery(label="side by side", columns=4, height=320, object_fit="contain", elem_id="compare-images")
                 cmp_scores = gr.Dataframe(label="judge scores (zoo models)", elem_id="compare-scores", interactive=False)
 
             inputs = set(self.comps.values())

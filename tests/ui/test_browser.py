@@ -1,0 +1,231 @@
+"""End to end in a real headless browser: `multifusion ui` on a free local port, driven by
+Playwright pointed at Debian's chromium (no browser download). Skipped only when the `ui` extra
+(gradio, playwright) is not installed; a missing chromium is an error saying how to install it.
+
+Set MULTIFUSION_UI_SCREENSHOTS=docs/img to refresh the README's screenshots (docs/img/ui-*.png).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the ui extra is not installed (pip install -e \".[ui]\")")
+
+pytestmark = pytest.mark.timeout(300)
+
+STEPS = "4"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("ui") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"`multifusion ui` did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    exe = os.environ.get("MULTIFUSION_CHROMIUM") or shutil.which("chromium")
+    if exe is None:
+        pytest.fail("no chromium found: install Debian's (apt-get install -y chromium) or set MULTIFUSION_CHROMIUM to a browser")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        pg.set_default_timeout(120_000)
+        pg.goto(server)
+        pg.wait_for_selector("#run")
+        yield pg
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    where = os.environ.get("MULTIFUSION_UI_SCREENSHOTS")
+    return Path(where) if where else tmp_path_factory.mktemp("shots")
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def set_text(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def click_canvas(page, canvas: str, row: float, col: float) -> None:
+    """Click the canvas at (row, col) as fractions of its height and width."""
+    img = page.locator(f"#{canvas} img").first
+    box = img.bounding_box()
+    img.click(position={"x": col * box["width"], "y": row * box["height"]})
+
+
+def draw_box(page, canvas: str, a: tuple, b: tuple, regions: int) -> None:
+    """Two clicks on the canvas, each waited for (a click sends the corner state it saw)."""
+    notes = page.locator(f"#canvas-notes-{canvas.removeprefix('canvas-')}")
+    click_canvas(page, canvas, *a)
+    notes.filter(has_text="first corner").wait_for()
+    click_canvas(page, canvas, *b)
+    table = canvas.replace("canvas-", "param-")
+    rows = page.locator(f"#{table} table:not([aria-hidden]) tbody tr", has_text="a red circle on the left")
+    deadline = time.time() + 30
+    while rows.count() != regions and time.time() < deadline:
+        time.sleep(0.2)
+    assert rows.count() == regions
+    notes.filter(has_not_text="first corner").wait_for()
+
+
+def error_text(page, key: str) -> str:
+    loc = page.locator(f"#err-{key}")
+    loc.wait_for(state="visible")
+    return loc.inner_text()
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "multifusion.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=240)
+
+
+def download(page, elem_id: str, dest: Path, name_part: str) -> Path:
+    link = page.locator(f"#{elem_id} a[download$='{name_part}']").first
+    with page.expect_download() as info:
+        link.click()
+    path = dest / info.value.suggested_filename
+    info.value.save_as(path)
+    return path
+
+
+def wait_status(page, text: str) -> str:
+    page.locator("#status", has_text=text).wait_for()
+    return page.locator("#status").inner_text()
+
+
+def test_mod_regions_drawn_on_the_canvas_run_and_regenerate(page, shots, tmp_path):
+    choose(page, "method", "mod")
+    set_text(page, "sampling-num_inference_steps", STEPS)
+    set_text(page, "prompt-0", "a red circle on the left in a snowy field")
+    canvas = "canvas-mod-regions"
+    page.locator(f"#{canvas} img").wait_for()
+    # left region: two corners; the right third stays uncovered and is reported before running
+    draw_box(page, canvas, (0.01, 0.01), (0.99, 0.6), regions=1)
+    assert "covered by no region" in page.locator("#canvas-notes-mod-regions").inner_text()
+    draw_box(page, canvas, (0.01, 0.4), (0.99, 0.99), regions=2)
+    page.locator("#canvas-notes-mod-regions", has_text="every pixel").wait_for()
+    page.screenshot(path=str(shots / "ui-regions.png"), full_page=True)
+
+    page.locator("#run").click()
+    wait_status(page, "with mod")
+    assert page.locator("#images img").count() >= 1
+    page.screenshot(path=str(shots / "ui-mod.png"), full_page=True)
+
+    recipe = download(page, "recipe-file", tmp_path, ".yaml")
+    png = download(page, "png-files", tmp_path, "-s0.png")
+    assert "regions" in recipe.read_text() and "col_end" in recipe.read_text()
+    out = tmp_path / "again"
+    done = cli("generate", str(recipe), "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    again = out / f"{recipe.stem}-s0.png"
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(Image.open(png).convert("RGB")))
+
+
+def test_snb_shows_images_and_masks_then_a_png_restores_its_recipe(page, shots, tmp_path):
+    choose(page, "method", "snb")
+    set_text(page, "sampling-num_inference_steps", STEPS)
+    page.locator("#run").click()
+    wait_status(page, "with snb")
+    page.locator("#pictures img").first.wait_for()
+    assert page.locator("#images img").count() >= 1
+    page.screenshot(path=str(shots / "ui-snb.png"), full_page=True)
+
+    png = download(page, "png-files", tmp_path, "-s0.png")
+    choose(page, "method", "single")
+    page.locator("#restore input[type=file]").set_input_files(str(png))
+    page.locator("#param-snb-k").wait_for(state="visible")  # the method came back, so did its form
+    assert page.locator("#method input").input_value() == "snb"
+    assert page.locator("#sampling-num_inference_steps input").input_value() == STEPS
+
+
+def test_bad_input_shows_the_cli_error_at_the_field(page, shots, tmp_path):
+    # a region off the canvas: restored from a recipe file, then run (the canvas is known after loading)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: mod\nmodels: [{model: 'zoo:general', prompt: a red circle}]\nsampling: {num_inference_steps: 2}\n"
+                   "params: {regions: [{row_init: 0, row_end: 64, col_init: 0, col_end: 72, prompt: a red circle}]}\n")
+    page.locator("#restore input[type=file]").set_input_files(str(bad))
+    page.locator("#param-mod-regions").wait_for(state="visible")
+    page.locator("#run").click()
+    shown = error_text(page, "mod-params-regions")
+    said = cli("generate", str(bad), "--out", str(tmp_path / "o"), cwd=tmp_path).stderr.strip().splitlines()[-1]
+    assert said.startswith("error: params.regions[0].col_end: 72 lies outside the 64x64 canvas")
+    assert said.removeprefix("error: ") in shown
+    page.screenshot(path=str(shots / "ui-error-region.png"), full_page=True)
+
+    # an unknown model path, beside that model's slot
+    choose(page, "method", "snb")
+    page.locator("#n-models input[type=number]").fill("2")
+    page.locator("#n-models input[type=number]").press("Enter")
+    page.locator("#model-1").wait_for(state="visible")
+    set_text(page, "model-1", "/nonexistent/model")
+    page.locator("#validate").click()
+    shown = error_text(page, "models-1")
+    assert "models[1].model: cannot find model '/nonexistent/model'" in shown
+    page.screenshot(path=str(shots / "ui-error-model.png"), full_page=True)
+
+    # a file that is no PNG, dropped on the restore box
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    page.locator("#restore input[type=file]").set_input_files(str(fake))
+    shown = error_text(page, "restore")
+    said = cli("generate", "--from-image", str(fake), "--out", str(tmp_path / "o"), cwd=tmp_path).stderr.strip().splitlines()[-1]
+    assert "is not a readable image" in shown and "is not a readable image" in said
+
+
+def test_compare_two_methods_with_judge_scores(page, shots):
+    set_text(page, "model-1", "zoo:expert")
+    set_text(page, "sampling-num_inference_steps", STEPS)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-run").click()
+    page.locator("#compare-status", has_text="compared 2 methods").wait_for()
+    assert page.locator("#compare-images img").count() >= 2
+    scores = page.locator("#compare-scores").inner_text()
+    assert "average" in scores and "snb" in scores and "judge reads" in scores
+    page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
