@@ -316,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "holds the full recipe and its seed, so --from-image regenerates it. Images already in "
                        "--out from the same recipe are kept (an interrupted run resumes).")
     g.add_argument("recipe", nargs="?", help="recipe file (.yaml, .yml or .json)")
-    g.add_argument("--from-image", dest="from_image", help="regenerate from the metadata of a PNG written by multifusion")
+    g.add_argument("--from-image", dest="from_image", help="regenerate from the metadata of a PNG written by multifusion "
+                   "(its models, prompts, method, params and sampling; never its runtime settings: give --allow-pickle, "
+                   "--device ... yourself)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--name", help="file name stem of the images (default: the recipe file's stem)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="images per batch (default 4); results do not depend on it")

@@ -80,6 +80,10 @@ class Setup:
         region = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}
         return self.recipe(method="mod", models=[{"model": self.a}], params={"regions": [region], **params})
 
+    def bench(self, *extra: str) -> list[str]:
+        return ["bench", "fine-grained", "--out", str(self.out), "--model", f"general={self.a}", "--model", f"expert={self.b}",
+                "--seeds", "1", "--prompts", "1", "--steps", "2", "--no-progress", *extra]
+
     def copy_model(self, name: str) -> Path:
         dest = self.tmp / name
         shutil.copytree(self.tiny_dir / "a", dest)
@@ -254,6 +258,14 @@ CLI_CASES = [
     ("region-model-unknown", "params.regions[0].model", lambda s: s.generate(s.mod(regions=[_region(model="nobody")]))),
     ("dtype-unknown", "runtime.dtype", lambda s: s.validate(s.recipe(runtime={"dtype": "float8"}))),
     ("non-finite-latents", "sampling step 1", lambda s: s.generate(s.recipe(models=[{"model": _nan_model(s), "prompt": "x"}]))),
+    # --- bench: refused before the judge or any model loads
+    ("bench-cfg-nan", "guidance_scale", lambda s: s.bench("--cfg", "nan")),
+    ("bench-cfg-1e30", "guidance_scale", lambda s: s.bench("--cfg", "1e30")),
+    ("bench-batch-size-minus-1", "batch_size", lambda s: s.bench("--batch-size", "-1")),
+    ("bench-scheduler-flow-match", "sampling.scheduler", lambda s: s.bench("--scheduler", "FlowMatchEulerDiscreteScheduler")),
+    ("bench-device-cuda", "device", lambda s: s.bench("--device", "cuda")),
+    ("bench-out-is-a-file", "out", lambda s: ["bench", "fine-grained", "--out", s.write("x", "file.txt"), "--model", f"general={s.a}",
+                                              "--model", f"expert={s.b}", "--no-progress"]),
 ]
 
 # Messages that must also say something specific (beyond naming the field).
@@ -284,7 +296,7 @@ def _written(root: Path, before: set[Path]) -> list[Path]:
 
 @pytest.mark.parametrize("case_id, field, make", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_refuses_with_the_field_and_writes_nothing(setup, case_id, field, make, capsys):
-    if case_id.startswith(("device-cuda", "vae-device-cuda")) and CUDA:
+    if case_id.startswith(("device-cuda", "vae-device-cuda", "bench-device-cuda")) and CUDA:
         pytest.skip("this machine has CUDA")
     if case_id == "out-not-writable" and Path("/sys").is_dir() and _writable("/sys"):
         pytest.skip("/sys is writable here")
