@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,18 @@ megabytes)."""
 
 
 def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
-    """repr(value), cut to `limit` characters with a note of how long it was."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    """repr(value) cut to about `limit` characters, built without rendering all of a huge value
+    (reprlib: a few items of each container, a few levels deep)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = r.maxlong = limit
+    try:
+        text = r.repr(value)
+    except ValueError:  # an int too long to print (Python's digit limit)
+        text = f"<a {value.bit_length()}-bit integer>" if isinstance(value, int) else f"<a {type(value).__name__}>"
+    if isinstance(value, str) and len(value) > limit:
+        return f"{text}... ({len(value):,} characters)"
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 # pydantic puts the member of a union it tried into an error's location ("k.float",
