@@ -62,36 +62,17 @@ def _read_recipe_dict(path: str) -> dict:
     return json.loads(parse_recipe(path).model_dump_json(exclude_none=True))
 
 
-FROM_IMAGE_FIELDS = ("version", "method", "models", "prompt", "negative_prompt", "params", "merges", "sampling")
-"""What `generate --from-image` takes from an image's metadata: what makes the picture. Never
-`runtime` (pickle loading, devices, dtype, memory limits), nor output paths (the image holds
-none): settings that widen trust come from the command line of the user running it."""
-
-
 def _recipe_from_image(path: str) -> dict:
-    from multifusion.io import read_png_metadata
+    from multifusion.io import recipe_from_image
 
     try:
-        meta = read_png_metadata(path)
+        data, ignored = recipe_from_image(path)
     except RecipeError as err:
         raise RecipeError(f"--from-image: {err}") from None
-    recipe = meta.get("recipe")
-    if not isinstance(recipe, dict):
-        what = "no `recipe`" if recipe is None else f"a `recipe` that is a {type(recipe).__name__}, not a mapping"
-        raise RecipeError(f"--from-image: {path!r} holds multifusion metadata with {what}; was it written by `multifusion generate`?")
-    unknown = sorted(set(recipe) - set(FROM_IMAGE_FIELDS) - {"runtime"})
-    if unknown:
-        raise RecipeError(f"--from-image: the recipe in {path!r} has unknown field(s) {', '.join(map(repr, unknown))[:200]}")
-    runtime = recipe.get("runtime")
-    if runtime:
-        from multifusion.recipe import Runtime
-
-        defaults = Runtime().model_dump(mode="json")
-        changed = [str(k) for k, v in runtime.items() if defaults.get(k) != v] if isinstance(runtime, dict) else ["runtime"]
-        if changed:
-            print(f"note: --from-image ignores the image's runtime settings ({', '.join(changed)[:200]}); give --device, "
-                  "--dtype, --allow-pickle ... yourself if you want them", file=sys.stderr)
-    return {k: recipe[k] for k in FROM_IMAGE_FIELDS if k in recipe}
+    if ignored:
+        print(f"note: --from-image ignores the image's runtime settings ({', '.join(ignored)[:200]}); give --device, "
+              "--dtype, --allow-pickle ... yourself if you want them", file=sys.stderr)
+    return data
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

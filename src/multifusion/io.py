@@ -85,6 +85,33 @@ def read_png_metadata(path: str | Path) -> dict:
     return meta
 
 
+FROM_IMAGE_FIELDS = ("version", "method", "models", "prompt", "negative_prompt", "params", "merges", "sampling")
+"""What a recipe read back from an image takes from its metadata: what makes the picture. Never
+`runtime` (pickle loading, devices, dtype, memory limits), nor output paths (the image holds
+none): settings that widen trust come from the person running it, not from a file they were sent."""
+
+
+def recipe_from_image(path: str | Path) -> tuple[dict, list[str]]:
+    """The recipe in a PNG's metadata, narrowed to FROM_IMAGE_FIELDS, and the runtime settings
+    it held that differ from the defaults (ignored, so the caller can say so). RecipeError when
+    the file is not an image, has no such metadata, or its `recipe` is not a mapping."""
+    meta = read_png_metadata(path)
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, dict):
+        what = "no `recipe`" if recipe is None else f"a `recipe` that is a {type(recipe).__name__}, not a mapping"
+        raise RecipeError(f"{str(path)!r} holds multifusion metadata with {what}; was it written by `multifusion generate`?")
+    unknown = sorted(map(str, set(recipe) - set(FROM_IMAGE_FIELDS) - {"runtime"}))
+    if unknown:
+        raise RecipeError(f"the recipe in {str(path)!r} has unknown field(s) {', '.join(map(repr, unknown))[:200]}")
+    runtime, ignored = recipe.get("runtime"), []
+    if runtime:
+        from multifusion.recipe import Runtime
+
+        defaults = Runtime().model_dump(mode="json")
+        ignored = [str(k) for k, v in runtime.items() if defaults.get(k) != v] if isinstance(runtime, dict) else ["runtime"]
+    return {k: recipe[k] for k in FROM_IMAGE_FIELDS if k in recipe}, ignored
+
+
 def image_is_whole(path: str | Path) -> bool:
     """Whether `path` is an image whose pixel data decodes completely (a truncated or damaged PNG
     does not): what a resumed run checks before keeping a finished image."""

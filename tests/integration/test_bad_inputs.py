@@ -426,7 +426,7 @@ def test_the_loop_names_the_step_where_a_meeting_breaks_the_latents():
 def test_from_image_takes_the_picture_not_the_runtime(setup, capsys):
     """An image's recipe asking for pickles, another device or a huge canvas limit does not get
     them: only the fields in FROM_IMAGE_FIELDS are taken, and the user is told."""
-    from multifusion.cli import FROM_IMAGE_FIELDS
+    from multifusion.io import FROM_IMAGE_FIELDS
 
     assert "runtime" not in FROM_IMAGE_FIELDS
     meta = {"recipe": {**setup.recipe(), "runtime": {"allow_pickle": True, "max_pixels": 10**12, "device": "cpu"}}, "seed": 0}
