@@ -75,6 +75,13 @@ def _recipe_from_image(path: str) -> dict:
     return data
 
 
+def _check_out(out: str) -> None:
+    """--out must be (or be creatable as) a writable folder: checked before any work starts."""
+    from multifusion.io import check_output_dir
+
+    check_output_dir("--out", out)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from multifusion.api import check_stem, generate_to_folder
 
@@ -115,6 +122,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from multifusion.demo import run_demo
 
+    _check_out(args.out)
     report = run_demo(args.out, progress=not args.no_progress, tiny=args.tiny)
     print(f"wrote {report}")
     return 0
@@ -136,6 +144,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     from multifusion.zoo.train import install, train_zoo
     from multifusion.zoo.train_judge import install_judge, record_accuracy, train_judge
 
+    _check_out(args.out)
     models = args.models.split(",") if args.models else None
     train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads)
     if models is None:  # everything: the judge too (it reads renders, not the models)
@@ -222,6 +231,7 @@ def cmd_afa_train(args: argparse.Namespace) -> int:
     from multifusion.features.train import AFATrainConfig, train_afa
     from multifusion.loading import load_models
 
+    _check_out(args.out)
     torch.set_num_threads(args.threads)
     handles = load_models(args.models, allow_pickle=args.allow_pickle)
     config = AFATrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
@@ -237,6 +247,7 @@ def cmd_afa_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from multifusion.weights import merge
 
+    _check_out(args.out)
     folder = merge(args.recipe, args.out, single_file=args.single_file, overwrite=args.overwrite)
     print(folder)
     if args.single_file:
@@ -261,6 +272,7 @@ def cmd_mbw_search(args: argparse.Namespace) -> int:
     from multifusion.bench.apps import get_app
     from multifusion.weights.search import app_scorer, search_block_weights
 
+    _check_out(args.out)
     torch.set_num_threads(args.threads)
     app = get_app(args.app)
     refs = {r: f"zoo:{r}" for r in app.roles}

@@ -26,6 +26,11 @@ ECHO_LIMIT = 200
 megabytes)."""
 
 
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` (a message that may quote user input) cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
     """repr(value) cut to about `limit` characters, built without rendering all of a huge value
     (reprlib: a few items of each container, a few levels deep)."""

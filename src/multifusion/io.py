@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from PIL import Image, PngImagePlugin
 
-from multifusion.errors import RecipeError, shorten
+from multifusion.errors import RecipeError, clip
 
 META_KEY = "multifusion"
 
@@ -73,7 +73,7 @@ def read_png_metadata(path: str | Path) -> dict:
         with Image.open(path) as im:
             raw = im.info.get(META_KEY) if hasattr(im, "info") else None
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
-        raise RecipeError(f"{str(path)!r} is not a readable image ({type(err).__name__}: {shorten(str(err))[1:-1]})") from None
+        raise RecipeError(f"{str(path)!r} is not a readable image ({type(err).__name__}: {clip(str(err))})") from None
     if raw is None:
         raise RecipeError(f"{str(path)!r} holds no multifusion metadata (was it written by `multifusion generate`?)")
     try:

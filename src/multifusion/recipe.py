@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
-from multifusion.errors import FieldError, IncompatibleModelsError, ModelLoadError, RecipeError, format_validation_error, shorten
+from multifusion.errors import FieldError, IncompatibleModelsError, ModelLoadError, RecipeError, clip, format_validation_error
 
 if TYPE_CHECKING:
     from multifusion.method import Method, Params
@@ -320,7 +320,7 @@ def parse_recipe(data: dict | str | Path) -> Recipe:
                 data = yaml.safe_load(text)
         except Exception as err:  # yaml and json errors alike
             raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: "
-                              f"{shorten(str(err), 1000)[1:-1]}") from None
+                              f"{clip(str(err), 1000)}") from None
         if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
             raise RecipeError(f"recipe file {str(path)!r} expands to more than {MAX_YAML_NODES:,} values (nested YAML "
                               "aliases?); a recipe is refused rather than expanded")

@@ -258,6 +258,13 @@ CLI_CASES = [
     ("region-model-unknown", "params.regions[0].model", lambda s: s.generate(s.mod(regions=[_region(model="nobody")]))),
     ("dtype-unknown", "runtime.dtype", lambda s: s.validate(s.recipe(runtime={"dtype": "float8"}))),
     ("non-finite-latents", "sampling step 1", lambda s: s.generate(s.recipe(models=[{"model": _nan_model(s), "prompt": "x"}]))),
+    # --- other commands writing into --out
+    ("demo-out-is-a-file", "--out", lambda s: ["demo", "--tiny", "--out", s.write("x", "file.txt"), "--no-progress"]),
+    ("merge-out-under-a-file", "--out", lambda s: ["merge", s.write(s.recipe(method="merge", models=[{"model": s.a, "prompt": "x"}, {"model": s.b}])),
+                                                  "--out", str(Path(s.write("x", "file.txt")) / "merged")]),
+    ("afa-train-out-is-a-file", "--out", lambda s: ["afa", "train", s.a, s.b, "--data", "shapeworld:general", "--out", s.write("x", "file.txt")]),
+    ("mbw-search-out-is-a-file", "--out", lambda s: ["mbw-search", "fine-grained", "--out", s.write("x", "file.txt"), "--no-progress"]),
+    ("zoo-train-out-is-a-file", "--out", lambda s: ["zoo", "train", "--out", s.write("x", "file.txt"), "--no-progress"]),
     # --- bench: refused before the judge or any model loads
     ("bench-cfg-nan", "guidance_scale", lambda s: s.bench("--cfg", "nan")),
     ("bench-cfg-1e30", "guidance_scale", lambda s: s.bench("--cfg", "1e30")),
