@@ -188,7 +188,7 @@ def test_vae_on_its_own_device_in_float32(tiny_a):
     moved = run({**mod([tiny_a], {"regions": [region]}), "runtime": {"dtype": "bfloat16", "vae_device": "cpu"}}, models=[h], progress=False)
     assert h.vae.dtype == torch.float32 and h.unet.dtype == torch.bfloat16
     assert torch.equal(moved.latents, half.latents)
-    with pytest.raises(RecipeError, match="vae_device 'gpu' is not one of"):
+    with pytest.raises(RecipeError, match="runtime.vae_device: 'gpu' is not one of"):
         run({**mod([tiny_a], {"regions": [region]}), "runtime": {"vae_device": "gpu"}}, progress=False)
 
 
