@@ -159,7 +159,8 @@ class App:
             validate_btn.click(self.on_validate, inputs, errs + [self.status])
             run_event = run_btn.click(self.on_run, inputs, errs + [self.status, self.images, self.pictures, self.recipe_file, self.png_files])
             cancel_btn.click(self.on_cancel, None, self.status, cancels=[run_event])
-            restore.upload(self.on_restore, restore, [self.comps[k] for k in self.comps] + errs)
+            # the drop box empties itself after reading, ready for the next file
+            restore.upload(self.on_restore, restore, [self.comps[k] for k in self.comps] + errs + [restore])
             cmp_btn.click(self.on_compare, inputs | {cmp_methods}, [cmp_status, cmp_gallery, cmp_scores])
             self._cmp_methods = cmp_methods
         return demo
@@ -343,13 +344,13 @@ class App:
         keys = list(self.comps)
         keep = [gr.update() for _ in keys]
         if not path:
-            return keep + self.error_updates(None, "")
+            return keep + self.error_updates(None, "") + [None]
         try:
             method, n, slots, params, sampling = forms.form_from_recipe(forms.read_recipe_file(path))
             if method not in METHODS:
                 raise MultifusionError(f"method: unknown method {method!r}")
         except MultifusionError as err:
-            return keep + self.error_updates({"restore": [f"restore: {err}"]}, "")
+            return keep + self.error_updates({"restore": [f"restore: {err}"]}, "") + [None]
         values: dict[str, Any] = {"method": method, "n_models": n}
         for i in range(MAX_MODELS):
             slot = slots[i] if i < n else {"model": None, "name": "", "prompt": "", "guidance_scale": None, "negative_prompt": ""}
@@ -357,7 +358,7 @@ class App:
         for w in self.widgets[method]:
             values[f"params:{method}:{w.name}"] = forms.to_widget(w, params.get(w.name, None if w.required else w.default))
         values.update({f"sampling.{k}": sampling.get(k) for k in SAMPLING_FORM})
-        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, method)
+        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, method) + [None]
 
     def on_compare(self, data: dict, progress=gr.Progress()):
         v = self.values(data)
