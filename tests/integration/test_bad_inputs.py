@@ -193,6 +193,12 @@ CLI_CASES = [
     ("merge-alpha-nan", "params.alpha", lambda s: s.generate(s.recipe(
         method="merge", models=[{"model": s.a, "prompt": "x"}, {"model": s.b}, {"model": s.a}],
         params={"merge_method": "add_difference", "alpha": NAN}))),
+    ("mbw-blocks-string-nan", "params.blocks", lambda s: s.generate(s.recipe(
+        method="mbw", models=[{"model": s.a, "prompt": "x"}, {"model": s.b}, {"model": s.a}],
+        params={"merge_method": "add_difference", "blocks": ",".join(["0.5"] * 12 + ["nan"] + ["0.5"] * 12)}))),
+    ("recipe-merge-blocks-inf", "merges.m", lambda s: s.generate(s.recipe(
+        models=[{"model": "merge:m", "prompt": "x"}],
+        merges={"m": {"models": [s.a, s.b], "blocks": ",".join(["0.5"] * 24 + ["inf"])}}))),
     ("mod-mask-weight-nan", "params.regions[0].mask_weight", lambda s: s.generate(s.mod(regions=[_region(mask_weight=NAN)]))),
     ("mod-row-end-inf", "params.regions[0].row_end", lambda s: s.generate(s.mod(regions=[_region(row_end=INF)]))),
     ("mod-region-cfg-inf", "params.regions[0].guidance_scale", lambda s: s.generate(s.mod(regions=[_region(guidance_scale=INF)]))),

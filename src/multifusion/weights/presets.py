@@ -75,6 +75,9 @@ def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None 
             raise RecipeError(f"block weights: {bad!r} is not a number (in {text!r})") from None
     else:
         values = [float(v) for v in text]
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:  # "nan" and "inf" parse as floats
+        raise RecipeError(f"block weights: {bad[0]!r} is not a finite number")
     n = SD1_BLOCKS if layout is None else len(layout.ids)
     if len(values) == n + 1:
         return BlockWeights(tuple(values[1:]), base=values[0])
