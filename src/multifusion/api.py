@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from multifusion.errors import RecipeError, did_you_mean
+from multifusion.errors import RecipeError, clip, did_you_mean
 from multifusion.handles import ModelHandle, Offloader, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
@@ -114,6 +114,8 @@ class Run:
         """Sample and decode the images of `seeds` (image i of the recipe has seed sampling.seed + i)."""
         r = self.recipe
         seeds = [int(s) for s in seeds]
+        if not seeds or any(not 0 <= s < 2**63 for s in seeds):
+            raise RecipeError(f"seeds: give one or more seeds in [0, 2^63), got {clip(str(seeds))}")
         indices = [s - r.sampling.seed for s in seeds]
         outside = [s for s, i in zip(seeds, indices) if not 0 <= i < r.sampling.num_images]
         if outside and any(isinstance(m.prompt, list) for m in r.models):

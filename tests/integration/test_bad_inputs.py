@@ -362,6 +362,7 @@ def _api_cases():
         ("api-stem-escapes", "stem", lambda s: mf.generate_to_folder({"models": [{"model": s.a, "prompt": "x"}]}, s.out, stem="../x")),
         ("api-invalid-unicode", "models[0].prompt", lambda s: mf.single(s.a, "bad \udcff", **kw)),
         ("api-seed-overflow", "sampling.seed", lambda s: mf.single(s.a, "x", seed=2**63 - 1, num_images=3, **kw)),
+        ("api-seeds-out-of-range", "seeds", lambda s: mf.run({"models": [{"model": s.a, "prompt": "x"}]}, seeds=[2**64], progress=False)),
         ("api-max-pixels", "runtime.max_pixels", lambda s: mf.single(s.a, "x", **{**kw, "height": 8192, "width": 8192})),
         ("api-runtime-device", "runtime.device", lambda s: mf.single(s.a, "x", runtime={"device": "cuda:99"}, **kw)),
     ]
