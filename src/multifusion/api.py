@@ -294,6 +294,8 @@ def generate_to_folder(
         path = out / image_name(stem, seed)
         paths.append(path)
         want = image_metadata(recipe_json, seed)
+        if path.is_dir():
+            raise RecipeError(f"out: {str(path)!r} is a folder where an image goes; move it or choose another name")
         if path.exists() and not overwrite:
             try:
                 have = read_png_metadata(path)

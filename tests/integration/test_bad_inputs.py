@@ -240,6 +240,7 @@ CLI_CASES = [
     ("name-empty", "--name", lambda s: s.generate(s.recipe(), "--name", "")),
     ("out-is-a-file", "out", lambda s: ["generate", s.write(s.recipe()), "--out", s.write("x", "file.txt")]),
     ("out-under-a-file", "out", lambda s: ["generate", s.write(s.recipe()), "--out", str(Path(s.write("x", "file.txt")) / "sub")]),
+    ("out-image-name-is-a-folder", "out", lambda s: (s.out.joinpath("r-s0.png").mkdir(parents=True), s.generate(s.recipe()))[1]),
     ("out-not-writable", "out", lambda s: ["generate", s.write(s.recipe()), "--out", "/sys/multifusion-test/out"]),
     # --- images named by a recipe
     ("image-region-missing", "params.image_regions[0].image", lambda s: s.validate(s.mod(image_regions=[_image_region(str(s.tmp / "gone.png"))]))),
@@ -326,7 +327,7 @@ def test_cli_refuses_with_the_field_and_writes_nothing(setup, case_id, field, ma
     if case_id in NOT:
         assert NOT[case_id] not in err, err
     assert _written(setup.tmp, before) == []
-    assert not setup.out.exists() or not any(setup.out.iterdir())
+    assert not setup.out.exists() or all(p.is_dir() for p in setup.out.iterdir())
 
 
 def _writable(folder: str) -> bool:
