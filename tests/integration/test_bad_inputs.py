@@ -131,6 +131,12 @@ def _nan_model(s: Setup) -> str:
     return str(folder)
 
 
+def _factor_8(s: Setup) -> str:
+    from multifusion.testing import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(s.tmp / "factor8", seed=5, vae_factor=8))
+
+
 def _non_image(s: Setup) -> str:
     path = s.tmp / "notes.png"
     path.write_text("not an image")
@@ -262,6 +268,8 @@ CLI_CASES = [
     ("pickle-folder-refused", "allow_pickle", lambda s: s.generate(s.recipe(models=[{"model": _pickle_only(s), "prompt": "x"}]))),
     ("latent-channels-differ", "models[1].model", lambda s: s.validate(s.recipe(
         method="average", models=[{"model": s.a, "prompt": "x"}, {"model": str(s.tiny_dir / "wide"), "prompt": "y"}]))),
+    ("vae-factor-differs", "models[1].model", lambda s: s.validate(s.recipe(
+        method="average", models=[{"model": s.a, "prompt": "x"}, {"model": _factor_8(s), "prompt": "y"}]))),
     ("region-model-unknown", "params.regions[0].model", lambda s: s.generate(s.mod(regions=[_region(model="nobody")]))),
     ("dtype-unknown", "runtime.dtype", lambda s: s.validate(s.recipe(runtime={"dtype": "float8"}))),
     ("non-finite-latents", "sampling step 1", lambda s: s.generate(s.recipe(models=[{"model": _nan_model(s), "prompt": "x"}]))),
