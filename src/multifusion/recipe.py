@@ -110,7 +110,14 @@ class Runtime(_Strict):
     offload: bool = False
     allow_pickle: bool = False
     vae_device: str | None = Field(None, description="run the VAE here (e.g. cpu, in float32) to spare accelerator memory on large canvases")
-    max_pixels: int = Field(MAX_PIXELS, gt=0, description="largest canvas (height x width, one image) accepted; raise it on purpose for larger ones")
+    # None = MAX_PIXELS. Optional so that recipes that do not set it keep the JSON they had (an
+    # image's metadata, compared when a run resumes).
+    max_pixels: int | None = Field(None, gt=0, description=f"largest canvas (height x width, one image) accepted (default {MAX_PIXELS}); "
+                                   "raise it on purpose for larger ones")
+
+    @property
+    def pixel_limit(self) -> int:
+        return MAX_PIXELS if self.max_pixels is None else self.max_pixels
 
     @model_validator(mode="after")
     def _device(self):
@@ -160,7 +167,7 @@ class Recipe(_Strict):
                 raise FieldError(f"models[{k}].name", f"{labels[i]!r} names both models[{earlier[0]}] and models[{i}]; "
                                  "give each model its own name")
         if self.sampling.height is not None and self.sampling.width is not None:
-            problem = pixels_problem(self.sampling.height, self.sampling.width, self.runtime.max_pixels)
+            problem = pixels_problem(self.sampling.height, self.sampling.width, self.runtime.pixel_limit)
             if problem:
                 raise FieldError("sampling.height", problem)
         return self
@@ -464,5 +471,5 @@ def canvas_size(recipe: Recipe, method: "Method", params: "Params", factor: int,
                 f"use {max(factor, v // factor * factor)} or {(v // factor + 1) * factor}"
             )
     if h is not None and w is not None:
-        check_pixels(h, w, recipe.runtime.max_pixels, "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width")
+        check_pixels(h, w, recipe.runtime.pixel_limit, "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width")
     return None if h is None or w is None else (h, w)

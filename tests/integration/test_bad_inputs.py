@@ -397,6 +397,8 @@ def test_max_pixels_can_be_raised_on_purpose(setup):
     with pytest.raises(MultifusionError, match="runtime.max_pixels"):
         parse_recipe(big)
     validate(parse_recipe({**big, "runtime": {"max_pixels": 8192 * 8192}}))
+    # unset, it stays out of the recipe JSON, so images made before the limit existed still resume
+    assert "max_pixels" not in parse_recipe(setup.recipe()).to_json()
 
 
 def test_every_refused_scheduler_exists_in_diffusers_and_every_allowed_one_samples(tiny_a):
@@ -461,7 +463,7 @@ def test_from_image_takes_the_picture_not_the_runtime(setup, capsys):
     from multifusion.io import read_png_metadata
 
     runtime = read_png_metadata(written[0])["recipe"]["runtime"]
-    assert runtime["allow_pickle"] is False and runtime["max_pixels"] == 4096 * 4096
+    assert runtime["allow_pickle"] is False and "max_pixels" not in runtime  # the default
 
 
 def test_resume_redoes_a_damaged_image_and_keeps_whole_ones(setup):
