@@ -151,6 +151,7 @@ def test_mod_regions_drawn_on_the_canvas_run_and_regenerate(page, shots, tmp_pat
     assert "covered by no region" in page.locator("#canvas-notes-mod-regions").inner_text()
     draw_box(page, canvas, (0.01, 0.4), (0.99, 0.99), regions=2)
     page.locator("#canvas-notes-mod-regions", has_text="every pixel").wait_for()
+    page.wait_for_timeout(1000)  # let the canvas finish redrawing
     page.screenshot(path=str(shots / "ui-regions.png"), full_page=True)
 
     page.locator("#run").click()
@@ -232,3 +233,19 @@ def test_compare_two_methods_with_judge_scores(page, shots):
     scores = page.locator("#compare-scores").inner_text()
     assert "average" in scores and "snb" in scores and "judge reads" in scores
     page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
+
+
+def test_cancel_stops_a_long_run(page, shots):
+    page.get_by_role("tab", name="Compose").click()
+    choose(page, "method", "average")
+    set_text(page, "sampling-num_inference_steps", "500")
+    page.locator("#run").click()
+    page.locator(".progress-text, .progress-level").first.wait_for()  # it is running
+    page.locator("#run").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "ui-progress.png"))
+    page.locator("#cancel").click()
+    page.locator("#status", has_text="cancelled").wait_for(timeout=30_000)
+    time.sleep(2)  # the worker stops at its next step; the page stays usable
+    set_text(page, "sampling-num_inference_steps", "2")
+    page.locator("#run").click()
+    wait_status(page, "with average")

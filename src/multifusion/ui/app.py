@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,9 @@ class App:
         self.groups: dict[str, gr.Group] = {}  # method -> its form
         self.slots: list[gr.Group] = []
         self.widgets = {name: forms.method_widgets(m) for name, m in METHODS.items()}
-        self.cancel = threading.Event()
+        # Runs are numbered; Cancel stops every run started so far. (Gradio's `cancels` drops the
+        # event, but the worker thread runs on: it stops at its next step when it sees this.)
+        self.run_id, self.cancelled_upto = 0, 0
         self.out_root = Path(tempfile.mkdtemp(prefix="multifusion-ui-"))
         self._handles: dict[str, list] = {}  # loaded models, by the recipe's model list
 
@@ -133,7 +134,7 @@ class App:
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 self.status = gr.Markdown(elem_id="status")
                 with gr.Row():
-                    self.images = gr.Gallery(label="images", columns=4, height=320, object_fit="contain", elem_id="images")
+                    self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
                     self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps)", columns=1, height=320, object_fit="contain", elem_id="pictures")
                 with gr.Row():
                     self.recipe_file = gr.File(label="recipe (YAML)", elem_id="recipe-file")
@@ -148,7 +149,7 @@ class App:
                 cmp_methods = gr.CheckboxGroup(list(METHODS), value=["average", "snb"], label="methods", elem_id="compare-methods")
                 cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 cmp_status = gr.Markdown(elem_id="compare-status")
-                cmp_gallery = gr.Gallery(label="side by side", columns=4, height=320, object_fit="contain", elem_id="compare-images")
+                cmp_gallery = gr.Gallery(label="side by side", columns=6, height="auto", object_fit="contain", elem_id="compare-images")
                 cmp_scores = gr.Dataframe(label="judge scores (zoo models)", elem_id="compare-scores", interactive=False)
 
             inputs = set(self.comps.values())
@@ -158,10 +159,10 @@ class App:
                           list(self.groups.values()) + [self.summary])
             validate_btn.click(self.on_validate, inputs, errs + [self.status])
             run_event = run_btn.click(self.on_run, inputs, errs + [self.status, self.images, self.pictures, self.recipe_file, self.png_files])
-            cancel_btn.click(self.on_cancel, None, self.status, cancels=[run_event])
+            cmp_event = cmp_btn.click(self.on_compare, inputs | {cmp_methods}, [cmp_status, cmp_gallery, cmp_scores])
+            cancel_btn.click(self.on_cancel, None, self.status, cancels=[run_event, cmp_event], concurrency_limit=None, queue=False)
             # the drop box empties itself after reading, ready for the next file
             restore.upload(self.on_restore, restore, [self.comps[k] for k in self.comps] + errs + [restore])
-            cmp_btn.click(self.on_compare, inputs | {cmp_methods}, [cmp_status, cmp_gallery, cmp_scores])
             self._cmp_methods = cmp_methods
         return demo
 
@@ -276,7 +277,7 @@ class App:
         return self.error_updates(None, v["method"]) + ["valid: ready to run"]
 
     def on_cancel(self):
-        self.cancel.set()
+        self.cancelled_upto = self.run_id
         return "cancelled"
 
     def handles(self, recipe):
@@ -287,7 +288,7 @@ class App:
             self._handles = {key: load_recipe_models(recipe)}  # one set of models kept at a time
         return self._handles[key]
 
-    def generate(self, recipe_dict: dict, out: Path, progress=None) -> tuple[list, list, Path]:
+    def generate(self, recipe_dict: dict, out: Path, progress=None, run_id: int | None = None) -> tuple[list, list, Path]:
         """Run a recipe: images (path, caption), method pictures (path, caption), the recipe file."""
         from multifusion.api import Run, image_name
         from multifusion.io import image_metadata, save_png, write_text
@@ -307,7 +308,7 @@ class App:
             recorders = [MaskRecorder(), AggregationRecorder(session.handles[0].ready_vae(recipe.runtime.vae_device)), AFAMapRecorder()]
 
             def callback(step, chunk=chunk):
-                if self.cancel.is_set():
+                if run_id is not None and run_id <= self.cancelled_upto:
                     raise Cancelled()
                 for r in recorders:
                     r(step)
@@ -325,12 +326,13 @@ class App:
 
     def on_run(self, data: dict, progress=gr.Progress()):
         v = self.values(data)
-        self.cancel.clear()
+        self.run_id += 1
+        run_id = self.run_id
         nothing = [None, None, None, None]
         try:
             recipe = self.checked(v)
             out = Path(tempfile.mkdtemp(prefix="run-", dir=self.out_root))
-            images, pictures, recipe_path = self.generate(recipe, out, progress)
+            images, pictures, recipe_path = self.generate(recipe, out, progress, run_id)
         except MultifusionError as err:
             return self.error_updates(forms.route_errors(err), v["method"]) + ["**not run**: see the fields marked ⚠"] + nothing
         except Cancelled:
@@ -365,14 +367,15 @@ class App:
         chosen = data.get(self._cmp_methods) or []
         if len(chosen) < 2:
             return "choose two or more methods", None, None
-        self.cancel.clear()
+        self.run_id += 1
+        run_id = self.run_id
         gallery, rows, problems = [], [], []
         for name in chosen:
             try:
                 recipe = self.recipe(v, name)
                 forms.check_recipe(recipe)
                 out = Path(tempfile.mkdtemp(prefix=f"compare-{name}-", dir=self.out_root))
-                images, _, _ = self.generate(recipe, out, progress)
+                images, _, _ = self.generate(recipe, out, progress, run_id)
             except MultifusionError as err:
                 problems.append(f"- **{name}**: " + "; ".join(str(err).replace("invalid recipe:", "").split("\n")).strip())
                 continue
@@ -403,10 +406,11 @@ class App:
             for i, m in enumerate(recipe["models"]):
                 try:
                     s = summary([reading], [m.get("prompt", "")])
-                    row[f"model {i} prompt: image success"] = s.get("image_success", float("nan"))
-                    row[f"model {i} prompt: attributes"] = round(sum(v for k, v in s.items() if k.startswith("attr/")) / max(1, sum(1 for k in s if k.startswith("attr/"))), 3)
-                except MultifusionError:
-                    row[f"model {i} prompt: image success"] = float("nan")
+                    for k in ("image_success", "scene", "style"):
+                        if k in s:
+                            row[f"model {i} prompt: {k}"] = round(s[k], 3)
+                except MultifusionError:  # a prompt outside the zoo's caption grammar
+                    row[f"model {i} prompt"] = "not a zoo caption"
             rows.append(row)
         return rows
 
