@@ -108,3 +108,14 @@ def test_clicks_and_tiles_make_boxes_on_the_grid():
     assert forms.box_from_clicks((10, 10), (10, 10), 4, 64, 64, scale=1)["row_end"] == 12  # a click makes one cell
     tiles = forms.tile_rows(1, 2, 64, 40, 16, "a desert")
     assert [(t["col_init"], t["col_end"]) for t in tiles] == [(0, 40), (24, 64)]
+
+
+def test_ui_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
+    import sys
+
+    from multifusion.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the ui extra were not installed
+    monkeypatch.delitem(sys.modules, "multifusion.ui.app", raising=False)
+    assert main(["ui", "--port", "0"]) == 2
+    assert 'needs the ui extra (gradio is missing): pip install -e ".[ui]"' in capsys.readouterr().err
