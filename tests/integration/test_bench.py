@@ -27,7 +27,8 @@ from multifusion.cli import main
 from multifusion.errors import ModelLoadError, RecipeError
 from multifusion.zoo.render import GENERAL_HELD_OUT, SCENE_PHRASES, SLOT_PHRASES, TEXTURES, parse_caption
 
-SMALL = dict(seeds=2, prompts=2, num_inference_steps=2, batch_size=2, progress=False)
+FG_ROWS = ["single-general", "single-expert", "average", "snb"]  # the rows these tests read (the merge rows add nothing here)
+SMALL = dict(seeds=2, prompts=2, num_inference_steps=2, batch_size=2, progress=False, rows=FG_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +229,14 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     models = {"general": a, "expert": b, "cartoon": b, "layout": a, "palette": b, "slice0": a, "slice1": b}
     doc = tmp_path / "results-doc.md"
     doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
-    res = run_bench("all", tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False, update_doc=doc)
+    # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not these.
+    every = sorted({r.id for app in APPS.values() for r in app.rows()[0]} - {"afa"})
+    res = run_bench("all", tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False, update_doc=doc,
+                    rows=every)
     got = {(r["app"], r["row"]) for r in res["rows"]}
     for app in APPS.values():
         rows, skipped = app.rows()
-        assert {(app.id, r.id) for r in rows} <= got
+        assert {(app.id, r.id) for r in rows if r.id != "afa"} <= got
         assert set(skipped) == {f.method for f in app.fusions if f.method not in METHODS}
     assert ("regional", "mod") in got and ("cross-domain", "snb") in got
     assert all(0 <= r["metrics"]["success"] <= 1 for r in res["rows"])
@@ -258,7 +262,7 @@ def test_two_processes_merge_into_the_single_process_result(reference, fg_models
     _, ref = reference
     out = tmp_path / "sharded"
     args = ["bench", "fine-grained", "--out", str(out), "--seeds", "2", "--prompts", "2", "--steps", "2",
-            "--batch-size", "2", "--threads", "1", "--no-progress",
+            "--batch-size", "2", "--threads", "1", "--no-progress", "--rows", ",".join(FG_ROWS),
             "--model", f"general={fg_models['general']}", "--model", f"expert={fg_models['expert']}"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "multifusion.cli", *args]

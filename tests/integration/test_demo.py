@@ -15,8 +15,9 @@ def test_tiny_demo_writes_images_grid_and_report(tmp_path):
         assert set(row) == {"app", "method", "models", "seeds", "metrics"} and row["seeds"] == 4
     assert "tiny randomly initialised" in (out / "report.md").read_text()
     assert (out / "grid.png").stat().st_size > 0
-    assert len(list(out.glob("*-s[0-9].png"))) == 16
+    assert len(list(out.glob("*-s[0-9].png"))) == 20  # 5 rows x 4 seeds
     assert (out / "snb-tiny-general+tiny-expert-s0-masks.png").is_file() and "masks" in (out / "report.md").read_text()
+    assert (out / "amdm-tiny-general+tiny-expert-s0-amdm.png").is_file() and "AMDM" in (out / "report.md").read_text()
     # Each PNG regenerates its own image alone.
     again = tmp_path / "again"
     assert main(["generate", "--from-image", str(out / "snb-tiny-general+tiny-expert-s2.png"), "--out", str(again), "--no-progress"]) == 0
@@ -38,3 +39,9 @@ def test_zoo_demo_reports_every_row_with_success(tmp_path):
         assert 0.0 <= row["metrics"]["success"] <= 1.0
     assert {("fine-grained", "snb"), ("fine-grained", "average")} <= {(r["app"], r["method"]) for r in report["rows"]}
     assert (out / "pictures" / "snb-s0-masks.png").exists() and (out / "pictures" / "panorama-s0.png").exists()
+    methods = {(r["app"], r["method"]) for r in report["rows"]}
+    if {"layout", "palette"} <= set(zoo_models()):
+        assert ("aggregation", "amdm") in methods and (out / "pictures" / "amdm-s0-amdm.png").exists()
+    if {"slice0", "slice1"} <= set(zoo_models()):
+        assert {("ensemble", "afa"), ("ensemble", "merge"), ("ensemble", "mbw")} <= methods
+        assert (out / "pictures" / "afa-s0-afa.png").exists()
