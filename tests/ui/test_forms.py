@@ -89,6 +89,13 @@ def test_dropped_files(tmp_path):
         forms.read_recipe_file(str(plain))
     made = save_png(Image.new("RGB", (8, 8)), tmp_path / "made.png", {"recipe": {"method": "single", "models": [{"model": "zoo:general"}]}})
     assert forms.read_recipe_file(str(made))["method"] == "single"
+    # A picture someone sent cannot switch on pickles or pick a device: its runtime is dropped.
+    sent = save_png(Image.new("RGB", (8, 8)), tmp_path / "sent.png",
+                    {"recipe": {"method": "single", "models": [{"model": "x"}], "runtime": {"allow_pickle": True, "device": "cuda"}}})
+    assert "runtime" not in forms.read_recipe_file(str(sent))
+    listed = save_png(Image.new("RGB", (8, 8)), tmp_path / "listed.png", {"recipe": ["not", "a", "mapping"]})
+    with pytest.raises(RecipeError, match="not a mapping"):
+        forms.read_recipe_file(str(listed))
 
 
 def test_canvas_preview_snaps_and_shows_uncovered_pixels():

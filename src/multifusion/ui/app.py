@@ -293,7 +293,7 @@ class App:
         from multifusion.api import Run, image_name
         from multifusion.io import image_metadata, save_png, write_text
         from multifusion.recipe import parse_recipe
-        from multifusion.viz import AFAMapRecorder, AggregationRecorder, MaskRecorder
+        from multifusion.viz import method_recorders
 
         recipe = parse_recipe(recipe_dict)
         session = Run(recipe, models=self.handles(recipe))
@@ -305,7 +305,7 @@ class App:
         done = 0
         for start in range(0, len(seeds), 4):
             chunk = seeds[start : start + 4]
-            recorders = [MaskRecorder(), AggregationRecorder(session.handles[0].ready_vae(recipe.runtime.vae_device)), AFAMapRecorder()]
+            recorders = method_recorders(session.handles[0].ready_vae(recipe.runtime.vae_device))
 
             def callback(step, chunk=chunk):
                 if run_id is not None and run_id <= self.cancelled_upto:

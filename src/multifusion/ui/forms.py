@@ -271,7 +271,7 @@ def read_recipe_file(path: str) -> dict:
     naming the dropped file otherwise, as `multifusion generate --from-image` does."""
     from pathlib import Path
 
-    from multifusion.io import read_png_metadata
+    from multifusion.io import recipe_from_image
 
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -284,8 +284,8 @@ def read_recipe_file(path: str) -> dict:
         if not isinstance(data, dict):
             raise RecipeError(f"{p.name!r} must hold a mapping at top level")
         return data
-    try:  # the reader of `multifusion generate --from-image`, so the UI says what the CLI says
-        return read_png_metadata(p)["recipe"]
+    try:  # the reader of `multifusion generate --from-image`: the same fields, never `runtime` (pickles, devices)
+        return recipe_from_image(p)[0]
     except MultifusionError as err:
         raise type(err)(str(err).replace(str(p), p.name)) from None
     except (OSError, ValueError) as err:
