@@ -25,7 +25,7 @@ from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
 from multifusion.weights.merge import check_weights
 from multifusion.weights.models import MergeSpec, local_layout, merge_in_memory
-from multifusion.weights.presets import block_weights, parse_block_weights, preset
+from multifusion.weights.presets import block_weights, is_number, parse_block_weights, preset
 
 
 class MergeParams(Params):
@@ -78,7 +78,7 @@ class MBWParams(Params):
             raise FieldError("merge_method", f"a block-weighted {self.merge_method} merges {need} models, the recipe names {n}"
                              + ("; use add_difference for three (A + w (B - C))" if n == 3 else ""))
         try:
-            if isinstance(self.blocks, str) and "," not in self.blocks and not _is_number(self.blocks):
+            if isinstance(self.blocks, str) and "," not in self.blocks and not is_number(self.blocks):
                 weights = preset(self.blocks)  # "did you mean" on typos
             else:
                 weights = None
@@ -102,14 +102,6 @@ class MBWParams(Params):
     def spec(self) -> MergeSpec:
         blocks = self.blocks if isinstance(self.blocks, str) else tuple(self.blocks)
         return MergeSpec(self.merge_method, blocks=blocks, text_encoder=self.text_encoder)
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _any_layout(blocks: str | list[float]):

@@ -71,7 +71,7 @@ def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None 
         try:
             values = [float(s) for s in items]
         except ValueError:
-            bad = next(s for s in items if not _is_number(s))
+            bad = next(s for s in items if not is_number(s))
             raise RecipeError(f"block weights: {bad!r} is not a number (in {text!r})") from None
     else:
         values = [float(v) for v in text]
@@ -86,7 +86,8 @@ def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None 
     raise RecipeError(_length_message(len(values), layout))
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
+    """Whether `s` reads as a float (a weight string's item, not a preset name)."""
     try:
         float(s)
     except ValueError:
@@ -179,7 +180,7 @@ def block_weights(spec: str | Sequence[float] | BlockWeights, layout: BlockLayou
     if isinstance(spec, BlockWeights):
         spec.by_block(layout)  # checks the length
         return spec, "given"
-    if isinstance(spec, str) and "," not in spec and not _is_number(spec):
+    if isinstance(spec, str) and "," not in spec and not is_number(spec):
         weights, note = preset(spec), f"preset {spec.strip().upper().replace('-', '_')}"
     else:
         n = len(spec.split(",")) if isinstance(spec, str) else len(spec)
