@@ -22,9 +22,12 @@ from multifusion.version import __version__
 
 
 def __getattr__(name: str):
-    if name in METHODS or name.replace("_", "-") in METHODS:
-        return method_function(name if name in METHODS else name.replace("_", "-"))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from multifusion import api
+
+    try:  # every registered method as a function, as in multifusion.api
+        return api.__getattr__(name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

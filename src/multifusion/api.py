@@ -79,6 +79,12 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     return handles
 
 
+def check_batch_size(batch_size: int) -> None:
+    """RecipeError unless `batch_size` is a positive whole number (True is not one)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 def as_recipe(recipe: Recipe | dict | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
 
@@ -142,8 +148,7 @@ class Run:
                 progress: bool = True) -> Iterator[Result]:
         """`batch` over `seeds` (default: the recipe's) in groups of `batch_size`, each yielded
         as it finishes so a caller can save it before the next starts."""
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_batch_size(batch_size)
         seeds = list(self.recipe.seeds() if seeds is None else seeds)
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
@@ -163,8 +168,7 @@ def iter_run(
     """Run a recipe in batches of `batch_size` images, yielding each batch as it finishes. Image
     i uses seed `sampling.seed + i` alone: the same image comes out whatever the batch size or
     position in the run. `seeds` replaces the recipe's seeds (to redo a subset of a run)."""
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     yield from Run(recipe, models=models).batches(seeds, batch_size=batch_size, callback=callback, progress=progress)
 
 
@@ -284,8 +288,7 @@ def generate_to_folder(
     from multifusion.viz import method_recorders
 
     recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise RecipeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     check_stem(stem)
     out = Path(out)
     recipe_json = recipe.to_json()

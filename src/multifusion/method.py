@@ -85,14 +85,17 @@ class RunContext:
     def canvas_px(self) -> tuple[int, int]:
         return self.latent_shape[1] * self.vae_scale_factor, self.latent_shape[2] * self.vae_scale_factor
 
-    def guide(self, i: int, prompts: Sequence[str], negative_prompt: str | None = None, guidance_scale: float | None = None) -> Guided:
+    def guide(self, i: int, prompts: Sequence[str], negative_prompt: str | None = None, guidance_scale: float | None = None,
+              handle: ModelHandle | None = None) -> Guided:
         """Model i conditioned on one prompt per image (negative prompt and guidance default to
-        the recipe's for that model). Encoded once per run for each distinct batch of prompts."""
+        the recipe's for that model), or `handle` (a model the method built, e.g. a merge)
+        conditioned as recipe model i is. Encoded once per run for each distinct batch of prompts."""
+        handle = self.handles[i] if handle is None else handle
         neg = self.recipe.negative_of(i) if negative_prompt is None else negative_prompt
         scale = self.recipe.guidance_of(i) if guidance_scale is None else guidance_scale
-        key = (i, tuple(prompts), neg, scale)
+        key = (id(handle), tuple(prompts), neg, scale)
         if key not in self._guided:
-            self._guided[key] = self.handles[i].guide(list(prompts), negative_prompt=neg, guidance_scale=scale)
+            self._guided[key] = handle.guide(list(prompts), negative_prompt=neg, guidance_scale=scale)
         return self._guided[key]
 
     def guided(self, batch: Batch) -> list[Guided]:

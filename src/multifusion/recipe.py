@@ -388,8 +388,8 @@ def validate(recipe: Recipe) -> Validated:
         if cfg is not None:
             factor = cfg["vae_scale_factor"] if i == 0 else factor
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
+    i = min(spaces, default=0)
     for j, space in spaces.items():  # the full check (with the noise schedule) runs after loading
-        i = min(spaces)
         if space != spaces[i]:
             raise IncompatibleModelsError(
                 f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "

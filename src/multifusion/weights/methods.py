@@ -14,13 +14,13 @@ config is local (a preset or 25/26 SD-1 values are resampled to its depth).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
 from multifusion.errors import FieldError, IncompatibleModelsError, ModelLoadError, RecipeError
-from multifusion.handles import Guided, ModelHandle
+from multifusion.handles import ModelHandle
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
 from multifusion.weights.merge import check_weights
@@ -123,14 +123,6 @@ class PreparedMerge:
     ctx: RunContext
     params: Params
     handle: ModelHandle
-    _guided: dict[tuple, Guided] = field(default_factory=dict, repr=False)
-
-    def guided(self, batch: Batch) -> Guided:
-        r = self.ctx.recipe
-        prompts = tuple(r.prompts_of(0, batch.indices))
-        if prompts not in self._guided:
-            self._guided[prompts] = self.handle.guide(list(prompts), negative_prompt=r.negative_of(0), guidance_scale=r.guidance_of(0))
-        return self._guided[prompts]
 
 
 def prepare_merge(ctx: RunContext, params: MergeParams | MBWParams) -> PreparedMerge:
@@ -144,7 +136,8 @@ def prepare_merge(ctx: RunContext, params: MergeParams | MBWParams) -> PreparedM
 
 
 def plan_merge_single(prep: PreparedMerge, batch: Batch) -> Plan:
-    return Plan([Trajectory(prep.guided(batch))])
+    ctx = prep.ctx
+    return Plan([Trajectory(ctx.guide(0, ctx.recipe.prompts_of(0, batch.indices), handle=prep.handle))])
 
 
 METHODS = [
