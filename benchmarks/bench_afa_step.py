@@ -51,7 +51,7 @@ def main() -> None:
     share = f"zoo d={agg.config.width}: {n_agg:,} / {n_unet:,} = {n_agg / n_unet:.1%};  SD-1.5 d=128 (config): {sd_agg:,} / {sd_unet:,} = {sd_agg / sd_unet:.1%}"
     for side in args.latent:
         x = torch.randn(2 * args.batch, 4, side, side, generator=g)
-        ctx = [h.encode_prompt(["a red circle on the left in a desert"] * 2 * args.batch) for h in handles]
+        ctx = [h.encode_prompt(["a red circle on the left in a desert"] * 2 * args.batch).embeds for h in handles]
         t = torch.tensor(500)
 
         @torch.no_grad()

@@ -54,7 +54,7 @@ def main() -> None:
         def run():
             with torch.no_grad():
                 for g in guided:
-                    g.handle.unet(x2, t, encoder_hidden_states=torch.cat([g.uncond_embeds, g.cond_embeds]), return_dict=False)
+                    g.handle.unet(x2, t, encoder_hidden_states=torch.cat([g.negative.embeds, g.positive.embeds]), return_dict=False)
 
         return run
 

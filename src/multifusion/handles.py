@@ -75,6 +75,42 @@ def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> tor
     return a.sqrt() * v + (1 - a).sqrt() * x_t
 
 
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """What a denoiser is conditioned on for a batch of B prompts, batch first.
+
+    `embeds` (B, L, D) is the text encoder's sequence (cross-attention context); `extra` holds
+    the further batch-first tensors a model family needs (e.g. a pooled text embedding (B, P)),
+    passed to the handle's `eps` untouched. Conditionings concatenate and slice along the batch,
+    so several conditionings of one model run in one denoiser call (`predict_together`).
+    """
+
+    embeds: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, value in self.extra.items():
+            if value.shape[0] != self.embeds.shape[0]:
+                raise ValueError(f"conditioning {key!r} has batch {value.shape[0]}, embeds have {self.embeds.shape[0]}")
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, rows: slice) -> "Conditioning":
+        return Conditioning(self.embeds[rows], {k: v[rows] for k, v in self.extra.items()})
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return Conditioning(self.embeds.to(device), {k: v.to(device) for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Stack conditionings of one model along the batch (all must carry the same extras)."""
+        keys = set(parts[0].extra)
+        if any(set(p.extra) != keys for p in parts):
+            raise ValueError("conditionings to batch together carry different extras: " + ", ".join(sorted({k for p in parts for k in p.extra})))
+        return Conditioning(torch.cat([p.embeds for p in parts]), {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra})
+
+
 @dataclass(eq=False)
 class ModelHandle:
     """One loaded text-to-image model: its denoiser and its conditioning.
@@ -126,10 +162,11 @@ class ModelHandle:
 
     # --- conditioning -------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, L, D) as diffusers' StableDiffusionPipeline computes them:
-        padded to the tokenizer's max length, truncated, attention mask only where the text
-        encoder's config asks for it, last hidden state."""
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """The conditioning for `prompts`: text embeddings (B, L, D) as diffusers'
+        StableDiffusionPipeline computes them (padded to the tokenizer's max length, truncated,
+        attention mask only where the text encoder's config asks for it, last hidden state).
+        Model families with further conditioning override this and `eps`."""
         tok = self.tokenizer(
             prompts,
             padding="max_length",
@@ -143,7 +180,7 @@ class ModelHandle:
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tok.attention_mask.to(dev)
         embeds = self.text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
-        return embeds.to(dtype=self.dtype)
+        return Conditioning(embeds.to(dtype=self.dtype))
 
     def guide(
         self,
@@ -175,13 +212,13 @@ class ModelHandle:
 
     # --- denoising ---------------------------------------------------------------------
     @torch.no_grad()
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """One UNet call converted to epsilon. x_t (B, C, H, W) float32, embeds (B, L, D);
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One UNet call converted to epsilon. x_t (B, C, H, W) float32, `cond` of batch B;
         returns eps (B, C, H, W) float32."""
         self._on_device(self.unet)
         dev = self.offloader.device if self.offloader else self.device
         out = self.unet(
-            x_t.to(dev, self.dtype), t, encoder_hidden_states=embeds.to(dev), return_dict=False
+            x_t.to(dev, self.dtype), t, encoder_hidden_states=cond.embeds.to(dev), return_dict=False
         )[0].to(x_t.device, torch.float32)
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, x_t, alpha_bar_at(self.alphas_cumprod, t).to(x_t.device, torch.float32))
@@ -225,14 +262,14 @@ class Guided:
     """
 
     handle: ModelHandle
-    cond_embeds: torch.Tensor  # (B, L, D)
-    uncond_embeds: torch.Tensor  # (B, L, D)
+    positive: Conditioning  # batch B
+    negative: Conditioning  # batch B
     guidance_scale: float
     prompts: list[str]
 
     @property
     def batch_size(self) -> int:
-        return self.cond_embeds.shape[0]
+        return len(self.positive)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, need_uncond: bool = False) -> GuidedPrediction:
         return predict_together([self], [x_t], t, need_uncond)[0]
@@ -252,12 +289,12 @@ def predict_together(
     if any(g.handle is not handle for g in guided):
         raise ValueError("predict_together takes conditioned copies of one model; group inputs by model first")
     x = torch.cat(list(xs))
-    cond = torch.cat([g.cond_embeds for g in guided])
+    cond = Conditioning.cat([g.positive for g in guided])
     if not need_uncond and all(g.guidance_scale == 1.0 for g in guided):
         c_all, u_all = handle.eps(x, t, cond), None
     else:
-        uncond = torch.cat([g.uncond_embeds for g in guided])
-        u_all, c_all = handle.eps(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+        uncond = Conditioning.cat([g.negative for g in guided])
+        u_all, c_all = handle.eps(torch.cat([x, x]), t, Conditioning.cat([uncond, cond])).chunk(2)
     out, start = [], 0
     for g, xi in zip(guided, xs):
         n = xi.shape[0]

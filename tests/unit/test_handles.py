@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multifusion.handles import GuidedPrediction, Offloader, alpha_bar_at, v_to_eps
+from multifusion.handles import Conditioning, GuidedPrediction, Offloader, alpha_bar_at, v_to_eps
 
 
 def _schedule():
@@ -47,3 +47,23 @@ def test_guidance_response_is_scale_times_difference():
     assert torch.equal(p.response, torch.full_like(c, 3.0))
     with pytest.raises(ValueError, match="need_uncond"):
         GuidedPrediction(c, None, c, 1.0).response
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+@settings(max_examples=30, deadline=None)
+def test_conditionings_concatenate_and_slice_back_along_the_batch(sizes):
+    parts = [Conditioning(torch.randn(b, 3, 5), {"pooled": torch.randn(b, 7)}) for b in sizes]
+    whole = Conditioning.cat(parts)
+    assert len(whole) == sum(sizes)
+    start = 0
+    for p in parts:
+        back = whole[start : start + len(p)]
+        assert torch.equal(back.embeds, p.embeds) and torch.equal(back.extra["pooled"], p.extra["pooled"])
+        start += len(p)
+
+
+def test_conditioning_refuses_mismatched_batches_and_extras():
+    with pytest.raises(ValueError, match="'pooled' has batch 3"):
+        Conditioning(torch.zeros(2, 3, 5), {"pooled": torch.zeros(3, 7)})
+    with pytest.raises(ValueError, match="different extras"):
+        Conditioning.cat([Conditioning(torch.zeros(1, 3, 5)), Conditioning(torch.zeros(1, 3, 5), {"pooled": torch.zeros(1, 7)})])

@@ -37,7 +37,7 @@ from torch import nn
 
 from multifusion.errors import IncompatibleModelsError
 from multifusion.features.afa import AFAAggregators
-from multifusion.handles import ModelHandle
+from multifusion.handles import Conditioning, ModelHandle
 
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -363,16 +363,22 @@ class EnsembleHandle(ModelHandle):
                    device=first.device, dtype=first.dtype, offloader=None, members=list(members))
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """(B, N*L, D): each member's own embedding of `prompts` (shared encoders run once)."""
-        done: dict[tuple[int, int], torch.Tensor] = {}
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """Embeds (B, N*L, D): each member's own embedding of `prompts` (shared encoders run once)."""
+        return self.encode_each([prompts] * len(self.members))
+
+    @torch.no_grad()
+    def encode_each(self, prompts: Sequence[list[str]]) -> Conditioning:
+        """Embeds (B, N*L, D): member n's embedding of its own `prompts[n]`, encoded once per
+        distinct (encoder, prompts)."""
+        done: dict[tuple, torch.Tensor] = {}
         parts = []
-        for m in self.members:
-            key = (id(m.tokenizer), id(m.text_encoder))
+        for m, p in zip(self.members, prompts):
+            key = (id(m.tokenizer), id(m.text_encoder), tuple(p))
             if key not in done:
-                done[key] = m.encode_prompt(prompts).to(self.device)
+                done[key] = m.encode_prompt(list(p)).embeds.to(self.device)
             parts.append(done[key])
         if len({tuple(p.shape[1:]) for p in parts}) != 1:
             raise IncompatibleModelsError("AFA needs text embeddings of one shape (tokens, width) from every model; got "
                                           + ", ".join(f"{m.name}: {tuple(p.shape[1:])}" for m, p in zip(self.members, parts)))
-        return torch.cat(parts, dim=1)
+        return Conditioning(torch.cat(parts, dim=1))

@@ -87,14 +87,13 @@ class PreparedAFA:
 
     def guided(self, batch: Batch) -> Guided:
         """The ensemble conditioned on each model's own prompts for the batch (encoded once)."""
-        ctx, recipe = self.ctx, self.ctx.recipe
+        recipe = self.ctx.recipe
         key = tuple(batch.indices)
         if key not in self._guided:
             members = self.handle.members
             prompts = [recipe.prompts_of(i, batch.indices) for i in range(len(members))]
-            cond = torch.cat([m.encode_prompt(p).to(self.handle.device) for m, p in zip(members, prompts)], dim=1)
-            uncond = torch.cat([m.encode_prompt([recipe.negative_of(i)] * batch.size).to(self.handle.device)
-                                for i, m in enumerate(members)], dim=1)
+            cond = self.handle.encode_each(prompts)
+            uncond = self.handle.encode_each([[recipe.negative_of(i)] * batch.size for i in range(len(members))])
             self._guided[key] = Guided(self.handle, cond, uncond, float(recipe.guidance_of(0)), prompts[0])
         return self._guided[key]
 
