@@ -9,7 +9,7 @@ its own guidance scale and negative prompt. What leaves a handle is a *noise fun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
@@ -120,7 +120,7 @@ class ModelHandle:
     """
 
     name: str
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the denoiser (a UNet, or a transformer in families that use one)
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: Any
@@ -129,6 +129,20 @@ class ModelHandle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     offloader: Offloader | None = None
+
+    # The diffusers pipeline class this handle is built from, and its modules that hold weights
+    # (shared between handles when equal, counted by `held_bytes`). Families extend both.
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
+    components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")
+
+    @classmethod
+    def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
+        """The handle's fields taken from a loaded pipeline of `pipeline_class`."""
+        return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The weight-holding modules by component name."""
+        return {kind: getattr(self, kind) for kind in self.components}
 
     # --- facts used to check that models can meet ------------------------------------
     @property

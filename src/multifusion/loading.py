@@ -152,10 +152,34 @@ def _dtype_kwarg() -> str:
 _DTYPE_KWARG = _dtype_kwarg()
 
 
-def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
-    from diffusers import StableDiffusionPipeline
+# Handle classes by the diffusers pipeline class they are built from (`ModelHandle.pipeline_class`).
+FAMILIES: dict[str, type[ModelHandle]] = {ModelHandle.pipeline_class: ModelHandle}
 
-    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+def family_of(ref: ModelRef) -> type[ModelHandle]:
+    """The handle class for `ref`: from its pipeline folder's (or config folder's)
+    model_index.json where local; Stable Diffusion 1.x/2.x otherwise."""
+    root = Path(ref.location) if ref.kind in ("folder", "zoo") else (Path(ref.config) if ref.config else None)
+    name = None
+    if root is not None:
+        try:
+            name = json.loads((root / "model_index.json").read_text()).get("_class_name")
+        except (OSError, json.JSONDecodeError):
+            name = None
+    if name is None:
+        return ModelHandle
+    if name not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelLoadError(f"{ref.text!r} is a {name}; the models that can be combined are: {known}")
+    return FAMILIES[name]
+
+
+def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool):
+    import diffusers
+
+    pipeline = getattr(diffusers, family.pipeline_class)
+    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
+        if family.pipeline_class == "StableDiffusionPipeline" else {}
     common[_DTYPE_KWARG] = dtype
     check_weight_files(ref)
     try:
@@ -163,10 +187,8 @@ def _load_pipeline(ref: ModelRef, dtype: torch.dtype, allow_pickle: bool):
             kwargs = dict(common)
             if ref.config:
                 kwargs["config"] = ref.config
-            return StableDiffusionPipeline.from_single_file(ref.location, **kwargs)
-        return StableDiffusionPipeline.from_pretrained(
-            ref.location, use_safetensors=None if allow_pickle else True, **common
-        )
+            return pipeline.from_single_file(ref.location, **kwargs)
+        return pipeline.from_pretrained(ref.location, use_safetensors=None if allow_pickle else True, **common)
     except Exception as err:  # diffusers raises OSError, ValueError and its own error classes here
         if ref.kind == "single_file" and not ref.config:
             hint = " (single-file checkpoints need their diffusers config: give the model a `config:` folder in the recipe, or config=FOLDER in Python)"
@@ -213,10 +235,12 @@ def share_components(handles: list[ModelHandle]) -> dict[str, int]:
 def _share_with_earlier(handles: list[ModelHandle]) -> dict[str, int]:
     *earlier, h = handles
     shared = {"text_encoder": 0, "vae": 0, "unet": 0}
-    for kind in shared:
-        mine = getattr(h, kind)
+    for kind, mine in h.modules().items():
+        shared.setdefault(kind, 0)
         for prev in earlier:
-            theirs = getattr(prev, kind)
+            theirs = getattr(prev, kind, None)
+            if theirs is None:
+                continue
             if theirs is mine:
                 break
             if _same_module(theirs, mine):
@@ -231,7 +255,7 @@ def held_bytes(handles: list[ModelHandle]) -> int:
     seen: set[int] = set()
     total = 0
     for h in handles:
-        for module in (h.unet, h.vae, h.text_encoder):
+        for module in h.modules().values():
             for t in list(module.parameters()) + list(module.buffers()):
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in seen:
@@ -255,24 +279,23 @@ def load_model(
     if isinstance(ref, str):
         ref = resolve(ref, config=config, allow_pickle=allow_pickle)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    pipe = _load_pipeline(ref, torch_dtype, allow_pickle)
+    family = family_of(ref)
+    pipe = _load_pipeline(ref, family, torch_dtype, allow_pickle)
     device = torch.device(device)
     if offloader is None:
         pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval().requires_grad_(False)
-    return ModelHandle(
+    handle = family(
         name=name or ref.text,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
+        **family.pipeline_parts(pipe),
         scheduler_config=dict(pipe.scheduler.config),
         source=ref.text,
         device=device,
         dtype=torch_dtype,
         offloader=offloader,
     )
+    for module in handle.modules().values():
+        module.eval().requires_grad_(False)
+    return handle
 
 
 def load_models(

@@ -1,7 +1,8 @@
 import pytest
 
 from multifusion.errors import ModelLoadError, PickleRefusedError
-from multifusion.loading import resolve
+from multifusion.handles import ModelHandle
+from multifusion.loading import family_of, resolve
 
 
 def test_kinds(tmp_path):
@@ -33,3 +34,15 @@ def test_clear_errors(tmp_path):
         resolve(str(tmp_path / "m.safetensors"), config=str(tmp_path / "empty"))
     with pytest.raises(ModelLoadError, match="unknown zoo model"):
         resolve("zoo:does-not-exist")
+
+
+def test_family_from_model_index_and_refusal_of_unknown_pipelines(tmp_path):
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert family_of(resolve(str(sd))) is ModelHandle
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ModelLoadError, match="is a KandinskyPipeline; the models that can be combined are: .*StableDiffusionPipeline"):
+        family_of(resolve(str(other)))
