@@ -394,8 +394,9 @@ def validate(recipe: Recipe) -> Validated:
         if families[j] != families[i] and "velocity" in (families[j][1], families[i][1]):
             raise IncompatibleModelsError(
                 f"models[{j}].model: a {families[j][0]} model cannot meet models[{i}], a {families[i][0]} model: their VAEs "
-                f"(latent spaces) and noise schedules differ and they predict {families[j][1]} vs {families[i][1]}; "
-                "fuse models of one family")
+                "(latent spaces) and noise schedules differ"
+                + (f", and they predict {families[j][1]} vs {families[i][1]}" if families[j][1] != families[i][1] else "")
+                + "; fuse models of one family")
         if space != spaces[i]:
             raise IncompatibleModelsError(
                 f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "
