@@ -8,8 +8,15 @@ from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
 from multifusion.flow.flux import image_ids, pack, unpack
-from multifusion.flow.schedule import (FlowMatchSampler, eps_to_velocity, resolution_shift, velocity_to_eps, velocity_to_x0,
-                                       vp_alphas_cumprod, x0_to_velocity)
+from multifusion.flow.schedule import (
+    FlowMatchSampler,
+    eps_to_velocity,
+    resolution_shift,
+    velocity_to_eps,
+    velocity_to_x0,
+    vp_alphas_cumprod,
+    x0_to_velocity,
+)
 from multifusion.handles import cfg
 from multifusion.noise.average import weighted_average
 from multifusion.schedulers import check_flow_sampler, check_steps, make_scheduler

@@ -87,7 +87,11 @@ def build_tiny_sd3_pipeline(folder: str | Path, *, seed: int = 0, text_seed: int
     8x8 latent), 16 latent channels, 2x2 patches, two CLIPs (width 16, projected 16) and a T5 of
     width 32 (left out with `t5=False`). `seed` sets the transformer; `text_seed` and `vae_seed`
     (default `seed`) the encoders and the VAE, so several pipelines can share them as fine-tunes do."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     folder = Path(folder)
     text_seed = seed if text_seed is None else text_seed
@@ -114,7 +118,11 @@ def build_tiny_flux_pipeline(folder: str | Path, *, seed: int = 0, text_seed: in
     (64 per token), one double- and one single-stream block, CLIP width 16 and T5 width 32;
     guidance-distilled (dev-like) unless `guidance_embeds=False` (schnell-like). The scheduler
     shifts with the image size as FLUX.1-dev's config does."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     folder = Path(folder)
     text_seed = seed if text_seed is None else text_seed
