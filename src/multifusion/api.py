@@ -25,9 +25,9 @@ from multifusion.handles import ModelHandle, Offloader, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
-from multifusion.recipe import MERGE_PREFIX, Recipe, canvas_size, check_canvas, check_devices, parse_recipe, validate
+from multifusion.recipe import (MERGE_PREFIX, Recipe, canvas_size, check_canvas, check_devices, check_patch_grid, parse_recipe,
+                                validate)
 from multifusion.registry import get_method
-from multifusion.schedulers import make_scheduler
 from multifusion.vae import decode, to_pil
 
 
@@ -104,9 +104,10 @@ class Run:
             check_same_latent_space(handles)
         base = handles[0]
         f = base.vae_scale_factor
-        default = int(base.unet.config.sample_size) * f
+        default = base.native_px
         size_of = canvas_size if checked.canvas_checked else check_canvas  # check once, before loading where possible
         height, width = size_of(self.recipe, self.method, self.params, f, default)
+        check_patch_grid(height, width, base.patch_px, base.family_name)
         self.latent_shape = (base.latent_channels, height // f, width // f)
         self.ctx = RunContext(handles, self.recipe, self.latent_shape, f)
         self.prepared = self.method.prepare(self.ctx, self.params)
@@ -132,7 +133,7 @@ class Run:
         plan = self.method.plan(self.prepared, batch)
         base = self.handles[0]
         trajectories = [
-            replace(tr, scheduler=tr.scheduler if tr.scheduler is not None else make_scheduler(r.sampling.scheduler, base.scheduler_config),
+            replace(tr, scheduler=tr.scheduler if tr.scheduler is not None else base.scheduler(r.sampling.scheduler, self.latent_shape[1:]),
                     noise=tr.noise if tr.noise is not None else batch.noise)
             for tr in plan.trajectories
         ]

@@ -134,6 +134,18 @@ class ModelHandle:
     # (shared between handles when equal, counted by `held_bytes`). Families extend both.
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")
+    # What `eps` returns, the space the trajectories of this family run in: "epsilon" (DDPM
+    # schedules) or "velocity" (flow matching, docs/flow.md); models of different spaces never meet.
+    prediction_space: ClassVar[str] = "epsilon"
+    family_name: ClassVar[str] = "Stable Diffusion 1.x/2.x"
+
+    denoiser_folder: ClassVar[str] = "unet"  # the denoiser's folder in a pipeline folder
+
+    @classmethod
+    def config_facts(cls, denoiser: dict) -> tuple[int, int]:
+        """(latent channels, patch side in latent pixels) from the denoiser's config.json, read
+        before loading."""
+        return int(denoiser.get("in_channels", 4)), 1
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
@@ -141,8 +153,15 @@ class ModelHandle:
         return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """The weight-holding modules by component name."""
-        return {kind: getattr(self, kind) for kind in self.components}
+        """The weight-holding modules by component name (optional ones left out when absent)."""
+        return {kind: getattr(self, kind) for kind in self.components if getattr(self, kind) is not None}
+
+    def scheduler(self, name: str, latent_hw: tuple[int, int]):
+        """A fresh scheduler of kind `name` on this model's schedule, for latents of `latent_hw`
+        (families whose schedule depends on the image size use it)."""
+        from multifusion.schedulers import make_scheduler
+
+        return make_scheduler(name, self.scheduler_config)
 
     # --- facts used to check that models can meet ------------------------------------
     @property
@@ -160,6 +179,21 @@ class ModelHandle:
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def patch_px(self) -> int:
+        """The pixel grid of canvas sizes and region boxes (the VAE factor; times the
+        transformer's patch size for patch-based denoisers)."""
+        return self.vae_scale_factor
+
+    @property
+    def native_px(self) -> int:
+        """The model's native image side in pixels (the default canvas)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -324,10 +358,18 @@ def check_same_latent_space(handles: list[ModelHandle]) -> None:
     VAE scaling factor and noise schedule: the conditions for meeting at noise or latent level."""
     base = handles[0]
     for h in handles[1:]:
+        if base.prediction_space != h.prediction_space or (
+                "velocity" in (base.prediction_space, h.prediction_space) and base.family_name != h.family_name):
+            raise IncompatibleModelsError(
+                f"models {base.name!r} ({base.family_name}) and {h.name!r} ({h.family_name}) live in different latent "
+                f"spaces (different VAEs) and predict {base.prediction_space} vs {h.prediction_space} on different noise "
+                "schedules: they cannot meet at noise or latent level; fuse models of one family"
+            )
         for what, a, b in (
             ("latent channels", base.latent_channels, h.latent_channels),
             ("VAE downsampling factor", base.vae_scale_factor, h.vae_scale_factor),
             ("VAE scaling_factor", round(base.scaling_factor, 6), round(h.scaling_factor, 6)),
+            ("VAE shift_factor", round(base.shift_factor, 6), round(h.shift_factor, 6)),
             ("num_train_timesteps", len(base.alphas_cumprod), len(h.alphas_cumprod)),
         ):
             if a != b:

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 
 from multifusion.errors import ModelLoadError, PickleRefusedError, did_you_mean
+from multifusion.flow.flux import FluxHandle
+from multifusion.flow.sd3 import SD3Handle
 from multifusion.handles import ModelHandle, Offloader
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -126,17 +128,26 @@ def read_local_config(ref: ModelRef) -> dict | None:
     if root is None:
         return None
     try:
+        family = family_of(ref)
+    except ModelLoadError:  # a pipeline no family handles: named when it loads
+        family = ModelHandle
+    try:
         vae = json.loads((root / "vae" / "config.json").read_text())
-        unet = json.loads((root / "unet" / "config.json").read_text())
+        unet = json.loads((root / family.denoiser_folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     try:  # the noise schedule, to check the step count against the scheduler before loading
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError):
         scheduler = None
+    channels, patch = family.config_facts(unet)
+    factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     return {
-        "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
-        "latent_channels": unet.get("in_channels", 4),
+        "vae_scale_factor": factor,
+        "latent_channels": channels,
+        "patch_px": factor * patch,
+        "family": family.family_name,
+        "prediction_space": family.prediction_space,
         "scheduler": scheduler,
     }
 
@@ -154,6 +165,7 @@ _DTYPE_KWARG = _dtype_kwarg()
 
 # Handle classes by the diffusers pipeline class they are built from (`ModelHandle.pipeline_class`).
 FAMILIES: dict[str, type[ModelHandle]] = {ModelHandle.pipeline_class: ModelHandle}
+FAMILIES.update({h.pipeline_class: h for h in (SD3Handle, FluxHandle)})
 
 
 def family_of(ref: ModelRef) -> type[ModelHandle]:
@@ -174,6 +186,18 @@ def family_of(ref: ModelRef) -> type[ModelHandle]:
     return FAMILIES[name]
 
 
+def _absent_parts(ref: ModelRef) -> list[str]:
+    """Components a local pipeline folder's model_index.json lists as absent ([null, null], e.g.
+    SD3 without its T5 encoder): diffusers loads them only when told they are None."""
+    if ref.kind not in ("folder", "zoo"):
+        return []
+    try:
+        index = json.loads((Path(ref.location) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]]
+
+
 def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool):
     import diffusers
 
@@ -181,6 +205,7 @@ def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype,
     common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
         if family.pipeline_class == "StableDiffusionPipeline" else {}
     common[_DTYPE_KWARG] = dtype
+    common.update({part: None for part in _absent_parts(ref)})
     check_weight_files(ref)
     try:
         if ref.kind == "single_file":

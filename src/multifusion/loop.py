@@ -50,7 +50,7 @@ class Step:
     t: list[torch.Tensor | None]  # each trajectory's timestep at this step
     t_next: list[torch.Tensor | None]  # its timestep after this step (None after the last)
     model_input: list[torch.Tensor | None]  # scale_model_input(x_t): the variance-preserving latent the model saw
-    eps: list[torch.Tensor | None]  # each trajectory's noise prediction (eps space)
+    eps: list[torch.Tensor | None]  # each trajectory's prediction (eps; velocity for flow-matching models)
     latents: list[torch.Tensor | None]  # x after its own scheduler step; after `meet`, what meet returned
     schedulers: list[Any]
     record: dict[str, Any] = field(default_factory=dict)  # named extras from combiners (masks, maps)
@@ -59,7 +59,10 @@ class Step:
     def x0(self, k: int) -> torch.Tensor:
         """Trajectory k's prediction of the clean latent, (x - sqrt(1 - a) eps) / sqrt(a) with
         x the model's (variance-preserving) input and a = alpha_bar(t): the same formula for
-        every scheduler, whatever its own step does."""
+        every scheduler, whatever its own step does. Flow-matching schedules (whose predictions are
+        velocities) give x - sigma v (`multifusion.flow.schedule.FlowMatchSampler.predicted_x0`)."""
+        if hasattr(self.schedulers[k], "predicted_x0"):
+            return self.schedulers[k].predicted_x0(self.model_input[k], self.eps[k], self.step)
         a = alpha_bar_at(self.schedulers[k].alphas_cumprod, self.t[k]).to(self.eps[k].device, torch.float32)
         return (self.model_input[k] - (1 - a).sqrt() * self.eps[k]) / a.sqrt()
 

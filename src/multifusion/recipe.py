@@ -373,7 +373,7 @@ def validate(recipe: Recipe) -> Validated:
             if m.prompt is None and recipe.prompt is None:
                 raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
-    factor, spaces = None, {}
+    factor, grid, spaces, families = None, None, {}, {}
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
         try:
@@ -386,16 +386,25 @@ def validate(recipe: Recipe) -> Validated:
         if cfg is not None and i == 0 and cfg.get("scheduler") is not None:
             check_steps(recipe.sampling.scheduler, cfg["scheduler"], recipe.sampling.num_inference_steps)
         if cfg is not None:
-            factor = cfg["vae_scale_factor"] if i == 0 else factor
+            factor, grid = (cfg["vae_scale_factor"], cfg["patch_px"]) if i == 0 else (factor, grid)
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
+            families[i] = (cfg["family"], cfg["prediction_space"])
     i = min(spaces, default=0)
     for j, space in spaces.items():  # the full check (with the noise schedule) runs after loading
+        if families[j] != families[i] and "velocity" in (families[j][1], families[i][1]):
+            raise IncompatibleModelsError(
+                f"models[{j}].model: a {families[j][0]} model cannot meet models[{i}], a {families[i][0]} model: their VAEs "
+                "(latent spaces) and noise schedules differ"
+                + (f", and they predict {families[j][1]} vs {families[i][1]}" if families[j][1] != families[i][1] else "")
+                + "; fuse models of one family")
         if space != spaces[i]:
             raise IncompatibleModelsError(
                 f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "
                 f"({spaces[i][0]}, {spaces[i][1]}), so their latents cannot meet; use models fine-tuned from one base "
                 "(same VAE)")
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
+    if size is not None:
+        check_patch_grid(*size, grid, families[0][0])
     return Validated(recipe, method, params, size is not None)
 
 
@@ -440,6 +449,16 @@ def validate_recipe(recipe: Recipe) -> tuple[Recipe, "Params"]:
     """`validate`, returning the recipe and its validated method params."""
     v = validate(recipe)
     return v.recipe, v.params
+
+
+def check_patch_grid(height: int, width: int, patch_px: int, family: str) -> None:
+    """RecipeError unless the canvas lies on the model's patch grid: a transformer sees latents
+    in patches (2x2 for SD3 and FLUX), so its sides are multiples of VAE factor x patch side."""
+    for side, v in (("height", height), ("width", width)):
+        if v % patch_px:
+            raise RecipeError(f"sampling.{side}: {v} is not a multiple of {patch_px}, the patch grid of {family} models "
+                              f"(VAE factor x the transformer's patch side); use {max(patch_px, v // patch_px * patch_px)} "
+                              f"or {(v // patch_px + 1) * patch_px}")
 
 
 def check_canvas(recipe: Recipe, method: "Method", params: "Params", factor: int, default: int | None) -> tuple[int, int] | None:

@@ -26,14 +26,21 @@ SCHEDULERS = {
     "dpm_single": "DPMSolverSinglestepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "deis": "DEISMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
+
+# Names that sample a flow-matching model (SD3, FLUX): all select its own flow-matching Euler
+# scheduler. DDIM at eta 0 and Euler are that same step on a flow-matching schedule, written in
+# other coordinates (docs/flow.md); the other samplers have no flow-matching form here.
+FLOW_SAMPLERS = frozenset({"ddim", "euler", "flow_euler", "flowmatcheulerdiscretescheduler"})
 
 
 # diffusers class names accepted: the samplers of an epsilon (or v) model on a DDPM noise schedule
 # with `alphas_cumprod`, i.e. the schedulers diffusers declares compatible with
 # StableDiffusionPipeline (`KarrasDiffusionSchedulers`) less EDMEulerScheduler (EDM sigmas,
 # no alphas_cumprod), plus the DDPM-schedule samplers LCM, TCD, SA-Solver and the parallel
-# DDIM/DDPM. Refused although diffusers has them: flow-matching schedulers (FlowMatch*), inverse
+# DDIM/DDPM. Refused although diffusers has them: flow-matching schedulers (FlowMatch*; the flow
+# Euler one samples flow-matching models, see FLOW_SAMPLERS), inverse
 # ones (DDIMInverseScheduler runs image -> noise), and those of other model kinds (VQ-Diffusion,
 # score SDE, consistency models, aMUSEd, unCLIP, RePaint, video); each failed or gave a wrong
 # image on these models when tried.
@@ -52,6 +59,8 @@ def scheduler_class(name: str):
     import diffusers
 
     cls_name = SCHEDULERS.get(name.lower(), name)
+    if cls_name == "FlowMatchEulerDiscreteScheduler":  # for flow-matching models only (see make_scheduler)
+        return diffusers.FlowMatchEulerDiscreteScheduler
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
         options = sorted(SCHEDULERS) + sorted(SAMPLING_SCHEDULERS)
@@ -70,7 +79,13 @@ def scheduler_class(name: str):
 def check_steps(name: str, base_config: dict, num_inference_steps: int) -> None:
     """RecipeError when scheduler `name` on the schedule of `base_config` cannot take
     `num_inference_steps` steps (PNDM without skip_prk_steps needs 4 or more; LCM and TCD at most
-    their original steps): found before loading, where the config is local."""
+    their original steps): found before loading, where the config is local. A flow-matching
+    schedule takes any step count; only the sampler's name is checked."""
+    from multifusion.flow.schedule import is_flow_config
+
+    if is_flow_config(base_config):
+        check_flow_sampler(name)
+        return
     try:
         make_scheduler(name, base_config).set_timesteps(num_inference_steps)
     except (ValueError, IndexError) as err:
@@ -80,8 +95,21 @@ def check_steps(name: str, base_config: dict, num_inference_steps: int) -> None:
 
 def make_scheduler(name: str, base_config: dict):
     """A fresh scheduler of kind `name` with the noise schedule of `base_config`, set to epsilon
-    prediction: handles convert every model's output to eps before it reaches a scheduler."""
-    return scheduler_class(name).from_config(base_config, prediction_type="epsilon")
+    prediction: handles convert every model's output to eps before it reaches a scheduler.
+    Flow-matching models build their schedulers through their handle (`ModelHandle.scheduler`)."""
+    cls = scheduler_class(name)
+    if cls.__name__.startswith("FlowMatch"):
+        raise RecipeError(f"sampling.scheduler: {name!r} samples flow-matching models (SD3, FLUX), and this model has a "
+                          f"DDPM noise schedule; use one of {', '.join(sorted(set(SCHEDULERS) - {'flow_euler'}))}")
+    return cls.from_config(base_config, prediction_type="epsilon")
+
+
+def check_flow_sampler(name: str) -> None:
+    """RecipeError unless `name` samples a flow-matching model (see FLOW_SAMPLERS)."""
+    if name.lower() not in FLOW_SAMPLERS:
+        raise RecipeError(f"sampling.scheduler: {name!r} has no flow-matching form; SD3 and FLUX models sample with "
+                          "their flow-matching Euler scheduler, which 'flow_euler', 'euler' and 'ddim' select "
+                          "(the same step on that schedule)")
 
 
 def timestep_fraction(t: torch.Tensor | float, num_train_timesteps: int) -> float:

@@ -29,12 +29,14 @@ def _tiling(vae: torch.nn.Module, area_px: int, tiled: bool | None):
 @torch.no_grad()
 def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1]: divide by the VAE scaling
-    factor, decode, map [-1, 1] to [0, 1]; one image at a time, on the VAE's device."""
+    factor (and add the shift factor of VAEs that have one, SD3's and FLUX's), decode, map
+    [-1, 1] to [0, 1]; one image at a time, on the VAE's device."""
     f = 2 ** (len(vae.config.block_out_channels) - 1)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
     with _tiling(vae, latents.shape[-2] * latents.shape[-1] * f * f, tiled):
         images = [
-            vae.decode(x[None].to(param.device, param.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            vae.decode(x[None].to(param.device, param.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
             for x in latents
         ]
     return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1).cpu()
@@ -43,12 +45,14 @@ def decode(vae: torch.nn.Module, latents: torch.Tensor, tiled: bool | None = Non
 @torch.no_grad()
 def encode(vae: torch.nn.Module, image: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
     """Image (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) float32 on the CPU: the
-    posterior mean times the scaling factor (the mean, not a sample, so it is the same for
-    every seed), on the VAE's device; tiled for large images, as `decode` is."""
+    posterior mean less the VAE's shift factor (if any) times the scaling factor (the mean, not a
+    sample, so it is the same for every seed), on the VAE's device; tiled for large images, as
+    `decode` is."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     param = next(vae.parameters())
     with _tiling(vae, image.shape[-2] * image.shape[-1], tiled):
         mean = vae.encode(image.to(param.device, param.dtype)).latent_dist.mean
-    return mean.float().cpu() * vae.config.scaling_factor
+    return (mean.float().cpu() - shift) * vae.config.scaling_factor
 
 
 def to_pil(images: torch.Tensor) -> list:

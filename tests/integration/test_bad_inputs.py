@@ -410,11 +410,14 @@ def test_every_refused_scheduler_exists_in_diffusers_and_every_allowed_one_sampl
     from multifusion.errors import RecipeError
     from multifusion.schedulers import SAMPLING_SCHEDULERS, scheduler_class
 
-    for name in ("FlowMatchEulerDiscreteScheduler", "DDIMInverseScheduler", "ScoreSdeVeScheduler", "VQDiffusionScheduler"):
+    for name in ("FlowMatchHeunDiscreteScheduler", "DDIMInverseScheduler", "ScoreSdeVeScheduler", "VQDiffusionScheduler"):
         assert hasattr(diffusers, name)
         with pytest.raises(RecipeError, match="not a sampler for these models"):
             scheduler_class(name)
     handle = mf.load_models([tiny_a])[0]
+    for name in ("flow_euler", "FlowMatchEulerDiscreteScheduler"):  # samples flow-matching models only
+        with pytest.raises(RecipeError, match="samples flow-matching models.*DDPM noise schedule"):
+            mf.single(handle, "x", num_inference_steps=4, scheduler=name, height=32, width=32, progress=False)
     for name in sorted(SAMPLING_SCHEDULERS):
         try:
             scheduler_class(name)

@@ -102,6 +102,12 @@ def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
     from multifusion.features.train import load_trained
 
     handles = ctx.handles
+    flow = sorted({h.family_name for h in handles if h.prediction_space != "epsilon"})
+    if flow:
+        raise IncompatibleModelsError(
+            f"models: AFA aggregates the features of UNet blocks (down, mid and up blocks of one shape across models); "
+            f"{', '.join(flow)} models are transformers, whose aggregators (after each joint block) are not built yet; "
+            "fuse them with average, snb, mod or amdm")
     if len({h.prediction_type for h in handles}) != 1:
         raise IncompatibleModelsError("AFA needs models of one prediction type; got "
                                       + ", ".join(f"{h.name}: {h.prediction_type}" for h in handles))

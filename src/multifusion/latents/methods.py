@@ -32,7 +32,7 @@ from multifusion.errors import FieldError, RecipeError
 from multifusion.latents.amdm import aggregate, manifold_correct, slerp_aggregate, vp_weights
 from multifusion.loop import Step, Trajectory, initial_noise, stream_generators
 from multifusion.method import Batch, Method, Params, Plan, RunContext
-from multifusion.schedulers import in_window, make_scheduler, timestep_fraction
+from multifusion.schedulers import in_window, timestep_fraction
 
 DEFAULT_WINDOW = (0.0, 0.1)
 NOISE_STREAM = zlib.crc32(b"amdm")  # the other models' initial noise: stream NOISE_STREAM + k
@@ -122,7 +122,7 @@ def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
     order = [spec] + [k for k in range(n) if k != spec]
     # Which steps meet: the step indices given, or those whose timestep lies in the window (on
     # the specified model's own timesteps; every trajectory takes as many steps).
-    sched = make_scheduler(ctx.recipe.sampling.scheduler, ctx.handles[spec].scheduler_config)
+    sched = ctx.handles[spec].scheduler(ctx.recipe.sampling.scheduler, ctx.latent_shape[1:])
     sched.set_timesteps(ctx.recipe.sampling.num_inference_steps)
     num_train = len(ctx.handles[spec].alphas_cumprod)
     if params.steps is not None:
@@ -142,7 +142,7 @@ def _scheduler(prep: PreparedAMDM, k: int):
     """Model k's own scheduler. UniPC's corrector rebuilds the next latent from the previous
     one, undoing what a meeting moved: switch it off after each meeting that moves model k (the
     specified model is not moved when it has all the weight: then m is its own step)."""
-    s = make_scheduler(prep.ctx.recipe.sampling.scheduler, prep.ctx.handles[k].scheduler_config)
+    s = prep.ctx.handles[k].scheduler(prep.ctx.recipe.sampling.scheduler, prep.ctx.latent_shape[1:])
     moved = k != prep.specified or prep.weights[0] != 1.0
     if hasattr(s, "disable_corrector") and moved:
         s.disable_corrector = [i for i, meets in enumerate(prep.meets_at) if meets]
@@ -160,6 +160,8 @@ def _record(step: Step, m: torch.Tensor, corrected: list[torch.Tensor], specifie
 
     def scale(k: int) -> float:
         s = step.schedulers[k]
+        if hasattr(s, "latent_move_to_x0") and step.t_next[k] is not None:  # flow matching: 1 / (1 - sigma_next)
+            return s.latent_move_to_x0(step.t_next[k])
         if float(s.init_noise_sigma) != 1.0 or step.t_next[k] is None:
             return 1.0
         return float(alpha_bar_at(s.alphas_cumprod, step.t_next[k])) ** -0.5

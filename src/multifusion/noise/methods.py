@@ -305,9 +305,25 @@ class PreparedCanvas:
     images: list[ImageRegion]
 
 
+def check_patch_grid(where: str, box: tuple[int, int, int, int], factor: int, patch_px: int, family: str) -> None:
+    """RecipeError naming the coordinate of a latent `box` whose pixel position is off the model's
+    patch grid (a transformer sees latents in patches: a region must be whole patches)."""
+    if patch_px == factor:
+        return
+    for name, v in zip(("row_init", "row_end", "col_init", "col_end"), box):
+        px = v * factor
+        if px % patch_px:
+            raise RecipeError(f"{where}.{name}: {px} px is not on the {patch_px}-pixel patch grid of {family} models (a region "
+                              f"must be whole transformer patches); use {px // patch_px * patch_px} or {(px // patch_px + 1) * patch_px}")
+
+
 def prepare_mod(ctx: RunContext, params: ModParams) -> PreparedCanvas:
     factor, canvas_px = ctx.vae_scale_factor, ctx.canvas_px
     placed = check_mod(params, canvas_px, factor, ctx.labels)
+    specs = [spec for _, spec in params.all_regions()] + ([params.background] if params.background else [])
+    for (where, box, _), spec in zip(placed, specs):
+        handle = ctx.handles[_model_index(where, spec.model, ctx.labels)]
+        check_patch_grid(where, box, factor, handle.patch_px, handle.family_name)
     images = []
     for n, spec in enumerate(params.image_regions):
         where = f"params.image_regions[{n}]"

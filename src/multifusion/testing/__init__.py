@@ -2,5 +2,6 @@
 single-file (LDM layout) checkpoints. The library never imports it."""
 
 from multifusion.zoo.tiny import build_tiny_pipeline, write_clip_tokenizer
+from multifusion.zoo.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
-__all__ = ["build_tiny_pipeline", "write_clip_tokenizer"]
+__all__ = ["build_tiny_pipeline", "write_clip_tokenizer", "build_tiny_sd3_pipeline", "build_tiny_flux_pipeline"]

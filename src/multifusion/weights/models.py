@@ -170,6 +170,11 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
                 "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder")
         folders.append(Path(ref.location))
     index = [_model_index(f) for f in folders]
+    if "transformer" in index[0]:
+        raise IncompatibleModelsError(
+            f"{models[0]!r} is a transformer pipeline (SD3 or FLUX): weight merges cover UNet pipelines only so far "
+            "(the transformers' block ids for block weights are not mapped yet); fuse these models at sampling time "
+            "with average, snb, mod or amdm")
     if "unet" not in index[0]:
         raise IncompatibleModelsError(f"{models[0]!r} has no unet; merges combine UNet pipelines")
     _check_same_prediction(models, folders)
