@@ -255,11 +255,12 @@ def method_recorders(vae: torch.nn.Module) -> list:
     return [MaskRecorder(), AggregationRecorder(vae), AFAMapRecorder(), RegionWeightRecorder()]
 
 
-def x0_previews(info: Step, vae: torch.nn.Module) -> list[tuple[Image.Image, str]]:
+def x0_previews(info: Step, vae: torch.nn.Module, names: list[str] | None = None) -> list[tuple[Image.Image, str]]:
     """What each running trajectory would give if sampling stopped now: its predicted clean
-    latent (`Step.x0`) decoded by `vae`, per image of the batch, with a caption. The VAE rather
-    than a fixed latent-to-RGB matrix: it is right for any model's latent space, and costs one
-    decoder pass per image (a caller previews every few steps)."""
+    latent (`Step.x0`) decoded by `vae`, per image of the batch, captioned with the image's
+    name (`names`, default "image i") and, for several, the trajectory. The VAE rather than a fixed latent-to-RGB
+    matrix: it is right for any model's latent space, and costs one decoder pass per image (a
+    caller previews every few steps)."""
     from multifusion.vae import decode, to_pil
 
     running = [k for k, eps in enumerate(info.eps) if eps is not None]
@@ -267,5 +268,5 @@ def x0_previews(info: Step, vae: torch.nn.Module) -> list[tuple[Image.Image, str
     for k in running:
         which = f", trajectory {k}" if len(info.eps) > 1 else ""
         for i, im in enumerate(to_pil(decode(vae, info.x0(k)))):
-            out.append((im, f"step {info.step + 1}/{info.num_steps}, image {i}{which}"))
+            out.append((im, f"{names[i] if names else f'image {i}'}{which}"))
     return out

@@ -113,7 +113,7 @@ def test_region_weight_picture_and_step_previews(tiny_a, tmp_path):
     shares = recorder.shares  # (3, 8, 8): region 0 alone on the left, region 1 alone on the right
     assert shares.shape == (3, 8, 8) and torch.allclose(shares.sum(0), torch.ones(8, 8))
     assert shares[0, :, 0].min() > 0.9 and shares[1, :, 7].min() > 0.9 and shares[2].max() < 0.1
-    assert [len(p) for p in previews] == [2] * 4 and previews[0][1][1] == "step 1/4, image 1"
+    assert [len(p) for p in previews] == [2] * 4 and previews[0][1][1] == "image 1"
     assert previews[-1][0][0].size == result.images[0].size
 
 
