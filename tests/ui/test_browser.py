@@ -37,12 +37,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served(tmp_path_factory) -> Path:
+    """The server's working folder: relative paths in a recipe (reference images) are read there."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, served):
     port = _free_port()
     log = tmp_path_factory.mktemp("ui") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT,
+                                env=env, cwd=served)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 120
@@ -196,15 +203,15 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     drag_canvas(page, canvas, (0.02, 0.97), (0.98, 0.72))
     rows = wait_rows(page, table, lambda rows: len(rows) == 2)
     assert rows[1][:4] == ["0", "64", "48", "64"]
-    # Dragged by its middle 8 pixels to the left: moved on the grid, the table follows.
-    drag_canvas(page, canvas, (0.5, 0.875), (0.5, 0.75), shot=shots / "ui-drag.png")
+    # Dragged by its middle 16 pixels to the left, over region 0: moved on the grid, the table follows.
+    drag_canvas(page, canvas, (0.5, 0.875), (0.5, 0.625), shot=shots / "ui-drag.png")
     rows = wait_rows(page, table, lambda rows: rows[1][2] != "48")
-    assert rows[1][:4] == ["0", "64", "40", "56"] and rows[0][:4] == ["0", "64", "0", "40"]
-    page.locator("#canvas-said-mod", has_text="regions[1] moved: rows 0-64, cols 40-56").wait_for()
+    assert rows[1][:4] == ["0", "64", "32", "48"] and rows[0][:4] == ["0", "64", "0", "40"]
+    page.locator("#canvas-said-mod", has_text="regions[1] moved: rows 0-64, cols 32-48").wait_for()
     # Resized by its bottom-right corner to the canvas' edge: every pixel covered again.
-    drag_canvas(page, canvas, (0.995, 0.87), (0.99, 0.999))
+    drag_canvas(page, canvas, (0.995, 0.745), (0.99, 0.999))
     rows = wait_rows(page, table, lambda rows: rows[1][3] == "64")
-    assert rows[1][:4] == ["0", "64", "40", "64"]
+    assert rows[1][:4] == ["0", "64", "32", "64"]
     page.locator("#canvas-notes-mod", has_text="every pixel").wait_for()
     page.wait_for_timeout(1000)  # let the canvas finish redrawing
     page.screenshot(path=str(shots / "ui-regions.png"), full_page=True)
@@ -219,7 +226,7 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     recipe = download(page, "recipe-file", tmp_path, ".yaml")
     png = download(page, "png-files", tmp_path, "-s0.png")
     made = yaml.safe_load(recipe.read_text())["params"]["regions"]
-    assert [[r[k] for k in ("row_init", "row_end", "col_init", "col_end")] for r in made] == [[0, 64, 0, 40], [0, 64, 40, 64]]
+    assert [[r[k] for k in ("row_init", "row_end", "col_init", "col_end")] for r in made] == [[0, 64, 0, 40], [0, 64, 32, 64]]
     out = tmp_path / "again"
     done = cli("generate", str(recipe), "--out", str(out), "--no-progress", "--export-masks", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -228,16 +235,15 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     assert (out / f"{recipe.stem}-s0-regions.png").is_file()  # the CLI draws the same picture
 
 
-def test_image_regions_and_rerolls_show_on_the_canvas_and_drag(page, shots, tmp_path):
-    ref = tmp_path / "blue.png"
-    Image.new("RGB", (32, 32), (30, 60, 220)).save(ref)
+def test_image_regions_and_rerolls_show_on_the_canvas_and_drag(page, shots, tmp_path, served):
+    Image.new("RGB", (32, 32), (30, 60, 220)).save(served / "blue.png")
     layered = tmp_path / "layered.yaml"
     layered.write_text(yaml.safe_dump({
         "method": "mod", "models": [{"model": "zoo:general", "prompt": "a red circle in a snowy field"},
                                     {"model": "zoo:expert", "prompt": "a red striped circle"}],  # as the next tests want them
         "sampling": {"num_inference_steps": 2},
         "params": {"regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "a red circle in a snowy field"}],
-                   "image_regions": [{"row_init": 0, "row_end": 24, "col_init": 0, "col_end": 24, "image": str(ref), "strength": 0.6}],
+                   "image_regions": [{"row_init": 0, "row_end": 24, "col_init": 0, "col_end": 24, "image": "blue.png", "strength": 0.6}],
                    "rerolls": [{"row_init": 40, "row_end": 64, "col_init": 40, "col_end": 64, "seed": 3}]}}))
     page.locator("#restore input[type=file]").set_input_files(str(layered))
     state = page.locator("#canvas-state-mod textarea")

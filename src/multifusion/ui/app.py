@@ -151,7 +151,7 @@ class App:
                                             elem_id="preview", show_download_button=False)
                 with gr.Row():
                     self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
-                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)", columns=1, height=320, object_fit="contain", elem_id="pictures")
+                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)", columns=4, height=400, preview=True, object_fit="contain", elem_id="pictures")
                 with gr.Row():
                     self.recipe_file = gr.File(label="recipe (YAML)", elem_id="recipe-file")
                     self.png_files = gr.File(label="PNGs (each carries its recipe)", file_count="multiple", elem_id="png-files")
@@ -179,7 +179,10 @@ class App:
             cmp_event = cmp_btn.click(self.on_compare, inputs | {cmp_methods}, [cmp_status, cmp_gallery, cmp_scores])
             cancel_btn.click(self.on_cancel, None, self.status, cancels=[run_event, cmp_event], concurrency_limit=None, queue=False)
             # the drop box empties itself after reading, ready for the next file
-            restore.upload(self.on_restore, restore, [self.comps[k] for k in self.comps] + errs + [restore])
+            # what the last click or drag did no longer applies to a restored recipe
+            said = [cv["said"] for cv in getattr(self, "_canvases", [])]
+            restore.upload(lambda path: self.on_restore(path) + [""] * len(said), restore,
+                           [self.comps[k] for k in self.comps] + errs + [restore] + said)
             self._cmp_methods = cmp_methods
         return demo
 
