@@ -186,7 +186,7 @@ def test_canvas_shows_image_regions_and_rerolls(tmp_path):
                                {"row_init": 0, "row_end": 8, "col_init": 56, "col_end": 64, "image": str(tmp_path / "gone.png")}]),
               (MOD_LAYERS[2], [{"row_init": 32, "row_end": 64, "col_init": 32, "col_end": 64}])]
     im, notes = forms.regions_preview(layers, 64, 64, 4, scale=2)
-    r, g, b = im.getpixel((30, 30))
+    r, _, b = im.getpixel((30, 30))
     assert b > 180 and r < 100  # the reference image shows in its box
     assert "image_regions[1]: no readable image" in notes and "every pixel" in notes
     assert im.getpixel((66, 64))[:3] != im.getpixel((80, 80))[:3]  # the reroll's dashed outline

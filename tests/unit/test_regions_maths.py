@@ -8,9 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
-from multifusion.noise.regions import (coverage, gaussian_weights, hold_image_regions, ImageRegion, mix, normalised_weights, quartic_weights,
-                                      region_weights, reroll)
 from multifusion.noise.methods import Box, TilesParams
+from multifusion.noise.regions import (
+    ImageRegion,
+    coverage,
+    gaussian_weights,
+    hold_image_regions,
+    mix,
+    normalised_weights,
+    quartic_weights,
+    region_weights,
+    reroll,
+)
 
 
 def test_gaussian_weights_match_the_formula_computed_by_hand():

@@ -429,7 +429,7 @@ class App:
         def work():
             try:
                 result["done"] = self.generate(recipe, out, events.put, run_id, every)
-            except BaseException as err:  # handed to the page below
+            except Exception as err:  # noqa: BLE001 (handed to the page below, as the library's or as a failure)
                 result["error"] = err
             finally:
                 events.put(None)
@@ -452,6 +452,8 @@ class App:
             yield self.error_updates(None, v["method"]) + ["cancelled"] + nothing
         elif err is not None:  # not the user's input: say what failed, without a traceback
             yield self.error_updates({"general": [f"{type(err).__name__}: {err}"]}, v["method"]) + ["**failed**"] + nothing
+        elif "done" not in result:  # the worker ended without an answer (interpreter shutting down)
+            yield self.error_updates(None, v["method"]) + ["**failed**: the run stopped"] + nothing
         else:
             images, pictures, recipe_path = result["done"]
             status = f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe"

@@ -365,8 +365,8 @@ def hit_test(boxes: list[tuple[int, int, int, int]], row: float, col: float, gri
         if not (r0 <= row <= r1 and c0 <= col <= c1):
             continue
         g = min(grip, min(r1 - r0, c1 - c0) / 4)
-        for name, (re, ce) in CORNERS.items():
-            if abs(row - boxes[i][re]) <= g and abs(col - boxes[i][ce]) <= g:
+        for name, (row_edge, col_edge) in CORNERS.items():
+            if abs(row - boxes[i][row_edge]) <= g and abs(col - boxes[i][col_edge]) <= g:
                 return i, name
         return i, "move"
     return None
