@@ -284,7 +284,8 @@ def generate_to_folder(
     interrupted run resumes; a different image under the same name is an error unless
     `overwrite`. `export_masks` also writes each method's step pictures: `{stem}-s{seed}-masks.png/.gif`
     (SNB's masks), `{stem}-s{seed}-amdm.png` (AMDM's meetings), `{stem}-s{seed}-afa.png` (AFA's
-    maps). Models load once for the whole run."""
+    maps), `{stem}-s{seed}-regions.png` (Mixture of Diffusers' region weights). Models load once
+    for the whole run."""
     from multifusion.io import check_output_dir, image_is_whole, image_metadata, read_png_metadata, save_png
     from multifusion.viz import method_recorders
 

@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     g.add_argument("--export-masks", dest="export_masks", action="store_true",
                    help="also write each image's step pictures, for methods that make them: SNB's blend masks and salience maps "
-                        "(PNG strip + GIF), AMDM's meetings (the clean image before and after each aggregation, PNG strip)")
+                        "(PNG strip + GIF), AMDM's meetings (the clean image before and after each aggregation, PNG strip), AFA's "
+                        "aggregation maps, Mixture of Diffusers' region weights (each region's normalised weight over the canvas)")
     _add_sampling_overrides(g)
     g.set_defaults(func=cmd_generate)
 

@@ -6,6 +6,8 @@ per step: the mask coloured by model, then each model's salience map) and an ani
 `AggregationRecorder` does the same for AMDM's meetings: the clean image each latent implies,
 before and after, decoded with the VAE. `AFAMapRecorder` keeps AFA's per-step aggregation maps
 (`afa/maps`) and draws which model dominates where, per aggregation point and step.
+`RegionWeightRecorder` draws Mixture of Diffusers' region weights (`mod/weights`): each
+region's normalised share of the canvas, in the region colours the UI's canvas uses.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def grey_map(x: torch.Tensor) -> np.ndarray:
     a = x[0].float().cpu().numpy()
     a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
     return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _legend(draw: ImageDraw.ImageDraw, names: list[str], y: int = 3) -> None:
+    """Coloured squares and names along the top of a picture (model or region i: PALETTE[i])."""
+    x = 2
+    for i, name in enumerate(names):
+        draw.rectangle((x, y, x + 8, y + 8), fill=tuple(int(c) for c in PALETTE[i % len(PALETTE)]))
+        draw.text((x + 11, y - 2), name, fill="white")
+        x += 16 + 7 * len(name)
 
 
 @dataclass
@@ -86,12 +97,7 @@ class MaskRecorder:
         for j, f in enumerate(frames):
             strip.paste(f, (j * w, legend))
         if model_names:
-            draw = ImageDraw.Draw(strip)
-            x = 2
-            for i, name in enumerate(model_names):
-                draw.rectangle((x, 3, x + 8, 11), fill=tuple(int(c) for c in PALETTE[i % len(PALETTE)]))
-                draw.text((x + 11, 1), name, fill="white")
-                x += 16 + 7 * len(name)
+            _legend(ImageDraw.Draw(strip), model_names)
         stem = Path(stem)
         png, gif = stem.with_name(stem.name + "-masks.png"), stem.with_name(stem.name + "-masks.gif")
         with atomic_path(png) as tmp:
@@ -188,18 +194,79 @@ class AFAMapRecorder:
             draw.text((left + j * cell + 2, top - 13), f"{step}", fill="white")
         for p in range(len(self.maps[0])):
             draw.text((2, top + p * cell + cell // 2 - 6), f"#{p}", fill="white")
-        x = 2
-        for i, name in enumerate(model_names or []):
-            draw.rectangle((x, 3, x + 8, 11), fill=tuple(int(c) for c in PALETTE[i % len(PALETTE)]))
-            draw.text((x + 11, 1), name, fill="white")
-            x += 16 + 7 * len(name)
+        _legend(draw, model_names or [])
         path = Path(stem).with_name(Path(stem).name + "-afa.png")
         with atomic_path(path) as tmp:
             im.save(tmp, format="PNG")
         return [path]
 
 
+def region_weight_panels(shares: torch.Tensor) -> list[np.ndarray]:
+    """(N, H, W) region shares of the canvas -> N + 1 (H, W, 3) uint8 pictures: all regions
+    mixed (each pixel the share-weighted mix of the region colours), then each region's share
+    alone, in its colour over black."""
+    cols = PALETTE[np.arange(shares.shape[0]) % len(PALETTE)].astype(np.float32)  # (N, 3)
+    s = shares.float().cpu().numpy()  # (N, H, W)
+    alone = [(s[k][..., None] * cols[k]).clip(0, 255).astype(np.uint8) for k in range(len(s))]
+    return [colour_mask(shares[:, None])] + alone
+
+
+@dataclass
+class RegionWeightRecorder:
+    """Step callback keeping Mixture of Diffusers' region shares (`mod/weights` (N, H, W), the
+    same at every step, and `mod/names`); `save` writes `{stem}-regions.png`: the regions mixed,
+    then each region's normalised weight map, over the latent canvas."""
+
+    shares: torch.Tensor | None = None
+    names: list[str] = field(default_factory=list)
+
+    def __call__(self, info: Step) -> None:
+        if self.shares is None and "mod/weights" in info.record:
+            self.shares = info.record["mod/weights"].detach().cpu()
+            self.names = list(info.record.get("mod/names") or [f"region {k}" for k in range(len(self.shares))])
+
+    def save(self, stem: str | Path, image: int = 0, model_names: list[str] | None = None, size: int = 160) -> list[Path]:
+        """Write `{stem}-regions.png` (the same for every image of a run); [] when no canvas ran."""
+        if self.shares is None:
+            return []
+        panels = region_weight_panels(self.shares)
+        h, w = panels[0].shape[:2]
+        k = max(1, size // max(h, w))
+        gap, top, legend = 4, 14, 16
+        pw, ph = w * k, h * k
+        im = Image.new("RGB", (max(len(panels) * (pw + gap), 20 + 7 * sum(len(n) + 3 for n in self.names)), legend + top + ph), "black")
+        draw = ImageDraw.Draw(im)
+        _legend(draw, self.names)
+        for j, (panel, label) in enumerate(zip(panels, ["all regions"] + self.names)):
+            x = j * (pw + gap)
+            im.paste(Image.fromarray(panel).resize((pw, ph), Image.NEAREST), (x, legend + top))
+            draw.rectangle((x, legend + top, x + pw - 1, legend + top + ph - 1), outline=(90, 90, 90))  # the canvas' edge
+            draw.text((x + 2, legend), label[: max(4, pw // 7)], fill="white")
+        path = Path(stem).with_name(Path(stem).name + "-regions.png")
+        with atomic_path(path) as tmp:
+            im.save(tmp, format="PNG")
+        return [path]
+
+
 def method_recorders(vae: torch.nn.Module) -> list:
-    """Every recorder of the methods' step pictures (SNB masks, AMDM strip, AFA maps): call each
-    as the step callback, then `save` each; a method's recorder writes nothing for the others."""
-    return [MaskRecorder(), AggregationRecorder(vae), AFAMapRecorder()]
+    """Every recorder of the methods' step pictures (SNB masks, AMDM strip, AFA maps, Mixture of
+    Diffusers region weights): call each as the step callback, then `save` each; a method's
+    recorder writes nothing for the others."""
+    return [MaskRecorder(), AggregationRecorder(vae), AFAMapRecorder(), RegionWeightRecorder()]
+
+
+def x0_previews(info: Step, vae: torch.nn.Module, names: list[str] | None = None) -> list[tuple[Image.Image, str]]:
+    """What each running trajectory would give if sampling stopped now: its predicted clean
+    latent (`Step.x0`) decoded by `vae`, per image of the batch, captioned with the image's
+    name (`names`, default "image i") and, for several, the trajectory. The VAE rather than a fixed latent-to-RGB
+    matrix: it is right for any model's latent space, and costs one decoder pass per image (a
+    caller previews every few steps)."""
+    from multifusion.vae import decode, to_pil
+
+    running = [k for k, eps in enumerate(info.eps) if eps is not None]
+    out = []
+    for k in running:
+        which = f", trajectory {k}" if len(info.eps) > 1 else ""
+        for i, im in enumerate(to_pil(decode(vae, info.x0(k)))):
+            out.append((im, f"{names[i] if names else f'image {i}'}{which}"))
+    return out

@@ -92,6 +92,31 @@ def test_reroll_keeps_the_rest_of_the_start_noise(tiny_a):
     assert (base - rerolled)[:, :, 6:, 6:].abs().mean() < (base - rerolled)[:, :, :4, :4].abs().mean()
 
 
+def test_region_weight_picture_and_step_previews(tiny_a, tmp_path):
+    """`--export-masks` draws each region's share of the canvas (the UI shows the same file); a
+    preview decodes the clean image each step predicts."""
+    from multifusion.api import Run, generate_to_folder
+    from multifusion.viz import RegionWeightRecorder, x0_previews
+
+    [h] = load_models([tiny_a])
+    params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 24, "prompt": PROMPT, "mask_type": "constant"},
+                          {"row_init": 0, "row_end": 32, "col_init": 8, "col_end": 32, "prompt": "a blue square", "mask_type": "constant"}],
+              "background": {"prompt": "a snowy field"}}
+    written = generate_to_folder(mod([tiny_a], params), tmp_path, stem="canvas", models=[h], export_masks=True, progress=False)
+    picture = Image.open(tmp_path / "canvas-s3-regions.png")
+    assert tmp_path / "canvas-s3-regions.png" in written and picture.width >= 4 * picture.height // 2  # the mix and three regions
+
+    recorder, previews = RegionWeightRecorder(), []
+    session = Run(mod([tiny_a], params), models=[h])
+    result = session.batch([3, 4], callback=lambda step: (recorder(step), previews.append(x0_previews(step, h.vae))), progress=False)
+    assert recorder.names == ["regions[0]", "regions[1]", "background"]
+    shares = recorder.shares  # (3, 8, 8): region 0 alone on the left, region 1 alone on the right
+    assert shares.shape == (3, 8, 8) and torch.allclose(shares.sum(0), torch.ones(8, 8))
+    assert shares[0, :, 0].min() > 0.9 and shares[1, :, 7].min() > 0.9 and shares[2].max() < 0.1
+    assert [len(p) for p in previews] == [2] * 4 and previews[0][1][1] == "image 1"
+    assert previews[-1][0][0].size == result.images[0].size
+
+
 def test_guidance_at_or_below_one_and_background(tiny_a):
     [h] = load_models([tiny_a])
     params = {"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": PROMPT, "guidance_scale": 0.5}],

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
@@ -35,12 +37,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served(tmp_path_factory) -> Path:
+    """The server's working folder: relative paths in a recipe (reference images) are read there."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, served):
     port = _free_port()
     log = tmp_path_factory.mktemp("ui") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT,
+                                env=env, cwd=served)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 120
@@ -93,26 +102,65 @@ def set_text(page, elem_id: str, value: str) -> None:
     box.press("Tab")
 
 
-def click_canvas(page, canvas: str, row: float, col: float) -> None:
-    """Click the canvas at (row, col) as fractions of its height and width."""
+def canvas_point(page, canvas: str, row: float, col: float) -> tuple[float, float]:
+    """Page coordinates of (row, col), fractions of the canvas picture's height and width (where
+    the picture sits inside its <img>, which keeps its aspect ratio)."""
+    return page.locator(f"#{canvas} img").first.evaluate("""(img, [row, col]) => {
+        const r = img.getBoundingClientRect();
+        let k = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+        if (getComputedStyle(img).objectFit === "scale-down") k = Math.min(k, 1);
+        return [r.left + (r.width - img.naturalWidth * k) / 2 + col * img.naturalWidth * k,
+                r.top + (r.height - img.naturalHeight * k) / 2 + row * img.naturalHeight * k];
+    }""", [row, col])
+
+
+def steady(page, canvas: str) -> None:
+    """Wait until the canvas stops moving (a table above it grows when a region is added)."""
     img = page.locator(f"#{canvas} img").first
-    box = img.bounding_box()
-    img.click(position={"x": col * box["width"], "y": row * box["height"]})
+    before, deadline = None, time.time() + 10
+    while (now := img.bounding_box()) != before and time.time() < deadline:
+        before = now
+        time.sleep(0.3)
 
 
-def draw_box(page, canvas: str, a: tuple, b: tuple, regions: int) -> None:
-    """Two clicks on the canvas, each waited for (a click sends the corner state it saw)."""
-    notes = page.locator(f"#canvas-notes-{canvas.removeprefix('canvas-')}")
-    click_canvas(page, canvas, *a)
-    notes.filter(has_text="first corner").wait_for()
-    click_canvas(page, canvas, *b)
-    table = canvas.replace("canvas-", "param-")
-    rows = page.locator(f"#{table} table:not([aria-hidden]) tbody tr", has_text="a red circle on the left")
+def click_canvas(page, canvas: str, row: float, col: float) -> None:
+    steady(page, canvas)
+    page.mouse.click(*canvas_point(page, canvas, row, col))
+
+
+def drag_canvas(page, canvas: str, a: tuple, b: tuple, shot: Path | None = None) -> None:
+    """Press at a, move to b in steps (as a hand does), release; `shot` saves the canvas mid-drag."""
+    steady(page, canvas)
+    page.mouse.move(*canvas_point(page, canvas, *a))
+    page.mouse.down()
+    page.mouse.move(*canvas_point(page, canvas, *b), steps=8)
+    if shot is not None:
+        page.locator(f"#{canvas}").screenshot(path=str(shot))
+    page.mouse.up()
+
+
+def table_rows(page, table: str) -> list[list[str]]:
+    rows = page.locator(f"#{table} table:not([aria-hidden]) tbody tr")
+    return [[c.strip() for c in rows.nth(i).inner_text().split("\t")] for i in range(rows.count())]
+
+
+def wait_rows(page, table: str, want) -> list[list[str]]:
+    """The table once `want(rows)` holds (the server answers a click or drag by refilling it)."""
     deadline = time.time() + 30
-    while rows.count() != regions and time.time() < deadline:
+    while not want(rows := table_rows(page, table)) and time.time() < deadline:
         time.sleep(0.2)
-    assert rows.count() == regions
-    notes.filter(has_not_text="first corner").wait_for()
+    assert want(rows), rows
+    return rows
+
+
+def draw_box(page, canvas: str, a: tuple, b: tuple, regions: int) -> list[list[str]]:
+    """Two clicks on the canvas, each waited for (a click sends the corner state it saw)."""
+    said = page.locator(f"#canvas-said-{canvas.removeprefix('canvas-')}")
+    click_canvas(page, canvas, *a)
+    said.filter(has_text="first corner").wait_for()
+    click_canvas(page, canvas, *b)
+    said.filter(has_text="added").wait_for()
+    return wait_rows(page, canvas.replace("canvas-", "param-") + "-regions", lambda rows: len(rows) == regions)
 
 
 def error_text(page, key: str) -> str:
@@ -140,33 +188,86 @@ def wait_status(page, text: str) -> str:
     return page.locator("#status").inner_text()
 
 
-def test_mod_regions_drawn_on_the_canvas_run_and_regenerate(page, shots, tmp_path):
+def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regenerate(page, shots, tmp_path):
     choose(page, "method", "mod")
     set_text(page, "sampling-num_inference_steps", STEPS)
     set_text(page, "prompt-0", "a red circle on the left in a snowy field")
-    canvas = "canvas-mod-regions"
+    canvas, table = "canvas-mod", "param-mod-regions"
     page.locator(f"#{canvas} img").wait_for()
-    # left region: two corners; the right third stays uncovered and is reported before running
-    draw_box(page, canvas, (0.01, 0.01), (0.99, 0.6), regions=1)
-    assert "covered by no region" in page.locator("#canvas-notes-mod-regions").inner_text()
-    draw_box(page, canvas, (0.01, 0.4), (0.99, 0.99), regions=2)
-    page.locator("#canvas-notes-mod-regions", has_text="every pixel").wait_for()
+    # The zoo canvas: 64 x 64 pixels on a 4-pixel latent grid. Region 0 by two clicks: the left
+    # 60% (38.4 pixels, snapped to 40); the right stays uncovered and is reported before running.
+    rows = draw_box(page, canvas, (0.01, 0.01), (0.99, 0.6), regions=1)
+    assert rows[0][:4] == ["0", "64", "0", "40"]
+    assert "covered by no region" in page.locator("#canvas-notes-mod").inner_text()
+    # Region 1 by a drag on the empty right edge (to column 46.08 -> 48).
+    drag_canvas(page, canvas, (0.02, 0.97), (0.98, 0.72))
+    rows = wait_rows(page, table, lambda rows: len(rows) == 2)
+    assert rows[1][:4] == ["0", "64", "48", "64"]
+    # Dragged by its middle 16 pixels to the left, over region 0: moved on the grid, the table follows.
+    drag_canvas(page, canvas, (0.5, 0.875), (0.5, 0.625), shot=shots / "ui-drag.png")
+    rows = wait_rows(page, table, lambda rows: rows[1][2] != "48")
+    assert rows[1][:4] == ["0", "64", "32", "48"] and rows[0][:4] == ["0", "64", "0", "40"]
+    page.locator("#canvas-said-mod", has_text="regions[1] moved: rows 0-64, cols 32-48").wait_for()
+    # Resized by its bottom-right corner to the canvas' edge: every pixel covered again.
+    drag_canvas(page, canvas, (0.995, 0.745), (0.99, 0.999))
+    rows = wait_rows(page, table, lambda rows: rows[1][3] == "64")
+    assert rows[1][:4] == ["0", "64", "32", "64"]
+    page.locator("#canvas-notes-mod", has_text="every pixel").wait_for()
     page.wait_for_timeout(1000)  # let the canvas finish redrawing
     page.screenshot(path=str(shots / "ui-regions.png"), full_page=True)
 
     page.locator("#run").click()
     wait_status(page, "with mod")
     assert page.locator("#images img").count() >= 1
+    # the region-weight picture: what --export-masks writes, among the method pictures
+    page.locator("#pictures", has_text="-regions").wait_for()
     page.screenshot(path=str(shots / "ui-mod.png"), full_page=True)
 
     recipe = download(page, "recipe-file", tmp_path, ".yaml")
     png = download(page, "png-files", tmp_path, "-s0.png")
-    assert "regions" in recipe.read_text() and "col_end" in recipe.read_text()
+    made = yaml.safe_load(recipe.read_text())["params"]["regions"]
+    assert [[r[k] for k in ("row_init", "row_end", "col_init", "col_end")] for r in made] == [[0, 64, 0, 40], [0, 64, 32, 64]]
     out = tmp_path / "again"
-    done = cli("generate", str(recipe), "--out", str(out), "--no-progress", cwd=tmp_path)
+    done = cli("generate", str(recipe), "--out", str(out), "--no-progress", "--export-masks", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     again = out / f"{recipe.stem}-s0.png"
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(Image.open(png).convert("RGB")))
+    assert (out / f"{recipe.stem}-s0-regions.png").is_file()  # the CLI draws the same picture
+
+
+def test_image_regions_and_rerolls_show_on_the_canvas_and_drag(page, shots, tmp_path, served):
+    Image.new("RGB", (32, 32), (30, 60, 220)).save(served / "blue.png")
+    layered = tmp_path / "layered.yaml"
+    layered.write_text(yaml.safe_dump({
+        "method": "mod", "models": [{"model": "zoo:general", "prompt": "a red circle in a snowy field"},
+                                    {"model": "zoo:expert", "prompt": "a red striped circle"}],  # as the next tests want them
+        "sampling": {"num_inference_steps": 2},
+        "params": {"regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "a red circle in a snowy field"}],
+                   "image_regions": [{"row_init": 0, "row_end": 24, "col_init": 0, "col_end": 24, "image": "blue.png", "strength": 0.6}],
+                   "rerolls": [{"row_init": 40, "row_end": 64, "col_init": 40, "col_end": 64, "seed": 3}]}}))
+    page.locator("#restore input[type=file]").set_input_files(str(layered))
+    state = page.locator("#canvas-state-mod textarea")
+    deadline = time.time() + 30
+    while '"boxes": [[0, 64, 0, 64], [0, 24, 0, 24], [40, 64, 40, 64]]' not in state.input_value() and time.time() < deadline:
+        time.sleep(0.2)
+    assert '"boxes": [[0, 64, 0, 64], [0, 24, 0, 24], [40, 64, 40, 64]]' in state.input_value()
+    # the reference image shows in its box (blue), over the region's colour
+
+    def blue_at_the_top_left() -> bool:
+        shown = np.asarray(Image.open(BytesIO(page.locator("#canvas-mod img").first.screenshot())).convert("RGB"))
+        r, _, b = shown[shown.shape[0] // 5, shown.shape[1] // 5].astype(int)
+        return b > 150 and r < 120
+
+    deadline = time.time() + 30
+    while not blue_at_the_top_left() and time.time() < deadline:  # the new picture may still be loading
+        time.sleep(0.3)
+    assert blue_at_the_top_left()
+    page.screenshot(path=str(shots / "ui-canvas-layers.png"), full_page=True)
+    # the image region lies on top of region 0: dragging it moves it, in its own table
+    drag_canvas(page, "canvas-mod", (0.19, 0.19), (0.44, 0.5))
+    rows = wait_rows(page, "param-mod-image_regions", lambda rows: rows and rows[0][0] != "0")
+    assert rows[0][:4] == ["16", "40", "20", "44"]
+    assert table_rows(page, "param-mod-regions")[0][:4] == ["0", "64", "0", "64"]
 
 
 def test_snb_shows_images_and_masks_then_a_png_restores_its_recipe(page, shots, tmp_path):
@@ -235,12 +336,22 @@ def test_compare_two_methods_with_judge_scores(page, shots):
     page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
 
 
-def test_cancel_stops_a_long_run(page, shots):
+def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
     page.get_by_role("tab", name="Compose").click()
     choose(page, "method", "average")
     set_text(page, "sampling-num_inference_steps", "500")
+    set_text(page, "preview-every", "3")
     page.locator("#run").click()
     page.locator(".progress-text, .progress-level").first.wait_for()  # it is running
+    first = page.locator("#preview img").first
+    first.wait_for()  # a preview arrived while sampling
+    src = first.get_attribute("src")
+    deadline = time.time() + 60
+    while first.get_attribute("src") == src and time.time() < deadline:  # and the next one replaces it
+        time.sleep(0.2)
+    assert first.get_attribute("src") != src
+    assert "done" not in page.locator("#status").inner_text()  # still sampling
+    page.locator(".progress-text, .progress-level").first.wait_for()  # the bar shows again after each preview
     page.locator("#run").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "ui-progress.png"))
     page.locator("#cancel").click()

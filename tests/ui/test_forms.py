@@ -99,15 +99,20 @@ def test_dropped_files(tmp_path):
 
 
 def test_canvas_preview_snaps_and_shows_uncovered_pixels():
-    im, notes = forms.regions_preview([{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 30}], 64, 64, 4, scale=2)
+    def preview(*regions, scale=None):
+        return forms.regions_preview([(forms.Layer("regions", "paint"), list(regions))], 64, 64, 4, scale=scale)
+
+    im, notes = preview({"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 30}, scale=2)
     assert im.size == (128, 128)
-    assert "snapped to rows 0-64, cols 0-32" in notes and "covered by no region" in notes
+    assert "regions[0]: snapped to rows 0-64, cols 0-32" in notes and "covered by no region" in notes
     # an uncovered latent cell is hatched red; a covered one is not
     assert im.getpixel((127, 60))[0] > im.getpixel((127, 60))[1] and im.getpixel((10, 60))[0] < 250
-    _, notes = forms.regions_preview([{"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 1, "units": "fraction"}], 64, 64, 4)
+    _, notes = preview({"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 1, "units": "fraction"})
     assert "every pixel" in notes
-    _, notes = forms.regions_preview([{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 72}], 64, 64, 4)
+    _, notes = preview({"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 72})
     assert "outside the 64x64 canvas" in notes
+    _, notes = preview({"row_init": 0, "row_end": 64, "col_init": "", "col_end": 72})
+    assert "regions[0]: needs row_init, row_end, col_init, col_end" in notes
 
 
 def test_clicks_and_tiles_make_boxes_on_the_grid():
@@ -126,3 +131,62 @@ def test_ui_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "multifusion.ui.app", raising=False)
     assert main(["ui", "--port", "0"]) == 2
     assert 'needs the ui extra (gradio is missing): pip install -e ".[ui]"' in capsys.readouterr().err
+
+
+MOD_LAYERS = forms.canvas_layers(forms.method_widgets(METHODS["mod"]))
+
+
+def test_mod_has_a_canvas_of_its_three_box_tables_and_other_methods_none():
+    assert [(layer.name, layer.kind) for layer in MOD_LAYERS] == [("regions", "paint"), ("image_regions", "image"), ("rerolls", "outline")]
+    assert forms.canvas_layers(forms.method_widgets(METHODS["snb"])) == []
+
+
+def test_hit_test_finds_the_topmost_box_and_its_corners():
+    boxes = [(0, 64, 0, 64), (16, 32, 16, 48)]
+    assert forms.hit_test(boxes, 20, 30, grip=6) == (1, "move")  # the later box lies on top
+    assert forms.hit_test(boxes, 17, 47, grip=6) == (1, "top-right")
+    assert forms.hit_test(boxes, 60, 2, grip=6) == (0, "bottom-left")
+    assert forms.hit_test(boxes[1:], 40, 40, grip=6) is None
+    assert forms.hit_test([(0, 8, 0, 8)], 4, 4, grip=6) == (0, "move")  # a small box's grip shrinks: its middle moves it
+
+
+def test_drag_moves_on_the_grid_inside_the_canvas_and_resizes_by_a_corner():
+    box = (16, 32, 16, 48)
+    assert forms.drag_box(box, "move", 5, -3, 4, 64, 64) == (20, 36, 12, 44)  # 5 snaps to 4, -3 to -4
+    assert forms.drag_box(box, "move", 100, -100, 4, 64, 64) == (48, 64, 0, 32)  # stops at the edges, size kept
+    assert forms.drag_box(box, "bottom-right", 9, 30, 4, 64, 64) == (16, 40, 16, 64)
+    assert forms.drag_box(box, "top-left", 40, -3, 4, 64, 64) == (28, 32, 12, 48)  # never past the opposite corner
+    with pytest.raises(ValueError, match="handle must be 'move'"):
+        forms.drag_box(box, "middle", 0, 0, 4, 64, 64)
+
+
+def test_drag_edit_moves_a_region_resizes_a_reroll_and_draws_on_empty_canvas():
+    regions = [{"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 0.5, "units": "fraction", "prompt": "a red circle", "model": 0}]
+    rerolls = [{"row_init": 40, "row_end": 64, "col_init": 40, "col_end": 64}]
+    layers = [(MOD_LAYERS[0], regions), (MOD_LAYERS[1], []), (MOD_LAYERS[2], rerolls)]
+    # scale 2: drag the region's middle 21 preview pixels right = 10.5 canvas pixels -> 12 on the 4-pixel grid
+    out, said = forms.drag_edit(layers, (30, 40), (51, 40), 4, 64, 64, 2, {"prompt": "p"})
+    assert out[0][1] == [{"row_init": 0, "row_end": 64, "col_init": 12, "col_end": 44, "units": "px", "prompt": "a red circle", "model": 0}]
+    assert said == "regions[0] moved: rows 0-64, cols 12-44" and regions[0]["units"] == "fraction"  # the input is untouched
+    out, said = forms.drag_edit(layers, (127, 127), (100, 110), 4, 64, 64, 2, {"prompt": "p"})
+    assert out[2][1][0] == {"row_init": 40, "row_end": 56, "col_init": 40, "col_end": 52} and "bottom-right" in said
+    out, said = forms.drag_edit([(MOD_LAYERS[0], [])], (10, 10), (60, 90), 4, 64, 64, 2, {"prompt": "p", "model": 0})
+    assert out[0][1] == [{"row_init": 4, "row_end": 44, "col_init": 4, "col_end": 32, "prompt": "p", "model": 0}] and "drawn" in said
+    state = forms.canvas_state(layers, 64, 64, 4, 2)
+    assert '"boxes": [[0, 64, 0, 32], [40, 64, 40, 64]]' in state and '"scale": 2' in state
+
+
+def test_canvas_shows_image_regions_and_rerolls(tmp_path):
+    from PIL import Image
+
+    ref = tmp_path / "blue.png"
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(ref)
+    layers = [(MOD_LAYERS[0], [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "x"}]),
+              (MOD_LAYERS[1], [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": str(ref)},
+                               {"row_init": 0, "row_end": 8, "col_init": 56, "col_end": 64, "image": str(tmp_path / "gone.png")}]),
+              (MOD_LAYERS[2], [{"row_init": 32, "row_end": 64, "col_init": 32, "col_end": 64}])]
+    im, notes = forms.regions_preview(layers, 64, 64, 4, scale=2)
+    r, _, b = im.getpixel((30, 30))
+    assert b > 180 and r < 100  # the reference image shows in its box
+    assert "image_regions[1]: no readable image" in notes and "every pixel" in notes
+    assert im.getpixel((66, 64))[:3] != im.getpixel((80, 80))[:3]  # the reroll's dashed outline

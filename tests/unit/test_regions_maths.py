@@ -8,8 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
-from multifusion.noise.regions import coverage, gaussian_weights, hold_image_regions, ImageRegion, mix, quartic_weights, region_weights, reroll
 from multifusion.noise.methods import Box, TilesParams
+from multifusion.noise.regions import (
+    ImageRegion,
+    coverage,
+    gaussian_weights,
+    hold_image_regions,
+    mix,
+    normalised_weights,
+    quartic_weights,
+    region_weights,
+    reroll,
+)
 
 
 def test_gaussian_weights_match_the_formula_computed_by_hand():
@@ -108,3 +118,17 @@ def test_image_region_is_held_until_its_strength():
     assert hold_image_regions(latents, noise, [region], sched, t_next, fraction=0.6) is latents
     end = hold_image_regions(latents, noise, [ImageRegion((0, 2, 0, 2), ref, 1.0)], sched, None, fraction=0.999)
     assert torch.equal(end[:, :, :2, :2], ref)
+
+
+def test_normalised_weights_are_what_mix_gives_each_region():
+    boxes = [(0, 4, 0, 6), (0, 4, 3, 8)]  # overlapping in columns 3-5, column 8 of 9 uncovered
+    weights = [region_weights(4, 6), region_weights(4, 5, "quartic", 2.0)]
+    shares = normalised_weights(boxes, weights, (4, 9))
+    assert shares.shape == (2, 4, 9)
+    assert torch.allclose(shares[:, :, :8].sum(0), torch.ones(4, 8)) and torch.equal(shares[:, :, 8], torch.zeros(2, 4))
+    assert torch.equal(shares[0, :, :3], torch.ones(4, 3)) and torch.equal(shares[1, :, 6:8], torch.ones(4, 2))
+    # mix of constant predictions 1 and 0 is region 0's share, pixel by pixel
+    eps = [torch.ones(1, 1, 4, 6), torch.zeros(1, 1, 4, 6)]
+    wide = [(0, 4, 0, 6), (0, 4, 3, 9)]
+    w2 = [weights[0], region_weights(4, 6, "quartic", 2.0)]
+    assert torch.allclose(mix(eps, wide, w2, (4, 9))[0, 0], normalised_weights(wide, w2, (4, 9))[0], atol=1e-6)

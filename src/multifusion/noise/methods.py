@@ -341,7 +341,7 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
     for (where, box, weights), spec in zip(prep.placed, specs):
         i = _model_index(where, spec.model, ctx.labels)
         guided = ctx.guide(i, [spec.prompt] * batch.size, spec.negative_prompt, spec.guidance_scale)
-        regions.append(Region(box, guided, weights))
+        regions.append(Region(box, guided, weights, where.removeprefix("params.")))
     canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
 
     noise = batch.noise

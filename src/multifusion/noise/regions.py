@@ -96,6 +96,16 @@ def mix(eps_regions: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int
     return num / den
 
 
+def normalised_weights(boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) each region's share of every latent pixel, w_i pad_i(1) / sum_j w_j: what `mix`
+    gives each region's prediction (columns sum to 1 where any region covers, 0 elsewhere)."""
+    total = coverage(boxes, weights, canvas)
+    out = torch.zeros(len(boxes), *canvas)
+    for k, ((r0, r1, c0, c1), w) in enumerate(zip(boxes, weights)):
+        out[k, r0:r1, c0:c1] = w.float()
+    return out / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def coverage(boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]) -> torch.Tensor:
     """(H, W) total weight per latent pixel."""
     total = torch.zeros(canvas)
@@ -111,6 +121,7 @@ class Region:
     box: tuple[int, int, int, int]
     fn: NoiseFn
     weights: torch.Tensor  # (r1 - r0, c1 - c0)
+    name: str = ""  # how pictures label it (e.g. "regions[0]")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -124,12 +135,15 @@ class Canvas:
 
     Regions whose `fn` is a `Guided` model are grouped by model and window size and run
     `tile_batch_size` regions per UNet call; other noise functions run one region at a time.
+    A step that records gets `mod/weights` (N, H, W), each region's share of each latent pixel
+    (`normalised_weights`, the same every step), and `mod/names`, the regions' names.
     """
 
     regions: Sequence[Region]
     canvas: tuple[int, int]  # latent (H, W)
     tile_batch_size: int = 1
     _groups: list[list[int]] = field(init=False, repr=False)
+    _shares: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         groups: dict[tuple, list[int]] = {}
@@ -149,6 +163,11 @@ class Canvas:
                     eps[i] = p.eps
             else:
                 eps[group[0]] = first(crops[0], t, record)
+        if record is not None:
+            if self._shares is None:
+                self._shares = normalised_weights([r.box for r in self.regions], [r.weights for r in self.regions], self.canvas)
+            record["mod/weights"] = self._shares
+            record["mod/names"] = [r.name or f"region {i}" for i, r in enumerate(self.regions)]
         return mix(eps, [r.box for r in self.regions], [r.weights for r in self.regions], self.canvas)
 
 

@@ -7,10 +7,13 @@ later appears here with no code. Errors of the library start with the field they
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
@@ -23,8 +26,14 @@ from multifusion.registry import METHODS  # noqa: E402
 from multifusion.ui import forms  # noqa: E402
 from multifusion.ui.forms import MAX_MODELS, SAMPLING_FORM  # noqa: E402
 
-BOX = ("row_init", "row_end", "col_init", "col_end")
 DEFAULT_MODELS = [("zoo:general", "a red circle in a snowy field"), ("zoo:expert", "a red striped circle")]
+PREVIEW_EVERY = 5
+"""Default steps between previews of a run (0: none); each preview decodes the batch once."""
+CSS = """
+.field-error { color: #b00020; font-weight: 600; } .field-error p { color: #b00020; }
+.mf-hidden { display: none !important; }
+.mf-canvas img { touch-action: none; user-select: none; }
+"""
 
 
 class Cancelled(Exception):
@@ -74,8 +83,8 @@ class App:
 
     def build(self) -> gr.Blocks:
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-        css = ".field-error { color: #b00020; font-weight: 600; } .field-error p { color: #b00020; }"
-        with gr.Blocks(title="multifusion", theme=theme, css=css, analytics_enabled=False) as demo:
+        drag_script = (Path(__file__).with_name("canvas.js")).read_text()
+        with gr.Blocks(title="multifusion", theme=theme, css=CSS, js=drag_script, analytics_enabled=False) as demo:
             gr.Markdown("# multifusion\nCompose a fusion of diffusion models: models, a method and its parameters, sampling.")
             self.general = self.error_box("general")
             with gr.Tab("Compose", id="compose"):
@@ -102,12 +111,13 @@ class App:
                         self.comps["method"] = method = gr.Dropdown(list(METHODS), value="snb", label="method", elem_id="method")
                         self.summary = gr.Markdown(self.method_summary("snb"))
                         for name in METHODS:
+                            layers = forms.canvas_layers(self.widgets[name])
                             with gr.Group(visible=name == "snb") as g:
                                 for w in self.widgets[name]:
-                                    c = self.param_component(name, w)
+                                    self.param_component(name, w)
                                     self.error_box(f"{name}:params.{w.name}")
-                                    if w.kind == "table" and set(BOX) | {"prompt"} <= set(w.columns):  # regions that paint
-                                        self.canvas_tools(name, w, c)
+                                    if layers and w.name == layers[0].name:  # the canvas under the first table that paints
+                                        self.canvas_tools(name, layers)
                                 if not self.widgets[name]:
                                     gr.Markdown("no parameters")
                             self.groups[name] = g
@@ -132,10 +142,16 @@ class App:
                     validate_btn = gr.Button("Validate", elem_id="validate")
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                self.status = gr.Markdown(elem_id="status")
+                    self.comps["preview_every"] = gr.Number(PREVIEW_EVERY, precision=0, minimum=0, elem_id="preview-every",
+                                                            label="preview every N steps (0: none)",
+                                                            info="the clean image each step predicts, decoded by the VAE")
+                with gr.Row(equal_height=False):
+                    self.status = gr.Markdown(elem_id="status", min_height=120)
+                    self.preview = gr.Image(label="preview while sampling", type="pil", interactive=False, height=220,
+                                            elem_id="preview", show_download_button=False)
                 with gr.Row():
                     self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
-                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps)", columns=1, height=320, object_fit="contain", elem_id="pictures")
+                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)", columns=4, height=400, preview=True, object_fit="contain", elem_id="pictures")
                 with gr.Row():
                     self.recipe_file = gr.File(label="recipe (YAML)", elem_id="recipe-file")
                     self.png_files = gr.File(label="PNGs (each carries its recipe)", file_count="multiple", elem_id="png-files")
@@ -158,70 +174,116 @@ class App:
             method.change(lambda m: [gr.update(visible=k == m) for k in self.groups] + [self.method_summary(m)], method,
                           list(self.groups.values()) + [self.summary])
             validate_btn.click(self.on_validate, inputs, errs + [self.status])
-            run_event = run_btn.click(self.on_run, inputs, errs + [self.status, self.images, self.pictures, self.recipe_file, self.png_files])
+            run_event = run_btn.click(self.on_run, inputs, errs + [self.status, self.images, self.pictures, self.recipe_file, self.png_files, self.preview],
+                                      show_progress_on=[self.status])  # the previews stay in view beside the bar
             cmp_event = cmp_btn.click(self.on_compare, inputs | {cmp_methods}, [cmp_status, cmp_gallery, cmp_scores])
             cancel_btn.click(self.on_cancel, None, self.status, cancels=[run_event, cmp_event], concurrency_limit=None, queue=False)
             # the drop box empties itself after reading, ready for the next file
-            restore.upload(self.on_restore, restore, [self.comps[k] for k in self.comps] + errs + [restore])
+            # what the last click or drag did no longer applies to a restored recipe
+            said = [cv["said"] for cv in getattr(self, "_canvases", [])]
+            restore.upload(lambda path: self.on_restore(path) + [""] * len(said), restore,
+                           [self.comps[k] for k in self.comps] + errs + [restore] + said)
             self._cmp_methods = cmp_methods
         return demo
 
-    def canvas_tools(self, method: str, w: forms.Widget, table: gr.Dataframe) -> None:
-        """The canvas of a table of boxes: a live preview (snapped to the latent grid, uncovered
-        pixels hatched), boxes drawn by two clicks on it, and a tiles helper."""
-        gr.Markdown("Click two corners on the canvas to add a region (snapped to the latent grid); edit or delete rows in the table.")
+    def canvas_tools(self, method: str, layers: list[forms.Layer]) -> None:
+        """The canvas of a method's box tables: a live preview (snapped to the latent grid,
+        uncovered pixels hatched, image regions and rerolls shown), boxes drawn by two clicks or
+        a drag, moved or resized by dragging (canvas.js sends the drag, `forms.drag_edit` applies
+        it), and a tiles helper."""
+        gr.Markdown("**Canvas.** Drag a box to move it, its corner to resize it; drag on empty canvas (or Shift-drag) or click "
+                    "two corners to add a region. Everything snaps to the latent grid; edit prompts and models in the tables.")
+        preview = gr.Image(label="canvas", interactive=False, type="pil", elem_id=f"canvas-{method}", elem_classes=["mf-canvas"],
+                           show_download_button=False, show_fullscreen_button=False)
+        said = gr.Markdown(elem_id=f"canvas-said-{method}")  # what the last click or drag did
+        notes = gr.Markdown(elem_id=f"canvas-notes-{method}")
+        # what the drag script reads (the boxes) and writes (a drag): in the page, never shown
+        state = gr.Textbox(elem_id=f"canvas-state-{method}", elem_classes=["mf-hidden"], show_label=False, container=False)
+        dragged = gr.Button(elem_id=f"canvas-dragged-{method}", elem_classes=["mf-hidden"])
+        drag = gr.Textbox(elem_classes=["mf-hidden"], show_label=False, container=False)
         corner = gr.State(None)
-        preview = gr.Image(label="canvas", interactive=False, type="pil", elem_id=f"canvas-{method}-{w.name}", show_download_button=False)
-        notes = gr.Markdown(elem_id=f"canvas-notes-{method}-{w.name}")
         with gr.Accordion("tiles helper", open=False):
             with gr.Row():
                 t_rows, t_cols = gr.Number(1, label="rows", precision=0), gr.Number(2, label="columns", precision=0)
                 t_h, t_w = gr.Number(64, label="tile height", precision=0), gr.Number(40, label="tile width", precision=0)
                 t_ov = gr.Number(16, label="overlap", precision=0)
             tiles_btn = gr.Button("Fill the table with tiles (and set the canvas size)")
-        size = [self.comps.get("sampling.height"), self.comps.get("sampling.width")]
-        model0 = self.comps["models[0].model"]
+        self._canvases = getattr(self, "_canvases", [])
+        self._canvases.append(dict(method=method, layers=layers, preview=preview, notes=notes, said=said, state=state, dragged=dragged,
+                                   drag=drag, corner=corner, tiles_btn=tiles_btn, tile_inputs=[t_rows, t_cols, t_h, t_w, t_ov]))
 
-        def draw(rows, h, wd, m0):
-            fac, (H, W) = self.canvas_size(m0, h, wd)
-            return forms.regions_preview(self.table_items(w, rows), H, W, fac)
+    def layer_items(self, method: str, layers: list[forms.Layer], tables: list) -> list[tuple[forms.Layer, list[dict]]]:
+        ws = {w.name: w for w in self.widgets[method]}
+        return [(layer, self.table_items(ws[layer.name], rows)) for layer, rows in zip(layers, tables)]
 
-        def click(evt: gr.SelectData, first, rows, h, wd, m0, p0):
-            fac, (H, W) = self.canvas_size(m0, h, wd)
-            scale = max(1, 384 // max(H, W))
-            x, y = evt.index[0], evt.index[1]
-            if first is None:
-                im, text = forms.regions_preview(self.table_items(w, rows), H, W, fac)
-                return (x, y), rows, im, text + f"\n- first corner at row {y // scale}, col {x // scale}: click the opposite corner"
-            box = forms.box_from_clicks(first, (x, y), fac, H, W, scale)
-            items = self.table_items(w, rows) + [{**box, "prompt": p0 or "", "model": 0}]
-            new = forms.to_widget(w, items)
-            im, text = forms.regions_preview(items, H, W, fac)
-            return None, new, im, text + f"\n- region {len(items) - 1} added (model 0's prompt): edit its prompt and model in the table"
-
-        def tiles(r, c, th, tw, ov, p0):
-            items = forms.tile_rows(int(r), int(c), int(th), int(tw), int(ov), p0 or "")
-            from multifusion.noise.methods import TilesParams
-
-            H, W = TilesParams(prompts=[[""] * int(c)] * int(r), tile_height=int(th), tile_width=int(tw),
-                               tile_row_overlap=int(ov), tile_col_overlap=int(ov)).canvas()
-            return forms.to_widget(w, items), H, W
-
-        # Sampling components exist only after the sampling column is built: wire these on load.
-        self._canvas_wiring = getattr(self, "_canvas_wiring", [])
-        self._canvas_wiring.append((table, preview, notes, corner, draw, click, tiles, tiles_btn, [t_rows, t_cols, t_h, t_w, t_ov], model0))
+    def tables_of(self, method: str, layered: list[tuple[forms.Layer, list[dict]]]) -> list:
+        ws = {w.name: w for w in self.widgets[method]}
+        return [forms.to_widget(ws[layer.name], items) for layer, items in layered]
 
     def wire_canvases(self, demo: gr.Blocks) -> None:
-        h, wd = self.comps["sampling.height"], self.comps["sampling.width"]
+        """Canvas events need the sampling and model components, built after the method forms.
+        They run outside the queue's one-at-a-time limit: pure and quick, they answer during a run."""
+        size = [self.comps["sampling.height"], self.comps["sampling.width"], self.comps["models[0].model"]]
         p0 = self.comps["models[0].prompt"]
         with demo:
-            for table, preview, notes, corner, draw, click, tiles, tiles_btn, tile_inputs, model0 in getattr(self, "_canvas_wiring", []):
-                ins = [table, h, wd, model0]
-                for c in (table, h, wd, model0):
-                    c.change(draw, ins, [preview, notes])
-                demo.load(draw, ins, [preview, notes])
-                preview.select(click, [corner] + ins + [p0], [corner, table, preview, notes])
-                tiles_btn.click(tiles, tile_inputs + [p0], [table, h, wd])
+            for cv in getattr(self, "_canvases", []):
+                method, layers = cv["method"], cv["layers"]
+                tables = [self.comps[f"params:{method}:{layer.name}"] for layer in layers]
+                n = len(tables)
+                shown = [cv["preview"], cv["notes"], cv["state"]]
+                fast = dict(concurrency_limit=None, show_progress="hidden")
+
+                def draw(*args, method=method, layers=layers):
+                    fac, (H, W) = self.canvas_size(*args[-3:])
+                    layered = self.layer_items(method, layers, args[:-3])
+                    im, text = forms.regions_preview(layered, H, W, fac)
+                    return im, text, forms.canvas_state(layered, H, W, fac, forms.preview_scale(H, W))
+
+                def click(evt: gr.SelectData, first, *args, method=method, layers=layers):
+                    *rows, h, wd, m0, prompt0 = args
+                    fac, (H, W) = self.canvas_size(h, wd, m0)
+                    scale = forms.preview_scale(H, W)
+                    layered = self.layer_items(method, layers, rows)
+                    x, y = evt.index[0], evt.index[1]
+                    if first is None:
+                        im, text = forms.regions_preview(layered, H, W, fac)
+                        return [(x, y)] + list(rows) + [im, text, forms.canvas_state(layered, H, W, fac, scale),
+                                                         f"first corner at row {y // scale}, col {x // scale}: click the opposite corner"]
+                    box = forms.box_from_clicks(first, (x, y), fac, H, W, scale)
+                    layered[0] = (layered[0][0], layered[0][1] + [{**box, "prompt": prompt0 or "", "model": 0}])
+                    im, text = forms.regions_preview(layered, H, W, fac)
+                    said = f"{layers[0].name}[{len(layered[0][1]) - 1}] added (model 0's prompt): edit its prompt and model in the table"
+                    return [None] + self.tables_of(method, layered) + [im, text, forms.canvas_state(layered, H, W, fac, scale), said]
+
+                def dragged(payload, *args, method=method, layers=layers, n=n):
+                    *rows, h, wd, m0, prompt0 = args
+                    try:
+                        move = json.loads(payload)
+                        start, end = [tuple(float(v) for v in move[k]) for k in ("from", "to")]
+                    except (TypeError, ValueError, KeyError):
+                        return [gr.update() for _ in range(n + 4)]
+                    fac, (H, W) = self.canvas_size(h, wd, m0)
+                    scale = forms.preview_scale(H, W)
+                    layered, said = forms.drag_edit(self.layer_items(method, layers, rows), start, end, fac, H, W, scale,
+                                                    {"prompt": prompt0 or "", "model": 0}, draw=bool(move.get("draw")))
+                    im, text = forms.regions_preview(layered, H, W, fac)
+                    return self.tables_of(method, layered) + [im, text, forms.canvas_state(layered, H, W, fac, scale), said]
+
+                def tiles(r, c, th, tw, ov, prompt0, method=method, layers=layers):
+                    items = forms.tile_rows(int(r), int(c), int(th), int(tw), int(ov), prompt0 or "")
+                    from multifusion.noise.methods import TilesParams
+
+                    H, W = TilesParams(prompts=[[""] * int(c)] * int(r), tile_height=int(th), tile_width=int(tw),
+                                       tile_row_overlap=int(ov), tile_col_overlap=int(ov)).canvas()
+                    return self.tables_of(method, [(layers[0], items)])[0], H, W
+
+                ins = tables + size
+                for c in ins:
+                    c.change(draw, ins, shown, **fast)
+                demo.load(draw, ins, shown, **fast)
+                cv["preview"].select(click, [cv["corner"]] + ins + [p0], [cv["corner"]] + tables + shown + [cv["said"]], **fast)
+                cv["dragged"].click(dragged, [cv["drag"]] + ins + [p0], tables + shown + [cv["said"]], js="(drag, ...rest) => [window.multifusionDrag, ...rest]", **fast)
+                cv["tiles_btn"].click(tiles, cv["tile_inputs"] + [p0], [tables[0], size[0], size[1]], **fast)
 
     # ---- reading the form ----------------------------------------------------------------------
 
@@ -235,11 +297,18 @@ class App:
         v = forms.from_widget(w, rows)
         return [] if v is PydanticUndefined else v
 
-    def canvas_size(self, model0: str | None, h, wd) -> tuple[int, tuple[int, int]]:
+    def canvas_size(self, h, wd, model0: str | None) -> tuple[int, tuple[int, int]]:
+        """(VAE factor, (height, width)) the canvas shows: the form's size where it reads as a
+        positive number, else the first model's native size."""
         fac, native = forms.canvas_facts(model0)
-        H = int(h) if h not in (None, "") and int(h) > 0 else native
-        W = int(wd) if wd not in (None, "") and int(wd) > 0 else native
-        return fac, (min(H, 4096), min(W, 4096))
+
+        def side(v) -> int:
+            try:
+                return min(int(float(v)), 4096) if float(v) > 0 else native
+            except (TypeError, ValueError):
+                return native
+
+        return fac, (side(h), side(wd))
 
     def values(self, data: dict) -> dict[str, Any]:
         return {k: data.get(c) for k, c in self.comps.items()}
@@ -288,12 +357,16 @@ class App:
             self._handles = {key: load_recipe_models(recipe)}  # one set of models kept at a time
         return self._handles[key]
 
-    def generate(self, recipe_dict: dict, out: Path, progress=None, run_id: int | None = None) -> tuple[list, list, Path]:
-        """Run a recipe: images (path, caption), method pictures (path, caption), the recipe file."""
+    def generate(self, recipe_dict: dict, out: Path, report: Callable[[tuple], None] | None = None, run_id: int | None = None,
+                 preview_every: int = 0) -> tuple[list, list, Path]:
+        """Run a recipe: images (path, caption), method pictures (path, caption), the recipe file.
+        `report` gets ("progress", (done, total), text) after every step and, every
+        `preview_every` steps but the last, ("preview", picture, "step k/n"): what the step
+        predicts for each image (`viz.x0_previews`), in one labelled grid."""
         from multifusion.api import Run, image_name
-        from multifusion.io import image_metadata, save_png, write_text
+        from multifusion.io import grid, image_metadata, save_png, write_text
         from multifusion.recipe import parse_recipe
-        from multifusion.viz import method_recorders
+        from multifusion.viz import method_recorders, x0_previews
 
         recipe = parse_recipe(recipe_dict)
         session = Run(recipe, models=self.handles(recipe))
@@ -301,19 +374,26 @@ class App:
         recipe_path = write_text(out / f"{stem}.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
         recipe_json, labels = recipe.to_json(), [m.label for m in recipe.models]
         steps, seeds = recipe.sampling.num_inference_steps, recipe.seeds()
+        vae = session.handles[0].ready_vae(recipe.runtime.vae_device)
         images, pictures = [], []
         done = 0
         for start in range(0, len(seeds), 4):
             chunk = seeds[start : start + 4]
-            recorders = method_recorders(session.handles[0].ready_vae(recipe.runtime.vae_device))
+            recorders = method_recorders(vae)
 
             def callback(step, chunk=chunk):
                 if run_id is not None and run_id <= self.cancelled_upto:
                     raise Cancelled()
                 for r in recorders:
                     r(step)
-                if progress is not None:
-                    progress((done * steps + step.step + 1, len(seeds) * steps), desc=f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}")
+                if report is None:
+                    return
+                report(("progress", (done * steps + step.step + 1, len(seeds) * steps),
+                        f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}"))
+                if preview_every > 0 and (step.step + 1) % preview_every == 0 and step.step + 1 < step.num_steps:
+                    shown = x0_previews(step, vae, [f"seed {s}" for s in chunk])
+                    label = f"step {step.step + 1}/{steps}"
+                    report(("preview", grid([[im for im, _ in shown]], [label], [c for _, c in shown]), label))
 
             part = session.batch(chunk, callback=callback, progress=False)
             for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
@@ -325,22 +405,59 @@ class App:
         return images, pictures, recipe_path
 
     def on_run(self, data: dict, progress=gr.Progress()):
+        """Sample in a worker thread; stream its progress and previews to the page as they come
+        (a generator: each `yield` updates the page)."""
         v = self.values(data)
         self.run_id += 1
         run_id = self.run_id
-        nothing = [None, None, None, None]
+        keep = [gr.update()] * 5  # images, pictures, recipe file, PNGs, preview
+        nothing = [None, None, None, None, None]
         try:
             recipe = self.checked(v)
-            out = Path(tempfile.mkdtemp(prefix="run-", dir=self.out_root))
-            images, pictures, recipe_path = self.generate(recipe, out, progress, run_id)
         except MultifusionError as err:
-            return self.error_updates(forms.route_errors(err), v["method"]) + ["**not run**: see the fields marked ⚠"] + nothing
-        except Cancelled:
-            return self.error_updates(None, v["method"]) + ["cancelled"] + nothing
-        except Exception as err:  # not the user's input: say what failed, without a traceback
-            return self.error_updates({"general": [f"{type(err).__name__}: {err}"]}, v["method"]) + ["**failed**"] + nothing
-        status = f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe"
-        return (self.error_updates(None, v["method"]) + [status, images, pictures or None, str(recipe_path), [p for p, _ in images]])
+            yield self.error_updates(forms.route_errors(err), v["method"]) + ["**not run**: see the fields marked ⚠"] + nothing
+            return
+        try:
+            every = max(0, int(v.get("preview_every") or 0))
+        except (TypeError, ValueError):
+            every = 0
+        yield self.error_updates(None, v["method"]) + ["running…"] + keep[:4] + [None]
+        out = Path(tempfile.mkdtemp(prefix="run-", dir=self.out_root))
+        events: queue.Queue = queue.Queue()
+        result: dict[str, Any] = {}
+
+        def work():
+            try:
+                result["done"] = self.generate(recipe, out, events.put, run_id, every)
+            except Exception as err:  # noqa: BLE001 (handed to the page below, as the library's or as a failure)
+                result["error"] = err
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, name=f"multifusion-run-{run_id}", daemon=True)
+        worker.start()
+        try:
+            while (event := events.get()) is not None:
+                if event[0] == "progress":
+                    progress(event[1], desc=event[2])
+                elif event[0] == "preview":
+                    yield [gr.update()] * (len(self.errors) + 1) + keep[:4] + [event[1]]  # the bar says the step
+        finally:
+            if worker.is_alive():  # the page left or cancelled: the worker stops at its next step
+                self.cancelled_upto = max(self.cancelled_upto, run_id)
+        err = result.get("error")
+        if isinstance(err, MultifusionError):
+            yield self.error_updates(forms.route_errors(err), v["method"]) + ["**not run**: see the fields marked ⚠"] + nothing
+        elif isinstance(err, Cancelled):
+            yield self.error_updates(None, v["method"]) + ["cancelled"] + nothing
+        elif err is not None:  # not the user's input: say what failed, without a traceback
+            yield self.error_updates({"general": [f"{type(err).__name__}: {err}"]}, v["method"]) + ["**failed**"] + nothing
+        elif "done" not in result:  # the worker ended without an answer (interpreter shutting down)
+            yield self.error_updates(None, v["method"]) + ["**failed**: the run stopped"] + nothing
+        else:
+            images, pictures, recipe_path = result["done"]
+            status = f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe"
+            yield self.error_updates(None, v["method"]) + [status, images, pictures or None, str(recipe_path), [p for p, _ in images], gr.update()]
 
     def on_restore(self, path: str | None):
         keys = list(self.comps)
@@ -375,7 +492,7 @@ class App:
                 recipe = self.recipe(v, name)
                 forms.check_recipe(recipe)
                 out = Path(tempfile.mkdtemp(prefix=f"compare-{name}-", dir=self.out_root))
-                images, _, _ = self.generate(recipe, out, progress, run_id)
+                images, _, _ = self.generate(recipe, out, lambda e: progress(e[1], desc=e[2]) if e[0] == "progress" else None, run_id)
             except MultifusionError as err:
                 problems.append(f"- **{name}**: " + "; ".join(str(err).replace("invalid recipe:", "").split("\n")).strip())
                 continue

@@ -292,9 +292,151 @@ def read_recipe_file(path: str) -> dict:
         raise RecipeError(f"{p.name!r} is not a readable image ({type(err).__name__}: {str(err).replace(str(p), p.name)})") from None
 
 
-# ---- canvas: regions preview ---------------------------------------------------------------------
+# ---- canvas: the boxes of a method, drawn, clicked and dragged --------------------------------
 
-PALETTE = [(230, 80, 60), (60, 130, 230), (250, 200, 40), (70, 180, 90), (170, 90, 200), (240, 140, 40), (90, 200, 210), (200, 200, 200)]
+BOX = ("row_init", "row_end", "col_init", "col_end")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A table of boxes shown on the canvas: `paint` (regions that denoise: filled, coloured by
+    index, counted for coverage), `image` (a reference image shown in its box) or `outline`
+    (any other box, e.g. a reroll: a dashed outline)."""
+
+    name: str
+    kind: Literal["paint", "image", "outline"]
+
+
+def canvas_layers(widgets: list[Widget]) -> list[Layer]:
+    """The box tables of a method's form (tables whose items have the four box edges), regions
+    that paint first; [] when none paints (the method has no canvas)."""
+    layers = []
+    for w in widgets:
+        if w.kind == "table" and set(BOX) <= set(w.columns):
+            kind = "paint" if "prompt" in w.columns else "image" if "image" in w.columns else "outline"
+            layers.append(Layer(w.name, kind))
+    layers.sort(key=lambda layer: ("paint", "image", "outline").index(layer.kind))
+    return layers if any(layer.kind == "paint" for layer in layers) else []
+
+
+def snap(v: float, factor: int, size: int, units: str = "px") -> int:
+    """A region edge on the latent grid, in pixels (as `Box.latent_box` places fraction edges)."""
+    px = v * size if units == "fraction" else v
+    return int(min(max(round(px / factor) * factor, 0), size))
+
+
+def box_px(item: dict, height: int, width: int, factor: int) -> tuple[int, int, int, int] | None:
+    """(row_init, row_end, col_init, col_end) of a table item in pixels, snapped to the grid and
+    clamped to the canvas; None when an edge is missing or not a number."""
+    try:
+        units = item.get("units", "px") or "px"
+        r0, r1, c0, c1 = (float(item[k]) for k in BOX)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return snap(r0, factor, height, units), snap(r1, factor, height, units), snap(c0, factor, width, units), snap(c1, factor, width, units)
+
+
+def canvas_boxes(layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """Every drawable box in drawing order (later ones on top): (layer index, item index, pixel box)."""
+    out = []
+    for li, (_, items) in enumerate(layers):
+        for i, item in enumerate(items):
+            box = box_px(item, height, width, factor)
+            if box is not None and box[0] < box[1] and box[2] < box[3]:
+                out.append((li, i, box))
+    return out
+
+
+CORNERS = {"top-left": (0, 2), "top-right": (0, 3), "bottom-left": (1, 2), "bottom-right": (1, 3)}  # (row edge, col edge) indices of a box
+
+
+def grip_size(height: int, width: int, factor: int) -> int:
+    """How near a corner (in canvas pixels) a press grabs it for resizing: a tenth of the shorter
+    side, at least one latent cell."""
+    return max(factor, min(height, width) // 10)
+
+
+def hit_test(boxes: list[tuple[int, int, int, int]], row: float, col: float, grip: float) -> tuple[int, str] | None:
+    """The topmost (last) box under a canvas point and what a drag there does: (index, "move"),
+    or (index, corner name) within `grip` pixels of a corner (the grip shrinks to a quarter of a
+    small box's shorter side, so a small box can still be moved); None when no box is there."""
+    for i in range(len(boxes) - 1, -1, -1):
+        r0, r1, c0, c1 = boxes[i]
+        if not (r0 <= row <= r1 and c0 <= col <= c1):
+            continue
+        g = min(grip, min(r1 - r0, c1 - c0) / 4)
+        for name, (row_edge, col_edge) in CORNERS.items():
+            if abs(row - boxes[i][row_edge]) <= g and abs(col - boxes[i][col_edge]) <= g:
+                return i, name
+        return i, "move"
+    return None
+
+
+def drag_box(box: tuple[int, int, int, int], handle: str, d_row: float, d_col: float, factor: int, height: int,
+             width: int) -> tuple[int, int, int, int]:
+    """A box after a drag of (d_row, d_col) canvas pixels: "move" shifts it whole by the drag
+    snapped to the latent grid, stopping at the canvas' edges (its size kept); a corner name
+    moves that corner to the grid, inside the canvas, at least one latent cell from the
+    opposite corner."""
+    r0, r1, c0, c1 = box
+    if handle == "move":
+        dr = min(max(round(d_row / factor) * factor, -r0), height - r1)
+        dc = min(max(round(d_col / factor) * factor, -c0), width - c1)
+        return r0 + dr, r1 + dr, c0 + dc, c1 + dc
+    if handle not in CORNERS:
+        raise ValueError(f"handle must be 'move' or one of {', '.join(CORNERS)}, got {handle!r}")
+    out = [r0, r1, c0, c1]
+    for edge, delta, size in ((CORNERS[handle][0], d_row, height), (CORNERS[handle][1], d_col, width)):
+        v = snap(out[edge] + delta, factor, size)
+        if edge in (0, 2):  # an init edge stays a cell before its end
+            v = min(v, out[edge + 1] - factor)
+        else:
+            v = max(v, out[edge - 1] + factor)
+        out[edge] = v
+    return out[0], out[1], out[2], out[3]
+
+
+def with_box(item: dict, box: tuple[int, int, int, int]) -> dict:
+    """The item with its edges set to a pixel box (an item given in fractions turns to pixels)."""
+    out = {**item, **dict(zip(BOX, box))}
+    if out.get("units") == "fraction":
+        out["units"] = "px"
+    return out
+
+
+def drag_edit(layers: list[tuple[Layer, list[dict]]], start: tuple[float, float], end: tuple[float, float], factor: int,
+              height: int, width: int, scale: int, new_item: dict, draw: bool = False) -> tuple[list[tuple[Layer, list[dict]]], str]:
+    """The canvas' tables after a drag from `start` to `end` (x, y in preview pixels, `scale`
+    preview pixels per canvas pixel), with what happened: a box under `start` is moved, or
+    resized when grabbed by a corner; on empty canvas (or with `draw`) the drag draws a new
+    region (`new_item` plus its box) in the first table that paints."""
+    (x0, y0), (x1, y1) = start, end
+    placed = canvas_boxes(layers, height, width, factor)
+    hit = None if draw else hit_test([b for _, _, b in placed], y0 / scale, x0 / scale, grip_size(height, width, factor))
+    out = [(layer, list(items)) for layer, items in layers]
+    if hit is None:
+        li = next(k for k, (layer, _) in enumerate(layers) if layer.kind == "paint")
+        box = box_from_clicks(start, end, factor, height, width, scale)
+        out[li][1].append({**box, **new_item})
+        return out, f"{layers[li][0].name}[{len(out[li][1]) - 1}] drawn: rows {box['row_init']}-{box['row_end']}, cols {box['col_init']}-{box['col_end']}"
+    li, i, box = placed[hit[0]]
+    new = drag_box(box, hit[1], (y1 - y0) / scale, (x1 - x0) / scale, factor, height, width)
+    out[li][1][i] = with_box(out[li][1][i], new)
+    verb = "moved" if hit[1] == "move" else f"resized by its {hit[1]} corner"
+    return out, f"{layers[li][0].name}[{i}] {verb}: rows {new[0]}-{new[1]}, cols {new[2]}-{new[3]}"
+
+
+def canvas_state(layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int, scale: int) -> str:
+    """JSON for the page's drag script: the boxes in drawing order (pixels), the preview scale and
+    the corner grip, so it can show a box following the pointer (the edit itself is
+    `drag_edit`'s)."""
+    return json.dumps({"scale": scale, "grip": grip_size(height, width, factor), "size": [height, width],
+                       "boxes": [list(b) for _, _, b in canvas_boxes(layers, height, width, factor)]})
+
+
+def preview_scale(height: int, width: int) -> int:
+    """Preview pixels per canvas pixel: small canvases enlarged to about 384 pixels."""
+    return max(1, 384 // max(height, width))
 
 
 def canvas_facts(model: str | None) -> tuple[int, int]:
@@ -313,40 +455,73 @@ def canvas_facts(model: str | None) -> tuple[int, int]:
         return 8, 512
 
 
-def snap(v: float, factor: int, size: int, units: str = "px") -> int:
-    """A region edge on the latent grid, in pixels (as `Box.latent_box` places fraction edges)."""
-    px = v * size if units == "fraction" else v
-    return int(min(max(round(px / factor) * factor, 0), size))
+def _dashed(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colour: tuple, dash: int = 6) -> None:
+    x0, y0, x1, y1 = box
+    for x in range(x0, x1, 2 * dash):
+        draw.line((x, y0, min(x + dash, x1), y0), fill=colour, width=2)
+        draw.line((x, y1, min(x + dash, x1), y1), fill=colour, width=2)
+    for y in range(y0, y1, 2 * dash):
+        draw.line((x0, y, x0, min(y + dash, y1)), fill=colour, width=2)
+        draw.line((x1, y, x1, min(y + dash, y1)), fill=colour, width=2)
 
 
-def regions_preview(rows: list[dict], height: int, width: int, factor: int, scale: int | None = None) -> tuple[Image.Image, str]:
-    """The canvas with each region's box snapped to the latent grid (coloured by region, labelled
-    by index), the latent grid, and the pixels no region covers hatched in red; with a note of
-    what was snapped and how many pixels are uncovered."""
-    scale = scale or max(1, 384 // max(height, width))
+def _reference(path: Any, size: tuple[int, int]) -> Image.Image | None:
+    try:
+        with Image.open(str(path)) as im:
+            return im.convert("RGB").resize(size)
+    except (OSError, ValueError):
+        return None
+
+
+def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int,
+                    scale: int | None = None) -> tuple[Image.Image, str]:
+    """The canvas with every box snapped to the latent grid: regions that paint filled and
+    coloured by index (the colours of the region-weight picture), reference images in their
+    boxes, other boxes (rerolls) dashed; the latent grid; the pixels no painting region covers
+    hatched in red. With a note of what was snapped or lies outside, and of the coverage."""
+    from multifusion.viz import PALETTE
+
+    scale = scale or preview_scale(height, width)
     im = Image.new("RGB", (width * scale, height * scale), (245, 245, 245))
     draw = ImageDraw.Draw(im, "RGBA")
     covered = [[False] * (width // factor) for _ in range(height // factor)]
     notes = []
-    for i, r in enumerate(rows):
-        try:
+    for layer, items in layers:
+        for i, r in enumerate(items):
+            where = f"{layer.name}[{i}]"
+            box = box_px(r, height, width, factor)
+            if box is None:
+                notes.append(f"{where}: needs row_init, row_end, col_init, col_end")
+                continue
+            r0, r1, c0, c1 = box
+            raw = [float(r[k]) for k in BOX]
             units = r.get("units", "px") or "px"
-            raw = [float(r[k]) for k in ("row_init", "row_end", "col_init", "col_end")]
-        except (KeyError, TypeError, ValueError):
-            notes.append(f"region {i}: needs row_init, row_end, col_init, col_end")
-            continue
-        r0, r1 = (snap(v, factor, height, units) for v in raw[:2])
-        c0, c1 = (snap(v, factor, width, units) for v in raw[2:])
-        if units == "px" and [r0, r1, c0, c1] != raw:
-            notes.append(f"region {i}: snapped to rows {r0}-{r1}, cols {c0}-{c1} (multiples of {factor})")
-        if max(raw[1], raw[0]) > (1 if units == "fraction" else height) or max(raw[3], raw[2]) > (1 if units == "fraction" else width):
-            notes.append(f"region {i}: lies outside the {height}x{width} canvas")
-        for y in range(r0 // factor, r1 // factor):
-            for x in range(c0 // factor, c1 // factor):
-                covered[y][x] = True
-        col = PALETTE[i % len(PALETTE)]
-        draw.rectangle((c0 * scale, r0 * scale, c1 * scale - 1, r1 * scale - 1), fill=col + (70,), outline=col + (255,), width=2)
-        draw.text((c0 * scale + 4, r0 * scale + 3), str(i), fill=(0, 0, 0, 255))
+            if units == "px" and [r0, r1, c0, c1] != raw:
+                notes.append(f"{where}: snapped to rows {r0}-{r1}, cols {c0}-{c1} (multiples of {factor})")
+            if max(raw[:2]) > (1 if units == "fraction" else height) or max(raw[2:]) > (1 if units == "fraction" else width):
+                notes.append(f"{where}: lies outside the {height}x{width} canvas")
+            if r1 <= r0 or c1 <= c0:
+                notes.append(f"{where}: the box is empty on the {factor}-pixel grid")
+                continue
+            xy = (c0 * scale, r0 * scale, c1 * scale - 1, r1 * scale - 1)
+            if layer.kind == "paint":
+                for y in range(r0 // factor, r1 // factor):
+                    for x in range(c0 // factor, c1 // factor):
+                        covered[y][x] = True
+                col = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
+                draw.rectangle(xy, fill=col + (70,), outline=col + (255,), width=2)
+                draw.text((xy[0] + 4, xy[1] + 3), str(i), fill=(0, 0, 0, 255))
+            elif layer.kind == "image":
+                ref = _reference(r.get("image", ""), (xy[2] - xy[0] + 1, xy[3] - xy[1] + 1))
+                if ref is not None:
+                    im.paste(Image.blend(im.crop((xy[0], xy[1], xy[2] + 1, xy[3] + 1)), ref, 0.8), xy[:2])
+                else:
+                    notes.append(f"{where}: no readable image at {str(r.get('image', ''))!r}")
+                _dashed(draw, xy, (20, 20, 20, 255))
+                draw.text((xy[0] + 4, xy[3] - 13), f"image {i}", fill=(255, 255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0, 255))
+            else:
+                _dashed(draw, xy, (200, 0, 160, 255))
+                draw.text((xy[0] + 4, xy[3] - 13), f"{layer.name.rstrip('s')} {i}", fill=(200, 0, 160, 255))
     for y in range(0, height, factor):  # the latent grid
         draw.line((0, y * scale, width * scale, y * scale), fill=(0, 0, 0, 25))
     for x in range(0, width, factor):
@@ -378,7 +553,7 @@ def tile_rows(rows: int, cols: int, tile_height: int, tile_width: int, overlap: 
 
 
 def box_from_clicks(a: tuple[float, float], b: tuple[float, float], factor: int, height: int, width: int, scale: int) -> dict:
-    """A region from two clicks on the preview (x, y in preview pixels), snapped to the grid."""
+    """A region from two corners on the preview (x, y in preview pixels), snapped to the grid."""
     (x0, y0), (x1, y1) = a, b
     rows = sorted((snap(y0 / scale, factor, height), snap(y1 / scale, factor, height)))
     cols = sorted((snap(x0 / scale, factor, width), snap(x1 / scale, factor, width)))
