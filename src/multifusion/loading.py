@@ -19,6 +19,7 @@ import torch
 
 from multifusion.errors import ModelLoadError, PickleRefusedError, did_you_mean
 from multifusion.handles import ModelHandle, Offloader
+from multifusion.handles_sdxl import SDXLHandle
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -154,6 +155,7 @@ _DTYPE_KWARG = _dtype_kwarg()
 
 # Handle classes by the diffusers pipeline class they are built from (`ModelHandle.pipeline_class`).
 FAMILIES: dict[str, type[ModelHandle]] = {ModelHandle.pipeline_class: ModelHandle}
+FAMILIES[SDXLHandle.pipeline_class] = SDXLHandle
 
 
 def family_of(ref: ModelRef) -> type[ModelHandle]:

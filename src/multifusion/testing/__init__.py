@@ -1,6 +1,8 @@
-"""The test kit: tiny offline pipelines (built by `multifusion.zoo.tiny`) and a writer of
-single-file (LDM layout) checkpoints. The library never imports it."""
+"""The test kit: tiny offline pipelines (built by `multifusion.zoo.tiny` and
+`multifusion.zoo.tiny_sdxl`) and a writer of single-file (LDM layout) checkpoints. The library
+never imports it."""
 
 from multifusion.zoo.tiny import build_tiny_pipeline, write_clip_tokenizer
+from multifusion.zoo.tiny_sdxl import build_tiny_sdxl_pipeline
 
-__all__ = ["build_tiny_pipeline", "write_clip_tokenizer"]
+__all__ = ["build_tiny_pipeline", "build_tiny_sdxl_pipeline", "write_clip_tokenizer"]
