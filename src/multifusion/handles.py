@@ -357,8 +357,10 @@ def check_same_latent_space(handles: list[ModelHandle]) -> None:
             ("num_train_timesteps", len(base.alphas_cumprod), len(h.alphas_cumprod)),
         ):
             if a != b:
+                kinds = f" ({base.name!r} is {base.family}, {h.name!r} {h.family}: different VAEs)" \
+                    if base.family != h.family else ""
                 raise IncompatibleModelsError(
-                    f"models {base.name!r} and {h.name!r} differ in {what} ({a} vs {b}): their latents "
+                    f"models {base.name!r} and {h.name!r} differ in {what} ({a} vs {b}){kinds}: their latents "
                     "cannot be combined; use models fine-tuned from the same base (same VAE and schedule)"
                 )
         if not torch.allclose(base.alphas_cumprod, h.alphas_cumprod, atol=1e-6):

@@ -135,9 +135,15 @@ def read_local_config(ref: ModelRef) -> dict | None:
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError):
         scheduler = None
+    try:  # the pipeline class, naming the family in errors about models that cannot meet
+        pipeline = json.loads((root / "model_index.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        pipeline = None
     return {
         "vae_scale_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
         "latent_channels": unet.get("in_channels", 4),
+        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),  # diffusers' AutoencoderKL default
+        "family": FAMILIES[pipeline].family if pipeline in FAMILIES else pipeline,
         "scheduler": scheduler,
     }
 

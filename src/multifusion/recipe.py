@@ -373,7 +373,7 @@ def validate(recipe: Recipe) -> Validated:
             if m.prompt is None and recipe.prompt is None:
                 raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
-    factor, spaces = None, {}
+    factor, spaces, vaes = None, {}, {}
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
         try:
@@ -388,6 +388,7 @@ def validate(recipe: Recipe) -> Validated:
         if cfg is not None:
             factor = cfg["vae_scale_factor"] if i == 0 else factor
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
+            vaes[i] = (round(cfg["scaling_factor"], 6), cfg["family"])
     i = min(spaces, default=0)
     for j, space in spaces.items():  # the full check (with the noise schedule) runs after loading
         if space != spaces[i]:
@@ -395,6 +396,12 @@ def validate(recipe: Recipe) -> Validated:
                 f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "
                 f"({spaces[i][0]}, {spaces[i][1]}), so their latents cannot meet; use models fine-tuned from one base "
                 "(same VAE)")
+        if vaes[j][0] != vaes[i][0]:
+            (scale, family), (scale_i, family_i) = vaes[j], vaes[i]
+            kinds = f"models[{j}] is {family} and models[{i}] {family_i}: " if family != family_i else ""
+            raise IncompatibleModelsError(
+                f"models[{j}].model: {kinds}their VAEs encode different latent spaces (VAE scaling_factor {scale} vs "
+                f"{scale_i}), so their noise and latents cannot meet; fuse models of one family, a base with its fine-tunes")
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
     return Validated(recipe, method, params, size is not None)
 
