@@ -52,6 +52,8 @@ class ModelEntry(_Strict):
     model: str = Field(min_length=1, description="diffusers folder, Hub id, .safetensors file or zoo:NAME")
     name: str | None = None
     config: str | None = Field(None, description="diffusers config folder for a single-file checkpoint")
+    vae: str | None = Field(None, min_length=1, description="a VAE in place of the model's own (e.g. the fp16-fix SDXL VAE): "
+                            "a diffusers VAE folder or a single .safetensors VAE file")
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = None
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
@@ -159,8 +161,9 @@ class Recipe(_Strict):
             # A region or `specified` names a model by its label: a name two different models
             # answer to is ambiguous. (One model listed twice under one label is fine, the weights
             # being the same: fusing a model with itself is how the degenerate cases are tested.)
-            same = (m.model, m.config)
-            earlier = [j for j in range(i) if labels[j] == labels[i] and (self.models[j].model, self.models[j].config) != same]
+            same = (m.model, m.config, m.vae)
+            earlier = [j for j in range(i) if labels[j] == labels[i]
+                       and (self.models[j].model, self.models[j].config, self.models[j].vae) != same]
             named = [k for k in (*earlier, i) if self.models[k].name is not None]
             if earlier and named:
                 k = i if i in named else named[0]
@@ -383,6 +386,8 @@ def validate(recipe: Recipe) -> Validated:
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)
+        if m.vae is not None:
+            cfg = _check_vae(i, m, cfg, recipe.runtime.allow_pickle)
         if cfg is not None and i == 0 and cfg.get("scheduler") is not None:
             check_steps(recipe.sampling.scheduler, cfg["scheduler"], recipe.sampling.num_inference_steps)
         if cfg is not None:
@@ -404,6 +409,26 @@ def validate(recipe: Recipe) -> Validated:
                 f"{scale_i}), so their noise and latents cannot meet; fuse models of one family, a base with its fine-tunes")
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
     return Validated(recipe, method, params, size is not None)
+
+
+def _check_vae(i: int, m: ModelEntry, cfg: dict | None, allow_pickle: bool) -> dict | None:
+    """models[i].vae resolved and, where both configs are local, checked to fit the model's
+    latent space. Returns the model's local config as the replacement VAE makes it."""
+    from multifusion.loading import read_vae_config, resolve_vae, vae_mismatch
+
+    if m.model.startswith(MERGE_PREFIX):
+        raise RecipeError(f"models[{i}].vae: a merge keeps its first model's VAE; drop `vae`")
+    try:
+        ref = resolve_vae(m.vae, allow_pickle=allow_pickle)
+    except ModelLoadError as err:
+        raise type(err)(f"models[{i}].vae: {err}") from None
+    vae = read_vae_config(ref)
+    if cfg is None or vae is None:
+        return cfg
+    problem = vae_mismatch(vae, cfg["latent_channels"], cfg["scaling_factor"], cfg["vae_scale_factor"])
+    if problem:
+        raise IncompatibleModelsError(f"models[{i}].vae: {problem}")
+    return cfg
 
 
 def check_merges(recipe: Recipe) -> dict:

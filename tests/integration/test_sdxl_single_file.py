@@ -84,3 +84,78 @@ def test_mapping_follows_the_config_of_an_sdxl_shaped_model():
     back = convert_open_clip_checkpoint(text_2, ldm, prefix="conditioner.embedders.1.model.")
     sd = {k: v for k, v in text_2.state_dict().items() if k != "text_model.embeddings.position_ids"}
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+# --------------------------------------------------------------------------- a separate VAE
+
+
+@pytest.fixture(scope="module")
+def fixed_vae(tiny_sdxl_dir, tmp_path_factory):
+    """A retrained VAE of the same latent space (as the fp16-fix SDXL VAE is), as a diffusers
+    folder and as an original-layout single file."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from multifusion.weights.ldm import rename, vae_prefixes
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl_dir / "a" / "vae")
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.01)
+    root = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(root / "fixed", safe_serialization=True)
+    mapping = vae_prefixes(dict(vae.config))
+    ldm = {rename(k, mapping): (v[:, :, None, None] if ".mid_block.attentions." in k and v.ndim == 2 else v).contiguous()
+           for k, v in vae.state_dict().items()}
+    save_file(ldm, str(root / "fixed.safetensors"))
+    return vae, root
+
+
+def _recipe(model, **entry):
+    return {"method": "single", "models": [{"model": model, "prompt": "a red circle", **entry}],
+            "sampling": {"num_inference_steps": 2, "height": 32, "width": 32}}
+
+
+@pytest.mark.parametrize("form", ["fixed", "fixed.safetensors"])
+def test_a_separate_vae_replaces_the_models_own(tiny_sdxl_dir, fixed_vae, form):
+    from multifusion.api import Run
+
+    vae, root = fixed_vae
+    folder = str(tiny_sdxl_dir / "a")
+    [h] = Run(_recipe(folder, vae=str(root / form))).handles
+    want = vae.state_dict()
+    assert all(torch.equal(h.vae.state_dict()[k], want[k]) for k in want)
+    [own] = load_models([folder])
+    assert not torch.equal(own.vae.decoder.conv_out.weight, h.vae.decoder.conv_out.weight)
+    # the single-file model takes the VAE's config from its `config:` folder
+    [h] = load_models([str(save_as_single_file(folder, root / "model.safetensors"))], configs=[folder], vaes=[str(root / form)])
+    assert torch.equal(h.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+
+
+def test_bad_vae_references_are_refused_before_loading(tiny_sdxl_dir, tiny_dir, tmp_path, monkeypatch):
+    import multifusion.api as api
+    from multifusion import IncompatibleModelsError, PickleRefusedError
+    from multifusion.api import Run
+
+    monkeypatch.setattr(api, "load_recipe_models", lambda r: pytest.fail("models were loaded"))
+    folder = str(tiny_sdxl_dir / "a")
+    with pytest.raises(ModelLoadError, match=r"models\[0\].vae: cannot find VAE"):
+        Run(_recipe(folder, vae=str(tmp_path / "missing")))
+    with pytest.raises(ModelLoadError, match=r"models\[0\].vae: folder .* is not a diffusers VAE"):
+        Run(_recipe(folder, vae=str(tmp_path)))
+    (tmp_path / "vae.ckpt").write_bytes(b"x")
+    with pytest.raises(PickleRefusedError, match=r"models\[0\].vae: .* pickle"):
+        Run(_recipe(folder, vae=str(tmp_path / "vae.ckpt")))
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ModelLoadError, match=r"models\[0\].vae: .* corrupt"):
+        Run(_recipe(folder, vae=str(tmp_path / "cut.safetensors")))
+    with pytest.raises(IncompatibleModelsError, match=r"models\[0\].vae: its scaling_factor is 0.18215, the model's VAE has "
+                       r"0.13025: it encodes another latent space"):
+        Run(_recipe(folder, vae=str(tiny_dir / "a")))  # an SD-1.x pipeline's VAE on an SDXL model
+
+
+def test_a_vae_that_does_not_fit_is_refused_on_loading_too(tiny_sdxl_dir, tiny_dir):
+    from multifusion import IncompatibleModelsError
+
+    with pytest.raises(IncompatibleModelsError, match=r"models\[0\].model: VAE .* does not fit .*scaling_factor is 0.18215"):
+        load_models([str(tiny_sdxl_dir / "a")], vaes=[str(tiny_dir / "a" / "vae")], fields=["models[0].model"])
