@@ -118,3 +118,35 @@ def test_loaded_sdxl_and_sd_models_are_refused_with_the_reason(sdxl, tiny_a):
     [sd] = load_models([tiny_a])
     with pytest.raises(IncompatibleModelsError, match=r"'a' is SDXL, '.*' Stable Diffusion 1.x/2.x: different VAEs"):
         check_same_latent_space([sdxl[0], sd])
+
+
+def test_offload_runs_several_sdxl_models_one_module_at_a_time(tiny_sdxl_dir):
+    """Both text encoders of each model, then the UNets in turn, then the VAE; the latents equal
+    a run without offload."""
+    paths = [str(tiny_sdxl_dir / k) for k in "ac"]
+    ha, hc = load_models(paths, offload=True)
+    order = []
+    activate = ha.offloader.activate
+
+    def recording(module):
+        if module is not ha.offloader.active:
+            order.append(type(module).__name__)
+        activate(module)
+
+    ha.offloader.activate = recording
+    ref = mf.average([ha, hc], PROMPTS, num_inference_steps=2, progress=False, height=32, width=48).latents
+    # c retrains both text encoders; the negatives are zeros (no encoder run)
+    assert order == ["CLIPTextModel", "CLIPTextModelWithProjection"] * 2 + ["UNet2DConditionModel"] * 4 + ["AutoencoderKL"]
+    plain = mf.average(load_models(paths), PROMPTS, num_inference_steps=2, progress=False, height=32, width=48).latents
+    assert torch.equal(ref, plain)
+
+
+def test_large_sdxl_canvas_decodes_tiled_on_the_vae_device(sdxl, monkeypatch):
+    """Above 4x the native area (32 px here, 1024 px for SDXL) the VAE decodes in tiles, on
+    runtime.vae_device in float32."""
+    a = sdxl[0]
+    tiled = []
+    real = a.vae._decode
+    monkeypatch.setattr(a.vae, "_decode", lambda z, *k, **kw: (tiled.append(a.vae.use_tiling), real(z, *k, **kw))[1])
+    out = mf.single(a, PROMPTS[0], num_inference_steps=2, progress=False, height=96, width=128, runtime={"vae_device": "cpu"})
+    assert out.images[0].size == (128, 96) and True in tiled and a.vae.dtype == torch.float32
