@@ -245,7 +245,8 @@ def family_of(ref: ModelRef) -> type[ModelHandle]:
         return ModelHandle
     if name not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
-        raise ModelLoadError(f"{ref.text!r} is a {name}; the models that can be combined are: {known}")
+        refiner = " (the SDXL refiner refines images and is not supported)" if name == "StableDiffusionXLImg2ImgPipeline" else ""
+        raise ModelLoadError(f"{ref.text!r} is a {name}{refiner}; the models that can be combined are: {known}")
     return FAMILIES[name]
 
 

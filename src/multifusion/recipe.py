@@ -359,7 +359,7 @@ def validate(recipe: Recipe) -> Validated:
     models and these params; every model has a prompt (if the method needs one); the scheduler
     exists; every model reference resolves (pickles refused); the canvas size fits the VAE
     factor and the method's own size checks pass, where the first model's config is local."""
-    from multifusion.loading import check_weight_files, read_local_config, resolve
+    from multifusion.loading import check_weight_files, family_of, read_local_config, resolve
     from multifusion.registry import get_method
     from multifusion.schedulers import check_steps, scheduler_class
 
@@ -383,6 +383,7 @@ def validate(recipe: Recipe) -> Validated:
             ref = merged[m.model] if m.model in merged else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
             if m.model not in merged:
                 check_weight_files(ref)  # headers only: a truncated download is named here, before loading
+                family_of(ref)  # a pipeline of no known family (say the SDXL refiner), from its local model_index.json
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)

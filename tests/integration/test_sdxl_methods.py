@@ -150,3 +150,21 @@ def test_large_sdxl_canvas_decodes_tiled_on_the_vae_device(sdxl, monkeypatch):
     monkeypatch.setattr(a.vae, "_decode", lambda z, *k, **kw: (tiled.append(a.vae.use_tiling), real(z, *k, **kw))[1])
     out = mf.single(a, PROMPTS[0], num_inference_steps=2, progress=False, height=96, width=128, runtime={"vae_device": "cpu"})
     assert out.images[0].size == (128, 96) and True in tiled and a.vae.dtype == torch.float32
+
+
+def test_the_sdxl_refiner_is_refused_before_loading(tiny_sdxl_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import multifusion.api as api
+    from multifusion import ModelLoadError
+
+    refiner = tmp_path / "refiner"
+    shutil.copytree(tiny_sdxl_dir / "a", refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    monkeypatch.setattr(api, "load_recipe_models", lambda r: pytest.fail("models were loaded"))
+    with pytest.raises(ModelLoadError, match=r"models\[0\].model: .* is a StableDiffusionXLImg2ImgPipeline \(the SDXL refiner "
+                       r"refines images and is not supported\); the models that can be combined are: StableDiffusionPipeline, "
+                       r"StableDiffusionXLPipeline"):
+        mf.single(str(refiner), PROMPTS[0], progress=False)
