@@ -80,8 +80,8 @@ def _peak_activations(module: torch.nn.Module, run) -> int:
     tracker.track_external(module)
     with torch.no_grad(), tracker:
         run()
-    peak = tracker.get_tracker_snapshot("peak")
-    return max(int(v.get(next(k for k in v if getattr(k, "name", "") == "ACT"), 0)) for v in peak.values())
+    peak = tracker.get_tracker_snapshot("peak")  # {device: {memory kind (PARAM, ACT, ...) or "Total": bytes}}
+    return max(sum(int(n) for kind, n in per_kind.items() if getattr(kind, "name", None) == "ACT") for per_kind in peak.values())
 
 
 def activation_peaks(configs: dict[str, dict[str, Any]], height: int, width: int, batch: int = 1,

@@ -414,7 +414,7 @@ def validate(recipe: Recipe) -> Validated:
 
 def _check_vae(i: int, m: ModelEntry, cfg: dict | None, allow_pickle: bool) -> dict | None:
     """models[i].vae resolved and, where both configs are local, checked to fit the model's
-    latent space. Returns the model's local config as the replacement VAE makes it."""
+    latent space (`cfg`, returned unchanged: a VAE that fits leaves it as it is)."""
     from multifusion.loading import read_vae_config, resolve_vae, vae_mismatch
 
     if m.model.startswith(MERGE_PREFIX):

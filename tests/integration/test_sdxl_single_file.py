@@ -134,7 +134,7 @@ def test_a_separate_vae_replaces_the_models_own(tiny_sdxl_dir, fixed_vae, form):
 
 def test_bad_vae_references_are_refused_before_loading(tiny_sdxl_dir, tiny_dir, tmp_path, monkeypatch):
     import multifusion.api as api
-    from multifusion import IncompatibleModelsError, PickleRefusedError
+    from multifusion import IncompatibleModelsError, PickleRefusedError, RecipeError
     from multifusion.api import Run
 
     monkeypatch.setattr(api, "load_recipe_models", lambda r: pytest.fail("models were loaded"))
@@ -152,6 +152,9 @@ def test_bad_vae_references_are_refused_before_loading(tiny_sdxl_dir, tiny_dir, 
     with pytest.raises(IncompatibleModelsError, match=r"models\[0\].vae: its scaling_factor is 0.18215, the model's VAE has "
                        r"0.13025: it encodes another latent space"):
         Run(_recipe(folder, vae=str(tiny_dir / "a")))  # an SD-1.x pipeline's VAE on an SDXL model
+    merged = {**_recipe("merge:m", vae=str(tmp_path)), "merges": {"m": {"models": [folder, folder]}}}
+    with pytest.raises(RecipeError, match=r"models\[0\].vae: a merge keeps its first model's VAE; drop `vae`"):
+        Run(merged)
 
 
 def test_a_vae_that_does_not_fit_is_refused_on_loading_too(tiny_sdxl_dir, tiny_dir):

@@ -408,6 +408,7 @@ class EnsembleHandle(ModelHandle):
         return self.encode_each([prompts] * len(self.members))
 
     def encode_negative(self, negatives: list[str], positive: Conditioning) -> Conditioning:
+        """Each member's unconditional conditioning (its own `encode_negative`), joined."""
         return self.encode_each([negatives] * len(self.members), negative_of=positive)
 
     @torch.no_grad()
