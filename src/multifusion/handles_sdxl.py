@@ -17,8 +17,10 @@ What the family adds to `ModelHandle`:
   target = the latents' size in pixels, crop (0, 0), the pipeline's default.
 - `for_window`: a Mixture-of-Diffusers region is a crop of the canvas, so it is conditioned as
   one: original size = the canvas, crop top-left = the region's corner, target size = the
-  region's size (the tiled-diffusion convention for SDXL). A region covering the whole canvas
-  gets the default numbers, so it equals `single` exactly.
+  region's size, the meaning these numbers had in SDXL's training on random crops (Sec. 2.2:
+  the crop's corner in the image it was cut from, the size it was trained at). A region
+  covering the whole canvas gets the default numbers, so it equals `single` exactly. Deviation:
+  diffusers' community SDXL tiling pipeline gives every tile the whole image's numbers.
 - `encode_negative`: with `force_zeros_for_empty_prompt` in the pipeline's config (SDXL base
   sets it), an empty negative prompt is all zeros (text sequence and pooled embedding).
 
