@@ -168,3 +168,17 @@ def test_the_sdxl_refiner_is_refused_before_loading(tiny_sdxl_dir, tmp_path, mon
                        r"refines images and is not supported\); the models that can be combined are: StableDiffusionPipeline, "
                        r"StableDiffusionXLPipeline"):
         mf.single(str(refiner), PROMPTS[0], progress=False)
+
+
+def test_an_sdxl_pipeline_without_its_first_text_encoder_is_refused_on_loading(tiny_sdxl_dir, tmp_path):
+    import json
+    import shutil
+
+    from multifusion import ModelLoadError
+
+    folder = tmp_path / "no_te"
+    shutil.copytree(tiny_sdxl_dir / "a", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None], "tokenizer": [None, None]}))
+    with pytest.raises(ModelLoadError, match=r"models\[0\].model: this SDXL pipeline has no first text encoder"):
+        load_models([str(folder)], fields=["models[0].model"])
