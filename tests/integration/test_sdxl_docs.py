@@ -23,7 +23,6 @@ def test_every_method_has_a_recipe():
 
 @pytest.mark.parametrize("recipe", _recipes(), ids=lambda r: r["method"])
 def test_the_documented_recipe_validates(recipe, tiny_sdxl_dir, tmp_path):
-    from multifusion.features.ensemble import fresh_aggregators
     from multifusion.testing import build_tiny_sdxl_pipeline
 
     if recipe["method"] == "mbw":  # 20 block weights: an SDXL-shaped UNet (3 levels, 2 layers)

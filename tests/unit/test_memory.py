@@ -3,7 +3,6 @@ SDXL base's are the published ones, activation peaks grow with the canvas, and t
 arithmetic (offload on and off) on hand-made numbers."""
 
 import pytest
-import torch
 
 from multifusion.memory import GiB, SDXL_BASE, Footprint, activation_peaks, fits, parameter_counts
 from multifusion.zoo.tiny_sdxl import PROJECTION_DIM, TIME_EMBED_DIM
