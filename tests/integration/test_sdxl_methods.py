@@ -182,3 +182,22 @@ def test_an_sdxl_pipeline_without_its_first_text_encoder_is_refused_on_loading(t
     (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None], "tokenizer": [None, None]}))
     with pytest.raises(ModelLoadError, match=r"models\[0\].model: this SDXL pipeline has no first text encoder"):
         load_models([str(folder)], fields=["models[0].model"])
+
+
+def test_an_snb_or_average_region_conditions_its_models_on_the_window(sdxl):
+    """Combinators painting a region pass the window on to their models; over the whole canvas
+    the region is the combinator itself, exactly."""
+    from multifusion.noise.average import Average
+    from multifusion.noise.snb import SNB
+
+    a, _, c = sdxl
+    ga, gc = a.guide(PROMPTS[0], batch_size=1), c.guide(PROMPTS[1], batch_size=1)
+    for fn in (SNB([ga, gc], [1.0, 1.0]), Average([ga, gc], [0.5, 0.5])):
+        canvas = Canvas([Region((0, 8, 4, 12), fn, region_weights(8, 8, "constant")),
+                         Region((0, 8, 0, 4), ga, region_weights(8, 4, "constant"))], (8, 12))
+        inner = canvas.regions[0].fn
+        members = inner.guided if isinstance(inner, SNB) else inner.fns
+        assert all(g.positive.extra["time_ids"].tolist() == [[32, 48, 0, 16, 32, 32]] for g in members)
+        whole = Canvas([Region((0, 8, 0, 12), fn, region_weights(8, 12))], (8, 12))
+        x = initial_noise((4, 8, 12), [torch.Generator().manual_seed(0)])
+        assert torch.equal(whole(x, torch.tensor(500)), fn(x, torch.tensor(500)))
