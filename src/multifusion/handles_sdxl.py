@@ -109,6 +109,15 @@ class SDXLHandle(ModelHandle):
 
         return Conditioning(keep(enc.embeds), {k: keep(v) for k, v in enc.extra.items()})
 
+    def ready_vae(self, device: str | torch.device | None = None) -> torch.nn.Module:
+        """As `ModelHandle.ready_vae`, and a float16 VAE whose config sets `force_upcast` (SDXL
+        base's, which overflows in half precision) runs in float32, as the pipeline decodes it;
+        the fp16-fix VAE (`vae:` in a recipe) clears that flag and stays in float16."""
+        vae = super().ready_vae(device)
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)
+        return vae
+
     def for_window(self, cond: Conditioning, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> Conditioning:
         """`cond` with the micro-conditioning of a crop: original size = the canvas, crop
         top-left = the window's corner, target size = the window's size, in pixels."""

@@ -201,3 +201,15 @@ def test_an_snb_or_average_region_conditions_its_models_on_the_window(sdxl):
         whole = Canvas([Region((0, 8, 0, 12), fn, region_weights(8, 12))], (8, 12))
         x = initial_noise((4, 8, 12), [torch.Generator().manual_seed(0)])
         assert torch.equal(whole(x, torch.tensor(500)), fn(x, torch.tensor(500)))
+
+
+def test_a_half_precision_vae_that_asks_for_float32_gets_it(tiny_sdxl_dir):
+    """force_upcast (SDXL base's VAE overflows in float16): decoded in float32, as the pipeline
+    does; a VAE without the flag (the fp16-fix one) and bfloat16 keep their dtype."""
+    [h] = load_models([str(tiny_sdxl_dir / "a")], dtype="float16")
+    assert h.vae.config.force_upcast and h.ready_vae().dtype == torch.float32
+    [h] = load_models([str(tiny_sdxl_dir / "a")], dtype="bfloat16")
+    assert h.ready_vae().dtype == torch.bfloat16
+    [h] = load_models([str(tiny_sdxl_dir / "a")], dtype="float16")
+    h.vae.register_to_config(force_upcast=False)
+    assert h.ready_vae().dtype == torch.float16
