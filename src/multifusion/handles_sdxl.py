@@ -21,6 +21,8 @@ What the family adds to `ModelHandle`:
   the crop's corner in the image it was cut from, the size it was trained at). A region
   covering the whole canvas gets the default numbers, so it equals `single` exactly. Deviation:
   diffusers' community SDXL tiling pipeline gives every tile the whole image's numbers.
+- `ready_vae`: a float16 VAE whose config sets `force_upcast` (SDXL base's) decodes in float32,
+  as the pipeline does.
 - `encode_negative`: with `force_zeros_for_empty_prompt` in the pipeline's config (SDXL base
   sets it), an empty negative prompt is all zeros (text sequence and pooled embedding).
 
