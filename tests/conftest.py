@@ -38,3 +38,19 @@ def tiny_a(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_b(tiny_dir):
     return str(tiny_dir / "b")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """Folder of tiny SDXL pipelines: `a`; `b` a fine-tune of it (same text encoders and VAE,
+    another UNet); `c` a fine-tune with retrained text encoders; `v` predicts v; `keep` encodes
+    empty negative prompts (force_zeros_for_empty_prompt False)."""
+    from multifusion.testing import build_tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    build_tiny_sdxl_pipeline(root / "a", seed=0)
+    build_tiny_sdxl_pipeline(root / "b", seed=1, text_seed=0, vae_seed=0)
+    build_tiny_sdxl_pipeline(root / "c", seed=2, text_seed=5, vae_seed=0)
+    build_tiny_sdxl_pipeline(root / "v", seed=3, prediction_type="v_prediction")
+    build_tiny_sdxl_pipeline(root / "keep", seed=0, force_zeros_for_empty_prompt=False)
+    return root

@@ -50,6 +50,7 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
         [recipe.models[i].model for i in plain],
         names=[recipe.models[i].label for i in plain],
         configs=[recipe.models[i].config for i in plain],
+        vaes=[recipe.models[i].vae for i in plain],
         dtype=rt.dtype,
         device=rt.device,
         offload=rt.offload,

@@ -245,7 +245,25 @@ class ModelHandle:
             raise ValueError(
                 f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts; give one per prompt or a single string"
             )
-        return Guided(self, self.encode_prompt(prompts), self.encode_prompt(negatives), float(guidance_scale), prompts)
+        positive = self.encode_prompt(prompts)
+        return Guided(self, positive, self.encode_negative(negatives, positive), float(guidance_scale), prompts)
+
+    def encode_negative(self, negatives: list[str], positive: Conditioning) -> Conditioning:
+        """The unconditional conditioning for classifier-free guidance, given the positive one
+        (families that zero out empty negative prompts, as SDXL does, override this)."""
+        return self.encode_prompt(negatives)
+
+    def for_window(self, cond: Conditioning, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> Conditioning:
+        """`cond` for denoising the latent window box = (r0, r1, c0, c1) of a canvas (H, W) in
+        latent pixels (a Mixture-of-Diffusers region). The text does not depend on where the
+        window lies, so this is `cond` itself; families conditioned on the crop (SDXL's
+        micro-conditioning) override it."""
+        return cond
+
+    def denoiser_kwargs(self, x_t: torch.Tensor, cond: Conditioning, device: torch.device) -> dict[str, Any]:
+        """Keyword arguments of the denoiser call beyond the latents, timestep and text sequence,
+        built from `cond.extra` on `device` (none for Stable Diffusion 1.x/2.x)."""
+        return {}
 
     def ready_vae(self, device: str | torch.device | None = None) -> torch.nn.Module:
         """The VAE, ready to run: moved to `device` when one is given (in float32 on the CPU,
@@ -266,7 +284,8 @@ class ModelHandle:
         self._on_device(self.unet)
         dev = self.offloader.device if self.offloader else self.device
         out = self.unet(
-            x_t.to(dev, self.dtype), t, encoder_hidden_states=cond.embeds.to(dev), return_dict=False
+            x_t.to(dev, self.dtype), t, encoder_hidden_states=cond.embeds.to(dev), return_dict=False,
+            **self.denoiser_kwargs(x_t, cond, dev),
         )[0].to(x_t.device, torch.float32)
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, x_t, alpha_bar_at(self.alphas_cumprod, t).to(x_t.device, torch.float32))
@@ -318,6 +337,12 @@ class Guided:
     @property
     def batch_size(self) -> int:
         return len(self.positive)
+
+    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "Guided":
+        """This conditioning for the latent window `box` of a canvas (see `ModelHandle.for_window`)."""
+        h = self.handle
+        return Guided(h, h.for_window(self.positive, box, canvas), h.for_window(self.negative, box, canvas),
+                      self.guidance_scale, self.prompts)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, need_uncond: bool = False) -> GuidedPrediction:
         return predict_together([self], [x_t], t, need_uncond)[0]
@@ -373,8 +398,10 @@ def check_same_latent_space(handles: list[ModelHandle]) -> None:
             ("num_train_timesteps", len(base.alphas_cumprod), len(h.alphas_cumprod)),
         ):
             if a != b:
+                kinds = f" ({base.name!r} is {base.family_name}, {h.name!r} {h.family_name}: different VAEs)" \
+                    if base.family_name != h.family_name else ""
                 raise IncompatibleModelsError(
-                    f"models {base.name!r} and {h.name!r} differ in {what} ({a} vs {b}): their latents "
+                    f"models {base.name!r} and {h.name!r} differ in {what} ({a} vs {b}){kinds}: their latents "
                     "cannot be combined; use models fine-tuned from the same base (same VAE and schedule)"
                 )
         if not torch.allclose(base.alphas_cumprod, h.alphas_cumprod, atol=1e-6):

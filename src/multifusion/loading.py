@@ -17,10 +17,11 @@ from typing import Literal
 
 import torch
 
-from multifusion.errors import ModelLoadError, PickleRefusedError, did_you_mean
+from multifusion.errors import IncompatibleModelsError, ModelLoadError, PickleRefusedError, did_you_mean
 from multifusion.flow.flux import FluxHandle
 from multifusion.flow.sd3 import SD3Handle
 from multifusion.handles import ModelHandle, Offloader
+from multifusion.handles_sdxl import SDXLHandle
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -146,10 +147,78 @@ def read_local_config(ref: ModelRef) -> dict | None:
         "vae_scale_factor": factor,
         "latent_channels": channels,
         "patch_px": factor * patch,
+        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),  # diffusers' AutoencoderKL default
         "family": family.family_name,
         "prediction_space": family.prediction_space,
         "scheduler": scheduler,
     }
+
+
+def resolve_vae(text: str, *, allow_pickle: bool = False) -> ModelRef:
+    """A separate VAE (say the fp16-fix SDXL VAE) without loading it: a diffusers VAE folder (its
+    config.json, or a pipeline folder's vae/), or one checkpoint file in the original layout.
+    Raises ModelLoadError with a fix."""
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise PickleRefusedError(f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it to "
+                                 ".safetensors, or set runtime.allow_pickle if you trust its source")
+    if suffix in PICKLE_SUFFIXES or suffix == ".safetensors":
+        if not path.is_file():
+            raise ModelLoadError(f"VAE file {text!r} does not exist")
+        if suffix == ".safetensors":
+            check_safetensors(path)
+        return ModelRef(text, "single_file", str(path))
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"folder {text!r} is not a diffusers VAE (no config.json, nor vae/config.json); name the "
+                                 "VAE's folder, a pipeline folder, or a single .safetensors VAE file")
+        for f in sorted(folder.glob("*.safetensors")):
+            check_safetensors(f)
+        return ModelRef(text, "folder", str(folder))
+    raise ModelLoadError(f"cannot find VAE {text!r}: not an existing folder nor a .safetensors file")
+
+
+def read_vae_config(ref: ModelRef) -> dict | None:
+    """A separate VAE's config.json (None for a single file: it takes its model's config)."""
+    if ref.kind != "folder":
+        return None
+    try:
+        return json.loads((Path(ref.location) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def vae_mismatch(vae: dict, unet_in_channels: int, scaling_factor: float, vae_scale_factor: int) -> str | None:
+    """What makes a replacement VAE (its config) unfit for a model whose UNet takes
+    `unet_in_channels` latent channels and whose own VAE has `scaling_factor` and downsampling
+    `vae_scale_factor`; None when it fits."""
+    got = (vae.get("latent_channels", 4), 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+           round(float(vae.get("scaling_factor", 0.18215)), 6))
+    want = (unet_in_channels, vae_scale_factor, round(scaling_factor, 6))
+    for what, a, b in zip(("latent channels", "downsampling factor", "scaling_factor"), got, want):
+        if a != b:
+            return (f"its {what} is {a}, the model's VAE has {b}: it encodes another latent space (an SD-1.x VAE on an "
+                    "SDXL model, or the reverse?); give a VAE made for this model's family")
+    return None
+
+
+def _load_vae(ref: ModelRef, model: ModelRef, cls: type, dtype: torch.dtype, allow_pickle: bool) -> torch.nn.Module:
+    """Load a separate VAE of class `cls` (the model's own VAE's). A single file takes the
+    model's local VAE config (its folder, or its `config:` folder)."""
+    try:
+        if ref.kind == "folder":
+            return cls.from_pretrained(ref.location, use_safetensors=None if allow_pickle else True, **{_DTYPE_KWARG: dtype})
+        root = model.location if model.kind in ("folder", "zoo") else model.config
+        if root is None:
+            raise ModelLoadError(f"the single-file VAE {ref.text!r} needs its model's diffusers config, and {model.text!r} "
+                                 "has none here: give the model a `config:` folder, or the VAE as a diffusers folder")
+        return cls.from_single_file(ref.location, config=root, subfolder="vae", **{_DTYPE_KWARG: dtype})
+    except ModelLoadError:
+        raise
+    except Exception as err:  # diffusers raises OSError, ValueError and its own error classes here
+        raise ModelLoadError(f"could not load VAE {ref.text!r}: {err}") from err
 
 
 def _dtype_kwarg() -> str:
@@ -165,7 +234,7 @@ _DTYPE_KWARG = _dtype_kwarg()
 
 # Handle classes by the diffusers pipeline class they are built from (`ModelHandle.pipeline_class`).
 FAMILIES: dict[str, type[ModelHandle]] = {ModelHandle.pipeline_class: ModelHandle}
-FAMILIES.update({h.pipeline_class: h for h in (SD3Handle, FluxHandle)})
+FAMILIES.update({h.pipeline_class: h for h in (SDXLHandle, SD3Handle, FluxHandle)})
 
 
 def family_of(ref: ModelRef) -> type[ModelHandle]:
@@ -182,7 +251,8 @@ def family_of(ref: ModelRef) -> type[ModelHandle]:
         return ModelHandle
     if name not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
-        raise ModelLoadError(f"{ref.text!r} is a {name}; the models that can be combined are: {known}")
+        refiner = " (the SDXL refiner refines images and is not supported)" if name == "StableDiffusionXLImg2ImgPipeline" else ""
+        raise ModelLoadError(f"{ref.text!r} is a {name}{refiner}; the models that can be combined are: {known}")
     return FAMILIES[name]
 
 
@@ -298,14 +368,25 @@ def load_model(
     device: str | torch.device = "cpu",
     offloader: Offloader | None = None,
     allow_pickle: bool = False,
+    vae: str | None = None,
 ) -> ModelHandle:
     """Load one model into a handle. `offloader` (shared between handles) keeps the components
-    on the CPU and moves each one to its device only while it runs."""
+    on the CPU and moves each one to its device only while it runs. `vae` names a VAE to use in
+    place of the model's own (`resolve_vae`), checked to encode the same latent space."""
     if isinstance(ref, str):
         ref = resolve(ref, config=config, allow_pickle=allow_pickle)
+    vae_ref = resolve_vae(vae, allow_pickle=allow_pickle) if vae is not None else None
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     family = family_of(ref)
     pipe = _load_pipeline(ref, family, torch_dtype, allow_pickle)
+    if vae_ref is not None:
+        own = pipe.vae
+        replacement = _load_vae(vae_ref, ref, type(own), torch_dtype, allow_pickle)
+        problem = vae_mismatch(dict(replacement.config), int(pipe.unet.config.in_channels), float(own.config.scaling_factor),
+                               2 ** (len(own.config.block_out_channels) - 1))
+        if problem:
+            raise IncompatibleModelsError(f"VAE {vae!r} does not fit {ref.text!r}: {problem}")
+        pipe.vae = replacement
     device = torch.device(device)
     if offloader is None:
         pipe.to(device)
@@ -334,11 +415,14 @@ def load_models(
     allow_pickle: bool = False,
     share: bool = True,
     fields: list[str] | None = None,
+    vaes: list[str | None] | None = None,
 ) -> list[ModelHandle]:
     """Load several models, sharing identical components. All refs are resolved (and refused,
     for pickles) before the first one loads. `fields` (say, "models[1].model") prefix each
-    model's load errors, so they name where the model was given."""
+    model's load errors, so they name where the model was given. `vaes` replace models' own VAEs
+    (None keeps a model's own)."""
     names = names or [None] * len(refs)
+    vaes = vaes or [None] * len(refs)
     configs = configs or [None] * len(refs)
     fields = fields or [""] * len(refs)
 
@@ -355,15 +439,16 @@ def load_models(
     handles: list[ModelHandle] = []
     cache: dict[str, ModelHandle] = {}
     for k, (ref, name) in enumerate(zip(resolved, names)):
-        key = f"{ref.kind}:{ref.location}:{ref.config}"
+        key = f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}"
         if key in cache:
             # The same checkpoint named twice: share everything, load nothing.
             base = cache[key]
             handles.append(dataclasses.replace(base, name=name or ref.text))
             continue
         try:
-            h = load_model(ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle)
-        except ModelLoadError as err:
+            h = load_model(ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle,
+                           vae=vaes[k])
+        except (ModelLoadError, IncompatibleModelsError) as err:
             raise named(k, err) from err.__cause__
         cache[key] = h
         handles.append(h)

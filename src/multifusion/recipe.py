@@ -52,6 +52,8 @@ class ModelEntry(_Strict):
     model: str = Field(min_length=1, description="diffusers folder, Hub id, .safetensors file or zoo:NAME")
     name: str | None = None
     config: str | None = Field(None, description="diffusers config folder for a single-file checkpoint")
+    vae: str | None = Field(None, min_length=1, description="a VAE in place of the model's own (e.g. the fp16-fix SDXL VAE): "
+                            "a diffusers VAE folder or a single .safetensors VAE file")
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = None
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
@@ -159,8 +161,9 @@ class Recipe(_Strict):
             # A region or `specified` names a model by its label: a name two different models
             # answer to is ambiguous. (One model listed twice under one label is fine, the weights
             # being the same: fusing a model with itself is how the degenerate cases are tested.)
-            same = (m.model, m.config)
-            earlier = [j for j in range(i) if labels[j] == labels[i] and (self.models[j].model, self.models[j].config) != same]
+            same = (m.model, m.config, m.vae)
+            earlier = [j for j in range(i) if labels[j] == labels[i]
+                       and (self.models[j].model, self.models[j].config, self.models[j].vae) != same]
             named = [k for k in (*earlier, i) if self.models[k].name is not None]
             if earlier and named:
                 k = i if i in named else named[0]
@@ -356,7 +359,7 @@ def validate(recipe: Recipe) -> Validated:
     models and these params; every model has a prompt (if the method needs one); the scheduler
     exists; every model reference resolves (pickles refused); the canvas size fits the VAE
     factor and the method's own size checks pass, where the first model's config is local."""
-    from multifusion.loading import check_weight_files, read_local_config, resolve
+    from multifusion.loading import check_weight_files, family_of, read_local_config, resolve
     from multifusion.registry import get_method
     from multifusion.schedulers import check_steps, scheduler_class
 
@@ -373,22 +376,26 @@ def validate(recipe: Recipe) -> Validated:
             if m.prompt is None and recipe.prompt is None:
                 raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
-    factor, grid, spaces, families = None, None, {}, {}
+    factor, grid, spaces, families, vaes = None, None, {}, {}, {}
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
         try:
             ref = merged[m.model] if m.model in merged else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
             if m.model not in merged:
                 check_weight_files(ref)  # headers only: a truncated download is named here, before loading
+                family_of(ref)  # a pipeline of no known family (say the SDXL refiner), from its local model_index.json
         except ModelLoadError as err:
             raise type(err)(f"models[{i}].model: {err}") from None
         cfg = read_local_config(ref)
+        if m.vae is not None:
+            cfg = _check_vae(i, m, cfg, recipe.runtime.allow_pickle)
         if cfg is not None and i == 0 and cfg.get("scheduler") is not None:
             check_steps(recipe.sampling.scheduler, cfg["scheduler"], recipe.sampling.num_inference_steps)
         if cfg is not None:
             factor, grid = (cfg["vae_scale_factor"], cfg["patch_px"]) if i == 0 else (factor, grid)
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
             families[i] = (cfg["family"], cfg["prediction_space"])
+            vaes[i] = (round(cfg["scaling_factor"], 6), cfg["family"])
     i = min(spaces, default=0)
     for j, space in spaces.items():  # the full check (with the noise schedule) runs after loading
         if families[j] != families[i] and "velocity" in (families[j][1], families[i][1]):
@@ -402,10 +409,36 @@ def validate(recipe: Recipe) -> Validated:
                 f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "
                 f"({spaces[i][0]}, {spaces[i][1]}), so their latents cannot meet; use models fine-tuned from one base "
                 "(same VAE)")
+        if vaes[j][0] != vaes[i][0]:
+            (scale, family), (scale_i, family_i) = vaes[j], vaes[i]
+            kinds = f"models[{j}] is {family} and models[{i}] {family_i}: " if family != family_i else ""
+            raise IncompatibleModelsError(
+                f"models[{j}].model: {kinds}their VAEs encode different latent spaces (VAE scaling_factor {scale} vs "
+                f"{scale_i}), so their noise and latents cannot meet; fuse models of one family, a base with its fine-tunes")
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
     if size is not None:
         check_patch_grid(*size, grid, families[0][0])
     return Validated(recipe, method, params, size is not None)
+
+
+def _check_vae(i: int, m: ModelEntry, cfg: dict | None, allow_pickle: bool) -> dict | None:
+    """models[i].vae resolved and, where both configs are local, checked to fit the model's
+    latent space (`cfg`, returned unchanged: a VAE that fits leaves it as it is)."""
+    from multifusion.loading import read_vae_config, resolve_vae, vae_mismatch
+
+    if m.model.startswith(MERGE_PREFIX):
+        raise RecipeError(f"models[{i}].vae: a merge keeps its first model's VAE; drop `vae`")
+    try:
+        ref = resolve_vae(m.vae, allow_pickle=allow_pickle)
+    except ModelLoadError as err:
+        raise type(err)(f"models[{i}].vae: {err}") from None
+    vae = read_vae_config(ref)
+    if cfg is None or vae is None:
+        return cfg
+    problem = vae_mismatch(vae, cfg["latent_channels"], cfg["scaling_factor"], cfg["vae_scale_factor"])
+    if problem:
+        raise IncompatibleModelsError(f"models[{i}].vae: {problem}")
+    return cfg
 
 
 def check_merges(recipe: Recipe) -> dict:

@@ -23,6 +23,10 @@ Conditioning. `encoder_hidden_states` holds each model's own text embedding, con
 sequence axis: (B, N*L, D), model n's in [n*L, (n+1)*L) (`EnsembleHandle.encode_prompt` makes
 them). Inside its own blocks each UNet sees its own embedding and its own time embedding; the
 aggregators see the mean over models of the time embeddings and of the text embeddings.
+SDXL-family UNets (`addition_embed_type="text_time"`) also take `added_cond_kwargs`: each tensor
+holds the models' own on its second axis (text_embeds (B, N*P), time_ids (B, N*6)), and each
+model adds its own pooled-text and micro-conditioning embedding to its time embedding, as its
+own forward does (`UNet2DConditionModel.get_aug_embed`).
 """
 
 from __future__ import annotations
@@ -71,14 +75,14 @@ def check_walkable(unet: nn.Module) -> None:
     """IncompatibleModelsError unless the ensemble can walk this UNet's blocks."""
     cfg = unet.config
     unsupported = [(k, cfg.get(k)) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "num_class_embeds")
-                   if cfg.get(k) is not None]
+                   if cfg.get(k) is not None and not (k == "addition_embed_type" and cfg.get(k) == "text_time")]
     kinds = [type(b).__name__ for b in unet.down_blocks] + [type(b).__name__ for b in unet.up_blocks] + [type(unet.mid_block).__name__]
     bad = [k for k in kinds if k not in DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS]
     if unsupported or bad:
         what = ", ".join([f"{k}={v!r}" for k, v in unsupported] + [f"block {k}" for k in bad])
         raise IncompatibleModelsError(
             f"AFA walks UNets made of {', '.join(DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS)} with time and text "
-            f"conditioning only; this UNet has {what}"
+            f"conditioning (and SDXL's text_time) only; this UNet has {what}"
         )
 
 
@@ -121,6 +125,36 @@ def split_models(encoder_hidden_states: torch.Tensor, n: int) -> list[torch.Tens
         raise ValueError(f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens, not a multiple of the {n} models' "
                          "(concatenate each model's own text embedding on the sequence axis)")
     return list(encoder_hidden_states.chunk(n, dim=1))
+
+
+def join_conditionings(parts: Sequence[Conditioning], labels: Sequence[str]) -> Conditioning:
+    """The ensemble's conditioning from each model's own (batch B): embeds (B, N*L, D) on the
+    sequence axis, each extra (B, N*E) on its second axis. Inverse of `split_conditioning`."""
+    if len({tuple(p.embeds.shape[1:]) for p in parts}) != 1:
+        raise IncompatibleModelsError("AFA needs text embeddings of one shape (tokens, width) from every model; got "
+                                      + ", ".join(f"{m}: {tuple(p.embeds.shape[1:])}" for m, p in zip(labels, parts)))
+    keys = set(parts[0].extra)
+    if any(set(p.extra) != keys for p in parts):
+        raise IncompatibleModelsError("AFA needs models of one family (the same conditioning); got "
+                                      + ", ".join(f"{m}: {sorted(p.extra) or 'text only'}" for m, p in zip(labels, parts)))
+    return Conditioning(torch.cat([p.embeds for p in parts], dim=1), {k: torch.cat([p.extra[k] for p in parts], dim=1) for k in keys})
+
+
+def split_conditioning(cond: Conditioning, n: int) -> list[Conditioning]:
+    """Each of `n` models' own conditioning from the ensemble's (see `join_conditionings`)."""
+    extras = {k: v.chunk(n, dim=1) for k, v in cond.extra.items()}
+    return [Conditioning(e, {k: v[i] for k, v in extras.items()}) for i, e in enumerate(split_models(cond.embeds, n))]
+
+
+def ensemble_kwargs(members: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning, device: torch.device) -> dict[str, Any]:
+    """The ensemble's denoiser keywords beyond the text sequence: each member's own
+    (`ModelHandle.denoiser_kwargs` of its part of `cond`), their tensors side by side on the
+    second axis; none for Stable Diffusion 1.x/2.x members."""
+    own = [m.denoiser_kwargs(x_t, c, device) for m, c in zip(members, split_conditioning(cond, len(members)))]
+    if not own[0]:
+        return {}
+    added = [kw["added_cond_kwargs"] for kw in own]
+    return {"added_cond_kwargs": {k: torch.cat([a[k] for a in added], dim=1) for k in added[0]}}
 
 
 class AFAEnsemble(nn.Module):
@@ -167,18 +201,23 @@ class AFAEnsemble(nn.Module):
         return agg
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
-                return_dict: bool = True, **unused: Any):
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True, **unused: Any):
         """As `UNet2DConditionModel.forward` for sample (B, C, H, W), encoder_hidden_states
-        (B, N*L, D) (module docstring); other keyword arguments (ControlNet residuals, masks)
-        are not supported."""
+        (B, N*L, D) and, for SDXL-family UNets, added_cond_kwargs with each model's tensors side
+        by side on the second axis (module docstring); other keyword arguments (ControlNet
+        residuals, masks) are not supported."""
         extra = {k: v for k, v in unused.items() if v is not None}
         if extra:
             raise TypeError(f"the AFA ensemble does not take {sorted(extra)}")
         unets, n = self.unets, self.n_models
-        contexts = [u.process_encoder_hidden_states(c, None) for u, c in zip(unets, split_models(encoder_hidden_states, n))]
+        texts = split_models(encoder_hidden_states, n)
+        added = [{k: v.chunk(n, dim=1)[i] for k, v in added_cond_kwargs.items()} for i in range(n)] if added_cond_kwargs else [{}] * n
+        contexts = [u.process_encoder_hidden_states(c, a) for u, c, a in zip(unets, texts, added)]
         embs = []
-        for u in unets:
+        for u, c, a in zip(unets, texts, added):
             emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), None)
+            aug = u.get_aug_embed(emb=emb, encoder_hidden_states=c, added_cond_kwargs=a)  # SDXL: pooled text + time ids
+            emb = emb + aug if aug is not None else emb
             embs.append(u.time_embed_act(emb) if u.time_embed_act is not None else emb)
         temb = torch.stack(embs).mean(0)  # (B, T): the aggregators' time condition
         context = torch.stack(contexts).mean(0)  # (B, L, D): their text condition
@@ -342,8 +381,8 @@ def check_aggregators_fit(aggregators: AFAAggregators, unets: Sequence[nn.Module
 # --------------------------------------------------------------------------- the handle
 
 def model_hash(handle: ModelHandle) -> str:
-    """A model's content hash for AFA: its UNet's and text encoder's weights (`weights_hash`)."""
-    return weights_hash(handle.unet, handle.text_encoder)
+    """A model's content hash for AFA: its UNet's and text encoders' weights (`weights_hash`)."""
+    return weights_hash(handle.unet, *(module for kind, module in handle.modules().items() if kind.startswith("text_encoder")))
 
 
 @dataclass(eq=False)
@@ -364,21 +403,30 @@ class EnsembleHandle(ModelHandle):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """Embeds (B, N*L, D): each member's own embedding of `prompts` (shared encoders run once)."""
+        """Each member's own conditioning of `prompts`, joined (`join_conditionings`; shared
+        encoders run once)."""
         return self.encode_each([prompts] * len(self.members))
 
+    def encode_negative(self, negatives: list[str], positive: Conditioning) -> Conditioning:
+        """Each member's unconditional conditioning (its own `encode_negative`), joined."""
+        return self.encode_each([negatives] * len(self.members), negative_of=positive)
+
     @torch.no_grad()
-    def encode_each(self, prompts: Sequence[list[str]]) -> Conditioning:
-        """Embeds (B, N*L, D): member n's embedding of its own `prompts[n]`, encoded once per
-        distinct (encoder, prompts)."""
-        done: dict[tuple, torch.Tensor] = {}
+    def encode_each(self, prompts: Sequence[list[str]], negative_of: Conditioning | None = None) -> Conditioning:
+        """Member n's conditioning of its own `prompts[n]`, joined (`join_conditionings`), encoded
+        once per distinct (encoders, prompts). With `negative_of` (the ensemble's positive
+        conditioning) each member's unconditional one (`ModelHandle.encode_negative`)."""
+        positives = split_conditioning(negative_of, len(self.members)) if negative_of is not None else [None] * len(self.members)
+        done: dict[tuple, Conditioning] = {}
         parts = []
-        for m, p in zip(self.members, prompts):
-            key = (id(m.tokenizer), id(m.text_encoder), tuple(p))
+        for m, p, pos in zip(self.members, prompts, positives):
+            encoders = tuple(id(module) for kind, module in m.modules().items() if kind.startswith("text_encoder"))
+            key = (type(m), id(m.tokenizer), encoders, tuple(p), getattr(m, "force_zeros_for_empty_prompt", None))
             if key not in done:
-                done[key] = m.encode_prompt(list(p)).embeds.to(self.device)
+                cond = m.encode_prompt(list(p)) if pos is None else m.encode_negative(list(p), pos)
+                done[key] = cond.to(self.device)
             parts.append(done[key])
-        if len({tuple(p.shape[1:]) for p in parts}) != 1:
-            raise IncompatibleModelsError("AFA needs text embeddings of one shape (tokens, width) from every model; got "
-                                          + ", ".join(f"{m.name}: {tuple(p.shape[1:])}" for m, p in zip(self.members, parts)))
-        return Conditioning(torch.cat(parts, dim=1))
+        return join_conditionings(parts, [m.name for m in self.members])
+
+    def denoiser_kwargs(self, x_t: torch.Tensor, cond: Conditioning, device: torch.device) -> dict[str, Any]:
+        return ensemble_kwargs(self.members, x_t, cond, device)

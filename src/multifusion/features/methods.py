@@ -93,7 +93,7 @@ class PreparedAFA:
             members = self.handle.members
             prompts = [recipe.prompts_of(i, batch.indices) for i in range(len(members))]
             cond = self.handle.encode_each(prompts)
-            uncond = self.handle.encode_each([[recipe.negative_of(i)] * batch.size for i in range(len(members))])
+            uncond = self.handle.encode_each([[recipe.negative_of(i)] * batch.size for i in range(len(members))], negative_of=cond)
             self._guided[key] = Guided(self.handle, cond, uncond, float(recipe.guidance_of(0)), prompts[0])
         return self._guided[key]
 

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from multifusion.errors import MultifusionError
-from multifusion.features.ensemble import AFAEnsemble, check_aggregators_fit, fresh_aggregators, model_hash
-from multifusion.handles import ModelHandle
+from multifusion.features.ensemble import (AFAEnsemble, check_aggregators_fit, ensemble_kwargs, fresh_aggregators,
+                                           join_conditionings, model_hash, split_conditioning)
+from multifusion.handles import Conditioning, ModelHandle
 from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, load_tensors, read_log, save_tensors
 
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
@@ -120,30 +121,41 @@ def encode_images(vae: Any, images: np.ndarray, batch: int = 128) -> tuple[torch
     return torch.cat(means), torch.cat(stds)
 
 
-def _ids(handle: ModelHandle, captions: Sequence[str]) -> torch.Tensor:
-    tok = handle.tokenizer
-    return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-
-
 class _Texts:
-    """Each model's own text embedding of token ids, shared encoders run once: (B, N*L, D)."""
+    """Each model's own conditioning of captions, shared encoders run once, joined as the
+    ensemble takes it (`join_conditionings`: embeds (B, N*L, D), extras side by side). A dropped
+    caption is the model's unconditional input at sampling time: "" encoded, or zeros where the
+    family zeroes empty prompts (SDXL's `force_zeros_for_empty_prompt`)."""
 
     def __init__(self, handles: Sequence[ModelHandle], captions: Sequence[str]):
         self.handles = list(handles)
-        self.ids = [_ids(h, captions) for h in handles]  # per model (n, L)
-        self.empty = [_ids(h, [""]) for h in handles]  # per model (1, L)
+        self.captions = list(captions)
 
     @torch.no_grad()
-    def embed(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        done: dict[tuple, torch.Tensor] = {}
+    def embed(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> Conditioning:
+        prompts = ["" if drop is not None and bool(drop[j]) else self.captions[i] for j, i in enumerate(idx.tolist())]
+        done: dict[tuple, Conditioning] = {}
         parts = []
-        for h, ids, empty in zip(self.handles, self.ids, self.empty):
-            batch = ids[idx] if drop is None else torch.where(drop[:, None], empty, ids[idx])
-            key = (id(h.tokenizer), id(h.text_encoder))
+        for h in self.handles:
+            key = (type(h), id(h.tokenizer), tuple(id(m) for k, m in h.modules().items() if k.startswith("text_encoder")))
             if key not in done:
-                done[key] = h.text_encoder(batch)[0].float()
+                cond = h.encode_prompt(prompts)
+                if drop is not None and bool(drop.any()):
+                    uncond = h.encode_negative([""] * len(prompts), cond)
+
+                    def pick(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                        return torch.where(drop.to(c.device).view(-1, *[1] * (c.ndim - 1)), u, c)
+
+                    cond = Conditioning(pick(uncond.embeds, cond.embeds), {k: pick(uncond.extra[k], v) for k, v in cond.extra.items()})
+                done[key] = Conditioning(cond.embeds.float(), {k: v.float() for k, v in cond.extra.items()})
             parts.append(done[key])
-        return torch.cat(parts, dim=1)
+        return join_conditionings(parts, [h.name for h in self.handles])
+
+
+def _added(handles: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning) -> dict[str, Any]:
+    """The ensemble's added conditioning (SDXL: pooled text and time ids) in the models' dtype."""
+    kwargs = ensemble_kwargs(handles, x_t, cond, x_t.device)
+    return {k: {n: v.to(handles[0].dtype) for n, v in d.items()} for k, d in kwargs.items()}
 
 
 def _target(handle: ModelHandle, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -171,9 +183,8 @@ def train_afa(
     labels = [h.name for h in handles]
     hashes = [model_hash(h) for h in handles]
     for h in handles:
-        h.unet.eval().requires_grad_(False)
-        h.text_encoder.eval().requires_grad_(False)
-        h.vae.eval().requires_grad_(False)
+        for module in h.modules().values():
+            module.eval().requires_grad_(False)
     if len({h.prediction_type for h in handles}) != 1:
         raise AFATrainError(f"the models predict different things ({', '.join(f'{h.name}: {h.prediction_type}' for h in handles)})")
     torch.manual_seed(config.seed)  # the aggregators' initialisation (conv_out aside: zero)
@@ -215,10 +226,10 @@ def train_afa(
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, len(alphas), (b,), generator=g)
         drop = torch.rand(b, generator=g) < config.prompt_dropout
-        context = texts.embed(idx, drop)  # (B, N*L, D)
+        cond = texts.embed(idx, drop)  # embeds (B, N*L, D)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = ensemble(x_t.to(first.dtype), t, context.to(first.dtype)).sample.float()
+        pred = ensemble(x_t.to(first.dtype), t, cond.embeds.to(first.dtype), **_added(handles, x_t, cond)).sample.float()
         return {"loss": F.mse_loss(pred, _target(first, x0, noise, a))}
 
     run.train(step, config.steps, lr=lambda s: config.lr * min(1.0, (s + 1) / config.warmup), meta=meta, stop=stop,
@@ -266,10 +277,11 @@ def heldout_losses(handles: Sequence[ModelHandle], ensemble: AFAEnsemble, mean: 
             a = alphas[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
             target = _target(first, x0, noise, a)
-            context = texts.embed(torch.arange(i, i + len(m)))
-            per_model = context.chunk(n_models, dim=1)
-            preds = {"afa": ensemble(x_t, t, context).sample, "feature average": plain(x_t, t, context).sample}
-            singles = [h.unet(x_t, t, encoder_hidden_states=c).sample for h, c in zip(handles, per_model)]
+            cond = texts.embed(torch.arange(i, i + len(m)))
+            added = _added(handles, x_t, cond)
+            preds = {"afa": ensemble(x_t, t, cond.embeds, **added).sample, "feature average": plain(x_t, t, cond.embeds, **added).sample}
+            singles = [h.unet(x_t, t, encoder_hidden_states=c.embeds, **h.denoiser_kwargs(x_t, c, x_t.device)).sample
+                       for h, c in zip(handles, split_conditioning(cond, n_models))]
             preds.update(zip(names, singles))
             preds["eps average"] = torch.stack(singles).mean(0)
             for k, p in preds.items():

@@ -43,6 +43,12 @@ class Average:
         if len(self.fns) != len(self.weights):
             raise ValueError(f"weights has {len(self.weights)} entries for {len(self.fns)} models; give one weight per model")
 
+    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "Average":
+        """This average with each function that can be conditioned on the latent window `box`
+        of a canvas conditioned so (a Mixture-of-Diffusers region; see `ModelHandle.for_window`)."""
+        fns = [f.windowed(box, canvas) if hasattr(f, "windowed") else f for f in self.fns]
+        return Average(fns, self.weights)
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         # Models with zero weight are not called at all.
         pairs = [(f, w) for f, w in zip(self.fns, self.weights) if w != 0]

@@ -17,6 +17,11 @@ Deviations from the reference code (the `mixdiff` package and diffusers' communi
 `mixture_tiling` pipeline):
 - A region may name any model (or any noise function, e.g. an SNB fusion); regions of one
   model and one window size run as one UNet batch (`tile_batch_size` regions at a time).
+- A region is conditioned on its window where the model family has such conditioning: an
+  SDXL region as a crop of the canvas (original size = canvas, crop top-left = the region's
+  corner, target size = the region's; `multifusion.handles_sdxl`), also the models of an SNB
+  or average painting a region. diffusers' community SDXL tiling pipeline gives every tile the
+  same time ids.
 - Pixels no region covers are an error (the reference divides 0 by 0 and zeroes the NaN)
   unless a background region covers the canvas.
 - Image-guided latents are noised to the level the latents have *after* the step (the next
@@ -146,6 +151,11 @@ class Canvas:
     _shares: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        # Each model conditioned on its own window (SDXL: the crop's micro-conditioning; the
+        # same conditioning for families without one, see `ModelHandle.for_window`), also
+        # inside combinators that can be (`windowed`: Guided, SNB, Average).
+        self.regions = [Region(r.box, r.fn.windowed(r.box, self.canvas), r.weights) if hasattr(r.fn, "windowed") else r
+                        for r in self.regions]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.regions):
             key = (id(r.fn.handle), r.size) if isinstance(r.fn, Guided) else ("single", i)

@@ -29,6 +29,7 @@ Deviations from the authors' code (ldm/models/diffusion/ddim.py of the MagicFusi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -145,6 +146,11 @@ class SNB:
     def __post_init__(self):
         check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
         self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
+
+    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "SNB":
+        """This blend with every model conditioned on the latent window `box` of a canvas (a
+        Mixture-of-Diffusers region; see `ModelHandle.for_window`)."""
+        return dataclasses.replace(self, guided=[g.windowed(box, canvas) for g in self.guided])
 
     def active(self, t: torch.Tensor) -> bool:
         return in_window(timestep_fraction(t, self.num_train_timesteps), self.window)

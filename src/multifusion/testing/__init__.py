@@ -1,7 +1,10 @@
-"""The test kit: tiny offline pipelines (built by `multifusion.zoo.tiny`) and a writer of
-single-file (LDM layout) checkpoints. The library never imports it."""
+"""The test kit: tiny offline pipelines (built by `multifusion.zoo.tiny`,
+`tiny_sdxl` and `tiny_flow`) and a writer of single-file (LDM layout) checkpoints. The library
+never imports it."""
 
 from multifusion.zoo.tiny import build_tiny_pipeline, write_clip_tokenizer
 from multifusion.zoo.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from multifusion.zoo.tiny_sdxl import build_tiny_sdxl_pipeline
 
-__all__ = ["build_tiny_pipeline", "write_clip_tokenizer", "build_tiny_sd3_pipeline", "build_tiny_flux_pipeline"]
+__all__ = ["build_tiny_pipeline", "build_tiny_sdxl_pipeline", "build_tiny_sd3_pipeline", "build_tiny_flux_pipeline",
+           "write_clip_tokenizer"]

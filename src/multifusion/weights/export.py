@@ -4,7 +4,7 @@ The recipe is the one that samples the merge (method `merge` or `mbw`, its `mode
 `params`), so a merge tried with `multifusion generate` is written with the same file; prompts
 and sampling settings are ignored. The folder is written by `merge_models` (streamed, atomic,
 with merge.json); `single_file=True` also writes `DIR.safetensors` beside it, one checkpoint in
-the original SD-1.x (LDM) layout for tools that expect single files (load it back with the
+the original SD-1.x or SDXL (LDM) layout for tools that expect single files (load it back with the
 folder as its config).
 """
 

@@ -1,11 +1,17 @@
-"""Write a diffusers Stable Diffusion 1.x pipeline as one original-layout (LDM) checkpoint.
+"""Write a diffusers Stable Diffusion 1.x or SDXL pipeline as one original-layout (LDM) checkpoint.
 
-Most SD-1.x models are shared as a single ``.safetensors`` file with the key names of the
-original CompVis code: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
-``cond_stage_model.transformer.*`` (CLIP text encoder). `save_as_single_file` turns a diffusers
-pipeline folder into such a file, so tests can exercise the single-file loader offline and users
-can convert their own diffusers models (a fine-tune, a tiny test model) for tools that expect
-single files. Diffusers' ``from_single_file`` reads the result back, given the folder as config.
+Most SD-1.x and SDXL models are shared as a single ``.safetensors`` file with the key names of
+the original code: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), and for
+SD-1.x ``cond_stage_model.transformer.*`` (CLIP text encoder); for SDXL (Stability AI's
+`generative-models`, `sd_xl_base.yaml`) ``conditioner.embedders.0.transformer.*`` (CLIP ViT-L, in
+transformers' names) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG, in open_clip's
+names: ``transformer.resblocks.{i}.attn.in_proj_weight`` holding q, k and v stacked,
+``text_projection`` as (width, projection), ``positional_embedding``, ``ln_final``), and the
+UNet's added-conditioning MLP as ``label_emb.0.0`` / ``label_emb.0.2``. `save_as_single_file`
+turns a diffusers pipeline folder into such a file, so tests can exercise the single-file loader
+offline and users can convert their own diffusers models (a fine-tune, a tiny test model) for
+tools that expect single files. Diffusers' ``from_single_file`` reads the result back, given the
+folder as config.
 
 The key mapping is derived from the UNet's and VAE's configs (number of blocks, which have
 attention, ``layers_per_block``), so it fits any SD-1.x-shaped pipeline, not one fixed size.
@@ -47,6 +53,8 @@ def unet_prefixes(cfg: dict) -> Prefixes:
         "time_embedding.linear_2": ("time_embed.2", {}),
         "conv_norm_out": ("out.0", {}),
         "conv_out": ("out.2", {}),
+        "add_embedding.linear_1": ("label_emb.0.0", {}),  # SDXL's text_time conditioning MLP
+        "add_embedding.linear_2": ("label_emb.0.2", {}),
     }
     down, up = cfg["down_block_types"], cfg["up_block_types"]
     for b, kind in enumerate(down):
@@ -135,23 +143,70 @@ def to_ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+# OpenCLIP's names inside one transformer layer, from transformers' CLIP ones.
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers `CLIPTextModelWithProjection` state dict in open_clip's names (the layout of
+    SDXL's second text encoder): the q, k, v projections of each layer stacked into
+    ``attn.in_proj_weight`` / ``in_proj_bias`` (3 W, W) / (3 W), the projection transposed to
+    (W, P)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)  # a buffer, not a weight
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        pre = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{pre}self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for ours, theirs in _OPEN_CLIP_LAYER.items():
+                out[f"transformer.resblocks.{i}.{theirs}.{kind}"] = sd.pop(f"{pre}{ours}.{kind}")
+    if sd:
+        raise IncompatibleModelsError(f"no open_clip name for {sorted(sd)[:3]}: not a CLIP text model with projection")
+    return out
+
+
+def to_ldm_sdxl_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                           text_encoder_2: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One SDXL state dict with the original key names (module docstring)."""
+    out = {k: v for k, v in to_ldm_state_dict(unet, vae, text_encoder).items() if not k.startswith("cond_stage_model.")}
+    for key, t in text_encoder.state_dict().items():
+        out["conditioner.embedders.0.transformer." + ("" if key.startswith("text_model.") else "text_model.") + key] = t
+    for key, t in open_clip_state_dict(text_encoder_2).items():
+        out["conditioner.embedders.1.model." + key] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
 def save_as_single_file(pipeline_folder: str | Path, out_file: str | Path) -> Path:
     """Read the UNet, VAE and text encoder of the diffusers pipeline in `pipeline_folder` and write
-    them to `out_file` as one safetensors checkpoint in the original SD-1.x layout. Load it back
-    with ``from_single_file(out_file, config=pipeline_folder)`` (multifusion: ``configs=[folder]``),
-    which supplies the configs, tokenizer and scheduler the file does not hold."""
+    (and for SDXL the second text encoder) to `out_file` as one safetensors checkpoint in the
+    original layout. Load it back with ``from_single_file(out_file, config=pipeline_folder)``
+    (multifusion: ``configs=[folder]``), which supplies the configs, tokenizers and scheduler the
+    file does not hold."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder, out_file = Path(pipeline_folder), Path(out_file)
     index = json.loads((folder / "model_index.json").read_text())
-    if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
-        raise IncompatibleModelsError(f"{folder} holds a {index['_class_name']}, not a StableDiffusionPipeline; "
-                                      "the single-file (LDM) layout is written for SD-1.x-shaped pipelines only")
+    kind = index.get("_class_name") or "StableDiffusionPipeline"
+    if kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise IncompatibleModelsError(f"{folder} holds a {kind}; the single-file (LDM) layout is written for "
+                                      "StableDiffusionPipeline and StableDiffusionXLPipeline folders only")
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    if kind == "StableDiffusionXLPipeline":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", use_safetensors=True)
+        state = to_ldm_sdxl_state_dict(unet, vae, text_encoder, text_encoder_2)
+    else:
+        state = to_ldm_state_dict(unet, vae, text_encoder)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_ldm_state_dict(unet, vae, text_encoder), str(out_file), metadata={"format": "pt"})
+    save_file(state, str(out_file), metadata={"format": "pt"})
     return out_file

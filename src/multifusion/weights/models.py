@@ -449,10 +449,10 @@ def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | Non
                     dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
     """The same merge without writing, returned as a `ModelHandle`.
 
-    `models` are names (model 0 is loaded and its UNet and text encoder receive the merged
+    `models` are names (model 0 is loaded and its UNet and text encoders receive the merged
     tensors one at a time, read from every input's files; peak memory: one model) or loaded
     `ModelHandle`s (nothing is loaded: the tensors come from the handles' modules and go into
-    copies of model 0's UNet and text encoder, so the handles stay as they were; `dtype` and
+    copies of model 0's UNet and text encoders, so the handles stay as they were; `dtype` and
     `device` are then the handles'). Either way the result equals, bit for bit, loading the
     folder `merge_models` writes (merged tensors are rounded through the files' dtype, as the
     folder stores them), provided the handles were loaded in a dtype at least as wide as their
@@ -465,8 +465,8 @@ def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | Non
         raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
     plan = plan_merge([h.source for h in handles] if handles else models, spec)
     for c in plan.components:
-        if c.action == "merge" and c.name not in ("unet", "text_encoder"):
-            raise RecipeError(f"in-memory merges cover the UNet and one text encoder; {c.name} needs merge_models (a folder)")
+        if c.action == "merge" and c.name != "unet" and not c.name.startswith("text_encoder"):
+            raise RecipeError(f"in-memory merges cover the UNet and the text encoders; {c.name} needs merge_models (a folder)")
     source = f"merge of {', '.join(plan.models)} ({plan.spec.method})"
     if handles:
         merged = {c.name: _merge_modules(plan, c, [getattr(h, c.name) for h in handles]) for c in plan.components if c.action == "merge"}

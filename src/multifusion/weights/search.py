@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from multifusion.errors import RecipeError, did_you_mean
 
