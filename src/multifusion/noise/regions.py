@@ -33,7 +33,7 @@ Deviations from the reference code (the `mixdiff` package and diffusers' communi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 import torch
@@ -154,7 +154,7 @@ class Canvas:
         # Each model conditioned on its own window (SDXL: the crop's micro-conditioning; the
         # same conditioning for families without one, see `ModelHandle.for_window`), also
         # inside combinators that can be (`windowed`: Guided, SNB, Average).
-        self.regions = [Region(r.box, r.fn.windowed(r.box, self.canvas), r.weights) if hasattr(r.fn, "windowed") else r
+        self.regions = [replace(r, fn=r.fn.windowed(r.box, self.canvas)) if hasattr(r.fn, "windowed") else r
                         for r in self.regions]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.regions):
