@@ -7,8 +7,9 @@ It runs, on fixed prompts and seeds:
 - every benchmark app whose models are installed, through the benchmark harness with few seeds
   (each model alone, the weighted average, and each fusion method: SNB, Mixture of Diffusers...);
 - pictures: a labelled comparison grid, the SNB masks of one fine-grained fusion, a regional
-  composition and a wide panorama (Mixture of Diffusers tiles), and an AMDM aggregation strip
-  (the clean image before and after each meeting);
+  composition and a wide panorama (Mixture of Diffusers tiles), each beside its region weights
+  (each region's share of every latent pixel), and an AMDM aggregation strip (the clean image
+  before and after each meeting);
 
 and writes `report.md` and `report.json` (`rows`: app, method, models, seeds, metrics, with
 `metrics.success` in [0, 1] as defined per app in docs/results.md). Without zoo weights it
@@ -50,8 +51,8 @@ def _base_rows(installed: list[str], out: Path, progress: bool) -> tuple[list[di
 
 
 def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
-    """SNB masks of one fine-grained fusion; a three-region composition; a wide panorama; the
-    strip of one AMDM aggregation."""
+    """SNB masks of one fine-grained fusion; a three-region composition and a wide panorama, each
+    with its region weights; the strip of one AMDM aggregation."""
     from multifusion.api import generate_to_folder
 
     made = []
@@ -71,14 +72,15 @@ def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
         composition = {"method": "mod", "models": [{"model": "zoo:general", "name": "general"}],
                        "params": {"regions": regions},
                        "sampling": {"num_inference_steps": STEPS, "seed": 0, "height": 64, "width": 160}}
-        generate_to_folder(composition, out / "pictures", stem="regions", progress=progress)
+        generate_to_folder(composition, out / "pictures", stem="regions", export_masks=True, progress=progress)
         panorama = {"method": "mod", "models": [{"model": "zoo:general", "name": "general"}],
                     "params": {"tiles": {"prompts": [["a red circle in a snowy field", "a blue square in a desert",
                                                       "a yellow diamond in a forest", "a pink triangle at sea"]],
                                          "tile_height": 64, "tile_width": 64, "tile_col_overlap": 24}, "tile_batch_size": 4},
                     "sampling": {"num_inference_steps": STEPS, "seed": 0}}
-        generate_to_folder(panorama, out / "pictures", stem="panorama", progress=progress)
-        made += ["pictures/regions-s0.png", "pictures/panorama-s0.png"]
+        generate_to_folder(panorama, out / "pictures", stem="panorama", export_masks=True, progress=progress)
+        made += ["pictures/regions-s0.png", "pictures/regions-s0-regions.png", "pictures/panorama-s0.png",
+                 "pictures/panorama-s0-regions.png"]
     if {"layout", "palette"} <= set(installed):
         # AMDM: the layout model's trajectory, aggregated with the palette model's in the first steps.
         recipe = {"method": "amdm", "models": [
@@ -154,13 +156,18 @@ def _tiny_demo(out: Path, progress: bool) -> Path:
     handles = load_models(paths, names=["tiny-general", "tiny-expert"])
     prompts = ["a red circle in a snowy field", "a blue striped square"]
     sampling = {"num_inference_steps": 20, "seed": 0, "num_images": SEEDS}
+    # Mixture of Diffusers: each model paints an overlapping side of the canvas with its own prompt.
+    sides = {"regions": [{"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 0.625, "units": "fraction", "prompt": prompts[0], "model": 0},
+                         {"row_init": 0, "row_end": 1, "col_init": 0.375, "col_end": 1, "units": "fraction", "prompt": prompts[1], "model": 1}]}
     rows, grid_rows, labels = [], [], []
     for app, method, which in (("base", "single", [0]), ("base", "single", [1]), ("fine-grained", "average", [0, 1]),
-                               ("fine-grained", "snb", [0, 1]), ("aggregation", "amdm", [0, 1])):
+                               ("fine-grained", "snb", [0, 1]), ("aggregation", "amdm", [0, 1]), ("regional", "mod", [0, 1])):
         recipe = {"method": method, "models": [{"model": paths[i], "name": handles[i].name, "prompt": prompts[i]} for i in which], "sampling": sampling}
+        if method == "mod":
+            recipe["params"] = sides
         tag = f"{method}-{'+'.join(handles[i].name for i in which)}"
         written = generate_to_folder(recipe, out, stem=tag, models=[handles[i] for i in which], progress=progress,
-                                     export_masks=method in ("snb", "amdm"), overwrite=True)
+                                     export_masks=method in ("snb", "amdm", "mod"), overwrite=True)
         grid_rows.append([Image.open(p).convert("RGB") for p in written if p.name.endswith(tuple(f"-s{s}.png" for s in range(SEEDS)))])
         labels.append(tag)
         rows.append({"app": app, "method": method, "models": [handles[i].name for i in which], "seeds": SEEDS, "metrics": {}})
@@ -173,7 +180,9 @@ def _tiny_demo(out: Path, progress: bool) -> Path:
     lines += ["", "Who painted which pixel in the SNB fusion (first image; per step: mask, then each model's salience):",
               "", "![SNB masks](snb-tiny-general+tiny-expert-s0-masks.png)",
               "", "What AMDM's meetings changed (first image; per meeting step: the aggregate, then each model before and after):",
-              "", "![AMDM strip](amdm-tiny-general+tiny-expert-s0-amdm.png)"]
+              "", "![AMDM strip](amdm-tiny-general+tiny-expert-s0-amdm.png)",
+              "", ("Which region's prediction each pixel of the Mixture of Diffusers canvas takes (all regions mixed, then each "
+                   "region's share):"), "", "![region weights](mod-tiny-general+tiny-expert-s0-regions.png)"]
     return write_text(out / "report.md", "\n".join(lines) + "\n")
 
 

@@ -133,6 +133,10 @@ class Method:
     check: Callable[[Any, tuple[int, int], int, list[str]], None] | None = None
     # canvas(params) -> (H, W) in pixels when the method fixes the canvas size itself
     canvas: Callable[[Any], tuple[int, int] | None] | None = None
+    # regions(params, canvas_px (H, W), vae_factor) -> [(where, latent box (r0, r1, c0, c1), weights
+    # (h, w))]: the denoising regions the method places, as its run mixes them (the UI's canvas
+    # draws them and counts coverage from them)
+    regions: Callable[[Any, tuple[int, int], int], list[tuple[str, tuple[int, int, int, int], torch.Tensor]]] | None = None
 
     def __post_init__(self):
         clash = RESERVED & set(self.params.model_fields)

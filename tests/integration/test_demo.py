@@ -10,14 +10,18 @@ def test_tiny_demo_writes_images_grid_and_report(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--no-progress", "--tiny"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert {(r["app"], r["method"]) for r in report["rows"]} >= {("base", "single"), ("fine-grained", "average"), ("fine-grained", "snb")}
+    assert {(r["app"], r["method"]) for r in report["rows"]} >= {("base", "single"), ("fine-grained", "average"), ("fine-grained", "snb"),
+                                                              ("regional", "mod")}
     for row in report["rows"]:
         assert set(row) == {"app", "method", "models", "seeds", "metrics"} and row["seeds"] == 4
     assert "tiny randomly initialised" in (out / "report.md").read_text()
     assert (out / "grid.png").stat().st_size > 0
-    assert len(list(out.glob("*-s[0-9].png"))) == 20  # 5 rows x 4 seeds
+    assert len(list(out.glob("*-s[0-9].png"))) == 24  # 6 rows x 4 seeds
     assert (out / "snb-tiny-general+tiny-expert-s0-masks.png").is_file() and "masks" in (out / "report.md").read_text()
     assert (out / "amdm-tiny-general+tiny-expert-s0-amdm.png").is_file() and "AMDM" in (out / "report.md").read_text()
+    # the region-weight picture `generate --export-masks` writes, shown in the report
+    assert (out / "mod-tiny-general+tiny-expert-s0-regions.png").is_file()
+    assert "](mod-tiny-general+tiny-expert-s0-regions.png)" in (out / "report.md").read_text()
     # Each PNG regenerates its own image alone.
     again = tmp_path / "again"
     assert main(["generate", "--from-image", str(out / "snb-tiny-general+tiny-expert-s2.png"), "--out", str(again), "--no-progress"]) == 0
@@ -39,6 +43,9 @@ def test_zoo_demo_reports_every_row_with_success(tmp_path):
         assert 0.0 <= row["metrics"]["success"] <= 1.0
     assert {("fine-grained", "snb"), ("fine-grained", "average")} <= {(r["app"], r["method"]) for r in report["rows"]}
     assert (out / "pictures" / "snb-s0-masks.png").exists() and (out / "pictures" / "panorama-s0.png").exists()
+    shown = (out / "report.md").read_text()
+    for picture in ("regions-s0-regions.png", "panorama-s0-regions.png"):  # beside the composition and the panorama
+        assert (out / "pictures" / picture).exists() and f"](pictures/{picture})" in shown
     methods = {(r["app"], r["method"]) for r in report["rows"]}
     if {"layout", "palette"} <= set(zoo_models()):
         assert ("aggregation", "amdm") in methods and (out / "pictures" / "amdm-s0-amdm.png").exists()

@@ -270,6 +270,33 @@ def test_image_regions_and_rerolls_show_on_the_canvas_and_drag(page, shots, tmp_
     assert table_rows(page, "param-mod-regions")[0][:4] == ["0", "64", "0", "64"]
 
 
+def test_a_background_region_covers_the_canvas_and_is_drawn_under_the_boxes(page, shots, tmp_path):
+    backed = tmp_path / "backed.yaml"
+    backed.write_text(yaml.safe_dump({
+        "method": "mod", "models": [{"model": "zoo:general", "prompt": "a red circle in a snowy field"},
+                                    {"model": "zoo:expert", "prompt": "a red striped circle"}],
+        "sampling": {"num_inference_steps": 2},
+        "params": {"regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 32, "prompt": "a red circle"}],
+                   "background": {"prompt": "a snowy field", "mask_weight": 0.05}}}))
+    page.locator("#restore input[type=file]").set_input_files(str(backed))
+    notes = page.locator("#canvas-notes-mod")
+    notes.filter(has_text="background covers the whole canvas").wait_for()
+    assert "every pixel of the 64x64 canvas is covered" in notes.inner_text()
+    assert '"boxes": [[0, 64, 0, 32]]' in page.locator("#canvas-state-mod textarea").input_value()  # the background is not dragged
+
+    def right_half_tinted() -> bool:  # the middle of the right half, where only the background lies
+        shown = np.asarray(Image.open(BytesIO(page.locator("#canvas-mod img").first.screenshot())).convert("RGB"))
+        r, _, b = shown[shown.shape[0] // 2 + 3, shown.shape[1] * 3 // 4 + 3].astype(int)
+        return b > r + 3  # the background's colour (blue: region 1), not hatched red
+
+    deadline = time.time() + 30
+    while not right_half_tinted() and time.time() < deadline:  # the new picture may still be loading
+        time.sleep(0.3)
+    assert right_half_tinted()
+    page.locator("#canvas-mod").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "ui-canvas-background.png"))
+
+
 def test_snb_shows_images_and_masks_then_a_png_restores_its_recipe(page, shots, tmp_path):
     choose(page, "method", "snb")
     set_text(page, "sampling-num_inference_steps", STEPS)

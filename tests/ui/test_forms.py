@@ -190,3 +190,65 @@ def test_canvas_shows_image_regions_and_rerolls(tmp_path):
     assert b > 180 and r < 100  # the reference image shows in its box
     assert "image_regions[1]: no readable image" in notes and "every pixel" in notes
     assert im.getpixel((66, 64))[:3] != im.getpixel((80, 80))[:3]  # the reroll's dashed outline
+
+
+def _canvas(params: dict, height: int = 64, width: int = 64, factor: int = 4):
+    """What the canvas places for a mod form: (layers as the tables hold them, placed regions, canvas size)."""
+    layers = [(MOD_LAYERS[0], params.get("regions", [])), (MOD_LAYERS[1], []), (MOD_LAYERS[2], [])]
+    placed, size = forms.method_regions(METHODS["mod"], params, 1, height, width, factor)
+    return layers, placed, size
+
+
+LEFT = {"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 32, "prompt": "a red circle"}
+
+
+@pytest.mark.parametrize("params, size, holes", [
+    ({"regions": [LEFT]}, (64, 64), [(r, c) for r in range(16) for c in range(8, 16)]),  # the right half
+    ({"regions": [LEFT], "background": {"prompt": "snow"}}, (64, 64), []),
+    ({"tiles": {"prompts": [["a", "b"]], "tile_height": 32, "tile_width": 24, "tile_col_overlap": 8}}, (32, 40), []),
+    ({"regions": [{**LEFT, "row_end": 16, "col_end": 8}],  # the tiles fix the canvas; the region lies on top
+      "tiles": {"prompts": [["a"], ["b"]], "tile_height": 24, "tile_width": 40, "tile_row_overlap": 16}}, (32, 40), []),
+])
+def test_the_canvas_counts_coverage_from_the_regions_the_method_runs(params, size, holes):
+    from multifusion.noise.methods import ModParams, place_mod
+    from multifusion.noise.regions import coverage
+
+    layers, placed, got_size = _canvas(params)
+    assert got_size == size
+    ran = place_mod(ModParams.model_validate(params), size, 4)  # what prepare_mod places
+    assert [(w, b) for w, b, _ in placed] == [(w, b) for w, b, _ in ran]
+    want = coverage([b for _, b, _ in ran], [w for _, _, w in ran], (size[0] // 4, size[1] // 4)) <= 0
+    shown = forms.uncovered(layers, placed, *size, 4)
+    assert shown.equal(want) and sorted(map(tuple, shown.nonzero().tolist())) == holes
+    _, notes = forms.regions_preview(layers, *size, 4, placed=placed)
+    assert ("covered by no region" in notes) == bool(holes)
+
+
+def test_background_and_tiles_are_drawn_but_not_dragged():
+    params = {"regions": [LEFT], "background": {"prompt": "snow"},
+              "tiles": {"prompts": [["a", "b"]], "tile_height": 64, "tile_width": 40, "tile_col_overlap": 16}}
+    layers, placed, (H, W) = _canvas(params)
+    assert [w for w, _, _ in placed] == ["params.regions[0]", "params.tiles[0]", "params.tiles[1]", "params.background"]
+    im, notes = forms.regions_preview(layers, H, W, 4, scale=2, placed=placed)
+    assert "background covers the whole canvas" in notes and "tiles[0], tiles[1]" in notes and "every pixel" in notes
+    from multifusion.viz import PALETTE
+
+    assert im.getpixel((126, 70)) == tuple(PALETTE[2])  # tiles[1] (region 2 of the run) outlined at the canvas' right edge
+    background, _ = forms.regions_preview(layers, H, W, 4, scale=2, placed=placed[:1] + placed[-1:])
+    r, g, b = background.getpixel((122, 71))  # where no table box lies: tinted blue (region 1 of these), not hatched red
+    assert b > r + 5 and b > g + 5
+    alone, notes = forms.regions_preview(layers, H, W, 4, scale=2, placed=placed[:1])
+    r, g, b = alone.getpixel((122, 71))
+    assert r > g + 20 and "covered by no region" in notes  # without tiles or background the right half is uncovered
+    # only the table's boxes reach the drag script
+    assert '"boxes": [[0, 64, 0, 32]]' in forms.canvas_state(layers, H, W, 4, 2)
+
+
+def test_params_that_do_not_place_are_said_and_the_drawn_boxes_counted():
+    with pytest.raises(RecipeError, match=r"params\.regions\[0\]\.col_end: 30 is not a multiple of the VAE factor 4"):
+        _canvas({"regions": [{**LEFT, "col_end": 30}], "background": {"prompt": "snow"}})
+    layers = [(MOD_LAYERS[0], [{**LEFT, "col_end": 30}])]
+    _, notes = forms.regions_preview(layers, 64, 64, 4, problem="invalid recipe:\n  params.regions[0].col_end: 30 is not a multiple")
+    assert "not placed as a run would place it yet (params.regions[0].col_end: 30 is not a multiple)" in notes
+    assert int(forms.uncovered(layers, None, 64, 64, 4).sum()) == 16 * 8  # the snapped box (to 32) covers the left half
+    assert forms.method_regions(METHODS["snb"], {}, 2, 64, 64, 4) == ([], (64, 64))

@@ -248,9 +248,12 @@ class ModParams(Params):
             raise ValueError("give `regions` or `tiles` (or both)")
         return self
 
-    def all_regions(self) -> list[tuple[str, RegionParams]]:
+    def all_regions(self) -> list[tuple[str, RegionParams | BackgroundParams]]:
+        """[(where, spec)] of every denoising region in the order the canvas mixes them: `regions`,
+        the `tiles` row-major, then the `background`."""
         tiles = self.tiles.regions() if self.tiles else []
-        return [(f"params.regions[{i}]", r) for i, r in enumerate(self.regions)] + [(f"params.tiles[{i}]", r) for i, r in enumerate(tiles)]
+        return ([(f"params.regions[{i}]", r) for i, r in enumerate(self.regions)] + [(f"params.tiles[{i}]", r) for i, r in enumerate(tiles)]
+                + ([("params.background", self.background)] if self.background is not None else []))
 
 
 def mod_canvas(params: ModParams) -> tuple[int, int] | None:
@@ -267,22 +270,36 @@ def _model_index(where: str, model: int | str, labels: list[str]) -> int:
     return labels.index(model)
 
 
+def place_mod(params: ModParams, canvas_px: tuple[int, int], factor: int) -> list[tuple[str, tuple[int, int, int, int], torch.Tensor]]:
+    """The denoising regions of a run on a `canvas_px` (H, W) canvas, as `Canvas` mixes them:
+    [(where, latent box (r0, r1, c0, c1), weights (r1 - r0, c1 - c0))] for `regions`, the `tiles`
+    expanded row-major and the `background` (the whole canvas at its constant `mask_weight`), in
+    that order. RecipeError naming the box off the VAE grid or the canvas. The one placement:
+    the run's checks and the web UI's canvas both use it, so what the canvas shows covered is
+    what the run mixes."""
+    latent = (canvas_px[0] // factor, canvas_px[1] // factor)
+    placed = []
+    for where, spec in params.all_regions():
+        if isinstance(spec, BackgroundParams):
+            placed.append((where, (0, latent[0], 0, latent[1]), region_weights(*latent, "constant", spec.mask_weight)))
+        else:
+            box = spec.latent_box(where, canvas_px, factor)
+            placed.append((where, box, region_weights(box[1] - box[0], box[3] - box[2], spec.mask_type, spec.mask_weight)))
+    return placed
+
+
 def check_mod(params: ModParams, canvas_px: tuple[int, int], factor: int, labels: list[str] | None = None) -> list[tuple]:
     """Every box on the grid and canvas, every model reference known, every pixel covered.
-    Returns [(where, latent box, weights (h, w))] of the denoising regions (background last)."""
-    placed = []
-    for where, r in params.all_regions():
-        box = r.latent_box(where, canvas_px, factor)
-        if labels is not None:
-            _model_index(where, r.model, labels)
-        placed.append((where, box, region_weights(box[1] - box[0], box[3] - box[2], r.mask_type, r.mask_weight)))
-    latent = (canvas_px[0] // factor, canvas_px[1] // factor)
-    if params.background is not None:
-        placed.append(("params.background", (0, latent[0], 0, latent[1]), region_weights(*latent, "constant", params.background.mask_weight)))
+    Returns `place_mod`'s regions (background last)."""
+    placed = place_mod(params, canvas_px, factor)
+    if labels is not None:
+        for where, spec in params.all_regions():
+            _model_index(where, spec.model, labels)
     for i, r in enumerate(params.image_regions):
         r.latent_box(f"params.image_regions[{i}]", canvas_px, factor)
     for i, r in enumerate(params.rerolls):
         r.latent_box(f"params.rerolls[{i}]", canvas_px, factor)
+    latent = (canvas_px[0] // factor, canvas_px[1] // factor)
     total = coverage([b for _, b, _ in placed], [w for _, _, w in placed], latent)
     holes = (total <= 0).nonzero()
     if len(holes):
@@ -320,8 +337,7 @@ def check_patch_grid(where: str, box: tuple[int, int, int, int], factor: int, pa
 def prepare_mod(ctx: RunContext, params: ModParams) -> PreparedCanvas:
     factor, canvas_px = ctx.vae_scale_factor, ctx.canvas_px
     placed = check_mod(params, canvas_px, factor, ctx.labels)
-    specs = [spec for _, spec in params.all_regions()] + ([params.background] if params.background else [])
-    for (where, box, _), spec in zip(placed, specs):
+    for (where, box, _), (_, spec) in zip(placed, params.all_regions()):
         handle = ctx.handles[_model_index(where, spec.model, ctx.labels)]
         check_patch_grid(where, box, factor, handle.patch_px, handle.family_name)
     images = []
@@ -336,9 +352,8 @@ def prepare_mod(ctx: RunContext, params: ModParams) -> PreparedCanvas:
 
 def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
     ctx, params = prep.ctx, prep.params
-    specs = [spec for _, spec in params.all_regions()] + ([params.background] if params.background else [])
     regions = []
-    for (where, box, weights), spec in zip(prep.placed, specs):
+    for (where, box, weights), (_, spec) in zip(prep.placed, params.all_regions()):
         i = _model_index(where, spec.model, ctx.labels)
         guided = ctx.guide(i, [spec.prompt] * batch.size, spec.negative_prompt, spec.guidance_scale)
         regions.append(Region(box, guided, weights, where.removeprefix("params.")))
@@ -368,5 +383,6 @@ METHODS = [
     Method("snb", "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
            "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb),
     Method("mod", "Mixture of Diffusers: regional prompts (each may use its own model) on one canvas, Gaussian-weighted",
-           "noise", ModParams, plan_mod, prepare_mod, model_prompts=False, check=check_mod, canvas=mod_canvas),
+           "noise", ModParams, plan_mod, prepare_mod, model_prompts=False, check=check_mod, canvas=mod_canvas,
+           regions=place_mod),
 ]

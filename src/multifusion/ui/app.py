@@ -33,7 +33,10 @@ CSS = """
 .field-error { color: #b00020; font-weight: 600; } .field-error p { color: #b00020; }
 .mf-hidden { display: none !important; }
 .mf-canvas img { touch-action: none; user-select: none; }
+#status .progress-text.meta-text-center { position: static; transform: none; order: 1; }
 """
+# The last rule: Gradio places a Markdown's "N/M steps | time" at its top right, shifted down onto
+# the progress bar; in the status box's column it follows the bar instead.
 
 
 class Cancelled(Exception):
@@ -220,54 +223,77 @@ class App:
         ws = {w.name: w for w in self.widgets[method]}
         return [forms.to_widget(ws[layer.name], items) for layer, items in layered]
 
+    def canvas_view(self, method: str, layered: list[tuple[forms.Layer, list[dict]]], others: dict[str, Any], n_models,
+                    h, wd, model0) -> tuple[int, tuple[int, int], list[forms.Placed] | None, str | None]:
+        """(VAE factor, (height, width), the placed regions, why they do not place) of the canvas
+        the form describes: the method places its regions (tables, tiles, a background) from the
+        form's params as a run would (`forms.method_regions`, on the method's own canvas when it
+        fixes one); until the params validate, no placed regions and the library's error."""
+        fac, (H, W) = self.canvas_size(h, wd, model0)
+        m = METHODS[method]
+        try:
+            params = forms.params_from_widgets(m, others)
+            params.update({layer.name: items for layer, items in layered})
+            placed, (H, W) = forms.method_regions(m, params, int(n_models or 1), H, W, fac)
+        except MultifusionError as err:
+            return fac, (H, W), None, str(err)
+        return fac, (H, W), placed, None
+
+    def canvas_shown(self, method: str, layered, others: dict[str, Any], n_models, h, wd, model0) -> list:
+        """The canvas picture, its notes and the drag script's state for the form's values."""
+        fac, (H, W), placed, problem = self.canvas_view(method, layered, others, n_models, h, wd, model0)
+        im, text = forms.regions_preview(layered, H, W, fac, placed=placed, problem=problem)
+        return [im, text, forms.canvas_state(layered, H, W, fac, forms.preview_scale(H, W))]
+
     def wire_canvases(self, demo: gr.Blocks) -> None:
         """Canvas events need the sampling and model components, built after the method forms.
-        They run outside the queue's one-at-a-time limit: pure and quick, they answer during a run."""
-        size = [self.comps["sampling.height"], self.comps["sampling.width"], self.comps["models[0].model"]]
+        They run outside the queue's one-at-a-time limit: pure and quick, they answer during a run.
+        Every parameter of the method is an input: tiles and a background place regions too."""
+        size = [self.comps["n_models"], self.comps["sampling.height"], self.comps["sampling.width"], self.comps["models[0].model"]]
         p0 = self.comps["models[0].prompt"]
         with demo:
             for cv in getattr(self, "_canvases", []):
                 method, layers = cv["method"], cv["layers"]
                 tables = [self.comps[f"params:{method}:{layer.name}"] for layer in layers]
-                n = len(tables)
+                names = [w.name for w in self.widgets[method] if w.name not in {layer.name for layer in layers}]
+                others = [self.comps[f"params:{method}:{name}"] for name in names]
+                n, k = len(tables), len(tables) + len(names)
                 shown = [cv["preview"], cv["notes"], cv["state"]]
                 fast = dict(concurrency_limit=None, show_progress="hidden")
 
-                def draw(*args, method=method, layers=layers):
-                    fac, (H, W) = self.canvas_size(*args[-3:])
-                    layered = self.layer_items(method, layers, args[:-3])
-                    im, text = forms.regions_preview(layered, H, W, fac)
-                    return im, text, forms.canvas_state(layered, H, W, fac, forms.preview_scale(H, W))
+                def split(args, method=method, layers=layers, names=names, n=n, k=k):
+                    """(layered tables, other params by name, n_models, height, width, model 0) of the inputs."""
+                    return (self.layer_items(method, layers, args[:n]), dict(zip(names, args[n:k])), *args[k:k + 4])
 
-                def click(evt: gr.SelectData, first, *args, method=method, layers=layers):
-                    *rows, h, wd, m0, prompt0 = args
-                    fac, (H, W) = self.canvas_size(h, wd, m0)
+                def draw(*args, method=method, split=split):
+                    return self.canvas_shown(method, *split(args))
+
+                def click(evt: gr.SelectData, first, *args, method=method, layers=layers, split=split, n=n):
+                    layered, *rest = split(args[:-1])
+                    prompt0 = args[-1]
+                    fac, (H, W), _, _ = self.canvas_view(method, layered, *rest)
                     scale = forms.preview_scale(H, W)
-                    layered = self.layer_items(method, layers, rows)
                     x, y = evt.index[0], evt.index[1]
                     if first is None:
-                        im, text = forms.regions_preview(layered, H, W, fac)
-                        return [(x, y)] + list(rows) + [im, text, forms.canvas_state(layered, H, W, fac, scale),
-                                                         f"first corner at row {y // scale}, col {x // scale}: click the opposite corner"]
+                        return [(x, y)] + list(args[:n]) + self.canvas_shown(method, layered, *rest) + [
+                            f"first corner at row {y // scale}, col {x // scale}: click the opposite corner"]
                     box = forms.box_from_clicks(first, (x, y), fac, H, W, scale)
                     layered[0] = (layered[0][0], layered[0][1] + [{**box, "prompt": prompt0 or "", "model": 0}])
-                    im, text = forms.regions_preview(layered, H, W, fac)
                     said = f"{layers[0].name}[{len(layered[0][1]) - 1}] added (model 0's prompt): edit its prompt and model in the table"
-                    return [None] + self.tables_of(method, layered) + [im, text, forms.canvas_state(layered, H, W, fac, scale), said]
+                    return [None] + self.tables_of(method, layered) + self.canvas_shown(method, layered, *rest) + [said]
 
-                def dragged(payload, *args, method=method, layers=layers, n=n):
-                    *rows, h, wd, m0, prompt0 = args
+                def dragged(payload, *args, method=method, split=split, n=n):
+                    layered, *rest = split(args[:-1])
+                    prompt0 = args[-1]
                     try:
                         move = json.loads(payload)
-                        start, end = [tuple(float(v) for v in move[k]) for k in ("from", "to")]
+                        start, end = [tuple(float(v) for v in move[key]) for key in ("from", "to")]
                     except (TypeError, ValueError, KeyError):
                         return [gr.update() for _ in range(n + 4)]
-                    fac, (H, W) = self.canvas_size(h, wd, m0)
-                    scale = forms.preview_scale(H, W)
-                    layered, said = forms.drag_edit(self.layer_items(method, layers, rows), start, end, fac, H, W, scale,
+                    fac, (H, W), _, _ = self.canvas_view(method, layered, *rest)
+                    layered, said = forms.drag_edit(layered, start, end, fac, H, W, forms.preview_scale(H, W),
                                                     {"prompt": prompt0 or "", "model": 0}, draw=bool(move.get("draw")))
-                    im, text = forms.regions_preview(layered, H, W, fac)
-                    return self.tables_of(method, layered) + [im, text, forms.canvas_state(layered, H, W, fac, scale), said]
+                    return self.tables_of(method, layered) + self.canvas_shown(method, layered, *rest) + [said]
 
                 def tiles(r, c, th, tw, ov, prompt0, method=method, layers=layers):
                     items = forms.tile_rows(int(r), int(c), int(th), int(tw), int(ov), prompt0 or "")
@@ -277,13 +303,13 @@ class App:
                                        tile_row_overlap=int(ov), tile_col_overlap=int(ov)).canvas()
                     return self.tables_of(method, [(layers[0], items)])[0], H, W
 
-                ins = tables + size
+                ins = tables + others + size
                 for c in ins:
                     c.change(draw, ins, shown, **fast)
                 demo.load(draw, ins, shown, **fast)
                 cv["preview"].select(click, [cv["corner"]] + ins + [p0], [cv["corner"]] + tables + shown + [cv["said"]], **fast)
                 cv["dragged"].click(dragged, [cv["drag"]] + ins + [p0], tables + shown + [cv["said"]], js="(drag, ...rest) => [window.multifusionDrag, ...rest]", **fast)
-                cv["tiles_btn"].click(tiles, cv["tile_inputs"] + [p0], [tables[0], size[0], size[1]], **fast)
+                cv["tiles_btn"].click(tiles, cv["tile_inputs"] + [p0], [tables[0], self.comps["sampling.height"], self.comps["sampling.width"]], **fast)
 
     # ---- reading the form ----------------------------------------------------------------------
 

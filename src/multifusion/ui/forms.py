@@ -473,19 +473,80 @@ def _reference(path: Any, size: tuple[int, int]) -> Image.Image | None:
         return None
 
 
+Placed = tuple[str, tuple[int, int, int, int], Any]
+"""A denoising region as a method places it: (where, latent box (r0, r1, c0, c1), weights (h, w))."""
+
+
+def method_regions(method, params: dict, n_models: int, height: int, width: int, factor: int) -> tuple[list[Placed], tuple[int, int]]:
+    """The denoising regions `method` places for a form's `params` (its `regions` hook on the
+    params validated as a recipe's), with the (height, width) canvas they lie on: the method's
+    own when it fixes one (tiles do), else the one given. This is what a run mixes, tiles and
+    background expanded by the method itself. RecipeError naming the field when the params do
+    not validate or place; no regions when the method places none."""
+    if method.regions is None:
+        return [], (height, width)
+    parsed = method.parse_params(params, n_models)
+    size = (method.canvas(parsed) if method.canvas else None) or (height, width)
+    return method.regions(parsed, size, factor), size
+
+
+def uncovered(layers: list[tuple[Layer, list[dict]]], placed: list[Placed] | None, height: int, width: int, factor: int):
+    """(h, w) bool tensor on the latent grid: the cells of total weight 0 (`regions.coverage`).
+    From `placed` (`method_regions`: what a run mixes) when given; else, while the params do not
+    validate, from the boxes of the tables that paint as the canvas draws them."""
+    import torch
+
+    from multifusion.noise.regions import coverage
+
+    latent = (height // factor, width // factor)
+    if placed is None:
+        boxes = [tuple(v // factor for v in box) for li, _, box in canvas_boxes(layers, height, width, factor) if layers[li][0].kind == "paint"]
+        placed = [("", b, torch.ones(b[1] - b[0], b[3] - b[2])) for b in boxes]
+    return coverage([b for _, b, _ in placed], [w for _, _, w in placed], latent) <= 0
+
+
+def _derived(layers: list[tuple[Layer, list[dict]]], placed: list[Placed] | None) -> list[tuple[int, str, tuple[int, int, int, int]]]:
+    """(index among the placed regions, name, latent box) of the placed regions no table holds
+    (tiles, a background): drawn on the canvas, never dragged."""
+    tables = {layer.name for layer, _ in layers}
+    out = []
+    for k, (where, box, _) in enumerate(placed or []):
+        name = where.removeprefix("params.")
+        if re.sub(r"\[\d+\]$", "", name) not in tables:
+            out.append((k, name, box))
+    return out
+
+
 def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int,
-                    scale: int | None = None) -> tuple[Image.Image, str]:
+                    scale: int | None = None, placed: list[Placed] | None = None, problem: str | None = None) -> tuple[Image.Image, str]:
     """The canvas with every box snapped to the latent grid: regions that paint filled and
     coloured by index (the colours of the region-weight picture), reference images in their
-    boxes, other boxes (rerolls) dashed; the latent grid; the pixels no painting region covers
-    hatched in red. With a note of what was snapped or lies outside, and of the coverage."""
+    boxes, other boxes (rerolls) dashed; regions the method places from other parameters
+    (`placed` entries no table holds): a canvas-wide one (a background) tinted and hatched under
+    everything, others (tiles) outlined; the latent grid; the `uncovered` pixels hatched in red.
+    With a note of what was snapped or lies outside, of the coverage, and of `problem` (why the
+    params do not place yet)."""
     from multifusion.viz import PALETTE
 
     scale = scale or preview_scale(height, width)
     im = Image.new("RGB", (width * scale, height * scale), (245, 245, 245))
     draw = ImageDraw.Draw(im, "RGBA")
-    covered = [[False] * (width // factor) for _ in range(height // factor)]
     notes = []
+    derived = _derived(layers, placed)
+    for k, name, box in derived:  # canvas-wide ones (a background) beneath everything
+        if box == (0, height // factor, 0, width // factor):
+            col = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+            draw.rectangle((0, 0, im.width - 1, im.height - 1), fill=col + (35,))
+            for d in range(-im.height, im.width, 12):  # hatched the other way from uncovered cells
+                draw.line((d, 0, d + im.height, im.height), fill=col + (70,), width=1)
+            label = f"{name} (whole canvas)"  # bottom right: table boxes' labels sit top left
+            draw.text((im.width - draw.textlength(label) - 6, im.height - 15), label, fill=tuple(c // 2 for c in col) + (255,),
+                      stroke_width=1, stroke_fill=(255, 255, 255, 255))
+            notes.append(f"{name} covers the whole canvas")
+    tiles = [(k, name, box) for k, name, box in derived if box != (0, height // factor, 0, width // factor)]
+    if tiles:
+        notes.append(f"{len(tiles)} region(s) placed from the parameters ({', '.join(n for _, n, _ in tiles)}): outlined, "
+                     "edited in their field")
     for layer, items in layers:
         for i, r in enumerate(items):
             where = f"{layer.name}[{i}]"
@@ -505,9 +566,6 @@ def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: 
                 continue
             xy = (c0 * scale, r0 * scale, c1 * scale - 1, r1 * scale - 1)
             if layer.kind == "paint":
-                for y in range(r0 // factor, r1 // factor):
-                    for x in range(c0 // factor, c1 // factor):
-                        covered[y][x] = True
                 col = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
                 draw.rectangle(xy, fill=col + (70,), outline=col + (255,), width=2)
                 draw.text((xy[0] + 4, xy[1] + 3), str(i), fill=(0, 0, 0, 255))
@@ -522,19 +580,25 @@ def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: 
             else:
                 _dashed(draw, xy, (200, 0, 160, 255))
                 draw.text((xy[0] + 4, xy[3] - 13), f"{layer.name.rstrip('s')} {i}", fill=(200, 0, 160, 255))
+    for k, name, (r0, r1, c0, c1) in tiles:  # outlines over the tables' fills
+        col = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+        xy = (c0 * factor * scale, r0 * factor * scale, c1 * factor * scale - 1, r1 * factor * scale - 1)
+        draw.rectangle(xy, outline=col + (255,), width=3)
+        draw.text((xy[0] + 5, xy[1] + 16), name, fill=col + (255,), stroke_width=1, stroke_fill=(255, 255, 255, 255))
     for y in range(0, height, factor):  # the latent grid
         draw.line((0, y * scale, width * scale, y * scale), fill=(0, 0, 0, 25))
     for x in range(0, width, factor):
         draw.line((x * scale, 0, x * scale, height * scale), fill=(0, 0, 0, 25))
-    missing = 0
-    for y, row in enumerate(covered):
-        for x, c in enumerate(row):
-            if not c:
-                missing += factor * factor
-                x0, y0 = x * factor * scale, y * factor * scale
-                s = factor * scale
-                draw.rectangle((x0, y0, x0 + s - 1, y0 + s - 1), fill=(255, 0, 0, 60))
-                draw.line((x0, y0 + s - 1, x0 + s - 1, y0), fill=(220, 0, 0, 200))
+    holes = uncovered(layers, placed, height, width, factor)
+    s = factor * scale
+    for y, x in holes.nonzero().tolist():
+        x0, y0 = x * s, y * s
+        draw.rectangle((x0, y0, x0 + s - 1, y0 + s - 1), fill=(255, 0, 0, 60))
+        draw.line((x0, y0 + s - 1, x0 + s - 1, y0), fill=(220, 0, 0, 200))
+    if problem:
+        first = next((ln.strip() for ln in problem.splitlines() if ln.strip() and ln.strip() != "invalid recipe:"), problem)
+        notes.append(f"not placed as a run would place it yet ({first}): coverage counts the drawn boxes")
+    missing = int(holes.sum()) * factor * factor
     if missing:
         notes.append(f"{missing} of {height * width} pixels are covered by no region (hatched red)")
     else:
