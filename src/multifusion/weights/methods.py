@@ -82,17 +82,18 @@ class MBWParams(Params):
         try:
             layout = local_layout(context["models"][0]) if context.get("models") else None
             if layout is not None:
-                values = [v for _, v in block_weights(self.blocks, layout)[0].named(layout)]
+                named = block_weights(self.blocks, layout)[0].named(layout)
             elif isinstance(self.blocks, str) and "," not in self.blocks and not is_number(self.blocks):
-                values = list(preset(self.blocks).values)  # "did you mean" on typos
+                named = [(None, v) for v in preset(self.blocks).values]  # "did you mean" on typos
             else:  # the denoiser's config is not local: numbers now, their count after loading
-                values = parse_numbers(self.blocks)
+                named = [(None, v) for v in parse_numbers(self.blocks)]
         except RecipeError as err:
             raise FieldError("blocks", str(err)) from None
         if self.merge_method == "weighted_sum":
-            for v in values:
+            for block, v in named:
                 if not 0 <= v <= 1:
-                    raise FieldError("blocks", f"block weight {v!r} is outside [0, 1]; a block-weighted sum interpolates "
+                    where = "" if block is None else f" for {block}"
+                    raise FieldError("blocks", f"block weight {v!r}{where} is outside [0, 1]; a block-weighted sum interpolates "
                                                "between A and B (add_difference extrapolates)")
         return self
 
