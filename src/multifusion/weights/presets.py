@@ -2,8 +2,10 @@
 
 A block weight is the share of the second model in that block, as in A1111's merge-block-
 weighted extension: `(1 - w) * A + w * B` (for add-difference, the alpha of `A + w (B - C)`).
-A string holds one value per block id of the UNet (`multifusion.weights.blocks`), optionally
-led by BASE, which weighs the text encoder(s); for SD-1.x/2.x that is 25 or 26 values.
+A string holds one value per block id of the denoiser (`multifusion.weights.blocks`), optionally
+led by BASE, which weighs the text encoder(s); for SD-1.x/2.x that is 25 or 26 values. FLUX
+strings may instead lead with SuperMerger's CLIP and T5 (61 values for FLUX.1 dev). Presets and
+SD-1 strings are resampled onto UNets only: on a transformer only the constant presets apply.
 
 Presets are named as in the merge-block-weighted extension (bbc-mc/sdweb-merge-block-weighted-gui,
 `csv/preset.tsv`, 25 values) and SuperMerger (hako-mikan/sd-webui-supermerger,
