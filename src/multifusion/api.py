@@ -25,8 +25,8 @@ from multifusion.handles import ModelHandle, Offloader, check_same_latent_space
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
-from multifusion.recipe import (MERGE_PREFIX, Recipe, canvas_size, check_canvas, check_devices, check_patch_grid, parse_recipe,
-                                validate)
+from multifusion.recipe import (MERGE_PREFIX, Recipe, canvas_size, check_canvas, check_devices, check_flow_fields, check_patch_grid,
+                                parse_recipe, validate)
 from multifusion.registry import get_method
 from multifusion.vae import decode, to_pil
 
@@ -80,6 +80,17 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     return handles
 
 
+def apply_model_fields(recipe: Recipe, handles: Sequence[ModelHandle]) -> list[ModelHandle]:
+    """The loaded models with what the recipe sets per model beyond the prompts and guidance
+    (`true_cfg_scale` of a FLUX model), after the checks that need the loaded family."""
+    out = list(handles)
+    for i, (m, h) in enumerate(zip(recipe.models, handles)):
+        check_flow_fields(recipe, i, h.family_name, h.prediction_space)
+        if m.true_cfg_scale is not None:
+            out[i] = replace(h, true_cfg_scale=m.true_cfg_scale)
+    return out
+
+
 def check_batch_size(batch_size: int) -> None:
     """RecipeError unless `batch_size` is a positive whole number (True is not one)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -101,6 +112,7 @@ class Run:
         handles = list(models) if models is not None else load_recipe_models(self.recipe)
         if len(handles) != len(self.recipe.models):
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
+        handles = apply_model_fields(self.recipe, handles)
         if len(handles) > 1:
             check_same_latent_space(handles)
         base = handles[0]
@@ -195,11 +207,13 @@ def fuse(
     *,
     negative_prompt: str | Sequence[str] = "",
     guidance_scale: float | Sequence[float] = 7.5,
+    true_cfg_scale: float | Sequence[float | None] | None = None,
     **kwargs: Any,
 ) -> Result:
     """Run method `method` on `models` (loaded handles, or model names: Hub ids, folders,
     .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
-    own negative prompt and guidance scale. Other keywords are the method's parameters (see
+    own negative prompt and guidance scale (and, for FLUX models, `true_cfg_scale`: true
+    classifier-free guidance with the negative prompt, FluxPipeline's). Other keywords are the method's parameters (see
     `multifusion methods`), sampling keywords or run keywords; None means "the default".
     The Python API and the CLI share one validated path: this builds the recipe and runs it."""
     m = get_method(method)
@@ -220,10 +234,11 @@ def fuse(
         return values
 
     entries = []
-    for x, p, g, n in zip(models, per_model("prompts", prompts), per_model("guidance_scale", guidance_scale),
-                          per_model("negative_prompt", negative_prompt)):
+    for x, p, g, n, t in zip(models, per_model("prompts", prompts), per_model("guidance_scale", guidance_scale),
+                             per_model("negative_prompt", negative_prompt), per_model("true_cfg_scale", true_cfg_scale)):
         entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
-        entries.append({**entry, **({"prompt": p} if p is not None else {}), "guidance_scale": g, "negative_prompt": n})
+        entries.append({**entry, **({"prompt": p} if p is not None else {}), "guidance_scale": g, "negative_prompt": n,
+                        **({"true_cfg_scale": t} if t is not None else {})})
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in m.params.model_fields and v is not None}
     recipe: dict[str, Any] = {"method": method, "models": entries, "params": params,
                               "sampling": {k: kwargs[k] for k in SAMPLING_KEYS if kwargs.get(k) is not None}}
@@ -243,7 +258,8 @@ def method_function(name: str) -> Callable[..., Result]:
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD),
               inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-              inspect.Parameter("negative_prompt", kw, default=""), inspect.Parameter("guidance_scale", kw, default=7.5)]
+              inspect.Parameter("negative_prompt", kw, default=""), inspect.Parameter("guidance_scale", kw, default=7.5),
+              inspect.Parameter("true_cfg_scale", kw, default=None)]
     params += [inspect.Parameter(f, kw, default=info.get_default(call_default_factory=True)) for f, info in m.params.model_fields.items()]
     params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     call.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -57,6 +57,9 @@ class ModelEntry(_Strict):
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = None
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
+    true_cfg_scale: float | None = Field(None, ge=1, le=MAX_GUIDANCE, description=(
+        "FLUX only: true classifier-free guidance with the negative prompt, a second pass per step (FluxPipeline's "
+        "true_cfg_scale; 1 = off, the default); guidance_scale stays the distilled guidance"))
 
     @property
     def label(self) -> str:
@@ -376,7 +379,7 @@ def validate(recipe: Recipe) -> Validated:
             if m.prompt is None and recipe.prompt is None:
                 raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
     scheduler_class(recipe.sampling.scheduler)
-    factor, grid, spaces, families, vaes = None, None, {}, {}, {}
+    factor, grid, spaces, families, vaes, schedulers = None, None, {}, {}, {}, {}
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
         try:
@@ -396,6 +399,8 @@ def validate(recipe: Recipe) -> Validated:
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
             families[i] = (cfg["family"], cfg["prediction_space"])
             vaes[i] = (round(cfg["scaling_factor"], 6), cfg["family"])
+            schedulers[i] = cfg["scheduler"]
+            check_flow_fields(recipe, i, cfg["family"], cfg["prediction_space"])
     i = min(spaces, default=0)
     for j, space in spaces.items():  # the full check (with the noise schedule) runs after loading
         if families[j] != families[i] and "velocity" in (families[j][1], families[i][1]):
@@ -415,10 +420,46 @@ def validate(recipe: Recipe) -> Validated:
             raise IncompatibleModelsError(
                 f"models[{j}].model: {kinds}their VAEs encode different latent spaces (VAE scaling_factor {scale} vs "
                 f"{scale_i}), so their noise and latents cannot meet; fuse models of one family, a base with its fine-tunes")
+    if method.meets == "latents":
+        check_flow_schedules(recipe, {j: s for j, s in schedulers.items() if families[j][1] == "velocity" and s is not None})
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
     if size is not None:
         check_patch_grid(*size, grid, families[0][0])
+        if method.regions is not None:  # regions on the first model's grid (the models are of one family here)
+            for where, box, _ in method.regions(params, size, factor):
+                check_box_on_patch_grid(where, box, factor, grid, families[0][0])
     return Validated(recipe, method, params, size is not None)
+
+
+def check_flow_fields(recipe: Recipe, i: int, family: str, space: str) -> None:
+    """What a recipe gives model i that its family has no use for, refused naming the field:
+    `true_cfg_scale` for a model other than FLUX, `sampling.eta` for a flow-matching model (its
+    Euler step is deterministic: docs/flow.md)."""
+    from multifusion.flow.flux import FluxHandle
+
+    if recipe.models[i].true_cfg_scale is not None and family != FluxHandle.family_name:
+        raise RecipeError(f"models[{i}].true_cfg_scale: true CFG is FLUX's (FluxPipeline's true_cfg_scale); a {family} model "
+                          "is guided by guidance_scale with its negative prompt already: drop true_cfg_scale")
+    if space == "velocity" and recipe.sampling.eta != 0:
+        raise RecipeError(f"sampling.eta: {recipe.sampling.eta} but models[{i}] is a {family} model, sampled by the flow-matching "
+                          "Euler step, which has no eta (it is deterministic, DDIM at eta 0 in flow coordinates; diffusers' "
+                          "stochastic_sampling is one fixed all-fresh-noise form, not an eta); drop sampling.eta")
+
+
+def check_flow_schedules(recipe: Recipe, schedulers: dict) -> None:
+    """For methods whose models meet after each of their own scheduler steps (AMDM): flow models'
+    scheduler configs (model index -> config) must agree, or their trajectories meet at
+    different noise levels (the shift sets where each step lands)."""
+    from multifusion.flow.schedule import schedule_difference
+
+    first = min(schedulers, default=None)
+    for j, config in schedulers.items():
+        diff = schedule_difference(schedulers[first], config)
+        if diff:
+            raise IncompatibleModelsError(
+                f"models[{j}].model: its flow-matching schedule differs from models[{first}]'s ({diff} in scheduler_config.json), "
+                f"so with method {recipe.method!r}, which meets each model's own trajectory after every step, their latents "
+                "would meet at different noise levels; use models of one base (one scheduler config)")
 
 
 def _check_vae(i: int, m: ModelEntry, cfg: dict | None, allow_pickle: bool) -> dict | None:
@@ -492,6 +533,18 @@ def check_patch_grid(height: int, width: int, patch_px: int, family: str) -> Non
             raise RecipeError(f"sampling.{side}: {v} is not a multiple of {patch_px}, the patch grid of {family} models "
                               f"(VAE factor x the transformer's patch side); use {max(patch_px, v // patch_px * patch_px)} "
                               f"or {(v // patch_px + 1) * patch_px}")
+
+
+def check_box_on_patch_grid(where: str, box: tuple[int, int, int, int], factor: int, patch_px: int, family: str) -> None:
+    """RecipeError naming the coordinate of a latent `box` whose pixel position is off the model's
+    patch grid (a transformer sees latents in patches: a region must be whole patches)."""
+    if patch_px == factor:
+        return
+    for name, v in zip(("row_init", "row_end", "col_init", "col_end"), box):
+        px = v * factor
+        if px % patch_px:
+            raise RecipeError(f"{where}.{name}: {px} px is not on the {patch_px}-pixel patch grid of {family} models (a region "
+                              f"must be whole transformer patches); use {px // patch_px * patch_px} or {(px // patch_px + 1) * patch_px}")
 
 
 def check_canvas(recipe: Recipe, method: "Method", params: "Params", factor: int, default: int | None) -> tuple[int, int] | None:

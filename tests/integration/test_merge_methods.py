@@ -115,7 +115,7 @@ def _validate(method, models, params):
     ("merge", 2, {"wieghts": [1, 1]}, r"params.wieghts: unknown parameter"),
     ("mbw", 2, {"blocks": "RING08_SOFTT"}, r"params.blocks: unknown block-weight preset .*did you mean 'RING08_SOFT'"),
     ("mbw", 2, {"blocks": "0.5,0.5,0.5"}, r"params.blocks: block weights: 3 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10"),
-    ("mbw", 2, {"blocks": [1.5] * 9}, r"params.blocks: block weight 1.5 is outside \[0, 1\]"),
+    ("mbw", 2, {"blocks": [1.5] * 9}, r"params.blocks: block weight 1.5 for IN00 is outside \[0, 1\]"),
     ("mbw", 2, {"blocks": "0.5,x,0.5"}, r"params.blocks: block weights: 'x' is not a number"),
     ("mbw", 3, {"blocks": "GRAD_V"}, r"params.merge_method: a block-weighted weighted_sum merges 2 models, the recipe names 3; use add_difference"),
     ("mbw", 2, {}, r"params.blocks: Field required"),

@@ -191,7 +191,9 @@ def test_resampling_keeps_ends_middle_and_straight_lines():
 
 
 def test_block_weights_check_themselves():
-    with pytest.raises(RecipeError, match="odd number"):
-        BlockWeights((0.5, 0.5))
+    with pytest.raises(RecipeError, match="no values given"):
+        BlockWeights(())
     with pytest.raises(RecipeError, match="not a finite number"):
         BlockWeights((0.5,) * 3, base=float("inf"))
+    with pytest.raises(RecipeError, match="not a finite number"):
+        BlockWeights((0.5,) * 4, base=0.5, t5=float("nan"))  # an even count is a transformer's (IN, D00, S00, OUT)

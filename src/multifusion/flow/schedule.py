@@ -78,6 +78,16 @@ def is_flow_config(config: dict) -> bool:
     return str(config.get("_class_name", "")).startswith("FlowMatch") or "use_dynamic_shifting" in config
 
 
+def schedule_difference(a: dict, b: dict) -> str | None:
+    """The first setting in which two flow-matching scheduler configs differ ("shift 3.0 vs
+    2.0"), or None. Every setting of FlowMatchEulerDiscreteScheduler changes its sigmas or its
+    step, so trajectories of two such configs do not pass the same noise levels step by step."""
+    for key in sorted(set(a) | set(b)):
+        if not key.startswith("_") and a.get(key) != b.get(key):
+            return f"{key} {a.get(key)!r} vs {b.get(key)!r}"
+    return None
+
+
 class FlowMatchSampler:
     """diffusers' `FlowMatchEulerDiscreteScheduler` as the shared loop drives schedulers.
 

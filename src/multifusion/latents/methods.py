@@ -32,6 +32,7 @@ from multifusion.errors import FieldError, RecipeError
 from multifusion.latents.amdm import aggregate, manifold_correct, slerp_aggregate, vp_weights
 from multifusion.loop import Step, Trajectory, initial_noise, stream_generators
 from multifusion.method import Batch, Method, Params, Plan, RunContext
+from multifusion.recipe import check_flow_schedules
 from multifusion.schedulers import in_window, timestep_fraction
 
 DEFAULT_WINDOW = (0.0, 0.1)
@@ -118,6 +119,9 @@ class PreparedAMDM:
 
 def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
     n = len(ctx.handles)
+    # Flow models' schedules must agree, or the trajectories meet at different noise levels
+    # (checked before loading where the configs are local; here for every source).
+    check_flow_schedules(ctx.recipe, {k: dict(h.scheduler_config) for k, h in enumerate(ctx.handles) if h.prediction_space == "velocity"})
     spec = params.specified_index(ctx.labels)
     order = [spec] + [k for k in range(n) if k != spec]
     # Which steps meet: the step indices given, or those whose timestep lies in the window (on

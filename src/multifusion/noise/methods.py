@@ -20,6 +20,7 @@ from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
+from multifusion.recipe import check_box_on_patch_grid
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
 
@@ -322,24 +323,12 @@ class PreparedCanvas:
     images: list[ImageRegion]
 
 
-def check_patch_grid(where: str, box: tuple[int, int, int, int], factor: int, patch_px: int, family: str) -> None:
-    """RecipeError naming the coordinate of a latent `box` whose pixel position is off the model's
-    patch grid (a transformer sees latents in patches: a region must be whole patches)."""
-    if patch_px == factor:
-        return
-    for name, v in zip(("row_init", "row_end", "col_init", "col_end"), box):
-        px = v * factor
-        if px % patch_px:
-            raise RecipeError(f"{where}.{name}: {px} px is not on the {patch_px}-pixel patch grid of {family} models (a region "
-                              f"must be whole transformer patches); use {px // patch_px * patch_px} or {(px // patch_px + 1) * patch_px}")
-
-
 def prepare_mod(ctx: RunContext, params: ModParams) -> PreparedCanvas:
     factor, canvas_px = ctx.vae_scale_factor, ctx.canvas_px
     placed = check_mod(params, canvas_px, factor, ctx.labels)
     for (where, box, _), (_, spec) in zip(placed, params.all_regions()):
         handle = ctx.handles[_model_index(where, spec.model, ctx.labels)]
-        check_patch_grid(where, box, factor, handle.patch_px, handle.family_name)
+        check_box_on_patch_grid(where, box, factor, handle.patch_px, handle.family_name)
     images = []
     for n, spec in enumerate(params.image_regions):
         where = f"params.image_regions[{n}]"

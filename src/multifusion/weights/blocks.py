@@ -32,6 +32,15 @@ the last OUT id ("after output blocks"). BASE weighs what lies outside the UNet:
 encoder(s). Deviation from sd-mecha (`convert_sd1_blocks.py`), which puts the time embedding
 under BASE: we keep the MBW loop's choice, under which the community presets were tuned and a
 25-value string alone fixes every UNet parameter.
+
+The flow-matching transformers have no IN/M00/OUT halves; their ids follow the blocks they run
+in order (`flux_layout`, `sd3_layout`). FLUX uses SuperMerger's FLUX notation (`BLOCKIDFLUX` in
+hako-mikan/sd-webui-supermerger: `CLIP, T5, IN, D00..D18, S00..S37, OUT`, 61 values for FLUX.1
+dev), with its key rule in diffusers' names: IN the input embedders (BFL's `img_in`, `txt_in`,
+`time_in`, `vector_in`, `guidance_in`), Dnn the double-stream block nn, Snn the single-stream
+block nn, OUT the final layer; CLIP and T5 are its text encoders' leading weights. SD3 has no
+SuperMerger notation; its ids group its modules as ComfyUI's `ModelMergeSD3_2B` node does (the
+embedders, `joint_blocks.i`, `final_layer`), named in the FLUX style: IN, J00.., OUT.
 """
 
 from __future__ import annotations
@@ -49,14 +58,23 @@ _AFTER_BLOCKS = ("conv_norm_out", "conv_out")
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """The block ids of one UNet architecture and the diffusers modules each id weighs.
+    """The block ids of one denoiser architecture and the diffusers modules each id weighs.
 
-    `ids` are in notation order (IN.., M00, OUT..), without BASE; `members[id]` are module
-    prefixes such as "down_blocks.0.resnets.1" or "conv_in"."""
+    `ids` are in notation order (IN.., M00, OUT.. for a UNet), without the leading text-encoder
+    weights; `members[id]` are module prefixes such as "down_blocks.0.resnets.1" or "conv_in".
+    `denoiser` is the pipeline component the ids divide, `kind` names it in messages, `leads`
+    are the accepted forms of leading text-encoder weights (BASE weighs every text encoder;
+    FLUX also takes SuperMerger's CLIP, T5) and `t5` the component a T5 lead weighs.
+    `resamples`: whether SD-1 strings and presets (IN/M00/OUT curves) are resampled onto it."""
 
     levels: int
     ids: tuple[str, ...]
     members: Mapping[str, tuple[str, ...]]
+    denoiser: str = "unet"
+    kind: str = "UNet"
+    leads: tuple[tuple[str, ...], ...] = (("BASE",),)
+    t5: str | None = None
+    resamples: bool = True
     _owner: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -65,25 +83,32 @@ class BlockLayout:
 
     @property
     def n_in(self) -> int:
-        """Number of IN ids (equal to the number of OUT ids)."""
+        """Number of IN ids of a UNet (equal to the number of OUT ids)."""
         return (len(self.ids) - 1) // 2
 
     def block_of(self, name: str) -> str:
-        """The block id weighing UNet parameter `name` (a diffusers state-dict key)."""
+        """The block id weighing denoiser parameter `name` (a diffusers state-dict key): the id
+        of the longest module prefix of `name` that some id holds."""
         parts = name.split(".")
-        if parts[0] in ("down_blocks", "up_blocks"):
-            key = ".".join(parts[:4])  # down_blocks.{i}.{resnets|attentions|downsamplers}.{j}
-            if parts[2] in ("downsamplers", "upsamplers"):
-                key = ".".join(parts[:3])
-        else:
-            key = parts[0]
-        try:
-            return self._owner[key]
-        except KeyError:
-            raise IncompatibleModelsError(
-                f"UNet parameter {name!r} belongs to no block of the A1111 notation; block weights "
-                "cannot be applied to this architecture (a plain weighted sum can)"
-            ) from None
+        for k in range(len(parts) - 1, 0, -1):
+            owner = self._owner.get(".".join(parts[:k]))
+            if owner is not None:
+                return owner
+        raise IncompatibleModelsError(
+            f"{self.kind} parameter {name!r} belongs to no block id; block weights cannot be applied to this "
+            "architecture (a plain weighted sum can)")
+
+    def describe(self) -> str:
+        """The ids in short, runs of one prefix as first..last: "IN00..IN11, M00, OUT00..OUT11",
+        "IN, D00..D18, S00..S37, OUT"."""
+        runs: list[list[str]] = []
+        for block in self.ids:
+            prefix = block.rstrip("0123456789")
+            if runs and runs[-1][0].rstrip("0123456789") == prefix and block != prefix:
+                runs[-1].append(block)
+            else:
+                runs.append([block])
+        return ", ".join(r[0] if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
 
 
 def unet_layout(config: Mapping[str, Any]) -> BlockLayout:
@@ -117,6 +142,45 @@ def unet_layout(config: Mapping[str, Any]) -> BlockLayout:
     for k, prefixes in enumerate(outs):
         members[f"OUT{k:02d}"] = prefixes
     return BlockLayout(levels, tuple(members), {k: tuple(v) for k, v in members.items()})
+
+
+def flux_layout(config: Mapping[str, Any]) -> BlockLayout:
+    """Block layout of a `FluxTransformer2DModel` from its config, in SuperMerger's FLUX ids: IN
+    (x_embedder, context_embedder, time_text_embed: BFL's img_in, txt_in, time_in, vector_in,
+    guidance_in), D00.. (transformer_blocks.i, BFL's double_blocks.i), S00..
+    (single_transformer_blocks.i, BFL's single_blocks.i), OUT (norm_out, proj_out: BFL's
+    final_layer). Leading weights: BASE (both text encoders) or CLIP, T5 (SuperMerger's)."""
+    members = {"IN": ("x_embedder", "context_embedder", "time_text_embed")}
+    members |= {f"D{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 19)))}
+    members |= {f"S{i:02d}": (f"single_transformer_blocks.{i}",) for i in range(int(config.get("num_single_layers", 38)))}
+    members["OUT"] = ("norm_out", "proj_out")
+    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="FLUX transformer",
+                       leads=(("BASE",), ("CLIP", "T5")), t5="text_encoder_2", resamples=False)
+
+
+def sd3_layout(config: Mapping[str, Any]) -> BlockLayout:
+    """Block layout of an `SD3Transformer2DModel` from its config: IN (pos_embed with its patch
+    projection, context_embedder, time_text_embed: the original's x_embedder, pos_embed,
+    context_embedder, t_embedder, y_embedder), J00.. (transformer_blocks.i, the original's
+    joint_blocks.i), OUT (norm_out, proj_out: its final_layer). Leading weight: BASE (the two
+    CLIPs and T5)."""
+    members = {"IN": ("pos_embed", "context_embedder", "time_text_embed")}
+    members |= {f"J{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 18)))}
+    members["OUT"] = ("norm_out", "proj_out")
+    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="SD3 transformer",
+                       t5="text_encoder_3", resamples=False)
+
+
+TRANSFORMER_LAYOUTS = {"FluxTransformer2DModel": flux_layout, "SD3Transformer2DModel": sd3_layout}
+
+
+def transformer_layout(class_name: str, config: Mapping[str, Any]) -> BlockLayout:
+    """The layout of a transformer denoiser by its diffusers class name and config."""
+    if class_name not in TRANSFORMER_LAYOUTS:
+        raise IncompatibleModelsError(
+            f"block ids of {class_name} are not mapped (known: {', '.join(TRANSFORMER_LAYOUTS)}); a plain weighted sum "
+            "or add-difference merges it without block weights")
+    return TRANSFORMER_LAYOUTS[class_name](config)
 
 
 def _layer(block: str, j: int, kind: str) -> list[str]:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from multifusion.errors import RecipeError
-from multifusion.weights.models import MergeSpec, merge_models
+from multifusion.weights.models import MergeSpec, merge_models, plan_merge
 
 MERGE_METHODS = ("merge", "mbw")
 
@@ -42,6 +42,9 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
     single = out.with_name(out.name + ".safetensors")
     if single_file and single.exists() and not overwrite:
         raise RecipeError(f"output {str(single)!r} already exists; choose another folder or pass overwrite=True")
+    if single_file and plan_merge(models, spec).denoiser != "unet":
+        raise RecipeError("single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; an SD3 or "
+                          "FLUX merge is written as a diffusers folder only (drop --single-file)")
     folder = merge_models(models, out, spec, overwrite=overwrite)
     if single_file:
         from multifusion.weights.ldm import save_as_single_file

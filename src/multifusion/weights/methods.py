@@ -7,8 +7,9 @@ merged model is one model; the other models' prompts are not used). The maths is
 `merge.py`, the whole-model merge in `models.py` (docs/merges.md).
 
 Parameters are checked before loading, naming the field: weights against the number of models,
-presets by name (with "did you mean"), block weights against the first model's UNet when its
-config is local (a preset or 25/26 SD-1 values are resampled to its depth).
+presets by name (with "did you mean"), block weights against the first model's denoiser when
+its config is local (on a UNet a preset or 25/26 SD-1 values are resampled to its depth; an SD3
+or FLUX transformer takes its own ids, docs/merges.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
 from multifusion.weights.merge import check_weights
 from multifusion.weights.models import MergeSpec, local_layout, merge_in_memory
-from multifusion.weights.presets import block_weights, is_number, parse_block_weights, preset
+from multifusion.weights.presets import block_weights, is_number, parse_numbers, preset
 
 
 class MergeParams(Params):
@@ -64,7 +65,8 @@ class MergeParams(Params):
 class MBWParams(Params):
     blocks: str | list[float] = Field(description=(
         "a preset name (RING08_SOFT, GRAD_V, ...), or block weights as a comma-separated string or a list: "
-        "25 values (26 with a leading BASE) in the SD-1 notation, resampled to other UNets, or the UNet's own count"))
+        "25 values (26 with a leading BASE) in the SD-1 notation, resampled to other UNets, or the denoiser's own count "
+        "(SD3 and FLUX transformers: their own ids only, e.g. FLUX.1 dev's IN, D00..D18, S00..S37, OUT)"))
     merge_method: Literal["weighted_sum", "add_difference"] = Field(
         "weighted_sum", description="weighted_sum: (1 - w) A + w B per block; add_difference: A + w (B - C) per block")
     text_encoder: Literal["merge", "first"] = Field("merge", description="merge the text encoders with BASE, or keep the first model's")
@@ -78,42 +80,26 @@ class MBWParams(Params):
             raise FieldError("merge_method", f"a block-weighted {self.merge_method} merges {need} models, the recipe names {n}"
                              + ("; use add_difference for three (A + w (B - C))" if n == 3 else ""))
         try:
-            if isinstance(self.blocks, str) and "," not in self.blocks and not is_number(self.blocks):
-                weights = preset(self.blocks)  # "did you mean" on typos
-            else:
-                weights = None
-                n_values = len(self.blocks.split(",")) if isinstance(self.blocks, str) else len(self.blocks)
-                if n_values in (25, 26):
-                    weights = parse_block_weights(self.blocks)
             layout = local_layout(context["models"][0]) if context.get("models") else None
             if layout is not None:
-                weights, _ = block_weights(self.blocks, layout)
-            elif weights is None:
-                weights = parse_block_weights(self.blocks, _any_layout(self.blocks))  # numbers, odd count
+                named = block_weights(self.blocks, layout)[0].named(layout)
+            elif isinstance(self.blocks, str) and "," not in self.blocks and not is_number(self.blocks):
+                named = [(None, v) for v in preset(self.blocks).values]  # "did you mean" on typos
+            else:  # the denoiser's config is not local: numbers now, their count after loading
+                named = [(None, v) for v in parse_numbers(self.blocks)]
         except RecipeError as err:
             raise FieldError("blocks", str(err)) from None
         if self.merge_method == "weighted_sum":
-            for v in (*weights.values, *(() if weights.base is None else (weights.base,))):
+            for block, v in named:
                 if not 0 <= v <= 1:
-                    raise FieldError("blocks", f"block weight {v!r} is outside [0, 1]; a block-weighted sum interpolates "
+                    where = "" if block is None else f" for {block}"
+                    raise FieldError("blocks", f"block weight {v!r}{where} is outside [0, 1]; a block-weighted sum interpolates "
                                                "between A and B (add_difference extrapolates)")
         return self
 
     def spec(self) -> MergeSpec:
         blocks = self.blocks if isinstance(self.blocks, str) else tuple(self.blocks)
         return MergeSpec(self.merge_method, blocks=blocks, text_encoder=self.text_encoder)
-
-
-def _any_layout(blocks: str | list[float]):
-    """Without the UNet's config: a stand-in layout of the given length, so the values are
-    parsed (numbers, odd count for IN.., M00, OUT..; an even count is read as BASE first)."""
-    from multifusion.weights.blocks import BlockLayout
-
-    n = len(blocks.split(",")) if isinstance(blocks, str) else len(blocks)
-    n = n if n % 2 else n - 1
-    k = max(n // 2, 1)
-    ids = tuple(f"IN{i:02d}" for i in range(k)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(k))
-    return BlockLayout(k, ids, {i: () for i in ids})
 
 
 @dataclass

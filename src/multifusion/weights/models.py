@@ -11,8 +11,9 @@ The output folder is built under a temporary name and renamed at the end, so an 
 merge leaves nothing.
 
 What is merged, following A1111's merger and the AFA paper's baselines (arXiv 2405.17082):
-the UNet (per block with block weights), the text encoder(s) with the BASE weight (or the
-models' weights in a plain merge), unless `text_encoder="first"` keeps the first model's.
+the denoiser (the UNet, or the transformer of an SD3 or FLUX pipeline; per block with block
+weights), the text encoder(s), T5 included, with the BASE weight (or the models' weights in a
+plain merge), unless `text_encoder="first"` keeps the first model's.
 Deviation from A1111, which merges the VAE too: the VAE, tokenizer and scheduler are the first
 model's, as fine-tunes of one base share them. A component identical in every model is copied,
 not merged, and so is every tensor identical in every model (exact, whatever the weights).
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 import torch
 
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
-from multifusion.weights.blocks import BlockLayout, unet_layout
+from multifusion.weights.blocks import BlockLayout, transformer_layout, unet_layout
 from multifusion.weights.merge import check_weights, merge_tensor
 from multifusion.weights.presets import BlockWeights, block_weights
 
@@ -131,11 +132,16 @@ class MergePlan:
     blocks: Mapping[str, float] | None = None
     base: float | None = None
     blocks_note: str = ""
+    t5: float | None = None
+    denoiser: str = "unet"
 
     def weight(self, component: str, name: str) -> float | tuple[float, ...]:
         """The weight `merge_tensor` takes for tensor `name` of `component`."""
         if self.blocks is not None:
-            return self.blocks[self.layout.block_of(name)] if component == "unet" else (self.base or 0.0)
+            if component == self.denoiser:
+                return self.blocks[self.layout.block_of(name)]
+            w = self.t5 if component == self.layout.t5 and self.t5 is not None else self.base
+            return w or 0.0
         if self.spec.method == "add_difference":
             return 1.0 if self.spec.alpha is None else self.spec.alpha
         return self.spec.weights or (1.0,) * len(self.models)
@@ -148,6 +154,8 @@ class MergePlan:
                "components": {c.name: f"{c.action}: {c.reason}" for c in self.components}}
         if self.blocks is not None:
             out["blocks"] = {"base": self.base, "weights": dict(self.blocks), "source": self.blocks_note}
+            if self.t5 is not None:
+                out["blocks"]["t5"] = self.t5
         return out
 
 
@@ -170,54 +178,68 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
                 "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder")
         folders.append(Path(ref.location))
     index = [_model_index(f) for f in folders]
-    if "transformer" in index[0]:
-        raise IncompatibleModelsError(
-            f"{models[0]!r} is a transformer pipeline (SD3 or FLUX): weight merges cover UNet pipelines only so far "
-            "(the transformers' block ids for block weights are not mapped yet); fuse these models at sampling time "
-            "with average, snb, mod or amdm")
-    if "unet" not in index[0]:
-        raise IncompatibleModelsError(f"{models[0]!r} has no unet; merges combine UNet pipelines")
+    denoiser = _denoiser(models[0], index[0])
     _check_same_prediction(models, folders)
 
-    layout = blocks = base = None
+    layout = weights = None
     note = ""
     if spec.blocks is not None:
-        layout = unet_layout(_config(folders[0] / "unet"))
+        layout = denoiser_layout(folders[0])
         weights, note = block_weights(spec.blocks, layout)
-        blocks, base = weights.by_block(layout), weights.base
+        weights.by_block(layout)  # checks the length
         if spec.method == "weighted_sum":
             _check_interpolation(weights, layout)
 
     components = []
     for name, library in index[0].items():
-        if name != "unet" and not name.startswith("text_encoder"):
-            components.append(Component(name, "copy", "model 0's (only the UNet and text encoders are merged)"))
+        if name != denoiser and not name.startswith("text_encoder"):
+            components.append(Component(name, "copy", f"model 0's (only the {denoiser} and text encoders are merged)"))
             continue
-        if name != "unet" and spec.text_encoder == "first":
+        if name != denoiser and spec.text_encoder == "first":
             components.append(Component(name, "copy", "model 0's (text_encoder='first')"))
             continue
         for text, idx in zip(models, index):
             if name not in idx:
                 raise IncompatibleModelsError(f"{text!r} has no {name}; {models[0]!r} has one, so they cannot be merged")
         out_file = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
-        components.append(_plan_component(name, models, folders, spec, base, out_file))
+        text_w = None if weights is None or name == denoiser else weights.text_weight(name, layout)
+        components.append(_plan_component(name, models, folders, spec, text_w, out_file))
 
-    unet = next(c for c in components if c.name == "unet")
-    if layout is not None and unet.action == "merge":
-        for tensor, _, _ in unet.header:
-            layout.block_of(tensor)  # every UNet parameter must have a block
-    return MergePlan(spec, tuple(models), tuple(folders), tuple(components), layout, blocks, base, note)
+    merged = next(c for c in components if c.name == denoiser)
+    if layout is not None and merged.action == "merge":
+        for tensor, _, _ in merged.header:
+            layout.block_of(tensor)  # every denoiser parameter must have a block
+    blocks = None if weights is None else weights.by_block(layout)
+    return MergePlan(spec, tuple(models), tuple(folders), tuple(components), layout, blocks,
+                     None if weights is None else weights.base, note, None if weights is None else weights.t5, denoiser)
+
+
+def _denoiser(model: str, index: Mapping[str, str]) -> str:
+    """The pipeline's denoiser component: `unet`, or `transformer` (SD3, FLUX)."""
+    for name in ("unet", "transformer"):
+        if name in index:
+            return name
+    raise IncompatibleModelsError(f"{model!r} has neither a unet nor a transformer; merges combine diffusion pipelines")
+
+
+def denoiser_layout(folder: Path) -> BlockLayout:
+    """The block layout of the pipeline folder's denoiser, from its config (UNet, FLUX or SD3)."""
+    if (folder / "unet").is_dir():
+        return unet_layout(_config(folder / "unet"))
+    raw = json.loads((folder / "transformer" / "config.json").read_text())
+    return transformer_layout(str(raw.get("_class_name")), raw)
 
 
 def local_layout(model: str) -> BlockLayout | None:
-    """The block layout of `model`'s UNet from its local config (a folder or zoo:NAME), without
-    loading it; None when the config is not local or not readable (checked later, on loading)."""
+    """The block layout of `model`'s denoiser from its local config (a folder or zoo:NAME),
+    without loading it; None when the config is not local or not readable (checked later, on
+    loading)."""
     from multifusion.loading import resolve
 
     try:
         ref = resolve(model)
-        return unet_layout(_config(Path(ref.location) / "unet")) if ref.kind in ("folder", "zoo") else None
-    except (ModelLoadError, OSError, KeyError, ValueError):
+        return denoiser_layout(Path(ref.location)) if ref.kind in ("folder", "zoo") else None
+    except (ModelLoadError, IncompatibleModelsError, OSError, KeyError, ValueError):
         return None
 
 
@@ -231,7 +253,7 @@ def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], s
     for text, cfg in zip(models[1:], configs[1:]):
         _check_same(f"{name} config", models[0], configs[0], text, cfg)
     header = tuple((k, *headers[0][k]) for k in sorted(headers[0]))
-    if name != "unet" and spec.blocks is not None and not base:
+    if name not in ("unet", "transformer") and spec.blocks is not None and not base:
         return Component(name, "copy", "model 0's (BASE weight 0)" if base == 0 else "model 0's (no BASE weight given)")
     if all(_same_files(files[0], f) for f in files[1:]):
         return Component(name, "copy", "model 0's (identical in every model)")
@@ -239,8 +261,7 @@ def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], s
 
 
 def _check_interpolation(weights: BlockWeights, layout: BlockLayout) -> None:
-    pairs = list(zip(layout.ids, weights.values)) + ([("BASE", weights.base)] if weights.base is not None else [])
-    for block, w in pairs:
+    for block, w in weights.named(layout):
         if not 0 <= w <= 1:
             raise RecipeError(
                 f"block weight {w!r} for {block} is outside [0, 1]; a block-weighted sum interpolates "
@@ -465,18 +486,39 @@ def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | Non
         raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
     plan = plan_merge([h.source for h in handles] if handles else models, spec)
     for c in plan.components:
-        if c.action == "merge" and c.name != "unet" and not c.name.startswith("text_encoder"):
-            raise RecipeError(f"in-memory merges cover the UNet and the text encoders; {c.name} needs merge_models (a folder)")
+        if c.action == "merge" and c.name != plan.denoiser and not c.name.startswith("text_encoder"):
+            raise RecipeError(f"in-memory merges cover the {plan.denoiser} and the text encoders; {c.name} needs merge_models (a folder)")
     source = f"merge of {', '.join(plan.models)} ({plan.spec.method})"
     if handles:
-        merged = {c.name: _merge_modules(plan, c, [getattr(h, c.name) for h in handles]) for c in plan.components if c.action == "merge"}
+        merged = {_attribute(c.name): _merge_modules(plan, c, [getattr(h, _attribute(c.name)) for h in handles])
+                  for c in plan.components if c.action == "merge"}
         return dataclasses.replace(handles[0], name=name or "merge", source=source, **merged)
     handle = load_model(plan.models[0], name=name or "merge", dtype=dtype, device=device)
     with torch.no_grad():
         for c in plan.components:
             if c.action == "merge":
-                _load_into(getattr(handle, c.name), merged_tensors(plan, c), c.name)
+                _load_into(getattr(handle, _attribute(c.name)), merged_tensors(plan, c), c.name)
     return dataclasses.replace(handle, source=source)
+
+
+def _attribute(component: str) -> str:
+    """The ModelHandle field holding pipeline component `component` (a handle keeps every
+    denoiser, a transformer too, in `unet`)."""
+    return "unet" if component == "transformer" else component
+
+
+def _tied(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{key: the first key sharing its storage} for a module's tied tensors (T5's
+    `encoder.embed_tokens.weight` is `shared.weight`; its file holds one of them)."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in first:
+            out[key] = first[ident]
+        else:
+            first[ident] = key
+    return out
 
 
 @torch.no_grad()
@@ -488,7 +530,11 @@ def _merge_modules(plan: MergePlan, component: Component, modules: Sequence[torc
     stored = {k: _ST_DTYPES[dtype] for k, dtype, _ in component.header}
     out = copy.deepcopy(modules[0])
     states = [m.state_dict() for m in modules]
-    for key, target in out.state_dict().items():
+    state = out.state_dict()
+    tied = _tied(state)
+    for key, target in state.items():
+        if key in tied and (key not in stored or tied[key] in stored):
+            continue  # the same storage as an earlier key: merged once, under the name its file uses
         tensors = [s[key] for s in states]
         if not tensors[0].is_floating_point() or all(t is tensors[0] or _same_bits(tensors[0].cpu(), t.cpu()) for t in tensors[1:]):
             continue  # the copy holds model 0's already
@@ -502,6 +548,7 @@ def _merge_modules(plan: MergePlan, component: Component, modules: Sequence[torc
 
 def _load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], component: str) -> None:
     state = module.state_dict()
+    tied = _tied(state)
     filled = set()
     for key, t in tensors:
         target = key if key in state else _state_key(key, state)
@@ -509,6 +556,8 @@ def _load_into(module: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tenso
             continue  # saved but not a persistent tensor of the module (e.g. old position_ids)
         state[target].copy_(t)
         filled.add(target)
+    done = {tied.get(k, k) for k in filled}
+    filled = {k for k in state if tied.get(k, k) in done}  # a tied tensor is filled through its twin
     if filled != set(state):
         missing = sorted(set(state) - filled)[:3]
         raise ModelLoadError(f"{component}: the merge produced no value for {missing}; its files and its module disagree")

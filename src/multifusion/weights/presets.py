@@ -2,8 +2,10 @@
 
 A block weight is the share of the second model in that block, as in A1111's merge-block-
 weighted extension: `(1 - w) * A + w * B` (for add-difference, the alpha of `A + w (B - C)`).
-A string holds one value per block id of the UNet (`multifusion.weights.blocks`), optionally
-led by BASE, which weighs the text encoder(s); for SD-1.x/2.x that is 25 or 26 values.
+A string holds one value per block id of the denoiser (`multifusion.weights.blocks`), optionally
+led by BASE, which weighs the text encoder(s); for SD-1.x/2.x that is 25 or 26 values. FLUX
+strings may instead lead with SuperMerger's CLIP and T5 (61 values for FLUX.1 dev). Presets and
+SD-1 strings are resampled onto UNets only: on a transformer only the constant presets apply.
 
 Presets are named as in the merge-block-weighted extension (bbc-mc/sdweb-merge-block-weighted-gui,
 `csv/preset.tsv`, 25 values) and SuperMerger (hako-mikan/sd-webui-supermerger,
@@ -36,16 +38,19 @@ SD1_BLOCKS = 25
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """One weight per block id in notation order (IN.., M00, OUT..) and the BASE weight
-    (text encoders); `base` None when the string gave none (the first model's text encoder)."""
+    """One weight per block id in notation order (IN.., M00, OUT.. for a UNet) and the weight of
+    the text encoders: `base` (BASE, or SuperMerger's CLIP for FLUX), None when the string gave
+    none (the first model's text encoders); `t5` the T5 encoder's own weight when given apart
+    (SuperMerger's FLUX T5), else the T5 takes `base`."""
 
     values: tuple[float, ...]
     base: float | None = None
+    t5: float | None = None
 
     def __post_init__(self):
-        if len(self.values) % 2 != 1 or len(self.values) < 3:
-            raise RecipeError(f"block weights need an odd number of values (IN.., M00, OUT..), got {len(self.values)}")
-        for v in (*self.values, *(() if self.base is None else (self.base,))):
+        if not self.values:
+            raise RecipeError("block weights: no values given")
+        for v in (*self.values, *(w for w in (self.base, self.t5) if w is not None)):
             if not math.isfinite(v):
                 raise RecipeError(f"block weight {v!r} is not a finite number")
 
@@ -55,17 +60,29 @@ class BlockWeights:
             raise RecipeError(_length_message(len(self.values), layout))
         return dict(zip(layout.ids, self.values))
 
+    def text_weight(self, component: str, layout: BlockLayout) -> float | None:
+        """The weight of text encoder `component` (None: keep the first model's)."""
+        return self.t5 if component == layout.t5 and self.t5 is not None else self.base
+
+    def named(self, layout: BlockLayout) -> list[tuple[str, float]]:
+        """(id, weight) pairs, the leading text-encoder weights first: what a range check names."""
+        lead = [("BASE" if self.t5 is None else "CLIP", self.base)] if self.base is not None else []
+        lead += [("T5", self.t5)] if self.t5 is not None else []
+        return lead + list(zip(layout.ids, self.values))
+
 
 def _length_message(given: int, layout: BlockLayout | None) -> str:
     n = SD1_BLOCKS if layout is None else len(layout.ids)
-    k = (n - 1) // 2
-    names = f"IN00..IN{k - 1:02d}, M00, OUT00..OUT{k - 1:02d}"
-    return f"block weights: {given} values given; this UNet expects {n} ({names}) or {n + 1} (with a leading BASE)"
+    kind = "UNet" if layout is None else layout.kind
+    names = "IN00..IN11, M00, OUT00..OUT11" if layout is None else layout.describe()
+    leads = (("BASE",),) if layout is None else layout.leads
+    forms = [f"{n + len(lead)} (with a leading {', '.join(lead)}" + (", as SuperMerger writes them)" if len(lead) > 1 else ")")
+             for lead in leads]
+    return f"block weights: {given} values given; this {kind} expects {n} ({names}) or " + " or ".join(forms)
 
 
-def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None = None) -> BlockWeights:
-    """Parse "w,w,...,w" (or a list of numbers) with one value per block id of `layout` (the
-    SD-1 25 blocks when None), or one more with BASE first."""
+def parse_numbers(text: str | Sequence[float]) -> list[float]:
+    """The finite numbers of a weight string "w,w,...,w" or a list; RecipeError quoting a bad one."""
     if isinstance(text, str):
         items = [s.strip() for s in text.split(",")]
         try:
@@ -78,11 +95,21 @@ def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None 
     bad = [v for v in values if not math.isfinite(v)]
     if bad:  # "nan" and "inf" parse as floats
         raise RecipeError(f"block weights: {bad[0]!r} is not a finite number")
+    return values
+
+
+def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None = None) -> BlockWeights:
+    """Parse "w,w,...,w" (or a list of numbers) with one value per block id of `layout` (the
+    SD-1 25 blocks when None), or with the layout's leading text-encoder weights first (BASE;
+    for FLUX also CLIP, T5)."""
+    values = parse_numbers(text)
     n = SD1_BLOCKS if layout is None else len(layout.ids)
-    if len(values) == n + 1:
-        return BlockWeights(tuple(values[1:]), base=values[0])
     if len(values) == n:
         return BlockWeights(tuple(values))
+    for lead in ((("BASE",),) if layout is None else layout.leads):
+        if len(values) == n + len(lead):
+            t5 = values[lead.index("T5")] if "T5" in lead else None
+            return BlockWeights(tuple(values[len(lead):]), base=values[0], t5=t5)
     raise RecipeError(_length_message(len(values), layout))
 
 
@@ -174,17 +201,25 @@ def _interpolate(values: Sequence[float], n: int) -> tuple[float, ...]:
 
 def block_weights(spec: str | Sequence[float] | BlockWeights, layout: BlockLayout) -> tuple[BlockWeights, str]:
     """Block weights for `layout` from a preset name, a weight string, a list of numbers or a
-    BlockWeights, and a note of where they came from (for merge.json). Presets, and strings or
-    lists in the SD-1 notation (25 values, or 26 with BASE), are resampled to the layout; other
-    strings and lists must have the layout's length (or one more, with BASE)."""
+    BlockWeights, and a note of where they came from (for merge.json). On a UNet, presets and
+    strings or lists in the SD-1 notation (25 values, or 26 with BASE) are resampled to the
+    layout; other strings and lists must have the layout's length (or one more, with BASE). A
+    transformer takes its own count only, and of the presets those constant over the blocks
+    (ALL_A, ALL_B, FLAT_25, FLAT_75): the others are curves over a UNet's IN/M00/OUT halves."""
     if isinstance(spec, BlockWeights):
         spec.by_block(layout)  # checks the length
         return spec, "given"
     if isinstance(spec, str) and "," not in spec and not is_number(spec):
         weights, note = preset(spec), f"preset {spec.strip().upper().replace('-', '_')}"
+        if not layout.resamples:
+            if len(set(weights.values)) != 1:
+                raise RecipeError(
+                    f"{note} is a curve over a UNet's IN, M00 and OUT blocks; a {layout.kind} has blocks "
+                    f"{layout.describe()}: give its {len(layout.ids)} values (or a constant preset: ALL_A, ALL_B, FLAT_25, FLAT_75)")
+            return BlockWeights((weights.values[0],) * len(layout.ids), weights.base), note
     else:
         n = len(spec.split(",")) if isinstance(spec, str) else len(spec)
-        if n in (len(layout.ids), len(layout.ids) + 1) or n not in (SD1_BLOCKS, SD1_BLOCKS + 1):
+        if not layout.resamples or n in (len(layout.ids), len(layout.ids) + 1) or n not in (SD1_BLOCKS, SD1_BLOCKS + 1):
             return parse_block_weights(spec, layout), "given"
         weights, note = parse_block_weights(spec), f"given as {n} SD-1 values"
     resampled = resample(weights, layout)

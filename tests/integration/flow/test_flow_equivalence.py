@@ -79,3 +79,21 @@ def test_single_flux_with_true_cfg_and_without_guidance_embedding(flow_dir, flux
     [s] = load_models([path])
     ours = single(s, PROMPT, guidance_scale=7.0, num_inference_steps=4, seed=2, height=16, width=16, progress=False).latents
     assert torch.allclose(ours, _flux_latents(path, [2], steps=4, guidance_scale=0.0), atol=ATOL, rtol=ATOL)
+
+
+def test_true_cfg_from_a_recipe_equals_flux_pipeline(flux_a):
+    """`models[i].true_cfg_scale` in a recipe (and `true_cfg_scale=` of the Python API) is
+    FluxPipeline's true_cfg_scale with the model's negative prompt."""
+    from multifusion import run
+
+    recipe = {"method": "single", "prompt": PROMPT,
+              "models": [{"model": flux_a, "true_cfg_scale": 4.0, "negative_prompt": "a blue square", "guidance_scale": 3.5}],
+              "sampling": {"num_inference_steps": 4, "seed": 2, "num_images": 2, "height": 16, "width": 16}}
+    ours = run(recipe, progress=False).latents
+    theirs = _flux_latents(flux_a, [2, 3], steps=4, guidance_scale=3.5, true_cfg_scale=4.0, negative_prompt="a blue square")
+    assert torch.allclose(ours, theirs, atol=ATOL, rtol=ATOL)
+    api = single(flux_a, PROMPT, true_cfg_scale=4.0, negative_prompt="a blue square", guidance_scale=3.5, num_inference_steps=4,
+                 seed=2, num_images=2, height=16, width=16, progress=False).latents
+    assert torch.equal(api, ours)
+    plain = _flux_latents(flux_a, [2, 3], steps=4, guidance_scale=3.5)
+    assert not torch.allclose(ours, plain, atol=1e-4)  # the second pass changed the result

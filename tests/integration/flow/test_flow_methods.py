@@ -109,11 +109,9 @@ def test_flow_models_refuse_samplers_without_a_flow_form(flow_dir):
     assert torch.equal(single(a, PROMPT, scheduler="flow_euler", **KW).latents, single(a, PROMPT, scheduler="euler", **KW).latents)
 
 
-@pytest.mark.parametrize("method", ["merge", "mbw", "afa"])
-def test_weight_merges_and_afa_refuse_flow_models_with_the_reason(pair, method):
+def test_afa_refuses_flow_models_with_the_reason(pair):
     a, b = pair
     from multifusion.api import fuse
 
-    extra = {"blocks": "FLAT_25"} if method == "mbw" else {}
     with pytest.raises(IncompatibleModelsError, match="transformer"):
-        fuse(method, [a, b], [PROMPT, OTHER], **extra, **KW)
+        fuse("afa", [a, b], [PROMPT, OTHER], **KW)
