@@ -382,7 +382,7 @@ def load_model(
     if vae_ref is not None:
         own = pipe.vae
         replacement = _load_vae(vae_ref, ref, type(own), torch_dtype, allow_pickle)
-        problem = vae_mismatch(dict(replacement.config), int(pipe.unet.config.in_channels), float(own.config.scaling_factor),
+        problem = vae_mismatch(dict(replacement.config), int(own.config.latent_channels), float(own.config.scaling_factor),
                                2 ** (len(own.config.block_out_channels) - 1))
         if problem:
             raise IncompatibleModelsError(f"VAE {vae!r} does not fit {ref.text!r}: {problem}")

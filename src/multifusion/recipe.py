@@ -50,13 +50,13 @@ class ModelEntry(_Strict):
     """One model of a recipe, with its own conditioning."""
 
     model: str = Field(min_length=1, description="diffusers folder, Hub id, .safetensors file or zoo:NAME")
-    name: str | None = None
+    name: str | None = Field(None, description="how regions and amdm's `specified` name this model (default: `model`)")
     config: str | None = Field(None, description="diffusers config folder for a single-file checkpoint")
     vae: str | None = Field(None, min_length=1, description="a VAE in place of the model's own (e.g. the fp16-fix SDXL VAE): "
                             "a diffusers VAE folder or a single .safetensors VAE file")
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
-    negative_prompt: str | None = None
-    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
+    negative_prompt: str | None = Field(None, description="default: the recipe's negative_prompt")
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description="default: sampling.guidance_scale")
     true_cfg_scale: float | None = Field(None, ge=1, le=MAX_GUIDANCE, description=(
         "FLUX only: true classifier-free guidance with the negative prompt, a second pass per step (FluxPipeline's "
         "true_cfg_scale; 1 = off, the default); guidance_scale stays the distilled guidance"))

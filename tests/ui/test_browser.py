@@ -338,7 +338,7 @@ def test_bad_input_shows_the_cli_error_at_the_field(page, shots, tmp_path):
     set_text(page, "model-1", "/nonexistent/model")
     set_text(page, "prompt-1", "a red striped circle")
     page.locator("#validate").click()
-    shown = error_text(page, "models-1")
+    shown = error_text(page, "models-1-model")
     assert "models[1].model: cannot find model '/nonexistent/model'" in shown
     page.screenshot(path=str(shots / "ui-error-model.png"), full_page=True)
 
@@ -387,3 +387,30 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
     set_text(page, "sampling-num_inference_steps", "2")
     page.locator("#run").click()
     wait_status(page, "with average")
+
+
+def test_a_restored_vae_and_true_cfg_scale_run_and_download_and_a_missing_vae_is_named_at_its_field(page, shots, tmp_path, served):
+    from multifusion.zoo.tiny_flow import build_tiny_flux_pipeline
+
+    build_tiny_flux_pipeline(served / "flux")  # the server reads the recipe's relative paths in its folder
+    flux = tmp_path / "flux.yaml"
+    flux.write_text(yaml.safe_dump({
+        "method": "single", "models": [{"model": "flux", "vae": "flux/vae", "true_cfg_scale": 2.5, "prompt": "a red circle",
+                                        "negative_prompt": "blurry"}],
+        "sampling": {"num_inference_steps": 2, "height": 16, "width": 16}}))
+    page.get_by_role("tab", name="Compose").click()
+    page.locator("#restore input[type=file]").set_input_files(str(flux))
+    # the slot's "more" fields unfold to show what the recipe sets there
+    sync_api.expect(page.locator("#vae-0 textarea, #vae-0 input").first).to_have_value("flux/vae")
+    sync_api.expect(page.locator("#true_cfg_scale-0 textarea, #true_cfg_scale-0 input").first).to_have_value("2.5")
+    page.locator("#run").click()
+    wait_status(page, "with single")
+    made = yaml.safe_load(download(page, "recipe-file", tmp_path, ".yaml").read_text())["models"][0]
+    assert (made["vae"], made["true_cfg_scale"], made["negative_prompt"]) == ("flux/vae", 2.5, "blurry")
+
+    set_text(page, "vae-0", "flux/no-such-vae")
+    page.locator("#validate").click()
+    shown = error_text(page, "models-0-vae")
+    assert "models[0].vae: cannot find VAE 'flux/no-such-vae'" in shown
+    page.locator("#vae-0").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "ui-error-vae.png"))

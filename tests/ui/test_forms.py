@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import Field
 from pydantic_core import PydanticUndefined
 
 from multifusion.errors import RecipeError
 from multifusion.io import save_png
 from multifusion.method import Method, Params
+from multifusion.recipe import ModelEntry, parse_recipe
 from multifusion.registry import METHODS
 from multifusion.ui import forms
 
@@ -56,9 +59,15 @@ def test_region_table_round_trips():
 def test_errors_go_to_the_field_they_name():
     err = RecipeError("invalid recipe:\n  params.regions[0].col_end: 72 lies outside\n  models[1].model: cannot find\n  sampling.seed: bad")
     routed = forms.route_errors(err)
-    assert routed == {"params.regions": ["params.regions[0].col_end: 72 lies outside"], "models[1]": ["models[1].model: cannot find"],
+    assert routed == {"params.regions": ["params.regions[0].col_end: 72 lies outside"], "models[1].model": ["models[1].model: cannot find"],
                       "sampling": ["sampling.seed: bad"]}
     assert forms.route_errors("something odd") == {"general": ["something odd"]}
+    # every field of a model entry has its own place; the slot takes what names no field of it
+    for field in ModelEntry.model_fields:
+        assert forms.error_key(f"models[2].{field}") == f"models[2].{field}"
+    assert forms.route_errors("models[0]: no prompt, and the recipe has no default `prompt`") == {
+        "models[0]": ["models[0]: no prompt, and the recipe has no default `prompt`"]}
+    assert forms.error_key("models[0].colour") == "models[0]"  # an unknown field (a typo in a recipe file)
 
 
 def test_form_recipe_round_trip_and_typed_errors():
@@ -74,6 +83,72 @@ def test_form_recipe_round_trip_and_typed_errors():
         forms.recipe_from_form("snb", 2, slots, {}, {**sampling, "height": "tall"})
     with pytest.raises(RecipeError, match=r"^models\[0\]\.guidance_scale"):
         forms.recipe_from_form("snb", 1, [{**slots[0], "guidance_scale": "x"}], {}, sampling)
+
+
+# What a model entry's fields may hold, as the form holds them: text without line breaks (the
+# prompt box holds one prompt per line), references and names without surrounding blanks (read
+# trimmed), numbers in the fields' ranges. A field added to ModelEntry appears in the form by
+# itself (`forms.model_widgets`) and fails the test below until it is given values here.
+_LINE = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n"), max_size=12)
+_WORD = _LINE.map(str.strip).filter(bool)
+_PROMPT = _LINE.filter(str.strip)
+FIELD_VALUES = {
+    "model": _WORD,
+    "name": st.none() | _WORD,
+    "config": st.none() | _WORD,
+    "vae": st.none() | _WORD,
+    "prompt": st.none() | _PROMPT | st.lists(_LINE, min_size=2, max_size=4).filter(lambda ps: "".join(ps).strip()),
+    "negative_prompt": st.none() | _LINE.filter(bool),
+    "guidance_scale": st.none() | st.floats(0, 100),
+    "true_cfg_scale": st.none() | st.floats(1, 100),
+}
+
+
+def test_every_model_entry_field_has_values_to_round_trip():
+    assert set(FIELD_VALUES) == set(ModelEntry.model_fields), "give the new ModelEntry field values in FIELD_VALUES"
+    assert [w.name for w in forms.model_widgets()] == list(ModelEntry.model_fields)
+
+
+def _through_the_form(recipe: dict) -> dict:
+    """A recipe restored into the form and read back from it, as the page does."""
+    method, n, slots, params, sampling = forms.form_from_recipe(recipe)
+    return forms.recipe_from_form(method, n, slots, params, {k: sampling[k] for k in forms.SAMPLING_FORM})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries(FIELD_VALUES))
+def test_every_model_field_survives_recipe_to_form_to_recipe(entry):
+    images = len(entry["prompt"]) if isinstance(entry["prompt"], list) else 1
+    recipe = {"method": "single", "models": [{k: v for k, v in entry.items() if v is not None}], "sampling": {"num_images": images}}
+    back = parse_recipe(_through_the_form(recipe))
+    assert back.models == parse_recipe(recipe).models
+
+
+def test_what_the_form_cannot_hold_is_refused_or_kept_equivalent():
+    def restored(**fields) -> ModelEntry:
+        return parse_recipe(_through_the_form({"models": [{"model": "zoo:general", **fields}]})).models[0]
+
+    # a one-prompt list is that prompt for the one image; a recipe's defaults fill the slots
+    assert restored(prompt=["a red circle"]).prompt == "a red circle"
+    slots = forms.form_from_recipe({"prompt": "snow", "negative_prompt": "blurry", "models": [{"model": "zoo:general"}]})[2]
+    assert (slots[0]["prompt"], slots[0]["negative_prompt"]) == ("snow", "blurry")
+    with pytest.raises(RecipeError, match=r"^models\[0\]\.prompt: a prompt with a line break"):
+        restored(prompt="a red circle\nin snow")
+    # widgets' text that does not read as the field's type names the field
+    slot = {"model": "zoo:general", "prompt": "a red circle", "true_cfg_scale": "strong"}
+    with pytest.raises(RecipeError, match=r"^models\[0\]\.true_cfg_scale: 'strong' is not a number"):
+        forms.recipe_from_form("single", 1, [slot], {}, {})
+
+
+def test_the_form_of_a_model_slot():
+    ws = {w.name: w for w in forms.model_widgets()}
+    assert ws["prompt"].kind == "lines" and ws["vae"].kind == "text" and ws["true_cfg_scale"].kind == "float"
+    assert ws["vae"].optional and ws["true_cfg_scale"].optional and not ws["model"].optional
+    assert ws["vae"].description == ModelEntry.model_fields["vae"].description
+    # the first fields show up front, the rest (config, vae, true_cfg_scale, any added later) fold away
+    assert set(forms.MODEL_MAIN) < set(ws)
+    assert forms.to_widget(ws["prompt"], ["a", "b"]) == "a\nb" and forms.from_widget(ws["prompt"], "a\nb") == ["a", "b"]
+    assert forms.from_widget(ws["vae"], "  vae/ ") == "vae/" and forms.from_widget(ws["negative_prompt"], " x ") == " x "
 
 
 def test_dropped_files(tmp_path):

@@ -1,12 +1,14 @@
 """`multifusion ui`: a local Gradio app over the typed API (recipe -> `Run`), holding no maths.
 
-The method form is generated from the registry (`forms.method_widgets`), so a method registered
-later appears here with no code. Errors of the library start with the field they name
+The method form is generated from the registry (`forms.method_widgets`) and each model slot from
+the recipe's model entry (`forms.model_widgets`), so a method registered later, or a model field
+added to the recipe, appears here with no code. Errors of the library start with the field they name
 (`params.regions[0].col_end: ...`) and are shown beside that field (`forms.route_errors`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -52,6 +54,8 @@ class App:
         self.errors: dict[str, gr.Markdown] = {}  # error key -> box beside the field
         self.groups: dict[str, gr.Group] = {}  # method -> its form
         self.slots: list[gr.Group] = []
+        self.more: list[gr.Accordion] = []  # each slot's fields beyond forms.MODEL_MAIN
+        self.model_widgets = forms.model_widgets()
         self.widgets = {name: forms.method_widgets(m) for name, m in METHODS.items()}
         # Runs are numbered; Cancel stops every run started so far. (Gradio's `cancels` drops the
         # event, but the worker thread runs on: it stops at its next step when it sees this.)
@@ -67,22 +71,61 @@ class App:
         self.errors[key] = box
         return box
 
-    def param_component(self, method: str, w: forms.Widget) -> gr.components.Component:
-        key, eid = f"params:{method}:{w.name}", f"param-{method}-{w.name}"
-        kw = dict(label=w.label, info=w.description or None, elem_id=eid)
-        if w.kind == "choice":
-            c = gr.Dropdown(list(w.choices), value=w.initial(), **kw)
+    def component(self, key: str, w: forms.Widget, eid: str, label: str | None = None, value: Any = PydanticUndefined):
+        """The component of a widget (a params or a model field), kept under `key`; `value`
+        in place of the field's default."""
+        kw = dict(label=label or w.label, info=w.description or None, elem_id=eid)
+        value = w.initial() if value is PydanticUndefined else value
+        if key.endswith("].model"):  # a model: the zoo and the folders given on the command line, or any reference
+            c = gr.Dropdown(self.choices, value=value or None, allow_custom_value=True, **kw)
+        elif w.kind == "choice":
+            c = gr.Dropdown(list(w.choices), value=value, **kw)
         elif w.kind == "bool":
-            c = gr.Checkbox(value=bool(w.initial()), **kw)
-        elif w.kind in ("int", "float"):
-            c = gr.Number(value=w.initial() if not w.required else None, precision=0 if w.kind == "int" else None, **kw)
+            c = gr.Checkbox(value=bool(value), **kw)
+        elif w.kind in ("int", "float") and not w.optional:
+            c = gr.Number(value=value if not w.required else None, precision=0 if w.kind == "int" else None, **kw)
         elif w.kind == "table":
-            c = gr.Dataframe(value=w.initial(), headers=list(w.columns), type="array", col_count=(len(w.columns), "fixed"),
+            c = gr.Dataframe(value=value, headers=list(w.columns), type="array", col_count=(len(w.columns), "fixed"),
                              row_count=(1, "dynamic"), interactive=True, label=f"{w.label}: one row per item", elem_id=eid)
-        else:
-            c = gr.Textbox(value=w.initial(), **kw)
+        else:  # text, optional numbers (blank: none), YAML, one item per line (Enter adds a line when there are two)
+            c = gr.Textbox(value=value, lines=2 if w.kind == "lines" else 1, max_lines=8 if w.kind == "lines" else None, **kw)
         self.comps[key] = c
         return c
+
+    def param_component(self, method: str, w: forms.Widget) -> gr.components.Component:
+        return self.component(f"params:{method}:{w.name}", w, f"param-{method}-{w.name}")
+
+    def model_slot(self, i: int, model: str, prompt: str) -> None:
+        """Model slot i: a component per field of the recipe's model entry with an error box under
+        each; the fields beyond `forms.MODEL_MAIN` in a collapsed accordion. Short fields go two to
+        a row."""
+        main = [w for w in self.model_widgets if w.name in forms.MODEL_MAIN]
+        more = [w for w in self.model_widgets if w.name not in forms.MODEL_MAIN]
+        start = {"model": model, "prompt": prompt}
+
+        def fields(ws: list[forms.Widget]) -> None:
+            for k, run in itertools.groupby(ws, key=lambda w: w.name == "model" or w.kind == "lines"):
+                run = list(run)
+                if k:  # wide: one to a row
+                    for w in run:
+                        self.model_field(i, w, start)
+                    continue
+                for j in range(0, len(run), 2):
+                    with gr.Row():
+                        for w in run[j:j + 2]:
+                            with gr.Column(min_width=160):
+                                self.model_field(i, w, start)
+
+        fields(main)
+        with gr.Accordion(f"more: {', '.join(w.name for w in more)}", open=False, elem_id=f"more-{i}") as acc:
+            fields(more)
+        self.more.append(acc)
+        self.error_box(f"models[{i}]")
+
+    def model_field(self, i: int, w: forms.Widget, start: dict[str, str]) -> None:
+        label = f"model {i}" if w.name == "model" else w.name
+        self.component(f"models[{i}].{w.name}", w, f"{w.name}-{i}", label, start.get(w.name, PydanticUndefined))
+        self.error_box(f"models[{i}].{w.name}")
 
     def build(self) -> gr.Blocks:
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -99,15 +142,7 @@ class App:
                         for i in range(MAX_MODELS):
                             model, prompt = DEFAULT_MODELS[i] if i < len(DEFAULT_MODELS) else ("", "")
                             with gr.Group(visible=i < 2) as g:
-                                self.comps[f"models[{i}].model"] = gr.Dropdown(self.choices, value=model or None, allow_custom_value=True,
-                                                                               label=f"model {i}: zoo:NAME, a diffusers folder, a .safetensors file or a Hub id",
-                                                                               elem_id=f"model-{i}")
-                                self.comps[f"models[{i}].name"] = gr.Textbox(label="name (for regions and amdm's specified)", elem_id=f"name-{i}")
-                                self.comps[f"models[{i}].prompt"] = gr.Textbox(value=prompt, label="prompt", elem_id=f"prompt-{i}")
-                                with gr.Row():
-                                    self.comps[f"models[{i}].guidance_scale"] = gr.Textbox(label="guidance scale (blank: sampling's)", elem_id=f"guidance-{i}")
-                                    self.comps[f"models[{i}].negative_prompt"] = gr.Textbox(label="negative prompt", elem_id=f"negative-{i}")
-                                self.error_box(f"models[{i}]")
+                                self.model_slot(i, model, prompt)
                             self.slots.append(g)
                     with gr.Column(scale=1):
                         gr.Markdown("### Method")
@@ -172,7 +207,7 @@ class App:
                 cmp_scores = gr.Dataframe(label="judge scores (zoo models)", elem_id="compare-scores", interactive=False)
 
             inputs = set(self.comps.values())
-            errs = list(self.errors.values())
+            errs = self.error_outputs()
             n_models.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_MODELS)], n_models, self.slots)
             method.change(lambda m: [gr.update(visible=k == m) for k in self.groups] + [self.method_summary(m)], method,
                           list(self.groups.values()) + [self.summary])
@@ -336,24 +371,34 @@ class App:
 
         return fac, (side(h), side(wd))
 
+    def error_outputs(self) -> list:
+        """What `error_updates` fills: every error box, then each slot's "more" accordion."""
+        return list(self.errors.values()) + self.more
+
     def values(self, data: dict) -> dict[str, Any]:
         return {k: data.get(c) for k, c in self.comps.items()}
 
     def recipe(self, v: dict[str, Any], method: str | None = None) -> dict:
         method = method or v["method"]
         params = forms.params_from_widgets(METHODS[method], {w.name: v[f"params:{method}:{w.name}"] for w in self.widgets[method]})
-        slots = [{k: v[f"models[{i}].{k}"] for k in forms.MODEL_KEYS} for i in range(MAX_MODELS)]
+        slots = [{w.name: v[f"models[{i}].{w.name}"] for w in self.model_widgets} for i in range(MAX_MODELS)]
         sampling = {k: v[f"sampling.{k}"] for k in SAMPLING_FORM}
         return forms.recipe_from_form(method, int(v["n_models"]), slots, params, sampling)
 
-    def error_updates(self, routed: dict[str, list[str]] | None, method: str) -> list:
+    def error_updates(self, routed: dict[str, list[str]] | None, method: str, opened: set[int] = frozenset()) -> list:
+        """Updates of `error_outputs`: each routed error shown in its box (`general` when the form
+        has none for it); a slot's accordion opened when an error lies in it, or when its slot is
+        in `opened` (a restored recipe sets a field there), else left as the user has it."""
         routed = dict(routed or {})
         shown: dict[str, list[str]] = {}
         for key, lines in routed.items():
             target = f"{method}:{key}" if key.startswith("params.") else key
             shown.setdefault(target if target in self.errors else "general", []).extend(lines)
-        return [gr.update(value="\n\n".join(f"⚠ {ln}" for ln in shown[k]), visible=True) if k in shown else gr.update(value="", visible=False)
-                for k in self.errors]
+        boxes = [gr.update(value="\n\n".join(f"⚠ {ln}" for ln in shown[k]), visible=True) if k in shown else gr.update(value="", visible=False)
+                 for k in self.errors]
+        inside = {f"models[{i}].{w.name}": i for i in range(MAX_MODELS) for w in self.model_widgets if w.name not in forms.MODEL_MAIN}
+        opened = set(opened) | {inside[k] for k in shown if k in inside}
+        return boxes + [gr.update(open=True) if i in opened else gr.update() for i in range(MAX_MODELS)]
 
     # ---- handlers ------------------------------------------------------------------------------
 
@@ -467,7 +512,7 @@ class App:
                 if event[0] == "progress":
                     progress(event[1], desc=event[2])
                 elif event[0] == "preview":
-                    yield [gr.update()] * (len(self.errors) + 1) + keep[:4] + [event[1]]  # the bar says the step
+                    yield [gr.update()] * (len(self.error_outputs()) + 1) + keep[:4] + [event[1]]  # the bar says the step
         finally:
             if worker.is_alive():  # the page left or cancelled: the worker stops at its next step
                 self.cancelled_upto = max(self.cancelled_upto, run_id)
@@ -497,13 +542,14 @@ class App:
         except MultifusionError as err:
             return keep + self.error_updates({"restore": [f"restore: {err}"]}, "") + [None]
         values: dict[str, Any] = {"method": method, "n_models": n}
+        blank = {w.name: forms.to_widget(w, None) for w in self.model_widgets}
         for i in range(MAX_MODELS):
-            slot = slots[i] if i < n else {"model": None, "name": "", "prompt": "", "guidance_scale": None, "negative_prompt": ""}
-            values.update({f"models[{i}].{k}": slot[k] for k in forms.MODEL_KEYS})
+            values.update({f"models[{i}].{k}": v for k, v in (slots[i] if i < n else blank).items()})
         for w in self.widgets[method]:
             values[f"params:{method}:{w.name}"] = forms.to_widget(w, params.get(w.name, None if w.required else w.default))
         values.update({f"sampling.{k}": sampling.get(k) for k in SAMPLING_FORM})
-        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, method) + [None]
+        more = {i for i in range(n) for w in self.model_widgets if w.name not in forms.MODEL_MAIN and slots[i][w.name] != blank[w.name]}
+        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, method, more) + [None]
 
     def on_compare(self, data: dict, progress=gr.Progress()):
         v = self.values(data)

@@ -1,11 +1,13 @@
-"""What the web UI shows, without Gradio: widgets described from a method's params model, form
-values turned into a recipe and back, errors routed to the field they name, the region preview.
+"""What the web UI shows, without Gradio: widgets described from a method's params model and
+from the recipe's model entry, form values turned into a recipe and back, errors routed to the
+field they name, the region preview.
 
-Nothing here knows a particular method: a widget is chosen from each field's annotation
-(`Literal` -> a choice, `bool` -> a checkbox, `int`/`float` -> a number, `str` -> a text box,
-a list of parameter models -> a table with one column per field of the item model, anything
-else -> YAML text), with the field's default and description from the registry. A method
-registered later appears in the UI with no code here.
+Nothing here knows a particular method or model field: a widget is chosen from each field's
+annotation (`Literal` -> a choice, `bool` -> a checkbox, `int`/`float` -> a number, `str` -> a
+text box (optional ones blank for "none"), `str | list[str]` -> text with one item per line, a
+list of parameter models -> a table with one column per field of the item model, anything else
+-> YAML text), with the field's default and description. A method registered later, or a field
+added to `ModelEntry`, appears in the UI with no code here.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Widget:
     """One form field of a method's params: how to show it and how to read it back."""
 
     name: str
-    kind: Literal["choice", "bool", "int", "float", "text", "table", "yaml"]
+    kind: Literal["choice", "bool", "int", "float", "text", "lines", "table", "yaml"]
     default: Any  # PydanticUndefined when required
     description: str
     choices: tuple = ()
@@ -45,6 +47,11 @@ class Widget:
     @property
     def required(self) -> bool:
         return self.default is PydanticUndefined
+
+    @property
+    def optional(self) -> bool:
+        """A number or text whose default is None: shown as a text box, blank for None."""
+        return self.default is None and self.kind in ("int", "float", "text")
 
     @property
     def label(self) -> str:
@@ -82,10 +89,12 @@ def widget_for(name: str, info: FieldInfo) -> Widget:
         return Widget(name, "choice", default, desc, choices=tuple(args))
     if ann is bool:
         return Widget(name, "bool", default, desc)
-    if ann in (int, float) and not optional:
+    if ann in (int, float) and (not optional or default is None):
         return Widget(name, ann.__name__, default, desc)
-    if ann is str and not optional:
+    if ann is str and (not optional or default is None):
         return Widget(name, "text", default, desc)
+    if set(args) == {str, list[str]} and default in (None, PydanticUndefined):
+        return Widget(name, "lines", default, f"{desc} (a list: one per line)" if desc else "a list: one per line")
     if origin is list and len(args) == 1 and _is_model(args[0]):
         return Widget(name, "table", default, desc, columns=table_columns(args[0]), item=args[0])
     # Unions, optional numbers, lists, tuples, nested models: YAML text, blank for "default".
@@ -95,6 +104,23 @@ def widget_for(name: str, info: FieldInfo) -> Widget:
 
 def method_widgets(method) -> list[Widget]:
     return [widget_for(n, f) for n, f in method.params.model_fields.items()]
+
+
+MODEL_MAIN = ("model", "name", "prompt", "guidance_scale", "negative_prompt")
+"""The fields of a model slot shown up front; every other field of `ModelEntry` (a single file's
+config, a VAE, FLUX's true CFG, and any added later) goes under the slot's "more" accordion."""
+
+
+def model_widgets() -> list[Widget]:
+    """One widget per field of a recipe's model entry (`ModelEntry`), in its order."""
+    from multifusion.recipe import ModelEntry
+
+    return [widget_for(n, f) for n, f in ModelEntry.model_fields.items()]
+
+
+def is_prompt(name: str) -> bool:
+    """Prompt text is kept as typed; other text (paths, names, ids) is read trimmed."""
+    return "prompt" in name
 
 
 def to_widget(w: Widget, value: Any) -> Any:
@@ -112,6 +138,10 @@ def to_widget(w: Widget, value: Any) -> Any:
         if not isinstance(value, (list, dict)):
             return json.dumps(value)
         return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    if w.kind == "lines":
+        return "\n".join(value) if isinstance(value, list) else ("" if value in (None, PydanticUndefined) else value)
+    if w.optional:
+        return "" if value is None else str(value)
     if w.kind in ("int", "float", "bool", "choice"):
         return value
     return "" if value is None else value
@@ -134,9 +164,11 @@ def _number(text: Any) -> Any:
     return s
 
 
-def from_widget(w: Widget, value: Any) -> Any:
-    """What the widget holds -> a params value; `PydanticUndefined` for "leave it out" (blank,
-    or equal to the default). RecipeError naming `params.<field>` for text that does not parse."""
+def from_widget(w: Widget, value: Any, where: str | None = None) -> Any:
+    """What the widget holds -> a recipe value; `PydanticUndefined` for "leave it out" (blank,
+    or equal to the default). RecipeError naming `where` (default `params.<field>`) for text that
+    does not parse. Text other than prompts is trimmed; `lines` text of several lines is a list."""
+    where = where or f"params.{w.name}"
     if w.kind == "table":
         rows = []
         for row in value or []:
@@ -152,12 +184,23 @@ def from_widget(w: Widget, value: Any) -> Any:
         try:
             parsed = yaml.safe_load(str(value))
         except yaml.YAMLError as err:
-            raise RecipeError(f"params.{w.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise RecipeError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
         return PydanticUndefined if parsed == _jsonable(w.default) else parsed
+    if w.kind == "lines":
+        lines = [] if value is None else str(value).split("\n")  # not splitlines: the inverse of to_widget's join
+        return PydanticUndefined if not "".join(lines).strip() else lines[0] if len(lines) == 1 else lines
     if w.kind in ("int", "float"):
         if value is None or str(value).strip() == "":
             return PydanticUndefined
         value = _number(value)
+        if isinstance(value, str):
+            raise RecipeError(f"{where}: {value!r} is not a number")
+        if w.kind == "int" and not isinstance(value, int):
+            raise RecipeError(f"{where}: {value!r} is not a whole number")
+    if w.kind == "text" and value is None:  # an emptied dropdown
+        value = ""
+    if w.kind == "text" and isinstance(value, str) and not is_prompt(w.name):
+        value = value.strip()
     if w.kind == "text" and value == "" and not w.required:
         return PydanticUndefined
     return PydanticUndefined if value == w.default else value
@@ -180,12 +223,12 @@ def params_from_widgets(method, values: dict[str, Any]) -> dict:
 
 # ---- the recipe from the whole form ------------------------------------------------------------
 
-MODEL_KEYS = ("model", "name", "prompt", "guidance_scale", "negative_prompt")
 SAMPLING_FORM = ("num_inference_steps", "scheduler", "guidance_scale", "seed", "num_images", "height", "width", "eta")
 
 
 def recipe_from_form(method: str, n_models: int, models: list[dict], params: dict, sampling: dict) -> dict:
-    """The recipe dict the form describes (blank fields left out, so the library's defaults apply)."""
+    """The recipe dict the form describes (blank fields left out, so the library's defaults apply).
+    `models`: one dict per slot of what its widgets (`model_widgets`) hold, by field name."""
     def number(where: str, v: Any, cast: type) -> Any:
         try:
             x = float(v)
@@ -196,11 +239,10 @@ def recipe_from_form(method: str, n_models: int, models: list[dict], params: dic
         return cast(x)
 
     entries = []
+    widgets = model_widgets()
     for i, m in enumerate(models[: int(n_models)]):
-        e = {k: (v.strip() if isinstance(v, str) and k in ("model", "name") else v) for k, v in m.items() if v is not None and str(v).strip() != ""}
-        if "guidance_scale" in e:
-            e["guidance_scale"] = number(f"models[{i}].guidance_scale", e["guidance_scale"], float)
-        entries.append(e)
+        read = {w.name: from_widget(w, m.get(w.name), f"models[{i}].{w.name}") for w in widgets}
+        entries.append({k: v for k, v in read.items() if v is not PydanticUndefined})
     samp = {}
     for k, v in sampling.items():
         if v is None or str(v).strip() == "":
@@ -217,12 +259,17 @@ def form_from_recipe(data: dict) -> tuple[str, int, list[dict], dict, dict]:
     recipe = parse_recipe(data)
     if len(recipe.models) > MAX_MODELS:
         raise RecipeError(f"models: the recipe names {len(recipe.models)} models; the UI holds {MAX_MODELS} (run it with `multifusion generate`)")
-    default_prompt = recipe.prompt
     slots = []
-    for m in recipe.models:
-        prompt = m.prompt if m.prompt is not None else default_prompt
-        slots.append({"model": m.model, "name": m.name or "", "prompt": prompt[0] if isinstance(prompt, list) else (prompt or ""),
-                      "guidance_scale": m.guidance_scale, "negative_prompt": m.negative_prompt or ""})
+    for i, m in enumerate(recipe.models):
+        # The recipe's default prompt and negative prompt go to each slot that gives none (the
+        # form has no recipe-wide fields): the same prompts for every model.
+        values = {**m.model_dump(), "prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
+                  "negative_prompt": recipe.negative_of(i) or None}
+        prompts = values["prompt"] if isinstance(values["prompt"], list) else [values["prompt"] or ""]
+        if any("\n" in p for p in prompts):
+            raise RecipeError(f"models[{i}].prompt: a prompt with a line break; the form holds one prompt per line (run it with "
+                              "`multifusion generate`)")
+        slots.append({w.name: to_widget(w, values[w.name]) for w in model_widgets()})
     sampling = recipe.sampling.model_dump()
     return recipe.method, len(recipe.models), slots, dict(recipe.params), sampling
 
@@ -233,13 +280,14 @@ _LINE = re.compile(r"^\s*(?P<path>[A-Za-z_][\w\-]*(?:\[\d+\])?(?:\.[\w\-]+(?:\[\
 
 
 def error_key(path: str) -> str:
-    """Which form field an error path belongs to: `params.<field>`, `models[i]`, `sampling`,
-    `png`, or `general`."""
+    """Which form field an error path belongs to: `params.<field>`, `models[i].<field>` (a field
+    of the model entry), `models[i]` (the slot), `sampling`, or `general`."""
     if path.startswith("params."):
         return "params." + re.split(r"[.\[]", path[len("params."):])[0]
-    m = re.match(r"models\[(\d+)\]", path)
+    m = re.match(r"models\[(\d+)\](?:\.(\w+))?", path)
     if m:
-        return f"models[{m.group(1)}]"
+        fields = {w.name for w in model_widgets()}
+        return f"models[{m.group(1)}]" + (f".{m.group(2)}" if m.group(2) in fields else "")
     if path == "models":
         return "models"
     if path.startswith("sampling") or path in SAMPLING_FORM or path == "seeds":
