@@ -96,8 +96,8 @@ class Sampling(_Strict):
     eta: float = Field(0.0, ge=0, le=1, description="DDIM-type noise: 0 deterministic, 1 DDPM-like; above 1 the step's variance is undefined")
     seed: int = Field(0, ge=0, lt=2**63)
     num_images: int = Field(1, gt=0, le=4096)
-    height: int | None = Field(None, gt=0)
-    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0, description="default: the first model's native size")
+    width: int | None = Field(None, gt=0, description="default: the first model's native size")
 
     @model_validator(mode="after")
     def _last_seed(self):

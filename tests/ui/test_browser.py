@@ -414,3 +414,43 @@ def test_a_restored_vae_and_true_cfg_scale_run_and_download_and_a_missing_vae_is
     assert "models[0].vae: cannot find VAE 'flux/no-such-vae'" in shown
     page.locator("#vae-0").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "ui-error-vae.png"))
+
+
+def test_the_page_has_a_component_for_every_field_a_recipe_restores():
+    from multifusion.recipe import Recipe
+    from multifusion.ui import forms
+    from multifusion.ui.app import build_app
+
+    app = build_app().multifusion_app  # type: ignore[attr-defined]
+    for method in ("snb", "mod"):
+        restored = forms.form_from_recipe({"method": method, "models": [{"model": "zoo:general"}], "runtime": {}})
+        assert set(restored) <= set(app.comps), set(restored) - set(app.comps)
+    # every key the form is read from is on the page: reading the page's own values gives a recipe
+    assert forms.recipe_from_form({k: c.value for k, c in app.comps.items()})["method"] == "snb"
+    assert {w.name for w in forms.recipe_widgets()} | set(forms.SECTIONS) == set(Recipe.model_fields)
+
+
+def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, tmp_path):
+    from multifusion.recipe import parse_recipe
+
+    restored = {
+        "method": "average", "params": {"weights": [0.6, 0.4]},
+        "models": [{"model": "merge:mix", "prompt": "a red circle in a snowy field"}, {"model": "zoo:expert", "prompt": "a red striped circle"}],
+        "merges": {"mix": {"models": ["zoo:general", "zoo:cartoon"], "weights": [0.7, 0.3]}},
+        "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, "num_images": 2, "seed": 5},
+        "runtime": {"max_pixels": 4096, "vae_device": "cpu"}}
+    path = tmp_path / "merged.yaml"
+    path.write_text(yaml.safe_dump(restored))
+    page.get_by_role("tab", name="Compose").click()
+    page.locator("#restore input[type=file]").set_input_files(str(path))
+    # the merges and runtime accordions open on what the recipe sets there
+    sync_api.expect(page.locator("#merges textarea")).to_have_value("mix:\n  models: ['zoo:general', 'zoo:cartoon']\n  weights: [0.7, 0.3]")
+    sync_api.expect(page.locator("#runtime-max_pixels input, #runtime-max_pixels textarea").first).to_have_value("4096")
+    page.locator("#param-average-weights").wait_for(state="visible")  # the method's form is shown
+    page.locator("#run").click()
+    said = wait_status(page, "with average")
+    assert "2 image(s)" in said
+    assert page.locator("#images img").count() == 2
+    page.screenshot(path=str(shots / "ui-merges.png"), full_page=True)
+    made = yaml.safe_load(download(page, "recipe-file", tmp_path, ".yaml").read_text())
+    assert parse_recipe(made) == parse_recipe(restored)

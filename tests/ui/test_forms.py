@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import Field
 from pydantic_core import PydanticUndefined
@@ -14,7 +14,7 @@ from pydantic_core import PydanticUndefined
 from multifusion.errors import RecipeError
 from multifusion.io import save_png
 from multifusion.method import Method, Params
-from multifusion.recipe import ModelEntry, parse_recipe
+from multifusion.recipe import MergeEntry, ModelEntry, Recipe, Runtime, Sampling, parse_recipe
 from multifusion.registry import METHODS
 from multifusion.ui import forms
 
@@ -70,19 +70,43 @@ def test_errors_go_to_the_field_they_name():
     assert forms.error_key("models[0].colour") == "models[0]"  # an unknown field (a typo in a recipe file)
 
 
+def form(method: str = "snb", n_models: int = 2, **values) -> dict:
+    """The form's values as the page sends them (every key), with `values` (by form key) set."""
+    out = forms.form_from_recipe({"method": method, "models": [{"model": "zoo:general"}] * n_models, "runtime": {}})
+    return {**out, **values}
+
+
 def test_form_recipe_round_trip_and_typed_errors():
-    slots = [{"model": "zoo:general", "name": "", "prompt": "a red circle", "guidance_scale": "5", "negative_prompt": ""},
-             {"model": " zoo:expert ", "name": "e", "prompt": "a red striped circle", "guidance_scale": "", "negative_prompt": ""}]
-    sampling = {"num_inference_steps": 4, "scheduler": "ddim", "guidance_scale": 7.5, "seed": 3, "num_images": 1, "height": "", "width": None, "eta": 0}
-    recipe = forms.recipe_from_form("snb", 2, slots, {"k": 1.2}, sampling)
+    values = form(**{"models[0].prompt": "a red circle", "models[0].guidance_scale": "5", "models[1].model": " zoo:expert ",
+                     "models[1].name": "e", "models[1].prompt": "a red striped circle", "params:snb:k": "1.2",
+                     "sampling.num_inference_steps": 4, "sampling.seed": 3, "sampling.height": "", "sampling.width": None,
+                     "runtime.vae_device": " cpu ", "runtime.dtype": None})
+    recipe = forms.recipe_from_form(values)
     assert recipe["models"][0]["guidance_scale"] == 5.0 and recipe["models"][1]["model"] == "zoo:expert"
-    assert "height" not in recipe["sampling"]
-    method, n, back, params, samp = forms.form_from_recipe(recipe)
-    assert (method, n, params, samp["seed"], back[1]["name"]) == ("snb", 2, {"k": 1.2}, 3, "e")
+    assert recipe["sampling"] == {"num_inference_steps": 4, "seed": 3} and recipe["runtime"] == {"vae_device": "cpu"}
+    assert recipe["params"] == {"k": 1.2} and forms.recipe_from_form(values, "average")["params"] == {}  # each method its own form
+    back = forms.form_from_recipe(recipe)
+    assert (back["method"], back["n_models"], back["params:snb:k"], back["sampling.seed"], back["models[1].name"]) == ("snb", 2, "1.2", 3, "e")
     with pytest.raises(RecipeError, match=r"^sampling\.height: 'tall' is not a number"):
-        forms.recipe_from_form("snb", 2, slots, {}, {**sampling, "height": "tall"})
+        forms.recipe_from_form({**values, "sampling.height": "tall"})
     with pytest.raises(RecipeError, match=r"^models\[0\]\.guidance_scale"):
-        forms.recipe_from_form("snb", 1, [{**slots[0], "guidance_scale": "x"}], {}, sampling)
+        forms.recipe_from_form({**values, "models[0].guidance_scale": "x"})
+    with pytest.raises(RecipeError, match=r"^runtime\.max_pixels: '1e9x' is not a number"):
+        forms.recipe_from_form({**values, "runtime.max_pixels": "1e9x"})
+
+
+def test_merges_are_yaml_with_errors_at_their_field():
+    merges = {"mix": {"models": ["zoo:general", "zoo:expert"], "weights": [0.7, 0.3]}}
+    values = forms.form_from_recipe({"models": [{"model": "merge:mix", "prompt": "a red circle"}], "merges": merges})
+    assert values["merges"] == "mix:\n  models: ['zoo:general', 'zoo:expert']\n  weights: [0.7, 0.3]"  # one merge a line, its fields inline
+    assert forms.recipe_from_form(values)["merges"] == merges
+    assert "merges" not in forms.recipe_from_form({**values, "merges": " "})  # blank: none
+    assert forms.form_from_recipe({"models": [{"model": "zoo:general"}]})["merges"] == ""  # and none shows blank
+    with pytest.raises(RecipeError, match=r"^merges: not valid YAML"):
+        forms.recipe_from_form({**values, "merges": "mix: [zoo:general"})
+    # what the library says of a merge lands beside the merges box; runtime errors beside runtime's
+    assert forms.route_errors("merges.mix.models[2]: 'merge:b' is a merge") == {"merges": ["merges.mix.models[2]: 'merge:b' is a merge"]}
+    assert forms.error_key("runtime.device") == "runtime" and forms.error_key("sampling.seed") == forms.error_key("seed") == "sampling"
 
 
 # What a model entry's fields may hold, as the form holds them: text without line breaks (the
@@ -111,8 +135,7 @@ def test_every_model_entry_field_has_values_to_round_trip():
 
 def _through_the_form(recipe: dict) -> dict:
     """A recipe restored into the form and read back from it, as the page does."""
-    method, n, slots, params, sampling = forms.form_from_recipe(recipe)
-    return forms.recipe_from_form(method, n, slots, params, {k: sampling[k] for k in forms.SAMPLING_FORM})
+    return forms.recipe_from_form(forms.form_from_recipe(recipe))
 
 
 @settings(max_examples=300, deadline=None)
@@ -124,20 +147,120 @@ def test_every_model_field_survives_recipe_to_form_to_recipe(entry):
     assert back.models == parse_recipe(recipe).models
 
 
+# The same for the whole recipe: every field of Recipe, Sampling, Runtime and a merge. A field
+# added to any of them gets a widget by itself (`forms.recipe_widgets`, `sampling_widgets`,
+# `runtime_widgets`) and fails the tests below until it is given values here.
+_DEVICE = st.sampled_from(["cpu", "cuda", "cuda:1", "mps", "xpu", "xpu:0"])
+_FLOAT = st.floats(-1e6, 1e6, allow_nan=False)
+SAMPLING_VALUES = {
+    "num_inference_steps": st.integers(1, 1000),
+    "scheduler": _WORD,
+    "guidance_scale": st.floats(0, 100),
+    "eta": st.floats(0, 1),
+    "seed": st.integers(0, 2**63 - 1),  # kept below 2^63 - num_images by the recipe strategy
+    "num_images": st.integers(1, 4) | st.integers(1, 4096),
+    "height": st.none() | st.integers(1, 4096),
+    "width": st.none() | st.integers(1, 4096),
+}
+RUNTIME_VALUES = {
+    "dtype": st.sampled_from(["float32", "float16", "bfloat16"]),
+    "device": _DEVICE,
+    "offload": st.booleans(),
+    "allow_pickle": st.booleans(),
+    "vae_device": st.none() | _DEVICE,
+    "max_pixels": st.none() | st.integers(1, 2**40),
+}
+MERGE_VALUES = {
+    "models": st.lists(_WORD, min_size=1, max_size=3),
+    "method": st.sampled_from(["weighted_sum", "add_difference"]),
+    "weights": st.none() | st.lists(_FLOAT, max_size=3),
+    "alpha": st.none() | _FLOAT,
+    "blocks": st.none() | _WORD | st.lists(_FLOAT, max_size=4),
+    "text_encoder": st.sampled_from(["merge", "first"]),
+}
+METHOD_PARAMS = st.sampled_from(["single", "average", "snb"]).flatmap(lambda name: st.tuples(st.just(name), {
+    "single": st.just({}),
+    "average": st.fixed_dictionaries({}, optional={"weights": st.lists(st.floats(0.01, 10), min_size=1, max_size=4)}),
+    "snb": st.fixed_dictionaries({}, optional={"k": st.floats(0.01, 10) | st.lists(st.floats(0.01, 10), min_size=2, max_size=2),
+                                               "blur": st.sampled_from(["box", "gaussian", "none"]),
+                                               "fusion_timestep": st.none() | st.integers(0, 999)}),
+}[name]))
+RECIPE_VALUES = {"version", "method", "params", "models", "prompt", "negative_prompt", "merges", "sampling", "runtime"}
+"""Drawn by `whole_recipes` below."""
+
+
+def _given(values: dict) -> st.SearchStrategy:
+    """A mapping of some of the fields (None values left out: the field's default)."""
+    return st.fixed_dictionaries(values).map(lambda d: {k: v for k, v in d.items() if v is not None})
+
+
+@st.composite
+def whole_recipes(draw) -> dict:
+    sampling = draw(_given(SAMPLING_VALUES))
+    images = sampling.get("num_images", 1)
+    if "seed" in sampling:
+        sampling["seed"] = min(sampling["seed"], 2**63 - images)
+    lists = st.lists(_LINE, min_size=images, max_size=images).filter(lambda ps: "".join(ps).strip()) if 2 <= images <= 4 else st.nothing()
+    entry = _given({**FIELD_VALUES, "prompt": st.none() | _PROMPT | lists})
+    method, params = draw(METHOD_PARAMS)
+    return {"version": 1, "method": method, "params": params, "models": draw(st.lists(entry, min_size=1, max_size=forms.MAX_MODELS)),
+            "prompt": draw(st.none() | _PROMPT), "negative_prompt": draw(_LINE),
+            "merges": draw(st.dictionaries(_WORD, _given(MERGE_VALUES), max_size=3)), "sampling": sampling,
+            "runtime": draw(_given(RUNTIME_VALUES))}
+
+
+def test_every_recipe_field_has_a_place_in_the_form_and_values_to_round_trip():
+    for values, model in ((RECIPE_VALUES, Recipe), (SAMPLING_VALUES, Sampling), (RUNTIME_VALUES, Runtime), (MERGE_VALUES, MergeEntry)):
+        assert set(values) == set(model.model_fields), f"give the new {model.__name__} field values above"
+    # a section of the form or a widget of its own for each; one widget per sampling and runtime field
+    held = list(forms.SECTIONS) + [w.name for w in forms.recipe_widgets()]
+    assert sorted(held) == sorted(Recipe.model_fields)
+    assert [w.name for w in forms.sampling_widgets()] == list(Sampling.model_fields)
+    assert [w.name for w in forms.runtime_widgets()] == list(Runtime.model_fields)
+    values = forms.form_from_recipe({"models": [{"model": "zoo:general"}], "runtime": {}})
+    assert {f"sampling.{k}" for k in Sampling.model_fields} | {f"runtime.{k}" for k in Runtime.model_fields} | {"merges"} <= set(values)
+
+
+def _prompts_in_the_models(recipe: Recipe) -> Recipe:
+    """The recipe with its default prompt and negative prompt written into each model that gives
+    none, as the form's slots hold them: the same prompts for every model."""
+    models = [m.model_copy(update={"prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
+                                   "negative_prompt": recipe.negative_of(i) or None}) for i, m in enumerate(recipe.models)]
+    return recipe.model_copy(update={"models": models, "prompt": None, "negative_prompt": ""})
+
+
+@settings(max_examples=200, deadline=None)
+@given(whole_recipes())
+def test_every_recipe_field_survives_recipe_to_form_to_recipe(data):
+    try:
+        recipe = parse_recipe(data)
+        params = METHODS[recipe.method].parse_params(recipe.params, len(recipe.models))
+    except RecipeError:
+        assume(False)  # a draw the library refuses (two models under one name, a canvas above max_pixels)
+    back = parse_recipe(_through_the_form(data))
+    assert METHODS[back.method].parse_params(back.params, len(back.models)) == params  # defaults left out, the same params
+    assert back.model_copy(update={"params": {}}) == _prompts_in_the_models(recipe).model_copy(update={"params": {}})
+
+
+def test_an_image_recipe_leaves_the_runtime_to_the_person_running_it():
+    values = forms.form_from_recipe({"models": [{"model": "zoo:general"}]})  # as read from a PNG: no runtime
+    assert not [k for k in values if k.startswith("runtime.")]
+    assert "runtime" not in forms.recipe_from_form(values)
+
+
 def test_what_the_form_cannot_hold_is_refused_or_kept_equivalent():
     def restored(**fields) -> ModelEntry:
         return parse_recipe(_through_the_form({"models": [{"model": "zoo:general", **fields}]})).models[0]
 
     # a one-prompt list is that prompt for the one image; a recipe's defaults fill the slots
     assert restored(prompt=["a red circle"]).prompt == "a red circle"
-    slots = forms.form_from_recipe({"prompt": "snow", "negative_prompt": "blurry", "models": [{"model": "zoo:general"}]})[2]
-    assert (slots[0]["prompt"], slots[0]["negative_prompt"]) == ("snow", "blurry")
+    values = forms.form_from_recipe({"prompt": "snow", "negative_prompt": "blurry", "models": [{"model": "zoo:general"}]})
+    assert (values["models[0].prompt"], values["models[0].negative_prompt"]) == ("snow", "blurry")
     with pytest.raises(RecipeError, match=r"^models\[0\]\.prompt: a prompt with a line break"):
         restored(prompt="a red circle\nin snow")
     # widgets' text that does not read as the field's type names the field
-    slot = {"model": "zoo:general", "prompt": "a red circle", "true_cfg_scale": "strong"}
     with pytest.raises(RecipeError, match=r"^models\[0\]\.true_cfg_scale: 'strong' is not a number"):
-        forms.recipe_from_form("single", 1, [slot], {}, {})
+        forms.recipe_from_form(form("single", 1, **{"models[0].true_cfg_scale": "strong"}))
 
 
 def test_the_form_of_a_model_slot():

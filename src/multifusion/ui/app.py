@@ -1,8 +1,9 @@
 """`multifusion ui`: a local Gradio app over the typed API (recipe -> `Run`), holding no maths.
 
-The method form is generated from the registry (`forms.method_widgets`) and each model slot from
-the recipe's model entry (`forms.model_widgets`), so a method registered later, or a model field
-added to the recipe, appears here with no code. Errors of the library start with the field they name
+The method form is generated from the registry (`forms.method_widgets`), each model slot from
+the recipe's model entry (`forms.model_widgets`), the sampling and runtime fields from `Sampling`
+and `Runtime`, and `merges` from the recipe's own fields (`forms.recipe_widgets`), so a method
+registered later, or a field added to the recipe, appears here with no code. Errors of the library start with the field they name
 (`params.regions[0].col_end: ...`) and are shown beside that field (`forms.route_errors`).
 """
 
@@ -26,7 +27,7 @@ from pydantic_core import PydanticUndefined  # noqa: E402
 from multifusion.errors import MultifusionError  # noqa: E402
 from multifusion.registry import METHODS  # noqa: E402
 from multifusion.ui import forms  # noqa: E402
-from multifusion.ui.forms import MAX_MODELS, SAMPLING_FORM  # noqa: E402
+from multifusion.ui.forms import MAX_MODELS  # noqa: E402
 
 DEFAULT_MODELS = [("zoo:general", "a red circle in a snowy field"), ("zoo:expert", "a red striped circle")]
 PREVIEW_EVERY = 5
@@ -54,7 +55,10 @@ class App:
         self.errors: dict[str, gr.Markdown] = {}  # error key -> box beside the field
         self.groups: dict[str, gr.Group] = {}  # method -> its form
         self.slots: list[gr.Group] = []
-        self.more: list[gr.Accordion] = []  # each slot's fields beyond forms.MODEL_MAIN
+        # Collapsed accordions (each slot's fields beyond forms.MODEL_MAIN, merges, runtime) and
+        # the form and error keys inside each: opened when one of them shows an error or is restored.
+        self.folds: list[tuple[gr.Accordion, set[str]]] = []
+        self.widget_of: dict[str, forms.Widget] = {}  # form key -> its widget
         self.model_widgets = forms.model_widgets()
         self.widgets = {name: forms.method_widgets(m) for name, m in METHODS.items()}
         # Runs are numbered; Cancel stops every run started so far. (Gradio's `cancels` drops the
@@ -76,8 +80,13 @@ class App:
         in place of the field's default."""
         kw = dict(label=label or w.label, info=w.description or None, elem_id=eid)
         value = w.initial() if value is PydanticUndefined else value
+        self.widget_of[key] = w
         if key.endswith("].model"):  # a model: the zoo and the folders given on the command line, or any reference
             c = gr.Dropdown(self.choices, value=value or None, allow_custom_value=True, **kw)
+        elif key == "sampling.scheduler":
+            from multifusion.schedulers import SCHEDULERS
+
+            c = gr.Dropdown(list(SCHEDULERS), value=value, allow_custom_value=True, **kw)  # a restored name is kept as written
         elif w.kind == "choice":
             c = gr.Dropdown(list(w.choices), value=value, **kw)
         elif w.kind == "bool":
@@ -87,8 +96,9 @@ class App:
         elif w.kind == "table":
             c = gr.Dataframe(value=value, headers=list(w.columns), type="array", col_count=(len(w.columns), "fixed"),
                              row_count=(1, "dynamic"), interactive=True, label=f"{w.label}: one row per item", elem_id=eid)
-        else:  # text, optional numbers (blank: none), YAML, one item per line (Enter adds a line when there are two)
-            c = gr.Textbox(value=value, lines=2 if w.kind == "lines" else 1, max_lines=8 if w.kind == "lines" else None, **kw)
+        else:  # text, optional numbers (blank: none), YAML (a mapping: several lines), one item per line
+            tall = w.kind == "lines" or (w.kind == "yaml" and isinstance(w.default, dict))
+            c = gr.Textbox(value=value, lines=(4 if w.kind == "yaml" else 2) if tall else 1, max_lines=12 if tall else None, **kw)
         self.comps[key] = c
         return c
 
@@ -119,8 +129,27 @@ class App:
         fields(main)
         with gr.Accordion(f"more: {', '.join(w.name for w in more)}", open=False, elem_id=f"more-{i}") as acc:
             fields(more)
-        self.more.append(acc)
+        self.folds.append((acc, {f"models[{i}].{w.name}" for w in more}))
         self.error_box(f"models[{i}]")
+
+    def section(self, prefix: str, ws: list[forms.Widget], start: dict[str, Any] | None = None) -> None:
+        """A component per widget under form keys `<prefix><field>` (element ids with `-` for
+        the dot), each with its error box when the prefix is empty (a recipe field of its own)."""
+        for w in ws:
+            self.component(prefix + w.name, w, (prefix.replace(".", "-") + w.name), w.label, (start or {}).get(w.name, PydanticUndefined))
+            if not prefix:
+                self.error_box(w.name)
+
+    def fold(self, title: str, eid: str, prefix: str, ws: list[forms.Widget], error_key: str | None = None) -> None:
+        """`section` in a collapsed accordion (left out when there are no widgets), with the
+        error box of `error_key` inside."""
+        if not ws:
+            return
+        with gr.Accordion(title, open=False, elem_id=eid) as acc:
+            self.section(prefix, ws)
+            if error_key:
+                self.error_box(error_key)
+        self.folds.append((acc, {prefix + w.name for w in ws} | ({error_key} if error_key else set())))
 
     def model_field(self, i: int, w: forms.Widget, start: dict[str, str]) -> None:
         label = f"model {i}" if w.name == "model" else w.name
@@ -144,6 +173,7 @@ class App:
                             with gr.Group(visible=i < 2) as g:
                                 self.model_slot(i, model, prompt)
                             self.slots.append(g)
+                        self.fold("merges: models merged before sampling", "merges-fold", "", forms.recipe_widgets())
                     with gr.Column(scale=1):
                         gr.Markdown("### Method")
                         self.comps["method"] = method = gr.Dropdown(list(METHODS), value="snb", label="method", elem_id="method")
@@ -161,21 +191,13 @@ class App:
                             self.groups[name] = g
                     with gr.Column(scale=1):
                         gr.Markdown("### Sampling")
-                        from multifusion.recipe import Sampling
-                        from multifusion.schedulers import SCHEDULERS
-
-                        f = Sampling.model_fields
-                        for k in SAMPLING_FORM:
-                            eid, label = f"sampling-{k}", f"{k}" + (" (blank: the model's size)" if k in ("height", "width") else "")
-                            default = f[k].default if k != "num_inference_steps" else 10
-                            if k == "scheduler":
-                                c = gr.Dropdown(list(SCHEDULERS), value=default, label=label, elem_id=eid)
-                            elif k in ("height", "width"):
-                                c = gr.Textbox(value="", label=label, elem_id=eid)
-                            else:
-                                c = gr.Number(value=default, label=label, precision=None if k in ("guidance_scale", "eta") else 0, elem_id=eid)
-                            self.comps[f"sampling.{k}"] = c
+                        sampling = forms.sampling_widgets()
+                        self.section("sampling.", [w for w in sampling if w.name in forms.SAMPLING_MAIN], {"num_inference_steps": 10})
+                        more = [w for w in sampling if w.name not in forms.SAMPLING_MAIN]
+                        self.fold(f"more: {', '.join(w.name for w in more)}", "sampling-fold", "sampling.", more)
                         self.error_box("sampling")
+                        runtime = forms.runtime_widgets()
+                        self.fold(f"runtime: {', '.join(w.name for w in runtime)}", "runtime-fold", "runtime.", runtime, "runtime")
                 with gr.Row():
                     validate_btn = gr.Button("Validate", elem_id="validate")
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
@@ -372,23 +394,19 @@ class App:
         return fac, (side(h), side(wd))
 
     def error_outputs(self) -> list:
-        """What `error_updates` fills: every error box, then each slot's "more" accordion."""
-        return list(self.errors.values()) + self.more
+        """What `error_updates` fills: every error box, then each collapsed accordion."""
+        return list(self.errors.values()) + [acc for acc, _ in self.folds]
 
     def values(self, data: dict) -> dict[str, Any]:
         return {k: data.get(c) for k, c in self.comps.items()}
 
     def recipe(self, v: dict[str, Any], method: str | None = None) -> dict:
-        method = method or v["method"]
-        params = forms.params_from_widgets(METHODS[method], {w.name: v[f"params:{method}:{w.name}"] for w in self.widgets[method]})
-        slots = [{w.name: v[f"models[{i}].{w.name}"] for w in self.model_widgets} for i in range(MAX_MODELS)]
-        sampling = {k: v[f"sampling.{k}"] for k in SAMPLING_FORM}
-        return forms.recipe_from_form(method, int(v["n_models"]), slots, params, sampling)
+        return forms.recipe_from_form(v, method)
 
-    def error_updates(self, routed: dict[str, list[str]] | None, method: str, opened: set[int] = frozenset()) -> list:
+    def error_updates(self, routed: dict[str, list[str]] | None, method: str, opened: set[str] = frozenset()) -> list:
         """Updates of `error_outputs`: each routed error shown in its box (`general` when the form
-        has none for it); a slot's accordion opened when an error lies in it, or when its slot is
-        in `opened` (a restored recipe sets a field there), else left as the user has it."""
+        has none for it); an accordion opened when an error lies in it, or when it holds a form key
+        of `opened` (a restored recipe sets that field), else left as the user has it."""
         routed = dict(routed or {})
         shown: dict[str, list[str]] = {}
         for key, lines in routed.items():
@@ -396,9 +414,8 @@ class App:
             shown.setdefault(target if target in self.errors else "general", []).extend(lines)
         boxes = [gr.update(value="\n\n".join(f"⚠ {ln}" for ln in shown[k]), visible=True) if k in shown else gr.update(value="", visible=False)
                  for k in self.errors]
-        inside = {f"models[{i}].{w.name}": i for i in range(MAX_MODELS) for w in self.model_widgets if w.name not in forms.MODEL_MAIN}
-        opened = set(opened) | {inside[k] for k in shown if k in inside}
-        return boxes + [gr.update(open=True) if i in opened else gr.update() for i in range(MAX_MODELS)]
+        opened = set(opened) | set(shown)
+        return boxes + [gr.update(open=True) if keys & opened else gr.update() for _, keys in self.folds]
 
     # ---- handlers ------------------------------------------------------------------------------
 
@@ -536,20 +553,11 @@ class App:
         if not path:
             return keep + self.error_updates(None, "") + [None]
         try:
-            method, n, slots, params, sampling = forms.form_from_recipe(forms.read_recipe_file(path))
-            if method not in METHODS:
-                raise MultifusionError(f"method: unknown method {method!r}")
+            values = forms.form_from_recipe(forms.read_recipe_file(path))
         except MultifusionError as err:
             return keep + self.error_updates({"restore": [f"restore: {err}"]}, "") + [None]
-        values: dict[str, Any] = {"method": method, "n_models": n}
-        blank = {w.name: forms.to_widget(w, None) for w in self.model_widgets}
-        for i in range(MAX_MODELS):
-            values.update({f"models[{i}].{k}": v for k, v in (slots[i] if i < n else blank).items()})
-        for w in self.widgets[method]:
-            values[f"params:{method}:{w.name}"] = forms.to_widget(w, params.get(w.name, None if w.required else w.default))
-        values.update({f"sampling.{k}": sampling.get(k) for k in SAMPLING_FORM})
-        more = {i for i in range(n) for w in self.model_widgets if w.name not in forms.MODEL_MAIN and slots[i][w.name] != blank[w.name]}
-        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, method, more) + [None]
+        changed = {k for k, v in values.items() if k in self.widget_of and v != self.widget_of[k].initial()}
+        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, values["method"], changed) + [None]
 
     def on_compare(self, data: dict, progress=gr.Progress()):
         v = self.values(data)

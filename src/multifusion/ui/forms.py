@@ -7,7 +7,13 @@ annotation (`Literal` -> a choice, `bool` -> a checkbox, `int`/`float` -> a numb
 text box (optional ones blank for "none"), `str | list[str]` -> text with one item per line, a
 list of parameter models -> a table with one column per field of the item model, anything else
 -> YAML text), with the field's default and description. A method registered later, or a field
-added to `ModelEntry`, appears in the UI with no code here.
+added to `ModelEntry`, `Sampling`, `Runtime` or the recipe itself, appears in the UI with no code
+here.
+
+The whole form is one dict of widget values keyed by the recipe path each widget holds:
+`method`, `n_models`, `models[i].<field>`, `params:<method>:<field>` (each method keeps its own
+form), `sampling.<field>`, `runtime.<field>`, and `<field>` for the recipe's own fields that no
+section holds (`merges`). `form_from_recipe` and `recipe_from_form` are inverse over every field.
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ def widget_for(name: str, info: FieldInfo) -> Widget:
     if origin is list and len(args) == 1 and _is_model(args[0]):
         return Widget(name, "table", default, desc, columns=table_columns(args[0]), item=args[0])
     # Unions, optional numbers, lists, tuples, nested models: YAML text, blank for "default".
-    hint = f"YAML; blank: {json.dumps(default) if default not in (None, PydanticUndefined) else 'none'}"
+    shown = default not in (None, PydanticUndefined) and default not in ({}, [])
+    hint = f"YAML; blank: {json.dumps(default) if shown else 'none'}"
     return Widget(name, "yaml", default, f"{desc} ({hint})" if desc else hint)
 
 
@@ -111,11 +118,48 @@ MODEL_MAIN = ("model", "name", "prompt", "guidance_scale", "negative_prompt")
 config, a VAE, FLUX's true CFG, and any added later) goes under the slot's "more" accordion."""
 
 
+def fields_widgets(model: type[BaseModel]) -> list[Widget]:
+    """One widget per field of a pydantic model, in its order."""
+    return [widget_for(n, f) for n, f in model.model_fields.items()]
+
+
 def model_widgets() -> list[Widget]:
     """One widget per field of a recipe's model entry (`ModelEntry`), in its order."""
     from multifusion.recipe import ModelEntry
 
-    return [widget_for(n, f) for n, f in ModelEntry.model_fields.items()]
+    return fields_widgets(ModelEntry)
+
+
+SAMPLING_MAIN = ("num_inference_steps", "scheduler", "guidance_scale", "seed", "num_images", "height", "width", "eta")
+"""The sampling fields shown up front; any other field of `Sampling` goes under a collapsed
+accordion, as every field of `Runtime` does."""
+
+SECTIONS = ("version", "method", "models", "params", "sampling", "runtime", "prompt", "negative_prompt")
+"""The recipe's fields the form holds in sections of their own: the method's dropdown and form,
+the model slots (which also take the recipe's default `prompt` and `negative_prompt`: each slot
+giving none shows them), sampling and runtime. Every other field of `Recipe` gets a widget of
+its own (`recipe_widgets`)."""
+
+
+def sampling_widgets() -> list[Widget]:
+    """One widget per field of `Sampling`."""
+    from multifusion.recipe import Sampling
+
+    return fields_widgets(Sampling)
+
+
+def runtime_widgets() -> list[Widget]:
+    """One widget per field of `Runtime`."""
+    from multifusion.recipe import Runtime
+
+    return fields_widgets(Runtime)
+
+
+def recipe_widgets() -> list[Widget]:
+    """One widget per field of `Recipe` outside `SECTIONS` (`merges`: YAML, one merge per name)."""
+    from multifusion.recipe import Recipe
+
+    return [widget_for(n, f) for n, f in Recipe.model_fields.items() if n not in SECTIONS]
 
 
 def is_prompt(name: str) -> bool:
@@ -129,7 +173,7 @@ def to_widget(w: Widget, value: Any) -> Any:
         rows = value or []
         return [[_cell(r.get(c) if isinstance(r, dict) else getattr(r, c, None)) for c in w.columns] for r in rows] or [[""] * len(w.columns)]
     if w.kind == "yaml":
-        if value is None or value is PydanticUndefined:
+        if value is None or value is PydanticUndefined or (value in ({}, []) and value == w.default):  # blank: the empty default
             return ""
         import yaml
 
@@ -137,7 +181,9 @@ def to_widget(w: Widget, value: Any) -> Any:
         value = value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
         if not isinstance(value, (list, dict)):
             return json.dumps(value)
-        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+        # A mapping of mappings (merges by name) one entry per line, its leaves inline; else one line.
+        nested = isinstance(value, dict) and any(isinstance(v, dict) for v in value.values())
+        return yaml.safe_dump(value, default_flow_style=None if nested else True, sort_keys=False, width=10**6).strip()
     if w.kind == "lines":
         return "\n".join(value) if isinstance(value, list) else ("" if value in (None, PydanticUndefined) else value)
     if w.optional:
@@ -197,6 +243,8 @@ def from_widget(w: Widget, value: Any, where: str | None = None) -> Any:
             raise RecipeError(f"{where}: {value!r} is not a number")
         if w.kind == "int" and not isinstance(value, int):
             raise RecipeError(f"{where}: {value!r} is not a whole number")
+    if value is None and w.kind in ("bool", "choice"):  # an emptied dropdown: the default
+        return PydanticUndefined
     if w.kind == "text" and value is None:  # an emptied dropdown
         value = ""
     if w.kind == "text" and isinstance(value, str) and not is_prompt(w.name):
@@ -223,55 +271,64 @@ def params_from_widgets(method, values: dict[str, Any]) -> dict:
 
 # ---- the recipe from the whole form ------------------------------------------------------------
 
-SAMPLING_FORM = ("num_inference_steps", "scheduler", "guidance_scale", "seed", "num_images", "height", "width", "eta")
+def _read(widgets: list[Widget], values: dict[str, Any], prefix: str) -> dict:
+    """The fields set by the widgets under `prefix` (blank or default ones left out); RecipeError
+    naming `<prefix><field>` for text that does not parse."""
+    read = {w.name: from_widget(w, values.get(prefix + w.name), prefix + w.name) for w in widgets}
+    return {k: v for k, v in read.items() if v is not PydanticUndefined}
 
 
-def recipe_from_form(method: str, n_models: int, models: list[dict], params: dict, sampling: dict) -> dict:
-    """The recipe dict the form describes (blank fields left out, so the library's defaults apply).
-    `models`: one dict per slot of what its widgets (`model_widgets`) hold, by field name."""
-    def number(where: str, v: Any, cast: type) -> Any:
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{where}: {str(v)!r} is not a number") from None
-        if cast is int and not x.is_integer():
-            raise RecipeError(f"{where}: {str(v)!r} is not a whole number")
-        return cast(x)
+def recipe_from_form(values: dict[str, Any], method: str | None = None) -> dict:
+    """The recipe dict the form's `values` (by form key, see the module docstring) describe, with
+    `method` in place of the form's own; blank fields left out, so the library's defaults apply."""
+    from multifusion.registry import METHODS
 
-    entries = []
-    widgets = model_widgets()
-    for i, m in enumerate(models[: int(n_models)]):
-        read = {w.name: from_widget(w, m.get(w.name), f"models[{i}].{w.name}") for w in widgets}
-        entries.append({k: v for k, v in read.items() if v is not PydanticUndefined})
-    samp = {}
-    for k, v in sampling.items():
-        if v is None or str(v).strip() == "":
-            continue
-        samp[k] = v if k == "scheduler" else number(f"sampling.{k}", v, float if k in ("guidance_scale", "eta") else int)
-    return {"version": 1, "method": method, "models": entries, "params": params, "sampling": samp}
+    method = method or values["method"]
+    m = METHODS[method]
+    params = params_from_widgets(m, {w.name: values.get(f"params:{method}:{w.name}") for w in method_widgets(m)})
+    models = [_read(model_widgets(), values, f"models[{i}].") for i in range(int(values["n_models"]))]
+    recipe = {"version": 1, "method": method, "models": models, "params": params, "sampling": _read(sampling_widgets(), values, "sampling.")}
+    runtime = _read(runtime_widgets(), values, "runtime.")
+    if runtime:
+        recipe["runtime"] = runtime
+    return {**recipe, **_read(recipe_widgets(), values, "")}
 
 
-def form_from_recipe(data: dict) -> tuple[str, int, list[dict], dict, dict]:
-    """(method, number of models, model slots, params, sampling) of a recipe dict; RecipeError
-    when the form cannot hold it."""
+def form_from_recipe(data: dict) -> dict[str, Any]:
+    """The form's values (by form key) holding a recipe dict: the method and its form, every
+    model slot (those past the recipe's models blank), sampling, the recipe's own fields, and
+    runtime only when the recipe has one (an image's recipe has none: the runtime is the
+    person's own). RecipeError when the recipe does not parse or the form cannot hold it."""
     from multifusion.recipe import parse_recipe
+    from multifusion.registry import get_method
 
     recipe = parse_recipe(data)
+    method = get_method(recipe.method)
     if len(recipe.models) > MAX_MODELS:
         raise RecipeError(f"models: the recipe names {len(recipe.models)} models; the UI holds {MAX_MODELS} (run it with `multifusion generate`)")
-    slots = []
-    for i, m in enumerate(recipe.models):
-        # The recipe's default prompt and negative prompt go to each slot that gives none (the
-        # form has no recipe-wide fields): the same prompts for every model.
-        values = {**m.model_dump(), "prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
-                  "negative_prompt": recipe.negative_of(i) or None}
-        prompts = values["prompt"] if isinstance(values["prompt"], list) else [values["prompt"] or ""]
-        if any("\n" in p for p in prompts):
-            raise RecipeError(f"models[{i}].prompt: a prompt with a line break; the form holds one prompt per line (run it with "
-                              "`multifusion generate`)")
-        slots.append({w.name: to_widget(w, values[w.name]) for w in model_widgets()})
-    sampling = recipe.sampling.model_dump()
-    return recipe.method, len(recipe.models), slots, dict(recipe.params), sampling
+    values: dict[str, Any] = {"method": recipe.method, "n_models": len(recipe.models)}
+    for i in range(MAX_MODELS):
+        entry: dict[str, Any] = {}
+        if i < len(recipe.models):
+            # The recipe's default prompt and negative prompt go to each slot that gives none (the
+            # slots are where prompts are written): the same prompts for every model.
+            m = recipe.models[i]
+            entry = {**m.model_dump(), "prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
+                     "negative_prompt": recipe.negative_of(i) or None}
+            prompts = entry["prompt"] if isinstance(entry["prompt"], list) else [entry["prompt"] or ""]
+            if any("\n" in p for p in prompts):
+                raise RecipeError(f"models[{i}].prompt: a prompt with a line break; the form holds one prompt per line (run it with "
+                                  "`multifusion generate`)")
+        values.update({f"models[{i}].{w.name}": to_widget(w, entry.get(w.name)) for w in model_widgets()})
+    for w in method_widgets(method):
+        values[f"params:{recipe.method}:{w.name}"] = to_widget(w, recipe.params.get(w.name, None if w.required else w.default))
+    dumped = recipe.model_dump(mode="json")
+    values.update({f"sampling.{w.name}": to_widget(w, dumped["sampling"][w.name]) for w in sampling_widgets()})
+    if "runtime" in data:
+        values.update({f"runtime.{w.name}": to_widget(w, dumped["runtime"][w.name]) for w in runtime_widgets()})
+    own = recipe.model_dump(mode="json", include={w.name for w in recipe_widgets()}, exclude_defaults=True)  # merges: what they set
+    values.update({w.name: to_widget(w, own.get(w.name)) for w in recipe_widgets()})
+    return values
 
 
 # ---- errors at their field -----------------------------------------------------------------------
@@ -281,7 +338,8 @@ _LINE = re.compile(r"^\s*(?P<path>[A-Za-z_][\w\-]*(?:\[\d+\])?(?:\.[\w\-]+(?:\[\
 
 def error_key(path: str) -> str:
     """Which form field an error path belongs to: `params.<field>`, `models[i].<field>` (a field
-    of the model entry), `models[i]` (the slot), `sampling`, or `general`."""
+    of the model entry), `models[i]` (the slot), `sampling`, `runtime`, a recipe field of its own
+    (`merges`), or `general`."""
     if path.startswith("params."):
         return "params." + re.split(r"[.\[]", path[len("params."):])[0]
     m = re.match(r"models\[(\d+)\](?:\.(\w+))?", path)
@@ -290,8 +348,13 @@ def error_key(path: str) -> str:
         return f"models[{m.group(1)}]" + (f".{m.group(2)}" if m.group(2) in fields else "")
     if path == "models":
         return "models"
-    if path.startswith("sampling") or path in SAMPLING_FORM or path == "seeds":
+    head = re.split(r"[.\[]", path)[0]
+    if head in ("sampling", "seeds") or head in {w.name for w in sampling_widgets()}:  # API errors name bare fields
         return "sampling"
+    if head == "runtime":
+        return "runtime"
+    if head in {w.name for w in recipe_widgets()}:
+        return head
     return "general"
 
 
