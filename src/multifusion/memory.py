@@ -1,79 +1,145 @@
-"""Accelerator memory of a fused run, computed from the models' configs (no weights read).
+"""Accelerator and host memory of a fused run, computed from the models' published configs
+(nothing downloaded, no weights read), for SDXL, SD3.5 and FLUX.1.
 
-Parameter counts come from instantiating each component on the `meta` device (shapes only).
-Activation peaks come from one forward pass under torch's `FakeTensorMode` (tensors with shapes
-and no storage) tracked by `torch.distributed._tools.mem_tracker.MemTracker`: the largest sum of
-live activation tensors during a UNet call on a classifier-free-guidance batch, and during a VAE
-decode. Attention is counted as a fused kernel (PyTorch's scaled-dot-product attention, which
-does not materialise the score matrix), so these peaks are floors: kernel workspaces, the CUDA
-context (~0.3-0.5 GiB) and allocator fragmentation come on top; `fits` keeps 10 % of the card
-for them.
+Unit: GiB (2**30 bytes) everywhere. A card sold as "N GB" is taken to hold N GiB (the driver
+reports about that much for 12, 24 and 80 GB cards).
 
-What is resident follows how runs load models (`multifusion.loading`, `handles.Offloader`):
-- without offload every model's UNet, the text encoders (held once when fine-tunes share them,
-  once per model when each retrained its own), and the VAE are on the device; the peak adds the
-  larger of one UNet call's and the VAE decode's activations (they never run together);
-- with offload one module is on the device at a time: the peak is the largest of (one UNet +
-  its activations), (one text encoder) and (the VAE + its decode), whatever the number of
-  models, and host memory holds everything;
-- `runtime.vae_device: cpu` takes the VAE and its decode off the device (VAE tiling, switched on
-  above 4x the native area, shrinks the decode instead).
+Parameters: each component is instantiated on the `meta` device (shapes only) and its
+parameters counted (`count_parameters`). Weights take 2 bytes a parameter (float16 or bfloat16).
 
-SDXL base's configs (`SDXL_BASE`) are the published values of
-stabilityai/stable-diffusion-xl-base-1.0 (unet/, text_encoder/, text_encoder_2/, vae/
-config.json): fine-tunes (Pony, Illustrious, NoobAI, Juggernaut, ...) keep these shapes.
+Activations: one forward pass under torch's `FakeTensorMode` (tensors with shapes and no
+storage), tracked by `torch.distributed._tools.mem_tracker.MemTracker`, gives the largest sum of
+live activation tensors during one denoiser call and during one VAE decode
+(`activation_peaks`). Attention is counted as a fused kernel (PyTorch's scaled-dot-product
+attention, which does not materialise the score matrix), so these peaks are floors: kernel
+workspaces, the CUDA context (~0.3-0.5 GiB) and allocator fragmentation come on top.
+
+Residency follows how runs load models (`multifusion.loading`, `handles.Offloader`;
+`device_bytes`):
+- without offload every model's denoiser, the text encoders and the VAE are on the device; the
+  text encoders and VAE are held once when the fine-tunes share them (`share_components` holds
+  identical weights once), once per model when each has its own; the peak adds the larger of
+  one denoiser call's and the VAE decode's activations (they never run together);
+- with offload one module is on the device at a time: the peak is the largest of (one denoiser
+  + its activations), (one text encoder) and (the VAE + its decode), whatever the number of
+  models; host memory then holds everything (`host_bytes`);
+- `runtime.vae_device: cpu` takes the VAE and its decode off the device.
+
+Fit rule (`fits`): the peak is at most 90 % of the card; the other 10 % is kept for what the
+floors leave out (CUDA context, kernel workspaces, fragmentation).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-SDXL_BASE: dict[str, dict[str, Any]] = {
-    "unet": dict(sample_size=128, in_channels=4, out_channels=4,
+# --- published configs ---------------------------------------------------------------------------
+# The diffusers folders' config.json of stabilityai/stable-diffusion-xl-base-1.0,
+# stabilityai/stable-diffusion-3.5-large and -medium, black-forest-labs/FLUX.1-dev. SDXL fine-tunes
+# (Pony, Illustrious, NoobAI, Juggernaut, ...) keep SDXL base's shapes.
+
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                  block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
                  attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                 norm_num_groups=32),
-    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
-    "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                           num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
-    "vae": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 norm_num_groups=32)
+SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
-                scaling_factor=0.13025),
-}
+                scaling_factor=0.13025)
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+VAE_16 = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+              latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+# Text towers: CLIP ViT-L/14, OpenCLIP ViT-bigG/14, T5 v1.1 XXL (encoder only).
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 
 GiB = 2**30
+BYTES_PER_PARAM = 2  # float16 / bfloat16 weights and activations
+DTYPE = torch.bfloat16
+RESERVE = 0.10  # of the card, kept free by `fits`
 
 
-def _build(kind: str, config: dict[str, Any]) -> torch.nn.Module:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+@dataclass(frozen=True)
+class Family:
+    """The shapes of one model of a family. A component is (kind, config); kinds: "unet", "sd3",
+    "flux" (denoisers), "clip", "clip_projection", "t5" (text encoders), "vae"."""
 
-    if kind == "unet":
-        return UNet2DConditionModel(**config)
-    if kind == "vae":
-        return AutoencoderKL(**config)
-    cls = CLIPTextModelWithProjection if kind == "text_encoder_2" else CLIPTextModel
-    return cls(CLIPTextConfig(**config))
+    denoiser: tuple[str, dict[str, Any]]
+    text_encoders: dict[str, tuple[str, dict[str, Any]]]  # display name -> component
+    vae: dict[str, Any]  # AutoencoderKL config
+    guidance_batch: int  # denoiser inputs per image: 2 with classifier-free guidance, 1 guidance-distilled
+    text_tokens: int  # length of the text sequence the denoiser attends to (the pipelines' defaults)
 
 
-def parameter_counts(configs: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Parameters of each component ("unet", "vae", "text_encoder", "text_encoder_2"), built
-    from its config on the meta device."""
-    out = {}
+FAMILIES: dict[str, Family] = {
+    "SDXL base": Family(("unet", SDXL_UNET), {"CLIP ViT-L": ("clip", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G)},
+                        SDXL_VAE, guidance_batch=2, text_tokens=77),
+    "SD3.5 Large": Family(("sd3", SD35_LARGE), {"CLIP ViT-L": ("clip_projection", CLIP_L),
+                                                "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
+                          VAE_16, guidance_batch=2, text_tokens=77 + 256),
+    "SD3.5 Medium": Family(("sd3", SD35_MEDIUM), {"CLIP ViT-L": ("clip_projection", CLIP_L),
+                                                  "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
+                           VAE_16, guidance_batch=2, text_tokens=77 + 256),
+    # FLUX.1 dev is guidance-distilled: one pass per step (2 with true CFG, `true_cfg_scale` > 1)
+    "FLUX.1 dev": Family(("flux", FLUX_DEV), {"CLIP ViT-L": ("clip", CLIP_L), "T5-XXL": ("t5", T5_XXL)},
+                         VAE_16, guidance_batch=1, text_tokens=512),
+}
+
+
+def build(kind: str, config: dict[str, Any]) -> torch.nn.Module:
+    """The diffusers / transformers module of a component (kind as in `Family`), on the current
+    default device and dtype."""
+    from diffusers import (
+        AutoencoderKL,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    diffusers_classes = {"unet": UNet2DConditionModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel,
+                         "vae": AutoencoderKL}
+    if kind in diffusers_classes:
+        return diffusers_classes[kind](**config)
+    if kind == "t5":
+        return T5EncoderModel(T5Config(**config))
+    return {"clip": CLIPTextModel, "clip_projection": CLIPTextModelWithProjection}[kind](CLIPTextConfig(**config))
+
+
+def count_parameters(kind: str, config: dict[str, Any]) -> int:
+    """Parameters of a component, built on the meta device (no storage, no initialisation)."""
     with torch.device("meta"):
-        for kind, config in configs.items():
-            out[kind] = sum(p.numel() for p in _build(kind, config).parameters())
-    return out
+        return sum(p.numel() for p in build(kind, config).parameters())
 
 
-def _peak_activations(module: torch.nn.Module, run) -> int:
+def _peak_activations(module: torch.nn.Module, run: Callable[[], Any]) -> int:
+    """Bytes of `module`'s live activations at the peak of `run()` (parameters not counted)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
@@ -84,64 +150,86 @@ def _peak_activations(module: torch.nn.Module, run) -> int:
     return max(sum(int(n) for kind, n in per_kind.items() if getattr(kind, "name", None) == "ACT") for per_kind in peak.values())
 
 
-def activation_peaks(configs: dict[str, dict[str, Any]], height: int, width: int, batch: int = 1,
-                     dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """Bytes of live activations at the peak of one UNet call on a classifier-free-guidance
-    batch (2 x `batch`) and of one VAE decode of `batch` images, at height x width pixels
-    (module docstring: floors)."""
+def _denoiser_inputs(kind: str, config: dict[str, Any], b: int, latent: tuple[int, int, int], tokens: int) -> dict:
+    """Random inputs (B = b) of one denoiser call on latents `latent` (C, h, w), as the handles
+    pass them (`handles_sdxl`, `flow.sd3`, `flow.flux`)."""
+    c, h, w = latent
+    if kind == "unet":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        return dict(sample=torch.randn(b, c, h, w), timestep=torch.tensor(500),
+                    encoder_hidden_states=torch.randn(b, tokens, config["cross_attention_dim"]),
+                    added_cond_kwargs={"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)})
+    text = dict(encoder_hidden_states=torch.randn(b, tokens, config["joint_attention_dim"]),
+                pooled_projections=torch.randn(b, config["pooled_projection_dim"]), timestep=torch.full((b,), 0.5))
+    if kind == "sd3":
+        return dict(hidden_states=torch.randn(b, c, h, w), **text)
+    n = (h // 2) * (w // 2)  # FLUX packs 2x2 latent patches: (B, h/2 * w/2, 4C) tokens
+    return dict(hidden_states=torch.randn(b, n, 4 * c), guidance=torch.full((b,), 3.5) if config.get("guidance_embeds") else None,
+                txt_ids=torch.zeros(tokens, 3), img_ids=torch.zeros(n, 3), **text)
+
+
+def activation_peaks(family: Family, height: int, width: int, batch: int = 1) -> dict[str, int]:
+    """Bytes of live activations at the peak of one denoiser call on `batch` images
+    (`family.guidance_batch` x `batch` inputs) and of one untiled VAE decode of `batch` images,
+    at height x width pixels, in `DTYPE` (module docstring: floors).
+    Returns {"denoiser": bytes, "vae_decode": bytes}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    unet_cfg, vae_cfg = configs["unet"], configs["vae"]
-    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    latent = (unet_cfg.get("in_channels", 4), height // f, width // f)
+    kind, config = family.denoiser
+    f = 2 ** (len(family.vae["block_out_channels"]) - 1)  # VAE downsampling factor
+    latent = (family.vae.get("latent_channels", 4), height // f, width // f)
     previous = torch.get_default_dtype()
     with FakeTensorMode():
-        torch.set_default_dtype(dtype)
+        torch.set_default_dtype(DTYPE)
         try:
-            unet, vae = _build("unet", unet_cfg), _build("vae", vae_cfg)
+            denoiser, vae = build(kind, config), build("vae", family.vae)
+            inputs = _denoiser_inputs(kind, config, family.guidance_batch * batch, latent, family.text_tokens)
+            z = torch.randn(batch, *latent)
         finally:
             torch.set_default_dtype(previous)
-        b = 2 * batch
-        x = torch.randn(b, *latent, dtype=dtype)
-        context = torch.randn(b, 77, unet_cfg["cross_attention_dim"], dtype=dtype)
-        added = None
-        if unet_cfg.get("addition_embed_type") == "text_time":
-            pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
-            added = {"text_embeds": torch.randn(b, pooled, dtype=dtype), "time_ids": torch.randn(b, 6, dtype=dtype)}
-        unet_peak = _peak_activations(unet, lambda: unet(x, torch.tensor(500), encoder_hidden_states=context, added_cond_kwargs=added))
-        z = torch.randn(batch, *latent, dtype=dtype)
-        vae_peak = _peak_activations(vae, lambda: vae.decode(z))
-    return {"unet": unet_peak, "vae_decode": vae_peak}
+        return {"denoiser": _peak_activations(denoiser, lambda: denoiser(**inputs, return_dict=False)),
+                "vae_decode": _peak_activations(vae, lambda: vae.decode(z))}
 
 
 @dataclass(frozen=True)
 class Footprint:
-    """Parameter counts and activation peaks (bytes) of one model family at one canvas size."""
+    """One model's parameter counts and its family's activation peaks (bytes) at one canvas."""
 
-    params: dict[str, int]
-    activations: dict[str, int]
-
-    def device_bytes(self, n_models: int, *, offload: bool, shared_encoders: bool = True, vae_on_device: bool = True,
-                     bytes_per_param: int = 2) -> int:
-        """Peak accelerator bytes of a run fusing `n_models` models of this family (module
-        docstring). `shared_encoders`: the text encoders are held once (fine-tunes that kept
-        the base's) rather than once per model."""
-        p, a, b = self.params, self.activations, bytes_per_param
-        encoders = [p[k] * b for k in p if k.startswith("text_encoder")]
-        vae = p["vae"] * b + a["vae_decode"] if vae_on_device else 0
-        if offload:
-            return max(p["unet"] * b + a["unet"], *encoders, vae)
-        held = n_models * p["unet"] * b + (1 if shared_encoders else n_models) * sum(encoders)
-        return held + max(a["unet"], a["vae_decode"] if vae_on_device else 0) + (p["vae"] * b if vae_on_device else 0)
-
-    def host_bytes(self, n_models: int, *, shared_encoders: bool = True, bytes_per_param: int = 2) -> int:
-        """Host bytes holding every model's weights under offload."""
-        p, b = self.params, bytes_per_param
-        encoders = sum(p[k] for k in p if k.startswith("text_encoder"))
-        return b * (n_models * p["unet"] + (1 if shared_encoders else n_models) * encoders + p["vae"])
+    denoiser: int
+    text_encoders: dict[str, int]  # display name -> parameters
+    vae: int
+    denoiser_activations: int
+    decode_activations: int
 
 
-def fits(device_bytes: int, capacity_gib: float, reserve: float = 0.10) -> bool:
-    """Whether a run's peak fits a card of `capacity_gib`, keeping `reserve` of it for the CUDA
-    context, kernel workspaces and fragmentation."""
-    return device_bytes <= (1 - reserve) * capacity_gib * GiB
+def footprint(family: Family, height: int, width: int, batch: int = 1) -> Footprint:
+    """Parameter counts (meta device) and activation peaks (fake tensors) of `family`."""
+    acts = activation_peaks(family, height, width, batch)
+    return Footprint(count_parameters(*family.denoiser),
+                     {name: count_parameters(*c) for name, c in family.text_encoders.items()},
+                     count_parameters("vae", family.vae), acts["denoiser"], acts["vae_decode"])
+
+
+def device_bytes(fp: Footprint, n_models: int, *, offload: bool, shared: bool = True, vae_on_device: bool = True) -> int:
+    """Peak accelerator bytes of a run fusing `n_models` models with footprint `fp` (module
+    docstring: residency). `shared`: the text encoders and VAE are held once (fine-tunes that
+    kept the base's), else once per model."""
+    w = BYTES_PER_PARAM
+    vae_peak = fp.vae * w + fp.decode_activations if vae_on_device else 0
+    if offload:
+        return max(fp.denoiser * w + fp.denoiser_activations, *(n * w for n in fp.text_encoders.values()), vae_peak)
+    sets = 1 if shared else n_models
+    held = n_models * fp.denoiser + sets * (sum(fp.text_encoders.values()) + (fp.vae if vae_on_device else 0))
+    return held * w + max(fp.denoiser_activations, fp.decode_activations if vae_on_device else 0)
+
+
+def host_bytes(fp: Footprint, n_models: int, *, shared: bool = True) -> int:
+    """Host bytes holding every model's weights under offload (`shared` as in `device_bytes`)."""
+    sets = 1 if shared else n_models
+    return BYTES_PER_PARAM * (n_models * fp.denoiser + sets * (sum(fp.text_encoders.values()) + fp.vae))
+
+
+def fits(peak_bytes: int, card_gib: float) -> bool:
+    """Whether a run's peak fits a card of `card_gib` GiB: at most (1 - `RESERVE`) of it, the
+    reserve kept for the CUDA context, kernel workspaces and fragmentation."""
+    return peak_bytes <= (1 - RESERVE) * card_gib * GiB

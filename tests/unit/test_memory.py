@@ -1,60 +1,95 @@
 """Memory estimates from configs: parameter counts on the meta device equal the built models',
-SDXL base's are the published ones, activation peaks grow with the canvas, and the residency
-arithmetic (offload on and off) on hand-made numbers."""
+the published configs have their known sizes, activation peaks of every denoiser kind grow with
+the canvas and the batch, and the residency and fit rules on hand-made numbers."""
 
 import pytest
 
-from multifusion.memory import GiB, SDXL_BASE, Footprint, activation_peaks, fits, parameter_counts
+from multifusion.memory import (
+    FAMILIES,
+    Family,
+    Footprint,
+    GiB,
+    activation_peaks,
+    build,
+    count_parameters,
+    device_bytes,
+    fits,
+    host_bytes,
+)
 from multifusion.zoo.tiny_sdxl import PROJECTION_DIM, TIME_EMBED_DIM
 
+TINY_VAE = dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, layers_per_block=1)  # 4 latent channels
+TINY_CLIP = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 projection_dim=PROJECTION_DIM)
+TINY_T5 = dict(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, is_encoder_decoder=False)
 TINY = {
     "unet": dict(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
                  transformer_layers_per_block=(1, 2), cross_attention_dim=40, attention_head_dim=8, norm_num_groups=8,
                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
                  projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + PROJECTION_DIM),
-    "vae": dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, layers_per_block=1),
-    "text_encoder": dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2),
-    "text_encoder_2": dict(vocab_size=100, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                           projection_dim=PROJECTION_DIM),
+    "sd3": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+                pos_embed_max_size=16),
+    "flux": dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    "vae": TINY_VAE,
+    "clip": TINY_CLIP,
+    "clip_projection": TINY_CLIP,
+    "t5": TINY_T5,
 }
 
 
-def test_meta_counts_equal_the_built_models():
-    from multifusion.memory import _build
-
-    counts = parameter_counts(TINY)
-    for kind, config in TINY.items():
-        assert counts[kind] == sum(p.numel() for p in _build(kind, config).parameters()), kind
+def tiny_family(kind: str) -> Family:
+    return Family((kind, TINY[kind]), {"CLIP": ("clip", TINY_CLIP), "T5": ("t5", TINY_T5)}, TINY_VAE,
+                  guidance_batch=2, text_tokens=7)
 
 
-def test_sdxl_base_has_its_published_parameter_counts():
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_meta_counts_equal_the_built_models(kind):
+    assert count_parameters(kind, TINY[kind]) == sum(p.numel() for p in build(kind, TINY[kind]).parameters())
+
+
+def test_published_configs_have_their_known_parameter_counts():
     # the SDXL report (arXiv 2307.01952) Table 1: UNet 2.6B, text encoders 817M (CLIP ViT-L 123M + OpenCLIP bigG 695M)
-    assert parameter_counts(SDXL_BASE) == {"unet": 2_567_463_684, "text_encoder": 123_060_480,
-                                           "text_encoder_2": 694_659_840, "vae": 83_653_863}
+    sdxl = FAMILIES["SDXL base"]
+    assert count_parameters(*sdxl.denoiser) == 2_567_463_684
+    assert [count_parameters(*c) for c in sdxl.text_encoders.values()] == [123_060_480, 694_659_840]
+    assert count_parameters("vae", sdxl.vae) == 83_653_863
+    # FLUX.1 dev: "a 12 billion parameter rectified flow transformer"; SD3.5 Large: 8.1 billion
+    assert count_parameters(*FAMILIES["FLUX.1 dev"].denoiser) == pytest.approx(11.9e9, rel=0.01)
+    assert count_parameters(*FAMILIES["SD3.5 Large"].denoiser) == pytest.approx(8.1e9, rel=0.01)
 
 
-def test_activation_peaks_grow_with_the_canvas_and_the_batch():
-    small = activation_peaks(TINY, 32, 32)
-    wide = activation_peaks(TINY, 32, 64)
-    double = activation_peaks(TINY, 32, 32, batch=2)
-    assert 0 < small["unet"] < wide["unet"] and 0 < small["vae_decode"] < wide["vae_decode"]
-    assert double["unet"] > small["unet"] and double["vae_decode"] > small["vae_decode"]
+@pytest.mark.parametrize("kind", ["unet", "sd3", "flux"])
+def test_activation_peaks_grow_with_the_canvas_and_the_batch(kind):
+    family = tiny_family(kind)
+    small = activation_peaks(family, 32, 32)
+    wide = activation_peaks(family, 32, 64)
+    double = activation_peaks(family, 32, 32, batch=2)
+    for part in ("denoiser", "vae_decode"):
+        assert 0 < small[part] < wide[part] and small[part] < double[part], part
 
 
-def test_residency_arithmetic():
-    fp = Footprint({"unet": 100, "text_encoder": 10, "text_encoder_2": 30, "vae": 5}, {"unet": 7, "vae_decode": 50})
-    # off: N UNets + encoders (once or per model) + VAE + the larger activation peak, 2 bytes a parameter
-    assert fp.device_bytes(2, offload=False) == 2 * (200 + 40 + 5) + 50
-    assert fp.device_bytes(2, offload=False, shared_encoders=False) == 2 * (200 + 80 + 5) + 50
-    assert fp.device_bytes(3, offload=False, vae_on_device=False) == 2 * (300 + 40) + 7
-    # on: the largest single module with its activations, whatever N
-    assert fp.device_bytes(1, offload=True) == fp.device_bytes(3, offload=True) == max(200 + 7, 60, 10 + 50)
-    assert fp.device_bytes(3, offload=True, vae_on_device=False) == 207
-    assert fp.host_bytes(3, shared_encoders=False) == 2 * (300 + 120 + 5)
+FP = Footprint(denoiser=100, text_encoders={"a": 10, "b": 30}, vae=5, denoiser_activations=7, decode_activations=50)
 
 
-@pytest.mark.parametrize("gib, capacity, ok", [(10.7, 12, True), (10.9, 12, False), (21.5, 24, True)])
-def test_fits_keeps_a_tenth_of_the_card(gib, capacity, ok):
-    assert fits(int(gib * GiB), capacity) is ok
+def test_offload_peak_is_the_largest_module_whatever_the_model_count():
+    # 2 bytes a parameter: one denoiser with its call (207), one encoder (60), the VAE with its decode (60)
+    peaks = {device_bytes(FP, n, offload=True, shared=s) for n in (1, 2, 3) for s in (True, False)}
+    assert peaks == {max(200 + 7, 60, 10 + 50)}
+    assert device_bytes(FP, 3, offload=True, vae_on_device=False) == 207
+
+
+def test_shared_encoders_and_vae_are_counted_once():
+    # off: N denoisers + encoders and VAE (once or per model) + the larger activation peak
+    assert device_bytes(FP, 2, offload=False) == 2 * (200 + 40 + 5) + 50
+    assert device_bytes(FP, 2, offload=False, shared=False) == 2 * (200 + 80 + 10) + 50
+    assert device_bytes(FP, 3, offload=False, vae_on_device=False) == 2 * (300 + 40) + 7
+    assert host_bytes(FP, 3) == 2 * (300 + 40 + 5)
+    assert host_bytes(FP, 3, shared=False) == 2 * (300 + 120 + 15)
+
+
+def test_fits_keeps_a_tenth_of_the_card():
+    assert fits(9 * GiB, 10) and not fits(9 * GiB + 1, 10)

@@ -46,7 +46,7 @@ def _meta(cls, config):
 def test_every_transformer_parameter_has_exactly_one_block(name):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from multifusion.flow.memory import FLUX_DEV, SD35_LARGE, SD35_MEDIUM
+    from multifusion.memory import FLUX_DEV, SD35_LARGE, SD35_MEDIUM
 
     cls, config, layout_of = {"FLUX.1 dev": (FluxTransformer2DModel, FLUX_DEV, flux_layout),
                               "SD3.5 Large": (SD3Transformer2DModel, SD35_LARGE, sd3_layout),

@@ -1,0 +1,82 @@
+"""Accelerator memory of fusing SDXL models (1, 2, 3 on 12 and 24 GB cards) and SD3.5 / FLUX.1
+models (2 on 24 and 80 GB cards), with offload on and off, computed from the published configs
+by `multifusion.memory` (parameter counts on the meta device, activation peaks of one
+fake-tensor forward; GiB). Prints the tables of docs/sdxl.md and docs/flow.md.
+
+    python benchmarks/memory.py [--height 1024] [--width 1024] [--batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from multifusion.memory import (
+    BYTES_PER_PARAM,
+    FAMILIES,
+    Footprint,
+    GiB,
+    device_bytes,
+    fits,
+    footprint,
+    host_bytes,
+)
+
+SECTIONS = [  # (title, families, model counts, cards in GB)
+    ("SDXL", ["SDXL base"], (1, 2, 3), (12, 24)),
+    ("SD3.5 and FLUX.1", ["SD3.5 Large", "SD3.5 Medium", "FLUX.1 dev"], (2,), (24, 80)),
+]
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / GiB:.2f}"
+
+
+def components_table(fps: dict[str, Footprint]) -> list[str]:
+    lines = ["| model | denoiser parameters (GiB) | text encoders' parameters (GiB) | VAE parameters (GiB) | "
+             "activations: denoiser call | activations: VAE decode |", "|---|---|---|---|---|---|"]
+    for name, fp in fps.items():
+        encoders = " + ".join(f"{k} {n:,}" for k, n in fp.text_encoders.items())
+        lines.append(f"| {name} | {fp.denoiser:,} ({gib(fp.denoiser * BYTES_PER_PARAM)}) | {encoders} "
+                     f"({gib(sum(fp.text_encoders.values()) * BYTES_PER_PARAM)}) | {fp.vae:,} "
+                     f"({gib(fp.vae * BYTES_PER_PARAM)}) | {gib(fp.denoiser_activations)} | {gib(fp.decode_activations)} |")
+    return lines
+
+
+def residency_table(fps: dict[str, Footprint], counts: tuple[int, ...], cards: tuple[int, ...]) -> list[str]:
+    cols = ["models", "text encoders + VAE", "offload", "GPU peak", "GPU peak, VAE on CPU", "host RAM (offload)"]
+    cols += [f"{c} GB card" for c in cards]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, fp in fps.items():
+        for n in counts:
+            sharings = [(True, "one set")] if n == 1 else [(True, "held once"), (False, "one set per model")]
+            for offload in (False, True):
+                # offload's device peak does not depend on sharing: one row, host RAM for each sharing
+                rows = sharings if not offload else [(True, " / ".join(label for _, label in sharings))]
+                for shared, label in rows:
+                    peak = device_bytes(fp, n, offload=offload, shared=shared)
+                    cpu_vae = device_bytes(fp, n, offload=offload, shared=shared, vae_on_device=False)
+                    host = " / ".join(gib(host_bytes(fp, n, shared=s)) for s, _ in sharings) if offload else "-"
+                    cells = [f"{n} x {name}", label, "on" if offload else "off", gib(peak), gib(cpu_vae), host]
+                    cells += ["yes" if fits(peak, c) else "no" for c in cards]
+                    lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1, help="images per batch (the denoiser sees 2 x batch with CFG)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for title, names, counts, cards in SECTIONS:
+        fps = {name: footprint(FAMILIES[name], args.height, args.width, args.batch) for name in names}
+        print(f"### {title}: {args.height} x {args.width}, batch {args.batch}, GiB\n")
+        print("\n".join(components_table(fps)) + "\n")
+        print("\n".join(residency_table(fps, counts, cards)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
