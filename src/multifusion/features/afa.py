@@ -57,8 +57,9 @@ def model_weights(logits: torch.Tensor) -> torch.Tensor:
 
 def convex_combination(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_n weights[:, n] * features[n]: features (N, B, C, H, W), weights (B, N, H, W) with
-    each pixel's weights summing to 1 -> (B, C, H, W). With N copies of one feature map and any
-    such weights it returns that map (exactly for N = 1, 2, 4; to float rounding otherwise)."""
+    each pixel's weights summing to 1 -> (B, C, H, W). With N copies of one feature map it returns
+    that map: exactly under equal weights (zero logits) for N = 1, 2, 4, to float rounding otherwise
+    (w f + (1 - w) f need not round to f)."""
     w = weights.permute(1, 0, 2, 3).unsqueeze(2).to(features.dtype)  # (N, B, 1, H, W)
     return (features * w).sum(dim=0)
 

@@ -27,6 +27,9 @@ SDXL-family UNets (`addition_embed_type="text_time"`) also take `added_cond_kwar
 holds the models' own on its second axis (text_embeds (B, N*P), time_ids (B, N*6)), and each
 model adds its own pooled-text and micro-conditioning embedding to its time embedding, as its
 own forward does (`UNet2DConditionModel.get_aug_embed`).
+
+SD3 transformers are walked by `mmdit.SD3Ensemble`; `build_ensemble` picks the walker, and the
+helpers below (aggregation points, aggregator sizes, fingerprints, fits) take either kind.
 """
 
 from __future__ import annotations
@@ -71,8 +74,17 @@ def weights_hash(*modules: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def is_transformer(denoiser: nn.Module) -> bool:
+    """Whether `denoiser` is a transformer (walked by `mmdit.SD3Ensemble`) rather than a UNet."""
+    return hasattr(denoiser, "transformer_blocks")
+
+
 def check_walkable(unet: nn.Module) -> None:
-    """IncompatibleModelsError unless the ensemble can walk this UNet's blocks."""
+    """IncompatibleModelsError unless an ensemble can walk this denoiser's blocks."""
+    if is_transformer(unet):
+        from multifusion.features import mmdit
+
+        return mmdit.check_walkable(unet)
     cfg = unet.config
     unsupported = [(k, cfg.get(k)) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "num_class_embeds")
                    if cfg.get(k) is not None and not (k == "addition_embed_type" and cfg.get(k) == "text_time")]
@@ -87,7 +99,12 @@ def check_walkable(unet: nn.Module) -> None:
 
 
 def aggregation_channels(unet: nn.Module) -> list[int]:
-    """Feature width at each aggregation point of `unet`, in order (module docstring)."""
+    """Feature width at each aggregation point of `unet`, in order (module docstring; for an SD3
+    transformer `mmdit.aggregation_channels`)."""
+    if is_transformer(unet):
+        from multifusion.features import mmdit
+
+        return mmdit.aggregation_channels(unet)
     check_walkable(unet)
     out = [unet.conv_in.out_channels]
     for block in unet.down_blocks:
@@ -100,19 +117,23 @@ def aggregation_channels(unet: nn.Module) -> list[int]:
     return out
 
 
-def check_same_unets(unets: Sequence[nn.Module], labels: Sequence[str] | None = None) -> None:
-    """IncompatibleModelsError unless there are >= 2 UNets, all of one configuration."""
+def check_same_denoisers(unets: Sequence[nn.Module], labels: Sequence[str] | None = None) -> None:
+    """IncompatibleModelsError unless there are >= 2 denoisers (UNets or SD3 transformers), all
+    of one class and configuration."""
     labels = list(labels or [f"model {i}" for i in range(len(unets))])
     if len(unets) < 2:
         raise IncompatibleModelsError(f"AFA ensembles at least 2 models; got {len(unets)}")
     base = unet_config_of(unets[0])
     for label, unet in zip(labels[1:], unets[1:]):
+        if type(unet) is not type(unets[0]):
+            raise IncompatibleModelsError(f"AFA needs denoisers of one kind: {labels[0]!r} has a {type(unets[0]).__name__}, "
+                                          f"{label!r} a {type(unet).__name__}; ensemble fine-tunes of one base model")
         cfg = unet_config_of(unet)
         diff = sorted(k for k in set(base) | set(cfg) if base.get(k) != cfg.get(k))
         if diff:
             shown = "; ".join(f"{k}: {base.get(k)!r} vs {cfg.get(k)!r}" for k in diff[:4])
             raise IncompatibleModelsError(
-                f"AFA needs UNets of one configuration: {labels[0]!r} and {label!r} differ in {shown}; "
+                f"AFA needs denoisers of one configuration: {labels[0]!r} and {label!r} differ in {shown}; "
                 "ensemble fine-tunes of one base model"
             )
     for unet in unets:
@@ -166,7 +187,9 @@ class AFAEnsemble(nn.Module):
 
     def __init__(self, unets: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None):
         super().__init__()
-        check_same_unets(unets, labels)
+        check_same_denoisers(unets, labels)
+        if is_transformer(unets[0]):
+            raise IncompatibleModelsError("AFAEnsemble walks UNets; build transformer ensembles with `build_ensemble`")
         channels = aggregation_channels(unets[0])
         cfg = aggregators.config
         if cfg.n_models != len(unets) or list(cfg.channels) != channels:
@@ -177,6 +200,10 @@ class AFAEnsemble(nn.Module):
         self.unets = nn.ModuleList(unets)
         self.aggregators = aggregators
         self.last_weights: list[torch.Tensor] = []
+
+    @property
+    def denoisers(self) -> list[nn.Module]:
+        return list(self.unets)
 
     @property
     def config(self):
@@ -323,38 +350,54 @@ def _heads(width: int) -> int:
 
 
 def aggregator_kwargs(unet: nn.Module, n_models: int, width: int) -> dict[str, Any]:
-    """The `AFAAggregators` arguments for `n_models` UNets like `unet` at width d = `width`."""
-    cfg = unet.config
-    return dict(channels=aggregation_channels(unet), n_models=n_models, width=width, heads=_heads(width),
-                temb_channels=unet.time_embedding.linear_2.out_features, cross_attention_dim=cfg.cross_attention_dim,
-                norm_groups=_groups(width))
+    """The `AFAAggregators` arguments for `n_models` denoisers like `unet` at width d = `width`."""
+    if is_transformer(unet):
+        from multifusion.features import mmdit
+
+        dims = mmdit.aggregator_dims(unet)
+    else:
+        dims = {"temb_channels": unet.time_embedding.linear_2.out_features, "cross_attention_dim": unet.config.cross_attention_dim}
+    return dict(channels=aggregation_channels(unet), n_models=n_models, width=width, heads=_heads(width), norm_groups=_groups(width),
+                **dims)
 
 
-def parameter_count(unet_config: dict[str, Any], n_models: int, width: int) -> tuple[int, int]:
-    """(aggregator parameters, parameters of one UNet) computed from a UNet config alone: both
-    are built on the meta device, so no memory is used and no weights are read."""
+def parameter_count(unet_config: dict[str, Any], n_models: int, width: int, denoiser_class: type | None = None) -> tuple[int, int]:
+    """(aggregator parameters, parameters of one denoiser) computed from a config alone (a
+    UNet2DConditionModel's unless `denoiser_class` says otherwise): both are built on the meta
+    device, so no memory is used and no weights are read."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = (denoiser_class or UNet2DConditionModel).from_config(unet_config)
         agg = AFAAggregators(**aggregator_kwargs(unet, n_models, width))
     return sum(p.numel() for p in agg.parameters()), sum(p.numel() for p in unet.parameters())
 
 
-def default_width(unet_config: dict[str, Any], n_models: int, share: float = SHARE) -> int:
-    """The largest width of `WIDTHS` whose aggregators stay within `share` of one UNet's
+def default_width(unet_config: dict[str, Any], n_models: int, share: float = SHARE, denoiser_class: type | None = None) -> int:
+    """The largest width of `WIDTHS` whose aggregators stay within `share` of one denoiser's
     parameters (the paper's proportion), at least the smallest. SD-1.5 gets 128 (the paper's d)."""
-    fits = [w for w in WIDTHS if parameter_count(unet_config, n_models, w)[0] <= share * parameter_count(unet_config, n_models, w)[1]]
+    counts = {w: parameter_count(unet_config, n_models, w, denoiser_class) for w in WIDTHS}
+    fits = [w for w, (agg, one) in counts.items() if agg <= share * one]
     return max(fits) if fits else WIDTHS[0]
 
 
 def fresh_aggregators(unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str], width: int | None = None) -> AFAAggregators:
     """Zero-initialised aggregators (feature averaging) for these models, in this order."""
-    check_same_unets(unets, labels)
+    check_same_denoisers(unets, labels)
     config = unet_config_of(unets[0])
-    width = width or default_width(config, len(unets))
+    width = width or default_width(config, len(unets), denoiser_class=type(unets[0]))
     return AFAAggregators(**aggregator_kwargs(unets[0], len(unets), width), models=list(hashes), labels=list(labels),
                           unet_config=unet_fingerprint(unets[0]))
+
+
+def build_ensemble(denoisers: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None) -> nn.Module:
+    """The ensemble of these denoisers: an `AFAEnsemble` of UNets or an `mmdit.SD3Ensemble` of
+    SD3 transformers (each has its members' call signature)."""
+    if denoisers and is_transformer(denoisers[0]):
+        from multifusion.features.mmdit import SD3Ensemble
+
+        return SD3Ensemble(denoisers, aggregators, labels)
+    return AFAEnsemble(denoisers, aggregators, labels)
 
 
 def check_aggregators_fit(aggregators: AFAAggregators, unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str],
@@ -395,9 +438,16 @@ class EnsembleHandle(ModelHandle):
     members: list[ModelHandle] = field(default_factory=list)
 
     @classmethod
-    def of(cls, members: Sequence[ModelHandle], ensemble: AFAEnsemble, name: str = "afa") -> "EnsembleHandle":
+    def of(cls, members: Sequence[ModelHandle], ensemble: nn.Module, name: str = "afa") -> "EnsembleHandle":
+        """The handle of `ensemble` (`build_ensemble`) over `members`; an `mmdit.SD3EnsembleHandle`
+        for SD3 members."""
+        kind = cls
+        if cls is EnsembleHandle and is_transformer(ensemble.denoisers[0]):
+            from multifusion.features.mmdit import SD3EnsembleHandle
+
+            kind = SD3EnsembleHandle
         first = members[0]
-        return cls(name=name, unet=ensemble, vae=first.vae, text_encoder=first.text_encoder, tokenizer=first.tokenizer,
+        return kind(name=name, unet=ensemble, vae=first.vae, text_encoder=first.text_encoder, tokenizer=first.tokenizer,
                    scheduler_config=first.scheduler_config, source="+".join(m.source or m.name for m in members),
                    device=first.device, dtype=first.dtype, offloader=None, members=list(members))
 

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, field_validator
 
 from multifusion.errors import IncompatibleModelsError, RecipeError
-from multifusion.features.ensemble import AFAEnsemble, EnsembleHandle, model_hash
+from multifusion.features.ensemble import EnsembleHandle, build_ensemble, model_hash
 from multifusion.handles import Guided
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
@@ -67,7 +67,7 @@ class AFANoise:
     maps in the step record as `afa/maps`: one (N, B, 1, h, w) tensor per aggregation point,
     the weights of the conditional half (the images' own prompts)."""
 
-    def __init__(self, guided: Guided, ensemble: AFAEnsemble):
+    def __init__(self, guided: Guided, ensemble: torch.nn.Module):  # AFAEnsemble or SD3Ensemble
         self.guided, self.ensemble = guided, ensemble
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
@@ -102,12 +102,14 @@ def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
     from multifusion.features.train import load_trained
 
     handles = ctx.handles
-    flow = sorted({h.family_name for h in handles if h.prediction_space != "epsilon"})
-    if flow:
+    from multifusion.flow.flux import FluxHandle
+
+    flux = [h.name for h in handles if isinstance(h, FluxHandle)]
+    if flux:
         raise IncompatibleModelsError(
-            f"models: AFA aggregates the features of UNet blocks (down, mid and up blocks of one shape across models); "
-            f"{', '.join(flow)} models are transformers, whose aggregators (after each joint block) are not built yet; "
-            "fuse them with average, snb, mod or amdm")
+            f"models: AFA walks UNets and Stable Diffusion 3 transformers; {', '.join(flux)} are FLUX.1 models, whose "
+            "single-stream blocks run the text and image tokens as one sequence (with rotary positions and a guidance "
+            "embedding) and are not walked yet; fuse them with average, snb, mod or amdm")
     if len({h.prediction_type for h in handles}) != 1:
         raise IncompatibleModelsError("AFA needs models of one prediction type; got "
                                       + ", ".join(f"{h.name}: {h.prediction_type}" for h in handles))
@@ -122,7 +124,7 @@ def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
     else:
         path = aggregator_path(params.aggregator)
     aggregators = load_trained(path, handles, first.dtype).to(first.device)
-    ensemble = AFAEnsemble([h.unet for h in handles], aggregators, ctx.labels).eval()
+    ensemble = build_ensemble([h.unet for h in handles], aggregators, ctx.labels).eval()
     return PreparedAFA(ctx, params, EnsembleHandle.of(handles, ensemble))
 
 
@@ -131,6 +133,7 @@ def plan_afa(prep: PreparedAFA, batch: Batch) -> Plan:
 
 
 METHODS = [
-    Method("afa", "AFA: N same-architecture UNets meet after every block; trained aggregators weight each model per pixel",
+    Method("afa", "AFA: N same-architecture UNets (or SD3 transformers) meet after every block; trained aggregators weight "
+           "each model per pixel",
            "features", AFAParams, plan_afa, prepare_afa, min_models=2),
 ]

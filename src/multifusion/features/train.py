@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from multifusion.errors import MultifusionError
-from multifusion.features.ensemble import (AFAEnsemble, check_aggregators_fit, ensemble_kwargs, fresh_aggregators,
+from multifusion.features.ensemble import (build_ensemble, check_aggregators_fit, ensemble_kwargs, fresh_aggregators,
                                            join_conditionings, model_hash, split_conditioning)
 from multifusion.handles import Conditioning, ModelHandle
 from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, load_tensors, read_log, save_tensors
@@ -158,8 +158,28 @@ def _added(handles: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning
     return {k: {n: v.to(handles[0].dtype) for n, v in d.items()} for k, d in kwargs.items()}
 
 
-def _target(handle: ModelHandle, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return a.sqrt() * noise - (1 - a).sqrt() * x0 if handle.prediction_type == "v_prediction" else noise
+def noised(handle: ModelHandle, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, the training target) for clean latents x0 and noise (B, C, h, w) at integer
+    timesteps t (B,). DDPM schedules: x_t = sqrt(a) x0 + sqrt(1 - a) e with a = alpha_bar(t), the
+    target e (or v = sqrt(a) e - sqrt(1 - a) x0 for v-prediction). Flow matching (docs/flow.md):
+    s = t / 1000, x_s = (1 - s) x0 + s e, the target the velocity e - x0."""
+    if handle.prediction_space == "velocity":
+        s = (t.float() / (len(handle.alphas_cumprod) - 1)).view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * noise, noise - x0
+    a = handle.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return x_t, (a.sqrt() * noise - (1 - a).sqrt() * x0 if handle.prediction_type == "v_prediction" else noise)
+
+
+def predict(handles: Sequence[ModelHandle], denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The raw prediction (B, C, h, w) of `denoiser` (an ensemble of `handles`' denoisers, or one
+    of them with its own `cond`) at x_t, integer timesteps t (B,), called with the family's
+    signature: a UNet's (added conditioning for SDXL) or an SD3 transformer's."""
+    first = handles[0]
+    if first.prediction_space == "velocity":
+        return denoiser(hidden_states=x_t.to(first.dtype), timestep=t.float(), encoder_hidden_states=cond.embeds.to(first.dtype),
+                        pooled_projections=cond.extra["pooled"].to(first.dtype)).sample
+    return denoiser(x_t.to(first.dtype), t, cond.embeds.to(first.dtype), **_added(handles, x_t, cond)).sample
 
 
 # --------------------------------------------------------------------------- training
@@ -189,7 +209,7 @@ def train_afa(
         raise AFATrainError(f"the models predict different things ({', '.join(f'{h.name}: {h.prediction_type}' for h in handles)})")
     torch.manual_seed(config.seed)  # the aggregators' initialisation (conv_out aside: zero)
     aggregators = fresh_aggregators(unets, hashes, labels, config.width)
-    ensemble = AFAEnsemble(unets, aggregators, labels)
+    ensemble = build_ensemble(unets, aggregators, labels)
     opt = torch.optim.AdamW(aggregators.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
     run = TrainingRun(out, "afa", aggregators, opt, seed=config.seed, checkpoint_every=config.checkpoint_every,
@@ -213,7 +233,6 @@ def train_afa(
         hmean, hstd = encode_images(first.vae, held)
         tensors = {"mean": mean, "std": std, "held_mean": hmean, "held_std": hstd}
         save_tensors(cache, tensors, {"captions": captions, "held_captions": held_captions, "data": data})
-    scaling = first.scaling_factor
     texts = _Texts(handles, captions)
     alphas = first.alphas_cumprod.float()
     n_data = tensors["mean"].shape[0]
@@ -222,15 +241,13 @@ def train_afa(
         b = config.batch_size
         idx = torch.randint(0, n_data, (b,), generator=g)
         mean, std = tensors["mean"][idx], tensors["std"][idx]
-        x0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling  # (B, C, h, w) scaled latents
+        x0 = _scaled(first, mean + std * torch.randn(mean.shape, generator=g))  # (B, C, h, w)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, len(alphas), (b,), generator=g)
         drop = torch.rand(b, generator=g) < config.prompt_dropout
         cond = texts.embed(idx, drop)  # embeds (B, N*L, D)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = ensemble(x_t.to(first.dtype), t, cond.embeds.to(first.dtype), **_added(handles, x_t, cond)).sample.float()
-        return {"loss": F.mse_loss(pred, _target(first, x0, noise, a))}
+        x_t, target = noised(first, x0, noise, t)
+        return {"loss": F.mse_loss(predict(handles, ensemble, x_t, t, cond).float(), target)}
 
     run.train(step, config.steps, lr=lambda s: config.lr * min(1.0, (s + 1) / config.warmup), meta=meta, stop=stop,
               progress=progress, desc="afa")
@@ -252,18 +269,23 @@ def train_afa(
     return summary
 
 
+def _scaled(handle: ModelHandle, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents as the denoiser sees them: (z - shift) * scaling (shift 0 but for SD3/FLUX)."""
+    return (latents - handle.shift_factor) * handle.scaling_factor
+
+
 @torch.no_grad()
-def heldout_losses(handles: Sequence[ModelHandle], ensemble: AFAEnsemble, mean: torch.Tensor, std: torch.Tensor,
+def heldout_losses(handles: Sequence[ModelHandle], ensemble: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor,
                    captions: Sequence[str], seed: int, batch: int = 64) -> dict[str, dict[str, float]]:
     """Held-out eps-MSE per timestep band (`BANDS`): the trained ensemble (`afa`), the untrained
     one (`feature average`), each model alone and the mean of their predictions (`eps average`),
     on the same latents, noise and timesteps (drawn from `seed`), captions kept."""
     first = handles[0]
     g = torch.Generator().manual_seed(seed + 12345)
-    alphas = first.alphas_cumprod.float()
     texts = _Texts(handles, captions)
-    plain = AFAEnsemble(list(ensemble.unets), fresh_aggregators(list(ensemble.unets), ensemble.aggregators.config.models,
-                                                                 ensemble.aggregators.config.labels, ensemble.aggregators.config.width))
+    denoisers = ensemble.denoisers
+    plain = build_ensemble(denoisers, fresh_aggregators(denoisers, ensemble.aggregators.config.models,
+                                                        ensemble.aggregators.config.labels, ensemble.aggregators.config.width))
     n_models, names = len(handles), [h.name for h in handles]
     sums: dict[str, dict[str, float]] = {}
     for lo, hi in BANDS:
@@ -271,17 +293,13 @@ def heldout_losses(handles: Sequence[ModelHandle], ensemble: AFAEnsemble, mean: 
         totals = {k: 0.0 for k in ["afa", "feature average", *names, "eps average"]}
         for i in range(0, len(mean), batch):
             m, s = mean[i : i + batch], std[i : i + batch]
-            x0 = (m + s * torch.randn(m.shape, generator=g)) * first.scaling_factor
+            x0 = _scaled(first, m + s * torch.randn(m.shape, generator=g))
             noise = torch.randn(x0.shape, generator=g)
             t = torch.randint(lo, hi, (len(m),), generator=g)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = _target(first, x0, noise, a)
+            x_t, target = noised(first, x0, noise, t)
             cond = texts.embed(torch.arange(i, i + len(m)))
-            added = _added(handles, x_t, cond)
-            preds = {"afa": ensemble(x_t, t, cond.embeds, **added).sample, "feature average": plain(x_t, t, cond.embeds, **added).sample}
-            singles = [h.unet(x_t, t, encoder_hidden_states=c.embeds, **h.denoiser_kwargs(x_t, c, x_t.device)).sample
-                       for h, c in zip(handles, split_conditioning(cond, n_models))]
+            preds = {"afa": predict(handles, ensemble, x_t, t, cond), "feature average": predict(handles, plain, x_t, t, cond)}
+            singles = [predict([h], h.unet, x_t, t, c) for h, c in zip(handles, split_conditioning(cond, n_models))]
             preds.update(zip(names, singles))
             preds["eps average"] = torch.stack(singles).mean(0)
             for k, p in preds.items():

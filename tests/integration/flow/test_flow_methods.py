@@ -109,9 +109,9 @@ def test_flow_models_refuse_samplers_without_a_flow_form(flow_dir):
     assert torch.equal(single(a, PROMPT, scheduler="flow_euler", **KW).latents, single(a, PROMPT, scheduler="euler", **KW).latents)
 
 
-def test_afa_refuses_flow_models_with_the_reason(pair):
-    a, b = pair
+def test_afa_refuses_flux_models_with_the_reason(flux_a, flux_b):
+    """SD3 models are ensembled (tests/integration/flow/test_flow_afa.py); FLUX is refused."""
     from multifusion.api import fuse
 
-    with pytest.raises(IncompatibleModelsError, match="transformer"):
-        fuse("afa", [a, b], [PROMPT, OTHER], **KW)
+    with pytest.raises(IncompatibleModelsError, match="FLUX.1 models, whose single-stream blocks"):
+        fuse("afa", load_models([flux_a, flux_b]), [PROMPT, OTHER], **KW)
