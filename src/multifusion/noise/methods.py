@@ -67,13 +67,17 @@ class SNBParams(Params):
     fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
     fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
     temperature: float | None = Field(None, description="soft mask over models instead of argmax (> 0)")
+    gate: Literal["none", "base"] = Field(
+        "none", description="'base': every other model's map times the first model's map rescaled to [0, 1], so the others "
+        "win only where the first model responds (beyond the paper; 'none' is MagicFusion as published)")
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
         n = (info.context or {}).get("n_models")
         if self.fusion_timestep is not None and "window" in self.model_fields_set:
             raise FieldError("window", "give either `window` (trajectory fractions) or `fusion_timestep` (t_s), not both")
-        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
+        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma,
+                        self.gate)
         return self
 
     def ks(self, n: int) -> list[float]:
@@ -102,7 +106,8 @@ def prepare_snb(ctx: RunContext, params: SNBParams) -> Prepared[SNBParams]:
 def plan_snb(prep: Prepared[SNBParams], batch: Batch) -> Plan:
     p, guided = prep.params, prep.ctx.guided(batch)
     window = p.fusion_window(len(guided[0].handle.alphas_cumprod))
-    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature))])
+    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature,
+                                   p.gate))])
 
 
 def check_snb(params: SNBParams, canvas_px: tuple[int, int], factor: int, labels: list[str]) -> None:

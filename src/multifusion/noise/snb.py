@@ -25,6 +25,11 @@ Deviations from the authors' code (ldm/models/diffusion/ddim.py of the MagicFusi
 - Each model encodes its own prompt with its own text encoder (the authors feed both models
   the base model's embeddings).
 - Before the window opens only the base model is evaluated (the authors evaluate both).
+
+Beyond the paper (off by default): ``gate="base"`` multiplies every other model's map by the
+base model's map rescaled to [0, 1] per image, so an expert can win only where the base model
+itself responds (`gate_by_base`). Without it, an expert that was never told where its object
+goes claims the pixels where it draws it, and the fused image gets two objects (docs/results.md).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from multifusion.handles import Guided
 from multifusion.schedulers import in_window, timestep_fraction
 
 Blur = Literal["box", "gaussian", "none"]
+Gate = Literal["none", "base"]
 
 
 def blur2d(x: torch.Tensor, kind: Blur = "box", size: int = 4, sigma: float = 1.0) -> torch.Tensor:
@@ -77,6 +83,19 @@ def spatial_softmax(s: torch.Tensor, k: float) -> torch.Tensor:
     return torch.softmax(k * s.reshape(b, h * w), dim=1).reshape(b, 1, h, w)
 
 
+def gate_by_base(maps: torch.Tensor) -> torch.Tensor:
+    """(N, B, 1, H, W) normalised maps -> (N, B, 1, H, W): map 0 (the base model) unchanged,
+    every other map multiplied by g = (M_0 - min M_0) / (max M_0 - min M_0), min and max over
+    each image's H*W positions; g = 1 where M_0 is constant over the image (no information, no
+    gate). Since 0 <= g <= 1 a gated model never gains pixels under `blend_mask`; where the base
+    responds least (g = 0) the base always wins."""
+    base = maps[0]
+    lo = base.amin(dim=(-2, -1), keepdim=True)
+    span = base.amax(dim=(-2, -1), keepdim=True) - lo  # (B, 1, 1, 1)
+    g = torch.where(span > 0, (base - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(base))
+    return torch.cat([maps[:1], maps[1:] * g])
+
+
 def blend_mask(maps: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
     """(N, B, 1, H, W) normalised maps -> (N, B, 1, H, W) mask over models, summing to one at
     every pixel: one-hot argmax (the paper), or M_i^(1/T) / sum_j M_j^(1/T) for temperature T."""
@@ -95,7 +114,7 @@ def blend(eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[float, float], temperature: float | None,
-                    blur: str, blur_size: int, blur_sigma: float) -> None:
+                    blur: str, blur_size: int, blur_sigma: float, gate: str = "none") -> None:
     """Every check of SNB's arguments, in one place (the recipe's params and the combinator
     built directly both run it); FieldError (a ValueError) naming the argument."""
     if n_models is not None and n_models < 2:
@@ -114,6 +133,8 @@ def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[floa
         raise FieldError("blur_size", f"must be >= 1, got {blur_size}")
     if not blur_sigma > 0:
         raise FieldError("blur_sigma", f"must be > 0, got {blur_sigma}")
+    if gate not in ("none", "base"):
+        raise FieldError("gate", f"must be 'none' (the paper's method) or 'base', got {gate!r}")
 
 
 def check_blur_fits(blur: str, blur_size: int, blur_sigma: float, latent_hw: tuple[int, int]) -> None:
@@ -131,7 +152,8 @@ class SNB:
 
     `window` is [start, end) on the trajectory axis, 0 = pure noise, 1 = clean (closed at 1);
     the paper's "late" fusion for t <= t_s is [1 - t_s / (T - 1), 1], the authors' "early"
-    option, t > t_s, is [0, 1 - t_s / (T - 1)). `record` receives `snb/maps` and `snb/mask` (N, B, 1, H, W).
+    option, t > t_s, is [0, 1 - t_s / (T - 1)). `gate="base"` applies `gate_by_base` to the maps
+    before the mask. `record` receives `snb/maps` (before any gate) and `snb/mask` (N, B, 1, H, W).
     """
 
     guided: Sequence[Guided]
@@ -141,9 +163,11 @@ class SNB:
     blur_sigma: float = 1.0
     window: tuple[float, float] = (0.0, 1.0)
     temperature: float | None = None
+    gate: Gate = "none"
 
     def __post_init__(self):
-        check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
+        check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma,
+                        self.gate)
         self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
 
     def active(self, t: torch.Tensor) -> bool:
@@ -158,7 +182,7 @@ class SNB:
             spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k)
             for p, k in zip(preds, self.k)
         ])  # (N, B, 1, H, W)
-        mask = blend_mask(maps, self.temperature)
+        mask = blend_mask(gate_by_base(maps) if self.gate == "base" else maps, self.temperature)
         if record is not None:
             record["snb/maps"] = maps
             record["snb/mask"] = mask
