@@ -166,10 +166,40 @@ class _Conditioning(Params):
     guidance_scale: float | None = Field(None, ge=0)
 
 
+class FusedModel(_Conditioning):
+    prompt: str
+
+
+class RegionSNB(Params):
+    """A region painted by SNB: the region's own model and prompt are the base (first) model,
+    `models` the others, `params` SNB's (a k list has one entry per model, the region's first)."""
+
+    models: list[FusedModel] = Field(min_length=1, description="the models fused with the region's own model, each with its prompt")
+    params: dict = Field(default_factory=dict, description="SNB's parameters (as the snb method's `params`)")
+
+    @model_validator(mode="after")
+    def _params(self):
+        self.snb_params()
+        return self
+
+    def snb_params(self) -> SNBParams:
+        """`params` validated for 1 + len(models) models; ValueError naming the field otherwise."""
+        from pydantic import ValidationError
+
+        try:
+            return SNBParams.model_validate(self.params, context={"n_models": 1 + len(self.models)})
+        except ValidationError as err:
+            e = err.errors()[0]
+            field = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")  # a FieldError's message starts with its field
+            raise ValueError(f"params.{field}: {msg}" if field else f"params.{msg}") from None
+
+
 class RegionParams(Box, _Conditioning):
     prompt: str
     mask_type: Literal["gaussian", "quartic", "constant"] = "gaussian"
     mask_weight: float = Field(1.0, ge=0)
+    snb: RegionSNB | None = Field(None, description="paint the region with SNB of its model and these (combinators nest)")
 
 
 class TilesParams(_Conditioning):
@@ -280,6 +310,14 @@ def check_mod(params: ModParams, canvas_px: tuple[int, int], factor: int, labels
         box = r.latent_box(where, canvas_px, factor)
         if labels is not None:
             _model_index(where, r.model, labels)
+            for j, m in enumerate(r.snb.models if r.snb else []):
+                _model_index(f"{where}.snb.models[{j}]", m.model, labels)
+        if r.snb is not None:
+            p = r.snb.snb_params()
+            try:
+                check_blur_fits(p.blur, p.blur_size, p.blur_sigma, (box[1] - box[0], box[3] - box[2]))
+            except FieldError as err:
+                raise RecipeError(f"{where}.snb.params.{err} (the region's latent size)") from None
         placed.append((where, box, region_weights(box[1] - box[0], box[3] - box[2], r.mask_type, r.mask_weight)))
     latent = (canvas_px[0] // factor, canvas_px[1] // factor)
     if params.background is not None:
@@ -330,6 +368,13 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
     for (where, box, weights), spec in zip(prep.placed, specs):
         i = _model_index(where, spec.model, ctx.labels)
         guided = ctx.guide(i, [spec.prompt] * batch.size, spec.negative_prompt, spec.guidance_scale)
+        snb = getattr(spec, "snb", None)  # the background has none
+        if snb is not None:
+            others = [ctx.guide(_model_index(f"{where}.snb.models[{j}]", m.model, ctx.labels), [m.prompt] * batch.size,
+                                m.negative_prompt, m.guidance_scale) for j, m in enumerate(snb.models)]
+            p, fused = snb.snb_params(), [guided, *others]
+            guided = SNB(fused, p.ks(len(fused)), p.blur, p.blur_size, p.blur_sigma,
+                         p.fusion_window(len(ctx.handles[i].alphas_cumprod)), p.temperature, p.gate)
         regions.append(Region(box, guided, weights))
     canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
 
