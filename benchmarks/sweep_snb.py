@@ -45,10 +45,14 @@ FACTORS: dict[str, list[tuple[str, dict]]] = {
                                   ("gauss 1", {"blur": "gaussian", "blur_sigma": 1.0}), ("gauss 2", {"blur": "gaussian", "blur_sigma": 2.0}))],
     "temperature": [(n, p) for n, p in (("hard", {}), ("0.1", {"temperature": 0.1}), ("0.5", {"temperature": 0.5}),
                                          ("1", {"temperature": 1.0}), ("2", {"temperature": 2.0}))],
+    # Beyond the paper: the expert's map gated by the base's (the `gate` option), and the expert
+    # told the object's slot ("a red striped circle on the left"; it was trained without slot words).
+    "variants": [(n, p) for n, p in (("faithful", {}), ("gate base", {"gate": "base"}), ("expert told the slot", {"expert_slot": True}),
+                                      ("gate + slot", {"gate": "base", "expert_slot": True}))],
 }
 
-GRID_ROWS = [("f=0.0", _late(0.0)), ("f=0.2", _late(0.2)), ("f=0.4", _late(0.4)), ("f=0.6", _late(0.6))]
-GRID_COLS = [("k_e=0.25", {"k": [1, 0.25]}), ("k_e=1", {"k": [1, 1]}), ("k_e=4", {"k": [1, 4]}), ("k_e=16", {"k": [1, 16]})]
+GRID_ROWS = [("f=0.0", _late(0.0)), ("f=0.1", _late(0.1)), ("f=0.2", _late(0.2)), ("f=0.4", _late(0.4))]
+GRID_COLS = [("k_e=0.5", {"k": [1, 0.5]}), ("k_e=1", {"k": [1, 1]}), ("k_e=2", {"k": [1, 2]}), ("k_e=4", {"k": [1, 4]})]
 """The 2-D grid: late window start (rows) x the expert's k (columns); chosen after the one-factor sweeps."""
 
 
@@ -68,8 +72,10 @@ def run_cell(params: dict, app, handles, prompts, seeds: int, steps: int, judge,
     from multifusion.bench.apps import own_prompts
     from multifusion.bench.stats import sample_success
     from multifusion.io import write_text
+    from multifusion.zoo.render import PLAIN, Scene, caption
 
     full = {**DEFAULTS, **params}
+    expert_slot = full.pop("expert_slot", False)
     folder = work / cell_name(params)
     out = []
     for p in prompts:
@@ -78,6 +84,8 @@ def run_cell(params: dict, app, handles, prompts, seeds: int, steps: int, judge,
             out += json.loads(path.read_text())["images"]
             continue
         recipe = own_prompts("snb", app.roles, full)(p, {r: f"zoo:{r}" for r in app.roles})
+        if expert_slot:  # the expert's caption with the slot words of the general model's
+            recipe["models"][1]["prompt"] = caption(Scene(PLAIN, "photo", p.scene.objects), position=True)
         recipe["sampling"] = {"num_inference_steps": steps, "seed": 0, "num_images": seeds}
         images = [im for part in Run(recipe, models=handles).batches(batch_size=seeds, progress=False) for im in part.images]
         readings = judge.read(np.stack([np.asarray(im) for im in images]))
