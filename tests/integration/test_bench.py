@@ -448,6 +448,21 @@ def test_regional_models_gives_each_region_its_model_and_reads_it_against_that_m
     assert sample_success(app, readings, [v.target for v in views]) == (2, 3)
 
 
+def test_extra_objects_counts_readings_with_more_objects_than_stated():
+    from multifusion.bench.stats import extra_objects
+    from multifusion.zoo.judge import reading_from_scene
+    from multifusion.zoo.render import Scene, ShapeObject
+
+    one = Scene("desert", "photo", (ShapeObject("circle", "red", "striped", "left"),))
+    two = dataclasses.replace(one, objects=one.objects + (ShapeObject("square", "red", "striped", "centre"),))
+    none = dataclasses.replace(one, objects=())
+    targets = [parse_caption("a red striped circle on the left in a desert")] * 3
+    assert extra_objects([reading_from_scene(s) for s in (one, two, none)], targets) == pytest.approx(1 / 3)
+    assert extra_objects([reading_from_scene(two)], [parse_caption("a red striped circle on the left and a red striped square in the centre in a desert")]) == 0.0
+    with pytest.raises(ValueError):
+        extra_objects([], [])
+
+
 def test_success_over_views_pools_objects_for_instance_apps_and_needs_every_view_for_image_apps():
     from multifusion.bench.apps import tile_views
     from multifusion.zoo.judge import reading_from_scene

@@ -69,3 +69,13 @@ def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Seq
     if app.success == "region":
         return regions, len(targets)
     return (hits, trials) if app.success == "instance" else (int(every), 1)
+
+
+def extra_objects(readings: Sequence[Mapping[str, Any]], targets: Sequence[Any]) -> float:
+    """The fraction of readings in which the judge reads more objects (filled slots) than the
+    target states: a second object where one was asked for (the judge reads at most one object
+    per slot, so two objects in one slot count once)."""
+    if len(readings) != len(targets) or not readings:
+        raise ValueError("readings and targets must be equally long and non-empty")
+    extra = [sum(v is not None for v in r["slots"].values()) > len(t.objects) for r, t in zip(readings, targets)]
+    return float(np.mean(extra))
