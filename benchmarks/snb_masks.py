@@ -1,6 +1,6 @@
 """Where SNB hands the image to the expert, on the zoo's `fine-grained` app: per band of steps,
 the share of latent pixels whose mask picks the expert inside the target object's slot (its
-third of the image) and outside it, for the faithful method and for `gate="base"`; and how
+third of the image) and outside it, for the faithful method and for `gate="base"` and `"region"`; and how
 flat the normalised maps are (max and min of H*W*M, 1 = uniform).
 
     python benchmarks/snb_masks.py [--prompts 8] [--seeds 4]
@@ -34,7 +34,7 @@ def main() -> None:
     print(f"{args.prompts} prompts x {args.seeds} seeds, {args.steps} DDIM steps; expert share of latent pixels (mean over images)\n")
     print("| variant | steps | in the target slot | outside it | map max x HW (general, expert) | map min x HW (general, expert) |")
     print("|---|---|---|---|---|---|")
-    for name, params in (("faithful", {}), ("gate base", {"gate": "base"})):
+    for name, params in (("faithful", {}), ("gate base", {"gate": "base"}), ("gate region", {"gate": "region"})):
         inside = {b: [] for b in bands}
         outside = {b: [] for b in bands}
         hi = {b: [] for b in bands}

@@ -48,10 +48,11 @@ FACTORS: dict[str, list[tuple[str, dict]]] = {
     # Beyond the paper: the expert's map gated by the base's (the `gate` option), and the expert
     # told the object's slot ("a red striped circle on the left"; it was trained without slot words).
     "variants": [(n, p) for n, p in (("faithful", {}), ("gate base", {"gate": "base"}), ("expert told the slot", {"expert_slot": True}),
-                                      ("gate + slot", {"gate": "base", "expert_slot": True}))],
+                                      ("gate + slot", {"gate": "base", "expert_slot": True}),
+                                      ("gate region", {"gate": "region"}), ("gate region + slot", {"gate": "region", "expert_slot": True}))],
 }
 
-GRID_ROWS = [("f=0.0", _late(0.0)), ("f=0.1", _late(0.1)), ("f=0.2", _late(0.2)), ("f=0.4", _late(0.4))]
+GRID_ROWS = [("f=0.0", _late(0.0)), ("f=0.2", _late(0.2)), ("f=0.4", _late(0.4))]
 GRID_COLS = [("k_e=0.5", {"k": [1, 0.5]}), ("k_e=1", {"k": [1, 1]}), ("k_e=2", {"k": [1, 2]}), ("k_e=4", {"k": [1, 4]})]
 """The 2-D grid: late window start (rows) x the expert's k (columns); chosen after the one-factor sweeps."""
 

@@ -19,7 +19,8 @@ def test_snb_of_a_model_with_itself_is_single(tiny_a, scheduler, blur):
     assert torch.equal(snb([h, h, h], PROMPT, scheduler=scheduler, **KW).latents, ref)
     # The soft mask weighs identical predictions by 1/3 each: equal up to rounding.
     assert torch.allclose(snb([h, h, h], PROMPT, temperature=0.5, scheduler=scheduler, **KW).latents, ref, atol=1e-4)
-    assert torch.equal(snb([h, h], PROMPT, gate="base", scheduler=scheduler, **KW).latents, ref)
+    for gate in ("base", "region"):
+        assert torch.equal(snb([h, h], PROMPT, gate=gate, scheduler=scheduler, **KW).latents, ref)
 
 
 def _count_calls(handle):

@@ -123,3 +123,35 @@ def test_gated_models_never_gain_pixels(n, seed, temperature):
     assert (gated[0] >= plain[0] - 1e-6).all()
     assert (gated[1:].sum(0) <= plain[1:].sum(0) + 1e-6).all()
     assert torch.allclose(gated.sum(0), torch.ones(2, 1, 5, 6), atol=1e-5)
+
+
+def test_region_gate_renormalises_inside_the_base_response():
+    base = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).view(1, 1, 2, 2) / 11
+    other = torch.full((1, 1, 2, 2), 0.25)
+    gated = gate_by_base(torch.stack([base, other]), renormalise=True)
+    # g = [[0, 1/4], [1/2, 1]] times 1/4, over its sum 7/16: [[0, 1/7], [2/7, 4/7]]
+    assert torch.allclose(gated[1], torch.tensor([[0.0, 1 / 7], [2 / 7, 4 / 7]]).view(1, 1, 2, 2))
+    assert torch.equal(gated[0], base)
+    # The plain gate would leave the expert nothing (0.25 * g < M_0 everywhere); renormalised it
+    # wins at the base's peak (4/7 > 5/11) and still never where the base responds least.
+    assert blend_mask(gate_by_base(torch.stack([base, other])))[1].sum() == 0
+    mask = blend_mask(gated)
+    assert mask[1, 0, 0, 1, 1] == 1 and mask[0, 0, 0, 0, 0] == 1
+
+
+def test_region_gate_of_a_map_gated_to_zero_stays_zero():
+    base = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    other = torch.tensor([[0.5, 0.0], [0.25, 0.25]]).view(1, 1, 2, 2)  # nothing where the base responds
+    gated = gate_by_base(torch.stack([base, other]), renormalise=True)
+    assert torch.equal(gated[1], torch.zeros(1, 1, 2, 2))
+
+
+@given(st.integers(2, 4), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_region_gated_maps_sum_to_one_and_vanish_where_the_base_responds_least(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.stack([spatial_softmax(torch.rand(2, 1, 5, 6, generator=g) * 4, 1.0) for _ in range(n)])
+    gated = gate_by_base(maps, renormalise=True)
+    assert torch.allclose(gated[1:].sum(dim=(-2, -1)), torch.ones(n - 1, 2, 1), atol=1e-5)
+    least = maps[0] == maps[0].amin(dim=(-2, -1), keepdim=True)  # (B, 1, H, W)
+    assert (gated[1:][:, least] == 0).all()

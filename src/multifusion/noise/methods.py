@@ -67,9 +67,10 @@ class SNBParams(Params):
     fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
     fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
     temperature: float | None = Field(None, description="soft mask over models instead of argmax (> 0)")
-    gate: Literal["none", "base"] = Field(
+    gate: Literal["none", "base", "region"] = Field(
         "none", description="'base': every other model's map times the first model's map rescaled to [0, 1], so the others "
-        "win only where the first model responds (beyond the paper; 'none' is MagicFusion as published)")
+        "win only where the first model responds; 'region': the same, renormalised to sum to one (the others' softmax over "
+        "the first model's response); beyond the paper, 'none' is MagicFusion as published")
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):

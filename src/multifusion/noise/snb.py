@@ -26,10 +26,13 @@ Deviations from the authors' code (ldm/models/diffusion/ddim.py of the MagicFusi
   the base model's embeddings).
 - Before the window opens only the base model is evaluated (the authors evaluate both).
 
-Beyond the paper (off by default): ``gate="base"`` multiplies every other model's map by the
-base model's map rescaled to [0, 1] per image, so an expert can win only where the base model
-itself responds (`gate_by_base`). Without it, an expert that was never told where its object
-goes claims the pixels where it draws it, and the fused image gets two objects (docs/results.md).
+Beyond the paper (off by default), `gate_by_base`: ``gate="base"`` multiplies every other
+model's map by the base model's map rescaled to [0, 1] per image, so an expert can win only
+where the base model itself responds; ``gate="region"`` also renormalises the gated map to sum
+to one, i.e. the expert's spatial softmax runs over the base's response instead of the whole
+image. Without a gate, an expert that was never told where its object goes claims the pixels
+where the base responds least (the background) and draws a second object there
+(docs/results.md).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from multifusion.handles import Guided
 from multifusion.schedulers import in_window, timestep_fraction
 
 Blur = Literal["box", "gaussian", "none"]
-Gate = Literal["none", "base"]
+Gate = Literal["none", "base", "region"]
 
 
 def blur2d(x: torch.Tensor, kind: Blur = "box", size: int = 4, sigma: float = 1.0) -> torch.Tensor:
@@ -83,17 +86,23 @@ def spatial_softmax(s: torch.Tensor, k: float) -> torch.Tensor:
     return torch.softmax(k * s.reshape(b, h * w), dim=1).reshape(b, 1, h, w)
 
 
-def gate_by_base(maps: torch.Tensor) -> torch.Tensor:
+def gate_by_base(maps: torch.Tensor, renormalise: bool = False) -> torch.Tensor:
     """(N, B, 1, H, W) normalised maps -> (N, B, 1, H, W): map 0 (the base model) unchanged,
     every other map multiplied by g = (M_0 - min M_0) / (max M_0 - min M_0), min and max over
     each image's H*W positions; g = 1 where M_0 is constant over the image (no information, no
     gate). Since 0 <= g <= 1 a gated model never gains pixels under `blend_mask`; where the base
-    responds least (g = 0) the base always wins."""
+    responds least (g = 0) the base always wins. With `renormalise`, each gated map is divided
+    by its sum over H*W (so it sums to one again, as a spatial softmax over the base's response
+    would): the gated model still never wins where g = 0, but gains where the base responds."""
     base = maps[0]
     lo = base.amin(dim=(-2, -1), keepdim=True)
     span = base.amax(dim=(-2, -1), keepdim=True) - lo  # (B, 1, 1, 1)
     g = torch.where(span > 0, (base - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(base))
-    return torch.cat([maps[:1], maps[1:] * g])
+    gated = maps[1:] * g  # (N - 1, B, 1, H, W)
+    if renormalise:
+        total = gated.sum(dim=(-2, -1), keepdim=True)
+        gated = gated / torch.where(total > 0, total, torch.ones_like(total))  # a map gated to zero stays zero
+    return torch.cat([maps[:1], gated])
 
 
 def blend_mask(maps: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
@@ -133,8 +142,8 @@ def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[floa
         raise FieldError("blur_size", f"must be >= 1, got {blur_size}")
     if not blur_sigma > 0:
         raise FieldError("blur_sigma", f"must be > 0, got {blur_sigma}")
-    if gate not in ("none", "base"):
-        raise FieldError("gate", f"must be 'none' (the paper's method) or 'base', got {gate!r}")
+    if gate not in ("none", "base", "region"):
+        raise FieldError("gate", f"must be 'none' (the paper's method), 'base' or 'region', got {gate!r}")
 
 
 def check_blur_fits(blur: str, blur_size: int, blur_sigma: float, latent_hw: tuple[int, int]) -> None:
@@ -152,8 +161,8 @@ class SNB:
 
     `window` is [start, end) on the trajectory axis, 0 = pure noise, 1 = clean (closed at 1);
     the paper's "late" fusion for t <= t_s is [1 - t_s / (T - 1), 1], the authors' "early"
-    option, t > t_s, is [0, 1 - t_s / (T - 1)). `gate="base"` applies `gate_by_base` to the maps
-    before the mask. `record` receives `snb/maps` (before any gate) and `snb/mask` (N, B, 1, H, W).
+    option, t > t_s, is [0, 1 - t_s / (T - 1)). `gate` "base" / "region" applies `gate_by_base`
+    (without / with renormalising) to the maps before the mask. `record` receives `snb/maps` (before any gate) and `snb/mask` (N, B, 1, H, W).
     """
 
     guided: Sequence[Guided]
@@ -182,7 +191,8 @@ class SNB:
             spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k)
             for p, k in zip(preds, self.k)
         ])  # (N, B, 1, H, W)
-        mask = blend_mask(gate_by_base(maps) if self.gate == "base" else maps, self.temperature)
+        gated = maps if self.gate == "none" else gate_by_base(maps, renormalise=self.gate == "region")
+        mask = blend_mask(gated, self.temperature)
         if record is not None:
             record["snb/maps"] = maps
             record["snb/mask"] = mask
