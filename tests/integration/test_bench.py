@@ -390,7 +390,7 @@ def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_ob
 
     app = APPS["regional"]
     rows = {r.id: r for r in app.rows()[0]}
-    assert list(rows) == ["single-general", "mod", "mod-constant", "mod-thirds"]
+    assert list(rows) == ["single-general", "mod", "mod-constant", "mod-thirds", "single-canvas"]
     p = app.prompt(3)
     recipe = tiles_per_slot("general")(p, {"general": "G"})
     tiles = ModParams(**recipe["params"]).tiles
@@ -403,6 +403,64 @@ def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_ob
         assert [(o.shape, o.colour, o.slot) for o in v.scene.objects] == [(obj.shape, obj.colour, "centre")]
         assert parse_caption(dict(p.regions)[obj.slot]) == v.target  # the tile's prompt is the view's target
     assert rows["mod"].views is tile_views and rows["single-general"].views(p)[0].box is None
+
+
+def test_the_single_model_on_the_tile_canvas_is_read_like_the_tiles():
+    from multifusion.bench.apps import tile_canvas, tile_views
+    from multifusion.bench.settings import row_recipe
+
+    app = APPS["regional"]
+    row = {r.id: r for r in app.rows()[0]}["single-canvas"]
+    p = app.prompt(2)
+    common = {"num_inference_steps": 3, "scheduler": "ddim", "guidance_scale": 7.5}
+    recipe = row_recipe(row, p, {"general": "G"}, common, [4, 5])
+    assert recipe["method"] == "single" and recipe["models"][0]["prompt"] == p.caption  # the whole layout
+    assert (recipe["sampling"]["height"], recipe["sampling"]["width"]) == tile_canvas() == (64, 160)
+    assert recipe["sampling"]["seed"] == 4 and recipe["sampling"]["num_images"] == 2
+    assert row.views is tile_views
+
+
+def test_regional_models_gives_each_region_its_model_and_reads_it_against_that_models_target():
+    from multifusion.bench.apps import MIXED_STYLES
+    from multifusion.noise.methods import ModParams
+    from multifusion.zoo.judge import reading_from_scene
+
+    app = APPS["regional-models"]
+    rows = {r.id: r for r in app.rows()[0]}
+    assert list(rows) == ["mod-general", "mod-cartoon", "mod-snb", "mod-models"]  # no single rows
+    assert rows["mod-models"].models == ("cartoon", "general", "expert") and rows["mod-general"].models == ("general",)
+    p = app.prompt(1)
+    left, centre, right = p.scene.objects
+    assert centre.texture in TEXTURES[1:] and left.texture == right.texture == "plain"
+    recipe = rows["mod-models"].build(p, {r: r for r in app.roles})
+    regions = ModParams(**recipe["params"]).regions
+    assert [r.model for r in regions] == ["cartoon", "general", "general"]
+    assert regions[0].prompt.startswith("a cartoon of") and centre.texture not in regions[1].prompt
+    assert [m.model for m in regions[1].snb.models] == ["expert"] and centre.texture in regions[1].snb.models[0].prompt
+    assert regions[2].snb is None
+    views = rows["mod-models"].views(p)
+    assert [v.target.style for v in views] == list(MIXED_STYLES)
+    assert [parse_caption(text) == dataclasses.replace(v.target, style=None if v.target.style == "photo" else v.target.style)
+            for (_, text), v in zip(p.regions, views)] == [True] * 3
+    readings = [reading_from_scene(v.scene) for v in views]
+    assert sample_success(app, readings, [v.target for v in views]) == (3, 3)
+    readings[0] = reading_from_scene(dataclasses.replace(views[0].scene, style="photo"))  # the cartoon drawn as a photo
+    assert sample_success(app, readings, [v.target for v in views]) == (2, 3)
+
+
+def test_extra_objects_counts_readings_with_more_objects_than_stated():
+    from multifusion.bench.stats import extra_objects
+    from multifusion.zoo.judge import reading_from_scene
+    from multifusion.zoo.render import Scene, ShapeObject
+
+    one = Scene("desert", "photo", (ShapeObject("circle", "red", "striped", "left"),))
+    two = dataclasses.replace(one, objects=one.objects + (ShapeObject("square", "red", "striped", "centre"),))
+    none = dataclasses.replace(one, objects=())
+    targets = [parse_caption("a red striped circle on the left in a desert")] * 3
+    assert extra_objects([reading_from_scene(s) for s in (one, two, none)], targets) == pytest.approx(1 / 3)
+    assert extra_objects([reading_from_scene(two)], [parse_caption("a red striped circle on the left and a red striped square in the centre in a desert")]) == 0.0
+    with pytest.raises(ValueError):
+        extra_objects([], [])
 
 
 def test_success_over_views_pools_objects_for_instance_apps_and_needs_every_view_for_image_apps():

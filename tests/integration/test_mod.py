@@ -224,3 +224,27 @@ def test_half_precision_canvas_follows_the_float32_one(tiny_a, dtype):
     half = run({**mod([tiny_a], {"tiles": tiles, "tile_batch_size": 2}), "runtime": {"dtype": dtype}}, progress=False).latents
     assert half.dtype == torch.float32 and torch.isfinite(half).all()  # the loop keeps latents in float32
     assert (half - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_a_recipe_region_may_be_painted_by_snb(tiny_a, tiny_b):
+    """The recipe form of nesting: a region's `snb` fuses the region's model (the base) with
+    others. SNB of a model with itself is that model's region exactly; of two models it differs."""
+    box = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT, "model": 0}
+    alone = run(mod([tiny_a, tiny_b], {"regions": [box]}), progress=False).latents
+    same = {**box, "snb": {"models": [{"model": 0, "prompt": PROMPT}], "params": {"gate": "base"}}}
+    assert torch.equal(run(mod([tiny_a, tiny_b], {"regions": [same]}), progress=False).latents, alone)
+    other = {**box, "snb": {"models": [{"model": 1, "prompt": "a blue square"}], "params": {"k": [1.0, 2.0]}}}
+    assert not torch.allclose(run(mod([tiny_a, tiny_b], {"regions": [other]}), progress=False).latents, alone)
+
+
+@pytest.mark.parametrize("snb, message", [
+    ({"models": [{"model": "nope", "prompt": "x"}]}, "params.regions[0].snb.models[0].model: no model named 'nope'"),
+    ({"models": [{"model": 1, "prompt": "x"}], "params": {"k": [1.0, 1.0, 1.0]}}, "params.k: has 3 entries for 2 models"),
+    ({"models": [{"model": 1, "prompt": "x"}], "params": {"blur_size": 9}}, "params.regions[0].snb.params.blur_size: 9 is larger"),
+    ({"models": []}, "models"),
+])
+def test_bad_snb_regions_are_refused_before_sampling(tiny_a, tiny_b, snb, message):
+    box = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT, "snb": snb}
+    with pytest.raises(RecipeError) as info:
+        run(mod([tiny_a, tiny_b], {"regions": [box]}), progress=False)
+    assert message in str(info.value)

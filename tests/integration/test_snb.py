@@ -19,6 +19,8 @@ def test_snb_of_a_model_with_itself_is_single(tiny_a, scheduler, blur):
     assert torch.equal(snb([h, h, h], PROMPT, scheduler=scheduler, **KW).latents, ref)
     # The soft mask weighs identical predictions by 1/3 each: equal up to rounding.
     assert torch.allclose(snb([h, h, h], PROMPT, temperature=0.5, scheduler=scheduler, **KW).latents, ref, atol=1e-4)
+    for gate in ("base", "region"):
+        assert torch.equal(snb([h, h], PROMPT, gate=gate, scheduler=scheduler, **KW).latents, ref)
 
 
 def _count_calls(handle):
@@ -70,6 +72,7 @@ def test_snb_differs_from_both_models_and_records_masks(tiny_a, tiny_b):
         ({"window": [0.5, 1.2]}, "params.window: must be [start, end]"),
         ({"window": [0.8, 0.2]}, "params.window: must be [start, end]"),
         ({"blur": "median"}, "params.blur"),
+        ({"gate": "expert"}, "params.gate"),
         ({"blur_size": 9}, "params.blur_size: 9 is larger than the latent (8x8)"),
         ({"blur": "gaussian", "blur_sigma": 3}, "params.blur_sigma"),
     ],
@@ -156,6 +159,7 @@ def test_bad_fusion_timestep(tiny_a, tiny_b, params, message):
         ({"temperature": 0.0}, "temperature: must be > 0"),
         ({"blur": "median"}, "blur: must be"),
         ({"blur_size": 0}, "blur_size: must be >= 1"),
+        ({"gate": "expert"}, "gate: must be 'none'"),
     ],
 )
 def test_snb_built_directly_checks_its_arguments(tiny_a, kwargs, message):

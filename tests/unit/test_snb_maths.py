@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multifusion.noise.snb import blend, blend_mask, blur2d, salience, spatial_softmax
+from multifusion.noise.snb import blend, blend_mask, blur2d, gate_by_base, salience, spatial_softmax
 
 
 def _blob(h, w, cy, cx, value=5.0):
@@ -89,3 +89,69 @@ def test_blend_picks_the_chosen_models_values_exactly():
     assert torch.equal(out[..., 0], torch.full((1, 4, 2), 1.0)) and torch.equal(out[..., 1], torch.full((1, 4, 2), 7.0))
     half = torch.full((2, 1, 1, 2, 2), 0.5)
     assert torch.allclose(blend(eps, half), torch.full((1, 4, 2, 2), 4.0))
+
+
+def test_gate_keeps_the_base_map_and_scales_the_others_by_its_relative_height():
+    base = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).view(1, 1, 2, 2) / 11
+    other = torch.full((1, 1, 2, 2), 0.5)
+    gated = gate_by_base(torch.stack([base, other]))
+    assert torch.equal(gated[0], base)
+    # g = (M_0 - min) / (max - min) = [[0, 1/4], [1/2, 1]]
+    assert torch.allclose(gated[1], torch.tensor([[0.0, 0.125], [0.25, 0.5]]).view(1, 1, 2, 2))
+    # Where the base responds least it wins; at its peak the comparison is unchanged (0.5 > 5/11).
+    mask = blend_mask(gated)
+    assert mask[0, 0, 0, 0, 0] == 1 and mask[1, 0, 0, 1, 1] == 1
+
+
+def test_gate_over_a_constant_base_map_changes_nothing():
+    maps = torch.stack([torch.full((2, 1, 3, 3), 1 / 9), torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(1))])
+    assert torch.equal(gate_by_base(maps), maps)
+
+
+def test_gate_with_one_model_is_the_identity():
+    maps = torch.rand(1, 2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(gate_by_base(maps), maps)
+
+
+@given(st.integers(2, 4), st.integers(0, 10_000), st.sampled_from([None, 0.5, 2.0]))
+@settings(max_examples=40, deadline=None)
+def test_gated_models_never_gain_pixels(n, seed, temperature):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.stack([spatial_softmax(torch.rand(2, 1, 5, 6, generator=g) * 4, 1.0) for _ in range(n)])
+    plain, gated = blend_mask(maps, temperature), blend_mask(gate_by_base(maps), temperature)
+    # The base's share only grows; together the others' share only shrinks.
+    assert (gated[0] >= plain[0] - 1e-6).all()
+    assert (gated[1:].sum(0) <= plain[1:].sum(0) + 1e-6).all()
+    assert torch.allclose(gated.sum(0), torch.ones(2, 1, 5, 6), atol=1e-5)
+
+
+def test_region_gate_renormalises_inside_the_base_response():
+    base = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).view(1, 1, 2, 2) / 11
+    other = torch.full((1, 1, 2, 2), 0.25)
+    gated = gate_by_base(torch.stack([base, other]), renormalise=True)
+    # g = [[0, 1/4], [1/2, 1]] times 1/4, over its sum 7/16: [[0, 1/7], [2/7, 4/7]]
+    assert torch.allclose(gated[1], torch.tensor([[0.0, 1 / 7], [2 / 7, 4 / 7]]).view(1, 1, 2, 2))
+    assert torch.equal(gated[0], base)
+    # The plain gate would leave the expert nothing (0.25 * g < M_0 everywhere); renormalised it
+    # wins at the base's peak (4/7 > 5/11) and still never where the base responds least.
+    assert blend_mask(gate_by_base(torch.stack([base, other])))[1].sum() == 0
+    mask = blend_mask(gated)
+    assert mask[1, 0, 0, 1, 1] == 1 and mask[0, 0, 0, 0, 0] == 1
+
+
+def test_region_gate_of_a_map_gated_to_zero_stays_zero():
+    base = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    other = torch.tensor([[0.5, 0.0], [0.25, 0.25]]).view(1, 1, 2, 2)  # nothing where the base responds
+    gated = gate_by_base(torch.stack([base, other]), renormalise=True)
+    assert torch.equal(gated[1], torch.zeros(1, 1, 2, 2))
+
+
+@given(st.integers(2, 4), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_region_gated_maps_sum_to_one_and_vanish_where_the_base_responds_least(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.stack([spatial_softmax(torch.rand(2, 1, 5, 6, generator=g) * 4, 1.0) for _ in range(n)])
+    gated = gate_by_base(maps, renormalise=True)
+    assert torch.allclose(gated[1:].sum(dim=(-2, -1)), torch.ones(n - 1, 2, 1), atol=1e-5)
+    least = maps[0] == maps[0].amin(dim=(-2, -1), keepdim=True)  # (B, 1, H, W)
+    assert (gated[1:][:, least] == 0).all()

@@ -21,7 +21,9 @@ states, see :func:`multifusion.zoo.render.spec_of`):
   the style when stated, and every object at its slot with its shape, colour and texture);
   a rate over images;
 - ``instance`` apps: success = the instance success rate (COCO-MIG): the fraction of all
-  stated objects read at their slot with the right shape, colour and texture.
+  stated objects read at their slot with the right shape, colour and texture;
+- ``region`` apps: success = the fraction of regions (views) read entirely right: the scene,
+  the style and the region's object with every attribute its target states.
 """
 
 from __future__ import annotations
@@ -91,10 +93,12 @@ class View:
 
     box: tuple[int, int, int, int] | None
     scene: Scene
+    state_style: bool = False  # also score the photo style, which captions never state
 
     @property
     def target(self) -> SceneSpec:
-        return spec_of(self.scene)
+        spec = spec_of(self.scene)
+        return replace(spec, style=self.scene.style) if self.state_style else spec
 
 
 def whole_image(prompt: AppPrompt) -> list[View]:
@@ -159,6 +163,23 @@ def tiles_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
         tiles = {"prompts": [[text for _, text in prompt.regions]], "tile_height": TILE, "tile_width": TILE,
                  "tile_col_overlap": TILE_OVERLAP, "mask_type": mask_type}
         return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"tiles": tiles}}
+
+    return build
+
+
+def tile_canvas() -> tuple[int, int]:
+    """(height, width) in pixels of :func:`tiles_per_slot`'s canvas: one tile per slot."""
+    return TILE, len(SLOTS) * TILE - (len(SLOTS) - 1) * TILE_OVERLAP
+
+
+def layout_on_canvas(role: str) -> RecipeBuilder:
+    """One model alone on the canvas of :func:`tiles_per_slot` (not its native 64x64), prompted
+    with the whole layout: what a user without Mixture of Diffusers would sample at that size."""
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        height, width = tile_canvas()
+        return {"method": "single", "models": [{"model": refs[role], "name": role, "prompt": prompt.prompts[role]}],
+                "params": {}, "sampling": {"height": height, "width": width}}
 
     return build
 
@@ -272,6 +293,76 @@ def regional_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
     return tuple((o.slot, caption(Scene(scene.background, scene.style, (replace(o, slot="centre"),)))) for o in scene.objects)
 
 
+MIXED_STYLES = ("cartoon", "photo", "photo")
+"""`regional-models`: the style of each slot's region, left to right (the left drawn as a cartoon)."""
+
+
+def mixed_scene(rng: np.random.Generator, index: int) -> Scene:
+    """Three plain objects, one per slot, in three colours; the centre one textured."""
+    scene = regional_scene(rng, index)
+    left, centre, right = scene.objects
+    return replace(scene, objects=(left, replace(centre, texture=_pick(rng, TEXTURES[1:])), right))
+
+
+def _region_scene(scene: Scene, k: int) -> Scene:
+    """What region ``k`` of a `regional-models` canvas should show: its object centred, in its style."""
+    return Scene(scene.background, MIXED_STYLES[k], (replace(scene.objects[k], slot="centre"),))
+
+
+def mixed_prompts(scene: Scene) -> dict[str, str]:
+    """The whole layout as each model can be told it (the general model knows no textures, the
+    expert no scenes or slots: it is told the centre object)."""
+    centre = scene.objects[1]
+    return {"general": caption(scene, texture=False), "cartoon": caption(replace(scene, style="cartoon"), texture=False),
+            "expert": caption(Scene(PLAIN, "photo", (centre,)), position=False)}
+
+
+def mixed_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
+    """Each slot's target in full: its object centred, in its region's style, with its texture."""
+    return tuple((o.slot, caption(_region_scene(scene, k))) for k, o in enumerate(scene.objects))
+
+
+def models_per_region(assign: Sequence[str]) -> RecipeBuilder:
+    """Mixture of Diffusers over several models on the tile canvas (one native-size region per
+    slot, as :func:`tiles_per_slot` places them): ``assign[k]`` draws region ``k``: ``general``
+    or ``cartoon`` (that model alone, told the region's object in its own words), or ``snb``
+    (SNB of the general model, told the object without texture, and the expert, told the
+    object with it, as in the fine-grained app)."""
+    roles = tuple(dict.fromkeys(r for a in assign for r in (("general", "expert") if a == "snb" else (a,))))
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        scene, step = prompt.scene, TILE - TILE_OVERLAP
+        regions = []
+        for k, who in enumerate(assign):
+            target = _region_scene(scene, k)
+            style = "cartoon" if who == "cartoon" else "photo"
+            region = {"row_init": 0, "row_end": TILE, "col_init": k * step, "col_end": k * step + TILE, "model": "general" if who == "snb" else who,
+                      "prompt": caption(replace(target, style=style), texture=False)}
+            if who == "snb":
+                expert = caption(Scene(PLAIN, "photo", (scene.objects[k],)), position=False)
+                region["snb"] = {"models": [{"model": "expert", "prompt": expert}]}
+            regions.append(region)
+        height, width = tile_canvas()
+        return {"method": "mod", "models": [{"model": refs[r], "name": r} for r in roles], "params": {"regions": regions},
+                "sampling": {"height": height, "width": width}}
+
+    build.roles = roles  # type: ignore[attr-defined]
+    return build
+
+
+def mixed_views(prompt: AppPrompt) -> list[View]:
+    """Each region of the tile canvas read on its own against its full target (its style, photo
+    included, and the texture)."""
+    step = TILE - TILE_OVERLAP
+    return [View((k * step, 0, k * step + TILE, TILE), _region_scene(prompt.scene, k), state_style=True)
+            for k in range(len(prompt.scene.objects))]
+
+
+def _mixed(row_id: str, assign: Sequence[str]) -> Fusion:
+    build = models_per_region(assign)
+    return Fusion("mod", build, build.roles, id=row_id, views=mixed_views)  # type: ignore[attr-defined]
+
+
 def aggregation_scene(rng: np.random.Generator, index: int) -> Scene:
     """One to three plain coloured objects at their slots (the general data's distribution)."""
     background = _pick(rng, SCENES)
@@ -306,12 +397,13 @@ class App:
     id: str
     summary: str
     roles: tuple[str, ...]
-    success: Literal["image", "instance"]
+    success: Literal["image", "instance", "region"]
     success_text: str
     make_scene: Callable[[np.random.Generator, int], Scene] = field(compare=False)
     make_prompts: Callable[[Scene], dict[str, str]] = field(compare=False)
     fusions: tuple[Fusion, ...] = ()
     make_regions: Callable[[Scene], tuple[tuple[str, str], ...]] | None = field(default=None, compare=False)
+    baselines: tuple[str, ...] | None = None  # roles with a `single-ROLE` row (None: every role)
 
     def prompt(self, index: int, seed: int = PROMPT_SEED) -> AppPrompt:
         """Prompt ``index``: depends only on ``(seed, app id, index)``."""
@@ -327,7 +419,7 @@ class App:
         """(rows that run, fusion method ids skipped because ``available`` lacks them)."""
         if available is None:
             from multifusion.registry import METHODS as available
-        rows = [Row(f"single-{r}", "single", (r,), own_prompts("single", (r,))) for r in self.roles]
+        rows = [Row(f"single-{r}", "single", (r,), own_prompts("single", (r,))) for r in (self.roles if self.baselines is None else self.baselines)]
         skipped = []
         for f in self.fusions:
             if f.method in available:
@@ -368,7 +460,9 @@ APPS: dict[str, App] = {
         App("fine-grained", "general scene model + fine-grained (texture) expert", _FG, "image",
             "the scene is right and the object is read at its slot with the right shape, colour and texture",
             fine_grained_scene, fine_grained_prompts,
-            (Fusion("average", own_prompts("average", _FG), _FG), Fusion("snb", own_prompts("snb", _FG), _FG), *merge_rows(_FG))),
+            (Fusion("average", own_prompts("average", _FG), _FG), Fusion("snb", own_prompts("snb", _FG), _FG), *merge_rows(_FG),
+             Fusion("snb", own_prompts("snb", _FG, {"gate": "base"}), _FG, id="snb-gate"),
+             Fusion("snb", own_prompts("snb", _FG, {"gate": "region"}), _FG, id="snb-gate-region"))),
         App("cross-domain", "cartoon style model + general model, on (scene, shape) pairs only the cartoon data shows", _CD, "image",
             "the image is read as a cartoon, the scene is right and the object is at its slot with the right shape and colour",
             cross_domain_scene, cross_domain_prompts,
@@ -381,7 +475,17 @@ APPS: dict[str, App] = {
             regional_scene, regional_prompts,
             (Fusion("mod", tiles_per_slot("general"), ("general",), views=tile_views),
              Fusion("mod", tiles_per_slot("general", "constant"), ("general",), id="mod-constant", views=tile_views),
-             Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds")), regional_regions),
+             Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds"),
+             Fusion("single", layout_on_canvas("general"), ("general",), id="single-canvas", views=tile_views)), regional_regions),
+        App("regional-models", "three-object layouts whose regions need different models: the left a cartoon (cartoon model), "
+            "the centre textured (SNB of the general model and the expert), the right a plain photo (general model)",
+            ("general", "cartoon", "expert"), "region",
+            "region success rate: the fraction of the three 64x64 regions of the 64x160 canvas read entirely right: the scene, "
+            "the region's style, and its object in the centre with the right shape, colour and (centre) texture",
+            mixed_scene, mixed_prompts,
+            (_mixed("mod-general", ("general", "general", "general")), _mixed("mod-cartoon", ("cartoon", "general", "general")),
+             _mixed("mod-snb", ("general", "snb", "general")), _mixed("mod-models", ("cartoon", "snb", "general"))),
+            mixed_regions, baselines=()),
         App("aggregation", "layout model (positions, no colour) + palette model (colours, no positions)", _AG, "instance",
             "instance success rate: the fraction of objects read at their slot with the right shape and colour",
             aggregation_scene, aggregation_prompts,

@@ -13,7 +13,7 @@ import numpy as np
 
 from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row
 from multifusion.bench.layout import sample_path
-from multifusion.bench.stats import bootstrap_interval, sample_success, wilson_interval
+from multifusion.bench.stats import bootstrap_interval, extra_objects, sample_success, wilson_interval
 from multifusion.errors import RecipeError
 
 
@@ -52,6 +52,7 @@ def merge_results(out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequ
             ci = wilson_interval(sum(hits), len(hits)) if app.success == "image" else bootstrap_interval(hits, trials)
             metrics: dict[str, Any] = {"success": rate, "success_ci": [ci[0], ci[1]]}
             metrics.update(summary([r for s in samples for r in s["readings"]], [t for ts in targets for t in ts]))
+            metrics["extra"] = extra_objects([r for s in samples for r in s["readings"]], [t for ts in targets for t in ts])
             features = np.array([f for s in samples for f in s["features"]])
             if len(features) >= 2:
                 if row.views not in references:

@@ -18,7 +18,7 @@ from multifusion.errors import RecipeError
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 _MD_COLUMNS = (("scene", "scene"), ("style", "style"), ("attr/shape", "shape"), ("attr/colour", "colour"),
-               ("attr/texture", "texture"), ("attr/position", "position"), ("isr", "ISR"), ("judge_fid", "judge-FID"),
+               ("attr/texture", "texture"), ("attr/position", "position"), ("isr", "ISR"), ("extra", "extra"), ("judge_fid", "judge-FID"),
                ("seam", "seam"))
 
 

@@ -66,10 +66,13 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
     seams: list[float | None] = [None] * len(images)
     if unit.app.make_regions is not None:
         # Seams are scored at the row's own region edges; a row without regions (one prompt for
-        # the whole image) is scored at the edges of the third-of-the-canvas layout, as a control.
-        from multifusion.bench.apps import regions_per_slot, seam_columns, seam_score
+        # the whole image) is scored, as a control, at the edges of the MoD layout of its canvas:
+        # the tiles on the tile canvas, the thirds on the native one.
+        from multifusion.bench.apps import regions_per_slot, seam_columns, seam_score, tile_canvas, tiles_per_slot
 
-        build = unit.row.build if unit.row.method == "mod" else regions_per_slot(unit.app.roles[0])
+        wide = (images[0].size[1], images[0].size[0]) == tile_canvas()
+        control = tiles_per_slot(unit.app.roles[0]) if wide else regions_per_slot(unit.app.roles[0])
+        build = unit.row.build if unit.row.method == "mod" else control
         params = build(unit.prompt, refs)["params"]
         factor = handles[unit.row.models[0]].vae_scale_factor
         columns = seam_columns(params, (images[0].size[1], images[0].size[0]), factor)

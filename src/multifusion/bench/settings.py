@@ -69,8 +69,10 @@ def row_recipe(row: Row, prompt: AppPrompt, refs: Mapping[str, str], common: Map
                seeds: Sequence[int], runtime: Mapping[str, Any] | None = None) -> dict:
     """The recipe dict of ``seeds`` (consecutive) of one prompt of one row, with the run's sampling settings."""
     recipe = row.build(prompt, refs)
-    recipe["sampling"] = {"num_inference_steps": common["num_inference_steps"], "scheduler": common["scheduler"],
-                          "guidance_scale": common["guidance_scale"], "seed": int(seeds[0]), "num_images": len(seeds)}
+    # A row's own sampling fields (a canvas size) stay; the run's settings are added over them.
+    recipe["sampling"] = {**recipe.get("sampling", {}), "num_inference_steps": common["num_inference_steps"],
+                          "scheduler": common["scheduler"], "guidance_scale": common["guidance_scale"], "seed": int(seeds[0]),
+                          "num_images": len(seeds)}
     if runtime:
         recipe["runtime"] = dict(runtime)
     return recipe

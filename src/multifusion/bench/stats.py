@@ -6,6 +6,7 @@ Intervals are 95 %:
 - ``instance`` apps (success pools the objects of all images): a percentile bootstrap that
   resamples images (the objects of one image are not independent), 2,000 resamples from a
   fixed generator, so the interval is reproducible.
+- ``region`` apps (success pools the views of all images): the same bootstrap over images.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from multifusion.bench.apps import App
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 CI_TEXT = ("95%: Wilson score interval for image apps; percentile bootstrap over images "
-           f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for instance apps")
+           f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for instance and region apps")
 """How the intervals are made, as recorded in a run's settings and printed under its tables."""
 
 
@@ -51,16 +52,30 @@ def bootstrap_interval(hits: Sequence[int], trials: Sequence[int], *, level: flo
 def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Sequence[Any]) -> tuple[int, int]:
     """(hits, trials) of one image read in one or more views (``readings[k]`` against
     ``targets[k]``): for ``image`` apps (1 or 0, 1), 1 when every view shows everything its
-    target states; for ``instance`` apps the objects read right out of the objects stated."""
+    target states; for ``instance`` apps the objects read right out of the objects stated; for
+    ``region`` apps the views read entirely right (scene, style, objects) out of the views."""
     from multifusion.zoo.metrics import instance_success_rate
 
-    hits = trials = 0
+    hits = trials = regions = 0
     every = True
     for reading, spec in zip(readings, targets, strict=True):
         n = len(spec.objects)
         got = round(instance_success_rate([reading], [spec]) * n) if n else 0
         hits, trials = hits + got, trials + n
-        every &= got == n
-        every &= spec.background is None or reading["background"] == spec.background
-        every &= spec.style is None or reading["style"] == spec.style
+        right = (got == n and (spec.background is None or reading["background"] == spec.background)
+                 and (spec.style is None or reading["style"] == spec.style))
+        regions += right
+        every &= right
+    if app.success == "region":
+        return regions, len(targets)
     return (hits, trials) if app.success == "instance" else (int(every), 1)
+
+
+def extra_objects(readings: Sequence[Mapping[str, Any]], targets: Sequence[Any]) -> float:
+    """The fraction of readings in which the judge reads more objects (filled slots) than the
+    target states: a second object where one was asked for (the judge reads at most one object
+    per slot, so two objects in one slot count once)."""
+    if len(readings) != len(targets) or not readings:
+        raise ValueError("readings and targets must be equally long and non-empty")
+    extra = [sum(v is not None for v in r["slots"].values()) > len(t.objects) for r, t in zip(readings, targets)]
+    return float(np.mean(extra))

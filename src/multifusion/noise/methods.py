@@ -68,13 +68,18 @@ class SNBParams(Params):
     fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
     fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
     temperature: float | None = Field(None, description="soft mask over models instead of argmax (> 0)")
+    gate: Literal["none", "base", "region"] = Field(
+        "none", description="'base': every other model's map times the first model's map rescaled to [0, 1], so the others "
+        "win only where the first model responds; 'region': the same, renormalised to sum to one (the others' softmax over "
+        "the first model's response); beyond the paper, 'none' is MagicFusion as published")
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
         n = (info.context or {}).get("n_models")
         if self.fusion_timestep is not None and "window" in self.model_fields_set:
             raise FieldError("window", "give either `window` (trajectory fractions) or `fusion_timestep` (t_s), not both")
-        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
+        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma,
+                        self.gate)
         return self
 
     def ks(self, n: int) -> list[float]:
@@ -103,7 +108,8 @@ def prepare_snb(ctx: RunContext, params: SNBParams) -> Prepared[SNBParams]:
 def plan_snb(prep: Prepared[SNBParams], batch: Batch) -> Plan:
     p, guided = prep.params, prep.ctx.guided(batch)
     window = p.fusion_window(len(guided[0].handle.alphas_cumprod))
-    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature))])
+    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature,
+                                   p.gate))])
 
 
 def check_snb(params: SNBParams, canvas_px: tuple[int, int], factor: int, labels: list[str]) -> None:
@@ -162,10 +168,40 @@ class _Conditioning(Params):
     guidance_scale: float | None = Field(None, ge=0)
 
 
+class FusedModel(_Conditioning):
+    prompt: str
+
+
+class RegionSNB(Params):
+    """A region painted by SNB: the region's own model and prompt are the base (first) model,
+    `models` the others, `params` SNB's (a k list has one entry per model, the region's first)."""
+
+    models: list[FusedModel] = Field(min_length=1, description="the models fused with the region's own model, each with its prompt")
+    params: dict = Field(default_factory=dict, description="SNB's parameters (as the snb method's `params`)")
+
+    @model_validator(mode="after")
+    def _params(self):
+        self.snb_params()
+        return self
+
+    def snb_params(self) -> SNBParams:
+        """`params` validated for 1 + len(models) models; ValueError naming the field otherwise."""
+        from pydantic import ValidationError
+
+        try:
+            return SNBParams.model_validate(self.params, context={"n_models": 1 + len(self.models)})
+        except ValidationError as err:
+            e = err.errors()[0]
+            field = ".".join(str(x) for x in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")  # a FieldError's message starts with its field
+            raise ValueError(f"params.{field}: {msg}" if field else f"params.{msg}") from None
+
+
 class RegionParams(Box, _Conditioning):
     prompt: str
     mask_type: Literal["gaussian", "quartic", "constant"] = "gaussian"
     mask_weight: float = Field(1.0, ge=0)
+    snb: RegionSNB | None = Field(None, description="paint the region with SNB of its model and these (combinators nest)")
 
 
 class TilesParams(_Conditioning):
@@ -293,9 +329,18 @@ def check_mod(params: ModParams, canvas_px: tuple[int, int], factor: int, labels
     """Every box on the grid and canvas, every model reference known, every pixel covered.
     Returns `place_mod`'s regions (background last)."""
     placed = place_mod(params, canvas_px, factor)
-    if labels is not None:
-        for where, spec in params.all_regions():
+    for (where, spec), (_, box, _) in zip(params.all_regions(), placed):
+        snb = getattr(spec, "snb", None)  # the background has none
+        if labels is not None:
             _model_index(where, spec.model, labels)
+            for j, m in enumerate(snb.models if snb else []):
+                _model_index(f"{where}.snb.models[{j}]", m.model, labels)
+        if snb is not None:
+            p = snb.snb_params()
+            try:
+                check_blur_fits(p.blur, p.blur_size, p.blur_sigma, (box[1] - box[0], box[3] - box[2]))
+            except FieldError as err:
+                raise RecipeError(f"{where}.snb.params.{err} (the region's latent size)") from None
     for i, r in enumerate(params.image_regions):
         r.latent_box(f"params.image_regions[{i}]", canvas_px, factor)
     for i, r in enumerate(params.rerolls):
@@ -345,6 +390,13 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
     for (where, box, weights), (_, spec) in zip(prep.placed, params.all_regions()):
         i = _model_index(where, spec.model, ctx.labels)
         guided = ctx.guide(i, [spec.prompt] * batch.size, spec.negative_prompt, spec.guidance_scale)
+        snb = getattr(spec, "snb", None)  # the background has none
+        if snb is not None:
+            others = [ctx.guide(_model_index(f"{where}.snb.models[{j}]", m.model, ctx.labels), [m.prompt] * batch.size,
+                                m.negative_prompt, m.guidance_scale) for j, m in enumerate(snb.models)]
+            p, fused = snb.snb_params(), [guided, *others]
+            guided = SNB(fused, p.ks(len(fused)), p.blur, p.blur_size, p.blur_sigma,
+                         p.fusion_window(len(ctx.handles[i].alphas_cumprod)), p.temperature, p.gate)
         regions.append(Region(box, guided, weights, where.removeprefix("params.")))
     canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
 

@@ -25,6 +25,14 @@ Deviations from the authors' code (ldm/models/diffusion/ddim.py of the MagicFusi
 - Each model encodes its own prompt with its own text encoder (the authors feed both models
   the base model's embeddings).
 - Before the window opens only the base model is evaluated (the authors evaluate both).
+
+Beyond the paper (off by default), `gate_by_base`: ``gate="base"`` multiplies every other
+model's map by the base model's map rescaled to [0, 1] per image, so an expert can win only
+where the base model itself responds; ``gate="region"`` also renormalises the gated map to sum
+to one, i.e. the expert's spatial softmax runs over the base's response instead of the whole
+image. Without a gate, an expert that was never told where its object goes claims the pixels
+where the base responds least (the background) and draws a second object there
+(docs/results.md).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from multifusion.handles import Guided
 from multifusion.schedulers import in_window, timestep_fraction
 
 Blur = Literal["box", "gaussian", "none"]
+Gate = Literal["none", "base", "region"]
 
 
 def blur2d(x: torch.Tensor, kind: Blur = "box", size: int = 4, sigma: float = 1.0) -> torch.Tensor:
@@ -78,6 +87,25 @@ def spatial_softmax(s: torch.Tensor, k: float) -> torch.Tensor:
     return torch.softmax(k * s.reshape(b, h * w), dim=1).reshape(b, 1, h, w)
 
 
+def gate_by_base(maps: torch.Tensor, renormalise: bool = False) -> torch.Tensor:
+    """(N, B, 1, H, W) normalised maps -> (N, B, 1, H, W): map 0 (the base model) unchanged,
+    every other map multiplied by g = (M_0 - min M_0) / (max M_0 - min M_0), min and max over
+    each image's H*W positions; g = 1 where M_0 is constant over the image (no information, no
+    gate). Since 0 <= g <= 1 a gated model never gains pixels under `blend_mask`; where the base
+    responds least (g = 0) the base always wins. With `renormalise`, each gated map is divided
+    by its sum over H*W (so it sums to one again, as a spatial softmax over the base's response
+    would): the gated model still never wins where g = 0, but gains where the base responds."""
+    base = maps[0]
+    lo = base.amin(dim=(-2, -1), keepdim=True)
+    span = base.amax(dim=(-2, -1), keepdim=True) - lo  # (B, 1, 1, 1)
+    g = torch.where(span > 0, (base - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(base))
+    gated = maps[1:] * g  # (N - 1, B, 1, H, W)
+    if renormalise:
+        total = gated.sum(dim=(-2, -1), keepdim=True)
+        gated = gated / torch.where(total > 0, total, torch.ones_like(total))  # a map gated to zero stays zero
+    return torch.cat([maps[:1], gated])
+
+
 def blend_mask(maps: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
     """(N, B, 1, H, W) normalised maps -> (N, B, 1, H, W) mask over models, summing to one at
     every pixel: one-hot argmax (the paper), or M_i^(1/T) / sum_j M_j^(1/T) for temperature T."""
@@ -96,7 +124,7 @@ def blend(eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[float, float], temperature: float | None,
-                    blur: str, blur_size: int, blur_sigma: float) -> None:
+                    blur: str, blur_size: int, blur_sigma: float, gate: str = "none") -> None:
     """Every check of SNB's arguments, in one place (the recipe's params and the combinator
     built directly both run it); FieldError (a ValueError) naming the argument."""
     if n_models is not None and n_models < 2:
@@ -115,6 +143,8 @@ def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[floa
         raise FieldError("blur_size", f"must be >= 1, got {blur_size}")
     if not blur_sigma > 0:
         raise FieldError("blur_sigma", f"must be > 0, got {blur_sigma}")
+    if gate not in ("none", "base", "region"):
+        raise FieldError("gate", f"must be 'none' (the paper's method), 'base' or 'region', got {gate!r}")
 
 
 def check_blur_fits(blur: str, blur_size: int, blur_sigma: float, latent_hw: tuple[int, int]) -> None:
@@ -132,7 +162,8 @@ class SNB:
 
     `window` is [start, end) on the trajectory axis, 0 = pure noise, 1 = clean (closed at 1);
     the paper's "late" fusion for t <= t_s is [1 - t_s / (T - 1), 1], the authors' "early"
-    option, t > t_s, is [0, 1 - t_s / (T - 1)). `record` receives `snb/maps` and `snb/mask` (N, B, 1, H, W).
+    option, t > t_s, is [0, 1 - t_s / (T - 1)). `gate` "base" / "region" applies `gate_by_base`
+    (without / with renormalising) to the maps before the mask. `record` receives `snb/maps` (before any gate) and `snb/mask` (N, B, 1, H, W).
     """
 
     guided: Sequence[Guided]
@@ -142,9 +173,11 @@ class SNB:
     blur_sigma: float = 1.0
     window: tuple[float, float] = (0.0, 1.0)
     temperature: float | None = None
+    gate: Gate = "none"
 
     def __post_init__(self):
-        check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma)
+        check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma,
+                        self.gate)
         self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
 
     def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "SNB":
@@ -164,7 +197,8 @@ class SNB:
             spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k)
             for p, k in zip(preds, self.k)
         ])  # (N, B, 1, H, W)
-        mask = blend_mask(maps, self.temperature)
+        gated = maps if self.gate == "none" else gate_by_base(maps, renormalise=self.gate == "region")
+        mask = blend_mask(gated, self.temperature)
         if record is not None:
             record["snb/maps"] = maps
             record["snb/mask"] = mask
