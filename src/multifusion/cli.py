@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with `accelerate launch --multi_gpu --num_processes K -m multifusion.cli bench ...` (also on CPU-only "
                        "machines, where the processes meet over gloo). `bench real` scores your "
                        "own models on a prompt file with CLIP score / FID / IS (torchmetrics) from local weights.")
-    b.add_argument("app", help="fine-grained, cross-domain, regional, regional-models, aggregation, ensemble (several: comma-separated); "
+    b.add_argument("app", help="fine-grained, cross-domain, cross-domain-photo, regional, regional-models, aggregation, ensemble (several: comma-separated); "
                    "'all' for every app; 'real' for your own models (with --recipe and --prompt-file)")
     b.add_argument("--rows", help="run only these rows (comma-separated row ids, e.g. merge,mbw); the others' numbers "
                    "do not change, the benchmark being deterministic")

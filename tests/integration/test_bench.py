@@ -226,7 +226,7 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     from multifusion.registry import METHODS
 
     a, b = tiny_a, tiny_b
-    models = {"general": a, "expert": b, "cartoon": b, "layout": a, "palette": b, "slice0": a, "slice1": b}
+    models = {"general": a, "expert": b, "cartoon": b, "toon": b, "layout": a, "palette": b, "slice0": a, "slice1": b}
     doc = tmp_path / "results-doc.md"
     doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
     # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not these.
@@ -461,6 +461,34 @@ def test_extra_objects_counts_readings_with_more_objects_than_stated():
     assert extra_objects([reading_from_scene(two)], [parse_caption("a red striped circle on the left and a red striped square in the centre in a desert")]) == 0.0
     with pytest.raises(ValueError):
         extra_objects([], [])
+
+
+def test_cross_domain_photo_asks_for_a_photo_of_what_only_the_toon_model_draws():
+    app = APPS["cross-domain-photo"]
+    for p in app.prompts(12):
+        (obj,) = p.scene.objects
+        assert p.scene.style == "photo" and obj.texture in TEXTURES[1:] and (p.scene.background, obj.shape) not in GENERAL_HELD_OUT
+        assert p.prompts["toon"] == "a cartoon of " + p.prompts["general"] == "a cartoon of " + p.caption
+    rows, skipped = app.rows()
+    assert [(r.id, r.models) for r in rows] == [("single-general", ("general",)), ("single-toon", ("toon",)),
+                                                ("average", ("general", "toon")), ("snb", ("general", "toon"))] and not skipped
+    assert rows[3].build(app.prompt(0), {"general": "g", "toon": "t"})["params"] == {"blur": "none"}
+
+
+def test_cross_domain_photo_fails_a_cartoon_and_a_photo_without_the_texture():
+    from multifusion.zoo.judge import reading_from_scene
+
+    app = APPS["cross-domain-photo"]
+    p = app.prompt(0)
+    for row in app.rows()[0]:  # every row, the single models too, is read with the photo style stated
+        (view,) = row.views(p)
+        assert view.target.style == "photo"
+        assert sample_success(app, [reading_from_scene(p.scene)], [view.target]) == (1, 1)
+        as_cartoon = dataclasses.replace(p.scene, style="cartoon")
+        assert sample_success(app, [reading_from_scene(as_cartoon)], [view.target]) == (0, 1)
+        (obj,) = p.scene.objects
+        plain = dataclasses.replace(p.scene, objects=(dataclasses.replace(obj, texture="plain"),))
+        assert sample_success(app, [reading_from_scene(plain)], [view.target]) == (0, 1)
 
 
 def test_success_over_views_pools_objects_for_instance_apps_and_needs_every_view_for_image_apps():

@@ -232,6 +232,9 @@ def test_samplers_honour_their_distribution(name: str, seed: int) -> None:
         assert spec.background is None and spec.objects[0].slot is None and spec.objects[0].texture is not None
     elif name == "cartoon":
         assert scene.style == "cartoon" and spec.style == "cartoon" and scene.background in SCENES
+    elif name == "toon":
+        assert scene.style == "cartoon" and scene.background in SCENES and len(scene.objects) == 1
+        assert scene.objects[0].texture != "plain" and spec.objects[0].texture == scene.objects[0].texture
     elif name == "layout":
         assert all(o.colour == GREY for o in scene.objects)
         assert all(o.colour is None and o.slot is not None for o in spec.objects)
@@ -254,6 +257,18 @@ def test_datasets_are_deterministic_and_sliceable() -> None:
     assert whole.captions[2:] == tail.captions and whole.scenes[2:] == tail.scenes
     other = make_dataset("general", 5, seed=4)
     assert whole.captions != other.captions
+
+
+def test_toon_data_is_cartoons_of_textured_objects_captioned_in_full() -> None:
+    data = make_dataset("toon", 60, 0)
+    for image, text, scene in zip(data.images, data.captions, data.scenes):
+        assert text.startswith("a cartoon of ") and parse_caption(text) == spec_of(scene)
+        (obj,) = scene.objects
+        assert obj.texture in text.split() and obj.colour in text.split() and SLOT_PHRASES[obj.slot] in text
+    assert {s.objects[0].texture for s in data.scenes} == set(TEXTURES[1:])
+    assert {s.background for s in data.scenes} == set(SCENES)
+    again = make_dataset("toon", 2, 0, start=58)  # example i depends only on (seed, name, i)
+    np.testing.assert_array_equal(data.images[58:], again.images)
 
 
 def test_cartoon_covers_the_pairs_general_never_shows() -> None:

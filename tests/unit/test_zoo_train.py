@@ -17,11 +17,13 @@ from multifusion.zoo import render
 from multifusion.zoo.models import MAX_TOKENS, build_tokenizer, vocabulary
 from multifusion.zoo.train import (
     DEFAULT_STEPS,
+    FROM_SHIPPED,
     INIT_FROM,
     MODELS,
     TrainConfig,
     ZooTrainError,
     _finetune_start,
+    _shipped_start,
     distribution,
     install,
     snapshot_path,
@@ -165,6 +167,24 @@ def test_default_steps_are_the_shipped_schedule():
             assert info["steps"] == DEFAULT_STEPS[name], name
             expected = {"model": INIT_FROM[name], "step": step} if name in INIT_FROM else None
             assert info["init_from"] == expected, name
+
+
+def test_models_from_shipped_weights_start_from_the_parent_upcast_and_train_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    for name, parent in FROM_SHIPPED.items():
+        assert name not in MODELS and distribution(name).name == name
+        weights, init_from = _shipped_start(name)
+        shipped = load_file(loading.zoo_root() / parent / "unet" / "diffusion_pytorch_model.safetensors")
+        assert shipped.keys() == weights.keys() and all(v.dtype == torch.float16 for v in shipped.values())
+        assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k].half(), shipped[k]) for k in shipped)
+        assert init_from["model"] == parent
+        with pytest.raises(ZooTrainError, match="train them alone"):
+            train_zoo(tmp_path, [parent, name], steps=1, progress=False, config=TINY)
+        info_path = loading.zoo_root() / name / "training.json"
+        if info_path.exists():  # installed: its record says where it started and how far it went
+            info = json.loads(info_path.read_text())
+            assert info["init_from"] == init_from and info["steps"] == DEFAULT_STEPS[name]
 
 
 def test_bad_names_and_steps_are_refused(tmp_path):

@@ -1,7 +1,7 @@
 """The benchmark's applications: which models each compares, on which prompts, with which
 methods, and what counts as success.
 
-An *app* (ids shared with the demo report: ``fine-grained``, ``cross-domain``, ``regional``,
+An *app* (ids shared with the demo report: ``fine-grained``, ``cross-domain``, ``cross-domain-photo``, ``regional``,
 ``aggregation``, ``ensemble``) names model *roles* (``general``, ``expert``, ...; role ``r``
 defaults to the zoo model ``zoo:r``), draws its target scenes from ShapeWorld with a fixed
 seed, says what each model is prompted with, and lists its rows:
@@ -278,6 +278,28 @@ def cross_domain_prompts(scene: Scene) -> dict[str, str]:
     return {"cartoon": caption(scene), "general": caption(replace(scene, style="photo"))}
 
 
+def cross_domain_photo_scene(rng: np.random.Generator, index: int) -> Scene:
+    """A photo of one textured object at a slot, in a scene: content only the ``toon`` model
+    can draw (textures, which it saw only as cartoons) in the style only the general model
+    draws. The shape is one the general model has seen in that scene (no held-out pair), so
+    the texture is the one thing the general model lacks."""
+    background = _pick(rng, SCENES)
+    obj = ShapeObject(_pick(rng, _general_shapes(background)), _pick(rng, COLOURS), _pick(rng, TEXTURES[1:]), _pick(rng, SLOTS))
+    return Scene(background, "photo", (obj,))
+
+
+def cross_domain_photo_prompts(scene: Scene) -> dict[str, str]:
+    """The full caption to both, each in its own style's words: the general model is told the
+    photo ('a red striped circle on the left in a desert'), the toon model the cartoon of it."""
+    return {"general": caption(scene), "toon": caption(replace(scene, style="cartoon"))}
+
+
+def photo_view(prompt: AppPrompt) -> list[View]:
+    """The whole image against the full target with its photo style stated (captions never
+    state it), so an image read as a cartoon fails."""
+    return [View(None, prompt.scene, state_style=True)]
+
+
 def regional_scene(rng: np.random.Generator, index: int) -> Scene:
     """Three plain objects, one per slot, in three different colours."""
     background = _pick(rng, SCENES)
@@ -404,6 +426,7 @@ class App:
     fusions: tuple[Fusion, ...] = ()
     make_regions: Callable[[Scene], tuple[tuple[str, str], ...]] | None = field(default=None, compare=False)
     baselines: tuple[str, ...] | None = None  # roles with a `single-ROLE` row (None: every role)
+    baseline_views: Callable[[AppPrompt], list[View]] = field(default=whole_image, compare=False)  # how they are read
 
     def prompt(self, index: int, seed: int = PROMPT_SEED) -> AppPrompt:
         """Prompt ``index``: depends only on ``(seed, app id, index)``."""
@@ -419,7 +442,7 @@ class App:
         """(rows that run, fusion method ids skipped because ``available`` lacks them)."""
         if available is None:
             from multifusion.registry import METHODS as available
-        rows = [Row(f"single-{r}", "single", (r,), own_prompts("single", (r,))) for r in (self.roles if self.baselines is None else self.baselines)]
+        rows = [Row(f"single-{r}", "single", (r,), own_prompts("single", (r,)), self.baseline_views) for r in (self.roles if self.baselines is None else self.baselines)]
         skipped = []
         for f in self.fusions:
             if f.method in available:
@@ -431,6 +454,7 @@ class App:
 
 _FG = ("general", "expert")
 _CD = ("cartoon", "general")
+_CP = ("general", "toon")
 _AG = ("layout", "palette")
 _EN = ("slice0", "slice1")
 
@@ -468,6 +492,13 @@ APPS: dict[str, App] = {
             cross_domain_scene, cross_domain_prompts,
             (Fusion("average", own_prompts("average", _CD), _CD), Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD),
              *merge_rows(_CD))),
+        App("cross-domain-photo", "general (photo) model + toon model (cartoons of textured objects): a photo of a textured "
+            "object, content only the toon model draws in the style only the general model draws", _CP, "image",
+            "the image is read as a photo, the scene is right and the object is at its slot with the right shape, colour and texture",
+            cross_domain_photo_scene, cross_domain_photo_prompts,
+            (Fusion("average", own_prompts("average", _CP), _CP, views=photo_view),
+             Fusion("snb", own_prompts("snb", _CP, {"blur": "none"}), _CP, views=photo_view)),
+            baseline_views=photo_view),
         App("regional", "three-object layouts: Mixture of Diffusers (one native-size tile per slot) vs one prompt for the whole layout",
             ("general",), "instance",
             "instance success rate: the fraction of objects read where they were asked for (their slot of the 64x64 image; "

@@ -637,6 +637,16 @@ def sample_cartoon(rng: np.random.Generator) -> Scene:
     return Scene(_pick(rng, SCENES), "cartoon", _random_objects(rng, _count(rng), COLOURS, ("plain",)))
 
 
+def sample_toon(rng: np.random.Generator) -> Scene:
+    """``toon`` data: cartoons of textured objects. Any scene, one object at a random slot,
+    always textured (never plain), any colour and shape.
+
+    It is the content only a cartoon model can draw in the cross-domain application: the
+    general model never saw a texture, the ``toon`` model saw textures only as cartoons.
+    """
+    return Scene(_pick(rng, SCENES), "cartoon", _random_objects(rng, 1, COLOURS, TEXTURES[1:]))
+
+
 def sample_layout(rng: np.random.Generator) -> Scene:
     """``layout`` data: a scene with 1-3 grey plain objects at their slots, photo style."""
     return Scene(_pick(rng, SCENES), "photo", _random_objects(rng, _count(rng), (GREY,), ("plain",)))
@@ -702,6 +712,7 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         Distribution("general", sample_general),
         Distribution("expert", sample_expert, position=False),
         Distribution("cartoon", sample_cartoon),
+        Distribution("toon", sample_toon),
         Distribution("layout", sample_layout, colour=False),
         Distribution("palette", sample_palette, position=False),
         Distribution("any", sample_any),

@@ -82,6 +82,7 @@ DEFAULT_STEPS: dict[str, int] = {
     "palette": 1500,
     "slice0": 1200,
     "slice1": 1200,
+    "toon": 1500,
 }
 """Training steps per model at batch 32 when ``steps`` is not given.
 
@@ -97,6 +98,17 @@ Fine-tunes of one base is how the papers' models relate (AFA fuses fine-tunes of
 it is what makes the zoo trainable on 2 CPU cores: a fine-tune learns a style, grey objects or
 a scene slice in a fraction of the steps a model from scratch needs. ``expert`` starts from
 scratch, so it has never seen a scene.
+"""
+
+FROM_SHIPPED: dict[str, str] = {"toon": "general"}
+"""Models fine-tuned from another model's *shipped* weights, not from a run-folder snapshot.
+
+``toon`` (cartoons of textured objects, the cross-domain app's content model) was added after
+the zoo shipped, so it starts from the package's ``general`` UNet: its fp16 files, upcast to
+float32. Its run folder's shared parts (tokenizer, text encoder, VAE) are the shipped ones,
+upcast the same way, so the installed model shares them byte for byte with the rest of the zoo.
+Such models are trained on their own (``--models toon``): never with models that train a base
+from scratch. They are not in :data:`MODELS`, so the default command leaves them alone.
 """
 
 VAE_MIX: tuple[str, ...] = ("general", "expert", "cartoon", "layout", "palette")
@@ -155,7 +167,7 @@ def distribution(name: str) -> render.Distribution:
         i = int(name[5:])
         if i < len(slices):
             return slices[i]
-    if name in MODELS:
+    if name in MODELS or name in FROM_SHIPPED:
         return render.get_distribution(name)
     import difflib
 
@@ -389,6 +401,44 @@ def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tupl
     return ema, {"model": parent, "step": step}
 
 
+def _shipped_start(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights ``name`` of :data:`FROM_SHIPPED` starts from: its parent's shipped UNet,
+    fp16 in the package, upcast to float32; and its ``init_from`` record."""
+    from safetensors.torch import load_file
+
+    from multifusion.loading import zoo_root
+
+    parent = FROM_SHIPPED[name]
+    folder = zoo_root() / parent
+    weights = {k: v.float() for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()}
+    steps = json.loads((folder / "training.json").read_text())["steps"]
+    return weights, {"model": parent, "step": steps, "weights": "shipped fp16, upcast to float32"}
+
+
+def base_from_shipped(out_dir: str | Path, parent: str) -> None:
+    """Write ``out_dir/base`` (once) from zoo model ``parent``'s shipped tokenizer, text encoder
+    and VAE, upcast to float32, so :func:`prepare_base` loads them instead of training a VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from multifusion.loading import zoo_root
+
+    src, base_dir = zoo_root() / parent, Path(out_dir) / "base"
+    with _locked(Path(out_dir) / "base.lock"):
+        if (base_dir / "base.json").exists():
+            info = json.loads((base_dir / "base.json").read_text())
+            if info.get("from_shipped") != parent:
+                raise ZooTrainError(f"{base_dir} was not made from the shipped {parent!r}; train {sorted(FROM_SHIPPED)} "
+                                    "in a run folder of their own")
+            return
+        CLIPTokenizer.from_pretrained(src / "tokenizer").save_pretrained(base_dir / "tokenizer")
+        CLIPTextModel.from_pretrained(src / "text_encoder", use_safetensors=True).float().save_pretrained(
+            base_dir / "text_encoder", safe_serialization=True)
+        AutoencoderKL.from_pretrained(src / "vae", use_safetensors=True).float().save_pretrained(base_dir / "vae", safe_serialization=True)
+        info = {**json.loads((src / "training.json").read_text())["base"], "from_shipped": parent}
+        write_text(base_dir / "base.json", json.dumps(info, indent=2))  # last: it marks the base as complete
+
+
 def _denoising_loss(unet: Any, base: Base, data: Mapping[str, torch.Tensor], config: TrainConfig) -> StepFn:
     """The step function of UNet training: eps-prediction MSE at uniform timesteps, ~10 % of captions dropped."""
     scheduler = build_scheduler()
@@ -454,7 +504,11 @@ def train_model(
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, accelerator=_accelerator())
     saved = run.resume()
     init_from = saved.get("init_from") if saved is not None else None
-    if saved is None and name in INIT_FROM and steps > 0:
+    if saved is None and name in FROM_SHIPPED and steps > 0:
+        start_weights, init_from = _shipped_start(name)
+        unet.load_state_dict(start_weights)
+        ema.load_state_dict(start_weights)
+    elif saved is None and name in INIT_FROM and steps > 0:
         start_weights, init_from = _finetune_start(out_dir, name, config)
         unet.load_state_dict(start_weights)
         ema.load_state_dict(start_weights)
@@ -606,9 +660,15 @@ def train_zoo(
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     _check_parents_reach_snapshot(out_dir, per_model, config)
+    shipped = {FROM_SHIPPED[m] for m in models if m in FROM_SHIPPED}
+    if shipped and (len(shipped) > 1 or any(m not in FROM_SHIPPED for m in models)):
+        raise ZooTrainError(f"{sorted(m for m in models if m in FROM_SHIPPED)} start from shipped weights and share their base: "
+                            f"train them alone, one parent per run folder (--models {','.join(m for m in models if m in FROM_SHIPPED)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({**asdict(config), "seed": seed}, indent=2))
     torch.set_num_threads(threads)
+    if shipped:
+        base_from_shipped(out_dir, next(iter(shipped)))
     base = prepare_base(out_dir, config, seed, progress)
     # Several processes may run this on one run folder (e.g. two with threads=1 on 2 cores):
     # each takes the first model no other process is training, then waits for the rest.
