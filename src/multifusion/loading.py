@@ -122,10 +122,29 @@ def _pickle_only_components(root: Path) -> list[str]:
                   and any(f.suffix.lower() in PICKLE_SUFFIXES for f in d.iterdir())) if root.is_dir() else []
 
 
+def _config_root(ref: ModelRef) -> Path | None:
+    """The local folder holding `ref`'s diffusers configs: the pipeline folder, or a single
+    file's `config:` folder; None when they are not local (Hub ids, single files without one)."""
+    return Path(ref.location) if ref.kind in ("folder", "zoo") else (Path(ref.config) if ref.config else None)
+
+
+def _model_index(root: Path) -> dict:
+    """A pipeline folder's model_index.json ({} when missing or unreadable)."""
+    try:
+        return json.loads((root / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def vae_factor(vae_config) -> int:
+    """A VAE's downsampling factor from its config (a dict or a diffusers config)."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
 def read_local_config(ref: ModelRef) -> dict | None:
     """Configs needed for validation (VAE factor, latent channels), read without loading
     weights; None when they are not local (Hub ids, single files without a config)."""
-    root = Path(ref.location) if ref.kind in ("folder", "zoo") else (Path(ref.config) if ref.config else None)
+    root = _config_root(ref)
     if root is None:
         return None
     try:
@@ -142,7 +161,7 @@ def read_local_config(ref: ModelRef) -> dict | None:
     except (OSError, json.JSONDecodeError):
         scheduler = None
     channels, patch = family.config_facts(unet)
-    factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    factor = vae_factor(vae)
     return {
         "vae_scale_factor": factor,
         "latent_channels": channels,
@@ -194,7 +213,7 @@ def vae_mismatch(vae: dict, unet_in_channels: int, scaling_factor: float, vae_sc
     """What makes a replacement VAE (its config) unfit for a model whose UNet takes
     `unet_in_channels` latent channels and whose own VAE has `scaling_factor` and downsampling
     `vae_scale_factor`; None when it fits."""
-    got = (vae.get("latent_channels", 4), 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+    got = (vae.get("latent_channels", 4), vae_factor(vae),
            round(float(vae.get("scaling_factor", 0.18215)), 6))
     want = (unet_in_channels, vae_scale_factor, round(scaling_factor, 6))
     for what, a, b in zip(("latent channels", "downsampling factor", "scaling_factor"), got, want):
@@ -240,13 +259,8 @@ FAMILIES.update({h.pipeline_class: h for h in (SDXLHandle, SD3Handle, FluxHandle
 def family_of(ref: ModelRef) -> type[ModelHandle]:
     """The handle class for `ref`: from its pipeline folder's (or config folder's)
     model_index.json where local; Stable Diffusion 1.x/2.x otherwise."""
-    root = Path(ref.location) if ref.kind in ("folder", "zoo") else (Path(ref.config) if ref.config else None)
-    name = None
-    if root is not None:
-        try:
-            name = json.loads((root / "model_index.json").read_text()).get("_class_name")
-        except (OSError, json.JSONDecodeError):
-            name = None
+    root = _config_root(ref)
+    name = None if root is None else _model_index(root).get("_class_name")
     if name is None:
         return ModelHandle
     if name not in FAMILIES:
@@ -261,10 +275,7 @@ def _absent_parts(ref: ModelRef) -> list[str]:
     SD3 without its T5 encoder): diffusers loads them only when told they are None."""
     if ref.kind not in ("folder", "zoo"):
         return []
-    try:
-        index = json.loads((Path(ref.location) / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
+    index = _model_index(Path(ref.location))
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]]
 
 
@@ -383,7 +394,7 @@ def load_model(
         own = pipe.vae
         replacement = _load_vae(vae_ref, ref, type(own), torch_dtype, allow_pickle)
         problem = vae_mismatch(dict(replacement.config), int(own.config.latent_channels), float(own.config.scaling_factor),
-                               2 ** (len(own.config.block_out_channels) - 1))
+                               vae_factor(own.config))
         if problem:
             raise IncompatibleModelsError(f"VAE {vae!r} does not fit {ref.text!r}: {problem}")
         pipe.vae = replacement

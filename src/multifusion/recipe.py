@@ -398,7 +398,7 @@ def validate(recipe: Recipe) -> Validated:
             factor, grid = (cfg["vae_scale_factor"], cfg["patch_px"]) if i == 0 else (factor, grid)
             spaces[i] = (cfg["latent_channels"], cfg["vae_scale_factor"])
             families[i] = (cfg["family"], cfg["prediction_space"])
-            vaes[i] = (round(cfg["scaling_factor"], 6), cfg["family"])
+            vaes[i] = round(cfg["scaling_factor"], 6)
             schedulers[i] = cfg["scheduler"]
             check_flow_fields(recipe, i, cfg["family"], cfg["prediction_space"])
     i = min(spaces, default=0)
@@ -414,12 +414,12 @@ def validate(recipe: Recipe) -> Validated:
                 f"models[{j}].model: its latent channels and VAE factor ({space[0]}, {space[1]}) differ from models[{i}]'s "
                 f"({spaces[i][0]}, {spaces[i][1]}), so their latents cannot meet; use models fine-tuned from one base "
                 "(same VAE)")
-        if vaes[j][0] != vaes[i][0]:
-            (scale, family), (scale_i, family_i) = vaes[j], vaes[i]
+        if vaes[j] != vaes[i]:
+            family, family_i = families[j][0], families[i][0]
             kinds = f"models[{j}] is {family} and models[{i}] {family_i}: " if family != family_i else ""
             raise IncompatibleModelsError(
-                f"models[{j}].model: {kinds}their VAEs encode different latent spaces (VAE scaling_factor {scale} vs "
-                f"{scale_i}), so their noise and latents cannot meet; fuse models of one family, a base with its fine-tunes")
+                f"models[{j}].model: {kinds}their VAEs encode different latent spaces (VAE scaling_factor {vaes[j]} vs "
+                f"{vaes[i]}), so their noise and latents cannot meet; fuse models of one family, a base with its fine-tunes")
     if method.meets == "latents":
         check_flow_schedules(recipe, {j: s for j, s in schedulers.items() if families[j][1] == "velocity" and s is not None})
     size = None if factor is None else check_canvas(recipe, method, params, factor, default=None)
@@ -525,14 +525,19 @@ def validate_recipe(recipe: Recipe) -> tuple[Recipe, "Params"]:
     return v.recipe, v.params
 
 
+def grid_hint(v: int, step: int, *, positive: bool = False) -> str:
+    """"use A or B": the multiples of `step` around `v` (A at least `step` when `positive`)."""
+    below = v // step * step
+    return f"use {max(step, below) if positive else below} or {below + step}"
+
+
 def check_patch_grid(height: int, width: int, patch_px: int, family: str) -> None:
     """RecipeError unless the canvas lies on the model's patch grid: a transformer sees latents
     in patches (2x2 for SD3 and FLUX), so its sides are multiples of VAE factor x patch side."""
     for side, v in (("height", height), ("width", width)):
         if v % patch_px:
             raise RecipeError(f"sampling.{side}: {v} is not a multiple of {patch_px}, the patch grid of {family} models "
-                              f"(VAE factor x the transformer's patch side); use {max(patch_px, v // patch_px * patch_px)} "
-                              f"or {(v // patch_px + 1) * patch_px}")
+                              f"(VAE factor x the transformer's patch side); {grid_hint(v, patch_px, positive=True)}")
 
 
 def check_box_on_patch_grid(where: str, box: tuple[int, int, int, int], factor: int, patch_px: int, family: str) -> None:
@@ -544,7 +549,7 @@ def check_box_on_patch_grid(where: str, box: tuple[int, int, int, int], factor: 
         px = v * factor
         if px % patch_px:
             raise RecipeError(f"{where}.{name}: {px} px is not on the {patch_px}-pixel patch grid of {family} models (a region "
-                              f"must be whole transformer patches); use {px // patch_px * patch_px} or {(px // patch_px + 1) * patch_px}")
+                              f"must be whole transformer patches); {grid_hint(px, patch_px)}")
 
 
 def check_canvas(recipe: Recipe, method: "Method", params: "Params", factor: int, default: int | None) -> tuple[int, int] | None:
@@ -573,7 +578,7 @@ def canvas_size(recipe: Recipe, method: "Method", params: "Params", factor: int,
         if v is not None and v % factor:
             raise RecipeError(
                 f"sampling.{side}: {v} is not a multiple of the VAE downsampling factor {factor}; "
-                f"use {max(factor, v // factor * factor)} or {(v // factor + 1) * factor}"
+                f"{grid_hint(v, factor, positive=True)}"
             )
     if h is not None and w is not None:
         check_pixels(h, w, recipe.runtime.pixel_limit, "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width")

@@ -20,7 +20,7 @@ from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
-from multifusion.recipe import check_box_on_patch_grid
+from multifusion.recipe import check_box_on_patch_grid, grid_hint
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
 
@@ -153,7 +153,7 @@ class Box(Params):
             else:
                 px = v
                 if px != int(px) or int(px) % factor:
-                    raise RecipeError(f"{where}.{name}: {shown} is not a multiple of the VAE factor {factor}; use {int(px) // factor * factor} or {(int(px) // factor + 1) * factor}")
+                    raise RecipeError(f"{where}.{name}: {shown} is not a multiple of the VAE factor {factor}; {grid_hint(int(px), factor)}")
             if px > size:
                 raise RecipeError(f"{where}.{name}: {shown} lies outside the {H}x{W} canvas (height x width)")
             out[name] = int(px) // factor
