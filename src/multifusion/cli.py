@@ -146,8 +146,9 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
     _check_out(args.out)
     models = args.models.split(",") if args.models else None
-    train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads)
-    if models is None:  # everything: the judge too (it reads renders, not the models)
+    train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads,
+              from_shipped=args.from_shipped)
+    if models is None and not args.from_shipped:  # everything: the judge too (it reads renders, not the models)
         judge_dir = Path(args.out) / "judge"
         train_judge(judge_dir, seed=args.seed, progress=not args.no_progress)
         record_accuracy(judge_dir / "judge.safetensors")
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--steps", type=int, help="training steps per model (default: each model's own)")
     zt.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     zt.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    zt.add_argument("--from-shipped", dest="from_shipped", action="store_true",
+                    help="continue the shipped models: each starts from its own shipped weights and trains --steps more "
+                         "(fresh optimizer and warm-up; no VAE or judge training)")
     zt.add_argument("--install", action="store_true", help="copy the trained models (fp16) and judge into the package weights folder")
     zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)

@@ -117,6 +117,10 @@ def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatc
     calls.clear()
     assert main(["zoo", "train", "--out", str(tmp_path), "--models", "expert", "--steps", "10"]) == 0
     assert calls == [("models", str(tmp_path), ["expert"], 10)]  # one model: no judge, nothing installed
+    calls.clear()
+    monkeypatch.setattr(train, "train_zoo", lambda out, **kw: calls.append(("models", kw["models"], kw["from_shipped"])) or [])
+    assert main(["zoo", "train", "--out", str(tmp_path), "--from-shipped", "--steps", "10"]) == 0
+    assert calls == [("models", None, True)]  # continuing the shipped models trains no judge
 
 
 def test_zoo_list_names_every_installed_model(capsys, monkeypatch):

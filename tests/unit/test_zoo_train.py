@@ -174,7 +174,7 @@ def test_models_from_shipped_weights_start_from_the_parent_upcast_and_train_alon
 
     for name, parent in FROM_SHIPPED.items():
         assert name not in MODELS and distribution(name).name == name
-        weights, init_from = _shipped_start(name)
+        weights, init_from = _shipped_start(parent)
         shipped = load_file(loading.zoo_root() / parent / "unet" / "diffusion_pytorch_model.safetensors")
         assert shipped.keys() == weights.keys() and all(v.dtype == torch.float16 for v in shipped.values())
         assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k].half(), shipped[k]) for k in shipped)
@@ -185,6 +185,23 @@ def test_models_from_shipped_weights_start_from_the_parent_upcast_and_train_alon
         if info_path.exists():  # installed: its record says where it started and how far it went
             info = json.loads(info_path.read_text())
             assert info["init_from"] == init_from and info["steps"] == DEFAULT_STEPS[name]
+
+
+def test_a_shipped_model_continues_from_its_own_weights_without_a_parent_snapshot(tmp_path):
+    from safetensors.torch import load_file
+
+    config = replace(TINY, size="zoo", dataset_size=4, batch_size=2, finetune_from_step=1)
+    (summary,) = train_zoo(tmp_path, ["palette"], steps=1, progress=False, config=config, from_shipped=True)
+    shipped = load_file(loading.zoo_root() / "palette" / "unet" / "diffusion_pytorch_model.safetensors")
+    steps = json.loads((loading.zoo_root() / "palette" / "training.json").read_text())["steps"]
+    assert summary["init_from"] == {"model": "palette", "step": steps, "weights": "shipped fp16, upcast to float32"}
+    ema = _ckpt(tmp_path, "palette").modules["ema"]
+    # one step at the first warm-up learning rate moves the weights a little, from the shipped ones
+    assert max((ema[k] - shipped[k].float()).abs().max().item() for k in shipped) < 1e-3
+    assert json.loads((tmp_path / "base" / "base.json").read_text())["from_shipped"] == "general"
+    (summary,) = train_zoo(tmp_path, ["general"], steps=1, progress=False, config=config, from_shipped=True)
+    assert summary["init_from"]["model"] == "general"
+    assert not snapshot_path(tmp_path, "general", 1).exists()  # its step 1 is not general's step 1
 
 
 def test_bad_names_and_steps_are_refused(tmp_path):

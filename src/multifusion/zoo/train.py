@@ -401,14 +401,14 @@ def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tupl
     return ema, {"model": parent, "step": step}
 
 
-def _shipped_start(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights ``name`` of :data:`FROM_SHIPPED` starts from: its parent's shipped UNet,
-    fp16 in the package, upcast to float32; and its ``init_from`` record."""
+def _shipped_start(parent: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of a model that starts from zoo model ``parent``'s shipped UNet (a model of
+    :data:`FROM_SHIPPED`, or a shipped model continued): fp16 in the package, upcast to
+    float32; and its ``init_from`` record."""
     from safetensors.torch import load_file
 
     from multifusion.loading import zoo_root
 
-    parent = FROM_SHIPPED[name]
     folder = zoo_root() / parent
     weights = {k: v.float() for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()}
     steps = json.loads((folder / "training.json").read_text())["steps"]
@@ -464,12 +464,13 @@ def _denoising_loss(unet: Any, base: Base, data: Mapping[str, torch.Tensor], con
     return step
 
 
-def _ema_update(out_dir: str | Path, name: str, unet: Any, ema: Any, config: TrainConfig) -> Callable[[int], None]:
+def _ema_update(out_dir: str | Path, name: str, unet: Any, ema: Any, config: TrainConfig, snapshot: bool = True) -> Callable[[int], None]:
     """After each step: move the EMA towards the UNet; write the fine-tunes' snapshot at its step."""
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     # Checked at every step, not only at checkpoints, so any checkpoint_every works; a run resumed
     # from a checkpoint before the step writes it on the way, one resumed past it wrote it before.
-    snapshot_at = config.finetune_from_step if name in INIT_FROM.values() else None
+    # A continued shipped model writes none: its step N is not the parent's step N.
+    snapshot_at = config.finetune_from_step if snapshot and name in INIT_FROM.values() else None
 
     def after_step(step: int) -> None:
         decay = min(config.ema_decay, (1 + step) / (10 + step))
@@ -489,11 +490,14 @@ def train_model(
     steps: int,
     seed: int = 0,
     progress: bool = True,
+    from_shipped: bool = False,
 ) -> dict[str, Any]:
     """Train (or continue training) the UNet of zoo model ``name`` up to ``steps`` steps.
 
     Returns a summary (steps, minutes, final loss). Checkpoints every ``config.checkpoint_every``
-    steps; the last one holds the final weights.
+    steps; the last one holds the final weights. ``from_shipped``: a new run starts from ``name``'s
+    own shipped weights (a continuation; ``steps`` counts the steps beyond them, with a fresh
+    optimizer and warm-up).
     """
     unet = _unet_for(base, config, name, seed)
     fast_cpu_attention(unet)
@@ -504,8 +508,8 @@ def train_model(
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, accelerator=_accelerator())
     saved = run.resume()
     init_from = saved.get("init_from") if saved is not None else None
-    if saved is None and name in FROM_SHIPPED and steps > 0:
-        start_weights, init_from = _shipped_start(name)
+    if saved is None and (name in FROM_SHIPPED or from_shipped) and steps > 0:
+        start_weights, init_from = _shipped_start(FROM_SHIPPED.get(name, name))
         unet.load_state_dict(start_weights)
         ema.load_state_dict(start_weights)
     elif saved is None and name in INIT_FROM and steps > 0:
@@ -515,7 +519,7 @@ def train_model(
     data = prepare_data(out_dir, name, base, config, seed)  # after the fine-tune check: fail before rendering
     start = run.step
     run.train(_denoising_loss(run.model, base, data, config), steps, lr=lambda s: config.lr * _lr_factor(s, config.warmup),
-              max_grad_norm=1.0, after_step=_ema_update(out_dir, name, unet, ema, config), meta={"init_from": init_from},
+              max_grad_norm=1.0, after_step=_ema_update(out_dir, name, unet, ema, config, snapshot=init_from is None or init_from.get("weights") is None), meta={"init_from": init_from},
               progress=progress, desc=name)
     summary = _summary(out_dir, name)
     if start < steps or not (Path(out_dir) / name / "pipeline" / "model_index.json").exists():
@@ -644,6 +648,7 @@ def train_zoo(
     progress: bool = True,
     threads: int = 1,
     config: TrainConfig | None = None,
+    from_shipped: bool = False,
 ) -> list[dict[str, Any]]:
     """Train the zoo models ``models`` (default: all, in priority order) in ``out_dir``.
 
@@ -652,6 +657,10 @@ def train_zoo(
     parent's EMA at ``config.finetune_from_step``, however far the parent has got. Deterministic
     for a given ``seed`` and ``threads`` (other thread counts reorder float sums). Returns one
     summary per model.
+
+    ``from_shipped`` continues the shipped models instead: each starts from its own shipped
+    weights and trains ``steps`` more, on the shipped tokenizer, text encoder and VAE (shared by
+    every zoo model, so any run folder of shipped starts can hold them all).
     """
     models = list(MODELS if models is None else models)
     for m in models:
@@ -659,9 +668,12 @@ def train_zoo(
     per_model = _resolve_steps(models, steps)
     config = config or TrainConfig()
     out_dir = Path(out_dir)
-    _check_parents_reach_snapshot(out_dir, per_model, config)
+    if not from_shipped:
+        _check_parents_reach_snapshot(out_dir, per_model, config)
     shipped = {FROM_SHIPPED[m] for m in models if m in FROM_SHIPPED}
-    if shipped and (len(shipped) > 1 or any(m not in FROM_SHIPPED for m in models)):
+    if from_shipped:
+        shipped = {"general"}  # the shared parts are byte-identical across the zoo (a test checks it)
+    elif shipped and (len(shipped) > 1 or any(m not in FROM_SHIPPED for m in models)):
         raise ZooTrainError(f"{sorted(m for m in models if m in FROM_SHIPPED)} start from shipped weights and share their base: "
                             f"train them alone, one parent per run folder (--models {','.join(m for m in models if m in FROM_SHIPPED)})")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -679,6 +691,6 @@ def train_zoo(
                 continue
             with _try_locked(out_dir / f"{m}.lock", blocking) as got:
                 if got:
-                    summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress)
+                    summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped)
     return [summaries[m] for m in models]
 
