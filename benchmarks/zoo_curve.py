@@ -40,7 +40,7 @@ def figure(rows: list[dict], path: Path, panel: tuple[int, int] = (360, 240)) ->
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (80, 80, 80)]
     models = list(dict.fromkeys(r["model"] for r in rows))
     W, H = panel
-    left, right, top, bottom = 44, 10, 24, 34
+    left, right, top, bottom = 44, 24, 24, 34
     im = Image.new("RGB", (W * len(models), H + 56), (255, 255, 255))
     d = ImageDraw.Draw(im)
     for j, name in enumerate(models):
@@ -59,10 +59,13 @@ def figure(rows: list[dict], path: Path, panel: tuple[int, int] = (360, 240)) ->
         y8 = xy(x0, 0.8)[1]
         for x in range(int(j * W + left), int(j * W + W - right), 6):  # the 0.8 target, dashed
             d.line([x, y8, x + 2, y8], fill=(150, 150, 150))
+        last_label = -1e9
         for r in pts:
             x = xy(r["total_steps"], 0)[0]
             d.line([x, H - bottom, x, H - bottom + 4], fill=(0, 0, 0))
-            d.text((x - 14, H - bottom + 8), str(r["total_steps"]), fill=(0, 0, 0))
+            if x - last_label > 36:  # skip labels that would overlap the previous one
+                d.text((x - 14, H - bottom + 8), str(r["total_steps"]), fill=(0, 0, 0))
+                last_label = x
         for k, key in enumerate(SHOWN):
             line = [xy(r["total_steps"], r["metrics"][key]) for r in pts if key in r["metrics"]]
             if len(line) > 1:
@@ -79,7 +82,8 @@ def figure(rows: list[dict], path: Path, panel: tuple[int, int] = (360, 240)) ->
 
 def table(rows: list[dict]) -> str:
     keys = [k for k in SHOWN if any(k in r["metrics"] for r in rows)]
-    out = ["| model | total steps | minutes | " + " | ".join(k.removeprefix("attr/") for k in keys) + " |",
+    rows = sorted(rows, key=lambda r: (r["model"], r["total_steps"]))
+    out = ["| model | total steps | minutes since the last point | " + " | ".join(k.removeprefix("attr/") for k in keys) + " |",
            "|---|---|---|" + "---|" * len(keys)]
     for r in rows:
         cells = [f"{100 * r['metrics'][k]:.0f}" if k in r["metrics"] else "-" for k in keys]
