@@ -27,7 +27,7 @@ from multifusion.zoo.evaluate import evaluate_model
 from multifusion.zoo.judge import load_judge
 from multifusion.zoo.train import DEFAULT_STEPS, train_zoo
 
-SHOWN = ("scene", "attr/shape", "attr/colour", "attr/position", "attr/count", "isr")
+SHOWN = ("scene", "attr/shape", "attr/colour", "attr/texture", "attr/position", "attr/count", "isr")
 """The attributes a model's own captions state (whichever its distribution has), and ISR."""
 
 
@@ -37,11 +37,11 @@ def measured(path: Path) -> list[dict]:
 
 def figure(rows: list[dict], path: Path, panel: tuple[int, int] = (360, 240)) -> None:
     """One panel per model: each attribute's accuracy against total training steps, PIL-drawn."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (80, 80, 80)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (188, 189, 34), (214, 39, 40), (148, 103, 189), (80, 80, 80)]
     models = list(dict.fromkeys(r["model"] for r in rows))
     W, H = panel
     left, right, top, bottom = 44, 24, 24, 34
-    im = Image.new("RGB", (W * len(models), H + 56), (255, 255, 255))
+    im = Image.new("RGB", (W * len(models), H + 72), (255, 255, 255))
     d = ImageDraw.Draw(im)
     for j, name in enumerate(models):
         pts = sorted((r for r in rows if r["model"] == name), key=lambda r: r["total_steps"])
@@ -76,7 +76,7 @@ def figure(rows: list[dict], path: Path, panel: tuple[int, int] = (360, 240)) ->
         x, y = 10 + (k % 3) * 110, H + 4 + 16 * (k // 3)
         d.line([x, y + 6, x + 18, y + 6], fill=colours[k], width=3)
         d.text((x + 22, y), key.removeprefix("attr/"), fill=(0, 0, 0))
-    d.text((10, H + 40), "x: total training steps (shipped + continued, batch 32); dashed: 0.8", fill=(0, 0, 0))
+    d.text((10, H + 56), "x: total training steps (shipped + continued, batch 32); dashed: 0.8", fill=(0, 0, 0))
     im.save(path)
 
 
