@@ -147,7 +147,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     _check_out(args.out)
     models = args.models.split(",") if args.models else None
     train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads,
-              from_shipped=args.from_shipped)
+              from_shipped=args.from_shipped, rebase=args.rebase)
     if models is None and not args.from_shipped:  # everything: the judge too (it reads renders, not the models)
         judge_dir = Path(args.out) / "judge"
         train_judge(judge_dir, seed=args.seed, progress=not args.no_progress)
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--from-shipped", dest="from_shipped", action="store_true",
                     help="continue the shipped models: each starts from its own shipped weights and trains --steps more "
                          "(fresh optimizer and warm-up; no VAE or judge training)")
+    zt.add_argument("--rebase", action="store_true",
+                    help="start the fine-tunes given in --models from their parent's shipped weights (the installed general) "
+                         "instead of a run-folder snapshot: how they follow a continued general")
     zt.add_argument("--install", action="store_true", help="copy the trained models (fp16) and judge into the package weights folder")
     zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)

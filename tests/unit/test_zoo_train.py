@@ -157,16 +157,26 @@ def test_finetune_whose_parent_has_not_reached_the_step_is_refused(runs, tmp_pat
         TrainConfig(finetune_from_step=0)
 
 
-def test_default_steps_are_the_shipped_schedule():
+def test_the_shipped_records_follow_the_schedule():
+    """Each shipped model is either the default schedule (from scratch, or a fine-tune of the
+    parent's snapshot) or its second stage: a continuation of that, or a fine-tune rebased on the
+    shipped parent (docs/zoo-training.md)."""
     step = TrainConfig().finetune_from_step
     assert all(DEFAULT_STEPS[parent] >= step for parent in set(INIT_FROM.values()))
-    for name in loading.zoo_models():
-        info_path = loading.zoo_root() / name / "training.json"
-        if name in MODELS and info_path.exists():
-            info = json.loads(info_path.read_text())
+    shipped = {name: json.loads((loading.zoo_root() / name / "training.json").read_text())
+               for name in loading.zoo_models() if (loading.zoo_root() / name / "training.json").exists() and name in DEFAULT_STEPS}
+    rebased = "shipped fp16, upcast to float32"
+    for name, info in shipped.items():
+        start = info["init_from"]
+        if start is not None and start["model"] == name:  # continued from its default-schedule weights
+            assert start == {"model": name, "step": DEFAULT_STEPS[name], "weights": rebased}, name
+            assert info["total_steps"] == DEFAULT_STEPS[name] + info["steps"], name
+        elif start is not None and start.get("weights") == rebased:  # fine-tuned from what the parent ships
+            parent = shipped[start["model"]]
+            assert start["step"] == parent.get("total_steps", parent["steps"]), name
+        else:
             assert info["steps"] == DEFAULT_STEPS[name], name
-            expected = {"model": INIT_FROM[name], "step": step} if name in INIT_FROM else None
-            assert info["init_from"] == expected, name
+            assert start == ({"model": INIT_FROM[name], "step": step} if name in INIT_FROM else None), name
 
 
 def test_models_from_shipped_weights_start_from_the_parent_upcast_and_train_alone(tmp_path):
@@ -184,7 +194,7 @@ def test_models_from_shipped_weights_start_from_the_parent_upcast_and_train_alon
         info_path = loading.zoo_root() / name / "training.json"
         if info_path.exists():  # installed: its record says where it started and how far it went
             info = json.loads(info_path.read_text())
-            assert info["init_from"] == init_from and info["steps"] == DEFAULT_STEPS[name]
+            assert info["init_from"] == init_from
 
 
 def test_a_shipped_model_continues_from_its_own_weights_without_a_parent_snapshot(tmp_path):
@@ -195,6 +205,7 @@ def test_a_shipped_model_continues_from_its_own_weights_without_a_parent_snapsho
     shipped = load_file(loading.zoo_root() / "palette" / "unet" / "diffusion_pytorch_model.safetensors")
     steps = json.loads((loading.zoo_root() / "palette" / "training.json").read_text())["steps"]
     assert summary["init_from"] == {"model": "palette", "step": steps, "weights": "shipped fp16, upcast to float32"}
+    assert summary["total_steps"] == steps + 1  # a continuation counts the steps it started from
     ema = _ckpt(tmp_path, "palette").modules["ema"]
     # one step at the first warm-up learning rate moves the weights a little, from the shipped ones
     assert max((ema[k] - shipped[k].float()).abs().max().item() for k in shipped) < 1e-3
@@ -202,6 +213,24 @@ def test_a_shipped_model_continues_from_its_own_weights_without_a_parent_snapsho
     (summary,) = train_zoo(tmp_path, ["general"], steps=1, progress=False, config=config, from_shipped=True)
     assert summary["init_from"]["model"] == "general"
     assert not snapshot_path(tmp_path, "general", 1).exists()  # its step 1 is not general's step 1
+
+
+def test_rebased_fine_tunes_start_from_the_shipped_parent(tmp_path):
+    from safetensors.torch import load_file
+
+    config = replace(TINY, size="zoo", dataset_size=4, batch_size=2, finetune_from_step=1)
+    parent = json.loads((loading.zoo_root() / "general" / "training.json").read_text())
+    (summary,) = train_zoo(tmp_path, ["cartoon"], steps=1, progress=False, config=config, rebase=True)
+    assert summary["init_from"] == {"model": "general", "step": parent.get("total_steps", parent["steps"]),
+                                    "weights": "shipped fp16, upcast to float32"}
+    assert summary["total_steps"] == 1  # a fine-tune's steps are its own, not its parent's
+    shipped = load_file(loading.zoo_root() / "general" / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = _ckpt(tmp_path, "cartoon").modules["ema"]
+    assert max((ema[k] - shipped[k].float()).abs().max().item() for k in shipped) < 1e-3
+    with pytest.raises(ZooTrainError, match=r"\['general'\] cannot be rebased"):
+        train_zoo(tmp_path, ["general", "cartoon"], steps=1, progress=False, config=config, rebase=True)
+    with pytest.raises(ZooTrainError, match="not from_shipped"):
+        train_zoo(tmp_path, ["cartoon"], steps=1, progress=False, config=config, rebase=True, from_shipped=True)
 
 
 def test_bad_names_and_steps_are_refused(tmp_path):

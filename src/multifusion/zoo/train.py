@@ -411,8 +411,8 @@ def _shipped_start(parent: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     folder = zoo_root() / parent
     weights = {k: v.float() for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()}
-    steps = json.loads((folder / "training.json").read_text())["steps"]
-    return weights, {"model": parent, "step": steps, "weights": "shipped fp16, upcast to float32"}
+    info = json.loads((folder / "training.json").read_text())
+    return weights, {"model": parent, "step": info.get("total_steps", info["steps"]), "weights": "shipped fp16, upcast to float32"}
 
 
 def base_from_shipped(out_dir: str | Path, parent: str) -> None:
@@ -491,13 +491,15 @@ def train_model(
     seed: int = 0,
     progress: bool = True,
     from_shipped: bool = False,
+    rebase: bool = False,
 ) -> dict[str, Any]:
     """Train (or continue training) the UNet of zoo model ``name`` up to ``steps`` steps.
 
     Returns a summary (steps, minutes, final loss). Checkpoints every ``config.checkpoint_every``
     steps; the last one holds the final weights. ``from_shipped``: a new run starts from ``name``'s
     own shipped weights (a continuation; ``steps`` counts the steps beyond them, with a fresh
-    optimizer and warm-up).
+    optimizer and warm-up). ``rebase``: a new run of a fine-tune starts from its parent's shipped
+    weights instead of the parent's run-folder snapshot.
     """
     unet = _unet_for(base, config, name, seed)
     fast_cpu_attention(unet)
@@ -508,8 +510,9 @@ def train_model(
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, accelerator=_accelerator())
     saved = run.resume()
     init_from = saved.get("init_from") if saved is not None else None
-    if saved is None and (name in FROM_SHIPPED or from_shipped) and steps > 0:
-        start_weights, init_from = _shipped_start(FROM_SHIPPED.get(name, name))
+    shipped_parent = FROM_SHIPPED.get(name) or (INIT_FROM.get(name) if rebase else None) or (name if from_shipped else None)
+    if saved is None and shipped_parent is not None and steps > 0:
+        start_weights, init_from = _shipped_start(shipped_parent)
         unet.load_state_dict(start_weights)
         ema.load_state_dict(start_weights)
     elif saved is None and name in INIT_FROM and steps > 0:
@@ -533,8 +536,11 @@ def _summary(out_dir: str | Path, name: str) -> dict[str, Any]:
     info = checkpoint_info(folder / CHECKPOINT)
     tail = read_log(folder / LOSS_LOG, info["step"])[-8:]
     final = float(np.mean([float(r["loss"]) for r in tail])) if tail else float("nan")
-    return {"model": name, "steps": info["step"], "minutes": round(info["elapsed"] / 60, 1), "final_loss": round(final, 4),
-            "init_from": info["meta"].get("init_from")}
+    init_from = info["meta"].get("init_from")
+    # A continued model's own steps add to those it started from; a fine-tune's do not (another model's).
+    total = info["step"] + (init_from["step"] if init_from and init_from["model"] == name else 0)
+    return {"model": name, "steps": info["step"], "total_steps": total, "minutes": round(info["elapsed"] / 60, 1),
+            "final_loss": round(final, 4), "init_from": init_from}
 
 
 def build_pipeline(base: Base, unet: Any):
@@ -649,6 +655,7 @@ def train_zoo(
     threads: int = 1,
     config: TrainConfig | None = None,
     from_shipped: bool = False,
+    rebase: bool = False,
 ) -> list[dict[str, Any]]:
     """Train the zoo models ``models`` (default: all, in priority order) in ``out_dir``.
 
@@ -661,6 +668,9 @@ def train_zoo(
     ``from_shipped`` continues the shipped models instead: each starts from its own shipped
     weights and trains ``steps`` more, on the shipped tokenizer, text encoder and VAE (shared by
     every zoo model, so any run folder of shipped starts can hold them all).
+
+    ``rebase`` starts the fine-tunes (:data:`INIT_FROM`) from their parent's shipped weights, on
+    the same shipped parts: how the fine-tunes follow a continued ``general`` once it is installed.
     """
     models = list(MODELS if models is None else models)
     for m in models:
@@ -668,10 +678,15 @@ def train_zoo(
     per_model = _resolve_steps(models, steps)
     config = config or TrainConfig()
     out_dir = Path(out_dir)
-    if not from_shipped:
+    fine_tunes = [*INIT_FROM, *FROM_SHIPPED]
+    if rebase and (from_shipped or any(m not in fine_tunes for m in models)):
+        not_fine_tunes = [m for m in models if m not in fine_tunes]
+        raise ZooTrainError(f"rebase starts fine-tunes from their parent's shipped weights: {not_fine_tunes or 'from_shipped'} "
+                            f"cannot be rebased; give only fine-tunes (--models {','.join(fine_tunes)}) and not from_shipped")
+    if not (from_shipped or rebase):
         _check_parents_reach_snapshot(out_dir, per_model, config)
     shipped = {FROM_SHIPPED[m] for m in models if m in FROM_SHIPPED}
-    if from_shipped:
+    if from_shipped or rebase:
         shipped = {"general"}  # the shared parts are byte-identical across the zoo (a test checks it)
     elif shipped and (len(shipped) > 1 or any(m not in FROM_SHIPPED for m in models)):
         raise ZooTrainError(f"{sorted(m for m in models if m in FROM_SHIPPED)} start from shipped weights and share their base: "
@@ -691,6 +706,6 @@ def train_zoo(
                 continue
             with _try_locked(out_dir / f"{m}.lock", blocking) as got:
                 if got:
-                    summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped)
+                    summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped, rebase)
     return [summaries[m] for m in models]
 
