@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from multifusion.loading import zoo_root
 from multifusion.zoo.evaluate import evaluate_model
 from multifusion.zoo.judge import load_judge
-from multifusion.zoo.train import DEFAULT_STEPS, train_zoo
+from multifusion.zoo.train import train_zoo
 
 SHOWN = ("scene", "attr/shape", "attr/colour", "attr/texture", "attr/position", "attr/count", "isr")
 """The attributes a model's own captions state (whichever its distribution has), and ISR."""
@@ -91,6 +92,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def shipped_steps(name: str) -> int:
+    """The training steps behind zoo model ``name``'s shipped weights (a continued model's total)."""
+    info = json.loads((zoo_root() / name / "training.json").read_text())
+    return info.get("total_steps", info["steps"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="run folder (checkpoints, curve.jsonl)")
@@ -119,7 +126,7 @@ def main() -> None:
             train_minutes = (time.time() - t0) / 60
             result = evaluate_model(model, args.n, prompts=name, judge=judge)
             metrics = {k: float(v) for k, v in result.items() if k in SHOWN}
-            row = {"model": name, "steps": steps, "total_steps": DEFAULT_STEPS[name] + steps, "n": args.n,
+            row = {"model": name, "steps": steps, "total_steps": shipped_steps(name) + steps, "n": args.n,
                    "train_minutes": train_minutes, "metrics": metrics}
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")

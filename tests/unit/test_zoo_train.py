@@ -212,6 +212,8 @@ def test_a_shipped_model_continues_from_its_own_weights_without_a_parent_snapsho
     assert json.loads((tmp_path / "base" / "base.json").read_text())["from_shipped"] == "general"
     (summary,) = train_zoo(tmp_path, ["general"], steps=1, progress=False, config=config, from_shipped=True)
     assert summary["init_from"]["model"] == "general"
+    (summary,) = train_zoo(tmp_path, ["toon"], steps=1, progress=False, config=config, from_shipped=True)
+    assert summary["init_from"]["model"] == "toon"  # continues itself, not the general it first started from
     assert not snapshot_path(tmp_path, "general", 1).exists()  # its step 1 is not general's step 1
 
 

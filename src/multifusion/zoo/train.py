@@ -510,7 +510,8 @@ def train_model(
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, accelerator=_accelerator())
     saved = run.resume()
     init_from = saved.get("init_from") if saved is not None else None
-    shipped_parent = FROM_SHIPPED.get(name) or (INIT_FROM.get(name) if rebase else None) or (name if from_shipped else None)
+    # A continuation starts from the model itself, even one that first started from another's shipped weights.
+    shipped_parent = (name if from_shipped else None) or FROM_SHIPPED.get(name) or (INIT_FROM.get(name) if rebase else None)
     if saved is None and shipped_parent is not None and steps > 0:
         start_weights, init_from = _shipped_start(shipped_parent)
         unet.load_state_dict(start_weights)
