@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from multifusion.loading import zoo_root
 from multifusion.zoo.evaluate import evaluate_model
 from multifusion.zoo.judge import load_judge
-from multifusion.zoo.train import train_zoo
+from multifusion.zoo.train import shipped_steps, train_zoo
 
 SHOWN = ("scene", "attr/shape", "attr/colour", "attr/texture", "attr/position", "attr/count", "isr")
 """The attributes a model's own captions state (whichever its distribution has), and ISR."""
@@ -90,12 +89,6 @@ def table(rows: list[dict]) -> str:
         cells = [f"{100 * r['metrics'][k]:.0f}" if k in r["metrics"] else "-" for k in keys]
         out.append(f"| {r['model']} | {r['total_steps']} | {r['train_minutes']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(out)
-
-
-def shipped_steps(name: str) -> int:
-    """The training steps behind zoo model ``name``'s shipped weights (a continued model's total)."""
-    info = json.loads((zoo_root() / name / "training.json").read_text())
-    return info.get("total_steps", info["steps"])
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from multifusion.zoo.train import (
     _shipped_start,
     distribution,
     install,
+    shipped_steps,
     snapshot_path,
     tokenize,
     train_zoo,
@@ -172,8 +173,7 @@ def test_the_shipped_records_follow_the_schedule():
             assert start == {"model": name, "step": DEFAULT_STEPS[name], "weights": rebased}, name
             assert info["total_steps"] == DEFAULT_STEPS[name] + info["steps"], name
         elif start is not None and start.get("weights") == rebased:  # fine-tuned from what the parent ships
-            parent = shipped[start["model"]]
-            assert start["step"] == parent.get("total_steps", parent["steps"]), name
+            assert start["step"] == shipped_steps(start["model"]), name
         else:
             assert info["steps"] == DEFAULT_STEPS[name], name
             assert start == ({"model": INIT_FROM[name], "step": step} if name in INIT_FROM else None), name
@@ -221,9 +221,8 @@ def test_rebased_fine_tunes_start_from_the_shipped_parent(tmp_path):
     from safetensors.torch import load_file
 
     config = replace(TINY, size="zoo", dataset_size=4, batch_size=2, finetune_from_step=1)
-    parent = json.loads((loading.zoo_root() / "general" / "training.json").read_text())
     (summary,) = train_zoo(tmp_path, ["cartoon"], steps=1, progress=False, config=config, rebase=True)
-    assert summary["init_from"] == {"model": "general", "step": parent.get("total_steps", parent["steps"]),
+    assert summary["init_from"] == {"model": "general", "step": shipped_steps("general"),
                                     "weights": "shipped fp16, upcast to float32"}
     assert summary["total_steps"] == 1  # a fine-tune's steps are its own, not its parent's
     shipped = load_file(loading.zoo_root() / "general" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -401,6 +401,15 @@ def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tupl
     return ema, {"model": parent, "step": step}
 
 
+def shipped_steps(name: str) -> int:
+    """The training steps behind zoo model ``name``'s shipped weights: a continued model's total
+    (``total_steps``), else its ``steps`` (records written before continuations had no total)."""
+    from multifusion.loading import zoo_root
+
+    info = json.loads((zoo_root() / name / "training.json").read_text())
+    return info.get("total_steps", info["steps"])
+
+
 def _shipped_start(parent: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights of a model that starts from zoo model ``parent``'s shipped UNet (a model of
     :data:`FROM_SHIPPED`, or a shipped model continued): fp16 in the package, upcast to
@@ -409,10 +418,8 @@ def _shipped_start(parent: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     from multifusion.loading import zoo_root
 
-    folder = zoo_root() / parent
-    weights = {k: v.float() for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()}
-    info = json.loads((folder / "training.json").read_text())
-    return weights, {"model": parent, "step": info.get("total_steps", info["steps"]), "weights": "shipped fp16, upcast to float32"}
+    weights = {k: v.float() for k, v in load_file(zoo_root() / parent / "unet" / "diffusion_pytorch_model.safetensors").items()}
+    return weights, {"model": parent, "step": shipped_steps(parent), "weights": "shipped fp16, upcast to float32"}
 
 
 def base_from_shipped(out_dir: str | Path, parent: str) -> None:
