@@ -17,7 +17,9 @@ import torch
 
 from common import interleaved_medians
 from multifusion import load_models
-from multifusion.features.ensemble import AFAEnsemble, fresh_aggregators, model_hash, parameter_count, unet_config_of
+from multifusion.features.unet import AFAEnsemble
+from multifusion.features.walkers import fresh_aggregators, parameter_count
+from multifusion.features.ensemble import model_hash, unet_config_of
 
 SD15 = dict(block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,

@@ -14,7 +14,7 @@ import torch
 
 from multifusion.memory import (
     BYTES_PER_PARAM,
-    FAMILIES,
+    PUBLISHED,
     Footprint,
     GiB,
     device_bytes,
@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     for title, names, counts, cards in SECTIONS:
-        fps = {name: footprint(FAMILIES[name], args.height, args.width, args.batch) for name in names}
+        fps = {name: footprint(PUBLISHED[name], args.height, args.width, args.batch) for name in names}
         print(f"### {title}: {args.height} x {args.width}, batch {args.batch}, GiB\n")
         print("\n".join(components_table(fps)) + "\n")
         print("\n".join(residency_table(fps, counts, cards)) + "\n")

@@ -21,13 +21,15 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from multifusion.errors import RecipeError, clip, did_you_mean
-from multifusion.handles import ModelHandle, Offloader, check_same_latent_space
+from multifusion.canvas import canvas_size, check_canvas, check_patch_grid
+from multifusion.families import check_same_latent_space
+from multifusion.handles import ModelHandle, Offloader
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
-from multifusion.recipe import (MERGE_PREFIX, Recipe, canvas_size, check_canvas, check_devices, check_flow_fields, check_patch_grid,
-                                parse_recipe, validate)
+from multifusion.recipe import MERGE_PREFIX, Recipe, parse_recipe
 from multifusion.registry import get_method
+from multifusion.validate import check_devices, check_model_fields, validate
 from multifusion.vae import decode, to_pil
 
 
@@ -60,7 +62,7 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     if len(plain) == len(recipe.models):
         return loaded
     from multifusion.loading import share_components
-    from multifusion.weights.models import merge_in_memory
+    from multifusion.weights.models import merge_in_memory, spec_of
 
     handles: list[ModelHandle] = []
     merged: dict[str, ModelHandle] = {}
@@ -73,7 +75,7 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
         if m.model not in merged:  # one merge named twice is merged once
             entry = recipe.merges[m.model[len(MERGE_PREFIX):]]
             # Offloaded: merged on the CPU, then moved by the run's offloader like every model.
-            h = merge_in_memory(entry.models, entry.spec(), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
+            h = merge_in_memory(entry.models, spec_of(entry), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
             merged[m.model] = replace(h, device=torch.device(rt.device), offloader=offloader) if rt.offload else h
         handles.append(replace(merged[m.model], name=m.label))
     share_components(handles)
@@ -85,7 +87,7 @@ def apply_model_fields(recipe: Recipe, handles: Sequence[ModelHandle]) -> list[M
     (`true_cfg_scale` of a FLUX model), after the checks that need the loaded family."""
     out = list(handles)
     for i, (m, h) in enumerate(zip(recipe.models, handles)):
-        check_flow_fields(recipe, i, h.family_name, h.prediction_space)
+        check_model_fields(recipe, i, type(h))
         if m.true_cfg_scale is not None:
             out[i] = replace(h, true_cfg_scale=m.true_cfg_scale)
     return out
@@ -114,7 +116,7 @@ class Run:
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
         handles = apply_model_fields(self.recipe, handles)
         if len(handles) > 1:
-            check_same_latent_space(handles)
+            check_same_latent_space(handles, [f"models[{i}] ({h.name!r})" for i, h in enumerate(handles)])
         base = handles[0]
         f = base.vae_scale_factor
         default = base.native_px
@@ -303,7 +305,8 @@ def generate_to_folder(
     (SNB's masks), `{stem}-s{seed}-amdm.png` (AMDM's meetings), `{stem}-s{seed}-afa.png` (AFA's
     maps), `{stem}-s{seed}-regions.png` (Mixture of Diffusers' region weights). Models load once
     for the whole run."""
-    from multifusion.io import check_output_dir, image_is_whole, image_metadata, read_png_metadata, save_png
+    from multifusion.io import check_output_dir, image_is_whole, read_png_metadata, save_png
+    from multifusion.provenance import image_metadata
     from multifusion.viz import method_recorders
 
     recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make

@@ -63,7 +63,7 @@ def _read_recipe_dict(path: str) -> dict:
 
 
 def _recipe_from_image(path: str) -> dict:
-    from multifusion.io import recipe_from_image
+    from multifusion.provenance import recipe_from_image
 
     try:
         data, ignored = recipe_from_image(path)
@@ -102,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from multifusion.recipe import parse_recipe, validate_recipe
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate_recipe
 
     recipe, params = validate_recipe(parse_recipe(_apply_overrides(_read_recipe_dict(args.recipe), args)))
     print(f"ok: method {recipe.method!r}, {len(recipe.models)} model(s), {recipe.sampling.num_images} image(s)")
@@ -246,7 +247,7 @@ def cmd_afa_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from multifusion.weights import merge
+    from multifusion.weights.export import merge
 
     _check_out(args.out)
     folder = merge(args.recipe, args.out, single_file=args.single_file, overwrite=args.overwrite)

@@ -1,9 +1,13 @@
 """Model handles: one denoiser, how to condition it, and its classifier-free guidance.
 
 A handle is the edge where models differ: its own tokenizer and text encoder, its own
-prediction type (v-prediction is converted to epsilon here, once, so no combiner ever sees v),
-its own guidance scale and negative prompt. What leaves a handle is a *noise function*
+prediction type (v-prediction is converted to epsilon at the edge, once, so no combiner ever sees
+v), its own guidance scale and negative prompt. What leaves a handle is a *noise function*
 ``(x_t, t) -> eps``, the one callable every combiner takes and returns.
+
+`ModelHandle` is the interface; each model family (`multifusion.families`) is one subclass.
+`Guided` (a model conditioned on prompts), `predict_together` (several conditionings of one
+model in one call) and `cfg` work on any family.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
-
-from multifusion.errors import IncompatibleModelsError
 
 
 class NoiseFn(Protocol):
@@ -48,31 +50,6 @@ class Offloader:
             self._move(self.active, torch.device("cpu"))
         self._move(module, self.device)
         self.active = module
-
-
-def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alpha_bar(t) for integer or fractional timesteps t (any shape).
-
-    Fractional t (Euler-type schedules) interpolate log sigma linearly, sigma = sqrt((1-a)/a),
-    as k-diffusion's discrete-schedule wrapper does; integer t index the table exactly.
-    """
-    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(alphas_cumprod) - 1)
-    a = alphas_cumprod.to(torch.float64)
-    log_sigma = 0.5 * torch.log((1 - a) / a)
-    lo = t.floor().long()
-    hi = t.ceil().long()
-    w = t - lo
-    ls = (1 - w) * log_sigma[lo] + w * log_sigma[hi]
-    exact = a[lo]
-    return torch.where(w == 0, exact, 1 / (1 + torch.exp(2 * ls)))
-
-
-def v_to_eps(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """eps from a v-prediction: with x_t = sqrt(a) x0 + sqrt(1-a) eps and
-    v = sqrt(a) eps - sqrt(1-a) x0, eps = sqrt(a) v + sqrt(1-a) x_t (Salimans & Ho 2022).
-    `x_t` is the variance-preserving latent, i.e. the UNet's (scaled) input."""
-    a = alpha_bar.to(v.dtype)
-    return a.sqrt() * v + (1 - a).sqrt() * x_t
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,27 +107,54 @@ class ModelHandle:
     dtype: torch.dtype = torch.float32
     offloader: Offloader | None = None
 
-    # The diffusers pipeline class this handle is built from, and its modules that hold weights
-    # (shared between handles when equal, counted by `held_bytes`). Families extend both.
-    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
+    # What a family answers (each family module in `multifusion.families` sets these): the
+    # diffusers pipeline class it is built from, its modules that hold weights (shared between
+    # handles when equal, counted by `held_bytes`), the space `eps` returns and the trajectories of
+    # the family run in ("epsilon" on DDPM schedules, "velocity" for flow matching, docs/flow.md;
+    # models of different spaces never meet), its name in messages, the denoiser's folder in a
+    # pipeline folder, and whether it takes a true-CFG scale and a scheduler eta.
+    pipeline_class: ClassVar[str] = ""
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")
-    # What `eps` returns, the space the trajectories of this family run in: "epsilon" (DDPM
-    # schedules) or "velocity" (flow matching, docs/flow.md); models of different spaces never meet.
     prediction_space: ClassVar[str] = "epsilon"
-    family_name: ClassVar[str] = "Stable Diffusion 1.x/2.x"
+    family_name: ClassVar[str] = ""
+    denoiser_folder: ClassVar[str] = "unet"
+    takes_true_cfg: ClassVar[bool] = False
+    takes_eta: ClassVar[bool] = True
 
-    denoiser_folder: ClassVar[str] = "unet"  # the denoiser's folder in a pipeline folder
+    # What a family computes (each family module defines these; docs in `multifusion.families`).
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+    single_file: ClassVar[bool] = False
+    denoiser_class: ClassVar[str] = ""  # the diffusers class of the denoiser
 
     @classmethod
-    def config_facts(cls, denoiser: dict) -> tuple[int, int]:
-        """(latent channels, patch side in latent pixels) from the denoiser's config.json, read
-        before loading."""
-        return int(denoiser.get("in_channels", 4)), 1
+    def build_denoiser(cls, config: dict) -> torch.nn.Module:
+        """The family's denoiser built from `config` (on the current default device: `meta`
+        counts parameters without storage, as `multifusion.memory` does)."""
+        import diffusers
+
+        return getattr(diffusers, cls.denoiser_class)(**config)
+
+    @classmethod
+    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
+        """Random keyword inputs of one denoiser call on `batch` latents `latent` (C, h, w) with a
+        text sequence of `tokens`, shaped as this family's handle passes them (for memory traces)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_facts(cls, denoiser: dict) -> tuple[int, int, int]:
+        """(latent channels, patch side in latent pixels, native image side in latent pixels)
+        from the denoiser's config.json (read before loading, or the loaded denoiser's)."""
+        raise NotImplementedError
+
+    @classmethod
+    def schedule_table(cls, scheduler_config: Any) -> torch.Tensor:
+        """alpha_bar of every position of the family's timestep axis (T,)."""
+        raise NotImplementedError
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
         """The handle's fields taken from a loaded pipeline of `pipeline_class`."""
-        return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+        raise NotImplementedError
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The weight-holding modules by component name (optional ones left out when absent)."""
@@ -159,9 +163,7 @@ class ModelHandle:
     def scheduler(self, name: str, latent_hw: tuple[int, int]):
         """A fresh scheduler of kind `name` on this model's schedule, for latents of `latent_hw`
         (families whose schedule depends on the image size use it)."""
-        from multifusion.schedulers import make_scheduler
-
-        return make_scheduler(name, self.scheduler_config)
+        raise NotImplementedError
 
     # --- facts used to check that models can meet ------------------------------------
     @property
@@ -170,7 +172,7 @@ class ModelHandle:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return self.config_facts(dict(self.unet.config))[0]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -188,20 +190,18 @@ class ModelHandle:
     def patch_px(self) -> int:
         """The pixel grid of canvas sizes and region boxes (the VAE factor; times the
         transformer's patch size for patch-based denoisers)."""
-        return self.vae_scale_factor
+        return self.vae_scale_factor * self.config_facts(dict(self.unet.config))[1]
 
     @property
     def native_px(self) -> int:
         """The model's native image side in pixels (the default canvas)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.config_facts(dict(self.unet.config))[2] * self.vae_scale_factor
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        from diffusers import DDPMScheduler
-
+        """alpha_bar of every training timestep (the family's `schedule_table`), computed once."""
         if not hasattr(self, "_alphas_cumprod"):
-            sched = DDPMScheduler.from_config(self.scheduler_config)
-            self._alphas_cumprod = sched.alphas_cumprod.clone()
+            self._alphas_cumprod = self.schedule_table(self.scheduler_config)
         return self._alphas_cumprod
 
     def _on_device(self, module: torch.nn.Module) -> None:
@@ -209,26 +209,10 @@ class ModelHandle:
             self.offloader.activate(module)
 
     # --- conditioning -------------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
-        """The conditioning for `prompts`: text embeddings (B, L, D) as diffusers'
-        StableDiffusionPipeline computes them (padded to the tokenizer's max length, truncated,
-        attention mask only where the text encoder's config asks for it, last hidden state).
-        Model families with further conditioning override this and `eps`."""
-        tok = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        self._on_device(self.text_encoder)
-        dev = self.offloader.device if self.offloader else self.device
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tok.attention_mask.to(dev)
-        embeds = self.text_encoder(tok.input_ids.to(dev), attention_mask=mask)[0]
-        return Conditioning(embeds.to(dtype=self.dtype))
+        """The conditioning of `prompts` (batch first), as the family's diffusers pipeline
+        computes it."""
+        raise NotImplementedError
 
     def guide(
         self,
@@ -277,23 +261,10 @@ class ModelHandle:
         return self.vae
 
     # --- denoising ---------------------------------------------------------------------
-    @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One UNet call converted to epsilon. x_t (B, C, H, W) float32, `cond` of batch B;
-        returns eps (B, C, H, W) float32."""
-        self._on_device(self.unet)
-        dev = self.offloader.device if self.offloader else self.device
-        out = self.unet(
-            x_t.to(dev, self.dtype), t, encoder_hidden_states=cond.embeds.to(dev), return_dict=False,
-            **self.denoiser_kwargs(x_t, cond, dev),
-        )[0].to(x_t.device, torch.float32)
-        if self.prediction_type == "v_prediction":
-            out = v_to_eps(out, x_t, alpha_bar_at(self.alphas_cumprod, t).to(x_t.device, torch.float32))
-        elif self.prediction_type != "epsilon":
-            raise IncompatibleModelsError(
-                f"model {self.name!r} predicts {self.prediction_type!r}; only 'epsilon' and 'v_prediction' models can be combined"
-            )
-        return out
+        """One denoiser call in the family's prediction space: x_t (B, C, H, W) float32, `cond`
+        of batch B; returns (B, C, H, W) float32."""
+        raise NotImplementedError
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -376,36 +347,3 @@ def predict_together(
         out.append(GuidedPrediction(c if u is None else cfg(u, c, g.guidance_scale), u, c, g.guidance_scale))
         start += n
     return out
-
-
-def check_same_latent_space(handles: list[ModelHandle]) -> None:
-    """Raise IncompatibleModelsError unless all handles share latent channels, VAE factor,
-    VAE scaling factor and noise schedule: the conditions for meeting at noise or latent level."""
-    base = handles[0]
-    for h in handles[1:]:
-        if base.prediction_space != h.prediction_space or (
-                "velocity" in (base.prediction_space, h.prediction_space) and base.family_name != h.family_name):
-            raise IncompatibleModelsError(
-                f"models {base.name!r} ({base.family_name}) and {h.name!r} ({h.family_name}) live in different latent "
-                f"spaces (different VAEs) and predict {base.prediction_space} vs {h.prediction_space} on different noise "
-                "schedules: they cannot meet at noise or latent level; fuse models of one family"
-            )
-        for what, a, b in (
-            ("latent channels", base.latent_channels, h.latent_channels),
-            ("VAE downsampling factor", base.vae_scale_factor, h.vae_scale_factor),
-            ("VAE scaling_factor", round(base.scaling_factor, 6), round(h.scaling_factor, 6)),
-            ("VAE shift_factor", round(base.shift_factor, 6), round(h.shift_factor, 6)),
-            ("num_train_timesteps", len(base.alphas_cumprod), len(h.alphas_cumprod)),
-        ):
-            if a != b:
-                kinds = f" ({base.name!r} is {base.family_name}, {h.name!r} {h.family_name}: different VAEs)" \
-                    if base.family_name != h.family_name else ""
-                raise IncompatibleModelsError(
-                    f"models {base.name!r} and {h.name!r} differ in {what} ({a} vs {b}){kinds}: their latents "
-                    "cannot be combined; use models fine-tuned from the same base (same VAE and schedule)"
-                )
-        if not torch.allclose(base.alphas_cumprod, h.alphas_cumprod, atol=1e-6):
-            raise IncompatibleModelsError(
-                f"models {base.name!r} and {h.name!r} use different noise schedules (betas); "
-                "a timestep would mean different noise levels for them"
-            )

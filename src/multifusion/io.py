@@ -6,6 +6,7 @@ interrupted run (Ctrl-C, a killed job) never leaves a half-written file under a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -85,33 +86,6 @@ def read_png_metadata(path: str | Path) -> dict:
     return meta
 
 
-FROM_IMAGE_FIELDS = ("version", "method", "models", "prompt", "negative_prompt", "params", "merges", "sampling")
-"""What a recipe read back from an image takes from its metadata: what makes the picture. Never
-`runtime` (pickle loading, devices, dtype, memory limits), nor output paths (the image holds
-none): settings that widen trust come from the person running it, not from a file they were sent."""
-
-
-def recipe_from_image(path: str | Path) -> tuple[dict, list[str]]:
-    """The recipe in a PNG's metadata, narrowed to FROM_IMAGE_FIELDS, and the runtime settings
-    it held that differ from the defaults (ignored, so the caller can say so). RecipeError when
-    the file is not an image, has no such metadata, or its `recipe` is not a mapping."""
-    meta = read_png_metadata(path)
-    recipe = meta.get("recipe")
-    if not isinstance(recipe, dict):
-        what = "no `recipe`" if recipe is None else f"a `recipe` that is a {type(recipe).__name__}, not a mapping"
-        raise RecipeError(f"{str(path)!r} holds multifusion metadata with {what}; was it written by `multifusion generate`?")
-    unknown = sorted(map(str, set(recipe) - set(FROM_IMAGE_FIELDS) - {"runtime"}))
-    if unknown:
-        raise RecipeError(f"the recipe in {str(path)!r} has unknown field(s) {', '.join(map(repr, unknown))[:200]}")
-    runtime, ignored = recipe.get("runtime"), []
-    if runtime:
-        from multifusion.recipe import Runtime
-
-        defaults = Runtime().model_dump(mode="json")
-        ignored = [str(k) for k, v in runtime.items() if defaults.get(k) != v] if isinstance(runtime, dict) else ["runtime"]
-    return {k: recipe[k] for k in FROM_IMAGE_FIELDS if k in recipe}, ignored
-
-
 def image_is_whole(path: str | Path) -> bool:
     """Whether `path` is an image whose pixel data decodes completely (a truncated or damaged PNG
     does not): what a resumed run checks before keeping a finished image."""
@@ -143,15 +117,6 @@ def check_output_dir(where: str, path: str | Path) -> Path:
     except OSError as err:
         raise RecipeError(f"{where}: cannot write in {str(existing)!r} ({err.strerror or err}); choose a writable folder") from None
     return path
-
-
-def image_metadata(recipe_json: str, seed: int) -> dict:
-    """Metadata of one image: the full recipe narrowed to this image alone (its seed, one image,
-    its own prompt), so that running it again regenerates exactly this image."""
-    from multifusion.recipe import narrow_to_image
-    from multifusion.version import __version__
-
-    return {"recipe": narrow_to_image(json.loads(recipe_json), seed), "seed": seed, "multifusion_version": __version__}
 
 
 def read_rgb_image(where: str, path: str | Path, size: tuple[int, int]) -> torch.Tensor:
@@ -200,3 +165,24 @@ def grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: lis
         for j, im in enumerate(row):
             canvas.paste(im, (label_w + lefts[j], y))
     return canvas
+
+
+def file_fingerprint(path: str | Path, *, whole_below: int = 256 << 20) -> str:
+    """Content hash of a file or a folder (names, sizes and bytes of every file; for files over
+    ``whole_below`` bytes only the first and last MiB, so a multi-GB checkpoint costs nothing)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= whole_below:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]

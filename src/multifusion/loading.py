@@ -18,10 +18,8 @@ from typing import Literal
 import torch
 
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, PickleRefusedError, did_you_mean
-from multifusion.flow.flux import FluxHandle
-from multifusion.flow.sd3 import SD3Handle
+from multifusion.families import ModelFacts, facts_from_configs, family_named, vae_factor
 from multifusion.handles import ModelHandle, Offloader
-from multifusion.handles_sdxl import SDXLHandle
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -136,41 +134,24 @@ def _model_index(root: Path) -> dict:
         return {}
 
 
-def vae_factor(vae_config) -> int:
-    """A VAE's downsampling factor from its config (a dict or a diffusers config)."""
-    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-
-
-def read_local_config(ref: ModelRef) -> dict | None:
-    """Configs needed for validation (VAE factor, latent channels), read without loading
-    weights; None when they are not local (Hub ids, single files without a config)."""
+def read_facts(ref: ModelRef) -> ModelFacts | None:
+    """The facts that validation needs (family, latent space, schedule; `families.ModelFacts`),
+    read from configs without loading weights; None when they are not local (Hub ids, single
+    files without a config). ModelLoadError for a pipeline of no known family."""
     root = _config_root(ref)
     if root is None:
         return None
-    try:
-        family = family_of(ref)
-    except ModelLoadError:  # a pipeline no family handles: named when it loads
-        family = ModelHandle
+    family = family_of(ref)
     try:
         vae = json.loads((root / "vae" / "config.json").read_text())
-        unet = json.loads((root / family.denoiser_folder / "config.json").read_text())
+        denoiser = json.loads((root / family.denoiser_folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     try:  # the noise schedule, to check the step count against the scheduler before loading
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, json.JSONDecodeError):
         scheduler = None
-    channels, patch = family.config_facts(unet)
-    factor = vae_factor(vae)
-    return {
-        "vae_scale_factor": factor,
-        "latent_channels": channels,
-        "patch_px": factor * patch,
-        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),  # diffusers' AutoencoderKL default
-        "family": family.family_name,
-        "prediction_space": family.prediction_space,
-        "scheduler": scheduler,
-    }
+    return facts_from_configs(family, denoiser, vae, scheduler)
 
 
 def resolve_vae(text: str, *, allow_pickle: bool = False) -> ModelRef:
@@ -251,23 +232,14 @@ def _dtype_kwarg() -> str:
 _DTYPE_KWARG = _dtype_kwarg()
 
 
-# Handle classes by the diffusers pipeline class they are built from (`ModelHandle.pipeline_class`).
-FAMILIES: dict[str, type[ModelHandle]] = {ModelHandle.pipeline_class: ModelHandle}
-FAMILIES.update({h.pipeline_class: h for h in (SDXLHandle, SD3Handle, FluxHandle)})
-
-
 def family_of(ref: ModelRef) -> type[ModelHandle]:
-    """The handle class for `ref`: from its pipeline folder's (or config folder's)
-    model_index.json where local; Stable Diffusion 1.x/2.x otherwise."""
+    """The handle class of `ref`'s family (`multifusion.families`): from its pipeline folder's (or
+    config folder's) model_index.json where local; Stable Diffusion 1.x/2.x otherwise."""
     root = _config_root(ref)
-    name = None if root is None else _model_index(root).get("_class_name")
-    if name is None:
-        return ModelHandle
-    if name not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
-        refiner = " (the SDXL refiner refines images and is not supported)" if name == "StableDiffusionXLImg2ImgPipeline" else ""
-        raise ModelLoadError(f"{ref.text!r} is a {name}{refiner}; the models that can be combined are: {known}")
-    return FAMILIES[name]
+    try:
+        return family_named(None if root is None else _model_index(root).get("_class_name"), repr(ref.text))
+    except IncompatibleModelsError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def _absent_parts(ref: ModelRef) -> list[str]:
@@ -283,8 +255,7 @@ def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype,
     import diffusers
 
     pipeline = getattr(diffusers, family.pipeline_class)
-    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
-        if family.pipeline_class == "StableDiffusionPipeline" else {}
+    common = dict(family.load_kwargs)
     common[_DTYPE_KWARG] = dtype
     common.update({part: None for part in _absent_parts(ref)})
     check_weight_files(ref)

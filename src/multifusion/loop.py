@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from multifusion.errors import SamplingError
-from multifusion.handles import NoiseFn, alpha_bar_at
+from multifusion.handles import NoiseFn
+from multifusion.schedulers import alpha_bar_at
 
 
 @dataclass(eq=False)

@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 
+from multifusion.families import FluxHandle, SD3Handle, SDXLHandle
+from multifusion.handles import ModelHandle
+
 # --- published configs ---------------------------------------------------------------------------
 # The diffusers folders' config.json of stabilityai/stable-diffusion-xl-base-1.0,
 # stabilityai/stable-diffusion-3.5-large and -medium, black-forest-labs/FLUX.1-dev. SDXL fine-tunes
@@ -80,41 +83,38 @@ RESERVE = 0.10  # of the card, kept free by `fits`
 
 
 @dataclass(frozen=True)
-class Family:
-    """The shapes of one model of a family. A component is (kind, config); kinds: "unet", "sd3",
-    "flux" (denoisers), "clip", "clip_projection", "t5" (text encoders), "vae"."""
+class Published:
+    """The shapes of one published model: its family (`multifusion.families`, which builds the
+    denoiser and its inputs), the denoiser's config, and its other components as (kind, config),
+    kinds "clip", "clip_projection", "t5" (text encoders)."""
 
-    denoiser: tuple[str, dict[str, Any]]
+    family: type[ModelHandle]
+    denoiser: dict[str, Any]
     text_encoders: dict[str, tuple[str, dict[str, Any]]]  # display name -> component
     vae: dict[str, Any]  # AutoencoderKL config
     guidance_batch: int  # denoiser inputs per image: 2 with classifier-free guidance, 1 guidance-distilled
     text_tokens: int  # length of the text sequence the denoiser attends to (the pipelines' defaults)
 
 
-FAMILIES: dict[str, Family] = {
-    "SDXL base": Family(("unet", SDXL_UNET), {"CLIP ViT-L": ("clip", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G)},
+PUBLISHED: dict[str, Published] = {
+    "SDXL base": Published(SDXLHandle, SDXL_UNET, {"CLIP ViT-L": ("clip", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G)},
                         SDXL_VAE, guidance_batch=2, text_tokens=77),
-    "SD3.5 Large": Family(("sd3", SD35_LARGE), {"CLIP ViT-L": ("clip_projection", CLIP_L),
+    "SD3.5 Large": Published(SD3Handle, SD35_LARGE, {"CLIP ViT-L": ("clip_projection", CLIP_L),
                                                 "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
                           VAE_16, guidance_batch=2, text_tokens=77 + 256),
-    "SD3.5 Medium": Family(("sd3", SD35_MEDIUM), {"CLIP ViT-L": ("clip_projection", CLIP_L),
+    "SD3.5 Medium": Published(SD3Handle, SD35_MEDIUM, {"CLIP ViT-L": ("clip_projection", CLIP_L),
                                                   "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
                            VAE_16, guidance_batch=2, text_tokens=77 + 256),
     # FLUX.1 dev is guidance-distilled: one pass per step (2 with true CFG, `true_cfg_scale` > 1)
-    "FLUX.1 dev": Family(("flux", FLUX_DEV), {"CLIP ViT-L": ("clip", CLIP_L), "T5-XXL": ("t5", T5_XXL)},
+    "FLUX.1 dev": Published(FluxHandle, FLUX_DEV, {"CLIP ViT-L": ("clip", CLIP_L), "T5-XXL": ("t5", T5_XXL)},
                          VAE_16, guidance_batch=1, text_tokens=512),
 }
 
 
 def build(kind: str, config: dict[str, Any]) -> torch.nn.Module:
-    """The diffusers / transformers module of a component (kind as in `Family`), on the current
-    default device and dtype."""
-    from diffusers import (
-        AutoencoderKL,
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-    )
+    """The diffusers / transformers module of a component ("vae" or a text-encoder kind as in
+    `Published`), on the current default device and dtype."""
+    from diffusers import AutoencoderKL
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -123,10 +123,8 @@ def build(kind: str, config: dict[str, Any]) -> torch.nn.Module:
         T5EncoderModel,
     )
 
-    diffusers_classes = {"unet": UNet2DConditionModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel,
-                         "vae": AutoencoderKL}
-    if kind in diffusers_classes:
-        return diffusers_classes[kind](**config)
+    if kind == "vae":
+        return AutoencoderKL(**config)
     if kind == "t5":
         return T5EncoderModel(T5Config(**config))
     return {"clip": CLIPTextModel, "clip_projection": CLIPTextModelWithProjection}[kind](CLIPTextConfig(**config))
@@ -136,6 +134,12 @@ def count_parameters(kind: str, config: dict[str, Any]) -> int:
     """Parameters of a component, built on the meta device (no storage, no initialisation)."""
     with torch.device("meta"):
         return sum(p.numel() for p in build(kind, config).parameters())
+
+
+def denoiser_parameters(model: Published) -> int:
+    """Parameters of a published model's denoiser, built on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in model.family.build_denoiser(model.denoiser).parameters())
 
 
 def _peak_activations(module: torch.nn.Module, run: Callable[[], Any]) -> int:
@@ -150,40 +154,21 @@ def _peak_activations(module: torch.nn.Module, run: Callable[[], Any]) -> int:
     return max(sum(int(n) for kind, n in per_kind.items() if getattr(kind, "name", None) == "ACT") for per_kind in peak.values())
 
 
-def _denoiser_inputs(kind: str, config: dict[str, Any], b: int, latent: tuple[int, int, int], tokens: int) -> dict:
-    """Random inputs (B = b) of one denoiser call on latents `latent` (C, h, w), as the handles
-    pass them (`handles_sdxl`, `flow.sd3`, `flow.flux`)."""
-    c, h, w = latent
-    if kind == "unet":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        return dict(sample=torch.randn(b, c, h, w), timestep=torch.tensor(500),
-                    encoder_hidden_states=torch.randn(b, tokens, config["cross_attention_dim"]),
-                    added_cond_kwargs={"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)})
-    text = dict(encoder_hidden_states=torch.randn(b, tokens, config["joint_attention_dim"]),
-                pooled_projections=torch.randn(b, config["pooled_projection_dim"]), timestep=torch.full((b,), 0.5))
-    if kind == "sd3":
-        return dict(hidden_states=torch.randn(b, c, h, w), **text)
-    n = (h // 2) * (w // 2)  # FLUX packs 2x2 latent patches: (B, h/2 * w/2, 4C) tokens
-    return dict(hidden_states=torch.randn(b, n, 4 * c), guidance=torch.full((b,), 3.5) if config.get("guidance_embeds") else None,
-                txt_ids=torch.zeros(tokens, 3), img_ids=torch.zeros(n, 3), **text)
-
-
-def activation_peaks(family: Family, height: int, width: int, batch: int = 1) -> dict[str, int]:
+def activation_peaks(model: Published, height: int, width: int, batch: int = 1) -> dict[str, int]:
     """Bytes of live activations at the peak of one denoiser call on `batch` images
-    (`family.guidance_batch` x `batch` inputs) and of one untiled VAE decode of `batch` images,
+    (`model.guidance_batch` x `batch` inputs, built by its family's `example_inputs`) and of one untiled VAE decode of `batch` images,
     at height x width pixels, in `DTYPE` (module docstring: floors).
     Returns {"denoiser": bytes, "vae_decode": bytes}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    kind, config = family.denoiser
-    f = 2 ** (len(family.vae["block_out_channels"]) - 1)  # VAE downsampling factor
-    latent = (family.vae.get("latent_channels", 4), height // f, width // f)
+    f = 2 ** (len(model.vae["block_out_channels"]) - 1)  # VAE downsampling factor
+    latent = (model.vae.get("latent_channels", 4), height // f, width // f)
     previous = torch.get_default_dtype()
     with FakeTensorMode():
         torch.set_default_dtype(DTYPE)
         try:
-            denoiser, vae = build(kind, config), build("vae", family.vae)
-            inputs = _denoiser_inputs(kind, config, family.guidance_batch * batch, latent, family.text_tokens)
+            denoiser, vae = model.family.build_denoiser(model.denoiser), build("vae", model.vae)
+            inputs = model.family.example_inputs(model.denoiser, model.guidance_batch * batch, latent, model.text_tokens)
             z = torch.randn(batch, *latent)
         finally:
             torch.set_default_dtype(previous)
@@ -193,7 +178,7 @@ def activation_peaks(family: Family, height: int, width: int, batch: int = 1) ->
 
 @dataclass(frozen=True)
 class Footprint:
-    """One model's parameter counts and its family's activation peaks (bytes) at one canvas."""
+    """One model's parameter counts and its activation peaks (bytes) at one canvas."""
 
     denoiser: int
     text_encoders: dict[str, int]  # display name -> parameters
@@ -202,12 +187,12 @@ class Footprint:
     decode_activations: int
 
 
-def footprint(family: Family, height: int, width: int, batch: int = 1) -> Footprint:
-    """Parameter counts (meta device) and activation peaks (fake tensors) of `family`."""
-    acts = activation_peaks(family, height, width, batch)
-    return Footprint(count_parameters(*family.denoiser),
-                     {name: count_parameters(*c) for name, c in family.text_encoders.items()},
-                     count_parameters("vae", family.vae), acts["denoiser"], acts["vae_decode"])
+def footprint(model: Published, height: int, width: int, batch: int = 1) -> Footprint:
+    """Parameter counts (meta device) and activation peaks (fake tensors) of `model`."""
+    acts = activation_peaks(model, height, width, batch)
+    return Footprint(denoiser_parameters(model),
+                     {name: count_parameters(*c) for name, c in model.text_encoders.items()},
+                     count_parameters("vae", model.vae), acts["denoiser"], acts["vae_decode"])
 
 
 def device_bytes(fp: Footprint, n_models: int, *, offload: bool, shared: bool = True, vae_on_device: bool = True) -> int:

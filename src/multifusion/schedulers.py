@@ -77,15 +77,10 @@ def scheduler_class(name: str):
 
 
 def check_steps(name: str, base_config: dict, num_inference_steps: int) -> None:
-    """RecipeError when scheduler `name` on the schedule of `base_config` cannot take
+    """RecipeError when scheduler `name` on the DDPM schedule of `base_config` cannot take
     `num_inference_steps` steps (PNDM without skip_prk_steps needs 4 or more; LCM and TCD at most
-    their original steps): found before loading, where the config is local. A flow-matching
-    schedule takes any step count; only the sampler's name is checked."""
-    from multifusion.flow.schedule import is_flow_config
-
-    if is_flow_config(base_config):
-        check_flow_sampler(name)
-        return
+    their original steps): found before loading, where the config is local. (A family's
+    `check_steps` calls this; flow-matching families take any step count.)"""
     try:
         make_scheduler(name, base_config).set_timesteps(num_inference_steps)
     except (ValueError, IndexError) as err:
@@ -110,6 +105,23 @@ def check_flow_sampler(name: str) -> None:
         raise RecipeError(f"sampling.scheduler: {name!r} has no flow-matching form; SD3 and FLUX models sample with "
                           "their flow-matching Euler scheduler, which 'flow_euler', 'euler' and 'ddim' select "
                           "(the same step on that schedule)")
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar(t) for integer or fractional timesteps t (any shape).
+
+    Fractional t (Euler-type schedules) interpolate log sigma linearly, sigma = sqrt((1-a)/a),
+    as k-diffusion's discrete-schedule wrapper does; integer t index the table exactly.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(alphas_cumprod) - 1)
+    a = alphas_cumprod.to(torch.float64)
+    log_sigma = 0.5 * torch.log((1 - a) / a)
+    lo = t.floor().long()
+    hi = t.ceil().long()
+    w = t - lo
+    ls = (1 - w) * log_sigma[lo] + w * log_sigma[hi]
+    exact = a[lo]
+    return torch.where(w == 0, exact, 1 / (1 + torch.exp(2 * ls)))
 
 
 def timestep_fraction(t: torch.Tensor | float, num_train_timesteps: int) -> float:

@@ -14,7 +14,9 @@ from PIL import Image
 import multifusion as mf
 from multifusion import IncompatibleModelsError, RecipeError, load_models
 from multifusion.features.afa import AFAAggregators
-from multifusion.features.ensemble import AFAEnsemble, aggregation_channels, fresh_aggregators, model_hash
+from multifusion.features.unet import AFAEnsemble
+from multifusion.features.walkers import aggregation_channels, fresh_aggregators
+from multifusion.features.ensemble import model_hash
 from multifusion.features.train import AFATrainConfig, load_trained, train_afa
 from multifusion.training import load_tensors
 

@@ -391,7 +391,8 @@ def test_api_refuses_with_the_library_error(setup, case_id, field, call):
 
 
 def test_max_pixels_can_be_raised_on_purpose(setup):
-    from multifusion.recipe import parse_recipe, validate
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate
 
     big = setup.recipe(sampling={"height": 8192, "width": 8192})
     with pytest.raises(MultifusionError, match="runtime.max_pixels"):
@@ -454,7 +455,7 @@ def test_the_loop_names_the_step_where_a_meeting_breaks_the_latents():
 def test_from_image_takes_the_picture_not_the_runtime(setup, capsys):
     """An image's recipe asking for pickles, another device or a huge canvas limit does not get
     them: only the fields in FROM_IMAGE_FIELDS are taken, and the user is told."""
-    from multifusion.io import FROM_IMAGE_FIELDS
+    from multifusion.provenance import FROM_IMAGE_FIELDS
 
     assert "runtime" not in FROM_IMAGE_FIELDS
     meta = {"recipe": {**setup.recipe(), "runtime": {"allow_pickle": True, "max_pixels": 10**12, "device": "cpu"}}, "seed": 0}

@@ -12,8 +12,10 @@ from multifusion import fuse, load_models, run, single
 from multifusion.cli import main
 from multifusion.errors import IncompatibleModelsError, RecipeError
 from multifusion.method import Method, Params
-from multifusion.recipe import parse_recipe, validate
-from multifusion.weights import MergeSpec, merge, merge_in_memory, merge_models
+from multifusion.recipe import parse_recipe
+from multifusion.validate import validate
+from multifusion.weights import MergeSpec, merge_in_memory, merge_models
+from multifusion.weights.export import merge
 from multifusion.weights.presets import block_weights
 
 PROMPT = "a red circle in a snowy field"

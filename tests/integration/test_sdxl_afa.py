@@ -11,8 +11,9 @@ from PIL import Image
 
 import multifusion as mf
 from multifusion import load_models
-from multifusion.features.ensemble import (AFAEnsemble, EnsembleHandle, aggregation_channels, fresh_aggregators, model_hash,
-                                           split_conditioning)
+from multifusion.features.unet import AFAEnsemble
+from multifusion.features.ensemble import EnsembleHandle, model_hash, split_conditioning
+from multifusion.features.walkers import aggregation_channels, fresh_aggregators
 from multifusion.features.train import AFATrainConfig, train_afa
 
 PROMPT = "a blue square"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multifusion.recipe import parse_recipe, validate
+from multifusion.recipe import parse_recipe
+from multifusion.validate import validate
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sdxl.md"
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from multifusion import load_models, single
-from multifusion.handles_sdxl import SDXLHandle
+from multifusion.families.sdxl import SDXLHandle
 from multifusion.schedulers import scheduler_class
 
 PROMPT = "a red circle in a snowy field"

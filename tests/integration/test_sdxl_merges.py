@@ -6,9 +6,9 @@ import torch
 
 from multifusion import fuse, load_models, single
 from multifusion.errors import RecipeError
-from multifusion.handles_sdxl import SDXLHandle
+from multifusion.families.sdxl import SDXLHandle
 from multifusion.weights import MergeSpec, merge_in_memory, merge_models
-from multifusion.weights.blocks import unet_layout
+from multifusion.families.blocks import unet_layout
 
 PROMPT = "a red circle in a snowy field"
 KW = dict(num_inference_steps=3, seed=5, num_images=2, progress=False, height=32, width=32)
@@ -61,7 +61,8 @@ def test_sdxl_block_weights_merge_both_text_encoders_with_base(xl3, tmp_path):
 
 
 def test_sd1_block_weights_are_resampled_and_wrong_counts_refused(xl3):
-    from multifusion.recipe import parse_recipe, validate
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate
 
     def recipe(blocks):
         return parse_recipe({"method": "mbw", "models": [{"model": m, "prompt": "p"} for m in xl3], "params": {"blocks": blocks}})

@@ -113,7 +113,7 @@ def test_an_sdxl_model_and_an_sd_model_are_refused_before_loading(tiny_sdxl_dir,
 
 def test_loaded_sdxl_and_sd_models_are_refused_with_the_reason(sdxl, tiny_a):
     """The check after loading (models whose configs were not local, such as Hub ids)."""
-    from multifusion.handles import check_same_latent_space
+    from multifusion.families import check_same_latent_space
 
     [sd] = load_models([tiny_a])
     with pytest.raises(IncompatibleModelsError, match=r"'a' is SDXL, '.*' Stable Diffusion 1.x/2.x: different VAEs"):

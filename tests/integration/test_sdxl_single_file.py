@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from multifusion import ModelLoadError, load_models, single
-from multifusion.handles_sdxl import SDXLHandle
+from multifusion.families.sdxl import SDXLHandle
 from multifusion.testing.ldm import save_as_single_file
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -58,7 +58,7 @@ def test_mapping_follows_the_config_of_an_sdxl_shaped_model():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from multifusion.weights.ldm import to_ldm_sdxl_state_dict
+    from multifusion.families.ldm import to_ldm_sdxl_state_dict
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -96,7 +96,7 @@ def fixed_vae(tiny_sdxl_dir, tmp_path_factory):
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from multifusion.weights.ldm import rename, vae_prefixes
+    from multifusion.families.ldm import rename, vae_prefixes
 
     vae = AutoencoderKL.from_pretrained(tiny_sdxl_dir / "a" / "vae")
     with torch.no_grad():

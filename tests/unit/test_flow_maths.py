@@ -7,19 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
-from multifusion.flow.flux import image_ids, pack, unpack
-from multifusion.flow.schedule import (
-    FlowMatchSampler,
-    eps_to_velocity,
-    resolution_shift,
-    velocity_to_eps,
-    velocity_to_x0,
-    vp_alphas_cumprod,
-    x0_to_velocity,
-)
+from multifusion.families.flux import image_ids, pack, unpack
+from multifusion.families.flowmatch import FlowMatchSampler, eps_to_velocity, resolution_shift, velocity_to_eps, velocity_to_x0, vp_alphas_cumprod, x0_to_velocity
 from multifusion.handles import cfg
 from multifusion.noise.average import weighted_average
-from multifusion.schedulers import check_flow_sampler, check_steps, make_scheduler
+from multifusion.schedulers import check_flow_sampler, make_scheduler
 
 seeds = st.integers(0, 2**31 - 1)
 inner_sigma = st.floats(0.01, 0.99)
@@ -136,11 +128,14 @@ def test_sampler_follows_each_pipeline_and_needs_the_size_for_dynamic_shift():
 def test_flow_sampler_names():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from multifusion.families import FluxHandle, SD3Handle
+
     flux = dict(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
-    for name in ("ddim", "euler", "flow_euler", "FlowMatchEulerDiscreteScheduler"):
-        check_flow_sampler(name)
-        check_steps(name, flux, 7)
-    with pytest.raises(RecipeError, match="sampling.scheduler: 'dpm\\+\\+' has no flow-matching form"):
-        check_steps("dpm++", flux, 7)
+    for family in (FluxHandle, SD3Handle):  # the family checks the step count: any, for the flow samplers
+        for name in ("ddim", "euler", "flow_euler", "FlowMatchEulerDiscreteScheduler"):
+            check_flow_sampler(name)
+            family.check_steps(name, flux, 7)
+        with pytest.raises(RecipeError, match="sampling.scheduler: 'dpm\\+\\+' has no flow-matching form"):
+            family.check_steps("dpm++", flux, 7)
     with pytest.raises(RecipeError, match="samples flow-matching models"):
         make_scheduler("flow_euler", {"num_train_timesteps": 1000})

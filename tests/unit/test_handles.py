@@ -3,7 +3,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multifusion.handles import Conditioning, GuidedPrediction, Offloader, alpha_bar_at, v_to_eps
+from multifusion.handles import Conditioning, GuidedPrediction, Offloader
+from multifusion.schedulers import alpha_bar_at
+from multifusion.families.sd import v_to_eps
 
 
 def _schedule():

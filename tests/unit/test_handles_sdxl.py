@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from multifusion.handles import Conditioning, ModelHandle
-from multifusion.handles_sdxl import SDXLHandle, time_ids
+from multifusion.families.sdxl import SDXLHandle, time_ids
 
 
 def _handle(cls=SDXLHandle, factor=8):

@@ -2,7 +2,8 @@ import pytest
 from PIL import Image
 
 from multifusion.errors import RecipeError
-from multifusion.io import atomic_path, image_metadata, read_png_metadata, save_png
+from multifusion.io import atomic_path, read_png_metadata, save_png
+from multifusion.provenance import image_metadata
 
 
 def test_png_metadata_round_trip(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 
 from multifusion.errors import ModelLoadError, PickleRefusedError
-from multifusion.handles import ModelHandle
+from multifusion.families import SDHandle
 from multifusion.loading import family_of, resolve
 
 
@@ -40,7 +40,7 @@ def test_family_from_model_index_and_refusal_of_unknown_pipelines(tmp_path):
     sd = tmp_path / "sd"
     sd.mkdir()
     (sd / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    assert family_of(resolve(str(sd))) is ModelHandle
+    assert family_of(resolve(str(sd))) is SDHandle
     other = tmp_path / "other"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')

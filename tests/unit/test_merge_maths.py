@@ -18,7 +18,7 @@ from multifusion.weights import (
     resample,
     weighted_sum,
 )
-from multifusion.weights.blocks import BlockLayout
+from multifusion.families.blocks import BlockLayout
 
 seeds = st.integers(0, 2**31 - 1)
 unit = st.floats(0.0, 1.0)

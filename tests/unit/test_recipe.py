@@ -3,7 +3,8 @@ import json
 import pytest
 
 from multifusion.errors import ModelLoadError, PickleRefusedError, RecipeError
-from multifusion.recipe import parse_recipe, validate_recipe
+from multifusion.recipe import parse_recipe
+from multifusion.validate import validate_recipe
 
 
 def recipe(**over):

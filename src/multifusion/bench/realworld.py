@@ -229,7 +229,8 @@ def run_realworld(
     is checked before the first image. Writes ``OUT/realworld.json`` and returns it."""
     from multifusion.api import generate_to_folder, image_name
     from multifusion.io import write_text
-    from multifusion.recipe import parse_recipe, validate_recipe
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate_recipe
     from multifusion.registry import get_method
 
     if not isinstance(seeds, int) or seeds <= 0:

@@ -49,7 +49,8 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
               runtime: Mapping[str, Any], judge: Any, out: Path) -> int:
     """Sample, judge and write one unit; returns the number of images made."""
     from multifusion.api import iter_run
-    from multifusion.io import image_metadata, save_png, write_text
+    from multifusion.io import save_png, write_text
+    from multifusion.provenance import image_metadata
     from multifusion.recipe import parse_recipe
 
     recipe = parse_recipe(row_recipe(unit.row, unit.prompt, refs, common, unit.seeds, runtime))
@@ -99,7 +100,8 @@ def _plan(chosen: list[App], refs: dict[str, dict[str, str]], prompts: int, comm
     """Rows and prompts of every app (only the rows named in `only`, when given), every recipe
     validated before any model loads (or is hashed), and the fusion rows each app skips
     because the registry lacks their method."""
-    from multifusion.recipe import parse_recipe, validate_recipe
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate_recipe
 
     plan: list[tuple[App, list[Row], list[AppPrompt]]] = []
     skipped: dict[str, list[str]] = {}
@@ -189,7 +191,7 @@ def run_bench(
     chosen = resolve_apps(apps)
     check_args(seeds, prompts, num_inference_steps, batch_size, guidance_scale, scheduler, dtype, threads)
     if device is not None:
-        from multifusion.recipe import check_device
+        from multifusion.validate import check_device
 
         check_device("device", device)
     out = Path(out)

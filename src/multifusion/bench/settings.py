@@ -21,6 +21,7 @@ import numpy as np
 
 from multifusion.bench.apps import APPS, App, AppPrompt, Row
 from multifusion.errors import ModelLoadError, RecipeError, did_you_mean
+from multifusion.io import file_fingerprint
 
 FORMAT = 2
 """Version of the folder layout and settings record; a folder of another format is refused."""
@@ -31,27 +32,6 @@ FORMAT = 2
 def json_fingerprint(data: Any) -> str:
     """Short content hash of JSON-able ``data`` (keys sorted, so dict order does not count)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_fingerprint(path: str | Path, *, whole_below: int = 256 << 20) -> str:
-    """Content hash of a file or a folder (names, sizes and bytes of every file; for files over
-    ``whole_below`` bytes only the first and last MiB, so a multi-GB checkpoint costs nothing)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(path) if f != path else f.name}\0{size}\0".encode())
-        with f.open("rb") as fh:
-            if size <= whole_below:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 def model_fingerprint(ref: str) -> str:

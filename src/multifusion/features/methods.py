@@ -20,7 +20,8 @@ import torch
 from pydantic import Field, field_validator
 
 from multifusion.errors import IncompatibleModelsError, RecipeError
-from multifusion.features.ensemble import EnsembleHandle, build_ensemble, model_hash
+from multifusion.features.ensemble import EnsembleHandle, model_hash
+from multifusion.features.walkers import build_ensemble, walker_for
 from multifusion.handles import Guided
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
@@ -102,14 +103,11 @@ def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
     from multifusion.features.train import load_trained
 
     handles = ctx.handles
-    from multifusion.flow.flux import FluxHandle
-
-    flux = [h.name for h in handles if isinstance(h, FluxHandle)]
-    if flux:
-        raise IncompatibleModelsError(
-            f"models: AFA walks UNets and Stable Diffusion 3 transformers; {', '.join(flux)} are FLUX.1 models, whose "
-            "single-stream blocks run the text and image tokens as one sequence (with rotary positions and a guidance "
-            "embedding) and are not walked yet; fuse them with average, snb, mod or amdm")
+    for i, h in enumerate(handles):  # before the aggregators load: a denoiser no walker takes is named with the reason
+        try:
+            walker_for(h.unet)
+        except IncompatibleModelsError as err:
+            raise IncompatibleModelsError(f"models[{i}] ({h.name!r}): {err}") from None
     if len({h.prediction_type for h in handles}) != 1:
         raise IncompatibleModelsError("AFA needs models of one prediction type; got "
                                       + ", ".join(f"{h.name}: {h.prediction_type}" for h in handles))

@@ -10,7 +10,7 @@ points, in order (`aggregation_channels`):
     each joint block but the last          the same
     the output (norm_out, proj_out)        the velocities (B, C, h, w), unpatchified
 
-so a transformer of L joint blocks has 1 + L points: as in the UNet ensemble (`ensemble.py`) the
+so a transformer of L joint blocks has 1 + L points: as in the UNet ensemble (`unet.py`) the
 last layer meets after the output head, so the ensemble returns one prediction. The tokens are
 reshaped to their patch grid (`tokens_to_grid`) and aggregated per patch by the same SABW
 aggregators (`afa.py`) as UNet features; every model continues from the aggregate, as in the
@@ -33,7 +33,6 @@ rotary positions and guidance embedding would need a walker of their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -41,10 +40,7 @@ from torch import nn
 
 from multifusion.errors import IncompatibleModelsError
 from multifusion.features.afa import AFAAggregators
-from multifusion.features.ensemble import EnsembleHandle, check_same_denoisers, split_models
-from multifusion.flow.sd3 import SD3Handle
-
-WALKABLE = ("SD3Transformer2DModel",)
+from multifusion.features.ensemble import Walker, check_same_denoisers, split_models
 
 
 def tokens_to_grid(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -71,13 +67,12 @@ def unpatchify(tokens: torch.Tensor, rows: int, cols: int, patch: int, channels:
 
 
 def check_walkable(transformer: nn.Module) -> None:
-    """IncompatibleModelsError unless the ensemble can walk this transformer's blocks."""
-    kind = type(transformer).__name__
-    if kind not in WALKABLE:
-        why = (" (FLUX's single-stream blocks run the text and image tokens as one sequence and are not walked yet; "
-               "fuse FLUX models with average, snb, mod or amdm)") if kind.startswith("Flux") else ""
-        raise IncompatibleModelsError(
-            f"AFA walks UNets and Stable Diffusion 3 transformers ({', '.join(WALKABLE)}); this denoiser is a {kind}{why}")
+    """IncompatibleModelsError unless the transformer has the parts the walk calls (an
+    `SD3Transformer2DModel`: patch embedding, joint blocks, output head)."""
+    missing = [m for m in ("pos_embed", "context_embedder", "time_text_embed", "transformer_blocks", "norm_out", "proj_out")
+               if not hasattr(transformer, m)]
+    if missing:
+        raise IncompatibleModelsError(f"AFA walks SD3 transformers; this {type(transformer).__name__} has no {', '.join(missing)}")
 
 
 def aggregation_channels(transformer: nn.Module) -> list[int]:
@@ -103,6 +98,8 @@ class SD3Ensemble(nn.Module):
     def __init__(self, transformers: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None):
         super().__init__()
         check_same_denoisers(transformers, labels)
+        for transformer in transformers:
+            check_walkable(transformer)
         channels = aggregation_channels(transformers[0])
         cfg = aggregators.config
         if cfg.n_models != len(transformers) or list(cfg.channels) != channels:
@@ -179,8 +176,4 @@ class SD3Ensemble(nn.Module):
         return Transformer2DModelOutput(sample=out)
 
 
-@dataclass(eq=False)
-class SD3EnsembleHandle(EnsembleHandle, SD3Handle):
-    """An `EnsembleHandle` of SD3 models: the conditioning is each member's own (text tokens on
-    the sequence axis, pooled embeddings side by side, `join_conditionings`), and the SD3 handle's
-    own `eps`, schedule and latent facts drive the `SD3Ensemble` as they drive one transformer."""
+WALKER = Walker("SD3 transformer", check_walkable, aggregation_channels, aggregator_dims, SD3Ensemble)

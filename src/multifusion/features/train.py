@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from multifusion.errors import MultifusionError
-from multifusion.features.ensemble import (build_ensemble, check_aggregators_fit, ensemble_kwargs, fresh_aggregators,
-                                           join_conditionings, model_hash, split_conditioning)
+from multifusion.features.ensemble import check_aggregators_fit, ensemble_kwargs, join_conditionings, model_hash, split_conditioning
+from multifusion.features.walkers import build_ensemble, fresh_aggregators
 from multifusion.handles import Conditioning, ModelHandle
 from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, load_tensors, read_log, save_tensors
 
@@ -158,28 +158,11 @@ def _added(handles: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning
     return {k: {n: v.to(handles[0].dtype) for n, v in d.items()} for k, d in kwargs.items()}
 
 
-def noised(handle: ModelHandle, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, the training target) for clean latents x0 and noise (B, C, h, w) at integer
-    timesteps t (B,). DDPM schedules: x_t = sqrt(a) x0 + sqrt(1 - a) e with a = alpha_bar(t), the
-    target e (or v = sqrt(a) e - sqrt(1 - a) x0 for v-prediction). Flow matching (docs/flow.md):
-    s = t / 1000, x_s = (1 - s) x0 + s e, the target the velocity e - x0."""
-    if handle.prediction_space == "velocity":
-        s = (t.float() / (len(handle.alphas_cumprod) - 1)).view(-1, 1, 1, 1)
-        return (1 - s) * x0 + s * noise, noise - x0
-    a = handle.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return x_t, (a.sqrt() * noise - (1 - a).sqrt() * x0 if handle.prediction_type == "v_prediction" else noise)
-
-
 def predict(handles: Sequence[ModelHandle], denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """The raw prediction (B, C, h, w) of `denoiser` (an ensemble of `handles`' denoisers, or one
-    of them with its own `cond`) at x_t, integer timesteps t (B,), called with the family's
-    signature: a UNet's (added conditioning for SDXL) or an SD3 transformer's."""
-    first = handles[0]
-    if first.prediction_space == "velocity":
-        return denoiser(hidden_states=x_t.to(first.dtype), timestep=t.float(), encoder_hidden_states=cond.embeds.to(first.dtype),
-                        pooled_projections=cond.extra["pooled"].to(first.dtype)).sample
-    return denoiser(x_t.to(first.dtype), t, cond.embeds.to(first.dtype), **_added(handles, x_t, cond)).sample
+    of them with its own `cond`) at x_t, integer timesteps t (B,), called as the models' family
+    calls it (`raw_prediction`; SDXL's added conditioning through `denoiser_kwargs`)."""
+    return handles[0].raw_prediction(denoiser, x_t, t, cond, _added(handles, x_t, cond))
 
 
 # --------------------------------------------------------------------------- training
@@ -246,7 +229,7 @@ def train_afa(
         t = torch.randint(0, len(alphas), (b,), generator=g)
         drop = torch.rand(b, generator=g) < config.prompt_dropout
         cond = texts.embed(idx, drop)  # embeds (B, N*L, D)
-        x_t, target = noised(first, x0, noise, t)
+        x_t, target = first.noised(x0, noise, t)
         return {"loss": F.mse_loss(predict(handles, ensemble, x_t, t, cond).float(), target)}
 
     run.train(step, config.steps, lr=lambda s: config.lr * min(1.0, (s + 1) / config.warmup), meta=meta, stop=stop,
@@ -296,7 +279,7 @@ def heldout_losses(handles: Sequence[ModelHandle], ensemble: torch.nn.Module, me
             x0 = _scaled(first, m + s * torch.randn(m.shape, generator=g))
             noise = torch.randn(x0.shape, generator=g)
             t = torch.randint(lo, hi, (len(m),), generator=g)
-            x_t, target = noised(first, x0, noise, t)
+            x_t, target = first.noised(x0, noise, t)
             cond = texts.embed(torch.arange(i, i + len(m)))
             preds = {"afa": predict(handles, ensemble, x_t, t, cond), "feature average": predict(handles, plain, x_t, t, cond)}
             singles = [predict([h], h.unet, x_t, t, c) for h, c in zip(handles, split_conditioning(cond, n_models))]

@@ -32,7 +32,7 @@ from multifusion.errors import FieldError, RecipeError
 from multifusion.latents.amdm import aggregate, manifold_correct, slerp_aggregate, vp_weights
 from multifusion.loop import Step, Trajectory, initial_noise, stream_generators
 from multifusion.method import Batch, Method, Params, Plan, RunContext
-from multifusion.recipe import check_flow_schedules
+from multifusion.families import check_same_schedule, facts_of
 from multifusion.schedulers import in_window, timestep_fraction
 
 DEFAULT_WINDOW = (0.0, 0.1)
@@ -121,7 +121,8 @@ def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
     n = len(ctx.handles)
     # Flow models' schedules must agree, or the trajectories meet at different noise levels
     # (checked before loading where the configs are local; here for every source).
-    check_flow_schedules(ctx.recipe, {k: dict(h.scheduler_config) for k, h in enumerate(ctx.handles) if h.prediction_space == "velocity"})
+    check_same_schedule([(f"models[{k}].model", facts_of(h)) for k, h in enumerate(ctx.handles)],
+                        "with method 'amdm', which meets each model's own trajectory after every step")
     spec = params.specified_index(ctx.labels)
     order = [spec] + [k for k in range(n) if k != spec]
     # Which steps meet: the step indices given, or those whose timestep lies in the window (on
@@ -160,7 +161,7 @@ def _record(step: Step, m: torch.Tensor, corrected: list[torch.Tensor], specifie
     (`amdm/x0_aggregate`, (B, C, h, w)). A latent moved by d implies an x0 moved by
     d / sqrt(alpha_bar(t_next)) in variance-preserving latents (init_noise_sigma 1), by d in the
     sigma-scaled latents of Euler-type schedulers."""
-    from multifusion.handles import alpha_bar_at
+    from multifusion.schedulers import alpha_bar_at
 
     def scale(k: int) -> float:
         s = step.schedulers[k]

@@ -20,7 +20,7 @@ from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
-from multifusion.recipe import check_box_on_patch_grid, grid_hint
+from multifusion.canvas import check_box_on_patch_grid, grid_hint
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
 

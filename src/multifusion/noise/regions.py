@@ -19,7 +19,7 @@ Deviations from the reference code (the `mixdiff` package and diffusers' communi
   model and one window size run as one UNet batch (`tile_batch_size` regions at a time).
 - A region is conditioned on its window where the model family has such conditioning: an
   SDXL region as a crop of the canvas (original size = canvas, crop top-left = the region's
-  corner, target size = the region's; `multifusion.handles_sdxl`), also the models of an SNB
+  corner, target size = the region's; `multifusion.families.sdxl`), also the models of an SNB
   or average painting a region. diffusers' community SDXL tiling pipeline gives every tile the
   same time ids.
 - Pixels no region covers are an error (the reference divides 0 by 0 and zeroes the NaN)

@@ -452,7 +452,8 @@ class App:
         `preview_every` steps but the last, ("preview", picture, "step k/n"): what the step
         predicts for each image (`viz.x0_previews`), in one labelled grid."""
         from multifusion.api import Run, image_name
-        from multifusion.io import grid, image_metadata, save_png, write_text
+        from multifusion.io import grid, save_png, write_text
+        from multifusion.provenance import image_metadata
         from multifusion.recipe import parse_recipe
         from multifusion.viz import method_recorders, x0_previews
 

@@ -372,7 +372,8 @@ def route_errors(err: BaseException | str) -> dict[str, list[str]]:
 
 def check_recipe(data: dict) -> None:
     """Everything `multifusion validate` checks (no model loads); raises the library's errors."""
-    from multifusion.recipe import parse_recipe, validate
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate
 
     validate(parse_recipe(data))
 
@@ -382,7 +383,7 @@ def read_recipe_file(path: str) -> dict:
     naming the dropped file otherwise, as `multifusion generate --from-image` does."""
     from pathlib import Path
 
-    from multifusion.io import recipe_from_image
+    from multifusion.provenance import recipe_from_image
 
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -553,17 +554,13 @@ def preview_scale(height: int, width: int) -> int:
 def canvas_facts(model: str | None) -> tuple[int, int]:
     """(VAE factor, native size in pixels) of a model read from its local config; (8, 512) when
     it is not local."""
-    from pathlib import Path
-
-    from multifusion.loading import read_local_config, resolve
+    from multifusion.loading import read_facts, resolve
 
     try:
-        ref = resolve(model or "")
-        cfg = read_local_config(ref)
-        unet = json.loads((Path(ref.location) / "unet" / "config.json").read_text())
-        return cfg["vae_scale_factor"], int(unet["sample_size"]) * cfg["vae_scale_factor"]
+        facts = read_facts(resolve(model or ""))
     except (MultifusionError, OSError, TypeError, KeyError, ValueError):
-        return 8, 512
+        facts = None
+    return (8, 512) if facts is None else (facts.vae_scale_factor, facts.native_px)
 
 
 def _dashed(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colour: tuple, dash: int = 6) -> None:

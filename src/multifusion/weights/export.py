@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from multifusion.errors import RecipeError
-from multifusion.weights.models import MergeSpec, merge_models, plan_merge
+from multifusion.errors import IncompatibleModelsError, RecipeError
+from multifusion.loading import family_of, resolve
+from multifusion.weights.models import MergeSpec, merge_models
 
 MERGE_METHODS = ("merge", "mbw")
 
@@ -22,10 +23,10 @@ MERGE_METHODS = ("merge", "mbw")
 def recipe_merge(recipe) -> tuple[list[str], MergeSpec]:
     """(model references, MergeSpec) of a `merge` or `mbw` recipe (a Recipe, dict or file),
     its params checked as a run checks them (errors name `params.<field>`)."""
-    from multifusion.api import as_recipe
+    from multifusion.recipe import Recipe, parse_recipe
     from multifusion.registry import get_method
 
-    r = as_recipe(recipe)
+    r = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
     if r.method not in MERGE_METHODS:
         raise RecipeError(f"method: {r.method!r} does not merge weights; a merge recipe has method merge or mbw")
     models = [m.model for m in r.models]
@@ -42,13 +43,13 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
     single = out.with_name(out.name + ".safetensors")
     if single_file and single.exists() and not overwrite:
         raise RecipeError(f"output {str(single)!r} already exists; choose another folder or pass overwrite=True")
-    if single_file and plan_merge(models, spec).denoiser != "unet":
-        raise RecipeError("single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; an SD3 or "
-                          "FLUX merge is written as a diffusers folder only (drop --single-file)")
+    if single_file:
+        family = family_of(resolve(models[0]))
+        if not family.single_file:
+            raise RecipeError(f"single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; a "
+                              f"{family.family_name} merge is written as a diffusers folder only (drop --single-file)")
     folder = merge_models(models, out, spec, overwrite=overwrite)
     if single_file:
-        from multifusion.weights.ldm import save_as_single_file
-
         tmp = single.with_name(f".{single.name}.part")
         try:
             save_as_single_file(folder, tmp)
@@ -59,3 +60,22 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
         finally:
             tmp.unlink(missing_ok=True)
     return folder
+
+
+def save_as_single_file(pipeline_folder: str | Path, out_file: str | Path) -> Path:
+    """Write the diffusers pipeline in `pipeline_folder` as one safetensors checkpoint in the
+    original (LDM) layout of its family (`ldm_state_dict`: SD-1.x and SDXL; `families.ldm`).
+    Load it back with ``from_single_file(out_file, config=pipeline_folder)`` (multifusion:
+    ``configs=[folder]``), which supplies the configs, tokenizers and scheduler the file does
+    not hold."""
+    from safetensors.torch import save_file
+
+    folder, out_file = Path(pipeline_folder), Path(out_file)
+    family = family_of(resolve(str(folder)))
+    if not family.single_file:
+        raise IncompatibleModelsError(f"{folder} holds a {family.pipeline_class}; the single-file (LDM) layout is written for "
+                                      "StableDiffusionPipeline and StableDiffusionXLPipeline folders only")
+    state = family.ldm_state_dict(folder)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_file), metadata={"format": "pt"})
+    return out_file

@@ -8,7 +8,7 @@ sd-mecha (`weighted_sum`, `add_difference`) compute, one parameter tensor at a t
     weighted sum     sum_i w_i theta_i / sum_i w_i        (A1111: (1 - M) A + M B)
     add difference   A + alpha (B - C)                    (A1111 "Add difference")
     block weighted   either of the above with its weight picked per parameter from the
-                     block that holds it (A1111 MBW notation, `multifusion.weights.blocks`)
+                     block that holds it (A1111 MBW notation, `multifusion.families.blocks`)
 
 Tensors of any shape; the arithmetic runs in float32 (float64 stays float64) and the result
 takes the first tensor's dtype, so half-precision checkpoints merge without half-precision

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 import torch
 
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
-from multifusion.weights.blocks import BlockLayout, transformer_layout, unet_layout
+from multifusion.families.blocks import BlockLayout
+from multifusion.io import file_fingerprint
 from multifusion.weights.merge import check_weights, merge_tensor
 from multifusion.weights.presets import BlockWeights, block_weights
 
@@ -159,11 +160,17 @@ class MergePlan:
         return out
 
 
+def spec_of(entry) -> MergeSpec:
+    """The MergeSpec of a recipe's `merges.NAME` entry (`recipe.MergeEntry`)."""
+    blocks = entry.blocks if entry.blocks is None or isinstance(entry.blocks, str) else tuple(entry.blocks)
+    return MergeSpec(entry.method, None if entry.weights is None else tuple(entry.weights), entry.alpha, blocks, entry.text_encoder)
+
+
 def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePlan:
     """Check `spec` against `models` (names as `multifusion.loading.resolve` takes them: local
     diffusers folders or zoo:NAME) and decide what happens to each component. Reads configs
     and safetensors headers only. Raises RecipeError, ModelLoadError or IncompatibleModelsError."""
-    from multifusion.loading import resolve
+    from multifusion.loading import family_of, resolve
 
     spec = spec or MergeSpec()
     problem = spec.model_count_error(len(models))
@@ -178,13 +185,16 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
                 "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder")
         folders.append(Path(ref.location))
     index = [_model_index(f) for f in folders]
-    denoiser = _denoiser(models[0], index[0])
+    family = family_of(resolve(models[0]))
+    denoiser = family.denoiser_folder
+    if denoiser not in index[0]:
+        raise IncompatibleModelsError(f"{models[0]!r} has no {denoiser}; merges combine diffusion pipelines")
     _check_same_prediction(models, folders)
 
     layout = weights = None
     note = ""
     if spec.blocks is not None:
-        layout = denoiser_layout(folders[0])
+        layout = family.block_layout(_config(folders[0] / denoiser))
         weights, note = block_weights(spec.blocks, layout)
         weights.by_block(layout)  # checks the length
         if spec.method == "weighted_sum":
@@ -214,31 +224,18 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
                      None if weights is None else weights.base, note, None if weights is None else weights.t5, denoiser)
 
 
-def _denoiser(model: str, index: Mapping[str, str]) -> str:
-    """The pipeline's denoiser component: `unet`, or `transformer` (SD3, FLUX)."""
-    for name in ("unet", "transformer"):
-        if name in index:
-            return name
-    raise IncompatibleModelsError(f"{model!r} has neither a unet nor a transformer; merges combine diffusion pipelines")
-
-
-def denoiser_layout(folder: Path) -> BlockLayout:
-    """The block layout of the pipeline folder's denoiser, from its config (UNet, FLUX or SD3)."""
-    if (folder / "unet").is_dir():
-        return unet_layout(_config(folder / "unet"))
-    raw = json.loads((folder / "transformer" / "config.json").read_text())
-    return transformer_layout(str(raw.get("_class_name")), raw)
-
-
 def local_layout(model: str) -> BlockLayout | None:
     """The block layout of `model`'s denoiser from its local config (a folder or zoo:NAME),
     without loading it; None when the config is not local or not readable (checked later, on
     loading)."""
-    from multifusion.loading import resolve
+    from multifusion.loading import family_of, resolve
 
     try:
         ref = resolve(model)
-        return denoiser_layout(Path(ref.location)) if ref.kind in ("folder", "zoo") else None
+        if ref.kind not in ("folder", "zoo"):
+            return None
+        family = family_of(ref)
+        return family.block_layout(_config(Path(ref.location) / family.denoiser_folder))
     except (ModelLoadError, IncompatibleModelsError, OSError, KeyError, ValueError):
         return None
 
@@ -448,7 +445,7 @@ def merge_models(models: Sequence[str], out: str | Path, spec: MergeSpec | None 
     if any(out.resolve() == f.resolve() for f in plan.folders):
         raise RecipeError(f"output {str(out)!r} is one of the models being merged; write the merge elsewhere")
     recipe = plan.recipe()
-    recipe["fingerprints"] = [_fingerprint(f) for f in plan.folders]
+    recipe["fingerprints"] = [file_fingerprint(f) for f in plan.folders]
     recipe["library"] = _library_version()
     with _atomic_folder(out, overwrite) as tmp:
         shutil.copy2(plan.folders[0] / "model_index.json", tmp / "model_index.json")
@@ -589,13 +586,6 @@ def _atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fingerprint(folder: Path) -> str:
-    # The bench's content hash, so a merge's inputs match the bench's model fingerprints.
-    from multifusion.bench.settings import file_fingerprint
-
-    return file_fingerprint(folder)
 
 
 def _library_version() -> str:

@@ -2,7 +2,7 @@
 
 A block weight is the share of the second model in that block, as in A1111's merge-block-
 weighted extension: `(1 - w) * A + w * B` (for add-difference, the alpha of `A + w (B - C)`).
-A string holds one value per block id of the denoiser (`multifusion.weights.blocks`), optionally
+A string holds one value per block id of the denoiser (`multifusion.families.blocks`), optionally
 led by BASE, which weighs the text encoder(s); for SD-1.x/2.x that is 25 or 26 values. FLUX
 strings may instead lead with SuperMerger's CLIP and T5 (61 values for FLUX.1 dev). Presets and
 SD-1 strings are resampled onto UNets only: on a transformer only the constant presets apply.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from multifusion.errors import RecipeError, did_you_mean
-from multifusion.weights.blocks import BlockLayout
+from multifusion.families.blocks import BlockLayout
 
 SD1_BLOCKS = 25
 

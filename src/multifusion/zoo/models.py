@@ -60,7 +60,7 @@ def build_tokenizer(folder: str | Path):
     """Write the shared CLIP tokenizer into ``folder`` and return it (loaded back)."""
     from transformers import CLIPTokenizer
 
-    from multifusion.zoo.tiny import write_clip_tokenizer
+    from multifusion.zoo.tokenizer import write_clip_tokenizer
 
     folder = Path(folder)
     # BPE applies merges by rank, so an early word's merge (t r, from "triangle") can block a

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from multifusion.zoo.tiny import _WORDS, write_clip_tokenizer
+from multifusion.zoo.tokenizer import WORDS, write_clip_tokenizer
 
 SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}  # SD3's VAE config
 FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}  # FLUX.1's VAE config
 
 
-def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = _WORDS) -> Path:
+def write_t5_tokenizer(folder: str | Path, words: tuple[str, ...] | list[str] = WORDS) -> Path:
     """Save a small T5 (Unigram) tokenizer into `folder`: <pad> 0, </s> 1, <unk> 2, then each word
     of `words` as one piece, the word-start mark and the letters a-z (any other text is <unk>)."""
     from transformers import T5Tokenizer

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from multifusion.zoo.tiny import write_clip_tokenizer
+from multifusion.zoo.tokenizer import write_clip_tokenizer
 
 SCALING_FACTOR = 0.13025  # SDXL's VAE (sd_xl_base.yaml `scale_factor`)
 TIME_EMBED_DIM = 8  # per micro-conditioning number (SDXL: 256)

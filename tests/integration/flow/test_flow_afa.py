@@ -13,9 +13,11 @@ from PIL import Image
 
 import multifusion as mf
 from multifusion import IncompatibleModelsError, load_models
-from multifusion.features.ensemble import (AFAEnsemble, EnsembleHandle, aggregation_channels, build_ensemble, fresh_aggregators,
-                                           model_hash, split_conditioning)
-from multifusion.features.mmdit import SD3Ensemble, SD3EnsembleHandle
+from multifusion.features.unet import AFAEnsemble
+from multifusion.features.ensemble import EnsembleHandle, model_hash, split_conditioning
+from multifusion.features.walkers import aggregation_channels, build_ensemble, fresh_aggregators
+from multifusion.families import SD3Handle
+from multifusion.features.mmdit import SD3Ensemble
 from multifusion.features.train import AFATrainConfig, load_trained, train_afa
 from multifusion.training import load_checkpoint
 
@@ -171,7 +173,7 @@ def test_flux_and_bad_inputs_are_refused(models, flux_a, flux_b, tmp_path):
     with pytest.raises(TypeError, match="skip_layers"):
         ensemble(hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([own.embeds] * 2, 1),
                  pooled_projections=torch.cat([own.extra["pooled"]] * 2, 1), skip_layers=[0])
-    assert isinstance(EnsembleHandle.of([a, a2], ensemble), SD3EnsembleHandle)
+    assert isinstance(EnsembleHandle.of([a, a2], ensemble), SD3Handle)
 
 
 def test_cli_trains_sd3_aggregators(flow_dir, tmp_path, capsys):

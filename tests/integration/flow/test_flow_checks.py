@@ -8,7 +8,8 @@ import torch
 
 from multifusion import average, load_models, run
 from multifusion.errors import IncompatibleModelsError, RecipeError
-from multifusion.recipe import parse_recipe, validate
+from multifusion.recipe import parse_recipe
+from multifusion.validate import validate
 
 PROMPT, OTHER = "a red circle in a snowy field", "a blue square"
 SAMPLING = {"num_inference_steps": 2, "height": 16, "width": 16}

@@ -5,7 +5,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from multifusion import load_models, single
-from multifusion.flow.flux import unpack
+from multifusion.families.flux import unpack
 
 PROMPT = "a red circle in a snowy field"
 ATOL = 1e-5  # float32 on the CPU: the same operations in the same order, up to kernel choice

@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 
 from multifusion import fuse, load_models, run, single
 from multifusion.errors import RecipeError
-from multifusion.recipe import parse_recipe, validate
-from multifusion.weights import MergeSpec, merge, merge_in_memory, merge_models
-from multifusion.weights.blocks import flux_layout, sd3_layout
+from multifusion.recipe import parse_recipe
+from multifusion.validate import validate
+from multifusion.weights import MergeSpec, merge_in_memory, merge_models
+from multifusion.weights.export import merge
+from multifusion.families.flux import flux_layout
+from multifusion.families.sd3 import sd3_layout
 
 PROMPT, OTHER = "a red circle in a snowy field", "a blue square"
 KW = dict(num_inference_steps=3, seed=5, num_images=2, height=16, width=16, guidance_scale=3.5, progress=False)

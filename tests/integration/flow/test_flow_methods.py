@@ -6,7 +6,7 @@ import torch
 
 from multifusion import amdm, average, load_models, run, single, snb
 from multifusion.errors import IncompatibleModelsError
-from multifusion.handles import check_same_latent_space
+from multifusion.families import check_same_latent_space
 
 PROMPT, OTHER = "a red circle in a snowy field", "a blue square"
 KW = dict(num_inference_steps=4, seed=7, num_images=2, height=16, width=16, progress=False)

@@ -181,32 +181,3 @@ def to_ldm_sdxl_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_enc
     for key, t in open_clip_state_dict(text_encoder_2).items():
         out["conditioner.embedders.1.model." + key] = t
     return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def save_as_single_file(pipeline_folder: str | Path, out_file: str | Path) -> Path:
-    """Read the UNet, VAE and text encoder of the diffusers pipeline in `pipeline_folder` and write
-    (and for SDXL the second text encoder) to `out_file` as one safetensors checkpoint in the
-    original layout. Load it back with ``from_single_file(out_file, config=pipeline_folder)``
-    (multifusion: ``configs=[folder]``), which supplies the configs, tokenizers and scheduler the
-    file does not hold."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    folder, out_file = Path(pipeline_folder), Path(out_file)
-    index = json.loads((folder / "model_index.json").read_text())
-    kind = index.get("_class_name") or "StableDiffusionPipeline"
-    if kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-        raise IncompatibleModelsError(f"{folder} holds a {kind}; the single-file (LDM) layout is written for "
-                                      "StableDiffusionPipeline and StableDiffusionXLPipeline folders only")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
-    if kind == "StableDiffusionXLPipeline":
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", use_safetensors=True)
-        state = to_ldm_sdxl_state_dict(unet, vae, text_encoder, text_encoder_2)
-    else:
-        state = to_ldm_state_dict(unet, vae, text_encoder)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_file), metadata={"format": "pt"})
-    return out_file

@@ -18,13 +18,27 @@ The transformer takes the timestep t = 1000 sigma and returns the velocity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from multifusion.flow.base import FlowHandle, tokens
+from multifusion.families.blocks import BlockLayout
+from multifusion.families.flowmatch import FlowHandle, tokens
 from multifusion.handles import Conditioning
+
+
+def sd3_layout(config: Mapping[str, Any]) -> BlockLayout:
+    """Block layout of an `SD3Transformer2DModel` from its config: IN (pos_embed with its patch
+    projection, context_embedder, time_text_embed: the original's x_embedder, pos_embed,
+    context_embedder, t_embedder, y_embedder), J00.. (transformer_blocks.i, the original's
+    joint_blocks.i), OUT (norm_out, proj_out: its final_layer). Leading weight: BASE (the two
+    CLIPs and T5)."""
+    members = {"IN": ("pos_embed", "context_embedder", "time_text_embed")}
+    members |= {f"J{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 18)))}
+    members["OUT"] = ("norm_out", "proj_out")
+    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="SD3 transformer",
+                       t5="text_encoder_3", resamples=False)
 
 
 @dataclass(eq=False)
@@ -41,6 +55,12 @@ class SD3Handle(FlowHandle):
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     family_name: ClassVar[str] = "Stable Diffusion 3"
+    denoiser_class: ClassVar[str] = "SD3Transformer2DModel"
+
+    @classmethod
+    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
+        return dict(hidden_states=torch.randn(batch, *latent), encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
+                    pooled_projections=torch.randn(batch, config["pooled_projection_dim"]), timestep=torch.full((batch,), 0.5))
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
@@ -49,8 +69,12 @@ class SD3Handle(FlowHandle):
                 "text_encoder_3": pipe.text_encoder_3, "tokenizer_3": pipe.tokenizer_3}
 
     @classmethod
-    def config_facts(cls, denoiser: dict) -> tuple[int, int]:
-        return int(denoiser.get("in_channels", 16)), int(denoiser.get("patch_size", 2))
+    def config_facts(cls, denoiser: Mapping[str, Any]) -> tuple[int, int, int]:
+        return int(denoiser.get("in_channels", 16)), int(denoiser.get("patch_size", 2)), int(denoiser.get("sample_size", 128))
+
+    @classmethod
+    def block_layout(cls, denoiser: Mapping[str, Any]) -> BlockLayout:
+        return sd3_layout(denoiser)
 
     def _clip(self, encoder: torch.nn.Module, tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate hidden states (B, L, D), projected pooled embedding (B, P)) of one CLIP,
@@ -75,6 +99,13 @@ class SD3Handle(FlowHandle):
         embeds = torch.cat([clip.to(t5.device), t5], dim=-2)
         pooled = torch.cat([pooled_1, pooled_2], dim=-1)
         return Conditioning(embeds.to(dtype=self.dtype), {"pooled": pooled.to(embeds.device, self.dtype)})
+
+    def raw_prediction(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+                       kwargs: dict[str, Any]) -> torch.Tensor:
+        """The raw velocity (B, C, h, w) of `denoiser` (an SD3 transformer, or an AFA ensemble of
+        them) at x_t and integer timesteps t (B,)."""
+        return denoiser(hidden_states=x_t.to(self.dtype), timestep=t.float(), encoder_hidden_states=cond.embeds.to(self.dtype),
+                        pooled_projections=cond.extra["pooled"].to(self.dtype)).sample
 
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -21,10 +21,13 @@ tokens (FLUX; SD3 configs that ask for it), as diffusers' pipelines compute them
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from multifusion.handles import ModelHandle
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
@@ -178,3 +181,59 @@ class FlowMatchSampler:
         1 / (1 - s_next)."""
         return 1.0 / (1.0 - float(self.sigma_of(timestep_next)))
 
+def tokens(tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
+    """(B, max_length) token ids, padded and truncated to `max_length`, as the pipelines ask."""
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+
+
+@dataclass(eq=False)
+class FlowHandle(ModelHandle):
+    """A flow-matching transformer model: `eps` returns the velocity v = e - x0 (the models' own
+    output, which every combiner is exact in; docs/flow.md), timesteps are t = 1000 sigma."""
+
+    prediction_space: ClassVar[str] = "velocity"
+    denoiser_folder: ClassVar[str] = "transformer"
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+    takes_eta: ClassVar[bool] = False  # the flow Euler step is deterministic (docs/flow.md)
+    single_file: ClassVar[bool] = False  # written as diffusers folders only
+    # How the family's pipeline sets its sigmas: FLUX passes linspace(1, 1/n, n) and falls back to
+    # max_shift 1.15, SD3 lets the scheduler space them and falls back to 1.16.
+    pipeline_sigmas: ClassVar[bool] = False
+    default_max_shift: ClassVar[float] = 1.16
+    patch: ClassVar[int] = 2  # latent pixels per side of one image token
+
+    @classmethod
+    def schedule_table(cls, scheduler_config: Any) -> torch.Tensor:
+        """The flow timestep axis t = 0..N as an alpha_bar table of equal signal-to-noise
+        (`vp_alphas_cumprod`): its length N + 1 counts the axis' positions."""
+        return vp_alphas_cumprod(int(scheduler_config.get("num_train_timesteps", 1000)))
+
+    @classmethod
+    def check_steps(cls, scheduler: str, scheduler_config: Any, steps: int) -> None:
+        """A flow-matching schedule takes any step count; only the sampler's name is checked."""
+        from multifusion.schedulers import check_flow_sampler
+
+        check_flow_sampler(scheduler)
+
+    @classmethod
+    def schedule_difference(cls, a: Any, b: Any) -> str | None:
+        """The first setting in which two flow-matching schedules differ (`schedule_difference`)."""
+        return schedule_difference(a, b)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, the training target) at integer timesteps t (B,) (docs/flow.md): s = t / 1000,
+        x_s = (1 - s) x0 + s e, the target the velocity e - x0."""
+        s = (t.float() / (len(self.alphas_cumprod) - 1)).view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * noise, noise - x0
+
+    def scheduler(self, name: str, latent_hw: tuple[int, int]) -> FlowMatchSampler:
+        from multifusion.schedulers import check_flow_sampler
+
+        check_flow_sampler(name)
+        return FlowMatchSampler(self.scheduler_config, latent_hw=tuple(latent_hw), patch=self.patch,
+                                pipeline_sigmas=self.pipeline_sigmas, default_max_shift=self.default_max_shift)
+
+    def _exec_device(self, module: torch.nn.Module) -> torch.device:
+        """Bring `module` where it runs (under offload) and return that device."""
+        self._on_device(module)
+        return self.offloader.device if self.offloader else self.device

@@ -41,7 +41,8 @@ from typing import Any, ClassVar
 import torch
 
 from multifusion.errors import ModelLoadError
-from multifusion.handles import Conditioning, ModelHandle
+from multifusion.families.sd import SDHandle
+from multifusion.handles import Conditioning
 
 
 def time_ids(original: tuple[int, int], top_left: tuple[int, int], target: tuple[int, int], batch: int) -> torch.Tensor:
@@ -51,7 +52,7 @@ def time_ids(original: tuple[int, int], top_left: tuple[int, int], target: tuple
 
 
 @dataclass(eq=False)
-class SDXLHandle(ModelHandle):
+class SDXLHandle(SDHandle):
     """A loaded SDXL-family model (module docstring)."""
 
     text_encoder_2: Any = None  # CLIPTextModelWithProjection
@@ -61,6 +62,28 @@ class SDXLHandle(ModelHandle):
     pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
     family_name: ClassVar[str] = "SDXL"
+    load_kwargs: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
+        """SDXL's UNet inputs with the pooled text embedding and the six time ids."""
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        return {**super().example_inputs(config, batch, latent, tokens),
+                "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}}
+
+    @classmethod
+    def ldm_state_dict(cls, folder) -> dict[str, torch.Tensor]:
+        """The pipeline folder's UNet, VAE and both text encoders in the original (LDM) key names."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from multifusion.families.ldm import to_ldm_sdxl_state_dict
+
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", use_safetensors=True)
+        return to_ldm_sdxl_state_dict(unet, vae, text_encoder, text_encoder_2)
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
-from multifusion.flow.base import FlowHandle, tokens
+from multifusion.families.blocks import BlockLayout
+from multifusion.families.flowmatch import FlowHandle, tokens
 from multifusion.handles import Conditioning, Guided
 
 
@@ -60,6 +61,20 @@ def image_ids(rows: int, cols: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3).float()
 
 
+def flux_layout(config: Mapping[str, Any]) -> BlockLayout:
+    """Block layout of a `FluxTransformer2DModel` from its config, in SuperMerger's FLUX ids: IN
+    (x_embedder, context_embedder, time_text_embed: BFL's img_in, txt_in, time_in, vector_in,
+    guidance_in), D00.. (transformer_blocks.i, BFL's double_blocks.i), S00..
+    (single_transformer_blocks.i, BFL's single_blocks.i), OUT (norm_out, proj_out: BFL's
+    final_layer). Leading weights: BASE (both text encoders) or CLIP, T5 (SuperMerger's)."""
+    members = {"IN": ("x_embedder", "context_embedder", "time_text_embed")}
+    members |= {f"D{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 19)))}
+    members |= {f"S{i:02d}": (f"single_transformer_blocks.{i}",) for i in range(int(config.get("num_single_layers", 38)))}
+    members["OUT"] = ("norm_out", "proj_out")
+    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="FLUX transformer",
+                       leads=(("BASE",), ("CLIP", "T5")), t5="text_encoder_2", resamples=False)
+
+
 @dataclass(eq=False)
 class FluxHandle(FlowHandle):
     """A `FluxPipeline` model. `unet` holds the FluxTransformer2DModel, `text_encoder` CLIP and
@@ -73,6 +88,18 @@ class FluxHandle(FlowHandle):
     pipeline_class: ClassVar[str] = "FluxPipeline"
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
     family_name: ClassVar[str] = "FLUX.1"
+    takes_true_cfg: ClassVar[bool] = True
+    denoiser_class: ClassVar[str] = "FluxTransformer2DModel"
+
+    @classmethod
+    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
+        """Packed 2x2 latent patches (B, h/2 * w/2, 4C), as `eps` passes them."""
+        c, h, w = latent
+        n = (h // 2) * (w // 2)
+        return dict(hidden_states=torch.randn(batch, n, 4 * c), encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
+                    pooled_projections=torch.randn(batch, config["pooled_projection_dim"]), timestep=torch.full((batch,), 0.5),
+                    guidance=torch.full((batch,), 3.5) if config.get("guidance_embeds") else None,
+                    txt_ids=torch.zeros(tokens, 3), img_ids=torch.zeros(n, 3))
     pipeline_sigmas: ClassVar[bool] = True
     default_max_shift: ClassVar[float] = 1.15
 
@@ -82,16 +109,14 @@ class FluxHandle(FlowHandle):
                 "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2}
 
     @classmethod
-    def config_facts(cls, denoiser: dict) -> tuple[int, int]:
-        return int(denoiser.get("in_channels", 64)) // 4, 2
+    def config_facts(cls, denoiser: Mapping[str, Any]) -> tuple[int, int, int]:
+        """Channels of the unpacked latents (the transformer takes 2x2 patches of them, 4C wide);
+        the native side is FluxPipeline's default_sample_size (128 latent pixels: 1024 px)."""
+        return int(denoiser.get("in_channels", 64)) // 4, 2, 128
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels) // 4
-
-    @property
-    def native_px(self) -> int:
-        return 128 * self.vae_scale_factor  # FluxPipeline's default_sample_size: 1024 px
+    @classmethod
+    def block_layout(cls, denoiser: Mapping[str, Any]) -> BlockLayout:
+        return flux_layout(denoiser)
 
     @property
     def distilled(self) -> bool:

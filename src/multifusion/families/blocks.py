@@ -144,45 +144,6 @@ def unet_layout(config: Mapping[str, Any]) -> BlockLayout:
     return BlockLayout(levels, tuple(members), {k: tuple(v) for k, v in members.items()})
 
 
-def flux_layout(config: Mapping[str, Any]) -> BlockLayout:
-    """Block layout of a `FluxTransformer2DModel` from its config, in SuperMerger's FLUX ids: IN
-    (x_embedder, context_embedder, time_text_embed: BFL's img_in, txt_in, time_in, vector_in,
-    guidance_in), D00.. (transformer_blocks.i, BFL's double_blocks.i), S00..
-    (single_transformer_blocks.i, BFL's single_blocks.i), OUT (norm_out, proj_out: BFL's
-    final_layer). Leading weights: BASE (both text encoders) or CLIP, T5 (SuperMerger's)."""
-    members = {"IN": ("x_embedder", "context_embedder", "time_text_embed")}
-    members |= {f"D{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 19)))}
-    members |= {f"S{i:02d}": (f"single_transformer_blocks.{i}",) for i in range(int(config.get("num_single_layers", 38)))}
-    members["OUT"] = ("norm_out", "proj_out")
-    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="FLUX transformer",
-                       leads=(("BASE",), ("CLIP", "T5")), t5="text_encoder_2", resamples=False)
-
-
-def sd3_layout(config: Mapping[str, Any]) -> BlockLayout:
-    """Block layout of an `SD3Transformer2DModel` from its config: IN (pos_embed with its patch
-    projection, context_embedder, time_text_embed: the original's x_embedder, pos_embed,
-    context_embedder, t_embedder, y_embedder), J00.. (transformer_blocks.i, the original's
-    joint_blocks.i), OUT (norm_out, proj_out: its final_layer). Leading weight: BASE (the two
-    CLIPs and T5)."""
-    members = {"IN": ("pos_embed", "context_embedder", "time_text_embed")}
-    members |= {f"J{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 18)))}
-    members["OUT"] = ("norm_out", "proj_out")
-    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="SD3 transformer",
-                       t5="text_encoder_3", resamples=False)
-
-
-TRANSFORMER_LAYOUTS = {"FluxTransformer2DModel": flux_layout, "SD3Transformer2DModel": sd3_layout}
-
-
-def transformer_layout(class_name: str, config: Mapping[str, Any]) -> BlockLayout:
-    """The layout of a transformer denoiser by its diffusers class name and config."""
-    if class_name not in TRANSFORMER_LAYOUTS:
-        raise IncompatibleModelsError(
-            f"block ids of {class_name} are not mapped (known: {', '.join(TRANSFORMER_LAYOUTS)}); a plain weighted sum "
-            "or add-difference merges it without block weights")
-    return TRANSFORMER_LAYOUTS[class_name](config)
-
-
 def _layer(block: str, j: int, kind: str) -> list[str]:
     """A block's layer j: its resnet, and its attention when the block type has one."""
     return [f"{block}.resnets.{j}"] + ([f"{block}.attentions.{j}"] if "Attn" in kind else [])

@@ -1,0 +1,185 @@
+"""Recipe validation: every check that can run before a model loads, and the few that need the
+loaded models' families.
+
+The recipe itself (`multifusion.recipe`) is data; this module looks methods up in the registry,
+reads model configs (`loading.read_facts`) and merge plans, and runs the one compatibility check
+of model families (`families.check_compatible`), the method's params and size checks, and the
+canvas geometry (`multifusion.canvas`). Methods never import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from multifusion.canvas import check_box_on_patch_grid, check_canvas, check_patch_grid
+from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
+from multifusion.families import ModelFacts, check_compatible, check_same_schedule
+from multifusion.handles import ModelHandle
+from multifusion.loading import check_weight_files, read_facts, read_vae_config, resolve, resolve_vae, vae_mismatch
+from multifusion.method import Method, Params
+from multifusion.recipe import MERGE_PREFIX, MergeEntry, ModelEntry, Recipe, Runtime
+from multifusion.registry import get_method
+from multifusion.schedulers import scheduler_class
+from multifusion.weights.models import plan_merge, spec_of
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A recipe checked before loading: its method, its params, and whether the canvas size and
+    the method's size checks could run already (they need the VAE factor from a local config
+    and a size given by the recipe; otherwise they run after loading)."""
+
+    recipe: Recipe
+    method: Method
+    params: Params
+    canvas_checked: bool
+
+
+def validate(recipe: Recipe) -> Validated:
+    """Every check that can run before a model loads: the method exists and accepts this many
+    models and these params; every model has a prompt (if the method needs one); the scheduler
+    exists; every model reference resolves (pickles refused); where configs are local, the
+    models can meet (`families.check_compatible`), each model takes the fields the recipe gives
+    it, and the canvas size fits the VAE factor and the method's own size checks."""
+    method = get_method(recipe.method)
+    n = len(recipe.models)
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
+        raise RecipeError(f"models: method {method.name!r} takes {want} model(s), the recipe names {n}")
+    params = method.parse_params(recipe.params, n, labels=[m.label for m in recipe.models],
+                                 models=[m.model for m in recipe.models],
+                                 num_inference_steps=recipe.sampling.num_inference_steps)
+    if method.model_prompts:
+        for i, m in enumerate(recipe.models):
+            if m.prompt is None and recipe.prompt is None:
+                raise RecipeError(f"models[{i}]: no prompt, and the recipe has no default `prompt`; give one")
+    scheduler_class(recipe.sampling.scheduler)
+    facts: list[tuple[str, ModelFacts]] = []
+    merged = check_merges(recipe)
+    for i, m in enumerate(recipe.models):
+        try:
+            ref = merged[m.model] if m.model in merged else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
+            if m.model not in merged:
+                check_weight_files(ref)  # headers only: a truncated download is named here, before loading
+            # A pipeline of no known family (say the SDXL refiner) is named here, from its local model_index.json.
+            fact = read_facts(ref)
+        except ModelLoadError as err:
+            raise type(err)(f"models[{i}].model: {err}") from None
+        if m.vae is not None:
+            _check_vae(i, m, fact, recipe.runtime.allow_pickle)
+        if fact is not None:
+            if not facts and fact.scheduler is not None:
+                fact.family.check_steps(recipe.sampling.scheduler, fact.scheduler, recipe.sampling.num_inference_steps)
+            check_model_fields(recipe, i, fact.family)
+            facts.append((f"models[{i}].model", fact))
+    if facts:
+        check_compatible(facts)  # the same check runs on the loaded models (Hub ids, single files)
+    if method.meets == "latents":
+        check_same_schedule(facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step")
+    first = facts[0][1] if facts else None
+    size = None if first is None else check_canvas(recipe, method, params, first.vae_scale_factor, default=None)
+    if size is not None:
+        check_patch_grid(*size, first.patch_px, first.name)
+        if method.regions is not None:  # regions on the first model's grid (the models are of one family here)
+            for where, box, _ in method.regions(params, size, first.vae_scale_factor):
+                check_box_on_patch_grid(where, box, first.vae_scale_factor, first.patch_px, first.name)
+    return Validated(recipe, method, params, size is not None)
+
+
+def check_model_fields(recipe: Recipe, i: int, family: type[ModelHandle]) -> None:
+    """What a recipe gives model i that its family has no use for, refused naming the field:
+    `true_cfg_scale` for a family without true CFG (all but FLUX), `sampling.eta` for a family
+    whose sampler has no eta (flow matching: its Euler step is deterministic, docs/flow.md)."""
+    if recipe.models[i].true_cfg_scale is not None and not family.takes_true_cfg:
+        raise RecipeError(f"models[{i}].true_cfg_scale: true CFG is FLUX's (FluxPipeline's true_cfg_scale); a {family.family_name} "
+                          "model is guided by guidance_scale with its negative prompt already: drop true_cfg_scale")
+    if recipe.sampling.eta != 0 and not family.takes_eta:
+        raise RecipeError(f"sampling.eta: {recipe.sampling.eta} but models[{i}] is a {family.family_name} model, sampled by the "
+                          "flow-matching Euler step, which has no eta (it is deterministic, DDIM at eta 0 in flow coordinates; "
+                          "diffusers' stochastic_sampling is one fixed all-fresh-noise form, not an eta); drop sampling.eta")
+
+
+def _check_vae(i: int, m: ModelEntry, fact: ModelFacts | None, allow_pickle: bool) -> None:
+    """models[i].vae resolved and, where both configs are local, checked to fit the model's
+    latent space (`fact`)."""
+    if m.model.startswith(MERGE_PREFIX):
+        raise RecipeError(f"models[{i}].vae: a merge keeps its first model's VAE; drop `vae`")
+    try:
+        ref = resolve_vae(m.vae, allow_pickle=allow_pickle)
+    except ModelLoadError as err:
+        raise type(err)(f"models[{i}].vae: {err}") from None
+    vae = read_vae_config(ref)
+    if fact is None or vae is None:
+        return
+    problem = vae_mismatch(vae, fact.latent_channels, fact.scaling_factor, fact.vae_scale_factor)
+    if problem:
+        raise IncompatibleModelsError(f"models[{i}].vae: {problem}")
+
+
+def check_merges(recipe: Recipe) -> dict:
+    """Every `merge:NAME` of `models` defined in `merges`, and every used merge checked as
+    `merge_models` checks it (spec, model count, block weights against the UNet, the models
+    against each other; configs and file headers only). Returns {"merge:NAME": the ModelRef of
+    its first model} (whose config gives the merge's latent space)."""
+    out = {}
+    for i, m in enumerate(recipe.models):
+        if not m.model.startswith(MERGE_PREFIX):
+            continue
+        name = m.model[len(MERGE_PREFIX):]
+        if name not in recipe.merges:
+            known = f" (merges: {', '.join(recipe.merges)})" if recipe.merges else "; define it under `merges:`"
+            raise RecipeError(f"models[{i}].model: no merge named {name!r}{known}{did_you_mean(name, recipe.merges)}")
+        if m.config is not None:
+            raise RecipeError(f"models[{i}].config: a merge takes its configs from its models; drop `config`")
+        out[m.model] = _check_merge(name, recipe.merges[name])
+    return out
+
+
+def _check_merge(name: str, entry: MergeEntry):
+    where = f"merges.{name}"
+    for j, model in enumerate(entry.models):
+        if model.startswith(MERGE_PREFIX):
+            raise RecipeError(f"{where}.models[{j}]: {model!r} is a merge; a merge merges models (folders or zoo:NAME), "
+                              "write the inner merge to a folder first (multifusion merge)")
+    try:
+        plan_merge(entry.models, spec_of(entry))
+    except (RecipeError, ModelLoadError, IncompatibleModelsError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    return resolve(entry.models[0])
+
+
+def validate_recipe(recipe: Recipe) -> tuple[Recipe, Params]:
+    """`validate`, returning the recipe and its validated method params."""
+    v = validate(recipe)
+    return v.recipe, v.params
+
+
+def check_devices(runtime: Runtime) -> None:
+    """RecipeError when runtime.device or runtime.vae_device names an accelerator this machine does
+    not have (checked when a run starts, before any model loads)."""
+    for field, value in (("device", runtime.device), ("vae_device", runtime.vae_device)):
+        if value is not None:
+            check_device(f"runtime.{field}", value)
+
+
+def check_device(where: str, value: str) -> None:
+    """RecipeError naming `where` unless `value` is cpu or an accelerator (cuda[:N], mps, xpu[:N])
+    that torch sees on this machine."""
+    import torch
+
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda", "mps", "xpu"):
+        raise RecipeError(f"{where}: {value!r} is not one of cpu, cuda[:N], mps, xpu")
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, kind, None)
+        available = backend is not None and backend.is_available()
+        count = backend.device_count() if available else 0
+    if not available:
+        raise RecipeError(f"{where}: {value!r} but this machine has no {kind} device (torch sees none); "
+                          "use cpu, or run where the accelerator is")
+    if index and (not index.isdigit() or int(index) >= count):
+        raise RecipeError(f"{where}: {value!r} but this machine has {count} {kind} device(s) (indices 0-{count - 1})")
