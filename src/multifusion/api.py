@@ -22,7 +22,7 @@ import torch
 
 from multifusion.errors import RecipeError, clip, did_you_mean
 from multifusion.canvas import canvas_size, check_canvas, check_patch_grid
-from multifusion.families import check_same_latent_space
+from multifusion.families import check_compatible, facts_of
 from multifusion.handles import ModelHandle, Offloader
 from multifusion.loading import load_models
 from multifusion.loop import Step, initial_noise, sample
@@ -116,7 +116,7 @@ class Run:
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
         handles = apply_model_fields(self.recipe, handles)
         if len(handles) > 1:
-            check_same_latent_space(handles, [f"models[{i}] ({h.name!r})" for i, h in enumerate(handles)])
+            check_compatible([(f"models[{i}]", facts_of(h)) for i, h in enumerate(handles)], "{}.model")
         base = handles[0]
         f = base.vae_scale_factor
         default = base.native_px

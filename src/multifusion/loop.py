@@ -61,7 +61,7 @@ class Step:
         """Trajectory k's prediction of the clean latent, (x - sqrt(1 - a) eps) / sqrt(a) with
         x the model's (variance-preserving) input and a = alpha_bar(t): the same formula for
         every scheduler, whatever its own step does. Flow-matching schedules (whose predictions are
-        velocities) give x - sigma v (`multifusion.flow.schedule.FlowMatchSampler.predicted_x0`)."""
+        velocities) give x - sigma v (`multifusion.families.flowmatch.FlowMatchSampler.predicted_x0`)."""
         if hasattr(self.schedulers[k], "predicted_x0"):
             return self.schedulers[k].predicted_x0(self.model_input[k], self.eps[k], self.step)
         a = alpha_bar_at(self.schedulers[k].alphas_cumprod, self.t[k]).to(self.eps[k].device, torch.float32)

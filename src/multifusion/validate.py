@@ -71,11 +71,12 @@ def validate(recipe: Recipe) -> Validated:
             if not facts and fact.scheduler is not None:
                 fact.family.check_steps(recipe.sampling.scheduler, fact.scheduler, recipe.sampling.num_inference_steps)
             check_model_fields(recipe, i, fact.family)
-            facts.append((f"models[{i}].model", fact))
+            facts.append((f"models[{i}]", fact))
     if facts:
-        check_compatible(facts)  # the same check runs on the loaded models (Hub ids, single files)
+        check_compatible(facts, "{}.model")  # the same check runs on the loaded models (Hub ids, single files)
     if method.meets == "latents":
-        check_same_schedule(facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step")
+        check_same_schedule(facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step",
+                            "{}.model")
     first = facts[0][1] if facts else None
     size = None if first is None else check_canvas(recipe, method, params, first.vae_scale_factor, default=None)
     if size is not None:

@@ -141,5 +141,5 @@ def test_models_of_another_latent_space_are_refused_before_loading(tiny_a, tiny_
     import multifusion.api as api
 
     monkeypatch.setattr(api, "load_recipe_models", lambda r: pytest.fail("models were loaded"))
-    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: its latent channels and VAE factor \(8, 4\)"):
+    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: their VAEs encode different latent spaces \(latent channels 8 vs 4\)"):
         mf.amdm([tiny_a, str(tiny_dir / "wide")], PROMPTS, progress=False)

@@ -116,7 +116,7 @@ def test_loaded_sdxl_and_sd_models_are_refused_with_the_reason(sdxl, tiny_a):
     from multifusion.families import check_same_latent_space
 
     [sd] = load_models([tiny_a])
-    with pytest.raises(IncompatibleModelsError, match=r"'a' is SDXL, '.*' Stable Diffusion 1.x/2.x: different VAEs"):
+    with pytest.raises(IncompatibleModelsError, match=r"model '.*' is Stable Diffusion 1.x/2.x and model 'a' SDXL: their VAEs encode different latent spaces"):
         check_same_latent_space([sdxl[0], sd])
 
 

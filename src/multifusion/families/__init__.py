@@ -109,55 +109,57 @@ def facts_of(handle: ModelHandle) -> ModelFacts:
                       handle.scaling_factor, handle.shift_factor, dict(handle.scheduler_config))
 
 
-def check_compatible(facts: Sequence[tuple[str, ModelFacts]]) -> None:
-    """IncompatibleModelsError unless every model (label -> facts, e.g. "models[1].model") can
-    meet the first at noise and latent level: one prediction space (and one family where it is
-    velocity: flow-matching models of two families have different VAEs and schedules), latent
-    channels, VAE factor, scaling and shift, and noise schedule. The message names both models
-    and, where their families differ, says so."""
+def check_compatible(facts: Sequence[tuple[str, ModelFacts]], field: str = "{}") -> None:
+    """IncompatibleModelsError unless every model (label, facts) can meet the first at noise and
+    latent level: one prediction space (and one family where it is velocity: flow-matching
+    models of two families have different VAEs and schedules), latent channels, VAE factor,
+    scaling and shift, and noise schedule. The message starts with `field` filled with the
+    model's label (validation: "models[1]" -> "models[1].model"), names both models and, where
+    their families differ, says so."""
     (first, a), *rest = facts
     for label, b in rest:
-        kinds = f" ({label} is {b.name}, {first} {a.name}: different VAEs)" if b.family is not a.family else ""
+        where = field.format(label)
         spaces = a.family.prediction_space, b.family.prediction_space
         if spaces[0] != spaces[1] or ("velocity" in spaces and b.family is not a.family):
             predict = f", and they predict {spaces[1]} vs {spaces[0]}" if spaces[0] != spaces[1] else ""
             raise IncompatibleModelsError(
-                f"{label}: a {b.name} model cannot meet {first}, a {a.name} model: they live in different latent spaces (their "
+                f"{where}: a {b.name} model cannot meet {first}, a {a.name} model: they live in different latent spaces (their "
                 f"VAEs) on different noise schedules{predict}; fuse models of one family")
+        kinds = f"{label} is {b.name} and {first} {a.name}: " if b.family is not a.family else ""
         pairs = [("latent channels", b.latent_channels, a.latent_channels),
                  ("VAE downsampling factor", b.vae_scale_factor, a.vae_scale_factor),
                  ("VAE scaling_factor", round(b.scaling_factor, 6), round(a.scaling_factor, 6)),
                  ("VAE shift_factor", round(b.shift_factor, 6), round(a.shift_factor, 6))]
-        table_a, table_b = a.alphas_cumprod, b.alphas_cumprod
-        if table_a is not None and table_b is not None:
-            pairs.append(("num_train_timesteps", len(table_b), len(table_a)))
         for what, mine, theirs in pairs:
             if mine != theirs:
                 raise IncompatibleModelsError(
-                    f"{label}: its {what} ({mine}) differs from {first}'s ({theirs}){kinds}: their VAEs encode different "
-                    "latent spaces, so their noise and latents cannot meet; fuse models of one base (same VAE and schedule)")
-        if table_a is not None and table_b is not None and not torch.allclose(table_a, table_b, atol=1e-6):
+                    f"{where}: {kinds}their VAEs encode different latent spaces ({what} {mine} vs {theirs}), so their noise and "
+                    "latents cannot meet; fuse models of one base (same VAE and schedule)")
+        table_a, table_b = a.alphas_cumprod, b.alphas_cumprod
+        if table_a is not None and table_b is not None and (len(table_a) != len(table_b)
+                                                           or not torch.allclose(table_a, table_b, atol=1e-6)):
             raise IncompatibleModelsError(
-                f"{label}: its noise schedule (betas) differs from {first}'s: a timestep would mean different noise levels for "
-                "them; fuse models of one base (same VAE and schedule)")
+                f"{where}: {kinds}its noise schedule differs from {first}'s (num_train_timesteps {len(table_b)} vs {len(table_a)}, "
+                "or the betas): a timestep would mean different noise levels for them; fuse models of one base (same VAE and "
+                "schedule)")
 
 
-def check_same_schedule(facts: Sequence[tuple[str, ModelFacts]], why: str) -> None:
+def check_same_schedule(facts: Sequence[tuple[str, ModelFacts]], why: str, field: str = "{}") -> None:
     """For methods whose models meet after each of their own scheduler steps (AMDM; `why` says
     so): the schedules must agree where the family's steps depend on more than the betas that
     `check_compatible` compares (a flow-matching schedule's shift sets where each step lands),
-    or the trajectories meet at different noise levels."""
+    or the trajectories meet at different noise levels. Labels and `field` as in
+    `check_compatible`."""
     facts = [(label, f) for label, f in facts if f.scheduler is not None]
     for label, f in facts[1:]:
         first, a = facts[0]
         diff = f.family.schedule_difference(a.scheduler, f.scheduler)
         if diff:
             raise IncompatibleModelsError(
-                f"{label}: its schedule differs from {first}'s ({diff} in scheduler_config.json), so {why}, their latents "
+                f"{field.format(label)}: its schedule differs from {first}'s ({diff} in scheduler_config.json), so {why}, their latents "
                 "would meet at different noise levels; use models of one base (one scheduler config)")
 
 
-def check_same_latent_space(handles: Sequence[ModelHandle], labels: Sequence[str] | None = None) -> None:
-    """`check_compatible` on loaded models (labels default to "model 'NAME'")."""
-    labels = list(labels or [f"model {h.name!r}" for h in handles])
-    check_compatible(list(zip(labels, (facts_of(h) for h in handles))))
+def check_same_latent_space(handles: Sequence[ModelHandle]) -> None:
+    """`check_compatible` on loaded models, named "model 'NAME'"."""
+    check_compatible([(f"model {h.name!r}", facts_of(h)) for h in handles])

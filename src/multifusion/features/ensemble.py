@@ -133,21 +133,6 @@ def ensemble_kwargs(members: Sequence[ModelHandle], x_t: torch.Tensor, cond: Con
 
 # --------------------------------------------------------------------------- aggregators for models
 
-WIDTHS = (8, 10, 12, 16, 24, 32, 48, 64, 96, 128)
-"""Aggregator widths d tried by `default_width`; 128 is the paper's."""
-SHARE = 0.06
-"""Aggregator parameters as a share of one UNet that `default_width` keeps below (the paper:
-~50M parameters, ~6 % of one SD UNet)."""
-
-
-def _groups(width: int) -> int:
-    return next(g for g in (32, 16, 8, 5, 4, 2, 1) if width % g == 0)
-
-
-def _heads(width: int) -> int:
-    return 8 if width >= 64 and width % 8 == 0 else 1
-
-
 def check_aggregators_fit(aggregators: AFAAggregators, unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str],
                           where: str = "the aggregators") -> None:
     """IncompatibleModelsError unless `aggregators` were trained for these models, in this order."""

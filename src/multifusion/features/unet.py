@@ -50,6 +50,9 @@ MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 
 def check_walkable(unet: nn.Module) -> None:
     """IncompatibleModelsError unless an ensemble can walk this denoiser's blocks."""
+    if not all(hasattr(unet, m) for m in ("down_blocks", "mid_block", "up_blocks")):
+        raise IncompatibleModelsError(f"this walker walks UNets, and this denoiser is a {type(unet).__name__}: build ensembles "
+                                      "with `walkers.build_ensemble`, which picks the walker of the denoiser")
     cfg = unet.config
     unsupported = [(k, cfg.get(k)) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "num_class_embeds")
                    if cfg.get(k) is not None and not (k == "addition_embed_type" and cfg.get(k) == "text_time")]

@@ -11,7 +11,7 @@ from torch import nn
 from multifusion.errors import IncompatibleModelsError
 from multifusion.features import mmdit, unet
 from multifusion.features.afa import AFAAggregators
-from multifusion.features.ensemble import SHARE, WIDTHS, Walker, _groups, _heads, check_same_denoisers, unet_config_of, unet_fingerprint
+from multifusion.features.ensemble import Walker, check_same_denoisers, unet_config_of, unet_fingerprint
 
 WALKERS: dict[str, Walker] = {"UNet2DConditionModel": unet.WALKER, "SD3Transformer2DModel": mmdit.WALKER}
 """Walkers by the denoiser's diffusers class."""
@@ -19,6 +19,21 @@ WALKERS: dict[str, Walker] = {"UNet2DConditionModel": unet.WALKER, "SD3Transform
 NOT_WALKED = {"FluxTransformer2DModel": (
     "FLUX.1's single-stream blocks run the text and image tokens as one sequence (with rotary positions and a guidance "
     "embedding) and are not walked yet; fuse FLUX models with average, snb, mod or amdm")}
+
+
+WIDTHS = (8, 10, 12, 16, 24, 32, 48, 64, 96, 128)
+"""Aggregator widths d tried by `default_width`; 128 is the paper's."""
+SHARE = 0.06
+"""Aggregator parameters as a share of one UNet that `default_width` keeps below (the paper:
+~50M parameters, ~6 % of one SD UNet)."""
+
+
+def _groups(width: int) -> int:
+    return next(g for g in (32, 16, 8, 5, 4, 2, 1) if width % g == 0)
+
+
+def _heads(width: int) -> int:
+    return 8 if width >= 64 and width % 8 == 0 else 1
 
 
 def walker_for(denoiser: nn.Module) -> Walker:

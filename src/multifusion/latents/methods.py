@@ -121,8 +121,8 @@ def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
     n = len(ctx.handles)
     # Flow models' schedules must agree, or the trajectories meet at different noise levels
     # (checked before loading where the configs are local; here for every source).
-    check_same_schedule([(f"models[{k}].model", facts_of(h)) for k, h in enumerate(ctx.handles)],
-                        "with method 'amdm', which meets each model's own trajectory after every step")
+    check_same_schedule([(f"models[{k}]", facts_of(h)) for k, h in enumerate(ctx.handles)],
+                        "with method 'amdm', which meets each model's own trajectory after every step", "{}.model")
     spec = params.specified_index(ctx.labels)
     order = [spec] + [k for k in range(n) if k != spec]
     # Which steps meet: the step indices given, or those whose timestep lies in the window (on

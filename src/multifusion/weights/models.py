@@ -213,7 +213,7 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
                 raise IncompatibleModelsError(f"{text!r} has no {name}; {models[0]!r} has one, so they cannot be merged")
         out_file = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
         text_w = None if weights is None or name == denoiser else weights.text_weight(name, layout)
-        components.append(_plan_component(name, models, folders, spec, text_w, out_file))
+        components.append(_plan_component(name, models, folders, spec, text_w, out_file, name == denoiser))
 
     merged = next(c for c in components if c.name == denoiser)
     if layout is not None and merged.action == "merge":
@@ -240,7 +240,8 @@ def local_layout(model: str) -> BlockLayout | None:
         return None
 
 
-def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], spec: MergeSpec, base: float | None, out_file: str) -> Component:
+def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], spec: MergeSpec, base: float | None, out_file: str,
+                    is_denoiser: bool) -> Component:
     dirs = [f / name for f in folders]
     files = [_tensor_files(d, text) for d, text in zip(dirs, models)]
     headers = [_header(f) for f in files]
@@ -250,7 +251,7 @@ def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], s
     for text, cfg in zip(models[1:], configs[1:]):
         _check_same(f"{name} config", models[0], configs[0], text, cfg)
     header = tuple((k, *headers[0][k]) for k in sorted(headers[0]))
-    if name not in ("unet", "transformer") and spec.blocks is not None and not base:
+    if not is_denoiser and spec.blocks is not None and not base:
         return Component(name, "copy", "model 0's (BASE weight 0)" if base == 0 else "model 0's (no BASE weight given)")
     if all(_same_files(files[0], f) for f in files[1:]):
         return Component(name, "copy", "model 0's (identical in every model)")
@@ -487,21 +488,21 @@ def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | Non
             raise RecipeError(f"in-memory merges cover the {plan.denoiser} and the text encoders; {c.name} needs merge_models (a folder)")
     source = f"merge of {', '.join(plan.models)} ({plan.spec.method})"
     if handles:
-        merged = {_attribute(c.name): _merge_modules(plan, c, [getattr(h, _attribute(c.name)) for h in handles])
+        merged = {_attribute(plan, c.name): _merge_modules(plan, c, [getattr(h, _attribute(plan, c.name)) for h in handles])
                   for c in plan.components if c.action == "merge"}
         return dataclasses.replace(handles[0], name=name or "merge", source=source, **merged)
     handle = load_model(plan.models[0], name=name or "merge", dtype=dtype, device=device)
     with torch.no_grad():
         for c in plan.components:
             if c.action == "merge":
-                _load_into(getattr(handle, _attribute(c.name)), merged_tensors(plan, c), c.name)
+                _load_into(getattr(handle, _attribute(plan, c.name)), merged_tensors(plan, c), c.name)
     return dataclasses.replace(handle, source=source)
 
 
-def _attribute(component: str) -> str:
-    """The ModelHandle field holding pipeline component `component` (a handle keeps every
+def _attribute(plan: MergePlan, component: str) -> str:
+    """The ModelHandle field holding pipeline component `component` (a handle keeps its
     denoiser, a transformer too, in `unet`)."""
-    return "unet" if component == "transformer" else component
+    return "unet" if component == plan.denoiser else component
 
 
 def _tied(state: Mapping[str, torch.Tensor]) -> dict[str, str]:

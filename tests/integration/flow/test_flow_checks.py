@@ -27,7 +27,7 @@ def configs_not_local(monkeypatch):
     """As for Hub ids: nothing can be checked before loading."""
     import multifusion.loading as loading
 
-    monkeypatch.setattr(loading, "read_local_config", lambda ref: None)
+    monkeypatch.setattr(loading, "read_facts", lambda ref: None)
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,13 @@ def test_eta_is_refused_after_loading_when_configs_are_not_local(flux_a, configs
 
 
 def test_amdm_refuses_flow_schedules_that_differ_before_loading(sd3_a, sd3_shift2, no_loading):
-    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: its flow-matching schedule differs from models\[0\]'s "
+    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: its schedule differs from models\[0\]'s "
                                                       r"\(shift 3.0 vs 2.0 in scheduler_config.json\), so with method 'amdm'"):
         validate(parse_recipe(_recipe([sd3_a, sd3_shift2], method="amdm")))
 
 
 def test_amdm_refuses_flow_schedules_that_differ_after_loading(sd3_a, sd3_shift2, configs_not_local):
-    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: its flow-matching schedule differs .*shift 3.0 vs 2.0"):
+    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: its schedule differs .*shift 3.0 vs 2.0"):
         run(_recipe([sd3_a, sd3_shift2], method="amdm"), progress=False)
 
 

@@ -202,7 +202,7 @@ def test_a_bad_named_merge_names_its_entry(retrained):
 def test_flow_merges_write_folders_but_no_single_file(retrained, tmp_path):
     a, _, c = retrained["sd3"]
     recipe = {"method": "merge", "prompt": PROMPT, "models": [{"model": a}, {"model": c}]}
-    with pytest.raises(RecipeError, match="single_file: the single-file \\(LDM\\) layout .* SD3 or FLUX merge is written as a "
+    with pytest.raises(RecipeError, match="single_file: the single-file \\(LDM\\) layout .* a (Stable Diffusion 3|FLUX.1) merge is written as a "
                                           "diffusers folder only"):
         merge(recipe, tmp_path / "m", single_file=True)
     assert not (tmp_path / "m").exists()

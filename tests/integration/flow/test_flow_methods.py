@@ -113,5 +113,5 @@ def test_afa_refuses_flux_models_with_the_reason(flux_a, flux_b):
     """SD3 models are ensembled (tests/integration/flow/test_flow_afa.py); FLUX is refused."""
     from multifusion.api import fuse
 
-    with pytest.raises(IncompatibleModelsError, match="FLUX.1 models, whose single-stream blocks"):
+    with pytest.raises(IncompatibleModelsError, match="FLUX.1's single-stream blocks"):
         fuse("afa", load_models([flux_a, flux_b]), [PROMPT, OTHER], **KW)
