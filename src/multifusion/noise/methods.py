@@ -407,11 +407,8 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
 
     meet = None
     if prep.images:
-        num_train = len(ctx.handles[0].alphas_cumprod)
-
         def meet(step: Step) -> list[torch.Tensor]:
-            fraction = timestep_fraction(step.t[0], num_train)
-            return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], fraction)]
+            return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], step.fraction[0])]
 
     return Plan([Trajectory(canvas, noise=noise)], meet=meet)
 
