@@ -304,7 +304,6 @@ def generate_to_folder(
     maps), `{stem}-s{seed}-regions.png` (Mixture of Diffusers' region weights). Models load once
     for the whole run."""
     from multifusion.io import check_output_dir, image_is_whole, image_metadata, read_png_metadata, save_png
-    from multifusion.viz import method_recorders
 
     recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
     check_batch_size(batch_size)
@@ -337,7 +336,7 @@ def generate_to_folder(
     session = Run(recipe, models=models)
     labels = [m.label for m in recipe.models]
     for start in range(0, len(todo), batch_size):
-        recorders = method_recorders(session.handles[0].ready_vae(recipe.runtime.vae_device)) if export_masks else []
+        recorders = session.method.recorders(session.handles[0].ready_vae(recipe.runtime.vae_device)) if export_masks else []
         callback = (lambda step: [r(step) for r in recorders]) if recorders else None
         part = session.batch(todo[start : start + batch_size], callback=callback, progress=progress)
         for i, (image, seed) in enumerate(zip(part.images, part.seeds)):

@@ -23,7 +23,8 @@ from multifusion.errors import IncompatibleModelsError, RecipeError
 from multifusion.features.ensemble import EnsembleHandle, build_ensemble, model_hash
 from multifusion.handles import Guided
 from multifusion.loop import Trajectory
-from multifusion.method import Batch, Method, Params, Plan, RunContext
+from multifusion.method import Batch, Method, Params, Plan, Recorder, RunContext
+from multifusion.viz import AFAMapRecorder
 
 
 class AFAParams(Params):
@@ -132,8 +133,12 @@ def plan_afa(prep: PreparedAFA, batch: Batch) -> Plan:
     return Plan([Trajectory(AFANoise(prep.guided(batch), prep.handle.unet))])
 
 
+def afa_recorders(vae) -> list[Recorder]:
+    return [AFAMapRecorder()]
+
+
 METHODS = [
     Method("afa", "AFA: N same-architecture UNets (or SD3 transformers) meet after every block; trained aggregators weight "
            "each model per pixel",
-           "features", AFAParams, plan_afa, prepare_afa, min_models=2),
+           "features", AFAParams, plan_afa, prepare_afa, min_models=2, recorders=afa_recorders),
 ]

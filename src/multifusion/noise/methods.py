@@ -16,13 +16,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from multifusion.errors import FieldError, RecipeError
 from multifusion.io import image_is_whole, read_rgb_image
 from multifusion.loop import Step, Trajectory
-from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
+from multifusion.method import Batch, Method, Params, Plan, Prepared, Recorder, RunContext
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
 from multifusion.recipe import check_box_on_patch_grid, grid_hint
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
+from multifusion.viz import MaskRecorder, RegionWeightRecorder
 
 # --------------------------------------------------------------------------- single, average
 
@@ -413,14 +414,22 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
     return Plan([Trajectory(canvas, noise=noise)], meet=meet)
 
 
+def snb_recorders(vae) -> list[Recorder]:
+    return [MaskRecorder()]
+
+
+def mod_recorders(vae) -> list[Recorder]:
+    return [MaskRecorder(), RegionWeightRecorder()]  # a region painted by SNB records its masks too
+
+
 METHODS = [
     Method("single", "one model, as diffusers' StableDiffusionPipeline samples it", "noise", NoParams, plan_single,
            min_models=1, max_models=1),
     Method("average", "weighted average of the models' guided noise predictions (MagicFusion's weighted-sum baseline)",
            "noise", AverageParams, plan_average),
     Method("snb", "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
-           "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb),
+           "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb, recorders=snb_recorders),
     Method("mod", "Mixture of Diffusers: regional prompts (each may use its own model) on one canvas, Gaussian-weighted",
            "noise", ModParams, plan_mod, prepare_mod, model_prompts=False, check=check_mod, canvas=mod_canvas,
-           regions=place_mod),
+           regions=place_mod, recorders=mod_recorders),
 ]

@@ -454,7 +454,7 @@ class App:
         from multifusion.api import Run, image_name
         from multifusion.io import grid, image_metadata, save_png, write_text
         from multifusion.recipe import parse_recipe
-        from multifusion.viz import method_recorders, x0_previews
+        from multifusion.viz import x0_previews
 
         recipe = parse_recipe(recipe_dict)
         session = Run(recipe, models=self.handles(recipe))
@@ -467,7 +467,7 @@ class App:
         done = 0
         for start in range(0, len(seeds), 4):
             chunk = seeds[start : start + 4]
-            recorders = method_recorders(vae)
+            recorders = session.method.recorders(vae)
 
             def callback(step, chunk=chunk):
                 if run_id is not None and run_id <= self.cancelled_upto:
