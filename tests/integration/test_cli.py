@@ -48,6 +48,28 @@ def test_second_run_resumes_and_keeps_finished_images(tmp_path, recipe_file):
     assert all((out / n).stat().st_mtime_ns == t for n, t in stamps.items())
 
 
+def test_one_writer_makes_what_generate_the_ui_and_the_bench_write(tmp_path, recipe_file):
+    """`write_images`: an image without a name is made but not written (the bench keeps a few),
+    the callback sees each batch's seeds, a second run makes only what is missing, `overwrite`
+    makes everything again."""
+    from multifusion.api import write_images
+
+    out, seen = tmp_path / "out", []
+
+    def write(**kw):
+        return list(write_images(str(recipe_file), out, lambda seed: None if seed == 11 else f"x{seed}.png", batch_size=2,
+                                 callback=lambda step, seeds: seen.append(tuple(seeds)), progress=False, **kw))
+
+    written = write()
+    assert [w.result.seeds for w in written] == [[10, 11], [12]] and seen == [(10, 11)] * 3 + [(12,)] * 3
+    assert [w.paths for w in written] == [[out / "x10.png", None], [out / "x12.png"]]
+    assert sorted(p.name for p in out.iterdir()) == ["x10.png", "x12.png"]
+    assert [m["seed"] for w in written for m in w.metadata] == [10, 11, 12]
+    assert read_png_metadata(out / "x12.png") == written[1].metadata[0]
+    assert [w.result.seeds for w in write()] == [[11]]
+    assert [w.result.seeds for w in write(overwrite=True)] == [[10, 11], [12]]
+
+
 def test_other_recipe_into_same_names_is_refused(tmp_path, recipe_file, capsys):
     out = tmp_path / "out"
     main(["generate", str(recipe_file), "--out", str(out), "--no-progress", "--num-images", "1"])
