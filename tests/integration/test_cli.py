@@ -121,6 +121,32 @@ def test_help_documents_every_command_and_option(capsys):
     check(parser, "multifusion")
 
 
+def test_every_sampling_and_runtime_field_is_a_flag(tmp_path, recipe_file, capsys):
+    """The override flags come from `Sampling` and `Runtime`: each field has its own flag in
+    `generate` and `validate` (and in the help), sets that field, and keeps its short alias."""
+    from multifusion.cli import _apply_overrides
+    from multifusion.recipe import Runtime, Sampling
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("generate", "validate"):
+        help_text = sub[command].format_help()
+        argv, want = ["--out", "x"] if command == "generate" else ["r.yaml"], {}
+        for section, model in (("sampling", Sampling), ("runtime", Runtime)):
+            for name in model.model_fields:
+                flag = "--" + name.replace("_", "-")
+                action = next(a for a in sub[command]._actions if flag in a.option_strings)
+                assert flag in help_text and action.help.startswith(f"{section}.{name}")
+                value = (True if action.nargs == 0 else action.choices[-1] if action.choices
+                         else {int: 8, float: 0.5, str: "cpu"}[action.type])
+                argv += [flag] if value is True else [flag, str(value)]
+                want.setdefault(section, {})[name] = value
+        assert _apply_overrides({"models": []}, sub[command].parse_args(argv)) == {"models": [], **want}
+    args = sub["generate"].parse_args(["--out", "x", "--steps", "3", "--cfg", "2"])
+    assert _apply_overrides({}, args)["sampling"] == {"num_inference_steps": 3, "guidance_scale": 2.0}
+    assert main(["validate", str(recipe_file), "--height", "32", "--width", "32", "--max-pixels", "100"]) == 2  # a new flag
+    assert "runtime.max_pixels" in capsys.readouterr().err
+
+
 def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatch, capsys):
     # Training takes hours; this checks the wiring: what is trained, in which folder, what is installed.
     import multifusion.zoo.train as train
