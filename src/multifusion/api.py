@@ -287,6 +287,105 @@ def check_stem(stem: str, where: str = "stem") -> str:
     return stem
 
 
+@dataclass
+class Written:
+    """One batch that `write_images` wrote: its result, each image's path (None where it was not
+    written) and metadata (the recipe narrowed to that image), and the method's pictures."""
+
+    result: Result
+    paths: list[Path | None]
+    metadata: list[dict]
+    pictures: list[Path]
+
+
+def _already_made(path: Path, recipe_json: str, seed: int, overwrite: bool) -> bool:
+    """Whether the image at `path` is this recipe's for `seed` and whole, so a resumed run keeps
+    it; RecipeError when `path` is a folder, or (unless `overwrite`) another recipe's image."""
+    from multifusion.io import image_is_whole, read_png_metadata
+    from multifusion.provenance import image_metadata
+
+    if path.is_dir():
+        raise RecipeError(f"out: {str(path)!r} is a folder where an image goes; move it or choose another name")
+    if overwrite or not path.exists():
+        return False
+    try:
+        have = read_png_metadata(path)
+    except RecipeError:
+        have = None
+    same = have is not None and have.get("recipe") == image_metadata(recipe_json, seed)["recipe"]
+    whole = image_is_whole(path)
+    if same and have.get("seed") == seed and whole:
+        return True  # finished: same recipe, and every pixel decodes
+    if whole and not same:
+        raise RecipeError(f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder "
+                          "or name, or overwrite it")
+    return False  # a damaged file (truncated, or its metadata unreadable) under our name: made again
+
+
+def write_images(
+    recipe: Recipe | dict | str | Path,
+    out: str | Path,
+    name_of: Callable[[int], str | Path | None],
+    *,
+    seeds: Sequence[int] | None = None,
+    models: Sequence[ModelHandle] | None = None,
+    batch_size: int = 4,
+    overwrite: bool = False,
+    pictures: bool = False,
+    callback: Callable[[Step, list[int]], None] | None = None,
+    progress: bool = True,
+) -> Iterator[Written]:
+    """Run a recipe over `seeds` (default: the recipe's) in batches of `batch_size`, writing the
+    image of each seed to `out / name_of(seed)` (None: not written) as a PNG holding the
+    metadata that regenerates it, atomically, each batch as soon as it is decoded; yields each
+    batch written. What the CLI's `generate`, the web UI and the benchmark all do.
+
+    Images already there from the same recipe are kept and not made again, so an interrupted
+    run resumes; another recipe's image under a name is an error. `overwrite` makes and writes
+    every image. Nothing loads when nothing is left to make, and `out` is checked writable
+    before anything loads. `pictures` also writes the method's step pictures
+    (`Method.recorders`) beside each written image (`{name}-masks.png`, ...). `callback(step,
+    seeds)` gets every step of a batch with the batch's seeds."""
+    from multifusion.io import check_output_dir, save_png
+    from multifusion.provenance import image_metadata
+
+    recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
+    check_batch_size(batch_size)
+    out = Path(out)
+    recipe_json = recipe.to_json()
+    seeds = [int(s) for s in (recipe.seeds() if seeds is None else seeds)]
+    names = {s: name_of(s) for s in seeds}
+    todo = [s for s in seeds if names[s] is None or not _already_made(out / names[s], recipe_json, s, overwrite)]
+    if not todo:
+        return
+    check_output_dir("out", out)  # before loading and sampling: no computed batch lost to an unwritable folder
+    session = Run(recipe, models=models)
+    labels = [m.label for m in recipe.models]
+    vae = session.handles[0].ready_vae(recipe.runtime.vae_device) if pictures else None
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        recorders = session.method.recorders(vae) if pictures else []
+
+        def on_step(step: Step) -> None:  # runs within this batch only: chunk and recorders are this batch's
+            if callback is not None:
+                callback(step, chunk)
+            for r in recorders:
+                r(step)
+
+        # No callback at all when nothing listens: combiners then skip building their records.
+        part = session.batch(chunk, callback=on_step if callback is not None or recorders else None, progress=progress)
+        written = Written(part, [], [], [])
+        for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
+            meta = image_metadata(recipe_json, seed)
+            path = None if names[seed] is None else save_png(image, out / names[seed], meta)
+            written.paths.append(path)
+            written.metadata.append(meta)
+            if path is not None:
+                for r in recorders:
+                    written.pictures += r.save(path.with_name(path.name.removesuffix(".png")), i, labels)
+        yield written
+
+
 def generate_to_folder(
     recipe: Recipe | dict | str | Path,
     out: str | Path,
@@ -299,54 +398,18 @@ def generate_to_folder(
     export_masks: bool = False,
 ) -> list[Path]:
     """Run a recipe and write `OUT/{stem}-s{seed}.png` for each image, atomically, each batch as
-    soon as it is decoded. Images already present with the same recipe are not redone, so an
-    interrupted run resumes; a different image under the same name is an error unless
-    `overwrite`. `export_masks` also writes each method's step pictures: `{stem}-s{seed}-masks.png/.gif`
+    soon as it is decoded (`write_images`). Images already present with the same recipe are not
+    redone, so an interrupted run resumes; a different image under the same name is an error
+    unless `overwrite`. `export_masks` also writes each method's step pictures: `{stem}-s{seed}-masks.png/.gif`
     (SNB's masks), `{stem}-s{seed}-amdm.png` (AMDM's meetings), `{stem}-s{seed}-afa.png` (AFA's
     maps), `{stem}-s{seed}-regions.png` (Mixture of Diffusers' region weights). Models load once
-    for the whole run."""
-    from multifusion.io import check_output_dir, image_is_whole, read_png_metadata, save_png
-    from multifusion.provenance import image_metadata
-    from multifusion.viz import method_recorders
-
-    recipe = as_recipe(recipe)  # validated by Run, once, when there is anything to make
-    check_batch_size(batch_size)
+    for the whole run. Returns every image's path, then the pictures written."""
+    recipe = as_recipe(recipe)
     check_stem(stem)
-    out = Path(out)
-    recipe_json = recipe.to_json()
-    todo, paths = [], []
-    for seed in recipe.seeds():
-        path = out / image_name(stem, seed)
-        paths.append(path)
-        want = image_metadata(recipe_json, seed)
-        if path.is_dir():
-            raise RecipeError(f"out: {str(path)!r} is a folder where an image goes; move it or choose another name")
-        if path.exists() and not overwrite:
-            try:
-                have = read_png_metadata(path)
-            except RecipeError:
-                have = None
-            whole = image_is_whole(path)
-            if have is not None and have.get("recipe") == want["recipe"] and have.get("seed") == seed and whole:
-                continue  # finished: same recipe, and every pixel decodes
-            if whole and not (have is not None and have.get("recipe") == want["recipe"]):
-                raise RecipeError(f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder "
-                                  "or name, or overwrite it")
-            # a damaged file (truncated, or its metadata unreadable) under our name: made again
-        todo.append(seed)
-    if not todo:
-        return paths
-    check_output_dir("out", out)  # before loading and sampling: no computed batch lost to an unwritable folder
-    session = Run(recipe, models=models)
-    labels = [m.label for m in recipe.models]
-    for start in range(0, len(todo), batch_size):
-        recorders = method_recorders(session.handles[0].ready_vae(recipe.runtime.vae_device)) if export_masks else []
-        callback = (lambda step: [r(step) for r in recorders]) if recorders else None
-        part = session.batch(todo[start : start + batch_size], callback=callback, progress=progress)
-        for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
-            for r in recorders:
-                paths += r.save(out / image_name(stem, seed).removesuffix(".png"), i, labels)
-            save_png(image, out / image_name(stem, seed), image_metadata(recipe_json, seed))
+    paths = [Path(out) / image_name(stem, seed) for seed in recipe.seeds()]
+    for written in write_images(recipe, out, lambda seed: image_name(stem, seed), models=models, batch_size=batch_size,
+                                overwrite=overwrite, pictures=export_masks, progress=progress):
+        paths += written.pictures
     return paths
 
 

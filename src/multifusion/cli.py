@@ -22,37 +22,68 @@ from pathlib import Path
 from multifusion.errors import MultifusionError, RecipeError
 
 
+ALIASES = {"num_inference_steps": "--steps", "guidance_scale": "--cfg"}
+"""Short flags users know (A1111, diffusers' examples), beside the field's own flag."""
+
+HELP = {
+    "sampling.guidance_scale": "sampling.guidance_scale (default of every model)",
+    "sampling.seed": "sampling.seed: image i uses seed + i",
+    "sampling.scheduler": "sampling.scheduler: ddim, euler, euler_a, dpm++, pndm, lms, heun, unipc, ... or a diffusers class name",
+    "sampling.eta": "sampling.eta (DDIM-type schedulers)",
+    "sampling.height": "sampling.height in pixels (multiple of the VAE factor)",
+    "sampling.width": "sampling.width in pixels (multiple of the VAE factor)",
+    "runtime.device": "runtime.device: cpu, cuda, cuda:N, mps",
+    "runtime.dtype": "runtime.dtype of the weights",
+    "runtime.offload": "runtime.offload: keep only the model in use on the device",
+    "runtime.vae_device": "runtime.vae_device: run the VAE here (cpu: in float32), sparing accelerator memory on large canvases",
+    "runtime.allow_pickle": "runtime.allow_pickle: allow .ckpt/.bin/.pt checkpoints (they can run code: trusted files only)",
+}
+"""Help of the flags whose field's description is not what a command line needs; any other flag
+says `section.field: description`."""
+
+
+def _override_sections():
+    """(recipe section, its pydantic model, the flags' group title)."""
+    from multifusion.recipe import Runtime, Sampling
+
+    return (("sampling", Sampling, "overrides (take precedence over the recipe)"), ("runtime", Runtime, "runtime"))
+
+
 def _add_sampling_overrides(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("overrides (take precedence over the recipe)")
-    g.add_argument("--steps", dest="num_inference_steps", type=int, help="sampling.num_inference_steps")
-    g.add_argument("--cfg", dest="guidance_scale", type=float, help="sampling.guidance_scale (default of every model)")
-    g.add_argument("--seed", type=int, help="sampling.seed: image i uses seed + i")
-    g.add_argument("--num-images", dest="num_images", type=int, help="sampling.num_images")
-    g.add_argument("--scheduler", help="sampling.scheduler: ddim, euler, euler_a, dpm++, pndm, lms, heun, unipc, ... or a diffusers class name")
-    g.add_argument("--eta", type=float, help="sampling.eta (DDIM-type schedulers)")
-    g.add_argument("--height", type=int, help="sampling.height in pixels (multiple of the VAE factor)")
-    g.add_argument("--width", type=int, help="sampling.width in pixels (multiple of the VAE factor)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", help="runtime.device: cpu, cuda, cuda:N, mps")
-    r.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="runtime.dtype of the weights")
-    r.add_argument("--offload", action="store_true", default=None, help="runtime.offload: keep only the model in use on the device")
-    r.add_argument("--vae-device", dest="vae_device", help="runtime.vae_device: run the VAE here (cpu: in float32), sparing accelerator memory on large canvases")
-    r.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
-                   help="runtime.allow_pickle: allow .ckpt/.bin/.pt checkpoints (they can run code: trusted files only)")
+    """One flag per field of `Sampling` and `Runtime`: `--field-name` (and its alias), typed from
+    the field as the web UI's widgets are (`ui.forms.widget_for`: a number, a choice of a
+    Literal's values, a switch for a bool, else text), so a field added to either model is a flag
+    with no code here. Values are checked by the recipe, which names the field."""
+    from multifusion.ui.forms import widget_for
+
+    for section, model, title in _override_sections():
+        group = p.add_argument_group(title)
+        for name, info in model.model_fields.items():
+            w = widget_for(name, info)
+            flags = [ALIASES[name]] if name in ALIASES else []
+            flags.append("--" + name.replace("_", "-"))
+            where = f"{section}.{name}"
+            said = HELP.get(where) or (f"{where}: {w.description}" if w.description else where)
+            kwargs: dict = {"dest": where, "help": said.replace("%", "%%")}  # argparse formats help with %
+            if w.kind == "bool":  # unset (None) keeps the recipe's value
+                kwargs.update(action="store_true" if w.default is False else argparse.BooleanOptionalAction, default=None)
+            elif w.kind == "choice":
+                kwargs["choices"] = list(w.choices)
+            elif w.kind in ("int", "float", "text"):
+                kwargs.update(type={"int": int, "float": float, "text": str}[w.kind], metavar=name.upper())
+            else:
+                raise TypeError(f"{where}: a {w.kind} field has no command-line form; give the CLI one for it")
+            group.add_argument(*flags, **kwargs)
 
 
 def _apply_overrides(data: dict, args: argparse.Namespace) -> dict:
     data = json.loads(json.dumps(data))
-    sampling = data.setdefault("sampling", {})
-    for key in ("num_inference_steps", "guidance_scale", "seed", "num_images", "scheduler", "eta", "height", "width"):
-        v = getattr(args, key, None)
-        if v is not None:
-            sampling[key] = v
-    runtime = data.setdefault("runtime", {})
-    for key in ("device", "dtype", "offload", "allow_pickle", "vae_device"):
-        v = getattr(args, key, None)
-        if v is not None:
-            runtime[key] = v
+    for section, model, _ in _override_sections():
+        values = data.setdefault(section, {})
+        for name in model.model_fields:
+            v = getattr(args, f"{section}.{name}")
+            if v is not None:
+                values[name] = v
     return data
 
 

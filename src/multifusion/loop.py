@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from multifusion.errors import SamplingError
 from multifusion.handles import NoiseFn
-from multifusion.schedulers import alpha_bar_at
+from multifusion.schedulers import alpha_bar_at, timestep_fraction
 
 
 @dataclass(eq=False)
@@ -50,6 +50,9 @@ class Step:
     num_steps: int
     t: list[torch.Tensor | None]  # each trajectory's timestep at this step
     t_next: list[torch.Tensor | None]  # its timestep after this step (None after the last)
+    # Where t lies on each trajectory, computed once by the loop (`trajectory_positions`):
+    fraction: list[float | None]  # of the way from noise: 0 = pure noise, 1 = clean (`schedulers.timestep_fraction`)
+    sigma: list[float | None]  # noise level: sqrt((1 - alpha_bar(t)) / alpha_bar(t)), 1 / sqrt(SNR); inf at pure noise
     model_input: list[torch.Tensor | None]  # scale_model_input(x_t): the variance-preserving latent the model saw
     eps: list[torch.Tensor | None]  # each trajectory's prediction (eps; velocity for flow-matching models)
     latents: list[torch.Tensor | None]  # x after its own scheduler step; after `meet`, what meet returned
@@ -93,6 +96,23 @@ def stream_generators(seeds: Sequence[int], stream: int) -> list[torch.Generator
 def derived_noise(shape: tuple[int, int, int], seeds: Sequence[int], stream: int) -> torch.Tensor:
     """(B, C, H, W) standard normal noise of stream `stream` (see `stream_generators`)."""
     return initial_noise(shape, stream_generators(seeds, stream))
+
+
+def trajectory_positions(scheduler) -> list[tuple[float, float]]:
+    """(fraction, sigma) of each of the scheduler's timesteps (after `set_timesteps`), as `Step`
+    carries them: the fraction on the scheduler's timestep axis (`timestep_fraction` over its
+    `alphas_cumprod`, so the same value a method computes from its model's table) and the noise
+    level of alpha_bar(t) (fractional t interpolated as `alpha_bar_at` does). A scheduler on
+    another axis places its own timesteps (`position(t)`: the flow-matching sampler)."""
+    if hasattr(scheduler, "position"):
+        return [scheduler.position(t) for t in scheduler.timesteps]
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod (a DDPM noise schedule) nor position(t): "
+                         "the loop cannot tell where its timesteps lie on the trajectory")
+    timesteps = scheduler.timesteps.cpu()
+    alpha_bar = alpha_bar_at(scheduler.alphas_cumprod, timesteps)
+    n = len(scheduler.alphas_cumprod)
+    return [(timestep_fraction(t, n), float(((1 - a) / a).sqrt())) for t, a in zip(timesteps, alpha_bar)]
 
 
 def _step_kwargs(scheduler, eta: float, generators) -> dict[str, Any]:
@@ -156,12 +176,14 @@ def sample(
     if len(counts) != 1:
         raise ValueError(f"the trajectories' schedulers take different numbers of steps ({sorted(counts)}); they must run in lock-step")
     n = counts.pop()
+    positions = [trajectory_positions(s) for s in schedulers]
     xs: list[torch.Tensor | None] = [tr.noise * s.init_noise_sigma for tr, s in zip(trajectories, schedulers)]
     kwargs = [_step_kwargs(s, eta, tr.generators if tr.generators is not None else generators) for tr, s in zip(trajectories, schedulers)]
     for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
         running = [k for k, x in enumerate(xs) if x is not None]
         nothing = [None] * len(xs)
-        step = Step(i, n, list(nothing), list(nothing), list(nothing), list(nothing), list(nothing), schedulers,
+        step = Step(i, n, t=list(nothing), t_next=list(nothing), fraction=list(nothing), sigma=list(nothing),
+                    model_input=list(nothing), eps=list(nothing), latents=list(nothing), schedulers=schedulers,
                     recording=callback is not None)
         record = step.record if step.recording else None
         for k in running:
@@ -172,6 +194,7 @@ def sample(
             xs[k] = s.step(eps, t, xs[k], **kwargs[k], return_dict=False)[0]
             step.t[k], step.model_input[k], step.eps[k] = t, x_in, eps
             step.t_next[k] = s.timesteps[i + 1] if i + 1 < n else None
+            step.fraction[k], step.sigma[k] = positions[k][i]
         step.latents = list(xs)
         if meet is not None:
             met = list(meet(step))

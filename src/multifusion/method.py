@@ -14,14 +14,15 @@ Methods register themselves in their package's `methods.py` (see `multifusion.re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from multifusion.errors import RecipeError, format_validation_error
 from multifusion.handles import Guided, ModelHandle
-from multifusion.loop import Meet, Trajectory
+from multifusion.loop import Meet, Step, Trajectory
 from multifusion.recipe import Recipe
 
 
@@ -116,6 +117,21 @@ def prepare_nothing(ctx: RunContext, params: P) -> Prepared[P]:
     return Prepared(ctx, params)
 
 
+class Recorder(Protocol):
+    """A method's step pictures (`multifusion.viz` has the built-in ones): a step callback
+    keeping what the method puts in `Step.record`, then `save` writing the pictures of batch
+    image `image` beside `stem` (`{stem}-masks.png`, ...) and returning their paths ([] when
+    nothing was recorded)."""
+
+    def __call__(self, step: Step) -> None: ...
+
+    def save(self, stem: str | Path, image: int = 0, model_names: list[str] | None = None) -> list[Path]: ...
+
+
+def no_recorders(vae: Any) -> list[Recorder]:
+    return []
+
+
 @dataclass(frozen=True)
 class Method:
     """A method, named once and found by name. See the module docstring for the two steps."""
@@ -138,6 +154,9 @@ class Method:
     # (h, w))]: the denoising regions the method places, as its run mixes them (the UI's canvas
     # draws them and counts coverage from them)
     regions: Callable[[Any, tuple[int, int], int], list[tuple[str, tuple[int, int, int, int], torch.Tensor]]] | None = None
+    # recorders(vae) -> fresh `Recorder`s of the pictures the method draws, one set per batch (what
+    # `--export-masks` and the UI write); `vae` decodes latents for those that show images
+    recorders: Callable[[Any], list[Recorder]] = no_recorders
 
     def __post_init__(self):
         clash = RESERVED & set(self.params.model_fields)

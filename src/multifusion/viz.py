@@ -8,6 +8,9 @@ before and after, decoded with the VAE. `AFAMapRecorder` keeps AFA's per-step ag
 (`afa/maps`) and draws which model dominates where, per aggregation point and step.
 `RegionWeightRecorder` draws Mixture of Diffusers' region weights (`mod/weights`): each
 region's normalised share of the canvas, in the region colours the UI's canvas uses.
+
+Each method names the recorders of its pictures in its registry entry (`Method.recorders`), which
+is what `--export-masks` and the UI attach to a run.
 """
 
 from __future__ import annotations
@@ -246,13 +249,6 @@ class RegionWeightRecorder:
         with atomic_path(path) as tmp:
             im.save(tmp, format="PNG")
         return [path]
-
-
-def method_recorders(vae: torch.nn.Module) -> list:
-    """Every recorder of the methods' step pictures (SNB masks, AMDM strip, AFA maps, Mixture of
-    Diffusers region weights): call each as the step callback, then `save` each; a method's
-    recorder writes nothing for the others."""
-    return [MaskRecorder(), AggregationRecorder(vae), AFAMapRecorder(), RegionWeightRecorder()]
 
 
 def x0_previews(info: Step, vae: torch.nn.Module, names: list[str] | None = None) -> list[tuple[Image.Image, str]]:

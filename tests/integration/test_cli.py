@@ -48,6 +48,28 @@ def test_second_run_resumes_and_keeps_finished_images(tmp_path, recipe_file):
     assert all((out / n).stat().st_mtime_ns == t for n, t in stamps.items())
 
 
+def test_one_writer_makes_what_generate_the_ui_and_the_bench_write(tmp_path, recipe_file):
+    """`write_images`: an image without a name is made but not written (the bench keeps a few),
+    the callback sees each batch's seeds, a second run makes only what is missing, `overwrite`
+    makes everything again."""
+    from multifusion.api import write_images
+
+    out, seen = tmp_path / "out", []
+
+    def write(**kw):
+        return list(write_images(str(recipe_file), out, lambda seed: None if seed == 11 else f"x{seed}.png", batch_size=2,
+                                 callback=lambda step, seeds: seen.append(tuple(seeds)), progress=False, **kw))
+
+    written = write()
+    assert [w.result.seeds for w in written] == [[10, 11], [12]] and seen == [(10, 11)] * 3 + [(12,)] * 3
+    assert [w.paths for w in written] == [[out / "x10.png", None], [out / "x12.png"]]
+    assert sorted(p.name for p in out.iterdir()) == ["x10.png", "x12.png"]
+    assert [m["seed"] for w in written for m in w.metadata] == [10, 11, 12]
+    assert read_png_metadata(out / "x12.png") == written[1].metadata[0]
+    assert [w.result.seeds for w in write()] == [[11]]
+    assert [w.result.seeds for w in write(overwrite=True)] == [[10, 11], [12]]
+
+
 def test_other_recipe_into_same_names_is_refused(tmp_path, recipe_file, capsys):
     out = tmp_path / "out"
     main(["generate", str(recipe_file), "--out", str(out), "--no-progress", "--num-images", "1"])
@@ -97,6 +119,32 @@ def test_help_documents_every_command_and_option(capsys):
                     check(child, f"{path} {name}")
 
     check(parser, "multifusion")
+
+
+def test_every_sampling_and_runtime_field_is_a_flag(tmp_path, recipe_file, capsys):
+    """The override flags come from `Sampling` and `Runtime`: each field has its own flag in
+    `generate` and `validate` (and in the help), sets that field, and keeps its short alias."""
+    from multifusion.cli import _apply_overrides
+    from multifusion.recipe import Runtime, Sampling
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("generate", "validate"):
+        help_text = sub[command].format_help()
+        argv, want = ["--out", "x"] if command == "generate" else ["r.yaml"], {}
+        for section, model in (("sampling", Sampling), ("runtime", Runtime)):
+            for name in model.model_fields:
+                flag = "--" + name.replace("_", "-")
+                action = next(a for a in sub[command]._actions if flag in a.option_strings)
+                assert flag in help_text and action.help.startswith(f"{section}.{name}")
+                value = (True if action.nargs == 0 else action.choices[-1] if action.choices
+                         else {int: 8, float: 0.5, str: "cpu"}[action.type])
+                argv += [flag] if value is True else [flag, str(value)]
+                want.setdefault(section, {})[name] = value
+        assert _apply_overrides({"models": []}, sub[command].parse_args(argv)) == {"models": [], **want}
+    args = sub["generate"].parse_args(["--out", "x", "--steps", "3", "--cfg", "2"])
+    assert _apply_overrides({}, args)["sampling"] == {"num_inference_steps": 3, "guidance_scale": 2.0}
+    assert main(["validate", str(recipe_file), "--height", "32", "--width", "32", "--max-pixels", "100"]) == 2  # a new flag
+    assert "runtime.max_pixels" in capsys.readouterr().err
 
 
 def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatch, capsys):

@@ -223,6 +223,9 @@ def test_merge_writes_the_recipes_merge_and_a_single_file_that_loads_back(tiny_a
     recipe = _merge_recipe(tmp_path, [tiny_a, tiny_b], blocks="GRAD_V")
     folder = merge(recipe, tmp_path / "out", single_file=True)
     assert json.loads((folder / "merge.json").read_text())["spec"]["blocks"] == "GRAD_V"
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "out.safetensors") == mode(folder / "merge.json")  # not safetensors' private 0600
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
     [from_folder] = load_models([str(folder)])
     [from_file] = load_models([str(tmp_path / "out.safetensors")], configs=[str(folder)])
     _same_modules(from_folder, from_file, parts=("unet",))

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from PIL import Image
 
 import multifusion
 from multifusion import RecipeError, load_models
@@ -14,8 +15,14 @@ from multifusion.registry import METHODS
 from multifusion.schedulers import make_scheduler
 
 PACKAGE = '''
-"""A throwaway method: two models, one trajectory each, swapped after every step."""
+"""A throwaway method: two models, one trajectory each, swapped after every step; its picture
+is one pixel per step it saw."""
+from pathlib import Path
+
+from PIL import Image
+
 from multifusion import register
+from multifusion.io import atomic_path
 from multifusion.loop import Trajectory
 from multifusion.method import Method, Params, Plan
 
@@ -29,8 +36,22 @@ def plan(prep, batch):
     return Plan([Trajectory(first), Trajectory(second)], meet=lambda step: step.latents[::-1], output=prep.params.output)
 
 
+class StepStrip:
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, step):
+        self.steps.append(step.step)
+
+    def save(self, stem, image=0, model_names=None):
+        path = Path(f"{stem}-swap.png")
+        with atomic_path(path) as tmp:
+            Image.new("L", (len(self.steps), 1)).save(tmp, format="PNG")
+        return [path]
+
+
 register(Method("swap-test", "two trajectories swapped after every step", "latents", SwapParams, plan,
-                min_models=2, max_models=2))
+                min_models=2, max_models=2, recorders=lambda vae: [StepStrip()]))
 '''
 
 
@@ -69,6 +90,34 @@ def test_a_registered_method_runs_end_to_end(swap_package, tiny_a, tiny_b, tmp_p
     (tmp_path / "swap.json").write_text(__import__("json").dumps(recipe))
     assert main(["generate", str(tmp_path / "swap.json"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert (tmp_path / "out" / "swap-s2.png").is_file()
+
+
+def test_the_pictures_a_method_declares_are_what_the_cli_and_the_ui_write(swap_package, tiny_a, tiny_b, tmp_path):
+    from multifusion.cli import main
+
+    recipe = {"method": "swap-test", "sampling": {"num_inference_steps": 3, "num_images": 2},
+              "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}]}
+    (tmp_path / "swap.json").write_text(__import__("json").dumps(recipe))
+    assert main(["generate", str(tmp_path / "swap.json"), "--out", str(tmp_path / "cli"), "--no-progress", "--export-masks"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["swap-s0-swap.png", "swap-s0.png", "swap-s1-swap.png", "swap-s1.png"]
+    assert Image.open(tmp_path / "cli" / "swap-s1-swap.png").size == (3, 1)  # it saw every step
+
+    pytest.importorskip("gradio", reason="the ui extra is not installed")
+    from multifusion.ui.app import App
+
+    (tmp_path / "ui").mkdir()
+    images, pictures, _ = App().generate(recipe, tmp_path / "ui")
+    assert [c for _, c in images] == ["swap-test seed 0", "swap-test seed 1"]
+    assert [c for _, c in pictures] == ["swap-test-s0-swap", "swap-test-s1-swap"]
+
+
+def test_the_built_in_methods_declare_their_pictures():
+    from multifusion.viz import AFAMapRecorder, AggregationRecorder, MaskRecorder, RegionWeightRecorder
+
+    declared = {name: [type(r) for r in m.recorders(None)] for name, m in METHODS.items()}
+    assert {name: kinds for name, kinds in declared.items() if kinds} == {
+        "snb": [MaskRecorder], "mod": [MaskRecorder, RegionWeightRecorder],  # a region painted by SNB draws its masks
+        "amdm": [AggregationRecorder], "afa": [AFAMapRecorder]}
 
 
 def test_registration_is_checked(swap_package):

@@ -2,8 +2,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from multifusion.families.flowmatch import FlowMatchSampler, vp_alphas_cumprod
+from multifusion.schedulers import alpha_bar_at
 from multifusion.loop import Trajectory, initial_noise, sample
 from multifusion.schedulers import in_window, timestep_fraction
 
@@ -81,6 +83,52 @@ def test_step_x0_is_the_ddim_prediction():
 
     sample([Trajectory(_toy_eps, _ddim(), noise)], num_inference_steps=5, meet=meet, progress=False)
     assert got == [True] * 5
+
+
+def _positions_seen(scheduler, steps=5):
+    seen = []
+
+    def meet(step):
+        seen.append((step.fraction[0], step.sigma[0], step.t[0]))
+        return step.latents
+
+    sample([Trajectory(_toy_eps, scheduler, torch.zeros(1, 4, 2, 2))], num_inference_steps=steps, meet=meet, progress=False)
+    return seen
+
+
+@pytest.mark.parametrize("scheduler", [_ddim, _dpm, lambda: EulerDiscreteScheduler.from_config(_config())])
+def test_step_carries_the_fraction_and_noise_level_of_its_timestep(scheduler):
+    """Step.fraction is what a method computed from t and its model's table; Step.sigma the
+    noise level of alpha_bar(t) (Euler's timesteps are fractional: interpolated)."""
+    acp = _ddim().alphas_cumprod
+    seen = _positions_seen(scheduler())
+    for fraction, sigma, t in seen:
+        a = alpha_bar_at(acp, t)
+        assert fraction == timestep_fraction(t, len(acp)) and sigma == float(((1 - a) / a).sqrt())
+    assert [f for f, _, _ in seen] == sorted(f for f, _, _ in seen) and [s for _, s, _ in seen] == sorted((s for _, s, _ in seen), reverse=True)
+
+
+def test_a_flow_step_carries_its_exact_sigma():
+    """Flow matching: the fraction on the flow axis t = 0..N as a flow handle's table counts it,
+    the noise level s / (1 - s) of the scheduler's own sigma (inf at the first step, pure noise)."""
+    s = FlowMatchSampler({"num_train_timesteps": 1000, "shift": 3.0})
+    seen = _positions_seen(s, steps=4)
+    assert seen[0][1] == float("inf") and seen[0][0] == 0.0
+    for i, (fraction, sigma, t) in enumerate(seen):
+        assert fraction == timestep_fraction(t, len(vp_alphas_cumprod(1000)))
+        if i:
+            assert sigma == float(s.sigmas[i]) / (1 - float(s.sigmas[i]))
+
+
+def test_a_scheduler_that_cannot_place_its_timesteps_is_refused():
+    class NoSchedule:
+        timesteps = torch.tensor([999, 0])
+
+        def set_timesteps(self, n, device=None):
+            pass
+
+    with pytest.raises(ValueError, match="NoSchedule has neither alphas_cumprod"):
+        sample([Trajectory(_toy_eps, NoSchedule(), torch.zeros(1, 4, 2, 2))], num_inference_steps=2, progress=False)
 
 
 def test_meet_can_stop_a_trajectory():

@@ -234,6 +234,18 @@ def test_rebased_fine_tunes_start_from_the_shipped_parent(tmp_path):
         train_zoo(tmp_path, ["cartoon"], steps=1, progress=False, config=config, rebase=True, from_shipped=True)
 
 
+def test_a_model_locked_by_another_process_is_skipped_not_waited_for(tmp_path):
+    from filelock import FileLock
+
+    from multifusion.zoo.train import _locked
+
+    with FileLock(tmp_path / "general.lock"):  # another holder: a separate lock, as another process's
+        with _locked(tmp_path / "general.lock", blocking=False) as got:
+            assert got is False
+    with _locked(tmp_path / "general.lock", blocking=False) as got:
+        assert got is True
+
+
 def test_bad_names_and_steps_are_refused(tmp_path):
     with pytest.raises(ZooTrainError, match="did you mean 'general'"):
         train_zoo(tmp_path, ["generl"], steps=1, progress=False, config=TINY)

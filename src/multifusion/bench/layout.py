@@ -17,6 +17,12 @@ GRID_SEEDS = 4
 """Images of the first GRID_SEEDS seeds of every prompt are kept as PNG (the grid shows prompt 0)."""
 
 
+def sample_name(app: str, row: str, index: int, seed: int, suffix: str = ".json") -> Path:
+    """The file of sample (app, row, prompt ``index``, ``seed``) inside the output folder: its
+    record, or its image with ``suffix=".png"``."""
+    return Path("samples") / app / row / f"p{index:04d}-s{seed:06d}{suffix}"
+
+
 def sample_path(out: Path, app: str, row: str, index: int, seed: int, suffix: str = ".json") -> Path:
-    """The file of sample (app, row, prompt ``index``, ``seed``): its record, or its image with ``suffix=".png"``."""
-    return out / "samples" / app / row / f"p{index:04d}-s{seed:06d}{suffix}"
+    """:func:`sample_name` in the output folder ``out``."""
+    return out / sample_name(app, row, index, seed, suffix)

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row, resolve_apps
-from multifusion.bench.layout import GRID_SEEDS, sample_path
+from multifusion.bench.layout import GRID_SEEDS, sample_name, sample_path
 from multifusion.errors import RecipeError, did_you_mean
 from multifusion.bench.merge import merge_results
 from multifusion.bench.report import write_doc, write_results
-from multifusion.bench.settings import (check_args, file_fingerprint, json_fingerprint, resolve_models, row_recipe,
-                                        settings_record, sync_settings, versions)
+from multifusion.bench.settings import check_args, json_fingerprint, resolve_models, row_recipe, settings_record, sync_settings, versions
+from multifusion.io import file_fingerprint
 from multifusion.bench.stats import CI_TEXT
 
 
@@ -48,22 +48,25 @@ class Unit:
 def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], common: Mapping[str, Any],
               runtime: Mapping[str, Any], judge: Any, out: Path) -> int:
     """Sample, judge and write one unit; returns the number of images made."""
-    from multifusion.api import iter_run
-    from multifusion.io import save_png, write_text
-    from multifusion.provenance import image_metadata
+    from multifusion.api import write_images
+    from multifusion.io import write_text
     from multifusion.recipe import parse_recipe
+
+    def image_name(seed: int) -> Path | None:
+        return sample_name(unit.app.id, unit.row.id, unit.prompt.index, seed, ".png") if seed < GRID_SEEDS else None
 
     recipe = parse_recipe(row_recipe(unit.row, unit.prompt, refs, common, unit.seeds, runtime))
     start = time.perf_counter()
-    parts = list(iter_run(recipe, models=[handles[r] for r in unit.row.models], batch_size=len(unit.seeds),
-                          seeds=list(unit.seeds), progress=False))
-    images = [im for p in parts for im in p.images]
+    # A unit is sampled whole, in one batch (batch size changes float rounding): an image an
+    # interrupted unit left behind is made again (`overwrite`), never kept.
+    [made] = write_images(recipe, out, image_name, seeds=unit.seeds, models=[handles[r] for r in unit.row.models],
+                          batch_size=len(unit.seeds), overwrite=True, progress=False)
+    images = made.result.images
     views = unit.row.views(unit.prompt)
     crops = [np.asarray(im.crop(v.box) if v.box else im) for im in images for v in views]
     readings = judge.read(np.stack(crops))
     features = judge.features(np.stack(crops))
     seconds = (time.perf_counter() - start) / len(images)
-    recipe_json = recipe.to_json()
     seams: list[float | None] = [None] * len(images)
     if unit.app.make_regions is not None:
         # Seams are scored at the row's own region edges; a row without regions (one prompt for
@@ -79,15 +82,12 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
         columns = seam_columns(params, (images[0].size[1], images[0].size[0]), factor)
         seams = [seam_score(np.asarray(im), columns) for im in images]
     k = len(views)
-    for i, (image, seed, seam) in enumerate(zip(images, unit.seeds, seams)):
-        meta = image_metadata(recipe_json, seed)
-        if seed < GRID_SEEDS:
-            save_png(image, sample_path(out, unit.app.id, unit.row.id, unit.prompt.index, seed, ".png"), meta)
+    for i, (seed, seam) in enumerate(zip(unit.seeds, seams)):
         record = {"app": unit.app.id, "row": unit.row.id, "method": unit.row.method, "models": list(unit.row.models),
                   "prompt_index": unit.prompt.index, "seed": seed, "prompts": dict(unit.prompt.prompts),
                   "target": unit.prompt.caption, "readings": readings[i * k:(i + 1) * k],
                   "features": [[float(x) for x in f] for f in features[i * k:(i + 1) * k]],
-                  "seconds": seconds, "recipe": meta["recipe"]}
+                  "seconds": seconds, "recipe": made.metadata[i]["recipe"]}
         if seam is not None:
             record["seam"] = seam
         # The JSON is written last: it is the mark of a finished sample.

@@ -166,6 +166,16 @@ class FlowMatchSampler:
             raise ValueError(f"timestep {float(timestep)} is not one of this run's timesteps")
         return self.inner.sigmas[int(hits[0])]
 
+    def position(self, timestep: torch.Tensor) -> tuple[float, float]:
+        """(fraction, sigma) of one of this run's timesteps, as the loop's `Step` carries them: the
+        fraction 1 - t / N on the flow axis t = 0..N (its N + 1 positions, as `vp_alphas_cumprod`
+        counts them and a flow handle's `alphas_cumprod` holds them), and the noise level of the
+        VP latent with x_s's signal-to-noise ratio, s / (1 - s) for the exact sigma s (inf at s = 1)."""
+        from multifusion.schedulers import timestep_fraction
+
+        s = float(self.sigma_of(timestep))
+        return timestep_fraction(timestep, self.inner.config.num_train_timesteps + 1), (s / (1 - s) if s < 1 else float("inf"))
+
     def predicted_x0(self, x_t: torch.Tensor, v: torch.Tensor, step_index: int) -> torch.Tensor:
         """x0 = x_s - s v at step `step_index` of this run."""
         return velocity_to_x0(v, x_t, self.inner.sigmas[step_index].to(x_t))

@@ -24,7 +24,8 @@ from multifusion.features.ensemble import EnsembleHandle, model_hash
 from multifusion.features.walkers import build_ensemble, walker_for
 from multifusion.handles import Guided
 from multifusion.loop import Trajectory
-from multifusion.method import Batch, Method, Params, Plan, RunContext
+from multifusion.method import Batch, Method, Params, Plan, Recorder, RunContext
+from multifusion.viz import AFAMapRecorder
 
 
 class AFAParams(Params):
@@ -130,8 +131,12 @@ def plan_afa(prep: PreparedAFA, batch: Batch) -> Plan:
     return Plan([Trajectory(AFANoise(prep.guided(batch), prep.handle.unet))])
 
 
+def afa_recorders(vae) -> list[Recorder]:
+    return [AFAMapRecorder()]
+
+
 METHODS = [
     Method("afa", "AFA: N same-architecture UNets (or SD3 transformers) meet after every block; trained aggregators weight "
            "each model per pixel",
-           "features", AFAParams, plan_afa, prepare_afa, min_models=2),
+           "features", AFAParams, plan_afa, prepare_afa, min_models=2, recorders=afa_recorders),
 ]

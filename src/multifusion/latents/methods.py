@@ -31,9 +31,10 @@ from pydantic import Field, ValidationInfo, model_validator
 from multifusion.errors import FieldError, RecipeError
 from multifusion.latents.amdm import aggregate, manifold_correct, slerp_aggregate, vp_weights
 from multifusion.loop import Step, Trajectory, initial_noise, stream_generators
-from multifusion.method import Batch, Method, Params, Plan, RunContext
 from multifusion.families import check_same_schedule, facts_of
+from multifusion.method import Batch, Method, Params, Plan, Recorder, RunContext
 from multifusion.schedulers import in_window, timestep_fraction
+from multifusion.viz import AggregationRecorder
 
 DEFAULT_WINDOW = (0.0, 0.1)
 NOISE_STREAM = zlib.crc32(b"amdm")  # the other models' initial noise: stream NOISE_STREAM + k
@@ -208,8 +209,12 @@ def plan_amdm(prep: PreparedAMDM, batch: Batch) -> Plan:
     return Plan(trajectories, meet=meet, output=prep.specified)
 
 
+def amdm_recorders(vae) -> list[Recorder]:
+    return [AggregationRecorder(vae)]
+
+
 METHODS = [
     Method("amdm", "AMDM: every model on its own latent trajectory, aggregated (variance-preserving) into the specified "
            "model's and corrected toward each model's own step in the first steps", "latents", AMDMParams, plan_amdm,
-           prepare_amdm, min_models=2),
+           prepare_amdm, min_models=2, recorders=amdm_recorders),
 ]

@@ -16,13 +16,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from multifusion.errors import FieldError, RecipeError
 from multifusion.io import image_is_whole, read_rgb_image
 from multifusion.loop import Step, Trajectory
-from multifusion.method import Batch, Method, Params, Plan, Prepared, RunContext
+from multifusion.method import Batch, Method, Params, Plan, Prepared, Recorder, RunContext
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
 from multifusion.canvas import check_box_on_patch_grid, grid_hint
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
+from multifusion.viz import MaskRecorder, RegionWeightRecorder
 
 # --------------------------------------------------------------------------- single, average
 
@@ -407,13 +408,18 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
 
     meet = None
     if prep.images:
-        num_train = len(ctx.handles[0].alphas_cumprod)
-
         def meet(step: Step) -> list[torch.Tensor]:
-            fraction = timestep_fraction(step.t[0], num_train)
-            return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], fraction)]
+            return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], step.fraction[0])]
 
     return Plan([Trajectory(canvas, noise=noise)], meet=meet)
+
+
+def snb_recorders(vae) -> list[Recorder]:
+    return [MaskRecorder()]
+
+
+def mod_recorders(vae) -> list[Recorder]:
+    return [MaskRecorder(), RegionWeightRecorder()]  # a region painted by SNB records its masks too
 
 
 METHODS = [
@@ -422,8 +428,8 @@ METHODS = [
     Method("average", "weighted average of the models' guided noise predictions (MagicFusion's weighted-sum baseline)",
            "noise", AverageParams, plan_average),
     Method("snb", "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
-           "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb),
+           "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb, recorders=snb_recorders),
     Method("mod", "Mixture of Diffusers: regional prompts (each may use its own model) on one canvas, Gaussian-weighted",
            "noise", ModParams, plan_mod, prepare_mod, model_prompts=False, check=check_mod, canvas=mod_canvas,
-           regions=place_mod),
+           regions=place_mod, recorders=mod_recorders),
 ]

@@ -451,46 +451,38 @@ class App:
         `report` gets ("progress", (done, total), text) after every step and, every
         `preview_every` steps but the last, ("preview", picture, "step k/n"): what the step
         predicts for each image (`viz.x0_previews`), in one labelled grid."""
-        from multifusion.api import Run, image_name
-        from multifusion.io import grid, save_png, write_text
-        from multifusion.provenance import image_metadata
+        from multifusion.api import image_name, write_images
+        from multifusion.io import grid, write_text
         from multifusion.recipe import parse_recipe
-        from multifusion.viz import method_recorders, x0_previews
+        from multifusion.viz import x0_previews
 
         recipe = parse_recipe(recipe_dict)
-        session = Run(recipe, models=self.handles(recipe))
+        models = self.handles(recipe)
         stem = recipe.method
         recipe_path = write_text(out / f"{stem}.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
-        recipe_json, labels = recipe.to_json(), [m.label for m in recipe.models]
-        steps, seeds = recipe.sampling.num_inference_steps, recipe.seeds()
-        vae = session.handles[0].ready_vae(recipe.runtime.vae_device)
+        steps, total = recipe.sampling.num_inference_steps, recipe.sampling.num_images
         images, pictures = [], []
         done = 0
-        for start in range(0, len(seeds), 4):
-            chunk = seeds[start : start + 4]
-            recorders = method_recorders(vae)
 
-            def callback(step, chunk=chunk):
-                if run_id is not None and run_id <= self.cancelled_upto:
-                    raise Cancelled()
-                for r in recorders:
-                    r(step)
-                if report is None:
-                    return
-                report(("progress", (done * steps + step.step + 1, len(seeds) * steps),
-                        f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}"))
-                if preview_every > 0 and (step.step + 1) % preview_every == 0 and step.step + 1 < step.num_steps:
-                    shown = x0_previews(step, vae, [f"seed {s}" for s in chunk])
-                    label = f"step {step.step + 1}/{steps}"
-                    report(("preview", grid([[im for im, _ in shown]], [label], [c for _, c in shown]), label))
+        def callback(step, chunk):
+            if run_id is not None and run_id <= self.cancelled_upto:
+                raise Cancelled()
+            if report is None:
+                return
+            report(("progress", (done * steps + step.step + 1, total * steps),
+                    f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}"))
+            if preview_every > 0 and (step.step + 1) % preview_every == 0 and step.step + 1 < step.num_steps:
+                # The run's VAE made ready as the run makes it to decode (under offload: brought in).
+                shown = x0_previews(step, models[0].ready_vae(recipe.runtime.vae_device), [f"seed {s}" for s in chunk])
+                label = f"step {step.step + 1}/{steps}"
+                report(("preview", grid([[im for im, _ in shown]], [label], [c for _, c in shown]), label))
 
-            part = session.batch(chunk, callback=callback, progress=False)
-            for i, (image, seed) in enumerate(zip(part.images, part.seeds)):
-                path = save_png(image, out / image_name(stem, seed), image_metadata(recipe_json, seed))
-                images.append((str(path), f"{stem} seed {seed}"))
-                for r in recorders:
-                    pictures += [(str(p), f"{p.stem}") for p in r.save(out / image_name(stem, seed).removesuffix(".png"), i, labels) if p.suffix == ".png"]
-            done += len(chunk)
+        # A fresh folder per run: nothing to resume.
+        for written in write_images(recipe, out, lambda seed: image_name(stem, seed), models=models, batch_size=4, overwrite=True,
+                                    pictures=True, callback=callback, progress=False):
+            images += [(str(path), f"{stem} seed {seed}") for path, seed in zip(written.paths, written.result.seeds)]
+            pictures += [(str(p), p.stem) for p in written.pictures if p.suffix == ".png"]
+            done += len(written.result.seeds)
         return images, pictures, recipe_path
 
     def on_run(self, data: dict, progress=gr.Progress()):

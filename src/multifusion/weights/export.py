@@ -10,10 +10,11 @@ folder as its config).
 
 from __future__ import annotations
 
-import os
+import stat
 from pathlib import Path
 
 from multifusion.errors import IncompatibleModelsError, RecipeError
+from multifusion.io import atomic_path
 from multifusion.loading import family_of, resolve
 from multifusion.weights.models import MergeSpec, merge_models
 
@@ -50,15 +51,10 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
                               f"{family.family_name} merge is written as a diffusers folder only (drop --single-file)")
     folder = merge_models(models, out, spec, overwrite=overwrite)
     if single_file:
-        tmp = single.with_name(f".{single.name}.part")
-        try:
+        with atomic_path(single) as tmp:
+            usual = stat.S_IMODE(tmp.stat().st_mode)  # atomic_path gives it what a plain open() would
             save_as_single_file(folder, tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o666 & ~umask)  # safetensors creates the file private; give it the usual mode
-            tmp.replace(single)
-        finally:
-            tmp.unlink(missing_ok=True)
+            tmp.chmod(usual)  # safetensors writes its file private (0600): keep the usual mode
     return folder
 
 

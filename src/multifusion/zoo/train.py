@@ -29,7 +29,6 @@ Command line (one command retrains everything; run it again to resume)::
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import shutil
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from filelock import FileLock, Timeout
 
 from multifusion.errors import MultifusionError
 from multifusion.io import atomic_path, write_text
@@ -195,31 +195,21 @@ def _lr_factor(step: int, warmup: int) -> float:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so two training processes never build the same thing twice."""
+def _locked(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive file lock, so two training processes never build the same thing twice
+    (`filelock`: flock on POSIX, msvcrt on Windows). Yields True once held; with `blocking`
+    False, yields False at once when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _try_locked(path: Path, blocking: bool) -> Iterator[bool]:
-    """Like :func:`_locked`, but yields False at once when another process holds the lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=None if blocking else 0)  # None: the lock's own timeout, wait forever
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
@@ -712,7 +702,7 @@ def train_zoo(
         for m in models:
             if m in summaries:
                 continue
-            with _try_locked(out_dir / f"{m}.lock", blocking) as got:
+            with _locked(out_dir / f"{m}.lock", blocking) as got:
                 if got:
                     summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped, rebase)
     return [summaries[m] for m in models]
