@@ -37,7 +37,11 @@ def test_sdxl_unet_has_the_20_block_ids_of_supermerger(xl3):
 
 def test_merges_of_all_a_are_single_of_the_first_sdxl_model(xl3):
     ref = single(xl3[0], PROMPT, **KW).latents
-    assert torch.equal(ref, fuse("merge", xl3, [PROMPT, "unused"], weights=[1, 0], **KW).latents)
+    # The merged weights equal model x's bit for bit (test_merges), but an in-memory merge holds them
+    # in buffers of another alignment than a loaded model's, and on some CPUs the kernels then
+    # reduce in another order: 1.4e-5 after 3 steps, measured; 1e-4 leaves room and still fails
+    # on any other model (model y differs by ~1).
+    torch.testing.assert_close(fuse("merge", xl3, [PROMPT, "unused"], weights=[1, 0], **KW).latents, ref, rtol=0, atol=1e-4)
     assert torch.equal(ref, fuse("mbw", xl3, PROMPT, blocks=",".join(["0"] * 20), **KW).latents)
 
 

@@ -41,6 +41,13 @@ def test_sdxl_single_file_loads_back_to_the_same_weights(tiny_sdxl_dir, sdxl_fil
         assert a.keys() == b.keys(), kind
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{kind}: {k}"
+    # Loaded tensors may sit at unaligned offsets of the file's buffer (differently for one file and
+    # a folder), and CPU kernels may reduce in another order for unaligned weights (measured:
+    # 1.6e-5 after 3 steps); with every weight in a buffer of its own, sampling is bit-identical.
+    with torch.no_grad():
+        for module in (getattr(h, kind) for h in (from_file, from_folder) for kind in COMPONENTS):
+            for p in module.parameters():
+                p.data = p.data.clone()
     kw = dict(num_inference_steps=3, seed=0, progress=False, height=32, width=48)
     assert torch.equal(single(from_file, "a red circle", **kw).latents, single(from_folder, "a red circle", **kw).latents)
 
