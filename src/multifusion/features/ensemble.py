@@ -93,6 +93,61 @@ class Walker:
     ensemble: Callable[..., nn.Module]
 
 
+class EnsembleModule(nn.Module):
+    """N denoisers of one configuration and their aggregators, callable like one of them (each
+    walker's ensemble subclasses this and walks its kind in `forward`). `last_weights` holds,
+    after each call, every aggregation point's per-pixel (or per-patch) model weights: a list of
+    (B, N, h, w) tensors (detached)."""
+
+    kind = "denoisers"  # in messages
+    check_member: Callable[[nn.Module], None] = staticmethod(lambda denoiser: None)
+    channels_of: Callable[[nn.Module], list[int]] = staticmethod(lambda denoiser: [])
+
+    def __init__(self, denoisers: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None):
+        super().__init__()
+        check_same_denoisers(denoisers, labels)
+        for denoiser in denoisers:
+            self.check_member(denoiser)
+        channels = self.channels_of(denoisers[0])
+        cfg = aggregators.config
+        if cfg.n_models != len(denoisers) or list(cfg.channels) != channels:
+            raise IncompatibleModelsError(
+                f"the aggregators fit {cfg.n_models} models with feature widths {list(cfg.channels)}; these {len(denoisers)} "
+                f"{self.kind} have {channels}: train aggregators for these models (`multifusion afa train`)")
+        self.members = nn.ModuleList(denoisers)
+        self.aggregators = aggregators
+        self.last_weights: list[torch.Tensor] = []
+
+    @property
+    def denoisers(self) -> list[nn.Module]:
+        return list(self.members)
+
+    @property
+    def config(self):
+        """The members' config (in_channels, sample_size, ...): the ensemble is one of them."""
+        return self.members[0].config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.members[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @property
+    def n_models(self) -> int:
+        return len(self.members)
+
+    def meet(self, point: int, features: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The aggregate (B, C, h, w) of the members' `features` at aggregation point `point`,
+        conditioned on the time embedding `temb` (B, T) and text `context` (B, L, D); the
+        weights are kept in `last_weights`."""
+        agg, weights = self.aggregators(point, torch.stack(features), temb, context)
+        self.last_weights.append(weights.detach())
+        return agg
+
+
 def split_models(encoder_hidden_states: torch.Tensor, n: int) -> list[torch.Tensor]:
     """(B, N*L, D) -> N tensors (B, L, D): each model's own text embedding."""
     if encoder_hidden_states.shape[1] % n:

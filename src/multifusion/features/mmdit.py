@@ -33,14 +33,13 @@ rotary positions and guidance embedding would need a walker of their own.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from multifusion.errors import IncompatibleModelsError
-from multifusion.features.afa import AFAAggregators
-from multifusion.features.ensemble import Walker, check_same_denoisers, split_models
+from multifusion.features.ensemble import EnsembleModule, Walker, split_models
 
 
 def tokens_to_grid(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -89,42 +88,15 @@ def aggregator_dims(transformer: nn.Module) -> dict[str, int]:
             "cross_attention_dim": transformer.context_embedder.out_features}
 
 
-class SD3Ensemble(nn.Module):
+class SD3Ensemble(EnsembleModule):
     """N SD3 transformers of one configuration and their aggregators, callable like one
     `SD3Transformer2DModel` (`forward(hidden_states, encoder_hidden_states, pooled_projections,
-    timestep, return_dict=True)`, `.config`). `last_weights` holds, after each call, each
-    point's per-patch model weights: a list of (B, N, h', w') tensors (detached)."""
+    timestep, return_dict=True)`, `.config`); `last_weights` as `ensemble.EnsembleModule`'s, per
+    patch (B, N, h', w')."""
 
-    def __init__(self, transformers: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None):
-        super().__init__()
-        check_same_denoisers(transformers, labels)
-        for transformer in transformers:
-            check_walkable(transformer)
-        channels = aggregation_channels(transformers[0])
-        cfg = aggregators.config
-        if cfg.n_models != len(transformers) or list(cfg.channels) != channels:
-            raise IncompatibleModelsError(
-                f"the aggregators fit {cfg.n_models} models with feature widths {list(cfg.channels)}; these {len(transformers)} "
-                f"transformers have {channels}: train aggregators for these models (`multifusion afa train`)")
-        self.transformers = nn.ModuleList(transformers)
-        self.aggregators = aggregators
-        self.last_weights: list[torch.Tensor] = []
-
-    @property
-    def denoisers(self) -> list[nn.Module]:
-        return list(self.transformers)
-
-    @property
-    def config(self):
-        return self.transformers[0].config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformers[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformers[0].device
+    kind = "transformers"
+    check_member = staticmethod(check_walkable)
+    channels_of = staticmethod(aggregation_channels)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
                 timestep: torch.Tensor, return_dict: bool = True, **unused: Any):
@@ -136,7 +108,7 @@ class SD3Ensemble(nn.Module):
         extra = {k: v for k, v in unused.items() if v is not None}
         if extra:
             raise TypeError(f"the AFA ensemble does not take {sorted(extra)}")
-        models, n = self.transformers, len(self.transformers)
+        models, n = self.members, len(self.members)
         width = n * models[0].config.pooled_projection_dim
         if pooled_projections.shape[1] != width:
             raise ValueError(f"pooled_projections has width {pooled_projections.shape[1]}, not {width} ({n} models' pooled "
@@ -152,8 +124,7 @@ class SD3Ensemble(nn.Module):
 
         def meet(features: list[torch.Tensor]) -> torch.Tensor:
             nonlocal point
-            agg, weights = self.aggregators(point, torch.stack(features), temb, context)
-            self.last_weights.append(weights.detach())
+            agg = self.meet(point, features, temb, context)
             point += 1
             return agg
 

@@ -34,14 +34,13 @@ denoiser, once.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from multifusion.errors import IncompatibleModelsError
-from multifusion.features.afa import AFAAggregators
-from multifusion.features.ensemble import Walker, check_same_denoisers, split_models
+from multifusion.features.ensemble import EnsembleModule, Walker, split_models
 
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -85,54 +84,13 @@ def aggregator_dims(unet: nn.Module) -> dict[str, int]:
     return {"temb_channels": unet.time_embedding.linear_2.out_features, "cross_attention_dim": unet.config.cross_attention_dim}
 
 
-class AFAEnsemble(nn.Module):
-    """N UNets of one configuration and their aggregators, callable like one UNet.
+class AFAEnsemble(EnsembleModule):
+    """N UNets of one configuration and their aggregators, callable like one UNet (module
+    docstring; `ensemble.EnsembleModule`)."""
 
-    `last_weights` holds, after each call, the per-pixel model weights of every aggregation
-    point: a list of (B, N, h, w) tensors (detached).
-    """
-
-    def __init__(self, unets: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None):
-        super().__init__()
-        check_same_denoisers(unets, labels)
-        for unet in unets:
-            check_walkable(unet)
-        channels = aggregation_channels(unets[0])
-        cfg = aggregators.config
-        if cfg.n_models != len(unets) or list(cfg.channels) != channels:
-            raise IncompatibleModelsError(
-                f"the aggregators fit {cfg.n_models} models with feature widths {list(cfg.channels)}; these {len(unets)} "
-                f"UNets have {channels}: train aggregators for these models (`multifusion afa train`)"
-            )
-        self.unets = nn.ModuleList(unets)
-        self.aggregators = aggregators
-        self.last_weights: list[torch.Tensor] = []
-
-    @property
-    def denoisers(self) -> list[nn.Module]:
-        return list(self.unets)
-
-    @property
-    def config(self):
-        """The member UNets' config (in_channels, sample_size, ...): the ensemble is one of them."""
-        return self.unets[0].config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unets[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unets[0].device
-
-    @property
-    def n_models(self) -> int:
-        return len(self.unets)
-
-    def _meet(self, point: int, features: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        agg, weights = self.aggregators(point, torch.stack(features), temb, context)
-        self.last_weights.append(weights.detach())
-        return agg
+    kind = "UNets"
+    check_member = staticmethod(check_walkable)
+    channels_of = staticmethod(aggregation_channels)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True, **unused: Any):
@@ -143,7 +101,7 @@ class AFAEnsemble(nn.Module):
         extra = {k: v for k, v in unused.items() if v is not None}
         if extra:
             raise TypeError(f"the AFA ensemble does not take {sorted(extra)}")
-        unets, n = self.unets, self.n_models
+        unets, n = self.members, self.n_models
         texts = split_models(encoder_hidden_states, n)
         added = [{k: v.chunk(n, dim=1)[i] for k, v in added_cond_kwargs.items()} for i in range(n)] if added_cond_kwargs else [{}] * n
         contexts = [u.process_encoder_hidden_states(c, a) for u, c, a in zip(unets, texts, added)]
@@ -160,7 +118,7 @@ class AFAEnsemble(nn.Module):
 
         def meet(features: list[torch.Tensor]) -> torch.Tensor:
             nonlocal point
-            out = self._meet(point, features, temb, context)
+            out = self.meet(point, features, temb, context)
             point += 1
             return out
 
