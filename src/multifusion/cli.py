@@ -106,6 +106,19 @@ def _recipe_from_image(path: str) -> dict:
     return data
 
 
+def _positive(flag: str, value: int | None) -> None:
+    """A count option (--threads, --seeds, ...) must be a positive integer: checked before any work."""
+    if value is not None and value < 1:
+        raise RecipeError(f"{flag}: must be a positive integer, got {value}")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    _positive("--threads", threads)
+    torch.set_num_threads(threads)
+
+
 def _check_out(out: str) -> None:
     """--out must be (or be creatable as) a writable folder: checked before any work starts."""
     from multifusion.io import check_output_dir
@@ -176,6 +189,8 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     from multifusion.zoo.train import install, train_zoo
     from multifusion.zoo.train_judge import install_judge, record_accuracy, train_judge
 
+    _positive("--threads", args.threads)
+    _positive("--steps", args.steps)
     _check_out(args.out)
     models = args.models.split(",") if args.models else None
     train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads,
@@ -194,12 +209,14 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_judge(args: argparse.Namespace) -> int:
-    import torch
-
     from multifusion.zoo.judge import DEFAULT_WEIGHTS
     from multifusion.zoo.train_judge import format_table, install_judge, record_accuracy, train_judge
 
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    _positive("--eval-n", args.eval_n)
+    _positive("--steps", args.steps)
+    if args.until is not None and args.until < 0:
+        raise RecipeError(f"--until: must be 0 or more steps, got {args.until}")
     if args.evaluate:
         print(format_table(record_accuracy(Path(args.weights) if args.weights else DEFAULT_WEIGHTS, args.eval_n, not args.no_progress)))
         return 0
@@ -259,16 +276,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_afa_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from multifusion.features.train import AFATrainConfig, train_afa
+    from multifusion.features.train import AFATrainConfig, check_run, train_afa
     from multifusion.loading import load_models
 
+    _set_threads(args.threads)
     _check_out(args.out)
-    torch.set_num_threads(args.threads)
-    handles = load_models(args.models, allow_pickle=args.allow_pickle)
+    # Options, data and the run folder are checked before the models load (minutes, for large ones).
     config = AFATrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
                             dataset_size=args.dataset_size, checkpoint_every=args.checkpoint_every)
+    check_run(args.data, args.out, config)
+    handles = load_models(args.models, allow_pickle=args.allow_pickle)
     summary = train_afa(handles, args.data, args.out, config, progress=not args.no_progress)
     if "heldout" in summary:
         print(f"trained {summary['steps']} steps; final loss {summary['final_loss']}; aggregators in {Path(args.out) / 'aggregator'}")
@@ -300,13 +317,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_mbw_search(args: argparse.Namespace) -> int:
-    import torch
-
     from multifusion.bench.apps import get_app
-    from multifusion.weights.search import app_scorer, search_block_weights
+    from multifusion.weights.search import app_scorer, parse_grid, search_block_weights
 
+    _set_threads(args.threads)
+    for flag, value in (("--budget", args.budget), ("--prompts", args.prompts), ("--seeds", args.seeds),
+                        ("--steps", args.num_inference_steps)):
+        _positive(flag, value)
+    grid = {"grid": parse_grid(args.grid, "--grid")} if args.grid else {}
     _check_out(args.out)
-    torch.set_num_threads(args.threads)
     app = get_app(args.app)
     refs = {r: f"zoo:{r}" for r in app.roles}
     for item in args.model or []:
@@ -317,7 +336,6 @@ def cmd_mbw_search(args: argparse.Namespace) -> int:
     if len(app.roles) < 2:
         raise RecipeError(f"app {app.id!r} has one model ({app.roles[0]}); a block-weight search merges two")
     prompts, scorer = app_scorer(app.id, args.prompts, seeds=args.seeds)
-    grid = {"grid": [float(v) for v in args.grid.split(",")]} if args.grid else {}
     result = search_block_weights([refs[r] for r in app.roles[:2]], prompts[:: args.seeds], scorer, args.out,
                                   optimizer=args.optimizer, budget=args.budget, seeds=args.seeds,
                                   num_inference_steps=args.num_inference_steps,
