@@ -137,12 +137,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_stem(args.name, "--name")
     data = _recipe_from_image(args.from_image) if args.from_image else _read_recipe_dict(args.recipe)
     data = _apply_overrides(data, args)
+    if args.from_image and not args.yes:
+        _confirm_work(data)
     stem = args.name or (Path(args.recipe).stem if args.recipe else Path(args.from_image).stem.rsplit("-s", 1)[0])
     written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite,
                                  progress=not args.no_progress, export_masks=args.export_masks)
     for p in written:
         print(p)
     return 0
+
+
+def _confirm_work(data: dict) -> None:
+    """An image received from elsewhere must not start far more work than a recipe's defaults
+    unnoticed (4096 images, a 4096 px canvas for a 64 px model): refused, naming the fields,
+    unless --yes (or the matching flag, e.g. --num-images, brings it back within bounds)."""
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import costly_fields
+
+    costly = costly_fields(parse_recipe(data))
+    if costly:
+        raise RecipeError(f"--from-image: the image's recipe asks for {'; '.join(costly)}: far more work than a recipe's "
+                          "defaults. Pass --yes to run it as it is, or lower those settings with their flags "
+                          "(--num-images, --steps, --height, --width)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -367,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="file name stem of the images (default: the recipe file's stem)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="images per batch (default 4); results do not depend on it")
     g.add_argument("--overwrite", action="store_true", help="replace images of a different recipe under the same names")
+    g.add_argument("--yes", action="store_true", help="with --from-image: run the image's recipe even when it asks for far more "
+                   "work than a recipe's defaults (more than 16 images or 150 steps, a canvas over 4x the model's native area)")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     g.add_argument("--export-masks", dest="export_masks", action="store_true",
                    help="also write each image's step pictures, for methods that make them: SNB's blend masks and salience maps "

@@ -120,8 +120,53 @@ def _search_log(s: Setup, text: str) -> None:
     s.file("search/search.jsonl", text)
 
 
+def _recipe(s: Setup, model: str | None = None, **sampling) -> dict:
+    return {"method": "single", "models": [{"model": model or s.a, "prompt": "a red circle"}],
+            "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, **sampling}}
+
+
+def _generate(s: Setup, recipe: dict, *extra: str) -> list[str]:
+    return ["generate", str(s.file("r.yaml", yaml.safe_dump(recipe))), "--out", str(s.tmp / "out"), "--no-progress", *extra]
+
+
+def _sent_png(s: Setup, meta: str | dict) -> str:
+    """A PNG as received from elsewhere, its multifusion metadata `meta` (a recipe, or raw text)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("multifusion", meta if isinstance(meta, str) else json.dumps({"recipe": meta, "seed": 0}))
+    path = s.tmp / "sent-s0.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return str(path)
+
+
+def _from_image(s: Setup, meta: str | dict, *extra: str) -> list[str]:
+    return ["generate", "--from-image", _sent_png(s, meta), "--out", str(s.tmp / "out"), "--no-progress", *extra]
+
+
+def _dangling_out(s: Setup) -> str:
+    (s.tmp / "out").symlink_to(s.tmp / "nowhere")
+    return str(s.tmp / "out")
+
+
 # (case id, what the message must name, CLI arguments, refused before any model loads)
 CASES = [
+    # generate and validate: what the first round did not reach
+    ("generate-steps-1000-zoo", "sampling.num_inference_steps",
+     lambda s: _generate(s, _recipe(s, "zoo:general", num_inference_steps=1000, height=None, width=None)), False),
+    ("validate-steps-1000-zoo", "use at most 999 steps",
+     lambda s: ["validate", str(s.file("r.yaml", yaml.safe_dump(_recipe(s, "zoo:general", num_inference_steps=1000))))], True),
+    ("from-image-deep-metadata", "--from-image", lambda s: _from_image(s, "[" * 100_000 + "]" * 100_000), True),
+    ("from-image-deep-recipe", "--from-image", lambda s: _from_image(s, '{"recipe": ' + "[" * 100_000 + "]" * 100_000 + "}"), True),
+    ("generate-out-dangling-link", "is a symbolic link to something that does not exist", lambda s: _generate(s, _recipe(s), "--out", _dangling_out(s)), False),
+    ("amdm-specified-true", "params.specified",
+     lambda s: ["validate", str(s.file("r.yaml", yaml.safe_dump({"method": "amdm", "params": {"specified": True},
+                                                               "models": [{"model": s.a, "prompt": "x"}, {"model": s.b, "prompt": "y"}]})))], True),
+    ("from-image-4096-images", "sampling.num_images", lambda s: _from_image(s, _recipe(s, num_images=4096)), True),
+    ("from-image-huge-canvas", "sampling.height x sampling.width", lambda s: _from_image(s, _recipe(s, height=4096, width=4096)), True),
+    ("from-image-long-steps", "sampling.num_inference_steps", lambda s: _from_image(s, _recipe(s, num_inference_steps=1000)), True),
+    ("max-pixels-beyond-memory", "out of memory: one allocation needed",
+     lambda s: _generate(s, {**_recipe(s, height=4_000_000, width=4_000_000), "runtime": {"max_pixels": 10**14}}), False),
     # merge
     ("merge-out-dot", "--out", lambda s: ["merge", s.merge_recipe(), "--out", "."], True),
     ("merge-out-dotdot", "--out", lambda s: ["merge", s.merge_recipe(), "--out", "..", "--overwrite"], True),
@@ -282,3 +327,10 @@ def test_merge_single_file_writes_through_no_planted_link(setup):
     shutil.rmtree(out, ignore_errors=True)
     assert main(["merge", setup.merge_recipe(), "--out", str(out), "--single-file", "--overwrite"]) == 0
     _untouched(kept, setup.tmp, ["m.safetensors"])
+
+
+def test_a_costly_image_recipe_runs_when_its_flags_bring_it_back(setup, capsys):
+    """--from-image's confirmation names flags that really lower the work: --num-images 1 runs."""
+    argv = _from_image(setup, _recipe(setup, num_images=4096), "--num-images", "1")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(list((setup.tmp / "out").glob("*.png"))) == 1
