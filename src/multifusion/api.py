@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from multifusion.errors import RecipeError, clip, did_you_mean
+from multifusion.errors import RecipeError, SamplingError, clip, did_you_mean
 from multifusion.canvas import canvas_size, check_canvas, check_patch_grid
 from multifusion.families import check_compatible, facts_of
 from multifusion.handles import ModelHandle, Offloader
@@ -133,7 +133,24 @@ class Run:
 
     def batch(self, seeds: Sequence[int], *, callback: Callable[[Step], None] | None = None, progress: bool = True,
               desc: str | None = None) -> Result:
-        """Sample and decode the images of `seeds` (image i of the recipe has seed sampling.seed + i)."""
+        """Sample and decode the images of `seeds` (image i of the recipe has seed sampling.seed + i).
+        SamplingError when memory runs out, saying how much one allocation needed and what to lower."""
+        try:
+            return self._batch(seeds, callback=callback, progress=progress, desc=desc)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            needed = allocation_failure(err)
+            if needed is None:
+                raise
+            r, (c, h, w) = self.recipe, self.latent_shape
+            f = self.ctx.vae_scale_factor
+            raise SamplingError(
+                f"out of memory: one allocation needed {needed} for {len(seeds)} image(s) of {h * f}x{w * f} px "
+                f"(sampling.height x sampling.width; runtime.max_pixels is {r.runtime.max_pixels:,}). Lower sampling.height "
+                "and sampling.width (or runtime.max_pixels back to its default), the batch size (--batch-size), or set "
+                "runtime.offload / runtime.vae_device: cpu") from None
+
+    def _batch(self, seeds: Sequence[int], *, callback: Callable[[Step], None] | None = None, progress: bool = True,
+               desc: str | None = None) -> Result:
         r = self.recipe
         seeds = [int(s) for s in seeds]
         if not seeds or any(not 0 <= s < 2**63 for s in seeds):
@@ -170,6 +187,21 @@ class Run:
             chunk = seeds[start : start + batch_size]
             yield self.batch(chunk, callback=callback, progress=progress,
                              desc=f"{self.recipe.method} images {start + 1}-{start + len(chunk)}/{len(seeds)}")
+
+
+def allocation_failure(err: BaseException) -> str | None:
+    """How much a failed allocation asked for ("149.0 GiB"), from torch's CPU or CUDA
+    out-of-memory message; None when `err` is not an allocation failure."""
+    import re
+
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        m = re.search(r"allocate (\d+) bytes", text)
+        if m:
+            return f"{int(m.group(1)) / 2**30:,.1f} GiB"
+        m = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text)
+        return m.group(1) if m else "more memory than is free"
+    return None
 
 
 def iter_run(

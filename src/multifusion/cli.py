@@ -106,6 +106,19 @@ def _recipe_from_image(path: str) -> dict:
     return data
 
 
+def _positive(flag: str, value: int | None) -> None:
+    """A count option (--threads, --seeds, ...) must be a positive integer: checked before any work."""
+    if value is not None and value < 1:
+        raise RecipeError(f"{flag}: must be a positive integer, got {value}")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    _positive("--threads", threads)
+    torch.set_num_threads(threads)
+
+
 def _check_out(out: str) -> None:
     """--out must be (or be creatable as) a writable folder: checked before any work starts."""
     from multifusion.io import check_output_dir
@@ -124,12 +137,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_stem(args.name, "--name")
     data = _recipe_from_image(args.from_image) if args.from_image else _read_recipe_dict(args.recipe)
     data = _apply_overrides(data, args)
+    if args.from_image and not args.yes:
+        _confirm_work(data)
     stem = args.name or (Path(args.recipe).stem if args.recipe else Path(args.from_image).stem.rsplit("-s", 1)[0])
     written = generate_to_folder(data, args.out, stem=stem, batch_size=args.batch_size, overwrite=args.overwrite,
                                  progress=not args.no_progress, export_masks=args.export_masks)
     for p in written:
         print(p)
     return 0
+
+
+def _confirm_work(data: dict) -> None:
+    """An image received from elsewhere must not start far more work than a recipe's defaults
+    unnoticed (4096 images, a 4096 px canvas for a 64 px model): refused, naming the fields,
+    unless --yes (or the matching flag, e.g. --num-images, brings it back within bounds)."""
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import costly_fields
+
+    costly = costly_fields(parse_recipe(data))
+    if costly:
+        raise RecipeError(f"--from-image: the image's recipe asks for {'; '.join(costly)}: far more work than a recipe's "
+                          "defaults. Pass --yes to run it as it is, or lower those settings with their flags "
+                          "(--num-images, --steps, --height, --width)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -176,6 +205,8 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     from multifusion.zoo.train import install, train_zoo
     from multifusion.zoo.train_judge import install_judge, record_accuracy, train_judge
 
+    _positive("--threads", args.threads)
+    _positive("--steps", args.steps)
     _check_out(args.out)
     models = args.models.split(",") if args.models else None
     train_zoo(args.out, models=models, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads,
@@ -194,12 +225,14 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_judge(args: argparse.Namespace) -> int:
-    import torch
-
     from multifusion.zoo.judge import DEFAULT_WEIGHTS
     from multifusion.zoo.train_judge import format_table, install_judge, record_accuracy, train_judge
 
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    _positive("--eval-n", args.eval_n)
+    _positive("--steps", args.steps)
+    if args.until is not None and args.until < 0:
+        raise RecipeError(f"--until: must be 0 or more steps, got {args.until}")
     if args.evaluate:
         print(format_table(record_accuracy(Path(args.weights) if args.weights else DEFAULT_WEIGHTS, args.eval_n, not args.no_progress)))
         return 0
@@ -259,16 +292,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_afa_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from multifusion.features.train import AFATrainConfig, train_afa
+    from multifusion.features.train import AFATrainConfig, check_run, train_afa
     from multifusion.loading import load_models
 
+    _set_threads(args.threads)
     _check_out(args.out)
-    torch.set_num_threads(args.threads)
-    handles = load_models(args.models, allow_pickle=args.allow_pickle)
+    # Options, data and the run folder are checked before the models load (minutes, for large ones).
     config = AFATrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
                             dataset_size=args.dataset_size, checkpoint_every=args.checkpoint_every)
+    check_run(args.data, args.out, config)
+    handles = load_models(args.models, allow_pickle=args.allow_pickle)
     summary = train_afa(handles, args.data, args.out, config, progress=not args.no_progress)
     if "heldout" in summary:
         print(f"trained {summary['steps']} steps; final loss {summary['final_loss']}; aggregators in {Path(args.out) / 'aggregator'}")
@@ -300,13 +333,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_mbw_search(args: argparse.Namespace) -> int:
-    import torch
-
     from multifusion.bench.apps import get_app
-    from multifusion.weights.search import app_scorer, search_block_weights
+    from multifusion.weights.search import app_scorer, parse_grid, search_block_weights
 
+    _set_threads(args.threads)
+    for flag, value in (("--budget", args.budget), ("--prompts", args.prompts), ("--seeds", args.seeds),
+                        ("--steps", args.num_inference_steps)):
+        _positive(flag, value)
+    grid = {"grid": parse_grid(args.grid, "--grid")} if args.grid else {}
     _check_out(args.out)
-    torch.set_num_threads(args.threads)
     app = get_app(args.app)
     refs = {r: f"zoo:{r}" for r in app.roles}
     for item in args.model or []:
@@ -317,7 +352,6 @@ def cmd_mbw_search(args: argparse.Namespace) -> int:
     if len(app.roles) < 2:
         raise RecipeError(f"app {app.id!r} has one model ({app.roles[0]}); a block-weight search merges two")
     prompts, scorer = app_scorer(app.id, args.prompts, seeds=args.seeds)
-    grid = {"grid": [float(v) for v in args.grid.split(",")]} if args.grid else {}
     result = search_block_weights([refs[r] for r in app.roles[:2]], prompts[:: args.seeds], scorer, args.out,
                                   optimizer=args.optimizer, budget=args.budget, seeds=args.seeds,
                                   num_inference_steps=args.num_inference_steps,
@@ -349,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="file name stem of the images (default: the recipe file's stem)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=4, help="images per batch (default 4); results do not depend on it")
     g.add_argument("--overwrite", action="store_true", help="replace images of a different recipe under the same names")
+    g.add_argument("--yes", action="store_true", help="with --from-image: run the image's recipe even when it asks for far more "
+                   "work than a recipe's defaults (more than 16 images or 150 steps, a canvas over 4x the model's native area)")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     g.add_argument("--export-masks", dest="export_masks", action="store_true",
                    help="also write each image's step pictures, for methods that make them: SNB's blend masks and salience maps "

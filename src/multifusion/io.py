@@ -81,6 +81,9 @@ def read_png_metadata(path: str | Path) -> dict:
         meta = json.loads(raw)
     except ValueError as err:
         raise RecipeError(f"{str(path)!r}: its multifusion metadata is not JSON ({err})") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: no recipe nests that deep
+        raise RecipeError(f"{str(path)!r}: its multifusion metadata nests too deeply to be a recipe; it was not written by "
+                          "`multifusion generate`") from None
     if not isinstance(meta, dict):
         raise RecipeError(f"{str(path)!r}: its multifusion metadata is a {type(meta).__name__}, not an object with a `recipe`")
     return meta
@@ -106,6 +109,10 @@ def check_output_dir(where: str, path: str | Path) -> Path:
     or on a read-only file system). Creates nothing. Run it before any sampling, so no computed
     batch is lost to an unwritable folder."""
     path = Path(path)
+    dangling = next((p for p in [path, *path.parents] if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir would fail on it after all the work (FileExistsError)
+        raise RecipeError(f"{where}: {str(dangling)!r} is a symbolic link to something that does not exist; remove the link "
+                          "or choose another folder")
     existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor) or str(p) == ".")
     if not existing.is_dir():
         what = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"

@@ -17,6 +17,7 @@ params, the model files, the canvas). Errors name the field (``models[1].model``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +80,23 @@ class MergeEntry(_Strict):
 
 
 MERGE_PREFIX = "merge:"
+
+
+def weights_problem(weights) -> str | None:
+    """The one rule for weights that mix models by normalising (`average`'s noise weights, a
+    merge's weighted sum): each finite and >= 0, the sum positive and finite. A finite sum
+    matters: [1e308, 1e308] sums to inf, and every weight over that sum is 0 (an all-zero model,
+    or noise). None when they are fine, else what is wrong, quoting them."""
+    values = [float(w) for w in weights]
+    for i, w in enumerate(values):
+        if not math.isfinite(w) or w < 0:
+            return f"weight {w!r} of model {i} is not a finite number >= 0; weights mix the models (each >= 0, normalised by their sum)"
+    total = sum(values)
+    if not math.isfinite(total):
+        return f"weights {values} sum beyond the largest float (their sum overflows); scale them down, e.g. to sum to 1"
+    if total <= 0:
+        return f"weights {values} sum to zero; give at least one model a positive weight"
+    return None
 
 
 class Sampling(_Strict):

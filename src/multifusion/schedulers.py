@@ -81,11 +81,29 @@ def check_steps(name: str, base_config: dict, num_inference_steps: int) -> None:
     `num_inference_steps` steps (PNDM without skip_prk_steps needs 4 or more; LCM and TCD at most
     their original steps): found before loading, where the config is local. (A family's
     `check_steps` calls this; flow-matching families take any step count.)"""
-    try:
-        make_scheduler(name, base_config).set_timesteps(num_inference_steps)
-    except (ValueError, IndexError) as err:
+    problem = _steps_problem(name, base_config, num_inference_steps)
+    if problem:
+        fewer = next((k for k in range(num_inference_steps - 1, max(num_inference_steps - 16, 0), -1)
+                      if _steps_problem(name, base_config, k) is None), None)
+        hint = f"use at most {fewer} steps" if fewer else "change the step count"
         raise RecipeError(f"sampling.num_inference_steps: {num_inference_steps} steps do not work with scheduler {name!r} "
-                          f"on this model's schedule ({err}); change the step count or the scheduler") from None
+                          f"on this model's schedule ({problem}); {hint} or change the scheduler") from None
+
+
+def _steps_problem(name: str, base_config: dict, num_inference_steps: int) -> str | None:
+    """Why scheduler `name` cannot take the step count, or None. Setting the timesteps is not
+    enough: DDIM's "leading" spacing with steps_offset 1 sets 1000 steps on a 1000-step schedule
+    without complaint, then indexes timestep 1000 of 1000 at the first step."""
+    try:
+        scheduler = make_scheduler(name, base_config)
+        scheduler.set_timesteps(num_inference_steps)
+    except (ValueError, IndexError) as err:
+        return str(err)
+    n = int(scheduler.config.get("num_train_timesteps", 1000))
+    timesteps = torch.as_tensor(scheduler.timesteps, dtype=torch.float64)
+    if len(timesteps) and (timesteps.max() > n - 1 or timesteps.min() < 0):
+        return f"its timesteps reach {timesteps.max().item():g}, beyond the schedule's last, {n - 1}"
+    return None
 
 
 def make_scheduler(name: str, base_config: dict):

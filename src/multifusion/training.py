@@ -115,7 +115,20 @@ def _info(path: Path, f: Any) -> dict[str, Any]:
     raw = (f.metadata() or {}).get(_INFO_KEY)
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not one multifusion wrote (no {_INFO_KEY!r} metadata)")
-    return json.loads(raw)
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        info = err
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: its {_INFO_KEY!r} metadata is damaged (not a JSON object); delete the file to have it "
+                              "made again (a checkpoint: training starts again at step 0)")
+    return info
+
+
+def file_info(path: str | Path) -> dict[str, Any]:
+    """The info of a file :func:`save_tensors` wrote, read from its header alone."""
+    with _opened(Path(path)) as f:
+        return _info(Path(path), f)
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -189,8 +202,10 @@ def _checked(path: str | Path, info: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """``step``, ``elapsed`` (seconds) and ``meta`` of a checkpoint, read from its header alone."""
-    with _opened(Path(path)) as f:
-        return _checked(path, _info(Path(path), f))
+    info = _checked(path, file_info(path))
+    if not isinstance(info.get("step"), int) or not isinstance(info.get("meta"), dict):
+        raise CheckpointError(f"{path}: its metadata lacks the step or the run's record; delete it to train from step 0")
+    return info
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -212,8 +227,19 @@ def read_log(path: str | Path, upto: int) -> list[dict[str, str]]:
     """The rows of a loss log up to step ``upto`` (none when the file does not exist)."""
     if not Path(path).exists():
         return []
-    with open(path, newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) <= upto]
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                step = row.get("step")
+                if step is None or not step.strip().isdigit():
+                    raise ValueError(f"line {len(rows) + 2}: step {step!r} is not a step number")
+                if int(step) <= upto:
+                    rows.append(row)
+    except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not a loss log this run wrote ({type(err).__name__}: {str(err)[:200]}); delete it "
+                              "to resume without it (the checkpoint continues; the earlier loss rows are lost)") from None
+    return rows
 
 
 # ----------------------------------------------------------------------------- the run

@@ -87,6 +87,37 @@ def validate(recipe: Recipe) -> Validated:
     return Validated(recipe, method, params, size is not None)
 
 
+ASK_IMAGES = 16
+"""A recipe received from elsewhere (`--from-image`) asking for more images than this is confirmed first."""
+ASK_STEPS = 150
+"""... or for more sampling steps than this (5x the default 30)."""
+ASK_AREA = 4
+"""... or for a canvas of more than this many times the first model's native area."""
+
+
+def costly_fields(recipe: Recipe) -> list[str]:
+    """The fields where `recipe` asks for far more work than a recipe's defaults (one image, 30
+    steps, the model's native canvas), each with its value and the threshold: what a recipe
+    received from elsewhere (an image's metadata) must not start silently. Empty when none."""
+    s = recipe.sampling
+    out = []
+    if s.num_images > ASK_IMAGES:
+        out.append(f"sampling.num_images {s.num_images} (more than {ASK_IMAGES})")
+    if s.num_inference_steps > ASK_STEPS:
+        out.append(f"sampling.num_inference_steps {s.num_inference_steps} (more than {ASK_STEPS})")
+    v = validate(recipe)
+    fact = None
+    first = recipe.models[0].model
+    if not first.startswith(MERGE_PREFIX):
+        fact = read_facts(resolve(first, config=recipe.models[0].config, allow_pickle=recipe.runtime.allow_pickle))
+    native = fact.native_px if fact is not None else None
+    size = check_canvas(recipe, v.method, v.params, fact.vae_scale_factor, default=native) if fact is not None else None
+    if size is not None and native and size[0] * size[1] > ASK_AREA * native * native:
+        out.append(f"a {size[0]}x{size[1]} canvas (sampling.height x sampling.width; more than {ASK_AREA}x the model's native "
+                   f"{native}x{native})")
+    return out
+
+
 def check_model_fields(recipe: Recipe, i: int, family: type[ModelHandle]) -> None:
     """What a recipe gives model i that its family has no use for, refused naming the field:
     `true_cfg_scale` for a family without true CFG (all but FLUX), `sampling.eta` for a family

@@ -261,7 +261,10 @@ def test_single_file_models_and_existing_outputs_are_refused(tiny_dir, tmp_path)
         merge_models([str(tiny_dir / "a"), str(tiny_dir / "b")], tmp_path / "out")
     with pytest.raises(RecipeError, match="is one of the models"):
         merge_models([str(tiny_dir / "a"), str(tiny_dir / "b")], tiny_dir / "a", overwrite=True)
-    out = merge_models([str(tiny_dir / "a"), str(tiny_dir / "b")], tmp_path / "out", overwrite=True)
+    with pytest.raises(RecipeError, match="holds no merge"):  # overwrite replaces an earlier merge, never a user's folder
+        merge_models([str(tiny_dir / "a"), str(tiny_dir / "b")], tmp_path / "out", overwrite=True)
+    out = merge_models([str(tiny_dir / "a"), str(tiny_dir / "b")], tmp_path / "merged")
+    out = merge_models([str(tiny_dir / "a"), str(tiny_dir / "b")], out, overwrite=True)
     assert (out / "merge.json").is_file()
 
 

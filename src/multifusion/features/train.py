@@ -24,6 +24,7 @@ on 8 GPUs); batches drawn with replacement from a fixed rendered set.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,11 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from multifusion.errors import MultifusionError
+from multifusion.errors import MultifusionError, clip
+from multifusion.io import write_text
 from multifusion.features.ensemble import check_aggregators_fit, ensemble_kwargs, join_conditionings, model_hash, split_conditioning
 from multifusion.features.walkers import build_ensemble, fresh_aggregators
 from multifusion.handles import Conditioning, ModelHandle
-from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, load_tensors, read_log, save_tensors
+from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, read_log, save_tensors
 
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
 """Timestep bands of the held-out loss (training timesteps, [lo, hi))."""
@@ -70,6 +72,15 @@ class AFATrainConfig:
                 raise AFATrainError(f"{key}={v!r} must be a positive int")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise AFATrainError(f"prompt_dropout={self.prompt_dropout!r} must lie in [0, 1)")
+        for key in ("lr", "weight_decay"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (key == "lr" and v == 0):
+                what = "a finite number > 0 (e.g. 1e-4)" if key == "lr" else "a finite number >= 0"
+                raise AFATrainError(f"{key}={v!r} (--{key.replace('_', '-')}) must be {what}")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1):
+            raise AFATrainError(f"width={self.width!r} (--width) must be a positive int (or leave it out for the default)")
+        if not isinstance(self.warmup, int) or self.warmup < 1:
+            raise AFATrainError(f"warmup={self.warmup!r} must be a positive int")
 
 
 # --------------------------------------------------------------------------- data
@@ -88,25 +99,107 @@ def read_data(spec: str, size: int, n: int, seed: int, heldout: int) -> tuple[np
         if train.images.shape[1] != size:
             raise AFATrainError(f"--data {spec}: renders are {train.images.shape[1]} px, the models draw {size} px")
         return train.images, train.captions, held.images, held.captions
+    from PIL import Image
+
+    rows = data_rows(spec)
+    heldout = min(heldout, max(1, len(rows) // 10))  # at most a tenth of a small data set
+    images, captions = [], []
+    for file, text in rows:
+        with Image.open(file) as im:
+            images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)))
+        captions.append(text)
+    arr = np.stack(images)
+    return arr[:-heldout], captions[:-heldout], arr[-heldout:], captions[-heldout:]
+
+
+def data_rows(spec: str) -> list[tuple[Path, str]]:
+    """(image file, caption) of every row of a JSONL data set (`read_data`), each checked: the
+    file UTF-8, each line a JSON object with `file_name` and `text`, each file inside the data
+    folder (a path out of it is refused, never opened) and a whole image. AFATrainError naming
+    --data, the file and the line; run before any model loads."""
+    from multifusion.io import image_is_whole
+
     path = Path(spec)
     jsonl = path / "metadata.jsonl" if path.is_dir() else path
     if not jsonl.is_file():
         raise AFATrainError(f"--data {spec}: no such JSONL file or folder with metadata.jsonl (or use shapeworld:NAME)")
-    from PIL import Image
-
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    try:
+        text = jsonl.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AFATrainError(f"--data {spec}: {str(jsonl)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    root = jsonl.parent.resolve()
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        where = f"--data {spec}: {str(jsonl)!r} line {i + 1}"
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as err:
+            raise AFATrainError(f"{where} is not JSON ({type(err).__name__}: {clip(str(err))}); each line is one object "
+                                '{"file_name": ..., "text": ...}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or "text" not in row:
+            raise AFATrainError(f"{where}: each line needs an object with 'file_name' (a string) and 'text', got {clip(line)}")
+        file = (root / row["file_name"]).resolve()
+        if not file.is_relative_to(root):
+            raise AFATrainError(f"{where}: file_name {clip(row['file_name'])!r} lies outside the data folder {str(root)!r}; "
+                                "give paths inside it (relative to the JSONL file)")
+        if not file.is_file():
+            raise AFATrainError(f"{where}: file_name {clip(row['file_name'])!r} does not exist (paths are relative to the JSONL file)")
+        if not image_is_whole(file):
+            raise AFATrainError(f"{where}: file_name {clip(row['file_name'])!r} is not an image PIL can read (or it is damaged); "
+                                "give PNG or JPEG files")
+        rows.append((file, str(row["text"])))
     if len(rows) < 2:
         raise AFATrainError(f"--data {spec}: {len(rows)} example(s); need at least 2 (one is held out)")
-    heldout = min(heldout, max(1, len(rows) // 10))  # at most a tenth of a small data set
-    images, captions = [], []
-    for i, row in enumerate(rows):
-        if "file_name" not in row or "text" not in row:
-            raise AFATrainError(f"{jsonl}, line {i + 1}: each row needs 'file_name' and 'text'")
-        im = Image.open(jsonl.parent / row["file_name"]).convert("RGB").resize((size, size), Image.BICUBIC)
-        images.append(np.asarray(im))
-        captions.append(str(row["text"]))
-    arr = np.stack(images)
-    return arr[:-heldout], captions[:-heldout], arr[-heldout:], captions[-heldout:]
+    return rows
+
+
+DATA_CACHE = "data.safetensors"
+"""The run folder's cache of the encoded data set (its own `data` field says which)."""
+
+
+def check_run(data: str, out: str | Path, config: AFATrainConfig) -> None:
+    """Everything about a training request checkable without the models, run before they load:
+    the data (`shapeworld:NAME` known, or every JSONL row and image), and a run folder's
+    checkpoint, data cache and loss log readable and of this data and settings. AFATrainError
+    (or CheckpointError) naming the option or file."""
+    from multifusion.training import checkpoint_info
+
+    if data.startswith("shapeworld:"):
+        from multifusion.zoo.train import distribution
+
+        try:
+            distribution(data.split(":", 1)[1])
+        except (KeyError, ValueError) as err:
+            raise AFATrainError(f"--data {data}: {clip(str(err))}") from None
+    else:
+        data_rows(data)
+    out = Path(out)
+    settings = {k: v for k, v in asdict(config).items() if k != "steps"}
+    if (out / CHECKPOINT).is_file():
+        saved = checkpoint_info(out / CHECKPOINT)["meta"]
+        if not isinstance(saved, dict) or saved.get("data") != data or saved.get("config") != settings:
+            raise AFATrainError(f"--out: {out / CHECKPOINT} is a run of other data or settings; give another --out or delete that folder")
+    if (out / DATA_CACHE).is_file():
+        _check_cache(out / DATA_CACHE, data, load=False)
+    read_log(out / LOSS_LOG, 2**62)  # a damaged log is named now, not after the models load
+
+
+def _check_cache(path: Path, data: str, *, load: bool = True):
+    """The cache's tensors and info when it holds `data` (AFATrainError otherwise)."""
+    from multifusion.training import CheckpointError, file_info, load_tensors
+
+    try:
+        tensors, info = load_tensors(path) if load else ({}, file_info(path))
+    except CheckpointError as err:
+        raise AFATrainError(f"--out: the data cache is unreadable ({err})") from None
+    if not isinstance(info, dict) or info.get("data") != data or not isinstance(info.get("captions"), list) \
+            or not isinstance(info.get("held_captions"), list):
+        have = info.get("data") if isinstance(info, dict) else None
+        raise AFATrainError(f"--out: {str(path)!r} caches the data {clip(repr(have))}, not --data {data!r}; give another --out, "
+                            "or delete that file to encode this data")
+    return tensors, info
 
 
 @torch.no_grad()
@@ -206,9 +299,9 @@ def train_afa(
 
     first = handles[0]
     size = int(first.unet.config.sample_size) * first.vae_scale_factor
-    cache = out / "data.safetensors"
+    cache = out / DATA_CACHE
     if cache.exists():
-        tensors, info = load_tensors(cache)
+        tensors, info = _check_cache(cache, data)  # the cache of another --data is never trained on
         captions, held_captions = info["captions"], info["held_captions"]
     else:
         images, captions, held, held_captions = read_data(data, size, config.dataset_size, config.seed, config.heldout_size)
@@ -248,7 +341,7 @@ def train_afa(
     from multifusion.zoo.evaluate import loss_plot
 
     loss_plot({"afa": [(int(r["step"]), float(r["loss"])) for r in rows]}, out / "loss.png", smooth=4)
-    (out / "afa.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "afa.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

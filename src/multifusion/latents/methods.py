@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from multifusion.errors import FieldError, RecipeError
 from multifusion.latents.amdm import aggregate, manifold_correct, slerp_aggregate, vp_weights
@@ -57,6 +57,15 @@ class AMDMParams(Params):
     correction_mode: Literal["relative", "absolute"] = Field("relative", description="relative: a fraction of ||m - mu_k|| "
                                                              "in [0, 1]; absolute: a latent-space length, as the authors' eta")
     aggregation: Literal["linear", "slerp"] = Field("linear", description="linear (the paper) or a true slerp")
+
+    @field_validator("specified", mode="before")
+    @classmethod
+    def _not_a_switch(cls, v):
+        # pydantic reads `true` as the index 1: a recipe meaning "yes" would silently pick model 1.
+        if isinstance(v, bool):
+            raise ValueError(f"{str(v).lower()} is a switch, not a model; give the index (0, 1, ...) or the name of the model "
+                             "whose image is the result")
+        return v
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):

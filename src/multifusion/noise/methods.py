@@ -24,6 +24,7 @@ from multifusion.canvas import check_box_on_patch_grid, grid_hint
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
 from multifusion.viz import MaskRecorder, RegionWeightRecorder
+from multifusion.recipe import weights_problem
 
 # --------------------------------------------------------------------------- single, average
 
@@ -47,8 +48,9 @@ class AverageParams(Params):
             return v
         if n is not None and len(v) != n:
             raise ValueError(f"has {len(v)} entries for {n} models; give one weight per model, in the order of `models`")
-        if any(w < 0 for w in v) or not 0 < sum(v) < float("inf"):
-            raise ValueError("weights must be >= 0 with a positive, finite sum")
+        problem = weights_problem(v)  # the rule a merge's weighted sum follows too
+        if problem:
+            raise ValueError(problem)
         return v
 
 

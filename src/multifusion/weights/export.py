@@ -16,7 +16,7 @@ from pathlib import Path
 from multifusion.errors import IncompatibleModelsError, RecipeError
 from multifusion.io import atomic_path
 from multifusion.loading import family_of, resolve
-from multifusion.weights.models import MergeSpec, merge_models
+from multifusion.weights.models import MergeSpec, check_merge_output, merge_models
 
 MERGE_METHODS = ("merge", "mbw")
 
@@ -39,8 +39,8 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
     """Write the merge of a `merge` / `mbw` recipe (a Recipe, dict or YAML/JSON file) to the
     diffusers folder `out` (and, with `single_file`, `out` + ".safetensors" in the LDM layout).
     Everything is checked before anything is written. Returns the folder."""
+    out = check_merge_output(out, overwrite)
     models, spec = recipe_merge(recipe)
-    out = Path(out).expanduser()
     single = out.with_name(out.name + ".safetensors")
     if single_file and single.exists() and not overwrite:
         raise RecipeError(f"output {str(single)!r} already exists; choose another folder or pass overwrite=True")

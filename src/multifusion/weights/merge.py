@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from multifusion.errors import RecipeError
+from multifusion.recipe import weights_problem
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
@@ -59,12 +60,11 @@ def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, alpha: flo
 
 
 def check_weights(weights: Sequence[float]) -> None:
-    """Weighted-sum weights: finite, not negative, positive sum; RecipeError quoting the value."""
-    for i, w in enumerate(weights):
-        if not math.isfinite(w) or w < 0:
-            raise RecipeError(f"weight {w!r} of model {i} is not a finite number >= 0; a weighted sum interpolates between models")
-    if sum(weights) <= 0:
-        raise RecipeError(f"weights {list(weights)} sum to zero; give at least one model a positive weight")
+    """Weighted-sum weights: finite, not negative, a positive and finite sum (`recipe.weights_problem`,
+    the rule `average` follows too); RecipeError quoting the value."""
+    problem = weights_problem(weights)
+    if problem:
+        raise RecipeError(problem)
 
 
 def merge_tensor(tensors: Sequence[torch.Tensor], method: str, weight: float | Sequence[float]) -> torch.Tensor:

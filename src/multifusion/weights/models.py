@@ -170,19 +170,23 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
     """Check `spec` against `models` (names as `multifusion.loading.resolve` takes them: local
     diffusers folders or zoo:NAME) and decide what happens to each component. Reads configs
     and safetensors headers only. Raises RecipeError, ModelLoadError or IncompatibleModelsError."""
-    from multifusion.loading import family_of, resolve
+    from multifusion.loading import check_weight_files, family_of, resolve
 
     spec = spec or MergeSpec()
     problem = spec.model_count_error(len(models))
     if problem:
         raise RecipeError(problem)
     folders = []
-    for text in models:
+    for i, text in enumerate(models):
         ref = resolve(text)
         if ref.kind not in ("folder", "zoo"):
             raise ModelLoadError(
                 f"{text!r} is a {ref.kind.replace('_', '-')} model; merges read diffusers pipeline folders. Load it "
                 "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder")
+        try:  # a damaged file is named as `generate` names it, before any header is read
+            check_weight_files(ref)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"models[{i}].model: {err}") from None
         folders.append(Path(ref.location))
     index = [_model_index(f) for f in folders]
     family = family_of(resolve(models[0]))
@@ -441,10 +445,9 @@ def merge_models(models: Sequence[str], out: str | Path, spec: MergeSpec | None 
     the folder appears complete or not at all. Returns `out`."""
     plan = plan_merge(models, spec)
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise RecipeError(f"output {str(out)!r} already exists; choose another folder or pass overwrite=True")
     if any(out.resolve() == f.resolve() for f in plan.folders):
         raise RecipeError(f"output {str(out)!r} is one of the models being merged; write the merge elsewhere")
+    check_merge_output(out, overwrite)
     recipe = plan.recipe()
     recipe["fingerprints"] = [file_fingerprint(f) for f in plan.folders]
     recipe["library"] = _library_version()
@@ -461,6 +464,28 @@ def merge_models(models: Sequence[str], out: str | Path, spec: MergeSpec | None 
                     shutil.copy2(f, tmp / c.name / f.name)
             write_safetensors(tmp / c.name / c.out_file, c.header, merged_tensors(plan, c))
         (tmp / MERGE_JSON).write_text(json.dumps(recipe, indent=2) + "\n")
+    return out
+
+
+def check_merge_output(out: str | Path, overwrite: bool, where: str = "--out") -> Path:
+    """`out` as a merge writes it, refused (RecipeError naming `where`) before any work when it
+    names no folder of its own (".", ".."), is a symbolic link (replacing it would write where it
+    points, or fail half done), already exists without `overwrite`, or exists and holds something
+    other than a merge (`overwrite` replaces merges only: never a folder of the user's files)."""
+    out = Path(out).expanduser()
+    if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise RecipeError(f"{where}: {str(out)!r} names no new folder (the merge replaces its output folder as a whole); "
+                          "give a folder name, e.g. merged/my-merge")
+    if out.is_symlink():
+        raise RecipeError(f"{where}: {str(out)!r} is a symbolic link; a merge is written as a real folder: give another "
+                          "name, or remove the link")
+    if out.exists():
+        if not overwrite:
+            raise RecipeError(f"{where}: output {str(out)!r} already exists; choose another folder or pass overwrite=True "
+                              "(--overwrite)")
+        if not (out.is_dir() and (out / MERGE_JSON).is_file() and (out / "model_index.json").is_file()):
+            raise RecipeError(f"{where}: {str(out)!r} exists and holds no merge (no {MERGE_JSON} and model_index.json); "
+                              "overwrite replaces an earlier merge only: choose a new folder name")
     return out
 
 

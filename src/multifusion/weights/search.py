@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from multifusion.errors import RecipeError, did_you_mean
+from multifusion.errors import RecipeError, clip, did_you_mean
+from multifusion.io import atomic_path, write_text
 
 Scorer = Callable[[list, list[str]], float]
 OPTIMIZERS = ("coordinate", "optuna")
@@ -111,37 +112,86 @@ def app_scorer(app: str, prompts: int = 4, *, seeds: int = 1) -> tuple[list[str]
     return texts, score
 
 
+def parse_grid(text: str, where: str = "grid") -> list[float]:
+    """Block weight values from a comma-separated string ("0,0.5,1"); RecipeError naming `where`."""
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise RecipeError(f"{where}: {clip(item.strip())!r} is not a number; give block weights in [0, 1], comma separated, "
+                              "e.g. 0,0.25,0.5,0.75,1") from None
+    return values
+
+
 def _key(blocks: Sequence[float]) -> tuple[float, ...]:
     return tuple(round(float(v), 6) for v in blocks)
+
+
+def _entry_problem(entry, n_blocks: int) -> str | None:
+    """What is wrong with a log entry of a search over `n_blocks` blocks (None when nothing)."""
+    if not isinstance(entry, dict) or "blocks" not in entry or "score" not in entry:
+        return "not an object with `blocks` and `score`"
+    blocks, score = entry["blocks"], entry["score"]
+    if not isinstance(blocks, list) or len(blocks) != n_blocks:
+        count = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+        return f"{count} block weights for a {n_blocks}-block model"
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1) for v in blocks):
+        return f"block weights {clip(str(blocks))} are not all numbers in [0, 1]"
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"score {clip(repr(score))} is not a finite number"
+    return None
 
 
 class _Log:
     """The JSONL log: candidate -> score, appended as each is known."""
 
-    def __init__(self, out: Path, settings: SearchSettings):
-        out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out: Path, settings: SearchSettings, n_blocks: int):
+        """Read (or start) the log in `out` of a search over `n_blocks` block weights. Everything
+        read is checked before anything is written: a settings file or log line that is not this
+        search's (damaged, or another search's) is refused, naming the file and line."""
         self.path = out / LOG
-        want = json.loads(json.dumps(asdict(settings)))
         have_path = out / SETTINGS
+        for path in (self.path, have_path):  # read as this search's own, and the log appended in place
+            if path.is_symlink():
+                raise RecipeError(f"--out: {str(path)!r} is a symbolic link; a search reads and appends its own files "
+                                  "in its folder, never through links: remove the link, or use another --out")
+        want = json.loads(json.dumps(asdict(settings)))
         if have_path.is_file():
-            have = json.loads(have_path.read_text())
+            try:
+                have = json.loads(have_path.read_text())
+            except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+                raise RecipeError(f"--out: {str(have_path)!r} is damaged ({type(err).__name__}: {clip(str(err))}); it records "
+                                  f"the settings of the search logged in that folder: delete it and {LOG} to start again, "
+                                  "or use another --out") from None
+            if not isinstance(have, dict):
+                raise RecipeError(f"--out: {str(have_path)!r} holds a {type(have).__name__}, not a search's settings; "
+                                  f"delete it and {LOG}, or use another --out")
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
                 raise RecipeError(f"{out}: a search with other settings ({', '.join(diff)}) is logged there; "
                                   "use another folder, or the same settings to resume it")
-        else:
-            have_path.write_text(json.dumps(want, indent=2) + "\n")
         self.scores: dict[tuple[float, ...], float] = {}
         self.order: list[tuple[float, ...]] = []
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            for i, line in enumerate(lines):
                 if not line.strip():
                     continue
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption: that candidate is scored again
+                except (ValueError, RecursionError):
+                    if i == len(lines) - 1:
+                        continue  # the last line cut by an interruption: that candidate is scored again
+                    raise RecipeError(f"--out: {str(self.path)!r} line {i + 1} is not JSON; the log is damaged: delete the "
+                                      "line (its candidate is scored again), or use another --out") from None
+                problem = _entry_problem(entry, n_blocks)
+                if problem:
+                    raise RecipeError(f"--out: {str(self.path)!r} line {i + 1}: {problem}; that line is not of this search "
+                                      "(scores only compare within one): delete it, or use another --out")
                 self._add(_key(entry["blocks"]), float(entry["score"]))
+        if not have_path.is_file():
+            write_text(have_path, json.dumps(want, indent=2) + "\n")
 
     def _add(self, key: tuple[float, ...], score: float) -> None:
         if key not in self.scores:
@@ -200,7 +250,8 @@ def search_block_weights(
     if layout is None:
         raise RecipeError(f"models[0]: {models[0]!r} is not a local diffusers folder or zoo model; a search merges local folders")
     out = Path(out)
-    log = _Log(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out, settings, len(layout.ids))
     handles = load_models(list(models), dtype=(runtime or {}).get("dtype", "float32"), device=(runtime or {}).get("device", "cpu"))
     texts = [p for p in prompts for _ in range(seeds)]
     base = {"method": "mbw", "models": [{"model": m, "prompt": texts} for m in models],
@@ -235,7 +286,7 @@ def search_block_weights(
     finally:
         bar.close()
     best = max(log.order, key=lambda k: log.scores[k])
-    (out / BEST).write_text(json.dumps({"blocks": list(best), "score": log.scores[best], "blocks_ids": list(layout.ids),
+    write_text(out / BEST, json.dumps({"blocks": list(best), "score": log.scores[best], "blocks_ids": list(layout.ids),
                                         "mbw_params": {"blocks": ",".join(f"{v:g}" for v in best)}}, indent=2) + "\n")
     plot = plot_progress([log.scores[k] for k in log.order], out / PLOT, title=f"mbw search: best {log.scores[best]:.3f}")
     return SearchResult(best, log.scores[best], len(log.order), state["computed"], log.path, plot)
@@ -320,5 +371,6 @@ def plot_progress(scores: Sequence[float], path: str | Path, *, title: str = "")
     if len(line) > 1:
         d.line(line, fill=(200, 30, 30), width=2)
     path = Path(path)
-    img.save(path)
+    with atomic_path(path) as tmp:  # never through a link planted at `path`
+        img.save(tmp, format="PNG")
     return path

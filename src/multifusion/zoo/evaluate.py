@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from multifusion.io import atomic_path
 from multifusion.zoo import metrics, render
 from multifusion.zoo.judge import load_judge
 
@@ -173,7 +174,8 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, size
         d.line([W - right + 10, top + 10 + 18 * j, W - right + 30, top + 10 + 18 * j], fill=colour, width=3)
         d.text((W - right + 36, top + 4 + 18 * j), k, fill=(0, 0, 0))
     d.text((left + 4, top + 4), f"eps MSE (moving average of {smooth} log rows)", fill=(0, 0, 0))
-    im.save(path)
+    with atomic_path(path) as tmp:  # never through a link planted at `path`
+        im.save(tmp, format="PNG")
 
 
 def reconstruction_grid(vae: Any, per_distribution: int = 4, seed: int = 0):

@@ -1,0 +1,36 @@
+"""transformers' torchvision warnings about image processors multifusion never uses are silenced
+at their source, and nothing else is (`multifusion.logs`)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from multifusion.logs import SOURCE, quiet_unused_image_processors
+
+
+def _kept(message: str) -> bool:
+    quiet_unused_image_processors()
+    record = logging.LogRecord(SOURCE, logging.WARNING, __file__, 0, message, None, None)
+    return logging.getLogger(SOURCE).filter(record)
+
+
+def test_exactly_the_two_unused_image_processor_warnings_are_dropped():
+    for name in ("CLIPImageProcessor", "SiglipImageProcessor"):
+        assert not _kept(f"`{name}` requires torchvision (not installed); falling back to `{name}Pil` for backward compatibility.")
+    assert _kept("`ViTImageProcessor` requires torchvision (not installed); falling back to `ViTImageProcessorPil` for backward compatibility.")
+    assert _kept("something else entirely")
+
+
+def test_installing_twice_adds_one_filter():
+    quiet_unused_image_processors()
+    quiet_unused_image_processors()
+    assert sum(type(f).__name__ == "_UnusedImageProcessors" for f in logging.getLogger(SOURCE).filters) == 1
+
+
+def test_importing_diffusers_pipelines_after_multifusion_prints_no_torchvision_warning():
+    code = "import multifusion.loading\nfrom diffusers import StableDiffusionPipeline\nfrom diffusers.loaders import IPAdapterMixin\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "requires torchvision" not in done.stderr, done.stderr[-2000:]
