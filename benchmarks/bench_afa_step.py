@@ -14,16 +14,22 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import interleaved_medians
+
 from multifusion import load_models
+from multifusion.features.ensemble import model_hash, unet_config_of
 from multifusion.features.unet import AFAEnsemble
 from multifusion.features.walkers import fresh_aggregators, parameter_count
-from multifusion.features.ensemble import model_hash, unet_config_of
 
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-            layers_per_block=2, sample_size=64)
+SD15 = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    sample_size=64,
+)
 
 
 def main() -> None:
@@ -46,8 +52,10 @@ def main() -> None:
     n_unet = sum(p.numel() for p in unets[0].parameters())
     sd_agg, sd_unet = parameter_count(SD15, 2, 128)
 
-    print(f"AFA over zoo slice0 + slice1 ({len(agg.points)} aggregation points, width d = {agg.config.width}), "
-          f"batch {args.batch} x 2 (CFG), {args.threads} thread(s); medians of {args.repeats} calls")
+    print(
+        f"AFA over zoo slice0 + slice1 ({len(agg.points)} aggregation points, width d = {agg.config.width}), "
+        f"batch {args.batch} x 2 (CFG), {args.threads} thread(s); medians of {args.repeats} calls"
+    )
     print(f"{'latent':>8s} {'sum of 2 UNets':>16s} {'ensemble':>10s} {'ratio':>7s}   {'aggregator params / one UNet':s}")
     g = torch.Generator().manual_seed(0)
     share = f"zoo d={agg.config.width}: {n_agg:,} / {n_unet:,} = {n_agg / n_unet:.1%};  SD-1.5 d=128 (config): {sd_agg:,} / {sd_unet:,} = {sd_agg / sd_unet:.1%}"
@@ -66,7 +74,9 @@ def main() -> None:
             ens(x, t, torch.cat(ctx, dim=1))
 
         m = interleaved_medians({"plain": plain, "ensemble": ensemble}, repeats=args.repeats, warmup=3)
-        print(f"{side:>6d}^2 {m['plain'] * 1e3:13.1f} ms {m['ensemble'] * 1e3:7.1f} ms {m['ensemble'] / m['plain']:7.3f}   {share}")
+        print(
+            f"{side:>6d}^2 {m['plain'] * 1e3:13.1f} ms {m['ensemble'] * 1e3:7.1f} ms {m['ensemble'] / m['plain']:7.3f}   {share}"
+        )
     print("target: ratio <= 1.15")
     assert unet_config_of(unets[0]) == unet_config_of(unets[1])
 

@@ -30,10 +30,16 @@ import time
 from pathlib import Path
 
 COUNTS = (2, 4, 8)
-UNET = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(96, 192, 192), layers_per_block=2, cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=32, sample_size=8)
+UNET = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(96, 192, 192),
+    layers_per_block=2,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    sample_size=8,
+)
 
 
 def _kb(field: str) -> int:
@@ -61,8 +67,11 @@ def build(root: Path, n: int) -> list[str]:
         folder = root / f"m{i}"
         shutil.copytree(first, folder)
         g = torch.Generator().manual_seed(i)
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()},
-                  folder / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()},
+            folder / "unet" / "diffusion_pytorch_model.safetensors",
+            metadata={"format": "pt"},
+        )
         folders.append(folder)
     return [str(f) for f in folders]
 
@@ -145,13 +154,19 @@ def main() -> None:
             for mode in ("stream", "naive"):
                 out = root / f"out-{n}-{mode}"
                 out.mkdir()
-                res = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", json.dumps(models[:n]), mode, str(out)],
-                                     check=True, capture_output=True, text=True)
+                res = subprocess.run(
+                    [sys.executable, __file__, "--repeats", str(args.repeats), "--child", json.dumps(models[:n]), mode, str(out)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
                 row[mode] = json.loads(res.stdout.strip().splitlines()[-1])
             s = row["stream"]
             read_gb = n * size / 2**30
-            print(f"| {n} | {s['peak_extra_kb'] * 1024 / size:.2f} | {row['naive']['peak_extra_kb'] * 1024 / size:.2f} | "
-                  f"{s['merge_s'] / s['floor_s']:.2f} | {s['merge_s'] / read_gb:.1f} |")
+            print(
+                f"| {n} | {s['peak_extra_kb'] * 1024 / size:.2f} | {row['naive']['peak_extra_kb'] * 1024 / size:.2f} | "
+                f"{s['merge_s'] / s['floor_s']:.2f} | {s['merge_s'] / read_gb:.1f} |"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

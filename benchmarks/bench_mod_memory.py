@@ -44,15 +44,25 @@ def child(model: str, area: int, mode: str, steps: int) -> dict:
     rows, cols = GRIDS[area]
     tile_px = TILE * f
     if mode == "whole":
-        recipe = {"method": "single", "models": [{"model": model, "prompt": "a red circle"}],
-                  "sampling": {"num_inference_steps": steps, "height": rows * tile_px, "width": cols * tile_px}}
+        recipe = {
+            "method": "single",
+            "models": [{"model": model, "prompt": "a red circle"}],
+            "sampling": {"num_inference_steps": steps, "height": rows * tile_px, "width": cols * tile_px},
+        }
     else:
         tiles = {"prompts": [["a red circle"] * cols] * rows, "tile_height": tile_px, "tile_width": tile_px}
-        recipe = {"method": "mod", "models": [{"model": model}],
-                  "params": {"tiles": tiles, "tile_batch_size": 1 if mode == "tiles" else 4},
-                  "sampling": {"num_inference_steps": steps}}
+        recipe = {
+            "method": "mod",
+            "models": [{"model": model}],
+            "params": {"tiles": tiles, "tile_batch_size": 1 if mode == "tiles" else 4},
+            "sampling": {"num_inference_steps": steps},
+        }
     # Warm up kernels on a small run so one-off allocations do not count.
-    run({"method": "single", "models": [{"model": model, "prompt": "x"}], "sampling": {"num_inference_steps": 1}}, models=[h], progress=False)
+    run(
+        {"method": "single", "models": [{"model": model, "prompt": "x"}], "sampling": {"num_inference_steps": 1}},
+        models=[h],
+        progress=False,
+    )
     before = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     from multifusion.api import iter_run
@@ -91,17 +101,27 @@ def main() -> None:
     results = {}
     for area in GRIDS:
         for mode in ("tiles", "batched", "whole"):
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", model, str(area), mode],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--steps", str(args.steps), "--child", model, str(area), mode],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             results[(area, mode)] = json.loads(out.strip().splitlines()[-1])
-    print(f"tile = {TILE}x{TILE} latents, batch 1, CFG on; MB = peak memory of the sampling loop above the "
-          "pre-sampling level (after decoding in brackets)")
-    print(f"{'canvas':>7} | {'tiles: MB':>16} {'s/step':>7} | {'batched 4: MB':>16} {'s/step':>7} | {'whole canvas: MB':>16} {'s/step':>7} | batched/tiles time")
+    print(
+        f"tile = {TILE}x{TILE} latents, batch 1, CFG on; MB = peak memory of the sampling loop above the "
+        "pre-sampling level (after decoding in brackets)"
+    )
+    print(
+        f"{'canvas':>7} | {'tiles: MB':>16} {'s/step':>7} | {'batched 4: MB':>16} {'s/step':>7} | {'whole canvas: MB':>16} {'s/step':>7} | batched/tiles time"
+    )
     for area in GRIDS:
         t, b, w = (results[(area, m)] for m in ("tiles", "batched", "whole"))
         cell = lambda r: f"{r['peak_extra_mb']:6.1f} ({r['decode_peak_extra_mb']:6.1f})"  # noqa: E731
-        print(f"{area:>6}x | {cell(t):>16} {t['s_per_step']:7.3f} | {cell(b):>16} {b['s_per_step']:7.3f} | "
-              f"{cell(w):>16} {w['s_per_step']:7.3f} | {b['s_per_step'] / t['s_per_step']:.3f}")
+        print(
+            f"{area:>6}x | {cell(t):>16} {t['s_per_step']:7.3f} | {cell(b):>16} {b['s_per_step']:7.3f} | "
+            f"{cell(w):>16} {w['s_per_step']:7.3f} | {b['s_per_step'] / t['s_per_step']:.3f}"
+        )
 
 
 if __name__ == "__main__":

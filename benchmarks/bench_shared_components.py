@@ -8,6 +8,7 @@ storage once.
 from __future__ import annotations
 
 from common import tiny_models
+
 from multifusion.loading import held_bytes, load_models
 
 
@@ -22,7 +23,9 @@ def main() -> None:
     print(f"three models, sharing on:  {held_bytes(shared) / 1e6:.3f} MB")
     print(f"ratio on / off = {held_bytes(shared) / held_bytes(separate):.3f}")
     sd = {"unet": 3438e6, "text_encoder": 492e6, "vae": 335e6}  # SD 1.5 fp32 bytes, from its configs
-    print(f"same arithmetic for three SD-1.5 fine-tunes in fp32: {(3 * sd['unet'] + sd['text_encoder'] + sd['vae']) / (3 * sum(sd.values())):.3f}")
+    print(
+        f"same arithmetic for three SD-1.5 fine-tunes in fp32: {(3 * sd['unet'] + sd['text_encoder'] + sd['vae']) / (3 * sum(sd.values())):.3f}"
+    )
 
 
 if __name__ == "__main__":

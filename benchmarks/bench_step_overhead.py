@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import interleaved_medians, tiny_models
+
 from multifusion.loading import load_models
-from multifusion.schedulers import make_scheduler
 from multifusion.noise import SNB, Average
+from multifusion.schedulers import make_scheduler
 
 
 def main() -> None:
@@ -54,7 +54,9 @@ def main() -> None:
         def run():
             with torch.no_grad():
                 for g in guided:
-                    g.handle.unet(x2, t, encoder_hidden_states=torch.cat([g.negative.embeds, g.positive.embeds]), return_dict=False)
+                    g.handle.unet(
+                        x2, t, encoder_hidden_states=torch.cat([g.negative.embeds, g.positive.embeds]), return_dict=False
+                    )
 
         return run
 

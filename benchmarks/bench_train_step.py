@@ -47,7 +47,9 @@ def main() -> None:
         if i >= 3:
             times.append(time.perf_counter() - start)
     med = statistics.median(times)
-    print(f"zoo UNet training step, batch {args.batch}, 1 thread: median {med:.3f} s = {1 / med:.2f} steps/s over {args.steps} steps")
+    print(
+        f"zoo UNet training step, batch {args.batch}, 1 thread: median {med:.3f} s = {1 / med:.2f} steps/s over {args.steps} steps"
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,18 @@ def gib(n_bytes: float) -> str:
 
 
 def components_table(fps: dict[str, Footprint]) -> list[str]:
-    lines = ["| model | denoiser parameters (GiB) | text encoders' parameters (GiB) | VAE parameters (GiB) | "
-             "activations: denoiser call | activations: VAE decode |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | denoiser parameters (GiB) | text encoders' parameters (GiB) | VAE parameters (GiB) | "
+        "activations: denoiser call | activations: VAE decode |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, fp in fps.items():
         encoders = " + ".join(f"{k} {n:,}" for k, n in fp.text_encoders.items())
-        lines.append(f"| {name} | {fp.denoiser:,} ({gib(fp.denoiser * BYTES_PER_PARAM)}) | {encoders} "
-                     f"({gib(sum(fp.text_encoders.values()) * BYTES_PER_PARAM)}) | {fp.vae:,} "
-                     f"({gib(fp.vae * BYTES_PER_PARAM)}) | {gib(fp.denoiser_activations)} | {gib(fp.decode_activations)} |")
+        lines.append(
+            f"| {name} | {fp.denoiser:,} ({gib(fp.denoiser * BYTES_PER_PARAM)}) | {encoders} "
+            f"({gib(sum(fp.text_encoders.values()) * BYTES_PER_PARAM)}) | {fp.vae:,} "
+            f"({gib(fp.vae * BYTES_PER_PARAM)}) | {gib(fp.denoiser_activations)} | {gib(fp.decode_activations)} |"
+        )
     return lines
 
 

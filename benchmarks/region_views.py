@@ -20,8 +20,11 @@ from pathlib import Path
 def view_right(reading: dict, spec) -> bool:
     from multifusion.zoo.metrics import instance_success_rate
 
-    return (instance_success_rate([reading], [spec]) == 1.0 and (spec.background is None or reading["background"] == spec.background)
-            and (spec.style is None or reading["style"] == spec.style))
+    return (
+        instance_success_rate([reading], [spec]) == 1.0
+        and (spec.background is None or reading["background"] == spec.background)
+        and (spec.style is None or reading["style"] == spec.style)
+    )
 
 
 def main() -> None:
@@ -60,7 +63,9 @@ def main() -> None:
                     extra[k] += sum(x is not None for x in reading["slots"].values()) > len(spec.objects)
         for k in range(n_views):
             (a, b), (c, d) = wilson_interval(right[k], n), wilson_interval(anywhere[k], n)
-            print(f"| {rid} | {k} | {right[k] / n:.3f} [{a:.3f}, {b:.3f}] | {anywhere[k] / n:.3f} [{c:.3f}, {d:.3f}] | {extra[k] / n:.3f} |")
+            print(
+                f"| {rid} | {k} | {right[k] / n:.3f} [{a:.3f}, {b:.3f}] | {anywhere[k] / n:.3f} [{c:.3f}, {d:.3f}] | {extra[k] / n:.3f} |"
+            )
 
 
 if __name__ == "__main__":

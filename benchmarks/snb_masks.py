@@ -31,8 +31,12 @@ def main() -> None:
     app = get_app("fine-grained")
     handles = load_models([f"zoo:{r}" for r in app.roles], names=list(app.roles))
     bands = [(0, 3), (3, 10), (10, 20), (20, args.steps)]
-    print(f"{args.prompts} prompts x {args.seeds} seeds, {args.steps} DDIM steps; expert share of latent pixels (mean over images)\n")
-    print("| variant | steps | in the target slot | outside it | map max x HW (general, expert) | map min x HW (general, expert) |")
+    print(
+        f"{args.prompts} prompts x {args.seeds} seeds, {args.steps} DDIM steps; expert share of latent pixels (mean over images)\n"
+    )
+    print(
+        "| variant | steps | in the target slot | outside it | map max x HW (general, expert) | map min x HW (general, expert) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, params in (("faithful", {}), ("gate base", {"gate": "base"}), ("gate region", {"gate": "region"})):
         inside = {b: [] for b in bands}
@@ -43,23 +47,29 @@ def main() -> None:
             recipe = own_prompts("snb", app.roles, params)(p, {r: f"zoo:{r}" for r in app.roles})
             recipe["sampling"] = {"num_inference_steps": args.steps, "seed": 0, "num_images": args.seeds}
             records: list[dict] = []
-            list(Run(recipe, models=handles).batches(batch_size=args.seeds, progress=False, callback=lambda s: records.append(s.record)))
+            list(
+                Run(recipe, models=handles).batches(
+                    batch_size=args.seeds, progress=False, callback=lambda s: records.append(s.record)
+                )
+            )
             slot = SLOTS.index(p.scene.objects[0].slot)
             for i, rec in enumerate(records):
                 band = next(b for b in bands if b[0] <= i < b[1])
                 mask, maps = rec["snb/mask"][1, :, 0], rec["snb/maps"][:, :, 0]  # (B, H, W), (N, B, H, W)
                 w = mask.shape[-1]
                 cols = torch.zeros(w, dtype=torch.bool)
-                cols[round(slot * w / 3):round((slot + 1) * w / 3)] = True
+                cols[round(slot * w / 3) : round((slot + 1) * w / 3)] = True
                 inside[band].append(float(mask[..., cols].mean()))
                 outside[band].append(float(mask[..., ~cols].mean()))
                 hw = maps.shape[-1] * maps.shape[-2]
                 hi[band].append((maps.amax(dim=(-2, -1)) * hw).mean(dim=1).tolist())
                 lo[band].append((maps.amin(dim=(-2, -1)) * hw).mean(dim=1).tolist())
         for b in bands:
-            h, l = np.mean(hi[b], axis=0), np.mean(lo[b], axis=0)
-            print(f"| {name} | {b[0]}-{b[1] - 1} | {np.mean(inside[b]):.3f} | {np.mean(outside[b]):.3f} | "
-                  f"{h[0]:.2f}, {h[1]:.2f} | {l[0]:.2f}, {l[1]:.2f} |")
+            high, low = np.mean(hi[b], axis=0), np.mean(lo[b], axis=0)
+            print(
+                f"| {name} | {b[0]}-{b[1] - 1} | {np.mean(inside[b]):.3f} | {np.mean(outside[b]):.3f} | "
+                f"{high[0]:.2f}, {high[1]:.2f} | {low[0]:.2f}, {low[1]:.2f} |"
+            )
 
 
 if __name__ == "__main__":

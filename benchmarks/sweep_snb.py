@@ -40,16 +40,43 @@ FACTORS: dict[str, list[tuple[str, dict]]] = {
     "window (late: fuse from f to the end)": [(f"f={f}", _late(f)) for f in (0.0, 0.2, 0.4, 0.6, 0.8)],
     # Early: fuse from pure noise up to f, then the general model alone (t > t_s).
     "window (early: fuse from noise to f)": [(f"f={f}", _early(f)) for f in (0.2, 0.4, 0.6)],
-    "k (general, expert)": [(f"{a},{b}", {"k": [a, b]}) for a, b in ((1, 1), (1, 0.25), (1, 0.5), (1, 2), (1, 4), (4, 4), (16, 16))],
-    "blur": [(n, p) for n, p in (("box 4", {}), ("none", {"blur": "none"}), ("box 2", {"blur_size": 2}), ("box 8", {"blur_size": 8}),
-                                  ("gauss 1", {"blur": "gaussian", "blur_sigma": 1.0}), ("gauss 2", {"blur": "gaussian", "blur_sigma": 2.0}))],
-    "temperature": [(n, p) for n, p in (("hard", {}), ("0.1", {"temperature": 0.1}), ("0.5", {"temperature": 0.5}),
-                                         ("1", {"temperature": 1.0}), ("2", {"temperature": 2.0}))],
+    "k (general, expert)": [
+        (f"{a},{b}", {"k": [a, b]}) for a, b in ((1, 1), (1, 0.25), (1, 0.5), (1, 2), (1, 4), (4, 4), (16, 16))
+    ],
+    "blur": [
+        (n, p)
+        for n, p in (
+            ("box 4", {}),
+            ("none", {"blur": "none"}),
+            ("box 2", {"blur_size": 2}),
+            ("box 8", {"blur_size": 8}),
+            ("gauss 1", {"blur": "gaussian", "blur_sigma": 1.0}),
+            ("gauss 2", {"blur": "gaussian", "blur_sigma": 2.0}),
+        )
+    ],
+    "temperature": [
+        (n, p)
+        for n, p in (
+            ("hard", {}),
+            ("0.1", {"temperature": 0.1}),
+            ("0.5", {"temperature": 0.5}),
+            ("1", {"temperature": 1.0}),
+            ("2", {"temperature": 2.0}),
+        )
+    ],
     # Beyond the paper: the expert's map gated by the base's (the `gate` option), and the expert
     # told the object's slot ("a red striped circle on the left"; it was trained without slot words).
-    "variants": [(n, p) for n, p in (("faithful", {}), ("gate base", {"gate": "base"}), ("expert told the slot", {"expert_slot": True}),
-                                      ("gate + slot", {"gate": "base", "expert_slot": True}),
-                                      ("gate region", {"gate": "region"}), ("gate region + slot", {"gate": "region", "expert_slot": True}))],
+    "variants": [
+        (n, p)
+        for n, p in (
+            ("faithful", {}),
+            ("gate base", {"gate": "base"}),
+            ("expert told the slot", {"expert_slot": True}),
+            ("gate + slot", {"gate": "base", "expert_slot": True}),
+            ("gate region", {"gate": "region"}),
+            ("gate region + slot", {"gate": "region", "expert_slot": True}),
+        )
+    ],
 }
 
 GRID_ROWS = [("f=0.0", _late(0.0)), ("f=0.2", _late(0.2)), ("f=0.4", _late(0.4))]
@@ -64,7 +91,9 @@ def cell_key(params: dict) -> str:
 
 def cell_name(params: dict) -> str:
     full = {**DEFAULTS, **params}
-    return "_".join(f"{k}-{v}" for k, v in sorted(full.items())).replace(" ", "").replace("[", "").replace("]", "").replace(",", "-")
+    return (
+        "_".join(f"{k}-{v}" for k, v in sorted(full.items())).replace(" ", "").replace("[", "").replace("]", "").replace(",", "-")
+    )
 
 
 def run_cell(params: dict, app, handles, prompts, seeds: int, steps: int, judge, work: Path) -> list[dict]:
@@ -93,8 +122,15 @@ def run_cell(params: dict, app, handles, prompts, seeds: int, steps: int, judge,
         rows = []
         for seed, reading in enumerate(readings):
             hit, _ = sample_success(app, [reading], [p.target])
-            rows.append({"prompt": p.index, "seed": seed, "success": hit,
-                         "objects": sum(v is not None for v in reading["slots"].values()), "reading": reading})
+            rows.append(
+                {
+                    "prompt": p.index,
+                    "seed": seed,
+                    "success": hit,
+                    "objects": sum(v is not None for v in reading["slots"].values()),
+                    "reading": reading,
+                }
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps({"params": full, "images": rows}, sort_keys=True))
         out += rows
@@ -107,8 +143,13 @@ def summarise(images: list[dict]) -> dict:
     n = len(images)
     hits = sum(i["success"] for i in images)
     double = sum(i["objects"] >= 2 for i in images)
-    return {"n": n, "success": hits / n, "ci": wilson_interval(hits, n), "double": double / n,
-            "double_ci": wilson_interval(double, n)}
+    return {
+        "n": n,
+        "success": hits / n,
+        "ci": wilson_interval(hits, n),
+        "double": double / n,
+        "double_ci": wilson_interval(double, n),
+    }
 
 
 def _fmt(s: dict) -> str:
@@ -145,8 +186,14 @@ def figure(results: dict[str, dict], path: Path) -> None:
     for what in ("success", "double"):
         vals = np.array([[results[cell_key({**r, **c})][what] for _, c in GRID_COLS] for _, r in GRID_ROWS])
         label = "success" if what == "success" else "double-object rate"
-        panels.append(_panel(f"{label}: late window start (rows) x expert k (columns, general k = 1)",
-                             [n for n, _ in GRID_ROWS], [n for n, _ in GRID_COLS], vals))
+        panels.append(
+            _panel(
+                f"{label}: late window start (rows) x expert k (columns, general k = 1)",
+                [n for n, _ in GRID_ROWS],
+                [n for n, _ in GRID_COLS],
+                vals,
+            )
+        )
     width = max(p.width for p in panels)
     im = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
     y = 0
@@ -187,8 +234,11 @@ def main() -> None:
             results[key] = summarise(run_cell(params, app, handles, prompts, args.seeds, args.steps, judge, work))
         return results[key]
 
-    lines = [f"{args.prompts} prompts x {args.seeds} seeds per cell, {args.steps} DDIM steps, guidance 7.5; "
-             f"defaults: {json.dumps(DEFAULTS)}", ""]
+    lines = [
+        f"{args.prompts} prompts x {args.seeds} seeds per cell, {args.steps} DDIM steps, guidance 7.5; "
+        f"defaults: {json.dumps(DEFAULTS)}",
+        "",
+    ]
     for factor, cells in FACTORS.items():
         lines += [f"**{factor}**", "", "| value | params | success (95% CI) | double-object rate (95% CI) |", "|---|---|---|---|"]
         for name, params in cells:
@@ -196,8 +246,12 @@ def main() -> None:
             print(lines[-1], flush=True)
         lines.append("")
     if not args.no_grid:
-        lines += ["**late window start x expert k**", "", "| window | k | success (95% CI) | double-object rate (95% CI) |",
-                  "|---|---|---|---|"]
+        lines += [
+            "**late window start x expert k**",
+            "",
+            "| window | k | success (95% CI) | double-object rate (95% CI) |",
+            "|---|---|---|---|",
+        ]
         for rn, r in GRID_ROWS:
             for cn, c in GRID_COLS:
                 lines.append(f"| {rn} | {cn} | {_fmt(cell({**r, **c}))} |")

@@ -83,8 +83,10 @@ def figure(rows: list[dict], path: Path, panel: tuple[int, int] = (360, 240)) ->
 def table(rows: list[dict]) -> str:
     keys = [k for k in SHOWN if any(k in r["metrics"] for r in rows)]
     rows = sorted(rows, key=lambda r: (r["model"], r["total_steps"]))
-    out = ["| model | total steps | minutes since the last point | " + " | ".join(k.removeprefix("attr/") for k in keys) + " |",
-           "|---|---|---|" + "---|" * len(keys)]
+    out = [
+        "| model | total steps | minutes since the last point | " + " | ".join(k.removeprefix("attr/") for k in keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
     for r in rows:
         cells = [f"{100 * r['metrics'][k]:.0f}" if k in r["metrics"] else "-" for k in keys]
         out.append(f"| {r['model']} | {r['total_steps']} | {r['train_minutes']:.1f} | " + " | ".join(cells) + " |")
@@ -119,8 +121,14 @@ def main() -> None:
             train_minutes = (time.time() - t0) / 60
             result = evaluate_model(model, args.n, prompts=name, judge=judge)
             metrics = {k: float(v) for k, v in result.items() if k in SHOWN}
-            row = {"model": name, "steps": steps, "total_steps": shipped_steps(name) + steps, "n": args.n,
-                   "train_minutes": train_minutes, "metrics": metrics}
+            row = {
+                "model": name,
+                "steps": steps,
+                "total_steps": shipped_steps(name) + steps,
+                "n": args.n,
+                "train_minutes": train_minutes,
+                "metrics": metrics,
+            }
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name} +{steps}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)

@@ -14,14 +14,15 @@ the registry by `method_function`, so a new method needs no code here).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from multifusion.errors import RecipeError, SamplingError, clip, did_you_mean
 from multifusion.canvas import canvas_size, check_canvas, check_patch_grid
+from multifusion.errors import RecipeError, SamplingError, clip, did_you_mean
 from multifusion.families import check_compatible, facts_of
 from multifusion.handles import ModelHandle, Offloader
 from multifusion.loading import load_models
@@ -29,8 +30,8 @@ from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
 from multifusion.recipe import MERGE_PREFIX, Recipe, parse_recipe
 from multifusion.registry import get_method
-from multifusion.validate import check_devices, check_model_fields, validate
 from multifusion.vae import decode, to_pil
+from multifusion.validate import check_devices, check_model_fields, validate
 
 
 @dataclass
@@ -48,17 +49,21 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     in memory from its models (`multifusion.weights.merge_in_memory`)."""
     rt = recipe.runtime
     plain = [i for i, m in enumerate(recipe.models) if not m.model.startswith(MERGE_PREFIX)]
-    loaded = load_models(
-        [recipe.models[i].model for i in plain],
-        names=[recipe.models[i].label for i in plain],
-        configs=[recipe.models[i].config for i in plain],
-        vaes=[recipe.models[i].vae for i in plain],
-        dtype=rt.dtype,
-        device=rt.device,
-        offload=rt.offload,
-        allow_pickle=rt.allow_pickle,
-        fields=[f"models[{i}].model" for i in plain],
-    ) if plain else []
+    loaded = (
+        load_models(
+            [recipe.models[i].model for i in plain],
+            names=[recipe.models[i].label for i in plain],
+            configs=[recipe.models[i].config for i in plain],
+            vaes=[recipe.models[i].vae for i in plain],
+            dtype=rt.dtype,
+            device=rt.device,
+            offload=rt.offload,
+            allow_pickle=rt.allow_pickle,
+            fields=[f"models[{i}].model" for i in plain],
+        )
+        if plain
+        else []
+    )
     if len(plain) == len(recipe.models):
         return loaded
     from multifusion.loading import share_components
@@ -73,9 +78,11 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
             handles.append(by_index[i])
             continue
         if m.model not in merged:  # one merge named twice is merged once
-            entry = recipe.merges[m.model[len(MERGE_PREFIX):]]
+            entry = recipe.merges[m.model[len(MERGE_PREFIX) :]]
             # Offloaded: merged on the CPU, then moved by the run's offloader like every model.
-            h = merge_in_memory(entry.models, spec_of(entry), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
+            h = merge_in_memory(
+                entry.models, spec_of(entry), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device
+            )
             merged[m.model] = replace(h, device=torch.device(rt.device), offloader=offloader) if rt.offload else h
         handles.append(replace(merged[m.model], name=m.label))
     share_components(handles)
@@ -131,8 +138,14 @@ class Run:
     def handles(self) -> list[ModelHandle]:
         return self.ctx.handles
 
-    def batch(self, seeds: Sequence[int], *, callback: Callable[[Step], None] | None = None, progress: bool = True,
-              desc: str | None = None) -> Result:
+    def batch(
+        self,
+        seeds: Sequence[int],
+        *,
+        callback: Callable[[Step], None] | None = None,
+        progress: bool = True,
+        desc: str | None = None,
+    ) -> Result:
         """Sample and decode the images of `seeds` (image i of the recipe has seed sampling.seed + i).
         SamplingError when memory runs out, saying how much one allocation needed and what to lower."""
         try:
@@ -141,16 +154,23 @@ class Run:
             needed = allocation_failure(err)
             if needed is None:
                 raise
-            r, (c, h, w) = self.recipe, self.latent_shape
+            r, (_, h, w) = self.recipe, self.latent_shape
             f = self.ctx.vae_scale_factor
             raise SamplingError(
                 f"out of memory: one allocation needed {needed} for {len(seeds)} image(s) of {h * f}x{w * f} px "
                 f"(sampling.height x sampling.width; runtime.max_pixels is {r.runtime.max_pixels:,}). Lower sampling.height "
                 "and sampling.width (or runtime.max_pixels back to its default), the batch size (--batch-size), or set "
-                "runtime.offload / runtime.vae_device: cpu") from None
+                "runtime.offload / runtime.vae_device: cpu"
+            ) from None
 
-    def _batch(self, seeds: Sequence[int], *, callback: Callable[[Step], None] | None = None, progress: bool = True,
-               desc: str | None = None) -> Result:
+    def _batch(
+        self,
+        seeds: Sequence[int],
+        *,
+        callback: Callable[[Step], None] | None = None,
+        progress: bool = True,
+        desc: str | None = None,
+    ) -> Result:
         r = self.recipe
         seeds = [int(s) for s in seeds]
         if not seeds or any(not 0 <= s < 2**63 for s in seeds):
@@ -158,35 +178,59 @@ class Run:
         indices = [s - r.sampling.seed for s in seeds]
         outside = [s for s, i in zip(seeds, indices) if not 0 <= i < r.sampling.num_images]
         if outside and any(isinstance(m.prompt, list) for m in r.models):
-            raise RecipeError(f"seeds: {outside} lie outside the recipe's images (seeds {r.sampling.seed} to "
-                              f"{r.sampling.seed + r.sampling.num_images - 1}), and its per-image prompts have none for them")
+            raise RecipeError(
+                f"seeds: {outside} lie outside the recipe's images (seeds {r.sampling.seed} to "
+                f"{r.sampling.seed + r.sampling.num_images - 1}), and its per-image prompts have none for them"
+            )
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         batch = Batch(seeds, indices, initial_noise(self.latent_shape, generators))
         plan = self.method.plan(self.prepared, batch)
         base = self.handles[0]
         trajectories = [
-            replace(tr, scheduler=tr.scheduler if tr.scheduler is not None else base.scheduler(r.sampling.scheduler, self.latent_shape[1:]),
-                    noise=tr.noise if tr.noise is not None else batch.noise)
+            replace(
+                tr,
+                scheduler=tr.scheduler
+                if tr.scheduler is not None
+                else base.scheduler(r.sampling.scheduler, self.latent_shape[1:]),
+                noise=tr.noise if tr.noise is not None else batch.noise,
+            )
             for tr in plan.trajectories
         ]
-        latents = sample(trajectories, num_inference_steps=r.sampling.num_inference_steps, generators=generators,
-                         eta=r.sampling.eta, meet=plan.meet, callback=callback, progress=progress,
-                         desc=desc or f"{r.method} seeds {seeds[0]}-{seeds[-1]}")[plan.output]
+        latents = sample(
+            trajectories,
+            num_inference_steps=r.sampling.num_inference_steps,
+            generators=generators,
+            eta=r.sampling.eta,
+            meet=plan.meet,
+            callback=callback,
+            progress=progress,
+            desc=desc or f"{r.method} seeds {seeds[0]}-{seeds[-1]}",
+        )[plan.output]
         if latents is None:
             raise RuntimeError(f"method {r.method!r} stopped its output trajectory {plan.output} before the last step")
         images = to_pil(decode(base.ready_vae(r.runtime.vae_device), latents))
         return Result(images, latents, seeds, r)
 
-    def batches(self, seeds: Sequence[int] | None = None, *, batch_size: int = 4, callback: Callable[[Step], None] | None = None,
-                progress: bool = True) -> Iterator[Result]:
+    def batches(
+        self,
+        seeds: Sequence[int] | None = None,
+        *,
+        batch_size: int = 4,
+        callback: Callable[[Step], None] | None = None,
+        progress: bool = True,
+    ) -> Iterator[Result]:
         """`batch` over `seeds` (default: the recipe's) in groups of `batch_size`, each yielded
         as it finishes so a caller can save it before the next starts."""
         check_batch_size(batch_size)
         seeds = list(self.recipe.seeds() if seeds is None else seeds)
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start : start + batch_size]
-            yield self.batch(chunk, callback=callback, progress=progress,
-                             desc=f"{self.recipe.method} images {start + 1}-{start + len(chunk)}/{len(seeds)}")
+            yield self.batch(
+                chunk,
+                callback=callback,
+                progress=progress,
+                desc=f"{self.recipe.method} images {start + 1}-{start + len(chunk)}/{len(seeds)}",
+            )
 
 
 def allocation_failure(err: BaseException) -> str | None:
@@ -223,8 +267,12 @@ def iter_run(
 def run(recipe: Recipe | dict | str | Path, **kwargs: Any) -> Result:
     """Run a recipe and return all its images (see `iter_run` for the arguments)."""
     parts = list(iter_run(recipe, **kwargs))
-    return Result([im for p in parts for im in p.images], torch.cat([p.latents for p in parts]),
-                  [s for p in parts for s in p.seeds], parts[0].recipe)
+    return Result(
+        [im for p in parts for im in p.images],
+        torch.cat([p.latents for p in parts]),
+        [s for p in parts for s in p.seeds],
+        parts[0].recipe,
+    )
 
 
 _SAMPLING_DOC = """
@@ -258,8 +306,10 @@ def fuse(
     known = set(m.params.model_fields) | set(SAMPLING_KEYS) | set(RUN_KEYS)
     for key in kwargs:
         if key not in known:
-            raise RecipeError(f"{key}: not a parameter of method {method!r} nor a sampling or run keyword"
-                              f"{did_you_mean(key, known)} (parameters: {', '.join(m.params.model_fields) or 'none'})")
+            raise RecipeError(
+                f"{key}: not a parameter of method {method!r} nor a sampling or run keyword"
+                f"{did_you_mean(key, known)} (parameters: {', '.join(m.params.model_fields) or 'none'})"
+            )
 
     def per_model(name: str, value: Any) -> list:
         values = list(value) if isinstance(value, (list, tuple)) else [value] * len(models)
@@ -268,14 +318,32 @@ def fuse(
         return values
 
     entries = []
-    for x, p, g, n, t in zip(models, per_model("prompts", prompts), per_model("guidance_scale", guidance_scale),
-                             per_model("negative_prompt", negative_prompt), per_model("true_cfg_scale", true_cfg_scale)):
+    for x, p, g, n, t in zip(
+        models,
+        per_model("prompts", prompts),
+        per_model("guidance_scale", guidance_scale),
+        per_model("negative_prompt", negative_prompt),
+        per_model("true_cfg_scale", true_cfg_scale),
+    ):
         entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
-        entries.append({**entry, **({"prompt": p} if p is not None else {}), "guidance_scale": g, "negative_prompt": n,
-                        **({"true_cfg_scale": t} if t is not None else {})})
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in m.params.model_fields and v is not None}
-    recipe: dict[str, Any] = {"method": method, "models": entries, "params": params,
-                              "sampling": {k: kwargs[k] for k in SAMPLING_KEYS if kwargs.get(k) is not None}}
+        entries.append(
+            {
+                **entry,
+                **({"prompt": p} if p is not None else {}),
+                "guidance_scale": g,
+                "negative_prompt": n,
+                **({"true_cfg_scale": t} if t is not None else {}),
+            }
+        )
+    params = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in m.params.model_fields and v is not None
+    }
+    recipe: dict[str, Any] = {
+        "method": method,
+        "models": entries,
+        "params": params,
+        "sampling": {k: kwargs[k] for k in SAMPLING_KEYS if kwargs.get(k) is not None},
+    }
     if kwargs.get("runtime") is not None:
         recipe["runtime"] = kwargs["runtime"]
     run_kwargs = {k: kwargs[k] for k in ("batch_size", "callback", "progress") if k in kwargs}
@@ -290,11 +358,16 @@ def method_function(name: str) -> Callable[..., Result]:
         return fuse(name, models, prompts, **kwargs)
 
     kw = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-              inspect.Parameter("negative_prompt", kw, default=""), inspect.Parameter("guidance_scale", kw, default=7.5),
-              inspect.Parameter("true_cfg_scale", kw, default=None)]
-    params += [inspect.Parameter(f, kw, default=info.get_default(call_default_factory=True)) for f, info in m.params.model_fields.items()]
+    params = [
+        inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        inspect.Parameter("negative_prompt", kw, default=""),
+        inspect.Parameter("guidance_scale", kw, default=7.5),
+        inspect.Parameter("true_cfg_scale", kw, default=None),
+    ]
+    params += [
+        inspect.Parameter(f, kw, default=info.get_default(call_default_factory=True)) for f, info in m.params.model_fields.items()
+    ]
     params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     call.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     call.__name__ = call.__qualname__ = name.replace("-", "_")
@@ -314,8 +387,10 @@ def check_stem(stem: str, where: str = "stem") -> str:
 
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     if not isinstance(stem, str) or not stem or stem in (".", "..") or any(c in stem for c in seps) or "\0" in stem:
-        raise RecipeError(f"{where}: {stem!r} is not a plain file name (no folders, '..' or absolute paths: images are "
-                          "written inside the output folder only); give a name such as 'portrait'")
+        raise RecipeError(
+            f"{where}: {stem!r} is not a plain file name (no folders, '..' or absolute paths: images are "
+            "written inside the output folder only); give a name such as 'portrait'"
+        )
     return stem
 
 
@@ -349,8 +424,9 @@ def _already_made(path: Path, recipe_json: str, seed: int, overwrite: bool) -> b
     if same and have.get("seed") == seed and whole:
         return True  # finished: same recipe, and every pixel decodes
     if whole and not same:
-        raise RecipeError(f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder "
-                          "or name, or overwrite it")
+        raise RecipeError(
+            f"out: {str(path)!r} exists and was made by a different recipe; choose another output folder or name, or overwrite it"
+        )
     return False  # a damaged file (truncated, or its metadata unreadable) under our name: made again
 
 
@@ -439,8 +515,16 @@ def generate_to_folder(
     recipe = as_recipe(recipe)
     check_stem(stem)
     paths = [Path(out) / image_name(stem, seed) for seed in recipe.seeds()]
-    for written in write_images(recipe, out, lambda seed: image_name(stem, seed), models=models, batch_size=batch_size,
-                                overwrite=overwrite, pictures=export_masks, progress=progress):
+    for written in write_images(
+        recipe,
+        out,
+        lambda seed: image_name(stem, seed),
+        models=models,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        pictures=export_masks,
+        progress=progress,
+    ):
         paths += written.pictures
     return paths
 

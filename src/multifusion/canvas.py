@@ -20,9 +20,11 @@ def pixels_problem(height: int, width: int, max_pixels: int) -> str | None:
     if pixels <= max_pixels:
         return None
     need = pixels * 3 * 4
-    return (f"{height} x {width} = {pixels:,} pixels exceeds runtime.max_pixels ({max_pixels:,}); one image needs "
-            f"at least {need / 2**30:,.1f} GiB for its decoded float32 pixels alone, and far more for the UNet's "
-            "activations. Use a smaller canvas, or raise runtime.max_pixels on purpose if the machine has the memory")
+    return (
+        f"{height} x {width} = {pixels:,} pixels exceeds runtime.max_pixels ({max_pixels:,}); one image needs "
+        f"at least {need / 2**30:,.1f} GiB for its decoded float32 pixels alone, and far more for the UNet's "
+        "activations. Use a smaller canvas, or raise runtime.max_pixels on purpose if the machine has the memory"
+    )
 
 
 def check_pixels(height: int, width: int, max_pixels: int, where: str) -> None:
@@ -33,7 +35,7 @@ def check_pixels(height: int, width: int, max_pixels: int, where: str) -> None:
 
 
 def grid_hint(v: int, step: int, *, positive: bool = False) -> str:
-    """"use A or B": the multiples of `step` around `v` (A at least `step` when `positive`)."""
+    """ "use A or B": the multiples of `step` around `v` (A at least `step` when `positive`)."""
     below = v // step * step
     return f"use {max(step, below) if positive else below} or {below + step}"
 
@@ -43,8 +45,10 @@ def check_patch_grid(height: int, width: int, patch_px: int, family: str) -> Non
     in patches (2x2 for SD3 and FLUX), so its sides are multiples of VAE factor x patch side."""
     for side, v in (("height", height), ("width", width)):
         if v % patch_px:
-            raise RecipeError(f"sampling.{side}: {v} is not a multiple of {patch_px}, the patch grid of {family} models "
-                              f"(VAE factor x the transformer's patch side); {grid_hint(v, patch_px, positive=True)}")
+            raise RecipeError(
+                f"sampling.{side}: {v} is not a multiple of {patch_px}, the patch grid of {family} models "
+                f"(VAE factor x the transformer's patch side); {grid_hint(v, patch_px, positive=True)}"
+            )
 
 
 def check_box_on_patch_grid(where: str, box: tuple[int, int, int, int], factor: int, patch_px: int, family: str) -> None:
@@ -55,8 +59,10 @@ def check_box_on_patch_grid(where: str, box: tuple[int, int, int, int], factor: 
     for name, v in zip(("row_init", "row_end", "col_init", "col_end"), box):
         px = v * factor
         if px % patch_px:
-            raise RecipeError(f"{where}.{name}: {px} px is not on the {patch_px}-pixel patch grid of {family} models (a region "
-                              f"must be whole transformer patches); {grid_hint(px, patch_px)}")
+            raise RecipeError(
+                f"{where}.{name}: {px} px is not on the {patch_px}-pixel patch grid of {family} models (a region "
+                f"must be whole transformer patches); {grid_hint(px, patch_px)}"
+            )
 
 
 def check_canvas(recipe: Recipe, method: Method, params: Params, factor: int, default: int | None) -> tuple[int, int] | None:
@@ -77,7 +83,9 @@ def canvas_size(recipe: Recipe, method: Method, params: Params, factor: int, def
     if fixed is not None:
         for side, given, need in (("height", h, fixed[0]), ("width", w, fixed[1])):
             if given is not None and given != need:
-                raise RecipeError(f"sampling.{side}: {given} contradicts the tiles' canvas {side} {need}; drop sampling.{side} or change the tiles")
+                raise RecipeError(
+                    f"sampling.{side}: {given} contradicts the tiles' canvas {side} {need}; drop sampling.{side} or change the tiles"
+                )
         h, w = fixed
     h = h or default
     w = w or default
@@ -88,5 +96,10 @@ def canvas_size(recipe: Recipe, method: Method, params: Params, factor: int, def
                 f"{grid_hint(v, factor, positive=True)}"
             )
     if h is not None and w is not None:
-        check_pixels(h, w, recipe.runtime.pixel_limit, "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width")
+        check_pixels(
+            h,
+            w,
+            recipe.runtime.pixel_limit,
+            "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width",
+        )
     return None if h is None or w is None else (h, w)

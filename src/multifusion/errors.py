@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def did_you_mean(name: str, options: Iterable[str], prefix: str = "") -> str:
-    """"; did you mean 'X'?" for the option closest to a misspelt `name`, or "" when none is close."""
+    """ "; did you mean 'X'?" for the option closest to a misspelt `name`, or "" when none is close."""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
@@ -57,7 +57,7 @@ def field_path(parts: Iterable[str | int], prefix: str = "") -> str:
     return f"{prefix}.{text}" if prefix and text else (prefix or text)
 
 
-def format_validation_error(err: "ValidationError", prefix: str = "", unknown: Callable[[list], str] | None = None) -> str:
+def format_validation_error(err: ValidationError, prefix: str = "", unknown: Callable[[list], str] | None = None) -> str:
     """One line per problem of a pydantic ValidationError, each starting with the field it names
     (under `prefix`, e.g. "params"), what is wrong and the value given. A validator that raises
     `FieldError` names its own field. `unknown(location)` words the error of an unknown field."""
@@ -71,7 +71,11 @@ def format_validation_error(err: "ValidationError", prefix: str = "", unknown: C
         if e["type"] == "extra_forbidden":
             msg = unknown(parts) if unknown else "unknown field (check the spelling)"
         got = e.get("input")
-        shown = f" (got {shorten(got)})" if got is not None and not isinstance(got, dict) and e["type"] not in ("missing", "extra_forbidden") else ""
+        shown = (
+            f" (got {shorten(got)})"
+            if got is not None and not isinstance(got, dict) and e["type"] not in ("missing", "extra_forbidden")
+            else ""
+        )
         lines.append(f"{field_path(parts, prefix) or 'recipe'}: {msg}{shown}")
     return "invalid recipe:\n  " + "\n  ".join(lines)
 

@@ -12,8 +12,9 @@ model in one call) and `cfg` work on any family.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -24,9 +25,7 @@ class NoiseFn(Protocol):
 
     ``record``, when a dict, collects named tensors for the step callback (masks, maps)."""
 
-    def __call__(
-        self, x_t: torch.Tensor, t: torch.Tensor, record: dict[str, Any] | None = None
-    ) -> torch.Tensor: ...
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict[str, Any] | None = None) -> torch.Tensor: ...
 
 
 class Offloader:
@@ -73,19 +72,24 @@ class Conditioning:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def __getitem__(self, rows: slice) -> "Conditioning":
+    def __getitem__(self, rows: slice) -> Conditioning:
         return Conditioning(self.embeds[rows], {k: v[rows] for k, v in self.extra.items()})
 
-    def to(self, device: torch.device | str) -> "Conditioning":
+    def to(self, device: torch.device | str) -> Conditioning:
         return Conditioning(self.embeds.to(device), {k: v.to(device) for k, v in self.extra.items()})
 
     @staticmethod
-    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """Stack conditionings of one model along the batch (all must carry the same extras)."""
         keys = set(parts[0].extra)
         if any(set(p.extra) != keys for p in parts):
-            raise ValueError("conditionings to batch together carry different extras: " + ", ".join(sorted({k for p in parts for k in p.extra})))
-        return Conditioning(torch.cat([p.embeds for p in parts]), {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra})
+            raise ValueError(
+                "conditionings to batch together carry different extras: "
+                + ", ".join(sorted({k for p in parts for k in p.extra}))
+            )
+        return Conditioning(
+            torch.cat([p.embeds for p in parts]), {k: torch.cat([p.extra[k] for p in parts]) for k in parts[0].extra}
+        )
 
 
 @dataclass(eq=False)
@@ -221,7 +225,7 @@ class ModelHandle:
         negative_prompt: str | list[str] = "",
         guidance_scale: float = 7.5,
         batch_size: int = 1,
-    ) -> "Guided":
+    ) -> Guided:
         """A noise function for this model, conditioned on `prompt` with its own guidance."""
         prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -309,11 +313,16 @@ class Guided:
     def batch_size(self) -> int:
         return len(self.positive)
 
-    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "Guided":
+    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> Guided:
         """This conditioning for the latent window `box` of a canvas (see `ModelHandle.for_window`)."""
         h = self.handle
-        return Guided(h, h.for_window(self.positive, box, canvas), h.for_window(self.negative, box, canvas),
-                      self.guidance_scale, self.prompts)
+        return Guided(
+            h,
+            h.for_window(self.positive, box, canvas),
+            h.for_window(self.negative, box, canvas),
+            self.guidance_scale,
+            self.prompts,
+        )
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, need_uncond: bool = False) -> GuidedPrediction:
         return predict_together([self], [x_t], t, need_uncond)[0]

@@ -10,9 +10,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -82,8 +82,10 @@ def read_png_metadata(path: str | Path) -> dict:
     except ValueError as err:
         raise RecipeError(f"{str(path)!r}: its multifusion metadata is not JSON ({err})") from None
     except RecursionError:  # e.g. 100,000 nested brackets: no recipe nests that deep
-        raise RecipeError(f"{str(path)!r}: its multifusion metadata nests too deeply to be a recipe; it was not written by "
-                          "`multifusion generate`") from None
+        raise RecipeError(
+            f"{str(path)!r}: its multifusion metadata nests too deeply to be a recipe; it was not written by "
+            "`multifusion generate`"
+        ) from None
     if not isinstance(meta, dict):
         raise RecipeError(f"{str(path)!r}: its multifusion metadata is a {type(meta).__name__}, not an object with a `recipe`")
     return meta
@@ -111,8 +113,10 @@ def check_output_dir(where: str, path: str | Path) -> Path:
     path = Path(path)
     dangling = next((p for p in [path, *path.parents] if p.is_symlink() and not p.exists()), None)
     if dangling is not None:  # mkdir would fail on it after all the work (FileExistsError)
-        raise RecipeError(f"{where}: {str(dangling)!r} is a symbolic link to something that does not exist; remove the link "
-                          "or choose another folder")
+        raise RecipeError(
+            f"{where}: {str(dangling)!r} is a symbolic link to something that does not exist; remove the link "
+            "or choose another folder"
+        )
     existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor) or str(p) == ".")
     if not existing.is_dir():
         what = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
@@ -122,7 +126,9 @@ def check_output_dir(where: str, path: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise RecipeError(f"{where}: cannot write in {str(existing)!r} ({err.strerror or err}); choose a writable folder") from None
+        raise RecipeError(
+            f"{where}: cannot write in {str(existing)!r} ({err.strerror or err}); choose a writable folder"
+        ) from None
     return path
 
 
@@ -132,7 +138,9 @@ def read_rgb_image(where: str, path: str | Path, size: tuple[int, int]) -> torch
     check_image_file(where, path)
     with Image.open(path) as im:
         if im.mode not in ("RGB", "L"):
-            raise RecipeError(f"{where}: {str(path)!r} has mode {im.mode}; give an RGB image (e.g. convert it with PIL: im.convert('RGB'))")
+            raise RecipeError(
+                f"{where}: {str(path)!r} has mode {im.mode}; give an RGB image (e.g. convert it with PIL: im.convert('RGB'))"
+            )
         im = im.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
         arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size[0], size[1], 3)
     return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -147,7 +155,9 @@ def check_image_file(where: str, path: str | Path) -> None:
         raise RecipeError(f"{where}: {str(path)!r} is not an image PIL can read (or it is damaged); give a PNG or JPEG file")
 
 
-def grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str] | None = None, cell: int = 128) -> Image.Image:
+def grid(
+    images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str] | None = None, cell: int = 128
+) -> Image.Image:
     """A labelled grid: one row per label, images scaled to `cell` pixels high keeping their
     aspect ratio (nearest neighbour, so small zoo images stay crisp); each column as wide as its
     widest image."""
@@ -178,8 +188,13 @@ def file_fingerprint(path: str | Path, *, whole_below: int = 256 << 20) -> str:
     """Content hash of a file or a folder (names, sizes and bytes of every file; for files over
     ``whole_below`` bytes only the first and last MiB, so a multi-GB checkpoint costs nothing)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    )
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size

@@ -72,9 +72,7 @@ def resolve(text: str, *, config: str | None = None, allow_pickle: bool = False)
         if not path.is_file():
             raise ModelLoadError(f"checkpoint file {text!r} does not exist")
         if config is not None and not (Path(config) / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"config {config!r} for {text!r} is not a diffusers pipeline folder (no model_index.json)"
-            )
+            raise ModelLoadError(f"config {config!r} for {text!r} is not a diffusers pipeline folder (no model_index.json)")
         return ModelRef(text, "single_file", str(path), config)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -116,8 +114,15 @@ def check_weight_files(ref: ModelRef) -> None:
 
 def _pickle_only_components(root: Path) -> list[str]:
     """Component folders of a pipeline folder with pickle weights and no .safetensors ones."""
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not any(d.glob("*.safetensors"))
-                  and any(f.suffix.lower() in PICKLE_SUFFIXES for f in d.iterdir())) if root.is_dir() else []
+    return (
+        sorted(
+            d.name
+            for d in root.iterdir()
+            if d.is_dir() and not any(d.glob("*.safetensors")) and any(f.suffix.lower() in PICKLE_SUFFIXES for f in d.iterdir())
+        )
+        if root.is_dir()
+        else []
+    )
 
 
 def _config_root(ref: ModelRef) -> Path | None:
@@ -161,8 +166,10 @@ def resolve_vae(text: str, *, allow_pickle: bool = False) -> ModelRef:
     path = Path(text).expanduser()
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise PickleRefusedError(f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it to "
-                                 ".safetensors, or set runtime.allow_pickle if you trust its source")
+        raise PickleRefusedError(
+            f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it to "
+            ".safetensors, or set runtime.allow_pickle if you trust its source"
+        )
     if suffix in PICKLE_SUFFIXES or suffix == ".safetensors":
         if not path.is_file():
             raise ModelLoadError(f"VAE file {text!r} does not exist")
@@ -172,8 +179,10 @@ def resolve_vae(text: str, *, allow_pickle: bool = False) -> ModelRef:
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"folder {text!r} is not a diffusers VAE (no config.json, nor vae/config.json); name the "
-                                 "VAE's folder, a pipeline folder, or a single .safetensors VAE file")
+            raise ModelLoadError(
+                f"folder {text!r} is not a diffusers VAE (no config.json, nor vae/config.json); name the "
+                "VAE's folder, a pipeline folder, or a single .safetensors VAE file"
+            )
         for f in sorted(folder.glob("*.safetensors")):
             check_safetensors(f)
         return ModelRef(text, "folder", str(folder))
@@ -194,13 +203,14 @@ def vae_mismatch(vae: dict, unet_in_channels: int, scaling_factor: float, vae_sc
     """What makes a replacement VAE (its config) unfit for a model whose UNet takes
     `unet_in_channels` latent channels and whose own VAE has `scaling_factor` and downsampling
     `vae_scale_factor`; None when it fits."""
-    got = (vae.get("latent_channels", 4), vae_factor(vae),
-           round(float(vae.get("scaling_factor", 0.18215)), 6))
+    got = (vae.get("latent_channels", 4), vae_factor(vae), round(float(vae.get("scaling_factor", 0.18215)), 6))
     want = (unet_in_channels, vae_scale_factor, round(scaling_factor, 6))
     for what, a, b in zip(("latent channels", "downsampling factor", "scaling_factor"), got, want):
         if a != b:
-            return (f"its {what} is {a}, the model's VAE has {b}: it encodes another latent space (an SD-1.x VAE on an "
-                    "SDXL model, or the reverse?); give a VAE made for this model's family")
+            return (
+                f"its {what} is {a}, the model's VAE has {b}: it encodes another latent space (an SD-1.x VAE on an "
+                "SDXL model, or the reverse?); give a VAE made for this model's family"
+            )
     return None
 
 
@@ -212,8 +222,10 @@ def _load_vae(ref: ModelRef, model: ModelRef, cls: type, dtype: torch.dtype, all
             return cls.from_pretrained(ref.location, use_safetensors=None if allow_pickle else True, **{_DTYPE_KWARG: dtype})
         root = model.location if model.kind in ("folder", "zoo") else model.config
         if root is None:
-            raise ModelLoadError(f"the single-file VAE {ref.text!r} needs its model's diffusers config, and {model.text!r} "
-                                 "has none here: give the model a `config:` folder, or the VAE as a diffusers folder")
+            raise ModelLoadError(
+                f"the single-file VAE {ref.text!r} needs its model's diffusers config, and {model.text!r} "
+                "has none here: give the model a `config:` folder, or the VAE as a diffusers folder"
+            )
         return cls.from_single_file(ref.location, config=root, subfolder="vae", **{_DTYPE_KWARG: dtype})
     except ModelLoadError:
         raise
@@ -364,8 +376,9 @@ def load_model(
     if vae_ref is not None:
         own = pipe.vae
         replacement = _load_vae(vae_ref, ref, type(own), torch_dtype, allow_pickle)
-        problem = vae_mismatch(dict(replacement.config), int(own.config.latent_channels), float(own.config.scaling_factor),
-                               vae_factor(own.config))
+        problem = vae_mismatch(
+            dict(replacement.config), int(own.config.latent_channels), float(own.config.scaling_factor), vae_factor(own.config)
+        )
         if problem:
             raise IncompatibleModelsError(f"VAE {vae!r} does not fit {ref.text!r}: {problem}")
         pipe.vae = replacement
@@ -428,8 +441,9 @@ def load_models(
             handles.append(dataclasses.replace(base, name=name or ref.text))
             continue
         try:
-            h = load_model(ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle,
-                           vae=vaes[k])
+            h = load_model(
+                ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle, vae=vaes[k]
+            )
         except (ModelLoadError, IncompatibleModelsError) as err:
             raise named(k, err) from err.__cause__
         cache[key] = h

@@ -22,7 +22,9 @@ UNUSED = ("CLIPImageProcessor", "SiglipImageProcessor")
 class _UnusedImageProcessors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not any(text.startswith(f"`{name}` requires torchvision (not installed); falling back to `{name}Pil`") for name in UNUSED)
+        return not any(
+            text.startswith(f"`{name}` requires torchvision (not installed); falling back to `{name}Pil`") for name in UNUSED
+        )
 
 
 def quiet_unused_image_processors() -> None:

@@ -16,8 +16,9 @@ schedules can run side by side as long as they take the same number of steps.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -107,8 +108,10 @@ def trajectory_positions(scheduler) -> list[tuple[float, float]]:
     if hasattr(scheduler, "position"):
         return [scheduler.position(t) for t in scheduler.timesteps]
     if not hasattr(scheduler, "alphas_cumprod"):
-        raise ValueError(f"{type(scheduler).__name__} has neither alphas_cumprod (a DDPM noise schedule) nor position(t): "
-                         "the loop cannot tell where its timesteps lie on the trajectory")
+        raise ValueError(
+            f"{type(scheduler).__name__} has neither alphas_cumprod (a DDPM noise schedule) nor position(t): "
+            "the loop cannot tell where its timesteps lie on the trajectory"
+        )
     timesteps = scheduler.timesteps.cpu()
     alpha_bar = alpha_bar_at(scheduler.alphas_cumprod, timesteps)
     n = len(scheduler.alphas_cumprod)
@@ -127,12 +130,16 @@ def _step_kwargs(scheduler, eta: float, generators) -> dict[str, Any]:
 
 def _not_finite(step: Step, k: int, n_trajectories: int) -> str:
     eps = step.eps[k]
-    where = "the noise prediction" if eps is not None and not bool(torch.isfinite(eps).all()) else "the scheduler step or the meeting"
+    where = (
+        "the noise prediction" if eps is not None and not bool(torch.isfinite(eps).all()) else "the scheduler step or the meeting"
+    )
     which = f" of trajectory {k}" if n_trajectories > 1 else ""
-    return (f"sampling step {step.step + 1} of {step.num_steps} (timestep {float(step.t[k]):g}): the latents{which} are no "
-            f"longer finite (NaN or inf), first in {where}. Likely causes: a guidance scale or method weight so large "
-            "that values overflow, float16 weights overflowing (try runtime.dtype float32 or bfloat16), eta or a "
-            "scheduler unsuited to these models, or a checkpoint with NaN weights. No image was written")
+    return (
+        f"sampling step {step.step + 1} of {step.num_steps} (timestep {float(step.t[k]):g}): the latents{which} are no "
+        f"longer finite (NaN or inf), first in {where}. Likely causes: a guidance scale or method weight so large "
+        "that values overflow, float16 weights overflowing (try runtime.dtype float32 or bfloat16), eta or a "
+        "scheduler unsuited to these models, or a checkpoint with NaN weights. No image was written"
+    )
 
 
 def sample(
@@ -165,26 +172,45 @@ def sample(
         if tr.scheduler is None or tr.noise is None:
             raise ValueError(f"trajectory {k} has no {'scheduler' if tr.scheduler is None else 'initial noise'}")
         if any(tr.scheduler is s for s in schedulers):
-            raise ValueError(f"trajectory {k} shares its scheduler object with another; give each its own (schedulers keep state)")
+            raise ValueError(
+                f"trajectory {k} shares its scheduler object with another; give each its own (schedulers keep state)"
+            )
         try:
             tr.scheduler.set_timesteps(num_inference_steps, device=tr.noise.device)
         except (ValueError, IndexError) as err:  # e.g. PNDM under 4 steps, LCM over its original steps
-            raise SamplingError(f"sampling.scheduler: {type(tr.scheduler).__name__} cannot take {num_inference_steps} steps "
-                                f"({err}); change sampling.num_inference_steps or the scheduler") from None
+            raise SamplingError(
+                f"sampling.scheduler: {type(tr.scheduler).__name__} cannot take {num_inference_steps} steps "
+                f"({err}); change sampling.num_inference_steps or the scheduler"
+            ) from None
         schedulers.append(tr.scheduler)
     counts = {len(s.timesteps) for s in schedulers}
     if len(counts) != 1:
-        raise ValueError(f"the trajectories' schedulers take different numbers of steps ({sorted(counts)}); they must run in lock-step")
+        raise ValueError(
+            f"the trajectories' schedulers take different numbers of steps ({sorted(counts)}); they must run in lock-step"
+        )
     n = counts.pop()
     positions = [trajectory_positions(s) for s in schedulers]
     xs: list[torch.Tensor | None] = [tr.noise * s.init_noise_sigma for tr, s in zip(trajectories, schedulers)]
-    kwargs = [_step_kwargs(s, eta, tr.generators if tr.generators is not None else generators) for tr, s in zip(trajectories, schedulers)]
+    kwargs = [
+        _step_kwargs(s, eta, tr.generators if tr.generators is not None else generators)
+        for tr, s in zip(trajectories, schedulers)
+    ]
     for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
         running = [k for k, x in enumerate(xs) if x is not None]
         nothing = [None] * len(xs)
-        step = Step(i, n, t=list(nothing), t_next=list(nothing), fraction=list(nothing), sigma=list(nothing),
-                    model_input=list(nothing), eps=list(nothing), latents=list(nothing), schedulers=schedulers,
-                    recording=callback is not None)
+        step = Step(
+            i,
+            n,
+            t=list(nothing),
+            t_next=list(nothing),
+            fraction=list(nothing),
+            sigma=list(nothing),
+            model_input=list(nothing),
+            eps=list(nothing),
+            latents=list(nothing),
+            schedulers=schedulers,
+            recording=callback is not None,
+        )
         record = step.record if step.recording else None
         for k in running:
             s = schedulers[k]

@@ -45,36 +45,115 @@ from multifusion.handles import ModelHandle
 # stabilityai/stable-diffusion-3.5-large and -medium, black-forest-labs/FLUX.1-dev. SDXL fine-tunes
 # (Pony, Illustrious, NoobAI, Juggernaut, ...) keep SDXL base's shapes.
 
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                 norm_num_groups=32)
-SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
-                scaling_factor=0.13025)
-SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-VAE_16 = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-              latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+SDXL_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=1024,
+    scaling_factor=0.13025,
+)
+SD35_LARGE = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=38,
+    attention_head_dim=64,
+    num_attention_heads=38,
+    joint_attention_dim=4096,
+    caption_projection_dim=2432,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+    qk_norm="rms_norm",
+)
+SD35_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+VAE_16 = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 # Text towers: CLIP ViT-L/14, OpenCLIP ViT-bigG/14, T5 v1.1 XXL (encoder only).
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+CLIP_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+)
 
 GiB = 2**30
 BYTES_PER_PARAM = 2  # float16 / bfloat16 weights and activations
@@ -97,17 +176,39 @@ class Published:
 
 
 PUBLISHED: dict[str, Published] = {
-    "SDXL base": Published(SDXLHandle, SDXL_UNET, {"CLIP ViT-L": ("clip", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G)},
-                        SDXL_VAE, guidance_batch=2, text_tokens=77),
-    "SD3.5 Large": Published(SD3Handle, SD35_LARGE, {"CLIP ViT-L": ("clip_projection", CLIP_L),
-                                                "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
-                          VAE_16, guidance_batch=2, text_tokens=77 + 256),
-    "SD3.5 Medium": Published(SD3Handle, SD35_MEDIUM, {"CLIP ViT-L": ("clip_projection", CLIP_L),
-                                                  "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
-                           VAE_16, guidance_batch=2, text_tokens=77 + 256),
+    "SDXL base": Published(
+        SDXLHandle,
+        SDXL_UNET,
+        {"CLIP ViT-L": ("clip", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G)},
+        SDXL_VAE,
+        guidance_batch=2,
+        text_tokens=77,
+    ),
+    "SD3.5 Large": Published(
+        SD3Handle,
+        SD35_LARGE,
+        {"CLIP ViT-L": ("clip_projection", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
+        VAE_16,
+        guidance_batch=2,
+        text_tokens=77 + 256,
+    ),
+    "SD3.5 Medium": Published(
+        SD3Handle,
+        SD35_MEDIUM,
+        {"CLIP ViT-L": ("clip_projection", CLIP_L), "OpenCLIP bigG": ("clip_projection", CLIP_G), "T5-XXL": ("t5", T5_XXL)},
+        VAE_16,
+        guidance_batch=2,
+        text_tokens=77 + 256,
+    ),
     # FLUX.1 dev is guidance-distilled: one pass per step (2 with true CFG, `true_cfg_scale` > 1)
-    "FLUX.1 dev": Published(FluxHandle, FLUX_DEV, {"CLIP ViT-L": ("clip", CLIP_L), "T5-XXL": ("t5", T5_XXL)},
-                         VAE_16, guidance_batch=1, text_tokens=512),
+    "FLUX.1 dev": Published(
+        FluxHandle,
+        FLUX_DEV,
+        {"CLIP ViT-L": ("clip", CLIP_L), "T5-XXL": ("t5", T5_XXL)},
+        VAE_16,
+        guidance_batch=1,
+        text_tokens=512,
+    ),
 }
 
 
@@ -172,8 +273,10 @@ def activation_peaks(model: Published, height: int, width: int, batch: int = 1) 
             z = torch.randn(batch, *latent)
         finally:
             torch.set_default_dtype(previous)
-        return {"denoiser": _peak_activations(denoiser, lambda: denoiser(**inputs, return_dict=False)),
-                "vae_decode": _peak_activations(vae, lambda: vae.decode(z))}
+        return {
+            "denoiser": _peak_activations(denoiser, lambda: denoiser(**inputs, return_dict=False)),
+            "vae_decode": _peak_activations(vae, lambda: vae.decode(z)),
+        }
 
 
 @dataclass(frozen=True)
@@ -190,9 +293,13 @@ class Footprint:
 def footprint(model: Published, height: int, width: int, batch: int = 1) -> Footprint:
     """Parameter counts (meta device) and activation peaks (fake tensors) of `model`."""
     acts = activation_peaks(model, height, width, batch)
-    return Footprint(denoiser_parameters(model),
-                     {name: count_parameters(*c) for name, c in model.text_encoders.items()},
-                     count_parameters("vae", model.vae), acts["denoiser"], acts["vae_decode"])
+    return Footprint(
+        denoiser_parameters(model),
+        {name: count_parameters(*c) for name, c in model.text_encoders.items()},
+        count_parameters("vae", model.vae),
+        acts["denoiser"],
+        acts["vae_decode"],
+    )
 
 
 def device_bytes(fp: Footprint, n_models: int, *, offload: bool, shared: bool = True, vae_on_device: bool = True) -> int:

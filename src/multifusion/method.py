@@ -13,9 +13,10 @@ Methods register themselves in their package's `methods.py` (see `multifusion.re
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -38,8 +39,9 @@ P = TypeVar("P", bound=Params)
 
 SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
 RUN_KEYS = ("runtime", "batch_size", "callback", "progress")
-RESERVED = frozenset(SAMPLING_KEYS + RUN_KEYS + ("method", "models", "prompts", "negative_prompt", "guidance_scale",
-                                                 "true_cfg_scale"))
+RESERVED = frozenset(
+    SAMPLING_KEYS + RUN_KEYS + ("method", "models", "prompts", "negative_prompt", "guidance_scale", "true_cfg_scale")
+)
 """Keywords of `multifusion.fuse` that are not method parameters: no method may take these names."""
 
 
@@ -87,8 +89,14 @@ class RunContext:
     def canvas_px(self) -> tuple[int, int]:
         return self.latent_shape[1] * self.vae_scale_factor, self.latent_shape[2] * self.vae_scale_factor
 
-    def guide(self, i: int, prompts: Sequence[str], negative_prompt: str | None = None, guidance_scale: float | None = None,
-              handle: ModelHandle | None = None) -> Guided:
+    def guide(
+        self,
+        i: int,
+        prompts: Sequence[str],
+        negative_prompt: str | None = None,
+        guidance_scale: float | None = None,
+        handle: ModelHandle | None = None,
+    ) -> Guided:
         """Model i conditioned on one prompt per image (negative prompt and guidance default to
         the recipe's for that model), or `handle` (a model the method built, e.g. a merge)
         conditioned as recipe model i is. Encoded once per run for each distinct batch of prompts."""
@@ -174,6 +182,7 @@ class Method:
         try:
             return self.params.model_validate(raw, context={"n_models": n_models, **context})
         except ValidationError as err:
+
             def unknown(loc: list) -> str:
                 top = "" if len(loc) > 1 else f" (it takes: {', '.join(self.params.model_fields) or 'none'})"
                 return f"unknown parameter of method {self.name!r}{top}"

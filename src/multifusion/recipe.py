@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, m
 from multifusion.canvas import pixels_problem
 from multifusion.errors import FieldError, RecipeError, clip, format_validation_error
 
-
 MAX_GUIDANCE = 100.0
 """Guidance scales above this are refused: classifier-free guidance is useful up to ~30, and
 scales like 1e30 overflow the latents to an all-black image."""
@@ -52,14 +51,24 @@ class ModelEntry(_Strict):
     model: str = Field(min_length=1, description="diffusers folder, Hub id, .safetensors file or zoo:NAME")
     name: str | None = Field(None, description="how regions and amdm's `specified` name this model (default: `model`)")
     config: str | None = Field(None, description="diffusers config folder for a single-file checkpoint")
-    vae: str | None = Field(None, min_length=1, description="a VAE in place of the model's own (e.g. the fp16-fix SDXL VAE): "
-                            "a diffusers VAE folder or a single .safetensors VAE file")
+    vae: str | None = Field(
+        None,
+        min_length=1,
+        description="a VAE in place of the model's own (e.g. the fp16-fix SDXL VAE): "
+        "a diffusers VAE folder or a single .safetensors VAE file",
+    )
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = Field(None, description="default: the recipe's negative_prompt")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description="default: sampling.guidance_scale")
-    true_cfg_scale: float | None = Field(None, ge=1, le=MAX_GUIDANCE, description=(
-        "FLUX only: true classifier-free guidance with the negative prompt, a second pass per step (FluxPipeline's "
-        "true_cfg_scale; 1 = off, the default); guidance_scale stays the distilled guidance"))
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=1,
+        le=MAX_GUIDANCE,
+        description=(
+            "FLUX only: true classifier-free guidance with the negative prompt, a second pass per step (FluxPipeline's "
+            "true_cfg_scale; 1 = off, the default); guidance_scale stays the distilled guidance"
+        ),
+    )
 
     @property
     def label(self) -> str:
@@ -103,7 +112,9 @@ class Sampling(_Strict):
     num_inference_steps: int = Field(30, gt=0, le=1000)
     scheduler: str = "ddim"
     guidance_scale: float = Field(7.5, ge=0, le=MAX_GUIDANCE)
-    eta: float = Field(0.0, ge=0, le=1, description="DDIM-type noise: 0 deterministic, 1 DDPM-like; above 1 the step's variance is undefined")
+    eta: float = Field(
+        0.0, ge=0, le=1, description="DDIM-type noise: 0 deterministic, 1 DDPM-like; above 1 the step's variance is undefined"
+    )
     seed: int = Field(0, ge=0, lt=2**63)
     num_images: int = Field(1, gt=0, le=4096)
     height: int | None = Field(None, gt=0, description="default: the first model's native size")
@@ -114,8 +125,11 @@ class Sampling(_Strict):
         # Image i has seed + i, written into its metadata and read back as a recipe seed.
         last = self.seed + self.num_images - 1
         if last >= 2**63:
-            raise FieldError("seed", f"{self.seed} + {self.num_images} images reaches seed {last}, beyond the largest "
-                             f"seed 2^63 - 1; use a seed <= {2**63 - self.num_images}")
+            raise FieldError(
+                "seed",
+                f"{self.seed} + {self.num_images} images reaches seed {last}, beyond the largest "
+                f"seed 2^63 - 1; use a seed <= {2**63 - self.num_images}",
+            )
         return self
 
 
@@ -124,11 +138,17 @@ class Runtime(_Strict):
     device: str = "cpu"
     offload: bool = False
     allow_pickle: bool = False
-    vae_device: str | None = Field(None, description="run the VAE here (e.g. cpu, in float32) to spare accelerator memory on large canvases")
+    vae_device: str | None = Field(
+        None, description="run the VAE here (e.g. cpu, in float32) to spare accelerator memory on large canvases"
+    )
     # None = MAX_PIXELS. Optional so that recipes that do not set it keep the JSON they had (an
     # image's metadata, compared when a run resumes).
-    max_pixels: int | None = Field(None, gt=0, description=f"largest canvas (height x width, one image) accepted (default {MAX_PIXELS}); "
-                                   "raise it on purpose for larger ones")
+    max_pixels: int | None = Field(
+        None,
+        gt=0,
+        description=f"largest canvas (height x width, one image) accepted (default {MAX_PIXELS}); "
+        "raise it on purpose for larger ones",
+    )
 
     @property
     def pixel_limit(self) -> int:
@@ -167,21 +187,28 @@ class Recipe(_Strict):
     def _prompt_lists(self):
         for i, m in enumerate(self.models):
             if isinstance(m.prompt, list) and len(m.prompt) != self.sampling.num_images:
-                raise ValueError(f"models[{i}].prompt has {len(m.prompt)} prompts for {self.sampling.num_images} images "
-                                 "(sampling.num_images); give one prompt per image, or a single prompt")
+                raise ValueError(
+                    f"models[{i}].prompt has {len(m.prompt)} prompts for {self.sampling.num_images} images "
+                    "(sampling.num_images); give one prompt per image, or a single prompt"
+                )
         labels = [m.label for m in self.models]
         for i, m in enumerate(self.models):
             # A region or `specified` names a model by its label: a name two different models
             # answer to is ambiguous. (One model listed twice under one label is fine, the weights
             # being the same: fusing a model with itself is how the degenerate cases are tested.)
             same = (m.model, m.config, m.vae)
-            earlier = [j for j in range(i) if labels[j] == labels[i]
-                       and (self.models[j].model, self.models[j].config, self.models[j].vae) != same]
+            earlier = [
+                j
+                for j in range(i)
+                if labels[j] == labels[i] and (self.models[j].model, self.models[j].config, self.models[j].vae) != same
+            ]
             named = [k for k in (*earlier, i) if self.models[k].name is not None]
             if earlier and named:
                 k = i if i in named else named[0]
-                raise FieldError(f"models[{k}].name", f"{labels[i]!r} names both models[{earlier[0]}] and models[{i}]; "
-                                 "give each model its own name")
+                raise FieldError(
+                    f"models[{k}].name",
+                    f"{labels[i]!r} names both models[{earlier[0]}] and models[{i}]; give each model its own name",
+                )
         if self.sampling.height is not None and self.sampling.width is not None:
             problem = pixels_problem(self.sampling.height, self.sampling.width, self.runtime.pixel_limit)
             if problem:
@@ -267,8 +294,10 @@ def parse_recipe(data: dict | str | Path) -> Recipe:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
-                              "save it as UTF-8") from None
+            raise RecipeError(
+                f"recipe file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                "save it as UTF-8"
+            ) from None
         try:
             if path.suffix.lower() == ".json":
                 data = json.loads(text)
@@ -277,16 +306,17 @@ def parse_recipe(data: dict | str | Path) -> Recipe:
 
                 data = yaml.safe_load(text)
         except Exception as err:  # yaml and json errors alike
-            raise RecipeError(f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: "
-                              f"{clip(str(err), 1000)}") from None
+            raise RecipeError(
+                f"recipe file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {clip(str(err), 1000)}"
+            ) from None
         if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
-            raise RecipeError(f"recipe file {str(path)!r} expands to more than {MAX_YAML_NODES:,} values (nested YAML "
-                              "aliases?); a recipe is refused rather than expanded")
+            raise RecipeError(
+                f"recipe file {str(path)!r} expands to more than {MAX_YAML_NODES:,} values (nested YAML "
+                "aliases?); a recipe is refused rather than expanded"
+            )
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file {str(path)!r} must hold a mapping at top level, got {type(data).__name__}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(format_validation_error(err)) from None
-
-

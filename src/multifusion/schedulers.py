@@ -44,13 +44,29 @@ FLOW_SAMPLERS = frozenset({"ddim", "euler", "flow_euler", "flowmatcheulerdiscret
 # ones (DDIMInverseScheduler runs image -> noise), and those of other model kinds (VQ-Diffusion,
 # score SDE, consistency models, aMUSEd, unCLIP, RePaint, video); each failed or gave a wrong
 # image on these models when tried.
-SAMPLING_SCHEDULERS = frozenset({
-    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
-    "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler",
-    "DDIMParallelScheduler", "DDPMParallelScheduler",
-})
+SAMPLING_SCHEDULERS = frozenset(
+    {
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "PNDMScheduler",
+        "LMSDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "DEISMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "DPMSolverSDEScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+        "SASolverScheduler",
+        "DDIMParallelScheduler",
+        "DDPMParallelScheduler",
+    }
+)
 
 
 def scheduler_class(name: str):
@@ -64,15 +80,21 @@ def scheduler_class(name: str):
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
         options = sorted(SCHEDULERS) + sorted(SAMPLING_SCHEDULERS)
-        raise RecipeError(f"sampling.scheduler: unknown scheduler {name!r} (use one of {', '.join(sorted(SCHEDULERS))} "
-                          f"or a diffusers class name){did_you_mean(name, options)}")
+        raise RecipeError(
+            f"sampling.scheduler: unknown scheduler {name!r} (use one of {', '.join(sorted(SCHEDULERS))} "
+            f"or a diffusers class name){did_you_mean(name, options)}"
+        )
     if cls_name not in SAMPLING_SCHEDULERS:
-        raise RecipeError(f"sampling.scheduler: {cls_name} is a diffusers scheduler, but not a sampler for these models "
-                          "(epsilon or v prediction on a DDPM noise schedule); use one of "
-                          f"{', '.join(sorted(SCHEDULERS))} or {', '.join(sorted(SAMPLING_SCHEDULERS - set(SCHEDULERS.values())))}")
+        raise RecipeError(
+            f"sampling.scheduler: {cls_name} is a diffusers scheduler, but not a sampler for these models "
+            "(epsilon or v prediction on a DDPM noise schedule); use one of "
+            f"{', '.join(sorted(SCHEDULERS))} or {', '.join(sorted(SAMPLING_SCHEDULERS - set(SCHEDULERS.values())))}"
+        )
     if type(cls).__name__ == "DummyObject":  # diffusers' placeholder for a class whose extra is missing
-        raise RecipeError(f"sampling.scheduler: {cls_name} needs a package that is not installed "
-                          "(DPMSolverSDEScheduler: pip install torchsde); install it or choose another scheduler")
+        raise RecipeError(
+            f"sampling.scheduler: {cls_name} needs a package that is not installed "
+            "(DPMSolverSDEScheduler: pip install torchsde); install it or choose another scheduler"
+        )
     return cls
 
 
@@ -83,11 +105,19 @@ def check_steps(name: str, base_config: dict, num_inference_steps: int) -> None:
     `check_steps` calls this; flow-matching families take any step count.)"""
     problem = _steps_problem(name, base_config, num_inference_steps)
     if problem:
-        fewer = next((k for k in range(num_inference_steps - 1, max(num_inference_steps - 16, 0), -1)
-                      if _steps_problem(name, base_config, k) is None), None)
+        fewer = next(
+            (
+                k
+                for k in range(num_inference_steps - 1, max(num_inference_steps - 16, 0), -1)
+                if _steps_problem(name, base_config, k) is None
+            ),
+            None,
+        )
         hint = f"use at most {fewer} steps" if fewer else "change the step count"
-        raise RecipeError(f"sampling.num_inference_steps: {num_inference_steps} steps do not work with scheduler {name!r} "
-                          f"on this model's schedule ({problem}); {hint} or change the scheduler") from None
+        raise RecipeError(
+            f"sampling.num_inference_steps: {num_inference_steps} steps do not work with scheduler {name!r} "
+            f"on this model's schedule ({problem}); {hint} or change the scheduler"
+        ) from None
 
 
 def _steps_problem(name: str, base_config: dict, num_inference_steps: int) -> str | None:
@@ -112,17 +142,21 @@ def make_scheduler(name: str, base_config: dict):
     Flow-matching models build their schedulers through their handle (`ModelHandle.scheduler`)."""
     cls = scheduler_class(name)
     if cls.__name__.startswith("FlowMatch"):
-        raise RecipeError(f"sampling.scheduler: {name!r} samples flow-matching models (SD3, FLUX), and this model has a "
-                          f"DDPM noise schedule; use one of {', '.join(sorted(set(SCHEDULERS) - {'flow_euler'}))}")
+        raise RecipeError(
+            f"sampling.scheduler: {name!r} samples flow-matching models (SD3, FLUX), and this model has a "
+            f"DDPM noise schedule; use one of {', '.join(sorted(set(SCHEDULERS) - {'flow_euler'}))}"
+        )
     return cls.from_config(base_config, prediction_type="epsilon")
 
 
 def check_flow_sampler(name: str) -> None:
     """RecipeError unless `name` samples a flow-matching model (see FLOW_SAMPLERS)."""
     if name.lower() not in FLOW_SAMPLERS:
-        raise RecipeError(f"sampling.scheduler: {name!r} has no flow-matching form; SD3 and FLUX models sample with "
-                          "their flow-matching Euler scheduler, which 'flow_euler', 'euler' and 'ddim' select "
-                          "(the same step on that schedule)")
+        raise RecipeError(
+            f"sampling.scheduler: {name!r} has no flow-matching form; SD3 and FLUX models sample with "
+            "their flow-matching Euler scheduler, which 'flow_euler', 'euler' and 'ddim' select "
+            "(the same step on that schedule)"
+        )
 
 
 def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

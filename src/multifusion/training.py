@@ -120,8 +120,10 @@ def _info(path: Path, f: Any) -> dict[str, Any]:
     except (ValueError, RecursionError) as err:
         info = err
     if not isinstance(info, dict):
-        raise CheckpointError(f"{path}: its {_INFO_KEY!r} metadata is damaged (not a JSON object); delete the file to have it "
-                              "made again (a checkpoint: training starts again at step 0)")
+        raise CheckpointError(
+            f"{path}: its {_INFO_KEY!r} metadata is damaged (not a JSON object); delete the file to have it "
+            "made again (a checkpoint: training starts again at step 0)"
+        )
     return info
 
 
@@ -237,8 +239,10 @@ def read_log(path: str | Path, upto: int) -> list[dict[str, str]]:
                 if int(step) <= upto:
                     rows.append(row)
     except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{path} is not a loss log this run wrote ({type(err).__name__}: {str(err)[:200]}); delete it "
-                              "to resume without it (the checkpoint continues; the earlier loss rows are lost)") from None
+        raise CheckpointError(
+            f"{path} is not a loss log this run wrote ({type(err).__name__}: {str(err)[:200]}); delete it "
+            "to resume without it (the checkpoint continues; the earlier loss rows are lost)"
+        ) from None
     return rows
 
 
@@ -298,7 +302,9 @@ class TrainingRun:
             return None
         ckpt = load_checkpoint(self.checkpoint_path)
         if ckpt.modules.keys() != self.modules.keys():
-            raise CheckpointError(f"{self.checkpoint_path} holds the modules {sorted(ckpt.modules)}, this run has {sorted(self.modules)}")
+            raise CheckpointError(
+                f"{self.checkpoint_path} holds the modules {sorted(ckpt.modules)}, this run has {sorted(self.modules)}"
+            )
         for name, module in self.modules.items():
             module.load_state_dict(ckpt.modules[name])
         self._optimizer.load_state_dict(self._with_live_types(ckpt.optimizer))
@@ -393,5 +399,7 @@ class TrainingRun:
     def _checkpoint(self, meta: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             modules = {name: module.state_dict() for name, module in self.modules.items()}
-            save_checkpoint(self.checkpoint_path, Checkpoint(self.step, self.elapsed, meta, modules, self._optimizer.state_dict()))
+            save_checkpoint(
+                self.checkpoint_path, Checkpoint(self.step, self.elapsed, meta, modules, self._optimizer.state_dict())
+            )
         self.accelerator.wait_for_everyone()

@@ -46,9 +46,13 @@ def validate(recipe: Recipe) -> Validated:
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
         raise RecipeError(f"models: method {method.name!r} takes {want} model(s), the recipe names {n}")
-    params = method.parse_params(recipe.params, n, labels=[m.label for m in recipe.models],
-                                 models=[m.model for m in recipe.models],
-                                 num_inference_steps=recipe.sampling.num_inference_steps)
+    params = method.parse_params(
+        recipe.params,
+        n,
+        labels=[m.label for m in recipe.models],
+        models=[m.model for m in recipe.models],
+        num_inference_steps=recipe.sampling.num_inference_steps,
+    )
     if method.model_prompts:
         for i, m in enumerate(recipe.models):
             if m.prompt is None and recipe.prompt is None:
@@ -58,7 +62,11 @@ def validate(recipe: Recipe) -> Validated:
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
         try:
-            ref = merged[m.model] if m.model in merged else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
+            ref = (
+                merged[m.model]
+                if m.model in merged
+                else resolve(m.model, config=m.config, allow_pickle=recipe.runtime.allow_pickle)
+            )
             if m.model not in merged:
                 check_weight_files(ref)  # headers only: a truncated download is named here, before loading
             # A pipeline of no known family (say the SDXL refiner) is named here, from its local model_index.json.
@@ -75,8 +83,9 @@ def validate(recipe: Recipe) -> Validated:
     if facts:
         check_compatible(facts, "{}.model")  # the same check runs on the loaded models (Hub ids, single files)
     if method.meets == "latents":
-        check_same_schedule(facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step",
-                            "{}.model")
+        check_same_schedule(
+            facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step", "{}.model"
+        )
     first = facts[0][1] if facts else None
     size = None if first is None else check_canvas(recipe, method, params, first.vae_scale_factor, default=None)
     if size is not None:
@@ -113,8 +122,10 @@ def costly_fields(recipe: Recipe) -> list[str]:
     native = fact.native_px if fact is not None else None
     size = check_canvas(recipe, v.method, v.params, fact.vae_scale_factor, default=native) if fact is not None else None
     if size is not None and native and size[0] * size[1] > ASK_AREA * native * native:
-        out.append(f"a {size[0]}x{size[1]} canvas (sampling.height x sampling.width; more than {ASK_AREA}x the model's native "
-                   f"{native}x{native})")
+        out.append(
+            f"a {size[0]}x{size[1]} canvas (sampling.height x sampling.width; more than {ASK_AREA}x the model's native "
+            f"{native}x{native})"
+        )
     return out
 
 
@@ -123,12 +134,16 @@ def check_model_fields(recipe: Recipe, i: int, family: type[ModelHandle]) -> Non
     `true_cfg_scale` for a family without true CFG (all but FLUX), `sampling.eta` for a family
     whose sampler has no eta (flow matching: its Euler step is deterministic, docs/flow.md)."""
     if recipe.models[i].true_cfg_scale is not None and not family.takes_true_cfg:
-        raise RecipeError(f"models[{i}].true_cfg_scale: true CFG is FLUX's (FluxPipeline's true_cfg_scale); a {family.family_name} "
-                          "model is guided by guidance_scale with its negative prompt already: drop true_cfg_scale")
+        raise RecipeError(
+            f"models[{i}].true_cfg_scale: true CFG is FLUX's (FluxPipeline's true_cfg_scale); a {family.family_name} "
+            "model is guided by guidance_scale with its negative prompt already: drop true_cfg_scale"
+        )
     if recipe.sampling.eta != 0 and not family.takes_eta:
-        raise RecipeError(f"sampling.eta: {recipe.sampling.eta} but models[{i}] is a {family.family_name} model, sampled by the "
-                          "flow-matching Euler step, which has no eta (it is deterministic, DDIM at eta 0 in flow coordinates; "
-                          "diffusers' stochastic_sampling is one fixed all-fresh-noise form, not an eta); drop sampling.eta")
+        raise RecipeError(
+            f"sampling.eta: {recipe.sampling.eta} but models[{i}] is a {family.family_name} model, sampled by the "
+            "flow-matching Euler step, which has no eta (it is deterministic, DDIM at eta 0 in flow coordinates; "
+            "diffusers' stochastic_sampling is one fixed all-fresh-noise form, not an eta); drop sampling.eta"
+        )
 
 
 def _check_vae(i: int, m: ModelEntry, fact: ModelFacts | None, allow_pickle: bool) -> None:
@@ -157,7 +172,7 @@ def check_merges(recipe: Recipe) -> dict:
     for i, m in enumerate(recipe.models):
         if not m.model.startswith(MERGE_PREFIX):
             continue
-        name = m.model[len(MERGE_PREFIX):]
+        name = m.model[len(MERGE_PREFIX) :]
         if name not in recipe.merges:
             known = f" (merges: {', '.join(recipe.merges)})" if recipe.merges else "; define it under `merges:`"
             raise RecipeError(f"models[{i}].model: no merge named {name!r}{known}{did_you_mean(name, recipe.merges)}")
@@ -171,8 +186,10 @@ def _check_merge(name: str, entry: MergeEntry):
     where = f"merges.{name}"
     for j, model in enumerate(entry.models):
         if model.startswith(MERGE_PREFIX):
-            raise RecipeError(f"{where}.models[{j}]: {model!r} is a merge; a merge merges models (folders or zoo:NAME), "
-                              "write the inner merge to a folder first (multifusion merge)")
+            raise RecipeError(
+                f"{where}.models[{j}]: {model!r} is a merge; a merge merges models (folders or zoo:NAME), "
+                "write the inner merge to a folder first (multifusion merge)"
+            )
     try:
         plan_merge(entry.models, spec_of(entry))
     except (RecipeError, ModelLoadError, IncompatibleModelsError) as err:
@@ -211,7 +228,9 @@ def check_device(where: str, value: str) -> None:
         available = backend is not None and backend.is_available()
         count = backend.device_count() if available else 0
     if not available:
-        raise RecipeError(f"{where}: {value!r} but this machine has no {kind} device (torch sees none); "
-                          "use cpu, or run where the accelerator is")
+        raise RecipeError(
+            f"{where}: {value!r} but this machine has no {kind} device (torch sees none); "
+            "use cpu, or run where the accelerator is"
+        )
     if index and (not index.isdigit() or int(index) >= count):
         raise RecipeError(f"{where}: {value!r} but this machine has {count} {kind} device(s) (indices 0-{count - 1})")

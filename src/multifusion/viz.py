@@ -27,7 +27,16 @@ from multifusion.loop import Step
 
 # Distinct colours for up to eight models (model i -> PALETTE[i % 8]).
 PALETTE = np.array(
-    [[230, 80, 60], [60, 130, 230], [250, 200, 40], [70, 180, 90], [170, 90, 200], [240, 140, 40], [90, 200, 210], [200, 200, 200]],
+    [
+        [230, 80, 60],
+        [60, 130, 230],
+        [250, 200, 40],
+        [70, 180, 90],
+        [170, 90, 200],
+        [240, 140, 40],
+        [90, 200, 210],
+        [200, 200, 200],
+    ],
     dtype=np.uint8,
 )
 
@@ -180,7 +189,10 @@ class AFAMapRecorder:
         """(points * cell, steps * cell, 3) uint8: every map resized to cell x cell."""
         rows = []
         for p in range(len(self.maps[0])):
-            tiles = [np.asarray(Image.fromarray(colour_mask(maps[p][:, image])).resize((cell, cell), Image.NEAREST)) for maps in self.maps]
+            tiles = [
+                np.asarray(Image.fromarray(colour_mask(maps[p][:, image])).resize((cell, cell), Image.NEAREST))
+                for maps in self.maps
+            ]
             rows.append(np.concatenate(tiles, axis=1))
         return np.concatenate(rows, axis=0)
 
@@ -237,7 +249,9 @@ class RegionWeightRecorder:
         k = max(1, size // max(h, w))
         gap, top, legend = 4, 14, 16
         pw, ph = w * k, h * k
-        im = Image.new("RGB", (max(len(panels) * (pw + gap), 20 + 7 * sum(len(n) + 3 for n in self.names)), legend + top + ph), "black")
+        im = Image.new(
+            "RGB", (max(len(panels) * (pw + gap), 20 + 7 * sum(len(n) + 3 for n in self.names)), legend + top + ph), "black"
+        )
         draw = ImageDraw.Draw(im)
         _legend(draw, self.names)
         for j, (panel, label) in enumerate(zip(panels, ["all regions"] + self.names)):

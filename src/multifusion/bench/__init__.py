@@ -12,6 +12,17 @@ from multifusion.bench.run import run_bench
 from multifusion.bench.stats import bootstrap_interval, wilson_interval
 
 __all__ = [
-    "APPS", "App", "AppPrompt", "Fusion", "Row", "View", "get_app", "own_prompts", "regions_per_slot", "tiles_per_slot",
-    "bootstrap_interval", "run_bench", "wilson_interval",
+    "APPS",
+    "App",
+    "AppPrompt",
+    "Fusion",
+    "Row",
+    "View",
+    "get_app",
+    "own_prompts",
+    "regions_per_slot",
+    "tiles_per_slot",
+    "bootstrap_interval",
+    "run_bench",
+    "wilson_interval",
 ]

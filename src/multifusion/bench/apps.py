@@ -160,8 +160,13 @@ def tiles_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
     ``TILE x (3 TILE - 2 TILE_OVERLAP)`` canvas, each prompted with its object centred."""
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
-        tiles = {"prompts": [[text for _, text in prompt.regions]], "tile_height": TILE, "tile_width": TILE,
-                 "tile_col_overlap": TILE_OVERLAP, "mask_type": mask_type}
+        tiles = {
+            "prompts": [[text for _, text in prompt.regions]],
+            "tile_height": TILE,
+            "tile_width": TILE,
+            "tile_col_overlap": TILE_OVERLAP,
+            "mask_type": mask_type,
+        }
         return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"tiles": tiles}}
 
     return build
@@ -178,8 +183,12 @@ def layout_on_canvas(role: str) -> RecipeBuilder:
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
         height, width = tile_canvas()
-        return {"method": "single", "models": [{"model": refs[role], "name": role, "prompt": prompt.prompts[role]}],
-                "params": {}, "sampling": {"height": height, "width": width}}
+        return {
+            "method": "single",
+            "models": [{"model": refs[role], "name": role, "prompt": prompt.prompts[role]}],
+            "params": {},
+            "sampling": {"height": height, "width": width},
+        }
 
     return build
 
@@ -187,8 +196,12 @@ def layout_on_canvas(role: str) -> RecipeBuilder:
 def tile_views(prompt: AppPrompt) -> list[View]:
     """Each tile of :func:`tiles_per_slot` read on its own: its object, centred, in the scene."""
     step = TILE - TILE_OVERLAP
-    return [View((j * step, 0, j * step + TILE, TILE), Scene(prompt.scene.background, prompt.scene.style, (replace(o, slot="centre"),)))
-            for j, o in enumerate(prompt.scene.objects)]
+    return [
+        View(
+            (j * step, 0, j * step + TILE, TILE), Scene(prompt.scene.background, prompt.scene.style, (replace(o, slot="centre"),))
+        )
+        for j, o in enumerate(prompt.scene.objects)
+    ]
 
 
 def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
@@ -202,8 +215,17 @@ def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
             i = SLOTS.index(slot)
             lo = max(0.0, i / len(SLOTS) - REGION_OVERLAP / 2)
             hi = min(1.0, (i + 1) / len(SLOTS) + REGION_OVERLAP / 2)
-            regions.append({"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction", "prompt": text,
-                            "mask_type": mask_type})
+            regions.append(
+                {
+                    "row_init": 0,
+                    "row_end": 1,
+                    "col_init": lo,
+                    "col_end": hi,
+                    "units": "fraction",
+                    "prompt": text,
+                    "mask_type": mask_type,
+                }
+            )
         return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"regions": regions}}
 
     return build
@@ -243,10 +265,18 @@ def _general_shapes(background: str) -> tuple[str, ...]:
     return tuple(s for s in SHAPES if (background, s) not in GENERAL_HELD_OUT)
 
 
-def _plain_objects(rng: np.random.Generator, background: str, count: int, *, distinct_colours: bool = False) -> tuple[ShapeObject, ...]:
+def _plain_objects(
+    rng: np.random.Generator, background: str, count: int, *, distinct_colours: bool = False
+) -> tuple[ShapeObject, ...]:
     slots = sorted(int(i) for i in rng.choice(len(SLOTS), size=count, replace=False))
-    colours = list(rng.choice(len(COLOURS), size=count, replace=False)) if distinct_colours else [int(rng.integers(len(COLOURS))) for _ in slots]
-    return tuple(ShapeObject(_pick(rng, _general_shapes(background)), COLOURS[int(c)], "plain", SLOTS[s]) for s, c in zip(slots, colours))
+    colours = (
+        list(rng.choice(len(COLOURS), size=count, replace=False))
+        if distinct_colours
+        else [int(rng.integers(len(COLOURS))) for _ in slots]
+    )
+    return tuple(
+        ShapeObject(_pick(rng, _general_shapes(background)), COLOURS[int(c)], "plain", SLOTS[s]) for s, c in zip(slots, colours)
+    )
 
 
 def fine_grained_scene(rng: np.random.Generator, index: int) -> Scene:
@@ -335,8 +365,11 @@ def mixed_prompts(scene: Scene) -> dict[str, str]:
     """The whole layout as each model can be told it (the general model knows no textures, the
     expert no scenes or slots: it is told the centre object)."""
     centre = scene.objects[1]
-    return {"general": caption(scene, texture=False), "cartoon": caption(replace(scene, style="cartoon"), texture=False),
-            "expert": caption(Scene(PLAIN, "photo", (centre,)), position=False)}
+    return {
+        "general": caption(scene, texture=False),
+        "cartoon": caption(replace(scene, style="cartoon"), texture=False),
+        "expert": caption(Scene(PLAIN, "photo", (centre,)), position=False),
+    }
 
 
 def mixed_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
@@ -358,15 +391,25 @@ def models_per_region(assign: Sequence[str]) -> RecipeBuilder:
         for k, who in enumerate(assign):
             target = _region_scene(scene, k)
             style = "cartoon" if who == "cartoon" else "photo"
-            region = {"row_init": 0, "row_end": TILE, "col_init": k * step, "col_end": k * step + TILE, "model": "general" if who == "snb" else who,
-                      "prompt": caption(replace(target, style=style), texture=False)}
+            region = {
+                "row_init": 0,
+                "row_end": TILE,
+                "col_init": k * step,
+                "col_end": k * step + TILE,
+                "model": "general" if who == "snb" else who,
+                "prompt": caption(replace(target, style=style), texture=False),
+            }
             if who == "snb":
                 expert = caption(Scene(PLAIN, "photo", (scene.objects[k],)), position=False)
                 region["snb"] = {"models": [{"model": "expert", "prompt": expert}]}
             regions.append(region)
         height, width = tile_canvas()
-        return {"method": "mod", "models": [{"model": refs[r], "name": r} for r in roles], "params": {"regions": regions},
-                "sampling": {"height": height, "width": width}}
+        return {
+            "method": "mod",
+            "models": [{"model": refs[r], "name": r} for r in roles],
+            "params": {"regions": regions},
+            "sampling": {"height": height, "width": width},
+        }
 
     build.roles = roles  # type: ignore[attr-defined]
     return build
@@ -376,8 +419,10 @@ def mixed_views(prompt: AppPrompt) -> list[View]:
     """Each region of the tile canvas read on its own against its full target (its style, photo
     included, and the texture)."""
     step = TILE - TILE_OVERLAP
-    return [View((k * step, 0, k * step + TILE, TILE), _region_scene(prompt.scene, k), state_style=True)
-            for k in range(len(prompt.scene.objects))]
+    return [
+        View((k * step, 0, k * step + TILE, TILE), _region_scene(prompt.scene, k), state_style=True)
+        for k in range(len(prompt.scene.objects))
+    ]
 
 
 def _mixed(row_id: str, assign: Sequence[str]) -> Fusion:
@@ -442,7 +487,10 @@ class App:
         """(rows that run, fusion method ids skipped because ``available`` lacks them)."""
         if available is None:
             from multifusion.registry import METHODS as available
-        rows = [Row(f"single-{r}", "single", (r,), own_prompts("single", (r,)), self.baseline_views) for r in (self.roles if self.baselines is None else self.baselines)]
+        rows = [
+            Row(f"single-{r}", "single", (r,), own_prompts("single", (r,)), self.baseline_views)
+            for r in (self.roles if self.baselines is None else self.baselines)
+        ]
         skipped = []
         for f in self.fusions:
             if f.method in available:
@@ -478,54 +526,115 @@ def merge_rows(roles: Sequence[str]) -> tuple[Fusion, ...]:
     """`merge` with equal weights and `mbw` with :data:`MBW_PRESET`, both over ``roles``."""
     return (merged("merge", roles), merged("mbw", roles, {"blocks": MBW_PRESET}))
 
+
 APPS: dict[str, App] = {
     a.id: a
     for a in (
-        App("fine-grained", "general scene model + fine-grained (texture) expert", _FG, "image",
+        App(
+            "fine-grained",
+            "general scene model + fine-grained (texture) expert",
+            _FG,
+            "image",
             "the scene is right and the object is read at its slot with the right shape, colour and texture",
-            fine_grained_scene, fine_grained_prompts,
-            (Fusion("average", own_prompts("average", _FG), _FG), Fusion("snb", own_prompts("snb", _FG), _FG), *merge_rows(_FG),
-             Fusion("snb", own_prompts("snb", _FG, {"gate": "base"}), _FG, id="snb-gate"),
-             Fusion("snb", own_prompts("snb", _FG, {"gate": "region"}), _FG, id="snb-gate-region"))),
-        App("cross-domain", "cartoon style model + general model, on (scene, shape) pairs only the cartoon data shows", _CD, "image",
+            fine_grained_scene,
+            fine_grained_prompts,
+            (
+                Fusion("average", own_prompts("average", _FG), _FG),
+                Fusion("snb", own_prompts("snb", _FG), _FG),
+                *merge_rows(_FG),
+                Fusion("snb", own_prompts("snb", _FG, {"gate": "base"}), _FG, id="snb-gate"),
+                Fusion("snb", own_prompts("snb", _FG, {"gate": "region"}), _FG, id="snb-gate-region"),
+            ),
+        ),
+        App(
+            "cross-domain",
+            "cartoon style model + general model, on (scene, shape) pairs only the cartoon data shows",
+            _CD,
+            "image",
             "the image is read as a cartoon, the scene is right and the object is at its slot with the right shape and colour",
-            cross_domain_scene, cross_domain_prompts,
-            (Fusion("average", own_prompts("average", _CD), _CD), Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD),
-             *merge_rows(_CD))),
-        App("cross-domain-photo", "general (photo) model + toon model (cartoons of textured objects): a photo of a textured "
-            "object, content only the toon model draws in the style only the general model draws", _CP, "image",
+            cross_domain_scene,
+            cross_domain_prompts,
+            (
+                Fusion("average", own_prompts("average", _CD), _CD),
+                Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD),
+                *merge_rows(_CD),
+            ),
+        ),
+        App(
+            "cross-domain-photo",
+            "general (photo) model + toon model (cartoons of textured objects): a photo of a textured "
+            "object, content only the toon model draws in the style only the general model draws",
+            _CP,
+            "image",
             "the image is read as a photo, the scene is right and the object is at its slot with the right shape, colour and texture",
-            cross_domain_photo_scene, cross_domain_photo_prompts,
-            (Fusion("average", own_prompts("average", _CP), _CP, views=photo_view),
-             Fusion("snb", own_prompts("snb", _CP, {"blur": "none"}), _CP, views=photo_view)),
-            baseline_views=photo_view),
-        App("regional", "three-object layouts: Mixture of Diffusers (one native-size tile per slot) vs one prompt for the whole layout",
-            ("general",), "instance",
+            cross_domain_photo_scene,
+            cross_domain_photo_prompts,
+            (
+                Fusion("average", own_prompts("average", _CP), _CP, views=photo_view),
+                Fusion("snb", own_prompts("snb", _CP, {"blur": "none"}), _CP, views=photo_view),
+            ),
+            baseline_views=photo_view,
+        ),
+        App(
+            "regional",
+            "three-object layouts: Mixture of Diffusers (one native-size tile per slot) vs one prompt for the whole layout",
+            ("general",),
+            "instance",
             "instance success rate: the fraction of objects read where they were asked for (their slot of the 64x64 image; "
             "for tiled rows, the centre of their own 64x64 tile) with the right shape and colour",
-            regional_scene, regional_prompts,
-            (Fusion("mod", tiles_per_slot("general"), ("general",), views=tile_views),
-             Fusion("mod", tiles_per_slot("general", "constant"), ("general",), id="mod-constant", views=tile_views),
-             Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds"),
-             Fusion("single", layout_on_canvas("general"), ("general",), id="single-canvas", views=tile_views)), regional_regions),
-        App("regional-models", "three-object layouts whose regions need different models: the left a cartoon (cartoon model), "
+            regional_scene,
+            regional_prompts,
+            (
+                Fusion("mod", tiles_per_slot("general"), ("general",), views=tile_views),
+                Fusion("mod", tiles_per_slot("general", "constant"), ("general",), id="mod-constant", views=tile_views),
+                Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds"),
+                Fusion("single", layout_on_canvas("general"), ("general",), id="single-canvas", views=tile_views),
+            ),
+            regional_regions,
+        ),
+        App(
+            "regional-models",
+            "three-object layouts whose regions need different models: the left a cartoon (cartoon model), "
             "the centre textured (SNB of the general model and the expert), the right a plain photo (general model)",
-            ("general", "cartoon", "expert"), "region",
+            ("general", "cartoon", "expert"),
+            "region",
             "region success rate: the fraction of the three 64x64 regions of the 64x160 canvas read entirely right: the scene, "
             "the region's style, and its object in the centre with the right shape, colour and (centre) texture",
-            mixed_scene, mixed_prompts,
-            (_mixed("mod-general", ("general", "general", "general")), _mixed("mod-cartoon", ("cartoon", "general", "general")),
-             _mixed("mod-snb", ("general", "snb", "general")), _mixed("mod-models", ("cartoon", "snb", "general"))),
-            mixed_regions, baselines=()),
-        App("aggregation", "layout model (positions, no colour) + palette model (colours, no positions)", _AG, "instance",
+            mixed_scene,
+            mixed_prompts,
+            (
+                _mixed("mod-general", ("general", "general", "general")),
+                _mixed("mod-cartoon", ("cartoon", "general", "general")),
+                _mixed("mod-snb", ("general", "snb", "general")),
+                _mixed("mod-models", ("cartoon", "snb", "general")),
+            ),
+            mixed_regions,
+            baselines=(),
+        ),
+        App(
+            "aggregation",
+            "layout model (positions, no colour) + palette model (colours, no positions)",
+            _AG,
+            "instance",
             "instance success rate: the fraction of objects read at their slot with the right shape and colour",
-            aggregation_scene, aggregation_prompts,
-            (Fusion("average", own_prompts("average", _AG), _AG), Fusion("snb", own_prompts("snb", _AG), _AG),
-             Fusion("amdm", own_prompts("amdm", _AG), _AG))),
-        App("ensemble", "two same-architecture models trained on disjoint scene slices of the general data", _EN, "image",
+            aggregation_scene,
+            aggregation_prompts,
+            (
+                Fusion("average", own_prompts("average", _AG), _AG),
+                Fusion("snb", own_prompts("snb", _AG), _AG),
+                Fusion("amdm", own_prompts("amdm", _AG), _AG),
+            ),
+        ),
+        App(
+            "ensemble",
+            "two same-architecture models trained on disjoint scene slices of the general data",
+            _EN,
+            "image",
             "the scene is right and every stated object is read at its slot with the right shape and colour",
-            ensemble_scene, ensemble_prompts,
-            (Fusion("average", own_prompts("average", _EN), _EN), Fusion("afa", own_prompts("afa", _EN), _EN), *merge_rows(_EN))),
+            ensemble_scene,
+            ensemble_prompts,
+            (Fusion("average", own_prompts("average", _EN), _EN), Fusion("afa", own_prompts("afa", _EN), _EN), *merge_rows(_EN)),
+        ),
     )
 }
 """Every app, in the order `bench all` runs them."""

@@ -22,8 +22,14 @@ def _reference_features(app: App, row: Row, prompts: Sequence[AppPrompt], seeds:
     seeded by prompt, seed and view): the reference set of the row's judge-FID."""
     from multifusion.zoo.render import render
 
-    images = np.stack([render(v.scene, np.random.default_rng([PROMPT_SEED, zlib.crc32(app.id.encode()), p.index, s, k]))
-                       for p in prompts for s in range(seeds) for k, v in enumerate(row.views(p))])
+    images = np.stack(
+        [
+            render(v.scene, np.random.default_rng([PROMPT_SEED, zlib.crc32(app.id.encode()), p.index, s, k]))
+            for p in prompts
+            for s in range(seeds)
+            for k, v in enumerate(row.views(p))
+        ]
+    )
     return judge.features(images).numpy()
 
 
@@ -33,7 +39,9 @@ def _load_sample(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def merge_results(out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequence[AppPrompt]]], seeds: int, judge: Any) -> dict:
+def merge_results(
+    out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequence[AppPrompt]]], seeds: int, judge: Any
+) -> dict:
     """Rows and prompts from the sample files of ``out``: a pure function of those files, so a
     sharded run and a single process agree to the last digit."""
     from multifusion.zoo.metrics import judge_fid, summary
@@ -60,8 +68,18 @@ def merge_results(out: str | Path, plan: Sequence[tuple[App, Sequence[Row], Sequ
                 metrics["judge_fid"] = judge_fid(features, references[row.views])
             if all("seam" in s for s in samples):
                 metrics["seam"] = float(np.mean([s["seam"] for s in samples]))
-            rows.append({"app": app.id, "method": row.method, "models": list(row.models), "row": row.id, "seeds": seeds,
-                         "prompts": len(prompts), "images": len(samples), "metrics": metrics})
+            rows.append(
+                {
+                    "app": app.id,
+                    "method": row.method,
+                    "models": list(row.models),
+                    "row": row.id,
+                    "seeds": seeds,
+                    "prompts": len(prompts),
+                    "images": len(samples),
+                    "metrics": metrics,
+                }
+            )
             # Timing is kept out of the rows: it is the one thing a resumed or sharded run changes.
             timing[f"{app.id}/{row.id}"] = float(np.mean([s["seconds"] for s in samples]))
     return {"rows": rows, "prompts": prompt_list, "success": success, "seconds_per_image": timing}

@@ -43,7 +43,9 @@ def _torchmetrics():
     try:
         import torchmetrics  # noqa: F401
     except ImportError:
-        raise RecipeError('CLIP score, FID and IS need torchmetrics: pip install -e ".[bench]" (or pip install "torchmetrics>=1.4")') from None
+        raise RecipeError(
+            'CLIP score, FID and IS need torchmetrics: pip install -e ".[bench]" (or pip install "torchmetrics>=1.4")'
+        ) from None
     return torchmetrics
 
 
@@ -71,7 +73,9 @@ def load_image_folder(folder: str | Path) -> list:
     p = _existing("reference_dir", folder, "a folder of reference images")
     files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else []
     if len(files) < 2:
-        raise RecipeError(f"reference_dir: {str(folder)!r} holds {len(files)} image(s); FID needs a folder of at least 2 PNG/JPEG images")
+        raise RecipeError(
+            f"reference_dir: {str(folder)!r} holds {len(files)} image(s); FID needs a folder of at least 2 PNG/JPEG images"
+        )
     images = []
     for f in files:
         with Image.open(f) as im:
@@ -131,7 +135,9 @@ def clip_score(images: Sequence[Any], prompts: Sequence[str], clip_model: str | 
 
     folder = _existing("clip_model", clip_model, "a CLIP folder (CLIPModel and CLIPProcessor saved with save_pretrained)")
     if not (folder / "config.json").is_file():
-        raise RecipeError(f"clip_model: {str(clip_model)!r} has no config.json; save a CLIPModel and its CLIPProcessor there with save_pretrained")
+        raise RecipeError(
+            f"clip_model: {str(clip_model)!r} has no config.json; save a CLIPModel and its CLIPProcessor there with save_pretrained"
+        )
     if len(images) != len(prompts):
         raise RecipeError(f"got {len(images)} images and {len(prompts)} prompts; pass one prompt per image")
 
@@ -160,15 +166,23 @@ def _inception(option: str, inception_weights, feature_extractor, features: str)
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:
-        raise RecipeError("FID and IS with the Inception network need torch-fidelity: pip install torch-fidelity "
-                          "(with the torchvision build that matches your torch), or pass a feature_extractor module")
+        raise RecipeError(
+            "FID and IS with the Inception network need torch-fidelity: pip install torch-fidelity "
+            "(with the torchvision build that matches your torch), or pass a feature_extractor module"
+        )
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=[features], feature_extractor_weights_path=str(path))
 
 
-def frechet_inception_distance(generated: Sequence[Any], reference: Sequence[Any], *, inception_weights: str | Path | None = None,
-                               feature_extractor: torch.nn.Module | None = None, batch_size: int = 32) -> float:
+def frechet_inception_distance(
+    generated: Sequence[Any],
+    reference: Sequence[Any],
+    *,
+    inception_weights: str | Path | None = None,
+    feature_extractor: torch.nn.Module | None = None,
+    batch_size: int = 32,
+) -> float:
     """FID (torchmetrics) between two image sets (>= 2 images each); reference images are
     resized to the generated images' size."""
     _torchmetrics()
@@ -188,8 +202,14 @@ def frechet_inception_distance(generated: Sequence[Any], reference: Sequence[Any
         return float(metric.compute())
 
 
-def inception_score(images: Sequence[Any], *, inception_weights: str | Path | None = None,
-                    feature_extractor: torch.nn.Module | None = None, splits: int = 10, batch_size: int = 32) -> tuple[float, float]:
+def inception_score(
+    images: Sequence[Any],
+    *,
+    inception_weights: str | Path | None = None,
+    feature_extractor: torch.nn.Module | None = None,
+    splits: int = 10,
+    batch_size: int = 32,
+) -> tuple[float, float]:
     """Inception Score (mean, std over ``splits``; torchmetrics). Its split shuffle draws from a
     generator seeded 0, so a score is reproducible."""
     _torchmetrics()
@@ -230,14 +250,16 @@ def run_realworld(
     from multifusion.api import generate_to_folder, image_name
     from multifusion.io import write_text
     from multifusion.recipe import parse_recipe
-    from multifusion.validate import validate_recipe
     from multifusion.registry import get_method
+    from multifusion.validate import validate_recipe
 
     if not isinstance(seeds, int) or seeds <= 0:
         raise RecipeError(f"seeds must be a positive integer, got {seeds!r}")
     prompts = read_prompt_file(prompt_file)
     if clip_model is None and inception_weights is None and feature_extractor is None:
-        raise RecipeError("nothing to measure: give clip_model (CLIP score) and/or inception_weights (IS, and FID with reference_dir)")
+        raise RecipeError(
+            "nothing to measure: give clip_model (CLIP score) and/or inception_weights (IS, and FID with reference_dir)"
+        )
     if reference_dir is not None and inception_weights is None and feature_extractor is None:
         raise RecipeError("reference_dir: is for FID, which also needs inception_weights (or a feature_extractor)")
     if clip_model is not None:
@@ -248,7 +270,9 @@ def run_realworld(
     _torchmetrics()
     base = parse_recipe(recipe).model_dump(mode="json", exclude_none=True)
     if not get_method(base["method"]).model_prompts:
-        raise RecipeError(f"method {base['method']!r} takes its prompts from its params; bench real needs a recipe whose models each take the prompt")
+        raise RecipeError(
+            f"method {base['method']!r} takes its prompts from its params; bench real needs a recipe whose models each take the prompt"
+        )
 
     out = Path(out)
     images, image_prompts = [], []
@@ -275,13 +299,22 @@ def run_realworld(
         mean, std = inception_score(images, inception_weights=inception_weights, feature_extractor=feature_extractor)
         metrics["inception_score"], metrics["inception_score_std"] = mean, std
         if reference is not None:
-            metrics["fid"] = frechet_inception_distance(images, reference, inception_weights=inception_weights,
-                                                        feature_extractor=feature_extractor)
-    result = {"metrics": metrics, "images": len(images), "prompts": prompts, "seeds_per_prompt": seeds,
-              "recipe": base, "weights": {"clip_model": str(clip_model) if clip_model else None,
-                                          "inception_weights": str(inception_weights) if inception_weights else None,
-                                          "feature_extractor": type(feature_extractor).__name__ if feature_extractor is not None else None,
-                                          "reference": str(reference_dir) if reference_dir else None,
-                                          "reference_images": len(reference) if reference is not None else 0}}
+            metrics["fid"] = frechet_inception_distance(
+                images, reference, inception_weights=inception_weights, feature_extractor=feature_extractor
+            )
+    result = {
+        "metrics": metrics,
+        "images": len(images),
+        "prompts": prompts,
+        "seeds_per_prompt": seeds,
+        "recipe": base,
+        "weights": {
+            "clip_model": str(clip_model) if clip_model else None,
+            "inception_weights": str(inception_weights) if inception_weights else None,
+            "feature_extractor": type(feature_extractor).__name__ if feature_extractor is not None else None,
+            "reference": str(reference_dir) if reference_dir else None,
+            "reference_images": len(reference) if reference is not None else 0,
+        },
+    }
     write_text(out / "realworld.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -17,9 +17,18 @@ from multifusion.errors import RecipeError
 
 DOC_BEGIN, DOC_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-_MD_COLUMNS = (("scene", "scene"), ("style", "style"), ("attr/shape", "shape"), ("attr/colour", "colour"),
-               ("attr/texture", "texture"), ("attr/position", "position"), ("isr", "ISR"), ("extra", "extra"), ("judge_fid", "judge-FID"),
-               ("seam", "seam"))
+_MD_COLUMNS = (
+    ("scene", "scene"),
+    ("style", "style"),
+    ("attr/shape", "shape"),
+    ("attr/colour", "colour"),
+    ("attr/texture", "texture"),
+    ("attr/position", "position"),
+    ("isr", "ISR"),
+    ("extra", "extra"),
+    ("judge_fid", "judge-FID"),
+    ("seam", "seam"),
+)
 
 
 def _fmt(v: Any) -> str:
@@ -53,14 +62,19 @@ def render_markdown(results: dict, grid: str | None = "grid.png") -> str:
         lines += [f"### {app}", "", f"Success ({results['success'][app]['kind']}): {results['success'][app]['definition']}.", ""]
         if results.get("skipped", {}).get(app):
             lines += [f"Not in this build yet (skipped): {', '.join(results['skipped'][app])}.", ""]
-        lines += ["| row | models | success (95% CI) | " + " | ".join(n for _, n in cols) + " | s/image |",
-                  "|---|---|---|" + "---|" * len(cols) + "---|"]
+        lines += [
+            "| row | models | success (95% CI) | " + " | ".join(n for _, n in cols) + " | s/image |",
+            "|---|---|---|" + "---|" * len(cols) + "---|",
+        ]
         for r in rows:
             m = r["metrics"]
             cells = [_fmt(m.get(k)) for k, _ in cols]
             lo, hi = m["success_ci"]
-            lines.append(f"| {r['row']} | {', '.join(r['models'])} | {m['success']:.3f} [{lo:.3f}, {hi:.3f}] | "
-                         + " | ".join(cells) + f" | {results['seconds_per_image'][r['app'] + '/' + r['row']]:.3f} |")
+            lines.append(
+                f"| {r['row']} | {', '.join(r['models'])} | {m['success']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                + " | ".join(cells)
+                + f" | {results['seconds_per_image'][r['app'] + '/' + r['row']]:.3f} |"
+            )
         lines.append("")
     lines += ["### Prompts", "", "| app | # | target | prompts per model |", "|---|---|---|---|"]
     for p in results["prompts"]:
@@ -75,12 +89,40 @@ def _csv(results: dict) -> str:
     keys = sorted({k for r in results["rows"] for k in r["metrics"]} - {"success", "success_ci"})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["app", "method", "models", "row", "seeds", "prompts", "images", "success", "success_lo", "success_hi", *keys, "seconds_per_image"])
+    w.writerow(
+        [
+            "app",
+            "method",
+            "models",
+            "row",
+            "seeds",
+            "prompts",
+            "images",
+            "success",
+            "success_lo",
+            "success_hi",
+            *keys,
+            "seconds_per_image",
+        ]
+    )
     timing = results["seconds_per_image"]
     for r in results["rows"]:
         m = r["metrics"]
-        w.writerow([r["app"], r["method"], "+".join(r["models"]), r["row"], r["seeds"], r["prompts"], r["images"],
-                    m["success"], *m["success_ci"], *[m.get(k, "") for k in keys], timing[f"{r['app']}/{r['row']}"]])
+        w.writerow(
+            [
+                r["app"],
+                r["method"],
+                "+".join(r["models"]),
+                r["row"],
+                r["seeds"],
+                r["prompts"],
+                r["images"],
+                m["success"],
+                *m["success_ci"],
+                *[m.get(k, "") for k in keys],
+                timing[f"{r['app']}/{r['row']}"],
+            ]
+        )
     return buf.getvalue()
 
 

@@ -27,12 +27,20 @@ import numpy as np
 
 from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row, resolve_apps
 from multifusion.bench.layout import GRID_SEEDS, sample_name, sample_path
-from multifusion.errors import RecipeError, did_you_mean
 from multifusion.bench.merge import merge_results
 from multifusion.bench.report import write_doc, write_results
-from multifusion.bench.settings import check_args, json_fingerprint, resolve_models, row_recipe, settings_record, sync_settings, versions
-from multifusion.io import file_fingerprint
+from multifusion.bench.settings import (
+    check_args,
+    json_fingerprint,
+    resolve_models,
+    row_recipe,
+    settings_record,
+    sync_settings,
+    versions,
+)
 from multifusion.bench.stats import CI_TEXT
+from multifusion.errors import RecipeError, did_you_mean
+from multifusion.io import file_fingerprint
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,15 @@ class Unit:
     seeds: tuple[int, ...]
 
 
-def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], common: Mapping[str, Any],
-              runtime: Mapping[str, Any], judge: Any, out: Path) -> int:
+def _run_unit(
+    unit: Unit,
+    handles: Mapping[str, Any],
+    refs: Mapping[str, str],
+    common: Mapping[str, Any],
+    runtime: Mapping[str, Any],
+    judge: Any,
+    out: Path,
+) -> int:
     """Sample, judge and write one unit; returns the number of images made."""
     from multifusion.api import write_images
     from multifusion.io import write_text
@@ -59,8 +74,16 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
     start = time.perf_counter()
     # A unit is sampled whole, in one batch (batch size changes float rounding): an image an
     # interrupted unit left behind is made again (`overwrite`), never kept.
-    [made] = write_images(recipe, out, image_name, seeds=unit.seeds, models=[handles[r] for r in unit.row.models],
-                          batch_size=len(unit.seeds), overwrite=True, progress=False)
+    [made] = write_images(
+        recipe,
+        out,
+        image_name,
+        seeds=unit.seeds,
+        models=[handles[r] for r in unit.row.models],
+        batch_size=len(unit.seeds),
+        overwrite=True,
+        progress=False,
+    )
     images = made.result.images
     views = unit.row.views(unit.prompt)
     crops = [np.asarray(im.crop(v.box) if v.box else im) for im in images for v in views]
@@ -83,11 +106,20 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
         seams = [seam_score(np.asarray(im), columns) for im in images]
     k = len(views)
     for i, (seed, seam) in enumerate(zip(unit.seeds, seams)):
-        record = {"app": unit.app.id, "row": unit.row.id, "method": unit.row.method, "models": list(unit.row.models),
-                  "prompt_index": unit.prompt.index, "seed": seed, "prompts": dict(unit.prompt.prompts),
-                  "target": unit.prompt.caption, "readings": readings[i * k:(i + 1) * k],
-                  "features": [[float(x) for x in f] for f in features[i * k:(i + 1) * k]],
-                  "seconds": seconds, "recipe": made.metadata[i]["recipe"]}
+        record = {
+            "app": unit.app.id,
+            "row": unit.row.id,
+            "method": unit.row.method,
+            "models": list(unit.row.models),
+            "prompt_index": unit.prompt.index,
+            "seed": seed,
+            "prompts": dict(unit.prompt.prompts),
+            "target": unit.prompt.caption,
+            "readings": readings[i * k : (i + 1) * k],
+            "features": [[float(x) for x in f] for f in features[i * k : (i + 1) * k]],
+            "seconds": seconds,
+            "recipe": made.metadata[i]["recipe"],
+        }
         if seam is not None:
             record["seam"] = seam
         # The JSON is written last: it is the mark of a finished sample.
@@ -95,8 +127,14 @@ def _run_unit(unit: Unit, handles: Mapping[str, Any], refs: Mapping[str, str], c
     return len(images)
 
 
-def _plan(chosen: list[App], refs: dict[str, dict[str, str]], prompts: int, common: dict, runtime: dict,
-          only: Sequence[str] | None = None):
+def _plan(
+    chosen: list[App],
+    refs: dict[str, dict[str, str]],
+    prompts: int,
+    common: dict,
+    runtime: dict,
+    only: Sequence[str] | None = None,
+):
     """Rows and prompts of every app (only the rows named in `only`, when given), every recipe
     validated before any model loads (or is hashed), and the fusion rows each app skips
     because the registry lacks their method."""
@@ -109,8 +147,10 @@ def _plan(chosen: list[App], refs: dict[str, dict[str, str]], prompts: int, comm
         known = {r.id for app in chosen for r in app.rows()[0]}
         unknown = [r for r in only if r not in known]
         if unknown or not only:
-            raise RecipeError(f"rows: {', '.join(unknown) or 'none given'}: not a row of {', '.join(a.id for a in chosen)} "
-                              f"(rows: {', '.join(sorted(known))}){did_you_mean(unknown[0], known) if unknown else ''}")
+            raise RecipeError(
+                f"rows: {', '.join(unknown) or 'none given'}: not a row of {', '.join(a.id for a in chosen)} "
+                f"(rows: {', '.join(sorted(known))}){did_you_mean(unknown[0], known) if unknown else ''}"
+            )
     for app in chosen:
         rows, skipped[app.id] = app.rows()
         rows = [r for r in rows if only is None or r.id in only]
@@ -123,8 +163,9 @@ def _plan(chosen: list[App], refs: dict[str, dict[str, str]], prompts: int, comm
     return plan, skipped
 
 
-def _run_units(todo: list[Unit], refs: dict[str, dict[str, str]], common: dict, runtime: dict, judge: Any,
-               out: Path, progress: bool) -> int:
+def _run_units(
+    todo: list[Unit], refs: dict[str, dict[str, str]], common: dict, runtime: dict, judge: Any, out: Path, progress: bool
+) -> int:
     """Run this process's unfinished units (ordered by app, so each app's models load once)."""
     if not todo:
         return 0
@@ -138,8 +179,9 @@ def _run_units(todo: list[Unit], refs: dict[str, dict[str, str]], common: dict, 
         for unit in todo:
             app = unit.app
             if app.id not in handles:
-                loaded = load_models([refs[app.id][r] for r in app.roles], names=list(app.roles),
-                                     dtype=runtime["dtype"], device=runtime["device"])
+                loaded = load_models(
+                    [refs[app.id][r] for r in app.roles], names=list(app.roles), dtype=runtime["dtype"], device=runtime["device"]
+                )
                 handles = {app.id: dict(zip(app.roles, loaded))}  # one app's models held at a time
             bar.set_postfix_str(f"{app.id} {unit.row.id}", refresh=False)
             n = _run_unit(unit, handles[app.id], refs[app.id], common, runtime, judge, out)
@@ -204,8 +246,15 @@ def run_bench(
 
     judge_path = Path(judge) if judge is not None else DEFAULT_WEIGHTS
     judge_model = load_judge(judge_path)
-    common = {"num_inference_steps": num_inference_steps, "scheduler": scheduler, "guidance_scale": float(guidance_scale),
-              "dtype": dtype, "prompt_seed": PROMPT_SEED, "judge": file_fingerprint(judge_path), "multifusion": __version__}
+    common = {
+        "num_inference_steps": num_inference_steps,
+        "scheduler": scheduler,
+        "guidance_scale": float(guidance_scale),
+        "dtype": dtype,
+        "prompt_seed": PROMPT_SEED,
+        "judge": file_fingerprint(judge_path),
+        "multifusion": __version__,
+    }
     # PartialState only takes the CPU (gloo) path when told to; without CUDA that is the only one.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (device or "").startswith("cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
@@ -218,8 +267,13 @@ def run_bench(
     plan, skipped = _plan(chosen, refs, prompts, common, runtime, rows)
     sync_settings(state, out, settings_record(plan, refs, common))
 
-    units = [Unit(app, row, p, tuple(range(s, min(s + batch_size, seeds))))
-             for app, rows, app_prompts in plan for row in rows for p in app_prompts for s in range(0, seeds, batch_size)]
+    units = [
+        Unit(app, row, p, tuple(range(s, min(s + batch_size, seeds))))
+        for app, rows, app_prompts in plan
+        for row in rows
+        for p in app_prompts
+        for s in range(0, seeds, batch_size)
+    ]
     mine = [u for i, u in enumerate(units) if i % state.num_processes == state.process_index]
     todo = [u for u in mine if not all(sample_path(out, u.app.id, u.row.id, u.prompt.index, s).is_file() for s in u.seeds)]
     computed = _run_units(todo, refs, common, runtime, judge_model, out, progress and state.is_main_process)
@@ -233,16 +287,30 @@ def run_bench(
 
     results = merge_results(out, plan, seeds, judge_model)
     total = sum(r["images"] for r in results["rows"])
-    results.update({
-        "skipped": {k: v for k, v in skipped.items() if v},
-        "settings": {**common, "seeds": seeds, "prompts_per_app": prompts, "apps": [a.id for a in chosen],
-                     "models": refs, "batch_size": batch_size, "threads": torch.get_num_threads(), "device": device,
-                     "num_processes": state.num_processes, "fingerprint": json_fingerprint(common), "ci": CI_TEXT},
-        "versions": versions(),
-        "samples": {"total": total, "computed": computed, "reused": total - computed},
-        "compute_time_s": round(sum(results["seconds_per_image"][f"{r['app']}/{r['row']}"] * r["images"] for r in results["rows"]), 3),
-        "wall_time_s": round(time.perf_counter() - wall_start, 3),
-    })
+    results.update(
+        {
+            "skipped": {k: v for k, v in skipped.items() if v},
+            "settings": {
+                **common,
+                "seeds": seeds,
+                "prompts_per_app": prompts,
+                "apps": [a.id for a in chosen],
+                "models": refs,
+                "batch_size": batch_size,
+                "threads": torch.get_num_threads(),
+                "device": device,
+                "num_processes": state.num_processes,
+                "fingerprint": json_fingerprint(common),
+                "ci": CI_TEXT,
+            },
+            "versions": versions(),
+            "samples": {"total": total, "computed": computed, "reused": total - computed},
+            "compute_time_s": round(
+                sum(results["seconds_per_image"][f"{r['app']}/{r['row']}"] * r["images"] for r in results["rows"]), 3
+            ),
+            "wall_time_s": round(time.perf_counter() - wall_start, 3),
+        }
+    )
     write_results(out, results, plan)
     if update_doc is not None:
         write_doc(update_doc, results, out / "grid.png")

@@ -45,21 +45,35 @@ def model_fingerprint(ref: str) -> str:
 # ----------------------------------------------------------------------------- the settings record
 
 
-def row_recipe(row: Row, prompt: AppPrompt, refs: Mapping[str, str], common: Mapping[str, Any],
-               seeds: Sequence[int], runtime: Mapping[str, Any] | None = None) -> dict:
+def row_recipe(
+    row: Row,
+    prompt: AppPrompt,
+    refs: Mapping[str, str],
+    common: Mapping[str, Any],
+    seeds: Sequence[int],
+    runtime: Mapping[str, Any] | None = None,
+) -> dict:
     """The recipe dict of ``seeds`` (consecutive) of one prompt of one row, with the run's sampling settings."""
     recipe = row.build(prompt, refs)
     # A row's own sampling fields (a canvas size) stay; the run's settings are added over them.
-    recipe["sampling"] = {**recipe.get("sampling", {}), "num_inference_steps": common["num_inference_steps"],
-                          "scheduler": common["scheduler"], "guidance_scale": common["guidance_scale"], "seed": int(seeds[0]),
-                          "num_images": len(seeds)}
+    recipe["sampling"] = {
+        **recipe.get("sampling", {}),
+        "num_inference_steps": common["num_inference_steps"],
+        "scheduler": common["scheduler"],
+        "guidance_scale": common["guidance_scale"],
+        "seed": int(seeds[0]),
+        "num_images": len(seeds),
+    }
     if runtime:
         recipe["runtime"] = dict(runtime)
     return recipe
 
 
-def settings_record(plan: Sequence[tuple[App, Sequence[Row], Sequence[AppPrompt]]], refs: Mapping[str, Mapping[str, str]],
-                    common: Mapping[str, Any]) -> dict:
+def settings_record(
+    plan: Sequence[tuple[App, Sequence[Row], Sequence[AppPrompt]]],
+    refs: Mapping[str, Mapping[str, str]],
+    common: Mapping[str, Any],
+) -> dict:
     """The settings record of a run: ``common``, each app's model hashes per role and row recipe hashes."""
     record: dict[str, Any] = {"format": FORMAT, "common": common, "apps": {}}
     hashes: dict[str, str] = {}  # a model shared by apps is hashed once
@@ -79,19 +93,25 @@ def _compare_settings(out: Path, have: dict, want: dict) -> None:
     fix = f"Results of different settings are never mixed: choose another output folder, or delete {str(out)!r} to start over."
     if have.get("format") != want["format"]:
         raise RecipeError(f"out: {str(out)!r} holds benchmark results of another format ({have.get('format')}); {fix}")
-    diffs = [f"{k} is {have['common'].get(k)!r} there and {v!r} here" for k, v in want["common"].items() if have["common"].get(k) != v]
+    diffs = [
+        f"{k} is {have['common'].get(k)!r} there and {v!r} here" for k, v in want["common"].items() if have["common"].get(k) != v
+    ]
     for app, spec in want["apps"].items():
         old = have.get("apps", {}).get(app)
         if old is None:
             continue
         for role, m in spec["models"].items():
             if role in old["models"] and old["models"][role]["sha"] != m["sha"]:
-                diffs.append(f"model {role!r} of app {app!r} has different weights ({old['models'][role]['ref']} there, {m['ref']} here)")
+                diffs.append(
+                    f"model {role!r} of app {app!r} has different weights ({old['models'][role]['ref']} there, {m['ref']} here)"
+                )
         for row, sha in spec["rows"].items():
             if row in old["rows"] and old["rows"][row] != sha:
                 diffs.append(f"row {row!r} of app {app!r} builds a different recipe")
     if diffs:
-        raise RecipeError(f"out: {str(out)!r} holds benchmark results made with different settings: " + "; ".join(diffs) + ". " + fix)
+        raise RecipeError(
+            f"out: {str(out)!r} holds benchmark results made with different settings: " + "; ".join(diffs) + ". " + fix
+        )
 
 
 def _merge_settings(have: dict | None, want: dict) -> dict:
@@ -130,22 +150,35 @@ def versions() -> dict[str, str]:
 
     from multifusion.version import __version__
 
-    return {"multifusion": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "numpy": np.__version__, "platform": platform.platform()}
+    return {
+        "multifusion": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
 
 
 # ----------------------------------------------------------------------------- arguments and models
 
 
-def check_args(seeds: int, prompts: int, steps: int, batch_size: int, guidance_scale: float, scheduler: str, dtype: str,
-               threads: int | None) -> None:
+def check_args(
+    seeds: int, prompts: int, steps: int, batch_size: int, guidance_scale: float, scheduler: str, dtype: str, threads: int | None
+) -> None:
     """RecipeError on the first bad argument of ``run_bench``, before anything loads."""
     from multifusion.loading import DTYPES
     from multifusion.schedulers import scheduler_class
 
-    counts = (("seeds", seeds), ("prompts", prompts), ("num_inference_steps", steps), ("batch_size", batch_size),
-              ("threads", 1 if threads is None else threads))
+    counts = (
+        ("seeds", seeds),
+        ("prompts", prompts),
+        ("num_inference_steps", steps),
+        ("batch_size", batch_size),
+        ("threads", 1 if threads is None else threads),
+    )
     for name, v in counts:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise RecipeError(f"{name} must be a positive integer, got {v!r}")

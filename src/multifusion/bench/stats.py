@@ -20,8 +20,10 @@ from multifusion.bench.apps import App
 
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
-CI_TEXT = ("95%: Wilson score interval for image apps; percentile bootstrap over images "
-           f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for instance and region apps")
+CI_TEXT = (
+    "95%: Wilson score interval for image apps; percentile bootstrap over images "
+    f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for instance and region apps"
+)
 """How the intervals are made, as recorded in a run's settings and printed under its tables."""
 
 
@@ -36,8 +38,9 @@ def wilson_interval(successes: int, n: int, level: float = CI_LEVEL) -> tuple[fl
     return float(ci.low), float(ci.high)
 
 
-def bootstrap_interval(hits: Sequence[int], trials: Sequence[int], *, level: float = CI_LEVEL,
-                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    hits: Sequence[int], trials: Sequence[int], *, level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the pooled rate ``sum(hits) / sum(trials)``, resampling
     whole images (clusters): ``hits[i]`` of ``trials[i] > 0`` objects of image ``i`` succeeded."""
     h, t = np.asarray(hits, dtype=np.float64), np.asarray(trials, dtype=np.float64)
@@ -62,8 +65,11 @@ def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Seq
         n = len(spec.objects)
         got = round(instance_success_rate([reading], [spec]) * n) if n else 0
         hits, trials = hits + got, trials + n
-        right = (got == n and (spec.background is None or reading["background"] == spec.background)
-                 and (spec.style is None or reading["style"] == spec.style))
+        right = (
+            got == n
+            and (spec.background is None or reading["background"] == spec.background)
+            and (spec.style is None or reading["style"] == spec.style)
+        )
         regions += right
         every &= right
     if app.success == "region":

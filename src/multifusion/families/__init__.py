@@ -29,8 +29,9 @@ is added to `FAMILIES`, and its tests.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -58,8 +59,9 @@ def family_named(pipeline_class: str | None, what: str) -> type[ModelHandle]:
         return DEFAULT_FAMILY
     if pipeline_class not in FAMILIES:
         why = f" ({REFUSED[pipeline_class]})" if pipeline_class in REFUSED else ""
-        raise IncompatibleModelsError(f"{what} is a {pipeline_class}{why}; the models that can be combined are: "
-                                      + ", ".join(sorted(FAMILIES)))
+        raise IncompatibleModelsError(
+            f"{what} is a {pipeline_class}{why}; the models that can be combined are: " + ", ".join(sorted(FAMILIES))
+        )
     return FAMILIES[pipeline_class]
 
 
@@ -93,20 +95,36 @@ def vae_factor(vae_config: Mapping[str, Any]) -> int:
     return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
 
 
-def facts_from_configs(family: type[ModelHandle], denoiser: Mapping[str, Any], vae: Mapping[str, Any],
-                       scheduler: Mapping[str, Any] | None) -> ModelFacts:
+def facts_from_configs(
+    family: type[ModelHandle], denoiser: Mapping[str, Any], vae: Mapping[str, Any], scheduler: Mapping[str, Any] | None
+) -> ModelFacts:
     """A model's facts from its denoiser's, VAE's and scheduler's config.json, before loading."""
     channels, patch, native = family.config_facts(denoiser)
     factor = vae_factor(vae)
-    return ModelFacts(family, channels, factor, factor * patch, factor * native,
-                      float(vae.get("scaling_factor", 0.18215)),  # diffusers' default
-                      float(vae.get("shift_factor") or 0.0), scheduler)
+    return ModelFacts(
+        family,
+        channels,
+        factor,
+        factor * patch,
+        factor * native,
+        float(vae.get("scaling_factor", 0.18215)),  # diffusers' default
+        float(vae.get("shift_factor") or 0.0),
+        scheduler,
+    )
 
 
 def facts_of(handle: ModelHandle) -> ModelFacts:
     """A loaded model's facts."""
-    return ModelFacts(type(handle), handle.latent_channels, handle.vae_scale_factor, handle.patch_px, handle.native_px,
-                      handle.scaling_factor, handle.shift_factor, dict(handle.scheduler_config))
+    return ModelFacts(
+        type(handle),
+        handle.latent_channels,
+        handle.vae_scale_factor,
+        handle.patch_px,
+        handle.native_px,
+        handle.scaling_factor,
+        handle.shift_factor,
+        dict(handle.scheduler_config),
+    )
 
 
 def check_compatible(facts: Sequence[tuple[str, ModelFacts]], field: str = "{}") -> None:
@@ -124,24 +142,32 @@ def check_compatible(facts: Sequence[tuple[str, ModelFacts]], field: str = "{}")
             predict = f", and they predict {spaces[1]} vs {spaces[0]}" if spaces[0] != spaces[1] else ""
             raise IncompatibleModelsError(
                 f"{where}: a {b.name} model cannot meet {first}, a {a.name} model: they live in different latent spaces (their "
-                f"VAEs) on different noise schedules{predict}; fuse models of one family")
+                f"VAEs) on different noise schedules{predict}; fuse models of one family"
+            )
         kinds = f"{label} is {b.name} and {first} {a.name}: " if b.family is not a.family else ""
-        pairs = [("latent channels", b.latent_channels, a.latent_channels),
-                 ("VAE downsampling factor", b.vae_scale_factor, a.vae_scale_factor),
-                 ("VAE scaling_factor", round(b.scaling_factor, 6), round(a.scaling_factor, 6)),
-                 ("VAE shift_factor", round(b.shift_factor, 6), round(a.shift_factor, 6))]
+        pairs = [
+            ("latent channels", b.latent_channels, a.latent_channels),
+            ("VAE downsampling factor", b.vae_scale_factor, a.vae_scale_factor),
+            ("VAE scaling_factor", round(b.scaling_factor, 6), round(a.scaling_factor, 6)),
+            ("VAE shift_factor", round(b.shift_factor, 6), round(a.shift_factor, 6)),
+        ]
         for what, mine, theirs in pairs:
             if mine != theirs:
                 raise IncompatibleModelsError(
                     f"{where}: {kinds}their VAEs encode different latent spaces ({what} {mine} vs {theirs}), so their noise and "
-                    "latents cannot meet; fuse models of one base (same VAE and schedule)")
+                    "latents cannot meet; fuse models of one base (same VAE and schedule)"
+                )
         table_a, table_b = a.alphas_cumprod, b.alphas_cumprod
-        if table_a is not None and table_b is not None and (len(table_a) != len(table_b)
-                                                           or not torch.allclose(table_a, table_b, atol=1e-6)):
+        if (
+            table_a is not None
+            and table_b is not None
+            and (len(table_a) != len(table_b) or not torch.allclose(table_a, table_b, atol=1e-6))
+        ):
             raise IncompatibleModelsError(
                 f"{where}: {kinds}its noise schedule differs from {first}'s (num_train_timesteps {len(table_b)} vs {len(table_a)}, "
                 "or the betas): a timestep would mean different noise levels for them; fuse models of one base (same VAE and "
-                "schedule)")
+                "schedule)"
+            )
 
 
 def check_same_schedule(facts: Sequence[tuple[str, ModelFacts]], why: str, field: str = "{}") -> None:
@@ -157,7 +183,8 @@ def check_same_schedule(facts: Sequence[tuple[str, ModelFacts]], why: str, field
         if diff:
             raise IncompatibleModelsError(
                 f"{field.format(label)}: its schedule differs from {first}'s ({diff} in scheduler_config.json), so {why}, their latents "
-                "would meet at different noise levels; use models of one base (one scheduler config)")
+                "would meet at different noise levels; use models of one base (one scheduler config)"
+            )
 
 
 def check_same_latent_space(handles: Sequence[ModelHandle]) -> None:

@@ -45,8 +45,9 @@ embedders, `joint_blocks.i`, `final_layer`), named in the FLUX style: IN, J00..,
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from multifusion.errors import IncompatibleModelsError
 
@@ -96,7 +97,8 @@ class BlockLayout:
                 return owner
         raise IncompatibleModelsError(
             f"{self.kind} parameter {name!r} belongs to no block id; block weights cannot be applied to this "
-            "architecture (a plain weighted sum can)")
+            "architecture (a plain weighted sum can)"
+        )
 
     def describe(self) -> str:
         """The ids in short, runs of one prefix as first..last: "IN00..IN11, M00, OUT00..OUT11",

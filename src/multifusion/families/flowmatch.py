@@ -57,8 +57,9 @@ def x0_to_velocity(x0: torch.Tensor, x_t: torch.Tensor, sigma: float) -> torch.T
     return (x_t - x0) / sigma
 
 
-def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def resolution_shift(
+    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+) -> float:
     """mu of the resolution-dependent shift: linear in the number of image tokens, base_shift at
     base_seq_len tokens and max_shift at max_seq_len (FLUX.1's schedule; extrapolated outside)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
@@ -106,8 +107,15 @@ class FlowMatchSampler:
     init_noise_sigma = 1.0
     order = 1
 
-    def __init__(self, config: dict, *, latent_hw: tuple[int, int] | None = None, patch: int = 2,
-                 pipeline_sigmas: bool = False, default_max_shift: float = 1.15):
+    def __init__(
+        self,
+        config: dict,
+        *,
+        latent_hw: tuple[int, int] | None = None,
+        patch: int = 2,
+        pipeline_sigmas: bool = False,
+        default_max_shift: float = 1.15,
+    ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.inner = FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -134,12 +142,19 @@ class FlowMatchSampler:
         if not c.get("use_dynamic_shifting", False):
             return None
         if self.latent_hw is None:
-            raise ValueError("this flow-matching schedule shifts with the image size (use_dynamic_shifting); "
-                             "build the scheduler with latent_hw (the latent height and width)")
+            raise ValueError(
+                "this flow-matching schedule shifts with the image size (use_dynamic_shifting); "
+                "build the scheduler with latent_hw (the latent height and width)"
+            )
         h, w = self.latent_hw
         tokens = (h // self.patch) * (w // self.patch)
-        return resolution_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                c.get("base_shift", 0.5), c.get("max_shift", self.default_max_shift))
+        return resolution_shift(
+            tokens,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", self.default_max_shift),
+        )
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         if num_inference_steps < 1:
@@ -154,8 +169,14 @@ class FlowMatchSampler:
     def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
-             generator: Any = None, return_dict: bool = True):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor,
+        sample: torch.Tensor,
+        generator: Any = None,
+        return_dict: bool = True,
+    ):
         """One Euler step on the flow ODE, x_{s'} = x_s + (s' - s) v (the scheduler's own)."""
         return self.inner.step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
@@ -190,6 +211,7 @@ class FlowMatchSampler:
         """How far x0 moves per unit move of the latent after a step to `timestep_next`, e fixed:
         1 / (1 - s_next)."""
         return 1.0 / (1.0 - float(self.sigma_of(timestep_next)))
+
 
 def tokens(tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
     """(B, max_length) token ids, padded and truncated to `max_length`, as the pipelines ask."""
@@ -240,8 +262,13 @@ class FlowHandle(ModelHandle):
         from multifusion.schedulers import check_flow_sampler
 
         check_flow_sampler(name)
-        return FlowMatchSampler(self.scheduler_config, latent_hw=tuple(latent_hw), patch=self.patch,
-                                pipeline_sigmas=self.pipeline_sigmas, default_max_shift=self.default_max_shift)
+        return FlowMatchSampler(
+            self.scheduler_config,
+            latent_hw=tuple(latent_hw),
+            patch=self.patch,
+            pipeline_sigmas=self.pipeline_sigmas,
+            default_max_shift=self.default_max_shift,
+        )
 
     def _exec_device(self, module: torch.nn.Module) -> torch.device:
         """Bring `module` where it runs (under offload) and return that device."""

@@ -25,8 +25,9 @@ unconditional prediction (SNB) run the negative pass whatever its value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -71,8 +72,16 @@ def flux_layout(config: Mapping[str, Any]) -> BlockLayout:
     members |= {f"D{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 19)))}
     members |= {f"S{i:02d}": (f"single_transformer_blocks.{i}",) for i in range(int(config.get("num_single_layers", 38)))}
     members["OUT"] = ("norm_out", "proj_out")
-    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="FLUX transformer",
-                       leads=(("BASE",), ("CLIP", "T5")), t5="text_encoder_2", resamples=False)
+    return BlockLayout(
+        0,
+        tuple(members),
+        members,
+        denoiser="transformer",
+        kind="FLUX transformer",
+        leads=(("BASE",), ("CLIP", "T5")),
+        t5="text_encoder_2",
+        resamples=False,
+    )
 
 
 @dataclass(eq=False)
@@ -96,17 +105,29 @@ class FluxHandle(FlowHandle):
         """Packed 2x2 latent patches (B, h/2 * w/2, 4C), as `eps` passes them."""
         c, h, w = latent
         n = (h // 2) * (w // 2)
-        return dict(hidden_states=torch.randn(batch, n, 4 * c), encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
-                    pooled_projections=torch.randn(batch, config["pooled_projection_dim"]), timestep=torch.full((batch,), 0.5),
-                    guidance=torch.full((batch,), 3.5) if config.get("guidance_embeds") else None,
-                    txt_ids=torch.zeros(tokens, 3), img_ids=torch.zeros(n, 3))
+        return dict(
+            hidden_states=torch.randn(batch, n, 4 * c),
+            encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
+            pooled_projections=torch.randn(batch, config["pooled_projection_dim"]),
+            timestep=torch.full((batch,), 0.5),
+            guidance=torch.full((batch,), 3.5) if config.get("guidance_embeds") else None,
+            txt_ids=torch.zeros(tokens, 3),
+            img_ids=torch.zeros(n, 3),
+        )
+
     pipeline_sigmas: ClassVar[bool] = True
     default_max_shift: ClassVar[float] = 1.15
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
-        return {"unet": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
-                "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2}
+        return {
+            "unet": pipe.transformer,
+            "vae": pipe.vae,
+            "text_encoder": pipe.text_encoder,
+            "tokenizer": pipe.tokenizer,
+            "text_encoder_2": pipe.text_encoder_2,
+            "tokenizer_2": pipe.tokenizer_2,
+        }
 
     @classmethod
     def config_facts(cls, denoiser: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -127,15 +148,18 @@ class FluxHandle(FlowHandle):
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         """embeds (B, 512, D_T5) from T5 and extra["pooled"] (B, D_CLIP) from CLIP's pooler."""
         dev = self._exec_device(self.text_encoder)
-        pooled = self.text_encoder(tokens(self.tokenizer, prompts, self.tokenizer.model_max_length).to(dev),
-                                   output_hidden_states=False).pooler_output
+        pooled = self.text_encoder(
+            tokens(self.tokenizer, prompts, self.tokenizer.model_max_length).to(dev), output_hidden_states=False
+        ).pooler_output
         dev = self._exec_device(self.text_encoder_2)
-        embeds = self.text_encoder_2(tokens(self.tokenizer_2, prompts, self.max_sequence_length).to(dev),
-                                     output_hidden_states=False)[0]
+        embeds = self.text_encoder_2(
+            tokens(self.tokenizer_2, prompts, self.max_sequence_length).to(dev), output_hidden_states=False
+        )[0]
         return Conditioning(embeds.to(dtype=self.dtype), {"pooled": pooled.to(embeds.device, self.dtype)})
 
-    def guide(self, prompt: str | list[str], *, negative_prompt: str | list[str] = "", guidance_scale: float = 3.5,
-              batch_size: int = 1) -> Guided:
+    def guide(
+        self, prompt: str | list[str], *, negative_prompt: str | list[str] = "", guidance_scale: float = 3.5, batch_size: int = 1
+    ) -> Guided:
         """`prompt` with the distilled guidance `guidance_scale` (an input of every pass, of the
         negative one too, as FluxPipeline gives it) and true CFG at `true_cfg_scale`."""
         g = super().guide(prompt, negative_prompt=negative_prompt, guidance_scale=self.true_cfg_scale, batch_size=batch_size)

@@ -19,16 +19,19 @@ attention, ``layers_per_block``), so it fits any SD-1.x-shaped pipeline, not one
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from multifusion.errors import IncompatibleModelsError
 
 # Module renames inside one residual block or VAE attention block, diffusers -> LDM.
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -144,8 +147,13 @@ def to_ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder:
 
 
 # OpenCLIP's names inside one transformer layer, from transformers' CLIP ones.
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                    "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
 
 
 def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -154,17 +162,21 @@ def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tenso
     ``attn.in_proj_weight`` / ``in_proj_bias`` (3 W, W) / (3 W), the projection transposed to
     (W, P)."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
-           "text_projection": sd.pop("text_projection.weight").T}
+    out = {
+        "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        "ln_final.bias": sd.pop("final_layer_norm.bias"),
+        "text_projection": sd.pop("text_projection.weight").T,
+    }
     sd.pop("embeddings.position_ids", None)  # a buffer, not a weight
     layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
     for i in layers:
         pre = f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
             out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
-                [sd.pop(f"{pre}self_attn.{p}_proj.{kind}") for p in "qkv"])
+                [sd.pop(f"{pre}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            )
             for ours, theirs in _OPEN_CLIP_LAYER.items():
                 out[f"transformer.resblocks.{i}.{theirs}.{kind}"] = sd.pop(f"{pre}{ours}.{kind}")
     if sd:
@@ -172,8 +184,9 @@ def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tenso
     return out
 
 
-def to_ldm_sdxl_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
-                           text_encoder_2: torch.nn.Module) -> dict[str, torch.Tensor]:
+def to_ldm_sdxl_state_dict(
+    unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module
+) -> dict[str, torch.Tensor]:
     """One SDXL state dict with the original key names (module docstring)."""
     out = {k: v for k, v in to_ldm_state_dict(unet, vae, text_encoder).items() if not k.startswith("cond_stage_model.")}
     for key, t in text_encoder.state_dict().items():

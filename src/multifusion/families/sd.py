@@ -15,8 +15,9 @@ alpha_bar table), how training noises and predicts, its merge block ids (the A11
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,8 +93,11 @@ class SDHandle(ModelHandle):
     @classmethod
     def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
         c, h, w = latent
-        return dict(sample=torch.randn(batch, c, h, w), timestep=torch.tensor(500),
-                    encoder_hidden_states=torch.randn(batch, tokens, config["cross_attention_dim"]))
+        return dict(
+            sample=torch.randn(batch, c, h, w),
+            timestep=torch.tensor(500),
+            encoder_hidden_states=torch.randn(batch, tokens, config["cross_attention_dim"]),
+        )
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
@@ -133,7 +137,10 @@ class SDHandle(ModelHandle):
         self._on_device(self.unet)
         dev = self.offloader.device if self.offloader else self.device
         out = self.unet(
-            x_t.to(dev, self.dtype), t, encoder_hidden_states=cond.embeds.to(dev), return_dict=False,
+            x_t.to(dev, self.dtype),
+            t,
+            encoder_hidden_states=cond.embeds.to(dev),
+            return_dict=False,
             **self.denoiser_kwargs(x_t, cond, dev),
         )[0].to(x_t.device, torch.float32)
         if self.prediction_type == "v_prediction":
@@ -153,8 +160,9 @@ class SDHandle(ModelHandle):
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         return x_t, (a.sqrt() * noise - (1 - a).sqrt() * x0 if self.prediction_type == "v_prediction" else noise)
 
-    def raw_prediction(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                       kwargs: dict[str, Any]) -> torch.Tensor:
+    def raw_prediction(
+        self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
         """The raw output (B, C, h, w) of `denoiser` (this family's, or an ensemble of them) at
         x_t and integer timesteps t (B,), with the further inputs `kwargs` (`denoiser_kwargs`)."""
         return denoiser(x_t.to(self.dtype), t, cond.embeds.to(self.dtype), **kwargs).sample

@@ -17,8 +17,9 @@ The transformer takes the timestep t = 1000 sigma and returns the velocity.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ def sd3_layout(config: Mapping[str, Any]) -> BlockLayout:
     members = {"IN": ("pos_embed", "context_embedder", "time_text_embed")}
     members |= {f"J{i:02d}": (f"transformer_blocks.{i}",) for i in range(int(config.get("num_layers", 18)))}
     members["OUT"] = ("norm_out", "proj_out")
-    return BlockLayout(0, tuple(members), members, denoiser="transformer", kind="SD3 transformer",
-                       t5="text_encoder_3", resamples=False)
+    return BlockLayout(
+        0, tuple(members), members, denoiser="transformer", kind="SD3 transformer", t5="text_encoder_3", resamples=False
+    )
 
 
 @dataclass(eq=False)
@@ -59,14 +61,25 @@ class SD3Handle(FlowHandle):
 
     @classmethod
     def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
-        return dict(hidden_states=torch.randn(batch, *latent), encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
-                    pooled_projections=torch.randn(batch, config["pooled_projection_dim"]), timestep=torch.full((batch,), 0.5))
+        return dict(
+            hidden_states=torch.randn(batch, *latent),
+            encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
+            pooled_projections=torch.randn(batch, config["pooled_projection_dim"]),
+            timestep=torch.full((batch,), 0.5),
+        )
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
-        return {"unet": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
-                "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2,
-                "text_encoder_3": pipe.text_encoder_3, "tokenizer_3": pipe.tokenizer_3}
+        return {
+            "unet": pipe.transformer,
+            "vae": pipe.vae,
+            "text_encoder": pipe.text_encoder,
+            "tokenizer": pipe.tokenizer,
+            "text_encoder_2": pipe.text_encoder_2,
+            "tokenizer_2": pipe.tokenizer_2,
+            "text_encoder_3": pipe.text_encoder_3,
+            "tokenizer_3": pipe.tokenizer_3,
+        }
 
     @classmethod
     def config_facts(cls, denoiser: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -89,8 +102,13 @@ class SD3Handle(FlowHandle):
         seq_1, pooled_1 = self._clip(self.text_encoder, self.tokenizer, prompts)
         seq_2, pooled_2 = self._clip(self.text_encoder_2, self.tokenizer_2, prompts)
         if self.text_encoder_3 is None:
-            t5 = torch.zeros(len(prompts), self.max_sequence_length, int(self.unet.config.joint_attention_dim),
-                             device=seq_1.device, dtype=seq_1.dtype)
+            t5 = torch.zeros(
+                len(prompts),
+                self.max_sequence_length,
+                int(self.unet.config.joint_attention_dim),
+                device=seq_1.device,
+                dtype=seq_1.dtype,
+            )
         else:
             dev = self._exec_device(self.text_encoder_3)
             t5 = self.text_encoder_3(tokens(self.tokenizer_3, prompts, self.max_sequence_length).to(dev))[0]
@@ -100,18 +118,28 @@ class SD3Handle(FlowHandle):
         pooled = torch.cat([pooled_1, pooled_2], dim=-1)
         return Conditioning(embeds.to(dtype=self.dtype), {"pooled": pooled.to(embeds.device, self.dtype)})
 
-    def raw_prediction(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
-                       kwargs: dict[str, Any]) -> torch.Tensor:
+    def raw_prediction(
+        self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
         """The raw velocity (B, C, h, w) of `denoiser` (an SD3 transformer, or an AFA ensemble of
         them) at x_t and integer timesteps t (B,)."""
-        return denoiser(hidden_states=x_t.to(self.dtype), timestep=t.float(), encoder_hidden_states=cond.embeds.to(self.dtype),
-                        pooled_projections=cond.extra["pooled"].to(self.dtype)).sample
+        return denoiser(
+            hidden_states=x_t.to(self.dtype),
+            timestep=t.float(),
+            encoder_hidden_states=cond.embeds.to(self.dtype),
+            pooled_projections=cond.extra["pooled"].to(self.dtype),
+        ).sample
 
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The velocity (B, C, H, W) float32 at x_t (B, C, H, W), timestep t = 1000 sigma."""
         dev = self._exec_device(self.unet)
         timestep = torch.as_tensor(t, device=dev).expand(x_t.shape[0])
-        out = self.unet(hidden_states=x_t.to(dev, self.dtype), timestep=timestep, encoder_hidden_states=cond.embeds.to(dev),
-                        pooled_projections=cond.extra["pooled"].to(dev), return_dict=False)[0]
+        out = self.unet(
+            hidden_states=x_t.to(dev, self.dtype),
+            timestep=timestep,
+            encoder_hidden_states=cond.embeds.to(dev),
+            pooled_projections=cond.extra["pooled"].to(dev),
+            return_dict=False,
+        )[0]
         return out.to(x_t.device, torch.float32)

@@ -68,8 +68,10 @@ class SDXLHandle(SDHandle):
     def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
         """SDXL's UNet inputs with the pooled text embedding and the six time ids."""
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        return {**super().example_inputs(config, batch, latent, tokens),
-                "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}}
+        return {
+            **super().example_inputs(config, batch, latent, tokens),
+            "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)},
+        }
 
     @classmethod
     def ldm_state_dict(cls, folder) -> dict[str, torch.Tensor]:
@@ -88,11 +90,19 @@ class SDXLHandle(SDHandle):
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
         if pipe.text_encoder is None or pipe.tokenizer is None:
-            raise ModelLoadError("this SDXL pipeline has no first text encoder (a refiner?); only SDXL base-shaped "
-                                 "text-to-image models load (the refiner is not supported)")
-        return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
-                "text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2,
-                "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True))}
+            raise ModelLoadError(
+                "this SDXL pipeline has no first text encoder (a refiner?); only SDXL base-shaped "
+                "text-to-image models load (the refiner is not supported)"
+            )
+        return {
+            "unet": pipe.unet,
+            "vae": pipe.vae,
+            "text_encoder": pipe.text_encoder,
+            "tokenizer": pipe.tokenizer,
+            "text_encoder_2": pipe.text_encoder_2,
+            "tokenizer_2": pipe.tokenizer_2,
+            "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        }
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
@@ -106,16 +116,19 @@ class SDXLHandle(SDHandle):
         rows = torch.tensor([distinct.index(p) for p in prompts])
         states, pooled = [], None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
+            ids = tokenizer(
+                distinct, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             self._on_device(encoder)
             out = encoder(ids.to(dev), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # the projected pooled output (CLIPTextModelWithProjection)
                 pooled = out[0]
             states.append(out.hidden_states[-2])
         if pooled is None:
-            raise ValueError(f"model {self.name!r}: neither text encoder gives a pooled projection (text_encoder_2 should "
-                             "be a CLIPTextModelWithProjection)")
+            raise ValueError(
+                f"model {self.name!r}: neither text encoder gives a pooled projection (text_encoder_2 should "
+                "be a CLIPTextModelWithProjection)"
+            )
         rows = rows.to(pooled.device)
         return Conditioning(torch.cat(states, dim=-1)[rows].to(self.dtype), {"text_embeds": pooled[rows].to(self.dtype)})
 
@@ -158,5 +171,6 @@ class SDXLHandle(SDHandle):
         if ids is None:
             size = (x_t.shape[-2] * self.vae_scale_factor, x_t.shape[-1] * self.vae_scale_factor)
             ids = time_ids(size, (0, 0), size, x_t.shape[0])
-        return {"added_cond_kwargs": {"text_embeds": cond.extra["text_embeds"].to(device),
-                                      "time_ids": ids.to(device, self.dtype)}}
+        return {
+            "added_cond_kwargs": {"text_embeds": cond.extra["text_embeds"].to(device), "time_ids": ids.to(device, self.dtype)}
+        }

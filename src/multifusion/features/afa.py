@@ -71,14 +71,27 @@ class SABW(nn.Module):
     """The aggregator of one aggregation point (module docstring): features (N, B, C, H, W),
     temb (B, T), context (B, L, D) -> logits (B, N, H, W)."""
 
-    def __init__(self, channels: int, n_models: int, width: int, heads: int, temb_channels: int,
-                 cross_attention_dim: int, norm_groups: int, layers: int = 1):
+    def __init__(
+        self,
+        channels: int,
+        n_models: int,
+        width: int,
+        heads: int,
+        temb_channels: int,
+        cross_attention_dim: int,
+        norm_groups: int,
+        layers: int = 1,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(n_models * channels, width, kernel_size=1)
         self.resnet = ResnetBlock2D(in_channels=width, out_channels=width, temb_channels=temb_channels, groups=norm_groups)
         self.transformer = Transformer2DModel(
-            num_attention_heads=heads, attention_head_dim=width // heads, in_channels=width,
-            cross_attention_dim=cross_attention_dim, norm_num_groups=norm_groups, num_layers=layers,
+            num_attention_heads=heads,
+            attention_head_dim=width // heads,
+            in_channels=width,
+            cross_attention_dim=cross_attention_dim,
+            norm_num_groups=norm_groups,
+            num_layers=layers,
         )
         self.conv_out = nn.Conv2d(width, n_models, kernel_size=1, bias=False)
         nn.init.zeros_(self.conv_out.weight)  # untrained = feature averaging (paper Sec. 3.2)
@@ -124,7 +137,9 @@ class AFAAggregators(ModelMixin, ConfigMixin):
             SABW(c, n_models, width, heads, temb_channels, cross_attention_dim, norm_groups, layers) for c in channels
         )
 
-    def forward(self, point: int, features: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, point: int, features: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Aggregate at `point`: features (N, B, C, H, W), temb (B, T), context (B, L, D) ->
         (the aggregated feature (B, C, H, W), the weights (B, N, H, W))."""
         weights = model_weights(self.points[point](features, temb, context).float())

@@ -23,8 +23,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,8 +68,10 @@ def check_same_denoisers(unets: Sequence[nn.Module], labels: Sequence[str] | Non
     base = unet_config_of(unets[0])
     for label, unet in zip(labels[1:], unets[1:]):
         if type(unet) is not type(unets[0]):
-            raise IncompatibleModelsError(f"AFA needs denoisers of one kind: {labels[0]!r} has a {type(unets[0]).__name__}, "
-                                          f"{label!r} a {type(unet).__name__}; ensemble fine-tunes of one base model")
+            raise IncompatibleModelsError(
+                f"AFA needs denoisers of one kind: {labels[0]!r} has a {type(unets[0]).__name__}, "
+                f"{label!r} a {type(unet).__name__}; ensemble fine-tunes of one base model"
+            )
         cfg = unet_config_of(unet)
         diff = sorted(k for k in set(base) | set(cfg) if base.get(k) != cfg.get(k))
         if diff:
@@ -113,7 +116,8 @@ class EnsembleModule(nn.Module):
         if cfg.n_models != len(denoisers) or list(cfg.channels) != channels:
             raise IncompatibleModelsError(
                 f"the aggregators fit {cfg.n_models} models with feature widths {list(cfg.channels)}; these {len(denoisers)} "
-                f"{self.kind} have {channels}: train aggregators for these models (`multifusion afa train`)")
+                f"{self.kind} have {channels}: train aggregators for these models (`multifusion afa train`)"
+            )
         self.members = nn.ModuleList(denoisers)
         self.aggregators = aggregators
         self.last_weights: list[torch.Tensor] = []
@@ -151,8 +155,10 @@ class EnsembleModule(nn.Module):
 def split_models(encoder_hidden_states: torch.Tensor, n: int) -> list[torch.Tensor]:
     """(B, N*L, D) -> N tensors (B, L, D): each model's own text embedding."""
     if encoder_hidden_states.shape[1] % n:
-        raise ValueError(f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens, not a multiple of the {n} models' "
-                         "(concatenate each model's own text embedding on the sequence axis)")
+        raise ValueError(
+            f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens, not a multiple of the {n} models' "
+            "(concatenate each model's own text embedding on the sequence axis)"
+        )
     return list(encoder_hidden_states.chunk(n, dim=1))
 
 
@@ -160,13 +166,19 @@ def join_conditionings(parts: Sequence[Conditioning], labels: Sequence[str]) -> 
     """The ensemble's conditioning from each model's own (batch B): embeds (B, N*L, D) on the
     sequence axis, each extra (B, N*E) on its second axis. Inverse of `split_conditioning`."""
     if len({tuple(p.embeds.shape[1:]) for p in parts}) != 1:
-        raise IncompatibleModelsError("AFA needs text embeddings of one shape (tokens, width) from every model; got "
-                                      + ", ".join(f"{m}: {tuple(p.embeds.shape[1:])}" for m, p in zip(labels, parts)))
+        raise IncompatibleModelsError(
+            "AFA needs text embeddings of one shape (tokens, width) from every model; got "
+            + ", ".join(f"{m}: {tuple(p.embeds.shape[1:])}" for m, p in zip(labels, parts))
+        )
     keys = set(parts[0].extra)
     if any(set(p.extra) != keys for p in parts):
-        raise IncompatibleModelsError("AFA needs models of one family (the same conditioning); got "
-                                      + ", ".join(f"{m}: {sorted(p.extra) or 'text only'}" for m, p in zip(labels, parts)))
-    return Conditioning(torch.cat([p.embeds for p in parts], dim=1), {k: torch.cat([p.extra[k] for p in parts], dim=1) for k in keys})
+        raise IncompatibleModelsError(
+            "AFA needs models of one family (the same conditioning); got "
+            + ", ".join(f"{m}: {sorted(p.extra) or 'text only'}" for m, p in zip(labels, parts))
+        )
+    return Conditioning(
+        torch.cat([p.embeds for p in parts], dim=1), {k: torch.cat([p.extra[k] for p in parts], dim=1) for k in keys}
+    )
 
 
 def split_conditioning(cond: Conditioning, n: int) -> list[Conditioning]:
@@ -175,7 +187,9 @@ def split_conditioning(cond: Conditioning, n: int) -> list[Conditioning]:
     return [Conditioning(e, {k: v[i] for k, v in extras.items()}) for i, e in enumerate(split_models(cond.embeds, n))]
 
 
-def ensemble_kwargs(members: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning, device: torch.device) -> dict[str, Any]:
+def ensemble_kwargs(
+    members: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning, device: torch.device
+) -> dict[str, Any]:
     """The ensemble's denoiser keywords beyond the text sequence: each member's own
     (`ModelHandle.denoiser_kwargs` of its part of `cond`), their tensors side by side on the
     second axis; none for Stable Diffusion 1.x/2.x members."""
@@ -188,28 +202,43 @@ def ensemble_kwargs(members: Sequence[ModelHandle], x_t: torch.Tensor, cond: Con
 
 # --------------------------------------------------------------------------- aggregators for models
 
-def check_aggregators_fit(aggregators: AFAAggregators, unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str],
-                          where: str = "the aggregators") -> None:
+
+def check_aggregators_fit(
+    aggregators: AFAAggregators,
+    unets: Sequence[nn.Module],
+    hashes: Sequence[str],
+    labels: Sequence[str],
+    where: str = "the aggregators",
+) -> None:
     """IncompatibleModelsError unless `aggregators` were trained for these models, in this order."""
     cfg = aggregators.config
     trained = list(cfg.models or [])
     names = list(cfg.labels or trained)
     if cfg.n_models != len(unets):
-        raise IncompatibleModelsError(f"{where} were trained for {cfg.n_models} models ({', '.join(names)}); the recipe gives {len(unets)}")
+        raise IncompatibleModelsError(
+            f"{where} were trained for {cfg.n_models} models ({', '.join(names)}); the recipe gives {len(unets)}"
+        )
     if cfg.unet_config != unet_fingerprint(unets[0]):
-        raise IncompatibleModelsError(f"{where} were trained on UNets of another configuration (fingerprint {cfg.unet_config}, "
-                                      f"these: {unet_fingerprint(unets[0])}); train aggregators for these models")
+        raise IncompatibleModelsError(
+            f"{where} were trained on UNets of another configuration (fingerprint {cfg.unet_config}, "
+            f"these: {unet_fingerprint(unets[0])}); train aggregators for these models"
+        )
     if trained != list(hashes):
         if sorted(trained) == sorted(hashes):
             order = [names[trained.index(h)] for h in hashes]
-            raise IncompatibleModelsError(f"{where} were trained with the models in the order {names}; the recipe gives them as "
-                                          f"{order}: list the models in the trained order")
+            raise IncompatibleModelsError(
+                f"{where} were trained with the models in the order {names}; the recipe gives them as "
+                f"{order}: list the models in the trained order"
+            )
         missing = [f"{lab!r}" for lab, h in zip(labels, hashes) if h not in trained]
-        raise IncompatibleModelsError(f"{where} were trained for other models ({', '.join(names)}, content hashes {trained}); "
-                                      f"{', '.join(missing)} differ: train aggregators for these models (`multifusion afa train`)")
+        raise IncompatibleModelsError(
+            f"{where} were trained for other models ({', '.join(names)}, content hashes {trained}); "
+            f"{', '.join(missing)} differ: train aggregators for these models (`multifusion afa train`)"
+        )
 
 
 # --------------------------------------------------------------------------- the handle
+
 
 def model_hash(handle: ModelHandle) -> str:
     """A model's content hash for AFA: its UNet's and text encoders' weights (`weights_hash`)."""
@@ -228,13 +257,23 @@ class EnsembleHandle(ModelHandle):
     members: list[ModelHandle] = field(default_factory=list)
 
     @classmethod
-    def of(cls, members: Sequence[ModelHandle], ensemble: nn.Module, name: str = "afa") -> "EnsembleHandle":
+    def of(cls, members: Sequence[ModelHandle], ensemble: nn.Module, name: str = "afa") -> EnsembleHandle:
         """The handle of `ensemble` over `members` (one family: `check_same_denoisers`)."""
         first = members[0]
         return _of_family(type(first))(
-            name=name, unet=ensemble, vae=first.vae, text_encoder=first.text_encoder, tokenizer=first.tokenizer,
-            scheduler_config=first.scheduler_config, source="+".join(m.source or m.name for m in members),
-            device=first.device, dtype=first.dtype, offloader=None, members=list(members))
+            name=name,
+            unet=ensemble,
+            vae=first.vae,
+            text_encoder=first.text_encoder,
+            tokenizer=first.tokenizer,
+            scheduler_config=first.scheduler_config,
+            source="+".join(m.source or m.name for m in members),
+            device=first.device,
+            dtype=first.dtype,
+            offloader=None,
+            members=list(members),
+        )
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         """Each member's own conditioning of `prompts`, joined (`join_conditionings`; shared
@@ -272,5 +311,10 @@ def _of_family(family: type[ModelHandle]) -> type[EnsembleHandle]:
     ensemble's conditioning), made once per family."""
     if issubclass(family, EnsembleHandle):
         raise IncompatibleModelsError("an AFA ensemble cannot be a member of another ensemble")
-    return dataclass(eq=False)(type(f"{family.__name__[:-len('Handle')] or family.__name__}EnsembleHandle",
-                                    (EnsembleHandle, family), {"__module__": __name__}))
+    return dataclass(eq=False)(
+        type(
+            f"{family.__name__[: -len('Handle')] or family.__name__}EnsembleHandle",
+            (EnsembleHandle, family),
+            {"__module__": __name__},
+        )
+    )

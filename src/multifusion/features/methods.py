@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 from pydantic import Field, field_validator
 
@@ -29,9 +30,12 @@ from multifusion.viz import AFAMapRecorder
 
 
 class AFAParams(Params):
-    aggregator: str | None = Field(None, description="folder of trained aggregators (`multifusion afa train --out DIR`: DIR "
-                                   "or DIR/aggregator), or zoo:NAME for a shipped one; default: the shipped aggregators "
-                                   "trained for exactly these models in this order")
+    aggregator: str | None = Field(
+        None,
+        description="folder of trained aggregators (`multifusion afa train --out DIR`: DIR "
+        "or DIR/aggregator), or zoo:NAME for a shipped one; default: the shipped aggregators "
+        "trained for exactly these models in this order",
+    )
 
     @field_validator("aggregator")
     @classmethod
@@ -40,8 +44,10 @@ class AFAParams(Params):
             return v
         path = aggregator_path(v)
         if not ((path / "config.json").exists() or (path / "aggregator" / "config.json").exists()):
-            raise ValueError(f"{v!r}: no trained aggregators there (config.json and diffusion_pytorch_model.safetensors); "
-                             "make them with `multifusion afa train`")
+            raise ValueError(
+                f"{v!r}: no trained aggregators there (config.json and diffusion_pytorch_model.safetensors); "
+                "make them with `multifusion afa train`"
+            )
         return v
 
 
@@ -95,7 +101,9 @@ class PreparedAFA:
             members = self.handle.members
             prompts = [recipe.prompts_of(i, batch.indices) for i in range(len(members))]
             cond = self.handle.encode_each(prompts)
-            uncond = self.handle.encode_each([[recipe.negative_of(i)] * batch.size for i in range(len(members))], negative_of=cond)
+            uncond = self.handle.encode_each(
+                [[recipe.negative_of(i)] * batch.size for i in range(len(members))], negative_of=cond
+            )
             self._guided[key] = Guided(self.handle, cond, uncond, float(recipe.guidance_of(0)), prompts[0])
         return self._guided[key]
 
@@ -110,16 +118,19 @@ def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
         except IncompatibleModelsError as err:
             raise IncompatibleModelsError(f"models[{i}] ({h.name!r}): {err}") from None
     if len({h.prediction_type for h in handles}) != 1:
-        raise IncompatibleModelsError("AFA needs models of one prediction type; got "
-                                      + ", ".join(f"{h.name}: {h.prediction_type}" for h in handles))
+        raise IncompatibleModelsError(
+            "AFA needs models of one prediction type; got " + ", ".join(f"{h.name}: {h.prediction_type}" for h in handles)
+        )
     if any(h.offloader is not None for h in handles):
         raise RecipeError("runtime.offload: AFA runs every model at every layer; it cannot keep only one on the device")
     first = handles[0]
     if params.aggregator is None:
         path = shipped_for([model_hash(h) for h in handles])
         if path is None:
-            raise RecipeError(f"params.aggregator: no shipped aggregators were trained for {', '.join(ctx.labels)} in this order; "
-                              "train them with `multifusion afa train MODEL... --data ... --out DIR` and give DIR")
+            raise RecipeError(
+                f"params.aggregator: no shipped aggregators were trained for {', '.join(ctx.labels)} in this order; "
+                "train them with `multifusion afa train MODEL... --data ... --out DIR` and give DIR"
+            )
     else:
         path = aggregator_path(params.aggregator)
     aggregators = load_trained(path, handles, first.dtype).to(first.device)
@@ -136,7 +147,15 @@ def afa_recorders(vae) -> list[Recorder]:
 
 
 METHODS = [
-    Method("afa", "AFA: N same-architecture UNets (or SD3 transformers) meet after every block; trained aggregators weight "
-           "each model per pixel",
-           "features", AFAParams, plan_afa, prepare_afa, min_models=2, recorders=afa_recorders),
+    Method(
+        "afa",
+        "AFA: N same-architecture UNets (or SD3 transformers) meet after every block; trained aggregators weight "
+        "each model per pixel",
+        "features",
+        AFAParams,
+        plan_afa,
+        prepare_afa,
+        min_models=2,
+        recorders=afa_recorders,
+    ),
 ]

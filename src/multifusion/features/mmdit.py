@@ -68,10 +68,15 @@ def unpatchify(tokens: torch.Tensor, rows: int, cols: int, patch: int, channels:
 def check_walkable(transformer: nn.Module) -> None:
     """IncompatibleModelsError unless the transformer has the parts the walk calls (an
     `SD3Transformer2DModel`: patch embedding, joint blocks, output head)."""
-    missing = [m for m in ("pos_embed", "context_embedder", "time_text_embed", "transformer_blocks", "norm_out", "proj_out")
-               if not hasattr(transformer, m)]
+    missing = [
+        m
+        for m in ("pos_embed", "context_embedder", "time_text_embed", "transformer_blocks", "norm_out", "proj_out")
+        if not hasattr(transformer, m)
+    ]
     if missing:
-        raise IncompatibleModelsError(f"AFA walks SD3 transformers; this {type(transformer).__name__} has no {', '.join(missing)}")
+        raise IncompatibleModelsError(
+            f"AFA walks SD3 transformers; this {type(transformer).__name__} has no {', '.join(missing)}"
+        )
 
 
 def aggregation_channels(transformer: nn.Module) -> list[int]:
@@ -84,8 +89,10 @@ def aggregation_channels(transformer: nn.Module) -> list[int]:
 
 def aggregator_dims(transformer: nn.Module) -> dict[str, int]:
     """The aggregators' time-embedding width and text width for this transformer."""
-    return {"temb_channels": transformer.time_text_embed.timestep_embedder.linear_2.out_features,
-            "cross_attention_dim": transformer.context_embedder.out_features}
+    return {
+        "temb_channels": transformer.time_text_embed.timestep_embedder.linear_2.out_features,
+        "cross_attention_dim": transformer.context_embedder.out_features,
+    }
 
 
 class SD3Ensemble(EnsembleModule):
@@ -98,8 +105,15 @@ class SD3Ensemble(EnsembleModule):
     check_member = staticmethod(check_walkable)
     channels_of = staticmethod(aggregation_channels)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
-                timestep: torch.Tensor, return_dict: bool = True, **unused: Any):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        return_dict: bool = True,
+        **unused: Any,
+    ):
         """As `SD3Transformer2DModel.forward` for hidden_states (B, C, H, W), encoder_hidden_states
         (B, N*L, D_text), pooled_projections (B, N*P) (module docstring); ControlNet residuals,
         joint-attention kwargs and skipped layers are not supported."""
@@ -111,8 +125,10 @@ class SD3Ensemble(EnsembleModule):
         models, n = self.members, len(self.members)
         width = n * models[0].config.pooled_projection_dim
         if pooled_projections.shape[1] != width:
-            raise ValueError(f"pooled_projections has width {pooled_projections.shape[1]}, not {width} ({n} models' pooled "
-                             "embeddings side by side on the second axis, each model's own)")
+            raise ValueError(
+                f"pooled_projections has width {pooled_projections.shape[1]}, not {width} ({n} models' pooled "
+                "embeddings side by side on the second axis, each model's own)"
+            )
         pooled = pooled_projections.chunk(n, dim=1)
         tembs = [m.time_text_embed(timestep, p) for m, p in zip(models, pooled)]  # each (B, D)
         texts = [m.context_embedder(c) for m, c in zip(models, split_models(encoder_hidden_states, n))]  # each (B, L, D)
@@ -134,14 +150,16 @@ class SD3Ensemble(EnsembleModule):
         for i in range(n_blocks):
             outs = []
             for k, m in enumerate(models):
-                texts[k], x = m.transformer_blocks[i](hidden_states=h, encoder_hidden_states=texts[k], temb=tembs[k],
-                                                      joint_attention_kwargs=None)
+                texts[k], x = m.transformer_blocks[i](
+                    hidden_states=h, encoder_hidden_states=texts[k], temb=tembs[k], joint_attention_kwargs=None
+                )
                 outs.append(x)
             if i < n_blocks - 1:
                 h = grid_to_tokens(meet([tokens_to_grid(x, rows, cols) for x in outs]))
         # the last block meets after the output head, on the velocities (B, C, H, W)
-        out = meet([unpatchify(m.proj_out(m.norm_out(x, e)), rows, cols, patch, m.out_channels)
-                    for m, x, e in zip(models, outs, tembs)])
+        out = meet(
+            [unpatchify(m.proj_out(m.norm_out(x, e)), rows, cols, patch, m.out_channels) for m, x, e in zip(models, outs, tembs)]
+        )
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)

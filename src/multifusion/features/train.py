@@ -25,19 +25,26 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from multifusion.errors import MultifusionError, clip
-from multifusion.io import write_text
-from multifusion.features.ensemble import check_aggregators_fit, ensemble_kwargs, join_conditionings, model_hash, split_conditioning
+from multifusion.features.ensemble import (
+    check_aggregators_fit,
+    ensemble_kwargs,
+    join_conditionings,
+    model_hash,
+    split_conditioning,
+)
 from multifusion.features.walkers import build_ensemble, fresh_aggregators
 from multifusion.handles import Conditioning, ModelHandle
+from multifusion.io import write_text
 from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, read_log, save_tensors
 
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
@@ -74,7 +81,13 @@ class AFATrainConfig:
             raise AFATrainError(f"prompt_dropout={self.prompt_dropout!r} must lie in [0, 1)")
         for key in ("lr", "weight_decay"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (key == "lr" and v == 0):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (key == "lr" and v == 0)
+            ):
                 what = "a finite number > 0 (e.g. 1e-4)" if key == "lr" else "a finite number >= 0"
                 raise AFATrainError(f"{key}={v!r} (--{key.replace('_', '-')}) must be {what}")
         if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1):
@@ -126,7 +139,9 @@ def data_rows(spec: str) -> list[tuple[Path, str]]:
     try:
         text = jsonl.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise AFATrainError(f"--data {spec}: {str(jsonl)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        raise AFATrainError(
+            f"--data {spec}: {str(jsonl)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
     root = jsonl.parent.resolve()
     rows = []
     for i, line in enumerate(text.splitlines()):
@@ -136,19 +151,27 @@ def data_rows(spec: str) -> list[tuple[Path, str]]:
         try:
             row = json.loads(line)
         except (ValueError, RecursionError) as err:
-            raise AFATrainError(f"{where} is not JSON ({type(err).__name__}: {clip(str(err))}); each line is one object "
-                                '{"file_name": ..., "text": ...}') from None
+            raise AFATrainError(
+                f"{where} is not JSON ({type(err).__name__}: {clip(str(err))}); each line is one object "
+                '{"file_name": ..., "text": ...}'
+            ) from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or "text" not in row:
             raise AFATrainError(f"{where}: each line needs an object with 'file_name' (a string) and 'text', got {clip(line)}")
         file = (root / row["file_name"]).resolve()
         if not file.is_relative_to(root):
-            raise AFATrainError(f"{where}: file_name {clip(row['file_name'])!r} lies outside the data folder {str(root)!r}; "
-                                "give paths inside it (relative to the JSONL file)")
+            raise AFATrainError(
+                f"{where}: file_name {clip(row['file_name'])!r} lies outside the data folder {str(root)!r}; "
+                "give paths inside it (relative to the JSONL file)"
+            )
         if not file.is_file():
-            raise AFATrainError(f"{where}: file_name {clip(row['file_name'])!r} does not exist (paths are relative to the JSONL file)")
+            raise AFATrainError(
+                f"{where}: file_name {clip(row['file_name'])!r} does not exist (paths are relative to the JSONL file)"
+            )
         if not image_is_whole(file):
-            raise AFATrainError(f"{where}: file_name {clip(row['file_name'])!r} is not an image PIL can read (or it is damaged); "
-                                "give PNG or JPEG files")
+            raise AFATrainError(
+                f"{where}: file_name {clip(row['file_name'])!r} is not an image PIL can read (or it is damaged); "
+                "give PNG or JPEG files"
+            )
         rows.append((file, str(row["text"])))
     if len(rows) < 2:
         raise AFATrainError(f"--data {spec}: {len(rows)} example(s); need at least 2 (one is held out)")
@@ -180,7 +203,9 @@ def check_run(data: str, out: str | Path, config: AFATrainConfig) -> None:
     if (out / CHECKPOINT).is_file():
         saved = checkpoint_info(out / CHECKPOINT)["meta"]
         if not isinstance(saved, dict) or saved.get("data") != data or saved.get("config") != settings:
-            raise AFATrainError(f"--out: {out / CHECKPOINT} is a run of other data or settings; give another --out or delete that folder")
+            raise AFATrainError(
+                f"--out: {out / CHECKPOINT} is a run of other data or settings; give another --out or delete that folder"
+            )
     if (out / DATA_CACHE).is_file():
         _check_cache(out / DATA_CACHE, data, load=False)
     read_log(out / LOSS_LOG, 2**62)  # a damaged log is named now, not after the models load
@@ -194,11 +219,17 @@ def _check_cache(path: Path, data: str, *, load: bool = True):
         tensors, info = load_tensors(path) if load else ({}, file_info(path))
     except CheckpointError as err:
         raise AFATrainError(f"--out: the data cache is unreadable ({err})") from None
-    if not isinstance(info, dict) or info.get("data") != data or not isinstance(info.get("captions"), list) \
-            or not isinstance(info.get("held_captions"), list):
+    if (
+        not isinstance(info, dict)
+        or info.get("data") != data
+        or not isinstance(info.get("captions"), list)
+        or not isinstance(info.get("held_captions"), list)
+    ):
         have = info.get("data") if isinstance(info, dict) else None
-        raise AFATrainError(f"--out: {str(path)!r} caches the data {clip(repr(have))}, not --data {data!r}; give another --out, "
-                            "or delete that file to encode this data")
+        raise AFATrainError(
+            f"--out: {str(path)!r} caches the data {clip(repr(have))}, not --data {data!r}; give another --out, "
+            "or delete that file to encode this data"
+        )
     return tensors, info
 
 
@@ -239,7 +270,9 @@ class _Texts:
                     def pick(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
                         return torch.where(drop.to(c.device).view(-1, *[1] * (c.ndim - 1)), u, c)
 
-                    cond = Conditioning(pick(uncond.embeds, cond.embeds), {k: pick(uncond.extra[k], v) for k, v in cond.extra.items()})
+                    cond = Conditioning(
+                        pick(uncond.embeds, cond.embeds), {k: pick(uncond.extra[k], v) for k, v in cond.extra.items()}
+                    )
                 done[key] = Conditioning(cond.embeds.float(), {k: v.float() for k, v in cond.extra.items()})
             parts.append(done[key])
         return join_conditionings(parts, [h.name for h in self.handles])
@@ -251,7 +284,9 @@ def _added(handles: Sequence[ModelHandle], x_t: torch.Tensor, cond: Conditioning
     return {k: {n: v.to(handles[0].dtype) for n, v in d.items()} for k, d in kwargs.items()}
 
 
-def predict(handles: Sequence[ModelHandle], denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+def predict(
+    handles: Sequence[ModelHandle], denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+) -> torch.Tensor:
     """The raw prediction (B, C, h, w) of `denoiser` (an ensemble of `handles`' denoisers, or one
     of them with its own `cond`) at x_t, integer timesteps t (B,), called as the models' family
     calls it (`raw_prediction`; SDXL's added conditioning through `denoiser_kwargs`)."""
@@ -282,20 +317,32 @@ def train_afa(
         for module in h.modules().values():
             module.eval().requires_grad_(False)
     if len({h.prediction_type for h in handles}) != 1:
-        raise AFATrainError(f"the models predict different things ({', '.join(f'{h.name}: {h.prediction_type}' for h in handles)})")
+        raise AFATrainError(
+            f"the models predict different things ({', '.join(f'{h.name}: {h.prediction_type}' for h in handles)})"
+        )
     torch.manual_seed(config.seed)  # the aggregators' initialisation (conv_out aside: zero)
     aggregators = fresh_aggregators(unets, hashes, labels, config.width)
     ensemble = build_ensemble(unets, aggregators, labels)
     opt = torch.optim.AdamW(aggregators.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
-    run = TrainingRun(out, "afa", aggregators, opt, seed=config.seed, checkpoint_every=config.checkpoint_every,
-                      log_every=config.log_every, accelerator=accelerator)
+    run = TrainingRun(
+        out,
+        "afa",
+        aggregators,
+        opt,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        accelerator=accelerator,
+    )
     settings = {k: v for k, v in asdict(config).items() if k != "steps"}  # more steps may continue a run
     meta = {"models": hashes, "labels": labels, "data": data, "config": settings}
     saved = run.resume()
     if saved is not None and (saved.get("models") != hashes or saved.get("data") != data or saved.get("config") != settings):
-        raise AFATrainError(f"{out / CHECKPOINT} is a run of other models, data or settings ({saved.get('labels')}, {saved.get('data')}); "
-                            "give another --out or delete that folder")
+        raise AFATrainError(
+            f"{out / CHECKPOINT} is a run of other models, data or settings ({saved.get('labels')}, {saved.get('data')}); "
+            "give another --out or delete that folder"
+        )
 
     first = handles[0]
     size = int(first.unet.config.sample_size) * first.vae_scale_factor
@@ -325,15 +372,29 @@ def train_afa(
         x_t, target = first.noised(x0, noise, t)
         return {"loss": F.mse_loss(predict(handles, ensemble, x_t, t, cond).float(), target)}
 
-    run.train(step, config.steps, lr=lambda s: config.lr * min(1.0, (s + 1) / config.warmup), meta=meta, stop=stop,
-              progress=progress, desc="afa")
-    summary: dict[str, Any] = {"models": labels, "hashes": hashes, "data": data, "steps": run.step, "config": asdict(config),
-                               "minutes": round(run.elapsed / 60, 1), "aggregator_parameters": sum(p.numel() for p in aggregators.parameters()),
-                               "unet_parameters": sum(p.numel() for p in unets[0].parameters())}
+    run.train(
+        step,
+        config.steps,
+        lr=lambda s: config.lr * min(1.0, (s + 1) / config.warmup),
+        meta=meta,
+        stop=stop,
+        progress=progress,
+        desc="afa",
+    )
+    summary: dict[str, Any] = {
+        "models": labels,
+        "hashes": hashes,
+        "data": data,
+        "steps": run.step,
+        "config": asdict(config),
+        "minutes": round(run.elapsed / 60, 1),
+        "aggregator_parameters": sum(p.numel() for p in aggregators.parameters()),
+        "unet_parameters": sum(p.numel() for p in unets[0].parameters()),
+    }
     if run.step < config.steps:
         return summary
     rows = read_log(out / LOSS_LOG, run.step)
-    tail = rows[-max(1, len(rows) // 10):]
+    tail = rows[-max(1, len(rows) // 10) :]
     summary["final_loss"] = round(float(np.mean([float(r["loss"]) for r in tail])), 5)
     aggregators.save_pretrained(out / "aggregator", safe_serialization=True)
     ensemble.eval()
@@ -351,8 +412,15 @@ def _scaled(handle: ModelHandle, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_losses(handles: Sequence[ModelHandle], ensemble: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor,
-                   captions: Sequence[str], seed: int, batch: int = 64) -> dict[str, dict[str, float]]:
+def heldout_losses(
+    handles: Sequence[ModelHandle],
+    ensemble: torch.nn.Module,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    captions: Sequence[str],
+    seed: int,
+    batch: int = 64,
+) -> dict[str, dict[str, float]]:
     """Held-out eps-MSE per timestep band (`BANDS`): the trained ensemble (`afa`), the untrained
     one (`feature average`), each model alone and the mean of their predictions (`eps average`),
     on the same latents, noise and timesteps (drawn from `seed`), captions kept."""
@@ -360,8 +428,12 @@ def heldout_losses(handles: Sequence[ModelHandle], ensemble: torch.nn.Module, me
     g = torch.Generator().manual_seed(seed + 12345)
     texts = _Texts(handles, captions)
     denoisers = ensemble.denoisers
-    plain = build_ensemble(denoisers, fresh_aggregators(denoisers, ensemble.aggregators.config.models,
-                                                        ensemble.aggregators.config.labels, ensemble.aggregators.config.width))
+    plain = build_ensemble(
+        denoisers,
+        fresh_aggregators(
+            denoisers, ensemble.aggregators.config.models, ensemble.aggregators.config.labels, ensemble.aggregators.config.width
+        ),
+    )
     n_models, names = len(handles), [h.name for h in handles]
     sums: dict[str, dict[str, float]] = {}
     for lo, hi in BANDS:
@@ -396,6 +468,11 @@ def load_trained(path: str | Path, handles: Sequence[ModelHandle], dtype: torch.
     if not (path / "config.json").exists():
         raise AFATrainError(f"{path}: no trained aggregators here (expected config.json and diffusion_pytorch_model.safetensors)")
     aggregators = AFAAggregators.from_pretrained(path, use_safetensors=True, torch_dtype=dtype).eval().requires_grad_(False)
-    check_aggregators_fit(aggregators, [h.unet for h in handles], [model_hash(h) for h in handles], [h.name for h in handles],
-                          where=f"the aggregators in {path}")
+    check_aggregators_fit(
+        aggregators,
+        [h.unet for h in handles],
+        [model_hash(h) for h in handles],
+        [h.name for h in handles],
+        where=f"the aggregators in {path}",
+    )
     return aggregators

@@ -50,12 +50,21 @@ MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
 def check_walkable(unet: nn.Module) -> None:
     """IncompatibleModelsError unless an ensemble can walk this denoiser's blocks."""
     if not all(hasattr(unet, m) for m in ("down_blocks", "mid_block", "up_blocks")):
-        raise IncompatibleModelsError(f"this walker walks UNets, and this denoiser is a {type(unet).__name__}: build ensembles "
-                                      "with `walkers.build_ensemble`, which picks the walker of the denoiser")
+        raise IncompatibleModelsError(
+            f"this walker walks UNets, and this denoiser is a {type(unet).__name__}: build ensembles "
+            "with `walkers.build_ensemble`, which picks the walker of the denoiser"
+        )
     cfg = unet.config
-    unsupported = [(k, cfg.get(k)) for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "num_class_embeds")
-                   if cfg.get(k) is not None and not (k == "addition_embed_type" and cfg.get(k) == "text_time")]
-    kinds = [type(b).__name__ for b in unet.down_blocks] + [type(b).__name__ for b in unet.up_blocks] + [type(unet.mid_block).__name__]
+    unsupported = [
+        (k, cfg.get(k))
+        for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "num_class_embeds")
+        if cfg.get(k) is not None and not (k == "addition_embed_type" and cfg.get(k) == "text_time")
+    ]
+    kinds = (
+        [type(b).__name__ for b in unet.down_blocks]
+        + [type(b).__name__ for b in unet.up_blocks]
+        + [type(unet.mid_block).__name__]
+    )
     bad = [k for k in kinds if k not in DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS]
     if unsupported or bad:
         what = ", ".join([f"{k}={v!r}" for k, v in unsupported] + [f"block {k}" for k in bad])
@@ -92,8 +101,15 @@ class AFAEnsemble(EnsembleModule):
     check_member = staticmethod(check_walkable)
     channels_of = staticmethod(aggregation_channels)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None, return_dict: bool = True, **unused: Any):
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        **unused: Any,
+    ):
         """As `UNet2DConditionModel.forward` for sample (B, C, H, W), encoder_hidden_states
         (B, N*L, D) and, for SDXL-family UNets, added_cond_kwargs with each model's tensors side
         by side on the second axis (module docstring); other keyword arguments (ControlNet
@@ -103,7 +119,9 @@ class AFAEnsemble(EnsembleModule):
             raise TypeError(f"the AFA ensemble does not take {sorted(extra)}")
         unets, n = self.members, self.n_models
         texts = split_models(encoder_hidden_states, n)
-        added = [{k: v.chunk(n, dim=1)[i] for k, v in added_cond_kwargs.items()} for i in range(n)] if added_cond_kwargs else [{}] * n
+        added = (
+            [{k: v.chunk(n, dim=1)[i] for k, v in added_cond_kwargs.items()} for i in range(n)] if added_cond_kwargs else [{}] * n
+        )
         contexts = [u.process_encoder_hidden_states(c, a) for u, c, a in zip(unets, texts, added)]
         embs = []
         for u, c, a in zip(unets, texts, added):

@@ -3,7 +3,8 @@ needs one: aggregator sizes, fresh aggregators and the ensemble module itself.""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,9 +17,12 @@ from multifusion.features.ensemble import Walker, check_same_denoisers, unet_con
 WALKERS: dict[str, Walker] = {"UNet2DConditionModel": unet.WALKER, "SD3Transformer2DModel": mmdit.WALKER}
 """Walkers by the denoiser's diffusers class."""
 
-NOT_WALKED = {"FluxTransformer2DModel": (
-    "FLUX.1's single-stream blocks run the text and image tokens as one sequence (with rotary positions and a guidance "
-    "embedding) and are not walked yet; fuse FLUX models with average, snb, mod or amdm")}
+NOT_WALKED = {
+    "FluxTransformer2DModel": (
+        "FLUX.1's single-stream blocks run the text and image tokens as one sequence (with rotary positions and a guidance "
+        "embedding) and are not walked yet; fuse FLUX models with average, snb, mod or amdm"
+    )
+}
 
 
 WIDTHS = (8, 10, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -41,8 +45,9 @@ def walker_for(denoiser: nn.Module) -> Walker:
     kind = type(denoiser).__name__
     if kind not in WALKERS:
         why = f" ({NOT_WALKED[kind]})" if kind in NOT_WALKED else ""
-        raise IncompatibleModelsError(f"AFA walks UNets and Stable Diffusion 3 transformers ({', '.join(WALKERS)}); this "
-                                      f"denoiser is a {kind}{why}")
+        raise IncompatibleModelsError(
+            f"AFA walks UNets and Stable Diffusion 3 transformers ({', '.join(WALKERS)}); this denoiser is a {kind}{why}"
+        )
     return WALKERS[kind]
 
 
@@ -54,11 +59,19 @@ def aggregation_channels(denoiser: nn.Module) -> list[int]:
 def aggregator_kwargs(unet: nn.Module, n_models: int, width: int) -> dict[str, Any]:
     """The `AFAAggregators` arguments for `n_models` denoisers like `unet` at width d = `width`."""
     walker = walker_for(unet)
-    return dict(channels=walker.channels(unet), n_models=n_models, width=width, heads=_heads(width), norm_groups=_groups(width),
-                **walker.dims(unet))
+    return dict(
+        channels=walker.channels(unet),
+        n_models=n_models,
+        width=width,
+        heads=_heads(width),
+        norm_groups=_groups(width),
+        **walker.dims(unet),
+    )
 
 
-def parameter_count(unet_config: dict[str, Any], n_models: int, width: int, denoiser_class: type | None = None) -> tuple[int, int]:
+def parameter_count(
+    unet_config: dict[str, Any], n_models: int, width: int, denoiser_class: type | None = None
+) -> tuple[int, int]:
     """(aggregator parameters, parameters of one denoiser) computed from a config alone (a
     UNet2DConditionModel's unless `denoiser_class` says otherwise): both are built on the meta
     device, so no memory is used and no weights are read."""
@@ -78,14 +91,20 @@ def default_width(unet_config: dict[str, Any], n_models: int, share: float = SHA
     return max(fits) if fits else WIDTHS[0]
 
 
-def fresh_aggregators(unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str], width: int | None = None) -> AFAAggregators:
+def fresh_aggregators(
+    unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str], width: int | None = None
+) -> AFAAggregators:
     """Zero-initialised aggregators (feature averaging) for these models, in this order."""
     check_same_denoisers(unets, labels)
     walker_for(unets[0]).check(unets[0])
     config = unet_config_of(unets[0])
     width = width or default_width(config, len(unets), denoiser_class=type(unets[0]))
-    return AFAAggregators(**aggregator_kwargs(unets[0], len(unets), width), models=list(hashes), labels=list(labels),
-                          unet_config=unet_fingerprint(unets[0]))
+    return AFAAggregators(
+        **aggregator_kwargs(unets[0], len(unets), width),
+        models=list(hashes),
+        labels=list(labels),
+        unet_config=unet_fingerprint(unets[0]),
+    )
 
 
 def build_ensemble(denoisers: Sequence[nn.Module], aggregators: AFAAggregators, labels: Sequence[str] | None = None) -> nn.Module:

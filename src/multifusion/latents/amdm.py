@@ -79,7 +79,7 @@ one scheduler's scaling): the mixture and an absolute eta mean nothing across sc
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

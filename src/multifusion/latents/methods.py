@@ -29,9 +29,9 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from multifusion.errors import FieldError, RecipeError
+from multifusion.families import check_same_schedule, facts_of
 from multifusion.latents.amdm import aggregate, manifold_correct, slerp_aggregate, vp_weights
 from multifusion.loop import Step, Trajectory, initial_noise, stream_generators
-from multifusion.families import check_same_schedule, facts_of
 from multifusion.method import Batch, Method, Params, Plan, Recorder, RunContext
 from multifusion.schedulers import in_window, timestep_fraction
 from multifusion.viz import AggregationRecorder
@@ -45,17 +45,30 @@ AUTHORS_ETA = (0.43, 0.68)
 
 class AMDMParams(Params):
     specified: int | str = Field(0, description="index or name of the model whose image is the result")
-    w: float | list[float] = Field(0.5, description="the specified model's weight in the variance-preserving aggregate "
-                                   "(the others share sqrt(1 - w^2)); a list gives each nesting level (n - 1 values)")
-    window: tuple[float, float] | None = Field(None, description="aggregation window on the trajectory, 0 = noise, 1 = clean "
-                                               "(default: the first tenth, 3 of 30 steps, and at least the first step)")
-    steps: tuple[int, int] | None = Field(None, description="the window as step indices [first, last], inclusive "
-                                          "(the authors' notation, e.g. [1, 3]); replaces `window`")
-    correction: float | list[float] | None = Field(None, description="the paper's eta_k: length of the manifold correction, "
-                                                   "one for all or one per model (default: relative 0.43 for the specified "
-                                                   "model, 0.68 for the others)")
-    correction_mode: Literal["relative", "absolute"] = Field("relative", description="relative: a fraction of ||m - mu_k|| "
-                                                             "in [0, 1]; absolute: a latent-space length, as the authors' eta")
+    w: float | list[float] = Field(
+        0.5,
+        description="the specified model's weight in the variance-preserving aggregate "
+        "(the others share sqrt(1 - w^2)); a list gives each nesting level (n - 1 values)",
+    )
+    window: tuple[float, float] | None = Field(
+        None,
+        description="aggregation window on the trajectory, 0 = noise, 1 = clean "
+        "(default: the first tenth, 3 of 30 steps, and at least the first step)",
+    )
+    steps: tuple[int, int] | None = Field(
+        None,
+        description="the window as step indices [first, last], inclusive (the authors' notation, e.g. [1, 3]); replaces `window`",
+    )
+    correction: float | list[float] | None = Field(
+        None,
+        description="the paper's eta_k: length of the manifold correction, "
+        "one for all or one per model (default: relative 0.43 for the specified "
+        "model, 0.68 for the others)",
+    )
+    correction_mode: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="relative: a fraction of ||m - mu_k|| in [0, 1]; absolute: a latent-space length, as the authors' eta",
+    )
     aggregation: Literal["linear", "slerp"] = Field("linear", description="linear (the paper) or a true slerp")
 
     @field_validator("specified", mode="before")
@@ -63,8 +76,10 @@ class AMDMParams(Params):
     def _not_a_switch(cls, v):
         # pydantic reads `true` as the index 1: a recipe meaning "yes" would silently pick model 1.
         if isinstance(v, bool):
-            raise ValueError(f"{str(v).lower()} is a switch, not a model; give the index (0, 1, ...) or the name of the model "
-                             "whose image is the result")
+            raise ValueError(
+                f"{str(v).lower()} is a switch, not a model; give the index (0, 1, ...) or the name of the model "
+                "whose image is the result"
+            )
         return v
 
     @model_validator(mode="after")
@@ -74,14 +89,19 @@ class AMDMParams(Params):
         if self.steps is not None and self.window is not None:
             raise FieldError("window", "give either `window` (trajectory fractions) or `steps` (step indices), not both")
         if self.window is not None and not 0.0 <= self.window[0] <= self.window[1] <= 1.0:
-            raise FieldError("window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(self.window)}")
+            raise FieldError(
+                "window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(self.window)}"
+            )
         if self.steps is not None:
             first, last = self.steps
             if not 0 <= first <= last:
                 raise FieldError("steps", f"must be [first, last] with 0 <= first <= last, got {list(self.steps)}")
             if steps is not None and last >= steps:
-                raise FieldError("steps", f"step {last} is past the last of {steps} steps (indices 0-{steps - 1}); "
-                                 "lower it or raise sampling.num_inference_steps")
+                raise FieldError(
+                    "steps",
+                    f"step {last} is past the last of {steps} steps (indices 0-{steps - 1}); "
+                    "lower it or raise sampling.num_inference_steps",
+                )
         if n is not None:
             self.specified_index(labels or [str(i) for i in range(n)])
             try:
@@ -131,8 +151,11 @@ def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
     n = len(ctx.handles)
     # Flow models' schedules must agree, or the trajectories meet at different noise levels
     # (checked before loading where the configs are local; here for every source).
-    check_same_schedule([(f"models[{k}]", facts_of(h)) for k, h in enumerate(ctx.handles)],
-                        "with method 'amdm', which meets each model's own trajectory after every step", "{}.model")
+    check_same_schedule(
+        [(f"models[{k}]", facts_of(h)) for k, h in enumerate(ctx.handles)],
+        "with method 'amdm', which meets each model's own trajectory after every step",
+        "{}.model",
+    )
     spec = params.specified_index(ctx.labels)
     order = [spec] + [k for k in range(n) if k != spec]
     # Which steps meet: the step indices given, or those whose timestep lies in the window (on
@@ -148,8 +171,10 @@ def prepare_amdm(ctx: RunContext, params: AMDMParams) -> PreparedAMDM:
         meets = [in_window(timestep_fraction(t, num_train), params.window) for t in sched.timesteps]
     if not any(meets):
         fractions = ", ".join(f"{timestep_fraction(t, num_train):.3f}" for t in sched.timesteps[:4])
-        raise RecipeError(f"params.window: {list(params.window or DEFAULT_WINDOW)} holds none of the {len(meets)} steps (their trajectory "
-                          f"fractions start {fractions}, ...); widen it, or give `steps` as step indices")
+        raise RecipeError(
+            f"params.window: {list(params.window or DEFAULT_WINDOW)} holds none of the {len(meets)} steps (their trajectory "
+            f"fractions start {fractions}, ...); widen it, or give `steps` as step indices"
+        )
     return PreparedAMDM(ctx, params, spec, order, vp_weights(params.w, n), params.etas(n, spec), meets)
 
 
@@ -223,7 +248,15 @@ def amdm_recorders(vae) -> list[Recorder]:
 
 
 METHODS = [
-    Method("amdm", "AMDM: every model on its own latent trajectory, aggregated (variance-preserving) into the specified "
-           "model's and corrected toward each model's own step in the first steps", "latents", AMDMParams, plan_amdm,
-           prepare_amdm, min_models=2, recorders=amdm_recorders),
+    Method(
+        "amdm",
+        "AMDM: every model on its own latent trajectory, aggregated (variance-preserving) into the specified "
+        "model's and corrected toward each model's own step in the first steps",
+        "latents",
+        AMDMParams,
+        plan_amdm,
+        prepare_amdm,
+        min_models=2,
+        recorders=amdm_recorders,
+    ),
 ]

@@ -8,8 +8,8 @@ x_t with its own prompt and guidance scale, and the predictions are averaged wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ class Average:
         if len(self.fns) != len(self.weights):
             raise ValueError(f"weights has {len(self.weights)} entries for {len(self.fns)} models; give one weight per model")
 
-    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "Average":
+    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> Average:
         """This average with each function that can be conditioned on the latent window `box`
         of a canvas conditioned so (a Mixture-of-Diffusers region; see `ModelHandle.for_window`)."""
         fns = [f.windowed(box, canvas) if hasattr(f, "windowed") else f for f in self.fns]

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from multifusion.canvas import check_box_on_patch_grid, grid_hint
 from multifusion.errors import FieldError, RecipeError
 from multifusion.io import image_is_whole, read_rgb_image
 from multifusion.loop import Step, Trajectory
@@ -20,11 +21,10 @@ from multifusion.method import Batch, Method, Params, Plan, Prepared, Recorder, 
 from multifusion.noise.average import Average
 from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
-from multifusion.canvas import check_box_on_patch_grid, grid_hint
+from multifusion.recipe import weights_problem
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
 from multifusion.viz import MaskRecorder, RegionWeightRecorder
-from multifusion.recipe import weights_problem
 
 # --------------------------------------------------------------------------- single, average
 
@@ -69,20 +69,23 @@ class SNBParams(Params):
     blur_sigma: float = Field(1.0, description="Gaussian blur std in latent pixels")
     window: tuple[float, float] = Field((0.0, 1.0), description="fusion window on the trajectory, 0 = noise, 1 = clean")
     fusion_timestep: int | None = Field(None, ge=0, description="t_s in training timesteps; replaces `window`")
-    fusion: Literal["late", "early"] = Field("late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)")
+    fusion: Literal["late", "early"] = Field(
+        "late", description="with fusion_timestep: fuse for t <= t_s (late) or t > t_s (early)"
+    )
     temperature: float | None = Field(None, description="soft mask over models instead of argmax (> 0)")
     gate: Literal["none", "base", "region"] = Field(
-        "none", description="'base': every other model's map times the first model's map rescaled to [0, 1], so the others "
+        "none",
+        description="'base': every other model's map times the first model's map rescaled to [0, 1], so the others "
         "win only where the first model responds; 'region': the same, renormalised to sum to one (the others' softmax over "
-        "the first model's response); beyond the paper, 'none' is MagicFusion as published")
+        "the first model's response); beyond the paper, 'none' is MagicFusion as published",
+    )
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
         n = (info.context or {}).get("n_models")
         if self.fusion_timestep is not None and "window" in self.model_fields_set:
             raise FieldError("window", "give either `window` (trajectory fractions) or `fusion_timestep` (t_s), not both")
-        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma,
-                        self.gate)
+        check_arguments(n, self.ks(n or 1), self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma, self.gate)
         return self
 
     def ks(self, n: int) -> list[float]:
@@ -111,8 +114,7 @@ def prepare_snb(ctx: RunContext, params: SNBParams) -> Prepared[SNBParams]:
 def plan_snb(prep: Prepared[SNBParams], batch: Batch) -> Plan:
     p, guided = prep.params, prep.ctx.guided(batch)
     window = p.fusion_window(len(guided[0].handle.alphas_cumprod))
-    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature,
-                                   p.gate))])
+    return Plan([Trajectory(SNB(guided, p.ks(len(guided)), p.blur, p.blur_size, p.blur_sigma, window, p.temperature, p.gate))])
 
 
 def check_snb(params: SNBParams, canvas_px: tuple[int, int], factor: int, labels: list[str]) -> None:
@@ -138,7 +140,9 @@ class Box(Params):
     @model_validator(mode="after")
     def _order(self):
         if self.row_end <= self.row_init or self.col_end <= self.col_init:
-            raise ValueError(f"empty box: needs row_init < row_end and col_init < col_end, got rows {self.row_init}-{self.row_end}, cols {self.col_init}-{self.col_end}")
+            raise ValueError(
+                f"empty box: needs row_init < row_end and col_init < col_end, got rows {self.row_init}-{self.row_end}, cols {self.col_init}-{self.col_end}"
+            )
         if self.units == "fraction" and max(self.row_end, self.col_end) > 1:
             raise ValueError("fraction coordinates must lie in [0, 1]")
         return self
@@ -156,7 +160,9 @@ class Box(Params):
             else:
                 px = v
                 if px != int(px) or int(px) % factor:
-                    raise RecipeError(f"{where}.{name}: {shown} is not a multiple of the VAE factor {factor}; {grid_hint(int(px), factor)}")
+                    raise RecipeError(
+                        f"{where}.{name}: {shown} is not a multiple of the VAE factor {factor}; {grid_hint(int(px), factor)}"
+                    )
             if px > size:
                 raise RecipeError(f"{where}.{name}: {shown} lies outside the {H}x{W} canvas (height x width)")
             out[name] = int(px) // factor
@@ -179,7 +185,9 @@ class RegionSNB(Params):
     """A region painted by SNB: the region's own model and prompt are the base (first) model,
     `models` the others, `params` SNB's (a k list has one entry per model, the region's first)."""
 
-    models: list[FusedModel] = Field(min_length=1, description="the models fused with the region's own model, each with its prompt")
+    models: list[FusedModel] = Field(
+        min_length=1, description="the models fused with the region's own model, each with its prompt"
+    )
     params: dict = Field(default_factory=dict, description="SNB's parameters (as the snb method's `params`)")
 
     @model_validator(mode="after")
@@ -226,7 +234,10 @@ class TilesParams(_Conditioning):
 
     def canvas(self) -> tuple[int, int]:
         rows, cols = len(self.prompts), len(self.prompts[0])
-        return (rows * self.tile_height - (rows - 1) * self.tile_row_overlap, cols * self.tile_width - (cols - 1) * self.tile_col_overlap)
+        return (
+            rows * self.tile_height - (rows - 1) * self.tile_row_overlap,
+            cols * self.tile_width - (cols - 1) * self.tile_col_overlap,
+        )
 
     def regions(self) -> list[RegionParams]:
         """The grid as regions, row-major (the tiling of the Mixture of Diffusers paper, Sec. 4)."""
@@ -234,9 +245,20 @@ class TilesParams(_Conditioning):
         for i, row in enumerate(self.prompts):
             for j, prompt in enumerate(row):
                 r0, c0 = i * (self.tile_height - self.tile_row_overlap), j * (self.tile_width - self.tile_col_overlap)
-                out.append(RegionParams(row_init=r0, row_end=r0 + self.tile_height, col_init=c0, col_end=c0 + self.tile_width,
-                                        prompt=prompt, model=self.model, negative_prompt=self.negative_prompt,
-                                        guidance_scale=self.guidance_scale, mask_type=self.mask_type, mask_weight=self.mask_weight))
+                out.append(
+                    RegionParams(
+                        row_init=r0,
+                        row_end=r0 + self.tile_height,
+                        col_init=c0,
+                        col_end=c0 + self.tile_width,
+                        prompt=prompt,
+                        model=self.model,
+                        negative_prompt=self.negative_prompt,
+                        guidance_scale=self.guidance_scale,
+                        mask_type=self.mask_type,
+                        mask_weight=self.mask_weight,
+                    )
+                )
         return out
 
 
@@ -292,8 +314,11 @@ class ModParams(Params):
         """[(where, spec)] of every denoising region in the order the canvas mixes them: `regions`,
         the `tiles` row-major, then the `background`."""
         tiles = self.tiles.regions() if self.tiles else []
-        return ([(f"params.regions[{i}]", r) for i, r in enumerate(self.regions)] + [(f"params.tiles[{i}]", r) for i, r in enumerate(tiles)]
-                + ([("params.background", self.background)] if self.background is not None else []))
+        return (
+            [(f"params.regions[{i}]", r) for i, r in enumerate(self.regions)]
+            + [(f"params.tiles[{i}]", r) for i, r in enumerate(tiles)]
+            + ([("params.background", self.background)] if self.background is not None else [])
+        )
 
 
 def mod_canvas(params: ModParams) -> tuple[int, int] | None:
@@ -310,7 +335,9 @@ def _model_index(where: str, model: int | str, labels: list[str]) -> int:
     return labels.index(model)
 
 
-def place_mod(params: ModParams, canvas_px: tuple[int, int], factor: int) -> list[tuple[str, tuple[int, int, int, int], torch.Tensor]]:
+def place_mod(
+    params: ModParams, canvas_px: tuple[int, int], factor: int
+) -> list[tuple[str, tuple[int, int, int, int], torch.Tensor]]:
     """The denoising regions of a run on a `canvas_px` (H, W) canvas, as `Canvas` mixes them:
     [(where, latent box (r0, r1, c0, c1), weights (r1 - r0, c1 - c0))] for `regions`, the `tiles`
     expanded row-major and the `background` (the whole canvas at its constant `mask_weight`), in
@@ -395,11 +422,26 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
         guided = ctx.guide(i, [spec.prompt] * batch.size, spec.negative_prompt, spec.guidance_scale)
         snb = getattr(spec, "snb", None)  # the background has none
         if snb is not None:
-            others = [ctx.guide(_model_index(f"{where}.snb.models[{j}]", m.model, ctx.labels), [m.prompt] * batch.size,
-                                m.negative_prompt, m.guidance_scale) for j, m in enumerate(snb.models)]
+            others = [
+                ctx.guide(
+                    _model_index(f"{where}.snb.models[{j}]", m.model, ctx.labels),
+                    [m.prompt] * batch.size,
+                    m.negative_prompt,
+                    m.guidance_scale,
+                )
+                for j, m in enumerate(snb.models)
+            ]
             p, fused = snb.snb_params(), [guided, *others]
-            guided = SNB(fused, p.ks(len(fused)), p.blur, p.blur_size, p.blur_sigma,
-                         p.fusion_window(len(ctx.handles[i].alphas_cumprod)), p.temperature, p.gate)
+            guided = SNB(
+                fused,
+                p.ks(len(fused)),
+                p.blur,
+                p.blur_size,
+                p.blur_sigma,
+                p.fusion_window(len(ctx.handles[i].alphas_cumprod)),
+                p.temperature,
+                p.gate,
+            )
         regions.append(Region(box, guided, weights, where.removeprefix("params.")))
     canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
 
@@ -410,6 +452,7 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
 
     meet = None
     if prep.images:
+
         def meet(step: Step) -> list[torch.Tensor]:
             return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], step.fraction[0])]
 
@@ -425,13 +468,44 @@ def mod_recorders(vae) -> list[Recorder]:
 
 
 METHODS = [
-    Method("single", "one model, as diffusers' StableDiffusionPipeline samples it", "noise", NoParams, plan_single,
-           min_models=1, max_models=1),
-    Method("average", "weighted average of the models' guided noise predictions (MagicFusion's weighted-sum baseline)",
-           "noise", AverageParams, plan_average),
-    Method("snb", "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
-           "noise", SNBParams, plan_snb, prepare_snb, min_models=2, check=check_snb, recorders=snb_recorders),
-    Method("mod", "Mixture of Diffusers: regional prompts (each may use its own model) on one canvas, Gaussian-weighted",
-           "noise", ModParams, plan_mod, prepare_mod, model_prompts=False, check=check_mod, canvas=mod_canvas,
-           regions=place_mod, recorders=mod_recorders),
+    Method(
+        "single",
+        "one model, as diffusers' StableDiffusionPipeline samples it",
+        "noise",
+        NoParams,
+        plan_single,
+        min_models=1,
+        max_models=1,
+    ),
+    Method(
+        "average",
+        "weighted average of the models' guided noise predictions (MagicFusion's weighted-sum baseline)",
+        "noise",
+        AverageParams,
+        plan_average,
+    ),
+    Method(
+        "snb",
+        "MagicFusion saliency-aware noise blending: per pixel, the model with the strongest guidance response",
+        "noise",
+        SNBParams,
+        plan_snb,
+        prepare_snb,
+        min_models=2,
+        check=check_snb,
+        recorders=snb_recorders,
+    ),
+    Method(
+        "mod",
+        "Mixture of Diffusers: regional prompts (each may use its own model) on one canvas, Gaussian-weighted",
+        "noise",
+        ModParams,
+        plan_mod,
+        prepare_mod,
+        model_prompts=False,
+        check=check_mod,
+        canvas=mod_canvas,
+        regions=place_mod,
+        recorders=mod_recorders,
+    ),
 ]

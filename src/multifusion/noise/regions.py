@@ -33,8 +33,9 @@ Deviations from the reference code (the `mixdiff` package and diffusers' communi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -83,7 +84,12 @@ def region_weights(h: int, w: int, mask_type: MaskType = "gaussian", mask_weight
     return base * mask_weight
 
 
-def mix(eps_regions: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]) -> torch.Tensor:
+def mix(
+    eps_regions: Sequence[torch.Tensor],
+    boxes: Sequence[tuple[int, int, int, int]],
+    weights: Sequence[torch.Tensor],
+    canvas: tuple[int, int],
+) -> torch.Tensor:
     """sum_i w_i pad_i(eps_i) / sum_i w_i.
 
     eps_regions[i] (B, C, r1 - r0, c1 - c0) for boxes[i] = (r0, r1, c0, c1) in latent pixels;
@@ -101,7 +107,9 @@ def mix(eps_regions: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int
     return num / den
 
 
-def normalised_weights(boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]) -> torch.Tensor:
+def normalised_weights(
+    boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]
+) -> torch.Tensor:
     """(N, H, W) each region's share of every latent pixel, w_i pad_i(1) / sum_j w_j: what `mix`
     gives each region's prediction (columns sum to 1 where any region covers, 0 elsewhere)."""
     total = coverage(boxes, weights, canvas)
@@ -111,7 +119,9 @@ def normalised_weights(boxes: Sequence[tuple[int, int, int, int]], weights: Sequ
     return out / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def coverage(boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]) -> torch.Tensor:
+def coverage(
+    boxes: Sequence[tuple[int, int, int, int]], weights: Sequence[torch.Tensor], canvas: tuple[int, int]
+) -> torch.Tensor:
     """(H, W) total weight per latent pixel."""
     total = torch.zeros(canvas)
     for (r0, r1, c0, c1), w in zip(boxes, weights):
@@ -154,8 +164,9 @@ class Canvas:
         # Each model conditioned on its own window (SDXL: the crop's micro-conditioning; the
         # same conditioning for families without one, see `ModelHandle.for_window`), also
         # inside combinators that can be (`windowed`: Guided, SNB, Average).
-        self.regions = [replace(r, fn=r.fn.windowed(r.box, self.canvas)) if hasattr(r.fn, "windowed") else r
-                        for r in self.regions]
+        self.regions = [
+            replace(r, fn=r.fn.windowed(r.box, self.canvas)) if hasattr(r.fn, "windowed") else r for r in self.regions
+        ]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(self.regions):
             key = (id(r.fn.handle), r.size) if isinstance(r.fn, Guided) else ("single", i)

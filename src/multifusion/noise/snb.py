@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -123,8 +124,16 @@ def blend(eps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (mask * eps).sum(dim=0)
 
 
-def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[float, float], temperature: float | None,
-                    blur: str, blur_size: int, blur_sigma: float, gate: str = "none") -> None:
+def check_arguments(
+    n_models: int | None,
+    k: Sequence[float],
+    window: tuple[float, float],
+    temperature: float | None,
+    blur: str,
+    blur_size: int,
+    blur_sigma: float,
+    gate: str = "none",
+) -> None:
     """Every check of SNB's arguments, in one place (the recipe's params and the combinator
     built directly both run it); FieldError (a ValueError) naming the argument."""
     if n_models is not None and n_models < 2:
@@ -134,7 +143,9 @@ def check_arguments(n_models: int | None, k: Sequence[float], window: tuple[floa
     if any(not x > 0 for x in k):
         raise FieldError("k", f"must all be > 0 (got {list(k)}); k scales the salience before the spatial softmax")
     if not 0.0 <= window[0] <= window[1] <= 1.0:
-        raise FieldError("window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(window)}")
+        raise FieldError(
+            "window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(window)}"
+        )
     if temperature is not None and not temperature > 0:
         raise FieldError("temperature", f"must be > 0 (or None for the hard argmax mask), got {temperature}")
     if blur not in ("box", "gaussian", "none"):
@@ -176,11 +187,12 @@ class SNB:
     gate: Gate = "none"
 
     def __post_init__(self):
-        check_arguments(len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma,
-                        self.gate)
+        check_arguments(
+            len(self.guided), self.k, self.window, self.temperature, self.blur, self.blur_size, self.blur_sigma, self.gate
+        )
         self.num_train_timesteps = len(self.guided[0].handle.alphas_cumprod)
 
-    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> "SNB":
+    def windowed(self, box: tuple[int, int, int, int], canvas: tuple[int, int]) -> SNB:
         """This blend with every model conditioned on the latent window `box` of a canvas (a
         Mixture-of-Diffusers region; see `ModelHandle.for_window`)."""
         return dataclasses.replace(self, guided=[g.windowed(box, canvas) for g in self.guided])
@@ -193,10 +205,9 @@ class SNB:
             return self.guided[0](x_t, t, record)
         check_blur_fits(self.blur, self.blur_size, self.blur_sigma, tuple(x_t.shape[-2:]))
         preds = [g.predict(x_t, t, need_uncond=True) for g in self.guided]
-        maps = torch.stack([
-            spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k)
-            for p, k in zip(preds, self.k)
-        ])  # (N, B, 1, H, W)
+        maps = torch.stack(
+            [spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k) for p, k in zip(preds, self.k)]
+        )  # (N, B, 1, H, W)
         gated = maps if self.gate == "none" else gate_by_base(maps, renormalise=self.gate == "region")
         mask = blend_mask(gated, self.temperature)
         if record is not None:

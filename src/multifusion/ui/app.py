@@ -15,8 +15,9 @@ import os
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
@@ -70,8 +71,11 @@ class App:
     # ---- layout ------------------------------------------------------------------------------
 
     def error_box(self, key: str) -> gr.Markdown:
-        box = gr.Markdown(visible=False, elem_id="err-" + key.replace("[", "-").replace("]", "").replace(".", "-").replace(":", "-"),
-                          elem_classes=["field-error"])
+        box = gr.Markdown(
+            visible=False,
+            elem_id="err-" + key.replace("[", "-").replace("]", "").replace(".", "-").replace(":", "-"),
+            elem_classes=["field-error"],
+        )
         self.errors[key] = box
         return box
 
@@ -94,8 +98,16 @@ class App:
         elif w.kind in ("int", "float") and not w.optional:
             c = gr.Number(value=value if not w.required else None, precision=0 if w.kind == "int" else None, **kw)
         elif w.kind == "table":
-            c = gr.Dataframe(value=value, headers=list(w.columns), type="array", col_count=(len(w.columns), "fixed"),
-                             row_count=(1, "dynamic"), interactive=True, label=f"{w.label}: one row per item", elem_id=eid)
+            c = gr.Dataframe(
+                value=value,
+                headers=list(w.columns),
+                type="array",
+                col_count=(len(w.columns), "fixed"),
+                row_count=(1, "dynamic"),
+                interactive=True,
+                label=f"{w.label}: one row per item",
+                elem_id=eid,
+            )
         else:  # text, optional numbers (blank: none), YAML (a mapping: several lines), one item per line
             tall = w.kind == "lines" or (w.kind == "yaml" and isinstance(w.default, dict))
             c = gr.Textbox(value=value, lines=(4 if w.kind == "yaml" else 2) if tall else 1, max_lines=12 if tall else None, **kw)
@@ -122,7 +134,7 @@ class App:
                     continue
                 for j in range(0, len(run), 2):
                     with gr.Row():
-                        for w in run[j:j + 2]:
+                        for w in run[j : j + 2]:
                             with gr.Column(min_width=160):
                                 self.model_field(i, w, start)
 
@@ -136,7 +148,9 @@ class App:
         """A component per widget under form keys `<prefix><field>` (element ids with `-` for
         the dot), each with its error box when the prefix is empty (a recipe field of its own)."""
         for w in ws:
-            self.component(prefix + w.name, w, (prefix.replace(".", "-") + w.name), w.label, (start or {}).get(w.name, PydanticUndefined))
+            self.component(
+                prefix + w.name, w, (prefix.replace(".", "-") + w.name), w.label, (start or {}).get(w.name, PydanticUndefined)
+            )
             if not prefix:
                 self.error_box(w.name)
 
@@ -166,7 +180,9 @@ class App:
                 with gr.Row():
                     with gr.Column(scale=1):
                         gr.Markdown("### Models")
-                        self.comps["n_models"] = n_models = gr.Slider(1, MAX_MODELS, value=2, step=1, label="number of models", elem_id="n-models")
+                        self.comps["n_models"] = n_models = gr.Slider(
+                            1, MAX_MODELS, value=2, step=1, label="number of models", elem_id="n-models"
+                        )
                         self.error_box("models")
                         for i in range(MAX_MODELS):
                             model, prompt = DEFAULT_MODELS[i] if i < len(DEFAULT_MODELS) else ("", "")
@@ -192,57 +208,100 @@ class App:
                     with gr.Column(scale=1):
                         gr.Markdown("### Sampling")
                         sampling = forms.sampling_widgets()
-                        self.section("sampling.", [w for w in sampling if w.name in forms.SAMPLING_MAIN], {"num_inference_steps": 10})
+                        self.section(
+                            "sampling.", [w for w in sampling if w.name in forms.SAMPLING_MAIN], {"num_inference_steps": 10}
+                        )
                         more = [w for w in sampling if w.name not in forms.SAMPLING_MAIN]
                         self.fold(f"more: {', '.join(w.name for w in more)}", "sampling-fold", "sampling.", more)
                         self.error_box("sampling")
                         runtime = forms.runtime_widgets()
-                        self.fold(f"runtime: {', '.join(w.name for w in runtime)}", "runtime-fold", "runtime.", runtime, "runtime")
+                        self.fold(
+                            f"runtime: {', '.join(w.name for w in runtime)}", "runtime-fold", "runtime.", runtime, "runtime"
+                        )
                 with gr.Row():
                     validate_btn = gr.Button("Validate", elem_id="validate")
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                    self.comps["preview_every"] = gr.Number(PREVIEW_EVERY, precision=0, minimum=0, elem_id="preview-every",
-                                                            label="preview every N steps (0: none)",
-                                                            info="the clean image each step predicts, decoded by the VAE")
+                    self.comps["preview_every"] = gr.Number(
+                        PREVIEW_EVERY,
+                        precision=0,
+                        minimum=0,
+                        elem_id="preview-every",
+                        label="preview every N steps (0: none)",
+                        info="the clean image each step predicts, decoded by the VAE",
+                    )
                 with gr.Row(equal_height=False):
                     self.status = gr.Markdown(elem_id="status", min_height=120)
-                    self.preview = gr.Image(label="preview while sampling", type="pil", interactive=False, height=220,
-                                            elem_id="preview", show_download_button=False)
+                    self.preview = gr.Image(
+                        label="preview while sampling",
+                        type="pil",
+                        interactive=False,
+                        height=220,
+                        elem_id="preview",
+                        show_download_button=False,
+                    )
                 with gr.Row():
                     self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
-                    self.pictures = gr.Gallery(label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)", columns=4, height=400, preview=True, object_fit="contain", elem_id="pictures")
+                    self.pictures = gr.Gallery(
+                        label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)",
+                        columns=4,
+                        height=400,
+                        preview=True,
+                        object_fit="contain",
+                        elem_id="pictures",
+                    )
                 with gr.Row():
                     self.recipe_file = gr.File(label="recipe (YAML)", elem_id="recipe-file")
                     self.png_files = gr.File(label="PNGs (each carries its recipe)", file_count="multiple", elem_id="png-files")
                 with gr.Row():
-                    restore = gr.File(label="Drop a PNG made by multifusion (or a recipe .yaml) to restore its recipe", type="filepath",
-                                      elem_id="restore")
+                    restore = gr.File(
+                        label="Drop a PNG made by multifusion (or a recipe .yaml) to restore its recipe",
+                        type="filepath",
+                        elem_id="restore",
+                    )
                     self.error_box("restore")
             with gr.Tab("Compare", id="compare"):
-                gr.Markdown("The models, prompts, sampling settings and seeds of the Compose tab, through several methods side by "
-                            "side (each with its parameters from the Compose tab); zoo models are scored by the zoo's judge.")
-                cmp_methods = gr.CheckboxGroup(list(METHODS), value=["average", "snb"], label="methods", elem_id="compare-methods")
+                gr.Markdown(
+                    "The models, prompts, sampling settings and seeds of the Compose tab, through several methods side by "
+                    "side (each with its parameters from the Compose tab); zoo models are scored by the zoo's judge."
+                )
+                cmp_methods = gr.CheckboxGroup(
+                    list(METHODS), value=["average", "snb"], label="methods", elem_id="compare-methods"
+                )
                 cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 cmp_status = gr.Markdown(elem_id="compare-status")
-                cmp_gallery = gr.Gallery(label="side by side", columns=6, height="auto", object_fit="contain", elem_id="compare-images")
+                cmp_gallery = gr.Gallery(
+                    label="side by side", columns=6, height="auto", object_fit="contain", elem_id="compare-images"
+                )
                 cmp_scores = gr.Dataframe(label="judge scores (zoo models)", elem_id="compare-scores", interactive=False)
 
             inputs = set(self.comps.values())
             errs = self.error_outputs()
             n_models.change(lambda n: [gr.update(visible=i < int(n)) for i in range(MAX_MODELS)], n_models, self.slots)
-            method.change(lambda m: [gr.update(visible=k == m) for k in self.groups] + [self.method_summary(m)], method,
-                          list(self.groups.values()) + [self.summary])
+            method.change(
+                lambda m: [gr.update(visible=k == m) for k in self.groups] + [self.method_summary(m)],
+                method,
+                list(self.groups.values()) + [self.summary],
+            )
             validate_btn.click(self.on_validate, inputs, errs + [self.status])
-            run_event = run_btn.click(self.on_run, inputs, errs + [self.status, self.images, self.pictures, self.recipe_file, self.png_files, self.preview],
-                                      show_progress_on=[self.status])  # the previews stay in view beside the bar
+            run_event = run_btn.click(
+                self.on_run,
+                inputs,
+                errs + [self.status, self.images, self.pictures, self.recipe_file, self.png_files, self.preview],
+                show_progress_on=[self.status],
+            )  # the previews stay in view beside the bar
             cmp_event = cmp_btn.click(self.on_compare, inputs | {cmp_methods}, [cmp_status, cmp_gallery, cmp_scores])
-            cancel_btn.click(self.on_cancel, None, self.status, cancels=[run_event, cmp_event], concurrency_limit=None, queue=False)
+            cancel_btn.click(
+                self.on_cancel, None, self.status, cancels=[run_event, cmp_event], concurrency_limit=None, queue=False
+            )
             # the drop box empties itself after reading, ready for the next file
             # what the last click or drag did no longer applies to a restored recipe
             said = [cv["said"] for cv in getattr(self, "_canvases", [])]
-            restore.upload(lambda path: self.on_restore(path) + [""] * len(said), restore,
-                           [self.comps[k] for k in self.comps] + errs + [restore] + said)
+            restore.upload(
+                lambda path: self.on_restore(path) + [""] * len(said),
+                restore,
+                [self.comps[k] for k in self.comps] + errs + [restore] + said,
+            )
             self._cmp_methods = cmp_methods
         return demo
 
@@ -251,10 +310,19 @@ class App:
         uncovered pixels hatched, image regions and rerolls shown), boxes drawn by two clicks or
         a drag, moved or resized by dragging (canvas.js sends the drag, `forms.drag_edit` applies
         it), and a tiles helper."""
-        gr.Markdown("**Canvas.** Drag a box to move it, its corner to resize it; drag on empty canvas (or Shift-drag) or click "
-                    "two corners to add a region. Everything snaps to the latent grid; edit prompts and models in the tables.")
-        preview = gr.Image(label="canvas", interactive=False, type="pil", elem_id=f"canvas-{method}", elem_classes=["mf-canvas"],
-                           show_download_button=False, show_fullscreen_button=False)
+        gr.Markdown(
+            "**Canvas.** Drag a box to move it, its corner to resize it; drag on empty canvas (or Shift-drag) or click "
+            "two corners to add a region. Everything snaps to the latent grid; edit prompts and models in the tables."
+        )
+        preview = gr.Image(
+            label="canvas",
+            interactive=False,
+            type="pil",
+            elem_id=f"canvas-{method}",
+            elem_classes=["mf-canvas"],
+            show_download_button=False,
+            show_fullscreen_button=False,
+        )
         said = gr.Markdown(elem_id=f"canvas-said-{method}")  # what the last click or drag did
         notes = gr.Markdown(elem_id=f"canvas-notes-{method}")
         # what the drag script reads (the boxes) and writes (a drag): in the page, never shown
@@ -269,8 +337,21 @@ class App:
                 t_ov = gr.Number(16, label="overlap", precision=0)
             tiles_btn = gr.Button("Fill the table with tiles (and set the canvas size)")
         self._canvases = getattr(self, "_canvases", [])
-        self._canvases.append(dict(method=method, layers=layers, preview=preview, notes=notes, said=said, state=state, dragged=dragged,
-                                   drag=drag, corner=corner, tiles_btn=tiles_btn, tile_inputs=[t_rows, t_cols, t_h, t_w, t_ov]))
+        self._canvases.append(
+            dict(
+                method=method,
+                layers=layers,
+                preview=preview,
+                notes=notes,
+                said=said,
+                state=state,
+                dragged=dragged,
+                drag=drag,
+                corner=corner,
+                tiles_btn=tiles_btn,
+                tile_inputs=[t_rows, t_cols, t_h, t_w, t_ov],
+            )
+        )
 
     def layer_items(self, method: str, layers: list[forms.Layer], tables: list) -> list[tuple[forms.Layer, list[dict]]]:
         ws = {w.name: w for w in self.widgets[method]}
@@ -280,8 +361,9 @@ class App:
         ws = {w.name: w for w in self.widgets[method]}
         return [forms.to_widget(ws[layer.name], items) for layer, items in layered]
 
-    def canvas_view(self, method: str, layered: list[tuple[forms.Layer, list[dict]]], others: dict[str, Any], n_models,
-                    h, wd, model0) -> tuple[int, tuple[int, int], list[forms.Placed] | None, str | None]:
+    def canvas_view(
+        self, method: str, layered: list[tuple[forms.Layer, list[dict]]], others: dict[str, Any], n_models, h, wd, model0
+    ) -> tuple[int, tuple[int, int], list[forms.Placed] | None, str | None]:
         """(VAE factor, (height, width), the placed regions, why they do not place) of the canvas
         the form describes: the method places its regions (tables, tiles, a background) from the
         form's params as a run would (`forms.method_regions`, on the method's own canvas when it
@@ -306,7 +388,12 @@ class App:
         """Canvas events need the sampling and model components, built after the method forms.
         They run outside the queue's one-at-a-time limit: pure and quick, they answer during a run.
         Every parameter of the method is an input: tiles and a background place regions too."""
-        size = [self.comps["n_models"], self.comps["sampling.height"], self.comps["sampling.width"], self.comps["models[0].model"]]
+        size = [
+            self.comps["n_models"],
+            self.comps["sampling.height"],
+            self.comps["sampling.width"],
+            self.comps["models[0].model"],
+        ]
         p0 = self.comps["models[0].prompt"]
         with demo:
             for cv in getattr(self, "_canvases", []):
@@ -320,7 +407,7 @@ class App:
 
                 def split(args, method=method, layers=layers, names=names, n=n, k=k):
                     """(layered tables, other params by name, n_models, height, width, model 0) of the inputs."""
-                    return (self.layer_items(method, layers, args[:n]), dict(zip(names, args[n:k])), *args[k:k + 4])
+                    return (self.layer_items(method, layers, args[:n]), dict(zip(names, args[n:k])), *args[k : k + 4])
 
                 def draw(*args, method=method, split=split):
                     return self.canvas_shown(method, *split(args))
@@ -332,8 +419,12 @@ class App:
                     scale = forms.preview_scale(H, W)
                     x, y = evt.index[0], evt.index[1]
                     if first is None:
-                        return [(x, y)] + list(args[:n]) + self.canvas_shown(method, layered, *rest) + [
-                            f"first corner at row {y // scale}, col {x // scale}: click the opposite corner"]
+                        return (
+                            [(x, y)]
+                            + list(args[:n])
+                            + self.canvas_shown(method, layered, *rest)
+                            + [f"first corner at row {y // scale}, col {x // scale}: click the opposite corner"]
+                        )
                     box = forms.box_from_clicks(first, (x, y), fac, H, W, scale)
                     layered[0] = (layered[0][0], layered[0][1] + [{**box, "prompt": prompt0 or "", "model": 0}])
                     said = f"{layers[0].name}[{len(layered[0][1]) - 1}] added (model 0's prompt): edit its prompt and model in the table"
@@ -348,16 +439,30 @@ class App:
                     except (TypeError, ValueError, KeyError):
                         return [gr.update() for _ in range(n + 4)]
                     fac, (H, W), _, _ = self.canvas_view(method, layered, *rest)
-                    layered, said = forms.drag_edit(layered, start, end, fac, H, W, forms.preview_scale(H, W),
-                                                    {"prompt": prompt0 or "", "model": 0}, draw=bool(move.get("draw")))
+                    layered, said = forms.drag_edit(
+                        layered,
+                        start,
+                        end,
+                        fac,
+                        H,
+                        W,
+                        forms.preview_scale(H, W),
+                        {"prompt": prompt0 or "", "model": 0},
+                        draw=bool(move.get("draw")),
+                    )
                     return self.tables_of(method, layered) + self.canvas_shown(method, layered, *rest) + [said]
 
                 def tiles(r, c, th, tw, ov, prompt0, method=method, layers=layers):
                     items = forms.tile_rows(int(r), int(c), int(th), int(tw), int(ov), prompt0 or "")
                     from multifusion.noise.methods import TilesParams
 
-                    H, W = TilesParams(prompts=[[""] * int(c)] * int(r), tile_height=int(th), tile_width=int(tw),
-                                       tile_row_overlap=int(ov), tile_col_overlap=int(ov)).canvas()
+                    H, W = TilesParams(
+                        prompts=[[""] * int(c)] * int(r),
+                        tile_height=int(th),
+                        tile_width=int(tw),
+                        tile_row_overlap=int(ov),
+                        tile_col_overlap=int(ov),
+                    ).canvas()
                     return self.tables_of(method, [(layers[0], items)])[0], H, W
 
                 ins = tables + others + size
@@ -365,8 +470,19 @@ class App:
                     c.change(draw, ins, shown, **fast)
                 demo.load(draw, ins, shown, **fast)
                 cv["preview"].select(click, [cv["corner"]] + ins + [p0], [cv["corner"]] + tables + shown + [cv["said"]], **fast)
-                cv["dragged"].click(dragged, [cv["drag"]] + ins + [p0], tables + shown + [cv["said"]], js="(drag, ...rest) => [window.multifusionDrag, ...rest]", **fast)
-                cv["tiles_btn"].click(tiles, cv["tile_inputs"] + [p0], [tables[0], self.comps["sampling.height"], self.comps["sampling.width"]], **fast)
+                cv["dragged"].click(
+                    dragged,
+                    [cv["drag"]] + ins + [p0],
+                    tables + shown + [cv["said"]],
+                    js="(drag, ...rest) => [window.multifusionDrag, ...rest]",
+                    **fast,
+                )
+                cv["tiles_btn"].click(
+                    tiles,
+                    cv["tile_inputs"] + [p0],
+                    [tables[0], self.comps["sampling.height"], self.comps["sampling.width"]],
+                    **fast,
+                )
 
     # ---- reading the form ----------------------------------------------------------------------
 
@@ -412,8 +528,12 @@ class App:
         for key, lines in routed.items():
             target = f"{method}:{key}" if key.startswith("params.") else key
             shown.setdefault(target if target in self.errors else "general", []).extend(lines)
-        boxes = [gr.update(value="\n\n".join(f"⚠ {ln}" for ln in shown[k]), visible=True) if k in shown else gr.update(value="", visible=False)
-                 for k in self.errors]
+        boxes = [
+            gr.update(value="\n\n".join(f"⚠ {ln}" for ln in shown[k]), visible=True)
+            if k in shown
+            else gr.update(value="", visible=False)
+            for k in self.errors
+        ]
         opened = set(opened) | set(shown)
         return boxes + [gr.update(open=True) if keys & opened else gr.update() for _, keys in self.folds]
 
@@ -440,13 +560,22 @@ class App:
     def handles(self, recipe):
         from multifusion.api import load_recipe_models
 
-        key = recipe.model_dump_json(include={"models", "merges", "runtime"}, exclude={"models": {"__all__": {"prompt", "negative_prompt", "guidance_scale"}}})
+        key = recipe.model_dump_json(
+            include={"models", "merges", "runtime"},
+            exclude={"models": {"__all__": {"prompt", "negative_prompt", "guidance_scale"}}},
+        )
         if key not in self._handles:
             self._handles = {key: load_recipe_models(recipe)}  # one set of models kept at a time
         return self._handles[key]
 
-    def generate(self, recipe_dict: dict, out: Path, report: Callable[[tuple], None] | None = None, run_id: int | None = None,
-                 preview_every: int = 0) -> tuple[list, list, Path]:
+    def generate(
+        self,
+        recipe_dict: dict,
+        out: Path,
+        report: Callable[[tuple], None] | None = None,
+        run_id: int | None = None,
+        preview_every: int = 0,
+    ) -> tuple[list, list, Path]:
         """Run a recipe: images (path, caption), method pictures (path, caption), the recipe file.
         `report` gets ("progress", (done, total), text) after every step and, every
         `preview_every` steps but the last, ("preview", picture, "step k/n"): what the step
@@ -459,7 +588,9 @@ class App:
         recipe = parse_recipe(recipe_dict)
         models = self.handles(recipe)
         stem = recipe.method
-        recipe_path = write_text(out / f"{stem}.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        recipe_path = write_text(
+            out / f"{stem}.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        )
         steps, total = recipe.sampling.num_inference_steps, recipe.sampling.num_images
         images, pictures = [], []
         done = 0
@@ -469,8 +600,13 @@ class App:
                 raise Cancelled()
             if report is None:
                 return
-            report(("progress", (done * steps + step.step + 1, total * steps),
-                    f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}"))
+            report(
+                (
+                    "progress",
+                    (done * steps + step.step + 1, total * steps),
+                    f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}",
+                )
+            )
             if preview_every > 0 and (step.step + 1) % preview_every == 0 and step.step + 1 < step.num_steps:
                 # The run's VAE made ready as the run makes it to decode (under offload: brought in).
                 shown = x0_previews(step, models[0].ready_vae(recipe.runtime.vae_device), [f"seed {s}" for s in chunk])
@@ -478,8 +614,17 @@ class App:
                 report(("preview", grid([[im for im, _ in shown]], [label], [c for _, c in shown]), label))
 
         # A fresh folder per run: nothing to resume.
-        for written in write_images(recipe, out, lambda seed: image_name(stem, seed), models=models, batch_size=4, overwrite=True,
-                                    pictures=True, callback=callback, progress=False):
+        for written in write_images(
+            recipe,
+            out,
+            lambda seed: image_name(stem, seed),
+            models=models,
+            batch_size=4,
+            overwrite=True,
+            pictures=True,
+            callback=callback,
+            progress=False,
+        ):
             images += [(str(path), f"{stem} seed {seed}") for path, seed in zip(written.paths, written.result.seeds)]
             pictures += [(str(p), p.stem) for p in written.pictures if p.suffix == ".png"]
             done += len(written.result.seeds)
@@ -538,7 +683,14 @@ class App:
         else:
             images, pictures, recipe_path = result["done"]
             status = f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe"
-            yield self.error_updates(None, v["method"]) + [status, images, pictures or None, str(recipe_path), [p for p, _ in images], gr.update()]
+            yield self.error_updates(None, v["method"]) + [
+                status,
+                images,
+                pictures or None,
+                str(recipe_path),
+                [p for p, _ in images],
+                gr.update(),
+            ]
 
     def on_restore(self, path: str | None):
         keys = list(self.comps)
@@ -550,7 +702,11 @@ class App:
         except MultifusionError as err:
             return keep + self.error_updates({"restore": [f"restore: {err}"]}, "") + [None]
         changed = {k for k, v in values.items() if k in self.widget_of and v != self.widget_of[k].initial()}
-        return [values[k] if k in values else gr.update() for k in keys] + self.error_updates(None, values["method"], changed) + [None]
+        return (
+            [values[k] if k in values else gr.update() for k in keys]
+            + self.error_updates(None, values["method"], changed)
+            + [None]
+        )
 
     def on_compare(self, data: dict, progress=gr.Progress()):
         v = self.values(data)
@@ -565,7 +721,9 @@ class App:
                 recipe = self.recipe(v, name)
                 forms.check_recipe(recipe)
                 out = Path(tempfile.mkdtemp(prefix=f"compare-{name}-", dir=self.out_root))
-                images, _, _ = self.generate(recipe, out, lambda e: progress(e[1], desc=e[2]) if e[0] == "progress" else None, run_id)
+                images, _, _ = self.generate(
+                    recipe, out, lambda e: progress(e[1], desc=e[2]) if e[0] == "progress" else None, run_id
+                )
             except MultifusionError as err:
                 problems.append(f"- **{name}**: " + "; ".join(str(err).replace("invalid recipe:", "").split("\n")).strip())
                 continue
@@ -621,5 +779,12 @@ def build_app(model_dirs: list[str] | tuple = ()) -> gr.Blocks:
 def launch(model_dirs: list[str] | tuple = (), port: int = 7860, host: str = "127.0.0.1") -> None:
     demo = build_app(model_dirs)
     app = demo.multifusion_app  # type: ignore[attr-defined]
-    demo.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, inbrowser=False, share=False,
-                                                   show_api=False, allowed_paths=[str(app.out_root)], quiet=False)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
+        inbrowser=False,
+        share=False,
+        show_api=False,
+        allowed_paths=[str(app.out_root)],
+        quiet=False,
+    )

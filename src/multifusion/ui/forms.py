@@ -18,7 +18,9 @@ section holds (`merges`). `form_from_recipe` and `recipe_from_form` are inverse 
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
 import types
 import typing
@@ -72,7 +74,7 @@ def _unwrap_optional(ann: Any) -> tuple[Any, bool]:
     args = typing.get_args(ann)
     if typing.get_origin(ann) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return functools.reduce(operator.or_, rest), True
     return ann, False
 
 
@@ -171,7 +173,9 @@ def to_widget(w: Widget, value: Any) -> Any:
     """A params value (as in a recipe) -> what the widget holds."""
     if w.kind == "table":
         rows = value or []
-        return [[_cell(r.get(c) if isinstance(r, dict) else getattr(r, c, None)) for c in w.columns] for r in rows] or [[""] * len(w.columns)]
+        return [[_cell(r.get(c) if isinstance(r, dict) else getattr(r, c, None)) for c in w.columns] for r in rows] or [
+            [""] * len(w.columns)
+        ]
     if w.kind == "yaml":
         if value is None or value is PydanticUndefined or (value in ({}, []) and value == w.default):  # blank: the empty default
             return ""
@@ -271,6 +275,7 @@ def params_from_widgets(method, values: dict[str, Any]) -> dict:
 
 # ---- the recipe from the whole form ------------------------------------------------------------
 
+
 def _read(widgets: list[Widget], values: dict[str, Any], prefix: str) -> dict:
     """The fields set by the widgets under `prefix` (blank or default ones left out); RecipeError
     naming `<prefix><field>` for text that does not parse."""
@@ -287,7 +292,13 @@ def recipe_from_form(values: dict[str, Any], method: str | None = None) -> dict:
     m = METHODS[method]
     params = params_from_widgets(m, {w.name: values.get(f"params:{method}:{w.name}") for w in method_widgets(m)})
     models = [_read(model_widgets(), values, f"models[{i}].") for i in range(int(values["n_models"]))]
-    recipe = {"version": 1, "method": method, "models": models, "params": params, "sampling": _read(sampling_widgets(), values, "sampling.")}
+    recipe = {
+        "version": 1,
+        "method": method,
+        "models": models,
+        "params": params,
+        "sampling": _read(sampling_widgets(), values, "sampling."),
+    }
     runtime = _read(runtime_widgets(), values, "runtime.")
     if runtime:
         recipe["runtime"] = runtime
@@ -305,7 +316,9 @@ def form_from_recipe(data: dict) -> dict[str, Any]:
     recipe = parse_recipe(data)
     method = get_method(recipe.method)
     if len(recipe.models) > MAX_MODELS:
-        raise RecipeError(f"models: the recipe names {len(recipe.models)} models; the UI holds {MAX_MODELS} (run it with `multifusion generate`)")
+        raise RecipeError(
+            f"models: the recipe names {len(recipe.models)} models; the UI holds {MAX_MODELS} (run it with `multifusion generate`)"
+        )
     values: dict[str, Any] = {"method": recipe.method, "n_models": len(recipe.models)}
     for i in range(MAX_MODELS):
         entry: dict[str, Any] = {}
@@ -313,12 +326,17 @@ def form_from_recipe(data: dict) -> dict[str, Any]:
             # The recipe's default prompt and negative prompt go to each slot that gives none (the
             # slots are where prompts are written): the same prompts for every model.
             m = recipe.models[i]
-            entry = {**m.model_dump(), "prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
-                     "negative_prompt": recipe.negative_of(i) or None}
+            entry = {
+                **m.model_dump(),
+                "prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
+                "negative_prompt": recipe.negative_of(i) or None,
+            }
             prompts = entry["prompt"] if isinstance(entry["prompt"], list) else [entry["prompt"] or ""]
             if any("\n" in p for p in prompts):
-                raise RecipeError(f"models[{i}].prompt: a prompt with a line break; the form holds one prompt per line (run it with "
-                                  "`multifusion generate`)")
+                raise RecipeError(
+                    f"models[{i}].prompt: a prompt with a line break; the form holds one prompt per line (run it with "
+                    "`multifusion generate`)"
+                )
         values.update({f"models[{i}].{w.name}": to_widget(w, entry.get(w.name)) for w in model_widgets()})
     for w in method_widgets(method):
         values[f"params:{recipe.method}:{w.name}"] = to_widget(w, recipe.params.get(w.name, None if w.required else w.default))
@@ -326,7 +344,9 @@ def form_from_recipe(data: dict) -> dict[str, Any]:
     values.update({f"sampling.{w.name}": to_widget(w, dumped["sampling"][w.name]) for w in sampling_widgets()})
     if "runtime" in data:
         values.update({f"runtime.{w.name}": to_widget(w, dumped["runtime"][w.name]) for w in runtime_widgets()})
-    own = recipe.model_dump(mode="json", include={w.name for w in recipe_widgets()}, exclude_defaults=True)  # merges: what they set
+    own = recipe.model_dump(
+        mode="json", include={w.name for w in recipe_widgets()}, exclude_defaults=True
+    )  # merges: what they set
     values.update({w.name: to_widget(w, own.get(w.name)) for w in recipe_widgets()})
     return values
 
@@ -341,7 +361,7 @@ def error_key(path: str) -> str:
     of the model entry), `models[i]` (the slot), `sampling`, `runtime`, a recipe field of its own
     (`merges`), or `general`."""
     if path.startswith("params."):
-        return "params." + re.split(r"[.\[]", path[len("params."):])[0]
+        return "params." + re.split(r"[.\[]", path[len("params.") :])[0]
     m = re.match(r"models\[(\d+)\](?:\.(\w+))?", path)
     if m:
         fields = {w.name for w in model_widgets()}
@@ -401,7 +421,9 @@ def read_recipe_file(path: str) -> dict:
     except MultifusionError as err:
         raise type(err)(str(err).replace(str(p), p.name)) from None
     except (OSError, ValueError) as err:
-        raise RecipeError(f"{p.name!r} is not a readable image ({type(err).__name__}: {str(err).replace(str(p), p.name)})") from None
+        raise RecipeError(
+            f"{p.name!r} is not a readable image ({type(err).__name__}: {str(err).replace(str(p), p.name)})"
+        ) from None
 
 
 # ---- canvas: the boxes of a method, drawn, clicked and dragged --------------------------------
@@ -445,10 +467,17 @@ def box_px(item: dict, height: int, width: int, factor: int) -> tuple[int, int, 
         r0, r1, c0, c1 = (float(item[k]) for k in BOX)
     except (KeyError, TypeError, ValueError):
         return None
-    return snap(r0, factor, height, units), snap(r1, factor, height, units), snap(c0, factor, width, units), snap(c1, factor, width, units)
+    return (
+        snap(r0, factor, height, units),
+        snap(r1, factor, height, units),
+        snap(c0, factor, width, units),
+        snap(c1, factor, width, units),
+    )
 
 
-def canvas_boxes(layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+def canvas_boxes(
+    layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int
+) -> list[tuple[int, int, tuple[int, int, int, int]]]:
     """Every drawable box in drawing order (later ones on top): (layer index, item index, pixel box)."""
     out = []
     for li, (_, items) in enumerate(layers):
@@ -459,7 +488,12 @@ def canvas_boxes(layers: list[tuple[Layer, list[dict]]], height: int, width: int
     return out
 
 
-CORNERS = {"top-left": (0, 2), "top-right": (0, 3), "bottom-left": (1, 2), "bottom-right": (1, 3)}  # (row edge, col edge) indices of a box
+CORNERS = {
+    "top-left": (0, 2),
+    "top-right": (0, 3),
+    "bottom-left": (1, 2),
+    "bottom-right": (1, 3),
+}  # (row edge, col edge) indices of a box
 
 
 def grip_size(height: int, width: int, factor: int) -> int:
@@ -484,8 +518,9 @@ def hit_test(boxes: list[tuple[int, int, int, int]], row: float, col: float, gri
     return None
 
 
-def drag_box(box: tuple[int, int, int, int], handle: str, d_row: float, d_col: float, factor: int, height: int,
-             width: int) -> tuple[int, int, int, int]:
+def drag_box(
+    box: tuple[int, int, int, int], handle: str, d_row: float, d_col: float, factor: int, height: int, width: int
+) -> tuple[int, int, int, int]:
     """A box after a drag of (d_row, d_col) canvas pixels: "move" shifts it whole by the drag
     snapped to the latent grid, stopping at the canvas' edges (its size kept); a corner name
     moves that corner to the grid, inside the canvas, at least one latent cell from the
@@ -516,8 +551,17 @@ def with_box(item: dict, box: tuple[int, int, int, int]) -> dict:
     return out
 
 
-def drag_edit(layers: list[tuple[Layer, list[dict]]], start: tuple[float, float], end: tuple[float, float], factor: int,
-              height: int, width: int, scale: int, new_item: dict, draw: bool = False) -> tuple[list[tuple[Layer, list[dict]]], str]:
+def drag_edit(
+    layers: list[tuple[Layer, list[dict]]],
+    start: tuple[float, float],
+    end: tuple[float, float],
+    factor: int,
+    height: int,
+    width: int,
+    scale: int,
+    new_item: dict,
+    draw: bool = False,
+) -> tuple[list[tuple[Layer, list[dict]]], str]:
     """The canvas' tables after a drag from `start` to `end` (x, y in preview pixels, `scale`
     preview pixels per canvas pixel), with what happened: a box under `start` is moved, or
     resized when grabbed by a corner; on empty canvas (or with `draw`) the drag draws a new
@@ -530,7 +574,10 @@ def drag_edit(layers: list[tuple[Layer, list[dict]]], start: tuple[float, float]
         li = next(k for k, (layer, _) in enumerate(layers) if layer.kind == "paint")
         box = box_from_clicks(start, end, factor, height, width, scale)
         out[li][1].append({**box, **new_item})
-        return out, f"{layers[li][0].name}[{len(out[li][1]) - 1}] drawn: rows {box['row_init']}-{box['row_end']}, cols {box['col_init']}-{box['col_end']}"
+        return (
+            out,
+            f"{layers[li][0].name}[{len(out[li][1]) - 1}] drawn: rows {box['row_init']}-{box['row_end']}, cols {box['col_init']}-{box['col_end']}",
+        )
     li, i, box = placed[hit[0]]
     new = drag_box(box, hit[1], (y1 - y0) / scale, (x1 - x0) / scale, factor, height, width)
     out[li][1][i] = with_box(out[li][1][i], new)
@@ -542,8 +589,14 @@ def canvas_state(layers: list[tuple[Layer, list[dict]]], height: int, width: int
     """JSON for the page's drag script: the boxes in drawing order (pixels), the preview scale and
     the corner grip, so it can show a box following the pointer (the edit itself is
     `drag_edit`'s)."""
-    return json.dumps({"scale": scale, "grip": grip_size(height, width, factor), "size": [height, width],
-                       "boxes": [list(b) for _, _, b in canvas_boxes(layers, height, width, factor)]})
+    return json.dumps(
+        {
+            "scale": scale,
+            "grip": grip_size(height, width, factor),
+            "size": [height, width],
+            "boxes": [list(b) for _, _, b in canvas_boxes(layers, height, width, factor)],
+        }
+    )
 
 
 def preview_scale(height: int, width: int) -> int:
@@ -585,7 +638,9 @@ Placed = tuple[str, tuple[int, int, int, int], Any]
 """A denoising region as a method places it: (where, latent box (r0, r1, c0, c1), weights (h, w))."""
 
 
-def method_regions(method, params: dict, n_models: int, height: int, width: int, factor: int) -> tuple[list[Placed], tuple[int, int]]:
+def method_regions(
+    method, params: dict, n_models: int, height: int, width: int, factor: int
+) -> tuple[list[Placed], tuple[int, int]]:
     """The denoising regions `method` places for a form's `params` (its `regions` hook on the
     params validated as a recipe's), with the (height, width) canvas they lie on: the method's
     own when it fixes one (tiles do), else the one given. This is what a run mixes, tiles and
@@ -608,12 +663,18 @@ def uncovered(layers: list[tuple[Layer, list[dict]]], placed: list[Placed] | Non
 
     latent = (height // factor, width // factor)
     if placed is None:
-        boxes = [tuple(v // factor for v in box) for li, _, box in canvas_boxes(layers, height, width, factor) if layers[li][0].kind == "paint"]
+        boxes = [
+            tuple(v // factor for v in box)
+            for li, _, box in canvas_boxes(layers, height, width, factor)
+            if layers[li][0].kind == "paint"
+        ]
         placed = [("", b, torch.ones(b[1] - b[0], b[3] - b[2])) for b in boxes]
     return coverage([b for _, b, _ in placed], [w for _, _, w in placed], latent) <= 0
 
 
-def _derived(layers: list[tuple[Layer, list[dict]]], placed: list[Placed] | None) -> list[tuple[int, str, tuple[int, int, int, int]]]:
+def _derived(
+    layers: list[tuple[Layer, list[dict]]], placed: list[Placed] | None
+) -> list[tuple[int, str, tuple[int, int, int, int]]]:
     """(index among the placed regions, name, latent box) of the placed regions no table holds
     (tiles, a background): drawn on the canvas, never dragged."""
     tables = {layer.name for layer, _ in layers}
@@ -625,8 +686,15 @@ def _derived(layers: list[tuple[Layer, list[dict]]], placed: list[Placed] | None
     return out
 
 
-def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: int, factor: int,
-                    scale: int | None = None, placed: list[Placed] | None = None, problem: str | None = None) -> tuple[Image.Image, str]:
+def regions_preview(
+    layers: list[tuple[Layer, list[dict]]],
+    height: int,
+    width: int,
+    factor: int,
+    scale: int | None = None,
+    placed: list[Placed] | None = None,
+    problem: str | None = None,
+) -> tuple[Image.Image, str]:
     """The canvas with every box snapped to the latent grid: regions that paint filled and
     coloured by index (the colours of the region-weight picture), reference images in their
     boxes, other boxes (rerolls) dashed; regions the method places from other parameters
@@ -648,13 +716,20 @@ def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: 
             for d in range(-im.height, im.width, 12):  # hatched the other way from uncovered cells
                 draw.line((d, 0, d + im.height, im.height), fill=col + (70,), width=1)
             label = f"{name} (whole canvas)"  # bottom right: table boxes' labels sit top left
-            draw.text((im.width - draw.textlength(label) - 6, im.height - 15), label, fill=tuple(c // 2 for c in col) + (255,),
-                      stroke_width=1, stroke_fill=(255, 255, 255, 255))
+            draw.text(
+                (im.width - draw.textlength(label) - 6, im.height - 15),
+                label,
+                fill=tuple(c // 2 for c in col) + (255,),
+                stroke_width=1,
+                stroke_fill=(255, 255, 255, 255),
+            )
             notes.append(f"{name} covers the whole canvas")
     tiles = [(k, name, box) for k, name, box in derived if box != (0, height // factor, 0, width // factor)]
     if tiles:
-        notes.append(f"{len(tiles)} region(s) placed from the parameters ({', '.join(n for _, n, _ in tiles)}): outlined, "
-                     "edited in their field")
+        notes.append(
+            f"{len(tiles)} region(s) placed from the parameters ({', '.join(n for _, n, _ in tiles)}): outlined, "
+            "edited in their field"
+        )
     for layer, items in layers:
         for i, r in enumerate(items):
             where = f"{layer.name}[{i}]"
@@ -684,7 +759,9 @@ def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: 
                 else:
                     notes.append(f"{where}: no readable image at {str(r.get('image', ''))!r}")
                 _dashed(draw, xy, (20, 20, 20, 255))
-                draw.text((xy[0] + 4, xy[3] - 13), f"image {i}", fill=(255, 255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0, 255))
+                draw.text(
+                    (xy[0] + 4, xy[3] - 13), f"image {i}", fill=(255, 255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0, 255)
+                )
             else:
                 _dashed(draw, xy, (200, 0, 160, 255))
                 draw.text((xy[0] + 4, xy[3] - 13), f"{layer.name.rstrip('s')} {i}", fill=(200, 0, 160, 255))
@@ -714,13 +791,21 @@ def regions_preview(layers: list[tuple[Layer, list[dict]]], height: int, width: 
     return im, "\n".join(f"- {n}" for n in notes)
 
 
-def tile_rows(rows: int, cols: int, tile_height: int, tile_width: int, overlap: int, prompt: str, model: str | int = 0) -> list[dict]:
+def tile_rows(
+    rows: int, cols: int, tile_height: int, tile_width: int, overlap: int, prompt: str, model: str | int = 0
+) -> list[dict]:
     """Regions tiling a canvas in a rows x cols grid with `overlap` pixels between neighbours
     (the tiles of Mixture of Diffusers, as `TilesParams.regions` places them)."""
     from multifusion.noise.methods import TilesParams
 
-    tiles = TilesParams(prompts=[[prompt] * cols for _ in range(rows)], tile_height=tile_height, tile_width=tile_width,
-                        tile_row_overlap=overlap, tile_col_overlap=overlap, model=model)
+    tiles = TilesParams(
+        prompts=[[prompt] * cols for _ in range(rows)],
+        tile_height=tile_height,
+        tile_width=tile_width,
+        tile_row_overlap=overlap,
+        tile_col_overlap=overlap,
+        model=model,
+    )
     return [r.model_dump(include={"row_init", "row_end", "col_init", "col_end", "prompt", "model"}) for r in tiles.regions()]
 
 

@@ -20,7 +20,22 @@ from multifusion.weights.models import MergePlan, MergeSpec, merge_in_memory, me
 from multifusion.weights.presets import PRESET_NAMES, BlockWeights, block_weights, parse_block_weights, preset, resample
 
 __all__ = [
-    "BlockLayout", "BlockWeights", "MergePlan", "MergeSpec", "PRESET_NAMES", "add_difference", "block_weighted",
-    "block_weights", "layout_table", "merge_in_memory", "merge_models", "merge_tensor", "parse_block_weights",
-    "plan_merge", "preset", "resample", "unet_layout", "weighted_sum",
+    "BlockLayout",
+    "BlockWeights",
+    "MergePlan",
+    "MergeSpec",
+    "PRESET_NAMES",
+    "add_difference",
+    "block_weighted",
+    "block_weights",
+    "layout_table",
+    "merge_in_memory",
+    "merge_models",
+    "merge_tensor",
+    "parse_block_weights",
+    "plan_merge",
+    "preset",
+    "resample",
+    "unet_layout",
+    "weighted_sum",
 ]

@@ -47,8 +47,10 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
     if single_file:
         family = family_of(resolve(models[0]))
         if not family.single_file:
-            raise RecipeError(f"single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; a "
-                              f"{family.family_name} merge is written as a diffusers folder only (drop --single-file)")
+            raise RecipeError(
+                f"single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; a "
+                f"{family.family_name} merge is written as a diffusers folder only (drop --single-file)"
+            )
     folder = merge_models(models, out, spec, overwrite=overwrite)
     if single_file:
         with atomic_path(single) as tmp:
@@ -69,8 +71,10 @@ def save_as_single_file(pipeline_folder: str | Path, out_file: str | Path) -> Pa
     folder, out_file = Path(pipeline_folder), Path(out_file)
     family = family_of(resolve(str(folder)))
     if not family.single_file:
-        raise IncompatibleModelsError(f"{folder} holds a {family.pipeline_class}; the single-file (LDM) layout is written for "
-                                      "StableDiffusionPipeline and StableDiffusionXLPipeline folders only")
+        raise IncompatibleModelsError(
+            f"{folder} holds a {family.pipeline_class}; the single-file (LDM) layout is written for "
+            "StableDiffusionPipeline and StableDiffusionXLPipeline folders only"
+        )
     state = family.ldm_state_dict(folder)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_file), metadata={"format": "pt"})

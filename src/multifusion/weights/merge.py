@@ -19,7 +19,7 @@ rounding in between. Degenerate cases are exact: terms with weight 0 are skipped
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -87,7 +87,4 @@ def block_weighted(
     """Merge-block-weighted: every parameter k merged by `method` with the weight of its block,
     `block_weights[block_of(k)]`: two state dicts for a weighted sum ((1 - w) A + w B), three
     for add-difference (A + w (B - C)). Keys are the first state dict's."""
-    return {
-        k: merge_tensor([sd[k] for sd in state_dicts], method, block_weights[block_of(k)])
-        for k in state_dicts[0]
-    }
+    return {k: merge_tensor([sd[k] for sd in state_dicts], method, block_weights[block_of(k)]) for k in state_dicts[0]}

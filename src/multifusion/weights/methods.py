@@ -31,7 +31,8 @@ from multifusion.weights.presets import block_weights, is_number, parse_numbers,
 
 class MergeParams(Params):
     merge_method: Literal["weighted_sum", "add_difference"] = Field(
-        "weighted_sum", description="weighted_sum of N models, or add_difference A + alpha (B - C) of three")
+        "weighted_sum", description="weighted_sum of N models, or add_difference A + alpha (B - C) of three"
+    )
     weights: list[float] | None = Field(None, description="weighted_sum: one weight per model (normalised); default equal")
     alpha: float | None = Field(None, description="add_difference: A + alpha (B - C); default 1")
     text_encoder: Literal["merge", "first"] = Field("merge", description="merge the text encoders too, or keep the first model's")
@@ -50,7 +51,10 @@ class MergeParams(Params):
             raise FieldError("alpha", "belongs to add_difference; a weighted_sum takes `weights` (one per model)")
         if self.weights is not None:
             if n is not None and len(self.weights) != n:
-                raise FieldError("weights", f"has {len(self.weights)} entries for {n} models; give one weight per model, in the order of `models`")
+                raise FieldError(
+                    "weights",
+                    f"has {len(self.weights)} entries for {n} models; give one weight per model, in the order of `models`",
+                )
             try:
                 check_weights(self.weights)
             except RecipeError as err:
@@ -58,18 +62,28 @@ class MergeParams(Params):
         return self
 
     def spec(self) -> MergeSpec:
-        return MergeSpec(self.merge_method, tuple(self.weights) if self.weights is not None else None, self.alpha,
-                         text_encoder=self.text_encoder)
+        return MergeSpec(
+            self.merge_method,
+            tuple(self.weights) if self.weights is not None else None,
+            self.alpha,
+            text_encoder=self.text_encoder,
+        )
 
 
 class MBWParams(Params):
-    blocks: str | list[float] = Field(description=(
-        "a preset name (RING08_SOFT, GRAD_V, ...), or block weights as a comma-separated string or a list: "
-        "25 values (26 with a leading BASE) in the SD-1 notation, resampled to other UNets, or the denoiser's own count "
-        "(SD3 and FLUX transformers: their own ids only, e.g. FLUX.1 dev's IN, D00..D18, S00..S37, OUT)"))
+    blocks: str | list[float] = Field(
+        description=(
+            "a preset name (RING08_SOFT, GRAD_V, ...), or block weights as a comma-separated string or a list: "
+            "25 values (26 with a leading BASE) in the SD-1 notation, resampled to other UNets, or the denoiser's own count "
+            "(SD3 and FLUX transformers: their own ids only, e.g. FLUX.1 dev's IN, D00..D18, S00..S37, OUT)"
+        )
+    )
     merge_method: Literal["weighted_sum", "add_difference"] = Field(
-        "weighted_sum", description="weighted_sum: (1 - w) A + w B per block; add_difference: A + w (B - C) per block")
-    text_encoder: Literal["merge", "first"] = Field("merge", description="merge the text encoders with BASE, or keep the first model's")
+        "weighted_sum", description="weighted_sum: (1 - w) A + w B per block; add_difference: A + w (B - C) per block"
+    )
+    text_encoder: Literal["merge", "first"] = Field(
+        "merge", description="merge the text encoders with BASE, or keep the first model's"
+    )
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
@@ -77,8 +91,11 @@ class MBWParams(Params):
         n = context.get("n_models")
         need = 2 if self.merge_method == "weighted_sum" else 3
         if n is not None and n != need:
-            raise FieldError("merge_method", f"a block-weighted {self.merge_method} merges {need} models, the recipe names {n}"
-                             + ("; use add_difference for three (A + w (B - C))" if n == 3 else ""))
+            raise FieldError(
+                "merge_method",
+                f"a block-weighted {self.merge_method} merges {need} models, the recipe names {n}"
+                + ("; use add_difference for three (A + w (B - C))" if n == 3 else ""),
+            )
         try:
             layout = local_layout(context["models"][0]) if context.get("models") else None
             if layout is not None:
@@ -93,8 +110,11 @@ class MBWParams(Params):
             for block, v in named:
                 if not 0 <= v <= 1:
                     where = "" if block is None else f" for {block}"
-                    raise FieldError("blocks", f"block weight {v!r}{where} is outside [0, 1]; a block-weighted sum interpolates "
-                                               "between A and B (add_difference extrapolates)")
+                    raise FieldError(
+                        "blocks",
+                        f"block weight {v!r}{where} is outside [0, 1]; a block-weighted sum interpolates "
+                        "between A and B (add_difference extrapolates)",
+                    )
         return self
 
     def spec(self) -> MergeSpec:
@@ -127,10 +147,25 @@ def plan_merge_single(prep: PreparedMerge, batch: Batch) -> Plan:
 
 
 METHODS = [
-    Method("merge", "weight merge (weighted sum or add-difference) of the models into one, sampled as `single` "
-           "with the first model's prompt and guidance", "weights", MergeParams, plan_merge_single, prepare_merge,
-           min_models=2),
-    Method("mbw", "merge-block-weighted: per-block weights (a preset or A1111 string) merge the models into one, "
-           "sampled as `single` with the first model's prompt and guidance", "weights", MBWParams, plan_merge_single,
-           prepare_merge, min_models=2, max_models=3),
+    Method(
+        "merge",
+        "weight merge (weighted sum or add-difference) of the models into one, sampled as `single` "
+        "with the first model's prompt and guidance",
+        "weights",
+        MergeParams,
+        plan_merge_single,
+        prepare_merge,
+        min_models=2,
+    ),
+    Method(
+        "mbw",
+        "merge-block-weighted: per-block weights (a preset or A1111 string) merge the models into one, "
+        "sampled as `single` with the first model's prompt and guidance",
+        "weights",
+        MBWParams,
+        plan_merge_single,
+        prepare_merge,
+        min_models=2,
+        max_models=3,
+    ),
 ]

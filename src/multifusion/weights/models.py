@@ -32,10 +32,11 @@ import os
 import shutil
 import struct
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -55,8 +56,15 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", 
 # Config keys that describe how a file was saved, not the architecture.
 _CONFIG_NOISE = ("transformers_version", "dtype", "torch_dtype", "architectures")
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -81,7 +89,9 @@ class MergeSpec:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise RecipeError(f"unknown merge method {self.method!r} (known: {', '.join(METHODS)}){did_you_mean(self.method, METHODS)}")
+            raise RecipeError(
+                f"unknown merge method {self.method!r} (known: {', '.join(METHODS)}){did_you_mean(self.method, METHODS)}"
+            )
         if self.text_encoder not in TEXT_ENCODER:
             raise RecipeError(f"text_encoder must be one of {TEXT_ENCODER}, got {self.text_encoder!r}")
         if self.weights is not None:
@@ -150,9 +160,13 @@ class MergePlan:
     def recipe(self) -> dict:
         """The merge as JSON: the spec (rebuilds with MergeSpec(**recipe["spec"])), resolved
         block weights, the inputs and what happened to each component."""
-        out = {"format": "multifusion-merge", "version": 1, "spec": dataclasses.asdict(self.spec),
-               "models": list(self.models),
-               "components": {c.name: f"{c.action}: {c.reason}" for c in self.components}}
+        out = {
+            "format": "multifusion-merge",
+            "version": 1,
+            "spec": dataclasses.asdict(self.spec),
+            "models": list(self.models),
+            "components": {c.name: f"{c.action}: {c.reason}" for c in self.components},
+        }
         if self.blocks is not None:
             out["blocks"] = {"base": self.base, "weights": dict(self.blocks), "source": self.blocks_note}
             if self.t5 is not None:
@@ -163,7 +177,9 @@ class MergePlan:
 def spec_of(entry) -> MergeSpec:
     """The MergeSpec of a recipe's `merges.NAME` entry (`recipe.MergeEntry`)."""
     blocks = entry.blocks if entry.blocks is None or isinstance(entry.blocks, str) else tuple(entry.blocks)
-    return MergeSpec(entry.method, None if entry.weights is None else tuple(entry.weights), entry.alpha, blocks, entry.text_encoder)
+    return MergeSpec(
+        entry.method, None if entry.weights is None else tuple(entry.weights), entry.alpha, blocks, entry.text_encoder
+    )
 
 
 def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePlan:
@@ -182,7 +198,8 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
         if ref.kind not in ("folder", "zoo"):
             raise ModelLoadError(
                 f"{text!r} is a {ref.kind.replace('_', '-')} model; merges read diffusers pipeline folders. Load it "
-                "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder")
+                "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder"
+            )
         try:  # a damaged file is named as `generate` names it, before any header is read
             check_weight_files(ref)
         except ModelLoadError as err:
@@ -224,8 +241,18 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
         for tensor, _, _ in merged.header:
             layout.block_of(tensor)  # every denoiser parameter must have a block
     blocks = None if weights is None else weights.by_block(layout)
-    return MergePlan(spec, tuple(models), tuple(folders), tuple(components), layout, blocks,
-                     None if weights is None else weights.base, note, None if weights is None else weights.t5, denoiser)
+    return MergePlan(
+        spec,
+        tuple(models),
+        tuple(folders),
+        tuple(components),
+        layout,
+        blocks,
+        None if weights is None else weights.base,
+        note,
+        None if weights is None else weights.t5,
+        denoiser,
+    )
 
 
 def local_layout(model: str) -> BlockLayout | None:
@@ -244,8 +271,15 @@ def local_layout(model: str) -> BlockLayout | None:
         return None
 
 
-def _plan_component(name: str, models: Sequence[str], folders: Sequence[Path], spec: MergeSpec, base: float | None, out_file: str,
-                    is_denoiser: bool) -> Component:
+def _plan_component(
+    name: str,
+    models: Sequence[str],
+    folders: Sequence[Path],
+    spec: MergeSpec,
+    base: float | None,
+    out_file: str,
+    is_denoiser: bool,
+) -> Component:
     dirs = [f / name for f in folders]
     files = [_tensor_files(d, text) for d, text in zip(dirs, models)]
     headers = [_header(f) for f in files]
@@ -267,7 +301,8 @@ def _check_interpolation(weights: BlockWeights, layout: BlockLayout) -> None:
         if not 0 <= w <= 1:
             raise RecipeError(
                 f"block weight {w!r} for {block} is outside [0, 1]; a block-weighted sum interpolates "
-                "between A and B (add_difference extrapolates)")
+                "between A and B (add_difference extrapolates)"
+            )
 
 
 def _model_index(folder: Path) -> dict[str, str]:
@@ -290,7 +325,8 @@ def _check_same_prediction(models: Sequence[str], folders: Sequence[Path]) -> No
         if kind != kinds[0]:
             raise IncompatibleModelsError(
                 f"{models[0]!r} predicts {kinds[0]} and {text!r} predicts {kind}; their weights do not mean the same "
-                "thing, so a merge of them is not a model (combine them at noise level instead)")
+                "thing, so a merge of them is not a model (combine them at noise level instead)"
+            )
 
 
 def _check_same(what: str, name_a: str, a: Mapping, name_b: str, b: Mapping) -> None:
@@ -298,18 +334,22 @@ def _check_same(what: str, name_a: str, a: Mapping, name_b: str, b: Mapping) -> 
         if a.get(key) != b.get(key):
             raise IncompatibleModelsError(
                 f"{what} differs: {key} is {a.get(key)!r} in {name_a!r} and {b.get(key)!r} in {name_b!r}; "
-                "merges need one architecture")
+                "merges need one architecture"
+            )
 
 
 def _check_same_tensors(component: str, name_a: str, a: Mapping, name_b: str, b: Mapping) -> None:
     for key in sorted(set(a) | set(b)):
         if key not in a or key not in b:
             has, lacks = (name_a, name_b) if key in a else (name_b, name_a)
-            raise IncompatibleModelsError(f"{component} tensor {key!r} is in {has!r} but not in {lacks!r}; merges need one architecture")
+            raise IncompatibleModelsError(
+                f"{component} tensor {key!r} is in {has!r} but not in {lacks!r}; merges need one architecture"
+            )
         if a[key][1] != b[key][1]:
             raise IncompatibleModelsError(
                 f"{component} tensor {key!r} has shape {tuple(a[key][1])} in {name_a!r} and {tuple(b[key][1])} in "
-                f"{name_b!r}; merges need one architecture")
+                f"{name_b!r}; merges need one architecture"
+            )
 
 
 def _tensor_files(folder: Path, model: str) -> dict[str, Path]:
@@ -327,7 +367,8 @@ def _tensor_files(folder: Path, model: str) -> dict[str, Path]:
         found = ", ".join(p.name for p in candidates) or "none"
         raise ModelLoadError(
             f"{model!r}: cannot tell which weights of {folder.name} to merge (.safetensors files: {found}); "
-            "merges read the standard safetensors file of each component (convert pickle weights first)")
+            "merges read the standard safetensors file of each component (convert pickle weights first)"
+        )
     with safe_open(candidates[0], framework="pt") as h:
         return {k: candidates[0] for k in h.keys()}
 
@@ -418,7 +459,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return np.array_equal(x, y)
 
 
-def write_safetensors(path: Path, header: Sequence[tuple[str, str, tuple[int, ...]]], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+def write_safetensors(
+    path: Path, header: Sequence[tuple[str, str, tuple[int, ...]]], tensors: Iterator[tuple[str, torch.Tensor]]
+) -> None:
     """Write a safetensors file whose tensors arrive one at a time, in `header` order: the
     header (8-byte little-endian length, JSON with dtype, shape and data offsets, padded to 8
     bytes) first, then each tensor's bytes as it comes, so only one tensor is held at a time."""
@@ -435,7 +478,9 @@ def write_safetensors(path: Path, header: Sequence[tuple[str, str, tuple[int, ..
         f.write(head)
         for (name, dtype, shape), (got, t) in zip(header, tensors, strict=True):
             if got != name or t.dtype != _ST_DTYPES[dtype] or tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"streamed tensor {got!r} {t.dtype} {tuple(t.shape)} does not match the header entry {name!r} {dtype} {shape}")
+                raise RuntimeError(
+                    f"streamed tensor {got!r} {t.dtype} {tuple(t.shape)} does not match the header entry {name!r} {dtype} {shape}"
+                )
             f.write(memoryview(_as_bytes(t)))
 
 
@@ -474,23 +519,36 @@ def check_merge_output(out: str | Path, overwrite: bool, where: str = "--out") -
     other than a merge (`overwrite` replaces merges only: never a folder of the user's files)."""
     out = Path(out).expanduser()
     if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise RecipeError(f"{where}: {str(out)!r} names no new folder (the merge replaces its output folder as a whole); "
-                          "give a folder name, e.g. merged/my-merge")
+        raise RecipeError(
+            f"{where}: {str(out)!r} names no new folder (the merge replaces its output folder as a whole); "
+            "give a folder name, e.g. merged/my-merge"
+        )
     if out.is_symlink():
-        raise RecipeError(f"{where}: {str(out)!r} is a symbolic link; a merge is written as a real folder: give another "
-                          "name, or remove the link")
+        raise RecipeError(
+            f"{where}: {str(out)!r} is a symbolic link; a merge is written as a real folder: give another "
+            "name, or remove the link"
+        )
     if out.exists():
         if not overwrite:
-            raise RecipeError(f"{where}: output {str(out)!r} already exists; choose another folder or pass overwrite=True "
-                              "(--overwrite)")
+            raise RecipeError(
+                f"{where}: output {str(out)!r} already exists; choose another folder or pass overwrite=True (--overwrite)"
+            )
         if not (out.is_dir() and (out / MERGE_JSON).is_file() and (out / "model_index.json").is_file()):
-            raise RecipeError(f"{where}: {str(out)!r} exists and holds no merge (no {MERGE_JSON} and model_index.json); "
-                              "overwrite replaces an earlier merge only: choose a new folder name")
+            raise RecipeError(
+                f"{where}: {str(out)!r} exists and holds no merge (no {MERGE_JSON} and model_index.json); "
+                "overwrite replaces an earlier merge only: choose a new folder name"
+            )
     return out
 
 
-def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | None = None, *, name: str | None = None,
-                    dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+def merge_in_memory(
+    models: Sequence[str | ModelHandle],
+    spec: MergeSpec | None = None,
+    *,
+    name: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+):
     """The same merge without writing, returned as a `ModelHandle`.
 
     `models` are names (model 0 is loaded and its UNet and text encoders receive the merged
@@ -510,11 +568,16 @@ def merge_in_memory(models: Sequence["str | ModelHandle"], spec: MergeSpec | Non
     plan = plan_merge([h.source for h in handles] if handles else models, spec)
     for c in plan.components:
         if c.action == "merge" and c.name != plan.denoiser and not c.name.startswith("text_encoder"):
-            raise RecipeError(f"in-memory merges cover the {plan.denoiser} and the text encoders; {c.name} needs merge_models (a folder)")
+            raise RecipeError(
+                f"in-memory merges cover the {plan.denoiser} and the text encoders; {c.name} needs merge_models (a folder)"
+            )
     source = f"merge of {', '.join(plan.models)} ({plan.spec.method})"
     if handles:
-        merged = {_attribute(plan, c.name): _merge_modules(plan, c, [getattr(h, _attribute(plan, c.name)) for h in handles])
-                  for c in plan.components if c.action == "merge"}
+        merged = {
+            _attribute(plan, c.name): _merge_modules(plan, c, [getattr(h, _attribute(plan, c.name)) for h in handles])
+            for c in plan.components
+            if c.action == "merge"
+        }
         return dataclasses.replace(handles[0], name=name or "merge", source=source, **merged)
     handle = load_model(plan.models[0], name=name or "merge", dtype=dtype, device=device)
     with torch.no_grad():
@@ -559,7 +622,9 @@ def _merge_modules(plan: MergePlan, component: Component, modules: Sequence[torc
         if key in tied and (key not in stored or tied[key] in stored):
             continue  # the same storage as an earlier key: merged once, under the name its file uses
         tensors = [s[key] for s in states]
-        if not tensors[0].is_floating_point() or all(t is tensors[0] or _same_bits(tensors[0].cpu(), t.cpu()) for t in tensors[1:]):
+        if not tensors[0].is_floating_point() or all(
+            t is tensors[0] or _same_bits(tensors[0].cpu(), t.cpu()) for t in tensors[1:]
+        ):
             continue  # the copy holds model 0's already
         file_key = key if key in stored else _state_key(key, stored)
         if file_key is None:

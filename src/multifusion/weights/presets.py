@@ -27,8 +27,8 @@ another depth; any other length must match the UNet (its count, or one more with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from multifusion.errors import RecipeError, did_you_mean
 from multifusion.families.blocks import BlockLayout
@@ -76,8 +76,10 @@ def _length_message(given: int, layout: BlockLayout | None) -> str:
     kind = "UNet" if layout is None else layout.kind
     names = "IN00..IN11, M00, OUT00..OUT11" if layout is None else layout.describe()
     leads = (("BASE",),) if layout is None else layout.leads
-    forms = [f"{n + len(lead)} (with a leading {', '.join(lead)}" + (", as SuperMerger writes them)" if len(lead) > 1 else ")")
-             for lead in leads]
+    forms = [
+        f"{n + len(lead)} (with a leading {', '.join(lead)}" + (", as SuperMerger writes them)" if len(lead) > 1 else ")")
+        for lead in leads
+    ]
     return f"block weights: {given} values given; this {kind} expects {n} ({names}) or " + " or ".join(forms)
 
 
@@ -106,10 +108,10 @@ def parse_block_weights(text: str | Sequence[float], layout: BlockLayout | None 
     n = SD1_BLOCKS if layout is None else len(layout.ids)
     if len(values) == n:
         return BlockWeights(tuple(values))
-    for lead in ((("BASE",),) if layout is None else layout.leads):
+    for lead in (("BASE",),) if layout is None else layout.leads:
         if len(values) == n + len(lead):
             t5 = values[lead.index("T5")] if "T5" in lead else None
-            return BlockWeights(tuple(values[len(lead):]), base=values[0], t5=t5)
+            return BlockWeights(tuple(values[len(lead) :]), base=values[0], t5=t5)
     raise RecipeError(_length_message(len(values), layout))
 
 
@@ -171,7 +173,9 @@ def preset(name: str) -> BlockWeights:
     """The named preset on the 25 SD-1 blocks (case and '-'/'_' do not matter)."""
     key = name.strip().upper().replace("-", "_")
     if key not in _PRESETS:
-        raise RecipeError(f"unknown block-weight preset {name!r} (known: {', '.join(PRESET_NAMES)}){did_you_mean(key, PRESET_NAMES)}")
+        raise RecipeError(
+            f"unknown block-weight preset {name!r} (known: {', '.join(PRESET_NAMES)}){did_you_mean(key, PRESET_NAMES)}"
+        )
     return BlockWeights(_PRESETS[key], base=1.0 if key == "ALL_B" else 0.0)
 
 
@@ -215,7 +219,8 @@ def block_weights(spec: str | Sequence[float] | BlockWeights, layout: BlockLayou
             if len(set(weights.values)) != 1:
                 raise RecipeError(
                     f"{note} is a curve over a UNet's IN, M00 and OUT blocks; a {layout.kind} has blocks "
-                    f"{layout.describe()}: give its {len(layout.ids)} values (or a constant preset: ALL_A, ALL_B, FLAT_25, FLAT_75)")
+                    f"{layout.describe()}: give its {len(layout.ids)} values (or a constant preset: ALL_A, ALL_B, FLAT_25, FLAT_75)"
+                )
             return BlockWeights((weights.values[0],) * len(layout.ids), weights.base), note
     else:
         n = len(spec.split(",")) if isinstance(spec, str) else len(spec)

@@ -34,9 +34,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from multifusion.errors import RecipeError, clip, did_you_mean
 from multifusion.io import atomic_path, write_text
@@ -62,7 +62,9 @@ class SearchSettings:
 
     def __post_init__(self):
         if len(self.models) != 2:
-            raise RecipeError(f"models: a block-weight search merges two models ((1 - w) A + w B per block), got {len(self.models)}")
+            raise RecipeError(
+                f"models: a block-weight search merges two models ((1 - w) A + w B per block), got {len(self.models)}"
+            )
         if not self.prompts:
             raise RecipeError("prompts: give at least one prompt")
         for name in ("seeds", "num_inference_steps"):
@@ -119,8 +121,10 @@ def parse_grid(text: str, where: str = "grid") -> list[float]:
         try:
             values.append(float(item))
         except ValueError:
-            raise RecipeError(f"{where}: {clip(item.strip())!r} is not a number; give block weights in [0, 1], comma separated, "
-                              "e.g. 0,0.25,0.5,0.75,1") from None
+            raise RecipeError(
+                f"{where}: {clip(item.strip())!r} is not a number; give block weights in [0, 1], comma separated, "
+                "e.g. 0,0.25,0.5,0.75,1"
+            ) from None
     return values
 
 
@@ -154,23 +158,31 @@ class _Log:
         have_path = out / SETTINGS
         for path in (self.path, have_path):  # read as this search's own, and the log appended in place
             if path.is_symlink():
-                raise RecipeError(f"--out: {str(path)!r} is a symbolic link; a search reads and appends its own files "
-                                  "in its folder, never through links: remove the link, or use another --out")
+                raise RecipeError(
+                    f"--out: {str(path)!r} is a symbolic link; a search reads and appends its own files "
+                    "in its folder, never through links: remove the link, or use another --out"
+                )
         want = json.loads(json.dumps(asdict(settings)))
         if have_path.is_file():
             try:
                 have = json.loads(have_path.read_text())
             except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-                raise RecipeError(f"--out: {str(have_path)!r} is damaged ({type(err).__name__}: {clip(str(err))}); it records "
-                                  f"the settings of the search logged in that folder: delete it and {LOG} to start again, "
-                                  "or use another --out") from None
+                raise RecipeError(
+                    f"--out: {str(have_path)!r} is damaged ({type(err).__name__}: {clip(str(err))}); it records "
+                    f"the settings of the search logged in that folder: delete it and {LOG} to start again, "
+                    "or use another --out"
+                ) from None
             if not isinstance(have, dict):
-                raise RecipeError(f"--out: {str(have_path)!r} holds a {type(have).__name__}, not a search's settings; "
-                                  f"delete it and {LOG}, or use another --out")
+                raise RecipeError(
+                    f"--out: {str(have_path)!r} holds a {type(have).__name__}, not a search's settings; "
+                    f"delete it and {LOG}, or use another --out"
+                )
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-                raise RecipeError(f"{out}: a search with other settings ({', '.join(diff)}) is logged there; "
-                                  "use another folder, or the same settings to resume it")
+                raise RecipeError(
+                    f"{out}: a search with other settings ({', '.join(diff)}) is logged there; "
+                    "use another folder, or the same settings to resume it"
+                )
         self.scores: dict[tuple[float, ...], float] = {}
         self.order: list[tuple[float, ...]] = []
         if self.path.is_file():
@@ -183,12 +195,16 @@ class _Log:
                 except (ValueError, RecursionError):
                     if i == len(lines) - 1:
                         continue  # the last line cut by an interruption: that candidate is scored again
-                    raise RecipeError(f"--out: {str(self.path)!r} line {i + 1} is not JSON; the log is damaged: delete the "
-                                      "line (its candidate is scored again), or use another --out") from None
+                    raise RecipeError(
+                        f"--out: {str(self.path)!r} line {i + 1} is not JSON; the log is damaged: delete the "
+                        "line (its candidate is scored again), or use another --out"
+                    ) from None
                 problem = _entry_problem(entry, n_blocks)
                 if problem:
-                    raise RecipeError(f"--out: {str(self.path)!r} line {i + 1}: {problem}; that line is not of this search "
-                                      "(scores only compare within one): delete it, or use another --out")
+                    raise RecipeError(
+                        f"--out: {str(self.path)!r} line {i + 1}: {problem}; that line is not of this search "
+                        "(scores only compare within one): delete it, or use another --out"
+                    )
                 self._add(_key(entry["blocks"]), float(entry["score"]))
         if not have_path.is_file():
             write_text(have_path, json.dumps(want, indent=2) + "\n")
@@ -200,7 +216,9 @@ class _Log:
 
     def append(self, key: tuple[float, ...], score: float, optimizer: str, seconds: float) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"blocks": list(key), "score": score, "optimizer": optimizer, "seconds": round(seconds, 3)}) + "\n")
+            f.write(
+                json.dumps({"blocks": list(key), "score": score, "optimizer": optimizer, "seconds": round(seconds, 3)}) + "\n"
+            )
         self._add(key, score)
 
 
@@ -228,7 +246,9 @@ def search_block_weights(
     i with seed `seed + i`), spending at most `budget` evaluations (logged ones included).
     See the module docstring for the optimisers, the log and the outputs."""
     if optimizer not in OPTIMIZERS:
-        raise RecipeError(f"optimizer: unknown {optimizer!r} (known: {', '.join(OPTIMIZERS)}){did_you_mean(optimizer, OPTIMIZERS)}")
+        raise RecipeError(
+            f"optimizer: unknown {optimizer!r} (known: {', '.join(OPTIMIZERS)}){did_you_mean(optimizer, OPTIMIZERS)}"
+        )
     if not isinstance(budget, int) or budget < 1:
         raise RecipeError(f"budget: must be a positive integer, got {budget!r}")
     grid = sorted({float(v) for v in grid})
@@ -236,7 +256,9 @@ def search_block_weights(
         raise RecipeError(f"grid: block weights must lie in [0, 1], got {grid}")
     if not 0 <= start <= 1:
         raise RecipeError(f"start: must lie in [0, 1], got {start!r}")
-    settings = SearchSettings(tuple(models), tuple(prompts), seeds, num_inference_steps, scheduler, guidance_scale, seed, scorer_name)
+    settings = SearchSettings(
+        tuple(models), tuple(prompts), seeds, num_inference_steps, scheduler, guidance_scale, seed, scorer_name
+    )
     if optimizer == "optuna":
         _require_optuna()
 
@@ -252,11 +274,22 @@ def search_block_weights(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out, settings, len(layout.ids))
-    handles = load_models(list(models), dtype=(runtime or {}).get("dtype", "float32"), device=(runtime or {}).get("device", "cpu"))
+    handles = load_models(
+        list(models), dtype=(runtime or {}).get("dtype", "float32"), device=(runtime or {}).get("device", "cpu")
+    )
     texts = [p for p in prompts for _ in range(seeds)]
-    base = {"method": "mbw", "models": [{"model": m, "prompt": texts} for m in models],
-            "sampling": {"num_inference_steps": num_inference_steps, "scheduler": scheduler, "guidance_scale": guidance_scale,
-                         "seed": seed, "num_images": len(texts)}, "runtime": dict(runtime or {})}
+    base = {
+        "method": "mbw",
+        "models": [{"model": m, "prompt": texts} for m in models],
+        "sampling": {
+            "num_inference_steps": num_inference_steps,
+            "scheduler": scheduler,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "num_images": len(texts),
+        },
+        "runtime": dict(runtime or {}),
+    }
     bar = tqdm(total=budget, desc=f"mbw search ({optimizer})", disable=not progress)
     state = {"calls": 0, "computed": 0}
 
@@ -286,8 +319,19 @@ def search_block_weights(
     finally:
         bar.close()
     best = max(log.order, key=lambda k: log.scores[k])
-    write_text(out / BEST, json.dumps({"blocks": list(best), "score": log.scores[best], "blocks_ids": list(layout.ids),
-                                        "mbw_params": {"blocks": ",".join(f"{v:g}" for v in best)}}, indent=2) + "\n")
+    write_text(
+        out / BEST,
+        json.dumps(
+            {
+                "blocks": list(best),
+                "score": log.scores[best],
+                "blocks_ids": list(layout.ids),
+                "mbw_params": {"blocks": ",".join(f"{v:g}" for v in best)},
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     plot = plot_progress([log.scores[k] for k in log.order], out / PLOT, title=f"mbw search: best {log.scores[best]:.3f}")
     return SearchResult(best, log.scores[best], len(log.order), state["computed"], log.path, plot)
 
@@ -319,12 +363,15 @@ def _require_optuna():
     try:
         import optuna
     except ImportError:
-        raise RecipeError("optimizer 'optuna' needs the optuna package: pip install 'multifusion[search]' "
-                          "(or use --optimizer coordinate)") from None
+        raise RecipeError(
+            "optimizer 'optuna' needs the optuna package: pip install 'multifusion[search]' (or use --optimizer coordinate)"
+        ) from None
     return optuna
 
 
-def _optuna(evaluate: Callable[[Sequence[float]], float], log: _Log, n: int, grid: Sequence[float], budget: int, seed: int) -> None:
+def _optuna(
+    evaluate: Callable[[Sequence[float]], float], log: _Log, n: int, grid: Sequence[float], budget: int, seed: int
+) -> None:
     """Optuna's TPE on the grid, warm-started with every logged candidate on the grid."""
     optuna = _require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -337,7 +384,9 @@ def _optuna(evaluate: Callable[[Sequence[float]], float], log: _Log, n: int, gri
             study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=log.scores[key]))
     remaining = budget - len(log.order)
     if remaining > 0:
-        study.optimize(lambda trial: evaluate([trial.suggest_categorical(f"b{i:02d}", grid) for i in range(n)]), n_trials=remaining)
+        study.optimize(
+            lambda trial: evaluate([trial.suggest_categorical(f"b{i:02d}", grid) for i in range(n)]), n_trials=remaining
+        )
 
 
 def plot_progress(scores: Sequence[float], path: str | Path, *, title: str = "") -> Path:

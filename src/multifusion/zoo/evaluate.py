@@ -31,7 +31,15 @@ from multifusion.zoo.judge import load_judge
 EVAL_SEED = 777_000
 """Caption seeds of evaluation (training data uses the run seed, 0 by default)."""
 
-CROSS = {"general": ["expert"], "expert": ["general"], "layout": ["palette"], "palette": ["layout"], "cartoon": ["general"], "slice0": ["slice1"], "slice1": ["slice0"]}
+CROSS = {
+    "general": ["expert"],
+    "expert": ["general"],
+    "layout": ["palette"],
+    "palette": ["layout"],
+    "cartoon": ["general"],
+    "slice0": ["slice1"],
+    "slice1": ["slice0"],
+}
 """Other models' prompts each model is also scored on, to show what it cannot do."""
 
 
@@ -75,9 +83,17 @@ def sample_images(
     from multifusion.api import Run
 
     handle = _handle(model)
-    recipe = {"method": "single", "models": [{"model": handle.source, "name": handle.name, "prompt": list(captions)}],
-              "sampling": {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": "ddim",
-                           "seed": seed, "num_images": len(captions)}}
+    recipe = {
+        "method": "single",
+        "models": [{"model": handle.source, "name": handle.name, "prompt": list(captions)}],
+        "sampling": {
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": "ddim",
+            "seed": seed,
+            "num_images": len(captions),
+        },
+    }
     return [im for part in Run(recipe, models=[handle]).batches(batch_size=batch_size, progress=False) for im in part.images]
 
 
@@ -105,7 +121,13 @@ def evaluate_model(
     images = sample_images(model, captions, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed)
     judge = judge or load_judge()
     readings = judge.read(images)
-    out: dict[str, Any] = {"model": name, "prompts": prompts, "n": n, "guidance_scale": guidance_scale, **metrics.summary(readings, captions)}
+    out: dict[str, Any] = {
+        "model": name,
+        "prompts": prompts,
+        "n": n,
+        "guidance_scale": guidance_scale,
+        **metrics.summary(readings, captions),
+    }
     if return_images:
         out["images"], out["captions"] = images, captions
     return out
@@ -130,15 +152,29 @@ def image_grid(images: Sequence[Any], cols: int = 8, scale: int = 2, pad: int = 
     grid = Image.new("RGB", (cols * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), (255, 255, 255))
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB").resize((w * scale, h * scale), Image.NEAREST), (pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+        grid.paste(
+            im.convert("RGB").resize((w * scale, h * scale), Image.NEAREST),
+            (pad + c * (w * scale + pad), pad + r * (h * scale + pad)),
+        )
     return grid
 
 
-def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, size: tuple[int, int] = (720, 400), smooth: int = 8) -> None:
+def loss_plot(
+    curves: dict[str, list[tuple[int, float]]], path: str | Path, size: tuple[int, int] = (720, 400), smooth: int = 8
+) -> None:
     """Loss curves (step, loss) per model as a PNG, drawn with PIL (no plotting dependency)."""
     from PIL import Image, ImageDraw
 
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (80, 80, 80)]
+    palette = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (80, 80, 80),
+    ]
     W, H = size
     left, right, top, bottom = 60, 150, 20, 40
     im = Image.new("RGB", size, (255, 255, 255))
@@ -147,22 +183,28 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, size
     max_step = max(s for v in pts.values() for s, _ in v)
     smoothed = {}
     for k, v in pts.items():
-        losses = np.array([l for _, l in v])
+        losses = np.array([loss for _, loss in v])
         kernel = np.ones(min(smooth, len(losses))) / min(smooth, len(losses))
-        smoothed[k] = list(zip([s for s, _ in v], np.convolve(losses, kernel, mode="valid").tolist() + [losses[-1]] * (len(losses) - len(np.convolve(losses, kernel, mode="valid")))))
-    lo = min(l for v in smoothed.values() for _, l in v[len(v) // 10 :]) * 0.95
-    hi = max(l for v in smoothed.values() for _, l in v[len(v) // 20 :]) * 1.05
+        smoothed[k] = list(
+            zip(
+                [s for s, _ in v],
+                np.convolve(losses, kernel, mode="valid").tolist()
+                + [losses[-1]] * (len(losses) - len(np.convolve(losses, kernel, mode="valid"))),
+            )
+        )
+    lo = min(loss for v in smoothed.values() for _, loss in v[len(v) // 10 :]) * 0.95
+    hi = max(loss for v in smoothed.values() for _, loss in v[len(v) // 20 :]) * 1.05
 
-    def xy(s: float, l: float) -> tuple[float, float]:
-        l = min(max(l, lo), hi)
-        return left + (W - left - right) * s / max_step, top + (H - top - bottom) * (1 - (l - lo) / (hi - lo))
+    def xy(s: float, loss: float) -> tuple[float, float]:
+        loss = min(max(loss, lo), hi)
+        return left + (W - left - right) * s / max_step, top + (H - top - bottom) * (1 - (loss - lo) / (hi - lo))
 
     d.rectangle([left, top, W - right, H - bottom], outline=(0, 0, 0))
     for i in range(5):
-        l = lo + (hi - lo) * i / 4
-        y = xy(0, l)[1]
+        loss = lo + (hi - lo) * i / 4
+        y = xy(0, loss)[1]
         d.line([left - 4, y, left, y], fill=(0, 0, 0))
-        d.text((5, y - 6), f"{l:.3f}", fill=(0, 0, 0))
+        d.text((5, y - 6), f"{loss:.3f}", fill=(0, 0, 0))
         s = max_step * i / 4
         x = xy(s, lo)[0]
         d.line([x, H - bottom, x, H - bottom + 4], fill=(0, 0, 0))
@@ -170,7 +212,7 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: str | Path, size
     d.text((left + (W - left - right) // 2 - 40, H - 16), "training step", fill=(0, 0, 0))
     for j, (k, v) in enumerate(smoothed.items()):
         colour = palette[j % len(palette)]
-        d.line([xy(s, l) for s, l in v], fill=colour, width=2)
+        d.line([xy(s, loss) for s, loss in v], fill=colour, width=2)
         d.line([W - right + 10, top + 10 + 18 * j, W - right + 30, top + 10 + 18 * j], fill=colour, width=3)
         d.text((W - right + 36, top + 4 + 18 * j), k, fill=(0, 0, 0))
     d.text((left + 4, top + 4), f"eps MSE (moving average of {smooth} log rows)", fill=(0, 0, 0))
@@ -204,8 +246,17 @@ def read_loss(run: str | Path, name: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
 
 
-TABLE_COLUMNS = (("scene", "scene"), ("style", "style"), ("attr/shape", "shape"), ("attr/colour", "colour"), ("attr/texture", "texture"),
-                 ("attr/position", "position"), ("attr/count", "count"), ("isr", "ISR"), ("image_success", "image"))
+TABLE_COLUMNS = (
+    ("scene", "scene"),
+    ("style", "style"),
+    ("attr/shape", "shape"),
+    ("attr/colour", "colour"),
+    ("attr/texture", "texture"),
+    ("attr/position", "position"),
+    ("attr/count", "count"),
+    ("isr", "ISR"),
+    ("image_success", "image"),
+)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

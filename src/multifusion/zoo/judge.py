@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ VOCABULARY: dict[str, tuple[str, ...]] = {
 """Class names of each head, in logit order (``shape`` class 0 is an empty slot)."""
 
 Reading = dict[str, Any]
-ImageBatch = Union[np.ndarray, torch.Tensor, Sequence[Any]]
+ImageBatch = np.ndarray | torch.Tensor | Sequence[Any]
 
 
 class JudgeError(MultifusionError):
@@ -140,11 +140,15 @@ class Judge(nn.Module):
             slots: dict[str, dict[str, str] | None] = {}
             for s, slot in enumerate(SLOTS):
                 shape = VOCABULARY["shape"][idx["shape"][n][s]]
-                slots[slot] = None if shape == EMPTY else {
-                    "shape": shape,
-                    "colour": ALL_COLOURS[idx["colour"][n][s]],
-                    "texture": TEXTURES[idx["texture"][n][s]],
-                }
+                slots[slot] = (
+                    None
+                    if shape == EMPTY
+                    else {
+                        "shape": shape,
+                        "colour": ALL_COLOURS[idx["colour"][n][s]],
+                        "texture": TEXTURES[idx["texture"][n][s]],
+                    }
+                )
             readings.append(
                 {
                     "background": BACKGROUNDS[idx["background"][n]],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from multifusion.errors import MultifusionError
 from multifusion.zoo.render import SLOTS, ObjectSpec, Scene, SceneSpec, parse_caption
 
 Reading = Mapping[str, Any]
-Target = Union[str, Scene, SceneSpec]
+Target = str | Scene | SceneSpec
 ATTRIBUTES = ("shape", "colour", "texture")
 
 

@@ -202,9 +202,7 @@ class SceneSpec:
             if not isinstance(obj, ObjectSpec):
                 raise ShapeWorldError(f"objects[{i}]={obj!r} is not an ObjectSpec; build it with ObjectSpec(...)")
         if len(self.objects) > MAX_OBJECTS:
-            raise ShapeWorldError(
-                f"objects has {len(self.objects)} entries; a scene holds at most {MAX_OBJECTS}, one per slot"
-            )
+            raise ShapeWorldError(f"objects has {len(self.objects)} entries; a scene holds at most {MAX_OBJECTS}, one per slot")
         _check_distinct_slots([obj.slot for obj in self.objects if obj.slot is not None])
 
 
@@ -738,9 +736,7 @@ def ensemble_slices(k: int) -> tuple[Distribution, ...]:
     def sampler(backgrounds: tuple[str, ...]) -> Callable[[np.random.Generator], Scene]:
         return lambda rng: sample_general(rng, backgrounds)
 
-    return tuple(
-        Distribution(f"general-slice{i}of{k}", sampler(group)) for i, group in enumerate(scene_slices(k))
-    )
+    return tuple(Distribution(f"general-slice{i}of{k}", sampler(group)) for i, group in enumerate(scene_slices(k)))
 
 
 def get_distribution(name: str) -> Distribution:

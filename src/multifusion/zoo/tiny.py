@@ -47,7 +47,9 @@ def build_tiny_pipeline(
 
     text_encoder = clip_text_encoder(tokenizer, cross_attention_dim, 64, 2, seed if text_seed is None else text_seed)
     n_vae_blocks = {1: 1, 2: 2, 4: 3, 8: 4}[vae_factor]
-    vae = kl_vae((8, 16, 16, 16)[:n_vae_blocks], latent_channels, 4, sample_size * vae_factor, seed if vae_seed is None else vae_seed).eval()
+    vae = kl_vae(
+        (8, 16, 16, 16)[:n_vae_blocks], latent_channels, 4, sample_size * vae_factor, seed if vae_seed is None else vae_seed
+    ).eval()
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -37,10 +37,18 @@ def _clip(tokenizer, hidden: int, seed: int, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=hidden,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
@@ -48,18 +56,39 @@ def _t5(tokenizer, d_model: int, seed: int):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
-                                   num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
 
 
 def _vae(factors: dict, seed: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=16,
-                         norm_num_groups=4, layers_per_block=1, sample_size=32, use_quant_conv=False,
-                         use_post_quant_conv=False, **factors).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=16,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **factors,
+    ).eval()
 
 
 def _tokenizers(folder: Path):
@@ -81,8 +110,15 @@ def _perturb_output(module: torch.nn.Module) -> None:
         module.weight.normal_(0.0, 0.05)
 
 
-def build_tiny_sd3_pipeline(folder: str | Path, *, seed: int = 0, text_seed: int | None = None, vae_seed: int | None = None,
-                            t5: bool = True, shift: float = 3.0) -> Path:
+def build_tiny_sd3_pipeline(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    text_seed: int | None = None,
+    vae_seed: int | None = None,
+    t5: bool = True,
+    shift: float = 3.0,
+) -> Path:
     """Build and save a tiny `StableDiffusion3Pipeline` folder: VAE factor 2 (16-px images per
     8x8 latent), 16 latent channels, 2x2 patches, two CLIPs (width 16, projected 16) and a T5 of
     width 32 (left out with `t5=False`). `seed` sets the transformer; `text_seed` and `vae_seed`
@@ -97,23 +133,38 @@ def build_tiny_sd3_pipeline(folder: str | Path, *, seed: int = 0, text_seed: int
     text_seed = seed if text_seed is None else text_seed
     clip_tok, t5_tok = _tokenizers(folder)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
-                                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                        pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32).eval()
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=16,
+        pos_embed_max_size=32,
+    ).eval()
     _perturb_output(transformer.proj_out)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         vae=_vae(SD3_VAE, seed if vae_seed is None else vae_seed),
-        text_encoder=_clip(clip_tok, 16, text_seed, True), tokenizer=clip_tok,
-        text_encoder_2=_clip(clip_tok, 16, text_seed + 1000, True), tokenizer_2=clip_tok,
-        text_encoder_3=_t5(t5_tok, 32, text_seed) if t5 else None, tokenizer_3=t5_tok if t5 else None,
+        text_encoder=_clip(clip_tok, 16, text_seed, True),
+        tokenizer=clip_tok,
+        text_encoder_2=_clip(clip_tok, 16, text_seed + 1000, True),
+        tokenizer_2=clip_tok,
+        text_encoder_3=_t5(t5_tok, 32, text_seed) if t5 else None,
+        tokenizer_3=t5_tok if t5 else None,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-def build_tiny_flux_pipeline(folder: str | Path, *, seed: int = 0, text_seed: int | None = None, vae_seed: int | None = None,
-                             guidance_embeds: bool = True) -> Path:
+def build_tiny_flux_pipeline(
+    folder: str | Path, *, seed: int = 0, text_seed: int | None = None, vae_seed: int | None = None, guidance_embeds: bool = True
+) -> Path:
     """Build and save a tiny `FluxPipeline` folder: VAE factor 2, 16 latent channels packed 2x2
     (64 per token), one double- and one single-stream block, CLIP width 16 and T5 width 32;
     guidance-distilled (dev-like) unless `guidance_embeds=False` (schnell-like). The scheduler
@@ -128,17 +179,30 @@ def build_tiny_flux_pipeline(folder: str | Path, *, seed: int = 0, text_seed: in
     text_seed = seed if text_seed is None else text_seed
     clip_tok, t5_tok = _tokenizers(folder)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
-                                         axes_dims_rope=(4, 6, 6)).eval()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
     _perturb_output(transformer.proj_out)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     pipe = FluxPipeline(
-        transformer=transformer, scheduler=scheduler, vae=_vae(FLUX_VAE, seed if vae_seed is None else vae_seed),
-        text_encoder=_clip(clip_tok, 16, text_seed, False), tokenizer=clip_tok,
-        text_encoder_2=_t5(t5_tok, 32, text_seed), tokenizer_2=t5_tok,
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae(FLUX_VAE, seed if vae_seed is None else vae_seed),
+        text_encoder=_clip(clip_tok, 16, text_seed, False),
+        tokenizer=clip_tok,
+        text_encoder_2=_t5(t5_tok, 32, text_seed),
+        tokenizer_2=t5_tok,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

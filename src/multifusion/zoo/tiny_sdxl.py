@@ -53,20 +53,37 @@ def build_tiny_sdxl_pipeline(
     tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, pad_token="!")
 
     def text_config(hidden: int, **extra) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, **extra)
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
 
     torch.manual_seed(seed if text_seed is None else text_seed)
     text_encoder = CLIPTextModel(text_config(16)).eval()
     text_encoder_2 = CLIPTextModelWithProjection(text_config(24, projection_dim=PROJECTION_DIM)).eval()
 
     torch.manual_seed(seed if vae_seed is None else vae_seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), latent_channels=4,
-                        norm_num_groups=4, layers_per_block=1, sample_size=sample_size * 4, scaling_factor=SCALING_FACTOR,
-                        force_upcast=True).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=sample_size * 4,
+        scaling_factor=SCALING_FACTOR,
+        force_upcast=True,
+    ).eval()
 
     torch.manual_seed(seed)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
@@ -90,12 +107,26 @@ def build_tiny_sdxl_pipeline(
     with torch.no_grad():  # as in zoo/tiny.py: a zero-initialised conv_out would hide the seed
         unet.conv_out.weight.normal_(0.0, 0.05)
 
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-                                       prediction_type=prediction_type)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     for f in tok_dir.iterdir():
         f.unlink()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 WORDS = (
     "a an the of in on and with at left right centre center red blue green yellow purple orange "
     "pink grey white black circle square triangle diamond star striped dotted checkered plain "

@@ -91,7 +91,13 @@ command retrains that schedule; pass ``steps`` to train further. ``general`` mus
 ``TrainConfig.finetune_from_step`` for its fine-tunes to start.
 """
 
-INIT_FROM: dict[str, str] = {"cartoon": "general", "layout": "general", "palette": "general", "slice0": "general", "slice1": "general"}
+INIT_FROM: dict[str, str] = {
+    "cartoon": "general",
+    "layout": "general",
+    "palette": "general",
+    "slice0": "general",
+    "slice1": "general",
+}
 """Models that start as fine-tunes of another: its EMA weights at ``TrainConfig.finetune_from_step``.
 
 Fine-tunes of one base is how the papers' models relate (AFA fuses fine-tunes of one SD), and
@@ -149,7 +155,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ZooTrainError(f"size={self.size!r} is not one of {sorted(SIZES)}")
-        for key in ("batch_size", "dataset_size", "checkpoint_every", "log_every", "vae_batch_size", "vae_dataset_size", "finetune_from_step"):
+        for key in (
+            "batch_size",
+            "dataset_size",
+            "checkpoint_every",
+            "log_every",
+            "vae_batch_size",
+            "vae_dataset_size",
+            "finetune_from_step",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ZooTrainError(f"{key}={value!r} must be a positive int")
@@ -185,8 +199,10 @@ def _accelerator() -> Accelerator:
     """
     accelerator = Accelerator(cpu=True)
     if accelerator.num_processes > 1:
-        raise ZooTrainError("zoo training shares models between processes through file locks: start `multifusion zoo train` "
-                            "once per core (each with --threads 1) instead of under `accelerate launch`")
+        raise ZooTrainError(
+            "zoo training shares models between processes through file locks: start `multifusion zoo train` "
+            "once per core (each with --threads 1) instead of under `accelerate launch`"
+        )
     return accelerator
 
 
@@ -255,13 +271,28 @@ def _train_vae(base_dir: Path, config: TrainConfig, seed: int, progress: bool) -
     vae = build_vae(SIZES[config.size], derived_seed(seed, "vae"))
     fast_cpu_attention(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    run = TrainingRun(base_dir, "vae", vae, opt, seed=seed, metrics=("loss", "mse", "kl"), checkpoint_every=config.checkpoint_every,
-                      log_every=config.log_every, prefix="vae_", accelerator=_accelerator())
+    run = TrainingRun(
+        base_dir,
+        "vae",
+        vae,
+        opt,
+        seed=seed,
+        metrics=("loss", "mse", "kl"),
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        prefix="vae_",
+        accelerator=_accelerator(),
+    )
     run.resume()
     if run.step < config.vae_steps:
         images = _vae_data(config, seed)  # (N, 64, 64, 3) uint8; re-rendered on resume (deterministic)
-        run.train(_vae_loss(vae, images, config), config.vae_steps, lr=lambda s: config.vae_lr * _lr_factor(s, 100),
-                  max_grad_norm=1.0, progress=progress)
+        run.train(
+            _vae_loss(vae, images, config),
+            config.vae_steps,
+            lr=lambda s: config.vae_lr * _lr_factor(s, 100),
+            max_grad_norm=1.0,
+            progress=progress,
+        )
     return vae.eval()
 
 
@@ -302,8 +333,13 @@ def prepare_base(out_dir: str | Path, config: TrainConfig, seed: int = 0, progre
             mse = F.mse_loss(recon, _to_unit(held)).item() / 4.0  # in [0, 1] units
             psnr = float(-10 * math.log10(mse))
             vae.save_pretrained(base_dir / "vae", safe_serialization=True)
-            info = {"scaling_factor": scaling, "vae_psnr_db": round(psnr, 2), "vae_steps": config.vae_steps,
-                    "vae_minutes_this_run": round((time.time() - t0) / 60, 1), "max_tokens": tokenizer.model_max_length}
+            info = {
+                "scaling_factor": scaling,
+                "vae_psnr_db": round(psnr, 2),
+                "vae_steps": config.vae_steps,
+                "vae_minutes_this_run": round((time.time() - t0) / 60, 1),
+                "max_tokens": tokenizer.model_max_length,
+            }
             write_text(info_path, json.dumps(info, indent=2))  # last, and atomically: it marks the base as complete
     tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
     # use_safetensors: a run folder may hold files nobody vetted; only safetensors are read.
@@ -314,7 +350,9 @@ def prepare_base(out_dir: str | Path, config: TrainConfig, seed: int = 0, progre
 
 def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
     """Token ids (N, max_tokens), padded as StableDiffusionPipeline pads; errors on truncation."""
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=False, return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=False, return_tensors="pt"
+    ).input_ids
     if ids.shape[1] != tokenizer.model_max_length:
         raise ZooTrainError(f"a caption needs {ids.shape[1]} tokens, more than model_max_length={tokenizer.model_max_length}")
     return ids
@@ -362,16 +400,22 @@ def _missing_snapshot(out_dir: str | Path, name: str, parent: str, config: Train
     step = config.finetune_from_step
     ckpt = Path(out_dir) / parent / CHECKPOINT
     reached = checkpoint_info(ckpt)["step"] if ckpt.exists() else 0
-    msg = (f"{name!r} is a fine-tune of {parent!r} from its EMA at step {step} (finetune_from_step), "
-           f"but {snapshot_path(out_dir, parent, step)} does not exist")
+    msg = (
+        f"{name!r} is a fine-tune of {parent!r} from its EMA at step {step} (finetune_from_step), "
+        f"but {snapshot_path(out_dir, parent, step)} does not exist"
+    )
     if reached >= step:
         # The snapshot is written before the checkpoint of the same step, so this run folder was
         # trained by an older version or with another finetune_from_step: no resume can recover it.
-        return ZooTrainError(f"{msg}, although {parent!r} is at step {reached}: delete {ckpt} and "
-                             f"{ckpt.parent / LOSS_LOG} and train {parent!r} again from scratch")
+        return ZooTrainError(
+            f"{msg}, although {parent!r} is at step {reached}: delete {ckpt} and "
+            f"{ckpt.parent / LOSS_LOG} and train {parent!r} again from scratch"
+        )
     target = max(step, DEFAULT_STEPS[parent])
-    return ZooTrainError(f"{msg}: {parent!r} is at step {reached}; train {parent!r} to at least {step} steps first, "
-                         f"e.g. `multifusion zoo train --out {out_dir} --models {parent} --steps {target}`")
+    return ZooTrainError(
+        f"{msg}: {parent!r} is at step {reached}; train {parent!r} to at least {step} steps first, "
+        f"e.g. `multifusion zoo train --out {out_dir} --models {parent} --steps {target}`"
+    )
 
 
 def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -387,7 +431,9 @@ def _finetune_start(out_dir: str | Path, name: str, config: TrainConfig) -> tupl
                 raise _missing_snapshot(out_dir, name, parent, config)
     ema, info = load_tensors(path)
     if info.get("step") != step:
-        raise ZooTrainError(f"{path} holds step {info.get('step')!r}, not {step}: delete it and train {parent!r} again from scratch")
+        raise ZooTrainError(
+            f"{path} holds step {info.get('step')!r}, not {step}: delete it and train {parent!r} again from scratch"
+        )
     return ema, {"model": parent, "step": step}
 
 
@@ -425,13 +471,18 @@ def base_from_shipped(out_dir: str | Path, parent: str) -> None:
         if (base_dir / "base.json").exists():
             info = json.loads((base_dir / "base.json").read_text())
             if info.get("from_shipped") != parent:
-                raise ZooTrainError(f"{base_dir} was not made from the shipped {parent!r}; train {sorted(FROM_SHIPPED)} "
-                                    "in a run folder of their own")
+                raise ZooTrainError(
+                    f"{base_dir} was not made from the shipped {parent!r}; train {sorted(FROM_SHIPPED)} "
+                    "in a run folder of their own"
+                )
             return
         CLIPTokenizer.from_pretrained(src / "tokenizer").save_pretrained(base_dir / "tokenizer")
         CLIPTextModel.from_pretrained(src / "text_encoder", use_safetensors=True).float().save_pretrained(
-            base_dir / "text_encoder", safe_serialization=True)
-        AutoencoderKL.from_pretrained(src / "vae", use_safetensors=True).float().save_pretrained(base_dir / "vae", safe_serialization=True)
+            base_dir / "text_encoder", safe_serialization=True
+        )
+        AutoencoderKL.from_pretrained(src / "vae", use_safetensors=True).float().save_pretrained(
+            base_dir / "vae", safe_serialization=True
+        )
         info = {**json.loads((src / "training.json").read_text())["base"], "from_shipped": parent}
         write_text(base_dir / "base.json", json.dumps(info, indent=2))  # last: it marks the base as complete
 
@@ -461,7 +512,9 @@ def _denoising_loss(unet: Any, base: Base, data: Mapping[str, torch.Tensor], con
     return step
 
 
-def _ema_update(out_dir: str | Path, name: str, unet: Any, ema: Any, config: TrainConfig, snapshot: bool = True) -> Callable[[int], None]:
+def _ema_update(
+    out_dir: str | Path, name: str, unet: Any, ema: Any, config: TrainConfig, snapshot: bool = True
+) -> Callable[[int], None]:
     """After each step: move the EMA towards the UNet; write the fine-tunes' snapshot at its step."""
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     # Checked at every step, not only at checkpoints, so any checkpoint_every works; a run resumed
@@ -503,8 +556,17 @@ def train_model(
     ema = _unet_for(base, config, name, seed).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
-    run = TrainingRun(Path(out_dir) / name, f"unet/{name}", unet, opt, seed=seed, modules={"ema": ema},
-                      checkpoint_every=config.checkpoint_every, log_every=config.log_every, accelerator=_accelerator())
+    run = TrainingRun(
+        Path(out_dir) / name,
+        f"unet/{name}",
+        unet,
+        opt,
+        seed=seed,
+        modules={"ema": ema},
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        accelerator=_accelerator(),
+    )
     saved = run.resume()
     init_from = saved.get("init_from") if saved is not None else None
     # A continuation starts from the model itself, even one that first started from another's shipped weights.
@@ -519,9 +581,16 @@ def train_model(
         ema.load_state_dict(start_weights)
     data = prepare_data(out_dir, name, base, config, seed)  # after the fine-tune check: fail before rendering
     start = run.step
-    run.train(_denoising_loss(run.model, base, data, config), steps, lr=lambda s: config.lr * _lr_factor(s, config.warmup),
-              max_grad_norm=1.0, after_step=_ema_update(out_dir, name, unet, ema, config, snapshot=init_from is None or init_from.get("weights") is None), meta={"init_from": init_from},
-              progress=progress, desc=name)
+    run.train(
+        _denoising_loss(run.model, base, data, config),
+        steps,
+        lr=lambda s: config.lr * _lr_factor(s, config.warmup),
+        max_grad_norm=1.0,
+        after_step=_ema_update(out_dir, name, unet, ema, config, snapshot=init_from is None or init_from.get("weights") is None),
+        meta={"init_from": init_from},
+        progress=progress,
+        desc=name,
+    )
     summary = _summary(out_dir, name)
     if start < steps or not (Path(out_dir) / name / "pipeline" / "model_index.json").exists():
         export(out_dir, name, base=base, config=config, seed=seed)
@@ -537,8 +606,14 @@ def _summary(out_dir: str | Path, name: str) -> dict[str, Any]:
     init_from = info["meta"].get("init_from")
     # A continued model's own steps add to those it started from; a fine-tune's do not (another model's).
     total = info["step"] + (init_from["step"] if init_from and init_from["model"] == name else 0)
-    return {"model": name, "steps": info["step"], "total_steps": total, "minutes": round(info["elapsed"] / 60, 1),
-            "final_loss": round(final, 4), "init_from": init_from}
+    return {
+        "model": name,
+        "steps": info["step"],
+        "total_steps": total,
+        "minutes": round(info["elapsed"] / 60, 1),
+        "final_loss": round(final, 4),
+        "init_from": init_from,
+    }
 
 
 def build_pipeline(base: Base, unet: Any):
@@ -557,7 +632,9 @@ def build_pipeline(base: Base, unet: Any):
     )
 
 
-def export(out_dir: str | Path, name: str, *, base: Base | None = None, config: TrainConfig | None = None, seed: int | None = None) -> Path:
+def export(
+    out_dir: str | Path, name: str, *, base: Base | None = None, config: TrainConfig | None = None, seed: int | None = None
+) -> Path:
     """Write ``out_dir/name/pipeline`` from the last checkpoint: EMA UNet + shared parts, fp32.
 
     Works on an unfinished run too (what a time-limited run ships).
@@ -597,8 +674,9 @@ def install(out_dir: str | Path, models: Sequence[str] | None = None, dest: str 
         if not info.exists() or json.loads(info.read_text())["steps"] != _summary(out_dir, name)["steps"]:
             export(out_dir, name)
         src = run / "pipeline"
-        pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                                       use_safetensors=True)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            src, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True
+        )
         pipe.to(torch.float16)
         target = dest / name
         if target.exists():
@@ -638,10 +716,15 @@ def _check_parents_reach_snapshot(out_dir: Path, per_model: Mapping[str, int], c
         parent = INIT_FROM.get(name)
         if parent not in per_model or n == 0 or (out_dir / name / CHECKPOINT).exists():
             continue
-        if per_model[parent] < config.finetune_from_step and not snapshot_path(out_dir, parent, config.finetune_from_step).exists():
-            raise ZooTrainError(f"{name!r} starts from {parent!r} at step {config.finetune_from_step} (finetune_from_step), "
-                                f"but {parent!r} would only be trained to {per_model[parent]} steps: give {parent!r} at least "
-                                f"{config.finetune_from_step} steps (its default is {DEFAULT_STEPS[parent]}) or leave {name!r} out")
+        if (
+            per_model[parent] < config.finetune_from_step
+            and not snapshot_path(out_dir, parent, config.finetune_from_step).exists()
+        ):
+            raise ZooTrainError(
+                f"{name!r} starts from {parent!r} at step {config.finetune_from_step} (finetune_from_step), "
+                f"but {parent!r} would only be trained to {per_model[parent]} steps: give {parent!r} at least "
+                f"{config.finetune_from_step} steps (its default is {DEFAULT_STEPS[parent]}) or leave {name!r} out"
+            )
 
 
 def train_zoo(
@@ -679,16 +762,20 @@ def train_zoo(
     fine_tunes = [*INIT_FROM, *FROM_SHIPPED]
     if rebase and (from_shipped or any(m not in fine_tunes for m in models)):
         not_fine_tunes = [m for m in models if m not in fine_tunes]
-        raise ZooTrainError(f"rebase starts fine-tunes from their parent's shipped weights: {not_fine_tunes or 'from_shipped'} "
-                            f"cannot be rebased; give only fine-tunes (--models {','.join(fine_tunes)}) and not from_shipped")
+        raise ZooTrainError(
+            f"rebase starts fine-tunes from their parent's shipped weights: {not_fine_tunes or 'from_shipped'} "
+            f"cannot be rebased; give only fine-tunes (--models {','.join(fine_tunes)}) and not from_shipped"
+        )
     if not (from_shipped or rebase):
         _check_parents_reach_snapshot(out_dir, per_model, config)
     shipped = {FROM_SHIPPED[m] for m in models if m in FROM_SHIPPED}
     if from_shipped or rebase:
         shipped = {"general"}  # the shared parts are byte-identical across the zoo (a test checks it)
     elif shipped and (len(shipped) > 1 or any(m not in FROM_SHIPPED for m in models)):
-        raise ZooTrainError(f"{sorted(m for m in models if m in FROM_SHIPPED)} start from shipped weights and share their base: "
-                            f"train them alone, one parent per run folder (--models {','.join(m for m in models if m in FROM_SHIPPED)})")
+        raise ZooTrainError(
+            f"{sorted(m for m in models if m in FROM_SHIPPED)} start from shipped weights and share their base: "
+            f"train them alone, one parent per run folder (--models {','.join(m for m in models if m in FROM_SHIPPED)})"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({**asdict(config), "seed": seed}, indent=2))
     torch.set_num_threads(threads)
@@ -706,4 +793,3 @@ def train_zoo(
                 if got:
                     summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped, rebase)
     return [summaries[m] for m in models]
-

@@ -144,7 +144,9 @@ def _pool(out: Path, size: int, seed: int, progress: bool) -> tuple[np.ndarray, 
     return images, scenes
 
 
-def _judge_loss(judge: torch.nn.Module, images: np.ndarray, labels: dict[str, torch.Tensor], seed: int, batch_size: int) -> StepFn:
+def _judge_loss(
+    judge: torch.nn.Module, images: np.ndarray, labels: dict[str, torch.Tensor], seed: int, batch_size: int
+) -> StepFn:
     """The step function of judge training: the heads' cross-entropy on an augmented batch of ``images``."""
 
     def step(index: int, _: torch.Generator) -> dict[str, torch.Tensor]:
@@ -190,15 +192,32 @@ def train_judge(
     judge = Judge()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.01)
     # On the CPU: the determinism of the shipped weights is defined there.
-    run = TrainingRun(out, "judge", judge, opt, seed=seed, checkpoint_every=checkpoint_every, log_every=log_every,
-                      accelerator=Accelerator(cpu=True))
+    run = TrainingRun(
+        out,
+        "judge",
+        judge,
+        opt,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        accelerator=Accelerator(cpu=True),
+    )
     saved = run.resume()
     if saved is not None and saved.get("run") != args:
-        raise TrainJudgeError(f"{run.checkpoint_path} was made by the run {saved.get('run')}, not {args}; "
-                              "pass the same arguments to resume, or use a new out_dir")
+        raise TrainJudgeError(
+            f"{run.checkpoint_path} was made by the run {saved.get('run')}, not {args}; "
+            "pass the same arguments to resume, or use a new out_dir"
+        )
     t0 = time.time()
-    run.train(_judge_loss(run.model, images, scene_labels(scenes), seed, batch_size), steps,
-              lr=lambda s: lr * _lr_factor(s, steps), stop=until, meta={"run": args}, progress=progress, desc="training judge")
+    run.train(
+        _judge_loss(run.model, images, scene_labels(scenes), seed, batch_size),
+        steps,
+        lr=lambda s: lr * _lr_factor(s, steps),
+        stop=until,
+        meta={"run": args},
+        progress=progress,
+        desc="training judge",
+    )
     judge.eval()
     if run.step == steps:
         timing = {"threads": threads, "seconds_last_run": round(time.time() - t0, 1)}
