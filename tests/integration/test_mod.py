@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from handmade import mixed, region_weight, shares
 from multifusion import RecipeError, load_models, single
 from multifusion.api import run
 from multifusion.loop import Trajectory, initial_noise, sample
@@ -23,6 +24,21 @@ def ddim(fn, handle, noise, steps=3, **kwargs):
 def mod(models, params, **sampling):
     return {"method": "mod", "models": [{"model": m} for m in models], "params": params,
             "sampling": {"num_inference_steps": 4, "seed": 3, "num_images": 2, **sampling}}
+
+
+def check_steps_mix(steps, parts, canvas):
+    """Every recorded step's prediction recomputed by hand: each region's own noise function on
+    its window of the step's input, weighted by its hand-computed share of each pixel. `parts`:
+    (noise function, latent box, hand-computed weights (h, w)) per region, in the canvas' order."""
+    boxes, weights = [b for _, b, _ in parts], [w for _, _, w in parts]
+    assert steps
+    for step in steps:
+        x, t = step.model_input[0], step.t[0]
+        preds = [fn(x[:, :, r0:r1, c0:c1], t) for fn, (r0, r1, c0, c1), _ in parts]
+        # float64 by hand against float32 in the library: 1e-6 is a few float32 roundings here.
+        torch.testing.assert_close(step.eps[0].double(), mixed(preds, boxes, weights, canvas), rtol=1e-5, atol=1e-6)
+        if "mod/weights" in step.record:
+            torch.testing.assert_close(step.record["mod/weights"].double(), shares(boxes, weights, canvas), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++"])
@@ -118,11 +134,45 @@ def test_region_weight_picture_and_step_previews(tiny_a, tmp_path):
 
 
 def test_guidance_at_or_below_one_and_background(tiny_a):
+    """A region at guidance 0.5 predicts halfway between its unconditional and conditional
+    predictions, the background at guidance 1 its conditional one, and the canvas mixes them by
+    their weights: a Gaussian over the region, a constant 0.01 over the whole canvas."""
     [h] = load_models([tiny_a])
     params = {"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": PROMPT, "guidance_scale": 0.5}],
               "background": {"prompt": "a snowy field", "guidance_scale": 1.0}}
-    out = run(mod([tiny_a], params), models=[h], progress=False).latents
-    assert torch.isfinite(out).all()
+    steps = []
+    run(mod([tiny_a], params), models=[h], callback=steps.append, progress=False)
+    uncond, cond = h.guide(PROMPT, guidance_scale=0.0, batch_size=2), h.guide(PROMPT, guidance_scale=1.0, batch_size=2)
+
+    def halfway(x, t):
+        u, c = uncond(x, t), cond(x, t)
+        return u + 0.5 * (c - u)
+
+    check_steps_mix(steps, [(halfway, (0, 4, 0, 8), region_weight(4, 8)),
+                            (h.guide("a snowy field", guidance_scale=1.0, batch_size=2), (0, 8, 0, 8), region_weight(8, 8, "constant", 0.01))],
+                    (8, 8))
+
+
+def test_two_models_paint_overlapping_regions_by_their_weights(tiny_a, tiny_b):
+    """Two different models on overlapping regions of unequal sizes (a Gaussian region, a quartic
+    one of weight 2) and a background: each step's prediction is the mix, by weights computed by
+    hand from the reference formulas, of each region's own model on its window. Regions of one
+    model cannot show a weight given to the wrong region; the overlap of two models can."""
+    ha, hb = load_models([tiny_a, tiny_b])
+    regions = [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 40, "prompt": PROMPT, "model": 0},
+               {"row_init": 8, "row_end": 32, "col_init": 24, "col_end": 56, "prompt": "a blue square", "model": 1,
+                "mask_type": "quartic", "mask_weight": 2.0, "guidance_scale": 4.0}]
+    params = {"regions": regions, "background": {"prompt": "a snowy field", "model": 1, "mask_weight": 0.05}}
+    recipe = {**mod([tiny_a, tiny_b], params, width=56, height=32), "models": [{"model": tiny_a}, {"model": tiny_b}]}
+    steps = []
+    run(recipe, models=[ha, hb], callback=steps.append, progress=False)
+    parts = [(ha.guide(PROMPT, batch_size=2), (0, 8, 0, 10), region_weight(8, 10)),
+             (hb.guide("a blue square", guidance_scale=4.0, batch_size=2), (2, 8, 6, 14), region_weight(6, 8, "quartic", 2.0)),
+             (hb.guide("a snowy field", batch_size=2), (0, 8, 0, 14), region_weight(8, 14, "constant", 0.05))]
+    check_steps_mix(steps, parts, (8, 14))
+    # The overlap is shared: at some pixel each of the two models holds more than a tenth.
+    share = steps[0].record["mod/weights"]
+    assert ((share[0] > 0.1) & (share[1] > 0.1)).any() and steps[0].record["mod/names"][2] == "background"
 
 
 @pytest.mark.parametrize(
@@ -162,6 +212,8 @@ def test_python_api_mirrors_the_recipe(tiny_a):
     tiles = {"prompts": [["a red circle", "a blue square"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 8}
     out = mixture([h], tiles=tiles, num_inference_steps=3, seed=1, progress=False)
     assert out.images[0].size == (56, 32)  # PIL size is (width, height)
+    recipe = {"method": "mod", "models": [{"model": tiny_a}], "params": {"tiles": tiles}, "sampling": {"num_inference_steps": 3, "seed": 1}}
+    assert torch.equal(out.latents, run(recipe, models=[h], progress=False).latents)
 
 
 def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
@@ -180,11 +232,14 @@ def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
     fused = SNB([ha.guide(PROMPT, batch_size=1), hb.guide("a blue square", batch_size=1)], [1.0, 1.0])
     canvas = Canvas([Region((0, 8, 0, 8), fused, region_weights(8, 8)),
                      Region((0, 8, 4, 16), hb.guide("a forest", batch_size=1), region_weights(8, 12))], (8, 16))
-    masks = []
+    steps = []
     wide = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
-    out = ddim(canvas, ha, wide, callback=lambda info: masks.append(info.record["snb/mask"]))
-    assert out.shape == (1, 4, 8, 16) and torch.isfinite(out).all()
-    assert len(masks) == 3 and all(m.shape == (2, 1, 1, 8, 8) for m in masks)
+    ddim(canvas, ha, wide, callback=steps.append)
+    assert len(steps) == 3 and all(s.record["snb/mask"].shape == (2, 1, 1, 8, 8) for s in steps)
+    # Each step: the SNB region's own prediction on its window and the other region's, mixed by
+    # their Gaussian weights (8 x 8 and 8 x 12, overlapping in columns 4-7).
+    check_steps_mix(steps, [(fused, (0, 8, 0, 8), region_weight(8, 8)),
+                            (hb.guide("a forest", batch_size=1), (0, 8, 4, 16), region_weight(8, 12))], (8, 16))
 
 
 def test_large_reference_images_and_canvases_use_vae_tiling(tiny_a, monkeypatch):
