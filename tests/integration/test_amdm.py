@@ -4,6 +4,7 @@ when, what a meeting computes, the step pictures, and bad input."""
 import pytest
 import torch
 
+import handmade
 import multifusion as mf
 from multifusion import IncompatibleModelsError, RecipeError, load_models
 from multifusion.latents import amdm as maths
@@ -85,6 +86,34 @@ def test_a_meeting_aggregates_and_corrects_as_the_maths_says(pair):
 
     sample(plan.trajectories, num_inference_steps=30, meet=meet, progress=False)
     assert checked == [True, True]
+
+
+def test_three_models_meet_by_the_nested_weights_written_out(tiny_dir):
+    """Three different models, the second one specified: at each meeting every trajectory
+    continues from m - eta_k (m - x'_k) with m = 0.6 x'_b + 0.64 x'_a + 0.48 x'_c, the nested
+    weights of levels (0.6, 0.8) written out (w_1; sqrt(1 - w_1^2) w_2; sqrt(1 - w_1^2)
+    sqrt(1 - w_2^2)), and x'_k each model's own DDIM step, both recomputed here by hand from the
+    step record; a two-model or self-fusion test cannot see the third weight."""
+    models = load_models([str(tiny_dir / k) for k in "abc"], names=["a", "b", "c"])
+    steps = []
+    mf.amdm(models, ["a blue square", "a red circle", "a green star"], specified="b", w=[0.6, 0.8], correction=[0.3, 0.5, 0.2],
+            steps=(0, 1), num_inference_steps=4, seed=3, num_images=2, scheduler="ddim", callback=steps.append, progress=False)
+    c = {1: 0.6, 0: 0.8 * 0.8, 2: 0.8 * 0.6}  # model index -> weight; squares sum to 1
+    etas = [0.3, 0.5, 0.2]
+    for step in steps[:2]:  # the two meetings; after the second only the specified model runs on
+        stepped = []
+        for k in range(3):
+            a = step.schedulers[k].alphas_cumprod
+            stepped.append(handmade.ddim_step(step.model_input[k], step.eps[k], float(a[step.t[k]]), float(a[step.t_next[k]]),
+                                              clip=step.schedulers[k].config.clip_sample))
+        m = sum(c[k] * stepped[k] for k in range(3))
+        alive = [k for k in range(3) if step.latents[k] is not None]
+        assert alive == ([0, 1, 2] if step.step == 0 else [1])
+        for k in alive:
+            # float32 scheduler arithmetic against float64 by hand, on latents of size ~1
+            torch.testing.assert_close(step.latents[k].double(), m - etas[k] * (m - stepped[k]), rtol=1e-5, atol=1e-5)
+        assert min((stepped[i] - stepped[j]).abs().mean() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-3  # three distinct models
+    assert [s.latents[0] is None for s in steps] == [False, True, True, True]
 
 
 def test_the_aggregation_strip_is_written(pair, tmp_path, tiny_a, tiny_b):
