@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import multifusion as mf
+from handmade import ddim_step, mixed, region_weight
 from multifusion import IncompatibleModelsError, load_models
 from multifusion.api import run
 from multifusion.handles import Conditioning, cfg
@@ -47,11 +48,31 @@ def test_every_noise_and_latent_method_fuses_a_base_and_a_fine_tune(sdxl, pair):
     # all weight on one model is that model
     assert torch.equal(mf.average([x, y], PROMPTS, weights=[0.0, 1.0], **KW).latents, singles[1])
     assert torch.equal(mf.amdm([x, y], PROMPTS, specified=1, w=1.0, correction=0.0, **KW).latents, singles[1])
-    fused = [mf.average([x, y], PROMPTS, **KW).latents, mf.snb([x, y], PROMPTS, **KW).latents,
-             mf.amdm([x, y], PROMPTS, **KW).latents]
-    for out in fused:
-        assert out.shape == (2, 4, 8, 12) and torch.isfinite(out).all()
+    # Each method's step recomputed from its record and each model's own SDXL prediction (its
+    # own text encoders, pooled embedding and time ids): wrong conditioning or a wrong mix shows.
+    own = [m.guide(p, batch_size=2) for m, p in ((x, PROMPTS[0]), (y, PROMPTS[1]))]
+    steps = {method: [] for method in ("average", "snb", "amdm")}
+    for method, recorded in steps.items():
+        out = mf.fuse(method, [x, y], PROMPTS, callback=recorded.append, **KW).latents
         assert not any(torch.allclose(out, s, atol=1e-4) for s in singles)
+    for step in steps["average"]:
+        eps = [g(step.model_input[0], step.t[0]) for g in own]
+        torch.testing.assert_close(step.eps[0], 0.5 * eps[0] + 0.5 * eps[1], rtol=1e-6, atol=1e-6)
+    for step in steps["snb"]:
+        eps = [g(step.model_input[0], step.t[0]) for g in own]
+        mask = step.record["snb/mask"]
+        assert 0 < mask[1].mean() < 1  # both models paint
+        torch.testing.assert_close(step.eps[0], mask[0] * eps[0] + mask[1] * eps[1], rtol=0, atol=0)
+    # AMDM's defaults meet at the first step only: w = 0.5 on the specified (first) model, the
+    # other sqrt(3) / 2; it continues from m - 0.43 (m - x'_x), x' each model's own DDIM step
+    # (which clips x0 here: the tiny SDXL schedule's config leaves DDIM's clip_sample at True).
+    step = steps["amdm"][0]
+    s = step.schedulers
+    stepped = [ddim_step(step.model_input[k], step.eps[k], float(s[k].alphas_cumprod[step.t[k]]), float(s[k].alphas_cumprod[step.t_next[k]]),
+                         clip=s[k].config.clip_sample) for k in range(2)]
+    m = 0.5 * stepped[0] + 3**0.5 / 2 * stepped[1]
+    torch.testing.assert_close(step.latents[0].double(), m - 0.43 * (m - stepped[0]), rtol=1e-5, atol=1e-5)
+    assert step.latents[1] is None and all("amdm/x0" not in s.record for s in steps["amdm"][1:])
 
 
 def _mod(models, regions, **sampling):
@@ -93,12 +114,27 @@ def test_regions_are_conditioned_as_crops_of_the_canvas(sdxl):
 
 
 def test_mod_runs_two_sdxl_models_on_tiles(sdxl):
+    """Tiles of model b batched two at a time next to a region of model a: each step's
+    prediction is the Gaussian-weighted mix, weights computed by hand, of each region's own
+    model on its window conditioned as that crop of the canvas."""
     a, b, _ = sdxl
     tiles = {"prompts": [PROMPTS], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 16, "model": "b"}
-    recipe = {**_mod([a, b], []), "params": {"tiles": tiles, "tile_batch_size": 2}}
+    region = {"row_init": 8, "row_end": 32, "col_init": 16, "col_end": 40, "prompt": "a red star", "model": "a"}
+    recipe = {**_mod([a, b], [region]), "params": {"regions": [region], "tiles": tiles, "tile_batch_size": 2}}
     recipe["sampling"] = {k: v for k, v in recipe["sampling"].items() if k not in ("height", "width")}  # the tiles' canvas
-    out = run(recipe, models=[a, b], progress=False).latents
-    assert out.shape == (2, 4, 8, 12) and torch.isfinite(out).all()
+    steps = []
+    out = run(recipe, models=[a, b], callback=steps.append, progress=False).latents
+    assert out.shape == (2, 4, 8, 12) and len(steps) == 4
+    canvas = (8, 12)
+    parts = [(a, "a red star", (2, 8, 4, 10)), (b, PROMPTS[0], (0, 8, 0, 8)), (b, PROMPTS[1], (0, 8, 4, 12))]  # regions, then tiles
+    own = [m.guide(p, batch_size=2).windowed(box, canvas) for m, p, box in parts]
+    boxes = [box for _, _, box in parts]
+    weights = [region_weight(box[1] - box[0], box[3] - box[2]) for box in boxes]
+    for step in steps:
+        x, t = step.model_input[0], step.t[0]
+        preds = [g(x[:, :, r0:r1, c0:c1], t) for g, (r0, r1, c0, c1) in zip(own, boxes)]
+        # float64 by hand against float32 and a batch of two tiles in the library
+        torch.testing.assert_close(step.eps[0].double(), mixed(preds, boxes, weights, canvas), rtol=1e-5, atol=1e-6)
 
 
 def test_an_sdxl_model_and_an_sd_model_are_refused_before_loading(tiny_sdxl_dir, tiny_a, monkeypatch):
