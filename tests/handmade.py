@@ -1,7 +1,10 @@
 """What the integration tests compare the methods against, written out by hand: each formula
 from the paper or the reference code (cited at each function), in float64, using nothing from
 the library's maths modules, so that a wrong constant, centre or order there makes a test fail
-instead of agreeing with itself. Also hand-set AFA aggregators whose logits are known."""
+instead of agreeing with itself. Also hand-set AFA aggregators whose logits are known.
+
+Tests import it as `handmade`: pytest puts this folder on the import path because it holds the
+root conftest.py (and no __init__.py)."""
 
 from __future__ import annotations
 
