@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from handmade import ONE_HOT, set_constant_logits
 from PIL import Image
 
 import multifusion as mf
 from multifusion import IncompatibleModelsError, RecipeError, load_models
 from multifusion.features.afa import AFAAggregators
-from multifusion.features.unet import AFAEnsemble
-from multifusion.features.walkers import aggregation_channels, fresh_aggregators
 from multifusion.features.ensemble import model_hash
 from multifusion.features.train import AFATrainConfig, load_trained, train_afa
+from multifusion.features.unet import AFAEnsemble
+from multifusion.features.walkers import aggregation_channels, fresh_aggregators
 from multifusion.training import load_tensors
 
 PROMPT = "a blue square"
@@ -27,10 +28,16 @@ KW = dict(num_inference_steps=8, seed=1, num_images=2, progress=False)
 def small_unet(levels: int, seed: int = 0, layers: int = 1, channels=(8, 16, 16, 16)) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=channels[:levels], layers_per_block=layers,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels[:levels],
+        layers_per_block=layers,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=4,
     ).eval()
     with torch.no_grad():
         unet.conv_out.weight.normal_(0.0, 0.05)  # a visible output at random initialisation
@@ -87,6 +94,53 @@ def test_odd_latent_sizes_follow_diffusers_upsampling():
         assert torch.equal(ens(x, 5, torch.cat([c, c], 1)).sample, unet(x, 5, encoder_hidden_states=c).sample)
 
 
+class LogitMap(torch.nn.Module):
+    """Stands in for a SABW's output convolution: hand-set logits (B, 2, H, W) at any feature
+    size, l(r, c) = 3 (c / (W - 1) - 1/2) + (r / (H - 1) - 1/2) for model 0 and 0 for model 1
+    (lopsided in rows and columns, so a transposed or mirrored map would show)."""
+
+    @staticmethod
+    def logit(h: int, w: int) -> torch.Tensor:
+        rows = torch.arange(h, dtype=torch.float32) / max(h - 1, 1) - 0.5
+        cols = torch.arange(w, dtype=torch.float32) / max(w - 1, 1) - 0.5
+        return 3 * cols[None, :] + rows[:, None]  # (H, W)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = hidden.shape
+        return torch.stack([self.logit(h, w).expand(b, h, w), torch.zeros(b, h, w)], dim=1)
+
+
+def test_a_hand_set_logit_map_blends_the_models_by_its_softmax():
+    """Two UNets that differ only in their output head compute the same features up to the last
+    aggregation point, so there the ensemble is sigma(l) * head_a + (1 - sigma(l)) * head_b per
+    pixel, sigma(l) = 1 / (1 + exp(-l)) the two-model softmax of the hand-set map: the blend is
+    recomputed from each model's own output. Every point's recorded weights are sigma(l) too."""
+    import copy
+
+    unet_a = small_unet(2)
+    unet_b = copy.deepcopy(unet_a)
+    with torch.no_grad():
+        unet_b.conv_out.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(7))
+    agg = aggregators_for([unet_a, unet_b])
+    for point in agg.points:
+        point.conv_out = LogitMap()
+    ens = AFAEnsemble([unet_a, unet_b], agg).eval()
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        out = ens(x, torch.tensor(321), torch.cat([c, c], dim=1)).sample
+        own = [u(x, torch.tensor(321), encoder_hidden_states=c).sample for u in (unet_a, unet_b)]
+    w = 1 / (1 + torch.exp(-LogitMap.logit(8, 8).double()))  # (8, 8): model 0's weight
+    assert (own[0] - own[1]).abs().mean() > 1e-2  # the heads differ, so the blend is visible
+    # The features before the head agree only up to rounding (w f + (1 - w) f need not be f).
+    torch.testing.assert_close(out.double(), w * own[0].double() + (1 - w) * own[1].double(), rtol=1e-5, atol=1e-6)
+    for weights in ens.last_weights:
+        h, wd = weights.shape[-2:]
+        torch.testing.assert_close(
+            weights[:, 0].double(), (1 / (1 + torch.exp(-LogitMap.logit(h, wd).double()))).expand(2, h, wd), rtol=1e-6, atol=1e-7
+        )
+
+
 @pytest.fixture(scope="module")
 def models(tiny_a, tiny_b):
     return load_models([tiny_a, tiny_a, tiny_b], names=["a", "a2", "b"])
@@ -106,6 +160,24 @@ def test_zero_init_afa_of_copies_samples_as_single(models, copies_dir, scheduler
     ref = mf.single(ha, PROMPT, scheduler=scheduler, **KW).latents
     out = mf.afa([ha, ha2], PROMPT, aggregator=copies_dir, scheduler=scheduler, **KW).latents
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_one_hot_aggregators_sample_as_that_model(models, tmp_path, which):
+    """Saved aggregators whose logits are one-hot at every pixel of every point (exactly, in
+    float32) make the ensemble of two different models that model, each on its own prompt: a
+    sign or order error in the per-pixel softmax picks the other one."""
+    ha, _, hb = models
+    prompts = [PROMPT, "a red circle"]
+    logits = [ONE_HOT if k == which else 0.0 for k in range(2)]
+    folder = tmp_path / "onehot"
+    set_constant_logits(
+        fresh_aggregators([ha.unet, hb.unet], [model_hash(ha), model_hash(hb)], ["a", "b"], width=8), logits
+    ).save_pretrained(folder)
+    kw = {**KW, "num_inference_steps": 4}
+    out = mf.afa([ha, hb], prompts, aggregator=str(folder), **kw).latents
+    assert torch.equal(out, mf.single([ha, hb][which], prompts[which], **kw).latents)
+    assert not torch.allclose(out, mf.single([ha, hb][1 - which], prompts[1 - which], **kw).latents, atol=1e-3)
 
 
 def test_maps_reach_the_step_record_and_the_recorder(models, copies_dir, tmp_path):
@@ -191,8 +263,14 @@ def test_training_killed_and_resumed_equals_uninterrupted(models, tmp_path):
     a = load_tensors(tmp_path / "whole" / "checkpoint.safetensors")[0]
     b = load_tensors(tmp_path / "part" / "checkpoint.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "part" / "loss.csv").read_text() .count("\n") == 7  # header + one row per step, none twice
-    assert resumed["heldout"] == whole["heldout"] and set(whole["heldout"]["0-200"]) == {"afa", "feature average", "a", "b", "eps average"}
+    assert (tmp_path / "part" / "loss.csv").read_text().count("\n") == 7  # header + one row per step, none twice
+    assert resumed["heldout"] == whole["heldout"] and set(whole["heldout"]["0-200"]) == {
+        "afa",
+        "feature average",
+        "a",
+        "b",
+        "eps average",
+    }
     assert (tmp_path / "whole" / "loss.png").exists()
     mf.afa([ha, hb], PROMPT, aggregator=str(tmp_path / "whole"), **KW)  # what training writes is what afa loads
     with pytest.raises(Exception, match="other models"):
@@ -203,8 +281,23 @@ def test_cli_trains_and_resumes(tiny_a, tiny_b, tmp_path, capsys):
     from multifusion.cli import main
 
     data = _jsonl(tmp_path)
-    args = ["afa", "train", tiny_a, tiny_b, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "2",
-            "--width", "8", "--checkpoint-every", "1", "--no-progress"]
+    args = [
+        "afa",
+        "train",
+        tiny_a,
+        tiny_b,
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "2",
+        "--width",
+        "8",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+    ]
     assert main(args + ["--steps", "2"]) == 0
     assert main(args + ["--steps", "3"]) == 0  # more steps continue the run
     out = capsys.readouterr().out

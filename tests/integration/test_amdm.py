@@ -1,6 +1,7 @@
 """AMDM on tiny models: degenerate cases equal `single`, scheduler independence, who is called
 when, what a meeting computes, the step pictures, and bad input."""
 
+import handmade
 import pytest
 import torch
 
@@ -43,7 +44,9 @@ def test_past_the_window_only_the_specified_model_runs(pair, monkeypatch):
     calls = {"layout": 0, "palette": 0}
     for h in pair:
         real = h.eps
-        monkeypatch.setattr(h, "eps", lambda x, t, e, _real=real, _name=h.name: (calls.__setitem__(_name, calls[_name] + 1), _real(x, t, e))[1])
+        monkeypatch.setattr(
+            h, "eps", lambda x, t, e, _real=real, _name=h.name: (calls.__setitem__(_name, calls[_name] + 1), _real(x, t, e))[1]
+        )
     mf.amdm([ha, hb], PROMPTS, steps=(1, 3), **KW)
     assert calls == {"layout": 30, "palette": 4}  # the other model: steps 0 to 3, then never again
 
@@ -68,9 +71,18 @@ def test_a_meeting_aggregates_and_corrects_as_the_maths_says(pair):
     from multifusion.loop import initial_noise, sample
     from multifusion.method import Batch
 
-    run = Run({"method": "amdm", "params": {"steps": [0, 1], "w": 0.6, "correction": [0.3, 0.5]}, "sampling": {"num_inference_steps": 30, "seed": 1},
-               "models": [{"model": ha.source, "name": "layout", "prompt": PROMPTS[0]}, {"model": hb.source, "name": "palette", "prompt": PROMPTS[1]}]},
-              models=[ha, hb])
+    run = Run(
+        {
+            "method": "amdm",
+            "params": {"steps": [0, 1], "w": 0.6, "correction": [0.3, 0.5]},
+            "sampling": {"num_inference_steps": 30, "seed": 1},
+            "models": [
+                {"model": ha.source, "name": "layout", "prompt": PROMPTS[0]},
+                {"model": hb.source, "name": "palette", "prompt": PROMPTS[1]},
+            ],
+        },
+        models=[ha, hb],
+    )
     plan = run.method.plan(run.prepared, Batch([1], [0], initial_noise(run.latent_shape, [torch.Generator().manual_seed(1)])))
     checked = []
 
@@ -87,11 +99,65 @@ def test_a_meeting_aggregates_and_corrects_as_the_maths_says(pair):
     assert checked == [True, True]
 
 
+def test_three_models_meet_by_the_nested_weights_written_out(tiny_dir):
+    """Three different models, the second one specified: at each meeting every trajectory
+    continues from m - eta_k (m - x'_k) with m = 0.6 x'_b + 0.64 x'_a + 0.48 x'_c, the nested
+    weights of levels (0.6, 0.8) written out (w_1; sqrt(1 - w_1^2) w_2; sqrt(1 - w_1^2)
+    sqrt(1 - w_2^2)), and x'_k each model's own DDIM step, both recomputed here by hand from the
+    step record; a two-model or self-fusion test cannot see the third weight."""
+    models = load_models([str(tiny_dir / k) for k in "abc"], names=["a", "b", "c"])
+    steps = []
+    mf.amdm(
+        models,
+        ["a blue square", "a red circle", "a green star"],
+        specified="b",
+        w=[0.6, 0.8],
+        correction=[0.3, 0.5, 0.2],
+        steps=(0, 1),
+        num_inference_steps=4,
+        seed=3,
+        num_images=2,
+        scheduler="ddim",
+        callback=steps.append,
+        progress=False,
+    )
+    c = {1: 0.6, 0: 0.8 * 0.8, 2: 0.8 * 0.6}  # model index -> weight; squares sum to 1
+    etas = [0.3, 0.5, 0.2]
+    for step in steps[:2]:  # the two meetings; after the second only the specified model runs on
+        stepped = []
+        for k in range(3):
+            a = step.schedulers[k].alphas_cumprod
+            stepped.append(
+                handmade.ddim_step(
+                    step.model_input[k],
+                    step.eps[k],
+                    float(a[step.t[k]]),
+                    float(a[step.t_next[k]]),
+                    clip=step.schedulers[k].config.clip_sample,
+                )
+            )
+        m = sum(c[k] * stepped[k] for k in range(3))
+        alive = [k for k in range(3) if step.latents[k] is not None]
+        assert alive == ([0, 1, 2] if step.step == 0 else [1])
+        for k in alive:
+            # float32 scheduler arithmetic against float64 by hand, on latents of size ~1
+            torch.testing.assert_close(step.latents[k].double(), m - etas[k] * (m - stepped[k]), rtol=1e-5, atol=1e-5)
+        assert min((stepped[i] - stepped[j]).abs().mean() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-3  # three distinct models
+    assert [s.latents[0] is None for s in steps] == [False, True, True, True]
+
+
 def test_the_aggregation_strip_is_written(pair, tmp_path, tiny_a, tiny_b):
     from PIL import Image
 
-    recipe = {"method": "amdm", "params": {"steps": [0, 2]}, "sampling": {"num_inference_steps": 6, "seed": 0},
-              "models": [{"model": tiny_a, "name": "layout", "prompt": PROMPTS[0]}, {"model": tiny_b, "name": "palette", "prompt": PROMPTS[1]}]}
+    recipe = {
+        "method": "amdm",
+        "params": {"steps": [0, 2]},
+        "sampling": {"num_inference_steps": 6, "seed": 0},
+        "models": [
+            {"model": tiny_a, "name": "layout", "prompt": PROMPTS[0]},
+            {"model": tiny_b, "name": "palette", "prompt": PROMPTS[1]},
+        ],
+    }
     written = mf.generate_to_folder(recipe, tmp_path, stem="agg", models=list(pair), export_masks=True, progress=False)
     strip = tmp_path / "agg-s0-amdm.png"
     assert strip in written and (tmp_path / "agg-s0.png") in written
@@ -122,8 +188,12 @@ def test_bad_params_are_refused_before_loading(tiny_a, tiny_b, params, message, 
     import multifusion.api as api
 
     monkeypatch.setattr(api, "load_recipe_models", lambda r: pytest.fail("models were loaded"))
-    recipe = {"method": "amdm", "params": params, "sampling": {"num_inference_steps": 30},
-              "models": [{"model": tiny_a, "name": "layout", "prompt": "x"}, {"model": tiny_b, "name": "palette", "prompt": "y"}]}
+    recipe = {
+        "method": "amdm",
+        "params": params,
+        "sampling": {"num_inference_steps": 30},
+        "models": [{"model": tiny_a, "name": "layout", "prompt": "x"}, {"model": tiny_b, "name": "palette", "prompt": "y"}],
+    }
     with pytest.raises(RecipeError) as info:
         mf.run(recipe, progress=False)
     assert message in str(info.value)
@@ -133,7 +203,13 @@ def test_a_window_holding_no_step_is_an_error_but_the_default_holds_the_first(pa
     with pytest.raises(RecipeError, match=r"params.window: \[0.0, 0.1\] holds none of the 6 steps"):
         mf.amdm(list(pair), PROMPTS, window=(0.0, 0.1), num_inference_steps=6, progress=False)
     met = []
-    mf.amdm(list(pair), PROMPTS, num_inference_steps=6, callback=lambda s: met.append(s.step) if "amdm/x0" in s.record else None, progress=False)
+    mf.amdm(
+        list(pair),
+        PROMPTS,
+        num_inference_steps=6,
+        callback=lambda s: met.append(s.step) if "amdm/x0" in s.record else None,
+        progress=False,
+    )
     assert met == [0]
 
 
@@ -141,5 +217,7 @@ def test_models_of_another_latent_space_are_refused_before_loading(tiny_a, tiny_
     import multifusion.api as api
 
     monkeypatch.setattr(api, "load_recipe_models", lambda r: pytest.fail("models were loaded"))
-    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: their VAEs encode different latent spaces \(latent channels 8 vs 4\)"):
+    with pytest.raises(
+        IncompatibleModelsError, match=r"models\[1\].model: their VAEs encode different latent spaces \(latent channels 8 vs 4\)"
+    ):
         mf.amdm([tiny_a, str(tiny_dir / "wide")], PROMPTS, progress=False)

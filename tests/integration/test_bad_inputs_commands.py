@@ -64,12 +64,40 @@ class Setup:
         return str(d)
 
     def afa(self, *extra: str, data: str | None = None) -> list[str]:
-        return ["afa", "train", self.a, self.b, "--data", data or self.data(), "--out", str(self.tmp / "run"), "--steps", "1",
-                "--batch-size", "2", "--width", "8", "--no-progress", *extra]
+        return [
+            "afa",
+            "train",
+            self.a,
+            self.b,
+            "--data",
+            data or self.data(),
+            "--out",
+            str(self.tmp / "run"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--width",
+            "8",
+            "--no-progress",
+            *extra,
+        ]
 
     def search(self, *extra: str) -> list[str]:
-        return ["mbw-search", "ensemble", "--out", str(self.tmp / "search"), "--budget", "1", "--prompts", "1", "--steps", "1",
-                "--no-progress", *extra]
+        return [
+            "mbw-search",
+            "ensemble",
+            "--out",
+            str(self.tmp / "search"),
+            "--budget",
+            "1",
+            "--prompts",
+            "1",
+            "--steps",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
 
 
 def _truncated_unet(s: Setup) -> str:
@@ -112,8 +140,11 @@ def _cache_of_other_data(s: Setup) -> None:
 
     from multifusion.training import save_tensors
 
-    save_tensors(s.tmp / "run" / "data.safetensors", {"mean": torch.zeros(2, 4, 4, 4)},
-                 {"captions": ["x"], "held_captions": ["y"], "data": "shapeworld:slice1"})
+    save_tensors(
+        s.tmp / "run" / "data.safetensors",
+        {"mean": torch.zeros(2, 4, 4, 4)},
+        {"captions": ["x"], "held_captions": ["y"], "data": "shapeworld:slice1"},
+    )
 
 
 def _search_log(s: Setup, text: str) -> None:
@@ -121,8 +152,11 @@ def _search_log(s: Setup, text: str) -> None:
 
 
 def _recipe(s: Setup, model: str | None = None, **sampling) -> dict:
-    return {"method": "single", "models": [{"model": model or s.a, "prompt": "a red circle"}],
-            "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, **sampling}}
+    return {
+        "method": "single",
+        "models": [{"model": model or s.a, "prompt": "a red circle"}],
+        "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, **sampling},
+    }
 
 
 def _generate(s: Setup, recipe: dict, *extra: str) -> list[str]:
@@ -152,48 +186,149 @@ def _dangling_out(s: Setup) -> str:
 # (case id, what the message must name, CLI arguments, refused before any model loads)
 CASES = [
     # generate and validate: what the first round did not reach
-    ("generate-steps-1000-zoo", "sampling.num_inference_steps",
-     lambda s: _generate(s, _recipe(s, "zoo:general", num_inference_steps=1000, height=None, width=None)), False),
-    ("validate-steps-1000-zoo", "use at most 999 steps",
-     lambda s: ["validate", str(s.file("r.yaml", yaml.safe_dump(_recipe(s, "zoo:general", num_inference_steps=1000))))], True),
+    (
+        "generate-steps-1000-zoo",
+        "sampling.num_inference_steps",
+        lambda s: _generate(s, _recipe(s, "zoo:general", num_inference_steps=1000, height=None, width=None)),
+        False,
+    ),
+    (
+        "validate-steps-1000-zoo",
+        "use at most 999 steps",
+        lambda s: ["validate", str(s.file("r.yaml", yaml.safe_dump(_recipe(s, "zoo:general", num_inference_steps=1000))))],
+        True,
+    ),
     ("from-image-deep-metadata", "--from-image", lambda s: _from_image(s, "[" * 100_000 + "]" * 100_000), True),
-    ("from-image-deep-recipe", "--from-image", lambda s: _from_image(s, '{"recipe": ' + "[" * 100_000 + "]" * 100_000 + "}"), True),
-    ("generate-out-dangling-link", "is a symbolic link to something that does not exist", lambda s: _generate(s, _recipe(s), "--out", _dangling_out(s)), False),
-    ("amdm-specified-true", "params.specified",
-     lambda s: ["validate", str(s.file("r.yaml", yaml.safe_dump({"method": "amdm", "params": {"specified": True},
-                                                               "models": [{"model": s.a, "prompt": "x"}, {"model": s.b, "prompt": "y"}]})))], True),
+    (
+        "from-image-deep-recipe",
+        "--from-image",
+        lambda s: _from_image(s, '{"recipe": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        True,
+    ),
+    (
+        "generate-out-dangling-link",
+        "is a symbolic link to something that does not exist",
+        lambda s: _generate(s, _recipe(s), "--out", _dangling_out(s)),
+        False,
+    ),
+    (
+        "amdm-specified-true",
+        "params.specified",
+        lambda s: [
+            "validate",
+            str(
+                s.file(
+                    "r.yaml",
+                    yaml.safe_dump(
+                        {
+                            "method": "amdm",
+                            "params": {"specified": True},
+                            "models": [{"model": s.a, "prompt": "x"}, {"model": s.b, "prompt": "y"}],
+                        }
+                    ),
+                )
+            ),
+        ],
+        True,
+    ),
     ("from-image-4096-images", "sampling.num_images", lambda s: _from_image(s, _recipe(s, num_images=4096)), True),
-    ("from-image-huge-canvas", "sampling.height x sampling.width", lambda s: _from_image(s, _recipe(s, height=4096, width=4096)), True),
-    ("from-image-long-steps", "sampling.num_inference_steps", lambda s: _from_image(s, _recipe(s, num_inference_steps=1000)), True),
-    ("max-pixels-beyond-memory", "out of memory: one allocation needed",
-     lambda s: _generate(s, {**_recipe(s, height=4_000_000, width=4_000_000), "runtime": {"max_pixels": 10**14}}), False),
+    (
+        "from-image-huge-canvas",
+        "sampling.height x sampling.width",
+        lambda s: _from_image(s, _recipe(s, height=4096, width=4096)),
+        True,
+    ),
+    (
+        "from-image-long-steps",
+        "sampling.num_inference_steps",
+        lambda s: _from_image(s, _recipe(s, num_inference_steps=1000)),
+        True,
+    ),
+    (
+        "max-pixels-beyond-memory",
+        "out of memory: one allocation needed",
+        lambda s: _generate(s, {**_recipe(s, height=4_000_000, width=4_000_000), "runtime": {"max_pixels": 10**14}}),
+        False,
+    ),
     # merge
     ("merge-out-dot", "--out", lambda s: ["merge", s.merge_recipe(), "--out", "."], True),
     ("merge-out-dotdot", "--out", lambda s: ["merge", s.merge_recipe(), "--out", "..", "--overwrite"], True),
-    ("merge-truncated-unet", "models[1].model", lambda s: ["merge", s.merge_recipe([s.a, _truncated_unet(s)]), "--out", str(s.tmp / "m")], True),
-    ("merge-random-bytes-unet", "corrupt .safetensors", lambda s: ["merge", s.merge_recipe([_random_unet(s), s.b]), "--out", str(s.tmp / "m")], True),
-    ("merge-out-symlink-overwrite", "symbolic link",
-     lambda s: ["merge", s.merge_recipe(), "--out", _earlier_merge_behind_a_link(s), "--overwrite"], True),
-    ("merge-overwrite-user-folder", "holds no merge", lambda s: ["merge", s.merge_recipe(), "--out", _user_folder(s), "--overwrite"], True),
-    ("merge-weights-overflow", "overflows", lambda s: ["merge", s.merge_recipe(weights=[1e308, 1e308]), "--out", str(s.tmp / "m")], True),
-    ("generate-merge-weights-overflow", "params.weights",
-     lambda s: ["validate", s.merge_recipe(weights=[1e308, 1e308])], True),
-    ("average-weights-overflow", "params.weights",
-     lambda s: ["validate", str(s.file("avg.yaml", yaml.safe_dump(
-         {"method": "average", "params": {"weights": [1e308, 1e308]}, "models": [{"model": s.a, "prompt": "x"}, {"model": s.b, "prompt": "y"}]})))], True),
+    (
+        "merge-truncated-unet",
+        "models[1].model",
+        lambda s: ["merge", s.merge_recipe([s.a, _truncated_unet(s)]), "--out", str(s.tmp / "m")],
+        True,
+    ),
+    (
+        "merge-random-bytes-unet",
+        "corrupt .safetensors",
+        lambda s: ["merge", s.merge_recipe([_random_unet(s), s.b]), "--out", str(s.tmp / "m")],
+        True,
+    ),
+    (
+        "merge-out-symlink-overwrite",
+        "symbolic link",
+        lambda s: ["merge", s.merge_recipe(), "--out", _earlier_merge_behind_a_link(s), "--overwrite"],
+        True,
+    ),
+    (
+        "merge-overwrite-user-folder",
+        "holds no merge",
+        lambda s: ["merge", s.merge_recipe(), "--out", _user_folder(s), "--overwrite"],
+        True,
+    ),
+    (
+        "merge-weights-overflow",
+        "overflows",
+        lambda s: ["merge", s.merge_recipe(weights=[1e308, 1e308]), "--out", str(s.tmp / "m")],
+        True,
+    ),
+    ("generate-merge-weights-overflow", "params.weights", lambda s: ["validate", s.merge_recipe(weights=[1e308, 1e308])], True),
+    (
+        "average-weights-overflow",
+        "params.weights",
+        lambda s: [
+            "validate",
+            str(
+                s.file(
+                    "avg.yaml",
+                    yaml.safe_dump(
+                        {
+                            "method": "average",
+                            "params": {"weights": [1e308, 1e308]},
+                            "models": [{"model": s.a, "prompt": "x"}, {"model": s.b, "prompt": "y"}],
+                        }
+                    ),
+                )
+            ),
+        ],
+        True,
+    ),
     # mbw-search
     ("mbw-seeds-zero", "--seeds", lambda s: s.search("--seeds", "0"), True),
     ("mbw-prompts-zero", "--prompts", lambda s: s.search("--prompts", "0"), True),
     ("mbw-budget-zero", "--budget", lambda s: s.search("--budget", "0"), True),
     ("mbw-grid-not-numbers", "--grid", lambda s: s.search("--grid", "a,b"), True),
     ("mbw-threads-zero", "--threads", lambda s: s.search("--threads", "0"), True),
-    ("mbw-corrupt-settings", "search.json", lambda s: (s.file("search/search.json", "{\"models\": [tru"), s.search())[1], True),
-    ("mbw-foreign-log-line", "3 block weights for a 13-block model",
-     lambda s: (_search_log(s, json.dumps({"blocks": [5, 5, 5], "score": 1.0}) + "\n"), s.search())[1], True),
-    ("mbw-log-line-out-of-range", "not all numbers in [0, 1]",
-     lambda s: (_search_log(s, json.dumps({"blocks": [7.0] * 13, "score": 1.0}) + "\n"), s.search())[1], True),
-    ("mbw-log-not-json-mid-file", "line 1 is not JSON",
-     lambda s: (_search_log(s, "{oops\n" + json.dumps({"blocks": [0.5] * 13, "score": 0.1}) + "\n"), s.search())[1], True),
+    ("mbw-corrupt-settings", "search.json", lambda s: (s.file("search/search.json", '{"models": [tru'), s.search())[1], True),
+    (
+        "mbw-foreign-log-line",
+        "3 block weights for a 13-block model",
+        lambda s: (_search_log(s, json.dumps({"blocks": [5, 5, 5], "score": 1.0}) + "\n"), s.search())[1],
+        True,
+    ),
+    (
+        "mbw-log-line-out-of-range",
+        "not all numbers in [0, 1]",
+        lambda s: (_search_log(s, json.dumps({"blocks": [7.0] * 13, "score": 1.0}) + "\n"), s.search())[1],
+        True,
+    ),
+    (
+        "mbw-log-not-json-mid-file",
+        "line 1 is not JSON",
+        lambda s: (_search_log(s, "{oops\n" + json.dumps({"blocks": [0.5] * 13, "score": 0.1}) + "\n"), s.search())[1],
+        True,
+    ),
     # afa train: options
     ("afa-threads-zero", "--threads", lambda s: s.afa("--threads", "0"), True),
     ("afa-lr-nan", "--lr", lambda s: s.afa("--lr", "nan"), True),
@@ -204,22 +339,57 @@ CASES = [
     # afa train: data
     ("afa-data-line-not-json", "line 5 is not JSON", lambda s: s.afa(data=s.data("{not json")), True),
     ("afa-data-line-not-object", "line 5", lambda s: s.afa(data=s.data("[1, 2]")), True),
-    ("afa-data-latin1", "not UTF-8", lambda s: s.afa(data=s.data(raw='{"file_name": "0.png", "text": "caf\xe9"}\n'.encode("latin-1"))), True),
-    ("afa-data-missing-file", "does not exist", lambda s: s.afa(data=s.data(json.dumps({"file_name": "gone.png", "text": "x"}))), True),
-    ("afa-data-text-file", "not an image",
-     lambda s: (s.file("data/notes.png", "not an image"), s.afa(data=s.data(json.dumps({"file_name": "notes.png", "text": "x"}))))[1], True),
-    ("afa-data-outside-folder", "outside the data folder",
-     lambda s: (s.images("elsewhere", 1), s.afa(data=s.data(json.dumps({"file_name": "../elsewhere/0.png", "text": "x"}))))[1], True),
-    ("afa-data-etc-hostname", "outside the data folder",
-     lambda s: s.afa(data=s.data(json.dumps({"file_name": "../../../../../../../../etc/hostname", "text": "x"}))), True),
+    (
+        "afa-data-latin1",
+        "not UTF-8",
+        lambda s: s.afa(data=s.data(raw='{"file_name": "0.png", "text": "caf\xe9"}\n'.encode("latin-1"))),
+        True,
+    ),
+    (
+        "afa-data-missing-file",
+        "does not exist",
+        lambda s: s.afa(data=s.data(json.dumps({"file_name": "gone.png", "text": "x"}))),
+        True,
+    ),
+    (
+        "afa-data-text-file",
+        "not an image",
+        lambda s: (
+            s.file("data/notes.png", "not an image"),
+            s.afa(data=s.data(json.dumps({"file_name": "notes.png", "text": "x"}))),
+        )[1],
+        True,
+    ),
+    (
+        "afa-data-outside-folder",
+        "outside the data folder",
+        lambda s: (s.images("elsewhere", 1), s.afa(data=s.data(json.dumps({"file_name": "../elsewhere/0.png", "text": "x"}))))[1],
+        True,
+    ),
+    (
+        "afa-data-etc-hostname",
+        "outside the data folder",
+        lambda s: s.afa(data=s.data(json.dumps({"file_name": "../../../../../../../../etc/hostname", "text": "x"}))),
+        True,
+    ),
     ("afa-data-unknown-shapeworld", "--data", lambda s: s.afa(data="shapeworld:nosuch"), True),
     # afa train: a run folder that is not this run's
     ("afa-checkpoint-damaged-metadata", "damaged", lambda s: (_checkpoint_with_damaged_metadata(s), s.afa())[1], True),
     ("afa-loss-log-damaged", "loss.csv", lambda s: (s.file("run/loss.csv", "step,loss\nten,zero\n"), s.afa())[1], True),
     ("afa-cache-of-other-data", "caches the data", lambda s: (_cache_of_other_data(s), s.afa())[1], True),
     # zoo
-    ("zoo-train-threads-zero", "--threads", lambda s: ["zoo", "train", "--out", str(s.tmp / "zoo"), "--threads", "0", "--no-progress"], True),
-    ("zoo-judge-threads-zero", "--threads", lambda s: ["zoo", "judge", "--out", str(s.tmp / "judge"), "--threads", "0", "--no-progress"], True),
+    (
+        "zoo-train-threads-zero",
+        "--threads",
+        lambda s: ["zoo", "train", "--out", str(s.tmp / "zoo"), "--threads", "0", "--no-progress"],
+        True,
+    ),
+    (
+        "zoo-judge-threads-zero",
+        "--threads",
+        lambda s: ["zoo", "judge", "--out", str(s.tmp / "judge"), "--threads", "0", "--no-progress"],
+        True,
+    ),
     ("zoo-judge-eval-n-zero", "--eval-n", lambda s: ["zoo", "judge", "--evaluate", "--eval-n", "0", "--no-progress"], True),
 ]
 
@@ -238,6 +408,7 @@ def _files(root: Path) -> dict[Path, bytes]:
 def test_cli_refuses_with_the_field_and_writes_nothing(setup, case_id, field, make, before_loading, capsys, monkeypatch):
     argv = make(setup)
     if before_loading:
+
         def no_loading(*args, **kwargs):
             raise AssertionError("a model was loaded before the input was refused")
 

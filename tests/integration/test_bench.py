@@ -136,8 +136,12 @@ def test_wilson_interval_matches_the_formula_it_replaced(args, expected):
 def test_writes_results_csv_markdown_and_grid(reference):
     out, res = reference
     rows = res["rows"]
-    assert [(r["method"], r["models"]) for r in rows] == [("single", ["general"]), ("single", ["expert"]),
-                                                          ("average", ["general", "expert"]), ("snb", ["general", "expert"])]
+    assert [(r["method"], r["models"]) for r in rows] == [
+        ("single", ["general"]),
+        ("single", ["expert"]),
+        ("average", ["general", "expert"]),
+        ("snb", ["general", "expert"]),
+    ]
     for r in rows:
         assert r["app"] == "fine-grained" and r["seeds"] == 2 and r["images"] == 4
         m = r["metrics"]
@@ -211,7 +215,10 @@ def test_bad_input_is_refused_with_the_fix(tmp_path, fg_models, monkeypatch, cap
     from multifusion import loading
 
     monkeypatch.setattr(loading, "zoo_models", lambda: [])
-    with pytest.raises(ModelLoadError, match=r"zoo model 'expert' \(needed by fine-grained\): not installed.*--models expert --install.*--model expert=PATH"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"zoo model 'expert' \(needed by fine-grained\): not installed.*--models expert --install.*--model expert=PATH",
+    ):
         run_bench("fine-grained", tmp_path, models={"general": fg_models["general"]}, **SMALL)
     assert main(["bench", "ensembel", "--out", str(tmp_path)]) == 2
     assert "did you mean 'ensemble'" in capsys.readouterr().err
@@ -231,8 +238,17 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
     # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not these.
     every = sorted({r.id for app in APPS.values() for r in app.rows()[0]} - {"afa"})
-    res = run_bench("all", tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False, update_doc=doc,
-                    rows=every)
+    res = run_bench(
+        "all",
+        tmp_path / "out",
+        models=models,
+        seeds=1,
+        prompts=1,
+        num_inference_steps=2,
+        progress=False,
+        update_doc=doc,
+        rows=every,
+    )
     got = {(r["app"], r["row"]) for r in res["rows"]}
     for app in APPS.values():
         rows, skipped = app.rows()
@@ -261,11 +277,48 @@ def test_two_processes_merge_into_the_single_process_result(reference, fg_models
     processes meet over gloo). Each takes every other unit; the main one merges."""
     _, ref = reference
     out = tmp_path / "sharded"
-    args = ["bench", "fine-grained", "--out", str(out), "--seeds", "2", "--prompts", "2", "--steps", "2",
-            "--batch-size", "2", "--threads", "1", "--no-progress", "--rows", ",".join(FG_ROWS),
-            "--model", f"general={fg_models['general']}", "--model", f"expert={fg_models['expert']}"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "multifusion.cli", *args]
+    args = [
+        "bench",
+        "fine-grained",
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--prompts",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--rows",
+        ",".join(FG_ROWS),
+        "--model",
+        f"general={fg_models['general']}",
+        "--model",
+        f"expert={fg_models['expert']}",
+    ]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "multifusion.cli",
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -307,9 +360,17 @@ def tiny_clip(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tok"))
-    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder / "clip")
@@ -355,7 +416,12 @@ def test_real_models_from_a_prompt_file(tiny_clip, tiny_a, tiny_b, tmp_path):
     kwargs = dict(seeds=2, clip_model=tiny_clip, reference_dir=ref, feature_extractor=TinyFeatures(), progress=False)
     res = run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", **kwargs)
     assert res["images"] == 4 and set(res["metrics"]) == {"clip_score", "inception_score", "inception_score_std", "fid"}
-    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["p0000-s0.png", "p0000-s1.png", "p0001-s0.png", "p0001-s1.png"]
+    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == [
+        "p0000-s0.png",
+        "p0000-s1.png",
+        "p0001-s0.png",
+        "p0001-s1.png",
+    ]
     stamp = (tmp_path / "out/images/p0001-s1.png").stat().st_mtime_ns
     assert run_realworld(recipe, tmp_path / "prompts.txt", tmp_path / "out", **kwargs)["metrics"] == res["metrics"]
     assert (tmp_path / "out/images/p0001-s1.png").stat().st_mtime_ns == stamp  # reused, not redrawn
@@ -377,8 +443,10 @@ def test_seam_score_sees_a_step_at_the_region_edges_only():
     stepped = smooth.copy()
     stepped[:, 20:] += 40
     assert seam_score(stepped, [20, 44]) > 5
-    regions = [{"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction", "prompt": "x"}
-               for lo, hi in ((0, 0.4), (0.27, 0.73), (0.6, 1.0))]
+    regions = [
+        {"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction", "prompt": "x"}
+        for lo, hi in ((0, 0.4), (0.27, 0.73), (0.6, 1.0))
+    ]
     assert seam_columns({"regions": regions}, (64, 64), 4) == [16, 24, 40, 48]
     tiles = {"prompts": [["a", "b", "c"]], "tile_height": 64, "tile_width": 64, "tile_col_overlap": 16}
     assert seam_columns({"tiles": tiles}, (64, 160), 4) == [48, 64, 96, 112]
@@ -440,8 +508,10 @@ def test_regional_models_gives_each_region_its_model_and_reads_it_against_that_m
     assert regions[2].snb is None
     views = rows["mod-models"].views(p)
     assert [v.target.style for v in views] == list(MIXED_STYLES)
-    assert [parse_caption(text) == dataclasses.replace(v.target, style=None if v.target.style == "photo" else v.target.style)
-            for (_, text), v in zip(p.regions, views)] == [True] * 3
+    assert [
+        parse_caption(text) == dataclasses.replace(v.target, style=None if v.target.style == "photo" else v.target.style)
+        for (_, text), v in zip(p.regions, views)
+    ] == [True] * 3
     readings = [reading_from_scene(v.scene) for v in views]
     assert sample_success(app, readings, [v.target for v in views]) == (3, 3)
     readings[0] = reading_from_scene(dataclasses.replace(views[0].scene, style="photo"))  # the cartoon drawn as a photo
@@ -458,7 +528,13 @@ def test_extra_objects_counts_readings_with_more_objects_than_stated():
     none = dataclasses.replace(one, objects=())
     targets = [parse_caption("a red striped circle on the left in a desert")] * 3
     assert extra_objects([reading_from_scene(s) for s in (one, two, none)], targets) == pytest.approx(1 / 3)
-    assert extra_objects([reading_from_scene(two)], [parse_caption("a red striped circle on the left and a red striped square in the centre in a desert")]) == 0.0
+    assert (
+        extra_objects(
+            [reading_from_scene(two)],
+            [parse_caption("a red striped circle on the left and a red striped square in the centre in a desert")],
+        )
+        == 0.0
+    )
     with pytest.raises(ValueError):
         extra_objects([], [])
 
@@ -467,11 +543,17 @@ def test_cross_domain_photo_asks_for_a_photo_of_what_only_the_toon_model_draws()
     app = APPS["cross-domain-photo"]
     for p in app.prompts(12):
         (obj,) = p.scene.objects
-        assert p.scene.style == "photo" and obj.texture in TEXTURES[1:] and (p.scene.background, obj.shape) not in GENERAL_HELD_OUT
+        assert (
+            p.scene.style == "photo" and obj.texture in TEXTURES[1:] and (p.scene.background, obj.shape) not in GENERAL_HELD_OUT
+        )
         assert p.prompts["toon"] == "a cartoon of " + p.prompts["general"] == "a cartoon of " + p.caption
     rows, skipped = app.rows()
-    assert [(r.id, r.models) for r in rows] == [("single-general", ("general",)), ("single-toon", ("toon",)),
-                                                ("average", ("general", "toon")), ("snb", ("general", "toon"))] and not skipped
+    assert [(r.id, r.models) for r in rows] == [
+        ("single-general", ("general",)),
+        ("single-toon", ("toon",)),
+        ("average", ("general", "toon")),
+        ("snb", ("general", "toon")),
+    ] and not skipped
     assert rows[3].build(app.prompt(0), {"general": "g", "toon": "t"})["params"] == {"blur": "none"}
 
 
@@ -511,14 +593,47 @@ def test_rows_runs_only_the_rows_named(tmp_path, tiny_a, tiny_b, capsys):
     from multifusion.cli import main
 
     models = {"general": tiny_a, "expert": tiny_b}
-    res = run_bench(["fine-grained"], tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False,
-                    rows=["average"])
+    res = run_bench(
+        ["fine-grained"],
+        tmp_path / "out",
+        models=models,
+        seeds=1,
+        prompts=1,
+        num_inference_steps=2,
+        progress=False,
+        rows=["average"],
+    )
     assert [r["row"] for r in res["rows"]] == ["average"]
     with pytest.raises(RecipeError, match=r"rows: averag: not a row of fine-grained.*did you mean 'average'"):
-        run_bench("fine-grained", tmp_path / "out", models=models, seeds=1, prompts=1, num_inference_steps=2, progress=False,
-                  rows=["averag"])
-    args = ["bench", "fine-grained,regional", "--rows", "snb,mod", "--out", str(tmp_path / "cli"), "--seeds", "1", "--prompts", "1",
-            "--steps", "2", "--no-progress", "--model", f"general={tiny_a}", "--model", f"expert={tiny_b}"]
+        run_bench(
+            "fine-grained",
+            tmp_path / "out",
+            models=models,
+            seeds=1,
+            prompts=1,
+            num_inference_steps=2,
+            progress=False,
+            rows=["averag"],
+        )
+    args = [
+        "bench",
+        "fine-grained,regional",
+        "--rows",
+        "snb,mod",
+        "--out",
+        str(tmp_path / "cli"),
+        "--seeds",
+        "1",
+        "--prompts",
+        "1",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--model",
+        f"general={tiny_a}",
+        "--model",
+        f"expert={tiny_b}",
+    ]
     assert main(args) == 0
     got = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert [(r["app"], r["row"]) for r in got["rows"]] == [("fine-grained", "snb"), ("regional", "mod")]

@@ -14,7 +14,10 @@ def recipe_file(tmp_path, tiny_a, tiny_b):
     data = {
         "method": "average",
         "params": {"weights": [0.7, 0.3]},
-        "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square", "guidance_scale": 3}],
+        "models": [
+            {"model": tiny_a, "prompt": "a red circle"},
+            {"model": tiny_b, "prompt": "a blue square", "guidance_scale": 3},
+        ],
         "sampling": {"num_inference_steps": 3, "seed": 10, "num_images": 3, "scheduler": "euler_a"},
     }
     path = tmp_path / "fusion.yaml"
@@ -57,8 +60,17 @@ def test_one_writer_makes_what_generate_the_ui_and_the_bench_write(tmp_path, rec
     out, seen = tmp_path / "out", []
 
     def write(**kw):
-        return list(write_images(str(recipe_file), out, lambda seed: None if seed == 11 else f"x{seed}.png", batch_size=2,
-                                 callback=lambda step, seeds: seen.append(tuple(seeds)), progress=False, **kw))
+        return list(
+            write_images(
+                str(recipe_file),
+                out,
+                lambda seed: None if seed == 11 else f"x{seed}.png",
+                batch_size=2,
+                callback=lambda step, seeds: seen.append(tuple(seeds)),
+                progress=False,
+                **kw,
+            )
+        )
 
     written = write()
     assert [w.result.seeds for w in written] == [[10, 11], [12]] and seen == [(10, 11)] * 3 + [(12,)] * 3
@@ -111,6 +123,7 @@ def test_help_documents_every_command_and_option(capsys):
     text = parser.format_help()
     for cmd in ("generate", "validate", "methods", "demo"):
         assert cmd in text
+
     def check(p, path):
         for action in p._actions:
             assert action.help, f"{path}: option {action.option_strings or action.dest} has no help"
@@ -136,8 +149,13 @@ def test_every_sampling_and_runtime_field_is_a_flag(tmp_path, recipe_file, capsy
                 flag = "--" + name.replace("_", "-")
                 action = next(a for a in sub[command]._actions if flag in a.option_strings)
                 assert flag in help_text and action.help.startswith(f"{section}.{name}")
-                value = (True if action.nargs == 0 else action.choices[-1] if action.choices
-                         else {int: 8, float: 0.5, str: "cpu"}[action.type])
+                value = (
+                    True
+                    if action.nargs == 0
+                    else action.choices[-1]
+                    if action.choices
+                    else {int: 8, float: 0.5, str: "cpu"}[action.type]
+                )
                 argv += [flag] if value is True else [flag, str(value)]
                 want.setdefault(section, {})[name] = value
         assert _apply_overrides({"models": []}, sub[command].parse_args(argv)) == {"models": [], **want}
@@ -159,8 +177,13 @@ def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatc
     monkeypatch.setattr(train_judge, "record_accuracy", lambda weights: calls.append(("accuracy", weights.name)))
     monkeypatch.setattr(train_judge, "install_judge", lambda weights: calls.append(("install judge", weights.parent.name)))
     assert main(["zoo", "train", "--out", str(tmp_path), "--seed", "3", "--install", "--no-progress"]) == 0
-    assert calls == [("models", str(tmp_path), None, None), ("judge", "judge", 3), ("accuracy", "judge.safetensors"),
-                     ("install", None), ("install judge", "judge")]
+    assert calls == [
+        ("models", str(tmp_path), None, None),
+        ("judge", "judge", 3),
+        ("accuracy", "judge.safetensors"),
+        ("install", None),
+        ("install judge", "judge"),
+    ]
     assert "installed: general, judge" in capsys.readouterr().out
     calls.clear()
     assert main(["zoo", "train", "--out", str(tmp_path), "--models", "expert", "--steps", "10"]) == 0

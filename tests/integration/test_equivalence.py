@@ -16,8 +16,14 @@ def _pipeline_latents(path, scheduler, seeds, eta=0.0, guidance_scale=7.5, negat
     pipe.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        PROMPT, num_inference_steps=6, num_images_per_prompt=len(seeds), eta=eta, guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
+        PROMPT,
+        num_inference_steps=6,
+        num_images_per_prompt=len(seeds),
+        eta=eta,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="latent",
     ).images
 
 
@@ -32,8 +38,18 @@ def test_single_equals_diffusers_pipeline(tiny_a, scheduler):
 def test_single_equals_pipeline_with_eta_negative_prompt_and_v_prediction(tiny_dir):
     path = str(tiny_dir / "v")
     [h] = load_models([path])
-    ours = single(h, PROMPT, negative_prompt="a blue square", guidance_scale=4.0, eta=0.7,
-                  num_inference_steps=6, scheduler="ddim", seed=3, num_images=2, progress=False).latents
+    ours = single(
+        h,
+        PROMPT,
+        negative_prompt="a blue square",
+        guidance_scale=4.0,
+        eta=0.7,
+        num_inference_steps=6,
+        scheduler="ddim",
+        seed=3,
+        num_images=2,
+        progress=False,
+    ).latents
     theirs = _pipeline_latents(path, "ddim", [3, 4], eta=0.7, guidance_scale=4.0, negative_prompt="a blue square")
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 

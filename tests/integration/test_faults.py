@@ -62,13 +62,20 @@ def _kill_at_random(argv: list[str], finished, rng: random.Random, kills: int = 
 
 def _final_files(root: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """Finished outputs by relative path (temporary `.part` files left by a SIGKILL are not outputs)."""
-    return {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(root)): p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in suffixes and not p.name.startswith(".")
+    }
 
 
 def test_generate_killed_at_random_points_ends_identical(tmp_path, tiny_a, tiny_b):
-    recipe = {"method": "average", "params": {"weights": [0.6, 0.4]},
-              "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}],
-              "sampling": {"num_inference_steps": 4, "num_images": 8, "seed": 3, "height": 32, "width": 32, "scheduler": "euler_a"}}
+    recipe = {
+        "method": "average",
+        "params": {"weights": [0.6, 0.4]},
+        "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}],
+        "sampling": {"num_inference_steps": 4, "num_images": 8, "seed": 3, "height": 32, "width": 32, "scheduler": "euler_a"},
+    }
     path = tmp_path / "fault.yaml"
     path.write_text(yaml.safe_dump(recipe))
     ref, out = tmp_path / "ref", tmp_path / "out"
@@ -85,8 +92,27 @@ def test_generate_killed_at_random_points_ends_identical(tmp_path, tiny_a, tiny_
 
 
 def _bench_argv(out: Path, tiny_a: str, tiny_b: str) -> list[str]:
-    return _cli("bench", "fine-grained", "--out", str(out), "--model", f"general={tiny_a}", "--model", f"expert={tiny_b}",
-                "--seeds", "4", "--prompts", "2", "--steps", "2", "--batch-size", "2", "--threads", "1", "--no-progress")
+    return _cli(
+        "bench",
+        "fine-grained",
+        "--out",
+        str(out),
+        "--model",
+        f"general={tiny_a}",
+        "--model",
+        f"expert={tiny_b}",
+        "--seeds",
+        "4",
+        "--prompts",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+    )
 
 
 def _bench_outcome(root: Path) -> dict:
@@ -107,7 +133,9 @@ def test_bench_killed_at_random_points_ends_identical(tmp_path, tiny_a, tiny_b):
 
     argv = _bench_argv(out, tiny_a, tiny_b)
     samples = out / "samples"
-    killed = _kill_at_random(argv, lambda: len(_final_files(samples, (".png",))) // 2 if samples.exists() else 0, random.Random(63))
+    killed = _kill_at_random(
+        argv, lambda: len(_final_files(samples, (".png",))) // 2 if samples.exists() else 0, random.Random(63)
+    )
     _run(argv)
 
     want, got = _bench_outcome(ref), _bench_outcome(out)
@@ -135,8 +163,25 @@ def test_afa_train_killed_at_random_points_ends_identical(tmp_path, tiny_a, tiny
     (data / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
     def argv(out: Path) -> list[str]:
-        return _cli("afa", "train", tiny_a, tiny_b, "--data", str(data), "--out", str(out), "--steps", "8", "--batch-size", "2",
-                    "--width", "8", "--checkpoint-every", "2", "--no-progress")
+        return _cli(
+            "afa",
+            "train",
+            tiny_a,
+            tiny_b,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "8",
+            "--batch-size",
+            "2",
+            "--width",
+            "8",
+            "--checkpoint-every",
+            "2",
+            "--no-progress",
+        )
 
     ref, out = tmp_path / "ref", tmp_path / "out"
     _run(argv(ref))

@@ -33,15 +33,17 @@ def test_models_with_other_latent_spaces_cannot_meet(tiny_dir):
         average([a, wide], ["x", "y"], num_inference_steps=2, progress=False)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_weights(tiny_a, dtype):
+@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.05), ("float16", 0.01)])
+def test_low_precision_weights(tiny_a, dtype, tolerance):
+    """Half-precision weights sample (a build without the kernels fails here, never skips) and
+    follow the float32 run: latents within `tolerance` of its largest value (bfloat16 keeps 8
+    mantissa bits, float16 11; both far from the size of a wrong result)."""
     [h] = load_models([tiny_a], dtype=dtype)
     assert next(h.unet.parameters()).dtype == getattr(torch, dtype)
-    try:
-        out = single(h, "a red circle", num_inference_steps=3, progress=False)
-    except RuntimeError as err:  # some CPU builds lack half-precision kernels
-        pytest.skip(f"{dtype} kernels unavailable on this CPU build: {err}")
-    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+    out = single(h, "a red circle", num_inference_steps=3, progress=False).latents
+    full = single(load_models([tiny_a])[0], "a red circle", num_inference_steps=3, progress=False).latents
+    assert out.dtype == torch.float32  # the loop keeps latents in float32 whatever the weights
+    assert (out - full).abs().max() < tolerance * full.abs().max()
 
 
 def test_offload_moves_only_the_running_module(tiny_a, tiny_b):

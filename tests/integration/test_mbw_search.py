@@ -31,7 +31,9 @@ def _lines(path):
 
 def test_coordinate_search_logs_every_candidate_and_resumes_without_rescoring(tiny_a, tiny_b, tmp_path):
     scorer = CountingScorer()
-    first = search_block_weights([tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=6, grid=(0, 1), **SMALL)
+    first = search_block_weights(
+        [tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=6, grid=(0, 1), **SMALL
+    )
     log = _lines(tmp_path / "search.jsonl")
     assert len(log) == first.evaluations == first.computed == scorer.calls == 6  # start + 9 blocks x 1 other value, cut at 6
     m00 = [0.5] * 4  # IN00..IN03 before M00
@@ -41,7 +43,9 @@ def test_coordinate_search_logs_every_candidate_and_resumes_without_rescoring(ti
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["blocks"] == list(first.blocks) and len(best["blocks_ids"]) == 9
 
-    again = search_block_weights([tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=8, grid=(0, 1), **SMALL)
+    again = search_block_weights(
+        [tiny_a, tiny_b], ["a red circle", "a blue square"], scorer, tmp_path, budget=8, grid=(0, 1), **SMALL
+    )
     assert scorer.calls == 8 and again.computed == 2 and again.evaluations == 8  # the first 6 replayed from the log
     assert (tmp_path / "search.png").is_file()
 
@@ -56,7 +60,7 @@ def test_the_walk_keeps_a_better_value_and_moves_on(tiny_a, tiny_b, tmp_path):
 
 
 def test_optuna_is_warm_started_from_the_log_and_stays_on_the_grid(tiny_a, tiny_b, tmp_path):
-    pytest.importorskip("optuna", reason="optuna not installed: pip install 'multifusion[search]'")
+    # optuna is in the `test` extra: a missing package fails here instead of skipping the search.
     scorer = CountingScorer()
     search_block_weights([tiny_a, tiny_b], ["p"], scorer, tmp_path, budget=3, grid=(0, 0.5, 1), **SMALL)
     res = search_block_weights([tiny_a, tiny_b], ["p"], scorer, tmp_path, optimizer="optuna", budget=6, grid=(0, 0.5, 1), **SMALL)
@@ -70,17 +74,24 @@ def test_optuna_missing_says_how_to_install(tiny_a, tiny_b, tmp_path, monkeypatc
     import builtins
 
     real = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "optuna" else real(name, *a, **k))
+    monkeypatch.setattr(
+        builtins,
+        "__import__",
+        lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "optuna" else real(name, *a, **k),
+    )
     with pytest.raises(RecipeError, match=r"pip install 'multifusion\[search\]'"):
         search_block_weights([tiny_a, tiny_b], ["p"], CountingScorer(), tmp_path, optimizer="optuna", **SMALL)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(optimizer="cordinate"), "did you mean 'coordinate'"),
-    (dict(budget=0), "budget: must be a positive integer"),
-    (dict(grid=(0, 1.5)), r"grid: block weights must lie in \[0, 1\]"),
-    (dict(seeds=0), "seeds: must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(optimizer="cordinate"), "did you mean 'coordinate'"),
+        (dict(budget=0), "budget: must be a positive integer"),
+        (dict(grid=(0, 1.5)), r"grid: block weights must lie in \[0, 1\]"),
+        (dict(seeds=0), "seeds: must be a positive integer"),
+    ],
+)
 def test_bad_arguments(tiny_a, tiny_b, tmp_path, kwargs, match):
     with pytest.raises(RecipeError, match=match):
         search_block_weights([tiny_a, tiny_b], ["p"], CountingScorer(), tmp_path, **{**SMALL, **kwargs})
@@ -120,7 +131,21 @@ def test_the_judge_scorer_reads_an_apps_targets():
 
 def test_mbw_search_command(tmp_path, capsys):
     out = tmp_path / "s"
-    args = ["mbw-search", "ensemble", "--out", str(out), "--budget", "2", "--prompts", "1", "--steps", "2", "--grid", "0,1", "--no-progress"]
+    args = [
+        "mbw-search",
+        "ensemble",
+        "--out",
+        str(out),
+        "--budget",
+        "2",
+        "--prompts",
+        "1",
+        "--steps",
+        "2",
+        "--grid",
+        "0,1",
+        "--no-progress",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "best" in text and "after 2 evaluations (2 new)" in text

@@ -106,22 +106,35 @@ def _validate(method, models, params):
     return validate(parse_recipe({"method": method, "models": [{"model": m, "prompt": "p"} for m in models], "params": params}))
 
 
-@pytest.mark.parametrize("method, n, params, match", [
-    ("merge", 2, {"weights": [1, 2, 3]}, r"params.weights: has 3 entries for 2 models"),
-    ("merge", 2, {"weights": [1, -1]}, r"params.weights: weight -1.0 of model 1 is not a finite number >= 0"),
-    ("merge", 2, {"weights": [0, 0]}, r"params.weights: weights \[0.0, 0.0\] sum to zero"),
-    ("merge", 2, {"alpha": 0.5}, r"params.alpha: belongs to add_difference"),
-    ("merge", 2, {"merge_method": "add_difference"}, r"params.merge_method: add_difference merges three models"),
-    ("merge", 3, {"merge_method": "add_difference", "weights": [1, 1, 1]}, r"params.weights: add_difference takes `alpha`"),
-    ("merge", 2, {"merge_method": "add_differense"}, r"params.merge_method"),
-    ("merge", 2, {"wieghts": [1, 1]}, r"params.wieghts: unknown parameter"),
-    ("mbw", 2, {"blocks": "RING08_SOFTT"}, r"params.blocks: unknown block-weight preset .*did you mean 'RING08_SOFT'"),
-    ("mbw", 2, {"blocks": "0.5,0.5,0.5"}, r"params.blocks: block weights: 3 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10"),
-    ("mbw", 2, {"blocks": [1.5] * 9}, r"params.blocks: block weight 1.5 for IN00 is outside \[0, 1\]"),
-    ("mbw", 2, {"blocks": "0.5,x,0.5"}, r"params.blocks: block weights: 'x' is not a number"),
-    ("mbw", 3, {"blocks": "GRAD_V"}, r"params.merge_method: a block-weighted weighted_sum merges 2 models, the recipe names 3; use add_difference"),
-    ("mbw", 2, {}, r"params.blocks: Field required"),
-])
+@pytest.mark.parametrize(
+    "method, n, params, match",
+    [
+        ("merge", 2, {"weights": [1, 2, 3]}, r"params.weights: has 3 entries for 2 models"),
+        ("merge", 2, {"weights": [1, -1]}, r"params.weights: weight -1.0 of model 1 is not a finite number >= 0"),
+        ("merge", 2, {"weights": [0, 0]}, r"params.weights: weights \[0.0, 0.0\] sum to zero"),
+        ("merge", 2, {"alpha": 0.5}, r"params.alpha: belongs to add_difference"),
+        ("merge", 2, {"merge_method": "add_difference"}, r"params.merge_method: add_difference merges three models"),
+        ("merge", 3, {"merge_method": "add_difference", "weights": [1, 1, 1]}, r"params.weights: add_difference takes `alpha`"),
+        ("merge", 2, {"merge_method": "add_differense"}, r"params.merge_method"),
+        ("merge", 2, {"wieghts": [1, 1]}, r"params.wieghts: unknown parameter"),
+        ("mbw", 2, {"blocks": "RING08_SOFTT"}, r"params.blocks: unknown block-weight preset .*did you mean 'RING08_SOFT'"),
+        (
+            "mbw",
+            2,
+            {"blocks": "0.5,0.5,0.5"},
+            r"params.blocks: block weights: 3 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10",
+        ),
+        ("mbw", 2, {"blocks": [1.5] * 9}, r"params.blocks: block weight 1.5 for IN00 is outside \[0, 1\]"),
+        ("mbw", 2, {"blocks": "0.5,x,0.5"}, r"params.blocks: block weights: 'x' is not a number"),
+        (
+            "mbw",
+            3,
+            {"blocks": "GRAD_V"},
+            r"params.merge_method: a block-weighted weighted_sum merges 2 models, the recipe names 3; use add_difference",
+        ),
+        ("mbw", 2, {}, r"params.blocks: Field required"),
+    ],
+)
 def test_bad_params_are_refused_before_loading_naming_the_field(tiny_dir, monkeypatch, method, n, params, match):
     import multifusion.loading as loading
 
@@ -169,8 +182,13 @@ def test_sd1_strings_are_resampled_like_presets_and_other_lengths_must_match():
 
 
 def _recipe(models, merges, method="single", **params):
-    return {"method": method, "merges": merges, "params": params, "models": [{"model": m, "prompt": PROMPT} for m in models],
-            "sampling": {"num_inference_steps": 4, "seed": 5, "num_images": 2}}
+    return {
+        "method": method,
+        "merges": merges,
+        "params": params,
+        "models": [{"model": m, "prompt": PROMPT} for m in models],
+        "sampling": {"num_inference_steps": 4, "seed": 5, "num_images": 2},
+    }
 
 
 def test_a_recipe_merge_with_weights_one_zero_is_the_first_model(tiny_a, tiny_b):
@@ -190,21 +208,36 @@ def test_merged_models_can_be_fused(tiny_a, tiny_b, tiny_dir):
     assert h1.unet is h2.unet and h1.vae is h2.vae
 
 
-@pytest.mark.parametrize("models, merges, match", [
-    (["merge:abx"], {"ab": {"models": ["A", "B"]}}, r"models\[0\].model: no merge named 'abx' \(merges: ab\); did you mean 'ab'"),
-    (["merge:ab"], {}, r"models\[0\].model: no merge named 'ab'; define it under `merges:`"),
-    (["merge:ab"], {"ab": {"models": ["A", "B"], "blocks": "GRADV"}}, r"merges.ab: unknown block-weight preset .*did you mean 'GRAD_V'"),
-    (["merge:ab"], {"ab": {"models": ["A", "B"], "weights": [1, 2, 3]}}, r"merges.ab: 3 weights for 2 models"),
-    (["merge:ab"], {"ab": {"models": ["A", "merge:ab"]}}, r"merges.ab.models\[1\]: 'merge:ab' is a merge"),
-    (["merge:ab"], {"ab": {"models": ["A", "B"], "wieghts": [1, 1]}}, r"merges.ab.wieghts"),
-    (["merge:ab"], {"ab": {"models": ["A", "V"]}}, r"merges.ab: .*predicts epsilon and .* predicts v_prediction"),
-])
+@pytest.mark.parametrize(
+    "models, merges, match",
+    [
+        (
+            ["merge:abx"],
+            {"ab": {"models": ["A", "B"]}},
+            r"models\[0\].model: no merge named 'abx' \(merges: ab\); did you mean 'ab'",
+        ),
+        (["merge:ab"], {}, r"models\[0\].model: no merge named 'ab'; define it under `merges:`"),
+        (
+            ["merge:ab"],
+            {"ab": {"models": ["A", "B"], "blocks": "GRADV"}},
+            r"merges.ab: unknown block-weight preset .*did you mean 'GRAD_V'",
+        ),
+        (["merge:ab"], {"ab": {"models": ["A", "B"], "weights": [1, 2, 3]}}, r"merges.ab: 3 weights for 2 models"),
+        (["merge:ab"], {"ab": {"models": ["A", "merge:ab"]}}, r"merges.ab.models\[1\]: 'merge:ab' is a merge"),
+        (["merge:ab"], {"ab": {"models": ["A", "B"], "wieghts": [1, 1]}}, r"merges.ab.wieghts"),
+        (["merge:ab"], {"ab": {"models": ["A", "V"]}}, r"merges.ab: .*predicts epsilon and .* predicts v_prediction"),
+    ],
+)
 def test_recipe_merges_are_checked_before_loading(tiny_dir, monkeypatch, models, merges, match):
     import multifusion.loading as loading
 
     paths = {"A": str(tiny_dir / "a"), "B": str(tiny_dir / "b"), "V": str(tiny_dir / "v")}
-    merges = json.loads(json.dumps(merges).replace('"A"', json.dumps(paths["A"])).replace('"B"', json.dumps(paths["B"]))
-                        .replace('"V"', json.dumps(paths["V"])))
+    merges = json.loads(
+        json.dumps(merges)
+        .replace('"A"', json.dumps(paths["A"]))
+        .replace('"B"', json.dumps(paths["B"]))
+        .replace('"V"', json.dumps(paths["V"]))
+    )
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises((RecipeError, IncompatibleModelsError), match=match):
         validate(parse_recipe(_recipe(models, merges)))
@@ -264,6 +297,10 @@ def test_merge_rows_take_the_first_roles_prompt_in_the_apps_where_a_merge_makes_
         for row_id, params in (("merge", {}), ("mbw", {"blocks": MBW_PRESET})):
             recipe = rows[row_id].build(prompt, refs)
             assert recipe["method"] == row_id and recipe["params"] == params
-            assert recipe["models"][0] == {"model": refs[app.roles[0]], "name": app.roles[0], "prompt": prompt.prompts[app.roles[0]]}
+            assert recipe["models"][0] == {
+                "model": refs[app.roles[0]],
+                "name": app.roles[0],
+                "prompt": prompt.prompts[app.roles[0]],
+            }
     for app_id in ("regional", "aggregation"):
         assert not {"merge", "mbw"} & {r.id for r in APPS[app_id].rows()[0]}

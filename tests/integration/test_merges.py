@@ -16,15 +16,30 @@ from multifusion.weights import models as merge_module
 
 SMALL = dict(norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2, sample_size=8)
 UNETS = {
-    "2-level (tiny test)": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                block_out_channels=(8, 16), layers_per_block=1),
-    "3-level (zoo)": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16, 16), layers_per_block=1),
+    "2-level (tiny test)": dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+    ),
+    "3-level (zoo)": dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+    ),
     "4-level (SD-1.5)": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=2),
-    "SDXL": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 16, 16), layers_per_block=2,
-                 transformer_layers_per_block=(1, 2, 2), addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=8 + 6 * 4, use_linear_projection=True),
+    "SDXL": dict(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16, 16),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
+        use_linear_projection=True,
+    ),
 }
 N_BLOCKS = {"2-level (tiny test)": 9, "3-level (zoo)": 13, "4-level (SD-1.5)": 25, "SDXL": 19}
 
@@ -55,20 +70,29 @@ def test_every_unet_parameter_has_exactly_one_block(name):
 # output_blocks 2, 5, 8).
 SD15_A1111 = {
     "IN00": "conv_in, time_embedding",
-    "IN01": "down_blocks.0.resnets.0, down_blocks.0.attentions.0", "IN02": "down_blocks.0.resnets.1, down_blocks.0.attentions.1",
+    "IN01": "down_blocks.0.resnets.0, down_blocks.0.attentions.0",
+    "IN02": "down_blocks.0.resnets.1, down_blocks.0.attentions.1",
     "IN03": "down_blocks.0.downsamplers",
-    "IN04": "down_blocks.1.resnets.0, down_blocks.1.attentions.0", "IN05": "down_blocks.1.resnets.1, down_blocks.1.attentions.1",
+    "IN04": "down_blocks.1.resnets.0, down_blocks.1.attentions.0",
+    "IN05": "down_blocks.1.resnets.1, down_blocks.1.attentions.1",
     "IN06": "down_blocks.1.downsamplers",
-    "IN07": "down_blocks.2.resnets.0, down_blocks.2.attentions.0", "IN08": "down_blocks.2.resnets.1, down_blocks.2.attentions.1",
+    "IN07": "down_blocks.2.resnets.0, down_blocks.2.attentions.0",
+    "IN08": "down_blocks.2.resnets.1, down_blocks.2.attentions.1",
     "IN09": "down_blocks.2.downsamplers",
-    "IN10": "down_blocks.3.resnets.0", "IN11": "down_blocks.3.resnets.1",
+    "IN10": "down_blocks.3.resnets.0",
+    "IN11": "down_blocks.3.resnets.1",
     "M00": "mid_block",
-    "OUT00": "up_blocks.0.resnets.0", "OUT01": "up_blocks.0.resnets.1", "OUT02": "up_blocks.0.resnets.2, up_blocks.0.upsamplers",
-    "OUT03": "up_blocks.1.resnets.0, up_blocks.1.attentions.0", "OUT04": "up_blocks.1.resnets.1, up_blocks.1.attentions.1",
+    "OUT00": "up_blocks.0.resnets.0",
+    "OUT01": "up_blocks.0.resnets.1",
+    "OUT02": "up_blocks.0.resnets.2, up_blocks.0.upsamplers",
+    "OUT03": "up_blocks.1.resnets.0, up_blocks.1.attentions.0",
+    "OUT04": "up_blocks.1.resnets.1, up_blocks.1.attentions.1",
     "OUT05": "up_blocks.1.resnets.2, up_blocks.1.attentions.2, up_blocks.1.upsamplers",
-    "OUT06": "up_blocks.2.resnets.0, up_blocks.2.attentions.0", "OUT07": "up_blocks.2.resnets.1, up_blocks.2.attentions.1",
+    "OUT06": "up_blocks.2.resnets.0, up_blocks.2.attentions.0",
+    "OUT07": "up_blocks.2.resnets.1, up_blocks.2.attentions.1",
     "OUT08": "up_blocks.2.resnets.2, up_blocks.2.attentions.2, up_blocks.2.upsamplers",
-    "OUT09": "up_blocks.3.resnets.0, up_blocks.3.attentions.0", "OUT10": "up_blocks.3.resnets.1, up_blocks.3.attentions.1",
+    "OUT09": "up_blocks.3.resnets.0, up_blocks.3.attentions.0",
+    "OUT10": "up_blocks.3.resnets.1, up_blocks.3.attentions.1",
     "OUT11": "up_blocks.3.resnets.2, up_blocks.3.attentions.2, conv_norm_out, conv_out",
 }
 
@@ -105,7 +129,9 @@ def test_sdxl_layout_gives_the_20_value_notation():
     table = dict(layout_table(unet_layout(unet.config), unet.state_dict()))
     assert len(table) + 1 == 20  # with BASE
     assert table["IN00"] == "conv_in, time_embedding, add_embedding"
-    assert table["IN03"] == "down_blocks.0.downsamplers" and table["IN08"] == "down_blocks.2.resnets.1, down_blocks.2.attentions.1"
+    assert (
+        table["IN03"] == "down_blocks.0.downsamplers" and table["IN08"] == "down_blocks.2.resnets.1, down_blocks.2.attentions.1"
+    )
     assert table["OUT08"] == "up_blocks.2.resnets.2, conv_norm_out, conv_out"
 
 
@@ -161,12 +187,15 @@ def test_block_weights_all_at_w_equal_the_weighted_sum_at_w(tiny_dir, tmp_path):
     assert not torch.equal(x["conv_in.weight"], _unet_tensors(tiny_dir / "a")["conv_in.weight"])
 
 
-@pytest.mark.parametrize("models, spec", [
-    (["zoo:slice0", "zoo:slice1"], MergeSpec(blocks="RING08_SOFT")),
-    (["zoo:slice0", "zoo:slice1"], MergeSpec(weights=(0.3, 0.7))),
-    (["a", "b", "c"], MergeSpec("add_difference", blocks="0.5," + ",".join(["1.5"] * 9))),
-    (["a", "d"], MergeSpec(weights=(1.0, 2.0))),  # different text encoders: merged too
-])
+@pytest.mark.parametrize(
+    "models, spec",
+    [
+        (["zoo:slice0", "zoo:slice1"], MergeSpec(blocks="RING08_SOFT")),
+        (["zoo:slice0", "zoo:slice1"], MergeSpec(weights=(0.3, 0.7))),
+        (["a", "b", "c"], MergeSpec("add_difference", blocks="0.5," + ",".join(["1.5"] * 9))),
+        (["a", "d"], MergeSpec(weights=(1.0, 2.0))),  # different text encoders: merged too
+    ],
+)
 def test_streaming_and_in_memory_merges_agree_bit_for_bit(folders, tmp_path, models, spec):
     models = [folders(m) for m in models]
     folder = merge_models(models, tmp_path / "m", spec)
@@ -216,18 +245,36 @@ def _nothing_written(tmp_path):
     return list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("models, spec, error, match", [
-    (["a", "wide"], MergeSpec(), IncompatibleModelsError, r"unet tensor 'conv_in.weight' has shape \(16, 4, 3, 3\) in .* and \(16, 8, 3, 3\)"),
-    (["a", "v"], MergeSpec(), IncompatibleModelsError, "predicts epsilon and .* predicts v_prediction"),
-    (["a", "b"], MergeSpec(blocks=",".join(["0.5"] * 13)), RecipeError, r"13 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10"),
-    (["a", "b"], MergeSpec(blocks="RING08_SOFTT"), RecipeError, "did you mean 'RING08_SOFT'"),
-    (["a", "b"], MergeSpec(blocks="0,0,0,0,1.5,0,0,0,0"), RecipeError, r"block weight 1.5 for M00 is outside \[0, 1\]"),
-    (["a", "b"], MergeSpec(weights=(1.0, 2.0, 3.0)), RecipeError, "3 weights for 2 models"),
-    (["a", "b"], MergeSpec("add_difference"), RecipeError, "add_difference merges three models"),
-    (["a", "b", "c"], MergeSpec(blocks="GRAD_V"), RecipeError, "block-weighted sum merges two models"),
-    (["a", "zoo:slice0"], MergeSpec(), IncompatibleModelsError, r"text_encoder tensor '.*' has shape \(16, 32\) in .* and \(32, 64\) in 'zoo:slice0'"),
-    (["a", "zoo:slice0"], MergeSpec(text_encoder="first"), IncompatibleModelsError, r"unet tensor '.*' has shape"),
-])
+@pytest.mark.parametrize(
+    "models, spec, error, match",
+    [
+        (
+            ["a", "wide"],
+            MergeSpec(),
+            IncompatibleModelsError,
+            r"unet tensor 'conv_in.weight' has shape \(16, 4, 3, 3\) in .* and \(16, 8, 3, 3\)",
+        ),
+        (["a", "v"], MergeSpec(), IncompatibleModelsError, "predicts epsilon and .* predicts v_prediction"),
+        (
+            ["a", "b"],
+            MergeSpec(blocks=",".join(["0.5"] * 13)),
+            RecipeError,
+            r"13 values given; this UNet expects 9 \(IN00..IN03, M00, OUT00..OUT03\) or 10",
+        ),
+        (["a", "b"], MergeSpec(blocks="RING08_SOFTT"), RecipeError, "did you mean 'RING08_SOFT'"),
+        (["a", "b"], MergeSpec(blocks="0,0,0,0,1.5,0,0,0,0"), RecipeError, r"block weight 1.5 for M00 is outside \[0, 1\]"),
+        (["a", "b"], MergeSpec(weights=(1.0, 2.0, 3.0)), RecipeError, "3 weights for 2 models"),
+        (["a", "b"], MergeSpec("add_difference"), RecipeError, "add_difference merges three models"),
+        (["a", "b", "c"], MergeSpec(blocks="GRAD_V"), RecipeError, "block-weighted sum merges two models"),
+        (
+            ["a", "zoo:slice0"],
+            MergeSpec(),
+            IncompatibleModelsError,
+            r"text_encoder tensor '.*' has shape \(16, 32\) in .* and \(32, 64\) in 'zoo:slice0'",
+        ),
+        (["a", "zoo:slice0"], MergeSpec(text_encoder="first"), IncompatibleModelsError, r"unet tensor '.*' has shape"),
+    ],
+)
 def test_bad_inputs_are_refused_before_writing(folders, tmp_path, models, spec, error, match):
     models = [folders(m) for m in models]
     with pytest.raises(error, match=match):
@@ -235,17 +282,20 @@ def test_bad_inputs_are_refused_before_writing(folders, tmp_path, models, spec, 
     assert _nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(weights=(1.0, float("nan"))), "not a finite number >= 0"),
-    (dict(weights=(1.0, -1.0)), "not a finite number >= 0"),
-    (dict(weights=(0.0, 0.0)), "sum to zero"),
-    (dict(method="add_diference"), "did you mean 'add_difference'"),
-    (dict(method="add_difference", alpha=float("nan")), "not a finite number"),
-    (dict(method="add_difference", weights=(1.0, 1.0, 1.0)), "takes `alpha`"),
-    (dict(alpha=0.5), "not `alpha`"),
-    (dict(weights=(1.0, 1.0), blocks="GRAD_V"), "either block weights"),
-    (dict(text_encoder="second"), "text_encoder must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weights=(1.0, float("nan"))), "not a finite number >= 0"),
+        (dict(weights=(1.0, -1.0)), "not a finite number >= 0"),
+        (dict(weights=(0.0, 0.0)), "sum to zero"),
+        (dict(method="add_diference"), "did you mean 'add_difference'"),
+        (dict(method="add_difference", alpha=float("nan")), "not a finite number"),
+        (dict(method="add_difference", weights=(1.0, 1.0, 1.0)), "takes `alpha`"),
+        (dict(alpha=0.5), "not `alpha`"),
+        (dict(weights=(1.0, 1.0), blocks="GRAD_V"), "either block weights"),
+        (dict(text_encoder="second"), "text_encoder must be one of"),
+    ],
+)
 def test_merge_specs_check_themselves(kwargs, match):
     with pytest.raises(RecipeError, match=match):
         MergeSpec(**kwargs)

@@ -3,6 +3,7 @@ image-guided regions, bad input."""
 
 import pytest
 import torch
+from handmade import mixed, region_weight, shares
 from PIL import Image
 
 from multifusion import RecipeError, load_models, single
@@ -16,13 +17,36 @@ PROMPT = "a red circle in a snowy field"
 
 def ddim(fn, handle, noise, steps=3, **kwargs):
     """One trajectory of noise function `fn` under a fresh DDIM scheduler of `handle`."""
-    return sample([Trajectory(fn, make_scheduler("ddim", handle.scheduler_config), noise)], num_inference_steps=steps,
-                  progress=False, **kwargs)[0]
+    return sample(
+        [Trajectory(fn, make_scheduler("ddim", handle.scheduler_config), noise)],
+        num_inference_steps=steps,
+        progress=False,
+        **kwargs,
+    )[0]
 
 
 def mod(models, params, **sampling):
-    return {"method": "mod", "models": [{"model": m} for m in models], "params": params,
-            "sampling": {"num_inference_steps": 4, "seed": 3, "num_images": 2, **sampling}}
+    return {
+        "method": "mod",
+        "models": [{"model": m} for m in models],
+        "params": params,
+        "sampling": {"num_inference_steps": 4, "seed": 3, "num_images": 2, **sampling},
+    }
+
+
+def check_steps_mix(steps, parts, canvas):
+    """Every recorded step's prediction recomputed by hand: each region's own noise function on
+    its window of the step's input, weighted by its hand-computed share of each pixel. `parts`:
+    (noise function, latent box, hand-computed weights (h, w)) per region, in the canvas' order."""
+    boxes, weights = [b for _, b, _ in parts], [w for _, _, w in parts]
+    assert steps
+    for step in steps:
+        x, t = step.model_input[0], step.t[0]
+        preds = [fn(x[:, :, r0:r1, c0:c1], t) for fn, (r0, r1, c0, c1), _ in parts]
+        # float64 by hand against float32 in the library: 1e-6 is a few float32 roundings here.
+        torch.testing.assert_close(step.eps[0].double(), mixed(preds, boxes, weights, canvas), rtol=1e-5, atol=1e-6)
+        if "mod/weights" in step.record:
+            torch.testing.assert_close(step.record["mod/weights"].double(), shares(boxes, weights, canvas), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++"])
@@ -36,16 +60,36 @@ def test_one_region_over_the_canvas_is_single(tiny_a, scheduler):
 
 def test_a_region_may_name_another_model(tiny_a, tiny_b):
     ha, hb = load_models([tiny_a, tiny_b], names=["general", "expert"])
-    region = {"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 1, "units": "fraction", "prompt": PROMPT, "model": "expert", "guidance_scale": 3}
-    out = run({**mod([tiny_a, tiny_b], {"regions": [region]}), "models": [{"model": tiny_a, "name": "general"}, {"model": tiny_b, "name": "expert"}]},
-              models=[ha, hb], progress=False).latents
+    region = {
+        "row_init": 0,
+        "row_end": 1,
+        "col_init": 0,
+        "col_end": 1,
+        "units": "fraction",
+        "prompt": PROMPT,
+        "model": "expert",
+        "guidance_scale": 3,
+    }
+    out = run(
+        {
+            **mod([tiny_a, tiny_b], {"regions": [region]}),
+            "models": [{"model": tiny_a, "name": "general"}, {"model": tiny_b, "name": "expert"}],
+        },
+        models=[ha, hb],
+        progress=False,
+    ).latents
     ref = single(hb, PROMPT, guidance_scale=3, num_inference_steps=4, seed=3, num_images=2, progress=False).latents
     assert torch.equal(out, ref)
 
 
 def test_batched_regions_equal_one_at_a_time(tiny_a):
     [h] = load_models([tiny_a])
-    tiles = {"prompts": [["a red circle", "a blue square", "a pink diamond"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 16}
+    tiles = {
+        "prompts": [["a red circle", "a blue square", "a pink diamond"]],
+        "tile_height": 32,
+        "tile_width": 32,
+        "tile_col_overlap": 16,
+    }
     one = run(mod([tiny_a], {"tiles": tiles, "tile_batch_size": 1}), models=[h], progress=False).latents
     three = run(mod([tiny_a], {"tiles": tiles, "tile_batch_size": 3}), models=[h], progress=False).latents
     assert one.shape == (2, 4, 8, 16)  # canvas 32 x 64 pixels from the tiles
@@ -57,8 +101,13 @@ def test_non_square_canvas_halves_are_independent_models_runs(tiny_a):
     exactly a single-model run on that half's noise (a swapped height/width would break this)."""
     [h] = load_models([tiny_a])
     left, right = h.guide("a red circle", batch_size=1), h.guide("a blue square", batch_size=1)
-    canvas = Canvas([Region((0, 8, 0, 8), left, region_weights(8, 8, "constant")),
-                     Region((0, 8, 8, 16), right, region_weights(8, 8, "constant"))], (8, 16))
+    canvas = Canvas(
+        [
+            Region((0, 8, 0, 8), left, region_weights(8, 8, "constant")),
+            Region((0, 8, 8, 16), right, region_weights(8, 8, "constant")),
+        ],
+        (8, 16),
+    )
     noise = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
     both = ddim(canvas, h, noise)
     alone = ddim(right, h, noise[:, :, :, 8:].contiguous())
@@ -68,15 +117,21 @@ def test_non_square_canvas_halves_are_independent_models_runs(tiny_a):
 def test_image_region_with_full_strength_reproduces_the_reference(tiny_a, tmp_path):
     [h] = load_models([tiny_a])
     Image.new("RGB", (16, 32), (200, 30, 30)).save(tmp_path / "ref.png")
-    params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}],
-              "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 16, "image": str(tmp_path / "ref.png"), "strength": 1.0}]}
+    params = {
+        "regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}],
+        "image_regions": [
+            {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 16, "image": str(tmp_path / "ref.png"), "strength": 1.0}
+        ],
+    }
     out = run(mod([tiny_a], params), models=[h], progress=False).latents
     from multifusion.io import read_rgb_image
     from multifusion.vae import encode
 
     ref = encode(h.vae, read_rgb_image("x", str(tmp_path / "ref.png"), (32, 16)))
     assert torch.equal(out[:, :, :, :4], ref.expand(2, -1, -1, -1))
-    free = run(mod([tiny_a], {**params, "image_regions": [{**params["image_regions"][0], "strength": 0.0}]}), models=[h], progress=False).latents
+    free = run(
+        mod([tiny_a], {**params, "image_regions": [{**params["image_regions"][0], "strength": 0.0}]}), models=[h], progress=False
+    ).latents
     assert torch.equal(free, run(mod([tiny_a], {"regions": params["regions"]}), models=[h], progress=False).latents)
 
 
@@ -84,8 +139,13 @@ def test_reroll_keeps_the_rest_of_the_start_noise(tiny_a):
     [h] = load_models([tiny_a])
     region = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT, "mask_type": "constant"}
     base = run(mod([tiny_a], {"regions": [region]}), models=[h], progress=False).latents
-    rerolled = run(mod([tiny_a], {"regions": [region], "rerolls": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 16, "seed": 5}]}),
-                   models=[h], progress=False).latents
+    rerolled = run(
+        mod(
+            [tiny_a], {"regions": [region], "rerolls": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 16, "seed": 5}]}
+        ),
+        models=[h],
+        progress=False,
+    ).latents
     assert not torch.equal(base, rerolled)
     # Constant weights over one full region: pixels far from the rerolled box keep their latents
     # only approximately (the UNet sees the whole canvas), so compare the untouched corner loosely.
@@ -99,16 +159,22 @@ def test_region_weight_picture_and_step_previews(tiny_a, tmp_path):
     from multifusion.viz import RegionWeightRecorder, x0_previews
 
     [h] = load_models([tiny_a])
-    params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 24, "prompt": PROMPT, "mask_type": "constant"},
-                          {"row_init": 0, "row_end": 32, "col_init": 8, "col_end": 32, "prompt": "a blue square", "mask_type": "constant"}],
-              "background": {"prompt": "a snowy field"}}
+    params = {
+        "regions": [
+            {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 24, "prompt": PROMPT, "mask_type": "constant"},
+            {"row_init": 0, "row_end": 32, "col_init": 8, "col_end": 32, "prompt": "a blue square", "mask_type": "constant"},
+        ],
+        "background": {"prompt": "a snowy field"},
+    }
     written = generate_to_folder(mod([tiny_a], params), tmp_path, stem="canvas", models=[h], export_masks=True, progress=False)
     picture = Image.open(tmp_path / "canvas-s3-regions.png")
     assert tmp_path / "canvas-s3-regions.png" in written and picture.width >= 4 * picture.height // 2  # the mix and three regions
 
     recorder, previews = RegionWeightRecorder(), []
     session = Run(mod([tiny_a], params), models=[h])
-    result = session.batch([3, 4], callback=lambda step: (recorder(step), previews.append(x0_previews(step, h.vae))), progress=False)
+    result = session.batch(
+        [3, 4], callback=lambda step: (recorder(step), previews.append(x0_previews(step, h.vae))), progress=False
+    )
     assert recorder.names == ["regions[0]", "regions[1]", "background"]
     shares = recorder.shares  # (3, 8, 8): region 0 alone on the left, region 1 alone on the right
     assert shares.shape == (3, 8, 8) and torch.allclose(shares.sum(0), torch.ones(8, 8))
@@ -118,26 +184,111 @@ def test_region_weight_picture_and_step_previews(tiny_a, tmp_path):
 
 
 def test_guidance_at_or_below_one_and_background(tiny_a):
+    """A region at guidance 0.5 predicts halfway between its unconditional and conditional
+    predictions, the background at guidance 1 its conditional one, and the canvas mixes them by
+    their weights: a Gaussian over the region, a constant 0.01 over the whole canvas."""
     [h] = load_models([tiny_a])
-    params = {"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": PROMPT, "guidance_scale": 0.5}],
-              "background": {"prompt": "a snowy field", "guidance_scale": 1.0}}
-    out = run(mod([tiny_a], params), models=[h], progress=False).latents
-    assert torch.isfinite(out).all()
+    params = {
+        "regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": PROMPT, "guidance_scale": 0.5}],
+        "background": {"prompt": "a snowy field", "guidance_scale": 1.0},
+    }
+    steps = []
+    run(mod([tiny_a], params), models=[h], callback=steps.append, progress=False)
+    # The unconditional prediction is the model's conditional one on the (empty) negative prompt;
+    # guidance 1 runs only that conditional half, so neither side goes through the library's
+    # guidance formula, which is under test here.
+    uncond, cond = h.guide("", guidance_scale=1.0, batch_size=2), h.guide(PROMPT, guidance_scale=1.0, batch_size=2)
+
+    def halfway(x, t):
+        u, c = uncond(x, t), cond(x, t)
+        return u + 0.5 * (c - u)
+
+    check_steps_mix(
+        steps,
+        [
+            (halfway, (0, 4, 0, 8), region_weight(4, 8)),
+            (h.guide("a snowy field", guidance_scale=1.0, batch_size=2), (0, 8, 0, 8), region_weight(8, 8, "constant", 0.01)),
+        ],
+        (8, 8),
+    )
+
+
+def test_two_models_paint_overlapping_regions_by_their_weights(tiny_a, tiny_b):
+    """Two different models on overlapping regions of unequal sizes (a Gaussian region, a quartic
+    one of weight 2) and a background: each step's prediction is the mix, by weights computed by
+    hand from the reference formulas, of each region's own model on its window. Regions of one
+    model cannot show a weight given to the wrong region; the overlap of two models can."""
+    ha, hb = load_models([tiny_a, tiny_b])
+    regions = [
+        {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 40, "prompt": PROMPT, "model": 0},
+        {
+            "row_init": 8,
+            "row_end": 32,
+            "col_init": 24,
+            "col_end": 56,
+            "prompt": "a blue square",
+            "model": 1,
+            "mask_type": "quartic",
+            "mask_weight": 2.0,
+            "guidance_scale": 4.0,
+        },
+    ]
+    params = {"regions": regions, "background": {"prompt": "a snowy field", "model": 1, "mask_weight": 0.05}}
+    recipe = {**mod([tiny_a, tiny_b], params, width=56, height=32), "models": [{"model": tiny_a}, {"model": tiny_b}]}
+    steps = []
+    run(recipe, models=[ha, hb], callback=steps.append, progress=False)
+    parts = [
+        (ha.guide(PROMPT, batch_size=2), (0, 8, 0, 10), region_weight(8, 10)),
+        (hb.guide("a blue square", guidance_scale=4.0, batch_size=2), (2, 8, 6, 14), region_weight(6, 8, "quartic", 2.0)),
+        (hb.guide("a snowy field", batch_size=2), (0, 8, 0, 14), region_weight(8, 14, "constant", 0.05)),
+    ]
+    check_steps_mix(steps, parts, (8, 14))
+    # The overlap is shared: at some pixel each of the two models holds more than a tenth.
+    share = steps[0].record["mod/weights"]
+    assert ((share[0] > 0.1) & (share[1] > 0.1)).any() and steps[0].record["mod/names"][2] == "background"
 
 
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"regions": [{"row_init": 0, "row_end": 40, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "params.regions[0].row_end: 40 lies outside the 32x32 canvas"),
-        ({"regions": [{"row_init": 0, "row_end": 30, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "params.regions[0].row_end: 30 is not a multiple of the VAE factor 4"),
-        ({"regions": [{"row_init": 8, "row_end": 8, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "params.regions[0]: empty box"),
-        ({"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": "x"}]}, "covered by no region (pixel rows 16-32, columns 0-32)"),
-        ({"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x", "model": 3}]}, "params.regions[0].model: index 3"),
-        ({"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x", "mask_type": "cosine"}]}, "params.regions[0].mask_type"),
+        (
+            {"regions": [{"row_init": 0, "row_end": 40, "col_init": 0, "col_end": 32, "prompt": "x"}]},
+            "params.regions[0].row_end: 40 lies outside the 32x32 canvas",
+        ),
+        (
+            {"regions": [{"row_init": 0, "row_end": 30, "col_init": 0, "col_end": 32, "prompt": "x"}]},
+            "params.regions[0].row_end: 30 is not a multiple of the VAE factor 4",
+        ),
+        (
+            {"regions": [{"row_init": 8, "row_end": 8, "col_init": 0, "col_end": 32, "prompt": "x"}]},
+            "params.regions[0]: empty box",
+        ),
+        (
+            {"regions": [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 32, "prompt": "x"}]},
+            "covered by no region (pixel rows 16-32, columns 0-32)",
+        ),
+        (
+            {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x", "model": 3}]},
+            "params.regions[0].model: index 3",
+        ),
+        (
+            {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x", "mask_type": "cosine"}]},
+            "params.regions[0].mask_type",
+        ),
         ({"regions": []}, "give `regions` or `tiles`"),
-        ({"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}],
-          "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": "ref.png", "strength": 1.5}]}, "params.image_regions[0].strength: must lie in [0, 1]"),
-        ({"tiles": {"prompts": [["a", "b"]], "tile_height": 32, "tile_width": 32}}, "sampling.width: 32 contradicts the tiles' canvas width 64"),
+        (
+            {
+                "regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}],
+                "image_regions": [
+                    {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": "ref.png", "strength": 1.5}
+                ],
+            },
+            "params.image_regions[0].strength: must lie in [0, 1]",
+        ),
+        (
+            {"tiles": {"prompts": [["a", "b"]], "tile_height": 32, "tile_width": 32}},
+            "sampling.width: 32 contradicts the tiles' canvas width 64",
+        ),
     ],
 )
 def test_bad_regions_are_refused_before_sampling(tiny_a, params, message):
@@ -149,8 +300,10 @@ def test_bad_regions_are_refused_before_sampling(tiny_a, params, message):
 
 def test_reference_image_of_a_wrong_mode(tiny_a, tmp_path):
     Image.new("RGBA", (8, 8)).save(tmp_path / "rgba.png")
-    params = {"regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}],
-              "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": str(tmp_path / "rgba.png")}]}
+    params = {
+        "regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": "x"}],
+        "image_regions": [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": str(tmp_path / "rgba.png")}],
+    }
     with pytest.raises(RecipeError, match=r"params.image_regions\[0\].image: .* has mode RGBA; give an RGB image"):
         run(mod([tiny_a], params), progress=False)
 
@@ -162,6 +315,13 @@ def test_python_api_mirrors_the_recipe(tiny_a):
     tiles = {"prompts": [["a red circle", "a blue square"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 8}
     out = mixture([h], tiles=tiles, num_inference_steps=3, seed=1, progress=False)
     assert out.images[0].size == (56, 32)  # PIL size is (width, height)
+    recipe = {
+        "method": "mod",
+        "models": [{"model": tiny_a}],
+        "params": {"tiles": tiles},
+        "sampling": {"num_inference_steps": 3, "seed": 1},
+    }
+    assert torch.equal(out.latents, run(recipe, models=[h], progress=False).latents)
 
 
 def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
@@ -178,13 +338,24 @@ def test_a_region_may_be_painted_by_snb(tiny_a, tiny_b):
     assert torch.equal(out, ref)
 
     fused = SNB([ha.guide(PROMPT, batch_size=1), hb.guide("a blue square", batch_size=1)], [1.0, 1.0])
-    canvas = Canvas([Region((0, 8, 0, 8), fused, region_weights(8, 8)),
-                     Region((0, 8, 4, 16), hb.guide("a forest", batch_size=1), region_weights(8, 12))], (8, 16))
-    masks = []
+    canvas = Canvas(
+        [
+            Region((0, 8, 0, 8), fused, region_weights(8, 8)),
+            Region((0, 8, 4, 16), hb.guide("a forest", batch_size=1), region_weights(8, 12)),
+        ],
+        (8, 16),
+    )
+    steps = []
     wide = initial_noise((4, 8, 16), [torch.Generator().manual_seed(0)])
-    out = ddim(canvas, ha, wide, callback=lambda info: masks.append(info.record["snb/mask"]))
-    assert out.shape == (1, 4, 8, 16) and torch.isfinite(out).all()
-    assert len(masks) == 3 and all(m.shape == (2, 1, 1, 8, 8) for m in masks)
+    ddim(canvas, ha, wide, callback=steps.append)
+    assert len(steps) == 3 and all(s.record["snb/mask"].shape == (2, 1, 1, 8, 8) for s in steps)
+    # Each step: the SNB region's own prediction on its window and the other region's, mixed by
+    # their Gaussian weights (8 x 8 and 8 x 12, overlapping in columns 4-7).
+    check_steps_mix(
+        steps,
+        [(fused, (0, 8, 0, 8), region_weight(8, 8)), (hb.guide("a forest", batch_size=1), (0, 8, 4, 16), region_weight(8, 12))],
+        (8, 16),
+    )
 
 
 def test_large_reference_images_and_canvases_use_vae_tiling(tiny_a, monkeypatch):
@@ -210,7 +381,11 @@ def test_vae_on_its_own_device_in_float32(tiny_a):
     region = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT}
     half = run({**mod([tiny_a], {"regions": [region]}), "runtime": {"dtype": "bfloat16"}}, progress=False)
     [h] = load_models([tiny_a], dtype="bfloat16")
-    moved = run({**mod([tiny_a], {"regions": [region]}), "runtime": {"dtype": "bfloat16", "vae_device": "cpu"}}, models=[h], progress=False)
+    moved = run(
+        {**mod([tiny_a], {"regions": [region]}), "runtime": {"dtype": "bfloat16", "vae_device": "cpu"}},
+        models=[h],
+        progress=False,
+    )
     assert h.vae.dtype == torch.float32 and h.unet.dtype == torch.bfloat16
     assert torch.equal(moved.latents, half.latents)
     with pytest.raises(RecipeError, match="runtime.vae_device: 'gpu' is not one of"):
@@ -237,12 +412,18 @@ def test_a_recipe_region_may_be_painted_by_snb(tiny_a, tiny_b):
     assert not torch.allclose(run(mod([tiny_a, tiny_b], {"regions": [other]}), progress=False).latents, alone)
 
 
-@pytest.mark.parametrize("snb, message", [
-    ({"models": [{"model": "nope", "prompt": "x"}]}, "params.regions[0].snb.models[0].model: no model named 'nope'"),
-    ({"models": [{"model": 1, "prompt": "x"}], "params": {"k": [1.0, 1.0, 1.0]}}, "params.k: has 3 entries for 2 models"),
-    ({"models": [{"model": 1, "prompt": "x"}], "params": {"blur_size": 9}}, "params.regions[0].snb.params.blur_size: 9 is larger"),
-    ({"models": []}, "models"),
-])
+@pytest.mark.parametrize(
+    "snb, message",
+    [
+        ({"models": [{"model": "nope", "prompt": "x"}]}, "params.regions[0].snb.models[0].model: no model named 'nope'"),
+        ({"models": [{"model": 1, "prompt": "x"}], "params": {"k": [1.0, 1.0, 1.0]}}, "params.k: has 3 entries for 2 models"),
+        (
+            {"models": [{"model": 1, "prompt": "x"}], "params": {"blur_size": 9}},
+            "params.regions[0].snb.params.blur_size: 9 is larger",
+        ),
+        ({"models": []}, "models"),
+    ],
+)
 def test_bad_snb_regions_are_refused_before_sampling(tiny_a, tiny_b, snb, message):
     box = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "prompt": PROMPT, "snb": snb}
     with pytest.raises(RecipeError) as info:

@@ -67,8 +67,9 @@ def swap_package(tmp_path, monkeypatch):
 
 def test_a_registered_method_runs_end_to_end(swap_package, tiny_a, tiny_b, tmp_path):
     ha, hb = load_models([tiny_a, tiny_b])
-    out = multifusion.swap_test([ha, hb], ["a red circle", "a blue square"], num_inference_steps=3, seed=2,
-                                num_images=2, progress=False)
+    out = multifusion.swap_test(
+        [ha, hb], ["a red circle", "a blue square"], num_inference_steps=3, seed=2, num_images=2, progress=False
+    )
 
     # Independently: DDIM keeps no state, and both trajectories start from the same noise, so the
     # latent that ends in slot 0 is one trajectory whose model alternates B, A, B (slot k is
@@ -76,13 +77,20 @@ def test_a_registered_method_runs_end_to_end(swap_package, tiny_a, tiny_b, tmp_p
     ga, gb = ha.guide("a red circle", batch_size=2), hb.guide("a blue square", batch_size=2)
     order = iter([gb, ga, gb])
     noise = initial_noise((4, 8, 8), [torch.Generator().manual_seed(s) for s in (2, 3)])
-    [ref] = sample([Trajectory(lambda x, t, r=None: next(order)(x, t), make_scheduler("ddim", ha.scheduler_config), noise)],
-                   num_inference_steps=3, progress=False)
+    [ref] = sample(
+        [Trajectory(lambda x, t, r=None: next(order)(x, t), make_scheduler("ddim", ha.scheduler_config), noise)],
+        num_inference_steps=3,
+        progress=False,
+    )
     assert torch.equal(out.latents, ref)
 
     # The same method from a recipe file through the CLI, and its other trajectory as output.
-    recipe = {"method": "swap-test", "params": {"output": 1}, "sampling": {"num_inference_steps": 3, "seed": 2},
-              "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}]}
+    recipe = {
+        "method": "swap-test",
+        "params": {"output": 1},
+        "sampling": {"num_inference_steps": 3, "seed": 2},
+        "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}],
+    }
     other = multifusion.run(recipe, models=[ha, hb], progress=False)
     assert other.latents.shape == (1, 4, 8, 8) and not torch.equal(other.latents, out.latents[:1])
     from multifusion.cli import main
@@ -95,11 +103,19 @@ def test_a_registered_method_runs_end_to_end(swap_package, tiny_a, tiny_b, tmp_p
 def test_the_pictures_a_method_declares_are_what_the_cli_and_the_ui_write(swap_package, tiny_a, tiny_b, tmp_path):
     from multifusion.cli import main
 
-    recipe = {"method": "swap-test", "sampling": {"num_inference_steps": 3, "num_images": 2},
-              "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}]}
+    recipe = {
+        "method": "swap-test",
+        "sampling": {"num_inference_steps": 3, "num_images": 2},
+        "models": [{"model": tiny_a, "prompt": "a red circle"}, {"model": tiny_b, "prompt": "a blue square"}],
+    }
     (tmp_path / "swap.json").write_text(__import__("json").dumps(recipe))
     assert main(["generate", str(tmp_path / "swap.json"), "--out", str(tmp_path / "cli"), "--no-progress", "--export-masks"]) == 0
-    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["swap-s0-swap.png", "swap-s0.png", "swap-s1-swap.png", "swap-s1.png"]
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
+        "swap-s0-swap.png",
+        "swap-s0.png",
+        "swap-s1-swap.png",
+        "swap-s1.png",
+    ]
     assert Image.open(tmp_path / "cli" / "swap-s1-swap.png").size == (3, 1)  # it saw every step
 
     pytest.importorskip("gradio", reason="the ui extra is not installed")
@@ -116,8 +132,11 @@ def test_the_built_in_methods_declare_their_pictures():
 
     declared = {name: [type(r) for r in m.recorders(None)] for name, m in METHODS.items()}
     assert {name: kinds for name, kinds in declared.items() if kinds} == {
-        "snb": [MaskRecorder], "mod": [MaskRecorder, RegionWeightRecorder],  # a region painted by SNB draws its masks
-        "amdm": [AggregationRecorder], "afa": [AFAMapRecorder]}
+        "snb": [MaskRecorder],
+        "mod": [MaskRecorder, RegionWeightRecorder],  # a region painted by SNB draws its masks
+        "amdm": [AggregationRecorder],
+        "afa": [AFAMapRecorder],
+    }
 
 
 def test_registration_is_checked(swap_package):

@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from handmade import ONE_HOT, set_constant_logits
 from PIL import Image
 
 import multifusion as mf
 from multifusion import load_models
-from multifusion.features.unet import AFAEnsemble
 from multifusion.features.ensemble import EnsembleHandle, model_hash, split_conditioning
+from multifusion.features.train import AFATrainConfig, load_trained, train_afa
+from multifusion.features.unet import AFAEnsemble
 from multifusion.features.walkers import aggregation_channels, fresh_aggregators
-from multifusion.features.train import AFATrainConfig, train_afa
+from multifusion.training import load_checkpoint
 
 PROMPT = "a blue square"
 KW = dict(num_inference_steps=4, seed=1, num_images=2, progress=False, height=32, width=48)
@@ -26,8 +28,9 @@ def models(tiny_sdxl_dir):
 
 
 def _fresh(handles, folder):
-    fresh_aggregators([h.unet for h in handles], [model_hash(h) for h in handles], [h.name for h in handles],
-                      width=8).save_pretrained(folder)
+    fresh_aggregators(
+        [h.unet for h in handles], [model_hash(h) for h in handles], [h.name for h in handles], width=8
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -52,9 +55,20 @@ def test_each_sdxl_model_gets_its_own_conditioning(models, tmp_path):
     assert not negative.embeds.any() and not negative.extra["text_embeds"].any()
     kwargs = handle.denoiser_kwargs(torch.zeros(1, 4, 8, 12), cond, torch.device("cpu"))["added_cond_kwargs"]
     assert kwargs["time_ids"].tolist() == [[32, 48, 0, 0, 32, 48] * 2] and kwargs["text_embeds"].shape == (1, 32)
-    # every aggregation point of the SDXL UNet is walked, and the fused prediction is finite
-    out = mf.afa([a, c], [PROMPT, "a red circle"], aggregator=_fresh([a, c], tmp_path / "ac"), **KW).latents
-    assert torch.isfinite(out).all() and len(ensemble.aggregators.config.channels) == len(aggregation_channels(a.unet))
+    assert len(ensemble.aggregators.config.channels) == len(aggregation_channels(a.unet))
+    # End to end: aggregators one-hot on one model at every pixel of every point make the
+    # ensemble that model exactly, with its own prompt, pooled embedding and time ids.
+    prompts = [PROMPT, "a red circle"]
+    for which, model in enumerate((a, c)):
+        folder = tmp_path / f"onehot{which}"
+        set_constant_logits(
+            fresh_aggregators([a.unet, c.unet], [model_hash(a), model_hash(c)], ["a", "c"], width=8),
+            [ONE_HOT if k == which else 0.0 for k in range(2)],
+        ).save_pretrained(folder)
+        out = mf.afa([a, c], prompts, aggregator=str(folder), **KW).latents
+        assert torch.equal(out, mf.single(model, prompts[which], **KW).latents)
+    # Zero-initialised (averaging) aggregators over the two models give neither of them.
+    out = mf.afa([a, c], prompts, aggregator=_fresh([a, c], tmp_path / "ac"), **KW).latents
     assert not torch.allclose(out, mf.single(a, PROMPT, **KW).latents, atol=1e-4)
 
 
@@ -66,9 +80,19 @@ def test_training_on_sdxl_models_writes_aggregators_afa_loads(models, tmp_path):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    cfg = AFATrainConfig(steps=2, batch_size=4, heldout_size=2, checkpoint_every=2, log_every=1, width=8, prompt_dropout=0.5)
+    # A large learning rate without warm-up, so that two steps move the aggregators visibly.
+    cfg = AFATrainConfig(
+        steps=2, batch_size=4, heldout_size=2, checkpoint_every=2, log_every=1, width=8, prompt_dropout=0.5, lr=1e-2, warmup=1
+    )
     summary = train_afa([a, c], str(tmp_path), tmp_path / "run", cfg, progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     assert set(summary["heldout"]["0-200"]) == {"afa", "feature average", "a", "c", "eps average"}
+    # What afa loads is what training reached: the last checkpoint's weights, moved off the
+    # zero-initialised output layer (logits no longer 0), so the ensemble no longer averages.
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").modules["model"]
+    loaded = load_trained(tmp_path / "run", [a, c]).state_dict()
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    assert all(loaded[f"points.{i}.conv_out.weight"].abs().max() > 1e-3 for i in range(len(aggregation_channels(a.unet))))
     out = mf.afa([a, c], PROMPT, aggregator=str(tmp_path / "run"), **KW).latents
-    assert torch.isfinite(out).all()
+    averaged = mf.afa([a, c], PROMPT, aggregator=_fresh([a, c], tmp_path / "zero"), **KW).latents
+    assert not torch.allclose(out, averaged, atol=1e-4)

@@ -30,8 +30,9 @@ def test_the_documented_recipe_validates(recipe, tiny_sdxl_dir, tmp_path):
         folders = [str(build_tiny_sdxl_pipeline(tmp_path / k, seed=i, levels=3, layers_per_block=2)) for i, k in enumerate("xy")]
     else:
         folders = [str(tiny_sdxl_dir / k) for k in "abc"]
-    models = [{k: v for k, v in m.items() if k not in ("config", "vae")} | {"model": folders[i]}
-              for i, m in enumerate(recipe["models"])]
+    models = [
+        {k: v for k, v in m.items() if k not in ("config", "vae")} | {"model": folders[i]} for i, m in enumerate(recipe["models"])
+    ]
     recipe = {**recipe, "models": models, "runtime": {}}
     if recipe["method"] == "afa":
         recipe["params"] = {"aggregator": str(tmp_path)}

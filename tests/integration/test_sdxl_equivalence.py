@@ -16,13 +16,20 @@ def _pipeline_latents(path, scheduler, seeds, *, steps=5, **kwargs):
     pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
     pipe.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPT, num_inference_steps=steps, num_images_per_prompt=len(seeds), output_type="latent",
-                generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs).images
+    return pipe(
+        PROMPT,
+        num_inference_steps=steps,
+        num_images_per_prompt=len(seeds),
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        **kwargs,
+    ).images
 
 
 def _ours(handle, scheduler, seed, n, *, steps=5, **kwargs):
-    return single(handle, PROMPT, num_inference_steps=steps, scheduler=scheduler, seed=seed, num_images=n, progress=False,
-                  **kwargs).latents
+    return single(
+        handle, PROMPT, num_inference_steps=steps, scheduler=scheduler, seed=seed, num_images=n, progress=False, **kwargs
+    ).latents
 
 
 def test_sdxl_folder_loads_as_an_sdxl_handle(tiny_sdxl_dir):
@@ -54,8 +61,10 @@ def test_single_equals_sdxl_pipeline_non_square_with_negative_prompt(tiny_sdxl_d
 def test_single_at_guidance_one_equals_sdxl_pipeline(tiny_sdxl_dir, scheduler):
     path = str(tiny_sdxl_dir / "a")
     [h] = load_models([path])
-    assert torch.equal(_ours(h, scheduler, 0, 1, guidance_scale=1.0, width=48),
-                       _pipeline_latents(path, scheduler, [0], guidance_scale=1.0, width=48))
+    assert torch.equal(
+        _ours(h, scheduler, 0, 1, guidance_scale=1.0, width=48),
+        _pipeline_latents(path, scheduler, [0], guidance_scale=1.0, width=48),
+    )
 
 
 def test_empty_negative_prompt_is_zeros_only_where_the_pipeline_forces_it(tiny_sdxl_dir):
@@ -67,10 +76,14 @@ def test_empty_negative_prompt_is_zeros_only_where_the_pipeline_forces_it(tiny_s
     g = keep.guide([PROMPT], negative_prompt="")
     assert g.negative.embeds.abs().sum() > 0
     mixed = forced.guide([PROMPT, PROMPT], negative_prompt=["", "a blue square"])
-    assert not mixed.negative.embeds[0].any() and torch.equal(mixed.negative[1:].embeds, forced.encode_prompt(["a blue square"]).embeds)
+    assert not mixed.negative.embeds[0].any() and torch.equal(
+        mixed.negative[1:].embeds, forced.encode_prompt(["a blue square"]).embeds
+    )
     path = str(tiny_sdxl_dir / "keep")
-    assert torch.equal(_ours(keep, "euler", 5, 1, guidance_scale=3.0),
-                       _pipeline_latents(path, "euler", [5], guidance_scale=3.0, negative_prompt=""))
+    assert torch.equal(
+        _ours(keep, "euler", 5, 1, guidance_scale=3.0),
+        _pipeline_latents(path, "euler", [5], guidance_scale=3.0, negative_prompt=""),
+    )
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++", "unipc"])

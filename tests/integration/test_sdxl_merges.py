@@ -6,9 +6,9 @@ import torch
 
 from multifusion import fuse, load_models, single
 from multifusion.errors import RecipeError
+from multifusion.families.blocks import unet_layout
 from multifusion.families.sdxl import SDXLHandle
 from multifusion.weights import MergeSpec, merge_in_memory, merge_models
-from multifusion.families.blocks import unet_layout
 
 PROMPT = "a red circle in a snowy field"
 KW = dict(num_inference_steps=3, seed=5, num_images=2, progress=False, height=32, width=32)
@@ -22,8 +22,10 @@ def xl3(tmp_path_factory):
     from multifusion.testing import build_tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("xl3")
-    return [str(build_tiny_sdxl_pipeline(root / k, seed=s, text_seed=s, vae_seed=0, levels=3, layers_per_block=2))
-            for k, s in (("x", 0), ("y", 1))]
+    return [
+        str(build_tiny_sdxl_pipeline(root / k, seed=s, text_seed=s, vae_seed=0, levels=3, layers_per_block=2))
+        for k, s in (("x", 0), ("y", 1))
+    ]
 
 
 def test_sdxl_unet_has_the_20_block_ids_of_supermerger(xl3):
@@ -73,6 +75,9 @@ def test_sd1_block_weights_are_resampled_and_wrong_counts_refused(xl3):
 
     validate(recipe("GRAD_V"))  # a preset (SD-1 notation) resampled to SDXL's 19 blocks
     validate(recipe([0.5] * 19))
-    with pytest.raises(RecipeError, match=r"params.blocks: block weights: 12 values given; this UNet expects 19 "
-                       r"\(IN00..IN08, M00, OUT00..OUT08\) or 20"):
+    with pytest.raises(
+        RecipeError,
+        match=r"params.blocks: block weights: 12 values given; this UNet expects 19 "
+        r"\(IN00..IN08, M00, OUT00..OUT08\) or 20",
+    ):
         validate(recipe([0.5] * 12))

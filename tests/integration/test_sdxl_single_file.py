@@ -19,13 +19,21 @@ def sdxl_file(tiny_sdxl_dir, tmp_path_factory):
 
 def test_file_has_the_sdxl_layout(sdxl_file):
     sd = load_file(sdxl_file)
-    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
-                "conditioner.embedders.1.model.")
+    prefixes = (
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "conditioner.embedders.0.transformer.text_model.",
+        "conditioner.embedders.1.model.",
+    )
     assert all(k.startswith(prefixes) for k in sd)
-    for key in ("model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.label_emb.0.2.bias",
-                "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
-                "conditioner.embedders.1.model.positional_embedding", "conditioner.embedders.1.model.ln_final.weight",
-                "conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_proj.bias"):
+    for key in (
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.label_emb.0.2.bias",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "conditioner.embedders.1.model.positional_embedding",
+        "conditioner.embedders.1.model.ln_final.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_proj.bias",
+    ):
         assert key in sd, key
     assert sd["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 24, 24)
     assert sd["conditioner.embedders.1.model.text_projection"].shape == (24, 16)  # (width, projection)
@@ -70,20 +78,34 @@ def test_mapping_follows_the_config_of_an_sdxl_shaped_model():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(8, 8, 16),
-        layers_per_block=2, transformer_layers_per_block=(1, 2, 3), norm_num_groups=4, cross_attention_dim=20,
-        attention_head_dim=4, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + 12)
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 8, 16),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 3),
+        norm_num_groups=4,
+        cross_attention_dim=20,
+        attention_head_dim=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 12,
+    )
     vae = AutoencoderKL(block_out_channels=(4,), norm_num_groups=4)
     config = dict(vocab_size=50, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2)
     text = CLIPTextModel(CLIPTextConfig(hidden_size=8, **config))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=12, projection_dim=12, **config))
     ldm = to_ldm_sdxl_state_dict(unet, vae, text, text_2)
     # Key names of the real SDXL base file: attention from the second level, upsamplers after attention.
-    for key in ("input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight", "input_blocks.6.0.op.weight",
-                "input_blocks.8.1.transformer_blocks.2.ff.net.2.weight", "middle_block.1.transformer_blocks.2.norm3.bias",
-                "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.bias", "output_blocks.8.0.skip_connection.weight",
-                "label_emb.0.0.weight"):
+    for key in (
+        "input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight",
+        "input_blocks.6.0.op.weight",
+        "input_blocks.8.1.transformer_blocks.2.ff.net.2.weight",
+        "middle_block.1.transformer_blocks.2.norm3.bias",
+        "output_blocks.2.2.conv.weight",
+        "output_blocks.5.2.conv.bias",
+        "output_blocks.8.0.skip_connection.weight",
+        "label_emb.0.0.weight",
+    ):
         assert "model.diffusion_model." + key in ldm, key
     back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
     sd = unet.state_dict()
@@ -112,15 +134,20 @@ def fixed_vae(tiny_sdxl_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(root / "fixed", safe_serialization=True)
     mapping = vae_prefixes(dict(vae.config))
-    ldm = {rename(k, mapping): (v[:, :, None, None] if ".mid_block.attentions." in k and v.ndim == 2 else v).contiguous()
-           for k, v in vae.state_dict().items()}
+    ldm = {
+        rename(k, mapping): (v[:, :, None, None] if ".mid_block.attentions." in k and v.ndim == 2 else v).contiguous()
+        for k, v in vae.state_dict().items()
+    }
     save_file(ldm, str(root / "fixed.safetensors"))
     return vae, root
 
 
 def _recipe(model, **entry):
-    return {"method": "single", "models": [{"model": model, "prompt": "a red circle", **entry}],
-            "sampling": {"num_inference_steps": 2, "height": 32, "width": 32}}
+    return {
+        "method": "single",
+        "models": [{"model": model, "prompt": "a red circle", **entry}],
+        "sampling": {"num_inference_steps": 2, "height": 32, "width": 32},
+    }
 
 
 @pytest.mark.parametrize("form", ["fixed", "fixed.safetensors"])
@@ -156,8 +183,11 @@ def test_bad_vae_references_are_refused_before_loading(tiny_sdxl_dir, tiny_dir, 
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(ModelLoadError, match=r"models\[0\].vae: .* corrupt"):
         Run(_recipe(folder, vae=str(tmp_path / "cut.safetensors")))
-    with pytest.raises(IncompatibleModelsError, match=r"models\[0\].vae: its scaling_factor is 0.18215, the model's VAE has "
-                       r"0.13025: it encodes another latent space"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"models\[0\].vae: its scaling_factor is 0.18215, the model's VAE has "
+        r"0.13025: it encodes another latent space",
+    ):
         Run(_recipe(folder, vae=str(tiny_dir / "a")))  # an SD-1.x pipeline's VAE on an SDXL model
     merged = {**_recipe("merge:m", vae=str(tmp_path)), "merges": {"m": {"models": [folder, folder]}}}
     with pytest.raises(RecipeError, match=r"models\[0\].vae: a merge keeps its first model's VAE; drop `vae`"):

@@ -56,20 +56,34 @@ def test_mapping_follows_the_config_of_an_sd1_shaped_model():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4,
-        cross_attention_dim=8, attention_head_dim=4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        attention_head_dim=4,
     )
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 8, 8, 8), layers_per_block=2, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 8),
+        layers_per_block=2,
+        norm_num_groups=4,
     )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2))
+    text = CLIPTextModel(
+        CLIPTextConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    )
     ldm = to_ldm_state_dict(unet, vae, text)
     # Key names of the real SD-1.5 file (its marker key, downsamplers, upsamplers after attention or not).
-    for key in ("output_blocks.11.0.skip_connection.weight", "input_blocks.3.0.op.weight", "input_blocks.9.0.op.bias",
-                "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "output_blocks.2.1.conv.weight",
-                "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.bias", "middle_block.2.out_layers.3.weight"):
+    for key in (
+        "output_blocks.11.0.skip_connection.weight",
+        "input_blocks.3.0.op.weight",
+        "input_blocks.9.0.op.bias",
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "output_blocks.2.1.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.8.2.conv.bias",
+        "middle_block.2.out_layers.3.weight",
+    ):
         assert "model.diffusion_model." + key in ldm, key
     for model, back in (
         (unet, convert_ldm_unet_checkpoint(ldm, dict(unet.config))),

@@ -52,15 +52,60 @@ def test_snb_differs_from_both_models_and_records_masks(tiny_a, tiny_b):
     steps: list[Step] = []
     from multifusion.api import run
 
-    recipe = {"method": "snb", "params": {"k": [1.0, 2.0]},
-              "models": [{"model": tiny_a, "prompt": PROMPT}, {"model": tiny_b, "prompt": "a blue square"}],
-              "sampling": {"num_inference_steps": 4, "num_images": 2}}
+    recipe = {
+        "method": "snb",
+        "params": {"k": [1.0, 2.0]},
+        "models": [{"model": tiny_a, "prompt": PROMPT}, {"model": tiny_b, "prompt": "a blue square"}],
+        "sampling": {"num_inference_steps": 4, "num_images": 2},
+    }
     fused = run(recipe, models=[ha, hb], callback=steps.append, progress=False).latents
     a = single(ha, PROMPT, num_inference_steps=4, num_images=2, progress=False).latents
     assert not torch.allclose(fused, a)
     mask = steps[0].record["snb/mask"]
     assert mask.shape == (2, 2, 1, 8, 8) and torch.equal(mask.sum(0), torch.ones(2, 1, 8, 8))
     assert 0 < mask[1].mean() < 1  # both models paint some pixels
+
+
+@pytest.mark.parametrize("temperature", [None, 0.5])
+def test_a_fused_step_is_the_recorded_mask_applied_to_each_models_own_prediction(tiny_a, tiny_b, temperature):
+    """Two different models (their own UNets, prompts, guidance scales and k): at every step the
+    fused prediction is mask_0 eps_a + mask_1 eps_b, recomputed here from the step's input and
+    each model's own guided prediction, and the recorded maps are the spatial softmax of each
+    model's own salience with its own k. A model fused with itself cannot show a mask applied to
+    the wrong model; two models whose masks both win pixels can."""
+    from multifusion.api import run
+    from multifusion.noise.snb import salience, spatial_softmax
+
+    ha, hb = load_models([tiny_a, tiny_b])
+    prompts, scales, ks = [PROMPT, "a blue square"], [7.5, 4.0], [1.0, 3.0]
+    recipe = {
+        "method": "snb",
+        "params": {"k": ks, "blur": "gaussian", "temperature": temperature},
+        "models": [
+            {"model": tiny_a, "prompt": prompts[0], "guidance_scale": scales[0]},
+            {"model": tiny_b, "prompt": prompts[1], "guidance_scale": scales[1]},
+        ],
+        "sampling": {"num_inference_steps": 4, "num_images": 2, "seed": 5},
+    }
+    steps: list[Step] = []
+    run(recipe, models=[ha, hb], callback=steps.append, progress=False)
+    own = [h.guide(p, guidance_scale=s, batch_size=2) for h, p, s in zip((ha, hb), prompts, scales)]
+    assert len(steps) == 4
+    for step in steps:
+        x, t = step.model_input[0], step.t[0]
+        preds = [g.predict(x, t, need_uncond=True) for g in own]
+        maps = torch.stack([spatial_softmax(salience(p.response, "gaussian", 4, 1.0), k) for p, k in zip(preds, ks)])
+        torch.testing.assert_close(step.record["snb/maps"], maps, rtol=0, atol=0)  # the same float32 operations: exact
+        mask = step.record["snb/mask"]
+        want = mask[0] * preds[0].eps + mask[1] * preds[1].eps
+        torch.testing.assert_close(step.eps[0], want, rtol=1e-6, atol=1e-6)
+        # Non-degenerate, so an error would show: both models own part of each image and
+        # predict clearly differently there.
+        share = mask[1].mean(dim=(1, 2, 3))
+        assert ((0.05 < share) & (share < 0.95)).all(), share
+        assert (preds[0].eps - preds[1].eps).abs().mean() > 0.05
+    if temperature is None:
+        assert all(torch.equal(s.record["snb/mask"], s.record["snb/mask"].round()) for s in steps)  # the paper's hard mask
 
 
 @pytest.mark.parametrize(
@@ -80,8 +125,12 @@ def test_snb_differs_from_both_models_and_records_masks(tiny_a, tiny_b):
 def test_bad_params(tiny_a, tiny_b, params, message):
     from multifusion.api import run
 
-    recipe = {"method": "snb", "params": params, "sampling": {"num_inference_steps": 2},
-              "models": [{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y"}]}
+    recipe = {
+        "method": "snb",
+        "params": params,
+        "sampling": {"num_inference_steps": 2},
+        "models": [{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y"}],
+    }
     with pytest.raises(RecipeError) as info:
         run(recipe, progress=False)
     assert message in str(info.value)
@@ -101,11 +150,19 @@ def test_cli_exports_mask_strip_and_gif(tmp_path, tiny_a, tiny_b):
     from multifusion.cli import main
 
     recipe = tmp_path / "fuse.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "method": "snb", "params": {"window": [0.6, 1.0]},
-        "models": [{"model": tiny_a, "prompt": PROMPT, "name": "general"}, {"model": tiny_b, "prompt": "a blue square", "name": "expert"}],
-        "sampling": {"num_inference_steps": 6, "num_images": 2},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": "snb",
+                "params": {"window": [0.6, 1.0]},
+                "models": [
+                    {"model": tiny_a, "prompt": PROMPT, "name": "general"},
+                    {"model": tiny_b, "prompt": "a blue square", "name": "expert"},
+                ],
+                "sampling": {"num_inference_steps": 6, "num_images": 2},
+            }
+        )
+    )
     out = tmp_path / "out"
     assert main(["generate", str(recipe), "--out", str(out), "--export-masks", "--no-progress"]) == 0
     strip = Image.open(out / "fuse-s1-masks.png")
@@ -145,8 +202,12 @@ def test_snb_at_guidance_one_equals_single(tiny_a):
 def test_bad_fusion_timestep(tiny_a, tiny_b, params, message):
     from multifusion.api import run
 
-    recipe = {"method": "snb", "params": params, "sampling": {"num_inference_steps": 2},
-              "models": [{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y"}]}
+    recipe = {
+        "method": "snb",
+        "params": params,
+        "sampling": {"num_inference_steps": 2},
+        "models": [{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y"}],
+    }
     with pytest.raises(RecipeError, match=message):
         run(recipe, progress=False)
 

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from PIL import Image
 
-pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the ui extra is not installed (pip install -e \".[ui]\")")
+pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
+sync_api = pytest.importorskip("playwright.sync_api", reason='the ui extra is not installed (pip install -e ".[ui]")')
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,8 +50,13 @@ def server(tmp_path_factory, served):
     log = tmp_path_factory.mktemp("ui") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT,
-                                env=env, cwd=served)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "multifusion.cli", "ui", "--port", str(port)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=served,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 120
@@ -121,13 +126,16 @@ def set_text(page, elem_id: str, value: str) -> None:
 def canvas_point(page, canvas: str, row: float, col: float) -> tuple[float, float]:
     """Page coordinates of (row, col), fractions of the canvas picture's height and width (where
     the picture sits inside its <img>, which keeps its aspect ratio)."""
-    return page.locator(f"#{canvas} img").first.evaluate("""(img, [row, col]) => {
+    return page.locator(f"#{canvas} img").first.evaluate(
+        """(img, [row, col]) => {
         const r = img.getBoundingClientRect();
         let k = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
         if (getComputedStyle(img).objectFit === "scale-down") k = Math.min(k, 1);
         return [r.left + (r.width - img.naturalWidth * k) / 2 + col * img.naturalWidth * k,
                 r.top + (r.height - img.naturalHeight * k) / 2 + row * img.naturalHeight * k];
-    }""", [row, col])
+    }""",
+        [row, col],
+    )
 
 
 def steady(page, canvas: str) -> None:
@@ -186,8 +194,14 @@ def error_text(page, key: str) -> str:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "multifusion.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "multifusion.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=240,
+    )
 
 
 def download(page, elem_id: str, dest: Path, name_part: str) -> Path:
@@ -254,13 +268,27 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
 def test_image_regions_and_rerolls_show_on_the_canvas_and_drag(page, shots, tmp_path, served):
     Image.new("RGB", (32, 32), (30, 60, 220)).save(served / "blue.png")
     layered = tmp_path / "layered.yaml"
-    layered.write_text(yaml.safe_dump({
-        "method": "mod", "models": [{"model": "zoo:general", "prompt": "a red circle in a snowy field"},
-                                    {"model": "zoo:expert", "prompt": "a red striped circle"}],  # as the next tests want them
-        "sampling": {"num_inference_steps": 2},
-        "params": {"regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "a red circle in a snowy field"}],
-                   "image_regions": [{"row_init": 0, "row_end": 24, "col_init": 0, "col_end": 24, "image": "blue.png", "strength": 0.6}],
-                   "rerolls": [{"row_init": 40, "row_end": 64, "col_init": 40, "col_end": 64, "seed": 3}]}}))
+    layered.write_text(
+        yaml.safe_dump(
+            {
+                "method": "mod",
+                "models": [
+                    {"model": "zoo:general", "prompt": "a red circle in a snowy field"},
+                    {"model": "zoo:expert", "prompt": "a red striped circle"},
+                ],  # as the next tests want them
+                "sampling": {"num_inference_steps": 2},
+                "params": {
+                    "regions": [
+                        {"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "a red circle in a snowy field"}
+                    ],
+                    "image_regions": [
+                        {"row_init": 0, "row_end": 24, "col_init": 0, "col_end": 24, "image": "blue.png", "strength": 0.6}
+                    ],
+                    "rerolls": [{"row_init": 40, "row_end": 64, "col_init": 40, "col_end": 64, "seed": 3}],
+                },
+            }
+        )
+    )
     page.locator("#restore input[type=file]").set_input_files(str(layered))
     state = page.locator("#canvas-state-mod textarea")
     deadline = time.time() + 30
@@ -288,17 +316,29 @@ def test_image_regions_and_rerolls_show_on_the_canvas_and_drag(page, shots, tmp_
 
 def test_a_background_region_covers_the_canvas_and_is_drawn_under_the_boxes(page, shots, tmp_path):
     backed = tmp_path / "backed.yaml"
-    backed.write_text(yaml.safe_dump({
-        "method": "mod", "models": [{"model": "zoo:general", "prompt": "a red circle in a snowy field"},
-                                    {"model": "zoo:expert", "prompt": "a red striped circle"}],
-        "sampling": {"num_inference_steps": 2},
-        "params": {"regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 32, "prompt": "a red circle"}],
-                   "background": {"prompt": "a snowy field", "mask_weight": 0.05}}}))
+    backed.write_text(
+        yaml.safe_dump(
+            {
+                "method": "mod",
+                "models": [
+                    {"model": "zoo:general", "prompt": "a red circle in a snowy field"},
+                    {"model": "zoo:expert", "prompt": "a red striped circle"},
+                ],
+                "sampling": {"num_inference_steps": 2},
+                "params": {
+                    "regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 32, "prompt": "a red circle"}],
+                    "background": {"prompt": "a snowy field", "mask_weight": 0.05},
+                },
+            }
+        )
+    )
     page.locator("#restore input[type=file]").set_input_files(str(backed))
     notes = page.locator("#canvas-notes-mod")
     notes.filter(has_text="background covers the whole canvas").wait_for()
     assert "every pixel of the 64x64 canvas is covered" in notes.inner_text()
-    assert '"boxes": [[0, 64, 0, 32]]' in page.locator("#canvas-state-mod textarea").input_value()  # the background is not dragged
+    assert (
+        '"boxes": [[0, 64, 0, 32]]' in page.locator("#canvas-state-mod textarea").input_value()
+    )  # the background is not dragged
 
     def right_half_tinted() -> bool:  # the middle of the right half, where only the background lies
         shown = np.asarray(Image.open(BytesIO(page.locator("#canvas-mod img").first.screenshot())).convert("RGB"))
@@ -335,8 +375,10 @@ def test_snb_shows_images_and_masks_then_a_png_restores_its_recipe(page, shots, 
 def test_bad_input_shows_the_cli_error_at_the_field(page, shots, tmp_path):
     # a region off the canvas: restored from a recipe file, then run (the canvas is known after loading)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: mod\nmodels: [{model: 'zoo:general', prompt: a red circle}]\nsampling: {num_inference_steps: 2}\n"
-                   "params: {regions: [{row_init: 0, row_end: 64, col_init: 0, col_end: 72, prompt: a red circle}]}\n")
+    bad.write_text(
+        "method: mod\nmodels: [{model: 'zoo:general', prompt: a red circle}]\nsampling: {num_inference_steps: 2}\n"
+        "params: {regions: [{row_init: 0, row_end: 64, col_init: 0, col_end: 72, prompt: a red circle}]}\n"
+    )
     page.locator("#restore input[type=file]").set_input_files(str(bad))
     page.locator("#param-mod-regions").wait_for(state="visible")
     page.locator("#run").click()
@@ -405,15 +447,30 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
     wait_status(page, "with average")
 
 
-def test_a_restored_vae_and_true_cfg_scale_run_and_download_and_a_missing_vae_is_named_at_its_field(page, shots, tmp_path, served):
+def test_a_restored_vae_and_true_cfg_scale_run_and_download_and_a_missing_vae_is_named_at_its_field(
+    page, shots, tmp_path, served
+):
     from multifusion.zoo.tiny_flow import build_tiny_flux_pipeline
 
     build_tiny_flux_pipeline(served / "flux")  # the server reads the recipe's relative paths in its folder
     flux = tmp_path / "flux.yaml"
-    flux.write_text(yaml.safe_dump({
-        "method": "single", "models": [{"model": "flux", "vae": "flux/vae", "true_cfg_scale": 2.5, "prompt": "a red circle",
-                                        "negative_prompt": "blurry"}],
-        "sampling": {"num_inference_steps": 2, "height": 16, "width": 16}}))
+    flux.write_text(
+        yaml.safe_dump(
+            {
+                "method": "single",
+                "models": [
+                    {
+                        "model": "flux",
+                        "vae": "flux/vae",
+                        "true_cfg_scale": 2.5,
+                        "prompt": "a red circle",
+                        "negative_prompt": "blurry",
+                    }
+                ],
+                "sampling": {"num_inference_steps": 2, "height": 16, "width": 16},
+            }
+        )
+    )
     page.get_by_role("tab", name="Compose").click()
     page.locator("#restore input[type=file]").set_input_files(str(flux))
     # the slot's "more" fields unfold to show what the recipe sets there
@@ -450,17 +507,24 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
     from multifusion.recipe import parse_recipe
 
     restored = {
-        "method": "average", "params": {"weights": [0.6, 0.4]},
-        "models": [{"model": "merge:mix", "prompt": "a red circle in a snowy field"}, {"model": "zoo:expert", "prompt": "a red striped circle"}],
+        "method": "average",
+        "params": {"weights": [0.6, 0.4]},
+        "models": [
+            {"model": "merge:mix", "prompt": "a red circle in a snowy field"},
+            {"model": "zoo:expert", "prompt": "a red striped circle"},
+        ],
         "merges": {"mix": {"models": ["zoo:general", "zoo:cartoon"], "weights": [0.7, 0.3]}},
         "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, "num_images": 2, "seed": 5},
-        "runtime": {"max_pixels": 4096, "vae_device": "cpu"}}
+        "runtime": {"max_pixels": 4096, "vae_device": "cpu"},
+    }
     path = tmp_path / "merged.yaml"
     path.write_text(yaml.safe_dump(restored))
     page.get_by_role("tab", name="Compose").click()
     page.locator("#restore input[type=file]").set_input_files(str(path))
     # the merges and runtime accordions open on what the recipe sets there
-    sync_api.expect(page.locator("#merges textarea")).to_have_value("mix:\n  models: ['zoo:general', 'zoo:cartoon']\n  weights: [0.7, 0.3]")
+    sync_api.expect(page.locator("#merges textarea")).to_have_value(
+        "mix:\n  models: ['zoo:general', 'zoo:cartoon']\n  weights: [0.7, 0.3]"
+    )
     sync_api.expect(page.locator("#runtime-max_pixels input, #runtime-max_pixels textarea").first).to_have_value("4096")
     page.locator("#param-average-weights").wait_for(state="visible")  # the method's form is shown
     page.locator("#run").click()

@@ -40,7 +40,7 @@ def test_widgets_come_from_the_params_model_so_a_new_method_needs_no_ui_code():
 
 
 def test_every_registered_method_gets_a_form():
-    for name, m in METHODS.items():
+    for m in METHODS.values():
         for w in forms.method_widgets(m):
             w.initial()  # every default shows
     regions = {w.name: w for w in forms.method_widgets(METHODS["mod"])}["regions"]
@@ -49,24 +49,32 @@ def test_every_registered_method_gets_a_form():
 
 def test_region_table_round_trips():
     w = {w.name: w for w in forms.method_widgets(METHODS["mod"])}["regions"]
-    items = [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 40, "prompt": "a red circle", "model": 0},
-             {"row_init": 0, "row_end": 64, "col_init": 24, "col_end": 64, "prompt": "7", "model": "expert"}]
+    items = [
+        {"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 40, "prompt": "a red circle", "model": 0},
+        {"row_init": 0, "row_end": 64, "col_init": 24, "col_end": 64, "prompt": "7", "model": "expert"},
+    ]
     back = forms.from_widget(w, forms.to_widget(w, items))
     assert back == items  # a prompt that reads as a number stays text
     assert forms.from_widget(w, [[""] * len(w.columns)]) is PydanticUndefined  # blank rows dropped: the default
 
 
 def test_errors_go_to_the_field_they_name():
-    err = RecipeError("invalid recipe:\n  params.regions[0].col_end: 72 lies outside\n  models[1].model: cannot find\n  sampling.seed: bad")
+    err = RecipeError(
+        "invalid recipe:\n  params.regions[0].col_end: 72 lies outside\n  models[1].model: cannot find\n  sampling.seed: bad"
+    )
     routed = forms.route_errors(err)
-    assert routed == {"params.regions": ["params.regions[0].col_end: 72 lies outside"], "models[1].model": ["models[1].model: cannot find"],
-                      "sampling": ["sampling.seed: bad"]}
+    assert routed == {
+        "params.regions": ["params.regions[0].col_end: 72 lies outside"],
+        "models[1].model": ["models[1].model: cannot find"],
+        "sampling": ["sampling.seed: bad"],
+    }
     assert forms.route_errors("something odd") == {"general": ["something odd"]}
     # every field of a model entry has its own place; the slot takes what names no field of it
     for field in ModelEntry.model_fields:
         assert forms.error_key(f"models[2].{field}") == f"models[2].{field}"
     assert forms.route_errors("models[0]: no prompt, and the recipe has no default `prompt`") == {
-        "models[0]": ["models[0]: no prompt, and the recipe has no default `prompt`"]}
+        "models[0]": ["models[0]: no prompt, and the recipe has no default `prompt`"]
+    }
     assert forms.error_key("models[0].colour") == "models[0]"  # an unknown field (a typo in a recipe file)
 
 
@@ -77,16 +85,36 @@ def form(method: str = "snb", n_models: int = 2, **values) -> dict:
 
 
 def test_form_recipe_round_trip_and_typed_errors():
-    values = form(**{"models[0].prompt": "a red circle", "models[0].guidance_scale": "5", "models[1].model": " zoo:expert ",
-                     "models[1].name": "e", "models[1].prompt": "a red striped circle", "params:snb:k": "1.2",
-                     "sampling.num_inference_steps": 4, "sampling.seed": 3, "sampling.height": "", "sampling.width": None,
-                     "runtime.vae_device": " cpu ", "runtime.dtype": None})
+    values = form(
+        **{
+            "models[0].prompt": "a red circle",
+            "models[0].guidance_scale": "5",
+            "models[1].model": " zoo:expert ",
+            "models[1].name": "e",
+            "models[1].prompt": "a red striped circle",
+            "params:snb:k": "1.2",
+            "sampling.num_inference_steps": 4,
+            "sampling.seed": 3,
+            "sampling.height": "",
+            "sampling.width": None,
+            "runtime.vae_device": " cpu ",
+            "runtime.dtype": None,
+        }
+    )
     recipe = forms.recipe_from_form(values)
     assert recipe["models"][0]["guidance_scale"] == 5.0 and recipe["models"][1]["model"] == "zoo:expert"
     assert recipe["sampling"] == {"num_inference_steps": 4, "seed": 3} and recipe["runtime"] == {"vae_device": "cpu"}
-    assert recipe["params"] == {"k": 1.2} and forms.recipe_from_form(values, "average")["params"] == {}  # each method its own form
+    assert (
+        recipe["params"] == {"k": 1.2} and forms.recipe_from_form(values, "average")["params"] == {}
+    )  # each method its own form
     back = forms.form_from_recipe(recipe)
-    assert (back["method"], back["n_models"], back["params:snb:k"], back["sampling.seed"], back["models[1].name"]) == ("snb", 2, "1.2", 3, "e")
+    assert (back["method"], back["n_models"], back["params:snb:k"], back["sampling.seed"], back["models[1].name"]) == (
+        "snb",
+        2,
+        "1.2",
+        3,
+        "e",
+    )
     with pytest.raises(RecipeError, match=r"^sampling\.height: 'tall' is not a number"):
         forms.recipe_from_form({**values, "sampling.height": "tall"})
     with pytest.raises(RecipeError, match=r"^models\[0\]\.guidance_scale"):
@@ -98,15 +126,22 @@ def test_form_recipe_round_trip_and_typed_errors():
 def test_merges_are_yaml_with_errors_at_their_field():
     merges = {"mix": {"models": ["zoo:general", "zoo:expert"], "weights": [0.7, 0.3]}}
     values = forms.form_from_recipe({"models": [{"model": "merge:mix", "prompt": "a red circle"}], "merges": merges})
-    assert values["merges"] == "mix:\n  models: ['zoo:general', 'zoo:expert']\n  weights: [0.7, 0.3]"  # one merge a line, its fields inline
+    assert (
+        values["merges"] == "mix:\n  models: ['zoo:general', 'zoo:expert']\n  weights: [0.7, 0.3]"
+    )  # one merge a line, its fields inline
     assert forms.recipe_from_form(values)["merges"] == merges
     assert "merges" not in forms.recipe_from_form({**values, "merges": " "})  # blank: none
     assert forms.form_from_recipe({"models": [{"model": "zoo:general"}]})["merges"] == ""  # and none shows blank
     with pytest.raises(RecipeError, match=r"^merges: not valid YAML"):
         forms.recipe_from_form({**values, "merges": "mix: [zoo:general"})
     # what the library says of a merge lands beside the merges box; runtime errors beside runtime's
-    assert forms.route_errors("merges.mix.models[2]: 'merge:b' is a merge") == {"merges": ["merges.mix.models[2]: 'merge:b' is a merge"]}
-    assert forms.error_key("runtime.device") == "runtime" and forms.error_key("sampling.seed") == forms.error_key("seed") == "sampling"
+    assert forms.route_errors("merges.mix.models[2]: 'merge:b' is a merge") == {
+        "merges": ["merges.mix.models[2]: 'merge:b' is a merge"]
+    }
+    assert (
+        forms.error_key("runtime.device") == "runtime"
+        and forms.error_key("sampling.seed") == forms.error_key("seed") == "sampling"
+    )
 
 
 # What a model entry's fields may hold, as the form holds them: text without line breaks (the
@@ -142,7 +177,11 @@ def _through_the_form(recipe: dict) -> dict:
 @given(st.fixed_dictionaries(FIELD_VALUES))
 def test_every_model_field_survives_recipe_to_form_to_recipe(entry):
     images = len(entry["prompt"]) if isinstance(entry["prompt"], list) else 1
-    recipe = {"method": "single", "models": [{k: v for k, v in entry.items() if v is not None}], "sampling": {"num_images": images}}
+    recipe = {
+        "method": "single",
+        "models": [{k: v for k, v in entry.items() if v is not None}],
+        "sampling": {"num_images": images},
+    }
     back = parse_recipe(_through_the_form(recipe))
     assert back.models == parse_recipe(recipe).models
 
@@ -178,13 +217,23 @@ MERGE_VALUES = {
     "blocks": st.none() | _WORD | st.lists(_FLOAT, max_size=4),
     "text_encoder": st.sampled_from(["merge", "first"]),
 }
-METHOD_PARAMS = st.sampled_from(["single", "average", "snb"]).flatmap(lambda name: st.tuples(st.just(name), {
-    "single": st.just({}),
-    "average": st.fixed_dictionaries({}, optional={"weights": st.lists(st.floats(0.01, 10), min_size=1, max_size=4)}),
-    "snb": st.fixed_dictionaries({}, optional={"k": st.floats(0.01, 10) | st.lists(st.floats(0.01, 10), min_size=2, max_size=2),
-                                               "blur": st.sampled_from(["box", "gaussian", "none"]),
-                                               "fusion_timestep": st.none() | st.integers(0, 999)}),
-}[name]))
+METHOD_PARAMS = st.sampled_from(["single", "average", "snb"]).flatmap(
+    lambda name: st.tuples(
+        st.just(name),
+        {
+            "single": st.just({}),
+            "average": st.fixed_dictionaries({}, optional={"weights": st.lists(st.floats(0.01, 10), min_size=1, max_size=4)}),
+            "snb": st.fixed_dictionaries(
+                {},
+                optional={
+                    "k": st.floats(0.01, 10) | st.lists(st.floats(0.01, 10), min_size=2, max_size=2),
+                    "blur": st.sampled_from(["box", "gaussian", "none"]),
+                    "fusion_timestep": st.none() | st.integers(0, 999),
+                },
+            ),
+        }[name],
+    )
+)
 RECIPE_VALUES = {"version", "method", "params", "models", "prompt", "negative_prompt", "merges", "sampling", "runtime"}
 """Drawn by `whole_recipes` below."""
 
@@ -200,17 +249,33 @@ def whole_recipes(draw) -> dict:
     images = sampling.get("num_images", 1)
     if "seed" in sampling:
         sampling["seed"] = min(sampling["seed"], 2**63 - images)
-    lists = st.lists(_LINE, min_size=images, max_size=images).filter(lambda ps: "".join(ps).strip()) if 2 <= images <= 4 else st.nothing()
+    lists = (
+        st.lists(_LINE, min_size=images, max_size=images).filter(lambda ps: "".join(ps).strip())
+        if 2 <= images <= 4
+        else st.nothing()
+    )
     entry = _given({**FIELD_VALUES, "prompt": st.none() | _PROMPT | lists})
     method, params = draw(METHOD_PARAMS)
-    return {"version": 1, "method": method, "params": params, "models": draw(st.lists(entry, min_size=1, max_size=forms.MAX_MODELS)),
-            "prompt": draw(st.none() | _PROMPT), "negative_prompt": draw(_LINE),
-            "merges": draw(st.dictionaries(_WORD, _given(MERGE_VALUES), max_size=3)), "sampling": sampling,
-            "runtime": draw(_given(RUNTIME_VALUES))}
+    return {
+        "version": 1,
+        "method": method,
+        "params": params,
+        "models": draw(st.lists(entry, min_size=1, max_size=forms.MAX_MODELS)),
+        "prompt": draw(st.none() | _PROMPT),
+        "negative_prompt": draw(_LINE),
+        "merges": draw(st.dictionaries(_WORD, _given(MERGE_VALUES), max_size=3)),
+        "sampling": sampling,
+        "runtime": draw(_given(RUNTIME_VALUES)),
+    }
 
 
 def test_every_recipe_field_has_a_place_in_the_form_and_values_to_round_trip():
-    for values, model in ((RECIPE_VALUES, Recipe), (SAMPLING_VALUES, Sampling), (RUNTIME_VALUES, Runtime), (MERGE_VALUES, MergeEntry)):
+    for values, model in (
+        (RECIPE_VALUES, Recipe),
+        (SAMPLING_VALUES, Sampling),
+        (RUNTIME_VALUES, Runtime),
+        (MERGE_VALUES, MergeEntry),
+    ):
         assert set(values) == set(model.model_fields), f"give the new {model.__name__} field values above"
     # a section of the form or a widget of its own for each; one widget per sampling and runtime field
     held = list(forms.SECTIONS) + [w.name for w in forms.recipe_widgets()]
@@ -218,14 +283,23 @@ def test_every_recipe_field_has_a_place_in_the_form_and_values_to_round_trip():
     assert [w.name for w in forms.sampling_widgets()] == list(Sampling.model_fields)
     assert [w.name for w in forms.runtime_widgets()] == list(Runtime.model_fields)
     values = forms.form_from_recipe({"models": [{"model": "zoo:general"}], "runtime": {}})
-    assert {f"sampling.{k}" for k in Sampling.model_fields} | {f"runtime.{k}" for k in Runtime.model_fields} | {"merges"} <= set(values)
+    assert {f"sampling.{k}" for k in Sampling.model_fields} | {f"runtime.{k}" for k in Runtime.model_fields} | {"merges"} <= set(
+        values
+    )
 
 
 def _prompts_in_the_models(recipe: Recipe) -> Recipe:
     """The recipe with its default prompt and negative prompt written into each model that gives
     none, as the form's slots hold them: the same prompts for every model."""
-    models = [m.model_copy(update={"prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
-                                   "negative_prompt": recipe.negative_of(i) or None}) for i, m in enumerate(recipe.models)]
+    models = [
+        m.model_copy(
+            update={
+                "prompt": recipe.prompts_of(i, [0])[0] if m.prompt is None else m.prompt,
+                "negative_prompt": recipe.negative_of(i) or None,
+            }
+        )
+        for i, m in enumerate(recipe.models)
+    ]
     return recipe.model_copy(update={"models": models, "prompt": None, "negative_prompt": ""})
 
 
@@ -285,11 +359,16 @@ def test_dropped_files(tmp_path):
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(RecipeError, match="holds no multifusion metadata"):
         forms.read_recipe_file(str(plain))
-    made = save_png(Image.new("RGB", (8, 8)), tmp_path / "made.png", {"recipe": {"method": "single", "models": [{"model": "zoo:general"}]}})
+    made = save_png(
+        Image.new("RGB", (8, 8)), tmp_path / "made.png", {"recipe": {"method": "single", "models": [{"model": "zoo:general"}]}}
+    )
     assert forms.read_recipe_file(str(made))["method"] == "single"
     # A picture someone sent cannot switch on pickles or pick a device: its runtime is dropped.
-    sent = save_png(Image.new("RGB", (8, 8)), tmp_path / "sent.png",
-                    {"recipe": {"method": "single", "models": [{"model": "x"}], "runtime": {"allow_pickle": True, "device": "cuda"}}})
+    sent = save_png(
+        Image.new("RGB", (8, 8)),
+        tmp_path / "sent.png",
+        {"recipe": {"method": "single", "models": [{"model": "x"}], "runtime": {"allow_pickle": True, "device": "cuda"}}},
+    )
     assert "runtime" not in forms.read_recipe_file(str(sent))
     listed = save_png(Image.new("RGB", (8, 8)), tmp_path / "listed.png", {"recipe": ["not", "a", "mapping"]})
     with pytest.raises(RecipeError, match="not a mapping"):
@@ -314,7 +393,12 @@ def test_canvas_preview_snaps_and_shows_uncovered_pixels():
 
 
 def test_clicks_and_tiles_make_boxes_on_the_grid():
-    assert forms.box_from_clicks((0, 0), (59, 113), 4, 64, 64, scale=2) == {"row_init": 0, "row_end": 56, "col_init": 0, "col_end": 28}
+    assert forms.box_from_clicks((0, 0), (59, 113), 4, 64, 64, scale=2) == {
+        "row_init": 0,
+        "row_end": 56,
+        "col_init": 0,
+        "col_end": 28,
+    }
     assert forms.box_from_clicks((10, 10), (10, 10), 4, 64, 64, scale=1)["row_end"] == 12  # a click makes one cell
     tiles = forms.tile_rows(1, 2, 64, 40, 16, "a desert")
     assert [(t["col_init"], t["col_end"]) for t in tiles] == [(0, 40), (24, 64)]
@@ -335,7 +419,11 @@ MOD_LAYERS = forms.canvas_layers(forms.method_widgets(METHODS["mod"]))
 
 
 def test_mod_has_a_canvas_of_its_three_box_tables_and_other_methods_none():
-    assert [(layer.name, layer.kind) for layer in MOD_LAYERS] == [("regions", "paint"), ("image_regions", "image"), ("rerolls", "outline")]
+    assert [(layer.name, layer.kind) for layer in MOD_LAYERS] == [
+        ("regions", "paint"),
+        ("image_regions", "image"),
+        ("rerolls", "outline"),
+    ]
     assert forms.canvas_layers(forms.method_widgets(METHODS["snb"])) == []
 
 
@@ -359,17 +447,23 @@ def test_drag_moves_on_the_grid_inside_the_canvas_and_resizes_by_a_corner():
 
 
 def test_drag_edit_moves_a_region_resizes_a_reroll_and_draws_on_empty_canvas():
-    regions = [{"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 0.5, "units": "fraction", "prompt": "a red circle", "model": 0}]
+    regions = [
+        {"row_init": 0, "row_end": 1, "col_init": 0, "col_end": 0.5, "units": "fraction", "prompt": "a red circle", "model": 0}
+    ]
     rerolls = [{"row_init": 40, "row_end": 64, "col_init": 40, "col_end": 64}]
     layers = [(MOD_LAYERS[0], regions), (MOD_LAYERS[1], []), (MOD_LAYERS[2], rerolls)]
     # scale 2: drag the region's middle 21 preview pixels right = 10.5 canvas pixels -> 12 on the 4-pixel grid
     out, said = forms.drag_edit(layers, (30, 40), (51, 40), 4, 64, 64, 2, {"prompt": "p"})
-    assert out[0][1] == [{"row_init": 0, "row_end": 64, "col_init": 12, "col_end": 44, "units": "px", "prompt": "a red circle", "model": 0}]
+    assert out[0][1] == [
+        {"row_init": 0, "row_end": 64, "col_init": 12, "col_end": 44, "units": "px", "prompt": "a red circle", "model": 0}
+    ]
     assert said == "regions[0] moved: rows 0-64, cols 12-44" and regions[0]["units"] == "fraction"  # the input is untouched
     out, said = forms.drag_edit(layers, (127, 127), (100, 110), 4, 64, 64, 2, {"prompt": "p"})
     assert out[2][1][0] == {"row_init": 40, "row_end": 56, "col_init": 40, "col_end": 52} and "bottom-right" in said
     out, said = forms.drag_edit([(MOD_LAYERS[0], [])], (10, 10), (60, 90), 4, 64, 64, 2, {"prompt": "p", "model": 0})
-    assert out[0][1] == [{"row_init": 4, "row_end": 44, "col_init": 4, "col_end": 32, "prompt": "p", "model": 0}] and "drawn" in said
+    assert (
+        out[0][1] == [{"row_init": 4, "row_end": 44, "col_init": 4, "col_end": 32, "prompt": "p", "model": 0}] and "drawn" in said
+    )
     state = forms.canvas_state(layers, 64, 64, 4, 2)
     assert '"boxes": [[0, 64, 0, 32], [40, 64, 40, 64]]' in state and '"scale": 2' in state
 
@@ -379,10 +473,17 @@ def test_canvas_shows_image_regions_and_rerolls(tmp_path):
 
     ref = tmp_path / "blue.png"
     Image.new("RGB", (8, 8), (0, 0, 255)).save(ref)
-    layers = [(MOD_LAYERS[0], [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "x"}]),
-              (MOD_LAYERS[1], [{"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": str(ref)},
-                               {"row_init": 0, "row_end": 8, "col_init": 56, "col_end": 64, "image": str(tmp_path / "gone.png")}]),
-              (MOD_LAYERS[2], [{"row_init": 32, "row_end": 64, "col_init": 32, "col_end": 64}])]
+    layers = [
+        (MOD_LAYERS[0], [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "x"}]),
+        (
+            MOD_LAYERS[1],
+            [
+                {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 32, "image": str(ref)},
+                {"row_init": 0, "row_end": 8, "col_init": 56, "col_end": 64, "image": str(tmp_path / "gone.png")},
+            ],
+        ),
+        (MOD_LAYERS[2], [{"row_init": 32, "row_end": 64, "col_init": 32, "col_end": 64}]),
+    ]
     im, notes = forms.regions_preview(layers, 64, 64, 4, scale=2)
     r, _, b = im.getpixel((30, 30))
     assert b > 180 and r < 100  # the reference image shows in its box
@@ -400,13 +501,22 @@ def _canvas(params: dict, height: int = 64, width: int = 64, factor: int = 4):
 LEFT = {"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 32, "prompt": "a red circle"}
 
 
-@pytest.mark.parametrize("params, size, holes", [
-    ({"regions": [LEFT]}, (64, 64), [(r, c) for r in range(16) for c in range(8, 16)]),  # the right half
-    ({"regions": [LEFT], "background": {"prompt": "snow"}}, (64, 64), []),
-    ({"tiles": {"prompts": [["a", "b"]], "tile_height": 32, "tile_width": 24, "tile_col_overlap": 8}}, (32, 40), []),
-    ({"regions": [{**LEFT, "row_end": 16, "col_end": 8}],  # the tiles fix the canvas; the region lies on top
-      "tiles": {"prompts": [["a"], ["b"]], "tile_height": 24, "tile_width": 40, "tile_row_overlap": 16}}, (32, 40), []),
-])
+@pytest.mark.parametrize(
+    "params, size, holes",
+    [
+        ({"regions": [LEFT]}, (64, 64), [(r, c) for r in range(16) for c in range(8, 16)]),  # the right half
+        ({"regions": [LEFT], "background": {"prompt": "snow"}}, (64, 64), []),
+        ({"tiles": {"prompts": [["a", "b"]], "tile_height": 32, "tile_width": 24, "tile_col_overlap": 8}}, (32, 40), []),
+        (
+            {
+                "regions": [{**LEFT, "row_end": 16, "col_end": 8}],  # the tiles fix the canvas; the region lies on top
+                "tiles": {"prompts": [["a"], ["b"]], "tile_height": 24, "tile_width": 40, "tile_row_overlap": 16},
+            },
+            (32, 40),
+            [],
+        ),
+    ],
+)
 def test_the_canvas_counts_coverage_from_the_regions_the_method_runs(params, size, holes):
     from multifusion.noise.methods import ModParams, place_mod
     from multifusion.noise.regions import coverage
@@ -423,8 +533,11 @@ def test_the_canvas_counts_coverage_from_the_regions_the_method_runs(params, siz
 
 
 def test_background_and_tiles_are_drawn_but_not_dragged():
-    params = {"regions": [LEFT], "background": {"prompt": "snow"},
-              "tiles": {"prompts": [["a", "b"]], "tile_height": 64, "tile_width": 40, "tile_col_overlap": 16}}
+    params = {
+        "regions": [LEFT],
+        "background": {"prompt": "snow"},
+        "tiles": {"prompts": [["a", "b"]], "tile_height": 64, "tile_width": 40, "tile_col_overlap": 16},
+    }
     layers, placed, (H, W) = _canvas(params)
     assert [w for w, _, _ in placed] == ["params.regions[0]", "params.tiles[0]", "params.tiles[1]", "params.background"]
     im, notes = forms.regions_preview(layers, H, W, 4, scale=2, placed=placed)
@@ -446,7 +559,9 @@ def test_params_that_do_not_place_are_said_and_the_drawn_boxes_counted():
     with pytest.raises(RecipeError, match=r"params\.regions\[0\]\.col_end: 30 is not a multiple of the VAE factor 4"):
         _canvas({"regions": [{**LEFT, "col_end": 30}], "background": {"prompt": "snow"}})
     layers = [(MOD_LAYERS[0], [{**LEFT, "col_end": 30}])]
-    _, notes = forms.regions_preview(layers, 64, 64, 4, problem="invalid recipe:\n  params.regions[0].col_end: 30 is not a multiple")
+    _, notes = forms.regions_preview(
+        layers, 64, 64, 4, problem="invalid recipe:\n  params.regions[0].col_end: 30 is not a multiple"
+    )
     assert "not placed as a run would place it yet (params.regions[0].col_end: 30 is not a multiple)" in notes
     assert int(forms.uncovered(layers, None, 64, 64, 4).sum()) == 16 * 8  # the snapped box (to 32) covers the left half
     assert forms.method_regions(METHODS["snb"], {}, 2, 64, 64, 4) == ([], (64, 64))

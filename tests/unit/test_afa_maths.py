@@ -2,6 +2,8 @@
 combination, zero initialisation, and the aggregation points and parameter counts of UNet
 configurations (built on the meta device: no weights)."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,9 +12,15 @@ from hypothesis import strategies as st
 from multifusion.features.afa import SABW, AFAAggregators, convex_combination, model_weights, stack_models
 from multifusion.features.walkers import aggregation_channels, default_width, parameter_count
 
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-            layers_per_block=2, sample_size=64)
+SD15 = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    sample_size=64,
+)
 
 
 def test_stack_models_is_model_major_on_channels():
@@ -22,6 +30,16 @@ def test_stack_models_is_model_major_on_channels():
     assert torch.equal(s[0, :3], f[0, 0]) and torch.equal(s[0, 3:], f[1, 0])
 
 
+def test_model_weights_are_the_softmax_over_models_by_hand():
+    """exp(l_n) / sum_m exp(l_m) per pixel: logits (ln 3, 0) weigh the models 3/4 and 1/4, and
+    (0, ln 2, ln 5) 1/8, 2/8, 5/8; the larger logit takes the larger weight."""
+    logits = torch.tensor([math.log(3.0), 0.0], dtype=torch.float64).view(1, 2, 1, 1)
+    torch.testing.assert_close(model_weights(logits).flatten(), torch.tensor([0.75, 0.25], dtype=torch.float64))
+    three = torch.tensor([[0.0, math.log(2.0), math.log(5.0)], [math.log(5.0), 0.0, math.log(2.0)]], dtype=torch.float64)
+    three = three.T.reshape(1, 3, 1, 2)  # two pixels side by side, the models' logits in another order
+    torch.testing.assert_close(model_weights(three)[0, :, 0].T, torch.tensor([[1, 2, 5], [5, 1, 2]], dtype=torch.float64) / 8)
+
+
 def test_convex_combination_by_hand():
     f = torch.stack([torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2) * 4])  # (2, 1, 1, 1, 2)
     w = torch.tensor([[[[0.25, 1.0]], [[0.75, 0.0]]]])  # (1, 2, 1, 2)
@@ -29,8 +47,15 @@ def test_convex_combination_by_hand():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 4), b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 4), w=st.integers(1, 4),
-       seed=st.integers(0, 2**31 - 1), scale=st.floats(0.0, 30.0))
+@given(
+    n=st.integers(1, 4),
+    b=st.integers(1, 2),
+    c=st.integers(1, 3),
+    h=st.integers(1, 4),
+    w=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(0.0, 30.0),
+)
 def test_every_aggregation_is_a_convex_combination_per_pixel(n, b, c, h, w, seed, scale):
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(n, b, c, h, w, generator=g, dtype=torch.float64)
@@ -81,8 +106,14 @@ def test_sd15_has_25_aggregation_points_and_the_output_last():
 
 @pytest.mark.parametrize("levels,layers", [(2, 1), (3, 1), (4, 1), (3, 2), (4, 2)])
 def test_aggregation_points_for_2_3_4_levels(levels, layers):
-    cfg = dict(block_out_channels=(8, 16, 16, 16)[:levels], down_block_types=("DownBlock2D",) * levels,
-               up_block_types=("UpBlock2D",) * levels, layers_per_block=layers, norm_num_groups=4, cross_attention_dim=8)
+    cfg = dict(
+        block_out_channels=(8, 16, 16, 16)[:levels],
+        down_block_types=("DownBlock2D",) * levels,
+        up_block_types=("UpBlock2D",) * levels,
+        layers_per_block=layers,
+        norm_num_groups=4,
+        cross_attention_dim=8,
+    )
     ch = aggregation_channels(_meta_unet(**cfg))
     # conv_in + down (layers per level + a downsampler except the last) + mid + up (layers + 1 per level, the last
     # one meeting after the output head, which is the final point)
@@ -90,7 +121,61 @@ def test_aggregation_points_for_2_3_4_levels(levels, layers):
 
 
 def test_parameter_counts_from_config_alone():
+    """Regression pin: these are the numbers the code gave when docs/afa.md was written (SD-1.5's
+    UNet count is the published one). The aggregator count is checked against the architecture's
+    formula in `test_aggregator_parameter_count_follows_the_architecture`."""
     agg, unet = parameter_count(SD15, 2, 128)
     assert unet == 859_520_964  # SD-1.5's UNet
     assert agg == 30_082_944  # 3.5 % of it at the paper's d = 128 (docs/afa.md)
     assert default_width(SD15, 2) == 128
+
+
+def sabw_parameters(c: int, n: int, d: int, t: int, x: int) -> int:
+    """Parameters of one SABW point, counted by hand from the architecture in features/afa.py
+    (diffusers' ResnetBlock2D and Transformer2DModel at their defaults), for feature width c,
+    n models, width d, time-embedding width t and text width x:
+
+      conv_in 1x1 (n c -> d, bias)                           n c d + d
+      ResnetBlock2D d -> d: norm1 2d, conv1 3x3 9d^2 + d, time_emb_proj t d + d,
+                            norm2 2d, conv2 3x3 9d^2 + d (no shortcut: in = out)   18 d^2 + t d + 7 d
+      Transformer2DModel, one block (inner width = heads x head dim = d):
+        norm 2d, proj_in 1x1 d^2 + d, proj_out 1x1 d^2 + d                        2 d^2 + 4 d
+        norm1, norm2, norm3 (LayerNorm) 6d
+        attn1: q, k, v d^2 each (no bias), out d^2 + d                              4 d^2 + d
+        attn2: q d^2, k and v x d each, out d^2 + d                                 2 d^2 + 2 x d + d
+        feed-forward GEGLU: d -> 2 (4 d) with bias, then 4 d -> d with bias        12 d^2 + 9 d
+      conv_out 1x1 (d -> n, no bias)                         n d
+
+    in all 38 d^2 + (n c + n + t + 2 x + 29) d. Heads and groups do not change the count."""
+    resnet = 18 * d * d + t * d + 7 * d
+    transformer = (2 * d * d + 4 * d) + 6 * d + (4 * d * d + d) + (2 * d * d + 2 * x * d + d) + (12 * d * d + 9 * d)
+    return (n * c * d + d) + resnet + transformer + n * d
+
+
+def test_aggregator_parameter_count_follows_the_architecture():
+    # SD-1.5's 25 aggregation points, listed from its architecture (not from aggregation_channels):
+    # conv_in 320; down: 2 layers + a downsampler at 320, 640, 1280, then 2 layers at 1280; the mid
+    # block 1280; up: 3 layers at 1280, 1280, 640, 320, the last one meeting after the output head
+    # (4 latent channels).
+    channels = (
+        [320] + [320] * 3 + [640] * 3 + [1280] * 3 + [1280] * 2 + [1280] + [1280] * 3 + [1280] * 3 + [640] * 3 + [320] * 2 + [4]
+    )
+    assert len(channels) == 25
+    expected = sum(sabw_parameters(c, 2, 128, 1280, 768) for c in channels)
+    assert parameter_count(SD15, 2, 128)[0] == expected
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    c=st.integers(1, 12),
+    n=st.integers(2, 4),
+    d=st.sampled_from([8, 16, 24]),
+    t=st.integers(1, 40),
+    x=st.integers(1, 20),
+    heads=st.sampled_from([1, 2, 4]),
+    groups=st.sampled_from([1, 2, 4, 8]),
+)
+def test_one_point_has_the_counted_parameters(c, n, d, t, x, heads, groups):
+    with torch.device("meta"):
+        point = SABW(c, n, d, heads, t, x, groups)
+    assert sum(p.numel() for p in point.parameters()) == sabw_parameters(c, n, d, t, x)

@@ -5,8 +5,8 @@ SD3.5 configurations (built on the meta device)."""
 import pytest
 import torch
 
-from multifusion.features.walkers import aggregation_channels, default_width, parameter_count
 from multifusion.features.mmdit import grid_to_tokens, tokens_to_grid, unpatchify
+from multifusion.features.walkers import aggregation_channels, default_width, parameter_count
 from multifusion.memory import SD35_MEDIUM
 
 

@@ -7,8 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
+from multifusion.families.flowmatch import (
+    FlowMatchSampler,
+    eps_to_velocity,
+    resolution_shift,
+    velocity_to_eps,
+    velocity_to_x0,
+    vp_alphas_cumprod,
+    x0_to_velocity,
+)
 from multifusion.families.flux import image_ids, pack, unpack
-from multifusion.families.flowmatch import FlowMatchSampler, eps_to_velocity, resolution_shift, velocity_to_eps, velocity_to_x0, vp_alphas_cumprod, x0_to_velocity
 from multifusion.handles import cfg
 from multifusion.noise.average import weighted_average
 from multifusion.schedulers import check_flow_sampler, make_scheduler

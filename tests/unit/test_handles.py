@@ -3,9 +3,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from multifusion.families.sd import v_to_eps
 from multifusion.handles import Conditioning, GuidedPrediction, Offloader
 from multifusion.schedulers import alpha_bar_at
-from multifusion.families.sd import v_to_eps
 
 
 def _schedule():
@@ -48,7 +48,7 @@ def test_guidance_response_is_scale_times_difference():
     p = GuidedPrediction(u + 3 * (c - u), u, c, 3.0)
     assert torch.equal(p.response, torch.full_like(c, 3.0))
     with pytest.raises(ValueError, match="need_uncond"):
-        GuidedPrediction(c, None, c, 1.0).response
+        _ = GuidedPrediction(c, None, c, 1.0).response
 
 
 @given(st.lists(st.integers(1, 4), min_size=1, max_size=4))

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from multifusion.handles import Conditioning, ModelHandle
 from multifusion.families.sdxl import SDXLHandle, time_ids
+from multifusion.handles import Conditioning, ModelHandle
 
 
 def _handle(cls=SDXLHandle, factor=8):

@@ -44,5 +44,7 @@ def test_family_from_model_index_and_refusal_of_unknown_pipelines(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
-    with pytest.raises(ModelLoadError, match="is a KandinskyPipeline; the models that can be combined are: .*StableDiffusionPipeline"):
+    with pytest.raises(
+        ModelLoadError, match="is a KandinskyPipeline; the models that can be combined are: .*StableDiffusionPipeline"
+    ):
         family_of(resolve(str(other)))

@@ -18,8 +18,12 @@ def _kept(message: str) -> bool:
 
 def test_exactly_the_two_unused_image_processor_warnings_are_dropped():
     for name in ("CLIPImageProcessor", "SiglipImageProcessor"):
-        assert not _kept(f"`{name}` requires torchvision (not installed); falling back to `{name}Pil` for backward compatibility.")
-    assert _kept("`ViTImageProcessor` requires torchvision (not installed); falling back to `ViTImageProcessorPil` for backward compatibility.")
+        assert not _kept(
+            f"`{name}` requires torchvision (not installed); falling back to `{name}Pil` for backward compatibility."
+        )
+    assert _kept(
+        "`ViTImageProcessor` requires torchvision (not installed); falling back to `ViTImageProcessorPil` for backward compatibility."
+    )
     assert _kept("something else entirely")
 
 

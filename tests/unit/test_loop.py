@@ -1,13 +1,12 @@
 import pytest
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from hypothesis import given
 from hypothesis import strategies as st
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from multifusion.families.flowmatch import FlowMatchSampler, vp_alphas_cumprod
-from multifusion.schedulers import alpha_bar_at
 from multifusion.loop import Trajectory, initial_noise, sample
-from multifusion.schedulers import in_window, timestep_fraction
+from multifusion.schedulers import alpha_bar_at, in_window, timestep_fraction
 
 
 def _config():
@@ -42,7 +41,9 @@ def test_trajectories_have_their_own_scheduler_state():
     a shared scheduler would mix their histories."""
     noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     [one] = sample([Trajectory(_toy_eps, _dpm(), noise)], num_inference_steps=6, progress=False)
-    two = sample([Trajectory(_toy_eps, _dpm(), noise), Trajectory(_toy_eps, _dpm(), noise)], num_inference_steps=6, progress=False)
+    two = sample(
+        [Trajectory(_toy_eps, _dpm(), noise), Trajectory(_toy_eps, _dpm(), noise)], num_inference_steps=6, progress=False
+    )
     assert torch.equal(two[0], one) and torch.equal(two[1], one)
 
 
@@ -62,8 +63,13 @@ def test_meet_and_callback_see_every_step():
         return [mean, mean]
 
     noise = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    out = sample([Trajectory(_toy_eps, _ddim(), noise), Trajectory(_toy_eps, _ddim(), -noise)], num_inference_steps=4,
-                 meet=meet, callback=lambda info: seen.append((info.step, len(info.latents))), progress=False)
+    out = sample(
+        [Trajectory(_toy_eps, _ddim(), noise), Trajectory(_toy_eps, _ddim(), -noise)],
+        num_inference_steps=4,
+        meet=meet,
+        callback=lambda info: seen.append((info.step, len(info.latents))),
+        progress=False,
+    )
     assert met == [0, 1, 2, 3] and seen == [(0, 2), (1, 2), (2, 2), (3, 2)]
     assert torch.equal(out[0], out[1])
 
@@ -105,7 +111,9 @@ def test_step_carries_the_fraction_and_noise_level_of_its_timestep(scheduler):
     for fraction, sigma, t in seen:
         a = alpha_bar_at(acp, t)
         assert fraction == timestep_fraction(t, len(acp)) and sigma == float(((1 - a) / a).sqrt())
-    assert [f for f, _, _ in seen] == sorted(f for f, _, _ in seen) and [s for _, s, _ in seen] == sorted((s for _, s, _ in seen), reverse=True)
+    assert [f for f, _, _ in seen] == sorted(f for f, _, _ in seen) and [s for _, s, _ in seen] == sorted(
+        (s for _, s, _ in seen), reverse=True
+    )
 
 
 def test_a_flow_step_carries_its_exact_sigma():
@@ -139,8 +147,12 @@ def test_meet_can_stop_a_trajectory():
         return _toy_eps(x, t)
 
     noise = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(3))
-    out = sample([Trajectory(_toy_eps, _ddim(), noise), Trajectory(counted, _ddim(), noise)], num_inference_steps=5,
-                 meet=lambda step: [step.latents[0], None if step.step >= 1 else step.latents[1]], progress=False)
+    out = sample(
+        [Trajectory(_toy_eps, _ddim(), noise), Trajectory(counted, _ddim(), noise)],
+        num_inference_steps=5,
+        meet=lambda step: [step.latents[0], None if step.step >= 1 else step.latents[1]],
+        progress=False,
+    )
     assert out[1] is None and len(calls) == 2  # evaluated at steps 0 and 1 only
     [alone] = sample([Trajectory(_toy_eps, _ddim(), noise)], num_inference_steps=5, progress=False)
     assert torch.equal(out[0], alone)

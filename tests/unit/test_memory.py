@@ -8,8 +8,8 @@ from multifusion.families import FluxHandle, SD3Handle, SDXLHandle
 from multifusion.memory import (
     PUBLISHED,
     Footprint,
-    Published,
     GiB,
+    Published,
     activation_peaks,
     build,
     count_parameters,
@@ -20,22 +20,62 @@ from multifusion.memory import (
 )
 from multifusion.zoo.tiny_sdxl import PROJECTION_DIM, TIME_EMBED_DIM
 
-TINY_VAE = dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, layers_per_block=1)  # 4 latent channels
-TINY_CLIP = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 projection_dim=PROJECTION_DIM)
+TINY_VAE = dict(
+    block_out_channels=(8, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=4,
+    layers_per_block=1,
+)  # 4 latent channels
+TINY_CLIP = dict(
+    vocab_size=100,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=PROJECTION_DIM,
+)
 TINY_T5 = dict(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, is_encoder_decoder=False)
 TINY = {
-    "unet": dict(sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
-                 transformer_layers_per_block=(1, 2), cross_attention_dim=40, attention_head_dim=8, norm_num_groups=8,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
-                 projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + PROJECTION_DIM),
-    "sd3": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
-                pos_embed_max_size=16),
-    "flux": dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                 joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    "unet": dict(
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=40,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + PROJECTION_DIM,
+    ),
+    "sd3": dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        pos_embed_max_size=16,
+    ),
+    "flux": dict(
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
     "vae": TINY_VAE,
     "clip": TINY_CLIP,
     "clip_projection": TINY_CLIP,
@@ -47,8 +87,9 @@ FAMILY = {"unet": SDXLHandle, "sd3": SD3Handle, "flux": FluxHandle}
 
 
 def tiny_family(kind: str) -> Published:
-    return Published(FAMILY[kind], TINY[kind], {"CLIP": ("clip", TINY_CLIP), "T5": ("t5", TINY_T5)}, TINY_VAE,
-                     guidance_batch=2, text_tokens=7)
+    return Published(
+        FAMILY[kind], TINY[kind], {"CLIP": ("clip", TINY_CLIP), "T5": ("t5", TINY_T5)}, TINY_VAE, guidance_batch=2, text_tokens=7
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(set(TINY) - set(FAMILY)))

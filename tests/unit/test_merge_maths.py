@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifusion.errors import RecipeError
+from multifusion.families.blocks import BlockLayout
 from multifusion.weights import (
     PRESET_NAMES,
     BlockWeights,
@@ -18,7 +19,6 @@ from multifusion.weights import (
     resample,
     weighted_sum,
 )
-from multifusion.families.blocks import BlockLayout
 
 seeds = st.integers(0, 2**31 - 1)
 unit = st.floats(0.0, 1.0)
@@ -93,12 +93,15 @@ def test_block_weighted_picks_each_parameters_block():
     assert out["x"].tolist() == [1.0, 1.0] and torch.equal(out["y"], a["y"])
 
 
-@pytest.mark.parametrize("weights, match", [
-    ([1.0, -0.5], "not a finite number >= 0"),
-    ([1.0, float("nan")], "not a finite number >= 0"),
-    ([0.0, 0.0], "sum to zero"),
-    ([1.0], "1 weights for 2 models"),
-])
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ([1.0, -0.5], "not a finite number >= 0"),
+        ([1.0, float("nan")], "not a finite number >= 0"),
+        ([0.0, 0.0], "sum to zero"),
+        ([1.0], "1 weights for 2 models"),
+    ],
+)
 def test_bad_weights_are_refused(weights, match):
     with pytest.raises(RecipeError, match=match):
         weighted_sum([torch.zeros(2), torch.ones(2)], weights)
@@ -141,8 +144,20 @@ def test_weight_strings_reject_non_numbers_and_nan():
 
 
 def test_the_required_presets_exist_with_25_values():
-    for name in ("GRAD_V", "GRAD_A", "FLAT_25", "FLAT_75", "WRAP08", "MID12_50", "OUT07", "RING08_SOFT",
-                 "SMOOTHSTEP", "COSINE", "ALL_A", "ALL_B"):
+    for name in (
+        "GRAD_V",
+        "GRAD_A",
+        "FLAT_25",
+        "FLAT_75",
+        "WRAP08",
+        "MID12_50",
+        "OUT07",
+        "RING08_SOFT",
+        "SMOOTHSTEP",
+        "COSINE",
+        "ALL_A",
+        "ALL_B",
+    ):
         assert name in PRESET_NAMES
     for name in PRESET_NAMES:
         w = preset(name)
@@ -187,7 +202,10 @@ def test_resampling_keeps_ends_middle_and_straight_lines():
     steps = [ins[i + 1] - ins[i] for i in range(5)]
     assert all(math.isclose(s, steps[0]) for s in steps)  # still a straight line
     assert resample(preset("FLAT_25"), layout).values == (0.25,) * 13
-    assert resample(preset("RING08_SOFT"), BlockLayout(4, tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12)), {})) == preset("RING08_SOFT")
+    assert resample(
+        preset("RING08_SOFT"),
+        BlockLayout(4, tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12)), {}),
+    ) == preset("RING08_SOFT")
 
 
 def test_block_weights_check_themselves():

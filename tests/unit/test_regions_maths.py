@@ -47,7 +47,9 @@ def test_quartic_weights_match_the_formula_and_stay_positive():
         region_weights(2, 2, "cosine")
 
 
-boxes = st.tuples(st.integers(0, 5), st.integers(1, 6), st.integers(0, 7), st.integers(1, 8)).filter(lambda b: b[0] < b[1] and b[2] < b[3])
+boxes = st.tuples(st.integers(0, 5), st.integers(1, 6), st.integers(0, 7), st.integers(1, 8)).filter(
+    lambda b: b[0] < b[1] and b[2] < b[3]
+)
 
 
 @given(st.lists(boxes, min_size=1, max_size=4), st.sampled_from(["gaussian", "quartic", "constant"]), st.integers(0, 1000))
@@ -85,7 +87,9 @@ def test_pixel_to_latent_mapping_on_a_non_square_canvas():
 
 
 def test_tiles_make_regions_and_canvas():
-    t = TilesParams(prompts=[["a", "b", "c"], ["d", "e", "f"]], tile_height=32, tile_width=48, tile_row_overlap=8, tile_col_overlap=16)
+    t = TilesParams(
+        prompts=[["a", "b", "c"], ["d", "e", "f"]], tile_height=32, tile_width=48, tile_row_overlap=8, tile_col_overlap=16
+    )
     assert t.canvas() == (2 * 32 - 8, 3 * 48 - 2 * 16)
     regions = t.regions()
     assert [(r.prompt, r.row_init, r.col_init) for r in regions][:4] == [("a", 0, 0), ("b", 0, 32), ("c", 0, 64), ("d", 24, 0)]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,6 +26,89 @@ def test_box_blur_is_a_local_mean():
     x[0, 0, 4, 4] = 16.0
     y = blur2d(x, "box", size=4)
     assert torch.isclose(y.sum(), torch.tensor(16.0)) and torch.isclose(y.max(), torch.tensor(1.0))
+
+
+def _impulse(h=11, w=11, r=5, c=5):
+    x = torch.zeros(1, 1, h, w, dtype=torch.float64)
+    x[0, 0, r, c] = 1.0
+    return x
+
+
+@pytest.mark.parametrize(
+    "sigma, taps",
+    [
+        (1.0, [math.exp(-2), math.exp(-0.5), 1.0, math.exp(-0.5), math.exp(-2)]),  # radius ceil(2 sigma) = 2
+        (0.5, [math.exp(-2), 1.0, math.exp(-2)]),  # radius 1: taps at +-1 are exp(-1 / (2 * 0.25))
+        (1.3, [math.exp(-(a * a) / (2 * 1.69)) for a in (-3, -2, -1, 0, 1, 2, 3)]),  # radius ceil(2.6) = 3
+    ],
+)
+def test_gaussian_blur_of_an_impulse_is_the_hand_computed_kernel(sigma, taps):
+    """Away from the borders an impulse comes back as the kernel itself: the outer product of
+    the normalised taps exp(-a^2 / (2 sigma^2)), a = -ceil(2 sigma)..ceil(2 sigma)."""
+    g = torch.tensor(taps, dtype=torch.float64) / sum(taps)
+    r = len(taps) // 2
+    want = torch.zeros(11, 11, dtype=torch.float64)
+    want[5 - r : 5 + r + 1, 5 - r : 5 + r + 1] = torch.outer(g, g)
+    torch.testing.assert_close(blur2d(_impulse(), "gaussian", sigma=sigma)[0, 0], want, rtol=1e-12, atol=1e-15)
+
+
+def test_box_blur_of_an_impulse_is_the_hand_computed_window():
+    """A k x k box averages rows i - (k - 1) // 2 .. i + k // 2 (and columns alike) into output
+    i, so an impulse at (5, 5) spreads 1 / k^2 over outputs 5 - k // 2 .. 5 + (k - 1) // 2: for
+    k = 4, rows and columns 3..6, for k = 3, 4..6, for k = 1 only (5, 5)."""
+    for k, lo, hi in ((4, 3, 6), (3, 4, 6), (2, 4, 5), (1, 5, 5)):
+        want = torch.zeros(11, 11, dtype=torch.float64)
+        want[lo : hi + 1, lo : hi + 1] = 1 / k**2
+        torch.testing.assert_close(blur2d(_impulse(), "box", size=k)[0, 0], want, rtol=1e-12, atol=1e-15, msg=f"k = {k}")
+
+
+def test_blurs_replicate_the_border():
+    """An impulse in the corner: replicate padding folds the taps that fall off the image back
+    onto the corner pixel, so the corner keeps (sum of the taps at offsets <= 0)^2."""
+    corner = _impulse(r=0, c=0)
+    g = torch.tensor([math.exp(-2), math.exp(-0.5), 1.0, math.exp(-0.5), math.exp(-2)], dtype=torch.float64)
+    g = g / g.sum()
+    assert math.isclose(float(blur2d(corner, "gaussian", sigma=1.0)[0, 0, 0, 0]), float(g[:3].sum()) ** 2, rel_tol=1e-12)
+    # box 4: output (0, 0) averages rows -1..2 and columns -1..2, where row and column -1 repeat row and column 0
+    assert math.isclose(float(blur2d(corner, "box", size=4)[0, 0, 0, 0]), 4 / 16, rel_tol=1e-12)
+
+
+def _reference_blur(x: torch.Tensor, kind: str, size: int, sigma: float) -> torch.Tensor:
+    """blur2d written as the docstring says, one output pixel at a time: border pixels repeated
+    (index clamped), a size x size window i - (size - 1) // 2 .. i + size // 2 for the box, the
+    normalised Gaussian taps of radius ceil(2 sigma) for the Gaussian."""
+    if kind == "box":
+        offsets = list(range(-((size - 1) // 2), size // 2 + 1))
+        taps = [1.0 / size] * size
+    else:
+        r = math.ceil(2 * sigma)
+        offsets = list(range(-r, r + 1))
+        raw = [math.exp(-(a * a) / (2 * sigma * sigma)) for a in offsets]
+        taps = [v / sum(raw) for v in raw]
+    b, c, h, w = x.shape
+    out = torch.zeros(b, c, h, w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            for a, ta in zip(offsets, taps):
+                for d, td in zip(offsets, taps):
+                    out[:, :, i, j] += ta * td * x[:, :, min(max(i + a, 0), h - 1), min(max(j + d, 0), w - 1)]
+    return out
+
+
+@given(
+    st.sampled_from(["box", "gaussian"]),
+    st.integers(1, 5),
+    st.floats(0.3, 2.0),
+    st.integers(5, 9),
+    st.integers(5, 9),
+    st.integers(0, 10_000),
+)
+@settings(max_examples=25, deadline=None)
+def test_blur_equals_the_pixel_by_pixel_reference(kind, size, sigma, h, w, seed):
+    x = torch.randn(2, 2, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(
+        blur2d(x, kind, size=size, sigma=sigma), _reference_blur(x, kind, size, sigma), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_salience_is_channel_mean_of_blurred_magnitude():

@@ -34,8 +34,18 @@ def _run(folder: Path) -> TrainingRun:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return TrainingRun(folder, "toy", model, opt, seed=3, modules={"ema": ema}, metrics=("loss", "mae"),
-                       checkpoint_every=4, log_every=2, accelerator=Accelerator(cpu=True))
+    return TrainingRun(
+        folder,
+        "toy",
+        model,
+        opt,
+        seed=3,
+        modules={"ema": ema},
+        metrics=("loss", "mae"),
+        checkpoint_every=4,
+        log_every=2,
+        accelerator=Accelerator(cpu=True),
+    )
 
 
 def _train(folder: Path, stop: int | None = None, kill_at: int | None = None) -> TrainingRun:
@@ -56,8 +66,16 @@ def _train(folder: Path, stop: int | None = None, kill_at: int | None = None) ->
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in model], 0.1)
 
-    run.train(step, STEPS, lr=lambda s: 1e-2 * min(1.0, (s + 1) / 3), max_grad_norm=0.5, after_step=after_step,
-              stop=stop, meta={"task": "toy"}, progress=False)
+    run.train(
+        step,
+        STEPS,
+        lr=lambda s: 1e-2 * min(1.0, (s + 1) / 3),
+        max_grad_norm=0.5,
+        after_step=after_step,
+        stop=stop,
+        meta={"task": "toy"},
+        progress=False,
+    )
     return run
 
 
@@ -68,7 +86,8 @@ def _equal(a: dict, b: dict) -> bool:
 def _same_checkpoints(a: Path, b: Path) -> bool:
     x, y = load_checkpoint(a / CHECKPOINT), load_checkpoint(b / CHECKPOINT)
     states = x.optimizer["state"].keys() == y.optimizer["state"].keys() and all(
-        _equal(x.optimizer["state"][i], y.optimizer["state"][i]) for i in x.optimizer["state"])
+        _equal(x.optimizer["state"][i], y.optimizer["state"][i]) for i in x.optimizer["state"]
+    )
     return (x.step, x.meta) == (y.step, y.meta) and all(_equal(x.modules[k], y.modules[k]) for k in ("model", "ema")) and states
 
 
@@ -161,5 +180,7 @@ def test_tensors_come_back_with_values_and_channels_last_layout(tmp_path):
 
 def test_no_source_file_unpickles():
     src = Path(__file__).parents[2] / "src" / "multifusion"
-    offenders = [p.relative_to(src) for p in src.rglob("*.py") if "weights_only=False" in p.read_text() or "pickle.load" in p.read_text()]
+    offenders = [
+        p.relative_to(src) for p in src.rglob("*.py") if "weights_only=False" in p.read_text() or "pickle.load" in p.read_text()
+    ]
     assert offenders == []

@@ -261,7 +261,7 @@ def test_datasets_are_deterministic_and_sliceable() -> None:
 
 def test_toon_data_is_cartoons_of_textured_objects_captioned_in_full() -> None:
     data = make_dataset("toon", 60, 0)
-    for image, text, scene in zip(data.images, data.captions, data.scenes):
+    for text, scene in zip(data.captions, data.scenes):
         assert text.startswith("a cartoon of ") and parse_caption(text) == spec_of(scene)
         (obj,) = scene.objects
         assert obj.texture in text.split() and obj.colour in text.split() and SLOT_PHRASES[obj.slot] in text

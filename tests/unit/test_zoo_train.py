@@ -35,7 +35,14 @@ from multifusion.zoo.train import (
 # The fine-tune snapshot (step 4) is not a multiple of checkpoint_every (3), and the resumed run
 # below stops at a checkpoint before it (3) and passes it on resume.
 TINY = TrainConfig(
-    size="tiny", dataset_size=24, vae_steps=3, vae_dataset_size=6, vae_batch_size=2, batch_size=4, checkpoint_every=3, log_every=1,
+    size="tiny",
+    dataset_size=24,
+    vae_steps=3,
+    vae_dataset_size=6,
+    vae_batch_size=2,
+    batch_size=4,
+    checkpoint_every=3,
+    log_every=1,
     finetune_from_step=4,
 )
 
@@ -164,8 +171,11 @@ def test_the_shipped_records_follow_the_schedule():
     shipped parent (docs/zoo-training.md)."""
     step = TrainConfig().finetune_from_step
     assert all(DEFAULT_STEPS[parent] >= step for parent in set(INIT_FROM.values()))
-    shipped = {name: json.loads((loading.zoo_root() / name / "training.json").read_text())
-               for name in loading.zoo_models() if (loading.zoo_root() / name / "training.json").exists() and name in DEFAULT_STEPS}
+    shipped = {
+        name: json.loads((loading.zoo_root() / name / "training.json").read_text())
+        for name in loading.zoo_models()
+        if (loading.zoo_root() / name / "training.json").exists() and name in DEFAULT_STEPS
+    }
     rebased = "shipped fp16, upcast to float32"
     for name, info in shipped.items():
         start = info["init_from"]
@@ -222,8 +232,11 @@ def test_rebased_fine_tunes_start_from_the_shipped_parent(tmp_path):
 
     config = replace(TINY, size="zoo", dataset_size=4, batch_size=2, finetune_from_step=1)
     (summary,) = train_zoo(tmp_path, ["cartoon"], steps=1, progress=False, config=config, rebase=True)
-    assert summary["init_from"] == {"model": "general", "step": shipped_steps("general"),
-                                    "weights": "shipped fp16, upcast to float32"}
+    assert summary["init_from"] == {
+        "model": "general",
+        "step": shipped_steps("general"),
+        "weights": "shipped fp16, upcast to float32",
+    }
     assert summary["total_steps"] == 1  # a fine-tune's steps are its own, not its parent's
     shipped = load_file(loading.zoo_root() / "general" / "unet" / "diffusion_pytorch_model.safetensors")
     ema = _ckpt(tmp_path, "cartoon").modules["ema"]

@@ -13,12 +13,12 @@ from PIL import Image
 
 import multifusion as mf
 from multifusion import IncompatibleModelsError, load_models
-from multifusion.features.unet import AFAEnsemble
-from multifusion.features.ensemble import EnsembleHandle, model_hash, split_conditioning
-from multifusion.features.walkers import aggregation_channels, build_ensemble, fresh_aggregators
 from multifusion.families import SD3Handle
+from multifusion.features.ensemble import EnsembleHandle, model_hash, split_conditioning
 from multifusion.features.mmdit import SD3Ensemble
 from multifusion.features.train import AFATrainConfig, load_trained, train_afa
+from multifusion.features.unet import AFAEnsemble
+from multifusion.features.walkers import aggregation_channels, build_ensemble, fresh_aggregators
 from multifusion.training import load_checkpoint
 
 PROMPT, OTHER = "a red circle in a snowy field", "a blue square"
@@ -53,8 +53,13 @@ def _inputs(handles, batch=2):
 
 def _call(denoiser, x, t, cond):
     with torch.no_grad():
-        return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
-                        pooled_projections=cond.extra["pooled"], return_dict=False)[0]
+        return denoiser(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.extra["pooled"],
+            return_dict=False,
+        )[0]
 
 
 def test_copies_under_random_aggregators_are_the_model(models):
@@ -79,8 +84,7 @@ def test_weights_of_one_model_give_that_model_with_its_own_conditioning(models, 
     agg = _fresh([a, c])
     logits = torch.tensor([30.0, -30.0] if chosen == 0 else [-30.0, 30.0])
     for point in agg.points:  # per-pixel logits (B, N, H, W) favouring the chosen model
-        point.forward = lambda features, temb, context: logits.view(1, 2, 1, 1).expand(
-            features.shape[1], 2, *features.shape[-2:])
+        point.forward = lambda features, temb, context: logits.view(1, 2, 1, 1).expand(features.shape[1], 2, *features.shape[-2:])
     ensemble = build_ensemble([a.unet, c.unet], agg).eval()
     handle = EnsembleHandle.of([a, c], ensemble)
     x, t, own = _inputs([a, c])
@@ -158,8 +162,7 @@ def test_flux_and_bad_inputs_are_refused(models, flux_a, flux_b, tmp_path):
     flux = load_models([flux_a, flux_b])
     _fresh([a, a2], tmp_path / "aa")
     with pytest.raises(IncompatibleModelsError, match="single-stream blocks"):
-        mf.afa(flux, PROMPT, aggregator=str(tmp_path / "aa"), height=16, width=16,
-               num_inference_steps=2, progress=False)
+        mf.afa(flux, PROMPT, aggregator=str(tmp_path / "aa"), height=16, width=16, num_inference_steps=2, progress=False)
     with pytest.raises(IncompatibleModelsError, match="single-stream blocks"):
         train_afa(flux, _jsonl(tmp_path), tmp_path / "run", AFATrainConfig(steps=1, width=8), progress=False)
     with pytest.raises(IncompatibleModelsError, match="one kind"):
@@ -169,10 +172,20 @@ def test_flux_and_bad_inputs_are_refused(models, flux_a, flux_b, tmp_path):
     ensemble = build_ensemble([a.unet, a2.unet], _fresh([a, a2]))
     x, t, (own, _) = _inputs([a, a2])
     with pytest.raises(ValueError, match="pooled_projections has width 32, not 64 "):
-        ensemble(hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([own.embeds] * 2, 1), pooled_projections=own.extra["pooled"])
+        ensemble(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=torch.cat([own.embeds] * 2, 1),
+            pooled_projections=own.extra["pooled"],
+        )
     with pytest.raises(TypeError, match="skip_layers"):
-        ensemble(hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([own.embeds] * 2, 1),
-                 pooled_projections=torch.cat([own.extra["pooled"]] * 2, 1), skip_layers=[0])
+        ensemble(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=torch.cat([own.embeds] * 2, 1),
+            pooled_projections=torch.cat([own.extra["pooled"]] * 2, 1),
+            skip_layers=[0],
+        )
     assert isinstance(EnsembleHandle.of([a, a2], ensemble), SD3Handle)
 
 
@@ -180,7 +193,21 @@ def test_cli_trains_sd3_aggregators(flow_dir, tmp_path, capsys):
     from multifusion.cli import main
 
     models = [str(flow_dir / "sd3_a"), str(flow_dir / "sd3_b")]
-    args = ["afa", "train", *models, "--data", _jsonl(tmp_path), "--out", str(tmp_path / "run"), "--steps", "2",
-            "--batch-size", "2", "--width", "8", "--no-progress"]
+    args = [
+        "afa",
+        "train",
+        *models,
+        "--data",
+        _jsonl(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--width",
+        "8",
+        "--no-progress",
+    ]
     assert main(args) == 0 and "trained 2 steps" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "aggregator" / "config.json").read_text())["channels"] == [16, 16, 16]

@@ -35,12 +35,19 @@ def sd3_shift2(tmp_path_factory):
     """An SD3 fine-tune of sd3_a's base (same encoders and VAE) whose scheduler shifts by 2, not 3."""
     from multifusion.testing import build_tiny_sd3_pipeline
 
-    return str(build_tiny_sd3_pipeline(tmp_path_factory.mktemp("shift") / "sd3_shift2", seed=1, text_seed=0, vae_seed=0, shift=2.0))
+    return str(
+        build_tiny_sd3_pipeline(tmp_path_factory.mktemp("shift") / "sd3_shift2", seed=1, text_seed=0, vae_seed=0, shift=2.0)
+    )
 
 
 def _recipe(models, method="single", sampling=None, **extra):
-    return {"method": method, "prompt": PROMPT, "models": [m if isinstance(m, dict) else {"model": m} for m in models],
-            "sampling": {**SAMPLING, **(sampling or {})}, **extra}
+    return {
+        "method": method,
+        "prompt": PROMPT,
+        "models": [m if isinstance(m, dict) else {"model": m} for m in models],
+        "sampling": {**SAMPLING, **(sampling or {})},
+        **extra,
+    }
 
 
 def test_true_cfg_scale_is_refused_for_other_families_before_loading(sd3_a, tiny_a, no_loading):
@@ -61,8 +68,11 @@ def test_true_cfg_scale_below_one_is_refused():
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_eta_is_refused_for_flow_models_before_loading(flow_dir, family, no_loading):
-    with pytest.raises(RecipeError, match=r"sampling.eta: 0.5 but models\[0\] is a .* model, sampled by the flow-matching Euler "
-                                          r"step, which has no eta .*drop sampling.eta"):
+    with pytest.raises(
+        RecipeError,
+        match=r"sampling.eta: 0.5 but models\[0\] is a .* model, sampled by the flow-matching Euler "
+        r"step, which has no eta .*drop sampling.eta",
+    ):
         run(_recipe([str(flow_dir / f"{family}_a")], sampling={"eta": 0.5}), progress=False)
 
 
@@ -72,8 +82,11 @@ def test_eta_is_refused_after_loading_when_configs_are_not_local(flux_a, configs
 
 
 def test_amdm_refuses_flow_schedules_that_differ_before_loading(sd3_a, sd3_shift2, no_loading):
-    with pytest.raises(IncompatibleModelsError, match=r"models\[1\].model: its schedule differs from models\[0\]'s "
-                                                      r"\(shift 3.0 vs 2.0 in scheduler_config.json\), so with method 'amdm'"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"models\[1\].model: its schedule differs from models\[0\]'s "
+        r"\(shift 3.0 vs 2.0 in scheduler_config.json\), so with method 'amdm'",
+    ):
         validate(parse_recipe(_recipe([sd3_a, sd3_shift2], method="amdm")))
 
 
@@ -92,12 +105,18 @@ def test_one_trajectory_methods_take_models_of_different_shifts(sd3_a, sd3_shift
 
 def _mod(flow_dir, col_end):
     region = {"row_init": 0, "row_end": 16, "col_init": 0, "col_end": col_end, "prompt": PROMPT}
-    return _recipe([str(flow_dir / "flux_a")], method="mod", sampling={"width": 24},
-                   params={"regions": [region], "background": {"prompt": OTHER}})
+    return _recipe(
+        [str(flow_dir / "flux_a")],
+        method="mod",
+        sampling={"width": 24},
+        params={"regions": [region], "background": {"prompt": OTHER}},
+    )
 
 
 def test_mod_regions_off_the_patch_grid_are_refused_before_loading(flow_dir, no_loading):
-    with pytest.raises(RecipeError, match=r"params.regions\[0\].col_end: 22 px is not on the 4-pixel patch grid of FLUX.1 models"):
+    with pytest.raises(
+        RecipeError, match=r"params.regions\[0\].col_end: 22 px is not on the 4-pixel patch grid of FLUX.1 models"
+    ):
         validate(parse_recipe(_mod(flow_dir, 22)))
     validate(parse_recipe(_mod(flow_dir, 20)))
 

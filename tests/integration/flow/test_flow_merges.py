@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 from multifusion import fuse, load_models, run, single
 from multifusion.errors import RecipeError
+from multifusion.families.flux import flux_layout
+from multifusion.families.sd3 import sd3_layout
 from multifusion.recipe import parse_recipe
 from multifusion.validate import validate
 from multifusion.weights import MergeSpec, merge_in_memory, merge_models
 from multifusion.weights.export import merge
-from multifusion.families.flux import flux_layout
-from multifusion.families.sd3 import sd3_layout
 
 PROMPT, OTHER = "a red circle in a snowy field", "a blue square"
 KW = dict(num_inference_steps=3, seed=5, num_images=2, height=16, width=16, guidance_scale=3.5, progress=False)
@@ -51,9 +51,11 @@ def test_every_transformer_parameter_has_exactly_one_block(name):
 
     from multifusion.memory import FLUX_DEV, SD35_LARGE, SD35_MEDIUM
 
-    cls, config, layout_of = {"FLUX.1 dev": (FluxTransformer2DModel, FLUX_DEV, flux_layout),
-                              "SD3.5 Large": (SD3Transformer2DModel, SD35_LARGE, sd3_layout),
-                              "SD3.5 Medium": (SD3Transformer2DModel, SD35_MEDIUM, sd3_layout)}[name]
+    cls, config, layout_of = {
+        "FLUX.1 dev": (FluxTransformer2DModel, FLUX_DEV, flux_layout),
+        "SD3.5 Large": (SD3Transformer2DModel, SD35_LARGE, sd3_layout),
+        "SD3.5 Medium": (SD3Transformer2DModel, SD35_MEDIUM, sd3_layout),
+    }[name]
     model = _meta(cls, config)
     layout = layout_of(model.config)
     owners = {}
@@ -88,9 +90,13 @@ def test_merges_of_all_a_are_single_of_the_first_model(retrained, family):
 
 def test_a_named_flux_merge_of_all_a_is_single(retrained):
     a, _, c = retrained["flux"]
-    recipe = {"method": "single", "prompt": PROMPT, "merges": {"m": {"models": [a, c], "weights": [1, 0]}},
-              "models": [{"model": "merge:m", "guidance_scale": 3.5}],
-              "sampling": {"num_inference_steps": 3, "seed": 5, "num_images": 2, "height": 16, "width": 16}}
+    recipe = {
+        "method": "single",
+        "prompt": PROMPT,
+        "merges": {"m": {"models": [a, c], "weights": [1, 0]}},
+        "models": [{"model": "merge:m", "guidance_scale": 3.5}],
+        "sampling": {"num_inference_steps": 3, "seed": 5, "num_images": 2, "height": 16, "width": 16},
+    }
     assert torch.equal(run(recipe, progress=False).latents, single(a, PROMPT, **KW).latents)
 
 
@@ -101,13 +107,16 @@ def _states(handle, family):
     return {part: getattr(handle, part).state_dict() for part in ("unet", "vae", *TEXT[family])}
 
 
-@pytest.mark.parametrize("family, spec", [
-    ("sd3", MergeSpec(weights=(0.3, 0.7))),
-    ("flux", MergeSpec(weights=(0.3, 0.7))),
-    ("sd3", MergeSpec(blocks="0.5,0.2,0.4,0.6,0.8")),  # BASE, IN, J00, J01, OUT
-    ("flux", MergeSpec(blocks="0.5,0.2,0.4,0.6,0.8")),  # BASE, IN, D00, S00, OUT
-    ("flux", MergeSpec(blocks="0.25,0.75,0.2,0.4,0.6,0.8")),  # SuperMerger's CLIP, T5 leads
-])
+@pytest.mark.parametrize(
+    "family, spec",
+    [
+        ("sd3", MergeSpec(weights=(0.3, 0.7))),
+        ("flux", MergeSpec(weights=(0.3, 0.7))),
+        ("sd3", MergeSpec(blocks="0.5,0.2,0.4,0.6,0.8")),  # BASE, IN, J00, J01, OUT
+        ("flux", MergeSpec(blocks="0.5,0.2,0.4,0.6,0.8")),  # BASE, IN, D00, S00, OUT
+        ("flux", MergeSpec(blocks="0.25,0.75,0.2,0.4,0.6,0.8")),  # SuperMerger's CLIP, T5 leads
+    ],
+)
 def test_folder_and_in_memory_merges_agree_bit_for_bit(retrained, tmp_path, family, spec):
     a, _, c = retrained[family]
     folder = merge_models([a, c], tmp_path / "m", spec)
@@ -161,21 +170,42 @@ def test_a_block_weight_touches_only_its_blocks_tensors(handles, family, block, 
 
 
 def _recipe(models, blocks, merge_method="weighted_sum"):
-    return parse_recipe({"method": "mbw", "prompt": PROMPT, "models": [{"model": m} for m in models],
-                         "params": {"blocks": blocks, "merge_method": merge_method}})
+    return parse_recipe(
+        {
+            "method": "mbw",
+            "prompt": PROMPT,
+            "models": [{"model": m} for m in models],
+            "params": {"blocks": blocks, "merge_method": merge_method},
+        }
+    )
 
 
-@pytest.mark.parametrize("family, blocks, match", [
-    ("flux", [0.5] * 3, r"params.blocks: block weights: 3 values given; this FLUX transformer expects 4 \(IN, D00, S00, OUT\) "
-                        r"or 5 \(with a leading BASE\) or 6 \(with a leading CLIP, T5, as SuperMerger writes them\)"),
-    ("sd3", [0.5] * 6, r"params.blocks: block weights: 6 values given; this SD3 transformer expects 4 \(IN, J00..J01, OUT\) "
-                       r"or 5 \(with a leading BASE\)$"),
-    ("flux", "GRAD_V", r"params.blocks: preset GRAD_V is a curve over a UNet's IN, M00 and OUT blocks; a FLUX transformer has "
-                       r"blocks IN, D00, S00, OUT: give its 4 values"),
-    ("sd3", [25 * 0.5] * 25, r"params.blocks: block weights: 25 values given; this SD3 transformer expects 4"),
-    ("flux", "0.5,1.5,0,0,0,0", r"params.blocks: block weight 1.5 for T5 is outside \[0, 1\]"),
-    ("sd3", "0,0,0,1.2,0", r"params.blocks: block weight 1.2 for J01 is outside \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "family, blocks, match",
+    [
+        (
+            "flux",
+            [0.5] * 3,
+            r"params.blocks: block weights: 3 values given; this FLUX transformer expects 4 \(IN, D00, S00, OUT\) "
+            r"or 5 \(with a leading BASE\) or 6 \(with a leading CLIP, T5, as SuperMerger writes them\)",
+        ),
+        (
+            "sd3",
+            [0.5] * 6,
+            r"params.blocks: block weights: 6 values given; this SD3 transformer expects 4 \(IN, J00..J01, OUT\) "
+            r"or 5 \(with a leading BASE\)$",
+        ),
+        (
+            "flux",
+            "GRAD_V",
+            r"params.blocks: preset GRAD_V is a curve over a UNet's IN, M00 and OUT blocks; a FLUX transformer has "
+            r"blocks IN, D00, S00, OUT: give its 4 values",
+        ),
+        ("sd3", [25 * 0.5] * 25, r"params.blocks: block weights: 25 values given; this SD3 transformer expects 4"),
+        ("flux", "0.5,1.5,0,0,0,0", r"params.blocks: block weight 1.5 for T5 is outside \[0, 1\]"),
+        ("sd3", "0,0,0,1.2,0", r"params.blocks: block weight 1.2 for J01 is outside \[0, 1\]"),
+    ],
+)
 def test_bad_block_weights_are_refused_before_loading_naming_the_field(retrained, family, blocks, match):
     a, _, c = retrained[family]
     with pytest.raises(RecipeError, match=match):
@@ -193,8 +223,14 @@ def test_constant_presets_and_own_counts_pass(retrained):
 
 def test_a_bad_named_merge_names_its_entry(retrained):
     a, _, c = retrained["flux"]
-    recipe = parse_recipe({"method": "single", "prompt": PROMPT, "merges": {"m": {"models": [a, c], "blocks": [0.5] * 7}},
-                           "models": [{"model": "merge:m"}]})
+    recipe = parse_recipe(
+        {
+            "method": "single",
+            "prompt": PROMPT,
+            "merges": {"m": {"models": [a, c], "blocks": [0.5] * 7}},
+            "models": [{"model": "merge:m"}],
+        }
+    )
     with pytest.raises(RecipeError, match=r"merges.m: block weights: 7 values given; this FLUX transformer expects 4"):
         validate(recipe)
 
@@ -202,8 +238,11 @@ def test_a_bad_named_merge_names_its_entry(retrained):
 def test_flow_merges_write_folders_but_no_single_file(retrained, tmp_path):
     a, _, c = retrained["sd3"]
     recipe = {"method": "merge", "prompt": PROMPT, "models": [{"model": a}, {"model": c}]}
-    with pytest.raises(RecipeError, match="single_file: the single-file \\(LDM\\) layout .* a (Stable Diffusion 3|FLUX.1) merge is written as a "
-                                          "diffusers folder only"):
+    with pytest.raises(
+        RecipeError,
+        match="single_file: the single-file \\(LDM\\) layout .* a (Stable Diffusion 3|FLUX.1) merge is written as a "
+        "diffusers folder only",
+    ):
         merge(recipe, tmp_path / "m", single_file=True)
     assert not (tmp_path / "m").exists()
     folder = merge(recipe, tmp_path / "m")

@@ -37,8 +37,15 @@ def test_snb_of_a_model_with_itself_is_single_and_of_two_models_blends(pair):
     same = snb([a, a], [PROMPT, PROMPT], guidance_scale=3.5, blur_size=2, **KW).latents
     assert torch.allclose(same, ref, atol=1e-5)
     masks = []
-    fused = snb([a, b], [PROMPT, OTHER], guidance_scale=3.5, blur_size=2, k=[5.0, 5.0],
-                callback=lambda step: masks.append(step.record["snb/mask"]), **KW).latents
+    fused = snb(
+        [a, b],
+        [PROMPT, OTHER],
+        guidance_scale=3.5,
+        blur_size=2,
+        k=[5.0, 5.0],
+        callback=lambda step: masks.append(step.record["snb/mask"]),
+        **KW,
+    ).latents
     assert not torch.allclose(fused, ref, atol=1e-3)
     chosen = torch.stack(masks)[:, 1].mean()  # share of pixels taken from the second model
     assert 0 < chosen < 1
@@ -84,10 +91,15 @@ def test_amdm_records_flow_x0(flow_dir):
 @pytest.mark.parametrize("first, second", [("sd3_a", "flux_a"), ("flux_a", "unet"), ("unet", "sd3_a")])
 def test_mixed_families_are_refused_before_loading_with_the_reason(flow_dir, tiny_a, first, second):
     path = {"unet": tiny_a}
-    recipe = {"method": "average", "prompt": PROMPT,
-              "models": [{"model": path.get(m, str(flow_dir / m))} for m in (first, second)],
-              "sampling": {"num_inference_steps": 2, "height": 16, "width": 16}}
-    with pytest.raises(IncompatibleModelsError, match=r"models\[1\]\.model: a .* model cannot meet models\[0\].*fuse models of one family"):
+    recipe = {
+        "method": "average",
+        "prompt": PROMPT,
+        "models": [{"model": path.get(m, str(flow_dir / m))} for m in (first, second)],
+        "sampling": {"num_inference_steps": 2, "height": 16, "width": 16},
+    }
+    with pytest.raises(
+        IncompatibleModelsError, match=r"models\[1\]\.model: a .* model cannot meet models\[0\].*fuse models of one family"
+    ):
         run(recipe, progress=False)
 
 
@@ -106,7 +118,9 @@ def test_flow_models_refuse_samplers_without_a_flow_form(flow_dir):
 
     with pytest.raises(RecipeError, match="sampling.scheduler: 'dpm\\+\\+' has no flow-matching form"):
         single(a, PROMPT, scheduler="dpm++", **KW)
-    assert torch.equal(single(a, PROMPT, scheduler="flow_euler", **KW).latents, single(a, PROMPT, scheduler="euler", **KW).latents)
+    assert torch.equal(
+        single(a, PROMPT, scheduler="flow_euler", **KW).latents, single(a, PROMPT, scheduler="euler", **KW).latents
+    )
 
 
 def test_afa_refuses_flux_models_with_the_reason(flux_a, flux_b):

@@ -3,6 +3,7 @@ of its own size to the model, one region over the canvas equal to `single`."""
 
 import pytest
 import torch
+from handmade import mixed, region_weight
 
 from multifusion import load_models, mod, run, single
 from multifusion.errors import RecipeError
@@ -35,29 +36,56 @@ def test_a_region_is_denoised_as_an_image_of_its_own_size(flow_dir, family):
     assert not torch.allclose(v[..., :4], a.guide(PROMPT, guidance_scale=3.5)(x, t)[..., :4], atol=1e-4)
 
 
-def test_two_flux_models_paint_two_regions(flow_dir):
-    a, b = load_models([str(flow_dir / "flux_a"), str(flow_dir / "flux_b")])
-    regions = [{"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 16, "prompt": PROMPT, "model": 0},
-               {"row_init": 0, "row_end": 16, "col_init": 8, "col_end": 24, "prompt": OTHER, "model": 1}]
-    out = mod([a, b], regions=regions, height=16, width=24, guidance_scale=3.5, **KW).latents
-    assert out.shape == (2, 16, 8, 12) and torch.isfinite(out).all()
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_two_flow_models_paint_two_regions_by_their_weights(flow_dir, family):
+    """Two different transformers on overlapping regions of unequal widths (8 and 6 latent
+    columns, overlapping in 6-7): each step's velocity is the mix, by Gaussian weights computed
+    by hand, of each region's own model on its window."""
+    a, b = load_models([str(flow_dir / f"{family}_a"), str(flow_dir / f"{family}_b")])
+    regions = [
+        {"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 16, "prompt": PROMPT, "model": 0},
+        {"row_init": 0, "row_end": 16, "col_init": 12, "col_end": 24, "prompt": OTHER, "model": 1},
+    ]
+    steps = []
+    out = mod([a, b], regions=regions, height=16, width=24, guidance_scale=3.5, callback=steps.append, **KW).latents
+    assert out.shape[-2:] == (8, 12) and len(steps) == KW["num_inference_steps"]
+    parts = [
+        (a.guide(PROMPT, guidance_scale=3.5, batch_size=2), (0, 8, 0, 8)),
+        (b.guide(OTHER, guidance_scale=3.5, batch_size=2), (0, 8, 6, 12)),
+    ]
+    weights = [region_weight(8, 8), region_weight(8, 6)]
+    for step in steps:
+        x, t = step.model_input[0], step.t[0]
+        own = [g(x[:, :, r0:r1, c0:c1], t) for g, (r0, r1, c0, c1) in parts]
+        assert (own[0][..., 6:] - own[1][..., :2]).abs().mean() > 1e-2  # the models differ where they overlap
+        # float64 by hand against float32 in the library
+        torch.testing.assert_close(
+            step.eps[0].double(), mixed(own, [p[1] for p in parts], weights, (8, 12)), rtol=1e-5, atol=1e-6
+        )
 
 
 def _recipe(flow_dir, region, height=16, width=24):
-    return {"method": "mod", "models": [{"model": str(flow_dir / "flux_a")}],
-            "params": {"regions": [region], "background": {"prompt": OTHER}},
-            "sampling": {"num_inference_steps": 2, "height": height, "width": width}}
+    return {
+        "method": "mod",
+        "models": [{"model": str(flow_dir / "flux_a")}],
+        "params": {"regions": [region], "background": {"prompt": OTHER}},
+        "sampling": {"num_inference_steps": 2, "height": height, "width": width},
+    }
 
 
 def test_regions_off_the_patch_grid_are_refused_naming_the_field(flow_dir):
     """The tiny models' VAE factor is 2 and their patches 2x2 latents: a 4-pixel grid (16 px for
     the real models)."""
     region = {"row_init": 0, "row_end": 16, "col_init": 0, "col_end": 22, "prompt": PROMPT}
-    with pytest.raises(RecipeError, match=r"params.regions\[0\].col_end: 22 px is not on the 4-pixel patch grid of FLUX.1 models.*use 20 or 24"):
+    with pytest.raises(
+        RecipeError, match=r"params.regions\[0\].col_end: 22 px is not on the 4-pixel patch grid of FLUX.1 models.*use 20 or 24"
+    ):
         run(_recipe(flow_dir, region), progress=False)
 
 
 def test_a_canvas_off_the_patch_grid_is_refused_before_loading(flow_dir):
     region = {"row_init": 0, "row_end": 18, "col_init": 0, "col_end": 24, "prompt": PROMPT}
-    with pytest.raises(RecipeError, match=r"sampling.height: 18 is not a multiple of 4, the patch grid of FLUX.1 models.*use 16 or 20"):
+    with pytest.raises(
+        RecipeError, match=r"sampling.height: 18 is not a multiple of 4, the patch grid of FLUX.1 models.*use 16 or 20"
+    ):
         run(_recipe(flow_dir, region, height=18), progress=False)
