@@ -69,6 +69,11 @@ scenes = st.builds(
 flags = st.fixed_dictionaries({"colour": st.booleans(), "position": st.booleans(), "texture": st.booleans()})
 
 
+SLIVER = 1 / 16
+"""One subsample of a pixel (the renderer supersamples 4 x 4): the most an antialiased edge may
+cover beyond an object's slot."""
+
+
 def slot_columns(slot: str) -> tuple[int, int]:
     """First and last pixel column that overlaps ``slot``."""
     lo, hi = SLOT_BOUNDS[slot]
@@ -168,11 +173,19 @@ def test_objects_stay_inside_their_slot(scene: Scene, seed: int) -> None:
     allowed = np.zeros(SIZE, dtype=bool)
     for obj, mask in zip(scene.objects, masks):
         first, last = slot_columns(obj.slot)
-        cols = np.flatnonzero(mask.max(axis=0) > 0)
+        coverage = mask.max(axis=0)
+        cols = np.flatnonzero(coverage > SLIVER)
         assert cols.size > 0 and first <= cols.min() and cols.max() <= last
+        # At most a sliver beyond the slot: a cartoon triangle's outline reaches ~1.23 px past its
+        # base corners (its edge field is not a true distance there) against a 1.25 px margin, so
+        # antialiasing can put one subsample into the next column (found by hypothesis; seed 1001).
+        outside = np.ones(SIZE, dtype=bool)
+        outside[first : last + 1] = False
+        assert coverage[outside].max(initial=0.0) <= SLIVER
         assert mask.max() == pytest.approx(1.0)  # the object's interior is fully covered
         allowed[first : last + 1] = True
-    # The background draws come first, so objects change nothing outside their slots.
+        allowed |= coverage > 0
+    # The background draws come first, so objects change nothing outside what they cover.
     changed = np.flatnonzero((image != empty).any(axis=(0, 2)))
     assert allowed[changed].all()
 
@@ -296,3 +309,11 @@ def test_unknown_distribution_suggests_a_name() -> None:
 
 def test_every_scene_has_a_phrase() -> None:
     assert set(SCENE_PHRASES) == set(SCENES)
+
+
+def test_the_sliver_seen_beyond_a_slot_is_one_subsample():
+    """The case hypothesis found: the spill is real and bounded (a planted wider outline fails)."""
+    scene = Scene(PLAIN, "cartoon", (ShapeObject("triangle", "red", "plain", "centre"),))
+    _, masks = render_with_masks(scene, np.random.default_rng(1001))
+    first, _ = slot_columns("centre")
+    assert 0 < masks[0][:, first - 1].max() <= SLIVER
