@@ -243,7 +243,7 @@ def merge_method(
             else:
                 raise TypeError(f"merge method {key}: unsupported parameter {p.name!r} (**kwargs)")
         if random:
-            hypers["merge_seed"] = Hyper("merge_seed", 0, Range(0, 2**63, hi_open=True), integer=True)
+            hypers["merge_seed"] = Hyper("merge_seed", 0, Range(0, None), integer=True)
         if ratio is not None and ratio not in hypers:
             raise TypeError(f"merge method {key}: ratio {ratio!r} is not one of its hyper-parameters")
         MERGE_METHODS[key] = MergeMethod(
