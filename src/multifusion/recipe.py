@@ -78,10 +78,14 @@ class ModelEntry(_Strict):
 class MergeEntry(_Strict):
     """A model merged from others before sampling, named in `models` as `merge:NAME`: the
     fields of `multifusion.weights.MergeSpec` (`weights.models.spec_of`; see docs/merges.md) and
-    the models it merges (folders or zoo:NAME; not merges themselves)."""
+    the models it merges (folders or zoo:NAME; not merges themselves). Any other key is a
+    hyper-parameter of the method (`density: 0.3` for ties), checked with the spec against the
+    method's registered signature (`validate`), not here: this is data."""
+
+    model_config = ConfigDict(extra="allow")
 
     models: list[str] = Field(min_length=1, description="the models merged, in order (A, B[, C])")
-    method: Literal["weighted_sum", "add_difference"] = "weighted_sum"
+    method: str = Field("weighted_sum", description="a registered merge method (docs/merges.md)")
     weights: list[float] | None = Field(None, description="weighted_sum: one weight per model (normalised); default equal")
     alpha: float | None = Field(None, description="add_difference: A + alpha (B - C); default 1")
     blocks: str | list[float] | None = Field(None, description="block weights: a preset name, an A1111 string or a list")

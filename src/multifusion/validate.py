@@ -21,6 +21,7 @@ from multifusion.recipe import MERGE_PREFIX, MergeEntry, ModelEntry, Recipe, Run
 from multifusion.registry import get_method
 from multifusion.schedulers import scheduler_class
 from multifusion.weights.models import plan_merge, spec_of
+from multifusion.weights.registry import MergeSpecError
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ def _check_merge(name: str, entry: MergeEntry):
             )
     try:
         plan_merge(entry.models, spec_of(entry))
+    except MergeSpecError as err:
+        raise RecipeError(err.at(where)) from None
     except (RecipeError, ModelLoadError, IncompatibleModelsError) as err:
         raise type(err)(f"{where}: {err}") from None
     return resolve(entry.models[0])

@@ -5,7 +5,9 @@ A1111 / SuperMerger / sd-mecha merging tools compute. See docs/merges.md.
 - block ids (A1111's IN.., M00, OUT.. of a UNet; FLUX's and SD3's) are the families' own:
   `multifusion.families.blocks` and each family's `block_layout`
 - `presets`: weight strings and the community's named presets
-- `merge`: the pure tensor maths
+- `registry`: `@merge_method`, the registered merge methods (a method's signature is its contract)
+- `merge`: the pure tensor maths (weighted sum, add-difference, TIES, DARE, Model Stock, SLERP,
+  geometric median)
 - `models`: whole-model merges, streamed to a diffusers folder or loaded in memory
 - `methods`: the registered methods `merge` and `mbw` (merged in memory, sampled as `single`)
 - `export`: `merge(recipe, out)`, the merged model of a merge/mbw recipe written to a folder
@@ -18,18 +20,22 @@ from multifusion.families.blocks import BlockLayout, layout_table, unet_layout
 from multifusion.weights.merge import add_difference, block_weighted, merge_tensor, weighted_sum
 from multifusion.weights.models import MergePlan, MergeSpec, merge_in_memory, merge_models, plan_merge
 from multifusion.weights.presets import PRESET_NAMES, BlockWeights, block_weights, parse_block_weights, preset, resample
+from multifusion.weights.registry import MERGE_METHODS, get_merge_method, merge_method
 
 __all__ = [
     "BlockLayout",
     "BlockWeights",
+    "MERGE_METHODS",
     "MergePlan",
     "MergeSpec",
     "PRESET_NAMES",
     "add_difference",
     "block_weighted",
     "block_weights",
+    "get_merge_method",
     "layout_table",
     "merge_in_memory",
+    "merge_method",
     "merge_models",
     "merge_tensor",
     "parse_block_weights",

@@ -14,63 +14,88 @@ or FLUX transformer takes its own ids, docs/merges.md).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, create_model, model_validator
 
 from multifusion.errors import FieldError, IncompatibleModelsError, ModelLoadError, RecipeError
 from multifusion.handles import ModelHandle
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
-from multifusion.weights.merge import check_weights
-from multifusion.weights.models import MergeSpec, local_layout, merge_in_memory
+from multifusion.weights.merge import MERGE_METHODS
+from multifusion.weights.models import MergeSpec, block_weights_problem, local_layout, merge_in_memory
 from multifusion.weights.presets import block_weights, is_number, parse_numbers, preset
+from multifusion.weights.registry import MergeSpecError
 
 
-class MergeParams(Params):
-    merge_method: Literal["weighted_sum", "add_difference"] = Field(
-        "weighted_sum", description="weighted_sum of N models, or add_difference A + alpha (B - C) of three"
+def _hyper_fields(exclude: tuple[str, ...] = ()) -> dict:
+    """One optional pydantic field per hyper-parameter of the registered merge methods (the union;
+    `MergeSpec` then checks which the chosen method takes, and its range, from its signature)."""
+    owners: dict[str, list] = {}
+    for m in MERGE_METHODS.values():
+        for name, h in m.hypers.items():
+            if name not in exclude:
+                owners.setdefault(name, []).append((m.name, h))
+    fields = {}
+    for name, pairs in owners.items():
+        kind = int if all(h.integer for _, h in pairs) else float
+        what = "; ".join(f"{m}: {h.range or 'see docs/merges.md'}, default {h.default}" for m, h in pairs)
+        fields[name] = (kind | None, Field(None, description=what))
+    return fields
+
+
+def _spec_or_field_error(params, **spec) -> MergeSpec:
+    try:
+        return MergeSpec(**spec)
+    except MergeSpecError as err:
+        raise FieldError("merge_method" if err.field == "method" else err.field, err.message) from None
+
+
+def _options(params, exclude: tuple[str, ...]) -> dict:
+    extra = set(type(params).model_fields) - {"merge_method", "text_encoder", "blocks", *exclude}
+    return {k: getattr(params, k) for k in sorted(extra) if getattr(params, k) is not None}
+
+
+class _MergeParams(Params):
+    merge_method: Literal[tuple(MERGE_METHODS)] = Field(  # type: ignore[valid-type]
+        "weighted_sum", description="a registered merge method (docs/merges.md); weighted_sum of N models by default"
     )
     weights: list[float] | None = Field(None, description="weighted_sum: one weight per model (normalised); default equal")
-    alpha: float | None = Field(None, description="add_difference: A + alpha (B - C); default 1")
+    alpha: float | None = Field(
+        None, description="add_difference: A + alpha (B - C), default 1; ties, dare, dare_ties: the scale of the merged delta"
+    )
     text_encoder: Literal["merge", "first"] = Field("merge", description="merge the text encoders too, or keep the first model's")
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
+        spec = self.spec()
         n = (info.context or {}).get("n_models")
-        if self.merge_method == "add_difference":
-            if self.weights is not None:
-                raise FieldError("weights", "add_difference takes `alpha` (A + alpha (B - C)), not `weights`")
-            if n is not None and n != 3:
-                raise FieldError("merge_method", f"add_difference merges three models (A + alpha (B - C)), the recipe names {n}")
-            if self.alpha is not None and not math.isfinite(self.alpha):
-                raise FieldError("alpha", f"{self.alpha!r} is not a finite number")
-        elif self.alpha is not None:
-            raise FieldError("alpha", "belongs to add_difference; a weighted_sum takes `weights` (one per model)")
-        if self.weights is not None:
-            if n is not None and len(self.weights) != n:
-                raise FieldError(
-                    "weights",
-                    f"has {len(self.weights)} entries for {n} models; give one weight per model, in the order of `models`",
-                )
+        if n is not None:
             try:
-                check_weights(self.weights)
-            except RecipeError as err:
-                raise FieldError("weights", str(err)) from None
+                spec.check_models(n)
+            except MergeSpecError as err:
+                raise FieldError("merge_method" if err.field == "method" else err.field, err.message) from None
         return self
 
     def spec(self) -> MergeSpec:
-        return MergeSpec(
-            self.merge_method,
-            tuple(self.weights) if self.weights is not None else None,
-            self.alpha,
+        return _spec_or_field_error(
+            self,
+            method=self.merge_method,
+            weights=tuple(self.weights) if self.weights is not None else None,
+            alpha=self.alpha,
             text_encoder=self.text_encoder,
+            options=_options(self, ("weights", "alpha")),
         )
 
 
-class MBWParams(Params):
+MergeParams = create_model("MergeParams", __base__=_MergeParams, **_hyper_fields(("weights", "alpha")))
+MergeParams.__doc__ = "The `merge` method's params: a MergeSpec without block weights (hyper-parameters by name)."
+
+_RATIO_METHODS = tuple(m.name for m in MERGE_METHODS.values() if m.ratio is not None)
+
+
+class _MBWParams(Params):
     blocks: str | list[float] = Field(
         description=(
             "a preset name (RING08_SOFT, GRAD_V, ...), or block weights as a comma-separated string or a list: "
@@ -78,8 +103,12 @@ class MBWParams(Params):
             "(SD3 and FLUX transformers: their own ids only, e.g. FLUX.1 dev's IN, D00..D18, S00..S37, OUT)"
         )
     )
-    merge_method: Literal["weighted_sum", "add_difference"] = Field(
-        "weighted_sum", description="weighted_sum: (1 - w) A + w B per block; add_difference: A + w (B - C) per block"
+    merge_method: Literal[_RATIO_METHODS] = Field(  # type: ignore[valid-type]
+        "weighted_sum",
+        description=(
+            "the method whose ratio the blocks set: weighted_sum (1 - w) A + w B; add_difference A + w (B - C); "
+            "slerp t = w; ties, dare, dare_ties alpha = w"
+        ),
     )
     text_encoder: Literal["merge", "first"] = Field(
         "merge", description="merge the text encoders with BASE, or keep the first model's"
@@ -89,13 +118,19 @@ class MBWParams(Params):
     def _checks(self, info: ValidationInfo):
         context = info.context or {}
         n = context.get("n_models")
-        need = 2 if self.merge_method == "weighted_sum" else 3
-        if n is not None and n != need:
+        spec = self.spec()
+        method = spec.merge_method
+        if n is not None and method.block_models is not None and n != method.block_models:
             raise FieldError(
                 "merge_method",
-                f"a block-weighted {self.merge_method} merges {need} models, the recipe names {n}"
+                f"a block-weighted {self.merge_method} merges {method.block_models} models, the recipe names {n}"
                 + ("; use add_difference for three (A + w (B - C))" if n == 3 else ""),
             )
+        if n is not None:
+            try:
+                spec.check_models(n)
+            except MergeSpecError as err:
+                raise FieldError("merge_method" if err.field == "method" else err.field, err.message) from None
         try:
             layout = local_layout(context["models"][0]) if context.get("models") else None
             if layout is not None:
@@ -106,20 +141,24 @@ class MBWParams(Params):
                 named = [(None, v) for v in parse_numbers(self.blocks)]
         except RecipeError as err:
             raise FieldError("blocks", str(err)) from None
-        if self.merge_method == "weighted_sum":
-            for block, v in named:
-                if not 0 <= v <= 1:
-                    where = "" if block is None else f" for {block}"
-                    raise FieldError(
-                        "blocks",
-                        f"block weight {v!r}{where} is outside [0, 1]; a block-weighted sum interpolates "
-                        "between A and B (add_difference extrapolates)",
-                    )
+        problem = block_weights_problem(method, named)
+        if problem:
+            raise FieldError("blocks", problem)
         return self
 
     def spec(self) -> MergeSpec:
         blocks = self.blocks if isinstance(self.blocks, str) else tuple(self.blocks)
-        return MergeSpec(self.merge_method, blocks=blocks, text_encoder=self.text_encoder)
+        return _spec_or_field_error(
+            self,
+            method=self.merge_method,
+            blocks=blocks,
+            text_encoder=self.text_encoder,
+            options=_options(self, ("weights", "alpha", "t")),
+        )
+
+
+MBWParams = create_model("MBWParams", __base__=_MBWParams, **_hyper_fields(("weights", "alpha", "t")))
+MBWParams.__doc__ = "The `mbw` method's params: block weights setting the ratio of a registered merge method."
 
 
 @dataclass
@@ -149,7 +188,8 @@ def plan_merge_single(prep: PreparedMerge, batch: Batch) -> Plan:
 METHODS = [
     Method(
         "merge",
-        "weight merge (weighted sum or add-difference) of the models into one, sampled as `single` "
+        "weight merge (weighted sum, add-difference, TIES, DARE, Model Stock, SLERP, ...) of the models into one, "
+        "sampled as `single` "
         "with the first model's prompt and guidance",
         "weights",
         MergeParams,
@@ -166,6 +206,5 @@ METHODS = [
         plan_merge_single,
         prepare_merge,
         min_models=2,
-        max_models=3,
     ),
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import hashlib
 import json
 import math
 import os
@@ -40,16 +41,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
+from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError
 from multifusion.families.blocks import BlockLayout
 from multifusion.io import file_fingerprint
-from multifusion.weights.merge import check_weights, merge_tensor
+from multifusion.weights.merge import MERGE_METHODS  # noqa: F401  (registers the built-in methods)
 from multifusion.weights.presets import BlockWeights, block_weights
+from multifusion.weights.registry import MergeSpecError, get_merge_method
 
 if TYPE_CHECKING:
     from multifusion.handles import ModelHandle
 
-METHODS = ("weighted_sum", "add_difference")
 TEXT_ENCODER = ("merge", "first")
 MERGE_JSON = "merge.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
@@ -71,13 +72,20 @@ _ST_DTYPES = {
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """How to merge: the method and its weights. Checked on construction; checked against the
-    models (their number, the UNet's blocks) by `plan_merge`.
+    """How to merge: the one description of a merge (a recipe's `merges:` entry, the `merge` and
+    `mbw` methods' params and merge.json all become one). Checked on construction against the
+    method's registered signature (`weights.registry`); against the models (their number, the
+    UNet's blocks) by `plan_merge`.
 
+    - `method`: a registered merge method (`weights.merge`: weighted_sum, add_difference, ties,
+      dare, dare_ties, model_stock, slerp, geometric_median), "did you mean" on typos.
     - weighted_sum: `weights`, one per model in the order the models are named (normalised;
       default equal), or `blocks` for two models: per-block share of the second model.
     - add_difference: models (A, B, C) give A + alpha (B - C); `blocks` gives alpha per block.
-    - `blocks`: a preset name ("RING08_SOFT"), an A1111 weight string or a list of numbers.
+    - `options`: the other methods' hyper-parameters by name (`density`, `drop_rate`, `merge_seed`,
+      `t`, `iterations`, and `alpha` for TIES / DARE), checked against their declared ranges.
+    - `blocks`: a preset name ("RING08_SOFT"), an A1111 weight string or a list of numbers; it
+      sets the method's ratio per block (weights, alpha or t).
     - `text_encoder`: "merge" (with BASE, or the models' weights) or "first" (model 0's).
     """
 
@@ -86,37 +94,64 @@ class MergeSpec:
     alpha: float | None = None
     blocks: str | tuple[float, ...] | None = None
     text_encoder: str = "merge"
+    options: tuple[tuple[str, float | int], ...] | Mapping[str, float | int] = ()
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise RecipeError(
-                f"unknown merge method {self.method!r} (known: {', '.join(METHODS)}){did_you_mean(self.method, METHODS)}"
-            )
+        method = get_merge_method(self.method)
         if self.text_encoder not in TEXT_ENCODER:
             raise RecipeError(f"text_encoder must be one of {TEXT_ENCODER}, got {self.text_encoder!r}")
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-            check_weights(self.weights)
         if self.blocks is not None and not isinstance(self.blocks, str):
             object.__setattr__(self, "blocks", tuple(float(w) for w in self.blocks))
-        if self.method == "add_difference" and self.weights is not None:
-            raise RecipeError("add_difference takes `alpha` (A + alpha (B - C)), not `weights`")
-        if self.method == "weighted_sum" and self.alpha is not None:
-            raise RecipeError("weighted_sum takes `weights` (one per model), not `alpha`; alpha belongs to add_difference")
-        if self.blocks is not None and (self.weights is not None or self.alpha is not None):
-            raise RecipeError("give either block weights (`blocks`) or a single weighting (`weights` / `alpha`), not both")
-        if self.alpha is not None and not math.isfinite(self.alpha):
-            raise RecipeError(f"add-difference alpha {self.alpha!r} is not a finite number")
+        options = dict(self.options)
+        for name in ("weights", "alpha"):
+            if name in options:
+                raise MergeSpecError(name, f"give `{name}` as its own field of the spec, not in options")
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
+        method.check(self.hyper, blocks=self.blocks is not None)
+
+    @property
+    def merge_method(self):
+        """The registered `MergeMethod`."""
+        return get_merge_method(self.method)
+
+    @property
+    def hyper(self) -> dict:
+        """The hyper-parameters given (weights, alpha, options), by name."""
+        given = {"weights": self.weights, "alpha": self.alpha}
+        return {**{k: v for k, v in given.items() if v is not None}, **dict(self.options)}
+
+    def resolved(self) -> dict:
+        """Every hyper-parameter of the method, defaults filled in (what merge.json records)."""
+        return self.merge_method.check(self.hyper, blocks=self.blocks is not None)
+
+    def check_models(self, n: int) -> None:
+        """MergeSpecError (naming the field) when `n` models do not fit this spec."""
+        if n < 1:
+            raise MergeSpecError("models", "name at least one model", "name at least one model")
+        self.merge_method.check(self.hyper, n, blocks=self.blocks is not None)
 
     def model_count_error(self, n: int) -> str | None:
         """Why `n` models do not fit this spec, or None."""
-        if self.method == "add_difference" and n != 3:
-            return f"add_difference merges three models (A + alpha (B - C)), got {n}"
-        if self.method == "weighted_sum" and self.blocks is not None and n != 2:
-            return f"a block-weighted sum merges two models ((1 - w) A + w B per block), got {n}"
-        if self.weights is not None and len(self.weights) != n:
-            return f"{len(self.weights)} weights for {n} models; give one weight per model, in the order the models are named"
-        return None if n >= 1 else "name at least one model"
+        try:
+            self.check_models(n)
+        except MergeSpecError as err:
+            return str(err)
+        return None
+
+    def as_json(self) -> dict:
+        """The spec as JSON (`MergeSpec(**spec.as_json())` rebuilds it)."""
+        out = dataclasses.asdict(self)
+        out["options"] = dict(self.options)
+        return out
+
+
+def tensor_seed(seed: int, component: str, name: str) -> int:
+    """The seed of one tensor's random draws: fixed by the merge's seed and the tensor's name,
+    so the streamed folder and the in-memory merge draw the same whatever order they visit."""
+    digest = hashlib.sha256(f"{seed}/{component}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -146,16 +181,28 @@ class MergePlan:
     t5: float | None = None
     denoiser: str = "unet"
 
-    def weight(self, component: str, name: str) -> float | tuple[float, ...]:
-        """The weight `merge_tensor` takes for tensor `name` of `component`."""
-        if self.blocks is not None:
-            if component == self.denoiser:
-                return self.blocks[self.layout.block_of(name)]
-            w = self.t5 if component == self.layout.t5 and self.t5 is not None else self.base
-            return w or 0.0
-        if self.spec.method == "add_difference":
-            return 1.0 if self.spec.alpha is None else self.spec.alpha
-        return self.spec.weights or (1.0,) * len(self.models)
+    def weight(self, component: str, name: str) -> float | None:
+        """The block weight of tensor `name` of `component` (None without block weights)."""
+        if self.blocks is None:
+            return None
+        if component == self.denoiser:
+            return self.blocks[self.layout.block_of(name)]
+        w = self.t5 if component == self.layout.t5 and self.t5 is not None else self.base
+        return w or 0.0
+
+    def merge(self, component: str, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Tensor `name` of `component` merged from `tensors` (one per model) by the spec's method:
+        its hyper-parameters, the ratio set from the tensor's block when there are block weights,
+        and, for a random method, a generator seeded from the seed and the tensor's name."""
+        method = self.spec.merge_method
+        hyper = self.spec.resolved()
+        w = self.weight(component, name)
+        if w is not None:
+            hyper[method.ratio] = method.block_ratio(w) if method.block_ratio is not None else w
+        generator = None
+        if method.random:
+            generator = torch.Generator().manual_seed(tensor_seed(hyper["merge_seed"], component, name))
+        return method(tensors, hyper, generator)
 
     def recipe(self) -> dict:
         """The merge as JSON: the spec (rebuilds with MergeSpec(**recipe["spec"])), resolved
@@ -163,7 +210,8 @@ class MergePlan:
         out = {
             "format": "multifusion-merge",
             "version": 1,
-            "spec": dataclasses.asdict(self.spec),
+            "spec": self.spec.as_json(),
+            "hyper": self.spec.resolved(),  # defaults filled in: a random merge's seed is here
             "models": list(self.models),
             "components": {c.name: f"{c.action}: {c.reason}" for c in self.components},
         }
@@ -175,11 +223,11 @@ class MergePlan:
 
 
 def spec_of(entry) -> MergeSpec:
-    """The MergeSpec of a recipe's `merges.NAME` entry (`recipe.MergeEntry`)."""
+    """The MergeSpec of a recipe's `merges.NAME` entry (`recipe.MergeEntry`: its fields, and any
+    other keys as the method's hyper-parameters)."""
     blocks = entry.blocks if entry.blocks is None or isinstance(entry.blocks, str) else tuple(entry.blocks)
-    return MergeSpec(
-        entry.method, None if entry.weights is None else tuple(entry.weights), entry.alpha, blocks, entry.text_encoder
-    )
+    weights = None if entry.weights is None else tuple(entry.weights)
+    return MergeSpec(entry.method, weights, entry.alpha, blocks, entry.text_encoder, dict(entry.model_extra or {}))
 
 
 def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePlan:
@@ -189,9 +237,7 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
     from multifusion.loading import check_weight_files, family_of, resolve
 
     spec = spec or MergeSpec()
-    problem = spec.model_count_error(len(models))
-    if problem:
-        raise RecipeError(problem)
+    spec.check_models(len(models))
     folders = []
     for i, text in enumerate(models):
         ref = resolve(text)
@@ -218,8 +264,7 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
         layout = family.block_layout(_config(folders[0] / denoiser))
         weights, note = block_weights(spec.blocks, layout)
         weights.by_block(layout)  # checks the length
-        if spec.method == "weighted_sum":
-            _check_interpolation(weights, layout)
+        _check_ratio(spec, weights, layout)
 
     components = []
     for name, library in index[0].items():
@@ -296,13 +341,24 @@ def _plan_component(
     return Component(name, "merge", spec.method, tuple(files), header, out_file)
 
 
-def _check_interpolation(weights: BlockWeights, layout: BlockLayout) -> None:
-    for block, w in weights.named(layout):
-        if not 0 <= w <= 1:
-            raise RecipeError(
-                f"block weight {w!r} for {block} is outside [0, 1]; a block-weighted sum interpolates "
-                "between A and B (add_difference extrapolates)"
-            )
+def _check_ratio(spec: MergeSpec, weights: BlockWeights, layout: BlockLayout) -> None:
+    """Every block weight within the range of the ratio it sets (the method's declared range)."""
+    problem = block_weights_problem(spec.merge_method, weights.named(layout))
+    if problem:
+        raise RecipeError(problem)
+
+
+def block_weights_problem(method, named) -> str | None:
+    """Why one of the (block, weight) pairs lies outside the range of `method`'s ratio, or None."""
+    rng = method.ratio_range()
+    for block, w in named:
+        if rng is not None and rng.problem(w) is not None:
+            where = "" if block is None else f" for {block}"
+            return f"block weight {w!r}{where} is outside {rng.interval()}; {BLOCK_RANGE_WHY.get(method.name, '')}".rstrip("; ")
+    return None
+
+
+BLOCK_RANGE_WHY = {"weighted_sum": "a block-weighted sum interpolates between A and B (add_difference extrapolates)"}
 
 
 def _model_index(folder: Path) -> dict[str, str]:
@@ -420,7 +476,7 @@ def merged_tensors(plan: MergePlan, component: Component) -> Iterator[tuple[str,
                 if not first.is_floating_point() or all(_same_bits(first, t) for t in tensors[1:]):
                     out = first
                 else:
-                    out = merge_tensor(tensors, plan.spec.method, plan.weight(component.name, name))
+                    out = plan.merge(component.name, name, tensors)
                 del tensors
                 yield name, out
 
@@ -629,7 +685,7 @@ def _merge_modules(plan: MergePlan, component: Component, modules: Sequence[torc
         file_key = key if key in stored else _state_key(key, stored)
         if file_key is None:
             raise ModelLoadError(f"{component.name}: {key!r} of the loaded module is not in its files; reload the models")
-        merged = merge_tensor(tensors, plan.spec.method, plan.weight(component.name, file_key))
+        merged = plan.merge(component.name, file_key, tensors)
         target.copy_(merged.to(stored[file_key]))  # as the folder stores it, then in the module's dtype
     return out
 
