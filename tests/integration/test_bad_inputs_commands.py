@@ -486,8 +486,14 @@ def test_mbw_search_refuses_a_planted_link_to_the_files_it_reads(tiny_a, tiny_b,
 def test_afa_train_writes_through_no_planted_link(setup):
     out, names = setup.tmp / "run", ["afa.json", "loss.png", "loss.csv"]
     kept = _plant(out, names, setup.tmp / "elsewhere")
+    folder = setup.tmp / "elsewhere-folder"  # the aggregators are a folder: a link to one is replaced too
+    folder.mkdir()
+    (folder / "precious.txt").write_text("mine")
+    (out / "aggregator").symlink_to(folder, target_is_directory=True)
     assert main(setup.afa("--checkpoint-every", "1")) == 0
     _untouched(kept, out, names)
+    assert sorted(p.name for p in folder.iterdir()) == ["precious.txt"]
+    assert not (out / "aggregator").is_symlink() and (out / "aggregator" / "config.json").is_file()
 
 
 def test_merge_single_file_writes_through_no_planted_link(setup):

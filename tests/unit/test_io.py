@@ -54,3 +54,26 @@ def test_atomic_write_has_the_permissions_of_a_plain_write(tmp_path):
         os.umask(old)
     mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
     assert mode("atomic.txt") == mode("plain.txt") == 0o644
+
+
+def test_atomic_dir_replaces_a_planted_link_and_an_old_folder_and_leaves_nothing_on_error(tmp_path):
+    from multifusion.io import atomic_dir
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "aggregator").symlink_to(elsewhere)
+    with atomic_dir(out / "aggregator") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not (out / "aggregator").is_symlink() and (out / "aggregator" / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]  # the link's target is untouched
+    with atomic_dir(out / "aggregator") as tmp:  # an old folder is replaced whole
+        (tmp / "weights.bin").write_text("new")
+    assert sorted(p.name for p in (out / "aggregator").iterdir()) == ["weights.bin"]
+    with pytest.raises(RuntimeError), atomic_dir(out / "aggregator") as tmp:
+        (tmp / "half.bin").write_text("x")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in (out / "aggregator").iterdir()) == ["weights.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["aggregator"]  # no temporary folder left

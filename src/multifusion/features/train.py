@@ -44,7 +44,7 @@ from multifusion.features.ensemble import (
 )
 from multifusion.features.walkers import build_ensemble, fresh_aggregators
 from multifusion.handles import Conditioning, ModelHandle
-from multifusion.io import write_text
+from multifusion.io import atomic_dir, write_text
 from multifusion.training import CHECKPOINT, LOSS_LOG, TrainingRun, read_log, save_tensors
 
 BANDS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))
@@ -396,7 +396,8 @@ def train_afa(
     rows = read_log(out / LOSS_LOG, run.step)
     tail = rows[-max(1, len(rows) // 10) :]
     summary["final_loss"] = round(float(np.mean([float(r["loss"]) for r in tail])), 5)
-    aggregators.save_pretrained(out / "aggregator", safe_serialization=True)
+    with atomic_dir(out / "aggregator") as tmp:  # a link planted at aggregator/ is replaced, not followed
+        aggregators.save_pretrained(tmp, safe_serialization=True)
     ensemble.eval()
     summary["heldout"] = heldout_losses(handles, ensemble, tensors["held_mean"], tensors["held_std"], held_captions, config.seed)
     from multifusion.zoo.evaluate import loss_plot
