@@ -235,6 +235,17 @@ class FlowHandle(ModelHandle):
     patch: ClassVar[int] = 2  # latent pixels per side of one image token
 
     @classmethod
+    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
+        """The transformer's inputs as the SD3 handle passes them: latents, the text tokens, the
+        pooled projection and sigma as the timestep."""
+        return dict(
+            hidden_states=torch.randn(batch, *latent),
+            encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
+            pooled_projections=torch.randn(batch, config["pooled_projection_dim"]),
+            timestep=torch.full((batch,), 0.5),
+        )
+
+    @classmethod
     def schedule_table(cls, scheduler_config: Any) -> torch.Tensor:
         """The flow timestep axis t = 0..N as an alpha_bar table of equal signal-to-noise
         (`vp_alphas_cumprod`): its length N + 1 counts the axis' positions."""

@@ -100,23 +100,22 @@ class FluxHandle(FlowHandle):
     takes_true_cfg: ClassVar[bool] = True
     denoiser_class: ClassVar[str] = "FluxTransformer2DModel"
 
-    @classmethod
-    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
-        """Packed 2x2 latent patches (B, h/2 * w/2, 4C), as `eps` passes them."""
-        c, h, w = latent
-        n = (h // 2) * (w // 2)
-        return dict(
-            hidden_states=torch.randn(batch, n, 4 * c),
-            encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
-            pooled_projections=torch.randn(batch, config["pooled_projection_dim"]),
-            timestep=torch.full((batch,), 0.5),
-            guidance=torch.full((batch,), 3.5) if config.get("guidance_embeds") else None,
-            txt_ids=torch.zeros(tokens, 3),
-            img_ids=torch.zeros(n, 3),
-        )
-
     pipeline_sigmas: ClassVar[bool] = True
     default_max_shift: ClassVar[float] = 1.15
+
+    @classmethod
+    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
+        """Packed 2x2 latent patches (B, h/2 * w/2, 4C), as `eps` passes them, with the guidance
+        and the rotary ids."""
+        c, h, w = latent
+        n = (h // 2) * (w // 2)
+        return {
+            **super().example_inputs(config, batch, latent, tokens),
+            "hidden_states": torch.randn(batch, n, 4 * c),
+            "guidance": torch.full((batch,), 3.5) if config.get("guidance_embeds") else None,
+            "txt_ids": torch.zeros(tokens, 3),
+            "img_ids": torch.zeros(n, 3),
+        }
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:

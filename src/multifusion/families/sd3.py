@@ -60,15 +60,6 @@ class SD3Handle(FlowHandle):
     denoiser_class: ClassVar[str] = "SD3Transformer2DModel"
 
     @classmethod
-    def example_inputs(cls, config: dict, batch: int, latent: tuple[int, int, int], tokens: int) -> dict[str, Any]:
-        return dict(
-            hidden_states=torch.randn(batch, *latent),
-            encoder_hidden_states=torch.randn(batch, tokens, config["joint_attention_dim"]),
-            pooled_projections=torch.randn(batch, config["pooled_projection_dim"]),
-            timestep=torch.full((batch,), 0.5),
-        )
-
-    @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
         return {
             "unet": pipe.transformer,
