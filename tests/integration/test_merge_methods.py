@@ -304,3 +304,33 @@ def test_merge_rows_take_the_first_roles_prompt_in_the_apps_where_a_merge_makes_
             }
     for app_id in ("regional", "aggregation"):
         assert not {"merge", "mbw"} & {r.id for r in APPS[app_id].rows()[0]}
+
+
+def test_task_vector_rows_put_the_base_first_and_prompt_it_as_the_merge_row_is_prompted():
+    from multifusion.bench.apps import APPS, DARE_PARAMS, TIES_PARAMS
+    from multifusion.recipe import parse_recipe
+    from multifusion.validate import validate_recipe
+
+    expected = {  # app: (models in recipe order, the role whose prompt they all get, has model-stock)
+        "ensemble": (("general", "slice0", "slice1"), "slice0", True),
+        "cross-domain": (("general", "cartoon"), "cartoon", False),
+        "fine-grained": (("general", "expert"), "general", False),
+    }
+    for app_id, (models, prompt_role, stock) in expected.items():
+        app = APPS[app_id]
+        rows = {r.id: r for r in app.rows()[0]}
+        assert ("model-stock" in rows) == stock
+        assert "single-general" not in rows or app_id != "ensemble"  # the base is no baseline of ensemble
+        refs = {r: f"zoo:{r}" for r in app.roles}
+        prompt = app.prompt(1)
+        want = {"ties": TIES_PARAMS, "dare": DARE_PARAMS, "model-stock": {"merge_method": "model_stock"}}
+        for row_id in ("ties", "dare", "model-stock") if stock else ("ties", "dare"):
+            recipe = rows[row_id].build(prompt, refs)
+            assert rows[row_id].models == models
+            assert recipe["method"] == "merge" and recipe["params"] == want[row_id]
+            assert [m["name"] for m in recipe["models"]] == list(models)
+            assert {m["prompt"] for m in recipe["models"]} == {prompt.prompts[prompt_role]}
+            _, params = validate_recipe(parse_recipe({"version": 1, **recipe}))  # checked against the zoo's configs
+            assert params.spec().method == want[row_id]["merge_method"]
+    # DARE at alpha 0.5 has the equal-weight merge as its expectation; TIES keeps the paper's defaults.
+    assert DARE_PARAMS["alpha"] == 0.5 and TIES_PARAMS["density"] == 0.2 and TIES_PARAMS["alpha"] == 1.0

@@ -527,6 +527,48 @@ def merge_rows(roles: Sequence[str]) -> tuple[Fusion, ...]:
     return (merged("merge", roles), merged("mbw", roles, {"blocks": MBW_PRESET}))
 
 
+TIES_PARAMS = {"merge_method": "ties", "density": 0.2, "alpha": 1.0}
+"""The `ties` rows: the paper's defaults (Yadav et al., arXiv 2306.01708: keep the top 20 % of
+each task vector, lambda = 1)."""
+DARE_PARAMS = {"merge_method": "dare", "drop_rate": 0.5, "alpha": 0.5, "merge_seed": 0}
+"""The `dare` rows: drop half of each task vector and double the rest (DARE, arXiv 2311.03099),
+with alpha = 0.5 so that the merge's expectation is the equal-weight `merge` row over the same
+models (base + (tau_1 + tau_2) / 2 = (A + B) / 2 in `ensemble`; base + tau / 2 = (base + B) / 2
+where the base is one of the app's two models): what the row adds to `merge` is the drop alone.
+A fixed merge seed, so the row is one merged model."""
+
+
+def task_merged(row_id: str, params: Mapping[str, Any], base: str, roles: Sequence[str], prompt_role: str) -> Fusion:
+    """A weight-merge row of a task-vector method (`ties`, `dare`, `model_stock`): the `base`
+    role first (the recipe's first model is the methods' base), then the fine-tunes ``roles``.
+    Every model is given ``prompt_role``'s prompt: the merged model takes the first model's, and
+    that must be the prompt the app's `merge` row uses (the one stating the most of the target),
+    not the base's own."""
+    models = (base, *[r for r in roles if r != base])
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        text = prompt.prompts[prompt_role]
+        return {
+            "method": "merge",
+            "models": [{"model": refs[r], "name": r, "prompt": text} for r in models],
+            "params": dict(params),
+        }
+
+    return Fusion("merge", build, models, id=row_id)
+
+
+def task_merge_rows(base: str, roles: Sequence[str], prompt_role: str, *, stock: bool) -> tuple[Fusion, ...]:
+    """`ties` and `dare` rows over ``roles`` from ``base``, and `model-stock` when ``stock``
+    (Model Stock needs a base and at least two fine-tunes of it)."""
+    rows = (
+        task_merged("ties", TIES_PARAMS, base, roles, prompt_role),
+        task_merged("dare", DARE_PARAMS, base, roles, prompt_role),
+    )
+    if stock:
+        rows += (task_merged("model-stock", {"merge_method": "model_stock"}, base, roles, prompt_role),)
+    return rows
+
+
 APPS: dict[str, App] = {
     a.id: a
     for a in (
@@ -542,6 +584,8 @@ APPS: dict[str, App] = {
                 Fusion("average", own_prompts("average", _FG), _FG),
                 Fusion("snb", own_prompts("snb", _FG), _FG),
                 *merge_rows(_FG),
+                # The expert was trained from scratch: `general` is no base of it (no Model Stock).
+                *task_merge_rows("general", _FG, "general", stock=False),
                 Fusion("snb", own_prompts("snb", _FG, {"gate": "base"}), _FG, id="snb-gate"),
                 Fusion("snb", own_prompts("snb", _FG, {"gate": "region"}), _FG, id="snb-gate-region"),
             ),
@@ -558,6 +602,8 @@ APPS: dict[str, App] = {
                 Fusion("average", own_prompts("average", _CD), _CD),
                 Fusion("snb", own_prompts("snb", _CD, {"blur": "none"}), _CD),
                 *merge_rows(_CD),
+                # cartoon is a fine-tune of the shipped general: one task vector, so no Model Stock.
+                *task_merge_rows("general", _CD, "cartoon", stock=False),
             ),
         ),
         App(
@@ -628,12 +674,19 @@ APPS: dict[str, App] = {
         App(
             "ensemble",
             "two same-architecture models trained on disjoint scene slices of the general data",
-            _EN,
+            (*_EN, "general"),
             "image",
             "the scene is right and every stated object is read at its slot with the right shape and colour",
             ensemble_scene,
             ensemble_prompts,
-            (Fusion("average", own_prompts("average", _EN), _EN), Fusion("afa", own_prompts("afa", _EN), _EN), *merge_rows(_EN)),
+            (
+                Fusion("average", own_prompts("average", _EN), _EN),
+                Fusion("afa", own_prompts("afa", _EN), _EN),
+                *merge_rows(_EN),
+                # `general` is the base of the task-vector rows only (the slices' nearest shipped ancestor).
+                *task_merge_rows("general", _EN, "slice0", stock=True),
+            ),
+            baselines=_EN,
         ),
     )
 }
