@@ -83,6 +83,8 @@ def validate(recipe: Recipe) -> Validated:
             facts.append((f"models[{i}]", fact))
     if facts:
         check_compatible(facts, "{}.model")  # the same check runs on the loaded models (Hub ids, single files)
+    if method.meets == "weights" and len(facts) == n and not merged:
+        _check_merge_plan(recipe, params)
     if method.meets == "latents":
         check_same_schedule(
             facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step", "{}.model"
@@ -181,6 +183,16 @@ def check_merges(recipe: Recipe) -> dict:
             raise RecipeError(f"models[{i}].config: a merge takes its configs from its models; drop `config`")
         out[m.model] = _check_merge(name, recipe.merges[name])
     return out
+
+
+def _check_merge_plan(recipe: Recipe, params) -> None:
+    """A weight method's merge checked as `merge_models` checks it (configs and file headers:
+    every tensor's name and shape), so models of two architectures that share a latent space are
+    refused here, naming them, not after every model has loaded."""
+    try:
+        plan_merge([m.model for m in recipe.models], params.spec())
+    except (ModelLoadError, IncompatibleModelsError) as err:
+        raise type(err)(f"models: {err}") from None
 
 
 def _check_merge(name: str, entry: MergeEntry):

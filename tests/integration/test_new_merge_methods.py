@@ -94,6 +94,17 @@ def test_recipe_merges_take_the_new_methods(tiny_dir, tmp_path):
         ("merge", 2, {"merge_method": "model_stock"}, r"params.merge_method: model_stock merges at least 3 models"),
         ("merge", 3, {"merge_method": "slerp"}, r"params.merge_method: slerp merges two models"),
         ("merge", 2, {"merge_method": "slerp", "density": 0.5}, r"params.density: slerp takes `t`, not `density`"),
+        ("merge", 2, {"merge_method": "slerp", "t": 1.5}, r"params.t: 1.5 is not a finite number in \[0, 1\]"),
+        ("merge", 3, {"merge_method": "geometric_median", "iterations": 0}, r"params.iterations: 0 is not .* in \[1, 10000\]"),
+        ("merge", 3, {"merge_method": "dare", "merge_seed": -1}, r"params.merge_seed: -1 is not .* >= 0"),
+        # Not finite: refused by name whatever the method.
+        ("merge", 3, {"merge_method": "ties", "density": float("nan")}, r"params.density: .*finite number \(got nan\)"),
+        ("merge", 3, {"merge_method": "ties", "alpha": float("inf")}, r"params.alpha: .*finite number \(got inf\)"),
+        ("merge", 3, {"merge_method": "dare_ties", "drop_rate": float("nan")}, r"params.drop_rate: .*finite number \(got nan\)"),
+        ("merge", 2, {"merge_method": "slerp", "t": float("inf")}, r"params.t: .*finite number \(got inf\)"),
+        ("merge", 2, {"weights": [float("nan"), 1]}, r"params.weights\[0\]: .*finite number \(got nan\)"),
+        ("merge", 2, {"weights": [1, float("-inf")]}, r"params.weights\[1\]: .*finite number \(got -inf\)"),
+        ("mbw", 2, {"blocks": [0.5] * 8 + [float("nan")]}, r"params.blocks\[8\]: .*finite number \(got nan\)"),
         (
             "mbw",
             2,
@@ -115,3 +126,51 @@ def test_bad_params_of_the_new_methods_are_refused_before_loading(tiny_dir, monk
     recipe = {"method": method, "models": [{"model": str(tiny_dir / m), "prompt": "p"} for m in "abc"[:n]], "params": params}
     with pytest.raises(RecipeError, match=match):
         validate(parse_recipe(recipe))
+
+
+@pytest.fixture(scope="module")
+def narrow_dir(tiny_dir, tmp_path_factory):
+    """`narrow`: the latent space of `a`, `b` and `c` (same VAE) but another architecture (a text
+    encoder and cross-attention of width 16, not 32)."""
+    from multifusion.zoo.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("narrow")
+    build_tiny_pipeline(root / "narrow", seed=5, text_seed=0, vae_seed=0, cross_attention_dim=16)
+    return root / "narrow"
+
+
+def _no_tensor_read(monkeypatch):
+    import multifusion.loading as loading
+    import multifusion.weights.models as models
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(models, "merged_tensors", lambda *a, **k: pytest.fail("a tensor was read"))
+
+
+@pytest.mark.parametrize("method, params", [("merge", {"merge_method": m}) for m in ("ties", "dare", "model_stock")])
+def test_models_of_two_architectures_are_refused_by_name_before_a_tensor_is_read(
+    tiny_dir, narrow_dir, monkeypatch, method, params
+):
+    from multifusion.errors import IncompatibleModelsError
+
+    _no_tensor_read(monkeypatch)
+    models = [str(tiny_dir / "a"), str(tiny_dir / "b"), str(narrow_dir)]
+    recipe = {"method": method, "models": [{"model": m, "prompt": "p"} for m in models], "params": params}
+    with pytest.raises(IncompatibleModelsError, match=r"^models: .* has shape .* in .*narrow.*; merges need one architecture"):
+        validate(parse_recipe(recipe))
+    merges = {
+        "version": 1,
+        "method": "average",
+        "merges": {"t": {"models": models, "method": params["merge_method"]}},
+        "models": [{"model": "merge:t", "prompt": "p"}, {"model": models[0], "prompt": "p"}],
+    }
+    with pytest.raises(IncompatibleModelsError, match=r"^merges.t: .* in .*narrow.*; merges need one architecture"):
+        validate(parse_recipe(merges))
+
+
+def test_the_merge_command_refuses_two_architectures_and_writes_nothing(tiny_dir, narrow_dir, tmp_path, capsys, monkeypatch):
+    _no_tensor_read(monkeypatch)
+    recipe = _recipe(tmp_path, [str(tiny_dir / "a"), str(tiny_dir / "b"), str(narrow_dir)], merge_method="ties")
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "m")]) != 0
+    assert "merges need one architecture" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
