@@ -451,7 +451,7 @@ def ensemble_scene(rng: np.random.Generator, index: int) -> Scene:
 
 def ensemble_prompts(scene: Scene) -> dict[str, str]:
     text = caption(scene)
-    return {"slice0": text, "slice1": text}
+    return {"slice0": text, "slice1": text, "general": text}  # general: the task-vector rows' base
 
 
 # ----------------------------------------------------------------------------- apps
