@@ -157,8 +157,17 @@ class ModelHandle:
 
     @classmethod
     def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
-        """The handle's fields taken from a loaded pipeline of `pipeline_class`."""
-        raise NotImplementedError
+        """The handle's fields taken from a loaded pipeline of `pipeline_class`: its denoiser (the
+        pipeline's `denoiser_folder` component, a UNet or a transformer) as `unet`, every other
+        component by its name, and each text encoder's tokenizer (`text_encoder_2` ->
+        `tokenizer_2`). Families with further fields extend this."""
+        parts = {"unet": getattr(pipe, cls.denoiser_folder)}
+        for name in cls.components[1:]:
+            parts[name] = getattr(pipe, name)
+            if name.startswith("text_encoder"):
+                tokenizer = "tokenizer" + name.removeprefix("text_encoder")
+                parts[tokenizer] = getattr(pipe, tokenizer)
+        return parts
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The weight-holding modules by component name (optional ones left out when absent)."""

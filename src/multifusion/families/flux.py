@@ -118,17 +118,6 @@ class FluxHandle(FlowHandle):
         }
 
     @classmethod
-    def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
-        return {
-            "unet": pipe.transformer,
-            "vae": pipe.vae,
-            "text_encoder": pipe.text_encoder,
-            "tokenizer": pipe.tokenizer,
-            "text_encoder_2": pipe.text_encoder_2,
-            "tokenizer_2": pipe.tokenizer_2,
-        }
-
-    @classmethod
     def config_facts(cls, denoiser: Mapping[str, Any]) -> tuple[int, int, int]:
         """Channels of the unpacked latents (the transformer takes 2x2 patches of them, 4C wide);
         the native side is FluxPipeline's default_sample_size (128 latent pixels: 1024 px)."""

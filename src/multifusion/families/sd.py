@@ -99,11 +99,6 @@ class SDHandle(ModelHandle):
             encoder_hidden_states=torch.randn(batch, tokens, config["cross_attention_dim"]),
         )
 
-    @classmethod
-    def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
-        """The handle's fields taken from a loaded pipeline of `pipeline_class`."""
-        return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
-
     def scheduler(self, name: str, latent_hw: tuple[int, int]):
         from multifusion.schedulers import make_scheduler
 

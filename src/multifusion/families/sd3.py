@@ -60,19 +60,6 @@ class SD3Handle(FlowHandle):
     denoiser_class: ClassVar[str] = "SD3Transformer2DModel"
 
     @classmethod
-    def pipeline_parts(cls, pipe: Any) -> dict[str, Any]:
-        return {
-            "unet": pipe.transformer,
-            "vae": pipe.vae,
-            "text_encoder": pipe.text_encoder,
-            "tokenizer": pipe.tokenizer,
-            "text_encoder_2": pipe.text_encoder_2,
-            "tokenizer_2": pipe.tokenizer_2,
-            "text_encoder_3": pipe.text_encoder_3,
-            "tokenizer_3": pipe.tokenizer_3,
-        }
-
-    @classmethod
     def config_facts(cls, denoiser: Mapping[str, Any]) -> tuple[int, int, int]:
         return int(denoiser.get("in_channels", 16)), int(denoiser.get("patch_size", 2)), int(denoiser.get("sample_size", 128))
 

@@ -95,12 +95,7 @@ class SDXLHandle(SDHandle):
                 "text-to-image models load (the refiner is not supported)"
             )
         return {
-            "unet": pipe.unet,
-            "vae": pipe.vae,
-            "text_encoder": pipe.text_encoder,
-            "tokenizer": pipe.tokenizer,
-            "text_encoder_2": pipe.text_encoder_2,
-            "tokenizer_2": pipe.tokenizer_2,
+            **super().pipeline_parts(pipe),
             "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         }
 
