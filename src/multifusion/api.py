@@ -67,7 +67,7 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     if len(plain) == len(recipe.models):
         return loaded
     from multifusion.loading import share_components
-    from multifusion.weights.models import merge_in_memory, spec_of
+    from multifusion.weights.models import merge_in_memory, merge_tree
 
     handles: list[ModelHandle] = []
     merged: dict[str, ModelHandle] = {}
@@ -78,11 +78,9 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
             handles.append(by_index[i])
             continue
         if m.model not in merged:  # one merge named twice is merged once
-            entry = recipe.merges[m.model[len(MERGE_PREFIX) :]]
+            tree = merge_tree(m.model[len(MERGE_PREFIX) :], recipe.merges, MERGE_PREFIX)
             # Offloaded: merged on the CPU, then moved by the run's offloader like every model.
-            h = merge_in_memory(
-                entry.models, spec_of(entry), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device
-            )
+            h = merge_in_memory(tree.models, tree.spec, name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
             merged[m.model] = replace(h, device=torch.device(rt.device), offloader=offloader) if rt.offload else h
         handles.append(replace(merged[m.model], name=m.label))
     share_components(handles)

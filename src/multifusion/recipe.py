@@ -78,7 +78,7 @@ class ModelEntry(_Strict):
 class MergeEntry(_Strict):
     """A model merged from others before sampling, named in `models` as `merge:NAME`: the
     fields of `multifusion.weights.MergeSpec` (`weights.models.spec_of`; see docs/merges.md) and
-    the models it merges (folders or zoo:NAME; not merges themselves). Any other key is a
+    the models it merges (folders, zoo:NAME, or other merges as merge:NAME, without cycles). Any other key is a
     hyper-parameter of the method (`density: 0.3` for ties), checked with the spec against the
     method's registered signature (`validate`), not here: this is data."""
 

@@ -17,10 +17,10 @@ from multifusion.families import ModelFacts, check_compatible, check_same_schedu
 from multifusion.handles import ModelHandle
 from multifusion.loading import check_weight_files, read_facts, read_vae_config, resolve, resolve_vae, vae_mismatch
 from multifusion.method import Method, Params
-from multifusion.recipe import MERGE_PREFIX, MergeEntry, ModelEntry, Recipe, Runtime
+from multifusion.recipe import MERGE_PREFIX, ModelEntry, Recipe, Runtime
 from multifusion.registry import get_method
 from multifusion.schedulers import scheduler_class
-from multifusion.weights.models import plan_merge, spec_of
+from multifusion.weights.models import merge_tree, plan_merge
 from multifusion.weights.registry import MergeSpecError
 
 
@@ -181,7 +181,7 @@ def check_merges(recipe: Recipe) -> dict:
             raise RecipeError(f"models[{i}].model: no merge named {name!r}{known}{did_you_mean(name, recipe.merges)}")
         if m.config is not None:
             raise RecipeError(f"models[{i}].config: a merge takes its configs from its models; drop `config`")
-        out[m.model] = _check_merge(name, recipe.merges[name])
+        out[m.model] = _check_merge(name, recipe.merges)
     return out
 
 
@@ -195,21 +195,19 @@ def _check_merge_plan(recipe: Recipe, params) -> None:
         raise type(err)(f"models: {err}") from None
 
 
-def _check_merge(name: str, entry: MergeEntry):
+def _check_merge(name: str, merges: dict):
+    """The merge `name` (and the merges it takes as inputs, down the tree) checked as
+    `merge_models` checks it: names, self-references and cycles first (`merge_tree`), then
+    configs and file headers. Returns the ModelRef of the model whose configs it keeps."""
     where = f"merges.{name}"
-    for j, model in enumerate(entry.models):
-        if model.startswith(MERGE_PREFIX):
-            raise RecipeError(
-                f"{where}.models[{j}]: {model!r} is a merge; a merge merges models (folders or zoo:NAME), "
-                "write the inner merge to a folder first (multifusion merge)"
-            )
+    tree = merge_tree(name, merges, MERGE_PREFIX)
     try:
-        plan_merge(entry.models, spec_of(entry))
+        plan_merge(tree.models, tree.spec)
     except MergeSpecError as err:
         raise RecipeError(err.at(where)) from None
     except (RecipeError, ModelLoadError, IncompatibleModelsError) as err:
         raise type(err)(f"{where}: {err}") from None
-    return resolve(entry.models[0])
+    return resolve(tree.first_leaf)
 
 
 def validate_recipe(recipe: Recipe) -> tuple[Recipe, Params]:

@@ -223,7 +223,32 @@ def test_merged_models_can_be_fused(tiny_a, tiny_b, tiny_dir):
             r"merges.ab: unknown block-weight preset .*did you mean 'GRAD_V'",
         ),
         (["merge:ab"], {"ab": {"models": ["A", "B"], "weights": [1, 2, 3]}}, r"merges.ab: 3 weights for 2 models"),
-        (["merge:ab"], {"ab": {"models": ["A", "merge:ab"]}}, r"merges.ab.models\[1\]: 'merge:ab' is a merge"),
+        (["merge:ab"], {"ab": {"models": ["A", "merge:ab"]}}, r"merges.ab.models\[1\]: 'merge:ab' is this merge itself"),
+        (
+            ["merge:a"],
+            {"a": {"models": ["A", "merge:b"]}, "b": {"models": ["merge:c", "B"]}, "c": {"models": ["B", "merge:a"]}},
+            r"merges.c.models\[1\]: 'merge:a' makes a cycle \(a -> b -> c -> a\)",
+        ),
+        (
+            ["merge:a"],
+            {"a": {"models": ["A", "merge:bb"]}, "b": {"models": ["A", "B"]}, "c": {"models": ["A", "B"]}},
+            r"merges.a.models\[1\]: no merge named 'bb' \(merges: a, b, c\); did you mean 'b'",
+        ),
+        (
+            ["merge:a"],
+            {"a": {"models": ["A", "merge:b"]}, "b": {"models": ["A", "B"], "weights": [1, 2, 3]}},
+            r"merges.b: 3 weights for 2 models",
+        ),
+        (
+            ["merge:a"],
+            {"a": {"models": ["A", "merge:b"]}, "b": {"models": ["A", "V"]}},
+            r"merges.a: merges.b: .*predicts epsilon and .* predicts v_prediction",
+        ),
+        (
+            ["merge:a"],
+            {"a": {"models": ["V", "merge:b"]}, "b": {"models": ["A", "B"]}},
+            r"merges.a: .*predicts v_prediction and 'merges.b' predicts epsilon",
+        ),
         (["merge:ab"], {"ab": {"models": ["A", "B"], "wieghts": [1, 1]}}, r"merges.ab.wieghts"),
         (["merge:ab"], {"ab": {"models": ["A", "V"]}}, r"merges.ab: .*predicts epsilon and .* predicts v_prediction"),
     ],

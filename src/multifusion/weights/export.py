@@ -16,15 +16,15 @@ from pathlib import Path
 from multifusion.errors import IncompatibleModelsError, RecipeError
 from multifusion.io import atomic_path
 from multifusion.loading import family_of, resolve
-from multifusion.weights.models import MergeSpec, check_merge_output, merge_models
+from multifusion.weights.models import Merge, MergeSpec, check_merge_output, first_leaf, merge_models, merge_tree
 
 MERGE_METHODS = ("merge", "mbw")
 
 
-def recipe_merge(recipe) -> tuple[list[str], MergeSpec]:
-    """(model references, MergeSpec) of a `merge` or `mbw` recipe (a Recipe, dict or file),
+def recipe_merge(recipe) -> tuple[list[str | Merge], MergeSpec]:
+    """(model references or merges, MergeSpec) of a `merge` or `mbw` recipe (a Recipe, dict or file),
     its params checked as a run checks them (errors name `params.<field>`)."""
-    from multifusion.recipe import Recipe, parse_recipe
+    from multifusion.recipe import MERGE_PREFIX, Recipe, parse_recipe
     from multifusion.registry import get_method
 
     r = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe)
@@ -32,7 +32,9 @@ def recipe_merge(recipe) -> tuple[list[str], MergeSpec]:
         raise RecipeError(f"method: {r.method!r} does not merge weights; a merge recipe has method merge or mbw")
     models = [m.model for m in r.models]
     params = get_method(r.method).parse_params(r.params, len(models), labels=[m.label for m in r.models], models=models)
-    return models, params.spec()
+    # A `merge:NAME` model is that merge of the recipe's `merges:`, computed while this one is written.
+    trees = [merge_tree(m[len(MERGE_PREFIX) :], r.merges, MERGE_PREFIX) if m.startswith(MERGE_PREFIX) else m for m in models]
+    return trees, params.spec()
 
 
 def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool = False) -> Path:
@@ -45,7 +47,7 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
     if single_file and single.exists() and not overwrite:
         raise RecipeError(f"output {str(single)!r} already exists; choose another folder or pass overwrite=True")
     if single_file:
-        family = family_of(resolve(models[0]))
+        family = family_of(resolve(first_leaf(models[0])))
         if not family.single_file:
             raise RecipeError(
                 f"single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; a "

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError
+from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
 from multifusion.families.blocks import BlockLayout
 from multifusion.io import file_fingerprint
 from multifusion.weights.merge import MERGE_METHODS  # noqa: F401  (registers the built-in methods)
@@ -155,13 +155,129 @@ def tensor_seed(seed: int, component: str, name: str) -> int:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """A merged model as the input of another merge (a recipe's `merge:NAME` inside `merges:`):
+    its models (names, or merges again) and its spec. It is never written: the outer merge reads
+    each of its tensors as it is computed, one at a time, so a merge of merges streams like one
+    merge. `where` locates its errors (`merges.NAME`)."""
+
+    models: tuple[str | Merge, ...]
+    spec: MergeSpec = dataclasses.field(default_factory=MergeSpec)
+    where: str = "merge"
+
+    def __post_init__(self):
+        object.__setattr__(self, "models", tuple(self.models))
+
+    @property
+    def first_leaf(self) -> str:
+        """The model whose configs, VAE, tokenizer and scheduler the merge keeps (model 0's, down the tree)."""
+        return first_leaf(self.models[0])
+
+    def leaves(self) -> list[str]:
+        return [x for m in self.models for x in ([m] if isinstance(m, str) else m.leaves())]
+
+    def as_json(self) -> dict:
+        return {"merge": self.where, "spec": self.spec.as_json(), "models": [_model_json(m) for m in self.models]}
+
+
+def first_leaf(model: str | Merge) -> str:
+    return model if isinstance(model, str) else model.first_leaf
+
+
+def _model_json(model: str | Merge):
+    return model if isinstance(model, str) else model.as_json()
+
+
+def merge_tree(name: str, entries: Mapping, prefix: str = "merge:", where: str = "merges") -> Merge:
+    """The `Merge` named `name` among `entries` (a recipe's `merges:`: name -> entry with `models`
+    and the fields of MergeSpec, read by `spec_of`), its `prefix`NAME models resolved to their
+    merges, recursively. Checked before any file is opened: a name not defined ("did you mean"),
+    a merge naming itself, a cycle (`a` -> `b` -> `a`), each an error naming the field
+    (`merges.a.models[1]`); a bad spec names `merges.NAME`."""
+
+    def build(name: str, path: tuple[str, ...]) -> Merge:
+        entry = entries[name]
+        models: list[str | Merge] = []
+        for j, model in enumerate(entry.models):
+            field = f"{where}.{name}.models[{j}]"
+            if not model.startswith(prefix):
+                models.append(model)
+                continue
+            inner = model[len(prefix) :]
+            if inner == name:
+                raise RecipeError(f"{field}: {model!r} is this merge itself; a merge cannot take itself as an input")
+            if inner in path:
+                loop = " -> ".join((*path[path.index(inner) :], name, inner))
+                raise RecipeError(
+                    f"{field}: {model!r} makes a cycle ({loop}); merges may nest but not loop: "
+                    f"name a model or another merge instead"
+                )
+            if inner not in entries:
+                known = f" (merges: {', '.join(entries)})" if entries else ""
+                raise RecipeError(f"{field}: no merge named {inner!r}{known}{did_you_mean(inner, entries)}")
+            models.append(build(inner, (*path, name)))
+        try:
+            spec = spec_of(entry)
+        except MergeSpecError as err:
+            raise RecipeError(err.at(f"{where}.{name}")) from None
+        return Merge(tuple(models), spec, f"{where}.{name}")
+
+    if name not in entries:
+        known = f" (merges: {', '.join(entries)})" if entries else f"; define it under `{where}:`"
+        raise RecipeError(f"no merge named {name!r}{known}{did_you_mean(name, entries)}")
+    return build(name, ())
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A component's tensors as a model's safetensors files hold them (tensor name -> file)."""
+
+    files: Mapping[str, Path]
+    leaves = 1  # files opened per tensor (bounds what a chunk holds mapped)
+
+    def reader(self, stack: ExitStack):
+        """A function name -> tensor, opening each file once within `stack` (memory-mapped)."""
+        from safetensors import safe_open
+
+        handles: dict[Path, object] = {}
+
+        def read(name: str) -> torch.Tensor:
+            path = self.files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+            return handles[path].get_tensor(name)
+
+        return read
+
+
+@dataclass(frozen=True)
+class MergedSource:
+    """A merged component of an inner merge, computed tensor by tensor as the outer merge reads
+    it (never held whole, never written)."""
+
+    plan: MergePlan
+    component: Component
+
+    @property
+    def leaves(self) -> int:
+        return sum(s.leaves for s in self.component.sources)
+
+    def reader(self, stack: ExitStack):
+        readers = [s.reader(stack) for s in self.component.sources]
+        return lambda name: merged_tensor(self.plan, self.component.name, name, [r(name) for r in readers])
+
+
+Source = FileSource | MergedSource
+
+
+@dataclass(frozen=True)
 class Component:
     """One pipeline component in the plan: merged tensor by tensor, or copied from model 0."""
 
     name: str
     action: str  # "merge" or "copy"
     reason: str
-    files: tuple[Mapping[str, Path], ...] = ()  # per model: tensor name -> safetensors file
+    sources: tuple[Source, ...] = ()  # per model (a copy: model 0's only): where its tensors come from
     header: tuple[tuple[str, str, tuple[int, ...]], ...] = ()  # (name, dtype, shape) of model 0
     out_file: str = ""
 
@@ -180,6 +296,12 @@ class MergePlan:
     blocks_note: str = ""
     t5: float | None = None
     denoiser: str = "unet"
+    leaves: tuple[Path, ...] = ()  # every input folder, down the tree of merges
+
+    def streamed(self, component: Component) -> bool:
+        """Whether `component` is written tensor by tensor: merged, or model 0's when model 0
+        is a merge (a file copy otherwise)."""
+        return component.action == "merge" or any(isinstance(s, MergedSource) for s in component.sources[:1])
 
     def weight(self, component: str, name: str) -> float | None:
         """The block weight of tensor `name` of `component` (None without block weights)."""
@@ -212,7 +334,7 @@ class MergePlan:
             "version": 1,
             "spec": self.spec.as_json(),
             "hyper": self.spec.resolved(),  # defaults filled in: a random merge's seed is here
-            "models": list(self.models),
+            "models": [_model_json(m) for m in self.models],
             "components": {c.name: f"{c.action}: {c.reason}" for c in self.components},
         }
         if self.blocks is not None:
@@ -230,20 +352,29 @@ def spec_of(entry) -> MergeSpec:
     return MergeSpec(entry.method, weights, entry.alpha, blocks, entry.text_encoder, dict(entry.model_extra or {}))
 
 
-def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePlan:
+def plan_merge(models: Sequence[str | Merge], spec: MergeSpec | None = None) -> MergePlan:
     """Check `spec` against `models` (names as `multifusion.loading.resolve` takes them: local
-    diffusers folders or zoo:NAME) and decide what happens to each component. Reads configs
-    and safetensors headers only. Raises RecipeError, ModelLoadError or IncompatibleModelsError."""
+    diffusers folders or zoo:NAME; or `Merge`s, planned first, whose tensors the merge reads as
+    they are computed) and decide what happens to each component. Reads configs and safetensors
+    headers only. Raises RecipeError, ModelLoadError or IncompatibleModelsError."""
     from multifusion.loading import check_weight_files, family_of, resolve
 
     spec = spec or MergeSpec()
     spec.check_models(len(models))
-    folders = []
-    for i, text in enumerate(models):
-        ref = resolve(text)
+    labels = [m if isinstance(m, str) else m.where for m in models]
+    folders, inner = [], {}
+    for i, model in enumerate(models):
+        if not isinstance(model, str):
+            try:
+                inner[i] = plan_merge(model.models, model.spec)
+            except (RecipeError, ModelLoadError, IncompatibleModelsError) as err:
+                raise type(err)(f"{model.where}: {err}") from None
+            folders.append(inner[i].folders[0])
+            continue
+        ref = resolve(model)
         if ref.kind not in ("folder", "zoo"):
             raise ModelLoadError(
-                f"{text!r} is a {ref.kind.replace('_', '-')} model; merges read diffusers pipeline folders. Load it "
+                f"{model!r} is a {ref.kind.replace('_', '-')} model; merges read diffusers pipeline folders. Load it "
                 "once and save it with `save_pretrained(folder, safe_serialization=True)`, then merge the folder"
             )
         try:  # a damaged file is named as `generate` names it, before any header is read
@@ -252,11 +383,11 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
             raise ModelLoadError(f"models[{i}].model: {err}") from None
         folders.append(Path(ref.location))
     index = [_model_index(f) for f in folders]
-    family = family_of(resolve(models[0]))
+    family = family_of(resolve(first_leaf(models[0])))
     denoiser = family.denoiser_folder
     if denoiser not in index[0]:
-        raise IncompatibleModelsError(f"{models[0]!r} has no {denoiser}; merges combine diffusion pipelines")
-    _check_same_prediction(models, folders)
+        raise IncompatibleModelsError(f"{labels[0]!r} has no {denoiser}; merges combine diffusion pipelines")
+    _check_same_prediction(labels, folders)
 
     layout = weights = None
     note = ""
@@ -266,20 +397,30 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
         weights.by_block(layout)  # checks the length
         _check_ratio(spec, weights, layout)
 
+    def source(i: int, name: str) -> Source:
+        if i not in inner:
+            return FileSource(_tensor_files(folders[i] / name, labels[i]))
+        c = next(c for c in inner[i].components if c.name == name)
+        return MergedSource(inner[i], c) if c.action == "merge" else c.sources[0]
+
     components = []
     for name, library in index[0].items():
         if name != denoiser and not name.startswith("text_encoder"):
             components.append(Component(name, "copy", f"model 0's (only the {denoiser} and text encoders are merged)"))
             continue
         if name != denoiser and spec.text_encoder == "first":
-            components.append(Component(name, "copy", "model 0's (text_encoder='first')"))
+            first = source(0, name)
+            header = tuple((k, *v) for k, v in sorted(_source_header(first).items()))
+            out_file = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
+            components.append(Component(name, "copy", "model 0's (text_encoder='first')", (first,), header, out_file))
             continue
-        for text, idx in zip(models, index):
+        for text, idx in zip(labels, index):
             if name not in idx:
-                raise IncompatibleModelsError(f"{text!r} has no {name}; {models[0]!r} has one, so they cannot be merged")
+                raise IncompatibleModelsError(f"{text!r} has no {name}; {labels[0]!r} has one, so they cannot be merged")
         out_file = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
         text_w = None if weights is None or name == denoiser else weights.text_weight(name, layout)
-        components.append(_plan_component(name, models, folders, spec, text_w, out_file, name == denoiser))
+        sources = [source(i, name) for i in range(len(models))]
+        components.append(_plan_component(name, labels, folders, sources, spec, text_w, out_file, name == denoiser))
 
     merged = next(c for c in components if c.name == denoiser)
     if layout is not None and merged.action == "merge":
@@ -297,6 +438,7 @@ def plan_merge(models: Sequence[str], spec: MergeSpec | None = None) -> MergePla
         note,
         None if weights is None else weights.t5,
         denoiser,
+        tuple(p for i, f in enumerate(folders) for p in (inner[i].leaves if i in inner else (f,))),
     )
 
 
@@ -320,14 +462,14 @@ def _plan_component(
     name: str,
     models: Sequence[str],
     folders: Sequence[Path],
+    sources: Sequence[Source],
     spec: MergeSpec,
     base: float | None,
     out_file: str,
     is_denoiser: bool,
 ) -> Component:
-    dirs = [f / name for f in folders]
-    files = [_tensor_files(d, text) for d, text in zip(dirs, models)]
-    headers = [_header(f) for f in files]
+    dirs = [f / name for f in folders]  # a merge's configs are its first model's
+    headers = [_source_header(s) for s in sources]
     for text, h in zip(models[1:], headers[1:]):
         _check_same_tensors(name, models[0], headers[0], text, h)
     configs = [_config(d) for d in dirs]  # same shapes can still mean another architecture
@@ -335,10 +477,18 @@ def _plan_component(
         _check_same(f"{name} config", models[0], configs[0], text, cfg)
     header = tuple((k, *headers[0][k]) for k in sorted(headers[0]))
     if not is_denoiser and spec.blocks is not None and not base:
-        return Component(name, "copy", "model 0's (BASE weight 0)" if base == 0 else "model 0's (no BASE weight given)")
-    if all(_same_files(files[0], f) for f in files[1:]):
-        return Component(name, "copy", "model 0's (identical in every model)")
-    return Component(name, "merge", spec.method, tuple(files), header, out_file)
+        why = "model 0's (BASE weight 0)" if base == 0 else "model 0's (no BASE weight given)"
+        return Component(name, "copy", why, (sources[0],), header, out_file)
+    files = [s.files for s in sources if isinstance(s, FileSource)]
+    if len(files) == len(sources) and all(_same_files(files[0], f) for f in files[1:]):
+        return Component(name, "copy", "model 0's (identical in every model)", (sources[0],), header, out_file)
+    return Component(name, "merge", spec.method, tuple(sources), header, out_file)
+
+
+def _source_header(source: Source) -> dict[str, tuple[str, tuple[int, ...]]]:
+    if isinstance(source, FileSource):
+        return _header(source.files)
+    return {k: (dtype, shape) for k, dtype, shape in source.component.header}
 
 
 def _check_ratio(spec: MergeSpec, weights: BlockWeights, layout: BlockLayout) -> None:
@@ -451,34 +601,35 @@ def _same_files(a: Mapping[str, Path], b: Mapping[str, Path]) -> bool:
 
 
 def merged_tensors(plan: MergePlan, component: Component) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, merged tensor) for every tensor of a merged component, one at a time, in the
-    first model's dtype. Tensors bitwise equal in every model, and non-float tensors, are
-    model 0's."""
-    from safetensors import safe_open
-
+    """(name, tensor) for every tensor of a merged component (or of a copy from model 0, when
+    model 0 is itself a merge), one at a time, in the first model's dtype. Tensors bitwise
+    equal in every model, and non-float tensors, are model 0's. An input that is a merge is
+    computed here, tensor by tensor, from its own inputs' files."""
     # Files are opened per chunk of tensors and closed after it: a safe_open handle keeps the
     # pages it has read mapped (they count as resident memory), and reopening per tensor would
-    # parse the header every time. Chunks of 1/(4N) of the component bound what all N inputs
-    # hold mapped to about a quarter of one model.
+    # parse the header every time. Chunks of 1/(4N) of the component, N the files read per
+    # tensor (the leaves of the merge tree), bound what they hold mapped to about a quarter of
+    # one model.
+    sources = component.sources if component.action == "merge" else component.sources[:1]
     sizes = [_nbytes(dtype, shape) for _, dtype, shape in component.header]
-    budget = max(max(sizes, default=0), sum(sizes) // (4 * len(component.files)))
+    budget = max(max(sizes, default=0), sum(sizes) // (4 * sum(s.leaves for s in sources)))
     for chunk in _chunks(component.header, sizes, budget):
         with ExitStack() as stack:
-            handles: dict[Path, object] = {}
+            readers = [s.reader(stack) for s in sources]
             for name, _, _ in chunk:
-                tensors = []
-                for files in component.files:
-                    path = files[name]
-                    if path not in handles:
-                        handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-                    tensors.append(handles[path].get_tensor(name))
-                first = tensors[0]
-                if not first.is_floating_point() or all(_same_bits(first, t) for t in tensors[1:]):
-                    out = first
-                else:
-                    out = plan.merge(component.name, name, tensors)
+                tensors = [read(name) for read in readers]
+                out = merged_tensor(plan, component.name, name, tensors) if component.action == "merge" else tensors[0]
                 del tensors
                 yield name, out
+
+
+def merged_tensor(plan: MergePlan, component: str, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensor `name` of `component` merged from `tensors` (one per model); model 0's when it is
+    not floating point or bitwise equal in every model."""
+    first = tensors[0]
+    if not first.is_floating_point() or all(_same_bits(first, t) for t in tensors[1:]):
+        return first
+    return plan.merge(component, name, tensors)
 
 
 def _chunks(header: Sequence, sizes: Sequence[int], budget: int) -> Iterator[list]:
@@ -540,23 +691,25 @@ def write_safetensors(
             f.write(memoryview(_as_bytes(t)))
 
 
-def merge_models(models: Sequence[str], out: str | Path, spec: MergeSpec | None = None, *, overwrite: bool = False) -> Path:
-    """Merge `models` into a new diffusers pipeline folder `out` (with merge.json), streaming:
-    peak memory stays near one tensor per model. All checks run before anything is written;
-    the folder appears complete or not at all. Returns `out`."""
+def merge_models(
+    models: Sequence[str | Merge], out: str | Path, spec: MergeSpec | None = None, *, overwrite: bool = False
+) -> Path:
+    """Merge `models` (names, or `Merge`s computed on the way) into a new diffusers pipeline
+    folder `out` (with merge.json), streaming: peak memory stays near one tensor per model. All
+    checks run before anything is written; the folder appears complete or not at all. Returns `out`."""
     plan = plan_merge(models, spec)
     out = Path(out).expanduser()
-    if any(out.resolve() == f.resolve() for f in plan.folders):
+    if any(out.resolve() == f.resolve() for f in plan.leaves):
         raise RecipeError(f"output {str(out)!r} is one of the models being merged; write the merge elsewhere")
     check_merge_output(out, overwrite)
     recipe = plan.recipe()
-    recipe["fingerprints"] = [file_fingerprint(f) for f in plan.folders]
+    recipe["fingerprints"] = [file_fingerprint(f) for f in plan.leaves]  # the folders read, depth first
     recipe["library"] = _library_version()
     with _atomic_folder(out, overwrite) as tmp:
         shutil.copy2(plan.folders[0] / "model_index.json", tmp / "model_index.json")
         for c in plan.components:
             src = plan.folders[0] / c.name
-            if c.action == "copy":
+            if not plan.streamed(c):
                 shutil.copytree(src, tmp / c.name, ignore=shutil.ignore_patterns(".*"))
                 continue
             (tmp / c.name).mkdir()
@@ -598,7 +751,7 @@ def check_merge_output(out: str | Path, overwrite: bool, where: str = "--out") -
 
 
 def merge_in_memory(
-    models: Sequence[str | ModelHandle],
+    models: Sequence[str | Merge | ModelHandle],
     spec: MergeSpec | None = None,
     *,
     name: str | None = None,
@@ -607,8 +760,9 @@ def merge_in_memory(
 ):
     """The same merge without writing, returned as a `ModelHandle`.
 
-    `models` are names (model 0 is loaded and its UNet and text encoders receive the merged
-    tensors one at a time, read from every input's files; peak memory: one model) or loaded
+    `models` are names or `Merge`s (model 0, or the first model down its tree, is loaded and
+    its UNet and text encoders receive the merged tensors one at a time, read from every input's
+    files, an inner merge computed on the way; peak memory: one model) or loaded
     `ModelHandle`s (nothing is loaded: the tensors come from the handles' modules and go into
     copies of model 0's UNet and text encoders, so the handles stay as they were; `dtype` and
     `device` are then the handles'). Either way the result equals, bit for bit, loading the
@@ -627,7 +781,7 @@ def merge_in_memory(
             raise RecipeError(
                 f"in-memory merges cover the {plan.denoiser} and the text encoders; {c.name} needs merge_models (a folder)"
             )
-    source = f"merge of {', '.join(plan.models)} ({plan.spec.method})"
+    source = f"merge of {', '.join(m if isinstance(m, str) else m.where for m in plan.models)} ({plan.spec.method})"
     if handles:
         merged = {
             _attribute(plan, c.name): _merge_modules(plan, c, [getattr(h, _attribute(plan, c.name)) for h in handles])
@@ -635,10 +789,10 @@ def merge_in_memory(
             if c.action == "merge"
         }
         return dataclasses.replace(handles[0], name=name or "merge", source=source, **merged)
-    handle = load_model(plan.models[0], name=name or "merge", dtype=dtype, device=device)
+    handle = load_model(first_leaf(plan.models[0]), name=name or "merge", dtype=dtype, device=device)
     with torch.no_grad():
         for c in plan.components:
-            if c.action == "merge":
+            if plan.streamed(c):
                 _load_into(getattr(handle, _attribute(plan, c.name)), merged_tensors(plan, c), c.name)
     return dataclasses.replace(handle, source=source)
 
