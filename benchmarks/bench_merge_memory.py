@@ -9,12 +9,16 @@ UNets are perturbed. For N = 2, 4, 8, a fresh process measures:
   over one model's weight bytes. Target: <= 1.5 whatever N.
 - naive, for contrast: every input's state dicts loaded whole (`safetensors.torch.load_file`)
   and merged in memory, as most scripts do; grows with N.
+- merge of merges: the same N inputs as a tree of pairwise weighted sums (N = 4:
+  merge(merge(m0, m1), merge(m2, m3)); N = 8: one more level), streamed by `merge_models`
+  without writing the inner merges; its peak and time over the plain N-model merge's,
+  measured side by side (the tree reads every input once per tensor, as the plain merge does).
 - time: the whole streaming merge (checks, input hashes for merge.json, UNet) over an I/O
   floor measured in alternation in the same process (the UNet's reads, equality checks and
   streaming write with the arithmetic replaced by taking model 0's tensor), with the files in
   the page cache; and seconds per GB read, for scale only.
 
-    python benchmarks/bench_merge_memory.py [--repeats 2]
+    python benchmarks/bench_merge_memory.py [--repeats 2] [--counts 2 4 8]
 """
 
 from __future__ import annotations
@@ -80,6 +84,17 @@ def model_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
 
 
+def pairs(models: list):
+    """(models, spec) of the merge of `models` as a tree of pairwise equal-weight merges."""
+    from multifusion.weights import MergeSpec
+    from multifusion.weights.models import Merge
+
+    level = list(models)
+    while len(level) > 2:
+        level = [Merge(tuple(level[i : i + 2]), MergeSpec(), f"pair{i}") for i in range(0, len(level), 2)]
+    return level, MergeSpec()
+
+
 def child(models: list[str], mode: str, out: str, repeats: int) -> dict:
     import torch
 
@@ -105,18 +120,20 @@ def child(models: list[str], mode: str, out: str, repeats: int) -> dict:
         return {"peak_extra_kb": _kb("VmHWM") - before, "seconds": seconds}
 
     spec = MergeSpec()
+    if mode == "nested":
+        models, spec = pairs(models)
     plan = m.plan_merge(models, spec)
     unet = next(c for c in plan.components if c.name == "unet")
 
     def floor() -> None:
         """The merge's own reads, equality checks and streaming write, with the arithmetic
         replaced by taking the first model's tensor."""
-        maths = m.merge_tensor
-        m.merge_tensor = lambda tensors, method, weight: tensors[0]
+        maths = m.MergePlan.merge
+        m.MergePlan.merge = lambda self, component, name, tensors: tensors[0]
         try:
             m.write_safetensors(Path(out) / "floor.safetensors", unet.header, m.merged_tensors(plan, unet))
         finally:
-            m.merge_tensor = maths
+            m.MergePlan.merge = maths
 
     times: dict[str, list[float]] = {"merge": [], "floor": []}
     peak = 0
@@ -135,6 +152,7 @@ def child(models: list[str], mode: str, out: str, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     ap.add_argument("--child", nargs=3, metavar=("MODELS_JSON", "MODE", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -149,9 +167,10 @@ def main() -> None:
         print(f"one model: {size / 2**20:.1f} MB of safetensors (UNet {model_bytes(models[0] + '/unet') / 2**20:.1f} MB)")
         print("| models | streaming peak / model | naive peak / model | merge time / I/O floor | streaming s per GB read |")
         print("|---|---|---|---|---|")
-        for n in COUNTS:
+        nested_rows = []
+        for n in args.counts:
             row = {}
-            for mode in ("stream", "naive"):
+            for mode in ("stream", "naive", "nested") if n >= 4 else ("stream", "naive"):
                 out = root / f"out-{n}-{mode}"
                 out.mkdir()
                 res = subprocess.run(
@@ -167,6 +186,19 @@ def main() -> None:
                 f"| {n} | {s['peak_extra_kb'] * 1024 / size:.2f} | {row['naive']['peak_extra_kb'] * 1024 / size:.2f} | "
                 f"{s['merge_s'] / s['floor_s']:.2f} | {s['merge_s'] / read_gb:.1f} |"
             )
+            if "nested" in row:
+                t = row["nested"]
+                nested_rows.append(
+                    f"| {n} | {s['peak_extra_kb'] * 1024 / size:.2f} | {t['peak_extra_kb'] * 1024 / size:.2f} | "
+                    f"{t['peak_extra_kb'] / s['peak_extra_kb']:.2f} | {t['merge_s'] / s['merge_s']:.2f} |"
+                )
+        if nested_rows:
+            print()
+            print(
+                "| inputs | plain merge peak / model | merge of merges peak / model | peak ratio (tree / plain) | time ratio (tree / plain) |"
+            )
+            print("|---|---|---|---|---|")
+            print("\n".join(nested_rows))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

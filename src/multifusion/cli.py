@@ -388,11 +388,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(flag: str, items: list[str]) -> dict:
+    """NAME=VALUE pairs as numbers (int when whole), RecipeError naming `flag` otherwise."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise RecipeError(f"{flag} {item!r}: give NAME=NUMBER, e.g. density=0.5")
+        out[name.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return out
+
+
 def cmd_mbw_search(args: argparse.Namespace) -> int:
     from multifusion.bench.apps import get_app
-    from multifusion.weights.search import app_scorer, parse_grid, search_block_weights
+    from multifusion.weights.search import app_scorer, parse_grid, search_block_weights, search_method
 
     _set_threads(args.threads)
+    options = _options("--option", args.option or [])
+    method = search_method(args.merge_method, options, where="--method")
+    n = method.block_models or method.min_models
     for flag, value in (
         ("--budget", args.budget),
         ("--prompts", args.prompts),
@@ -409,11 +427,15 @@ def cmd_mbw_search(args: argparse.Namespace) -> int:
         if not sep or role not in refs:
             raise RecipeError(f"--model {item!r}: give ROLE=MODEL with ROLE one of {', '.join(app.roles)}")
         refs[role] = ref
-    if len(app.roles) < 2:
-        raise RecipeError(f"app {app.id!r} has one model ({app.roles[0]}); a block-weight search merges two")
+    if len(app.roles) < n:
+        has = "one model" if len(app.roles) == 1 else f"{len(app.roles)} models"
+        raise RecipeError(
+            f"app {app.id!r} has {has} ({', '.join(app.roles)}); a block-weight search "
+            f"{'' if args.merge_method == 'weighted_sum' else f'by {args.merge_method} '}merges {'two' if n == 2 else n}"
+        )
     prompts, scorer = app_scorer(app.id, args.prompts, seeds=args.seeds)
     result = search_block_weights(
-        [refs[r] for r in app.roles[:2]],
+        [refs[r] for r in app.roles[:n]],
         prompts[:: args.seeds],
         scorer,
         args.out,
@@ -422,6 +444,8 @@ def cmd_mbw_search(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         num_inference_steps=args.num_inference_steps,
         scorer_name=f"zoo judge: {app.id} success on {args.prompts} prompts",
+        merge_method=args.merge_method,
+        options=options,
         progress=not args.no_progress,
         **grid,
     )
@@ -734,6 +758,19 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--steps", dest="num_inference_steps", type=int, default=10, help="sampling steps (default 10, DDIM)")
     ms.add_argument("--grid", help="block weight values tried, comma separated (default 0,0.25,0.5,0.75,1)")
     ms.add_argument("--model", action="append", metavar="ROLE=MODEL", help="replace a role's zoo model (repeatable)")
+    ms.add_argument(
+        "--method",
+        dest="merge_method",
+        default="weighted_sum",
+        help="the registered merge method whose ratio the block weights set (default weighted_sum; ties, dare, "
+        "dare_ties: alpha, base = the first role; slerp: t); see docs/merges.md",
+    )
+    ms.add_argument(
+        "--option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="another hyper-parameter of the method, fixed during the search (e.g. density=0.5; repeatable)",
+    )
     ms.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ms.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     ms.set_defaults(func=cmd_mbw_search)

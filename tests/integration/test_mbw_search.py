@@ -88,7 +88,7 @@ def test_optuna_missing_says_how_to_install(tiny_a, tiny_b, tmp_path, monkeypatc
     [
         (dict(optimizer="cordinate"), "did you mean 'coordinate'"),
         (dict(budget=0), "budget: must be a positive integer"),
-        (dict(grid=(0, 1.5)), r"grid: block weights must lie in \[0, 1\]"),
+        (dict(grid=(0, 1.5)), r"grid: block weights of weighted_sum \(weights\) must lie in \[0, 1\]"),
         (dict(seeds=0), "seeds: must be a positive integer"),
     ],
 )
@@ -154,3 +154,76 @@ def test_mbw_search_command(tmp_path, capsys):
     assert json.loads((out / "search.json").read_text())["models"] == ["zoo:slice0", "zoo:slice1"]
     assert main(["mbw-search", "regional", "--out", str(tmp_path / "r")]) == 2
     assert "a block-weight search merges two" in capsys.readouterr().err
+
+
+def test_a_search_by_another_method_scores_that_methods_block_merge(tiny_a, tiny_b, tmp_path):
+    """The images a ties search scores are those of `mbw` with merge_method ties at the candidate."""
+    from multifusion.api import Run
+
+    seen = []
+    res = search_block_weights(
+        [tiny_a, tiny_b],
+        ["a red circle"],
+        lambda ims, ps: seen.append(ims) or 0.0,
+        tmp_path,
+        budget=2,
+        grid=(0, 2),
+        merge_method="ties",
+        options={"density": 0.5},
+        **SMALL,
+    )
+    log = _lines(tmp_path / "search.jsonl")
+    assert log[1]["blocks"] == [0.5] * 4 + [0.0] + [0.5] * 4  # M00 tried at 0, then 2 (outside [0, 1]: alpha may exceed 1)
+    settings = json.loads((tmp_path / "search.json").read_text())
+    assert settings["merge_method"] == "ties" and settings["options"] == [["density", 0.5]]
+    best = json.loads((tmp_path / "best.json").read_text())["mbw_params"]
+    assert best["merge_method"] == "ties" and best["density"] == 0.5 and res.evaluations == 2
+    for images, entry in zip(seen, log):
+        recipe = {
+            "method": "mbw",
+            "models": [{"model": tiny_a, "prompt": ["a red circle"]}, {"model": tiny_b, "prompt": ["a red circle"]}],
+            "params": {"blocks": entry["blocks"], "merge_method": "ties", "density": 0.5},
+            "sampling": {"num_inference_steps": 2, "scheduler": "ddim", "seed": 0, "num_images": 1},
+        }
+        want = [im for part in Run(recipe).batches(batch_size=1, progress=False) for im in part.images]
+        assert [np.asarray(i).tolist() for i in images] == [np.asarray(i).tolist() for i in want]
+    plain = tmp_path / "plain"
+    search_block_weights(
+        [tiny_a, tiny_b], ["a red circle"], lambda ims, ps: seen.append(ims) or 0.0, plain, budget=2, grid=(0, 1), **SMALL
+    )
+    assert np.asarray(seen[-1][0]).tolist() != np.asarray(seen[1][0]).tolist()  # a weighted sum at M00 = 0 differs
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(merge_method="tiez"), r"merge_method: unknown merge method 'tiez'.*did you mean 'ties'"),
+        (dict(merge_method="model_stock"), r"merge_method: model_stock has no ratio to set per block.*ties \(alpha\)"),
+        (dict(merge_method="geometric_median"), r"merge_method: geometric_median has no ratio"),
+        (dict(merge_method="ties", options={"densty": 0.5}), r"densty: .*did you mean 'density'"),
+        (dict(merge_method="ties", options={"density": 0.0}), r"density: 0.0 is not a finite number in \(0, 1\]"),
+        (dict(merge_method="add_difference"), r"models: .*three models"),
+        (dict(merge_method="slerp", grid=(0, 1.5)), r"grid: block weights of slerp \(t\) must lie in \[0, 1\]"),
+        (dict(merge_method="ties", grid=(-1, 1)), r"grid: block weights of ties \(alpha\) must lie >= 0"),
+    ],
+)
+def test_bad_search_methods_are_named_before_loading(tiny_a, tiny_b, tmp_path, monkeypatch, kwargs, match):
+    import multifusion.loading as loading
+
+    monkeypatch.setattr(loading, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(RecipeError, match=match):
+        search_block_weights([tiny_a, tiny_b], ["p"], CountingScorer(), tmp_path, **{**SMALL, **kwargs})
+    assert not (tmp_path / "search.json").exists()
+
+
+def test_mbw_search_command_takes_a_method(tmp_path, capsys):
+    out = tmp_path / "t"
+    args = ["mbw-search", "ensemble", "--out", str(out), "--budget", "1", "--prompts", "1", "--steps", "2", "--no-progress"]
+    assert main([*args, "--method", "ties", "--option", "density=0.5"]) == 0
+    assert json.loads((out / "best.json").read_text())["mbw_params"]["merge_method"] == "ties"
+    assert main([*args, "--method", "model_stock"]) == 2
+    assert "--method: model_stock has no ratio to set per block" in capsys.readouterr().err
+    assert main([*args, "--method", "slerpp"]) == 2
+    assert "did you mean 'slerp'" in capsys.readouterr().err
+    assert main([*args, "--method", "ties", "--option", "density"]) == 2
+    assert "--option 'density': give NAME=NUMBER" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""Automatic block-weight search (auto-MBW): block weights of two models maximising a score.
+"""Automatic block-weight search (auto-MBW): block weights of a merge maximising a score.
 
 Every candidate is a list of block weights (one per block id of the UNet, `blocks.py`; BASE is
 left out, so the text encoder is the first model's and each prompt is encoded the same way for
-every candidate). A candidate is scored by running the `mbw` method on the loaded models (a
+every candidate). A block weight sets the ratio of any registered merge method that has one
+(`merge_method`; default weighted_sum, (1 - w) A + w B; ties / dare: alpha, slerp: t,
+add_difference: alpha), with the method's other hyper-parameters fixed (`options`). A candidate is scored by running the `mbw` method on the loaded models (a
 merge in memory, sampled as `single` with the first model's prompts) and calling the scorer on
 the images: any `scorer(images, prompts) -> float`, higher is better, or `app_scorer`, the zoo
 judge's success rate on a benchmark app's prompts.
@@ -59,12 +61,12 @@ class SearchSettings:
     guidance_scale: float = 7.5
     seed: int = 0
     scorer: str = "custom"
+    merge_method: str = "weighted_sum"
+    options: tuple[tuple[str, float | int], ...] = ()
 
     def __post_init__(self):
-        if len(self.models) != 2:
-            raise RecipeError(
-                f"models: a block-weight search merges two models ((1 - w) A + w B per block), got {len(self.models)}"
-            )
+        object.__setattr__(self, "options", tuple(sorted(dict(self.options).items())))
+        search_method(self.merge_method, dict(self.options), len(self.models))
         if not self.prompts:
             raise RecipeError("prompts: give at least one prompt")
         for name in ("seeds", "num_inference_steps"):
@@ -80,6 +82,34 @@ class SearchResult:
     computed: int  # of which scored by this call
     log: Path
     plot: Path
+
+
+def search_method(name: str, options: dict | None = None, n_models: int | None = None, where: str = "merge_method"):
+    """The registered merge method `name` whose ratio a search sets per block, checked with its
+    other hyper-parameters `options` (and the model count) before anything loads: RecipeError
+    naming `where` for an unknown name ("did you mean") or a method without a ratio, naming the
+    option or `models` for the rest."""
+    from multifusion.weights.models import MergeSpec
+    from multifusion.weights.registry import MERGE_METHODS, MergeSpecError, get_merge_method
+
+    try:
+        method = get_merge_method(name, where)
+    except MergeSpecError as err:
+        raise RecipeError(f"{where}: {err.message}") from None
+    if method.ratio is None:
+        takes = ", ".join(f"{m.name} ({m.ratio})" for m in MERGE_METHODS.values() if m.ratio is not None)
+        raise RecipeError(
+            f"{where}: {name} has no ratio to set per block, so it has no block weights to search; "
+            f"choose a method with one: {takes}"
+        )
+    try:
+        spec = MergeSpec(name, blocks=(0.5,), options=dict(options or {}))
+        if n_models is not None:
+            spec.check_models(n_models)
+    except MergeSpecError as err:
+        field = "models" if err.field == "method" else err.field
+        raise RecipeError(f"{field}: {err.message}") from None
+    return method
 
 
 def app_scorer(app: str, prompts: int = 4, *, seeds: int = 1) -> tuple[list[str], Scorer]:
@@ -132,16 +162,21 @@ def _key(blocks: Sequence[float]) -> tuple[float, ...]:
     return tuple(round(float(v), 6) for v in blocks)
 
 
-def _entry_problem(entry, n_blocks: int) -> str | None:
-    """What is wrong with a log entry of a search over `n_blocks` blocks (None when nothing)."""
+def _entry_problem(entry, n_blocks: int, rng=None) -> str | None:
+    """What is wrong with a log entry of a search over `n_blocks` blocks whose weights lie in
+    `rng` (a registry Range; default [0, 1]) (None when nothing)."""
     if not isinstance(entry, dict) or "blocks" not in entry or "score" not in entry:
         return "not an object with `blocks` and `score`"
     blocks, score = entry["blocks"], entry["score"]
     if not isinstance(blocks, list) or len(blocks) != n_blocks:
         count = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
         return f"{count} block weights for a {n_blocks}-block model"
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 <= v <= 1) for v in blocks):
-        return f"block weights {clip(str(blocks))} are not all numbers in [0, 1]"
+    if rng is None:
+        from multifusion.weights.registry import Range
+
+        rng = Range(0, 1)
+    if any(isinstance(v, bool) or rng.problem(v) is not None for v in blocks):
+        return f"block weights {clip(str(blocks))} are not all numbers {rng}"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"score {clip(repr(score))} is not a finite number"
     return None
@@ -150,7 +185,7 @@ def _entry_problem(entry, n_blocks: int) -> str | None:
 class _Log:
     """The JSONL log: candidate -> score, appended as each is known."""
 
-    def __init__(self, out: Path, settings: SearchSettings, n_blocks: int):
+    def __init__(self, out: Path, settings: SearchSettings, n_blocks: int, rng=None):
         """Read (or start) the log in `out` of a search over `n_blocks` block weights. Everything
         read is checked before anything is written: a settings file or log line that is not this
         search's (damaged, or another search's) is refused, naming the file and line."""
@@ -177,6 +212,8 @@ class _Log:
                     f"--out: {str(have_path)!r} holds a {type(have).__name__}, not a search's settings; "
                     f"delete it and {LOG}, or use another --out"
                 )
+            # A settings file written before searches took a method searched a weighted sum.
+            have = {"merge_method": "weighted_sum", "options": [], **have}
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
                 raise RecipeError(
@@ -199,7 +236,7 @@ class _Log:
                         f"--out: {str(self.path)!r} line {i + 1} is not JSON; the log is damaged: delete the "
                         "line (its candidate is scored again), or use another --out"
                     ) from None
-                problem = _entry_problem(entry, n_blocks)
+                problem = _entry_problem(entry, n_blocks, rng)
                 if problem:
                     raise RecipeError(
                         f"--out: {str(self.path)!r} line {i + 1}: {problem}; that line is not of this search "
@@ -238,26 +275,41 @@ def search_block_weights(
     guidance_scale: float = 7.5,
     seed: int = 0,
     scorer_name: str = "custom",
+    merge_method: str = "weighted_sum",
+    options: dict | None = None,
     runtime: dict | None = None,
     progress: bool = True,
 ) -> SearchResult:
-    """Search the block weights of merging `models` (A, B: (1 - w) A + w B per block) that
-    maximise `scorer(images, prompts)` on images of `prompts` (each sampled `seeds` times, image
-    i with seed `seed + i`), spending at most `budget` evaluations (logged ones included).
-    See the module docstring for the optimisers, the log and the outputs."""
+    """Search the block weights of merging `models` by `merge_method` (any registered method
+    with a ratio; weighted_sum: A, B, (1 - w) A + w B per block; its other hyper-parameters in
+    `options`) that maximise `scorer(images, prompts)` on images of `prompts` (each sampled
+    `seeds` times, image i with seed `seed + i`), spending at most `budget` evaluations (logged
+    ones included). The grid must lie in the range of the method's ratio. See the module
+    docstring for the optimisers, the log and the outputs."""
     if optimizer not in OPTIMIZERS:
         raise RecipeError(
             f"optimizer: unknown {optimizer!r} (known: {', '.join(OPTIMIZERS)}){did_you_mean(optimizer, OPTIMIZERS)}"
         )
     if not isinstance(budget, int) or budget < 1:
         raise RecipeError(f"budget: must be a positive integer, got {budget!r}")
+    method = search_method(merge_method, options, len(models))
+    rng = method.ratio_range()
     grid = sorted({float(v) for v in grid})
-    if not grid or any(not (math.isfinite(v) and 0 <= v <= 1) for v in grid):
-        raise RecipeError(f"grid: block weights must lie in [0, 1], got {grid}")
-    if not 0 <= start <= 1:
-        raise RecipeError(f"start: must lie in [0, 1], got {start!r}")
+    if not grid or any(rng.problem(v) is not None for v in grid):
+        raise RecipeError(f"grid: block weights of {merge_method} ({method.ratio}) must lie {rng}, got {grid}")
+    if rng.problem(start) is not None:
+        raise RecipeError(f"start: must lie {rng}, got {start!r}")
     settings = SearchSettings(
-        tuple(models), tuple(prompts), seeds, num_inference_steps, scheduler, guidance_scale, seed, scorer_name
+        tuple(models),
+        tuple(prompts),
+        seeds,
+        num_inference_steps,
+        scheduler,
+        guidance_scale,
+        seed,
+        scorer_name,
+        merge_method,
+        tuple(sorted((options or {}).items())),
     )
     if optimizer == "optuna":
         _require_optuna()
@@ -273,7 +325,7 @@ def search_block_weights(
         raise RecipeError(f"models[0]: {models[0]!r} is not a local diffusers folder or zoo model; a search merges local folders")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out, settings, len(layout.ids))
+    log = _Log(out, settings, len(layout.ids), rng)
     handles = load_models(
         list(models), dtype=(runtime or {}).get("dtype", "float32"), device=(runtime or {}).get("device", "cpu")
     )
@@ -298,7 +350,8 @@ def search_block_weights(
         state["calls"] += 1
         if key not in log.scores:
             started = time.perf_counter()
-            run = Run({**base, "params": {"blocks": list(key)}}, models=handles)
+            params = {"blocks": list(key), "merge_method": merge_method, **dict(settings.options)}
+            run = Run({**base, "params": params}, models=handles)
             images = [im for part in run.batches(batch_size=len(texts), progress=False) for im in part.images]
             score = float(scorer(images, list(texts)))
             if not math.isfinite(score):
@@ -326,7 +379,11 @@ def search_block_weights(
                 "blocks": list(best),
                 "score": log.scores[best],
                 "blocks_ids": list(layout.ids),
-                "mbw_params": {"blocks": ",".join(f"{v:g}" for v in best)},
+                "mbw_params": {
+                    "blocks": ",".join(f"{v:g}" for v in best),
+                    "merge_method": merge_method,
+                    **dict(settings.options),
+                },
             },
             indent=2,
         )
