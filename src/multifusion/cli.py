@@ -8,6 +8,8 @@ multifusion demo --out DIR                       the main job on the built-in mo
 multifusion zoo list | train | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
 multifusion bench APP|all --out DIR              every method side by side on the zoo apps
 multifusion merge RECIPE.yaml --out DIR          write a merge/mbw recipe's merged model
+multifusion merge --base MODEL --lora FILE --out DIR   a LoRA merged into a checkpoint (block weights)
+multifusion extract-lora BASE TUNED --out F.safetensors --rank R   a fine-tune's difference as a LoRA
 multifusion mbw-search APP --out DIR             search block weights against the zoo judge
 multifusion afa train MODEL... --data D --out DIR  train AFA's feature aggregators
 """
@@ -370,10 +372,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from multifusion.weights.export import merge
 
     _check_out(args.out)
-    folder = merge(args.recipe, args.out, single_file=args.single_file, overwrite=args.overwrite)
+    folder = merge(
+        args.recipe,
+        args.out,
+        single_file=args.single_file,
+        overwrite=args.overwrite,
+        base=args.base,
+        lora=args.lora,
+        lora_scale=args.scale,
+        lora_blocks=args.lora_blocks,
+    )
     print(folder)
     if args.single_file:
         print(folder.with_name(folder.name + ".safetensors"))
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from multifusion.weights.lora import extract_lora
+
+    out = extract_lora(
+        args.base,
+        args.tuned,
+        args.out,
+        rank=args.rank,
+        text_encoder=args.text_encoder,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(out)
     return 0
 
 
@@ -725,8 +752,18 @@ def build_parser() -> argparse.ArgumentParser:
         "blocks, ...) into a diffusers pipeline folder with merge.json, streaming (peak memory below one "
         "model). Prompts and sampling settings are ignored. See docs/merges.md.",
     )
-    mg.add_argument("recipe", help="recipe file (.yaml, .yml or .json) with method merge or mbw")
+    mg.add_argument("recipe", nargs="?", help="recipe file (.yaml, .yml or .json) with method merge or mbw")
     mg.add_argument("--out", required=True, help="output folder (written atomically)")
+    mg.add_argument("--base", help="instead of a recipe: the model (folder or zoo:NAME) a LoRA is merged into")
+    mg.add_argument(
+        "--lora", help="a LoRA file (.safetensors, PEFT / diffusers / kohya keys) merged into the recipe's merge or --base"
+    )
+    mg.add_argument("--scale", type=float, default=1.0, help="the LoRA's strength (default 1; diffusers' fuse_lora lora_scale)")
+    mg.add_argument(
+        "--lora-blocks",
+        dest="lora_blocks",
+        help="per-block weights of the LoRA: a preset or an A1111 string (the ids of mbw; BASE weighs the text encoders)",
+    )
     mg.add_argument(
         "--single-file",
         dest="single_file",
@@ -735,6 +772,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--overwrite", action="store_true", help="replace an existing output")
     mg.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser(
+        "extract-lora",
+        help="write the difference of a fine-tune from its base as a LoRA (truncated SVD)",
+        description="Extract TUNED - BASE as a LoRA of the given rank: a truncated SVD of every Linear and Conv "
+        "weight of the denoiser (and with --text-encoder of the text encoders), written as one safetensors file "
+        "that diffusers' load_lora_weights reads. See docs/merges.md.",
+    )
+    ex.add_argument("base", help="the base model (folder or zoo:NAME)")
+    ex.add_argument("tuned", help="the fine-tune of it (same architecture)")
+    ex.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    ex.add_argument("--rank", type=int, required=True, help="the LoRA's rank (larger: closer to the fine-tune)")
+    ex.add_argument("--text-encoder", dest="text_encoder", action="store_true", help="also extract the text encoders")
+    ex.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="the file's dtype")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    ex.set_defaults(func=cmd_extract_lora)
 
     ms = sub.add_parser(
         "mbw-search",

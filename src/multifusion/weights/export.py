@@ -37,12 +37,33 @@ def recipe_merge(recipe) -> tuple[list[str | Merge], MergeSpec]:
     return trees, params.spec()
 
 
-def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool = False) -> Path:
+def merge(
+    recipe,
+    out: str | Path,
+    *,
+    single_file: bool = False,
+    overwrite: bool = False,
+    base: str | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+    lora_blocks: str | None = None,
+) -> Path:
     """Write the merge of a `merge` / `mbw` recipe (a Recipe, dict or YAML/JSON file) to the
     diffusers folder `out` (and, with `single_file`, `out` + ".safetensors" in the LDM layout).
-    Everything is checked before anything is written. Returns the folder."""
+    With `lora` (a LoRA file), that LoRA is merged into the recipe's merge, or into the model
+    `base` when `recipe` is None, at `lora_scale` times the block weights `lora_blocks`
+    (`weights.lora.merge_lora`). Everything is checked before anything is written. Returns the folder."""
     out = check_merge_output(out, overwrite)
-    models, spec = recipe_merge(recipe)
+    if (recipe is None) == (base is None):
+        raise RecipeError("give a merge RECIPE or --base MODEL (one of them)")
+    if base is not None and lora is None:
+        raise RecipeError("--base: a base model takes a LoRA (--lora FILE); to merge models give a merge RECIPE")
+    if lora is None and (lora_scale != 1.0 or lora_blocks is not None):
+        raise RecipeError("--scale / --lora-blocks set a LoRA's strength: give the LoRA with --lora FILE")
+    if recipe is not None:
+        models, spec = recipe_merge(recipe)
+    else:
+        models, spec = [base], MergeSpec()
     single = out.with_name(out.name + ".safetensors")
     if single_file and single.exists() and not overwrite:
         raise RecipeError(f"output {str(single)!r} already exists; choose another folder or pass overwrite=True")
@@ -53,7 +74,13 @@ def merge(recipe, out: str | Path, *, single_file: bool = False, overwrite: bool
                 f"single_file: the single-file (LDM) layout is written for SD-1.x and SDXL UNet pipelines; a "
                 f"{family.family_name} merge is written as a diffusers folder only (drop --single-file)"
             )
-    folder = merge_models(models, out, spec, overwrite=overwrite)
+    if lora is not None:
+        from multifusion.weights.lora import merge_lora
+
+        what = Merge(tuple(models), spec, "recipe") if recipe is not None else base
+        folder = merge_lora(what, lora, out, scale=lora_scale, blocks=lora_blocks, overwrite=overwrite)
+    else:
+        folder = merge_models(models, out, spec, overwrite=overwrite)
     if single_file:
         with atomic_path(single) as tmp:
             usual = stat.S_IMODE(tmp.stat().st_mode)  # atomic_path gives it what a plain open() would
