@@ -291,10 +291,11 @@ def merge_lora(
         from multifusion.weights.models import _config
 
         layout = family.block_layout(_config(plan.folders[0] / plan.denoiser))
-        weights, _ = block_weights(blocks if isinstance(blocks, str) else tuple(float(v) for v in blocks), layout)
-        for block, w in weights.named(layout):
-            if not math.isfinite(w):
-                raise RecipeError(f"blocks: block weight {w!r} for {block} is not a finite number")
+        try:  # any finite weight: a LoRA's block weights may exceed 1 or be negative (SuperMerger's LBW)
+            weights, _ = block_weights(blocks if isinstance(blocks, str) else tuple(float(v) for v in blocks), layout)
+            weights.by_block(layout)
+        except RecipeError as err:
+            raise RecipeError(f"blocks: {err}") from None
     by_block = None if weights is None else weights.by_block(layout)
 
     components = {c.name: c for c in plan.components}
