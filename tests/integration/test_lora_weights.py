@@ -218,3 +218,26 @@ def test_the_commands(tmp_path, capsys):
     assert "rank: 0 is not a positive integer" in capsys.readouterr().err
     assert main(["merge", "--base", BASE, "--out", str(tmp_path / "y")]) == 2
     assert "--base: a base model takes a LoRA" in capsys.readouterr().err
+
+
+def test_a_kohya_lora_with_alphas_merges_as_diffusers_fuses_it(toon_lora, tmp_path):
+    """kohya's key layout (`lora_unet_<module>.lora_down.weight`, `.alpha`: scale alpha / r),
+    made from the extracted LoRA, read through diffusers' conversion."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for module, layer in read_lora(toon_lora)["unet"].items():
+        key = "lora_unet_" + module.replace(".", "_")
+        state |= {f"{key}.lora_down.weight": layer.down, f"{key}.lora_up.weight": layer.up, f"{key}.alpha": torch.tensor(4.0)}
+    kohya = tmp_path / "kohya.safetensors"
+    save_file(state, str(kohya))
+    layers = read_lora(kohya)["unet"]
+    assert len(layers) == len(state) // 3 and all(layer.alpha == 4.0 for layer in layers.values())
+    pipe = _pipe(BASE)
+    pipe.load_lora_weights(str(kohya))
+    pipe.fuse_lora(lora_scale=0.8)
+    pipe.unload_lora_weights()
+    want = pipe.unet.state_dict()
+    got = _state(str(merge_lora(BASE, kohya, tmp_path / "m", scale=0.8)))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **FP16)

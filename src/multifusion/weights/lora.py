@@ -222,9 +222,17 @@ def read_lora(path: str | Path, pipeline_class: str = "StableDiffusionPipeline")
     alphas: dict[str, float] = {}
     if not any(".lora_A." in k or ".lora.down." in k for k in state):
         import diffusers
+        from diffusers.utils import convert_unet_state_dict_to_peft
 
         state, network_alphas = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
-        alphas = {k.removesuffix(".alpha"): float(v) for k, v in (network_alphas or {}).items()}
+        # diffusers' conversion names attention layers as its old attention processors
+        # (`attn1.processor.to_k_lora.down`); its own PEFT conversion gives module paths.
+        state = convert_unet_state_dict_to_peft(state)
+        # Alphas are keyed by module (`conv_in.alpha`) or by their down weight (`to_k_lora.down.weight.alpha`).
+        named = convert_unet_state_dict_to_peft(
+            {_down_key(k.removesuffix(".alpha")): v for k, v in (network_alphas or {}).items()}
+        )
+        alphas = {k.removesuffix(".lora_A.weight"): float(v) for k, v in named.items()}
     downs, ups = {}, {}
     for key, t in state.items():
         for marker, into in (
@@ -256,6 +264,10 @@ def read_lora(path: str | Path, pipeline_class: str = "StableDiffusionPipeline")
             raise ModelLoadError(f"LoRA {str(path)!r}: {key}: down {tuple(down.shape)} and up {tuple(up.shape)} do not multiply")
         out.setdefault(component, {})[module] = LoraLayer(down, up, alphas.get(key))
     return out
+
+
+def _down_key(key: str) -> str:
+    return key if key.endswith("down.weight") else f"{key}.lora.down.weight"
 
 
 # --- a LoRA merged into a checkpoint ----------------------------------------------------------------
