@@ -152,3 +152,48 @@ def test_merge_tree_refuses_loops_before_reading_anything(monkeypatch):
         merge_tree("s", entries)
     with pytest.raises(RecipeError, match=r"no merge named 'c' \(merges: a, b, s\)"):
         merge_tree("c", entries)
+
+
+def test_a_merge_method_run_over_a_recipes_merge_samples_the_merge_of_merges(tiny_a, tiny_b, tiny_d, tmp_path):
+    from multifusion.api import run
+
+    inner = merge_models([tiny_b, tiny_d], tmp_path / "inner", MergeSpec(weights=(0.3, 0.7)))
+    folder = merge_models([str(inner), tiny_a], tmp_path / "outer", MergeSpec(blocks="GRAD_V"))
+    sampling = {"num_inference_steps": 2, "seed": 3}
+    nested = {
+        "version": 1,
+        "method": "mbw",
+        "prompt": "a red circle",
+        "params": {"blocks": "GRAD_V"},
+        "models": [{"model": "merge:inner"}, {"model": tiny_a}],
+        "merges": {"inner": {"models": [tiny_b, tiny_d], "weights": [0.3, 0.7]}},
+        "sampling": sampling,
+    }
+    single = {
+        "version": 1,
+        "method": "single",
+        "prompt": "a red circle",
+        "models": [{"model": str(folder)}],
+        "sampling": sampling,
+    }
+    assert torch.equal(run(nested, progress=False).latents, run(single, progress=False).latents)
+
+
+def test_multifusion_merge_writes_a_recipe_whose_models_are_merges(tiny_a, tiny_b, tiny_d, tmp_path):
+    from multifusion.weights.export import merge
+
+    recipe = {
+        "version": 1,
+        "method": "merge",
+        "params": {"merge_method": "ties", "density": 0.5},
+        "models": [{"model": tiny_a}, {"model": "merge:inner"}],
+        "merges": {"inner": {"models": [tiny_b, tiny_d], "method": "slerp", "t": 0.3}},
+    }
+    written = merge(recipe, tmp_path / "nested")
+    inner = merge_models([tiny_b, tiny_d], tmp_path / "inner", MergeSpec("slerp", options={"t": 0.3}))
+    want = merge_models([tiny_a, str(inner)], tmp_path / "two", MergeSpec("ties", options={"density": 0.5}))
+    _same_folders(written, want)
+    bad = {**recipe, "merges": {"inner": {"models": [tiny_b, "merge:inner"]}}}
+    with pytest.raises(RecipeError, match=r"merges.inner.models\[1\]: 'merge:inner' is this merge itself"):
+        merge(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -14,17 +14,19 @@ or FLUX transformer takes its own ids, docs/merges.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
 from pydantic import Field, ValidationInfo, create_model, model_validator
 
 from multifusion.errors import FieldError, IncompatibleModelsError, ModelLoadError, RecipeError
 from multifusion.handles import ModelHandle
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, RunContext
+from multifusion.recipe import MERGE_PREFIX
 from multifusion.weights.merge import MERGE_METHODS
-from multifusion.weights.models import MergeSpec, block_weights_problem, local_layout, merge_in_memory
+from multifusion.weights.models import MergeSpec, block_weights_problem, local_layout, merge_in_memory, merge_tree
 from multifusion.weights.presets import block_weights, is_number, parse_numbers, preset
 from multifusion.weights.registry import MergeSpecError
 
@@ -171,8 +173,23 @@ class PreparedMerge:
 
 
 def prepare_merge(ctx: RunContext, params: MergeParams | MBWParams) -> PreparedMerge:
+    name = f"{ctx.recipe.method} of {', '.join(ctx.labels)}"
+    names = [m.model for m in ctx.recipe.models]
+    if any(n.startswith(MERGE_PREFIX) for n in names):
+        # A merge of the recipe's merges: merged from the files, the inner merges computed on the
+        # way (a loaded merge has no files of its own to plan from). Offloaded: merged on the CPU,
+        # then moved by the run's offloader like every model.
+        rt = ctx.recipe.runtime
+        models = [
+            merge_tree(n[len(MERGE_PREFIX) :], ctx.recipe.merges, MERGE_PREFIX) if n.startswith(MERGE_PREFIX) else n
+            for n in names
+        ]
+        handle = merge_in_memory(models, params.spec(), name=name, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
+        if rt.offload:
+            handle = replace(handle, device=torch.device(rt.device), offloader=ctx.handles[0].offloader)
+        return PreparedMerge(ctx, params, handle)
     try:
-        handle = merge_in_memory(ctx.handles, params.spec(), name=f"{ctx.recipe.method} of {', '.join(ctx.labels)}")
+        handle = merge_in_memory(ctx.handles, params.spec(), name=name)
     except (IncompatibleModelsError, ModelLoadError) as err:  # shapes, configs; a source that is no diffusers folder
         raise type(err)(f"models: {err}") from None
     except RecipeError as err:  # block weights reach here only when the UNet's config was not local before loading
