@@ -241,3 +241,42 @@ def test_a_kohya_lora_with_alphas_merges_as_diffusers_fuses_it(toon_lora, tmp_pa
     got = _state(str(merge_lora(BASE, kohya, tmp_path / "m", scale=0.8)))
     for k in want:
         torch.testing.assert_close(got[k], want[k], **FP16)
+
+
+def test_sdxl_loras_with_both_text_encoders(tiny_sdxl_dir, tmp_path):
+    """SDXL: extracted from a fine-tune with retrained encoders, loaded by
+    StableDiffusionXLPipeline.load_lora_weights (keys unet., text_encoder., text_encoder_2.), and
+    merged with block weights (SDXL's ids; BASE weighs both encoders) as diffusers fuses it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    a, c = str(tiny_sdxl_dir / "a"), str(tiny_sdxl_dir / "c")
+    lora = extract_lora(a, c, tmp_path / "xl.safetensors", rank=10_000, text_encoder=True)
+    assert set(read_lora(lora, "StableDiffusionXLPipeline")) == {"unet", "text_encoder", "text_encoder_2"}
+
+    def fused(scale):
+        pipe = StableDiffusionXLPipeline.from_pretrained(a, dtype=torch.float32)
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora(lora_scale=scale)
+        pipe.unload_lora_weights()
+        return pipe
+
+    want = StableDiffusionXLPipeline.from_pretrained(c, dtype=torch.float32)
+    full = fused(1.0)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        got, tuned = getattr(full, part).state_dict(), getattr(want, part).state_dict()
+        layers = {f"{m}.weight" for m in lora_layers(Path(a), part)}
+        keys = [k for k in tuned if k in layers]
+        assert keys and all(torch.allclose(got[k], tuned[k], rtol=0, atol=2e-6) for k in keys), part
+
+    pipe = fused(0.6)
+    folder = merge_lora(a, lora, tmp_path / "m", scale=0.6)
+    kept = merge_lora(a, lora, tmp_path / "kept", scale=0.6, blocks=[0.0] + [1.0] * 9)  # BASE 0, the tiny SDXL UNet's 9 ids 1
+    loaded = StableDiffusionXLPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    base = StableDiffusionXLPipeline.from_pretrained(a, dtype=torch.float32)
+    no_te = StableDiffusionXLPipeline.from_pretrained(str(kept), dtype=torch.float32)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        got, ref = getattr(loaded, part).state_dict(), getattr(pipe, part).state_dict()
+        assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-6) for k in ref), part
+    for part in ("text_encoder", "text_encoder_2"):
+        assert all(torch.equal(v, getattr(base, part).state_dict()[k]) for k, v in getattr(no_te, part).state_dict().items())
+    assert all(torch.equal(v, loaded.unet.state_dict()[k]) for k, v in no_te.unet.state_dict().items())

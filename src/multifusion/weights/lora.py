@@ -162,7 +162,7 @@ def extract_lora(
         plan = plan_merge([base, tuned], MergeSpec(text_encoder="merge" if text_encoder else "first"))
     except (IncompatibleModelsError, ModelLoadError) as err:
         raise type(err)(f"models: {err}; a LoRA is the difference of two models of one architecture") from None
-    state: dict[str, torch.Tensor] = {}
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     layers = 0
     with ExitStack() as stack:
         for component in _lora_components(plan, text_encoder):
@@ -179,12 +179,22 @@ def extract_lora(
                 delta = w_tuned.float() - w_base.float()
                 if not delta.any():
                     continue
-                up, down = truncated_svd(delta, rank)
-                state[f"{component}.{module}.lora_A.weight"] = down.to(getattr(torch, dtype))
-                state[f"{component}.{module}.lora_B.weight"] = up.to(getattr(torch, dtype))
+                found[f"{component}.{module}"] = truncated_svd(delta, rank)
                 layers += 1
     if not layers:
         raise RecipeError(f"models: {base!r} and {tuned!r} have the same Linear and Conv weights; there is no LoRA to extract")
+    # One rank in the file: a layer smaller than the rank (kept at its full rank) is padded with
+    # zero rows of A and columns of B, which change no product. diffusers describes mixed ranks
+    # by a rank pattern that its text-encoder path does not apply to every layer (SDXL's
+    # `text_projection` is reinitialised at the common rank), so a file with one rank loads as written.
+    common = max(up.shape[1] for up, _ in found.values())
+    state: dict[str, torch.Tensor] = {}
+    for key, (up, down) in found.items():
+        pad = common - up.shape[1]
+        up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], dim=1)
+        down = torch.cat([down, down.new_zeros(pad, *down.shape[1:])], dim=0)
+        state[f"{key}.lora_A.weight"] = down.to(getattr(torch, dtype))
+        state[f"{key}.lora_B.weight"] = up.to(getattr(torch, dtype))
     from safetensors.torch import save_file
 
     meta = {
