@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,32 +215,41 @@ def apply_loras(
 
 
 def _load_one(pipe: Any, file: Path, name: str, where: str, allow_pickle: bool, diffusers_logging) -> None:
-    warnings = _Warnings()
+    warned = _Warnings()
     root = diffusers_logging.get_logger("diffusers")
-    root.addHandler(warnings)
+    root.addHandler(warned)
     try:
-        pipe.load_lora_weights(
-            str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=None if allow_pickle else True
-        )
+        with warnings.catch_warnings():
+            # peft's note on a second adapter in one model: that is what a shared base is.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(
+                str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=None if allow_pickle else True
+            )
     except Exception as err:  # diffusers and peft raise ValueError, RuntimeError (shapes), KeyError here
+        if "not found in the base model" in str(err):  # peft's NoMatchingPeftModuleError
+            raise ModelLoadError(_matches_nothing(where, file, pipe)) from err
         raise ModelLoadError(
             f"{where}: LoRA {str(file)!r} does not apply to this {type(pipe).__name__} ({type(err).__name__}: "
             f"{_short(str(err))}); is it a LoRA for another model family?"
         ) from err
     finally:
-        root.removeHandler(warnings)
+        root.removeHandler(warned)
     present = {n for adapters in pipe.get_list_adapters().values() for n in adapters}
     if name not in present:
-        raise ModelLoadError(
-            f"{where}: no key of LoRA {str(file)!r} matches a layer of this {type(pipe).__name__}, so it would "
-            "change nothing; is it a LoRA for another model family?"
-        )
-    unhandled = [m for m in warnings.messages if "unexpected keys" in m or "missing keys" in m]
+        raise ModelLoadError(_matches_nothing(where, file, pipe))
+    unhandled = [m for m in warned.messages if "unexpected keys" in m or "missing keys" in m]
     if unhandled:
         raise ModelLoadError(
             f"{where}: LoRA {str(file)!r} matches this {type(pipe).__name__} only in part ({_short(unhandled[0])}); "
             "is it a LoRA for another version of this model?"
         )
+
+
+def _matches_nothing(where: str, file: Path, pipe: Any) -> str:
+    return (
+        f"{where}: no key of LoRA {str(file)!r} matches a layer of this {type(pipe).__name__}, so it would change "
+        "nothing; is it a LoRA for another model family?"
+    )
 
 
 def _short(text: str, limit: int = 400) -> str:

@@ -84,12 +84,22 @@ def to_kohya(lora_file: str | Path, out_file: str | Path) -> Path:
 
     state = load_file(str(lora_file))
     out: dict[str, torch.Tensor] = {}
+    ends = {
+        **{f".{layer}.{part}.weight": part for layer in ("lora", "lora_linear_layer") for part in ("down", "up")},
+        ".lora_A.weight": "down",
+        ".lora_B.weight": "up",
+    }
     for key, value in state.items():
-        module, kind = key.rsplit(".lora_", 1)  # "unet.down_blocks....to_q", "A.weight"
-        prefix, path = module.split(".", 1)
-        stem = ("lora_unet_" if prefix == "unet" else "lora_te_") + path.replace(".", "_")
-        out[f"{stem}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
-        if kind.startswith("A"):
+        # diffusers' training scripts write "unet.down_blocks.1....to_q.lora.down.weight" and
+        # "text_encoder.encoder.layers.0....q_proj.lora_linear_layer.down.weight"; peft "...lora_A.weight"
+        end = next(e for e in ends if key.endswith(e))
+        prefix, path = key.removesuffix(end).split(".", 1)
+        if prefix == "unet":
+            stem = "lora_unet_" + path.replace(".", "_")
+        else:  # kohya names CLIP's modules from its text_model
+            stem = "lora_te_" + ("" if path.startswith("text_model.") else "text_model_") + path.replace(".", "_")
+        out[f"{stem}.lora_{ends[end]}.weight"] = value.contiguous()
+        if ends[end] == "down":
             out[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))  # alpha = rank: scale 1, as written
     save_file(out, str(out_file))
     return Path(out_file)
