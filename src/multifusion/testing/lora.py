@@ -112,7 +112,8 @@ def write_fused(pipeline_folder: str | Path, lora: str | Path, out_folder: str |
     pipe = _pipeline(pipeline_folder)
     lora = Path(lora)
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="fused")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["fused"])
+    # Every component the LoRA may touch: FluxPipeline's fuse_lora fuses the transformer only by default.
+    pipe.fuse_lora(components=list(pipe._lora_loadable_modules), lora_scale=scale, adapter_names=["fused"])
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(out_folder), safe_serialization=True)
     return Path(out_folder)
