@@ -143,10 +143,8 @@ class AdapterSet:
             module.set_adapters(list(self.names), list(self.weights))
         else:
             set_adapters_for_text_encoder(list(self.names), module, list(self.weights))
-        # peft makes active adapters trainable; these models only run inference.
-        for m in module.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.requires_grad_(False)
+        # peft marks active adapters trainable; harmless here, every family's call runs under
+        # torch.no_grad (turning it back off would double the cost of a switch).
         module._active_adapter_set = state
 
 
