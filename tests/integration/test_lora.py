@@ -279,3 +279,17 @@ def test_methods_needing_own_denoisers_refuse_lora_models_with_the_reason(loras,
     handles = load_models([loras["a"]] * 2, loras=[[], [_lora(loras["te"])]])
     with pytest.raises(MultifusionError, match=r"^models\[0\]"):
         Run(_recipe(method, [{"model": loras["a"]}, {"model": loras["a"]}]), models=handles)
+
+
+@pytest.mark.parametrize("key", ["other", "garbage"])
+def test_cli_refuses_a_bad_lora_with_the_field_and_writes_nothing(loras, bad_files, key, tmp_path, capsys):
+    import yaml
+
+    from multifusion.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_bad(loras, _lora(bad_files[key]))))
+    code = main(["generate", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "models[0].loras[1]" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
