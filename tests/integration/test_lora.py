@@ -293,3 +293,34 @@ def test_cli_refuses_a_bad_lora_with_the_field_and_writes_nothing(loras, bad_fil
     err = capsys.readouterr().err
     assert code == 2 and "models[0].loras[1]" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_a_text_encoder_lora_stays_with_its_models(loras, tiny_dir):
+    """Model b shares a's text encoder weights (held once when both are plain); with a LoRA on a's
+    encoder, b keeps its own encoder, in any order, and runs as it does alone."""
+    b = str(tiny_dir / "b")
+    kw = dict(num_inference_steps=3, seed=1, progress=False)
+    alone = single(load_models([b])[0], PROMPT, **kw).latents
+    for refs, sets, k in (
+        ([loras["a"], b, loras["a"]], [[], [], [_lora(loras["te"])]], 1),
+        ([b, loras["a"]], [[], [_lora(loras["te"])]], 0),
+    ):
+        handles = load_models(refs, loras=sets)
+        for h in handles:
+            if h is not handles[k]:
+                single(h, PROMPT, **kw)  # the other models run first, switching the shared modules
+        assert torch.equal(single(handles[k], PROMPT, **kw).latents, alone)
+        assert handles[k].text_encoder is not handles[-1].text_encoder
+
+
+def test_offload_and_load_model_take_loras(loras):
+    from multifusion.loading import load_model
+
+    kw = dict(num_inference_steps=3, seed=1, progress=False)
+    h = load_model(loras["a"], loras=[_lora(loras["te"], 0.8)])
+    ref = single(h, PROMPT, **kw).latents
+    base, offloaded = load_models([loras["a"]] * 2, loras=[[], [_lora(loras["te"], 0.8)]], offload=True)
+    single(base, PROMPT, **kw)
+    torch.testing.assert_close(single(offloaded, PROMPT, **kw).latents, ref, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ModelLoadError, match=r"^loras\[0\]\.path"):
+        load_model(loras["a"], loras=[_lora(loras["root"] / "absent.safetensors")])
