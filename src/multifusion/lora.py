@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,32 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+class _NoKeysForComponent(logging.Filter):
+    """Drops diffusers' note that a LoRA has no keys for one component (a UNet-only LoRA has none
+    for the text encoder: the usual case); a LoRA matching no component at all is an error here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+@contextmanager
+def _diffusers_warnings() -> Iterator[_Warnings]:
+    """The warnings diffusers logs while the block runs, whatever its verbosity is set to."""
+    root = logging.getLogger("diffusers")
+    loader = logging.getLogger("diffusers.loaders.lora_base")
+    warned, quiet, level = _Warnings(), _NoKeysForComponent(), root.level
+    root.addHandler(warned)
+    loader.addFilter(quiet)
+    if root.getEffectiveLevel() > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    try:
+        yield warned
+    finally:
+        root.setLevel(level)
+        loader.removeFilter(quiet)
+        root.removeHandler(warned)
+
+
 def apply_loras(
     pipe: Any, lora_sets: Sequence[Sequence[Any]], fields: Sequence[Sequence[str]], *, allow_pickle: bool = False
 ) -> list[AdapterSet]:
@@ -180,8 +207,6 @@ def apply_loras(
     `fields[k][j]` where LoRA j of model k was given, for errors). ModelLoadError naming the field
     when a file is unfit, diffusers cannot apply it (a LoRA for another architecture: shapes differ)
     or its keys match nothing (or only part) of this model."""
-    from diffusers.utils import logging as diffusers_logging
-
     loaded: dict[Path, str] = {}  # file -> adapter name
     names_of_files: dict[str, Path] = {}
     out = []
@@ -200,7 +225,7 @@ def apply_loras(
                         f"{where}.name: {name!r} already names LoRA {str(names_of_files[name])!r} on this base; "
                         "give each LoRA file its own name"
                     )
-                _load_one(pipe, file, name, where, allow_pickle, diffusers_logging)
+                _load_one(pipe, file, name, where, allow_pickle)
                 loaded[file], names_of_files[name] = name, file
             if loaded[file] in names:
                 raise ModelLoadError(
@@ -212,12 +237,11 @@ def apply_loras(
     return out
 
 
-def _load_one(pipe: Any, file: Path, name: str, where: str, allow_pickle: bool, diffusers_logging) -> None:
-    warned = _Warnings()
-    root = diffusers_logging.get_logger("diffusers")
-    root.addHandler(warned)
+def _load_one(pipe: Any, file: Path, name: str, where: str, allow_pickle: bool) -> None:
+    """`pipe.load_lora_weights` of one file as adapter `name`, its failures and partial matches
+    raised naming `where`."""
     try:
-        with warnings.catch_warnings():
+        with _diffusers_warnings() as warned, warnings.catch_warnings():
             # peft's note on a second adapter in one model: that is what a shared base is.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             pipe.load_lora_weights(
@@ -230,8 +254,6 @@ def _load_one(pipe: Any, file: Path, name: str, where: str, allow_pickle: bool, 
             f"{where}: LoRA {str(file)!r} does not apply to this {type(pipe).__name__} ({type(err).__name__}: "
             f"{_short(str(err))}); is it a LoRA for another model family?"
         ) from err
-    finally:
-        root.removeHandler(warned)
     present = {n for adapters in pipe.get_list_adapters().values() for n in adapters}
     if name not in present:
         raise ModelLoadError(_matches_nothing(where, file, pipe))

@@ -193,6 +193,14 @@ def bad_files(loras, tmp_path_factory):
     )
     prefix = root / "flux_prefix.safetensors"  # keys for a `transformer`, which this pipeline does not have
     save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 32)}, prefix)
+    part = root / "part.safetensors"  # the UNet LoRA plus one layer the UNet does not have
+    from safetensors.torch import load_file
+
+    extra = {
+        "unet.no_such_block.to_q.lora.down.weight": torch.ones(4, 32),
+        "unet.no_such_block.to_q.lora.up.weight": torch.ones(32, 4),
+    }
+    save_file({**load_file(str(loras["unet"])), **extra}, part)
     full = root / "full.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(2, 2)}, full)
     sdxl = build_tiny_sdxl_pipeline(root / "sdxl", seed=0)
@@ -203,6 +211,7 @@ def bad_files(loras, tmp_path_factory):
         "nothing": nothing,
         "full": full,
         "prefix": prefix,
+        "part": part,
         "other": other,
         "missing": root / "absent.safetensors",
     }
@@ -223,20 +232,21 @@ def test_bad_lora_files_are_refused_before_loading(loras, bad_files, case, key, 
     assert str(err.value).startswith(field), str(err.value)
 
 
-AT_LOADING = [
-    ("a LoRA of another architecture", "other", "models[0].loras[1]"),
-    ("keys matching no layer", "nothing", "models[0].loras[1]"),
-    ("keys for another component", "prefix", "models[0].loras[1]"),
+AT_LOADING = [  # (case, file key, what the message says after naming models[0].loras[1])
+    ("a LoRA of another architecture", "other", "does not apply"),
+    ("keys matching no layer", "nothing", "matches a layer"),
+    ("keys for another component", "prefix", "matches a layer"),
+    ("keys matching in part", "part", "only in part"),
 ]
 
 
-@pytest.mark.parametrize("case, key, field", AT_LOADING, ids=[c[0] for c in AT_LOADING])
-def test_loras_that_do_not_fit_are_refused_when_they_load(loras, bad_files, case, key, field):
+@pytest.mark.parametrize("case, key, says", AT_LOADING, ids=[c[0] for c in AT_LOADING])
+def test_loras_that_do_not_fit_are_refused_when_they_load(loras, bad_files, case, key, says):
     """Known only once the base is loaded (diffusers converts the keys), still before sampling."""
     with pytest.raises(ModelLoadError) as err:
         Run(_bad(loras, _lora(bad_files[key])))
     message = str(err.value)
-    assert message.startswith(field) and "another" in message, message
+    assert message.startswith("models[0].loras[1]: ") and says in message, message
 
 
 def test_a_pickle_lora_loads_when_pickles_are_allowed(loras, bad_files, tmp_path):
