@@ -31,7 +31,7 @@ from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
 from multifusion.recipe import MERGE_PREFIX, Recipe, parse_recipe
 from multifusion.registry import get_method
 from multifusion.vae import decode, to_pil
-from multifusion.validate import check_devices, check_model_fields, validate
+from multifusion.validate import check_devices, check_model_fields, check_own_denoisers, validate
 
 
 @dataclass
@@ -55,6 +55,7 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
             names=[recipe.models[i].label for i in plain],
             configs=[recipe.models[i].config for i in plain],
             vaes=[recipe.models[i].vae for i in plain],
+            loras=[recipe.models[i].loras for i in plain],
             dtype=rt.dtype,
             device=rt.device,
             offload=rt.offload,
@@ -120,6 +121,7 @@ class Run:
         if len(handles) != len(self.recipe.models):
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
         handles = apply_model_fields(self.recipe, handles)
+        check_own_denoisers(self.method, handles)
         if len(handles) > 1:
             check_compatible([(f"models[{i}]", facts_of(h)) for i, h in enumerate(handles)], "{}.model")
         base = handles[0]

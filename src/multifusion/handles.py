@@ -110,6 +110,9 @@ class ModelHandle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     offloader: Offloader | None = None
+    # The LoRAs this model runs with on a base it may share with other handles
+    # (`multifusion.lora.AdapterSet`): activated on each shared module right before it runs.
+    adapters: Any = None
 
     # What a family answers (each family module in `multifusion.families` sets these): the
     # diffusers pipeline class it is built from, its modules that hold weights (shared between
@@ -218,8 +221,13 @@ class ModelHandle:
         return self._alphas_cumprod
 
     def _on_device(self, module: torch.nn.Module) -> None:
+        """Make `module` ready to run for this model: on its device (under offload) and, on a base
+        shared by models differing in LoRAs, with this model's adapters active. Every family calls
+        it right before running a component."""
         if self.offloader is not None:
             self.offloader.activate(module)
+        if self.adapters is not None:
+            self.adapters.activate(module)
 
     # --- conditioning -------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> Conditioning:

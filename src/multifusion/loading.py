@@ -11,17 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, PickleRefusedError, did_you_mean
 from multifusion.families import ModelFacts, facts_from_configs, family_named, vae_factor
 from multifusion.handles import ModelHandle, Offloader
+from multifusion.lora import PICKLE_SUFFIXES, apply_loras
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -363,10 +364,44 @@ def load_model(
     offloader: Offloader | None = None,
     allow_pickle: bool = False,
     vae: str | None = None,
+    loras: Sequence[Any] = (),
 ) -> ModelHandle:
     """Load one model into a handle. `offloader` (shared between handles) keeps the components
     on the CPU and moves each one to its device only while it runs. `vae` names a VAE to use in
-    place of the model's own (`resolve_vae`), checked to encode the same latent space."""
+    place of the model's own (`resolve_vae`), checked to encode the same latent space. `loras`
+    (each a {path, scale, name} dict, a recipe's `LoraEntry` or a `lora.LoraSpec`) are applied
+    as diffusers' `load_lora_weights` + `set_adapters` apply them (`multifusion.lora`)."""
+    where = [f"loras[{j}]" for j in range(len(loras))]
+    return _load_base(
+        ref,
+        [name],
+        [loras],
+        [where],
+        config=config,
+        dtype=dtype,
+        device=device,
+        offloader=offloader,
+        allow_pickle=allow_pickle,
+        vae=vae,
+    )[0]
+
+
+def _load_base(
+    ref: str | ModelRef,
+    names: list[str | None],
+    lora_sets: Sequence[Sequence[Any]],
+    lora_fields: Sequence[Sequence[str]],
+    *,
+    config: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    offloader: Offloader | None = None,
+    allow_pickle: bool = False,
+    vae: str | None = None,
+) -> list[ModelHandle]:
+    """Load one checkpoint once and return one handle per model of it (names[k], with the LoRAs
+    lora_sets[k]): the handles share every module, and when any model has LoRAs each handle holds
+    its adapter set (empty for the base alone), activated before each call (`multifusion.lora`)."""
     if isinstance(ref, str):
         ref = resolve(ref, config=config, allow_pickle=allow_pickle)
     vae_ref = resolve_vae(vae, allow_pickle=allow_pickle) if vae is not None else None
@@ -382,11 +417,13 @@ def load_model(
         if problem:
             raise IncompatibleModelsError(f"VAE {vae!r} does not fit {ref.text!r}: {problem}")
         pipe.vae = replacement
+    # LoRAs go in before the move to the device, so their layers move with the base.
+    adapter_sets = apply_loras(pipe, lora_sets, lora_fields, allow_pickle=allow_pickle) if any(lora_sets) else [None] * len(names)
     device = torch.device(device)
     if offloader is None:
         pipe.to(device)
     handle = family(
-        name=name or ref.text,
+        name=names[0] or ref.text,
         **family.pipeline_parts(pipe),
         scheduler_config=dict(pipe.scheduler.config),
         source=ref.text,
@@ -396,7 +433,7 @@ def load_model(
     )
     for module in handle.modules().values():
         module.eval().requires_grad_(False)
-    return handle
+    return [dataclasses.replace(handle, name=n or ref.text, adapters=a) for n, a in zip(names, adapter_sets)]
 
 
 def load_models(
@@ -411,18 +448,27 @@ def load_models(
     share: bool = True,
     fields: list[str] | None = None,
     vaes: list[str | None] | None = None,
+    loras: list[Sequence[Any] | None] | None = None,
 ) -> list[ModelHandle]:
     """Load several models, sharing identical components. All refs are resolved (and refused,
     for pickles) before the first one loads. `fields` (say, "models[1].model") prefix each
     model's load errors, so they name where the model was given. `vaes` replace models' own VAEs
-    (None keeps a model's own)."""
+    (None keeps a model's own). `loras[k]` are model k's LoRAs (see `load_model`): models naming
+    one checkpoint (and VAE) hold it once, whatever their LoRAs, each LoRA file loaded once."""
     names = names or [None] * len(refs)
     vaes = vaes or [None] * len(refs)
     configs = configs or [None] * len(refs)
     fields = fields or [""] * len(refs)
+    lora_sets = [list(x or ()) for x in (loras or [None] * len(refs))]
 
     def named(k: int, err: ModelLoadError) -> ModelLoadError:
-        return type(err)(f"{fields[k]}: {err}") if fields[k] else err
+        # A LoRA's error names its own field (models[k].loras[j]) already.
+        if not fields[k] or str(err).startswith(fields[k].removesuffix(".model") + "."):
+            return err
+        return type(err)(f"{fields[k]}: {err}")
+
+    def lora_where(k: int, j: int) -> str:
+        return f"{fields[k].removesuffix('.model')}.loras[{j}]" if fields[k] else f"loras[{k}][{j}]"
 
     resolved = []
     for k, (r, c) in enumerate(zip(refs, configs)):
@@ -431,23 +477,36 @@ def load_models(
         except ModelLoadError as err:
             raise named(k, err) from None
     offloader = Offloader(device) if offload else None
-    handles: list[ModelHandle] = []
-    cache: dict[str, ModelHandle] = {}
-    for k, (ref, name) in enumerate(zip(resolved, names)):
-        key = f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}"
-        if key in cache:
-            # The same checkpoint named twice: share everything, load nothing.
-            base = cache[key]
-            handles.append(dataclasses.replace(base, name=name or ref.text))
+    # Models naming the same checkpoint (and VAE) form one group, loaded once with every LoRA any
+    # of them asks for.
+    groups: dict[str, list[int]] = {}
+    for k, ref in enumerate(resolved):
+        groups.setdefault(f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}", []).append(k)
+    handles: list[ModelHandle | None] = [None] * len(refs)
+    for k in range(len(refs)):
+        if handles[k] is not None:
             continue
+        members = next(g for g in groups.values() if g[0] == k)
         try:
-            h = load_model(
-                ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle, vae=vaes[k]
+            loaded = _load_base(
+                resolved[k],
+                [names[m] for m in members],
+                [lora_sets[m] for m in members],
+                [[lora_where(m, j) for j in range(len(lora_sets[m]))] for m in members],
+                dtype=dtype,
+                device=device,
+                offloader=offloader,
+                allow_pickle=allow_pickle,
+                vae=vaes[k],
             )
         except (ModelLoadError, IncompatibleModelsError) as err:
             raise named(k, err) from err.__cause__
-        cache[key] = h
-        handles.append(h)
         if share:
-            _share_with_earlier(handles)
-    return handles
+            earlier = [h for h in handles if h is not None]
+            _share_with_earlier([*earlier, loaded[0]])
+            for h in loaded[1:]:  # the group's handles hold the same modules
+                for kind in loaded[0].modules():
+                    setattr(h, kind, getattr(loaded[0], kind))
+        for m, h in zip(members, loaded):
+            handles[m] = h
+    return handles  # type: ignore[return-value]

@@ -165,6 +165,10 @@ class Method:
     # recorders(vae) -> fresh `Recorder`s of the pictures the method draws, one set per batch (what
     # `--export-masks` and the UI write); `vae` decodes latents for those that show images
     recorders: Callable[[Any], list[Recorder]] = no_recorders
+    # Why the method needs each model's own denoiser weights, when it does (AFA walks the
+    # denoisers side by side, merges read their tensors): models on a shared base differing in
+    # LoRAs (`multifusion.lora`) are then refused with this reason, before loading. "" = any model.
+    own_denoisers: str = ""
 
     def __post_init__(self):
         clash = RESERVED & set(self.params.model_fields)

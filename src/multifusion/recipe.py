@@ -45,6 +45,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+MAX_LORA_SCALE = 100.0
+"""LoRA scales beyond +-this are refused: LoRAs are applied at about -2..2, and a huge scale
+overflows the denoiser's activations to an all-black image."""
+
+
+class LoraEntry(_Strict):
+    """A LoRA applied to a model entry's base, as diffusers' `load_lora_weights` +
+    `set_adapters(names, adapter_weights=scales)` apply it (`multifusion.lora`)."""
+
+    path: str = Field(min_length=1, description="a LoRA .safetensors file (diffusers/peft or kohya/A1111), or its folder")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="the adapter weight (set_adapters)")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        max_length=64,
+        description="the adapter's name (default: the file's stem); letters, digits, _ and -",
+    )
+
+
 class ModelEntry(_Strict):
     """One model of a recipe, with its own conditioning."""
 
@@ -60,6 +79,11 @@ class ModelEntry(_Strict):
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = Field(None, description="default: the recipe's negative_prompt")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description="default: sampling.guidance_scale")
+    # None rather than []: recipes without LoRAs keep the JSON they had (an image's metadata,
+    # compared when a run resumes).
+    loras: list[LoraEntry] | None = Field(
+        None, description="LoRAs applied to this model (models sharing a base and differing in LoRAs hold it once)"
+    )
     true_cfg_scale: float | None = Field(
         None,
         ge=1,
@@ -200,13 +224,21 @@ class Recipe(_Strict):
             # A region or `specified` names a model by its label: a name two different models
             # answer to is ambiguous. (One model listed twice under one label is fine, the weights
             # being the same: fusing a model with itself is how the degenerate cases are tested.)
-            same = (m.model, m.config, m.vae)
+            same = (m.model, m.config, m.vae, m.loras or [])
             earlier = [
                 j
                 for j in range(i)
-                if labels[j] == labels[i] and (self.models[j].model, self.models[j].config, self.models[j].vae) != same
+                if labels[j] == labels[i]
+                and (self.models[j].model, self.models[j].config, self.models[j].vae, self.models[j].loras or []) != same
             ]
             named = [k for k in (*earlier, i) if self.models[k].name is not None]
+            if earlier and not named and (self.models[earlier[0]].loras or []) != (m.loras or []):
+                # One base with other LoRAs is another model: a region or `specified` could not tell them apart.
+                raise FieldError(
+                    f"models[{i}].name",
+                    f"models[{earlier[0]}] and models[{i}] are both {labels[i]!r} with different LoRAs; "
+                    "give each a `name` (regions and amdm's `specified` name models by it)",
+                )
             if earlier and named:
                 k = i if i in named else named[0]
                 raise FieldError(

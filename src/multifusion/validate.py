@@ -16,6 +16,7 @@ from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeEr
 from multifusion.families import ModelFacts, check_compatible, check_same_schedule
 from multifusion.handles import ModelHandle
 from multifusion.loading import check_weight_files, read_facts, read_vae_config, resolve, resolve_vae, vae_mismatch
+from multifusion.lora import lora_file
 from multifusion.method import Method, Params
 from multifusion.recipe import MERGE_PREFIX, ModelEntry, Recipe, Runtime
 from multifusion.registry import get_method
@@ -76,6 +77,8 @@ def validate(recipe: Recipe) -> Validated:
             raise type(err)(f"models[{i}].model: {err}") from None
         if m.vae is not None:
             _check_vae(i, m, fact, recipe.runtime.allow_pickle)
+        if m.loras:
+            _check_loras(i, m, method, recipe.runtime.allow_pickle)
         if fact is not None:
             if not facts and fact.scheduler is not None:
                 fact.family.check_steps(recipe.sampling.scheduler, fact.scheduler, recipe.sampling.num_inference_steps)
@@ -164,6 +167,42 @@ def _check_vae(i: int, m: ModelEntry, fact: ModelFacts | None, allow_pickle: boo
     problem = vae_mismatch(vae, fact.latent_channels, fact.scaling_factor, fact.vae_scale_factor)
     if problem:
         raise IncompatibleModelsError(f"models[{i}].vae: {problem}")
+
+
+FUSE_LORA_FIRST = (
+    "fuse the LoRA into a copy of the base first (diffusers: load_lora_weights, fuse_lora, unload_lora_weights, "
+    "save_pretrained) and name that folder as the model"
+)
+
+
+def _check_loras(i: int, m: ModelEntry, method: Method, allow_pickle: bool) -> None:
+    """models[i].loras before loading: each file found and sound (pickles refused unless allowed,
+    a .safetensors header listing LoRA tensors), on a model that can take them, for a method that
+    can run models sharing a base. Whether a LoRA fits its base is known when it loads (still
+    before sampling): `lora.apply_loras`."""
+    if m.model.startswith(MERGE_PREFIX):
+        raise RecipeError(f"models[{i}].loras: a merge: model takes no LoRAs; {FUSE_LORA_FIRST}, and merge that")
+    if method.own_denoisers:
+        raise RecipeError(
+            f"models[{i}].loras: method {method.name!r} cannot run models with LoRAs: {method.own_denoisers}; {FUSE_LORA_FIRST}"
+        )
+    for j, lora in enumerate(m.loras or []):
+        try:
+            lora_file(lora.path, allow_pickle=allow_pickle)
+        except ModelLoadError as err:
+            raise type(err)(f"models[{i}].loras[{j}].path: {err}") from None
+
+
+def check_own_denoisers(method: Method, handles: list[ModelHandle]) -> None:
+    """RecipeError when `method` needs each model's own denoiser weights and a loaded model runs
+    with adapters on a shared base (a handle from Python; recipes are refused before loading)."""
+    if not method.own_denoisers:
+        return
+    for i, h in enumerate(handles):
+        if h.adapters is not None:
+            raise RecipeError(
+                f"models[{i}] ({h.name!r}): method {method.name!r} cannot run models with LoRAs: {method.own_denoisers}; {FUSE_LORA_FIRST}"
+            )
 
 
 def check_merges(recipe: Recipe) -> dict:

@@ -160,6 +160,15 @@ FIELD_VALUES = {
     "negative_prompt": st.none() | _LINE.filter(bool),
     "guidance_scale": st.none() | st.floats(0, 100),
     "true_cfg_scale": st.none() | st.floats(1, 100),
+    "loras": st.none()
+    | st.lists(
+        st.fixed_dictionaries(
+            {"path": _WORD, "scale": st.floats(-100, 100)},
+            optional={"name": st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)},
+        ),
+        min_size=1,
+        max_size=3,
+    ),
 }
 
 

@@ -157,5 +157,9 @@ METHODS = [
         prepare_afa,
         min_models=2,
         recorders=afa_recorders,
+        own_denoisers=(
+            "AFA runs every model's denoiser block by block inside one forward, and models given as a base with "
+            "LoRAs share one denoiser whose adapters switch per call, not per block"
+        ),
     ),
 ]

@@ -201,6 +201,14 @@ def _cell(v: Any) -> Any:
     return "" if v is None else v
 
 
+def _text_column(item: type[BaseModel] | None, column: str) -> bool:
+    """True when a table's column holds text only (a prompt, a file path): kept as typed, never
+    read as a number."""
+    if item is None or column not in item.model_fields:
+        return False
+    return _unwrap_optional(item.model_fields[column].annotation)[0] is str
+
+
 def _number(text: Any) -> Any:
     """A table cell as typed: numbers where they read as numbers, else the text."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
@@ -224,7 +232,7 @@ def from_widget(w: Widget, value: Any, where: str | None = None) -> Any:
         for row in value or []:
             cells = {c: v for c, v in zip(w.columns, row) if v is not None and str(v).strip() != ""}
             if cells:
-                rows.append({c: (_number(v) if c != "prompt" and c != "negative_prompt" else str(v)) for c, v in cells.items()})
+                rows.append({c: (str(v) if _text_column(w.item, c) else _number(v)) for c, v in cells.items()})
         return rows if rows or w.required else PydanticUndefined
     if w.kind == "yaml":
         if value is None or not str(value).strip():

@@ -202,6 +202,11 @@ def plan_merge_single(prep: PreparedMerge, batch: Batch) -> Plan:
     return Plan([Trajectory(ctx.guide(0, ctx.recipe.prompts_of(0, batch.indices), handle=prep.handle))])
 
 
+MERGES_READ_WEIGHTS = (
+    "a weight merge reads each model's own tensors, and a model given as a base with LoRAs holds the base's "
+    "tensors with its adapters beside them"
+)
+
 METHODS = [
     Method(
         "merge",
@@ -213,6 +218,7 @@ METHODS = [
         plan_merge_single,
         prepare_merge,
         min_models=2,
+        own_denoisers=MERGES_READ_WEIGHTS,
     ),
     Method(
         "mbw",
@@ -223,5 +229,6 @@ METHODS = [
         plan_merge_single,
         prepare_merge,
         min_models=2,
+        own_denoisers=MERGES_READ_WEIGHTS,
     ),
 ]
