@@ -145,6 +145,27 @@ def test_cross_attention_equals_regional_prompters_masked_attention():
     torch.testing.assert_close(got, ratio * base + (1 - ratio) * regional, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_base", [True, False])
+def test_fused_cross_attention_equals_one_call_per_region(with_base):
+    """The one-call path for plain cross-attention layers (`fused_cross`) against the per-region
+    calls (taken when the module's processor is another: AttnProcessor here), on overlapping
+    regions of a coarse 3x3 level of a 6x6 latent (partial shares), two heads."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    torch.manual_seed(2)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    x, lengths = torch.randn(2, 9, 8), (5, 5, 5)
+    text = torch.randn(2, 15, 6)
+    boxes = [(0, 4, 0, 4), (2, 6, 1, 6)]
+    layout = Layout(lengths if with_base else lengths[1:], with_base)
+    text = text if with_base else text[:, 5:]
+    regions = Regions(boxes if with_base else [(0, 6, 0, 3), (0, 6, 2, 6)], (6, 6), 0.3 if with_base else None, layout)
+    with torch.no_grad():
+        fused = RegionalProcessor(AttnProcessor2_0(), "cross", regions)(attn, x, text)
+        apart = RegionalProcessor(AttnProcessor(), "cross", regions)(attn, x, text)
+    torch.testing.assert_close(fused, apart, rtol=1e-5, atol=1e-6)
+
+
 def test_joint_attention_equals_chen_et_al_mask():
     """A joint-attention layer (SD3's module and processor, one head): Chen et al.'s regional mask
     over [image; region 0 text; region 1 text] (image k <-> image k, text k <-> image k,

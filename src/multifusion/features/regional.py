@@ -198,6 +198,8 @@ class RegionalProcessor:
             raise ValueError("region-attention cannot combine its regions with an attention mask given to the denoiser")
         if self.kind == "cross":
             idx, within, weight = self.regions.at(hidden_states.shape[1], hidden_states.device)
+            if fusable(attn, inner, hidden_states, layout):
+                return fused_cross(attn, hidden_states, encoder_hidden_states, layout, within, weight)
             texts = [encoder_hidden_states[:, s] for s in layout.regions]
             base = None if layout.base is None else inner(attn, hidden_states, encoder_hidden_states[:, layout.base], **kwargs)
             parts = [(i, inner(attn, hidden_states[:, i], text, **kwargs)) for i, text in zip(idx, texts)]
@@ -237,6 +239,57 @@ class RegionalProcessor:
         if self.kind == "joint":
             return image_out, text_out
         return torch.cat([text_out, image_out], dim=1)
+
+
+def fusable(attn: Any, inner: Any, hidden_states: torch.Tensor, layout: Layout) -> bool:
+    """Whether a cross-attention call can run as `fused_cross`: the module is a plain diffusers
+    cross-attention (AttnProcessor2_0, tokens (B, N, C), no norms, residual or rescaling of its
+    own) and every prompt has the same number of tokens (CLIP's padded 77 always do)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return (
+        type(inner) is AttnProcessor2_0
+        and hidden_states.ndim == 3
+        and len(set(layout.lengths)) == 1
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and not attn.norm_cross
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1.0
+    )
+
+
+def fused_cross(
+    attn: Any, x: torch.Tensor, text: torch.Tensor, layout: Layout, within: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """The per-region rule of `RegionalProcessor` for a plain cross-attention layer in one call:
+    image tokens x (B, N, C) are projected once, each of the P prompts of `text` (B, P * L, D) is
+    a batch entry of its own (P * B, L, D), so one scaled-dot-product call gives every token's
+    attention to every prompt (P * B, heads, N, d); the regions' are weighted by `within`
+    (R, N), blended with the base's by `weight` (N,) and projected out once (`to_out` is affine,
+    so blending before it equals blending its outputs). The steps are AttnProcessor2_0's; a
+    region covering every token gives its output bit for bit."""
+    b, n, _ = x.shape
+    p, length = len(layout.lengths), layout.lengths[0]
+    query = attn.to_q(x)
+    inner_dim = query.shape[-1]
+    heads, d = attn.heads, inner_dim // attn.heads
+    prompts = text.view(b, p, length, -1).transpose(0, 1).reshape(p * b, length, -1)  # (P * B, L, D), prompt-major
+    key, value = attn.to_k(prompts), attn.to_v(prompts)
+    query = query.view(b, n, heads, d).transpose(1, 2)  # (B, H, N, d)
+    query = query.unsqueeze(0).expand(p, -1, -1, -1, -1).reshape(p * b, heads, n, d)
+    key = key.view(p * b, length, heads, d).transpose(1, 2)
+    value = value.view(p * b, length, heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(p, b, n, inner_dim).to(query.dtype)  # (P, B, N, inner)
+    regional = torch.zeros_like(out[0])
+    first = 1 if layout.has_base else 0
+    for k in range(out.shape[0] - first):
+        regional = regional + out[first + k] * within[k].to(out.dtype)[None, :, None]
+    mixed = regional if not layout.has_base else torch.lerp(out[0], regional, weight.to(out.dtype)[None, :, None])
+    return attn.to_out[1](attn.to_out[0](mixed))
 
 
 ATTENTION_KINDS: dict[str, dict[str, str]] = {
