@@ -3,7 +3,9 @@ region boxes must lie on (the VAE factor; for transformers the patch grid)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from multifusion.errors import RecipeError
 
@@ -103,3 +105,51 @@ def canvas_size(recipe: Recipe, method: Method, params: Params, factor: int, def
             "params.tiles (the canvas)" if fixed is not None else "sampling.height x sampling.width",
         )
     return None if h is None or w is None else (h, w)
+
+
+class Box(BaseModel):
+    """A rectangle of the canvas: rows [row_init, row_end), columns [col_init, col_end), in
+    pixels (multiples of the VAE factor) or as fractions of the canvas (snapped to that grid).
+    Mixture of Diffusers' regions and attention regions are boxes (their params subclass it), so a
+    recipe's regions read the same under either method."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    row_init: float = Field(ge=0)
+    row_end: float = Field(gt=0)
+    col_init: float = Field(ge=0)
+    col_end: float = Field(gt=0)
+    units: Literal["px", "fraction"] = "px"
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.row_end <= self.row_init or self.col_end <= self.col_init:
+            raise ValueError(
+                f"empty box: needs row_init < row_end and col_init < col_end, got rows {self.row_init}-{self.row_end}, cols {self.col_init}-{self.col_end}"
+            )
+        if self.units == "fraction" and max(self.row_end, self.col_end) > 1:
+            raise ValueError("fraction coordinates must lie in [0, 1]")
+        return self
+
+    def latent_box(self, where: str, canvas_px: tuple[int, int], factor: int) -> tuple[int, int, int, int]:
+        """(r0, r1, c0, c1) in latent pixels; RecipeError naming `where` when off the grid or canvas."""
+        H, W = canvas_px
+        coords = {"row_init": self.row_init, "row_end": self.row_end, "col_init": self.col_init, "col_end": self.col_end}
+        out = {}
+        for name, v in coords.items():
+            size = H if name.startswith("row") else W
+            shown = int(v) if float(v).is_integer() else v
+            if self.units == "fraction":
+                px = round(v * size / factor) * factor
+            else:
+                px = v
+                if px != int(px) or int(px) % factor:
+                    raise RecipeError(
+                        f"{where}.{name}: {shown} is not a multiple of the VAE factor {factor}; {grid_hint(int(px), factor)}"
+                    )
+            if px > size:
+                raise RecipeError(f"{where}.{name}: {shown} lies outside the {H}x{W} canvas (height x width)")
+            out[name] = int(px) // factor
+        if out["row_end"] <= out["row_init"] or out["col_end"] <= out["col_init"]:
+            raise RecipeError(f"{where}: the box is empty on the {factor}-pixel latent grid; make it larger")
+        return out["row_init"], out["row_end"], out["col_init"], out["col_end"]

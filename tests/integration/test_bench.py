@@ -458,7 +458,15 @@ def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_ob
 
     app = APPS["regional"]
     rows = {r.id: r for r in app.rows()[0]}
-    assert list(rows) == ["single-general", "mod", "mod-constant", "mod-thirds", "single-canvas"]
+    assert list(rows) == [
+        "single-general",
+        "mod",
+        "mod-constant",
+        "mod-thirds",
+        "region-attention-thirds",
+        "region-attention-canvas",
+        "single-canvas",
+    ]
     p = app.prompt(3)
     recipe = tiles_per_slot("general")(p, {"general": "G"})
     tiles = ModParams(**recipe["params"]).tiles
@@ -471,6 +479,30 @@ def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_ob
         assert [(o.shape, o.colour, o.slot) for o in v.scene.objects] == [(obj.shape, obj.colour, "centre")]
         assert parse_caption(dict(p.regions)[obj.slot]) == v.target  # the tile's prompt is the view's target
     assert rows["mod"].views is tile_views and rows["single-general"].views(p)[0].box is None
+
+
+def test_region_attention_rows_place_the_slots_as_the_mod_rows_do():
+    """Thirds on the native canvas (hard edges, no overlap) and the tiles on the tile canvas, each
+    with its slot's prompt, the whole layout as the base prompt; seams scored at their own edges."""
+    from multifusion.bench.apps import seam_columns, tile_canvas, tile_views
+    from multifusion.bench.settings import row_recipe
+    from multifusion.recipe import Recipe
+    from multifusion.validate import validate
+
+    app = APPS["regional"]
+    rows = {r.id: r for r in app.rows()[0]}
+    p = app.prompt(1)
+    common = {"num_inference_steps": 3, "scheduler": "ddim", "guidance_scale": 7.5}
+    thirds = row_recipe(rows["region-attention-thirds"], p, {"general": "zoo:general"}, common, [0])
+    canvas = row_recipe(rows["region-attention-canvas"], p, {"general": "zoo:general"}, common, [0])
+    for recipe in (thirds, canvas):
+        validate(Recipe.model_validate(recipe))
+        assert recipe["params"]["base_prompt"] == p.caption
+        assert [r["prompt"] for r in recipe["params"]["regions"]] == [text for _, text in p.regions]
+    assert seam_columns(thirds["params"], (64, 64), 4) == [20, 44]
+    assert (canvas["sampling"]["height"], canvas["sampling"]["width"]) == tile_canvas()
+    assert seam_columns(canvas["params"], tile_canvas(), 4) == [48, 64, 96, 112]
+    assert rows["region-attention-canvas"].views is tile_views
 
 
 def test_the_single_model_on_the_tile_canvas_is_read_like_the_tiles():

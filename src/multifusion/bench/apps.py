@@ -231,15 +231,48 @@ def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
     return build
 
 
-def seam_columns(params: Mapping[str, Any], canvas_px: tuple[int, int], factor: int) -> list[int]:
-    """Pixel columns x (0 < x < width) where a region of the MoD ``params`` (regions or tiles)
-    starts or ends: the places a seam shows."""
-    from multifusion.noise.methods import ModParams
+ATTENTION_BASE_RATIO = 0.2
+"""`region-attention` rows: the base prompt's share (Regional Prompter's default; Chen et al. use
+0.1-0.3)."""
 
-    mod = ModParams(**params)
+
+def attention_regions(role: str, on_tiles: bool = False) -> RecipeBuilder:
+    """`region-attention` on one model with the whole layout as the base prompt: on the native
+    canvas one region per slot third (as :func:`regions_per_slot`, hard edges, no overlap), or
+    with ``on_tiles`` on the canvas of :func:`tiles_per_slot` with its tiles as the regions
+    (neighbours share TILE_OVERLAP columns, where their outputs are averaged)."""
+
+    def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
+        regions, recipe = [], {}
+        for slot, text in prompt.regions:
+            i = SLOTS.index(slot)
+            if on_tiles:
+                step = TILE - TILE_OVERLAP
+                regions.append({"row_init": 0, "row_end": TILE, "col_init": i * step, "col_end": i * step + TILE, "prompt": text})
+            else:
+                lo, hi = i / len(SLOTS), (i + 1) / len(SLOTS)
+                regions.append({"row_init": 0, "row_end": 1, "col_init": lo, "col_end": hi, "units": "fraction", "prompt": text})
+        if on_tiles:
+            height, width = tile_canvas()
+            recipe["sampling"] = {"height": height, "width": width}
+        params = {"regions": regions, "base_prompt": prompt.prompts[role], "base_ratio": ATTENTION_BASE_RATIO}
+        return {"method": "region-attention", "models": [{"model": refs[role], "name": role}], "params": params, **recipe}
+
+    return build
+
+
+def seam_columns(params: Mapping[str, Any], canvas_px: tuple[int, int], factor: int) -> list[int]:
+    """Pixel columns x (0 < x < width) where a region of a row's ``params`` (MoD's regions or
+    tiles, region-attention's regions) starts or ends: the places a seam shows."""
+    from multifusion.canvas import Box
+    from multifusion.noise.methods import TilesParams
+
+    keys = ("row_init", "row_end", "col_init", "col_end", "units")
+    boxes = TilesParams(**params["tiles"]).regions() if params.get("tiles") else params["regions"]
     edges = set()
-    for r in mod.tiles.regions() if mod.tiles else mod.regions:
-        _, _, c0, c1 = r.latent_box("region", canvas_px, factor)
+    for r in boxes:
+        box = r if isinstance(r, Box) else Box(**{k: v for k, v in r.items() if k in keys})
+        _, _, c0, c1 = box.latent_box("region", canvas_px, factor)
         edges.update({c0 * factor, c1 * factor})
     return sorted(x for x in edges if 0 < x < canvas_px[1])
 
@@ -634,6 +667,14 @@ APPS: dict[str, App] = {
                 Fusion("mod", tiles_per_slot("general"), ("general",), views=tile_views),
                 Fusion("mod", tiles_per_slot("general", "constant"), ("general",), id="mod-constant", views=tile_views),
                 Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds"),
+                Fusion("region-attention", attention_regions("general"), ("general",), id="region-attention-thirds"),
+                Fusion(
+                    "region-attention",
+                    attention_regions("general", on_tiles=True),
+                    ("general",),
+                    id="region-attention-canvas",
+                    views=tile_views,
+                ),
                 Fusion("single", layout_on_canvas("general"), ("general",), id="single-canvas", views=tile_views),
             ),
             regional_regions,

@@ -99,8 +99,9 @@ def _run_unit(
 
         wide = (images[0].size[1], images[0].size[0]) == tile_canvas()
         control = tiles_per_slot(unit.app.roles[0]) if wide else regions_per_slot(unit.app.roles[0])
-        build = unit.row.build if unit.row.method == "mod" else control
-        params = build(unit.prompt, refs)["params"]
+        params = unit.row.build(unit.prompt, refs)["params"]
+        if not (params.get("regions") or params.get("tiles")):
+            params = control(unit.prompt, refs)["params"]
         factor = handles[unit.row.models[0]].vae_scale_factor
         columns = seam_columns(params, (images[0].size[1], images[0].size[0]), factor)
         seams = [seam_score(np.asarray(im), columns) for im in images]

@@ -1,4 +1,7 @@
-"""The feature-level method as the registry sees it: `afa`'s parameters, prepare and plan.
+"""The feature-level methods as the registry sees them: parameters, prepare and plan of `afa`
+and `region-attention`.
+
+**afa.**
 
 `prepare` loads the trained aggregators (`params.aggregator`: a folder written by
 `multifusion afa train`, or `zoo:NAME` for a shipped one; by default the shipped ones trained
@@ -9,6 +12,14 @@ models; `plan` is `single`'s on that handle. The loop never learns about feature
 Conditioning: model i embeds its own recipe prompt (and negative prompt) with its own text
 encoder; guidance is applied once, to the ensemble's prediction, with the first model's
 guidance scale (the ensemble is one denoiser).
+
+**region-attention** (the maths and the papers in `regional.py`, docs/regions.md). Regions are
+`mod`'s boxes with a prompt each, plus an optional base prompt over the whole canvas and its
+ratio; one model draws every region, in one denoiser call per step. `prepare` finds the
+denoiser's text-attention layers (refusing a denoiser it does not know), places the boxes on the
+latent and patch grids and checks the canvas covered; `plan` joins the prompts' token sequences
+into one conditioning and returns one trajectory whose noise function installs the regional
+processors for each call inside the window, and runs the base prompt alone outside it.
 """
 
 from __future__ import annotations
@@ -18,14 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from multifusion.errors import IncompatibleModelsError, RecipeError
+from multifusion.canvas import Box, check_box_on_patch_grid
+from multifusion.errors import FieldError, IncompatibleModelsError, RecipeError
 from multifusion.features.ensemble import EnsembleHandle, model_hash
+from multifusion.features.regional import Layout, Regions, installed, text_attention
 from multifusion.features.walkers import build_ensemble, walker_for
-from multifusion.handles import Guided
+from multifusion.handles import Conditioning, Guided
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, Recorder, RunContext
+from multifusion.schedulers import in_window, timestep_fraction
 from multifusion.viz import AFAMapRecorder
 
 
@@ -146,6 +160,166 @@ def afa_recorders(vae) -> list[Recorder]:
     return [AFAMapRecorder()]
 
 
+# --------------------------------------------------------------------------- region-attention
+
+MOD_ONLY = ("model", "negative_prompt", "guidance_scale", "mask_type", "mask_weight", "snb")
+"""Fields of a `mod` region that an attention region has no use for (one model draws every
+region, in one call, with hard region edges)."""
+
+
+class AttentionRegion(Box):
+    """A box of the canvas (as `mod`'s regions: pixels or fractions) and the prompt its image
+    tokens attend."""
+
+    prompt: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_mod_fields(cls, data, info: ValidationInfo):
+        if isinstance(data, dict):
+            for name in MOD_ONLY:
+                if name in data:
+                    raise FieldError(
+                        name,
+                        "is a Mixture-of-Diffusers (`mod`) region field; region-attention draws every region with the one "
+                        "model, in one call, with hard edges: drop it (or use method mod)",
+                    )
+        return data
+
+
+class RegionAttentionParams(Params):
+    regions: list[AttentionRegion] = Field(min_length=1, description="boxes of the canvas, each with its prompt")
+    base_prompt: str | None = Field(
+        None, description="prompt over the whole canvas, blended into every region by base_ratio; uncovered pixels take it alone"
+    )
+    base_ratio: float = Field(
+        0.2, ge=0, le=1, description="share of the base prompt's attention output in the regions (needs base_prompt)"
+    )
+    window: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="trajectory fractions (0 = noise, 1 = clean) where the regions apply; outside, the base prompt alone",
+    )
+
+    @model_validator(mode="after")
+    def _needs_base(self):
+        start, end = self.window
+        if not 0.0 <= start <= end <= 1.0:
+            raise FieldError(
+                "window", f"must be [start, end] with 0 <= start <= end <= 1 (0 = pure noise, 1 = clean), got {list(self.window)}"
+            )
+        if self.base_prompt is None and "base_ratio" in self.model_fields_set and self.base_ratio > 0:
+            raise FieldError("base_ratio", "blends the base prompt in, and there is no base_prompt; give one or drop base_ratio")
+        if self.base_prompt is None and self.window != (0.0, 1.0):
+            raise FieldError("window", "outside the window only the base prompt is drawn, and there is no base_prompt; give one")
+        return self
+
+
+def place_attention_regions(
+    params: RegionAttentionParams, canvas_px: tuple[int, int], factor: int
+) -> list[tuple[str, tuple[int, int, int, int], torch.Tensor]]:
+    """[(where, latent box, weights (h, w) of ones)] of the regions, then the base prompt over the
+    whole canvas when there is one. RecipeError naming a box off the VAE grid or the canvas."""
+    latent = (canvas_px[0] // factor, canvas_px[1] // factor)
+    placed = []
+    for i, r in enumerate(params.regions):
+        box = r.latent_box(f"params.regions[{i}]", canvas_px, factor)
+        placed.append((f"params.regions[{i}]", box, torch.ones(box[1] - box[0], box[3] - box[2])))
+    if params.base_prompt is not None:
+        placed.append(("params.base_prompt", (0, latent[0], 0, latent[1]), torch.ones(latent)))
+    return placed
+
+
+def check_region_attention(params: RegionAttentionParams, canvas_px: tuple[int, int], factor: int, labels=None) -> list[tuple]:
+    """Every box on the VAE grid and the canvas; without a base prompt, every latent pixel in a
+    region. Overlaps are allowed (a token takes the mean of its regions' outputs)."""
+    placed = place_attention_regions(params, canvas_px, factor)
+    if params.base_prompt is None:
+        h, w = canvas_px[0] // factor, canvas_px[1] // factor
+        covered = torch.zeros(h, w, dtype=torch.bool)
+        for _, (r0, r1, c0, c1), _ in placed:
+            covered[r0:r1, c0:c1] = True
+        holes = (~covered).nonzero()
+        if len(holes):
+            (r0, c0), (r1, c1) = holes.min(0).values.tolist(), holes.max(0).values.tolist()
+            raise RecipeError(
+                f"params.regions: {len(holes)} latent pixels of the canvas are in no region (pixel rows {r0 * factor}-"
+                f"{(r1 + 1) * factor}, columns {c0 * factor}-{(c1 + 1) * factor}) and there is no base_prompt to draw them; "
+                "add regions there or give a base_prompt"
+            )
+    return placed
+
+
+def joined(parts: list[Conditioning], base_leads: bool) -> Conditioning:
+    """One conditioning whose text sequence is the parts' one after another (B, sum L_k, D); the
+    further tensors (pooled embeddings, time ids, distilled guidance) are the first part's when
+    it is the base prompt's or all parts agree, else the parts' mean (see `regional.py`)."""
+    extra = {}
+    for key, first in parts[0].extra.items():
+        values = [p.extra[key] for p in parts]
+        same = base_leads or all(torch.equal(v, first) for v in values)
+        extra[key] = first if same else torch.stack(values).mean(0)
+    return Conditioning(torch.cat([p.embeds for p in parts], dim=1), extra)
+
+
+class RegionAttentionNoise:
+    """The noise function of region-attention: inside the window, the joined conditioning with
+    the regional processors installed for the call (`regional.installed`); outside, the base
+    prompt alone (the model as it is)."""
+
+    def __init__(self, joint: Guided, base: Guided | None, layers: dict, regions: Regions, window, num_train_timesteps: int):
+        self.joint, self.base, self.layers, self.regions = joint, base, layers, regions
+        self.window, self.num_train_timesteps = window, num_train_timesteps
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        if self.base is not None and not in_window(timestep_fraction(t, self.num_train_timesteps), self.window):
+            return self.base(x_t, t)
+        with installed(self.layers, self.regions):
+            return self.joint(x_t, t)
+
+
+@dataclass(eq=False)
+class PreparedRegionAttention:
+    ctx: RunContext
+    params: RegionAttentionParams
+    layers: dict
+    boxes: list[tuple[int, int, int, int]]
+
+
+def prepare_region_attention(ctx: RunContext, params: RegionAttentionParams) -> PreparedRegionAttention:
+    handle = ctx.handles[0]
+    try:
+        layers = text_attention(handle.unet)
+    except IncompatibleModelsError as err:
+        raise IncompatibleModelsError(f"models[0] ({handle.name!r}): {err}") from None
+    factor = ctx.vae_scale_factor
+    placed = check_region_attention(params, ctx.canvas_px, factor)
+    for where, box, _ in placed:
+        check_box_on_patch_grid(where, box, factor, handle.patch_px, handle.family_name)
+    boxes = [box for where, box, _ in placed if where.startswith("params.regions")]
+    return PreparedRegionAttention(ctx, params, layers, boxes)
+
+
+def plan_region_attention(prep: PreparedRegionAttention, batch: Batch) -> Plan:
+    ctx, p = prep.ctx, prep.params
+    prompts = ([p.base_prompt] if p.base_prompt is not None else []) + [r.prompt for r in p.regions]
+    guided = [ctx.guide(0, [text] * batch.size) for text in prompts]
+    layout = Layout(tuple(g.positive.embeds.shape[1] for g in guided), p.base_prompt is not None)
+    if any(g.negative.embeds.shape[1] != n for g, n in zip(guided, layout.lengths)):
+        raise ValueError("the negative prompt's token sequence differs in length from the prompt's")  # no family does this
+    first = guided[0]
+    joint = Guided(
+        first.handle,
+        joined([g.positive for g in guided], layout.has_base),
+        joined([g.negative for g in guided], layout.has_base),
+        first.guidance_scale,
+        first.prompts,
+    )
+    regions = Regions(prep.boxes, tuple(ctx.latent_shape[1:]), p.base_ratio if p.base_prompt is not None else None, layout)
+    base = first if p.base_prompt is not None else None
+    fn = RegionAttentionNoise(joint, base, prep.layers, regions, p.window, len(first.handle.alphas_cumprod))
+    return Plan([Trajectory(fn)])
+
+
 METHODS = [
     Method(
         "afa",
@@ -161,5 +335,18 @@ METHODS = [
             "AFA runs every model's denoiser block by block inside one forward, and models given as a base with "
             "LoRAs share one denoiser whose adapters switch per call, not per block"
         ),
+    ),
+    Method(
+        "region-attention",
+        "regional prompts inside attention (Chen et al. for SD3/FLUX, Regional Prompter's attention mode for UNets): "
+        "one model, one denoiser call per step, each region's image tokens attending its own prompt",
+        "features",
+        RegionAttentionParams,
+        plan_region_attention,
+        prepare_region_attention,
+        max_models=1,
+        model_prompts=False,
+        check=check_region_attention,
+        regions=place_attention_regions,
     ),
 ]
