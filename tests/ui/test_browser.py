@@ -164,8 +164,11 @@ def drag_canvas(page, canvas: str, a: tuple, b: tuple, shot: Path | None = None)
 
 
 def table_rows(page, table: str) -> list[list[str]]:
-    rows = page.locator(f"#{table} table:not([aria-hidden]) tbody tr")
-    return [[c.strip() for c in rows.nth(i).inner_text().split("\t")] for i in range(rows.count())]
+    """The table's rows as shown (cells' text), blank rows left out."""
+    rows = page.locator(f"#{table} .virtual-row").evaluate_all(
+        "rows => rows.map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))"
+    )
+    return [r for r in rows if any(r)]
 
 
 def wait_rows(page, table: str, want) -> list[list[str]]:

@@ -102,8 +102,8 @@ class App:
                 value=value,
                 headers=list(w.columns),
                 type="array",
-                col_count=(len(w.columns), "fixed"),
-                row_count=(1, "dynamic"),
+                column_count=len(w.columns),
+                row_count=1,
                 interactive=True,
                 label=f"{w.label}: one row per item",
                 elem_id=eid,
@@ -173,7 +173,8 @@ class App:
     def build(self) -> gr.Blocks:
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
         drag_script = (Path(__file__).with_name("canvas.js")).read_text()
-        with gr.Blocks(title="multifusion", theme=theme, css=CSS, js=drag_script, analytics_enabled=False) as demo:
+        self.page = dict(theme=theme, css=CSS, js=drag_script)  # what launch() gives the page
+        with gr.Blocks(title="multifusion", analytics_enabled=False) as demo:
             gr.Markdown("# multifusion\nCompose a fusion of diffusion models: models, a method and its parameters, sampling.")
             self.general = self.error_box("general")
             with gr.Tab("Compose", id="compose"):
@@ -238,7 +239,7 @@ class App:
                         interactive=False,
                         height=220,
                         elem_id="preview",
-                        show_download_button=False,
+                        buttons=[],
                     )
                 with gr.Row():
                     self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
@@ -320,8 +321,7 @@ class App:
             type="pil",
             elem_id=f"canvas-{method}",
             elem_classes=["mf-canvas"],
-            show_download_button=False,
-            show_fullscreen_button=False,
+            buttons=[],
         )
         said = gr.Markdown(elem_id=f"canvas-said-{method}")  # what the last click or drag did
         notes = gr.Markdown(elem_id=f"canvas-notes-{method}")
@@ -784,7 +784,9 @@ def launch(model_dirs: list[str] | tuple = (), port: int = 7860, host: str = "12
         server_port=port,
         inbrowser=False,
         share=False,
-        show_api=False,
+        footer_links=[],
+        ssr_mode=False,
+        **app.page,
         allowed_paths=[str(app.out_root)],
         quiet=False,
     )
