@@ -231,7 +231,7 @@ def _load_vae(ref: ModelRef, model: ModelRef, cls: type, dtype: torch.dtype, all
     except ModelLoadError:
         raise
     except Exception as err:  # diffusers raises OSError, ValueError and its own error classes here
-        raise ModelLoadError(f"could not load VAE {ref.text!r}: {err}") from err
+        raise ModelLoadError(f"could not load VAE {ref.text!r}: {_said(err)}") from err
 
 
 def _dtype_kwarg() -> str:
@@ -264,6 +264,20 @@ def _absent_parts(ref: ModelRef) -> list[str]:
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]]
 
 
+_SEE_ABOVE = re.compile(r"\s*Please check out the root cause in the stacktrace above\.?")
+
+
+def _said(err: BaseException) -> str:
+    """What a loading error says, in place of diffusers' pointer to "the stacktrace above" (which
+    a page or a one-line error never shows): the root cause it points to (the Hub unreachable,
+    offline mode) written out."""
+    text = str(err)
+    if _SEE_ABOVE.search(text) is None:
+        return text
+    cause = err.__cause__ or err.__context__
+    return _SEE_ABOVE.sub(f" ({type(cause).__name__}: {cause})" if cause is not None else "", text).rstrip()
+
+
 def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool):
     import diffusers
 
@@ -282,15 +296,15 @@ def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype,
     except Exception as err:  # diffusers raises OSError, ValueError and its own error classes here
         if ref.kind == "single_file" and not ref.config:
             hint = " (single-file checkpoints need their diffusers config: give the model a `config:` folder in the recipe, or config=FOLDER in Python)"
-            raise ModelLoadError(f"could not load {ref.text!r}: {err}{hint}") from err
+            raise ModelLoadError(f"could not load {ref.text!r}: {_said(err)}{hint}") from err
         pickled = _pickle_only_components(Path(ref.location)) if ref.kind in ("folder", "zoo") else []
         if not allow_pickle and (pickled or (ref.kind == "hub" and "safetensors" in str(err).lower())):
             which = f" ({', '.join(pickled)} only as pickles)" if pickled else ""
             raise PickleRefusedError(
-                f"could not load {ref.text!r}: {err} (this model ships no .safetensors weights for every component{which}; "
+                f"could not load {ref.text!r}: {_said(err)} (this model ships no .safetensors weights for every component{which}; "
                 "its pickle weights can run code when loaded: pass allow_pickle=True (runtime.allow_pickle in a recipe) only if you trust it)"
             ) from err
-        raise ModelLoadError(f"could not load {ref.text!r}: {err}") from err
+        raise ModelLoadError(f"could not load {ref.text!r}: {_said(err)}") from err
 
 
 def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:

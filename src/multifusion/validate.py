@@ -93,7 +93,8 @@ def validate(recipe: Recipe) -> Validated:
             facts, f"with method {recipe.method!r}, which meets each model's own trajectory after every step", "{}.model"
         )
     first = facts[0][1] if facts else None
-    size = None if first is None else check_canvas(recipe, method, params, first.vae_scale_factor, default=None)
+    # Blank sizes are the first model's native side, as `Run` samples them: a region off that canvas is named here.
+    size = None if first is None else check_canvas(recipe, method, params, first.vae_scale_factor, default=first.native_px)
     if size is not None:
         check_patch_grid(*size, first.patch_px, first.name)
         if method.regions is not None:  # regions on the first model's grid (the models are of one family here)

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -100,8 +102,15 @@ def page(chromium, server):
         browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
         pg = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         pg.set_default_timeout(60_000)
+        # what the first load asks for and complains about (test_the_page_loads_nothing_from_elsewhere)
+        pg.loaded, pg.complaints = [], []  # type: ignore[attr-defined]
+        pg.on("request", lambda r: pg.loaded.append(r.url))
+        pg.on("console", lambda m: pg.complaints.append(m.text) if m.type == "error" else None)
         pg.goto(server)
         pg.wait_for_selector("#run")
+        pg.wait_for_timeout(2000)  # the first load settles (an event stream stays open: never "network idle")
+        pg.first_load = list(pg.loaded)  # type: ignore[attr-defined]
+        pg.first_complaints = list(pg.complaints)  # type: ignore[attr-defined]
         yield pg
         browser.close()
 
@@ -164,8 +173,11 @@ def drag_canvas(page, canvas: str, a: tuple, b: tuple, shot: Path | None = None)
 
 
 def table_rows(page, table: str) -> list[list[str]]:
-    rows = page.locator(f"#{table} table:not([aria-hidden]) tbody tr")
-    return [[c.strip() for c in rows.nth(i).inner_text().split("\t")] for i in range(rows.count())]
+    """The table's rows as shown (cells' text), blank rows left out."""
+    rows = page.locator(f"#{table} .virtual-row").evaluate_all(
+        "rows => rows.map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))"
+    )
+    return [r for r in rows if any(r)]
 
 
 def wait_rows(page, table: str, want) -> list[list[str]]:
@@ -395,10 +407,26 @@ def test_bad_input_shows_the_cli_error_at_the_field(page, shots, tmp_path):
     page.locator("#model-1").wait_for(state="visible")
     set_text(page, "model-1", "/nonexistent/model")
     set_text(page, "prompt-1", "a red striped circle")
+    set_text(page, "param-snb-k", "many")  # a second bad field, named in the same round
     page.locator("#validate").click()
     shown = error_text(page, "models-1-model")
     assert "models[1].model: cannot find model '/nonexistent/model'" in shown
+    assert "params.k: Input should be a valid number" in error_text(page, "snb-params-k")
     page.screenshot(path=str(shots / "ui-error-model.png"), full_page=True)
+    # a corrected field's error goes as it is edited, before the next Validate; the other stays
+    k = page.locator("#param-snb-k textarea, #param-snb-k input").first
+    k.fill("")
+    k.press_sequentially("1")  # typed (Gradio's input event follows keys, not a scripted fill)
+    page.locator("#err-snb-params-k").wait_for(state="hidden")
+    assert page.locator("#err-models-1-model").is_visible()
+
+    # a Hub model while offline: the reason, not a pointer to a stack trace the page does not show
+    set_text(page, "model-1", "nobody-here/no-such-model")
+    page.locator("#run").click()
+    wait_status(page, "not run")
+    shown = error_text(page, "models-1-model")
+    assert "offline mode is enabled" in shown and "stacktrace" not in shown
+    set_text(page, "model-1", "zoo:expert")
 
     # a file that is no PNG, dropped on the restore box
     fake = tmp_path / "notes.png"
@@ -427,7 +455,7 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
     set_text(page, "sampling-num_inference_steps", "500")
     set_text(page, "preview-every", "3")
     page.locator("#run").click()
-    page.locator(".progress-text, .progress-level").first.wait_for()  # it is running
+    page.locator("#status .progress-level").wait_for()  # it is running
     first = page.locator("#preview img").first
     first.wait_for()  # a preview arrived while sampling
     src = first.get_attribute("src")
@@ -436,7 +464,7 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
         time.sleep(0.2)
     assert first.get_attribute("src") != src
     assert "done" not in page.locator("#status").inner_text()  # still sampling
-    page.locator(".progress-text, .progress-level").first.wait_for()  # the bar shows again after each preview
+    page.locator("#status .progress-level").wait_for()  # the bar shows again after each preview
     page.locator("#run").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "ui-progress.png"))
     page.locator("#cancel").click()
@@ -534,3 +562,58 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
     page.screenshot(path=str(shots / "ui-merges.png"), full_page=True)
     made = yaml.safe_load(download(page, "recipe-file", tmp_path, ".yaml").read_text())
     assert parse_recipe(made) == parse_recipe(restored)
+
+
+def test_the_page_loads_nothing_from_elsewhere(page, server):
+    """Offline: every request of the first load goes to the UI's own server, and the console
+    reports no failure."""
+    here = urllib.parse.urlsplit(server).netloc
+    assert page.first_load and all(urllib.parse.urlsplit(u).netloc == here for u in page.first_load if u.startswith("http")), [
+        u for u in page.first_load if urllib.parse.urlsplit(u).netloc != here
+    ]
+    assert not page.first_complaints, page.first_complaints
+
+
+def _ask(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _upload(size: int, boundary: str = "mf-boundary") -> tuple[bytes, dict]:
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + b"\0" * size
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_the_server_is_locked_down(server):
+    from multifusion.ui.app import MAX_UPLOAD
+
+    # a request naming a function the page does not have: a short answer, no traceback, no paths
+    status, body = _ask(
+        server + "gradio_api/queue/join",
+        b'{"data": [], "fn_index": 9999, "session_hash": "x"}',
+        {"Content-Type": "application/json"},
+    )
+    assert status >= 400 and len(body) < 200 and b"Traceback" not in body and b"/" not in body.replace(b"\\/", b""), body
+    # a page of another site, reached through a DNS name re-pointed to this machine (DNS rebinding)
+    port = urllib.parse.urlsplit(server).port
+    assert _ask(server, headers={"Host": f"rebind.example:{port}"})[0] == 400
+    assert _ask(server, headers={"Host": f"localhost:{port}"})[0] == 200
+    # an upload posted by another site's page is refused, however small
+    body, headers = _upload(10)
+    assert _ask(server + "gradio_api/upload", body, {**headers, "Origin": "http://elsewhere.example"})[0] == 403
+    assert _ask(server + "gradio_api/upload", body, {**headers, "Origin": server.rstrip("/")})[0] == 200
+    # and the page's own uploads have a size limit
+    limit = int(MAX_UPLOAD.removesuffix("mb")) * 1024 * 1024
+    body, headers = _upload(limit + 1024)
+    assert _ask(server + "gradio_api/upload", body, {**headers, "Origin": server.rstrip("/")})[0] == 413

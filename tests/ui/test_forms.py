@@ -574,3 +574,93 @@ def test_params_that_do_not_place_are_said_and_the_drawn_boxes_counted():
     assert "not placed as a run would place it yet (params.regions[0].col_end: 30 is not a multiple)" in notes
     assert int(forms.uncovered(layers, None, 64, 64, 4).sum()) == 16 * 8  # the snapped box (to 32) covers the left half
     assert forms.method_regions(METHODS["snb"], {}, 2, 64, 64, 4) == ([], (64, 64))
+
+
+def _form(**changes) -> dict:
+    """The form holding a two-model snb recipe on the zoo, with `changes` (form key -> value)."""
+    values = forms.form_from_recipe(
+        {
+            "method": "snb",
+            "models": [{"model": "zoo:general", "prompt": "a red circle"}, {"model": "zoo:expert", "prompt": "a red circle"}],
+            "sampling": {"num_inference_steps": 2},
+        }
+    )
+    return {**values, **changes}
+
+
+def test_validate_checks_regions_against_the_native_canvas_when_the_size_is_blank():
+    # the zoo's native canvas is 64x64: a run refuses a region reaching column 72, and so must validate
+    recipe = {
+        "method": "mod",
+        "models": [{"model": "zoo:general", "prompt": "a red circle"}],
+        "params": {"regions": [{"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 72, "prompt": "a red circle"}]},
+    }
+    with pytest.raises(RecipeError, match=r"params.regions\[0\].col_end: 72 lies outside the 64x64 canvas"):
+        forms.check_recipe(recipe)
+    recipe["params"]["regions"][0]["col_end"] = 64
+    forms.check_recipe(recipe)
+
+
+def test_every_problem_of_the_form_is_named_at_once():
+    assert forms.check_form(_form())["method"] == "snb"  # a good form passes as it is
+    # a number that does not read, a bad sampling value (the recipe's structure fails) and a missing model
+    bad = _form(**{"params:snb:k": "many", "sampling.num_inference_steps": 0, "models[1].model": "/nonexistent/model"})
+    with pytest.raises(RecipeError) as err:
+        forms.check_form(bad)
+    routed = forms.route_errors(err.value)
+    assert set(routed) == {"params.k", "sampling", "models[1].model"}, routed
+    assert "cannot find model '/nonexistent/model'" in routed["models[1].model"][0]
+    # the structure holds, the params do not (a pydantic error) and two models are missing: all named
+    bad = _form(**{"params:snb:k": -3, "models[0].model": "/no/first", "models[1].model": "/no/second"})
+    with pytest.raises(RecipeError) as err:
+        forms.check_form(bad)
+    assert set(forms.route_errors(err.value)) == {"params.k", "models[0].model", "models[1].model"}
+    # each line once, even where the recipe's own check and a slot's check both find it
+    lines = forms.error_lines(err.value)
+    assert len(lines) == len(set(lines))
+
+
+def test_an_edited_field_knows_the_error_box_it_clears():
+    assert forms.error_box_of("params:mod:regions") == "mod:params.regions"
+    assert forms.error_box_of("models[1].model") == "models[1].model"
+    assert forms.error_box_of("sampling.height") == "sampling"
+    assert forms.error_box_of("runtime.allow_pickle") == "runtime"
+    assert forms.error_box_of("merges") == "merges"
+    assert forms.error_box_of("n_models") == "models"
+    assert forms.error_box_of("method") is None
+
+
+def test_a_dropped_recipe_goes_through_the_cli_limits(tmp_path):
+    import time
+
+    from multifusion.recipe import MAX_YAML_NODES
+
+    # each line doubles nine times over: a few hundred bytes naming billions of values
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 9)
+    ]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nmethod: single\nmodels: [{model: 'zoo:general'}]\nparams: *a8\n")
+    start = time.monotonic()
+    with pytest.raises(RecipeError, match=f"expands to more than {MAX_YAML_NODES:,} values") as err:
+        forms.read_recipe_file(str(bomb))
+    assert time.monotonic() - start < 5
+    assert str(tmp_path) not in str(err.value) and "'bomb.yaml'" in str(err.value)  # the server's paths are not shown
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("method: single\nmodels: [{model: 'zoo:general', prompt: 'caf\xe9'}]\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="is not UTF-8 text"):
+        forms.read_recipe_file(str(latin))
+
+
+def test_a_restored_recipe_never_switches_pickles_on_by_itself(tmp_path):
+    recipe = {"method": "single", "models": [{"model": "zoo:general"}], "runtime": {"allow_pickle": True, "vae_device": "cpu"}}
+    path = tmp_path / "trusting.yaml"
+    path.write_text(__import__("yaml").safe_dump(recipe))
+    values, notes = forms.restored_form(forms.read_recipe_file(str(path)))
+    assert values["runtime.allow_pickle"] is False and values["runtime.vae_device"] == "cpu"
+    assert len(notes) == 1 and notes[0].startswith("runtime.allow_pickle:") and "left off" in notes[0]
+    assert forms.error_key(notes[0].split(":")[0]) == "runtime"  # shown in the runtime section's box
+    recipe["runtime"]["allow_pickle"] = False
+    assert forms.restored_form(recipe)[1] == []

@@ -15,6 +15,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,10 @@ CSS = """
 .field-error { color: #b00020; font-weight: 600; } .field-error p { color: #b00020; }
 .mf-hidden { display: none !important; }
 .mf-canvas img { touch-action: none; user-select: none; }
-#status .progress-text.meta-text-center { position: static; transform: none; order: 1; }
+#status .progress-text { display: none !important; }
 """
-# The last rule: Gradio places a Markdown's "N/M steps | time" at its top right, shifted down onto
-# the progress bar; in the status box's column it follows the bar instead.
+# The last rule: Gradio's "N/M steps | time" restarts its clock with every preview the run sends;
+# the bar's own text says the step and the run's time (`App.generate`).
 
 
 class Cancelled(Exception):
@@ -51,7 +52,9 @@ class App:
     """The components of the page, by key, and the handlers that read and fill them."""
 
     def __init__(self, model_dirs: list[str] | tuple = ()):
-        self.choices = [f"zoo:{n}" for n in forms.ZOO_NAMES] + [str(d) for d in model_dirs]
+        from multifusion.loading import zoo_models
+
+        self.choices = [f"zoo:{n}" for n in zoo_models()] + [str(d) for d in model_dirs]
         self.comps: dict[str, gr.components.Component] = {}  # form key -> component
         self.errors: dict[str, gr.Markdown] = {}  # error key -> box beside the field
         self.groups: dict[str, gr.Group] = {}  # method -> its form
@@ -102,8 +105,8 @@ class App:
                 value=value,
                 headers=list(w.columns),
                 type="array",
-                col_count=(len(w.columns), "fixed"),
-                row_count=(1, "dynamic"),
+                column_count=len(w.columns),
+                row_count=1,
                 interactive=True,
                 label=f"{w.label}: one row per item",
                 elem_id=eid,
@@ -173,7 +176,8 @@ class App:
     def build(self) -> gr.Blocks:
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
         drag_script = (Path(__file__).with_name("canvas.js")).read_text()
-        with gr.Blocks(title="multifusion", theme=theme, css=CSS, js=drag_script, analytics_enabled=False) as demo:
+        self.page = dict(theme=theme, css=CSS, js=drag_script)  # what launch() gives the page
+        with gr.Blocks(title="multifusion", analytics_enabled=False) as demo:
             gr.Markdown("# multifusion\nCompose a fusion of diffusion models: models, a method and its parameters, sampling.")
             self.general = self.error_box("general")
             with gr.Tab("Compose", id="compose"):
@@ -238,7 +242,7 @@ class App:
                         interactive=False,
                         height=220,
                         elem_id="preview",
-                        show_download_button=False,
+                        buttons=[],
                     )
                 with gr.Row():
                     self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
@@ -273,7 +277,10 @@ class App:
                 cmp_gallery = gr.Gallery(
                     label="side by side", columns=6, height="auto", object_fit="contain", elem_id="compare-images"
                 )
-                cmp_scores = gr.Dataframe(label="judge scores (zoo models)", elem_id="compare-scores", interactive=False)
+                # hidden until a run fills it (empty, it shows placeholder headers "1 2 3")
+                cmp_scores = gr.Dataframe(
+                    label="judge scores (zoo models)", elem_id="compare-scores", interactive=False, visible=False
+                )
 
             inputs = set(self.comps.values())
             errs = self.error_outputs()
@@ -283,6 +290,10 @@ class App:
                 method,
                 list(self.groups.values()) + [self.summary],
             )
+            for key, comp in self.comps.items():  # an edited field's error box empties at once
+                box = self.errors.get(forms.error_box_of(key) or "")
+                if box is not None:
+                    comp.input(lambda: gr.update(value="", visible=False), None, box, queue=False, show_progress="hidden")
             validate_btn.click(self.on_validate, inputs, errs + [self.status])
             run_event = run_btn.click(
                 self.on_run,
@@ -300,7 +311,7 @@ class App:
             restore.upload(
                 lambda path: self.on_restore(path) + [""] * len(said),
                 restore,
-                [self.comps[k] for k in self.comps] + errs + [restore] + said,
+                [self.comps[k] for k in self.comps] + errs + [restore, self.status] + said,
             )
             self._cmp_methods = cmp_methods
         return demo
@@ -320,8 +331,7 @@ class App:
             type="pil",
             elem_id=f"canvas-{method}",
             elem_classes=["mf-canvas"],
-            show_download_button=False,
-            show_fullscreen_button=False,
+            buttons=[],
         )
         said = gr.Markdown(elem_id=f"canvas-said-{method}")  # what the last click or drag did
         notes = gr.Markdown(elem_id=f"canvas-notes-{method}")
@@ -541,9 +551,7 @@ class App:
 
     def checked(self, v: dict) -> dict:
         """The form's recipe, validated as `multifusion validate` does; raises the library's errors."""
-        recipe = self.recipe(v)
-        forms.check_recipe(recipe)
-        return recipe
+        return forms.check_form(v)
 
     def on_validate(self, data: dict):
         v = self.values(data)
@@ -577,9 +585,12 @@ class App:
         preview_every: int = 0,
     ) -> tuple[list, list, Path]:
         """Run a recipe: images (path, caption), method pictures (path, caption), the recipe file.
-        `report` gets ("progress", (done, total), text) after every step and, every
-        `preview_every` steps but the last, ("preview", picture, "step k/n"): what the step
-        predicts for each image (`viz.x0_previews`), in one labelled grid."""
+        `report` gets ("note", text) for what the page should say before sampling (models a
+        merge would average without a common ancestor), ("progress", (done, total), text) after
+        every step, counted in image steps (a batch's images advance together) with the run's
+        time in the text, and, every `preview_every` steps but the last, ("preview", picture,
+        "step k/n"): what the step predicts for each image (`viz.x0_previews`), in one labelled
+        grid."""
         from multifusion.api import image_name, write_images
         from multifusion.io import grid, write_text
         from multifusion.recipe import parse_recipe
@@ -588,23 +599,27 @@ class App:
         recipe = parse_recipe(recipe_dict)
         models = self.handles(recipe)
         stem = recipe.method
+        if report is not None and (note := self.lineage_note(recipe, models)):
+            report(("note", note))
         recipe_path = write_text(
             out / f"{stem}.yaml", yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
         )
         steps, total = recipe.sampling.num_inference_steps, recipe.sampling.num_images
         images, pictures = [], []
         done = 0
+        start = time.monotonic()  # the run's clock: Gradio's own restarts with each preview sent
 
         def callback(step, chunk):
             if run_id is not None and run_id <= self.cancelled_upto:
                 raise Cancelled()
             if report is None:
                 return
+            # A batch's images are denoised together: each step advances all of them.
             report(
                 (
                     "progress",
-                    (done * steps + step.step + 1, total * steps),
-                    f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}",
+                    (done * steps + len(chunk) * (step.step + 1), total * steps),
+                    f"{stem}: seeds {chunk[0]}-{chunk[-1]}, step {step.step + 1}/{steps}, {time.monotonic() - start:.1f} s",
                 )
             )
             if preview_every > 0 and (step.step + 1) % preview_every == 0 and step.step + 1 < step.num_steps:
@@ -629,6 +644,23 @@ class App:
             pictures += [(str(p), p.stem) for p in written.pictures if p.suffix == ".png"]
             done += len(written.result.seeds)
         return images, pictures, recipe_path
+
+    @staticmethod
+    def lineage_note(recipe, models) -> str | None:
+        """For a method meeting in the weights: which models share no ancestor with the first
+        (`weights.lineage`), whose merge averages unrelated weights into noise."""
+        if METHODS[recipe.method].meets != "weights":
+            return None
+        from multifusion.weights.lineage import RELATED_COSINE, unrelated
+
+        far = unrelated([m.unet.state_dict() for m in models])
+        if not far:
+            return None
+        named = ", ".join(f"models[{i}] ({recipe.models[i].model}, weight cosine {cos:.2f})" for i, cos in far)
+        return (
+            f"⚠ {named} share(s) no ancestor with models[0] ({recipe.models[0].model}): fine-tunes of one base lie "
+            f"above {RELATED_COSINE} of each other; a {recipe.method} averages unrelated weights, and the images come out as noise"
+        )
 
     def on_run(self, data: dict, progress=gr.Progress()):
         """Sample in a worker thread; stream its progress and previews to the page as they come
@@ -662,10 +694,14 @@ class App:
 
         worker = threading.Thread(target=work, name=f"multifusion-run-{run_id}", daemon=True)
         worker.start()
+        notes: list[str] = []
         try:
             while (event := events.get()) is not None:
-                if event[0] == "progress":
-                    progress(event[1], desc=event[2])
+                if event[0] == "note":
+                    notes.append(event[1])
+                    yield [gr.update()] * len(self.error_outputs()) + ["running…\n\n" + "\n\n".join(notes)] + keep
+                elif event[0] == "progress":
+                    progress(event[1], desc=event[2], unit="image steps")
                 elif event[0] == "preview":
                     yield [gr.update()] * (len(self.error_outputs()) + 1) + keep[:4] + [event[1]]  # the bar says the step
         finally:
@@ -682,7 +718,7 @@ class App:
             yield self.error_updates(None, v["method"]) + ["**failed**: the run stopped"] + nothing
         else:
             images, pictures, recipe_path = result["done"]
-            status = f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe"
+            status = "\n\n".join([f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe", *notes])
             yield self.error_updates(None, v["method"]) + [
                 status,
                 images,
@@ -693,48 +729,58 @@ class App:
             ]
 
     def on_restore(self, path: str | None):
+        """The form holding a dropped file's recipe, and the status saying what was restored;
+        the file's error at the drop box when it holds none."""
         keys = list(self.comps)
         keep = [gr.update() for _ in keys]
         if not path:
-            return keep + self.error_updates(None, "") + [None]
+            return keep + self.error_updates(None, "") + [None, gr.update()]
+        name = Path(path).name
         try:
-            values = forms.form_from_recipe(forms.read_recipe_file(path))
+            values, notes = forms.restored_form(forms.read_recipe_file(path))
         except MultifusionError as err:
-            return keep + self.error_updates({"restore": [f"restore: {err}"]}, "") + [None]
+            said = f"**not restored**: {name} holds no recipe the form can take (see the drop box)"
+            return keep + self.error_updates({"restore": [f"restore: {err}"]}, "") + [None, said]
         changed = {k for k, v in values.items() if k in self.widget_of and v != self.widget_of[k].initial()}
+        routed = {"runtime": notes} if notes else None
+        said = f"restored the recipe of `{name}`: method `{values['method']}`, {values['n_models']} model(s); press Run"
         return (
             [values[k] if k in values else gr.update() for k in keys]
-            + self.error_updates(None, values["method"], changed)
-            + [None]
+            + self.error_updates(routed, values["method"], changed)
+            + [None, said]
         )
 
     def on_compare(self, data: dict, progress=gr.Progress()):
         v = self.values(data)
         chosen = data.get(self._cmp_methods) or []
         if len(chosen) < 2:
-            return "choose two or more methods", None, None
+            return "choose two or more methods", None, gr.update(visible=False)
         self.run_id += 1
         run_id = self.run_id
-        gallery, rows, problems = [], [], []
+        gallery, rows, problems, notes = [], [], [], []
         for name in chosen:
             try:
-                recipe = self.recipe(v, name)
-                forms.check_recipe(recipe)
+                recipe = forms.check_form(v, name)
                 out = Path(tempfile.mkdtemp(prefix=f"compare-{name}-", dir=self.out_root))
                 images, _, _ = self.generate(
-                    recipe, out, lambda e: progress(e[1], desc=e[2]) if e[0] == "progress" else None, run_id
+                    recipe,
+                    out,
+                    lambda e: progress(e[1], desc=e[2]) if e[0] == "progress" else notes.append(f"- **{name}**: {e[1]}"),
+                    run_id,
                 )
             except MultifusionError as err:
-                problems.append(f"- **{name}**: " + "; ".join(str(err).replace("invalid recipe:", "").split("\n")).strip())
+                problems.append(f"- **{name}**: " + "; ".join(forms.error_lines(err)))
                 continue
             except Cancelled:
-                return "cancelled", None, None
+                return "cancelled", None, gr.update(visible=False)
             gallery += images
             rows += self.scores(name, recipe, images)
-        status = "\n".join(problems) if problems else f"compared {len(chosen)} methods"
+        status = "\n".join(problems + notes) if problems or notes else f"compared {len(chosen)} methods"
         import pandas as pd
 
-        return status, gallery or None, pd.DataFrame(rows) if rows else None
+        # one column per image up to four: captions fit their image (six columns cut them off)
+        shown = gr.update(value=gallery or None, columns=max(1, min(len(gallery), 4)))
+        return status, shown, gr.update(value=pd.DataFrame(rows), visible=True) if rows else gr.update(value=None, visible=False)
 
     @staticmethod
     def scores(method: str, recipe: dict, images: list) -> list[dict]:
@@ -776,15 +822,27 @@ def build_app(model_dirs: list[str] | tuple = ()) -> gr.Blocks:
     return demo
 
 
+MAX_UPLOAD = "64mb"
+"""The largest file the page takes (a recipe, or a PNG carrying one: a 4096x4096 PNG stays below)."""
+
+
 def launch(model_dirs: list[str] | tuple = (), port: int = 7860, host: str = "127.0.0.1") -> None:
+    from starlette.middleware import Middleware
+
+    from multifusion.ui.guard import Guard, host_names
+
     demo = build_app(model_dirs)
     app = demo.multifusion_app  # type: ignore[attr-defined]
     demo.queue(default_concurrency_limit=1).launch(
+        app_kwargs={"middleware": [Middleware(Guard, names=host_names(host))]},
+        max_file_size=MAX_UPLOAD,
         server_name=host,
         server_port=port,
         inbrowser=False,
         share=False,
-        show_api=False,
+        footer_links=[],
+        ssr_mode=False,
+        **app.page,
         allowed_paths=[str(app.out_root)],
         quiet=False,
     )

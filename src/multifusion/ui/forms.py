@@ -37,8 +37,6 @@ from multifusion.errors import MultifusionError, RecipeError
 MAX_MODELS = 4
 """Model slots the form shows (a recipe with more is refused on restore, naming the field)."""
 
-ZOO_NAMES = ("general", "expert", "cartoon", "layout", "palette", "slice0", "slice1")
-
 
 @dataclass(frozen=True)
 class Widget:
@@ -272,45 +270,61 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(list(v) if isinstance(v, tuple) else v, default=str))
 
 
-def params_from_widgets(method, values: dict[str, Any]) -> dict:
+def params_from_widgets(method, values: dict[str, Any], problems: list[str] | None = None) -> dict:
+    """The params the widgets set; a field whose text does not parse raises its RecipeError, or,
+    given `problems`, adds its line there and is left out (so every such field is named at once)."""
     out = {}
     for w in method_widgets(method):
-        v = from_widget(w, values.get(w.name))
+        v = _collect(problems, from_widget, w, values.get(w.name))
         if v is not PydanticUndefined:
             out[w.name] = v
     return out
 
 
+def _collect(problems: list[str] | None, read, *args) -> Any:
+    """read(*args); with `problems` given, a RecipeError's lines are added there instead of raised
+    (the value is then `PydanticUndefined`: left out)."""
+    if problems is None:
+        return read(*args)
+    try:
+        return read(*args)
+    except RecipeError as err:
+        problems.extend(error_lines(err))
+        return PydanticUndefined
+
+
 # ---- the recipe from the whole form ------------------------------------------------------------
 
 
-def _read(widgets: list[Widget], values: dict[str, Any], prefix: str) -> dict:
+def _read(widgets: list[Widget], values: dict[str, Any], prefix: str, problems: list[str] | None = None) -> dict:
     """The fields set by the widgets under `prefix` (blank or default ones left out); RecipeError
-    naming `<prefix><field>` for text that does not parse."""
-    read = {w.name: from_widget(w, values.get(prefix + w.name), prefix + w.name) for w in widgets}
+    naming `<prefix><field>` for text that does not parse (or its line added to `problems`)."""
+    read = {w.name: _collect(problems, from_widget, w, values.get(prefix + w.name), prefix + w.name) for w in widgets}
     return {k: v for k, v in read.items() if v is not PydanticUndefined}
 
 
-def recipe_from_form(values: dict[str, Any], method: str | None = None) -> dict:
+def recipe_from_form(values: dict[str, Any], method: str | None = None, problems: list[str] | None = None) -> dict:
     """The recipe dict the form's `values` (by form key, see the module docstring) describe, with
-    `method` in place of the form's own; blank fields left out, so the library's defaults apply."""
+    `method` in place of the form's own; blank fields left out, so the library's defaults apply.
+    Text that does not parse raises a RecipeError naming its field, or, given `problems`, each
+    such field's line is added there and the field left out."""
     from multifusion.registry import METHODS
 
     method = method or values["method"]
     m = METHODS[method]
-    params = params_from_widgets(m, {w.name: values.get(f"params:{method}:{w.name}") for w in method_widgets(m)})
-    models = [_read(model_widgets(), values, f"models[{i}].") for i in range(int(values["n_models"]))]
+    params = params_from_widgets(m, {w.name: values.get(f"params:{method}:{w.name}") for w in method_widgets(m)}, problems)
+    models = [_read(model_widgets(), values, f"models[{i}].", problems) for i in range(int(values["n_models"]))]
     recipe = {
         "version": 1,
         "method": method,
         "models": models,
         "params": params,
-        "sampling": _read(sampling_widgets(), values, "sampling."),
+        "sampling": _read(sampling_widgets(), values, "sampling.", problems),
     }
-    runtime = _read(runtime_widgets(), values, "runtime.")
+    runtime = _read(runtime_widgets(), values, "runtime.", problems)
     if runtime:
         recipe["runtime"] = runtime
-    return {**recipe, **_read(recipe_widgets(), values, "")}
+    return {**recipe, **_read(recipe_widgets(), values, "", problems)}
 
 
 def form_from_recipe(data: dict) -> dict[str, Any]:
@@ -359,6 +373,21 @@ def form_from_recipe(data: dict) -> dict[str, Any]:
     return values
 
 
+def restored_form(data: dict) -> tuple[dict[str, Any], list[str]]:
+    """`form_from_recipe`, with what the person restoring should know: a recipe turning on
+    `runtime.allow_pickle` (pickle weights run code when loaded) is restored with it off, and
+    said so, until the person ticks it."""
+    values = form_from_recipe(data)
+    notes = []
+    if values.get("runtime.allow_pickle"):
+        values["runtime.allow_pickle"] = False
+        notes.append(
+            "runtime.allow_pickle: the recipe turns it on; it is left off here (pickle weights can run code when "
+            "loaded): tick it under runtime only if you trust every model the recipe names"
+        )
+    return values, notes
+
+
 # ---- errors at their field -----------------------------------------------------------------------
 
 _LINE = re.compile(r"^\s*(?P<path>[A-Za-z_][\w\-]*(?:\[\d+\])?(?:\.[\w\-]+(?:\[\d+\])?)*):\s(?P<msg>.*)$")
@@ -398,12 +427,76 @@ def route_errors(err: BaseException | str) -> dict[str, list[str]]:
     return out or {"general": [text]}
 
 
+def error_lines(err: BaseException | str) -> list[str]:
+    """The lines of a library error, its "invalid recipe:" heading left out."""
+    return [ln.strip() for ln in str(err).splitlines() if ln.strip() and ln.strip() != "invalid recipe:"]
+
+
+def error_box_of(form_key: str) -> str | None:
+    """The error key (`route_errors`) whose box a form field's errors show in, so editing the
+    field can clear it: a method's field its own box (`<method>:params.<field>`), a model field
+    its own, sampling and runtime fields their section's, the model count the models'."""
+    if form_key.startswith("params:"):
+        _, method, name = form_key.split(":", 2)
+        return f"{method}:params.{name}"
+    if form_key == "n_models":
+        return "models"
+    if form_key in ("method", "preview_every"):
+        return None
+    key = error_key(form_key)
+    return None if key == "general" else key
+
+
 def check_recipe(data: dict) -> None:
     """Everything `multifusion validate` checks (no model loads); raises the library's errors."""
     from multifusion.recipe import parse_recipe
     from multifusion.validate import validate
 
     validate(parse_recipe(data))
+
+
+def check_form(values: dict[str, Any], method: str | None = None) -> dict:
+    """The form's recipe (`recipe_from_form`) checked as `multifusion validate` checks it, naming
+    every problem found at once rather than the first: text that does not parse in any field;
+    then the recipe's own check; then the parts it stops before, each checked alone: the params
+    when the recipe's structure fails, and each model slot (as a `single` recipe of that model,
+    so its reference, VAE and fields are checked as validate checks them). Raises one error of
+    the first problem's kind holding every line."""
+    from multifusion.recipe import parse_recipe
+    from multifusion.registry import METHODS
+
+    problems: list[str] = []
+    data = recipe_from_form(values, method, problems)
+    first: MultifusionError | None = RecipeError("invalid recipe") if problems else None
+    try:
+        check_recipe(data)
+        structure_ok = True
+    except MultifusionError as err:
+        first = first or err
+        problems += error_lines(err)
+        try:
+            parse_recipe(data)
+            structure_ok = True
+        except MultifusionError:
+            structure_ok = False
+    if first is None:
+        return data
+    if not structure_ok:  # the recipe's structure failed before its params were read: read them alone
+        try:
+            METHODS[data["method"]].parse_params(data["params"], len(data["models"]))
+        except MultifusionError as err:
+            problems += error_lines(err)
+    for i, entry in enumerate(data["models"]):
+        alone = {k: v for k, v in data.items() if k not in ("method", "params", "models")}
+        alone.update(method="single", params={}, models=[entry])
+        if not structure_ok:  # sampling may be what fails: each model is checked on the defaults
+            alone["sampling"] = {}
+        try:
+            check_recipe(alone)
+        except MultifusionError as err:
+            problems += [f"models[{i}]" + ln.removeprefix("models[0]") for ln in error_lines(err) if ln.startswith("models[0]")]
+    lines = list(dict.fromkeys(problems))  # each once, in the order found
+    raise type(first)("\n".join(lines))
 
 
 def read_recipe_file(path: str) -> dict:
@@ -415,15 +508,13 @@ def read_recipe_file(path: str) -> dict:
 
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml", ".json"):
-        import yaml
+        from multifusion.recipe import parse_recipe
 
-        try:
-            data = yaml.safe_load(p.read_text())
-        except Exception as err:
-            raise RecipeError(f"{p.name!r} is not a valid recipe file: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p.name!r} must hold a mapping at top level")
-        return data
+        try:  # the CLI's reading, with its limits (UTF-8, YAML aliases expanding past MAX_YAML_NODES)
+            recipe = parse_recipe(p)
+        except MultifusionError as err:
+            raise type(err)(str(err).replace(str(p), p.name)) from None
+        return recipe.model_dump(mode="json", exclude_unset=True)
     try:  # the reader of `multifusion generate --from-image`: the same fields, never `runtime` (pickles, devices)
         return recipe_from_image(p)[0]
     except MultifusionError as err:
