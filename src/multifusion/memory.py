@@ -31,6 +31,8 @@ floors leave out (CUDA context, kernel workspaces, fragmentation).
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -268,15 +270,59 @@ def activation_peaks(model: Published, height: int, width: int, batch: int = 1) 
     with FakeTensorMode():
         torch.set_default_dtype(DTYPE)
         try:
-            denoiser, vae = model.family.build_denoiser(model.denoiser), build("vae", model.vae)
-            inputs = model.family.example_inputs(model.denoiser, model.guidance_batch * batch, latent, model.text_tokens)
+            vae = build("vae", model.vae)
             z = torch.randn(batch, *latent)
         finally:
             torch.set_default_dtype(previous)
-        return {
-            "denoiser": _peak_activations(denoiser, lambda: denoiser(**inputs, return_dict=False)),
-            "vae_decode": _peak_activations(vae, lambda: vae.decode(z)),
-        }
+        decode = _peak_activations(vae, lambda: vae.decode(z))
+    denoiser = denoiser_activations(model.family, model.denoiser, model.guidance_batch * batch, latent, model.text_tokens, DTYPE)
+    return {"denoiser": denoiser, "vae_decode": decode}
+
+
+def denoiser_activations(
+    family: type[ModelHandle], config: dict[str, Any], inputs: int, latent: tuple[int, int, int], tokens: int, dtype: torch.dtype
+) -> int:
+    """Bytes of live activations at the peak of one call of `family`'s denoiser built from
+    `config` (its config.json; keys starting with "_" are ignored), on `inputs` latents of shape
+    `latent` (C, h, w) with a text sequence of `tokens`, in `dtype` (fake tensors, no storage:
+    module docstring)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    previous = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(dtype)
+        try:
+            denoiser = family.build_denoiser(config)
+            kwargs = family.example_inputs(config, inputs, latent, tokens)
+        finally:
+            torch.set_default_dtype(previous)
+        return _peak_activations(denoiser, lambda: denoiser(**kwargs, return_dict=False))
+
+
+@functools.lru_cache(maxsize=64)
+def _per_input(family: type[ModelHandle], config_json: str, latent: tuple[int, int, int], tokens: int, dtype: torch.dtype) -> int:
+    return denoiser_activations(family, json.loads(config_json), 1, latent, tokens, dtype)
+
+
+def activations_per_input(
+    family: type[ModelHandle], config: dict[str, Any], latent: tuple[int, int, int], tokens: int, dtype: torch.dtype
+) -> int:
+    """`denoiser_activations` of one input, remembered for the process (a fake forward takes about
+    a second): a batch of k inputs takes k times this (activations are per sample; checked in
+    tests/unit/test_memory.py)."""
+    return _per_input(family, json.dumps(dict(config), sort_keys=True, default=list), latent, tokens, dtype)
+
+
+def free_bytes(device: torch.device | str) -> int:
+    """Memory free on `device` now: the accelerator's free memory (CUDA), else the host's
+    available memory (what a CPU run's activations come from)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # a dependency of accelerate
+
+    return psutil.virtual_memory().available
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,13 @@ class Runtime(_Strict):
         "raise it on purpose for larger ones",
     )
 
+    max_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="memory the run may take for batched denoiser calls, GiB (Mixture of Diffusers' tile batch); "
+        "default: 90% of the device's free memory when a batch of images is planned (host memory on cpu)",
+    )
+
     @property
     def pixel_limit(self) -> int:
         return MAX_PIXELS if self.max_pixels is None else self.max_pixels

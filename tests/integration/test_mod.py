@@ -96,6 +96,35 @@ def test_batched_regions_equal_one_at_a_time(tiny_a):
     assert torch.allclose(one, three, atol=1e-5)
 
 
+def test_the_default_tile_batch_is_the_largest_the_memory_budget_holds(tiny_a):
+    """tile_batch_size unset: with room for every tile the run is the 3-tile batch bit for bit,
+    with room for none it is one tile per call bit for bit, and both equal one tile per call to
+    float rounding. The rule itself on hand-set budgets: 2.5 tiles' activations hold 2."""
+    from multifusion.memory import GiB, activations_per_input
+    from multifusion.noise.methods import memory_tile_batch
+    from multifusion.recipe import Runtime
+
+    [h] = load_models([tiny_a])
+    tiles = {
+        "prompts": [["a red circle", "a blue square", "a pink diamond"]],
+        "tile_height": 32,
+        "tile_width": 32,
+        "tile_col_overlap": 16,
+    }
+    latents = {k: run(mod([tiny_a], {"tiles": tiles, "tile_batch_size": k}), models=[h], progress=False).latents for k in (1, 3)}
+    roomy = run(mod([tiny_a], {"tiles": tiles}), models=[h], progress=False).latents
+    tight = run({**mod([tiny_a], {"tiles": tiles}), "runtime": {"max_memory_gib": 1e-9}}, models=[h], progress=False).latents
+    assert torch.equal(roomy, latents[3]) and torch.equal(tight, latents[1])
+    torch.testing.assert_close(roomy, latents[1], rtol=1e-5, atol=1e-5)
+
+    guided = [h.guide([p] * 2, guidance_scale=5.0) for p in ("a", "b", "c")]
+    group = [Region((0, 4, 4 * i, 4 * i + 4), g, torch.ones(4, 4)) for i, g in enumerate(guided)]
+    tile = 2 * 2 * activations_per_input(type(h), h.unet.config, (4, 4, 4), guided[0].positive.embeds.shape[1], torch.float32)
+    for held, want in ((0.5, 1), (1.5, 1), (2.5, 2), (3.5, 3), (100, 3)):
+        assert memory_tile_batch([group], Runtime(max_memory_gib=held * tile / GiB)) == want, held
+    assert memory_tile_batch([], Runtime(max_memory_gib=1e-9)) == 1
+
+
 def test_non_square_canvas_halves_are_independent_models_runs(tiny_a):
     """Two constant-weight regions side by side on a 32x64 canvas never mix: each half must be
     exactly a single-model run on that half's noise (a swapped height/width would break this)."""

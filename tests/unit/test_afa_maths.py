@@ -179,3 +179,60 @@ def test_one_point_has_the_counted_parameters(c, n, d, t, x, heads, groups):
     with torch.device("meta"):
         point = SABW(c, n, d, heads, t, x, groups)
     assert sum(p.numel() for p in point.parameters()) == sabw_parameters(c, n, d, t, x)
+
+
+def _modules_forward(point: SABW, features, temb, context):
+    """The aggregator as the diffusers modules compute it (their own forwards): the reference
+    SABW.forward's leaner path must equal."""
+    h = point.conv_in(stack_models(features))
+    h = point.resnet(h, temb)
+    h = point.transformer(h, encoder_hidden_states=context, return_dict=False)[0]
+    return point.conv_out(h)
+
+
+@pytest.mark.parametrize("n,heads,layers,size", [(2, 1, 1, (5, 7)), (3, 2, 1, (4, 4)), (2, 4, 2, (6, 3))])
+def test_sabw_equals_its_diffusers_modules_forward_and_gradients(n, heads, layers, size):
+    """Random parameters (every one non-zero, so no path hides), random inputs: the logits and
+    the gradients of every parameter agree with the diffusers modules' forward to float rounding."""
+    g = torch.Generator().manual_seed(n + heads + layers)
+    point = SABW(
+        channels=6, n_models=n, width=8, heads=heads, temb_channels=16, cross_attention_dim=12, norm_groups=4, layers=layers
+    )
+    with torch.no_grad():
+        for p in point.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    features, temb, context = (
+        torch.randn(n, 3, 6, *size, generator=g),
+        torch.randn(3, 16, generator=g),
+        torch.randn(3, 9, 12, generator=g),
+    )
+    grads = []
+    for forward in (_modules_forward, SABW.forward):
+        point.zero_grad()
+        out = forward(point, features, temb, context)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in point.parameters()]))
+    (ref, ref_grads), (new, new_grads) = grads
+    assert ref.abs().max() > 0.1  # the logits are not trivially zero
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(new_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shipped_aggregators_give_their_modules_outputs():
+    """zoo:afa-slices at every point, on random features of the zoo's shapes (16 x 16 latents, a
+    CFG batch of 4)."""
+    from multifusion.loading import zoo_root
+
+    agg = AFAAggregators.from_pretrained(zoo_root() / "afa-slices").eval()
+    g = torch.Generator().manual_seed(0)
+    temb, context = (
+        torch.randn(4, agg.config.temb_channels, generator=g),
+        torch.randn(4, 77, agg.config.cross_attention_dim, generator=g),
+    )
+    sides = [16, 16, 8, 8, 4, 4, 4, 4, 8, 8, 16, 16, 16]
+    with torch.no_grad():
+        for point, c, side in zip(agg.points, agg.config.channels, sides, strict=True):
+            features = torch.randn(2, 4, c, side, side, generator=g)
+            ref = _modules_forward(point, features, temb, context)
+            torch.testing.assert_close(point(features, temb, context), ref, rtol=1e-5, atol=1e-5)

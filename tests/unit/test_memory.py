@@ -11,8 +11,10 @@ from multifusion.memory import (
     GiB,
     Published,
     activation_peaks,
+    activations_per_input,
     build,
     count_parameters,
+    denoiser_activations,
     denoiser_parameters,
     device_bytes,
     fits,
@@ -145,3 +147,18 @@ def test_shared_encoders_and_vae_are_counted_once():
 
 def test_fits_keeps_a_tenth_of_the_card():
     assert fits(9 * GiB, 10) and not fits(9 * GiB + 1, 10)
+
+
+@pytest.mark.parametrize("kind", ["unet", "sd3", "flux"])
+def test_a_batch_of_k_inputs_takes_k_times_one_inputs_activations(kind):
+    """The premise of Mixture of Diffusers' tile batch rule (`noise.methods.memory_tile_batch`):
+    per-input activations times the batch bound the batch's peak from above, and closely (FLUX's
+    rotary ids are shared by the batch), for every denoiser kind."""
+    import torch
+
+    family = FAMILY[kind]
+    latent = (4, 8, 8)
+    one = activations_per_input(family, TINY[kind], latent, 7, torch.float32)
+    assert one == denoiser_activations(family, TINY[kind], 1, latent, 7, torch.float32) > 0
+    for k in (2, 5):
+        assert 0.9 * k * one <= denoiser_activations(family, TINY[kind], k, latent, 7, torch.float32) <= k * one

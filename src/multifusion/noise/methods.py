@@ -17,11 +17,21 @@ from multifusion.canvas import Box, check_box_on_patch_grid
 from multifusion.errors import FieldError, RecipeError
 from multifusion.io import image_is_whole, read_rgb_image
 from multifusion.loop import Step, Trajectory
+from multifusion.memory import RESERVE, GiB, activations_per_input, free_bytes
 from multifusion.method import Batch, Method, Params, Plan, Prepared, Recorder, RunContext
 from multifusion.noise.average import Average
-from multifusion.noise.regions import Canvas, ImageRegion, Region, coverage, hold_image_regions, region_weights, reroll
+from multifusion.noise.regions import (
+    Canvas,
+    ImageRegion,
+    Region,
+    coverage,
+    hold_image_regions,
+    region_weights,
+    reroll,
+    tile_batch_for,
+)
 from multifusion.noise.snb import SNB, check_arguments, check_blur_fits
-from multifusion.recipe import weights_problem
+from multifusion.recipe import Runtime, weights_problem
 from multifusion.schedulers import timestep_fraction
 from multifusion.vae import encode
 from multifusion.viz import MaskRecorder, RegionWeightRecorder
@@ -258,7 +268,12 @@ class ModParams(Params):
     background: BackgroundParams | None = None
     image_regions: list[ImageRegionParams] = Field(default_factory=list)
     rerolls: list[RerollParams] = Field(default_factory=list)
-    tile_batch_size: int = Field(1, ge=1, description="regions of one model denoised per UNet call")
+    tile_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="regions of one model and size denoised per UNet call; default: as many as fit "
+        "`runtime.max_memory_gib` (or the device's free memory)",
+    )
 
     @model_validator(mode="after")
     def _some_region(self):
@@ -399,7 +414,10 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
                 p.gate,
             )
         regions.append(Region(box, guided, weights, where.removeprefix("params.")))
-    canvas = Canvas(regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size)
+    runtime = ctx.recipe.runtime
+    canvas = Canvas(
+        regions, tuple(ctx.latent_shape[1:]), params.tile_batch_size or (lambda groups: memory_tile_batch(groups, runtime))
+    )
 
     noise = batch.noise
     for n, spec in enumerate(params.rerolls):
@@ -413,6 +431,28 @@ def plan_mod(prep: PreparedCanvas, batch: Batch) -> Plan:
             return [hold_image_regions(step.latents[0], noise, prep.images, step.schedulers[0], step.t_next[0], step.fraction[0])]
 
     return Plan([Trajectory(canvas, noise=noise)], meet=meet)
+
+
+def memory_tile_batch(groups: list[list[Region]], runtime: Runtime) -> int:
+    """Mixture of Diffusers' tile batch when the recipe sets none: the largest whose activations
+    fit the run's budget (`runtime.max_memory_gib`, else 90 % of the device's free memory now),
+    for every group of regions that can share a denoiser call (`Canvas`; one model, one window
+    size). One tile's activations are those of its inputs (the images, twice under guidance),
+    each `memory.activations_per_input` of that model at that window (a fake-tensor forward of
+    its config, about a second the first time in a process). 1 when no group has two regions."""
+    if not groups:
+        return 1
+    budget = runtime.max_memory_gib * GiB if runtime.max_memory_gib is not None else (1 - RESERVE) * free_bytes(runtime.device)
+    batches = []
+    for group in groups:
+        fn, (h, w) = group[0].fn, group[0].size
+        denoiser = fn.handle.unet
+        per_input = activations_per_input(
+            type(fn.handle), denoiser.config, (fn.handle.latent_channels, h, w), fn.positive.embeds.shape[1], denoiser.dtype
+        )
+        inputs = fn.batch_size * (1 if all(r.fn.guidance_scale == 1.0 for r in group) else 2)
+        batches.append(tile_batch_for(budget, per_input * inputs, len(group)))
+    return min(batches)
 
 
 def snb_recorders(vae) -> list[Recorder]:

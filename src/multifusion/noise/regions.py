@@ -33,7 +33,7 @@ Deviations from the reference code (the `mixdiff` package and diffusers' communi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -144,19 +144,28 @@ class Region:
         return r1 - r0, c1 - c0
 
 
+def tile_batch_for(budget_bytes: float, tile_bytes: int, tiles: int) -> int:
+    """The largest number of tiles, 1..`tiles`, whose activations (`tile_bytes` each: a batched
+    call's activations grow with its batch) fit in `budget_bytes`; 1 when not even one does (a
+    tile has to run)."""
+    return max(1, min(tiles, int(budget_bytes // max(tile_bytes, 1))))
+
+
 @dataclass(eq=False)
 class Canvas:
     """Noise function of a regional canvas (see module docstring).
 
     Regions whose `fn` is a `Guided` model are grouped by model and window size and run
     `tile_batch_size` regions per UNet call; other noise functions run one region at a time.
+    `tile_batch_size` may be a function of those groups (each a list of regions, conditioned on
+    their windows) returning the batch: the memory rule of `noise.methods` when the recipe sets none.
     A step that records gets `mod/weights` (N, H, W), each region's share of each latent pixel
     (`normalised_weights`, the same every step), and `mod/names`, the regions' names.
     """
 
     regions: Sequence[Region]
     canvas: tuple[int, int]  # latent (H, W)
-    tile_batch_size: int = 1
+    tile_batch_size: int | Callable[[list[list[Region]]], int] = 1
     _groups: list[list[int]] = field(init=False, repr=False)
     _shares: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -171,7 +180,10 @@ class Canvas:
         for i, r in enumerate(self.regions):
             key = (id(r.fn.handle), r.size) if isinstance(r.fn, Guided) else ("single", i)
             groups.setdefault(key, []).append(i)
-        self._groups = [g[j : j + self.tile_batch_size] for g in groups.values() for j in range(0, len(g), self.tile_batch_size)]
+        if callable(self.tile_batch_size):
+            self.tile_batch_size = self.tile_batch_size([[self.regions[i] for i in g] for g in groups.values() if len(g) > 1])
+        k = self.tile_batch_size
+        self._groups = [g[j : j + k] for g in groups.values() for j in range(0, len(g), k)]
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         eps: list[torch.Tensor | None] = [None] * len(self.regions)
