@@ -201,6 +201,10 @@ def test_bad_lora_merges_are_refused_before_writing(toon_lora, tiny_a, tmp_path)
     save_file({"unet.conv_in.weight": torch.zeros(1)}, str(not_lora))
     with pytest.raises(ModelLoadError, match=r"key 'unet.conv_in.weight' is not a LoRA layer's"):
         merge_lora(BASE, not_lora, tmp_path / "x")
+    half = tmp_path / "half.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(half))
+    with pytest.raises(ModelLoadError, match=r"not a LoRA layout diffusers reads"):
+        merge_lora(BASE, half, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

@@ -230,7 +230,10 @@ def read_lora(path: str | Path, pipeline_class: str = "StableDiffusionPipeline")
         import diffusers
         from diffusers.utils import convert_unet_state_dict_to_peft
 
-        state, network_alphas = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
+        try:
+            state, network_alphas = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(f"LoRA {str(path)!r}: not a LoRA layout diffusers reads ({type(err).__name__}: {err})") from None
         # diffusers' conversion names attention layers as its old attention processors
         # (`attn1.processor.to_k_lora.down`); its own PEFT conversion gives module paths.
         state = convert_unet_state_dict_to_peft(state)
