@@ -61,7 +61,9 @@ def test_a_merge_of_a_merge_equals_writing_the_inner_merge_first(
     two_steps = merge_models(written_inputs, tmp_path / "two_steps", outer_spec)
     _same_folders(nested, two_steps)
     recorded = json.loads((nested / "merge.json").read_text())
-    assert recorded["models"][0 if first_is_merge else 1]["merge"] == "merges.inner"
+    inner_json = recorded["models"][0 if first_is_merge else 1]
+    assert inner_json["merge"] == "merges.inner" and inner_json["hyper"] == json.loads(json.dumps(inner_spec.resolved()))
+    assert MergeSpec(**inner_json["spec"]) == inner_spec
     assert len(recorded["fingerprints"]) == 3  # a, b and d were read
 
 
@@ -112,7 +114,9 @@ def test_a_merge_of_merges_reads_each_input_once_per_tensor_and_writes_nothing_i
     merge_models([inner, tiny_a], tmp_path / "out", MergeSpec())
     unet_names = _tensors(merge_module.Path(tiny_a)).keys()
     assert all(reads.count(k) == 3 for k in unet_names)
-    assert sorted(p.parent.name for p in writes) == ["text_encoder", "unet"] and sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.parent.name for p in writes) == ["text_encoder", "unet"] and sorted(x.name for x in tmp_path.iterdir()) == [
+        "out"
+    ]
 
 
 def test_recipes_name_merges_inside_merges(tiny_a, tiny_b, tiny_d, tmp_path):
