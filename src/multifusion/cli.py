@@ -793,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
         "mbw-search",
         help="search block weights of an app's two models against the zoo judge (auto-MBW)",
         description="Search the block weights (mbw) of merging a zoo app's first two roles that maximise the "
-        "judge's success on the app's prompts (each image sampled with the first role's prompt). Cheap by "
+        "judge's success on the app's prompts (each image sampled with the first role's prompt), by a weighted "
+        "sum or any registered merge method with a ratio (--method, its other hyper-parameters with --option). Cheap by "
         "default: 4 prompts, 1 seed, 10 steps. Resumable: every candidate and its score go to OUT/search.jsonl; "
         "a rerun scores none twice. Writes OUT/best.json and OUT/search.png (best score over evaluations).",
     )

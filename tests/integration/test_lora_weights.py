@@ -201,6 +201,10 @@ def test_bad_lora_merges_are_refused_before_writing(toon_lora, tiny_a, tmp_path)
     save_file({"unet.conv_in.weight": torch.zeros(1)}, str(not_lora))
     with pytest.raises(ModelLoadError, match=r"key 'unet.conv_in.weight' is not a LoRA layer's"):
         merge_lora(BASE, not_lora, tmp_path / "x")
+    half = tmp_path / "half.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(half))
+    with pytest.raises(ModelLoadError, match=r"not a LoRA layout diffusers reads"):
+        merge_lora(BASE, half, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -280,3 +284,42 @@ def test_sdxl_loras_with_both_text_encoders(tiny_sdxl_dir, tmp_path):
     for part in ("text_encoder", "text_encoder_2"):
         assert all(torch.equal(v, getattr(base, part).state_dict()[k]) for k, v in getattr(no_te, part).state_dict().items())
     assert all(torch.equal(v, loaded.unet.state_dict()[k]) for k, v in no_te.unet.state_dict().items())
+
+
+def test_flux_loras_with_supermergers_block_ids(tmp_path):
+    """FLUX (a tiny FluxPipeline): the transformer's LoRA extracted (PEFT keys `transformer.`),
+    loaded by FluxPipeline; merged with FLUX's block ids (IN, D00, S00, OUT), OUT at 0."""
+    from diffusers import FluxPipeline
+
+    from multifusion.families.flux import FluxHandle
+    from multifusion.testing import build_tiny_flux_pipeline
+    from multifusion.weights.models import _config
+
+    a = build_tiny_flux_pipeline(tmp_path / "a", seed=0)
+    b = build_tiny_flux_pipeline(tmp_path / "b", seed=1, text_seed=0, vae_seed=0)
+    lora = extract_lora(str(a), str(b), tmp_path / "l.safetensors", rank=10_000)
+
+    def fused(scale):
+        pipe = FluxPipeline.from_pretrained(a, dtype=torch.float32)
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora(lora_scale=scale)
+        pipe.unload_lora_weights()
+        return pipe.transformer.state_dict()
+
+    layers = {f"{m}.weight" for m in lora_layers(a, "transformer")}
+    full, tuned = fused(1.0), FluxPipeline.from_pretrained(b, dtype=torch.float32).transformer.state_dict()
+    assert all(torch.allclose(full[k], tuned[k], rtol=0, atol=2e-6) for k in tuned if k in layers)
+    layout = FluxHandle.block_layout(_config(a / "transformer"))
+    assert layout.ids == ("IN", "D00", "S00", "OUT")
+    want = fused(0.7)
+    got = FluxPipeline.from_pretrained(
+        merge_lora(str(a), lora, tmp_path / "m", scale=0.7, blocks=[1.0, 1.0, 1.0, 0.0]), dtype=torch.float32
+    )
+    base = FluxPipeline.from_pretrained(a, dtype=torch.float32).transformer.state_dict()
+    got = got.transformer.state_dict()
+    assert any(layout.block_of(k) == "OUT" for k in layers)
+    for k in want:
+        if layout.block_of(k) == "OUT":
+            assert torch.equal(got[k], base[k]), k
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -61,7 +61,9 @@ def test_a_merge_of_a_merge_equals_writing_the_inner_merge_first(
     two_steps = merge_models(written_inputs, tmp_path / "two_steps", outer_spec)
     _same_folders(nested, two_steps)
     recorded = json.loads((nested / "merge.json").read_text())
-    assert recorded["models"][0 if first_is_merge else 1]["merge"] == "merges.inner"
+    inner_json = recorded["models"][0 if first_is_merge else 1]
+    assert inner_json["merge"] == "merges.inner" and inner_json["hyper"] == json.loads(json.dumps(inner_spec.resolved()))
+    assert MergeSpec(**inner_json["spec"]) == inner_spec
     assert len(recorded["fingerprints"]) == 3  # a, b and d were read
 
 
@@ -94,29 +96,27 @@ def test_the_in_memory_merge_of_a_merge_equals_the_folder(tiny_a, tiny_b, tiny_d
             assert torch.equal(state[key], v), (part, k)
 
 
-def test_a_merge_of_merges_holds_one_tensor_per_input_at_a_time(tiny_a, tiny_b, tiny_d, tmp_path, monkeypatch):
-    """Streamed: the inner merge is never written, and each outer tensor reads each leaf once."""
-    reads = []
-    read = merge_module.FileSource.reader
+def test_a_merge_of_merges_reads_each_input_once_per_tensor_and_writes_nothing_inner(
+    tiny_a, tiny_b, tiny_d, tmp_path, monkeypatch
+):
+    """Streamed: each output tensor reads that tensor once from each leaf model, and the only
+    file written is the output's (the inner merge is never written)."""
+    reads, writes = [], []
+    read, write = merge_module.FileSource.reader, merge_module.write_safetensors
 
     def counting(self, stack):
         get = read(self, stack)
         return lambda name: reads.append(name) or get(name)
 
     monkeypatch.setattr(merge_module.FileSource, "reader", counting)
-    monkeypatch.setattr(merge_module, "write_safetensors", _only_under(tmp_path / "out", merge_module.write_safetensors))
+    monkeypatch.setattr(merge_module, "write_safetensors", lambda path, *a: writes.append(path) or write(path, *a))
     inner = Merge((tiny_b, tiny_d), MergeSpec())
     merge_models([inner, tiny_a], tmp_path / "out", MergeSpec())
     unet_names = _tensors(merge_module.Path(tiny_a)).keys()
     assert all(reads.count(k) == 3 for k in unet_names)
-
-
-def _only_under(root, write):
-    def checked(path, header, tensors):
-        assert str(path).startswith(str(root.parent)) and root.name in str(path)
-        return write(path, header, tensors)
-
-    return checked
+    assert sorted(p.parent.name for p in writes) == ["text_encoder", "unet"] and sorted(x.name for x in tmp_path.iterdir()) == [
+        "out"
+    ]
 
 
 def test_recipes_name_merges_inside_merges(tiny_a, tiny_b, tiny_d, tmp_path):

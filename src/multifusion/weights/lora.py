@@ -163,25 +163,21 @@ def extract_lora(
     except (IncompatibleModelsError, ModelLoadError) as err:
         raise type(err)(f"models: {err}; a LoRA is the difference of two models of one architecture") from None
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    layers = 0
-    with ExitStack() as stack:
-        for component in _lora_components(plan, text_encoder):
-            c = next(c for c in plan.components if c.name == component)
-            if c.action == "copy" and component != plan.denoiser:
-                continue  # identical text encoders: nothing to extract
-            files = [_component_files(plan.folders[i], component) for i in range(2)]
-            read = [FileSource(f).reader(stack) for f in files]
-            for module, _ in lora_layers(plan.folders[0], component).items():
-                name = f"{module}.weight"
-                if name not in files[0]:
-                    continue
-                w_base, w_tuned = read[0](name), read[1](name)
-                delta = w_tuned.float() - w_base.float()
-                if not delta.any():
-                    continue
-                found[f"{component}.{module}"] = truncated_svd(delta, rank)
-                layers += 1
-    if not layers:
+    for component in _lora_components(plan, text_encoder):
+        c = next(c for c in plan.components if c.name == component)
+        if c.action == "copy" and component != plan.denoiser:
+            continue  # identical text encoders: nothing to extract
+        files = [_component_files(plan.folders[i], component) for i in range(2)]
+        names = [f"{m}.weight" for m in lora_layers(plan.folders[0], component) if f"{m}.weight" in files[0]]
+        # Files reopened every 64 layers: a safe_open handle keeps the pages it read mapped (as merges do).
+        for start in range(0, len(names), 64):
+            with ExitStack() as stack:
+                read = [FileSource(f).reader(stack) for f in files]
+                for name in names[start : start + 64]:
+                    delta = read[1](name).float() - read[0](name).float()
+                    if delta.any():
+                        found[f"{component}.{name.removesuffix('.weight')}"] = truncated_svd(delta, rank)
+    if not found:
         raise RecipeError(f"models: {base!r} and {tuned!r} have the same Linear and Conv weights; there is no LoRA to extract")
     # One rank in the file: a layer smaller than the rank (kept at its full rank) is padded with
     # zero rows of A and columns of B, which change no product. diffusers describes mixed ranks
@@ -199,7 +195,7 @@ def extract_lora(
 
     meta = {
         "format": "pt",
-        FORMAT: json.dumps({"base": base, "tuned": tuned, "rank": rank, "layers": layers, "text_encoder": text_encoder}),
+        FORMAT: json.dumps({"base": base, "tuned": tuned, "rank": rank, "layers": len(found), "text_encoder": text_encoder}),
     }
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata=meta)
@@ -234,7 +230,10 @@ def read_lora(path: str | Path, pipeline_class: str = "StableDiffusionPipeline")
         import diffusers
         from diffusers.utils import convert_unet_state_dict_to_peft
 
-        state, network_alphas = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
+        try:
+            state, network_alphas = getattr(diffusers, pipeline_class).lora_state_dict(str(path))
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(f"LoRA {str(path)!r}: not a LoRA layout diffusers reads ({type(err).__name__}: {err})") from None
         # diffusers' conversion names attention layers as its old attention processors
         # (`attn1.processor.to_k_lora.down`); its own PEFT conversion gives module paths.
         state = convert_unet_state_dict_to_peft(state)

@@ -177,7 +177,12 @@ class Merge:
         return [x for m in self.models for x in ([m] if isinstance(m, str) else m.leaves())]
 
     def as_json(self) -> dict:
-        return {"merge": self.where, "spec": self.spec.as_json(), "models": [_model_json(m) for m in self.models]}
+        return {
+            "merge": self.where,
+            "spec": self.spec.as_json(),
+            "hyper": self.spec.resolved(),  # defaults filled in: a random inner merge's seed is here
+            "models": [_model_json(m) for m in self.models],
+        }
 
 
 def first_leaf(model: str | Merge) -> str:
