@@ -464,6 +464,7 @@ def test_regional_tiles_are_native_size_and_each_tile_is_read_against_its_own_ob
         "mod-constant",
         "mod-thirds",
         "region-attention-thirds",
+        "region-attention-slots",
         "region-attention-canvas",
         "single-canvas",
     ]
@@ -503,6 +504,10 @@ def test_region_attention_rows_place_the_slots_as_the_mod_rows_do():
     assert (canvas["sampling"]["height"], canvas["sampling"]["width"]) == tile_canvas()
     assert seam_columns(canvas["params"], tile_canvas(), 4) == [48, 64, 96, 112]
     assert rows["region-attention-canvas"].views is tile_views
+    slots = row_recipe(rows["region-attention-slots"], p, {"general": "zoo:general"}, common, [0])
+    assert [r["col_init"] for r in slots["params"]["regions"]] == [r["col_init"] for r in thirds["params"]["regions"]]
+    for r, o in zip(slots["params"]["regions"], p.scene.objects):
+        assert parse_caption(r["prompt"]).objects[0].slot == o.slot  # its object at its own slot
 
 
 def test_the_single_model_on_the_tile_canvas_is_read_like_the_tiles():

@@ -110,12 +110,37 @@ def test_the_models_processors_are_back_after_a_run(sd):
     assert {k: type(v) for k, v in h.unet.attn_processors.items()} == before
 
 
-def test_overlapping_regions_and_uncovered_canvas_with_a_base_run(sd):
-    """The documented rules: overlaps take the mean of their regions, uncovered pixels the base."""
-    path, h = sd
-    params = {"regions": [box(0, 24, 0, 24), box(8, 32, 8, 32, OTHER)], "base_prompt": PROMPT}
-    out = run(recipe(path, params), models=[h], progress=False).latents
-    assert torch.isfinite(out).all()
+def test_uncovered_tokens_take_the_base_and_overlaps_the_mean_of_their_regions(sd):
+    """The documented rules, in a cross-attention layer (4x4 tokens of an 8x8 latent), with a base
+    prompt at ratio 0.25: two regions overlapping on token column 1, column 3 in no region.
+    Column 0: 0.25 base + 0.75 left; column 1: 0.25 base + 0.75 mean(left, right); column 2:
+    0.25 base + 0.75 right; column 3: the base alone."""
+    _, h = sd
+    layers = text_attention(h.unet)
+    module = next(m for name, (m, _) in layers.items() if name.startswith("down_blocks.1"))
+    seen = {}
+
+    def grab(mod, args, kwargs, out):
+        seen.update(x=args[0], out=out)
+
+    base, left, right = (h.encode_prompt([p] * 2) for p in ("a snowy field", PROMPT, OTHER))
+    n = base.embeds.shape[1]
+    joined = Conditioning(torch.cat([base.embeds, left.embeds, right.embeds], dim=1))
+    regions = Regions([(0, 8, 0, 4), (0, 8, 2, 6)], (8, 8), 0.25, Layout((n, n, n), True))
+    hook = module.register_forward_hook(grab, with_kwargs=True)
+    try:
+        with installed(layers, regions):
+            h.eps(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(300), joined)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        b, lo, r = (module.processor(module, seen["x"], c.embeds).reshape(2, 4, 4, -1) for c in (base, left, right))
+    got = seen["out"].reshape(2, 4, 4, -1)
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, :, 0], 0.25 * b[:, :, 0] + 0.75 * lo[:, :, 0], **close)
+    torch.testing.assert_close(got[:, :, 1], 0.25 * b[:, :, 1] + 0.75 * (lo[:, :, 1] + r[:, :, 1]) / 2, **close)
+    torch.testing.assert_close(got[:, :, 2], 0.25 * b[:, :, 2] + 0.75 * r[:, :, 2], **close)
+    assert torch.equal(got[:, :, 3], b[:, :, 3])
 
 
 @pytest.mark.parametrize(

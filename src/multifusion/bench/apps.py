@@ -236,15 +236,22 @@ ATTENTION_BASE_RATIO = 0.2
 0.1-0.3)."""
 
 
-def attention_regions(role: str, on_tiles: bool = False) -> RecipeBuilder:
+def attention_regions(role: str, on_tiles: bool = False, slot_prompts: bool = False) -> RecipeBuilder:
     """`region-attention` on one model with the whole layout as the base prompt: on the native
     canvas one region per slot third (as :func:`regions_per_slot`, hard edges, no overlap), or
     with ``on_tiles`` on the canvas of :func:`tiles_per_slot` with its tiles as the regions
-    (neighbours share TILE_OVERLAP columns, where their outputs are averaged)."""
+    (neighbours share TILE_OVERLAP columns, where their outputs are averaged). Each region is
+    prompted as the Mixture-of-Diffusers rows prompt it (its object "in the centre": a window is
+    an image of its own), or with ``slot_prompts`` with its object at its own slot ("on the left
+    in a desert"), the words of the whole picture, which the model draws at once."""
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
         regions, recipe = [], {}
-        for slot, text in prompt.regions:
+        texts = prompt.regions
+        if slot_prompts:
+            scene = prompt.scene
+            texts = tuple((o.slot, caption(Scene(scene.background, scene.style, (o,)))) for o in scene.objects)
+        for slot, text in texts:
             i = SLOTS.index(slot)
             if on_tiles:
                 step = TILE - TILE_OVERLAP
@@ -668,6 +675,12 @@ APPS: dict[str, App] = {
                 Fusion("mod", tiles_per_slot("general", "constant"), ("general",), id="mod-constant", views=tile_views),
                 Fusion("mod", regions_per_slot("general"), ("general",), id="mod-thirds"),
                 Fusion("region-attention", attention_regions("general"), ("general",), id="region-attention-thirds"),
+                Fusion(
+                    "region-attention",
+                    attention_regions("general", slot_prompts=True),
+                    ("general",),
+                    id="region-attention-slots",
+                ),
                 Fusion(
                     "region-attention",
                     attention_regions("general", on_tiles=True),

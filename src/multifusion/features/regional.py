@@ -29,7 +29,9 @@ attends its own prompt, and the tokens of other regions are simply absent. That 
 `RegionalProcessor` does: it calls the processor the denoiser had (so fused projections, rotary
 positions, norms and LoRA layers are the model's own) once for the base prompt on every token
 and once per region on the region's tokens, with no mask tensor (memory grows with the regions,
-not with the square of the sequence). Rules beyond the papers (stated in docs/regions.md):
+not with the square of the sequence). Plain cross-attention layers (AttnProcessor2_0, every UNet
+loaded here) take one call for all prompts instead (`fused_cross`), the same rule. Rules beyond
+the papers (stated in docs/regions.md):
 
 - Overlaps: a token covered by several regions takes the mean of their outputs, weighted by the
   share of the token each covers. Deviation from Chen et al., whose mask lets such a token attend

@@ -113,3 +113,42 @@ def test_regions_off_the_patch_grid_are_refused_after_loading_when_configs_are_n
     bad = recipe(path, {"regions": [box(0, 16, 0, 10), box(0, 16, 10, 24, OTHER)]})
     with pytest.raises(RecipeError, match=r"params.regions\[0\].col_end: 10 px is not on the 4-pixel patch grid"):
         run(bad, models=[h], progress=False)
+
+
+def test_flux_single_stream_block_runs_each_region_as_its_own_sequence(handles):
+    """FLUX's single-stream block sees [text; image] as one sequence: with a base prompt and two
+    regions, each region's text and image rows are the model's processor on [its prompt; its image
+    tokens] (its rotary rows), and the base text rows the processor on [base prompt; every token]."""
+    _, h = handles["flux"]
+    layers = text_attention(h.unet)
+    module, kind = layers["single_transformer_blocks.0.attn"]
+    assert kind == "single"
+    seen = {}
+
+    def grab(mod, args, kwargs, out):
+        seen.update(kwargs=kwargs, out=out)
+
+    parts = [h.encode_prompt([text]) for text in (PROMPT, OTHER, "a green triangle")]
+    n = parts[0].embeds.shape[1]
+    both = type(parts[0])(torch.cat([p.embeds for p in parts], dim=1), {**parts[0].extra, "guidance": torch.full((1,), 3.5)})
+    regions = Regions([(0, 8, 0, 4), (0, 8, 4, 8)], (8, 8), 0.3, Layout((n, n, n), True))
+    hook = module.register_forward_hook(grab, with_kwargs=True)
+    try:
+        with installed(layers, regions):
+            h.eps(torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(600.0), both)
+    finally:
+        hook.remove()
+    seq, rope, out = seen["kwargs"]["hidden_states"], seen["kwargs"]["image_rotary_emb"], seen["out"]
+    assert seq.shape[1] == 3 * n + 16
+    cols = torch.arange(4).repeat(4)
+    with torch.no_grad():
+        rows = torch.cat([torch.arange(n), 3 * n + torch.arange(16)])
+        base = module.processor(module, seq[:, rows], None, None, tuple(r[rows] for r in rope))
+        assert torch.equal(out[:, :n], base[:, :n])
+        for k, idx in enumerate([(cols < 2).nonzero()[:, 0], (cols >= 2).nonzero()[:, 0]]):
+            s = slice((k + 1) * n, (k + 2) * n)
+            rows = torch.cat([torch.arange(s.start, s.stop), 3 * n + idx])
+            own = module.processor(module, seq[:, rows], None, None, tuple(r[rows] for r in rope))
+            assert torch.equal(out[:, s], own[:, :n]), k
+            want = torch.lerp(base[:, n:][:, idx], own[:, n:], torch.tensor(0.7))
+            torch.testing.assert_close(out[:, 3 * n + idx], want, rtol=1e-6, atol=1e-7)
