@@ -10,6 +10,7 @@ Set MULTIFUSION_UI_SCREENSHOTS=docs/img to refresh the README's screenshots (doc
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -230,6 +231,13 @@ def wait_status(page, text: str) -> str:
     return page.locator("#status").inner_text()
 
 
+def test_the_first_screen_says_what_to_do_and_shows_run(page):
+    page.evaluate("window.scrollTo(0, 0)")
+    assert "then Run" in page.locator("#how-to").inner_text()
+    box = page.locator("#run").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= page.viewport_size["height"], box
+
+
 def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regenerate(page, shots, tmp_path):
     choose(page, "method", "mod")
     set_text(page, "sampling-num_inference_steps", STEPS)
@@ -238,6 +246,8 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     page.locator(f"#{canvas} img").wait_for()
     # The zoo canvas: 64 x 64 pixels on a 4-pixel latent grid. Region 0 by two clicks: the left
     # 60% (38.4 pixels, snapped to 40); the right stays uncovered and is reported before running.
+    steady(page, canvas)
+    top = page.locator(f"#{canvas} img").first.bounding_box()["y"]
     rows = draw_box(page, canvas, (0.01, 0.01), (0.99, 0.6), regions=1)
     assert rows[0][:4] == ["0", "64", "0", "40"]
     assert "covered by no region" in page.locator("#canvas-notes-mod").inner_text()
@@ -245,6 +255,8 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     drag_canvas(page, canvas, (0.02, 0.97), (0.98, 0.72))
     rows = wait_rows(page, table, lambda rows: len(rows) == 2)
     assert rows[1][:4] == ["0", "64", "48", "64"]
+    steady(page, canvas)  # the table grew by two rows below the canvas: the canvas stayed under the pointer
+    assert page.locator(f"#{canvas} img").first.bounding_box()["y"] == top
     # Dragged by its middle 16 pixels to the left, over region 0: moved on the grid, the table follows.
     drag_canvas(page, canvas, (0.5, 0.875), (0.5, 0.625), shot=shots / "ui-drag.png")
     rows = wait_rows(page, table, lambda rows: rows[1][2] != "48")
@@ -380,6 +392,7 @@ def test_snb_shows_images_and_masks_then_a_png_restores_its_recipe(page, shots, 
     page.locator("#param-snb-k").wait_for(state="hidden")
     page.locator("#restore input[type=file]").set_input_files(str(png))
     sync_api.expect(page.locator("#method input")).to_have_value("snb")
+    page.locator("#status", has_text=f"restored the recipe of {png.name}: method snb").wait_for()
     sync_api.expect(page.locator("#sampling-num_inference_steps input")).to_have_value(STEPS)
     page.locator("#param-snb-k").wait_for(state="visible")  # the method came back, so did its form
 
@@ -464,6 +477,9 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
         time.sleep(0.2)
     assert first.get_attribute("src") != src
     assert "done" not in page.locator("#status").inner_text()  # still sampling
+    # the bar says the step and the run's own time; Gradio's clock, restarting with each preview, is hidden
+    assert re.search(r"step \d+/500, [\d.]+ s", page.locator("#status .progress-level").inner_text())
+    assert not page.locator("#status .progress-text").is_visible()
     page.locator("#status .progress-level").wait_for()  # the bar shows again after each preview
     page.locator("#run").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "ui-progress.png"))
@@ -472,7 +488,9 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
     time.sleep(2)  # the worker stops at its next step; the page stays usable
     set_text(page, "sampling-num_inference_steps", "2")
     page.locator("#run").click()
-    wait_status(page, "with average")
+    said = wait_status(page, "with average")
+    assert re.match(r"done in [\d.]+ s: ", said), said  # the run's total time
+    page.locator("#preview img").wait_for(state="detached")  # the last step's preview gives way to the images
 
 
 def test_a_restored_vae_and_true_cfg_scale_run_and_download_and_a_missing_vae_is_named_at_its_field(
