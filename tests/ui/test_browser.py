@@ -433,13 +433,15 @@ def test_bad_input_shows_the_cli_error_at_the_field(page, shots, tmp_path):
     page.locator("#err-snb-params-k").wait_for(state="hidden")
     assert page.locator("#err-models-1-model").is_visible()
 
-    # a Hub model while offline: the reason, not a pointer to a stack trace the page does not show
-    set_text(page, "model-1", "nobody-here/no-such-model")
+    # a Hub model while offline (the first: nothing loads before it): the reason, not a pointer to a
+    # stack trace the page does not show
+    set_text(page, "model-1", "zoo:expert")
+    set_text(page, "model-0", "nobody-here/no-such-model")
     page.locator("#run").click()
     wait_status(page, "not run")
-    shown = error_text(page, "models-1-model")
+    shown = error_text(page, "models-0-model")
     assert "offline mode is enabled" in shown and "stacktrace" not in shown
-    set_text(page, "model-1", "zoo:expert")
+    set_text(page, "model-0", "zoo:general")
 
     # a file that is no PNG, dropped on the restore box
     fake = tmp_path / "notes.png"
