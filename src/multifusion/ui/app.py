@@ -106,6 +106,7 @@ class App:
                 headers=list(w.columns),
                 type="array",
                 column_count=len(w.columns),
+                column_widths=[forms.column_width(w.item, c) for c in w.columns],
                 row_count=1,
                 interactive=True,
                 label=f"{w.label}: one row per item",
@@ -209,7 +210,7 @@ class App:
                         buttons=[],
                     )
                     self.images = gr.Gallery(
-                        label="images", columns=4, height="auto", object_fit="contain", elem_id="images", scale=2
+                        label="images", columns=4, height=220, object_fit="contain", elem_id="images", scale=2
                     )
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -224,7 +225,7 @@ class App:
                                 self.model_slot(i, model, prompt)
                             self.slots.append(g)
                         self.fold("merges: models merged before sampling", "merges-fold", "", forms.recipe_widgets())
-                    with gr.Column(scale=1):
+                    with gr.Column(scale=2):  # the method's form: its tables and canvas want the room
                         gr.Markdown("### Method")
                         self.comps["method"] = method = gr.Dropdown(list(METHODS), value="snb", label="method", elem_id="method")
                         self.summary = gr.Markdown(self.method_summary("snb"))
@@ -256,9 +257,8 @@ class App:
                 # full width and tall: a strip of masks or a map with its legend is read at its own size
                 self.pictures = gr.Gallery(
                     label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)",
-                    columns=1,
-                    height=640,
-                    preview=True,
+                    columns=2,
+                    height=560,
                     object_fit="contain",
                     elem_id="pictures",
                 )

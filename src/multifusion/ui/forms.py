@@ -85,6 +85,13 @@ def table_columns(item: type[BaseModel]) -> tuple[str, ...]:
     return tuple([n for n, f in fields.items() if f.is_required()] + [n for n, f in fields.items() if not f.is_required()])
 
 
+def column_width(item: type[BaseModel], column: str) -> str:
+    """How wide a table shows a column of `item`'s field: text (prompts) wide enough to read, numbers
+    and choices narrow, so the first columns (a box, its prompt, its model) fit beside the canvas."""
+    ann, _ = _unwrap_optional(item.model_fields[column].annotation)
+    return "150px" if ann is str else "72px"
+
+
 def widget_for(name: str, info: FieldInfo) -> Widget:
     """The widget of one params field (see the module docstring)."""
     default = info.get_default(call_default_factory=True) if not info.is_required() else PydanticUndefined
