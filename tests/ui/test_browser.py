@@ -226,6 +226,18 @@ def download(page, elem_id: str, dest: Path, name_part: str) -> Path:
     return path
 
 
+def captions_shown(page, gallery: str) -> list[str]:
+    """The captions of a gallery's images, each checked to lie whole inside the gallery's box
+    (stretched images pushed them out of view)."""
+    frame = page.locator(f"#{gallery} .grid-wrap").bounding_box()
+    out = []
+    for cap in page.locator(f"#{gallery} .caption-label").all():
+        box = cap.bounding_box()
+        assert box["y"] >= frame["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, (box, frame)
+        out.append(cap.inner_text())
+    return out
+
+
 def wait_status(page, text: str) -> str:
     page.locator("#status", has_text=text).wait_for()
     return page.locator("#status").inner_text()
@@ -459,6 +471,7 @@ def test_compare_two_methods_with_judge_scores(page, shots):
     page.locator("#compare-run").click()
     page.locator("#compare-status", has_text="compared 2 methods").wait_for()
     assert page.locator("#compare-images img").count() >= 2
+    assert captions_shown(page, "compare-images") == ["average seed 0", "snb seed 0"]
     scores = page.locator("#compare-scores").inner_text()
     assert "average" in scores and "snb" in scores and "judge reads" in scores
     page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
@@ -579,6 +592,7 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
     said = wait_status(page, "with average")
     assert "2 image(s)" in said
     assert page.locator("#images img").count() == 2
+    assert captions_shown(page, "images") == ["average seed 5", "average seed 6"]
     page.screenshot(path=str(shots / "ui-merges.png"), full_page=True)
     made = yaml.safe_load(download(page, "recipe-file", tmp_path, ".yaml").read_text())
     assert parse_recipe(made) == parse_recipe(restored)

@@ -210,7 +210,13 @@ class App:
                         buttons=[],
                     )
                     self.images = gr.Gallery(
-                        label="images", columns=4, height=220, object_fit="contain", elem_id="images", scale=2
+                        label="images",
+                        columns=4,
+                        fit_columns=False,  # one image is not stretched past the box (its caption cut off)
+                        height=260,
+                        object_fit="contain",
+                        elem_id="images",
+                        scale=2,
                     )
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -283,7 +289,14 @@ class App:
                 cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 cmp_status = gr.Markdown(elem_id="compare-status")
                 cmp_gallery = gr.Gallery(
-                    label="side by side", columns=6, height="auto", object_fit="contain", elem_id="compare-images"
+                    # a quarter of the width each, never stretched to fill the row: a thumbnail (and the
+                    # caption at its foot) stays inside the gallery's box
+                    label="side by side",
+                    columns=4,
+                    fit_columns=False,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="compare-images",
                 )
                 # hidden until a run fills it (empty, it shows placeholder headers "1 2 3")
                 cmp_scores = gr.Dataframe(
@@ -790,9 +803,11 @@ class App:
         status = "\n".join(problems + notes) if problems or notes else f"compared {len(chosen)} methods"
         import pandas as pd
 
-        # one column per image up to four: captions fit their image (six columns cut them off)
-        shown = gr.update(value=gallery or None, columns=max(1, min(len(gallery), 4)))
-        return status, shown, gr.update(value=pd.DataFrame(rows), visible=True) if rows else gr.update(value=None, visible=False)
+        return (
+            status,
+            gallery or None,
+            gr.update(value=pd.DataFrame(rows), visible=True) if rows else gr.update(value=None, visible=False),
+        )
 
     @staticmethod
     def scores(method: str, recipe: dict, images: list) -> list[dict]:
