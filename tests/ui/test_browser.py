@@ -576,10 +576,11 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
         ],
         "merges": {"mix": {"models": ["zoo:general", "zoo:cartoon"], "weights": [0.7, 0.3]}},
         "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, "num_images": 2, "seed": 5},
-        "runtime": {"max_pixels": 4096, "vae_device": "cpu"},
+        "runtime": {"max_pixels": 4096, "vae_device": "cpu", "allow_pickle": True},
     }
     path = tmp_path / "merged.yaml"
     path.write_text(yaml.safe_dump(restored))
+    restored["runtime"]["allow_pickle"] = False  # a recipe never turns pickles on by itself: restored off, and said
     page.get_by_role("tab", name="Compose").click()
     page.locator("#restore input[type=file]").set_input_files(str(path))
     # the merges and runtime accordions open on what the recipe sets there
@@ -588,6 +589,8 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
     )
     sync_api.expect(page.locator("#runtime-max_pixels input, #runtime-max_pixels textarea").first).to_have_value("4096")
     page.locator("#param-average-weights").wait_for(state="visible")  # the method's form is shown
+    assert "runtime.allow_pickle: the recipe turns it on; it is left off here" in error_text(page, "runtime")
+    assert not page.locator("#runtime-allow_pickle input").is_checked()
     page.locator("#run").click()
     said = wait_status(page, "with average")
     assert "2 image(s)" in said
