@@ -77,3 +77,10 @@ def test_a_merge_of_models_without_a_common_ancestor_is_said(app):
     related = parse_recipe(forms.recipe_from_form(app.values(_data(app, **{"models[1].model": "zoo:cartoon"})), "merge"))
     assert app.lineage_note(related, app.handles(related)) is None
     assert app.lineage_note(parse_recipe(forms.recipe_from_form(app.values(data))), []) is None  # not a merge
+
+
+def test_a_run_of_such_a_merge_says_so_in_its_status(app):
+    data = _data(app, method="merge")
+    said = [out[len(app.error_outputs())] for out in app.on_run(data, progress=lambda *a, **k: None)]
+    assert any("no ancestor" in s for s in said[1:-1] if isinstance(s, str))  # while it runs
+    assert said[-1].startswith("done in ") and "models[1] (zoo:expert" in said[-1]  # and when it is done
