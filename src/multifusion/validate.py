@@ -28,8 +28,9 @@ from multifusion.weights.registry import MergeSpecError
 @dataclass(frozen=True)
 class Validated:
     """A recipe checked before loading: its method, its params, and whether the canvas size and
-    the method's size checks could run already (they need the VAE factor from a local config
-    and a size given by the recipe; otherwise they run after loading)."""
+    the method's size checks could run already (they need the first model's local config: its
+    VAE factor, and its native size where the recipe gives none; otherwise they run after
+    loading)."""
 
     recipe: Recipe
     method: Method

@@ -65,6 +65,11 @@ def _legend(draw: ImageDraw.ImageDraw, names: list[str], y: int = 3) -> None:
         x += 16 + 7 * len(name)
 
 
+def legend_width(names: list[str]) -> int:
+    """Pixels `_legend` takes across: a picture at least this wide shows every name whole."""
+    return 2 + sum(16 + 7 * len(n) for n in names)
+
+
 @dataclass
 class MaskRecorder:
     """Step callback collecting `{prefix}/mask` and `{prefix}/maps` (N, B, 1, H, W) per step."""
@@ -105,7 +110,7 @@ class MaskRecorder:
             return []
         w, h = frames[0].size
         legend = 14 if model_names else 0
-        strip = Image.new("RGB", (w * len(frames), h + legend), "black")
+        strip = Image.new("RGB", (max(w * len(frames), legend_width(model_names or [])), h + legend), "black")
         for j, f in enumerate(frames):
             strip.paste(f, (j * w, legend))
         if model_names:
@@ -202,7 +207,7 @@ class AFAMapRecorder:
             return []
         body = Image.fromarray(self.grid(image, cell))
         top, left = 28 if model_names else 14, 34
-        im = Image.new("RGB", (left + body.width, top + body.height), "black")
+        im = Image.new("RGB", (max(left + body.width, legend_width(model_names or [])), top + body.height), "black")
         im.paste(body, (left, top))
         draw = ImageDraw.Draw(im)
         for j, step in enumerate(self.steps):

@@ -60,7 +60,7 @@ def test_compare_names_a_failing_method_in_one_line_and_shows_scores_only_after_
     status, gallery, scores = app.on_compare(data, progress=lambda *a, **k: None)
     failed = next(ln for ln in status.splitlines() if ln.startswith("- **mod**"))
     assert failed.startswith("- **mod**: params.regions") and ": ;" not in failed
-    assert len(gallery["value"]) == 1 and gallery["columns"] == 1  # one image: one column, its caption whole
+    assert [c for _, c in gallery] == ["average seed 0"]
     assert scores["visible"] is True and list(scores["value"]["method"]) == ["average"]
     built = build_app()  # before any run the score table is hidden (empty, it shows headers 1 2 3)
     table = next(b for b in built.blocks.values() if getattr(b, "elem_id", None) == "compare-scores")
@@ -77,3 +77,10 @@ def test_a_merge_of_models_without_a_common_ancestor_is_said(app):
     related = parse_recipe(forms.recipe_from_form(app.values(_data(app, **{"models[1].model": "zoo:cartoon"})), "merge"))
     assert app.lineage_note(related, app.handles(related)) is None
     assert app.lineage_note(parse_recipe(forms.recipe_from_form(app.values(data))), []) is None  # not a merge
+
+
+def test_a_run_of_such_a_merge_says_so_in_its_status(app):
+    data = _data(app, method="merge")
+    said = [out[len(app.error_outputs())] for out in app.on_run(data, progress=lambda *a, **k: None)]
+    assert any("no ancestor" in s for s in said[1:-1] if isinstance(s, str))  # while it runs
+    assert said[-1].startswith("done in ") and "models[1] (zoo:expert" in said[-1]  # and when it is done

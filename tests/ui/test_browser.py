@@ -10,6 +10,7 @@ Set MULTIFUSION_UI_SCREENSHOTS=docs/img to refresh the README's screenshots (doc
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -225,9 +226,28 @@ def download(page, elem_id: str, dest: Path, name_part: str) -> Path:
     return path
 
 
+def captions_shown(page, gallery: str) -> list[str]:
+    """The captions of a gallery's images, each checked to lie whole inside the gallery's box
+    (stretched images pushed them out of view)."""
+    frame = page.locator(f"#{gallery} .grid-wrap").bounding_box()
+    out = []
+    for cap in page.locator(f"#{gallery} .caption-label").all():
+        box = cap.bounding_box()
+        assert box["y"] >= frame["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"] + 1, (box, frame)
+        out.append(cap.inner_text())
+    return out
+
+
 def wait_status(page, text: str) -> str:
     page.locator("#status", has_text=text).wait_for()
     return page.locator("#status").inner_text()
+
+
+def test_the_first_screen_says_what_to_do_and_shows_run(page):
+    page.evaluate("window.scrollTo(0, 0)")
+    assert "then Run" in page.locator("#how-to").inner_text()
+    box = page.locator("#run").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= page.viewport_size["height"], box
 
 
 def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regenerate(page, shots, tmp_path):
@@ -238,6 +258,8 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     page.locator(f"#{canvas} img").wait_for()
     # The zoo canvas: 64 x 64 pixels on a 4-pixel latent grid. Region 0 by two clicks: the left
     # 60% (38.4 pixels, snapped to 40); the right stays uncovered and is reported before running.
+    steady(page, canvas)
+    top = page.locator(f"#{canvas} img").first.bounding_box()["y"]
     rows = draw_box(page, canvas, (0.01, 0.01), (0.99, 0.6), regions=1)
     assert rows[0][:4] == ["0", "64", "0", "40"]
     assert "covered by no region" in page.locator("#canvas-notes-mod").inner_text()
@@ -245,6 +267,8 @@ def test_mod_regions_drawn_dragged_and_resized_on_the_canvas_then_run_and_regene
     drag_canvas(page, canvas, (0.02, 0.97), (0.98, 0.72))
     rows = wait_rows(page, table, lambda rows: len(rows) == 2)
     assert rows[1][:4] == ["0", "64", "48", "64"]
+    steady(page, canvas)  # the table grew by two rows below the canvas: the canvas stayed under the pointer
+    assert page.locator(f"#{canvas} img").first.bounding_box()["y"] == top
     # Dragged by its middle 16 pixels to the left, over region 0: moved on the grid, the table follows.
     drag_canvas(page, canvas, (0.5, 0.875), (0.5, 0.625), shot=shots / "ui-drag.png")
     rows = wait_rows(page, table, lambda rows: rows[1][2] != "48")
@@ -380,6 +404,7 @@ def test_snb_shows_images_and_masks_then_a_png_restores_its_recipe(page, shots, 
     page.locator("#param-snb-k").wait_for(state="hidden")
     page.locator("#restore input[type=file]").set_input_files(str(png))
     sync_api.expect(page.locator("#method input")).to_have_value("snb")
+    page.locator("#status", has_text=f"restored the recipe of {png.name}: method snb").wait_for()
     sync_api.expect(page.locator("#sampling-num_inference_steps input")).to_have_value(STEPS)
     page.locator("#param-snb-k").wait_for(state="visible")  # the method came back, so did its form
 
@@ -420,13 +445,15 @@ def test_bad_input_shows_the_cli_error_at_the_field(page, shots, tmp_path):
     page.locator("#err-snb-params-k").wait_for(state="hidden")
     assert page.locator("#err-models-1-model").is_visible()
 
-    # a Hub model while offline: the reason, not a pointer to a stack trace the page does not show
-    set_text(page, "model-1", "nobody-here/no-such-model")
+    # a Hub model while offline (the first: nothing loads before it): the reason, not a pointer to a
+    # stack trace the page does not show
+    set_text(page, "model-1", "zoo:expert")
+    set_text(page, "model-0", "nobody-here/no-such-model")
     page.locator("#run").click()
     wait_status(page, "not run")
-    shown = error_text(page, "models-1-model")
+    shown = error_text(page, "models-0-model")
     assert "offline mode is enabled" in shown and "stacktrace" not in shown
-    set_text(page, "model-1", "zoo:expert")
+    set_text(page, "model-0", "zoo:general")
 
     # a file that is no PNG, dropped on the restore box
     fake = tmp_path / "notes.png"
@@ -444,6 +471,7 @@ def test_compare_two_methods_with_judge_scores(page, shots):
     page.locator("#compare-run").click()
     page.locator("#compare-status", has_text="compared 2 methods").wait_for()
     assert page.locator("#compare-images img").count() >= 2
+    assert captions_shown(page, "compare-images") == ["average seed 0", "snb seed 0"]
     scores = page.locator("#compare-scores").inner_text()
     assert "average" in scores and "snb" in scores and "judge reads" in scores
     page.screenshot(path=str(shots / "ui-compare.png"), full_page=True)
@@ -464,6 +492,9 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
         time.sleep(0.2)
     assert first.get_attribute("src") != src
     assert "done" not in page.locator("#status").inner_text()  # still sampling
+    # the bar says the step and the run's own time; Gradio's clock, restarting with each preview, is hidden
+    assert re.search(r"step \d+/500, [\d.]+ s", page.locator("#status .progress-level").inner_text())
+    assert not page.locator("#status .progress-text").is_visible()
     page.locator("#status .progress-level").wait_for()  # the bar shows again after each preview
     page.locator("#run").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "ui-progress.png"))
@@ -472,7 +503,9 @@ def test_previews_stream_during_a_long_run_and_cancel_stops_it(page, shots):
     time.sleep(2)  # the worker stops at its next step; the page stays usable
     set_text(page, "sampling-num_inference_steps", "2")
     page.locator("#run").click()
-    wait_status(page, "with average")
+    said = wait_status(page, "with average")
+    assert re.match(r"done in [\d.]+ s: ", said), said  # the run's total time
+    page.locator("#preview img").wait_for(state="detached")  # the last step's preview gives way to the images
 
 
 def test_a_restored_vae_and_true_cfg_scale_run_and_download_and_a_missing_vae_is_named_at_its_field(
@@ -543,10 +576,11 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
         ],
         "merges": {"mix": {"models": ["zoo:general", "zoo:cartoon"], "weights": [0.7, 0.3]}},
         "sampling": {"num_inference_steps": 2, "height": 32, "width": 32, "num_images": 2, "seed": 5},
-        "runtime": {"max_pixels": 4096, "vae_device": "cpu"},
+        "runtime": {"max_pixels": 4096, "vae_device": "cpu", "allow_pickle": True},
     }
     path = tmp_path / "merged.yaml"
     path.write_text(yaml.safe_dump(restored))
+    restored["runtime"]["allow_pickle"] = False  # a recipe never turns pickles on by itself: restored off, and said
     page.get_by_role("tab", name="Compose").click()
     page.locator("#restore input[type=file]").set_input_files(str(path))
     # the merges and runtime accordions open on what the recipe sets there
@@ -555,10 +589,13 @@ def test_a_restored_merge_and_runtime_run_and_download_as_restored(page, shots, 
     )
     sync_api.expect(page.locator("#runtime-max_pixels input, #runtime-max_pixels textarea").first).to_have_value("4096")
     page.locator("#param-average-weights").wait_for(state="visible")  # the method's form is shown
+    assert "runtime.allow_pickle: the recipe turns it on; it is left off here" in error_text(page, "runtime")
+    assert not page.locator("#runtime-allow_pickle input").is_checked()
     page.locator("#run").click()
     said = wait_status(page, "with average")
     assert "2 image(s)" in said
     assert page.locator("#images img").count() == 2
+    assert captions_shown(page, "images") == ["average seed 5", "average seed 6"]
     page.screenshot(path=str(shots / "ui-merges.png"), full_page=True)
     made = yaml.safe_load(download(page, "recipe-file", tmp_path, ".yaml").read_text())
     assert parse_recipe(made) == parse_recipe(restored)

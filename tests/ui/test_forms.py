@@ -665,3 +665,33 @@ def test_a_restored_recipe_never_switches_pickles_on_by_itself(tmp_path):
     assert forms.error_key(notes[0].split(":")[0]) == "runtime"  # shown in the runtime section's box
     recipe["runtime"]["allow_pickle"] = False
     assert forms.restored_form(recipe)[1] == []
+
+
+def test_a_region_box_says_its_model_and_prompt():
+    item = {"row_init": 0, "row_end": 64, "col_init": 0, "col_end": 64, "prompt": "a red circle", "model": 1}
+    assert forms.box_label(0, item) == "0 [model 1] a red circle"
+    assert forms.box_label(2, {**item, "prompt": "", "model": ""}) == "2 (no prompt)"
+    # the label is drawn in the box: a box with a prompt differs from one without, around its top left
+    layer = forms.Layer("regions", "paint")
+    with_prompt = forms.regions_preview([(layer, [item])], 64, 64, 4)[0]
+    without = forms.regions_preview([(layer, [{**item, "prompt": ""}])], 64, 64, 4)[0]
+    import numpy as np
+
+    diff = np.abs(np.asarray(with_prompt, dtype=int) - np.asarray(without, dtype=int)).sum(-1)
+    rows, cols = diff.nonzero()
+    assert rows.size and rows.max() < 24 and cols.min() < 60  # along the box's top edge, from its left
+
+
+def test_a_nested_model_field_shows_an_example_of_its_mapping():
+    from pydantic import BaseModel
+
+    class Inner(BaseModel):
+        prompt: str
+        weight: float = 0.25
+        note: str | None = None
+
+    class Outer(Params):
+        inner: Inner | None = None
+
+    (w,) = forms.method_widgets(Method("nested-ui", "a test method", "noise", Outer, plan=lambda p, b: None))
+    assert w.kind == "yaml" and w.description.endswith("e.g. {prompt: '...', weight: 0.25})".removesuffix(")"))

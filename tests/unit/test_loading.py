@@ -48,3 +48,19 @@ def test_family_from_model_index_and_refusal_of_unknown_pipelines(tmp_path):
         ModelLoadError, match="is a KandinskyPipeline; the models that can be combined are: .*StableDiffusionPipeline"
     ):
         family_of(resolve(str(other)))
+
+
+def test_a_load_error_pointing_at_the_stacktrace_above_says_its_root_cause():
+    from multifusion.loading import _said
+
+    try:
+        try:
+            raise ConnectionError("offline mode is enabled")
+        except ConnectionError as cause:
+            raise OSError(
+                "Cannot load model a/b: the model is not fully cached locally. Please check out the root cause in the stacktrace above."
+            ) from cause
+    except OSError as err:
+        said = _said(err)
+    assert said == "Cannot load model a/b: the model is not fully cached locally. (ConnectionError: offline mode is enabled)"
+    assert _said(ValueError("plain")) == "plain"

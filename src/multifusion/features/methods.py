@@ -75,6 +75,17 @@ def shipped_for(hashes: list[str]) -> Path | None:
     return None
 
 
+def shipped_pairs() -> list[str]:
+    """The models each shipped aggregator set was trained for, in order ("zoo:a + zoo:b (zoo:afa-x)")."""
+    from multifusion.loading import zoo_root
+
+    out = []
+    for config in sorted(zoo_root().glob("afa-*/config.json")):
+        labels = json.loads(config.read_text()).get("labels") or []
+        out.append(f"{' + '.join(labels)} (zoo:{config.parent.name})")
+    return out
+
+
 def aggregator_path(text: str) -> Path:
     """`zoo:NAME` -> the shipped folder; anything else is a path."""
     if text.startswith("zoo:"):
@@ -142,7 +153,8 @@ def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
         path = shipped_for([model_hash(h) for h in handles])
         if path is None:
             raise RecipeError(
-                f"params.aggregator: no shipped aggregators were trained for {', '.join(ctx.labels)} in this order; "
+                f"params.aggregator: no shipped aggregators were trained for {', '.join(ctx.labels)} in this order "
+                f"(shipped: {'; '.join(shipped_pairs()) or 'none'}); "
                 "train them with `multifusion afa train MODEL... --data ... --out DIR` and give DIR"
             )
     else:

@@ -106,6 +106,7 @@ class App:
                 headers=list(w.columns),
                 type="array",
                 column_count=len(w.columns),
+                column_widths=[forms.column_width(w.item, c) for c in w.columns],
                 row_count=1,
                 interactive=True,
                 label=f"{w.label}: one row per item",
@@ -178,50 +179,14 @@ class App:
         drag_script = (Path(__file__).with_name("canvas.js")).read_text()
         self.page = dict(theme=theme, css=CSS, js=drag_script)  # what launch() gives the page
         with gr.Blocks(title="multifusion", analytics_enabled=False) as demo:
-            gr.Markdown("# multifusion\nCompose a fusion of diffusion models: models, a method and its parameters, sampling.")
+            gr.Markdown("# multifusion\nCompose a fusion of diffusion models at sampling time.")
             self.general = self.error_box("general")
             with gr.Tab("Compose", id="compose"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        gr.Markdown("### Models")
-                        self.comps["n_models"] = n_models = gr.Slider(
-                            1, MAX_MODELS, value=2, step=1, label="number of models", elem_id="n-models"
-                        )
-                        self.error_box("models")
-                        for i in range(MAX_MODELS):
-                            model, prompt = DEFAULT_MODELS[i] if i < len(DEFAULT_MODELS) else ("", "")
-                            with gr.Group(visible=i < 2) as g:
-                                self.model_slot(i, model, prompt)
-                            self.slots.append(g)
-                        self.fold("merges: models merged before sampling", "merges-fold", "", forms.recipe_widgets())
-                    with gr.Column(scale=1):
-                        gr.Markdown("### Method")
-                        self.comps["method"] = method = gr.Dropdown(list(METHODS), value="snb", label="method", elem_id="method")
-                        self.summary = gr.Markdown(self.method_summary("snb"))
-                        for name in METHODS:
-                            layers = forms.canvas_layers(self.widgets[name])
-                            with gr.Group(visible=name == "snb") as g:
-                                for w in self.widgets[name]:
-                                    self.param_component(name, w)
-                                    self.error_box(f"{name}:params.{w.name}")
-                                    if layers and w.name == layers[0].name:  # the canvas under the first table that paints
-                                        self.canvas_tools(name, layers)
-                                if not self.widgets[name]:
-                                    gr.Markdown("no parameters")
-                            self.groups[name] = g
-                    with gr.Column(scale=1):
-                        gr.Markdown("### Sampling")
-                        sampling = forms.sampling_widgets()
-                        self.section(
-                            "sampling.", [w for w in sampling if w.name in forms.SAMPLING_MAIN], {"num_inference_steps": 10}
-                        )
-                        more = [w for w in sampling if w.name not in forms.SAMPLING_MAIN]
-                        self.fold(f"more: {', '.join(w.name for w in more)}", "sampling-fold", "sampling.", more)
-                        self.error_box("sampling")
-                        runtime = forms.runtime_widgets()
-                        self.fold(
-                            f"runtime: {', '.join(w.name for w in runtime)}", "runtime-fold", "runtime.", runtime, "runtime"
-                        )
+                gr.Markdown(
+                    "Pick the models and a prompt for each (left), a method and its parameters (middle), then **Run**: "
+                    "the images show here. Drop a PNG made by multifusion at the bottom of the page to restore its recipe.",
+                    elem_id="how-to",
+                )
                 with gr.Row():
                     validate_btn = gr.Button("Validate", elem_id="validate")
                     run_btn = gr.Button("Run", variant="primary", elem_id="run")
@@ -244,16 +209,65 @@ class App:
                         elem_id="preview",
                         buttons=[],
                     )
-                with gr.Row():
-                    self.images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", elem_id="images")
-                    self.pictures = gr.Gallery(
-                        label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)",
+                    self.images = gr.Gallery(
+                        label="images",
                         columns=4,
-                        height=400,
-                        preview=True,
+                        fit_columns=False,  # one image is not stretched past the box (its caption cut off)
+                        height=260,
                         object_fit="contain",
-                        elem_id="pictures",
+                        elem_id="images",
+                        scale=2,
                     )
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        gr.Markdown("### Models")
+                        self.comps["n_models"] = n_models = gr.Slider(
+                            1, MAX_MODELS, value=2, step=1, label="number of models", elem_id="n-models"
+                        )
+                        self.error_box("models")
+                        for i in range(MAX_MODELS):
+                            model, prompt = DEFAULT_MODELS[i] if i < len(DEFAULT_MODELS) else ("", "")
+                            with gr.Group(visible=i < 2) as g:
+                                self.model_slot(i, model, prompt)
+                            self.slots.append(g)
+                        self.fold("merges: models merged before sampling", "merges-fold", "", forms.recipe_widgets())
+                    with gr.Column(scale=2):  # the method's form: its tables and canvas want the room
+                        gr.Markdown("### Method")
+                        self.comps["method"] = method = gr.Dropdown(list(METHODS), value="snb", label="method", elem_id="method")
+                        self.summary = gr.Markdown(self.method_summary("snb"))
+                        for name in METHODS:
+                            layers = forms.canvas_layers(self.widgets[name])
+                            with gr.Group(visible=name == "snb") as g:
+                                for w in self.widgets[name]:
+                                    # the canvas above the first table that paints: rows added below never move it
+                                    if layers and w.name == layers[0].name:
+                                        self.canvas_tools(name, layers)
+                                    self.param_component(name, w)
+                                    self.error_box(f"{name}:params.{w.name}")
+                                if not self.widgets[name]:
+                                    gr.Markdown("no parameters")
+                            self.groups[name] = g
+                    with gr.Column(scale=1):
+                        gr.Markdown("### Sampling")
+                        sampling = forms.sampling_widgets()
+                        self.section(
+                            "sampling.", [w for w in sampling if w.name in forms.SAMPLING_MAIN], {"num_inference_steps": 10}
+                        )
+                        more = [w for w in sampling if w.name not in forms.SAMPLING_MAIN]
+                        self.fold(f"more: {', '.join(w.name for w in more)}", "sampling-fold", "sampling.", more)
+                        self.error_box("sampling")
+                        runtime = forms.runtime_widgets()
+                        self.fold(
+                            f"runtime: {', '.join(w.name for w in runtime)}", "runtime-fold", "runtime.", runtime, "runtime"
+                        )
+                # full width and tall: a strip of masks or a map with its legend is read at its own size
+                self.pictures = gr.Gallery(
+                    label="method pictures (SNB masks, AMDM strip, AFA maps, region weights)",
+                    columns=2,
+                    height=560,
+                    object_fit="contain",
+                    elem_id="pictures",
+                )
                 with gr.Row():
                     self.recipe_file = gr.File(label="recipe (YAML)", elem_id="recipe-file")
                     self.png_files = gr.File(label="PNGs (each carries its recipe)", file_count="multiple", elem_id="png-files")
@@ -275,7 +289,14 @@ class App:
                 cmp_btn = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 cmp_status = gr.Markdown(elem_id="compare-status")
                 cmp_gallery = gr.Gallery(
-                    label="side by side", columns=6, height="auto", object_fit="contain", elem_id="compare-images"
+                    # a quarter of the width each, never stretched to fill the row: a thumbnail (and the
+                    # caption at its foot) stays inside the gallery's box
+                    label="side by side",
+                    columns=4,
+                    fit_columns=False,
+                    height="auto",
+                    object_fit="contain",
+                    elem_id="compare-images",
                 )
                 # hidden until a run fills it (empty, it shows placeholder headers "1 2 3")
                 cmp_scores = gr.Dataframe(
@@ -668,6 +689,7 @@ class App:
         v = self.values(data)
         self.run_id += 1
         run_id = self.run_id
+        began = time.monotonic()
         keep = [gr.update()] * 5  # images, pictures, recipe file, PNGs, preview
         nothing = [None, None, None, None, None]
         try:
@@ -718,14 +740,17 @@ class App:
             yield self.error_updates(None, v["method"]) + ["**failed**: the run stopped"] + nothing
         else:
             images, pictures, recipe_path = result["done"]
-            status = "\n\n".join([f"done: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe", *notes])
+            took = time.monotonic() - began  # loading included: what the person waited
+            status = "\n\n".join(
+                [f"done in {took:.1f} s: {len(images)} image(s) with `{v['method']}`; each PNG carries its recipe", *notes]
+            )
             yield self.error_updates(None, v["method"]) + [
                 status,
                 images,
                 pictures or None,
                 str(recipe_path),
                 [p for p, _ in images],
-                gr.update(),
+                None,  # the preview of a step is gone: the images are final
             ]
 
     def on_restore(self, path: str | None):
@@ -778,9 +803,11 @@ class App:
         status = "\n".join(problems + notes) if problems or notes else f"compared {len(chosen)} methods"
         import pandas as pd
 
-        # one column per image up to four: captions fit their image (six columns cut them off)
-        shown = gr.update(value=gallery or None, columns=max(1, min(len(gallery), 4)))
-        return status, shown, gr.update(value=pd.DataFrame(rows), visible=True) if rows else gr.update(value=None, visible=False)
+        return (
+            status,
+            gallery or None,
+            gr.update(value=pd.DataFrame(rows), visible=True) if rows else gr.update(value=None, visible=False),
+        )
 
     @staticmethod
     def scores(method: str, recipe: dict, images: list) -> list[dict]:

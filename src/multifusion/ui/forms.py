@@ -85,6 +85,13 @@ def table_columns(item: type[BaseModel]) -> tuple[str, ...]:
     return tuple([n for n, f in fields.items() if f.is_required()] + [n for n, f in fields.items() if not f.is_required()])
 
 
+def column_width(item: type[BaseModel], column: str) -> str:
+    """How wide a table shows a column of `item`'s field: text (prompts) wide enough to read, numbers
+    and choices narrow, so the first columns (a box, its prompt, its model) fit beside the canvas."""
+    ann, _ = _unwrap_optional(item.model_fields[column].annotation)
+    return "150px" if ann is str else "72px"
+
+
 def widget_for(name: str, info: FieldInfo) -> Widget:
     """The widget of one params field (see the module docstring)."""
     default = info.get_default(call_default_factory=True) if not info.is_required() else PydanticUndefined
@@ -106,7 +113,23 @@ def widget_for(name: str, info: FieldInfo) -> Widget:
     # Unions, optional numbers, lists, tuples, nested models: YAML text, blank for "default".
     shown = default not in (None, PydanticUndefined) and default not in ({}, [])
     hint = f"YAML; blank: {json.dumps(default) if shown else 'none'}"
+    if _is_model(ann):  # a nested model: an example mapping of its fields (required ones to fill in)
+        hint += f"; e.g. {model_example(ann)}"
     return Widget(name, "yaml", default, f"{desc} ({hint})" if desc else hint)
+
+
+def model_example(model: type[BaseModel]) -> str:
+    """A one-line YAML mapping of a model's fields: the required ones as `...` (to fill in), the
+    others at their defaults, optional ones left unset out."""
+    import yaml
+
+    example = {}
+    for n, f in model.model_fields.items():
+        if f.is_required():
+            example[n] = "..."
+        elif (d := f.get_default(call_default_factory=True)) is not None:
+            example[n] = _jsonable(d)
+    return yaml.safe_dump(example, default_flow_style=True, sort_keys=False, width=10**6).strip()
 
 
 def method_widgets(method) -> list[Widget]:
@@ -715,6 +738,22 @@ def canvas_facts(model: str | None) -> tuple[int, int]:
     return (8, 512) if facts is None else (facts.vae_scale_factor, facts.native_px)
 
 
+def box_label(i: int, item: dict) -> str:
+    """What a region's box says on the canvas: its index, its model and its prompt."""
+    model = item.get("model")
+    prompt = str(item.get("prompt") or "").strip()
+    return f"{i} " + (f"[model {model}] " if model not in (None, "") else "") + (prompt or "(no prompt)")
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: float) -> str:
+    """`text` cut (with "...") to fit `width` pixels of the drawing's font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..." if text else ""
+
+
 def _dashed(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colour: tuple, dash: int = 6) -> None:
     x0, y0, x1, y1 = box
     for x in range(x0, x1, 2 * dash):
@@ -850,7 +889,8 @@ def regions_preview(
             if layer.kind == "paint":
                 col = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
                 draw.rectangle(xy, fill=col + (70,), outline=col + (255,), width=2)
-                draw.text((xy[0] + 4, xy[1] + 3), str(i), fill=(0, 0, 0, 255))
+                label = _fit(draw, box_label(i, r), xy[2] - xy[0] - 6)
+                draw.text((xy[0] + 4, xy[1] + 3), label, fill=(0, 0, 0, 255), stroke_width=1, stroke_fill=(255, 255, 255, 255))
             elif layer.kind == "image":
                 ref = _reference(r.get("image", ""), (xy[2] - xy[0] + 1, xy[3] - xy[1] + 1))
                 if ref is not None:
