@@ -125,6 +125,9 @@ class AdapterSet:
 
     names: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
+    # The LoRAs as given ({path, scale, name?} each, in order): what a recipe made from the
+    # handle (`multifusion.fuse`) writes, so the images' metadata regenerates them.
+    given: tuple[dict, ...] = ()
 
     def activate(self, module: torch.nn.Module) -> None:
         """Make this set the active one on `module` (a denoiser or text encoder), as
@@ -237,7 +240,7 @@ def apply_loras(
     names_of_files: dict[str, Path] = {}
     out = []
     for specs, where_list in zip(lora_sets, fields):
-        names, weights = [], []
+        names, weights, given = [], [], []
         for raw, where in zip(specs, where_list):
             spec = LoraSpec.of(raw)
             try:
@@ -259,7 +262,8 @@ def apply_loras(
                 )
             names.append(loaded[file])
             weights.append(float(spec.scale))
-        out.append(AdapterSet(tuple(names), tuple(weights)))
+            given.append({"path": spec.path, "scale": float(spec.scale), **({"name": spec.name} if spec.name else {})})
+        out.append(AdapterSet(tuple(names), tuple(weights), tuple(given)))
     _forget_active_sets(pipe)
     return out
 

@@ -334,3 +334,17 @@ def test_offload_and_load_model_take_loras(loras):
     torch.testing.assert_close(single(offloaded, PROMPT, **kw).latents, ref, atol=1e-6, rtol=1e-6)
     with pytest.raises(ModelLoadError, match=r"^loras\[0\]\.path"):
         load_model(loras["a"], loras=[_lora(loras["root"] / "absent.safetensors")])
+
+
+def test_python_handles_with_loras_write_a_recipe_that_regenerates_them(loras):
+    """`average([base, lora_model])` from Python: unnamed models of one base are told apart by
+    their adapters, and the run's recipe (what each PNG's metadata holds) names the LoRAs, so
+    running it alone, from files, gives the same latents."""
+    from multifusion import average
+
+    base, with_lora = load_models([loras["a"]] * 2, loras=[[], [_lora(loras["te"], 0.8)]])
+    assert base.name == loras["a"] and with_lora.name == f"{loras['a']}+te"
+    result = average([base, with_lora], PROMPT, weights=[0.5, 0.5], num_inference_steps=3, seed=2, progress=False)
+    assert result.recipe.models[1].loras[0].path == str(loras["te"]) and result.recipe.models[1].loras[0].scale == 0.8
+    assert not result.recipe.models[0].loras
+    assert torch.equal(run(result.recipe, progress=False).latents, result.latents)
