@@ -326,6 +326,8 @@ def fuse(
         per_model("true_cfg_scale", true_cfg_scale),
     ):
         entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
+        if isinstance(x, ModelHandle) and x.adapters is not None and x.adapters.given:
+            entry["loras"] = [dict(lora) for lora in x.adapters.given]  # so the recipe (and metadata) regenerates it
         entries.append(
             {
                 **entry,

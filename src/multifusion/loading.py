@@ -447,7 +447,11 @@ def _load_base(
     )
     for module in handle.modules().values():
         module.eval().requires_grad_(False)
-    return [dataclasses.replace(handle, name=n or ref.text, adapters=a) for n, a in zip(names, adapter_sets)]
+    # Unnamed models of one base are told apart by their adapters ("zoo:general+ink").
+    return [
+        dataclasses.replace(handle, name=n or ref.text + "".join(f"+{x}" for x in (a.names if a else ())), adapters=a)
+        for n, a in zip(names, adapter_sets)
+    ]
 
 
 def load_models(

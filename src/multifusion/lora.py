@@ -125,28 +125,57 @@ class AdapterSet:
 
     names: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
+    # The LoRAs as given ({path, scale, name?} each, in order): what a recipe made from the
+    # handle (`multifusion.fuse`) writes, so the images' metadata regenerates them.
+    given: tuple[dict, ...] = ()
 
     def activate(self, module: torch.nn.Module) -> None:
         """Make this set the active one on `module` (a denoiser or text encoder), as
-        `set_adapters` does for that component; nothing when it holds no LoRA layers or already
-        runs this set."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        `pipe.set_adapters` does for that component; nothing when it holds no LoRA layers or
+        already runs this set.
 
+        For adapter weights that are numbers, diffusers' `set_adapters` on a diffusers model (its
+        per-block scale expansion leaves numbers as they are) and `set_adapters_for_text_encoder`
+        on a text encoder both come to `set_weights_and_activate_adapters`
+        (diffusers/utils/peft_utils.py): on every peft layer, `set_adapter(names)` and then
+        `set_scale(name, weight)` per adapter. That is done here on the module's peft layers,
+        listed once (`_lora_layers`): walking every submodule on each switch costs as much as
+        the rest of the switch."""
         state = (self.names, self.weights)
         if getattr(module, "_active_adapter_set", None) == state:
             return
-        if not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        layers = _lora_layers(module)
+        if not layers:
             return
-        from diffusers import ModelMixin
-        from diffusers.loaders.lora_base import set_adapters_for_text_encoder
-
-        if isinstance(module, ModelMixin):
-            module.set_adapters(list(self.names), list(self.weights))
-        else:
-            set_adapters_for_text_encoder(list(self.names), module, list(self.weights))
+        names = list(self.names)
+        for layer in layers:
+            layer.set_adapter(names)
+            for name, weight in zip(self.names, self.weights):
+                layer.set_scale(name, weight)
         # peft marks active adapters trainable; harmless here, every family's call runs under
         # torch.no_grad (turning it back off would double the cost of a switch).
         module._active_adapter_set = state
+
+
+def _lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft layers of `module`, listed on first use (`apply_loras` clears the list when it
+    adds adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = module.__dict__.get("_lora_layers")
+    if layers is None:
+        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        module.__dict__["_lora_layers"] = layers
+    return layers
+
+
+def _forget_active_sets(pipe: Any) -> None:
+    """After adapters are added to `pipe`'s modules: their peft layers are listed again and the
+    next activation sets every layer."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.__dict__.pop("_lora_layers", None)
+            component.__dict__.pop("_active_adapter_set", None)
 
 
 def _adapter_name(spec: LoraSpec, file: Path, taken: set[str]) -> str:
@@ -211,7 +240,7 @@ def apply_loras(
     names_of_files: dict[str, Path] = {}
     out = []
     for specs, where_list in zip(lora_sets, fields):
-        names, weights = [], []
+        names, weights, given = [], [], []
         for raw, where in zip(specs, where_list):
             spec = LoraSpec.of(raw)
             try:
@@ -233,7 +262,9 @@ def apply_loras(
                 )
             names.append(loaded[file])
             weights.append(float(spec.scale))
-        out.append(AdapterSet(tuple(names), tuple(weights)))
+            given.append({"path": spec.path, "scale": float(spec.scale), **({"name": spec.name} if spec.name else {})})
+        out.append(AdapterSet(tuple(names), tuple(weights), tuple(given)))
+    _forget_active_sets(pipe)
     return out
 
 

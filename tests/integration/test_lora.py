@@ -334,3 +334,39 @@ def test_offload_and_load_model_take_loras(loras):
     torch.testing.assert_close(single(offloaded, PROMPT, **kw).latents, ref, atol=1e-6, rtol=1e-6)
     with pytest.raises(ModelLoadError, match=r"^loras\[0\]\.path"):
         load_model(loras["a"], loras=[_lora(loras["root"] / "absent.safetensors")])
+
+
+def test_python_handles_with_loras_write_a_recipe_that_regenerates_them(loras):
+    """`average([base, lora_model])` from Python: unnamed models of one base are told apart by
+    their adapters, and the run's recipe (what each PNG's metadata holds) names the LoRAs, so
+    running it alone, from files, gives the same latents."""
+    from multifusion import average
+
+    base, with_lora = load_models([loras["a"]] * 2, loras=[[], [_lora(loras["te"], 0.8)]])
+    assert base.name == loras["a"] and with_lora.name == f"{loras['a']}+te"
+    result = average([base, with_lora], PROMPT, weights=[0.5, 0.5], num_inference_steps=3, seed=2, progress=False)
+    assert result.recipe.models[1].loras[0].path == str(loras["te"]) and result.recipe.models[1].loras[0].scale == 0.8
+    assert not result.recipe.models[0].loras
+    assert torch.equal(run(result.recipe, progress=False).latents, result.latents)
+
+
+def test_a_lora_folder_names_its_one_file(loras, tmp_path):
+    """A folder is read as diffusers saves one (pytorch_lora_weights.safetensors), or by its only
+    .safetensors file; a folder of several is refused, asking for the file."""
+    import shutil
+
+    from multifusion.lora import lora_file
+
+    assert lora_file(str(loras["te"].parent)) == loras["te"]
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(loras["kohya"], one / "style.safetensors")
+    assert lora_file(str(one)) == one / "style.safetensors"
+    shutil.copy(loras["te"], one / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="several .safetensors files"):
+        lora_file(str(one))
+    [by_folder] = load_models([loras["a"]], loras=[[_lora(loras["te"].parent, 0.8)]])
+    [by_file] = load_models([loras["a"]], loras=[[_lora(loras["te"], 0.8)]])
+    kw = dict(num_inference_steps=2, seed=0, progress=False)
+    assert by_folder.name == by_file.name == f"{loras['a']}+te"
+    assert torch.equal(single(by_folder, PROMPT, **kw).latents, single(by_file, PROMPT, **kw).latents)
