@@ -30,7 +30,8 @@ attends its own prompt, and the tokens of other regions are simply absent. That 
 positions, norms and LoRA layers are the model's own) once for the base prompt on every token
 and once per region on the region's tokens, with no mask tensor (memory grows with the regions,
 not with the square of the sequence). Plain cross-attention layers (AttnProcessor2_0, every UNet
-loaded here) take one call for all prompts instead (`fused_cross`), the same rule. Rules beyond
+loaded here) take a shorter path with the same rule (`fused_cross`: projections once, two
+attention calls). Rules beyond
 the papers (stated in docs/regions.md):
 
 - Overlaps: a token covered by several regions takes the mean of their outputs, weighted by the
