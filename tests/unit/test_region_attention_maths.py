@@ -147,7 +147,7 @@ def test_cross_attention_equals_regional_prompters_masked_attention():
 
 @pytest.mark.parametrize("with_base", [True, False])
 def test_fused_cross_attention_equals_one_call_per_region(with_base):
-    """The one-call path for plain cross-attention layers (`fused_cross`) against the per-region
+    """The shorter path for plain cross-attention layers (`fused_cross`) against the per-region
     calls (taken when the module's processor is another: AttnProcessor here), on overlapping
     regions of a coarse 3x3 level of a 6x6 latent (partial shares), two heads."""
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0

@@ -30,7 +30,8 @@ attends its own prompt, and the tokens of other regions are simply absent. That 
 positions, norms and LoRA layers are the model's own) once for the base prompt on every token
 and once per region on the region's tokens, with no mask tensor (memory grows with the regions,
 not with the square of the sequence). Plain cross-attention layers (AttnProcessor2_0, every UNet
-loaded here) take one call for all prompts instead (`fused_cross`), the same rule. Rules beyond
+loaded here) take a shorter path with the same rule (`fused_cross`: projections once, two
+attention calls). Rules beyond
 the papers (stated in docs/regions.md):
 
 - Overlaps: a token covered by several regions takes the mean of their outputs, weighted by the
@@ -150,7 +151,7 @@ class Regions:
     latent_hw: tuple[int, int]
     base_ratio: float | None
     layout: Layout
-    _grids: dict[int, tuple] = field(default_factory=dict, repr=False)
+    _grids: dict = field(default_factory=dict, repr=False)
 
     def grid_of(self, n_tokens: int) -> tuple[int, int]:
         """The (gh, gw) token grid of `n_tokens` image tokens: the latent halved j times (rounded
@@ -172,6 +173,19 @@ class Regions:
             self._grids[n_tokens] = (idx, within, weight)
         idx, within, weight = self._grids[n_tokens]
         return [i.to(device) for i in idx], within.to(device), weight.to(device)
+
+    def padded(self, n_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each region's token indices padded to one length M (R, M) (with the region's first
+        token) and their weights in `within` (R, M), 0 on the padding."""
+        key = ("padded", n_tokens)
+        if key not in self._grids:
+            idx, within, _ = self.at(n_tokens, torch.device("cpu"))
+            m = max(len(i) for i in idx)
+            gather = torch.stack([torch.cat([i, i[:1].expand(m - len(i))]) for i in idx])
+            share = torch.stack([torch.cat([within[k, i], torch.zeros(m - len(i))]) for k, i in enumerate(idx)])
+            self._grids[key] = (gather, share)
+        gather, share = self._grids[key]
+        return gather.to(device), share.to(device)
 
 
 # --------------------------------------------------------------------------- the processors
@@ -201,7 +215,7 @@ class RegionalProcessor:
         if self.kind == "cross":
             idx, within, weight = self.regions.at(hidden_states.shape[1], hidden_states.device)
             if fusable(attn, inner, hidden_states, layout):
-                return fused_cross(attn, hidden_states, encoder_hidden_states, layout, within, weight)
+                return fused_cross(attn, hidden_states, encoder_hidden_states, layout, self.regions)
             texts = [encoder_hidden_states[:, s] for s in layout.regions]
             base = None if layout.base is None else inner(attn, hidden_states, encoder_hidden_states[:, layout.base], **kwargs)
             parts = [(i, inner(attn, hidden_states[:, i], text, **kwargs)) for i, text in zip(idx, texts)]
@@ -263,35 +277,41 @@ def fusable(attn: Any, inner: Any, hidden_states: torch.Tensor, layout: Layout) 
     )
 
 
-def fused_cross(
-    attn: Any, x: torch.Tensor, text: torch.Tensor, layout: Layout, within: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """The per-region rule of `RegionalProcessor` for a plain cross-attention layer in one call:
-    image tokens x (B, N, C) are projected once, each of the P prompts of `text` (B, P * L, D) is
-    a batch entry of its own (P * B, L, D), so one scaled-dot-product call gives every token's
-    attention to every prompt (P * B, heads, N, d); the regions' are weighted by `within`
-    (R, N), blended with the base's by `weight` (N,) and projected out once (`to_out` is affine,
-    so blending before it equals blending its outputs). The steps are AttnProcessor2_0's; a
-    region covering every token gives its output bit for bit."""
+def fused_cross(attn: Any, x: torch.Tensor, text: torch.Tensor, layout: Layout, regions: Regions) -> torch.Tensor:
+    """The per-region rule of `RegionalProcessor` for a plain cross-attention layer in two
+    attention calls: image tokens x (B, N, C) are projected once and the P prompts of `text`
+    (B, P * L, D) once, as batch entries (P, B, L, D); the base prompt is attended by every token
+    (B, heads, N, d), and each region's prompt by its own tokens only, the R regions' token lists
+    padded to one length M and batched (R * B, heads, M, d), so the attention costs about twice
+    one prompt's whatever the number of regions. Region outputs are weighted by `within` and
+    summed per token, blended with the base's by the regional weight, and projected out once
+    (`to_out` is affine, so blending before it equals blending its outputs). The steps are
+    AttnProcessor2_0's; a region covering every token gives its output bit for bit."""
     b, n, _ = x.shape
     p, length = len(layout.lengths), layout.lengths[0]
+    _, within, weight = regions.at(n, x.device)
+    gather, share = regions.padded(n, x.device)  # (R, M) token indices, (R, M) their weights (0: padding)
+    r, m = gather.shape
     query = attn.to_q(x)
     inner_dim = query.shape[-1]
     heads, d = attn.heads, inner_dim // attn.heads
     prompts = text.view(b, p, length, -1).transpose(0, 1).reshape(p * b, length, -1)  # (P * B, L, D), prompt-major
-    key, value = attn.to_k(prompts), attn.to_v(prompts)
+    key = attn.to_k(prompts).view(p, b, length, heads, d).transpose(2, 3)  # (P, B, H, L, d)
+    value = attn.to_v(prompts).view(p, b, length, heads, d).transpose(2, 3)
     query = query.view(b, n, heads, d).transpose(1, 2)  # (B, H, N, d)
-    query = query.unsqueeze(0).expand(p, -1, -1, -1, -1).reshape(p * b, heads, n, d)
-    key = key.view(p * b, length, heads, d).transpose(1, 2)
-    value = value.view(p * b, length, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(p, b, n, inner_dim).to(query.dtype)  # (P, B, N, inner)
-    regional = torch.zeros_like(out[0])
     first = 1 if layout.has_base else 0
-    for k in range(out.shape[0] - first):
-        regional = regional + out[first + k] * within[k].to(out.dtype)[None, :, None]
-    mixed = regional if not layout.has_base else torch.lerp(out[0], regional, weight.to(out.dtype)[None, :, None])
-    return attn.to_out[1](attn.to_out[0](mixed))
+    per_region = query[:, :, gather.flatten()].view(b, heads, r, m, d).permute(2, 0, 1, 3, 4).reshape(r * b, heads, m, d)
+    out = F.scaled_dot_product_attention(
+        per_region, key[first:].reshape(r * b, heads, length, d), value[first:].reshape(r * b, heads, length, d)
+    )  # (R * B, H, M, d)
+    out = out.view(r, b, heads, m, d).permute(1, 0, 3, 2, 4).reshape(b, r * m, inner_dim).to(query.dtype)
+    regional = torch.zeros(b, n, inner_dim, dtype=out.dtype, device=out.device)
+    regional.index_add_(1, gather.flatten(), out * share.flatten().to(out.dtype)[None, :, None])
+    if layout.has_base:
+        base = F.scaled_dot_product_attention(query, key[0], value[0])  # (B, H, N, d)
+        base = base.transpose(1, 2).reshape(b, n, inner_dim).to(query.dtype)
+        regional = torch.lerp(base, regional, weight.to(base.dtype)[None, :, None])
+    return attn.to_out[1](attn.to_out[0](regional))
 
 
 ATTENTION_KINDS: dict[str, dict[str, str]] = {
