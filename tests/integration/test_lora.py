@@ -165,6 +165,20 @@ def test_mod_paints_each_region_with_its_own_lora(loras):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_region_attention_draws_every_region_with_the_lora_model(loras):
+    """region-attention (one model draws all regions, issue 28) over base + LoRA equals it over the
+    LoRA fused into a full copy: the regional processors call the model's own (here peft-wrapped)
+    projections, so the adapter takes part in every region's attention."""
+    regions = [{k: v for k, v in r.items() if k != "model"} for r in REGIONS]
+    params = {"regions": regions, "base_prompt": PROMPT, "base_ratio": 0.3}
+    lora_model = [{"model": loras["a"], "loras": [_lora(loras["te"], 0.8)]}]
+    ours = run(_recipe("region-attention", lora_model, params), progress=False).latents
+    theirs = run(_recipe("region-attention", [{"model": loras["fused"]}], params), progress=False).latents
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    base = run(_recipe("region-attention", [{"model": loras["a"]}], params), progress=False).latents
+    assert not torch.allclose(ours, base, atol=1e-3)  # the LoRA took part
+
+
 # --- refused before sampling ---------------------------------------------------------------
 
 
