@@ -25,7 +25,7 @@ from multifusion.canvas import canvas_size, check_canvas, check_patch_grid
 from multifusion.errors import RecipeError, SamplingError, clip, did_you_mean
 from multifusion.families import check_compatible, facts_of
 from multifusion.handles import ModelHandle, Offloader
-from multifusion.loading import load_models
+from multifusion.loading import PIPELINE_PREFIX, from_pipeline, load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
 from multifusion.recipe import MERGE_PREFIX, Recipe, parse_recipe
@@ -48,6 +48,12 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     """Load the recipe's models (identical components shared); a `merge:NAME` model is merged
     in memory from its models (`multifusion.weights.merge_in_memory`)."""
     rt = recipe.runtime
+    for i, m in enumerate(recipe.models):
+        if m.model.startswith(PIPELINE_PREFIX):
+            raise RecipeError(
+                f"models[{i}].model: {m.model!r} names a pipeline object that was given in Python; a recipe cannot hold "
+                "one: pass the loaded models again (models=[...] in Python), or name the model's folder"
+            )
     plain = [i for i, m in enumerate(recipe.models) if not m.model.startswith(MERGE_PREFIX)]
     loaded = (
         load_models(
@@ -284,7 +290,7 @@ _SAMPLING_DOC = """
 
 def fuse(
     method: str,
-    models: ModelHandle | str | Sequence[ModelHandle | str],
+    models: ModelHandle | str | Any | Sequence[ModelHandle | str | Any],
     prompts: str | Sequence[str] | None = None,
     *,
     negative_prompt: str | Sequence[str] = "",
@@ -292,17 +298,21 @@ def fuse(
     true_cfg_scale: float | Sequence[float | None] | None = None,
     **kwargs: Any,
 ) -> Result:
-    """Run method `method` on `models` (loaded handles, or model names: Hub ids, folders,
-    .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
+    """Run method `method` on `models` (loaded handles, diffusers pipeline objects taken as they
+    are, or model names: Hub ids, folders, .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
     own negative prompt and guidance scale (and, for FLUX models, `true_cfg_scale`: true
     classifier-free guidance with the negative prompt, FluxPipeline's). Other keywords are the method's parameters (see
     `multifusion methods`), sampling keywords or run keywords; None means "the default".
     The Python API and the CLI share one validated path: this builds the recipe and runs it."""
     m = get_method(method)
-    models = [models] if isinstance(models, (ModelHandle, str)) else list(models)
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    # Pipeline objects are taken as they are (`loading.from_pipeline`), one handle per object.
+    models = [x if isinstance(x, (ModelHandle, str)) else from_pipeline(x, what=f"models[{i}]") for i, x in enumerate(models)]
     handles = [x for x in models if isinstance(x, ModelHandle)]
     if handles and len(handles) != len(models):
-        raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
+        raise RecipeError(
+            "models: give either all loaded models (ModelHandles, diffusers pipelines) or all model names, not a mix"
+        )
     known = set(m.params.model_fields) | set(SAMPLING_KEYS) | set(RUN_KEYS)
     for key in kwargs:
         if key not in known:

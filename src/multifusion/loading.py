@@ -13,15 +13,18 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, PickleRefusedError, did_you_mean
-from multifusion.families import ModelFacts, facts_from_configs, family_named, vae_factor
+from multifusion.families import FAMILIES, ModelFacts, facts_from_configs, family_named, vae_factor
 from multifusion.handles import ModelHandle, Offloader
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+PIPELINE_PREFIX = "pipeline:"
+"""The `source` (and recipe `model`) of a model handed over as a diffusers pipeline object: it
+names the object's origin for the record, and is never loaded from (`from_pipeline`)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -324,11 +327,13 @@ def share_components(handles: list[ModelHandle]) -> dict[str, int]:
 def _share_with_earlier(handles: list[ModelHandle]) -> dict[str, int]:
     *earlier, h = handles
     shared = {"text_encoder": 0, "vae": 0, "unet": 0}
+    if from_python(h):
+        return shared  # a pipeline object's components are used as they are (shared only when the same objects)
     for kind, mine in h.modules().items():
         shared.setdefault(kind, 0)
         for prev in earlier:
             theirs = getattr(prev, kind, None)
-            if theirs is None:
+            if theirs is None or from_python(prev):
                 continue
             if theirs is mine:
                 break
@@ -399,8 +404,59 @@ def load_model(
     return handle
 
 
+def from_python(handle: ModelHandle) -> bool:
+    """Whether `handle` wraps a pipeline object handed over from Python (`from_pipeline`)."""
+    return handle.source.startswith(PIPELINE_PREFIX)
+
+
+def pipeline_family(pipe: Any, what: str = "the pipeline") -> type[ModelHandle]:
+    """The family of a diffusers pipeline object: its class, or the nearest base class that a
+    family is built from (a user's subclass of StableDiffusionPipeline is one). ModelLoadError
+    naming `what` for anything that is not a pipeline, IncompatibleModelsError for a pipeline of
+    no family (img2img, the SDXL refiner, ...)."""
+    import diffusers
+
+    if isinstance(pipe, (str, Path)):
+        raise ModelLoadError(f"{what}: {str(pipe)!r} is a name; load it with load_models, or give a pipeline object")
+    if not isinstance(pipe, diffusers.DiffusionPipeline):
+        raise ModelLoadError(
+            f"{what}: got a {type(pipe).__module__}.{type(pipe).__qualname__}, not a diffusers pipeline; give a text-to-image "
+            f"pipeline object ({', '.join(sorted(FAMILIES))}), a ModelHandle, or a model name"
+        )
+    known = next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in FAMILIES), type(pipe).__name__)
+    return family_named(known, what)
+
+
+def from_pipeline(pipe: Any, *, name: str | None = None, what: str = "the pipeline") -> ModelHandle:
+    """A handle over a diffusers pipeline object as the caller built it: on its device (the
+    pipeline's execution device), in its dtype, quantized, with LoRAs loaded or compiled. Its
+    denoiser, text encoders, tokenizers and VAE are the handle's, the same objects: no weight is
+    copied, moved or cast, and the pipeline keeps working. Only the scheduler's config is read
+    (the recipe's `sampling.scheduler` is built on it). `what` names the object in errors."""
+    family = pipeline_family(pipe, what)
+    try:
+        parts = family.pipeline_parts(pipe)
+    except AttributeError as err:
+        raise ModelLoadError(f"{what}: a {type(pipe).__name__} without {err.name or 'a component'}") from None
+    missing = [k for k in ("unet", "vae", "text_encoder") if parts.get(k) is None]
+    if missing:
+        which = ", ".join(family.denoiser_folder if k == "unet" else k for k in missing)
+        raise ModelLoadError(f"{what}: this {type(pipe).__name__} has no {which}; a text-to-image model needs every component")
+    source = PIPELINE_PREFIX + (getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+    denoiser = parts["unet"]
+    return family(
+        name=name or source,
+        **parts,
+        scheduler_config=dict(pipe.scheduler.config),
+        source=source,
+        # Where the pipeline runs its models: its device, or the accelerator under diffusers' offload hooks.
+        device=torch.device(pipe._execution_device),
+        dtype=getattr(denoiser, "dtype", None) or next(denoiser.parameters()).dtype,
+    )
+
+
 def load_models(
-    refs: list[str],
+    refs: list[str | Any],
     *,
     names: list[str | None] | None = None,
     configs: list[str | None] | None = None,
@@ -415,7 +471,11 @@ def load_models(
     """Load several models, sharing identical components. All refs are resolved (and refused,
     for pickles) before the first one loads. `fields` (say, "models[1].model") prefix each
     model's load errors, so they name where the model was given. `vaes` replace models' own VAEs
-    (None keeps a model's own)."""
+    (None keeps a model's own).
+
+    A ref may also be a diffusers pipeline object, taken as it is (`from_pipeline`: no weight
+    copied; `dtype`, `device` and `offload` do not apply to it); components that are the same
+    object in several pipelines are held once because they are one object."""
     names = names or [None] * len(refs)
     vaes = vaes or [None] * len(refs)
     configs = configs or [None] * len(refs)
@@ -424,16 +484,28 @@ def load_models(
     def named(k: int, err: ModelLoadError) -> ModelLoadError:
         return type(err)(f"{fields[k]}: {err}") if fields[k] else err
 
-    resolved = []
+    resolved: list[ModelRef | ModelHandle] = []
     for k, (r, c) in enumerate(zip(refs, configs)):
+        if not isinstance(r, (str, ModelRef)):  # a pipeline object, taken as it is
+            what = fields[k] or f"models[{k}]"
+            if c is not None or vaes[k] is not None:
+                raise ModelLoadError(
+                    f"{what}: a pipeline object brings its own configs and VAE (set pipe.vae before handing it over); "
+                    f"drop its {'config' if c is not None else 'vae'}"
+                )
+            resolved.append(from_pipeline(r, name=names[k], what=what))
+            continue
         try:
-            resolved.append(resolve(r, config=c, allow_pickle=allow_pickle))
+            resolved.append(resolve(r, config=c, allow_pickle=allow_pickle) if isinstance(r, str) else r)
         except ModelLoadError as err:
             raise named(k, err) from None
     offloader = Offloader(device) if offload else None
     handles: list[ModelHandle] = []
     cache: dict[str, ModelHandle] = {}
     for k, (ref, name) in enumerate(zip(resolved, names)):
+        if isinstance(ref, ModelHandle):
+            handles.append(ref)
+            continue
         key = f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}"
         if key in cache:
             # The same checkpoint named twice: share everything, load nothing.

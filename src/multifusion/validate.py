@@ -15,7 +15,15 @@ from multifusion.canvas import check_box_on_patch_grid, check_canvas, check_patc
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
 from multifusion.families import ModelFacts, check_compatible, check_same_schedule
 from multifusion.handles import ModelHandle
-from multifusion.loading import check_weight_files, read_facts, read_vae_config, resolve, resolve_vae, vae_mismatch
+from multifusion.loading import (
+    PIPELINE_PREFIX,
+    check_weight_files,
+    read_facts,
+    read_vae_config,
+    resolve,
+    resolve_vae,
+    vae_mismatch,
+)
 from multifusion.method import Method, Params
 from multifusion.recipe import MERGE_PREFIX, MergeEntry, ModelEntry, Recipe, Runtime
 from multifusion.registry import get_method
@@ -62,6 +70,9 @@ def validate(recipe: Recipe) -> Validated:
     facts: list[tuple[str, ModelFacts]] = []
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
+        if m.model.startswith(PIPELINE_PREFIX):
+            check_pipeline_entry(recipe, method, i)
+            continue
         try:
             ref = (
                 merged[m.model]
@@ -120,7 +131,7 @@ def costly_fields(recipe: Recipe) -> list[str]:
     v = validate(recipe)
     fact = None
     first = recipe.models[0].model
-    if not first.startswith(MERGE_PREFIX):
+    if not first.startswith((MERGE_PREFIX, PIPELINE_PREFIX)):
         fact = read_facts(resolve(first, config=recipe.models[0].config, allow_pickle=recipe.runtime.allow_pickle))
     native = fact.native_px if fact is not None else None
     size = check_canvas(recipe, v.method, v.params, fact.vae_scale_factor, default=native) if fact is not None else None
@@ -130,6 +141,24 @@ def costly_fields(recipe: Recipe) -> list[str]:
             f"{native}x{native})"
         )
     return out
+
+
+def check_pipeline_entry(recipe: Recipe, method: Method, i: int) -> None:
+    """A `pipeline:` model (a pipeline object handed over from Python, `loading.from_pipeline`):
+    refused where the recipe would change what the object holds, or where the method reads the
+    models' files."""
+    m = recipe.models[i]
+    for field in ("config", "vae"):
+        if getattr(m, field) is not None:
+            raise RecipeError(
+                f"models[{i}].{field}: {m.model!r} is a pipeline object given in Python, with its own configs and VAE "
+                f"(set pipe.vae before handing it over); drop `{field}`"
+            )
+    if method.meets == "weights":
+        raise RecipeError(
+            f"models[{i}].model: method {method.name!r} merges the models' weights as their files hold them, and "
+            f"{m.model!r} is a pipeline object given in Python; save it (pipe.save_pretrained(folder)) and name the folder"
+        )
 
 
 def check_model_fields(recipe: Recipe, i: int, family: type[ModelHandle]) -> None:
