@@ -61,6 +61,8 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
             names=[recipe.models[i].label for i in plain],
             configs=[recipe.models[i].config for i in plain],
             vaes=[recipe.models[i].vae for i in plain],
+            quantize=[recipe.models[i].quantize for i in plain],
+            devices=[recipe.models[i].device for i in plain],
             dtype=rt.dtype,
             device=rt.device,
             offload=rt.offload,
@@ -76,21 +78,23 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     from multifusion.weights.models import merge_in_memory, spec_of
 
     handles: list[ModelHandle] = []
-    merged: dict[str, ModelHandle] = {}
-    offloader = (next((h.offloader for h in loaded), None) or Offloader(rt.device)) if rt.offload else None
+    merged: dict[tuple, ModelHandle] = {}
+    offloaders = {h.offloader.device: h.offloader for h in loaded if h.offloader is not None}
     by_index = dict(zip(plain, loaded))
     for i, m in enumerate(recipe.models):
         if i in by_index:
             handles.append(by_index[i])
             continue
-        if m.model not in merged:  # one merge named twice is merged once
+        place = torch.device(m.device or rt.device)
+        key = (m.model, place)
+        if key not in merged:  # one merge named twice is merged once (per device)
             entry = recipe.merges[m.model[len(MERGE_PREFIX) :]]
-            # Offloaded: merged on the CPU, then moved by the run's offloader like every model.
-            h = merge_in_memory(
-                entry.models, spec_of(entry), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device
-            )
-            merged[m.model] = replace(h, device=torch.device(rt.device), offloader=offloader) if rt.offload else h
-        handles.append(replace(merged[m.model], name=m.label))
+            # Offloaded: merged on the CPU, then moved by its device's offloader like every model.
+            h = merge_in_memory(entry.models, spec_of(entry), name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else place)
+            if rt.offload:
+                h = replace(h, device=place, offloader=offloaders.setdefault(place, Offloader(place)))
+            merged[key] = h
+        handles.append(replace(merged[key], name=m.label))
     share_components(handles)
     return handles
 
@@ -123,7 +127,9 @@ class Run:
     def __init__(self, recipe: Recipe | dict | str | Path, *, models: Sequence[ModelHandle] | None = None):
         checked = validate(as_recipe(recipe))
         self.recipe, self.method, self.params = checked.recipe, checked.method, checked.params
-        check_devices(self.recipe.runtime)  # before loading: a missing accelerator is named, not a CUDA traceback
+        check_devices(
+            self.recipe.runtime, self.recipe.models
+        )  # before loading: a missing accelerator is named, not a CUDA traceback
         handles = list(models) if models is not None else load_recipe_models(self.recipe)
         if len(handles) != len(self.recipe.models):
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")

@@ -124,6 +124,7 @@ class ModelHandle:
     denoiser_folder: ClassVar[str] = "unet"
     takes_true_cfg: ClassVar[bool] = False
     takes_eta: ClassVar[bool] = True
+    t5_component: ClassVar[str | None] = None  # the T5 encoder's component name, where the family has one
 
     # What a family computes (each family module defines these; docs in `multifusion.families`).
     load_kwargs: ClassVar[dict[str, Any]] = {}
@@ -172,6 +173,10 @@ class ModelHandle:
     def modules(self) -> dict[str, torch.nn.Module]:
         """The weight-holding modules by component name (optional ones left out when absent)."""
         return {kind: getattr(self, kind) for kind in self.components if getattr(self, kind) is not None}
+
+    def quantized_components(self) -> list[str]:
+        """The components holding quantized weights (`holds_quantized`), by name."""
+        return [kind for kind, module in self.modules().items() if holds_quantized(module)]
 
     def scheduler(self, name: str, latent_hw: tuple[int, int]):
         """A fresh scheduler of kind `name` on this model's schedule, for latents of `latent_hw`
@@ -278,6 +283,25 @@ class ModelHandle:
         """One denoiser call in the family's prediction space: x_t (B, C, H, W) float32, `cond`
         of batch B; returns (B, C, H, W) float32."""
         raise NotImplementedError
+
+
+def holds_quantized(module: torch.nn.Module) -> bool:
+    """Whether `module` holds quantized weights: loaded with a quantization config (diffusers and
+    transformers mark such models `is_quantized`) or quantized in place (its parameters are tensor
+    subclasses: torchao's, bitsandbytes')."""
+    if getattr(module, "is_quantized", False):
+        return True
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in module.parameters())
+
+
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding `t`'s data: itself, or for a quantized tensor subclass (torchao's) the
+    inner tensors it is made of (its int8 values and scales: the subclass itself reports the
+    storage of the full-precision tensor it stands for)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for n in names if getattr(t, n, None) is not None for leaf in stored_tensors(getattr(t, n))]
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

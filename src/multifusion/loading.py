@@ -17,9 +17,18 @@ from typing import Any, Literal
 
 import torch
 
-from multifusion.errors import IncompatibleModelsError, ModelLoadError, PickleRefusedError, did_you_mean
+from multifusion.errors import (
+    IncompatibleModelsError,
+    ModelLoadError,
+    PickleRefusedError,
+    RecipeError,
+    did_you_mean,
+    format_validation_error,
+)
 from multifusion.families import FAMILIES, ModelFacts, facts_from_configs, family_named, vae_factor
-from multifusion.handles import ModelHandle, Offloader
+from multifusion.handles import ModelHandle, Offloader, holds_quantized, stored_tensors
+from multifusion.quantize import check_backend, component_folders, pipeline_config
+from multifusion.recipe import Quantize
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 PIPELINE_PREFIX = "pipeline:"
@@ -266,13 +275,18 @@ def _absent_parts(ref: ModelRef) -> list[str]:
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]]
 
 
-def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool):
+def _load_pipeline(
+    ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool, quantize: Quantize | None = None
+):
     import diffusers
 
     pipeline = getattr(diffusers, family.pipeline_class)
     common = dict(family.load_kwargs)
     common[_DTYPE_KWARG] = dtype
     common.update({part: None for part in _absent_parts(ref)})
+    if quantize is not None:
+        check_quantize(ref, family, quantize)
+        common["quantization_config"] = pipeline_config(quantize, family, dtype, "quantize", _absent_parts(ref))
     check_weight_files(ref)
     try:
         if ref.kind == "single_file":
@@ -296,8 +310,10 @@ def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype,
 
 
 def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """True when two modules are interchangeable: same class, config and every tensor equal."""
-    if type(a) is not type(b):
+    """True when two modules are interchangeable: same class, config and every tensor equal.
+    Quantized modules are never compared (their tensors have no equality): held once only when
+    they are one object."""
+    if type(a) is not type(b) or holds_quantized(a) or holds_quantized(b):
         return False
     ca, cb = getattr(a, "config", None), getattr(b, "config", None)
     if ca is not None and cb is not None:
@@ -333,8 +349,8 @@ def _share_with_earlier(handles: list[ModelHandle]) -> dict[str, int]:
         shared.setdefault(kind, 0)
         for prev in earlier:
             theirs = getattr(prev, kind, None)
-            if theirs is None or from_python(prev):
-                continue
+            if theirs is None or from_python(prev) or prev.device != h.device:
+                continue  # a pipeline object's modules stay its own; one module cannot sit on two devices
             if theirs is mine:
                 break
             if _same_module(theirs, mine):
@@ -350,12 +366,37 @@ def held_bytes(handles: list[ModelHandle]) -> int:
     total = 0
     for h in handles:
         for module in h.modules().values():
-            for t in list(module.parameters()) + list(module.buffers()):
+            for t in (leaf for x in [*module.parameters(), *module.buffers()] for leaf in stored_tensors(x)):
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in seen:
                     seen.add(ptr)
                     total += t.untyped_storage().nbytes()
     return total
+
+
+def check_quantize(ref: ModelRef, family: type[ModelHandle], spec: Quantize, where: str = "quantize") -> None:
+    """What can be checked of `spec` for the model `ref` of `family` before it loads: the backend
+    installed, the components there, the model a folder (diffusers loads single files without a
+    quantization config). Errors name `where` (say "models[1].quantize") and the fix."""
+    if ref.kind == "single_file":
+        raise RecipeError(
+            f"{where}: diffusers loads a single-file pipeline without a quantization config; save it as a folder "
+            "(pipe.save_pretrained(folder)) and quantize the folder"
+        )
+    check_backend(spec, where)
+    component_folders(spec, family, where, _absent_parts(ref))
+
+
+def as_quantize(spec: Quantize | dict | None, where: str = "quantize") -> Quantize | None:
+    """A quantization spec from its recipe form (a dict) or as it is; RecipeError naming `where`."""
+    if spec is None or isinstance(spec, Quantize):
+        return spec
+    from pydantic import ValidationError
+
+    try:
+        return Quantize.model_validate(spec)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, where)) from None
 
 
 def load_model(
@@ -368,16 +409,19 @@ def load_model(
     offloader: Offloader | None = None,
     allow_pickle: bool = False,
     vae: str | None = None,
+    quantize: Quantize | dict | None = None,
 ) -> ModelHandle:
     """Load one model into a handle. `offloader` (shared between handles) keeps the components
     on the CPU and moves each one to its device only while it runs. `vae` names a VAE to use in
-    place of the model's own (`resolve_vae`), checked to encode the same latent space."""
+    place of the model's own (`resolve_vae`), checked to encode the same latent space.
+    `quantize` loads the denoiser (and T5) quantized through diffusers (`multifusion.quantize`)."""
+    quantize = as_quantize(quantize)
     if isinstance(ref, str):
         ref = resolve(ref, config=config, allow_pickle=allow_pickle)
     vae_ref = resolve_vae(vae, allow_pickle=allow_pickle) if vae is not None else None
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     family = family_of(ref)
-    pipe = _load_pipeline(ref, family, torch_dtype, allow_pickle)
+    pipe = _load_pipeline(ref, family, torch_dtype, allow_pickle, quantize)
     if vae_ref is not None:
         own = pipe.vae
         replacement = _load_vae(vae_ref, ref, type(own), torch_dtype, allow_pickle)
@@ -467,19 +511,38 @@ def load_models(
     share: bool = True,
     fields: list[str] | None = None,
     vaes: list[str | None] | None = None,
+    quantize: list[Quantize | dict | None] | None = None,
+    devices: list[str | torch.device | None] | None = None,
 ) -> list[ModelHandle]:
     """Load several models, sharing identical components. All refs are resolved (and refused,
     for pickles) before the first one loads. `fields` (say, "models[1].model") prefix each
     model's load errors, so they name where the model was given. `vaes` replace models' own VAEs
-    (None keeps a model's own).
+    (None keeps a model's own). `quantize` loads models' denoisers (and T5) quantized
+    (`load_model`; None: full precision). `devices` places each model on its own device (None:
+    `device`); under `offload` each device keeps one module at a time. Models on different devices
+    share no component.
 
     A ref may also be a diffusers pipeline object, taken as it is (`from_pipeline`: no weight
     copied; `dtype`, `device` and `offload` do not apply to it); components that are the same
     object in several pipelines are held once because they are one object."""
-    names = names or [None] * len(refs)
-    vaes = vaes or [None] * len(refs)
-    configs = configs or [None] * len(refs)
-    fields = fields or [""] * len(refs)
+    n = len(refs)
+    for what, given in (
+        ("names", names),
+        ("configs", configs),
+        ("fields", fields),
+        ("vaes", vaes),
+        ("quantize", quantize),
+        ("devices", devices),
+    ):
+        if given is not None and len(given) != n:
+            raise RecipeError(f"{what}: {len(given)} values for {n} models; give one per model (None keeps the default)")
+    names = names or [None] * n
+    vaes = vaes or [None] * n
+    configs = configs or [None] * n
+    fields = fields or [""] * n
+    wheres = [f.removesuffix(".model") if f else f"models[{k}]" for k, f in enumerate(fields)]
+    specs = [as_quantize(q, f"{w}.quantize") for q, w in zip(quantize or [None] * n, wheres)]
+    places = [torch.device(d if d is not None else device) for d in (devices or [None] * n)]
 
     def named(k: int, err: ModelLoadError) -> ModelLoadError:
         return type(err)(f"{fields[k]}: {err}") if fields[k] else err
@@ -488,10 +551,15 @@ def load_models(
     for k, (r, c) in enumerate(zip(refs, configs)):
         if not isinstance(r, (str, ModelRef)):  # a pipeline object, taken as it is
             what = fields[k] or f"models[{k}]"
-            if c is not None or vaes[k] is not None:
+            given = [
+                f
+                for f, v in (("config", c), ("vae", vaes[k]), ("quantize", specs[k]), ("device", (devices or [None] * n)[k]))
+                if v is not None
+            ]
+            if given:
                 raise ModelLoadError(
-                    f"{what}: a pipeline object brings its own configs and VAE (set pipe.vae before handing it over); "
-                    f"drop its {'config' if c is not None else 'vae'}"
+                    f"{what}: a pipeline object is taken as it is, with its own configs, VAE, quantization and device "
+                    f"(set them on the pipeline before handing it over); drop its {given[0]}"
                 )
             resolved.append(from_pipeline(r, name=names[k], what=what))
             continue
@@ -499,14 +567,16 @@ def load_models(
             resolved.append(resolve(r, config=c, allow_pickle=allow_pickle) if isinstance(r, str) else r)
         except ModelLoadError as err:
             raise named(k, err) from None
-    offloader = Offloader(device) if offload else None
+        if specs[k] is not None:  # before anything loads: a missing backend or component is named first
+            check_quantize(resolved[-1], family_of(resolved[-1]), specs[k], f"{wheres[k]}.quantize")
+    offloaders = {d: Offloader(d) for d in places} if offload else {}
     handles: list[ModelHandle] = []
     cache: dict[str, ModelHandle] = {}
     for k, (ref, name) in enumerate(zip(resolved, names)):
         if isinstance(ref, ModelHandle):
             handles.append(ref)
             continue
-        key = f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}"
+        key = f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}:{specs[k]!r}:{places[k]}"
         if key in cache:
             # The same checkpoint named twice: share everything, load nothing.
             base = cache[key]
@@ -514,7 +584,14 @@ def load_models(
             continue
         try:
             h = load_model(
-                ref, name=name, dtype=dtype, device=device, offloader=offloader, allow_pickle=allow_pickle, vae=vaes[k]
+                ref,
+                name=name,
+                dtype=dtype,
+                device=places[k],
+                offloader=offloaders.get(places[k]),
+                allow_pickle=allow_pickle,
+                vae=vaes[k],
+                quantize=specs[k],
             )
         except (ModelLoadError, IncompatibleModelsError) as err:
             raise named(k, err) from err.__cause__

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from multifusion.canvas import pixels_problem
-from multifusion.errors import FieldError, RecipeError, clip, format_validation_error
+from multifusion.errors import FieldError, RecipeError, clip, did_you_mean, format_validation_error
 
 MAX_GUIDANCE = 100.0
 """Guidance scales above this are refused: classifier-free guidance is useful up to ~30, and
@@ -33,6 +33,8 @@ scales like 1e30 overflow the latents to an all-black image."""
 MAX_PIXELS = 4096 * 4096
 """Default `runtime.max_pixels`: the largest canvas (height x width, one image) a run accepts
 unless the recipe raises the limit on purpose."""
+
+DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu")
 
 MAX_YAML_NODES = 100_000
 """A YAML recipe expanding (through its aliases) to more values than this is refused: nested
@@ -43,6 +45,41 @@ class _Strict(BaseModel):
     # allow_inf_nan=False: every float of a recipe (at any depth) is finite; YAML `.nan` or
     # `.inf` is an error naming the field, never a silently black image.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+QUANT_WEIGHTS = {
+    "torchao": ("int8", "int8_dynamic", "int4", "float8"),
+    "bitsandbytes": ("int8", "nf4", "fp4"),
+}
+"""The weight formats each quantization backend offers (`multifusion.quantize` maps them to
+diffusers' and transformers' configs): torchao's int8 (weight-only), int8_dynamic (int8 weights
+and activations), int4 (weight-only) and float8 (weight-only); bitsandbytes' LLM.int8, NF4 and FP4."""
+
+
+class Quantize(_Strict):
+    """How a model's large modules load quantized, through diffusers' own quantization support
+    (docs/quantization.md)."""
+
+    backend: Literal["torchao", "bitsandbytes"] = Field("torchao", description="torchao (CPU and GPUs) or bitsandbytes (CUDA)")
+    weights: str = Field("int8", description="torchao: int8, int8_dynamic, int4, float8; bitsandbytes: int8, nf4, fp4")
+    components: list[Literal["denoiser", "t5"]] = Field(
+        default_factory=lambda: ["denoiser"],
+        min_length=1,
+        description="what loads quantized: the denoiser (UNet or transformer) and/or the T5 text encoder (SD3, FLUX)",
+    )
+
+    @model_validator(mode="after")
+    def _known(self):
+        offered = QUANT_WEIGHTS[self.backend]
+        if self.weights not in offered:
+            raise FieldError(
+                "weights",
+                f"{self.weights!r} is not a {self.backend} format; give one of {', '.join(offered)}"
+                f"{did_you_mean(self.weights, offered)}",
+            )
+        if len(set(self.components)) != len(self.components):
+            raise FieldError("components", f"{self.components} names a component twice; name each once")
+        return self
 
 
 class ModelEntry(_Strict):
@@ -60,6 +97,10 @@ class ModelEntry(_Strict):
     prompt: str | list[str] | None = Field(None, description="one prompt for every image, or a list with one per image")
     negative_prompt: str | None = Field(None, description="default: the recipe's negative_prompt")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description="default: sampling.guidance_scale")
+    quantize: Quantize | None = Field(
+        None, description="load the denoiser (and T5) quantized: {backend: torchao, weights: int8, components: [denoiser]}"
+    )
+    device: str | None = Field(None, description="where this model runs (cpu, cuda:N, ...); default runtime.device")
     true_cfg_scale: float | None = Field(
         None,
         ge=1,
@@ -73,6 +114,16 @@ class ModelEntry(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.model
+
+    def loaded_as(self) -> tuple:
+        """What decides the loaded model: two entries equal here are one model."""
+        return (self.model, self.config, self.vae, self.quantize, self.device)
+
+    @model_validator(mode="after")
+    def _device(self):
+        if self.device is not None and self.device.split(":")[0] not in DEVICE_KINDS:
+            raise FieldError("device", f"{self.device!r} is not one of cpu, cuda[:N], mps, xpu[:N]")
+        return self
 
 
 class MergeEntry(_Strict):
@@ -161,7 +212,7 @@ class Runtime(_Strict):
     @model_validator(mode="after")
     def _device(self):
         for field, value in (("device", self.device), ("vae_device", self.vae_device)):
-            if value is not None and value.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            if value is not None and value.split(":")[0] not in DEVICE_KINDS:
                 raise FieldError(field, f"{value!r} is not one of cpu, cuda[:N], mps, xpu")
         return self
 
@@ -200,12 +251,7 @@ class Recipe(_Strict):
             # A region or `specified` names a model by its label: a name two different models
             # answer to is ambiguous. (One model listed twice under one label is fine, the weights
             # being the same: fusing a model with itself is how the degenerate cases are tested.)
-            same = (m.model, m.config, m.vae)
-            earlier = [
-                j
-                for j in range(i)
-                if labels[j] == labels[i] and (self.models[j].model, self.models[j].config, self.models[j].vae) != same
-            ]
+            earlier = [j for j in range(i) if labels[j] == labels[i] and self.models[j].loaded_as() != m.loaded_as()]
             named = [k for k in (*earlier, i) if self.models[k].name is not None]
             if earlier and named:
                 k = i if i in named else named[0]

@@ -160,6 +160,13 @@ FIELD_VALUES = {
     "negative_prompt": st.none() | _LINE.filter(bool),
     "guidance_scale": st.none() | st.floats(0, 100),
     "true_cfg_scale": st.none() | st.floats(1, 100),
+    "quantize": st.none()
+    | st.fixed_dictionaries(
+        {"weights": st.sampled_from(["int8", "int8_dynamic", "int4", "float8"])},
+        optional={"backend": st.just("torchao"), "components": st.sampled_from([["denoiser"], ["t5"], ["denoiser", "t5"]])},
+    )
+    | st.fixed_dictionaries({"backend": st.just("bitsandbytes"), "weights": st.sampled_from(["int8", "nf4", "fp4"])}),
+    "device": st.none() | st.sampled_from(["cpu", "cuda", "cuda:1", "mps", "xpu:0"]),
 }
 
 

@@ -171,6 +171,18 @@ class PreparedMerge:
 
 
 def prepare_merge(ctx: RunContext, params: MergeParams | MBWParams) -> PreparedMerge:
+    for i, h in enumerate(ctx.handles):  # handles given from Python (a recipe's are checked before loading)
+        quantized = h.quantized_components()
+        if quantized:
+            raise RecipeError(
+                f"models[{i}]: method {ctx.recipe.method!r} merges full-precision weights, and this model's "
+                f"{', '.join(quantized)} holds quantized ones; merge the unquantized models"
+            )
+        if h.device != ctx.handles[0].device:
+            raise RecipeError(
+                f"models[{i}]: on {h.device}, models[0] on {ctx.handles[0].device}; method {ctx.recipe.method!r} merges "
+                "weights in one place: load the models on one device"
+            )
     try:
         handle = merge_in_memory(ctx.handles, params.spec(), name=f"{ctx.recipe.method} of {', '.join(ctx.labels)}")
     except (IncompatibleModelsError, ModelLoadError) as err:  # shapes, configs; a source that is no diffusers folder
