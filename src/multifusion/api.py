@@ -302,12 +302,14 @@ def fuse(
     negative_prompt: str | Sequence[str] = "",
     guidance_scale: float | Sequence[float] = 7.5,
     true_cfg_scale: float | Sequence[float | None] | None = None,
+    devices: Sequence[str | None] | None = None,
     **kwargs: Any,
 ) -> Result:
     """Run method `method` on `models` (loaded handles, diffusers pipeline objects taken as they
     are, or model names: Hub ids, folders, .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
     own negative prompt and guidance scale (and, for FLUX models, `true_cfg_scale`: true
-    classifier-free guidance with the negative prompt, FluxPipeline's). Other keywords are the method's parameters (see
+    classifier-free guidance with the negative prompt, FluxPipeline's). `devices` places each named model on its own
+    device (None: runtime's device; loaded models stay where they were loaded). Other keywords are the method's parameters (see
     `multifusion methods`), sampling keywords or run keywords; None means "the default".
     The Python API and the CLI share one validated path: this builds the recipe and runs it."""
     m = get_method(method)
@@ -319,6 +321,11 @@ def fuse(
         raise RecipeError(
             "models: give either all loaded models (ModelHandles, diffusers pipelines) or all model names, not a mix"
         )
+    if devices is not None and handles:
+        raise RecipeError("devices: loaded models run where they were loaded; place them with load_models(devices=[...])")
+    if devices is not None and (isinstance(devices, str) or len(devices) != len(models)):
+        got = "one string" if isinstance(devices, str) else f"{len(devices)} values"
+        raise RecipeError(f"devices: {got} for {len(models)} models; give a list with one device (or None) per model")
     known = set(m.params.model_fields) | set(SAMPLING_KEYS) | set(RUN_KEYS)
     for key in kwargs:
         if key not in known:
@@ -334,12 +341,13 @@ def fuse(
         return values
 
     entries = []
-    for x, p, g, n, t in zip(
+    for x, p, g, n, t, d in zip(
         models,
         per_model("prompts", prompts),
         per_model("guidance_scale", guidance_scale),
         per_model("negative_prompt", negative_prompt),
         per_model("true_cfg_scale", true_cfg_scale),
+        list(devices) if devices is not None else [None] * len(models),
     ):
         entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
         entries.append(
@@ -349,6 +357,7 @@ def fuse(
                 "guidance_scale": g,
                 "negative_prompt": n,
                 **({"true_cfg_scale": t} if t is not None else {}),
+                **({"device": d} if d is not None else {}),
             }
         )
     params = {
@@ -380,6 +389,7 @@ def method_function(name: str) -> Callable[..., Result]:
         inspect.Parameter("negative_prompt", kw, default=""),
         inspect.Parameter("guidance_scale", kw, default=7.5),
         inspect.Parameter("true_cfg_scale", kw, default=None),
+        inspect.Parameter("devices", kw, default=None),
     ]
     params += [
         inspect.Parameter(f, kw, default=info.get_default(call_default_factory=True)) for f, info in m.params.model_fields.items()

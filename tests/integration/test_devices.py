@@ -69,3 +69,27 @@ def test_methods_meeting_inside_one_module_need_one_device(tiny_a, tiny_b, metho
     bad = recipe([{"model": tiny_a, "prompt": "x"}, {"model": tiny_b, "prompt": "y", "device": "cuda:1"}], method=method)
     with pytest.raises(RecipeError, match=rf"models\[1\]\.device: 'cuda:1' but models\[0\] runs on 'cpu'; method '{method}'"):
         mf.run(bad, progress=False)
+
+
+def test_an_image_recipe_leaves_its_models_devices_behind(tmp_path):
+    """Where a model ran is the machine's business: `--from-image` drops models[i].device and says so."""
+    from PIL import Image
+
+    from multifusion.io import save_png
+    from multifusion.provenance import image_metadata, recipe_from_image
+    from multifusion.recipe import parse_recipe
+
+    made = parse_recipe(recipe([{"model": "zoo:general", "prompt": "x", "device": "cuda:1"}], method="single"))
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", image_metadata(made.to_json(), 1))
+    data, ignored = recipe_from_image(path)
+    assert "device" not in data["models"][0] and data["models"][0]["model"] == "zoo:general"
+    assert ignored == ["models[0].device"]
+
+
+def test_fuse_places_named_models_and_checks_the_list(tiny_a, tiny_b):
+    got = mf.average([tiny_a, tiny_b], PROMPTS, devices=["cpu", "cpu"], progress=False, **SAMPLING).latents
+    assert torch.equal(got, mf.average([tiny_a, tiny_b], PROMPTS, progress=False, **SAMPLING).latents)
+    with pytest.raises(RecipeError, match="devices: 3 values for 2 models"):
+        mf.average([tiny_a, tiny_b], PROMPTS, devices=["cpu"] * 3, progress=False)
+    with pytest.raises(RecipeError, match="devices: loaded models run where they were loaded"):
+        mf.average(load_models([tiny_a, tiny_b]), PROMPTS, devices=["cpu", "cpu"], progress=False)
