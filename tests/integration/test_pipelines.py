@@ -131,3 +131,14 @@ def test_a_recipe_naming_a_pipeline_needs_the_object(pipes):
 def test_merges_refuse_pipeline_objects_with_the_fix(pipes):
     with pytest.raises(RecipeError, match=r"models\[0\].model: method 'merge' merges .*save_pretrained"):
         mf.fuse("merge", list(pipes), PROMPTS, **KW)
+
+
+def test_afa_over_a_pipeline_and_itself_is_its_single(pipes, tmp_path):
+    """AFA at zero-initialised aggregators over one pipeline object twice samples as that model."""
+    from multifusion.features.ensemble import model_hash
+    from multifusion.features.walkers import fresh_aggregators
+
+    a, a2 = load_models([pipes[0], pipes[0]], names=["a", "a2"])
+    fresh_aggregators([a.unet, a2.unet], [model_hash(a), model_hash(a2)], ["a", "a2"]).save_pretrained(tmp_path / "agg")
+    out = mf.afa([a, a2], PROMPTS[0], aggregator=str(tmp_path / "agg"), **KW).latents
+    assert torch.equal(out, mf.single(a, PROMPTS[0], **KW).latents)
