@@ -27,7 +27,7 @@ from multifusion.errors import (
 )
 from multifusion.families import FAMILIES, ModelFacts, facts_from_configs, family_named, vae_factor
 from multifusion.handles import ModelHandle, Offloader, holds_quantized, stored_tensors
-from multifusion.quantize import check_backend, component_folders, pipeline_config
+from multifusion.quantize import check_backend, component_folders, gguf_denoiser, pipeline_config
 from multifusion.recipe import Quantize
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -286,7 +286,15 @@ def _load_pipeline(
     common.update({part: None for part in _absent_parts(ref)})
     if quantize is not None:
         check_quantize(ref, family, quantize)
-        common["quantization_config"] = pipeline_config(quantize, family, dtype, "quantize", _absent_parts(ref))
+        if quantize.backend == "gguf":
+            try:
+                common[family.denoiser_folder] = gguf_denoiser(quantize, family, ref.location, dtype)
+            except Exception as err:  # diffusers and gguf raise OSError, ValueError and their own errors here
+                raise ModelLoadError(
+                    f"quantize.file: could not load {quantize.file!r} as {ref.text!r}'s denoiser: {err}"
+                ) from err
+        else:
+            common["quantization_config"] = pipeline_config(quantize, family, dtype, "quantize", _absent_parts(ref))
     check_weight_files(ref)
     try:
         if ref.kind == "single_file":
@@ -385,6 +393,8 @@ def check_quantize(ref: ModelRef, family: type[ModelHandle], spec: Quantize, whe
         )
     check_backend(spec, where)
     component_folders(spec, family, where, _absent_parts(ref))
+    if spec.file is not None and not Path(spec.file).expanduser().is_file():
+        raise ModelLoadError(f"{where}.file: {spec.file!r} does not exist")
 
 
 def as_quantize(spec: Quantize | dict | None, where: str = "quantize") -> Quantize | None:

@@ -13,6 +13,9 @@ loads with that config (diffusers' config classes for the denoiser, transformers
     bitsandbytes  int8           BitsAndBytesConfig(load_in_8bit=True)      CUDA
                   nf4, fp4       BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=...,
                                  bnb_4bit_compute_dtype=the run's dtype)
+    gguf          (the file's)   the denoiser from a .gguf file: its class's from_single_file with
+                                 GGUFQuantizationConfig(compute_dtype=the run's dtype), configs from
+                                 the model's folder or Hub id; dequantized per layer as it runs
 
 torchao quantizes the linear layers (attention and feed-forward projections: nearly all of a
 transformer's weights, most of a UNet's); convolutions, norms and embeddings keep the run's dtype.
@@ -30,7 +33,7 @@ from multifusion.errors import ModelLoadError, RecipeError
 from multifusion.handles import ModelHandle
 from multifusion.recipe import Quantize
 
-PACKAGES = {"torchao": "torchao", "bitsandbytes": "bitsandbytes"}
+PACKAGES = {"torchao": "torchao", "bitsandbytes": "bitsandbytes", "gguf": "gguf"}
 """The package each backend needs (the `quant` extra installs torchao)."""
 
 
@@ -39,7 +42,7 @@ def check_backend(spec: Quantize, where: str) -> None:
     installed, with the command that installs it."""
     package = PACKAGES[spec.backend]
     if importlib.util.find_spec(package) is None:
-        extra = "pip install 'multifusion[quant]'" if spec.backend == "torchao" else f"pip install {package}"
+        extra = f"pip install {package}" if spec.backend == "bitsandbytes" else "pip install 'multifusion[quant]'"
         raise ModelLoadError(f"{where}.backend: {spec.backend} quantization needs the {package} package ({extra})")
 
 
@@ -80,18 +83,18 @@ def module_config(spec: Quantize, library: Any, dtype: torch.dtype) -> Any:
     """The quantization config of one component for `library` (the `diffusers` or `transformers`
     module: each takes its own config class, with the same arguments)."""
     if spec.backend == "torchao":
-        return library.TorchAoConfig(_torchao_type(spec.weights))
-    if spec.weights == "int8":
+        return library.TorchAoConfig(_torchao_type(spec.format))
+    if spec.format == "int8":
         return library.BitsAndBytesConfig(load_in_8bit=True)
-    return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.weights, bnb_4bit_compute_dtype=dtype)
+    return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.format, bnb_4bit_compute_dtype=dtype)
 
 
 def pipeline_config(
     spec: Quantize, family: type[ModelHandle], dtype: torch.dtype, where: str = "quantize", absent: Sequence[str] = ()
 ) -> Any:
     """The `PipelineQuantizationConfig` that loads a model of `family` quantized as `spec` asks,
-    the denoiser through diffusers' config class and T5 through transformers'. `where` names the
-    recipe field in errors."""
+    the denoiser through diffusers' config class and T5 through transformers' (not for gguf:
+    `gguf_denoiser`). `where` names the recipe field in errors."""
     import diffusers
     import transformers
 
@@ -101,3 +104,20 @@ def pipeline_config(
         library = diffusers if folder == family.denoiser_folder else transformers
         mapping[folder] = module_config(spec, library, dtype)
     return diffusers.PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def gguf_denoiser(spec: Quantize, family: type[ModelHandle], configs: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The denoiser of a model of `family` from the GGUF file `spec.file`, its config read from
+    `configs` (the model's folder or Hub id), as diffusers loads one: the family's denoiser class's
+    `from_single_file` with `GGUFQuantizationConfig(compute_dtype=dtype)` (files in the original
+    layout are converted by diffusers; files in diffusers' layout load as they are)."""
+    import diffusers
+
+    cls = getattr(diffusers, family.denoiser_class)
+    return cls.from_single_file(
+        spec.file,
+        quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=dtype),
+        config=configs,
+        subfolder=family.denoiser_folder,
+        torch_dtype=dtype,
+    )

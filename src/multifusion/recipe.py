@@ -50,28 +50,55 @@ class _Strict(BaseModel):
 QUANT_WEIGHTS = {
     "torchao": ("int8", "int8_dynamic", "int4", "float8"),
     "bitsandbytes": ("int8", "nf4", "fp4"),
+    "gguf": (),
 }
 """The weight formats each quantization backend offers (`multifusion.quantize` maps them to
 diffusers' and transformers' configs): torchao's int8 (weight-only), int8_dynamic (int8 weights
-and activations), int4 (weight-only) and float8 (weight-only); bitsandbytes' LLM.int8, NF4 and FP4."""
+and activations), int4 (weight-only) and float8 (weight-only); bitsandbytes' LLM.int8, NF4 and
+FP4. A GGUF file holds its own (Q8_0, Q4_K, ...)."""
 
 
 class Quantize(_Strict):
     """How a model's large modules load quantized, through diffusers' own quantization support
     (docs/quantization.md)."""
 
-    backend: Literal["torchao", "bitsandbytes"] = Field("torchao", description="torchao (CPU and GPUs) or bitsandbytes (CUDA)")
-    weights: str = Field("int8", description="torchao: int8, int8_dynamic, int4, float8; bitsandbytes: int8, nf4, fp4")
+    backend: Literal["torchao", "bitsandbytes", "gguf"] = Field(
+        "torchao", description="torchao (CPU and GPUs), bitsandbytes (CUDA) or gguf (the denoiser from a .gguf file)"
+    )
+    weights: str | None = Field(
+        None, description="torchao: int8 (default), int8_dynamic, int4, float8; bitsandbytes: int8 (default), nf4, fp4"
+    )
+    file: str | None = Field(None, min_length=1, description="gguf: the denoiser's .gguf file (Q8_0, Q4_K, ...)")
     components: list[Literal["denoiser", "t5"]] = Field(
         default_factory=lambda: ["denoiser"],
         min_length=1,
         description="what loads quantized: the denoiser (UNet or transformer) and/or the T5 text encoder (SD3, FLUX)",
     )
 
+    @property
+    def format(self) -> str | None:
+        """The weights' format: `weights`, int8 by default; None for a GGUF file (it holds its own)."""
+        return None if self.backend == "gguf" else (self.weights or "int8")
+
     @model_validator(mode="after")
     def _known(self):
+        if self.backend == "gguf":
+            if self.file is None:
+                raise FieldError("file", "the gguf backend loads the denoiser from a .gguf file; name it (file: model-Q8_0.gguf)")
+            if self.weights is not None:
+                raise FieldError("weights", "a GGUF file holds its own format (Q8_0, Q4_K, ...); drop `weights`")
+            if self.components != ["denoiser"]:
+                raise FieldError("components", "a GGUF file holds the denoiser only; give components: [denoiser]")
+            if not self.file.lower().endswith(".gguf"):
+                raise FieldError("file", f"{self.file!r} is not a .gguf file")
+            return self
+        if self.file is not None:
+            raise FieldError(
+                "file",
+                f"`file` is the gguf backend's (a .gguf denoiser); {self.backend} quantizes the model's own weights: drop it",
+            )
         offered = QUANT_WEIGHTS[self.backend]
-        if self.weights not in offered:
+        if self.weights is not None and self.weights not in offered:
             raise FieldError(
                 "weights",
                 f"{self.weights!r} is not a {self.backend} format; give one of {', '.join(offered)}"

@@ -76,3 +76,82 @@ def test_t5_of_a_model_without_one_is_refused_before_loading(flow_dir):
     }
     with pytest.raises(RecipeError, match=r"models\[0\]\.quantize\.components: this model \(its T5 encoder is absent\)"):
         run(recipe, progress=False)
+
+
+def write_gguf(folder: str, path, qtype: str = "Q8_0") -> int:
+    """The transformer of the pipeline `folder` written as a GGUF file in diffusers' key layout:
+    every 2-D weight whose rows split into blocks of 32 in `qtype`, the rest in float32. Returns
+    how many tensors were quantized."""
+    import gguf
+    from diffusers import FluxTransformer2DModel
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    quantized = 0
+    for name, t in FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict().items():
+        a = t.float().numpy()
+        if a.ndim == 2 and a.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+            quantized += 1
+        else:
+            writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
+def test_a_gguf_denoiser_equals_diffusers_loading_the_same_file(flux_a, tmp_path):
+    pytest.importorskip("gguf", reason="the quant extra (gguf) is not installed")
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    path = tmp_path / "flux-Q8_0.gguf"
+    assert write_gguf(flux_a, path) > 10
+    [q] = load_models([flux_a], quantize=[{"backend": "gguf", "file": str(path)}])
+    assert q.quantized_components() == ["unet"]
+    kw = dict(guidance_scale=3.5, num_inference_steps=4, seed=1, num_images=2, height=16, width=16, progress=False)
+    ours = single(q, PROMPT, **kw).latents
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), config=flux_a, subfolder="transformer"
+    )
+    pipe = FluxPipeline.from_pretrained(flux_a, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    packed = pipe(
+        PROMPT,
+        num_inference_steps=4,
+        height=16,
+        width=16,
+        num_images_per_prompt=2,
+        guidance_scale=3.5,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+        output_type="latent",
+    ).images
+    f = pipe.vae_scale_factor
+    torch.testing.assert_close(ours, unpack(packed, 16 // f, 16 // f), atol=1e-5, rtol=1e-5)
+    full = single(load_models([flux_a])[0], PROMPT, **kw).latents
+    gap = (full - ours).abs().max()
+    assert 1e-4 < gap < 0.05 * full.abs().max()  # Q8_0: real, and small
+
+
+@pytest.mark.parametrize(
+    "spec, field, says",
+    [
+        ({"backend": "gguf"}, "file", "name it"),
+        ({"backend": "gguf", "file": "m.gguf", "weights": "int8"}, "weights", "holds its own format"),
+        ({"backend": "gguf", "file": "m.gguf", "components": ["denoiser", "t5"]}, "components", "denoiser only"),
+        ({"backend": "gguf", "file": "m.safetensors"}, "file", "not a .gguf file"),
+        ({"backend": "torchao", "file": "m.gguf"}, "file", "gguf backend's"),
+        ({"backend": "gguf", "file": "missing.gguf"}, "file", "does not exist"),
+    ],
+)
+def test_a_bad_gguf_spec_is_refused_naming_the_field(flux_a, spec, field, says):
+    from multifusion import MultifusionError
+
+    recipe = {
+        "method": "single",
+        "models": [{"model": flux_a, "prompt": "x", "quantize": spec}],
+        "sampling": {"num_inference_steps": 2, "height": 16, "width": 16},
+    }
+    with pytest.raises(MultifusionError, match=rf"models\[0\]\.quantize\.{field}: .*{says}"):
+        run(recipe, progress=False)
