@@ -155,3 +155,17 @@ def test_a_bad_gguf_spec_is_refused_naming_the_field(flux_a, spec, field, says):
     }
     with pytest.raises(MultifusionError, match=rf"models\[0\]\.quantize\.{field}: .*{says}"):
         run(recipe, progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("method, params", [("average", {"weights": [0.6, 0.4]}), ("snb", {}), ("amdm", {"w": 0.7})])
+def test_methods_run_on_two_quantized_flow_models(flow_dir, family, method, params):
+    """Two quantized models (transformer and T5 in int8) fuse to finite latents, off the
+    full-precision fusion's (the quantization reaches every method)."""
+    import multifusion as mf
+
+    paths = [str(flow_dir / f"{family}_a"), str(flow_dir / f"{family}_b")]
+    kw = dict(num_inference_steps=3, seed=2, height=16, width=16, guidance_scale=3.5, progress=False, **params)
+    got = mf.fuse(method, load_models(paths, quantize=[BOTH, BOTH]), [PROMPT, "a blue square"], **kw).latents
+    want = mf.fuse(method, load_models(paths), [PROMPT, "a blue square"], **kw).latents
+    assert torch.isfinite(got).all() and (got - want).abs().max() > 1e-5
