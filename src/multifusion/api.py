@@ -350,6 +350,8 @@ def fuse(
         list(devices) if devices is not None else [None] * len(models),
     ):
         entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
+        if isinstance(x, ModelHandle) and x.quantize is not None:  # recorded, so the recipe remakes the model
+            entry["quantize"] = x.quantize.model_dump(mode="json", exclude_none=True)
         entries.append(
             {
                 **entry,

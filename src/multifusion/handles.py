@@ -110,6 +110,7 @@ class ModelHandle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     offloader: Offloader | None = None
+    quantize: Any = None  # the `recipe.Quantize` it was loaded with (recorded in the recipes of its runs), or None
 
     # What a family answers (each family module in `multifusion.families` sets these): the
     # diffusers pipeline class it is built from, its modules that hold weights (shared between

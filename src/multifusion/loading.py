@@ -452,6 +452,7 @@ def load_model(
         device=device,
         dtype=torch_dtype,
         offloader=offloader,
+        quantize=quantize,
     )
     for module in handle.modules().values():
         module.eval().requires_grad_(False)

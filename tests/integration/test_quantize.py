@@ -155,9 +155,27 @@ def test_the_closest_format_is_suggested(tiny_a):
 def test_a_merge_refuses_quantized_models_before_loading(tiny_a, tiny_b):
     with pytest.raises(RecipeError, match=r"models\[0\]\.quantize: method 'merge' merges .*full-precision"):
         mf.run(recipe(tiny_a, INT8, method="merge", n=2), progress=False)
-    handles = load_models([tiny_a, tiny_b], quantize=[INT8, None])  # handles from Python: refused when the merge prepares
-    with pytest.raises(RecipeError, match=r"models\[0\]: method 'merge' merges full-precision weights, .*unet"):
+    handles = load_models([tiny_a, tiny_b], quantize=[INT8, None])  # loaded quantized: the recipe says so
+    with pytest.raises(RecipeError, match=r"models\[0\]\.quantize: method 'merge' merges"):
         mf.fuse("merge", handles, PROMPTS, **KW)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    handles = load_models([tiny_a, tiny_b])
+    quantize_(handles[1].unet, Int8WeightOnlyConfig())  # quantized in place: refused when the merge prepares
+    with pytest.raises(RecipeError, match=r"models\[1\]: method 'merge' merges full-precision weights, .*unet"):
+        mf.fuse("merge", handles, PROMPTS, **KW)
+
+
+def test_a_run_of_quantized_handles_records_their_spec(tiny_a):
+    [q] = load_models([tiny_a], quantize=[INT8])
+    result = mf.single(q, PROMPTS[0], **KW)
+    assert result.recipe.models[0].quantize.model_dump(exclude_none=True) == {
+        "backend": "torchao",
+        "weights": "int8",
+        "components": ["denoiser"],
+    }
+    again = mf.run(result.recipe, progress=False).latents  # the recorded recipe remakes the quantized model
+    assert torch.equal(again, result.latents)
 
 
 def test_a_missing_backend_is_named_with_the_install(tiny_a, monkeypatch):
