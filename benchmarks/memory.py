@@ -1,7 +1,9 @@
 """Accelerator memory of fusing SDXL models (1, 2, 3 on 12 and 24 GB cards) and SD3.5 / FLUX.1
-models (2 on 24 and 80 GB cards), with offload on and off, computed from the published configs
-by `multifusion.memory` (parameter counts on the meta device, activation peaks of one
-fake-tensor forward; GiB). Prints the tables of docs/sdxl.md and docs/flow.md.
+models (2 on 24 and 80 GB cards), with offload on and off, and of two SD3.5 / FLUX.1 models
+with quantized weights (int8, Q8_0, NF4, Q4_0) on one card, one model per card and offloaded
+(12 / 16 / 24 GB), computed from the published configs by `multifusion.memory` (parameter
+counts on the meta device, activation peaks of one fake-tensor forward; GiB). Prints the tables
+of docs/sdxl.md, docs/flow.md and docs/quantization.md.
 
     python benchmarks/memory.py [--height 1024] [--width 1024] [--batch 1]
 """
@@ -15,12 +17,16 @@ import torch
 from multifusion.memory import (
     BYTES_PER_PARAM,
     PUBLISHED,
+    QUANT_FORMATS,
     Footprint,
     GiB,
     device_bytes,
     fits,
     footprint,
     host_bytes,
+    per_device_bytes,
+    quantizable,
+    quantized,
 )
 
 SECTIONS = [  # (title, families, model counts, cards in GB)
@@ -69,6 +75,31 @@ def residency_table(fps: dict[str, Footprint], counts: tuple[int, ...], cards: t
     return lines
 
 
+QUANTIZED = (["FLUX.1 dev", "SD3.5 Large", "SD3.5 Medium"], 2, (12, 16, 24))  # models, how many fused, cards
+
+
+def quantized_table(fps: dict[str, Footprint], n: int, cards: tuple[int, ...]) -> list[str]:
+    """Two fine-tunes of one base (text encoders and VAE held once on one card) with the denoisers
+    and T5 in each format: the peak of one card, of the busiest card with one model per card, and
+    offloaded; for each card size the first way that fits (one card, one model per card, offload)."""
+    cols = ["models", "denoiser + T5 weights", "weights held (one card)", "one card", "one model per card", "offload"]
+    cols += [f"{c} GB" for c in cards]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, fp in fps.items():
+        linear = quantizable(PUBLISHED[name])
+        for fmt in QUANT_FORMATS:
+            q = quantized(fp, linear, fmt)
+            ways = [
+                ("one card", device_bytes(q, n, offload=False)),
+                (f"{n} cards", per_device_bytes(q, n, offload=False)),
+                ("offload", device_bytes(q, n, offload=True)),
+            ]
+            fit = [next((way for way, peak in ways if fits(peak, c)), "no") for c in cards]
+            cells = [f"{n} x {name}", fmt, gib(host_bytes(q, n)), *(gib(peak) for _, peak in ways), *fit]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--height", type=int, default=1024)
@@ -81,6 +112,11 @@ def main() -> None:
         print(f"### {title}: {args.height} x {args.width}, batch {args.batch}, GiB\n")
         print("\n".join(components_table(fps)) + "\n")
         print("\n".join(residency_table(fps, counts, cards)) + "\n")
+    names, n, cards = QUANTIZED
+    fps = {name: footprint(PUBLISHED[name], args.height, args.width, args.batch) for name in names}
+    print(f"### Quantized: {n} models, {args.height} x {args.width}, batch {args.batch}, GiB\n")
+    print("\n".join(f"- {fmt}: {what}" for fmt, (_, _, what) in QUANT_FORMATS.items()) + "\n")
+    print("\n".join(quantized_table(fps, n, cards)) + "\n")
 
 
 if __name__ == "__main__":

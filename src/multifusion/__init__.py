@@ -5,9 +5,10 @@ Every registered method is also a function of this package (`single`, `average`,
 `multifusion.fuse("snb", models, prompts, k=..., seed=0)`.
 """
 
-from multifusion.logs import quiet_unused_image_processors
+from multifusion.logs import quiet_quantization_imports, quiet_unused_image_processors
 
 quiet_unused_image_processors()  # before anything imports diffusers' pipelines (multifusion.logs says why)
+quiet_quantization_imports()
 
 from multifusion.api import Result, Run, fuse, generate_to_folder, iter_run, load_recipe_models, method_function, run
 from multifusion.errors import (

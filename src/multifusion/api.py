@@ -25,7 +25,7 @@ from multifusion.canvas import canvas_size, check_canvas, check_patch_grid
 from multifusion.errors import RecipeError, SamplingError, clip, did_you_mean
 from multifusion.families import check_compatible, facts_of
 from multifusion.handles import ModelHandle, Offloader
-from multifusion.loading import load_models
+from multifusion.loading import PIPELINE_PREFIX, from_pipeline, load_models
 from multifusion.loop import Step, initial_noise, sample
 from multifusion.method import RUN_KEYS, SAMPLING_KEYS, Batch, RunContext
 from multifusion.recipe import MERGE_PREFIX, Recipe, parse_recipe
@@ -48,6 +48,12 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     """Load the recipe's models (identical components shared); a `merge:NAME` model is merged
     in memory from its models (`multifusion.weights.merge_in_memory`)."""
     rt = recipe.runtime
+    for i, m in enumerate(recipe.models):
+        if m.model.startswith(PIPELINE_PREFIX):
+            raise RecipeError(
+                f"models[{i}].model: {m.model!r} names a pipeline object that was given in Python; a recipe cannot hold "
+                "one: pass the loaded models again (models=[...] in Python), or name the model's folder"
+            )
     plain = [i for i, m in enumerate(recipe.models) if not m.model.startswith(MERGE_PREFIX)]
     loaded = (
         load_models(
@@ -56,6 +62,8 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
             configs=[recipe.models[i].config for i in plain],
             vaes=[recipe.models[i].vae for i in plain],
             loras=[recipe.models[i].loras for i in plain],
+            quantize=[recipe.models[i].quantize for i in plain],
+            devices=[recipe.models[i].device for i in plain],
             dtype=rt.dtype,
             device=rt.device,
             offload=rt.offload,
@@ -71,19 +79,23 @@ def load_recipe_models(recipe: Recipe) -> list[ModelHandle]:
     from multifusion.weights.models import merge_in_memory, merge_tree
 
     handles: list[ModelHandle] = []
-    merged: dict[str, ModelHandle] = {}
-    offloader = (next((h.offloader for h in loaded), None) or Offloader(rt.device)) if rt.offload else None
+    merged: dict[tuple, ModelHandle] = {}
+    offloaders = {h.offloader.device: h.offloader for h in loaded if h.offloader is not None}
     by_index = dict(zip(plain, loaded))
     for i, m in enumerate(recipe.models):
         if i in by_index:
             handles.append(by_index[i])
             continue
-        if m.model not in merged:  # one merge named twice is merged once
+        place = torch.device(m.device or rt.device)
+        key = (m.model, place)
+        if key not in merged:  # one merge named twice is merged once (per device)
             tree = merge_tree(m.model[len(MERGE_PREFIX) :], recipe.merges, MERGE_PREFIX)
-            # Offloaded: merged on the CPU, then moved by the run's offloader like every model.
-            h = merge_in_memory(tree.models, tree.spec, name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else rt.device)
-            merged[m.model] = replace(h, device=torch.device(rt.device), offloader=offloader) if rt.offload else h
-        handles.append(replace(merged[m.model], name=m.label))
+            # Offloaded: merged on the CPU, then moved by its device's offloader like every model.
+            h = merge_in_memory(tree.models, tree.spec, name=m.label, dtype=rt.dtype, device="cpu" if rt.offload else place)
+            if rt.offload:
+                h = replace(h, device=place, offloader=offloaders.setdefault(place, Offloader(place)))
+            merged[key] = h
+        handles.append(replace(merged[key], name=m.label))
     share_components(handles)
     return handles
 
@@ -116,7 +128,9 @@ class Run:
     def __init__(self, recipe: Recipe | dict | str | Path, *, models: Sequence[ModelHandle] | None = None):
         checked = validate(as_recipe(recipe))
         self.recipe, self.method, self.params = checked.recipe, checked.method, checked.params
-        check_devices(self.recipe.runtime)  # before loading: a missing accelerator is named, not a CUDA traceback
+        check_devices(
+            self.recipe.runtime, self.recipe.models
+        )  # before loading: a missing accelerator is named, not a CUDA traceback
         handles = list(models) if models is not None else load_recipe_models(self.recipe)
         if len(handles) != len(self.recipe.models):
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
@@ -284,25 +298,36 @@ _SAMPLING_DOC = """
 
 def fuse(
     method: str,
-    models: ModelHandle | str | Sequence[ModelHandle | str],
+    models: ModelHandle | str | Any | Sequence[ModelHandle | str | Any],
     prompts: str | Sequence[str] | None = None,
     *,
     negative_prompt: str | Sequence[str] = "",
     guidance_scale: float | Sequence[float] = 7.5,
     true_cfg_scale: float | Sequence[float | None] | None = None,
+    devices: Sequence[str | None] | None = None,
     **kwargs: Any,
 ) -> Result:
-    """Run method `method` on `models` (loaded handles, or model names: Hub ids, folders,
-    .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
+    """Run method `method` on `models` (loaded handles, diffusers pipeline objects taken as they
+    are, or model names: Hub ids, folders, .safetensors files, zoo:NAME), each with its own prompt (one string is every model's), its
     own negative prompt and guidance scale (and, for FLUX models, `true_cfg_scale`: true
-    classifier-free guidance with the negative prompt, FluxPipeline's). Other keywords are the method's parameters (see
+    classifier-free guidance with the negative prompt, FluxPipeline's). `devices` places each named model on its own
+    device (None: runtime's device; loaded models stay where they were loaded). Other keywords are the method's parameters (see
     `multifusion methods`), sampling keywords or run keywords; None means "the default".
     The Python API and the CLI share one validated path: this builds the recipe and runs it."""
     m = get_method(method)
-    models = [models] if isinstance(models, (ModelHandle, str)) else list(models)
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    # Pipeline objects are taken as they are (`loading.from_pipeline`), one handle per object.
+    models = [x if isinstance(x, (ModelHandle, str)) else from_pipeline(x, what=f"models[{i}]") for i, x in enumerate(models)]
     handles = [x for x in models if isinstance(x, ModelHandle)]
     if handles and len(handles) != len(models):
-        raise RecipeError("models: give either all loaded ModelHandles or all model names, not a mix")
+        raise RecipeError(
+            "models: give either all loaded models (ModelHandles, diffusers pipelines) or all model names, not a mix"
+        )
+    if devices is not None and handles:
+        raise RecipeError("devices: loaded models run where they were loaded; place them with load_models(devices=[...])")
+    if devices is not None and (isinstance(devices, str) or len(devices) != len(models)):
+        got = "one string" if isinstance(devices, str) else f"{len(devices)} values"
+        raise RecipeError(f"devices: {got} for {len(models)} models; give a list with one device (or None) per model")
     known = set(m.params.model_fields) | set(SAMPLING_KEYS) | set(RUN_KEYS)
     for key in kwargs:
         if key not in known:
@@ -318,16 +343,19 @@ def fuse(
         return values
 
     entries = []
-    for x, p, g, n, t in zip(
+    for x, p, g, n, t, d in zip(
         models,
         per_model("prompts", prompts),
         per_model("guidance_scale", guidance_scale),
         per_model("negative_prompt", negative_prompt),
         per_model("true_cfg_scale", true_cfg_scale),
+        list(devices) if devices is not None else [None] * len(models),
     ):
         entry = {"model": x.source, "name": x.name} if isinstance(x, ModelHandle) else {"model": x}
         if isinstance(x, ModelHandle) and x.adapters is not None and x.adapters.given:
             entry["loras"] = [dict(lora) for lora in x.adapters.given]  # so the recipe (and metadata) regenerates it
+        if isinstance(x, ModelHandle) and x.quantize is not None:  # recorded, so the recipe remakes the model
+            entry["quantize"] = x.quantize.model_dump(mode="json", exclude_none=True)
         entries.append(
             {
                 **entry,
@@ -335,6 +363,7 @@ def fuse(
                 "guidance_scale": g,
                 "negative_prompt": n,
                 **({"true_cfg_scale": t} if t is not None else {}),
+                **({"device": d} if d is not None else {}),
             }
         )
     params = {
@@ -366,6 +395,7 @@ def method_function(name: str) -> Callable[..., Result]:
         inspect.Parameter("negative_prompt", kw, default=""),
         inspect.Parameter("guidance_scale", kw, default=7.5),
         inspect.Parameter("true_cfg_scale", kw, default=None),
+        inspect.Parameter("devices", kw, default=None),
     ]
     params += [
         inspect.Parameter(f, kw, default=info.get_default(call_default_factory=True)) for f, info in m.params.model_fields.items()

@@ -113,6 +113,7 @@ class ModelHandle:
     # The LoRAs this model runs with on a base it may share with other handles
     # (`multifusion.lora.AdapterSet`): activated on each shared module right before it runs.
     adapters: Any = None
+    quantize: Any = None  # the `recipe.Quantize` it was loaded with (recorded in the recipes of its runs), or None
 
     # What a family answers (each family module in `multifusion.families` sets these): the
     # diffusers pipeline class it is built from, its modules that hold weights (shared between
@@ -127,6 +128,7 @@ class ModelHandle:
     denoiser_folder: ClassVar[str] = "unet"
     takes_true_cfg: ClassVar[bool] = False
     takes_eta: ClassVar[bool] = True
+    t5_component: ClassVar[str | None] = None  # the T5 encoder's component name, where the family has one
 
     # What a family computes (each family module defines these; docs in `multifusion.families`).
     load_kwargs: ClassVar[dict[str, Any]] = {}
@@ -175,6 +177,10 @@ class ModelHandle:
     def modules(self) -> dict[str, torch.nn.Module]:
         """The weight-holding modules by component name (optional ones left out when absent)."""
         return {kind: getattr(self, kind) for kind in self.components if getattr(self, kind) is not None}
+
+    def quantized_components(self) -> list[str]:
+        """The components holding quantized weights (`holds_quantized`), by name."""
+        return [kind for kind, module in self.modules().items() if holds_quantized(module)]
 
     def scheduler(self, name: str, latent_hw: tuple[int, int]):
         """A fresh scheduler of kind `name` on this model's schedule, for latents of `latent_hw`
@@ -286,6 +292,25 @@ class ModelHandle:
         """One denoiser call in the family's prediction space: x_t (B, C, H, W) float32, `cond`
         of batch B; returns (B, C, H, W) float32."""
         raise NotImplementedError
+
+
+def holds_quantized(module: torch.nn.Module) -> bool:
+    """Whether `module` holds quantized weights: loaded with a quantization config (diffusers and
+    transformers mark such models `is_quantized`) or quantized in place (its parameters are tensor
+    subclasses: torchao's, bitsandbytes')."""
+    if getattr(module, "is_quantized", False):
+        return True
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in module.parameters())
+
+
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding `t`'s data: itself, or for a quantized tensor subclass (torchao's) the
+    inner tensors it is made of (its int8 values and scales: the subclass itself reports the
+    storage of the full-precision tensor it stands for)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for n in names if getattr(t, n, None) is not None for leaf in stored_tensors(getattr(t, n))]
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

@@ -18,11 +18,23 @@ from typing import Any, Literal
 
 import torch
 
-from multifusion.errors import IncompatibleModelsError, ModelLoadError, PickleRefusedError, did_you_mean
-from multifusion.families import ModelFacts, facts_from_configs, family_named, vae_factor
-from multifusion.handles import ModelHandle, Offloader
+from multifusion.errors import (
+    IncompatibleModelsError,
+    ModelLoadError,
+    PickleRefusedError,
+    RecipeError,
+    did_you_mean,
+    format_validation_error,
+)
+from multifusion.families import FAMILIES, ModelFacts, facts_from_configs, family_named, vae_factor
+from multifusion.handles import ModelHandle, Offloader, holds_quantized, stored_tensors
 from multifusion.lora import PICKLE_SUFFIXES, apply_loras
+from multifusion.quantize import check_backend, component_folders, gguf_denoiser, pipeline_config
+from multifusion.recipe import Quantize
 
+PIPELINE_PREFIX = "pipeline:"
+"""The `source` (and recipe `model`) of a model handed over as a diffusers pipeline object: it
+names the object's origin for the record, and is never loaded from (`from_pipeline`)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -278,13 +290,26 @@ def _said(err: BaseException) -> str:
     return _SEE_ABOVE.sub(f" ({type(cause).__name__}: {cause})" if cause is not None else "", text).rstrip()
 
 
-def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool):
+def _load_pipeline(
+    ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype, allow_pickle: bool, quantize: Quantize | None = None
+):
     import diffusers
 
     pipeline = getattr(diffusers, family.pipeline_class)
     common = dict(family.load_kwargs)
     common[_DTYPE_KWARG] = dtype
     common.update({part: None for part in _absent_parts(ref)})
+    if quantize is not None:
+        check_quantize(ref, family, quantize)
+        if quantize.backend == "gguf":
+            try:
+                common[family.denoiser_folder] = gguf_denoiser(quantize, family, ref.location, dtype)
+            except Exception as err:  # diffusers and gguf raise OSError, ValueError and their own errors here
+                raise ModelLoadError(
+                    f"quantize.file: could not load {quantize.file!r} as {ref.text!r}'s denoiser: {err}"
+                ) from err
+        else:
+            common["quantization_config"] = pipeline_config(quantize, family, dtype, "quantize", _absent_parts(ref))
     check_weight_files(ref)
     try:
         if ref.kind == "single_file":
@@ -308,8 +333,10 @@ def _load_pipeline(ref: ModelRef, family: type[ModelHandle], dtype: torch.dtype,
 
 
 def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """True when two modules are interchangeable: same class, config and every tensor equal."""
-    if type(a) is not type(b):
+    """True when two modules are interchangeable: same class, config and every tensor equal.
+    Quantized modules are never compared (their tensors have no equality): held once only when
+    they are one object."""
+    if type(a) is not type(b) or holds_quantized(a) or holds_quantized(b):
         return False
     ca, cb = getattr(a, "config", None), getattr(b, "config", None)
     if ca is not None and cb is not None:
@@ -339,12 +366,14 @@ def share_components(handles: list[ModelHandle]) -> dict[str, int]:
 def _share_with_earlier(handles: list[ModelHandle]) -> dict[str, int]:
     *earlier, h = handles
     shared = {"text_encoder": 0, "vae": 0, "unet": 0}
+    if from_python(h):
+        return shared  # a pipeline object's components are used as they are (shared only when the same objects)
     for kind, mine in h.modules().items():
         shared.setdefault(kind, 0)
         for prev in earlier:
             theirs = getattr(prev, kind, None)
-            if theirs is None:
-                continue
+            if theirs is None or from_python(prev) or prev.device != h.device:
+                continue  # a pipeline object's modules stay its own; one module cannot sit on two devices
             if theirs is mine:
                 break
             if _same_module(theirs, mine):
@@ -360,12 +389,39 @@ def held_bytes(handles: list[ModelHandle]) -> int:
     total = 0
     for h in handles:
         for module in h.modules().values():
-            for t in list(module.parameters()) + list(module.buffers()):
+            for t in (leaf for x in [*module.parameters(), *module.buffers()] for leaf in stored_tensors(x)):
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in seen:
                     seen.add(ptr)
                     total += t.untyped_storage().nbytes()
     return total
+
+
+def check_quantize(ref: ModelRef, family: type[ModelHandle], spec: Quantize, where: str = "quantize") -> None:
+    """What can be checked of `spec` for the model `ref` of `family` before it loads: the backend
+    installed, the components there, the model a folder (diffusers loads single files without a
+    quantization config). Errors name `where` (say "models[1].quantize") and the fix."""
+    if ref.kind == "single_file":
+        raise RecipeError(
+            f"{where}: diffusers loads a single-file pipeline without a quantization config; save it as a folder "
+            "(pipe.save_pretrained(folder)) and quantize the folder"
+        )
+    check_backend(spec, where)
+    component_folders(spec, family, where, _absent_parts(ref))
+    if spec.file is not None and not Path(spec.file).expanduser().is_file():
+        raise ModelLoadError(f"{where}.file: {spec.file!r} does not exist")
+
+
+def as_quantize(spec: Quantize | dict | None, where: str = "quantize") -> Quantize | None:
+    """A quantization spec from its recipe form (a dict) or as it is; RecipeError naming `where`."""
+    if spec is None or isinstance(spec, Quantize):
+        return spec
+    from pydantic import ValidationError
+
+    try:
+        return Quantize.model_validate(spec)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, where)) from None
 
 
 def load_model(
@@ -379,12 +435,14 @@ def load_model(
     allow_pickle: bool = False,
     vae: str | None = None,
     loras: Sequence[Any] = (),
+    quantize: Quantize | dict | None = None,
 ) -> ModelHandle:
     """Load one model into a handle. `offloader` (shared between handles) keeps the components
     on the CPU and moves each one to its device only while it runs. `vae` names a VAE to use in
     place of the model's own (`resolve_vae`), checked to encode the same latent space. `loras`
     (each a {path, scale, name} dict, a recipe's `LoraEntry` or a `lora.LoraSpec`) are applied
-    as diffusers' `load_lora_weights` + `set_adapters` apply them (`multifusion.lora`)."""
+    as diffusers' `load_lora_weights` + `set_adapters` apply them (`multifusion.lora`).
+    `quantize` loads the denoiser (and T5) quantized through diffusers (`multifusion.quantize`)."""
     where = [f"loras[{j}]" for j in range(len(loras))]
     return _load_base(
         ref,
@@ -397,6 +455,7 @@ def load_model(
         offloader=offloader,
         allow_pickle=allow_pickle,
         vae=vae,
+        quantize=quantize,
     )[0]
 
 
@@ -412,16 +471,18 @@ def _load_base(
     offloader: Offloader | None = None,
     allow_pickle: bool = False,
     vae: str | None = None,
+    quantize: Quantize | dict | None = None,
 ) -> list[ModelHandle]:
     """Load one checkpoint once and return one handle per model of it (names[k], with the LoRAs
     lora_sets[k]): the handles share every module, and when any model has LoRAs each handle holds
     its adapter set (empty for the base alone), activated before each call (`multifusion.lora`)."""
+    quantize = as_quantize(quantize)
     if isinstance(ref, str):
         ref = resolve(ref, config=config, allow_pickle=allow_pickle)
     vae_ref = resolve_vae(vae, allow_pickle=allow_pickle) if vae is not None else None
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     family = family_of(ref)
-    pipe = _load_pipeline(ref, family, torch_dtype, allow_pickle)
+    pipe = _load_pipeline(ref, family, torch_dtype, allow_pickle, quantize)
     if vae_ref is not None:
         own = pipe.vae
         replacement = _load_vae(vae_ref, ref, type(own), torch_dtype, allow_pickle)
@@ -444,6 +505,7 @@ def _load_base(
         device=device,
         dtype=torch_dtype,
         offloader=offloader,
+        quantize=quantize,
     )
     for module in handle.modules().values():
         module.eval().requires_grad_(False)
@@ -454,8 +516,59 @@ def _load_base(
     ]
 
 
+def from_python(handle: ModelHandle) -> bool:
+    """Whether `handle` wraps a pipeline object handed over from Python (`from_pipeline`)."""
+    return handle.source.startswith(PIPELINE_PREFIX)
+
+
+def pipeline_family(pipe: Any, what: str = "the pipeline") -> type[ModelHandle]:
+    """The family of a diffusers pipeline object: its class, or the nearest base class that a
+    family is built from (a user's subclass of StableDiffusionPipeline is one). ModelLoadError
+    naming `what` for anything that is not a pipeline, IncompatibleModelsError for a pipeline of
+    no family (img2img, the SDXL refiner, ...)."""
+    import diffusers
+
+    if isinstance(pipe, (str, Path)):
+        raise ModelLoadError(f"{what}: {str(pipe)!r} is a name; load it with load_models, or give a pipeline object")
+    if not isinstance(pipe, diffusers.DiffusionPipeline):
+        raise ModelLoadError(
+            f"{what}: got a {type(pipe).__module__}.{type(pipe).__qualname__}, not a diffusers pipeline; give a text-to-image "
+            f"pipeline object ({', '.join(sorted(FAMILIES))}), a ModelHandle, or a model name"
+        )
+    known = next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in FAMILIES), type(pipe).__name__)
+    return family_named(known, what)
+
+
+def from_pipeline(pipe: Any, *, name: str | None = None, what: str = "the pipeline") -> ModelHandle:
+    """A handle over a diffusers pipeline object as the caller built it: on its device (the
+    pipeline's execution device), in its dtype, quantized, with LoRAs loaded or compiled. Its
+    denoiser, text encoders, tokenizers and VAE are the handle's, the same objects: no weight is
+    copied, moved or cast, and the pipeline keeps working. Only the scheduler's config is read
+    (the recipe's `sampling.scheduler` is built on it). `what` names the object in errors."""
+    family = pipeline_family(pipe, what)
+    try:
+        parts = family.pipeline_parts(pipe)
+    except AttributeError as err:
+        raise ModelLoadError(f"{what}: a {type(pipe).__name__} without {err.name or 'a component'}") from None
+    missing = [k for k in ("unet", "vae", "text_encoder") if parts.get(k) is None]
+    if missing:
+        which = ", ".join(family.denoiser_folder if k == "unet" else k for k in missing)
+        raise ModelLoadError(f"{what}: this {type(pipe).__name__} has no {which}; a text-to-image model needs every component")
+    source = PIPELINE_PREFIX + (getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+    denoiser = parts["unet"]
+    return family(
+        name=name or source,
+        **parts,
+        scheduler_config=dict(pipe.scheduler.config),
+        source=source,
+        # Where the pipeline runs its models: its device, or the accelerator under diffusers' offload hooks.
+        device=torch.device(pipe._execution_device),
+        dtype=getattr(denoiser, "dtype", None) or next(denoiser.parameters()).dtype,
+    )
+
+
 def load_models(
-    refs: list[str],
+    refs: list[str | Any],
     *,
     names: list[str | None] | None = None,
     configs: list[str | None] | None = None,
@@ -467,17 +580,42 @@ def load_models(
     fields: list[str] | None = None,
     vaes: list[str | None] | None = None,
     loras: list[Sequence[Any] | None] | None = None,
+    quantize: list[Quantize | dict | None] | None = None,
+    devices: list[str | torch.device | None] | None = None,
 ) -> list[ModelHandle]:
     """Load several models, sharing identical components. All refs are resolved (and refused,
     for pickles) before the first one loads. `fields` (say, "models[1].model") prefix each
     model's load errors, so they name where the model was given. `vaes` replace models' own VAEs
     (None keeps a model's own). `loras[k]` are model k's LoRAs (see `load_model`): models naming
-    one checkpoint (and VAE) hold it once, whatever their LoRAs, each LoRA file loaded once."""
-    names = names or [None] * len(refs)
-    vaes = vaes or [None] * len(refs)
-    configs = configs or [None] * len(refs)
-    fields = fields or [""] * len(refs)
-    lora_sets = [list(x or ()) for x in (loras or [None] * len(refs))]
+    one checkpoint (and VAE, quantization and device) hold it once, whatever their LoRAs, each
+    LoRA file loaded once. `quantize` loads models' denoisers (and T5) quantized
+    (`load_model`; None: full precision). `devices` places each model on its own device (None:
+    `device`); under `offload` each device keeps one module at a time. Models on different devices
+    share no component.
+
+    A ref may also be a diffusers pipeline object, taken as it is (`from_pipeline`: no weight
+    copied; `dtype`, `device` and `offload` do not apply to it); components that are the same
+    object in several pipelines are held once because they are one object."""
+    n = len(refs)
+    for what, given in (
+        ("names", names),
+        ("configs", configs),
+        ("fields", fields),
+        ("vaes", vaes),
+        ("loras", loras),
+        ("quantize", quantize),
+        ("devices", devices),
+    ):
+        if given is not None and len(given) != n:
+            raise RecipeError(f"{what}: {len(given)} values for {n} models; give one per model (None keeps the default)")
+    names = names or [None] * n
+    vaes = vaes or [None] * n
+    configs = configs or [None] * n
+    fields = fields or [""] * n
+    wheres = [f.removesuffix(".model") if f else f"models[{k}]" for k, f in enumerate(fields)]
+    specs = [as_quantize(q, f"{w}.quantize") for q, w in zip(quantize or [None] * n, wheres)]
+    places = [torch.device(d if d is not None else device) for d in (devices or [None] * n)]
+    lora_sets = [list(x or ()) for x in (loras or [None] * n)]
 
     def named(k: int, err: ModelLoadError) -> ModelLoadError:
         # A LoRA's error names its own field (models[k].loras[j]) already.
@@ -488,20 +626,46 @@ def load_models(
     def lora_where(k: int, j: int) -> str:
         return f"{fields[k].removesuffix('.model')}.loras[{j}]" if fields[k] else f"loras[{k}][{j}]"
 
-    resolved = []
+    resolved: list[ModelRef | ModelHandle] = []
     for k, (r, c) in enumerate(zip(refs, configs)):
+        if not isinstance(r, (str, ModelRef)):  # a pipeline object, taken as it is
+            what = fields[k] or f"models[{k}]"
+            given = [
+                f
+                for f, v in (
+                    ("config", c),
+                    ("vae", vaes[k]),
+                    ("loras", lora_sets[k] or None),
+                    ("quantize", specs[k]),
+                    ("device", (devices or [None] * n)[k]),
+                )
+                if v is not None
+            ]
+            if given:
+                raise ModelLoadError(
+                    f"{what}: a pipeline object is taken as it is, with its own configs, VAE, LoRAs, quantization and device "
+                    f"(set them on the pipeline before handing it over); drop its {given[0]}"
+                )
+            resolved.append(from_pipeline(r, name=names[k], what=what))
+            continue
         try:
-            resolved.append(resolve(r, config=c, allow_pickle=allow_pickle))
+            resolved.append(resolve(r, config=c, allow_pickle=allow_pickle) if isinstance(r, str) else r)
         except ModelLoadError as err:
             raise named(k, err) from None
-    offloader = Offloader(device) if offload else None
-    # Models naming the same checkpoint (and VAE) form one group, loaded once with every LoRA any
-    # of them asks for.
+        if specs[k] is not None:  # before anything loads: a missing backend or component is named first
+            check_quantize(resolved[-1], family_of(resolved[-1]), specs[k], f"{wheres[k]}.quantize")
+    offloaders = {d: Offloader(d) for d in places} if offload else {}
+    # Models naming the same checkpoint (and VAE, quantization and device) form one group, loaded
+    # once with every LoRA any of them asks for. Pipeline objects are taken as they are.
     groups: dict[str, list[int]] = {}
     for k, ref in enumerate(resolved):
-        groups.setdefault(f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}", []).append(k)
-    handles: list[ModelHandle | None] = [None] * len(refs)
-    for k in range(len(refs)):
+        if not isinstance(ref, ModelHandle):
+            groups.setdefault(f"{ref.kind}:{ref.location}:{ref.config}:{vaes[k]}:{specs[k]!r}:{places[k]}", []).append(k)
+    handles: list[ModelHandle | None] = [None] * n
+    for k in range(n):
+        if isinstance(resolved[k], ModelHandle):
+            handles[k] = resolved[k]
+            continue
         if handles[k] is not None:
             continue
         members = next(g for g in groups.values() if g[0] == k)
@@ -512,10 +676,11 @@ def load_models(
                 [lora_sets[m] for m in members],
                 [[lora_where(m, j) for j in range(len(lora_sets[m]))] for m in members],
                 dtype=dtype,
-                device=device,
-                offloader=offloader,
+                device=places[k],
+                offloader=offloaders.get(places[k]),
                 allow_pickle=allow_pickle,
                 vae=vaes[k],
+                quantize=specs[k],
             )
         except (ModelLoadError, IncompatibleModelsError) as err:
             raise named(k, err) from err.__cause__

@@ -27,6 +27,15 @@ Residency follows how runs load models (`multifusion.loading`, `handles.Offloade
 
 Fit rule (`fits`): the peak is at most 90 % of the card; the other 10 % is kept for what the
 floors leave out (CUDA context, kernel workspaces, fragmentation).
+
+Quantized weights (`quantized`, docs/quantization.md): the weights of the linear layers (every
+`nn.Linear` of the denoiser and of T5, counted on the meta device) take the format's bytes per
+weight (`QUANT_FORMATS`, scales included); every other parameter (convolutions, norms, embeddings,
+biases) stays in bfloat16, as torchao, bitsandbytes and the GGUF files of FLUX keep them.
+Activations are unchanged (the layers compute in bfloat16).
+
+One model per device (`models[i].device`): each card holds its model's denoiser, text encoders
+and activations, and the first card the VAE too (`device_bytes` of one model on each).
 """
 
 from __future__ import annotations
@@ -365,6 +374,54 @@ def host_bytes(fp: Footprint, n_models: int, *, shared: bool = True) -> int:
     """Host bytes holding every model's weights under offload (`shared` as in `device_bytes`)."""
     sets = 1 if shared else n_models
     return BYTES_PER_PARAM * (n_models * fp.denoiser + sets * (sum(fp.text_encoders.values()) + fp.vae))
+
+
+QUANT_FORMATS: dict[str, tuple[float, int, str]] = {
+    "bfloat16": (2.0, 0, "full precision"),
+    "int8": (1.0, 4, "torchao int8 / bitsandbytes LLM.int8: one byte a weight, a scale per output row"),
+    "Q8_0": (34 / 32, 0, "GGUF Q8_0: blocks of 32 int8 weights and one float16 scale"),
+    "nf4": (0.5 + 4 / 64, 0, "bitsandbytes NF4: 4 bits a weight, a float32 absmax per block of 64"),
+    "Q4_0": (18 / 32, 0, "GGUF Q4_0: blocks of 32 4-bit weights and one float16 scale"),
+}
+"""Bytes per weight of a quantized linear layer and bytes per output row (its scales), by format."""
+
+
+def linear_weights(module: torch.nn.Module) -> tuple[int, int]:
+    """(weights of every `nn.Linear` in `module`, their output rows): what quantization shrinks."""
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(m.weight.numel() for m in layers), sum(m.out_features for m in layers)
+
+
+def quantizable(model: Published) -> dict[str, tuple[int, int]]:
+    """`linear_weights` of the denoiser ("denoiser") and of each T5 encoder (by display name),
+    built on the meta device."""
+    with torch.device("meta"):
+        out = {"denoiser": linear_weights(model.family.build_denoiser(model.denoiser))}
+        for name, (kind, config) in model.text_encoders.items():
+            if kind == "t5":
+                out[name] = linear_weights(build(kind, config))
+    return out
+
+
+def quantized(fp: Footprint, linear: dict[str, tuple[int, int]], fmt: str, t5: bool = True) -> Footprint:
+    """`fp` with its denoiser (and, if `t5`, its T5 encoders) in format `fmt` (`QUANT_FORMATS`);
+    `linear` is `quantizable(model)`. The quantized components' counts become the parameters of
+    the same bytes in bfloat16 (bytes / `BYTES_PER_PARAM`), so the residency rules apply unchanged."""
+    per_weight, per_row, _ = QUANT_FORMATS[fmt]
+
+    def shrunk(params: int, part: str) -> int:
+        weights, rows = linear[part]
+        return round(((params - weights) * BYTES_PER_PARAM + weights * per_weight + rows * per_row) / BYTES_PER_PARAM)
+
+    encoders = {k: shrunk(n, k) if t5 and k in linear else n for k, n in fp.text_encoders.items()}
+    return Footprint(shrunk(fp.denoiser, "denoiser"), encoders, fp.vae, fp.denoiser_activations, fp.decode_activations)
+
+
+def per_device_bytes(fp: Footprint, n_models: int, *, offload: bool) -> int:
+    """Peak bytes of the busiest card when each of `n_models` models runs on its own card (its
+    own text encoders there; the VAE on the first card)."""
+    first = device_bytes(fp, 1, offload=offload)
+    return first if n_models == 1 else max(first, device_bytes(fp, 1, offload=offload, vae_on_device=False))
 
 
 def fits(peak_bytes: int, card_gib: float) -> bool:

@@ -40,7 +40,7 @@ P = TypeVar("P", bound=Params)
 SAMPLING_KEYS = ("num_inference_steps", "scheduler", "seed", "num_images", "height", "width", "eta")
 RUN_KEYS = ("runtime", "batch_size", "callback", "progress")
 RESERVED = frozenset(
-    SAMPLING_KEYS + RUN_KEYS + ("method", "models", "prompts", "negative_prompt", "guidance_scale", "true_cfg_scale")
+    SAMPLING_KEYS + RUN_KEYS + ("method", "models", "prompts", "negative_prompt", "guidance_scale", "true_cfg_scale", "devices")
 )
 """Keywords of `multifusion.fuse` that are not method parameters: no method may take these names."""
 

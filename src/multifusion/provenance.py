@@ -44,7 +44,7 @@ none): settings that widen trust come from the person running it, not from a fil
 
 def recipe_from_image(path: str | Path) -> tuple[dict, list[str]]:
     """The recipe in a PNG's metadata, narrowed to FROM_IMAGE_FIELDS, and the runtime settings
-    it held that differ from the defaults (ignored, so the caller can say so). RecipeError when
+    it held that differ from the defaults and its models' devices (ignored, so the caller can say so). RecipeError when
     the file is not an image, has no such metadata, or its `recipe` is not a mapping."""
     meta = read_png_metadata(path)
     recipe = meta.get("recipe")
@@ -58,4 +58,10 @@ def recipe_from_image(path: str | Path) -> tuple[dict, list[str]]:
     if runtime:
         defaults = Runtime().model_dump(mode="json")
         ignored = [str(k) for k, v in runtime.items() if defaults.get(k) != v] if isinstance(runtime, dict) else ["runtime"]
-    return {k: recipe[k] for k in FROM_IMAGE_FIELDS if k in recipe}, ignored
+    out = {k: recipe[k] for k in FROM_IMAGE_FIELDS if k in recipe}
+    if isinstance(out.get("models"), list):  # where a model ran is the machine's business, as `runtime` is
+        for i, m in enumerate(out["models"]):
+            if isinstance(m, dict) and "device" in m:
+                out["models"][i] = {k: v for k, v in m.items() if k != "device"}
+                ignored.append(f"models[{i}].device")
+    return out, ignored

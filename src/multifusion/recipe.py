@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
 from multifusion.canvas import pixels_problem
-from multifusion.errors import FieldError, RecipeError, clip, format_validation_error
+from multifusion.errors import FieldError, RecipeError, clip, did_you_mean, format_validation_error
 
 MAX_GUIDANCE = 100.0
 """Guidance scales above this are refused: classifier-free guidance is useful up to ~30, and
@@ -33,6 +33,8 @@ scales like 1e30 overflow the latents to an all-black image."""
 MAX_PIXELS = 4096 * 4096
 """Default `runtime.max_pixels`: the largest canvas (height x width, one image) a run accepts
 unless the recipe raises the limit on purpose."""
+
+DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu")
 
 MAX_YAML_NODES = 100_000
 """A YAML recipe expanding (through its aliases) to more values than this is refused: nested
@@ -64,6 +66,68 @@ class LoraEntry(_Strict):
     )
 
 
+QUANT_WEIGHTS = {
+    "torchao": ("int8", "int8_dynamic", "int4", "float8"),
+    "bitsandbytes": ("int8", "nf4", "fp4"),
+    "gguf": (),
+}
+"""The weight formats each quantization backend offers (`multifusion.quantize` maps them to
+diffusers' and transformers' configs): torchao's int8 (weight-only), int8_dynamic (int8 weights
+and activations), int4 (weight-only) and float8 (weight-only); bitsandbytes' LLM.int8, NF4 and
+FP4. A GGUF file holds its own (Q8_0, Q4_K, ...)."""
+
+
+class Quantize(_Strict):
+    """How a model's large modules load quantized, through diffusers' own quantization support
+    (docs/quantization.md)."""
+
+    backend: Literal["torchao", "bitsandbytes", "gguf"] = Field(
+        "torchao", description="torchao (CPU and GPUs), bitsandbytes (CUDA) or gguf (the denoiser from a .gguf file)"
+    )
+    weights: str | None = Field(
+        None, description="torchao: int8 (default), int8_dynamic, int4, float8; bitsandbytes: int8 (default), nf4, fp4"
+    )
+    file: str | None = Field(None, min_length=1, description="gguf: the denoiser's .gguf file (Q8_0, Q4_K, ...)")
+    components: list[Literal["denoiser", "t5"]] = Field(
+        default_factory=lambda: ["denoiser"],
+        min_length=1,
+        description="what loads quantized: the denoiser (UNet or transformer) and/or the T5 text encoder (SD3, FLUX)",
+    )
+
+    @property
+    def format(self) -> str | None:
+        """The weights' format: `weights`, int8 by default; None for a GGUF file (it holds its own)."""
+        return None if self.backend == "gguf" else (self.weights or "int8")
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.backend == "gguf":
+            if self.file is None:
+                raise FieldError("file", "the gguf backend loads the denoiser from a .gguf file; name it (file: model-Q8_0.gguf)")
+            if self.weights is not None:
+                raise FieldError("weights", "a GGUF file holds its own format (Q8_0, Q4_K, ...); drop `weights`")
+            if self.components != ["denoiser"]:
+                raise FieldError("components", "a GGUF file holds the denoiser only; give components: [denoiser]")
+            if not self.file.lower().endswith(".gguf"):
+                raise FieldError("file", f"{self.file!r} is not a .gguf file")
+            return self
+        if self.file is not None:
+            raise FieldError(
+                "file",
+                f"`file` is the gguf backend's (a .gguf denoiser); {self.backend} quantizes the model's own weights: drop it",
+            )
+        offered = QUANT_WEIGHTS[self.backend]
+        if self.weights is not None and self.weights not in offered:
+            raise FieldError(
+                "weights",
+                f"{self.weights!r} is not a {self.backend} format; give one of {', '.join(offered)}"
+                f"{did_you_mean(self.weights, offered)}",
+            )
+        if len(set(self.components)) != len(self.components):
+            raise FieldError("components", f"{self.components} names a component twice; name each once")
+        return self
+
+
 class ModelEntry(_Strict):
     """One model of a recipe, with its own conditioning."""
 
@@ -84,6 +148,10 @@ class ModelEntry(_Strict):
     loras: list[LoraEntry] | None = Field(
         None, description="LoRAs applied to this model (models sharing a base and differing in LoRAs hold it once)"
     )
+    quantize: Quantize | None = Field(
+        None, description="load the denoiser (and T5) quantized: {backend: torchao, weights: int8, components: [denoiser]}"
+    )
+    device: str | None = Field(None, description="where this model runs (cpu, cuda:N, ...); default runtime.device")
     true_cfg_scale: float | None = Field(
         None,
         ge=1,
@@ -97,6 +165,16 @@ class ModelEntry(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.model
+
+    def loaded_as(self) -> tuple:
+        """What decides the loaded model: two entries equal here are one model."""
+        return (self.model, self.config, self.vae, self.loras or [], self.quantize, self.device)
+
+    @model_validator(mode="after")
+    def _device(self):
+        if self.device is not None and self.device.split(":")[0] not in DEVICE_KINDS:
+            raise FieldError("device", f"{self.device!r} is not one of cpu, cuda[:N], mps, xpu[:N]")
+        return self
 
 
 class MergeEntry(_Strict):
@@ -192,7 +270,7 @@ class Runtime(_Strict):
     @model_validator(mode="after")
     def _device(self):
         for field, value in (("device", self.device), ("vae_device", self.vae_device)):
-            if value is not None and value.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            if value is not None and value.split(":")[0] not in DEVICE_KINDS:
                 raise FieldError(field, f"{value!r} is not one of cpu, cuda[:N], mps, xpu")
         return self
 
@@ -231,13 +309,7 @@ class Recipe(_Strict):
             # A region or `specified` names a model by its label: a name two different models
             # answer to is ambiguous. (One model listed twice under one label is fine, the weights
             # being the same: fusing a model with itself is how the degenerate cases are tested.)
-            same = (m.model, m.config, m.vae, m.loras or [])
-            earlier = [
-                j
-                for j in range(i)
-                if labels[j] == labels[i]
-                and (self.models[j].model, self.models[j].config, self.models[j].vae, self.models[j].loras or []) != same
-            ]
+            earlier = [j for j in range(i) if labels[j] == labels[i] and self.models[j].loaded_as() != m.loaded_as()]
             named = [k for k in (*earlier, i) if self.models[k].name is not None]
             if earlier and not named and (self.models[earlier[0]].loras or []) != (m.loras or []):
                 # One base with other LoRAs is another model: a region or `specified` could not tell them apart.

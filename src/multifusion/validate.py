@@ -9,13 +9,24 @@ canvas geometry (`multifusion.canvas`). Methods never import it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from multifusion.canvas import check_box_on_patch_grid, check_canvas, check_patch_grid
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError, did_you_mean
 from multifusion.families import ModelFacts, check_compatible, check_same_schedule
 from multifusion.handles import ModelHandle
-from multifusion.loading import check_weight_files, read_facts, read_vae_config, resolve, resolve_vae, vae_mismatch
+from multifusion.loading import (
+    PIPELINE_PREFIX,
+    check_quantize,
+    check_weight_files,
+    family_of,
+    read_facts,
+    read_vae_config,
+    resolve,
+    resolve_vae,
+    vae_mismatch,
+)
 from multifusion.lora import lora_file
 from multifusion.method import Method, Params
 from multifusion.recipe import MERGE_PREFIX, ModelEntry, Recipe, Runtime
@@ -64,6 +75,9 @@ def validate(recipe: Recipe) -> Validated:
     facts: list[tuple[str, ModelFacts]] = []
     merged = check_merges(recipe)
     for i, m in enumerate(recipe.models):
+        if m.model.startswith(PIPELINE_PREFIX):
+            check_pipeline_entry(recipe, method, i)
+            continue
         try:
             ref = (
                 merged[m.model]
@@ -80,11 +94,14 @@ def validate(recipe: Recipe) -> Validated:
             _check_vae(i, m, fact, recipe.runtime.allow_pickle)
         if m.loras:
             _check_loras(i, m, method, recipe.runtime.allow_pickle)
+        if m.quantize is not None:
+            _check_quantize(recipe, method, i, ref, fact)
         if fact is not None:
             if not facts and fact.scheduler is not None:
                 fact.family.check_steps(recipe.sampling.scheduler, fact.scheduler, recipe.sampling.num_inference_steps)
             check_model_fields(recipe, i, fact.family)
             facts.append((f"models[{i}]", fact))
+    _check_one_device(recipe, method)
     if facts:
         check_compatible(facts, "{}.model")  # the same check runs on the loaded models (Hub ids, single files)
     if method.meets == "weights" and len(facts) == n and not merged:
@@ -125,7 +142,7 @@ def costly_fields(recipe: Recipe) -> list[str]:
     v = validate(recipe)
     fact = None
     first = recipe.models[0].model
-    if not first.startswith(MERGE_PREFIX):
+    if not first.startswith((MERGE_PREFIX, PIPELINE_PREFIX)):
         fact = read_facts(resolve(first, config=recipe.models[0].config, allow_pickle=recipe.runtime.allow_pickle))
     native = fact.native_px if fact is not None else None
     size = check_canvas(recipe, v.method, v.params, fact.vae_scale_factor, default=native) if fact is not None else None
@@ -135,6 +152,24 @@ def costly_fields(recipe: Recipe) -> list[str]:
             f"{native}x{native})"
         )
     return out
+
+
+def check_pipeline_entry(recipe: Recipe, method: Method, i: int) -> None:
+    """A `pipeline:` model (a pipeline object handed over from Python, `loading.from_pipeline`):
+    refused where the recipe would change what the object holds, or where the method reads the
+    models' files."""
+    m = recipe.models[i]
+    for field in ("config", "vae", "quantize", "device"):
+        if getattr(m, field) is not None:
+            raise RecipeError(
+                f"models[{i}].{field}: {m.model!r} is a pipeline object given in Python, taken as it is (its configs, VAE, "
+                f"quantization and device are set on the pipeline before handing it over); drop `{field}`"
+            )
+    if method.meets == "weights":
+        raise RecipeError(
+            f"models[{i}].model: method {method.name!r} merges the models' weights as their files hold them, and "
+            f"{m.model!r} is a pipeline object given in Python; save it (pipe.save_pretrained(folder)) and name the folder"
+        )
 
 
 def check_model_fields(recipe: Recipe, i: int, family: type[ModelHandle]) -> None:
@@ -207,6 +242,40 @@ def check_own_denoisers(method: Method, handles: list[ModelHandle]) -> None:
             )
 
 
+def _check_quantize(recipe: Recipe, method: Method, i: int, ref, fact: ModelFacts | None) -> None:
+    """models[i].quantize checked before loading: not on a merge nor for a method that merges
+    weights (merges read full-precision tensors), the backend installed, the model a folder, the
+    components there (where the configs are local)."""
+    where = f"models[{i}].quantize"
+    m = recipe.models[i]
+    if m.model.startswith(MERGE_PREFIX):
+        raise RecipeError(
+            f"{where}: a merge is made from full-precision weights; write it to a folder (multifusion merge) and load "
+            "that folder quantized"
+        )
+    if method.meets == "weights":
+        raise RecipeError(
+            f"{where}: method {method.name!r} merges the models' full-precision weights; drop `quantize` (or write the "
+            "merge to a folder with multifusion merge and load that folder quantized)"
+        )
+    check_quantize(ref, fact.family if fact is not None else family_of(ref), m.quantize, where)
+
+
+def _check_one_device(recipe: Recipe, method: Method) -> None:
+    """Methods whose models meet inside one module (AFA's ensemble forward, a merge's weights)
+    need every model on one device: RecipeError naming the first model placed elsewhere."""
+    if method.meets not in ("features", "weights"):
+        return
+    places = [m.device or recipe.runtime.device for m in recipe.models]
+    for i, d in enumerate(places):
+        if d != places[0]:
+            raise RecipeError(
+                f"models[{i}].device: {d!r} but models[0] runs on {places[0]!r}; method {method.name!r} combines its models "
+                f"inside one {'forward pass' if method.meets == 'features' else 'set of weights'}, on one device: place them "
+                "together"
+            )
+
+
 def check_merges(recipe: Recipe) -> dict:
     """Every `merge:NAME` of `models` defined in `merges`, and every used merge checked as
     `merge_models` checks it (spec, model count, block weights against the UNet, the models
@@ -257,12 +326,15 @@ def validate_recipe(recipe: Recipe) -> tuple[Recipe, Params]:
     return v.recipe, v.params
 
 
-def check_devices(runtime: Runtime) -> None:
-    """RecipeError when runtime.device or runtime.vae_device names an accelerator this machine does
-    not have (checked when a run starts, before any model loads)."""
+def check_devices(runtime: Runtime, models: Sequence[ModelEntry] = ()) -> None:
+    """RecipeError when runtime.device, runtime.vae_device or a model's own `device` names an
+    accelerator this machine does not have (checked when a run starts, before any model loads)."""
     for field, value in (("device", runtime.device), ("vae_device", runtime.vae_device)):
         if value is not None:
             check_device(f"runtime.{field}", value)
+    for i, m in enumerate(models):
+        if m.device is not None:
+            check_device(f"models[{i}].device", m.device)
 
 
 def check_device(where: str, value: str) -> None:

@@ -169,6 +169,14 @@ FIELD_VALUES = {
         min_size=1,
         max_size=3,
     ),
+    "quantize": st.none()
+    | st.fixed_dictionaries(
+        {"weights": st.sampled_from(["int8", "int8_dynamic", "int4", "float8"])},
+        optional={"backend": st.just("torchao"), "components": st.sampled_from([["denoiser"], ["t5"], ["denoiser", "t5"]])},
+    )
+    | st.fixed_dictionaries({"backend": st.just("bitsandbytes"), "weights": st.sampled_from(["int8", "nf4", "fp4"])})
+    | st.fixed_dictionaries({"backend": st.just("gguf"), "file": st.sampled_from(["flux1-dev-Q8_0.gguf", "./q/m.GGUF"])}),
+    "device": st.none() | st.sampled_from(["cpu", "cuda", "cuda:1", "mps", "xpu:0"]),
 }
 
 

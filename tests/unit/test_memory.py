@@ -162,3 +162,38 @@ def test_a_batch_of_k_inputs_takes_k_times_one_inputs_activations(kind):
     assert one == denoiser_activations(family, TINY[kind], 1, latent, 7, torch.float32) > 0
     for k in (2, 5):
         assert 0.9 * k * one <= denoiser_activations(family, TINY[kind], k, latent, 7, torch.float32) <= k * one
+
+
+def test_quantized_weights_shrink_the_linear_layers_only():
+    """A denoiser of 1000 parameters, 800 of them in linear layers with 10 output rows, in int8:
+    200 x 2 bytes kept, 800 x 1 byte, 10 x 4 bytes of scales = 1240 bytes = 620 bfloat16 parameters."""
+    from multifusion.memory import QUANT_FORMATS, quantized
+
+    fp = Footprint(1000, {"CLIP": 300, "T5": 500}, 50, 7, 9)
+    linear = {"denoiser": (800, 10), "T5": (400, 4)}
+    q = quantized(fp, linear, "int8")
+    assert q.denoiser == 620
+    assert q.text_encoders == {"CLIP": 300, "T5": (100 * 2 + 400 + 16) // 2}  # CLIP is not quantized
+    assert (q.vae, q.denoiser_activations, q.decode_activations) == (50, 7, 9)
+    assert quantized(fp, linear, "int8", t5=False).text_encoders == fp.text_encoders
+    assert quantized(fp, linear, "bfloat16") == fp
+    nf4 = QUANT_FORMATS["nf4"][0]
+    assert quantized(fp, linear, "nf4").denoiser == round((200 * 2 + 800 * nf4) / 2)
+
+
+def test_linear_weights_count_every_linear_layer():
+    import torch
+
+    from multifusion.memory import linear_weights
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv2d(2, 2, 1), torch.nn.Sequential(torch.nn.Linear(3, 5)))
+    assert linear_weights(m) == (4 * 3 + 3 * 5, 3 + 5)
+
+
+def test_one_model_per_card_holds_one_model_and_the_vae_on_the_first():
+    from multifusion.memory import per_device_bytes
+
+    fp = Footprint(100, {"CLIP": 10}, 5, 7, 9)  # parameters; activations in bytes
+    assert per_device_bytes(fp, 1, offload=False) == device_bytes(fp, 1, offload=False) == (100 + 10 + 5) * 2 + 9
+    assert per_device_bytes(fp, 2, offload=False) == (100 + 10 + 5) * 2 + 9  # the first card is the busiest
+    assert device_bytes(fp, 1, offload=False, vae_on_device=False) == (100 + 10) * 2 + 7

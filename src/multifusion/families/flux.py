@@ -96,6 +96,7 @@ class FluxHandle(FlowHandle):
 
     pipeline_class: ClassVar[str] = "FluxPipeline"
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
+    t5_component: ClassVar[str | None] = "text_encoder_2"
     family_name: ClassVar[str] = "FLUX.1"
     takes_true_cfg: ClassVar[bool] = True
     denoiser_class: ClassVar[str] = "FluxTransformer2DModel"

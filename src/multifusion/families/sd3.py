@@ -56,6 +56,7 @@ class SD3Handle(FlowHandle):
 
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_component: ClassVar[str | None] = "text_encoder_3"
     family_name: ClassVar[str] = "Stable Diffusion 3"
     denoiser_class: ClassVar[str] = "SD3Transformer2DModel"
 

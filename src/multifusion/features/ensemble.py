@@ -32,7 +32,7 @@ from torch import nn
 
 from multifusion.errors import IncompatibleModelsError
 from multifusion.features.afa import AFAAggregators
-from multifusion.handles import Conditioning, ModelHandle
+from multifusion.handles import Conditioning, ModelHandle, stored_tensors
 
 _NOT_ARCHITECTURE = ("_name_or_path", "_diffusers_version", "_class_name", "_use_default_values")
 
@@ -49,13 +49,15 @@ def unet_fingerprint(unet: nn.Module) -> str:
 
 def weights_hash(*modules: nn.Module) -> str:
     """Content hash of modules' weights: names and values, cast to float16 so a model loaded in
-    float32 from float16 files (the zoo) or in float16 hashes alike."""
+    float32 from float16 files (the zoo) or in float16 hashes alike. A quantized weight hashes
+    its stored parts, so a quantized model is another model to AFA (its aggregators are its own)."""
     h = hashlib.sha256()
     for module in modules:
         for name, t in sorted(module.state_dict().items()):
             h.update(name.encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
+            for leaf in stored_tensors(t):  # t itself, or a quantized tensor's int values and scales
+                h.update(leaf.detach().to("cpu", torch.float16).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

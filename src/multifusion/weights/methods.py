@@ -175,6 +175,18 @@ class PreparedMerge:
 def prepare_merge(ctx: RunContext, params: MergeParams | MBWParams) -> PreparedMerge:
     name = f"{ctx.recipe.method} of {', '.join(ctx.labels)}"
     names = [m.model for m in ctx.recipe.models]
+    for i, h in enumerate(ctx.handles):  # handles given from Python (a recipe's are checked before loading)
+        quantized = h.quantized_components()
+        if quantized:
+            raise RecipeError(
+                f"models[{i}]: method {ctx.recipe.method!r} merges full-precision weights, and this model's "
+                f"{', '.join(quantized)} holds quantized ones; merge the unquantized models"
+            )
+        if h.device != ctx.handles[0].device:
+            raise RecipeError(
+                f"models[{i}]: on {h.device}, models[0] on {ctx.handles[0].device}; method {ctx.recipe.method!r} merges "
+                "weights in one place: load the models on one device"
+            )
     if any(n.startswith(MERGE_PREFIX) for n in names):
         # A merge of the recipe's merges: merged from the files, the inner merges computed on the
         # way (a loaded merge has no files of its own to plan from). Offloaded: merged on the CPU,
