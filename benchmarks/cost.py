@@ -89,9 +89,11 @@ def published() -> dict[str, Model]:
 
 def zoo() -> Model:
     folder = zoo_root() / "general"
-    read = lambda part: {
-        k: v for k, v in json.loads((folder / part / "config.json").read_text()).items() if not k.startswith("_")
-    }  # noqa: E731
+
+    def read(part: str) -> dict[str, Any]:
+        config = json.loads((folder / part / "config.json").read_text())
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     return Model(SDHandle, read("unet"), read("vae"), 2, 77, 64, 10)
 
 
