@@ -239,7 +239,7 @@ def main() -> None:
         if name.startswith("zoo"):
             zoo_rel = rel
         cells = " ".join(f"{rel[c]:13.2f}" if not math.isnan(rel[c]) else f"{'-':>13s}" for c in COLUMNS)
-        print(f"{name:>15s} {model.side:5d} {model.steps:5d} {call * 1e3:8.0f} {single:9.2f} {cells}")
+        print(f"{name:>15s} {model.side:5d} {model.steps:5d} {call * 1e3:8.4g} {single:9.4g} {cells}")
     if args.measure:
         measured = measure_zoo(rows["zoo (general)"].steps, args.repeats)
         print("\nzoo, counted against measured (whole runs, 2 images, interleaved medians):")
