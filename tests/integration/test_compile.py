@@ -2,6 +2,9 @@
 rounding, compiles one graph per input shape (every step and every region of one size reuse
 it), and leaves the handles it was given eager."""
 
+import torch
+import torch._dynamo
+
 from multifusion.api import Run, run
 from multifusion.loading import load_models
 
@@ -19,8 +22,6 @@ def _recipe(models, method="single", params=None, compile=None):
 
 
 def test_compiled_runs_equal_eager_ones_and_compile_once_per_shape(tiny_a):
-    import torch._dynamo
-
     [h] = load_models([tiny_a])
     tiles = {"prompts": [["a red circle", "a blue square"]], "tile_height": 32, "tile_width": 32, "tile_col_overlap": 16}
     for method, params in (("single", None), ("mod", {"tiles": tiles, "tile_batch_size": 1})):
@@ -38,3 +39,14 @@ def test_compiled_runs_equal_eager_ones_and_compile_once_per_shape(tiny_a):
     counts.clear()
     run(_recipe([tiny_a]), models=[h], progress=False)
     assert counts["stats"]["unique_graphs"] == 0
+
+
+def test_afa_under_compile_walks_the_models_themselves():
+    """AFA's ensemble walks the denoisers' blocks and hashes their weights: under
+    `runtime.compile` it takes the uncompiled modules (the shipped aggregators are still found by
+    the models' hashes) and samples what it samples eagerly, bit for bit."""
+    models = ["zoo:slice0", "zoo:slice1"]
+    handles = load_models(models)
+    eager = run(_recipe(models, "afa"), models=handles, progress=False).latents
+    compiled = run(_recipe(models, "afa", compile=True), models=handles, progress=False).latents
+    assert torch.equal(compiled, eager)
