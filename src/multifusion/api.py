@@ -111,6 +111,21 @@ def apply_model_fields(recipe: Recipe, handles: Sequence[ModelHandle]) -> list[M
     return out
 
 
+def compiled(handles: Sequence[ModelHandle]) -> list[ModelHandle]:
+    """The handles with their denoisers compiled (`runtime.compile`): each distinct denoiser once
+    (models that share one share its compiled form), static shapes (`dynamic=False`), so a run
+    compiles one graph per input shape and reuses it at every step. The handles given are not
+    changed (the run holds copies), so eager runs of the same models stay eager. Callers that
+    walk a denoiser's blocks themselves (AFA's ensemble) run those blocks uncompiled."""
+    done: dict[int, torch.nn.Module] = {}
+    out = []
+    for h in handles:
+        if id(h.unet) not in done:
+            done[id(h.unet)] = torch.compile(h.unet, dynamic=False)
+        out.append(replace(h, unet=done[id(h.unet)]))
+    return out
+
+
 def check_batch_size(batch_size: int) -> None:
     """RecipeError unless `batch_size` is a positive whole number (True is not one)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -136,6 +151,8 @@ class Run:
             raise RecipeError(f"models: got {len(handles)} loaded models for a recipe naming {len(self.recipe.models)}")
         handles = apply_model_fields(self.recipe, handles)
         check_own_denoisers(self.method, handles)
+        if self.recipe.runtime.compile:
+            handles = compiled(handles)
         if len(handles) > 1:
             check_compatible([(f"models[{i}]", facts_of(h)) for i, h in enumerate(handles)], "{}.model")
         base = handles[0]

@@ -263,6 +263,13 @@ class Runtime(_Strict):
         "default: 90% of the device's free memory when a batch of images is planned (host memory on cpu)",
     )
 
+    # None = off (the JSON of recipes that do not set it stays as it was, as for max_pixels)
+    compile: bool | None = Field(
+        None,
+        description="torch.compile each model's denoiser once per run (static shapes: one graph per input shape, "
+        "shared by every step and by regions of one size); the first call of each shape compiles",
+    )
+
     @property
     def pixel_limit(self) -> int:
         return MAX_PIXELS if self.max_pixels is None else self.max_pixels

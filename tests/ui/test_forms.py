@@ -226,6 +226,7 @@ RUNTIME_VALUES = {
     "vae_device": st.none() | _DEVICE,
     "max_pixels": st.none() | st.integers(1, 2**40),
     "max_memory_gib": st.none() | st.floats(0.001, 1e6),
+    "compile": st.none() | st.booleans(),
 }
 MERGE_VALUES = {
     "models": st.lists(_WORD, min_size=1, max_size=3),

@@ -152,16 +152,20 @@ def test_fits_keeps_a_tenth_of_the_card():
 @pytest.mark.parametrize("kind", ["unet", "sd3", "flux"])
 def test_a_batch_of_k_inputs_takes_k_times_one_inputs_activations(kind):
     """The premise of Mixture of Diffusers' tile batch rule (`noise.methods.memory_tile_batch`):
-    per-input activations times the batch bound the batch's peak from above, and closely (FLUX's
-    rotary ids are shared by the batch), for every denoiser kind."""
+    per-input activations times the batch bound the batch's peak from above (what the batch
+    shares, time embeddings and rotary ids, makes tiny models' bound loose), for every denoiser
+    kind; and the quick count agrees with MemTracker's."""
     import torch
 
     family = FAMILY[kind]
     latent = (4, 8, 8)
     one = activations_per_input(family, TINY[kind], latent, 7, torch.float32)
-    assert one == denoiser_activations(family, TINY[kind], 1, latent, 7, torch.float32) > 0
+    assert one == denoiser_activations(family, TINY[kind], 1, latent, 7, torch.float32, quick=True) > 0
     for k in (2, 5):
-        assert 0.9 * k * one <= denoiser_activations(family, TINY[kind], k, latent, 7, torch.float32) <= k * one
+        quick = denoiser_activations(family, TINY[kind], k, latent, 7, torch.float32, quick=True)
+        assert quick <= k * one
+        # the quick count is MemTracker's to within 15 % (FLUX's tiny transformer the farthest, above it)
+        assert quick == pytest.approx(denoiser_activations(family, TINY[kind], k, latent, 7, torch.float32), rel=0.15)
 
 
 def test_quantized_weights_shrink_the_linear_layers_only():

@@ -105,13 +105,14 @@ class SABW(nn.Module):
 
 
 # The aggregators run 13-25 times per denoiser call on feature maps of width d (10 on the zoo),
-# where the diffusers modules' own forwards cost more in Python and dispatch than in arithmetic
-# (the profile in docs/afa.md). The two functions below compute what `ResnetBlock2D.forward` and
-# `Transformer2DModel.forward` compute for the configuration SABW builds (GroupNorm + SiLU,
-# default time-embedding norm, no shortcut, no dropout; continuous input with a 1x1-conv
-# projection, layer-norm blocks, biased-free q/k/v, GEGLU) from the same parameters, in fewer
-# operations: fused attention (`scaled_dot_product_attention`), the tokens kept in (B, HW, d). The diffusers modules stay
-# the parameters' home, so saved aggregators load unchanged; tests compare both paths.
+# where the diffusers modules' own forwards add per-call checks, reshapes and copies to little
+# arithmetic (the profile in docs/afa.md). The two functions below compute what
+# `ResnetBlock2D.forward` and `Transformer2DModel.forward` compute for the configuration SABW
+# builds (GroupNorm + SiLU, default time-embedding norm, no shortcut, no dropout; continuous input
+# with a 1x1-conv projection, layer-norm blocks, bias-free q/k/v, GEGLU) from the same parameters,
+# in fewer operations: fused attention (`scaled_dot_product_attention`) on 4-d inputs, the tokens
+# kept in (B, HW, d). The diffusers modules stay the parameters' home, so saved aggregators load
+# unchanged; tests compare both paths (logits and gradients).
 
 
 def _resnet(block: ResnetBlock2D, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ processors for each call inside the window, and runs the base prompt alone outsi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -136,7 +136,9 @@ class PreparedAFA:
 def prepare_afa(ctx: RunContext, params: AFAParams) -> PreparedAFA:
     from multifusion.features.train import load_trained
 
-    handles = ctx.handles
+    # `runtime.compile` wraps each denoiser in a compiled module; the ensemble walks the blocks
+    # itself and hashes the weights, so it takes the modules themselves
+    handles = [replace(h, unet=getattr(h.unet, "_orig_mod", h.unet)) for h in ctx.handles]
     for i, h in enumerate(handles):  # before the aggregators load: a denoiser no walker takes is named with the reason
         try:
             walker_for(h.unet)
