@@ -20,16 +20,7 @@ from multifusion import load_models
 from multifusion.features.ensemble import model_hash, unet_config_of
 from multifusion.features.unet import AFAEnsemble
 from multifusion.features.walkers import fresh_aggregators, parameter_count
-
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-    sample_size=64,
-)
+from multifusion.memory import SD15_UNET as SD15
 
 
 def main() -> None:

@@ -43,18 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from multifusion.families import SDHandle
 from multifusion.handles import ModelHandle
 from multifusion.loading import zoo_root
-from multifusion.memory import FLUX_DEV, PUBLISHED, SDXL_VAE, build
+from multifusion.memory import FLUX_DEV, PUBLISHED, SD15_UNET, SDXL_VAE, build
 
-# runwayml/stable-diffusion-v1-5 unet/config.json (the fields that differ from diffusers' defaults)
-SD15_UNET = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-    sample_size=64,
-)
 SD15_VAE = SDXL_VAE  # the same autoencoder shapes (only the scaling factor differs)
 AMDM_WINDOW = 0.1  # latents/methods.py DEFAULT_WINDOW: the first tenth of the trajectory, at least one step
 

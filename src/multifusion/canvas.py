@@ -67,6 +67,18 @@ def check_box_on_patch_grid(where: str, box: tuple[int, int, int, int], factor: 
             )
 
 
+def check_covered(covered, factor: int, fix: str) -> None:
+    """RecipeError naming the latent pixels of the canvas no region covers (`covered`: a bool
+    tensor (h, w) on the latent grid), in pixel rows and columns, and `fix`."""
+    holes = (~covered).nonzero()
+    if len(holes):
+        (r0, c0), (r1, c1) = holes.min(0).values.tolist(), holes.max(0).values.tolist()
+        raise RecipeError(
+            f"params.regions: {len(holes)} latent pixels of the canvas are covered by no region (pixel rows "
+            f"{r0 * factor}-{(r1 + 1) * factor}, columns {c0 * factor}-{(c1 + 1) * factor}); {fix}"
+        )
+
+
 def check_canvas(recipe: Recipe, method: Method, params: Params, factor: int, default: int | None) -> tuple[int, int] | None:
     """The canvas size (see `canvas_size`) with the method's own size checks run on it, when the
     size is known."""

@@ -76,6 +76,16 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
     norm_num_groups=32,
 )
+# runwayml/stable-diffusion-v1-5 unet/config.json (the fields that differ from diffusers' defaults)
+SD15_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    sample_size=64,
+)
 SDXL_VAE = dict(
     block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4,

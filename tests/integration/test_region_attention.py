@@ -150,7 +150,7 @@ def test_uncovered_tokens_take_the_base_and_overlaps_the_mean_of_their_regions(s
         ({"regions": [box(0, 32, 0, 40)]}, "params.regions[0].col_end: 40 lies outside the 32x32 canvas"),
         (
             {"regions": [box(0, 32, 0, 16)]},
-            "params.regions: 32 latent pixels of the canvas are in no region (pixel rows 0-32, columns 16-32)",
+            "params.regions: 32 latent pixels of the canvas are covered by no region (pixel rows 0-32, columns 16-32); there is no base_prompt",
         ),
         ({"regions": [box(0, 32, 0, 32, mask_type="constant")]}, "params.regions[0].mask_type: is a Mixture-of-Diffusers"),
         ({"regions": [box(0, 32, 0, 32, model=0)]}, "params.regions[0].model: is a Mixture-of-Diffusers"),

@@ -11,16 +11,7 @@ from hypothesis import strategies as st
 
 from multifusion.features.afa import SABW, AFAAggregators, convex_combination, model_weights, stack_models
 from multifusion.features.walkers import aggregation_channels, default_width, parameter_count
-
-SD15 = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    layers_per_block=2,
-    sample_size=64,
-)
+from multifusion.memory import SD15_UNET as SD15
 
 
 def test_stack_models_is_model_major_on_channels():

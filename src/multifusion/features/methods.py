@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from multifusion.canvas import Box, check_box_on_patch_grid
+from multifusion.canvas import Box, check_box_on_patch_grid, check_covered
 from multifusion.errors import FieldError, IncompatibleModelsError, RecipeError
 from multifusion.features.ensemble import EnsembleHandle, model_hash
 from multifusion.features.regional import Layout, Regions, installed, text_attention
@@ -252,14 +252,7 @@ def check_region_attention(params: RegionAttentionParams, canvas_px: tuple[int, 
         covered = torch.zeros(h, w, dtype=torch.bool)
         for _, (r0, r1, c0, c1), _ in placed:
             covered[r0:r1, c0:c1] = True
-        holes = (~covered).nonzero()
-        if len(holes):
-            (r0, c0), (r1, c1) = holes.min(0).values.tolist(), holes.max(0).values.tolist()
-            raise RecipeError(
-                f"params.regions: {len(holes)} latent pixels of the canvas are in no region (pixel rows {r0 * factor}-"
-                f"{(r1 + 1) * factor}, columns {c0 * factor}-{(c1 + 1) * factor}) and there is no base_prompt to draw them; "
-                "add regions there or give a base_prompt"
-            )
+        check_covered(covered, factor, "there is no base_prompt to draw them: add regions there or give a base_prompt")
     return placed
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from multifusion.canvas import Box, check_box_on_patch_grid
+from multifusion.canvas import Box, check_box_on_patch_grid, check_covered
 from multifusion.errors import FieldError, RecipeError
 from multifusion.io import image_is_whole, read_rgb_image
 from multifusion.loop import Step, Trajectory
@@ -348,14 +348,7 @@ def check_mod(params: ModParams, canvas_px: tuple[int, int], factor: int, labels
         r.latent_box(f"params.rerolls[{i}]", canvas_px, factor)
     latent = (canvas_px[0] // factor, canvas_px[1] // factor)
     total = coverage([b for _, b, _ in placed], [w for _, _, w in placed], latent)
-    holes = (total <= 0).nonzero()
-    if len(holes):
-        (r0, c0), (r1, c1) = holes.min(0).values.tolist(), holes.max(0).values.tolist()
-        raise RecipeError(
-            f"params.regions: {len(holes)} latent pixels of the canvas are covered by no region (pixel rows "
-            f"{r0 * factor}-{(r1 + 1) * factor}, columns {c0 * factor}-{(c1 + 1) * factor}); add regions there "
-            "or give a `background` prompt"
-        )
+    check_covered(total > 0, factor, "add regions there or give a `background` prompt")
     return placed
 
 

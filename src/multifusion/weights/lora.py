@@ -36,7 +36,6 @@ import torch
 from multifusion.errors import IncompatibleModelsError, ModelLoadError, RecipeError
 from multifusion.io import atomic_path, file_fingerprint
 from multifusion.weights.models import (
-    _WEIGHT_SUFFIXES,
     MERGE_JSON,
     FileSource,
     Merge,
@@ -49,6 +48,7 @@ from multifusion.weights.models import (
     _model_json,
     _nbytes,
     check_merge_output,
+    config_files,
     first_leaf,
     plan_merge,
     write_safetensors,
@@ -373,10 +373,7 @@ def merge_lora(
             if c.name not in layers and not plan.streamed(c):
                 shutil.copytree(src, tmp / c.name, ignore=shutil.ignore_patterns(".*"))
                 continue
-            (tmp / c.name).mkdir()
-            for f in src.iterdir():
-                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
-                    shutil.copy2(f, tmp / c.name / f.name)
+            config_files(src, tmp / c.name)
             source = MergedSource(plan, c) if c.action == "merge" else c.sources[0]
             mods = layers.get(c.name, {})
             w = {f"{m}.weight": (layer, weight_of(c.name, f"{m}.weight")) for m, layer in mods.items()}

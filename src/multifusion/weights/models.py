@@ -54,6 +54,17 @@ if TYPE_CHECKING:
 TEXT_ENCODER = ("merge", "first")
 MERGE_JSON = "merge.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
+
+
+def config_files(src: Path, out: Path) -> None:
+    """A component folder `out` holding `src`'s files other than weights (configs, tokenizer
+    files): the merged or LoRA-fused weights are written beside them."""
+    out.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(f, out / f.name)
+
+
 # Config keys that describe how a file was saved, not the architecture.
 _CONFIG_NOISE = ("transformers_version", "dtype", "torch_dtype", "architectures")
 _ST_DTYPES = {
@@ -717,10 +728,7 @@ def merge_models(
             if not plan.streamed(c):
                 shutil.copytree(src, tmp / c.name, ignore=shutil.ignore_patterns(".*"))
                 continue
-            (tmp / c.name).mkdir()
-            for f in src.iterdir():
-                if f.is_file() and not f.name.startswith(".") and not f.name.endswith(_WEIGHT_SUFFIXES):
-                    shutil.copy2(f, tmp / c.name / f.name)
+            config_files(src, tmp / c.name)
             write_safetensors(tmp / c.name / c.out_file, c.header, merged_tensors(plan, c))
         (tmp / MERGE_JSON).write_text(json.dumps(recipe, indent=2) + "\n")
     return out
