@@ -704,3 +704,20 @@ def test_a_nested_model_field_shows_an_example_of_its_mapping():
 
     (w,) = forms.method_widgets(Method("nested-ui", "a test method", "noise", Outer, plan=lambda p, b: None))
     assert w.kind == "yaml" and w.description.endswith("e.g. {prompt: '...', weight: 0.25})".removesuffix(")"))
+
+
+def test_region_attention_draws_on_the_same_canvas_as_mod():
+    """Both region methods take `regions` as one table that paints; region-attention's canvas
+    counts its base prompt as covering the whole canvas, and without one names the uncovered part."""
+    method = METHODS["region-attention"]
+    layers = forms.canvas_layers(forms.method_widgets(method))
+    assert layers == MOD_LAYERS[:1]
+    half = {"row_init": 0, "row_end": 32, "col_init": 0, "col_end": 16, "prompt": "a red circle"}
+    placed, size = forms.method_regions(method, {"regions": [half]}, 1, 32, 32, 4)
+    assert size == (32, 32) and [(w, b) for w, b, _ in placed] == [("params.regions[0]", (0, 8, 0, 4))]
+    _, notes = forms.regions_preview([(layers[0], [half])], *size, 4, placed=placed)
+    assert "512 of 1024 pixels are covered by no region" in notes
+    placed, _ = forms.method_regions(method, {"regions": [half], "base_prompt": "snow"}, 1, 32, 32, 4)
+    assert [(w, b) for w, b, _ in placed][-1] == ("params.base_prompt", (0, 8, 0, 8))
+    _, notes = forms.regions_preview([(layers[0], [half])], *size, 4, placed=placed)
+    assert "every pixel of the 32x32 canvas is covered" in notes
