@@ -174,3 +174,29 @@ def test_models_of_another_latent_space_are_refused_before_loading(loras, method
 def test_composite_takes_no_params(loras):
     with pytest.raises(RecipeError, match=r"params\.tau: unknown parameter of method 'lora-composite'"):
         validate(parse_recipe(_recipe("lora-composite", _two(loras), {"tau": 2})))
+
+
+def test_python_functions_equal_the_recipe(loras):
+    """`multifusion.lora_switch` / `lora_composite` on loaded LoRA models give the recipe's latents."""
+    import multifusion as mf
+
+    handles = mf.load_models(
+        [loras["a"]] * 2,
+        loras=[[{"path": str(loras["te"]), "scale": 0.8}], [{"path": str(loras["unet"]), "scale": 0.8}]],
+        names=["style", "texture"],
+    )
+    kw = dict(num_inference_steps=STEPS, seed=3, num_images=2, progress=False)
+    switch = mf.lora_switch(handles, [PROMPT] * 2, tau=2, order=["texture", "style"], **kw).latents
+    assert torch.equal(switch, _latents(_recipe("lora-switch", _two(loras), {"tau": 2, "order": ["texture", "style"]})))
+    composite = mf.lora_composite(handles, [PROMPT] * 2, **kw).latents
+    assert torch.equal(composite, _latents(_recipe("lora-composite", _two(loras))))
+
+
+def test_under_heun_a_turn_counts_the_loops_steps(loras):
+    """Heun's timesteps hold 2n - 1 entries for n steps (each inner step repeated); the loop calls
+    the noise function once per entry and tau counts those: the first model throughout only when
+    tau >= 2n - 1."""
+    both, n = _two(loras), 2 * STEPS - 1
+    first = _latents(_recipe("single", both[:1], scheduler="heun"))
+    assert torch.equal(_latents(_recipe("lora-switch", both, {"tau": n}, scheduler="heun")), first)
+    assert not torch.allclose(_latents(_recipe("lora-switch", both, {"tau": STEPS}, scheduler="heun")), first, atol=1e-3)
