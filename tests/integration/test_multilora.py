@@ -171,6 +171,13 @@ def test_models_of_another_latent_space_are_refused_before_loading(loras, method
         validate(parse_recipe(_recipe(method, models)))
 
 
+@pytest.mark.parametrize("method", ["lora-switch", "lora-composite"])
+def test_a_missing_lora_file_is_refused_before_loading(loras, tmp_path, method):
+    models = [_model(loras, "style", "te"), {**_model(loras, "texture"), "loras": [{"path": str(tmp_path / "gone.safetensors")}]}]
+    with pytest.raises(MultifusionError, match=r"^models\[1\]\.loras\[0\]\.path: LoRA file .* does not exist"):
+        validate(parse_recipe(_recipe(method, models)))
+
+
 def test_composite_takes_no_params(loras):
     with pytest.raises(RecipeError, match=r"params\.tau: unknown parameter of method 'lora-composite'"):
         validate(parse_recipe(_recipe("lora-composite", _two(loras), {"tau": 2})))
