@@ -20,6 +20,7 @@ from multifusion.loop import Step, Trajectory
 from multifusion.memory import RESERVE, GiB, activations_per_input, free_bytes
 from multifusion.method import Batch, Method, Params, Plan, Prepared, Recorder, RunContext
 from multifusion.noise.average import Average
+from multifusion.noise.multilora import Switch
 from multifusion.noise.regions import (
     Canvas,
     ImageRegion,
@@ -67,6 +68,75 @@ class AverageParams(Params):
 def plan_average(prep: Prepared[AverageParams], batch: Batch) -> Plan:
     guided = prep.ctx.guided(batch)
     return Plan([Trajectory(Average(guided, prep.params.weights or [1.0] * len(guided)))])
+
+
+# --------------------------------------------------------------------------- LoRA Switch, LoRA Composite
+
+
+class SwitchParams(Params):
+    tau: int = Field(
+        5, ge=1, strict=True, description="steps each model keeps its turn before the next takes over (the paper's tau)"
+    )
+    order: list[int | str] | None = Field(
+        None, description="the models in the order they take turns (indices or names), each once; default: the recipe's order"
+    )
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, v: list[int | str] | None, info: ValidationInfo):
+        context = info.context or {}
+        if v is not None and context.get("n_models") is not None:
+            turn_order(v, context["n_models"], context.get("labels"))
+        return v
+
+
+def turn_order(order: list[int | str] | None, n: int, labels: list[str] | None) -> list[int]:
+    """`order` as model indices, every one of the n models exactly once (ValueError saying which
+    entry is wrong, or which model is missing, otherwise); None is the recipe's order. Names
+    need `labels` (the models' names); without them only indices are checked."""
+    if order is None:
+        return list(range(n))
+    out = []
+    for j, m in enumerate(order):
+        if isinstance(m, int):
+            if not 0 <= m < n:
+                raise ValueError(f"entry {j} is index {m} but the recipe has {n} model(s) (indices 0..{n - 1})")
+            out.append(m)
+        elif labels is None:
+            return list(range(n))  # names are resolved once the models' names are known (`prepare_switch`)
+        elif labels.count(m) != 1:
+            found = "names two models; give indices, or give the models distinct `name`s" if m in labels else "names no model"
+            raise ValueError(f"entry {j} ({m!r}) {found} (names: {', '.join(labels)})")
+        else:
+            out.append(labels.index(m))
+    repeated = sorted({i for i in out if out.count(i) > 1})
+    if repeated:
+        raise ValueError(f"model {repeated[0]} takes two turns; list every model exactly once")
+    missing = sorted(set(range(n)) - set(out))
+    if missing:
+        who = f" ({labels[missing[0]]!r})" if labels else ""
+        raise ValueError(f"model {missing[0]}{who} is missing; list every model exactly once (or leave `order` out)")
+    return out
+
+
+def prepare_switch(ctx: RunContext, params: SwitchParams) -> Prepared[SwitchParams]:
+    try:
+        turn_order(params.order, len(ctx.handles), ctx.labels)
+    except ValueError as err:
+        raise RecipeError(f"params.order: {err}") from None
+    return Prepared(ctx, params)
+
+
+def plan_switch(prep: Prepared[SwitchParams], batch: Batch) -> Plan:
+    guided = prep.ctx.guided(batch)
+    # A fresh Switch per batch: it counts the steps of its one sampling run.
+    return Plan([Trajectory(Switch(guided, prep.params.tau, turn_order(prep.params.order, len(guided), prep.ctx.labels)))])
+
+
+def plan_composite(prep: Prepared[NoParams], batch: Batch) -> Plan:
+    # LoRA Composite is the equal-weight average of the models' guided predictions (multilora.py).
+    guided = prep.ctx.guided(batch)
+    return Plan([Trajectory(Average(guided, [1.0] * len(guided)))])
 
 
 # --------------------------------------------------------------------------- SNB
@@ -472,6 +542,21 @@ METHODS = [
         "noise",
         AverageParams,
         plan_average,
+    ),
+    Method(
+        "lora-switch",
+        "LoRA Switch: one model (a LoRA of a shared base) at a time, each for tau steps in turn",
+        "noise",
+        SwitchParams,
+        plan_switch,
+        prepare_switch,
+    ),
+    Method(
+        "lora-composite",
+        "LoRA Composite: every model's (every LoRA's) guided prediction at each step, averaged",
+        "noise",
+        NoParams,
+        plan_composite,
     ),
     Method(
         "snb",

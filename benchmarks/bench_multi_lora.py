@@ -1,0 +1,95 @@
+"""LoRA Switch and LoRA Composite against the base alone: cost per sampling step, on the zoo.
+
+N random LoRAs (seeded, non-zero, rank R; `multifusion.testing.lora`) are made on zoo:general's
+UNet attention projections; the models are general + LoRA k, k = 1..N, on one base held once.
+For N = 2 and 3, one run of S steps (the shared loop, no VAE decode) of each of
+
+- `single` of zoo:general alone (the base, no adapters),
+- `single` of general + LoRA 1 (one LoRA model: the adapter layers' own cost),
+- `lora-switch` over the N LoRA models (tau 1: an adapter switch at every step, the worst case),
+- `lora-composite` over the N LoRA models,
+
+is timed in alternation (`common.interleaved_medians`), and the table prints each one's time per
+step and its ratio to the base alone, side by side from one run. Expected: Switch about the cost
+of one LoRA model (one model evaluated per step, plus one adapter switch), Composite about N
+times it (N models evaluated per step).
+
+    python benchmarks/bench_multi_lora.py [--rank 8] [--steps 10] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+PROMPT = "a red circle in a snowy field"
+
+
+def plan_runner(recipe: dict, steps: int):
+    """A function running the recipe's plan for one image over `steps` steps (no decode)."""
+    import torch
+
+    from multifusion.api import Run
+    from multifusion.loop import Trajectory, initial_noise, sample
+    from multifusion.method import Batch
+
+    run = Run(recipe)
+    generators = [torch.Generator("cpu").manual_seed(0)]
+    batch = Batch([0], [0], initial_noise(run.latent_shape, generators))
+
+    def go():
+        plan = run.method.plan(run.prepared, batch)  # a fresh plan each time: Switch starts its turns again
+        scheduler = run.handles[0].scheduler("ddim", run.latent_shape[1:])
+        trajectories = [Trajectory(tr.denoise, scheduler, batch.noise) for tr in plan.trajectories]  # one trajectory each
+        sample(trajectories, num_inference_steps=steps, progress=False)
+
+    return go
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+
+    import torch
+    from common import interleaved_medians
+
+    from multifusion.loading import zoo_root
+    from multifusion.testing.lora import write_random_lora
+
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="mf-bench-multilora-"))
+    try:
+        general = str(zoo_root() / "general")
+        loras = [write_random_lora(general, root / f"lora{k}", seed=k, rank=args.rank, std=0.05) for k in range(1, 4)]
+        models = [{"model": general, "name": f"lora{k}", "loras": [{"path": str(f)}]} for k, f in enumerate(loras, 1)]
+
+        def recipe(method: str, ms: list[dict], params: dict | None = None) -> dict:
+            sampling = {"num_inference_steps": args.steps, "seed": 0, "height": 64, "width": 64}
+            return {"method": method, "prompt": PROMPT, "models": ms, "params": params or {}, "sampling": sampling}
+
+        runs = {"base alone": recipe("single", [{"model": general}]), "one LoRA model": recipe("single", models[:1])}
+        for n in (2, 3):
+            runs[f"lora-switch, {n} LoRAs (tau 1)"] = recipe("lora-switch", models[:n], {"tau": 1})
+            runs[f"lora-composite, {n} LoRAs"] = recipe("lora-composite", models[:n])
+        times = interleaved_medians({k: plan_runner(r, args.steps) for k, r in runs.items()}, args.repeats, warmup=2)
+
+        print(
+            f"zoo:general, 64x64, CFG, DDIM; random LoRAs of rank {args.rank} on the UNet's attention projections; "
+            f"{args.steps} steps per run, median of {args.repeats} runs timed in alternation, one thread"
+        )
+        print("| run | ms per step | over the base alone | over one LoRA model |")
+        print("|---|---|---|---|")
+        base, one = times["base alone"], times["one LoRA model"]
+        for name, t in times.items():
+            print(f"| {name} | {t / args.steps * 1e3:.2f} | {t / base:.2f} | {t / one:.2f} |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
