@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from multifusion.canvas import pixels_problem
 from multifusion.errors import FieldError, RecipeError, clip, did_you_mean, format_validation_error
@@ -269,6 +269,13 @@ class Runtime(_Strict):
         description="torch.compile each model's denoiser once per run (static shapes: one graph per input shape, "
         "shared by every step and by regions of one size); the first call of each shape compiles",
     )
+
+    @field_validator("compile")
+    @classmethod
+    def _off_is_unset(cls, v: bool | None) -> bool | None:
+        # false and unset are one setting (off), held as None: a form's unticked box and a recipe
+        # that never set it read back equal, and the JSON stays as it was.
+        return v or None
 
     @property
     def pixel_limit(self) -> int:

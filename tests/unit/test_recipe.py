@@ -87,3 +87,12 @@ def test_missing_prompt_is_checked_for_methods_that_need_one():
 def test_unknown_scheduler():
     with pytest.raises(RecipeError, match="sampling.scheduler.*did you mean 'euler'"):
         validate_recipe(parse_recipe(recipe(sampling={"scheduler": "eulr"})))
+
+
+def test_compile_off_reads_back_as_unset():
+    """runtime.compile: false and an unset compile are one setting (off), so a form's unticked box
+    and a recipe that never set it compare equal and keep the recipe JSON it had."""
+    base = {"method": "single", "models": [{"model": "zoo:general", "prompt": "a red circle"}]}
+    off, unset = parse_recipe({**base, "runtime": {"compile": False}}), parse_recipe(base)
+    assert off == unset and off.runtime.compile is None and "compile" not in off.to_json()
+    assert parse_recipe({**base, "runtime": {"compile": True}}).runtime.compile is True
