@@ -38,7 +38,7 @@ def test_topk_sum_is_the_sum_of_the_k_largest_magnitudes(values, k, rnd):
     rnd.shuffle(shuffled)
     flipped = torch.tensor([-v for v in shuffled]).reshape(1, -1)
     assert math.isclose(float(topk_sum(flipped, k)), float(topk_sum(dw, k)), rel_tol=1e-6, abs_tol=1e-6)
-    assert float(topk_sum(dw, k + 1)) >= float(topk_sum(dw, k)) - 1e-6
+    assert float(topk_sum(dw, k + 1)) >= float(topk_sum(dw, k)) * (1 - 1e-6) - 1e-6  # float32 sums in another order
 
 
 def test_gamma_is_the_mean_ratio_without_outliers():
