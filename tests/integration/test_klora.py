@@ -157,3 +157,24 @@ def test_subject_and_style_recomputed_from_the_files(loras, k):
 def test_bad_inputs_are_refused_before_loading(loras, files, params, field):
     with pytest.raises(RecipeError, match=field.replace("[", r"\[").replace("]", r"\]")):
         validate(parse_recipe(_recipe("k-lora", loras, files, params)))
+
+
+def test_from_python_on_a_shared_base(loras):
+    """Handles of one base from `load_models`: `fuse("k-lora", ...)` equals the recipe's run; the
+    other models of the base run as before after it (its per-layer state is not mistaken for
+    theirs); a handle with one LoRA is refused naming models[0].loras before sampling."""
+    from multifusion import fuse, load_models, single
+
+    lora = [{"path": str(loras[f]), "scale": SCALE} for f in ("subject", "style")]
+    base, subject, both = load_models([loras["a"]] * 3, loras=[[], lora[:1], lora])
+    kw = dict(num_inference_steps=STEPS, seed=3, num_images=2, progress=False)
+    before = single(subject, PROMPT, **kw).latents
+    plain = single(base, PROMPT, **kw).latents
+    ours = fuse("k-lora", [both], PROMPT, **kw).latents
+    assert torch.equal(ours, _latents(_recipe("k-lora", loras, ["subject", "style"])))
+    assert torch.equal(single(subject, PROMPT, **kw).latents, before)
+    assert torch.equal(single(base, PROMPT, **kw).latents, plain)
+    with pytest.raises(
+        RecipeError, match=r"models\[0\]\.loras.*takes exactly 2 LoRAs per model, in this order: subject, style; the model has 1"
+    ):
+        fuse("k-lora", [subject], PROMPT, **kw)
