@@ -178,3 +178,37 @@ def test_from_python_on_a_shared_base(loras):
         RecipeError, match=r"models\[0\]\.loras.*takes exactly 2 LoRAs per model, in this order: subject, style; the model has 1"
     ):
         fuse("k-lora", [subject], PROMPT, **kw)
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd3", "flux"])
+def family(request, tmp_path_factory):
+    """A tiny pipeline of another family with a random denoiser LoRA, a copy of it and a zero one."""
+    from multifusion.testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+    from multifusion.testing.lora import write_random_lora
+
+    name = request.param
+    build = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline}[name]
+    root = tmp_path_factory.mktemp(f"klora_{name}")
+    base = root / "base"
+    build(base, seed=0)
+    subject = write_random_lora(base, root / "subject", seed=1)
+    (root / "copy").mkdir()
+    shutil.copy(subject, root / "copy" / subject.name)
+    return {
+        "name": name,
+        "a": str(base),
+        "subject": subject,
+        "copy": root / "copy" / subject.name,
+        "zero": write_random_lora(base, root / "zero", seed=3, std=0.0),
+    }
+
+
+def test_degenerate_cases_on_sdxl_sd3_flux(family):
+    """SDXL (the paper's model), SD3 and FLUX (the reference's FLUX code chooses on the same
+    projections by name; FLUX's single-stream blocks have no to_out): the same LoRA twice, and a
+    style of zero update, equal `single` with the subject LoRA, exactly."""
+    sampling = {} if family["name"] == "sdxl" else {"scheduler": "flow_euler", "height": 16, "width": 16}
+    alone = _latents(_recipe("single", family, ["subject"], **sampling))
+    assert torch.equal(_latents(_recipe("k-lora", family, ["subject", "copy"], **sampling)), alone)
+    assert torch.equal(_latents(_recipe("k-lora", family, ["subject", "zero"], **sampling)), alone)
+    assert not torch.allclose(alone, _latents(_recipe("single", family, [], **sampling)), atol=1e-4)

@@ -130,42 +130,30 @@ def measure(denoiser: torch.nn.Module, adapters: AdapterSet, k: int | None, alph
     """The K-LoRA layers of `denoiser` for `adapters` (exactly two: subject, style) with their
     top-K sums and gamma. K = r_c * r_s per layer when `k` is None. ValueError when no attention
     projection carries either LoRA."""
-    from diffusers.models.attention_processor import Attention
-
     (subject, style), (w_c, w_s) = adapters.names, adapters.weights
     layers, names, s_c, s_s, tot_c, tot_s = [], [], [], [], [], []
-    for attn_name, attn in denoiser.named_modules():
-        if not isinstance(attn, Attention):
+    for name, layer in denoiser.named_modules():
+        # by name, whatever the attention class (diffusers' Attention, FLUX's own): the
+        # reference's four parts (FLUX's single-stream blocks have no to_out)
+        if not hasattr(layer, "lora_A") or not any(name.endswith("." + part) for part in PROJECTIONS):
             continue
-        for part in PROJECTIONS:
-            layer = attn.get_submodule(part) if _has(attn, part) else None
-            if layer is None or not hasattr(layer, "lora_A"):
-                continue
-            d_c, d_s = delta_weight(layer, subject, w_c), delta_weight(layer, style, w_s)
-            if d_c is None and d_s is None:
-                continue
-            if d_c is None:
-                d_c = torch.zeros_like(d_s)
-            if d_s is None:
-                d_s = torch.zeros_like(d_c)
-            kk = k if k is not None else _rank(layer, subject) * _rank(layer, style)
-            layers.append(layer)
-            names.append(f"{attn_name}.{part}")
-            s_c.append(topk_sum(d_c, kk))
-            s_s.append(topk_sum(d_s, kk))
-            tot_c.append(float(d_c.abs().sum()))
-            tot_s.append(float(d_s.abs().sum()))
+        d_c, d_s = delta_weight(layer, subject, w_c), delta_weight(layer, style, w_s)
+        if d_c is None and d_s is None:
+            continue
+        if d_c is None:
+            d_c = torch.zeros_like(d_s)
+        if d_s is None:
+            d_s = torch.zeros_like(d_c)
+        kk = k if k is not None else _rank(layer, subject) * _rank(layer, style)
+        layers.append(layer)
+        names.append(name)
+        s_c.append(topk_sum(d_c, kk))
+        s_s.append(topk_sum(d_s, kk))
+        tot_c.append(float(d_c.abs().sum()))
+        tot_s.append(float(d_s.abs().sum()))
     if not layers:
         raise ValueError("neither LoRA applies to an attention projection (to_q, to_k, to_v, to_out.0) of the denoiser")
     return KLoraLayers(layers, names, torch.stack(s_c), torch.stack(s_s), balance(tot_c, tot_s), alpha, beta, wrap)
-
-
-def _has(module: torch.nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _rank(layer: torch.nn.Module, adapter: str) -> int:
