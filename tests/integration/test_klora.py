@@ -80,9 +80,9 @@ def test_a_style_of_zero_update_leaves_every_layer_to_the_subject(loras):
     assert torch.equal(ours, _latents(_recipe("single", loras, ["subject"])))
 
 
-def _expected_choices(loras, k: int | None) -> dict[str, list[bool]]:
+def _expected_choices(loras, k: int | None, calls: int) -> dict[str, list[bool]]:
     """From the files alone: for each attention projection (its module path), whether the
-    subject runs at each step. dW = scale * (alpha / r) B A with alpha = r (the test LoRAs)."""
+    subject runs at each of the `calls` denoiser calls. dW = scale * (alpha / r) B A with alpha = r (the test LoRAs)."""
     sub, sty = load_file(str(loras["subject"])), load_file(str(loras["style"]))
     layers = sorted(key[: -len(".lora.down.weight")] for key in sub if key.endswith(".lora.down.weight"))
     deltas = {}
@@ -101,18 +101,19 @@ def _expected_choices(loras, k: int | None) -> dict[str, list[bool]]:
     gamma = sum(kept) / len(kept)
     out = {}
     for key, (sc, ss, _) in deltas.items():
-        out[key.removeprefix("unet.")] = [float(sc) / gamma > float(ss) * (1.5 * (i + 0.5) / STEPS + 0.5) for i in range(STEPS)]
+        out[key.removeprefix("unet.")] = [float(sc) / gamma > float(ss) * (1.5 * (i + 0.5) / calls + 0.5) for i in range(calls)]
     return out
 
 
-@pytest.mark.parametrize("k", [None, 3])
-def test_subject_and_style_recomputed_from_the_files(loras, k):
+@pytest.mark.parametrize("k, scheduler, calls", [(None, "ddim", STEPS), (3, "heun", 2 * STEPS - 1)])
+def test_subject_and_style_recomputed_from_the_files(loras, k, scheduler, calls):
     """The run equals the shared loop with each layer's adapter set by hand at each step from the
     choices computed here from the LoRA files; the choices both change over the run and differ
-    between layers (so the test sees the schedule and the per-layer comparison)."""
-    recipe = _recipe("k-lora", loras, ["subject", "style"], {} if k is None else {"k": k})
+    between layers (so the test sees the schedule and the per-layer comparison). Heun's n steps
+    are 2n - 1 denoiser calls, and the progress counts calls."""
+    recipe = _recipe("k-lora", loras, ["subject", "style"], {} if k is None else {"k": k}, scheduler=scheduler)
     ours = _latents(recipe)
-    expected = _expected_choices(loras, k)
+    expected = _expected_choices(loras, k, calls)
     columns = {tuple(c) for c in expected.values()}
     assert len(columns) > 1 and any(len(set(c)) > 1 for c in columns)
 
@@ -125,7 +126,7 @@ def test_subject_and_style_recomputed_from_the_files(loras, k):
     batch = Batch(seeds, [0, 1], initial_noise(r.latent_shape, generators))
     g = r.ctx.guide(0, [PROMPT] * 2)
     bare = Guided(dataclasses.replace(handle, adapters=None), g.positive, g.negative, g.guidance_scale, g.prompts)
-    step = iter(range(STEPS))
+    step = iter(range(calls))
 
     def by_hand(x_t, t, record=None):
         i = next(step)

@@ -22,7 +22,8 @@ SDXL's UNet at its default 50 steps (140 attention modules, 4 projections each; 
 batches the two CFG halves in one call), and `diffuse_step * layers` for FLUX. So layer j
 (1-based, of L) in step i (0-based, of N) sees p = (i L + j) / (N L), within step i's
 interval (i / N, (i + 1) / N]. Here the choice is made once per denoiser call, with the middle
-of that interval, p = (i + 1/2) / N, for every layer (`step_progress`).
+of that interval, p = (i + 1/2) / N, for every layer (`step_progress`); N counts the loop's
+denoiser calls (2n - 1 for Heun's n steps), as the reference's counter does.
 
 Deviations:
 - p is per denoiser call (above), not per layer call: within 1 / (2N) of the reference's.

@@ -398,7 +398,20 @@ def prepare_klora(ctx: RunContext, params: KLoraParams) -> PreparedKLora:
 def plan_klora(prep: PreparedKLora, batch: Batch) -> Plan:
     ctx = prep.ctx
     guided = ctx.guide(0, ctx.recipe.prompts_of(0, batch.indices), handle=prep.handle)
-    return Plan([Trajectory(KLoraNoise(guided, prep.chosen, ctx.recipe.sampling.num_inference_steps))])
+    return Plan([Trajectory(KLoraNoise(guided, prep.chosen, denoiser_calls(ctx)))])
+
+
+def denoiser_calls(ctx: RunContext) -> int:
+    """How many times the loop calls the noise function in one run: the scheduler's timesteps for
+    the recipe's steps (2n - 1 for Heun's n steps, n for first-order schedulers), as `loop.sample`
+    sets them. K-LoRA's progress counts those calls, as the reference counts layer calls."""
+    sampling = ctx.recipe.sampling
+    scheduler = ctx.handles[0].scheduler(sampling.scheduler, ctx.latent_shape[1:])
+    try:
+        scheduler.set_timesteps(sampling.num_inference_steps)
+    except (ValueError, IndexError):  # the loop refuses these steps itself, with the reason
+        return sampling.num_inference_steps
+    return len(scheduler.timesteps)
 
 
 KLORA = Method(
