@@ -213,3 +213,19 @@ def test_degenerate_cases_on_sdxl_sd3_flux(family):
     assert torch.equal(_latents(_recipe("k-lora", family, ["subject", "copy"], **sampling)), alone)
     assert torch.equal(_latents(_recipe("k-lora", family, ["subject", "zero"], **sampling)), alone)
     assert not torch.allclose(alone, _latents(_recipe("single", family, [], **sampling)), atol=1e-4)
+
+
+def test_loras_off_the_attention_projections_are_refused_before_sampling(loras, tmp_path):
+    """Two LoRAs on the feed-forward layers only: nothing for K-LoRA to choose on, refused naming
+    models[0].loras when the model has loaded, before any step."""
+    from multifusion.errors import IncompatibleModelsError
+    from multifusion.testing.lora import write_random_lora
+
+    ff = {
+        name: write_random_lora(loras["a"], tmp_path / name, seed=s, denoiser_targets=["ff.net.2"])
+        for name, s in (("ff1", 4), ("ff2", 5))
+    }
+    steps = []
+    with pytest.raises(IncompatibleModelsError, match=r"models\[0\]\.loras .*neither LoRA applies to an attention projection"):
+        run(_recipe("k-lora", {**loras, **ff}, ["ff1", "ff2"]), progress=False, callback=steps.append)
+    assert steps == []

@@ -1,5 +1,5 @@
-"""The feature-level methods as the registry sees them: parameters, prepare and plan of `afa`
-and `region-attention`.
+"""The feature-level methods as the registry sees them: parameters, prepare and plan of `afa`,
+`region-attention` and `k-lora`.
 
 **afa.**
 
@@ -20,6 +20,11 @@ denoiser's text-attention layers (refusing a denoiser it does not know), places 
 latent and patch grids and checks the canvas covered; `plan` joins the prompts' token sequences
 into one conditioning and returns one trajectory whose noise function installs the regional
 processors for each call inside the window, and runs the base prompt alone outside it.
+
+**k-lora** (the maths and the paper in `klora.py`, docs/multi-lora.md). One model with a subject
+and a style LoRA (`Method.lora_roles`); `prepare` measures the denoiser's attention projections
+(top-K sums, gamma) and copies the handle with a `KLoraAdapters`; `plan` is one trajectory whose
+noise function sets the progress before each denoiser call.
 """
 
 from __future__ import annotations
@@ -357,8 +362,9 @@ class KLoraParams(Params):
 
 class KLoraNoise:
     """The model's guided prediction with the subject or style LoRA per attention projection,
-    chosen at this step's progress (`klora.step_progress`). One per sampling run: it counts the
-    steps it has served. Puts how many layers run the subject in the step record."""
+    chosen at this call's progress (`klora.step_progress` of `steps` denoiser calls). One per
+    sampling run: it counts the calls it has served. Puts how many layers run the subject in the
+    step record."""
 
     def __init__(self, guided: Guided, chosen: KLoraLayers, steps: int):
         self.guided, self.chosen, self.steps, self.step = guided, chosen, steps, 0
