@@ -9,10 +9,15 @@ For N = 2 and 3, one run of S steps (the shared loop, no VAE decode) of each of
 - `lora-switch` over the N LoRA models (tau 1: an adapter switch at every step, the worst case),
 - `lora-composite` over the N LoRA models,
 
+and for LoRAs 1 and 2 on one model: that model under `single` (LoRA Merge, both adapters on every
+layer) and under `k-lora` (LoRA 1 the subject, LoRA 2 the style: one adapter per attention
+projection, chosen before each denoiser call),
+
 is timed in alternation (`common.interleaved_medians`), and the table prints each one's time per
 step and its ratio to the base alone, side by side from one run. Expected: Switch about the cost
 of one LoRA model (one model evaluated per step, plus one adapter switch), Composite about N
-times it (N models evaluated per step).
+times it (N models evaluated per step), K-LoRA about one LoRA model (one adapter per layer; the
+choice is made once per step from top-K sums computed once per run).
 
     python benchmarks/bench_multi_lora.py [--rank 8] [--steps 10] [--repeats 15]
 """
@@ -76,6 +81,9 @@ def main() -> None:
         for n in (2, 3):
             runs[f"lora-switch, {n} LoRAs (tau 1)"] = recipe("lora-switch", models[:n], {"tau": 1})
             runs[f"lora-composite, {n} LoRAs"] = recipe("lora-composite", models[:n])
+        both = [{"model": general, "name": "both", "loras": [{"path": str(f)} for f in loras[:2]]}]
+        runs["LoRA Merge, 2 LoRAs on one model (single)"] = recipe("single", both)
+        runs["k-lora, subject + style"] = recipe("k-lora", both)
         times = interleaved_medians({k: plan_runner(r, args.steps) for k, r in runs.items()}, args.repeats, warmup=2)
 
         print(

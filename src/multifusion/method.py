@@ -169,6 +169,8 @@ class Method:
     # denoisers side by side, merges read their tensors): models on a shared base differing in
     # LoRAs (`multifusion.lora`) are then refused with this reason, before loading. "" = any model.
     own_denoisers: str = ""
+    # The role of each LoRA every model must carry, in order (k-lora: subject, style); () = any LoRAs.
+    lora_roles: tuple[str, ...] = ()
 
     def __post_init__(self):
         clash = RESERVED & set(self.params.model_fields)
@@ -178,6 +180,16 @@ class Method:
             raise ValueError(f"method {self.name!r}: meets must be noise, latents, features or weights, got {self.meets!r}")
         if not self.name or not self.name.replace("-", "_").isidentifier():
             raise ValueError(f"method name {self.name!r} must be a word (letters, digits, _ or -)")
+
+    def lora_problem(self, count: int) -> str:
+        """Why a model with `count` LoRAs cannot run this method when it names the LoRAs' roles, or ""."""
+        roles = self.lora_roles
+        if not roles or count == len(roles):
+            return ""
+        return (
+            f"method {self.name!r} takes exactly {len(roles)} LoRAs per model, in this order: {', '.join(roles)}; "
+            f"the model has {count}"
+        )
 
     def parse_params(self, raw: dict, n_models: int, **context: Any) -> Params:
         """The recipe's `params` validated for `n_models` models; RecipeError naming each field.

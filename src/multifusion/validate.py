@@ -60,6 +60,10 @@ def validate(recipe: Recipe) -> Validated:
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
         raise RecipeError(f"models: method {method.name!r} takes {want} model(s), the recipe names {n}")
+    for i, m in enumerate(recipe.models):
+        problem = method.lora_problem(len(m.loras or []))
+        if problem:
+            raise RecipeError(f"models[{i}].loras: {problem}")
     params = method.parse_params(
         recipe.params,
         n,

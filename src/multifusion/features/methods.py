@@ -1,5 +1,5 @@
-"""The feature-level methods as the registry sees them: parameters, prepare and plan of `afa`
-and `region-attention`.
+"""The feature-level methods as the registry sees them: parameters, prepare and plan of `afa`,
+`region-attention` and `k-lora`.
 
 **afa.**
 
@@ -20,6 +20,11 @@ denoiser's text-attention layers (refusing a denoiser it does not know), places 
 latent and patch grids and checks the canvas covered; `plan` joins the prompts' token sequences
 into one conditioning and returns one trajectory whose noise function installs the regional
 processors for each call inside the window, and runs the base prompt alone outside it.
+
+**k-lora** (the maths and the paper in `klora.py`, docs/multi-lora.md). One model with a subject
+and a style LoRA (`Method.lora_roles`); `prepare` measures the denoiser's attention projections
+(top-K sums, gamma) and copies the handle with a `KLoraAdapters`; `plan` is one trajectory whose
+noise function sets the progress before each denoiser call.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -34,9 +40,10 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from multifusion.canvas import Box, check_box_on_patch_grid, check_covered
 from multifusion.errors import FieldError, IncompatibleModelsError, RecipeError
 from multifusion.features.ensemble import EnsembleHandle, model_hash
+from multifusion.features.klora import KLoraAdapters, KLoraLayers, measure, step_progress
 from multifusion.features.regional import Layout, Regions, installed, text_attention
 from multifusion.features.walkers import build_ensemble, walker_for
-from multifusion.handles import Conditioning, Guided
+from multifusion.handles import Conditioning, Guided, ModelHandle
 from multifusion.loop import Trajectory
 from multifusion.method import Batch, Method, Params, Plan, Recorder, RunContext
 from multifusion.schedulers import in_window, timestep_fraction
@@ -327,6 +334,105 @@ def plan_region_attention(prep: PreparedRegionAttention, batch: Batch) -> Plan:
     return Plan([Trajectory(fn)])
 
 
+# --------------------------------------------------------------------------- k-lora
+
+
+class KLoraParams(Params):
+    k: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="how many of each update's largest |entries| are summed (the paper's K); default: "
+        "r_subject * r_style per layer, as the reference code (64 for two rank-8 LoRAs)",
+    )
+    schedule: Literal["s", "s*"] = Field(
+        "s",
+        description="the style scale over sampling: s = alpha p + beta (the paper's), s* = (alpha p + beta) mod alpha "
+        "(the supplement's, more style)",
+    )
+    alpha: float = Field(1.5, gt=0, le=100, description="slope of the style scale over sampling progress p in [0, 1]")
+    beta: float | None = Field(None, ge=0, le=100, description="the style scale at p = 0; default 0.5 for s, 0.85 * alpha for s*")
+
+    @property
+    def offset(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return 0.5 if self.schedule == "s" else 0.85 * self.alpha
+
+
+class KLoraNoise:
+    """The model's guided prediction with the subject or style LoRA per attention projection,
+    chosen at this call's progress (`klora.step_progress` of `steps` denoiser calls). One per
+    sampling run: it counts the calls it has served. Puts how many layers run the subject in the
+    step record."""
+
+    def __init__(self, guided: Guided, chosen: KLoraLayers, steps: int):
+        self.guided, self.chosen, self.steps, self.step = guided, chosen, steps, 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        self.chosen.progress = step_progress(self.step, self.steps)
+        self.step += 1
+        if record is not None:
+            record["k-lora/subject_layers"] = int(self.chosen.choices().sum())
+        return self.guided(x_t, t)
+
+
+@dataclass(eq=False)
+class PreparedKLora:
+    ctx: RunContext
+    handle: ModelHandle
+    chosen: KLoraLayers
+
+
+def prepare_klora(ctx: RunContext, params: KLoraParams) -> PreparedKLora:
+    handle = ctx.handles[0]
+    adapters = handle.adapters
+    problem = KLORA.lora_problem(0 if adapters is None else len(adapters.names))
+    if problem:  # a handle from Python (a recipe is refused before loading)
+        raise RecipeError(f"models[0].loras ({handle.name!r}): {problem}")
+    denoiser = getattr(handle.unet, "_orig_mod", handle.unet)
+    try:
+        chosen = measure(denoiser, adapters, params.k, params.alpha, params.offset, params.schedule == "s*")
+    except ValueError as err:
+        raise IncompatibleModelsError(f"models[0].loras ({handle.name!r}): {err}") from None
+    for module in (handle.unet, denoiser):  # `measure` set the layers' scales: every set activates afresh
+        module.__dict__.pop("_active_adapter_set", None)
+    klora = KLoraAdapters(adapters.names, adapters.weights, adapters.given, chosen)
+    return PreparedKLora(ctx, replace(handle, adapters=klora), chosen)
+
+
+def plan_klora(prep: PreparedKLora, batch: Batch) -> Plan:
+    ctx = prep.ctx
+    guided = ctx.guide(0, ctx.recipe.prompts_of(0, batch.indices), handle=prep.handle)
+    return Plan([Trajectory(KLoraNoise(guided, prep.chosen, denoiser_calls(ctx)))])
+
+
+def denoiser_calls(ctx: RunContext) -> int:
+    """How many times the loop calls the noise function in one run: the scheduler's timesteps for
+    the recipe's steps (2n - 1 for Heun's n steps, n for first-order schedulers), as `loop.sample`
+    sets them. K-LoRA's progress counts those calls, as the reference counts layer calls."""
+    sampling = ctx.recipe.sampling
+    scheduler = ctx.handles[0].scheduler(sampling.scheduler, ctx.latent_shape[1:])
+    try:
+        scheduler.set_timesteps(sampling.num_inference_steps)
+    except (ValueError, IndexError):  # the loop refuses these steps itself, with the reason
+        return sampling.num_inference_steps
+    return len(scheduler.timesteps)
+
+
+KLORA = Method(
+    "k-lora",
+    "K-LoRA: a subject and a style LoRA of one base; each attention projection runs the one whose largest "
+    "update entries weigh more, the style's weight growing over sampling",
+    "features",
+    KLoraParams,
+    plan_klora,
+    prepare_klora,
+    max_models=1,
+    lora_roles=("subject", "style"),
+)
+
+
 METHODS = [
     Method(
         "afa",
@@ -356,4 +462,5 @@ METHODS = [
         check=check_region_attention,
         regions=place_attention_regions,
     ),
+    KLORA,
 ]
