@@ -230,16 +230,18 @@ def costs(model: Model) -> tuple[float, float, dict[str, float]]:
     return call / 1e12, single / 1e12, rel
 
 
-EXTRA_COLUMNS = ["LoRA: base+1", "LoRA: base+2", "region-attn 2", "region-attn 4"]
+EXTRA_COLUMNS = ["LoRA call", "LoRA: base+1", "LoRA: base+2", "region-attn 2", "region-attn 4"]
 
 
 def extra_costs(model: Model, rank: int) -> dict[str, float]:
-    """{column of `EXTRA_COLUMNS`: cost / single} (module docstring: the second table)."""
+    """{column of `EXTRA_COLUMNS`: cost / single} (module docstring: the second table); "LoRA
+    call": one call of a LoRA model over one of the base."""
     t = model.steps
     call, dec = call_flops(model, model.side, model.side), decode_flops(model)
     single = t * call + dec
     lora = lora_call_flops(model, rank)
     return {
+        "LoRA call": lora / call,
         "LoRA: base+1": (t * (call + lora) + dec) / single,
         "LoRA: base+2": (t * (call + 2 * lora) + dec) / single,
         **{f"region-attn {r}": (t * region_call_flops(model, r) + dec) / single for r in (2, 4)},
