@@ -36,7 +36,8 @@ A second table, the same way:
   token and each region's prompt with its tokens (`fused_cross`); SD3's and FLUX.1's joint
   attention runs once for the base prompt over every image token and once per region over the
   region's image tokens and its prompt, and the text stream of the blocks carries (regions + 1)
-  prompts' tokens.
+  prompts' tokens. `r-a 2, no base`: the two regions without a base prompt (they cover the
+  canvas).
 
 The zoo's own row is the same count on the zoo's configs; `--measure` times the same runs on
 the zoo (interleaved whole runs, decoding included) so the counted ratios can be checked
@@ -230,7 +231,7 @@ def costs(model: Model) -> tuple[float, float, dict[str, float]]:
     return call / 1e12, single / 1e12, rel
 
 
-EXTRA_COLUMNS = ["LoRA call", "LoRA: base+1", "LoRA: base+2", "region-attn 2", "region-attn 4"]
+EXTRA_COLUMNS = ["LoRA call", "LoRA: base+1", "LoRA: base+2", "region-attn 2", "region-attn 4", "r-a 2, no base"]
 
 
 def extra_costs(model: Model, rank: int) -> dict[str, float]:
@@ -245,6 +246,7 @@ def extra_costs(model: Model, rank: int) -> dict[str, float]:
         "LoRA: base+1": (t * (call + lora) + dec) / single,
         "LoRA: base+2": (t * (call + 2 * lora) + dec) / single,
         **{f"region-attn {r}": (t * region_call_flops(model, r) + dec) / single for r in (2, 4)},
+        "r-a 2, no base": (t * region_call_flops(model, 2, base=False) + dec) / single,
     }
 
 
