@@ -124,19 +124,17 @@ def lora_table(
         lora = {r: denoiser_lora_parameters(model, r) for r in LORA_RANKS}
         f = 2 ** (len(model.vae["block_out_channels"]) - 1)
         latent = (model.vae.get("latent_channels", 4), height // f, width // f)
-        acts = {
-            r: denoiser_activations(
-                model.family,
-                model.denoiser,
-                model.guidance_batch * batch,
-                latent,
-                model.text_tokens,
-                torch.bfloat16,
-                quick=True,
-                lora=r,
+
+        # the adapted call's peak as the base's (MemTracker, `footprint`) plus what the adapters add,
+        # both counted by the same quick counter
+        def quick(rank: int) -> int:
+            inputs = model.guidance_batch * batch
+            return denoiser_activations(
+                model.family, model.denoiser, inputs, latent, model.text_tokens, torch.bfloat16, quick=True, lora=rank
             )
-            for r in LORA_RANKS
-        }
+
+        base_quick = quick(0)
+        acts = {r: fp.denoiser_activations + max(0, quick(r) - base_quick) for r in LORA_RANKS}
         formats = ["bfloat16", "int8"] if model.family.__name__ == "FluxHandle" else ["bfloat16"]
         for fmt in formats:
             q = fp if fmt == "bfloat16" else quantized(fp, quantizable(model), fmt)
