@@ -280,13 +280,13 @@ def denoiser_parameters(model: Published) -> int:
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     # diffusers' train_dreambooth_lora_sdxl.py default: every attention's projections (attn1, attn2)
     "UNet2DConditionModel": ("to_q", "to_k", "to_v", "to_out.0"),
-    # the attention projections of both streams (train_dreambooth_lora_sd3.py / _flux.py list
-    # these with the feed-forwards; the feed-forwards are left out here, as in attention-only LoRAs)
+    # the attention projections of both streams (image: to_*, text: add_*_proj, to_add_out); LoRAs
+    # trained on the feed-forwards too are larger than these
     "SD3Transformer2DModel": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
     "FluxTransformer2DModel": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
 }
 """The modules a typical LoRA adapts, by the denoiser's diffusers class: the attention projections."""
-LORA_RANKS = (16, 32)  # the ranks the tables state (16: diffusers' scripts' usual; 32: larger style/character LoRAs)
+LORA_RANKS = (16, 32)  # the ranks the tables state; a LoRA's size is linear in its rank
 
 
 def lora_layers(module: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
