@@ -22,11 +22,28 @@ architecture:
 - `afa` of N: the ensemble's call (N denoisers and the aggregators at the default width),
   counted the same way; FLUX.1 has no AFA walker.
 
+A second table, the same way:
+
+- `average` / `snb` over LoRA models on one base (`multifusion.lora`): the base model and 1 or 2
+  models base + a rank-r LoRA on the attention projections (`memory.LORA_TARGETS`), N = 2 or 3
+  calls a step; a LoRA model's call is counted with peft's adapter injected into the meta-device
+  denoiser and active (its low-rank products run beside each adapted layer), the base model's with
+  no adapter active (peft then runs the base layer alone);
+- `region-attention` with 2 and 4 regions (vertical strips covering the canvas) and a base
+  prompt at ratio 0.2 (the default window: every step): the denoiser's call with the real
+  processors of `features/regional.py` installed on the meta-device model, over the joined text
+  of (regions + 1) prompts: a UNet's cross-attention layers attend the base prompt with every
+  token and each region's prompt with its tokens (`fused_cross`); SD3's and FLUX.1's joint
+  attention runs once for the base prompt over every image token and once per region over the
+  region's image tokens and its prompt, and the text stream of the blocks carries (regions + 1)
+  prompts' tokens. `r-a 2, no base`: the two regions without a base prompt (they cover the
+  canvas).
+
 The zoo's own row is the same count on the zoo's configs; `--measure` times the same runs on
 the zoo (interleaved whole runs, decoding included) so the counted ratios can be checked
 against measured ones.
 
-    python benchmarks/cost.py [--measure] [--repeats 3]
+    python benchmarks/cost.py [--measure] [--repeats 3] [--rank 16]
 """
 
 from __future__ import annotations
@@ -43,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from multifusion.families import SDHandle
 from multifusion.handles import ModelHandle
 from multifusion.loading import zoo_root
-from multifusion.memory import FLUX_DEV, PUBLISHED, SD15_UNET, SDXL_VAE, build
+from multifusion.memory import FLUX_DEV, PUBLISHED, SD15_UNET, SDXL_VAE, build, inject_lora
 
 SD15_VAE = SDXL_VAE  # the same autoencoder shapes (only the scaling factor differs)
 AMDM_WINDOW = 0.1  # latents/methods.py DEFAULT_WINDOW: the first tenth of the trajectory, at least one step
@@ -108,6 +125,52 @@ def call_flops(model: Model, height: int, width: int) -> int:
     return _count(lambda: denoiser(**kwargs, return_dict=False))
 
 
+def lora_call_flops(model: Model, rank: int) -> int:
+    """`call_flops` at the native size with a rank-`rank` LoRA active on the attention projections
+    (`memory.inject_lora`: peft's layers on the meta-device denoiser)."""
+    with torch.device("meta"):
+        denoiser = model.family.build_denoiser(model.denoiser)
+        inject_lora(denoiser, rank)
+        kwargs = model.family.example_inputs(
+            model.denoiser, model.guidance_batch, _latent(model, model.side, model.side), model.text_tokens
+        )
+    return _count(lambda: denoiser(**kwargs, return_dict=False))
+
+
+REGION_BASE_RATIO = 0.2  # as bench_region_attention.py
+
+
+def strip_boxes(n: int, latent_hw: tuple[int, int], grid: int) -> list[tuple[int, int, int, int]]:
+    """n vertical strips of (about) equal width covering the latent, (r0, r1, c0, c1), edges on
+    multiples of `grid` latent pixels (the patch size of a transformer)."""
+    h, w = latent_hw
+    edges = [round(w * k / n / grid) * grid for k in range(n + 1)]
+    return [(0, h, edges[k], edges[k + 1]) for k in range(n)]
+
+
+def region_call_flops(model: Model, n_regions: int, side: int | None = None, base: bool = True) -> int:
+    """FLOPs of one region-attention denoiser call for one image at side x side pixels (default:
+    native): `n_regions` strips and (`base`) a base prompt, each prompt `model.text_tokens` long,
+    the processors of `features/regional.py` installed on the meta-device denoiser."""
+    from multifusion.features.regional import Layout, Regions, installed, text_attention
+
+    side = side or model.side
+    latent = _latent(model, side, side)
+    layout = Layout((model.text_tokens,) * (n_regions + base), has_base=base)
+    grid = 2 if model.family.__name__ in ("SD3Handle", "FluxHandle") else 1  # 2x2 patches
+    regions = Regions(strip_boxes(n_regions, latent[1:], grid), latent[1:], REGION_BASE_RATIO if base else None, layout)
+    with torch.device("meta"):
+        denoiser = model.family.build_denoiser(model.denoiser)
+        kwargs = model.family.example_inputs(model.denoiser, model.guidance_batch, latent, layout.total)
+    layers = text_attention(denoiser)
+
+    def run():
+        with installed(layers, regions):
+            denoiser(**kwargs, return_dict=False)
+
+    return _count(run)
+
+
 def decode_flops(model: Model) -> int:
     with torch.device("meta"):
         vae = build("vae", model.vae)
@@ -168,6 +231,25 @@ def costs(model: Model) -> tuple[float, float, dict[str, float]]:
     return call / 1e12, single / 1e12, rel
 
 
+EXTRA_COLUMNS = ["LoRA call", "LoRA: base+1", "LoRA: base+2", "region-attn 2", "region-attn 4", "r-a 2, no base"]
+
+
+def extra_costs(model: Model, rank: int) -> dict[str, float]:
+    """{column of `EXTRA_COLUMNS`: cost / single} (module docstring: the second table); "LoRA
+    call": one call of a LoRA model over one of the base."""
+    t = model.steps
+    call, dec = call_flops(model, model.side, model.side), decode_flops(model)
+    single = t * call + dec
+    lora = lora_call_flops(model, rank)
+    return {
+        "LoRA call": lora / call,
+        "LoRA: base+1": (t * (call + lora) + dec) / single,
+        "LoRA: base+2": (t * (call + 2 * lora) + dec) / single,
+        **{f"region-attn {r}": (t * region_call_flops(model, r) + dec) / single for r in (2, 4)},
+        "r-a 2, no base": (t * region_call_flops(model, 2, base=False) + dec) / single,
+    }
+
+
 def measure_zoo(steps: int, repeats: int) -> dict[str, float]:
     """Whole zoo runs (2 images, `steps` DDIM steps, 64 px tiles), each over `single`, medians of
     interleaved runs."""
@@ -213,6 +295,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measure", action="store_true", help="also time the zoo's runs (a few minutes)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16, help="the LoRAs' rank (second table)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -230,6 +313,24 @@ def main() -> None:
             zoo_rel = rel
         cells = " ".join(f"{rel[c]:13.2f}" if not math.isnan(rel[c]) else f"{'-':>13s}" for c in COLUMNS)
         print(f"{name:>15s} {model.side:5d} {model.steps:5d} {call * 1e3:8.4g} {single:9.4g} {cells}")
+    print(
+        f"\nLoRA models on one base (rank {args.rank}, attention projections) and region-attention "
+        f"(strips + a base prompt at {REGION_BASE_RATIO}), cost per image relative to `single`"
+    )
+    print(f"{'model':>15s} " + " ".join(f"{c:>13s}" for c in EXTRA_COLUMNS))
+    for name, model in rows.items():
+        extra = extra_costs(model, args.rank)
+        print(f"{name:>15s} " + " ".join(f"{extra[c]:13.3f}" for c in EXTRA_COLUMNS))
+    zoo_model = rows["zoo (general)"]
+    zoo_call = call_flops(zoo_model, zoo_model.side, zoo_model.side)
+    print("\nzoo (general), one denoiser call relative to `single`'s (counted; the setups of the zoo benchmarks):")
+    lora8 = lora_call_flops(zoo_model, 8)
+    print(f"  snb step over (base, base + rank-8 LoRA) / over two full models: {(zoo_call + lora8) / (2 * zoo_call):.3f}")
+    for side in (64, 160):
+        ratios = " ".join(
+            f"{r}: {region_call_flops(zoo_model, r, side) / call_flops(zoo_model, side, side):.3f}" for r in (1, 2, 3)
+        )
+        print(f"  region-attention call at {side} px by regions, {ratios}")
     if args.measure:
         measured = measure_zoo(rows["zoo (general)"].steps, args.repeats)
         print("\nzoo, counted against measured (whole runs, 2 images, interleaved medians):")

@@ -1,7 +1,8 @@
 """Accelerator memory of fusing SDXL models (1, 2, 3 on 12 and 24 GB cards) and SD3.5 / FLUX.1
 models (2 on 24 and 80 GB cards), with offload on and off, and of two SD3.5 / FLUX.1 models
 with quantized weights (int8, Q8_0, NF4, Q4_0) on one card, one model per card and offloaded
-(12 / 16 / 24 GB), computed from the published configs by `multifusion.memory` (parameter
+(12 / 16 / 24 GB), and of two and three SDXL / FLUX.1 dev models held as one base + LoRAs
+against as many full models (12 / 16 / 24 GB), computed from the published configs by `multifusion.memory` (parameter
 counts on the meta device, activation peaks of one fake-tensor forward; GiB). Prints the tables
 of docs/sdxl.md, docs/flow.md and docs/quantization.md.
 
@@ -16,10 +17,14 @@ import torch
 
 from multifusion.memory import (
     BYTES_PER_PARAM,
+    LORA_RANKS,
+    LORA_TARGETS,
     PUBLISHED,
     QUANT_FORMATS,
     Footprint,
     GiB,
+    denoiser_activations,
+    denoiser_lora_parameters,
     device_bytes,
     fits,
     footprint,
@@ -27,6 +32,7 @@ from multifusion.memory import (
     per_device_bytes,
     quantizable,
     quantized,
+    with_loras,
 )
 
 SECTIONS = [  # (title, families, model counts, cards in GB)
@@ -100,23 +106,88 @@ def quantized_table(fps: dict[str, Footprint], n: int, cards: tuple[int, ...]) -
     return lines
 
 
+LORAS = (["SDXL base", "FLUX.1 dev"], (2, 3), (12, 16, 24))  # models, how many fused, cards
+
+
+def lora_table(
+    fps: dict[str, Footprint], counts: tuple[int, ...], cards: tuple[int, ...], height: int, width: int, batch: int
+) -> list[str]:
+    """N models as N full denoisers (fine-tunes sharing the text encoders and VAE) against one
+    base denoiser + N LoRAs of each rank in `LORA_RANKS` (`with_loras`; the call's activations
+    counted with an adapter active); FLUX.1 dev also with its denoiser and T5 in int8 (the LoRAs
+    in bfloat16). For each card size the first way that fits: resident, else offload."""
+    cols = ["models", "held as", "weights held", "GPU peak, resident", "GPU peak, offload"]
+    cols += [f"{c} GB" for c in cards]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, fp in fps.items():
+        model = PUBLISHED[name]
+        lora = {r: denoiser_lora_parameters(model, r) for r in LORA_RANKS}
+        f = 2 ** (len(model.vae["block_out_channels"]) - 1)
+        latent = (model.vae.get("latent_channels", 4), height // f, width // f)
+
+        # the adapted call's peak as the base's (MemTracker, `footprint`) plus what the adapters add,
+        # both counted by the same quick counter
+        def quick(rank: int) -> int:
+            inputs = model.guidance_batch * batch
+            return denoiser_activations(
+                model.family, model.denoiser, inputs, latent, model.text_tokens, torch.bfloat16, quick=True, lora=rank
+            )
+
+        base_quick = quick(0)
+        acts = {r: fp.denoiser_activations + max(0, quick(r) - base_quick) for r in LORA_RANKS}
+        formats = ["bfloat16", "int8"] if model.family.__name__ == "FluxHandle" else ["bfloat16"]
+        for fmt in formats:
+            q = fp if fmt == "bfloat16" else quantized(fp, quantizable(model), fmt)
+            tag = "" if fmt == "bfloat16" else f", {fmt} denoiser + T5"
+            for n in counts:
+                ways = [(f"{n} full denoisers{tag}", q, n)]
+                ways += [(f"base + {n} LoRAs r{r}{tag}", with_loras(q, lora[r], n, acts[r]), 1) for r in LORA_RANKS]
+                for label, held, k in ways:
+                    resident, offload = device_bytes(held, k, offload=False), device_bytes(held, k, offload=True)
+                    fit = ["resident" if fits(resident, c) else "offload" if fits(offload, c) else "no" for c in cards]
+                    cells = [f"{n} x {name}", label, gib(host_bytes(held, k)), gib(resident), gib(offload), *fit]
+                    lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def lora_sizes() -> list[str]:
+    lines = []
+    for name in LORAS[0]:
+        model = PUBLISHED[name]
+        with torch.device("meta"):
+            targets = LORA_TARGETS[type(model.family.build_denoiser(model.denoiser)).__name__]
+        sizes = ", ".join(
+            f"rank {r}: {(n := denoiser_lora_parameters(model, r)):,} parameters ({n * BYTES_PER_PARAM / 2**20:.1f} MiB)"
+            for r in LORA_RANKS
+        )
+        lines.append(f"- {name}, LoRA on {', '.join(targets)}: {sizes}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--height", type=int, default=1024)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1, help="images per batch (the denoiser sees 2 x batch with CFG)")
+    ap.add_argument("--loras-only", action="store_true", help="only the base + LoRAs table")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    for title, names, counts, cards in SECTIONS:
+    if not args.loras_only:
+        for title, names, counts, cards in SECTIONS:
+            fps = {name: footprint(PUBLISHED[name], args.height, args.width, args.batch) for name in names}
+            print(f"### {title}: {args.height} x {args.width}, batch {args.batch}, GiB\n")
+            print("\n".join(components_table(fps)) + "\n")
+            print("\n".join(residency_table(fps, counts, cards)) + "\n")
+        names, n, cards = QUANTIZED
         fps = {name: footprint(PUBLISHED[name], args.height, args.width, args.batch) for name in names}
-        print(f"### {title}: {args.height} x {args.width}, batch {args.batch}, GiB\n")
-        print("\n".join(components_table(fps)) + "\n")
-        print("\n".join(residency_table(fps, counts, cards)) + "\n")
-    names, n, cards = QUANTIZED
+        print(f"### Quantized: {n} models, {args.height} x {args.width}, batch {args.batch}, GiB\n")
+        print("\n".join(f"- {fmt}: {what}" for fmt, (_, _, what) in QUANT_FORMATS.items()) + "\n")
+        print("\n".join(quantized_table(fps, n, cards)) + "\n")
+    names, counts, cards = LORAS
     fps = {name: footprint(PUBLISHED[name], args.height, args.width, args.batch) for name in names}
-    print(f"### Quantized: {n} models, {args.height} x {args.width}, batch {args.batch}, GiB\n")
-    print("\n".join(f"- {fmt}: {what}" for fmt, (_, _, what) in QUANT_FORMATS.items()) + "\n")
-    print("\n".join(quantized_table(fps, n, cards)) + "\n")
+    print(f"### One base + LoRAs against full models: {args.height} x {args.width}, batch {args.batch}, GiB\n")
+    print("\n".join(lora_sizes()) + "\n")
+    print("\n".join(lora_table(fps, counts, cards, args.height, args.width, args.batch)) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ Activations are unchanged (the layers compute in bfloat16).
 
 One model per device (`models[i].device`): each card holds its model's denoiser, text encoders
 and activations, and the first card the VAE too (`device_bytes` of one model on each).
+
+Models as one base + LoRAs (`multifusion.lora`: the base loaded once, each model's adapters
+activated before its call): the denoiser is held once with every LoRA injected, so N such models
+hold one denoiser of `lora_parameters` more per LoRA (`with_loras`), the text encoders and VAE once.
+A LoRA's size is counted on the meta device from the published config: rank r on a Linear layer
+of in x out weights adds r (in + out) parameters (A: r x in, B: out x r; peft's layout), summed
+over the layers its target modules name (`LORA_TARGETS`, matched as peft matches
+`target_modules`: the module's name or its last dotted parts). The denoiser call's activations
+are counted with the adapters in the forward (`denoiser_activations(lora=...)`): peft adds each
+low-rank product to the base layer's output.
 """
 
 from __future__ import annotations
@@ -267,6 +277,64 @@ def denoiser_parameters(model: Published) -> int:
         return sum(p.numel() for p in model.family.build_denoiser(model.denoiser).parameters())
 
 
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    # diffusers' train_dreambooth_lora_sdxl.py default: every attention's projections (attn1, attn2)
+    "UNet2DConditionModel": ("to_q", "to_k", "to_v", "to_out.0"),
+    # the attention projections of both streams (image: to_*, text: add_*_proj, to_add_out); LoRAs
+    # trained on the feed-forwards too are larger than these
+    "SD3Transformer2DModel": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "FluxTransformer2DModel": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+}
+"""The modules a typical LoRA adapts, by the denoiser's diffusers class: the attention projections."""
+LORA_RANKS = (16, 32)  # the ranks the tables state; a LoRA's size is linear in its rank
+
+
+def lora_layers(module: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """{name: layer} of the `nn.Linear` layers of `module` that `targets` name, matched as peft
+    matches a list of `target_modules`: the full name equals a target or ends with "." + target."""
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    }
+
+
+def lora_parameters(module: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of one rank-`rank` LoRA on the `targets` of `module`: r (in + out) per layer."""
+    return sum(rank * (m.in_features + m.out_features) for m in lora_layers(module, targets).values())
+
+
+def denoiser_lora_parameters(model: Published, rank: int) -> int:
+    """`lora_parameters` of a rank-`rank` LoRA on a published denoiser's `LORA_TARGETS`, built on the
+    meta device."""
+    with torch.device("meta"):
+        denoiser = model.family.build_denoiser(model.denoiser)
+    return lora_parameters(denoiser, rank, LORA_TARGETS[type(denoiser).__name__])
+
+
+def inject_lora(denoiser: torch.nn.Module, rank: int, name: str = "lora") -> None:
+    """A rank-`rank` peft LoRA named `name` on `denoiser`'s `LORA_TARGETS` (alpha = rank), as
+    diffusers' `load_lora_weights` injects one."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(LORA_TARGETS[type(denoiser).__name__])
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), denoiser, adapter_name=name)
+
+
+def _fake_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` (on the meta device) with every parameter and buffer replaced in place by an empty
+    tensor of its shape and dtype made under the active `FakeTensorMode` (peft cannot inject into a
+    module built under fake tensors: its adapters' move converts fake parameters, which fails)."""
+    for m in module.modules():
+        for key, p in m._parameters.items():
+            if p is not None:
+                m._parameters[key] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+        for key, b in m._buffers.items():
+            if b is not None:
+                m._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
+    return module
+
+
 def _peak_activations(module: torch.nn.Module, run: Callable[[], Any]) -> int:
     """Bytes of `module`'s live activations at the peak of `run()` (parameters not counted)."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -343,19 +411,29 @@ def denoiser_activations(
     tokens: int,
     dtype: torch.dtype,
     quick: bool = False,
+    lora: int = 0,
 ) -> int:
     """Bytes of live activations at the peak of one call of `family`'s denoiser built from
     `config` (its config.json; keys starting with "_" are ignored), on `inputs` latents of shape
     `latent` (C, h, w) with a text sequence of `tokens`, in `dtype` (fake tensors, no storage:
-    module docstring). `quick`: counted by `_LivePeak` instead of MemTracker."""
+    module docstring). `quick`: counted by `_LivePeak` instead of MemTracker. `lora` > 0: with a
+    LoRA of that rank active (`inject_lora`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     previous = torch.get_default_dtype()
+    if lora:
+        with torch.device("meta"):
+            torch.set_default_dtype(dtype)
+            try:
+                adapted = family.build_denoiser(config)
+                inject_lora(adapted, lora)
+            finally:
+                torch.set_default_dtype(previous)
     with FakeTensorMode():
         torch.set_default_dtype(dtype)
         try:
-            denoiser = family.build_denoiser(config)
+            denoiser = _fake_copy(adapted) if lora else family.build_denoiser(config)
             kwargs = family.example_inputs(config, inputs, latent, tokens)
         finally:
             torch.set_default_dtype(previous)
@@ -472,6 +550,15 @@ def quantized(fp: Footprint, linear: dict[str, tuple[int, int]], fmt: str, t5: b
 
     encoders = {k: shrunk(n, k) if t5 and k in linear else n for k, n in fp.text_encoders.items()}
     return Footprint(shrunk(fp.denoiser, "denoiser"), encoders, fp.vae, fp.denoiser_activations, fp.decode_activations)
+
+
+def with_loras(fp: Footprint, lora_params: int, n_loras: int, lora_activations: int | None = None) -> Footprint:
+    """`fp` as one base denoiser holding `n_loras` LoRAs of `lora_params` parameters each (module
+    docstring): `device_bytes(with_loras(...), 1, ...)` is the peak of every model of the group,
+    whatever their number. `lora_activations`: the call's activation peak with an adapter active
+    (`denoiser_activations(lora=...)`), else the base's."""
+    acts = fp.denoiser_activations if lora_activations is None else lora_activations
+    return Footprint(fp.denoiser + n_loras * lora_params, fp.text_encoders, fp.vae, acts, fp.decode_activations)
 
 
 def per_device_bytes(fp: Footprint, n_models: int, *, offload: bool) -> int:

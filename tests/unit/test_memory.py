@@ -201,3 +201,82 @@ def test_one_model_per_card_holds_one_model_and_the_vae_on_the_first():
     assert per_device_bytes(fp, 1, offload=False) == device_bytes(fp, 1, offload=False) == (100 + 10 + 5) * 2 + 9
     assert per_device_bytes(fp, 2, offload=False) == (100 + 10 + 5) * 2 + 9  # the first card is the busiest
     assert device_bytes(fp, 1, offload=False, vae_on_device=False) == (100 + 10) * 2 + 7
+
+
+class _Attn(__import__("torch").nn.Module):
+    """Names as diffusers' Attention: to_q, to_k, to_out.0 (a Linear and a Dropout)."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.to_q, self.to_k = torch.nn.Linear(4, 6), torch.nn.Linear(3, 6, bias=False)
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(6, 4), torch.nn.Dropout(0.0)])
+        self.xto_q = torch.nn.Linear(4, 4)  # ends with "to_q" but not with ".to_q": not a target
+
+
+def _tiny_net():
+    import torch
+
+    net = torch.nn.Module()
+    net.attn = _Attn()
+    net.proj = torch.nn.Linear(4, 4)
+    net.to_q = torch.nn.Conv2d(4, 4, 1)  # a target's name on a non-Linear: not counted
+    return net
+
+
+def test_lora_parameters_are_rank_times_in_plus_out_of_the_named_linear_layers():
+    """Rank 2 on to_q (4 -> 6), to_k (3 -> 6), to_out.0 (6 -> 4): 2 (10 + 9 + 10) = 58."""
+    from multifusion.memory import lora_layers, lora_parameters
+
+    targets = ("to_q", "to_k", "to_out.0")
+    net = _tiny_net()
+    assert sorted(lora_layers(net, targets)) == ["attn.to_k", "attn.to_out.0", "attn.to_q"]
+    assert lora_parameters(net, 2, targets) == 2 * ((4 + 6) + (3 + 6) + (6 + 4)) == 58
+    assert lora_parameters(net, 2, ("to_out",)) == 0  # a ModuleList is no Linear
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILY))
+def test_lora_count_equals_the_parameters_peft_injects(kind):
+    """On each tiny denoiser kind, built on the meta device: the parameters `inject_lora` adds
+    (peft's LoraConfig on `LORA_TARGETS`) are `denoiser_lora_parameters`' count, and the count
+    is linear in the rank."""
+    import torch
+
+    from multifusion.memory import denoiser_lora_parameters, inject_lora
+
+    family = tiny_family(kind)
+    for rank in (1, 4):
+        with torch.device("meta"):
+            denoiser = family.family.build_denoiser(family.denoiser)
+            before = sum(p.numel() for p in denoiser.parameters())
+            inject_lora(denoiser, rank)
+            added = sum(p.numel() for p in denoiser.parameters()) - before
+        assert added == denoiser_lora_parameters(family, rank) > 0
+    assert denoiser_lora_parameters(family, 4) == 4 * denoiser_lora_parameters(family, 1)
+
+
+def test_base_and_loras_hold_one_denoiser_and_a_lora_per_model():
+    """FP's denoiser (100 parameters) with 3 LoRAs of 4 parameters: one model's residency with
+    112 parameters of denoiser, whatever the models; the activations the adapted call's."""
+    from multifusion.memory import with_loras
+
+    held = with_loras(FP, 4, 3, lora_activations=11)
+    assert device_bytes(held, 1, offload=False) == 2 * (112 + 40 + 5) + 50
+    assert device_bytes(held, 1, offload=True) == 2 * 112 + 11
+    assert host_bytes(held, 1) == 2 * (112 + 40 + 5)
+    assert with_loras(FP, 4, 0) == FP
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILY))
+def test_a_call_with_a_lora_active_counts_the_adapters_activations(kind):
+    """The adapted call runs (fake tensors, peft layers in the forward): its peak is at least the
+    base call's; and a rank as wide as the layers shows the low-rank products are in it."""
+    import torch
+
+    family = FAMILY[kind]
+    latent = (4, 8, 8)
+    base = denoiser_activations(family, TINY[kind], 2, latent, 7, torch.float32, quick=True)
+    small = denoiser_activations(family, TINY[kind], 2, latent, 7, torch.float32, quick=True, lora=1)
+    wide = denoiser_activations(family, TINY[kind], 2, latent, 7, torch.float32, quick=True, lora=256)
+    assert base <= small <= wide and base < wide
