@@ -103,6 +103,14 @@ class ModelLoadError(MultifusionError):
 class PickleRefusedError(ModelLoadError):
     """A pickle checkpoint was named without an explicit allow-pickle option."""
 
+    @classmethod
+    def of(cls, name: str, what: str) -> PickleRefusedError:
+        """The refusal of the pickle `what` (checkpoint, LoRA file) `name`: why, and the two ways on."""
+        return cls(
+            f"{name!r} is a pickle {what}, and loading one can run arbitrary code. Convert it to .safetensors, "
+            "or set runtime.allow_pickle (allow_pickle=True in Python) if you trust its source"
+        )
+
 
 class SamplingError(MultifusionError):
     """Sampling went wrong in a way the recipe could not show beforehand (latents that stop being

@@ -74,10 +74,7 @@ def resolve(text: str, *, config: str | None = None, allow_pickle: bool = False)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise PickleRefusedError(
-                f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it "
-                "to .safetensors, or pass allow_pickle=True (runtime.allow_pickle in a recipe) if you trust its source"
-            )
+            raise PickleRefusedError.of(text, "checkpoint")
         if not path.is_file():
             raise ModelLoadError(f"checkpoint file {text!r} does not exist")
         return ModelRef(text, "single_file", str(path), config)
@@ -179,10 +176,7 @@ def resolve_vae(text: str, *, allow_pickle: bool = False) -> ModelRef:
     path = Path(text).expanduser()
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise PickleRefusedError(
-            f"{text!r} is a pickle checkpoint, and loading one can run arbitrary code. Convert it to "
-            ".safetensors, or set runtime.allow_pickle if you trust its source"
-        )
+        raise PickleRefusedError.of(text, "checkpoint")
     if suffix in PICKLE_SUFFIXES or suffix == ".safetensors":
         if not path.is_file():
             raise ModelLoadError(f"VAE file {text!r} does not exist")

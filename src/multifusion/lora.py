@@ -89,10 +89,7 @@ def lora_file(path: str, *, allow_pickle: bool = False) -> Path:
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise PickleRefusedError(
-                f"{str(p)!r} is a pickle file, and loading one can run arbitrary code. Convert the LoRA to "
-                ".safetensors, or set runtime.allow_pickle (allow_pickle=True in Python) if you trust its source"
-            )
+            raise PickleRefusedError.of(str(p), "LoRA file")
         return p
     if suffix != ".safetensors":
         raise ModelLoadError(f"{str(p)!r} is not a LoRA file: give a .safetensors file (or its folder)")
