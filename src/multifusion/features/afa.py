@@ -32,6 +32,9 @@ Deviations from the authors' code:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -98,50 +101,137 @@ class SABW(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # untrained = feature averaging (paper Sec. 3.2)
 
     def forward(self, features: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.logits(features, prepare([self], temb, context)[0])
+
+    def logits(self, features: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        """`forward` with this point's part of a call prepared beforehand (`prepare`)."""
         h = self.conv_in(stack_models(features))  # (B, d, H, W)
-        h = _resnet(self.resnet, h, temb)
-        h = _transformer(self.transformer, h, context)
+        h = _resnet(self.resnet, h, prepared.time)
+        h = _transformer(self.transformer, h, prepared.layers)
         return self.conv_out(h)  # (B, N, H, W)
 
 
 # The aggregators run 13-25 times per denoiser call on feature maps of width d (10 on the zoo),
-# where the diffusers modules' own forwards add per-call checks, reshapes and copies to little
-# arithmetic (the profile in docs/afa.md). The two functions below compute what
-# `ResnetBlock2D.forward` and `Transformer2DModel.forward` compute for the configuration SABW
-# builds (GroupNorm + SiLU, default time-embedding norm, no shortcut, no dropout; continuous input
-# with a 1x1-conv projection, layer-norm blocks, bias-free q/k/v, GEGLU) from the same parameters,
-# in fewer operations: fused attention (`scaled_dot_product_attention`) on 4-d inputs, the tokens
-# kept in (B, HW, d). The diffusers modules stay the parameters' home, so saved aggregators load
-# unchanged; tests compare both paths (logits and gradients).
+# where every operation is small and the per-operation cost weighs (the profile in
+# docs/afa.md). The functions below compute what `ResnetBlock2D.forward` and
+# `Transformer2DModel.forward` compute for the configuration SABW builds (GroupNorm + SiLU,
+# default time-embedding norm, no shortcut, no dropout; continuous input with a 1x1-conv
+# projection, layer-norm blocks, bias-free q/k/v, GEGLU) from the same parameters, in fewer and
+# faster operations:
+# - what depends only on the time embedding, the text and the parameters (the ResNet's time
+#   term, the cross-attention keys and values, the attention projections in the layout below) is
+#   made once per denoiser call for every point together (`prepare`), a few operations on the
+#   points' stacked parameters instead of a few per point;
+# - fused attention (`scaled_dot_product_attention`) on 4-d inputs, the tokens kept in (B, HW, d),
+#   self-attention's q, k, v from one product;
+# - heads narrower than `HEAD_DIM` are padded with zeros to it (zero rows in the q, k, v
+#   projections, zero columns in the output projection): q.k and the weighted sum of v are
+#   unchanged (zeros add nothing; the scale stays 1/sqrt(d/heads)), and PyTorch's CPU attention
+#   runs 1.5-2.6x faster at a head of 16 than at 10 (docs/afa.md#performance).
+# The diffusers modules stay the parameters' home, so saved aggregators load unchanged; tests
+# compare both paths (logits and gradients).
+
+HEAD_DIM = 16
+"""Heads narrower than this are zero-padded to it for the attention kernels (comment above)."""
 
 
-def _resnet(block: ResnetBlock2D, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-    """`block(h, temb)` for SABW's ResnetBlock2D: h (B, d, H, W), temb (B, T) -> (B, d, H, W)."""
+@dataclass(frozen=True)
+class Layer:
+    """One transformer layer's attention projections for a call, heads zero-padded from h = d /
+    heads to h' (`HEAD_DIM`): `qkv` (3 heads h', d) self-attention's q, k, v rows; `out1`, `out2`
+    (d, heads h') the output projections; `q2` (heads h', d) the cross-attention query; `keys`,
+    `values` (B, heads, L, h') the cross-attention keys and values of the text."""
+
+    qkv: torch.Tensor
+    out1: torch.Tensor
+    q2: torch.Tensor
+    out2: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One aggregation point's part of a denoiser call (`prepare`): `time` the ResNet block's
+    time term (B, d, 1, 1), `layers` one `Layer` per transformer layer."""
+
+    time: torch.Tensor
+    layers: list[Layer]
+
+
+def _pad_heads(w: torch.Tensor, groups: int, head: int, dim: int) -> torch.Tensor:
+    """w (..., groups * h, ...) -> (..., groups * head, ...) on axis `dim` (groups: heads, or
+    q, k, v times heads): each group's h entries followed by head - h zeros."""
+    h = w.shape[dim] // groups
+    if h == head:
+        return w
+    pad = [0, 0] * (w.dim() - 1 - dim) + [0, head - h]  # F.pad lists the last axis first
+    return F.pad(w.unflatten(dim, (groups, h)), pad).flatten(dim, dim + 1)
+
+
+def prepare(points: Sequence[SABW], temb: torch.Tensor, context: torch.Tensor) -> list[Prepared]:
+    """Each point's `Prepared` for temb (B, T) and context (B, L, D): the time terms of all
+    points as one product, the cross-attention keys and values of every layer of every point as
+    another, the padded projections from the points' stacked parameters. The points share width,
+    heads, layers and condition widths (as the points of one `AFAAggregators` do)."""
+    blocks = [block for p in points for block in p.transformer.transformer_blocks]  # point-major
+    width, heads = blocks[0].attn1.query_dim, blocks[0].attn1.heads
+    head = max(width // heads, HEAD_DIM)
+
+    def stacked(get, dim: int, groups: int = heads) -> torch.Tensor:  # (P layers, ...), heads padded on axis `dim`
+        return _pad_heads(torch.stack([get(b) for b in blocks]), groups, head, dim)
+
+    qkv = stacked(lambda b: torch.cat([b.attn1.to_q.weight, b.attn1.to_k.weight, b.attn1.to_v.weight]), 1, 3 * heads)
+    out1 = stacked(lambda b: b.attn1.to_out[0].weight, 2)
+    q2 = stacked(lambda b: b.attn2.to_q.weight, 1)
+    out2 = stacked(lambda b: b.attn2.to_out[0].weight, 2)
+    kv = stacked(lambda b: torch.cat([b.attn2.to_k.weight, b.attn2.to_v.weight]), 1, 2 * heads)  # (P layers, 2 heads h', D)
+    n, (b, length) = len(blocks), context.shape[:2]
+    kv = F.linear(context, kv.flatten(0, 1)).view(b, length, n, 2, heads, head).permute(2, 3, 0, 4, 1, 5).contiguous()
+    layers = [
+        Layer(w, o1, q, o2, k, v)
+        for w, o1, q, o2, (k, v) in zip(qkv.unbind(0), out1.unbind(0), q2.unbind(0), out2.unbind(0), kv.unbind(0))
+    ]
+    projs = [p.resnet.time_emb_proj for p in points]
+    time = F.linear(F.silu(temb), torch.cat([m.weight for m in projs]), torch.cat([m.bias for m in projs]))
+    per_point = len(blocks) // len(points)
+    return [
+        Prepared(t, layers[i * per_point : (i + 1) * per_point])
+        for i, t in enumerate(time.unflatten(1, (len(points), -1))[..., None, None].unbind(1))  # each (B, d, 1, 1)
+    ]
+
+
+def _resnet(block: ResnetBlock2D, h: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """`block(h, temb)` for SABW's ResnetBlock2D: h (B, d, H, W), its time term (B, d, 1, 1)
+    (`prepare`) -> (B, d, H, W)."""
     n1, n2 = block.norm1, block.norm2
     r = F.silu(F.group_norm(h, n1.num_groups, n1.weight, n1.bias, n1.eps))
-    r = F.conv2d(r, block.conv1.weight, block.conv1.bias, padding=1)
-    r = r + F.linear(F.silu(temb), block.time_emb_proj.weight, block.time_emb_proj.bias)[:, :, None, None]
+    r = F.conv2d(r, block.conv1.weight, block.conv1.bias, padding=1) + time
     r = F.silu(F.group_norm(r, n2.num_groups, n2.weight, n2.bias, n2.eps))
     r = F.conv2d(r, block.conv2.weight, block.conv2.bias, padding=1)
     out = h + r
     return out if block.output_scale_factor == 1.0 else out / block.output_scale_factor
 
 
-def _transformer(model: Transformer2DModel, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """`model(h, encoder_hidden_states=context)` for SABW's Transformer2DModel: h (B, d, H, W),
-    context (B, L, D) -> (B, d, H, W)."""
+def _transformer(model: Transformer2DModel, h: torch.Tensor, layers: list[Layer]) -> torch.Tensor:
+    """`model(h, encoder_hidden_states=context)` for SABW's Transformer2DModel: h (B, d, H, W)
+    and its layers' projections and cross-attention keys and values (`prepare`) -> (B, d, H, W)."""
     b, d, hh, ww = h.shape
     norm = model.norm
     x = F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
     x = F.linear(x.flatten(2).transpose(1, 2), model.proj_in.weight.flatten(1), model.proj_in.bias)  # (B, HW, d)
-    for block in model.transformer_blocks:
-        a1, a2 = block.attn1, block.attn2
+    for block, layer in zip(model.transformer_blocks, layers, strict=True):
+        heads = block.attn1.heads
+        scale = (d // heads) ** -0.5
         n = F.layer_norm(x, (d,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-        q, k, v = (F.linear(n, a.weight) for a in (a1.to_q, a1.to_k, a1.to_v))
-        x = x + F.linear(_attention(q, k, v, a1.heads), a1.to_out[0].weight, a1.to_out[0].bias)
+        q, k, v = F.linear(n, layer.qkv).view(b, hh * ww, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, HW, h')
+        x = x + F.linear(
+            _merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale)), layer.out1, block.attn1.to_out[0].bias
+        )
         n = F.layer_norm(x, (d,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-        q, k, v = F.linear(n, a2.to_q.weight), F.linear(context, a2.to_k.weight), F.linear(context, a2.to_v.weight)
-        x = x + F.linear(_attention(q, k, v, a2.heads), a2.to_out[0].weight, a2.to_out[0].bias)
+        q = F.linear(n, layer.q2).view(b, hh * ww, heads, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, layer.keys, layer.values, scale=scale)
+        x = x + F.linear(_merge_heads(o), layer.out2, block.attn2.to_out[0].bias)
         n = F.layer_norm(x, (d,), block.norm3.weight, block.norm3.bias, block.norm3.eps)
         # GEGLU (diffusers' `GEGLU`): its projection's two halves as two products, so each is
         # contiguous (elementwise maths on the strided halves of one product was 2x slower)
@@ -153,12 +243,9 @@ def _transformer(model: Transformer2DModel, h: torch.Tensor, context: torch.Tens
     return F.conv2d(x, model.proj_out.weight, model.proj_out.bias) + h
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention of q (B, T, d) over k, v (B, S, d) -> (B, T, d), scale 1/sqrt(d/heads)."""
-    b, t, d = q.shape
-    # 4-d inputs: on CPU, 3-d ones take the unfused path (a safe softmax with masks of its own)
-    q, k, v = (x.unflatten(-1, (heads, d // heads)).transpose(1, 2) for x in (q, k, v))  # (B, heads, T, d/heads)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, h') -> (B, T, heads h')."""
+    return o.transpose(1, 2).flatten(2)
 
 
 class AFAAggregators(ModelMixin, ConfigMixin):
@@ -195,10 +282,13 @@ class AFAAggregators(ModelMixin, ConfigMixin):
             SABW(c, n_models, width, heads, temb_channels, cross_attention_dim, norm_groups, layers) for c in channels
         )
 
-    def forward(
-        self, point: int, features: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aggregate at `point`: features (N, B, C, H, W), temb (B, T), context (B, L, D) ->
+    def prepare(self, temb: torch.Tensor, context: torch.Tensor) -> list[Prepared]:
+        """Every point's part of a denoiser call for temb (B, T) and context (B, L, D), made once
+        per call (`prepare`)."""
+        return prepare(self.points, temb, context)
+
+    def forward(self, point: int, features: torch.Tensor, prepared: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aggregate at `point`: features (N, B, C, H, W) and the call's `prepared` (`prepare`) ->
         (the aggregated feature (B, C, H, W), the weights (B, N, H, W))."""
-        weights = model_weights(self.points[point](features, temb, context).float())
+        weights = model_weights(self.points[point].logits(features, prepared[point]).float())
         return convex_combination(features, weights), weights

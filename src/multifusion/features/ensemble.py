@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from multifusion.errors import IncompatibleModelsError
-from multifusion.features.afa import AFAAggregators
+from multifusion.features.afa import AFAAggregators, Prepared
 from multifusion.handles import Conditioning, ModelHandle, stored_tensors
 
 _NOT_ARCHITECTURE = ("_name_or_path", "_diffusers_version", "_class_name", "_use_default_values")
@@ -145,11 +145,11 @@ class EnsembleModule(nn.Module):
     def n_models(self) -> int:
         return len(self.members)
 
-    def meet(self, point: int, features: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def meet(self, point: int, features: list[torch.Tensor], prepared: list[Prepared]) -> torch.Tensor:
         """The aggregate (B, C, h, w) of the members' `features` at aggregation point `point`,
-        conditioned on the time embedding `temb` (B, T) and text `context` (B, L, D); the
-        weights are kept in `last_weights`."""
-        agg, weights = self.aggregators(point, torch.stack(features), temb, context)
+        with the aggregators' part of the call made once (`AFAAggregators.prepare` of the time
+        embedding (B, T) and text (B, L, D)); the weights are kept in `last_weights`."""
+        agg, weights = self.aggregators(point, torch.stack(features), prepared)
         self.last_weights.append(weights.detach())
         return agg
 

@@ -133,6 +133,7 @@ class SD3Ensemble(EnsembleModule):
         tembs = [m.time_text_embed(timestep, p) for m, p in zip(models, pooled)]  # each (B, D)
         texts = [m.context_embedder(c) for m, c in zip(models, split_models(encoder_hidden_states, n))]  # each (B, L, D)
         temb, context = torch.stack(tembs).mean(0), torch.stack(texts).mean(0)  # the aggregators' conditions
+        prepared = self.aggregators.prepare(temb, context)  # every point's, at once
         patch = models[0].config.patch_size
         rows, cols = hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
         self.last_weights = []
@@ -140,7 +141,7 @@ class SD3Ensemble(EnsembleModule):
 
         def meet(features: list[torch.Tensor]) -> torch.Tensor:
             nonlocal point
-            agg = self.meet(point, features, temb, context)
+            agg = self.meet(point, features, prepared)
             point += 1
             return agg
 

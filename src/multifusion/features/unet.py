@@ -131,12 +131,13 @@ class AFAEnsemble(EnsembleModule):
             embs.append(u.time_embed_act(emb) if u.time_embed_act is not None else emb)
         temb = torch.stack(embs).mean(0)  # (B, T): the aggregators' time condition
         context = torch.stack(contexts).mean(0)  # (B, L, D): their text condition
+        prepared = self.aggregators.prepare(temb, context)  # every point's, at once
         self.last_weights = []
         point = 0
 
         def meet(features: list[torch.Tensor]) -> torch.Tensor:
             nonlocal point
-            out = self.meet(point, features, temb, context)
+            out = self.meet(point, features, prepared)
             point += 1
             return out
 
