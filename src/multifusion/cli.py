@@ -352,6 +352,7 @@ def cmd_afa_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         width=args.width,
+        layers=args.layers,
         seed=args.seed,
         dataset_size=args.dataset_size,
         checkpoint_every=args.checkpoint_every,
@@ -666,6 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="batch size (default 16)")
     at.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate after 100 warm-up steps (default 1e-4)")
     at.add_argument("--width", type=int, help="aggregator width d (default: the largest keeping them within ~6%% of one UNet)")
+    at.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="transformer layers per aggregator (default 1, as the paper; the authors' released code builds 2)",
+    )
     at.add_argument(
         "--dataset-size", dest="dataset_size", type=int, default=4000, help="renders for shapeworld:NAME (default 4000)"
     )

@@ -336,6 +336,7 @@ CASES = [
     ("afa-lr-negative", "--lr", lambda s: s.afa("--lr", "-1"), True),
     ("afa-width-negative", "--width", lambda s: s.afa("--width", "-5"), True),
     ("afa-width-zero", "--width", lambda s: s.afa("--width", "0"), True),
+    ("afa-layers-zero", "--layers", lambda s: s.afa("--layers", "0"), True),
     # afa train: data
     ("afa-data-line-not-json", "line 5 is not JSON", lambda s: s.afa(data=s.data("{not json")), True),
     ("afa-data-line-not-object", "line 5", lambda s: s.afa(data=s.data("[1, 2]")), True),

@@ -1,8 +1,10 @@
 """AFA's aggregation maths on hand-made tensors: stacking, per-pixel softmax weights, the convex
-combination, zero initialisation, and the aggregation points and parameter counts of UNet
-configurations (built on the meta device: no weights)."""
+combination, zero initialisation, the aggregation points and parameter counts of UNet
+configurations (built on the meta device: no weights), the aggregators' lean forward against
+the diffusers modules' own, and their layer count."""
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multifusion.features.afa import SABW, AFAAggregators, convex_combination, model_weights, stack_models
+from multifusion.features.train import AFATrainConfig, AFATrainError, saved_settings
 from multifusion.features.walkers import aggregation_channels, default_width, parameter_count
 from multifusion.memory import SD15_UNET as SD15
 
@@ -121,7 +124,7 @@ def test_parameter_counts_from_config_alone():
     assert default_width(SD15, 2) == 128
 
 
-def sabw_parameters(c: int, n: int, d: int, t: int, x: int) -> int:
+def sabw_parameters(c: int, n: int, d: int, t: int, x: int, layers: int = 1) -> int:
     """Parameters of one SABW point, counted by hand from the architecture in features/afa.py
     (diffusers' ResnetBlock2D and Transformer2DModel at their defaults), for feature width c,
     n models, width d, time-embedding width t and text width x:
@@ -137,9 +140,12 @@ def sabw_parameters(c: int, n: int, d: int, t: int, x: int) -> int:
         feed-forward GEGLU: d -> 2 (4 d) with bias, then 4 d -> d with bias        12 d^2 + 9 d
       conv_out 1x1 (d -> n, no bias)                         n d
 
-    in all 38 d^2 + (n c + n + t + 2 x + 29) d. Heads and groups do not change the count."""
+    in all 38 d^2 + (n c + n + t + 2 x + 29) d for one transformer layer; each further layer
+    (norm1-3, attn1, attn2, feed-forward) adds 18 d^2 + (2 x + 17) d. Heads and groups do not
+    change the count."""
     resnet = 18 * d * d + t * d + 7 * d
-    transformer = (2 * d * d + 4 * d) + 6 * d + (4 * d * d + d) + (2 * d * d + 2 * x * d + d) + (12 * d * d + 9 * d)
+    block = 6 * d + (4 * d * d + d) + (2 * d * d + 2 * x * d + d) + (12 * d * d + 9 * d)
+    transformer = (2 * d * d + 4 * d) + layers * block
     return (n * c * d + d) + resnet + transformer + n * d
 
 
@@ -165,11 +171,13 @@ def test_aggregator_parameter_count_follows_the_architecture():
     x=st.integers(1, 20),
     heads=st.sampled_from([1, 2, 4]),
     groups=st.sampled_from([1, 2, 4, 8]),
+    layers=st.sampled_from([1, 2, 3]),
 )
-def test_one_point_has_the_counted_parameters(c, n, d, t, x, heads, groups):
+def test_one_point_has_the_counted_parameters(c, n, d, t, x, heads, groups, layers):
     with torch.device("meta"):
-        point = SABW(c, n, d, heads, t, x, groups)
-    assert sum(p.numel() for p in point.parameters()) == sabw_parameters(c, n, d, t, x)
+        point = SABW(c, n, d, heads, t, x, groups, layers)
+    assert len(point.transformer.transformer_blocks) == layers
+    assert sum(p.numel() for p in point.parameters()) == sabw_parameters(c, n, d, t, x, layers)
 
 
 def _modules_forward(point: SABW, features, temb, context):
@@ -181,13 +189,17 @@ def _modules_forward(point: SABW, features, temb, context):
     return point.conv_out(h)
 
 
-@pytest.mark.parametrize("n,heads,layers,size", [(2, 1, 1, (5, 7)), (3, 2, 1, (4, 4)), (2, 4, 2, (6, 3))])
-def test_sabw_equals_its_diffusers_modules_forward_and_gradients(n, heads, layers, size):
+@pytest.mark.parametrize(
+    "n,width,heads,layers,size",
+    [(2, 8, 1, 1, (5, 7)), (3, 8, 2, 1, (4, 4)), (2, 8, 4, 2, (6, 3)), (2, 40, 2, 2, (3, 5)), (2, 12, 3, 1, (4, 3))],
+)
+def test_sabw_equals_its_diffusers_modules_forward_and_gradients(n, width, heads, layers, size):
     """Random parameters (every one non-zero, so no path hides), random inputs: the logits and
-    the gradients of every parameter agree with the diffusers modules' forward to float rounding."""
-    g = torch.Generator().manual_seed(n + heads + layers)
+    the gradients of every parameter agree with the diffusers modules' forward to float rounding,
+    for heads padded to `HEAD_DIM` (8, 4, 2 and 4 wide) and not (20 wide)."""
+    g = torch.Generator().manual_seed(n + heads + layers + width)
     point = SABW(
-        channels=6, n_models=n, width=8, heads=heads, temb_channels=16, cross_attention_dim=12, norm_groups=4, layers=layers
+        channels=6, n_models=n, width=width, heads=heads, temb_channels=16, cross_attention_dim=12, norm_groups=4, layers=layers
     )
     with torch.no_grad():
         for p in point.parameters():
@@ -212,7 +224,8 @@ def test_sabw_equals_its_diffusers_modules_forward_and_gradients(n, heads, layer
 
 def test_the_shipped_aggregators_give_their_modules_outputs():
     """zoo:afa-slices at every point, on random features of the zoo's shapes (16 x 16 latents, a
-    CFG batch of 4)."""
+    CFG batch of 4): each point alone and each point's part of the call prepared for all points
+    at once (as the ensemble runs them)."""
     from multifusion.loading import zoo_root
 
     agg = AFAAggregators.from_pretrained(zoo_root() / "afa-slices").eval()
@@ -223,7 +236,64 @@ def test_the_shipped_aggregators_give_their_modules_outputs():
     )
     sides = [16, 16, 8, 8, 4, 4, 4, 4, 8, 8, 16, 16, 16]
     with torch.no_grad():
-        for point, c, side in zip(agg.points, agg.config.channels, sides, strict=True):
+        prepared = agg.prepare(temb, context)
+        for i, (point, c, side) in enumerate(zip(agg.points, agg.config.channels, sides, strict=True)):
             features = torch.randn(2, 4, c, side, side, generator=g)
             ref = _modules_forward(point, features, temb, context)
             torch.testing.assert_close(point(features, temb, context), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(point.logits(features, prepared[i]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_points_of_two_layers_match_each_point_alone():
+    """`AFAAggregators.prepare` slices every point's layers out of one product: with 2 layers and
+    random parameters each point's prepared logits equal that point's own forward."""
+    g = torch.Generator().manual_seed(3)
+    agg = AFAAggregators([3, 5, 4], n_models=2, width=8, heads=2, temb_channels=6, cross_attention_dim=7, norm_groups=4, layers=2)
+    with torch.no_grad():
+        for p in agg.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        temb, context = torch.randn(2, 6, generator=g), torch.randn(2, 5, 7, generator=g)
+        prepared = agg.prepare(temb, context)
+        for i, (point, c) in enumerate(zip(agg.points, agg.config.channels)):
+            features = torch.randn(2, 2, c, 4, 3, generator=g)
+            ref = _modules_forward(point, features, temb, context)
+            assert ref.abs().max() > 0.1
+            torch.testing.assert_close(point.logits(features, prepared[i]), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_layers_are_saved_and_loaded_back(tmp_path, layers):
+    """The layer count is in the config: loading rebuilds the trained shape, with every parameter."""
+    agg = AFAAggregators(
+        [4, 6], n_models=2, width=8, heads=1, temb_channels=6, cross_attention_dim=5, norm_groups=4, layers=layers
+    )
+    with torch.no_grad():
+        for p in agg.parameters():
+            p.normal_()
+    agg.save_pretrained(tmp_path)
+    back = AFAAggregators.from_pretrained(tmp_path)
+    assert back.config.layers == layers
+    assert all(len(p.transformer.transformer_blocks) == layers for p in back.points)
+    mine, theirs = agg.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_the_shipped_aggregators_have_one_layer():
+    from multifusion.loading import zoo_root
+
+    agg = AFAAggregators.from_pretrained(zoo_root() / "afa-slices")
+    assert agg.config.layers == 1 and len(agg.points[0].transformer.transformer_blocks) == 1
+
+
+@pytest.mark.parametrize("layers", [0, -1, True, 1.5, "2"])
+def test_bad_layer_counts_are_refused_naming_the_field(layers):
+    with pytest.raises(ValueError, match=r"layers=.* must be a positive int"):
+        AFAAggregators([4], n_models=2, width=8, heads=1, norm_groups=4, layers=layers)
+    with pytest.raises(AFATrainError, match=r"layers=.*\(--layers\) must be a positive int"):
+        AFATrainConfig(layers=layers)
+
+
+def test_runs_saved_before_the_layers_setting_resume_as_one_layer():
+    saved = {k: v for k, v in asdict(AFATrainConfig()).items() if k not in ("steps", "layers")}
+    assert saved_settings({"config": saved}) == {k: v for k, v in asdict(AFATrainConfig()).items() if k != "steps"}
+    assert saved_settings({"config": saved}) != {k: v for k, v in asdict(AFATrainConfig(layers=2)).items() if k != "steps"}

@@ -219,7 +219,9 @@ def _transformer(model: Transformer2DModel, h: torch.Tensor, layers: list[Layer]
     b, d, hh, ww = h.shape
     norm = model.norm
     x = F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    x = F.linear(x.flatten(2).transpose(1, 2), model.proj_in.weight.flatten(1), model.proj_in.bias)  # (B, HW, d)
+    # contiguous: on a strided input `F.linear` takes a path that depends on whether the weight
+    # requires grad (a last-bit difference between a training run's and a loaded module's outputs)
+    x = F.linear(x.flatten(2).transpose(1, 2).contiguous(), model.proj_in.weight.flatten(1), model.proj_in.bias)  # (B, HW, d)
     for block, layer in zip(model.transformer_blocks, layers, strict=True):
         heads = block.attn1.heads
         scale = (d // heads) ** -0.5
@@ -254,6 +256,10 @@ class AFAAggregators(ModelMixin, ConfigMixin):
     `channels[i]` is the feature width at point i (`ensemble.aggregation_channels`); `models`
     the content hashes of the models in their order, `unet_config` the fingerprint of the UNet
     configuration they share (`ensemble.unet_fingerprint`), `labels` their names (for people).
+    `layers` is the transformer layers of each aggregator: 1 as the paper describes (and the
+    shipped zoo:afa-slices), 2 as the authors' released code builds them for SD-1.5 (its
+    `num_layers` argument is overwritten by a loop variable); stored in the config, so loading
+    rebuilds the trained shape.
     """
 
     config_name = "config.json"
@@ -278,6 +284,8 @@ class AFAAggregators(ModelMixin, ConfigMixin):
             raise ValueError(f"n_models={n_models}: an ensemble needs at least 2 models")
         if width % heads or width % norm_groups:
             raise ValueError(f"width={width} must be a multiple of heads={heads} and norm_groups={norm_groups}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers={layers!r} must be a positive int: the transformer layers of each aggregator (1 or 2)")
         self.points = nn.ModuleList(
             SABW(c, n_models, width, heads, temb_channels, cross_attention_dim, norm_groups, layers) for c in channels
         )

@@ -66,6 +66,7 @@ class AFATrainConfig:
     warmup: int = 100
     prompt_dropout: float = 0.1
     width: int | None = None  # None: `ensemble.default_width` (~6 % of one UNet)
+    layers: int = 1  # transformer layers per aggregator: the paper's 1; the authors' released code builds 2
     dataset_size: int = 4000  # shapeworld renders
     heldout_size: int = 128
     checkpoint_every: int = 100
@@ -92,6 +93,10 @@ class AFATrainConfig:
                 raise AFATrainError(f"{key}={v!r} (--{key.replace('_', '-')}) must be {what}")
         if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1):
             raise AFATrainError(f"width={self.width!r} (--width) must be a positive int (or leave it out for the default)")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
+            raise AFATrainError(
+                f"layers={self.layers!r} (--layers) must be a positive int: the transformer layers per aggregator (1 or 2)"
+            )
         if not isinstance(self.warmup, int) or self.warmup < 1:
             raise AFATrainError(f"warmup={self.warmup!r} must be a positive int")
 
@@ -202,13 +207,23 @@ def check_run(data: str, out: str | Path, config: AFATrainConfig) -> None:
     settings = {k: v for k, v in asdict(config).items() if k != "steps"}
     if (out / CHECKPOINT).is_file():
         saved = checkpoint_info(out / CHECKPOINT)["meta"]
-        if not isinstance(saved, dict) or saved.get("data") != data or saved.get("config") != settings:
+        if not isinstance(saved, dict) or saved.get("data") != data or saved_settings(saved) != settings:
             raise AFATrainError(
                 f"--out: {out / CHECKPOINT} is a run of other data or settings; give another --out or delete that folder"
             )
     if (out / DATA_CACHE).is_file():
         _check_cache(out / DATA_CACHE, data, load=False)
     read_log(out / LOSS_LOG, 2**62)  # a damaged log is named now, not after the models load
+
+
+LATER_SETTINGS = {"layers": 1}
+"""Settings added after runs were first saved, with the value those runs used."""
+
+
+def saved_settings(meta: dict) -> Any:
+    """A saved run's settings, the later settings filled in with what runs before them used."""
+    saved = meta.get("config")
+    return {**LATER_SETTINGS, **saved} if isinstance(saved, dict) else saved
 
 
 def _check_cache(path: Path, data: str, *, load: bool = True):
@@ -321,7 +336,7 @@ def train_afa(
             f"the models predict different things ({', '.join(f'{h.name}: {h.prediction_type}' for h in handles)})"
         )
     torch.manual_seed(config.seed)  # the aggregators' initialisation (conv_out aside: zero)
-    aggregators = fresh_aggregators(unets, hashes, labels, config.width)
+    aggregators = fresh_aggregators(unets, hashes, labels, config.width, config.layers)
     ensemble = build_ensemble(unets, aggregators, labels)
     opt = torch.optim.AdamW(aggregators.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +353,7 @@ def train_afa(
     settings = {k: v for k, v in asdict(config).items() if k != "steps"}  # more steps may continue a run
     meta = {"models": hashes, "labels": labels, "data": data, "config": settings}
     saved = run.resume()
-    if saved is not None and (saved.get("models") != hashes or saved.get("data") != data or saved.get("config") != settings):
+    if saved is not None and (saved.get("models") != hashes or saved.get("data") != data or saved_settings(saved) != settings):
         raise AFATrainError(
             f"{out / CHECKPOINT} is a run of other models, data or settings ({saved.get('labels')}, {saved.get('data')}); "
             "give another --out or delete that folder"
@@ -432,7 +447,11 @@ def heldout_losses(
     plain = build_ensemble(
         denoisers,
         fresh_aggregators(
-            denoisers, ensemble.aggregators.config.models, ensemble.aggregators.config.labels, ensemble.aggregators.config.width
+            denoisers,
+            ensemble.aggregators.config.models,
+            ensemble.aggregators.config.labels,
+            ensemble.aggregators.config.width,
+            ensemble.aggregators.config.layers,
         ),
     )
     n_models, names = len(handles), [h.name for h in handles]

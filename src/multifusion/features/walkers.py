@@ -56,8 +56,9 @@ def aggregation_channels(denoiser: nn.Module) -> list[int]:
     return walker_for(denoiser).channels(denoiser)
 
 
-def aggregator_kwargs(unet: nn.Module, n_models: int, width: int) -> dict[str, Any]:
-    """The `AFAAggregators` arguments for `n_models` denoisers like `unet` at width d = `width`."""
+def aggregator_kwargs(unet: nn.Module, n_models: int, width: int, layers: int = 1) -> dict[str, Any]:
+    """The `AFAAggregators` arguments for `n_models` denoisers like `unet` at width d = `width`
+    with `layers` transformer layers per aggregator."""
     walker = walker_for(unet)
     return dict(
         channels=walker.channels(unet),
@@ -65,12 +66,13 @@ def aggregator_kwargs(unet: nn.Module, n_models: int, width: int) -> dict[str, A
         width=width,
         heads=_heads(width),
         norm_groups=_groups(width),
+        layers=layers,
         **walker.dims(unet),
     )
 
 
 def parameter_count(
-    unet_config: dict[str, Any], n_models: int, width: int, denoiser_class: type | None = None
+    unet_config: dict[str, Any], n_models: int, width: int, denoiser_class: type | None = None, layers: int = 1
 ) -> tuple[int, int]:
     """(aggregator parameters, parameters of one denoiser) computed from a config alone (a
     UNet2DConditionModel's unless `denoiser_class` says otherwise): both are built on the meta
@@ -79,7 +81,7 @@ def parameter_count(
 
     with torch.device("meta"):
         unet = (denoiser_class or UNet2DConditionModel).from_config(unet_config)
-        agg = AFAAggregators(**aggregator_kwargs(unet, n_models, width))
+        agg = AFAAggregators(**aggregator_kwargs(unet, n_models, width, layers))
     return sum(p.numel() for p in agg.parameters()), sum(p.numel() for p in unet.parameters())
 
 
@@ -92,15 +94,17 @@ def default_width(unet_config: dict[str, Any], n_models: int, share: float = SHA
 
 
 def fresh_aggregators(
-    unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str], width: int | None = None
+    unets: Sequence[nn.Module], hashes: Sequence[str], labels: Sequence[str], width: int | None = None, layers: int = 1
 ) -> AFAAggregators:
-    """Zero-initialised aggregators (feature averaging) for these models, in this order."""
+    """Zero-initialised aggregators (feature averaging) for these models, in this order, with
+    `layers` transformer layers each; the default width is the one-layer rule of `default_width`
+    whatever `layers` is, so 1 and 2 layers compare at one width."""
     check_same_denoisers(unets, labels)
     walker_for(unets[0]).check(unets[0])
     config = unet_config_of(unets[0])
     width = width or default_width(config, len(unets), denoiser_class=type(unets[0]))
     return AFAAggregators(
-        **aggregator_kwargs(unets[0], len(unets), width),
+        **aggregator_kwargs(unets[0], len(unets), width, layers),
         models=list(hashes),
         labels=list(labels),
         unet_config=unet_fingerprint(unets[0]),

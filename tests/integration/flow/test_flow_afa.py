@@ -84,7 +84,7 @@ def test_weights_of_one_model_give_that_model_with_its_own_conditioning(models, 
     agg = _fresh([a, c])
     logits = torch.tensor([30.0, -30.0] if chosen == 0 else [-30.0, 30.0])
     for point in agg.points:  # per-pixel logits (B, N, H, W) favouring the chosen model
-        point.forward = lambda features, temb, context: logits.view(1, 2, 1, 1).expand(features.shape[1], 2, *features.shape[-2:])
+        point.logits = lambda features, prepared: logits.view(1, 2, 1, 1).expand(features.shape[1], 2, *features.shape[-2:])
     ensemble = build_ensemble([a.unet, c.unet], agg).eval()
     handle = EnsembleHandle.of([a, c], ensemble)
     x, t, own = _inputs([a, c])
