@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers",
         type=int,
         default=1,
-        help="transformer layers per aggregator (default 1, as the paper; the authors' released code builds 2)",
+        help="transformer layers per aggregator (default 1; the authors' released code builds 2 for SD-1.5)",
     )
     at.add_argument(
         "--dataset-size", dest="dataset_size", type=int, default=4000, help="renders for shapeworld:NAME (default 4000)"

@@ -256,10 +256,10 @@ class AFAAggregators(ModelMixin, ConfigMixin):
     `channels[i]` is the feature width at point i (`ensemble.aggregation_channels`); `models`
     the content hashes of the models in their order, `unet_config` the fingerprint of the UNet
     configuration they share (`ensemble.unet_fingerprint`), `labels` their names (for people).
-    `layers` is the transformer layers of each aggregator: 1 as the paper describes (and the
-    shipped zoo:afa-slices), 2 as the authors' released code builds them for SD-1.5 (its
-    `num_layers` argument is overwritten by a loop variable); stored in the config, so loading
-    rebuilds the trained shape.
+    `layers` is the transformer layers of each aggregator: 1 in the shipped zoo:afa-slices; the
+    authors' released code builds the last down block's layer count (its `num_layers` argument
+    is overwritten by a loop variable), 2 for SD-1.5. Stored in the config, so loading rebuilds
+    the trained shape.
     """
 
     config_name = "config.json"

@@ -66,7 +66,7 @@ class AFATrainConfig:
     warmup: int = 100
     prompt_dropout: float = 0.1
     width: int | None = None  # None: `ensemble.default_width` (~6 % of one UNet)
-    layers: int = 1  # transformer layers per aggregator: the paper's 1; the authors' released code builds 2
+    layers: int = 1  # transformer layers per aggregator (the authors' released code builds 2 for SD-1.5)
     dataset_size: int = 4000  # shapeworld renders
     heldout_size: int = 128
     checkpoint_every: int = 100
