@@ -297,7 +297,7 @@ def fused_cross(
     query = attn.to_q(x)  # (B, N, H * d)
     inner_dim = query.shape[-1]
     heads, d = attn.heads, inner_dim // attn.heads
-    k_base, v_base, k_regions, v_regions = (cache or TextProjections()).get(attn, text, layout)
+    k_base, v_base, k_regions, v_regions = project_text(attn, text, layout) if cache is None else cache.get(attn, text, layout)
     # (B, R * M, H * d) -> (B * R, M, H, d) -> (B * R, H, M, d): region r of image b is batch entry b * R + r
     per_region = query.index_select(1, gather).view(b * r, m, heads, d).transpose(1, 2)
     out = F.scaled_dot_product_attention(per_region, k_regions, v_regions)  # (B * R, H, M, d)
