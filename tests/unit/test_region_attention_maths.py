@@ -296,6 +296,21 @@ def test_kept_text_projections_equal_fresh_ones_whatever_changes_between_calls(s
         assert projected == (0 if step in ("same", "copy") else 1), step
 
 
+def test_kept_text_projections_stay_within_their_memory_budget():
+    """With room for one layer's projections, the first layer seen keeps them and the second
+    projects at every call, both giving what projecting afresh gives."""
+    layers, layout, text = [_cross(0), _cross(1)], Layout((5, 5, 5), True), torch.randn(2, 15, 6)
+    calls = [_counting(attn) for attn in layers]
+    with torch.no_grad():
+        one = sum(t.numel() * t.element_size() for t in project_text(layers[0], text, layout) if t is not None)
+        cache = TextProjections(max_bytes=one)
+        for _ in range(3):
+            for attn in layers:
+                got, want = cache.get(attn, text, layout), project_text(attn, text, layout)
+                assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert [c[0] for c in calls] == [1 + 1 + 3, 3 + 3]  # layer 0: the size probe, kept once, fresh x 3
+
+
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_kept_text_projections_follow_lora_adapters():
     """A peft LoRA on the projections (LoRA Switch, K-LoRA switch adapters between calls): the

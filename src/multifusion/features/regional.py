@@ -322,10 +322,15 @@ def project_text(attn: Any, text: torch.Tensor, layout: Layout) -> tuple[torch.T
         y = proj(text)  # (B, P * L, H * d)
         heads, d = attn.heads, y.shape[-1] // attn.heads
         y = y.view(b, p, length, heads, d)
-        base = y[:, 0].transpose(1, 2) if first else None  # (B, H, L, d)
+        base = y[:, 0].contiguous().transpose(1, 2) if first else None  # (B, H, L, d), owning its memory
         out.append((base, y[:, first:].reshape(b * (p - first), length, heads, d).transpose(1, 2)))  # (B * R, H, L, d)
     (k_base, k_regions), (v_base, v_regions) = out
     return k_base, v_base, k_regions, v_regions
+
+
+KEPT_TEXT_BYTES = 1 << 30
+"""The most memory `TextProjections` holds by default (1 GiB): SDXL's keys and values of a base
+prompt and two regions for 6 images."""
 
 
 class TextProjections:
@@ -336,13 +341,18 @@ class TextProjections:
     equal in value; other text empties the store), the same projection weights (module, tensor,
     device, in-place version), plain `nn.Linear` projections (a LoRA layer's output depends on
     which adapters are active: never kept), and no gradient being recorded. Without an entry it
-    projects, as the processor would."""
+    projects, as the processor would. The entries hold at most `max_bytes` (default
+    `KEPT_TEXT_BYTES`); layers beyond it project at every call. Size of an entry: 2 (keys,
+    values) x 2B (CFG) x P prompts x L tokens x the layer's width, e.g. SD-1.5 with a base prompt
+    and two regions about 23 MB per image in fp16, SDXL about 154 MB."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = KEPT_TEXT_BYTES if max_bytes is None else max_bytes
         self._text: torch.Tensor | None = None  # the text the entries were projected from (a copy)
         self._seen: torch.Tensor | None = None  # the last tensor found equal to it, at in-place version:
         self._seen_version = -1
-        self._entries: dict[int, tuple[tuple, tuple]] = {}
+        self._entries: dict[int, tuple[tuple, tuple, int]] = {}  # id(attn): (key, projections, bytes)
+        self._bytes = 0
 
     def get(self, attn: Any, text: torch.Tensor, layout: Layout) -> tuple[torch.Tensor | None, ...]:
         """`project_text(attn, text, layout)`, from the store when it holds it."""
@@ -351,14 +361,22 @@ class TextProjections:
             return project_text(attn, text, layout)
         if not self._same_text(text):
             self._text, self._seen, self._seen_version, self._entries = text.detach().clone(), text, text._version, {}
+            self._bytes = 0
         key = (attn, layout) + tuple(
             (t, t.data_ptr(), t.device, t._version) for p in projections for t in (p.weight, p.bias) if t is not None
         )
         entry = self._entries.get(id(attn))
-        if entry is None or not _same_key(entry[0], key):
-            entry = (key, project_text(attn, text, layout))
-            self._entries[id(attn)] = entry
-        return entry[1]
+        if entry is not None and _same_key(entry[0], key):
+            return entry[1]
+        projected = project_text(attn, text, layout)
+        size = sum(t.numel() * t.element_size() for t in projected if t is not None)
+        held = self._bytes - (0 if entry is None else entry[2])
+        if held + size <= self.max_bytes:
+            self._entries[id(attn)], self._bytes = (key, projected, size), held + size
+        elif entry is not None:  # stale and no room for the new one
+            del self._entries[id(attn)]
+            self._bytes = held
+        return projected
 
     def _same_text(self, text: torch.Tensor) -> bool:
         if text is self._seen and text._version == self._seen_version:
