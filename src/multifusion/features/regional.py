@@ -31,7 +31,8 @@ positions, norms and LoRA layers are the model's own) once for the base prompt o
 and once per region on the region's tokens, with no mask tensor (memory grows with the regions,
 not with the square of the sequence). Plain cross-attention layers (AttnProcessor2_0, every UNet
 loaded here) take a shorter path with the same rule (`fused_cross`: projections once, two
-attention calls). Rules beyond
+attention calls), the prompts' keys and values kept over a run's calls (`TextProjections`: the
+text does not change between steps; Regional Prompter projects it at every call). Rules beyond
 the papers (stated in docs/regions.md):
 
 - Overlaps: a token covered by several regions takes the mean of their outputs, weighted by the
