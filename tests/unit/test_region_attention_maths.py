@@ -2,6 +2,7 @@
 and the per-region processor calls against the papers' masked attention written out densely
 (Regional Prompter's masked cross-attention; Chen et al.'s joint-attention mask)."""
 
+import contextlib
 import math
 
 import pytest
@@ -14,9 +15,12 @@ from multifusion.features.regional import (
     Layout,
     RegionalProcessor,
     Regions,
+    TextProjections,
     combine,
+    fused_cross,
     installed,
     mix_weights,
+    project_text,
     text_attention,
     token_shares,
 )
@@ -241,3 +245,92 @@ def test_processors_are_restored_even_after_an_error():
 def test_a_denoiser_of_no_known_kind_is_refused_with_the_alternative():
     with pytest.raises(IncompatibleModelsError, match="use `mod`"):
         text_attention(torch.nn.Linear(2, 2))
+
+
+def _cross(seed: int = 3):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    return Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+
+
+def _counting(attn) -> list[int]:
+    """How many times attn.to_k runs, counted by a forward hook."""
+    calls = [0]
+    attn.to_k.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+CACHE_STEPS = st.lists(st.sampled_from(["same", "copy", "other", "in_place", "replace", "grad"]), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(CACHE_STEPS)
+def test_kept_text_projections_equal_fresh_ones_whatever_changes_between_calls(steps):
+    """`TextProjections` across a run's calls: whatever happens between two calls (the same text
+    tensor, an equal copy, other text, the key weights changed in place or replaced, gradients on),
+    what it gives equals projecting afresh (`project_text`) bit for bit, and it projects again
+    only when the text or the weights changed or gradients are recorded."""
+    attn, layout = _cross(), Layout((5, 5, 5), True)
+    calls = _counting(attn)
+    cache, text = TextProjections(), torch.randn(2, 15, 6)
+    with torch.no_grad():
+        cache.get(attn, text, layout)
+    for step in steps:
+        before = calls[0]
+        grad = step == "grad"
+        with torch.set_grad_enabled(grad), torch.no_grad() if not grad else contextlib.nullcontext():
+            if step == "copy":
+                text = text.clone()
+            elif step == "other":
+                text = torch.randn(2, 15, 6)
+            elif step == "in_place":
+                with torch.no_grad():
+                    attn.to_k.weight.mul_(1.5)
+            elif step == "replace":
+                attn.to_k.weight = torch.nn.Parameter(torch.randn_like(attn.to_k.weight))
+            got = cache.get(attn, text, layout)
+            want = project_text(attn, text, layout)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        projected = calls[0] - before - 1  # `want` projected once
+        assert projected == (0 if step in ("same", "copy") else 1), step
+
+
+def test_kept_text_projections_stay_within_their_memory_budget():
+    """With room for one layer's projections, the first layer seen keeps them and the second
+    projects at every call, both giving what projecting afresh gives."""
+    layers, layout, text = [_cross(0), _cross(1)], Layout((5, 5, 5), True), torch.randn(2, 15, 6)
+    calls = [_counting(attn) for attn in layers]
+    with torch.no_grad():
+        one = sum(t.numel() * t.element_size() for t in project_text(layers[0], text, layout) if t is not None)
+        cache = TextProjections(max_bytes=one)
+        for _ in range(3):
+            for attn in layers:
+                got, want = cache.get(attn, text, layout), project_text(attn, text, layout)
+                assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert [c[0] for c in calls] == [1 + 1 + 3, 3 + 3]  # layer 0: the size probe, kept once, fresh x 3
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_kept_text_projections_follow_lora_adapters():
+    """A peft LoRA on the projections (LoRA Switch, K-LoRA switch adapters between calls): the
+    store never keeps them, so fused_cross follows each adapter as projecting afresh does."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    attn = _cross()
+    for name in ("a", "b"):
+        inject_adapter_in_model(
+            LoraConfig(r=2, target_modules=["to_k", "to_v"], init_lora_weights=False), attn, adapter_name=name
+        )
+    layout = Layout((5, 5, 5), True)
+    regions = Regions([(0, 4, 0, 2), (0, 4, 2, 4)], (4, 4), 0.3, layout)
+    x, text, cache = torch.randn(2, 16, 8), torch.randn(2, 15, 6), TextProjections()
+    outs = {}
+    with torch.no_grad():
+        for name in ("a", "b", "a"):
+            for module in (attn.to_k, attn.to_v):
+                module.set_adapter(name)
+            got = fused_cross(attn, x, text, layout, regions, cache)
+            assert torch.equal(got, fused_cross(attn, x, text, layout, regions, None))
+            outs.setdefault(name, got)
+    assert not torch.equal(outs["a"], outs["b"])  # the adapters differ, so a kept projection would show

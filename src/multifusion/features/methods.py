@@ -41,7 +41,7 @@ from multifusion.canvas import Box, check_box_on_patch_grid, check_covered
 from multifusion.errors import FieldError, IncompatibleModelsError, RecipeError
 from multifusion.features.ensemble import EnsembleHandle, model_hash
 from multifusion.features.klora import KLoraAdapters, KLoraLayers, measure, step_progress
-from multifusion.features.regional import Layout, Regions, installed, text_attention
+from multifusion.features.regional import Layout, Regions, TextProjections, installed, text_attention
 from multifusion.features.walkers import build_ensemble, walker_for
 from multifusion.handles import Conditioning, Guided, ModelHandle
 from multifusion.loop import Trajectory
@@ -277,17 +277,19 @@ def joined(parts: list[Conditioning], base_leads: bool) -> Conditioning:
 
 class RegionAttentionNoise:
     """The noise function of region-attention: inside the window, the joined conditioning with
-    the regional processors installed for the call (`regional.installed`); outside, the base
-    prompt alone (the model as it is)."""
+    the regional processors installed for the call (`regional.installed`), sharing the text's
+    projections over the calls (`TextProjections`); outside, the base prompt alone (the model as
+    it is)."""
 
     def __init__(self, joint: Guided, base: Guided | None, layers: dict, regions: Regions, window, num_train_timesteps: int):
         self.joint, self.base, self.layers, self.regions = joint, base, layers, regions
         self.window, self.num_train_timesteps = window, num_train_timesteps
+        self.projections = TextProjections()
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         if self.base is not None and not in_window(timestep_fraction(t, self.num_train_timesteps), self.window):
             return self.base(x_t, t)
-        with installed(self.layers, self.regions):
+        with installed(self.layers, self.regions, self.projections):
             return self.joint(x_t, t)
 
 

@@ -31,7 +31,8 @@ positions, norms and LoRA layers are the model's own) once for the base prompt o
 and once per region on the region's tokens, with no mask tensor (memory grows with the regions,
 not with the square of the sequence). Plain cross-attention layers (AttnProcessor2_0, every UNet
 loaded here) take a shorter path with the same rule (`fused_cross`: projections once, two
-attention calls). Rules beyond
+attention calls), the prompts' keys and values kept over a run's calls (`TextProjections`: the
+text does not change between steps; Regional Prompter projects it at every call). Rules beyond
 the papers (stated in docs/regions.md):
 
 - Overlaps: a token covered by several regions takes the mean of their outputs, weighted by the
@@ -175,17 +176,17 @@ class Regions:
         return [i.to(device) for i in idx], within.to(device), weight.to(device)
 
     def padded(self, n_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each region's token indices padded to one length M (R, M) (with the region's first
-        token) and their weights in `within` (R, M), 0 on the padding."""
-        key = ("padded", n_tokens)
+        """Each region's token indices padded to one length M (with the region's first token),
+        region after region (R * M,), and their weights in `within` (R * M,), 0 on the padding;
+        built once per grid and device."""
+        key = ("padded", n_tokens, device)
         if key not in self._grids:
             idx, within, _ = self.at(n_tokens, torch.device("cpu"))
             m = max(len(i) for i in idx)
-            gather = torch.stack([torch.cat([i, i[:1].expand(m - len(i))]) for i in idx])
-            share = torch.stack([torch.cat([within[k, i], torch.zeros(m - len(i))]) for k, i in enumerate(idx)])
-            self._grids[key] = (gather, share)
-        gather, share = self._grids[key]
-        return gather.to(device), share.to(device)
+            gather = torch.cat([torch.cat([i, i[:1].expand(m - len(i))]) for i in idx])
+            share = torch.cat([torch.cat([within[k, i], torch.zeros(m - len(i))]) for k, i in enumerate(idx)])
+            self._grids[key] = (gather.to(device), share.to(device))
+        return self._grids[key]
 
 
 # --------------------------------------------------------------------------- the processors
@@ -205,17 +206,17 @@ class RegionalProcessor:
     given apart: SD3's and FLUX's double-stream blocks) or "single" (FLUX's single-stream blocks:
     one sequence, text first)."""
 
-    def __init__(self, inner: Any, kind: str, regions: Regions):
-        self.inner, self.kind, self.regions = inner, kind, regions
+    def __init__(self, inner: Any, kind: str, regions: Regions, cache: TextProjections | None = None):
+        self.inner, self.kind, self.regions, self.cache = inner, kind, regions, cache
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
         layout, inner = self.regions.layout, self.inner
         if attention_mask is not None:  # no denoiser this module takes passes one to these layers
             raise ValueError("region-attention cannot combine its regions with an attention mask given to the denoiser")
         if self.kind == "cross":
-            idx, within, weight = self.regions.at(hidden_states.shape[1], hidden_states.device)
             if fusable(attn, inner, hidden_states, layout):
-                return fused_cross(attn, hidden_states, encoder_hidden_states, layout, self.regions)
+                return fused_cross(attn, hidden_states, encoder_hidden_states, layout, self.regions, self.cache)
+            idx, within, weight = self.regions.at(hidden_states.shape[1], hidden_states.device)
             texts = [encoder_hidden_states[:, s] for s in layout.regions]
             base = None if layout.base is None else inner(attn, hidden_states, encoder_hidden_states[:, layout.base], **kwargs)
             parts = [(i, inner(attn, hidden_states[:, i], text, **kwargs)) for i, text in zip(idx, texts)]
@@ -277,41 +278,125 @@ def fusable(attn: Any, inner: Any, hidden_states: torch.Tensor, layout: Layout) 
     )
 
 
-def fused_cross(attn: Any, x: torch.Tensor, text: torch.Tensor, layout: Layout, regions: Regions) -> torch.Tensor:
+def fused_cross(
+    attn: Any, x: torch.Tensor, text: torch.Tensor, layout: Layout, regions: Regions, cache: TextProjections | None = None
+) -> torch.Tensor:
     """The per-region rule of `RegionalProcessor` for a plain cross-attention layer in two
     attention calls: image tokens x (B, N, C) are projected once and the P prompts of `text`
-    (B, P * L, D) once, as batch entries (P, B, L, D); the base prompt is attended by every token
-    (B, heads, N, d), and each region's prompt by its own tokens only, the R regions' token lists
-    padded to one length M and batched (R * B, heads, M, d), so the attention costs about twice
-    one prompt's whatever the number of regions. Region outputs are weighted by `within` and
-    summed per token, blended with the base's by the regional weight, and projected out once
-    (`to_out` is affine, so blending before it equals blending its outputs). The steps are
-    AttnProcessor2_0's; a region covering every token gives its output bit for bit."""
+    (B, P * L, D) once (or taken from `cache`, `TextProjections`); the base prompt is attended by
+    every token (B, heads, N, d), and each region's prompt by its own tokens only, the R regions'
+    token lists padded to one length M and batched (B * R, heads, M, d), so the attention costs
+    about twice one prompt's whatever the number of regions. Region outputs are weighted by
+    `within` and summed per token, blended with the base's by the regional weight, and projected
+    out once (`to_out` is affine, so blending before it equals blending its outputs). The steps
+    are AttnProcessor2_0's; a region covering every token gives its output bit for bit."""
     b, n, _ = x.shape
-    p, length = len(layout.lengths), layout.lengths[0]
     _, within, weight = regions.at(n, x.device)
-    gather, share = regions.padded(n, x.device)  # (R, M) token indices, (R, M) their weights (0: padding)
-    r, m = gather.shape
-    query = attn.to_q(x)
+    gather, share = regions.padded(n, x.device)  # (R * M,) token indices, (R * M,) their weights (0: padding)
+    r = len(layout.regions)
+    m = gather.shape[0] // r
+    query = attn.to_q(x)  # (B, N, H * d)
     inner_dim = query.shape[-1]
     heads, d = attn.heads, inner_dim // attn.heads
-    prompts = text.view(b, p, length, -1).transpose(0, 1).reshape(p * b, length, -1)  # (P * B, L, D), prompt-major
-    key = attn.to_k(prompts).view(p, b, length, heads, d).transpose(2, 3)  # (P, B, H, L, d)
-    value = attn.to_v(prompts).view(p, b, length, heads, d).transpose(2, 3)
-    query = query.view(b, n, heads, d).transpose(1, 2)  # (B, H, N, d)
-    first = 1 if layout.has_base else 0
-    per_region = query[:, :, gather.flatten()].view(b, heads, r, m, d).permute(2, 0, 1, 3, 4).reshape(r * b, heads, m, d)
-    out = F.scaled_dot_product_attention(
-        per_region, key[first:].reshape(r * b, heads, length, d), value[first:].reshape(r * b, heads, length, d)
-    )  # (R * B, H, M, d)
-    out = out.view(r, b, heads, m, d).permute(1, 0, 3, 2, 4).reshape(b, r * m, inner_dim).to(query.dtype)
+    k_base, v_base, k_regions, v_regions = project_text(attn, text, layout) if cache is None else cache.get(attn, text, layout)
+    # (B, R * M, H * d) -> (B * R, M, H, d) -> (B * R, H, M, d): region r of image b is batch entry b * R + r
+    per_region = query.index_select(1, gather).view(b * r, m, heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(per_region, k_regions, v_regions)  # (B * R, H, M, d)
+    out = out.transpose(1, 2).reshape(b, r * m, inner_dim).to(query.dtype)
     regional = torch.zeros(b, n, inner_dim, dtype=out.dtype, device=out.device)
-    regional.index_add_(1, gather.flatten(), out * share.flatten().to(out.dtype)[None, :, None])
-    if layout.has_base:
-        base = F.scaled_dot_product_attention(query, key[0], value[0])  # (B, H, N, d)
+    regional.index_add_(1, gather, out * share.to(out.dtype)[None, :, None])
+    if k_base is not None:
+        base = F.scaled_dot_product_attention(query.view(b, n, heads, d).transpose(1, 2), k_base, v_base)  # (B, H, N, d)
         base = base.transpose(1, 2).reshape(b, n, inner_dim).to(query.dtype)
         regional = torch.lerp(base, regional, weight.to(base.dtype)[None, :, None])
     return attn.to_out[1](attn.to_out[0](regional))
+
+
+def project_text(attn: Any, text: torch.Tensor, layout: Layout) -> tuple[torch.Tensor | None, ...]:
+    """The keys and values of every prompt of `text` (B, P * L, D) in one projection each, split
+    as `fused_cross` attends them: (base keys, base values) (B, H, L, d) (None without a base
+    prompt) and (region keys, region values) (B * R, H, L, d), region r of prompt b at b * R + r."""
+    b, p, length = text.shape[0], len(layout.lengths), layout.lengths[0]
+    first = 1 if layout.has_base else 0
+    out = []
+    for proj in (attn.to_k, attn.to_v):
+        y = proj(text)  # (B, P * L, H * d)
+        heads, d = attn.heads, y.shape[-1] // attn.heads
+        y = y.view(b, p, length, heads, d)
+        base = y[:, 0].contiguous().transpose(1, 2) if first else None  # (B, H, L, d), owning its memory
+        out.append((base, y[:, first:].reshape(b * (p - first), length, heads, d).transpose(1, 2)))  # (B * R, H, L, d)
+    (k_base, k_regions), (v_base, v_regions) = out
+    return k_base, v_base, k_regions, v_regions
+
+
+KEPT_TEXT_BYTES = 1 << 30
+"""The most memory `TextProjections` holds by default (1 GiB): SDXL's keys and values of a base
+prompt and two regions for 6 images."""
+
+
+class TextProjections:
+    """The text keys and values of each cross-attention layer (`project_text`), kept across the
+    denoiser calls of one run: the text is the same at every step, so each layer projects it once
+    (Regional Prompter projects it at every call). An entry is used only while it is certainly
+    what projecting would give: the same text (the same tensor as the previous layer's, else
+    equal in value; other text empties the store), the same projection weights (module, tensor,
+    device, in-place version), plain `nn.Linear` projections (a LoRA layer's output depends on
+    which adapters are active: never kept), and no gradient being recorded. Without an entry it
+    projects, as the processor would. The entries hold at most `max_bytes` (default
+    `KEPT_TEXT_BYTES`); layers beyond it project at every call. Size of an entry: 2 (keys,
+    values) x 2B (CFG) x P prompts x L tokens x the layer's width, e.g. SD-1.5 with a base prompt
+    and two regions about 23 MB per image in fp16, SDXL about 154 MB."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = KEPT_TEXT_BYTES if max_bytes is None else max_bytes
+        self._text: torch.Tensor | None = None  # the text the entries were projected from (a copy)
+        self._seen: torch.Tensor | None = None  # the last tensor found equal to it, at in-place version:
+        self._seen_version = -1
+        self._entries: dict[int, tuple[tuple, tuple, int]] = {}  # id(attn): (key, projections, bytes)
+        self._bytes = 0
+
+    def get(self, attn: Any, text: torch.Tensor, layout: Layout) -> tuple[torch.Tensor | None, ...]:
+        """`project_text(attn, text, layout)`, from the store when it holds it."""
+        projections = (attn.to_k, attn.to_v)
+        if torch.is_grad_enabled() or any(type(p) is not torch.nn.Linear for p in projections):
+            return project_text(attn, text, layout)
+        if not self._same_text(text):
+            self._text, self._seen, self._seen_version, self._entries = text.detach().clone(), text, text._version, {}
+            self._bytes = 0
+        key = (attn, layout) + tuple(
+            (t, t.data_ptr(), t.device, t._version) for p in projections for t in (p.weight, p.bias) if t is not None
+        )
+        entry = self._entries.get(id(attn))
+        if entry is not None and _same_key(entry[0], key):
+            return entry[1]
+        projected = project_text(attn, text, layout)
+        size = sum(t.numel() * t.element_size() for t in projected if t is not None)
+        held = self._bytes - (0 if entry is None else entry[2])
+        if held + size <= self.max_bytes:
+            self._entries[id(attn)], self._bytes = (key, projected, size), held + size
+        elif entry is not None:  # stale and no room for the new one
+            del self._entries[id(attn)]
+            self._bytes = held
+        return projected
+
+    def _same_text(self, text: torch.Tensor) -> bool:
+        if text is self._seen and text._version == self._seen_version:
+            return True
+        known = self._text
+        if known is None or known.shape != text.shape or known.dtype != text.dtype or known.device != text.device:
+            return False
+        if not torch.equal(known, text):
+            return False
+        self._seen, self._seen_version = text, text._version
+        return True
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Two keys of `TextProjections` (module, layout, then (tensor, address, device, version) per
+    weight), the module and tensors compared by identity."""
+    return (
+        len(a) == len(b) and a[0] is b[0] and a[1] == b[1] and all(x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[2:], b[2:]))
+    )
 
 
 ATTENTION_KINDS: dict[str, dict[str, str]] = {
@@ -353,13 +438,16 @@ def text_attention(denoiser: torch.nn.Module) -> dict[str, tuple[torch.nn.Module
 
 
 @contextlib.contextmanager
-def installed(layers: dict[str, tuple[torch.nn.Module, str]], regions: Regions) -> Iterator[None]:
-    """`RegionalProcessor`s on `layers` (`text_attention`) for the duration of the block; each
+def installed(
+    layers: dict[str, tuple[torch.nn.Module, str]], regions: Regions, cache: TextProjections | None = None
+) -> Iterator[None]:
+    """`RegionalProcessor`s on `layers` (`text_attention`) for the duration of the block, sharing
+    `cache` (the text projections kept across a run's calls; None: projected at every call); each
     module's own processor back afterwards, whatever happens inside."""
     saved = {name: module.processor for name, (module, _) in layers.items()}
     try:
         for name, (module, kind) in layers.items():
-            module.set_processor(RegionalProcessor(saved[name], kind, regions))
+            module.set_processor(RegionalProcessor(saved[name], kind, regions, cache))
         yield
     finally:
         for name, (module, _) in layers.items():
