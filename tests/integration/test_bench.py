@@ -250,7 +250,7 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     from multifusion.registry import METHODS
 
     a, b = tiny_a, tiny_b
-    models = {"general": a, "expert": b, "cartoon": b, "toon": b, "layout": a, "palette": b, "slice0": a, "slice1": b}
+    models = {"general": a, "expert": b, "cartoon": b, "toon": b, "layout": a, "palette": b, "tint": b, "slice0": a, "slice1": b}
     doc = tmp_path / "results-doc.md"
     doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
     # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not these.
