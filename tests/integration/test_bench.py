@@ -86,8 +86,18 @@ def test_aggregation_layout_tells_both_models_the_layout_each_its_own_part():
             o.shape is None for o in tint.objects
         )
     rows, skipped = app.rows()
-    assert [r.id for r in rows] == ["single-layout", "single-tint", "average", "snb", "amdm", "amdm-paper"] and not skipped
-    assert rows[-1].build(app.prompt(0), {"layout": "L", "tint": "T"})["params"] == {"preset": "paper"}
+    assert [r.id for r in rows] == [
+        "single-layout",
+        "single-tint",
+        "average",
+        "snb",
+        "amdm",
+        "amdm-paper",
+        "amdm-tint",
+        "amdm-paper-tint",
+    ] and not skipped
+    assert rows[5].build(app.prompt(0), {"layout": "L", "tint": "T"})["params"] == {"preset": "paper"}
+    assert rows[-1].build(app.prompt(0), {"layout": "L", "tint": "T"})["params"] == {"preset": "paper", "specified": "tint"}
 
 
 def test_rows_skip_methods_the_registry_lacks_and_extend_by_one_entry():

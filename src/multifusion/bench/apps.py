@@ -752,6 +752,9 @@ APPS: dict[str, App] = {
                 Fusion("snb", own_prompts("snb", _AL), _AL),
                 Fusion("amdm", own_prompts("amdm", _AL), _AL),
                 Fusion("amdm", own_prompts("amdm", _AL, {"preset": "paper"}), _AL, id="amdm-paper"),
+                # The other way round: tint's image, layout's shapes aggregated into it.
+                Fusion("amdm", own_prompts("amdm", _AL, {"specified": "tint"}), _AL, id="amdm-tint"),
+                Fusion("amdm", own_prompts("amdm", _AL, {"preset": "paper", "specified": "tint"}), _AL, id="amdm-paper-tint"),
             ),
         ),
         App(
