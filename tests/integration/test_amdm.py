@@ -236,6 +236,10 @@ def test_the_paper_preset_is_its_explicit_params(pair):
     other_w = mf.amdm([ha, hb], PROMPTS, **{**explicit, "w": 0.3}, **KW).latents
     assert torch.equal(mf.amdm([ha, hb], PROMPTS, preset="paper", specified=1, w=0.3, **KW).latents, other_w)
     assert not torch.equal(other_w, ref)
+    from multifusion.registry import get_method
+
+    parse = get_method("amdm").parse_params  # a run shorter than the preset's window: its steps end at the last one
+    assert [parse({"preset": "paper"}, n_models=2, num_inference_steps=n).steps for n in (1, 2, 4)] == [(0, 0), (1, 1), (1, 3)]
 
 
 def test_a_scaled_correction_is_the_absolute_one_times_the_latent_size_ratio(pair):

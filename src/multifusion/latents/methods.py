@@ -103,13 +103,18 @@ class AMDMParams(Params):
 
     @model_validator(mode="before")
     @classmethod
-    def _preset(cls, data):
-        """The preset's values, under any field given beside it (a window given replaces its steps)."""
+    def _preset(cls, data, info: ValidationInfo):
+        """The preset's values, under any field given beside it (a window given replaces its
+        steps; its steps end at the run's last step when the run has fewer than four)."""
         if isinstance(data, dict) and data.get("preset") == "paper":
             given = dict(data)
             data = {**PAPER, **given}
             if "window" in given and "steps" not in given:
                 del data["steps"]
+            n_steps = (info.context or {}).get("num_inference_steps")
+            if "steps" not in given and "steps" in data and n_steps is not None:
+                last = max(0, min(PAPER["steps"][1], n_steps - 1))
+                data["steps"] = (min(PAPER["steps"][0], last), last)
         return data
 
     @model_validator(mode="after")
