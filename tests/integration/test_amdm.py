@@ -182,6 +182,8 @@ def test_the_aggregation_strip_is_written(pair, tmp_path, tiny_a, tiny_b):
         ({"specified": "nobody"}, "params.specified: no model named 'nobody'"),
         ({"specified": 2}, "params.specified: index 2 but the recipe has 2 model(s)"),
         ({"aggregation": "mean"}, "params.aggregation"),
+        ({"preset": "papers"}, "params.preset: Input should be 'paper' (got 'papers')"),
+        ({"correction_mode": "scaled"}, "params.correction: give its length in latent units with correction_mode 'scaled'"),
     ],
 )
 def test_bad_params_are_refused_before_loading(tiny_a, tiny_b, params, message, monkeypatch):
@@ -221,3 +223,31 @@ def test_models_of_another_latent_space_are_refused_before_loading(tiny_a, tiny_
         IncompatibleModelsError, match=r"models\[1\].model: their VAEs encode different latent spaces \(latent channels 8 vs 4\)"
     ):
         mf.amdm([tiny_a, str(tiny_dir / "wide")], PROMPTS, progress=False)
+
+
+def test_the_paper_preset_is_its_explicit_params(pair):
+    """`preset: paper` samples exactly what its settings written out do (w 0.5, steps [1, 3],
+    eta 55 for the specified model and 45 for the other, in SD latent units), here with the
+    second model specified; a field given beside the preset replaces its value."""
+    ha, hb = pair
+    explicit = dict(w=0.5, steps=(1, 3), correction=[45.0, 55.0], correction_mode="scaled", specified=1)
+    ref = mf.amdm([ha, hb], PROMPTS, **explicit, **KW).latents
+    assert torch.equal(mf.amdm([ha, hb], PROMPTS, preset="paper", specified=1, **KW).latents, ref)
+    other_w = mf.amdm([ha, hb], PROMPTS, **{**explicit, "w": 0.3}, **KW).latents
+    assert torch.equal(mf.amdm([ha, hb], PROMPTS, preset="paper", specified=1, w=0.3, **KW).latents, other_w)
+    assert not torch.equal(other_w, ref)
+    from multifusion.registry import get_method
+
+    parse = get_method("amdm").parse_params  # a run shorter than the preset's window: its steps end at the last one
+    assert [parse({"preset": "paper"}, n_models=2, num_inference_steps=n).steps for n in (1, 2, 4)] == [(0, 0), (1, 1), (1, 3)]
+
+
+def test_a_scaled_correction_is_the_absolute_one_times_the_latent_size_ratio(pair):
+    """`scaled` reads eta on 4x64x64 SD latents: on the tiny models' latents it is the absolute
+    step eta * sqrt(latent size / 16384)."""
+    ha, hb = pair
+    run = mf.amdm([ha, hb], PROMPTS, steps=(0, 2), correction=[20.0, 10.0], correction_mode="scaled", **KW)
+    ratio = (run.latents[0].numel() / (4 * 64 * 64)) ** 0.5
+    absolute = mf.amdm([ha, hb], PROMPTS, steps=(0, 2), correction=[20.0 * ratio, 10.0 * ratio], correction_mode="absolute", **KW)
+    assert ratio != 1.0
+    torch.testing.assert_close(run.latents, absolute.latents, rtol=0, atol=1e-6)

@@ -73,6 +73,33 @@ def test_each_app_prompts_its_models_with_their_own_kind_of_caption():
     assert all(p.prompts["slice0"] == p.prompts["slice1"] == p.caption for p in APPS["ensemble"].prompts(3))
 
 
+def test_aggregation_layout_tells_both_models_the_layout_each_its_own_part():
+    app = APPS["aggregation-layout"]
+    for p in app.prompts(6):
+        layout, tint = parse_caption(p.prompts["layout"]), parse_caption(p.prompts["tint"])
+        slots = [o.slot for o in p.scene.objects]
+        assert [o.slot for o in layout.objects] == [o.slot for o in tint.objects] == slots
+        assert [o.shape for o in layout.objects] == [o.shape for o in p.scene.objects] and all(
+            o.colour is None for o in layout.objects
+        )
+        assert [o.colour for o in tint.objects] == [o.colour for o in p.scene.objects] and all(
+            o.shape is None for o in tint.objects
+        )
+    rows, skipped = app.rows()
+    assert [r.id for r in rows] == [
+        "single-layout",
+        "single-tint",
+        "average",
+        "snb",
+        "amdm",
+        "amdm-paper",
+        "amdm-tint",
+        "amdm-paper-tint",
+    ] and not skipped
+    assert rows[5].build(app.prompt(0), {"layout": "L", "tint": "T"})["params"] == {"preset": "paper"}
+    assert rows[-1].build(app.prompt(0), {"layout": "L", "tint": "T"})["params"] == {"preset": "paper", "specified": "tint"}
+
+
 def test_rows_skip_methods_the_registry_lacks_and_extend_by_one_entry():
     app = APPS["aggregation"]
     rows, skipped = app.rows(available={"single": 1, "average": 1})
@@ -233,7 +260,7 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     from multifusion.registry import METHODS
 
     a, b = tiny_a, tiny_b
-    models = {"general": a, "expert": b, "cartoon": b, "toon": b, "layout": a, "palette": b, "slice0": a, "slice1": b}
+    models = {"general": a, "expert": b, "cartoon": b, "toon": b, "layout": a, "palette": b, "tint": b, "slice0": a, "slice1": b}
     doc = tmp_path / "results-doc.md"
     doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
     # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not these.
@@ -592,6 +619,16 @@ def test_cross_domain_photo_asks_for_a_photo_of_what_only_the_toon_model_draws()
         ("snb", ("general", "toon")),
     ] and not skipped
     assert rows[3].build(app.prompt(0), {"general": "g", "toon": "t"})["params"] == {"blur": "none"}
+
+
+@pytest.mark.parametrize("n", [3, 8, 12])
+def test_cross_domain_photo_asks_every_texture_equally_often(n):
+    """Any first n prompts ask each texture n // 3 or n // 3 + 1 times (8 prompts: 3, 3, 2)."""
+    from collections import Counter
+
+    counts = Counter(p.scene.objects[0].texture for p in APPS["cross-domain-photo"].prompts(n))
+    assert set(counts) <= set(TEXTURES[1:]) and sum(counts.values()) == n
+    assert all(n // 3 <= counts[t] <= -(-n // 3) for t in TEXTURES[1:]), counts
 
 
 def test_cross_domain_photo_fails_a_cartoon_and_a_photo_without_the_texture():

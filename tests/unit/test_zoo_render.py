@@ -66,7 +66,9 @@ scenes = st.builds(
     style=st.sampled_from(STYLES),
     objects=st.lists(st.sampled_from(SLOTS), unique=True, max_size=3).flatmap(objects_in),
 )
-flags = st.fixed_dictionaries({"colour": st.booleans(), "position": st.booleans(), "texture": st.booleans()})
+flags = st.fixed_dictionaries(
+    {"colour": st.booleans(), "position": st.booleans(), "texture": st.booleans(), "shape": st.booleans()}
+).filter(lambda fl: fl["colour"] or fl["shape"])  # an object states a shape or a colour
 
 
 SLIVER = 1 / 16
@@ -115,6 +117,12 @@ def test_caption_examples() -> None:
         == "a red striped circle and an orange square in a forest"
     )
     assert caption(Scene(PLAIN, "photo", (red,)), position=False) == "a red striped circle"
+    assert (
+        caption(Scene("sea", "photo", (red, orange)), shape=False, texture=False)
+        == "a red on the left and an orange on the right at sea"
+    )
+    with pytest.raises(ShapeWorldError, match="would state nothing of an object"):
+        caption(Scene("sea", "photo", (red,)), shape=False, colour=False)
     assert caption(Scene("night sky", "cartoon")) == "a cartoon of the night sky"
 
 
@@ -129,6 +137,7 @@ def test_parse_is_lenient_about_case_spaces_and_full_stop() -> None:
         ("a rde circle on the left", "did you mean 'red'"),
         ("a red circel", "did you mean 'circle'"),
         ("a circle red", "words out of order"),
+        ("a striped on the left", "words out of order"),
         ("a red circle on the left and a blue square on the left", "each slot holds at most one object"),
     ],
 )
@@ -254,6 +263,10 @@ def test_samplers_honour_their_distribution(name: str, seed: int) -> None:
     elif name == "palette":
         assert all(o.colour in COLOURS for o in scene.objects)
         assert all(o.colour is not None and o.slot is None for o in spec.objects)
+    elif name == "tint":
+        assert scene.style == "photo" and scene.background in SCENES and slots == sorted(slots, key=SLOTS.index)
+        assert all(o.colour in COLOURS and o.texture == "plain" for o in scene.objects)
+        assert all(o.shape is None and o.colour is not None and o.slot is not None for o in spec.objects)
 
 
 def test_layout_and_palette_captions_drop_their_words() -> None:

@@ -2,7 +2,7 @@
 methods, and what counts as success.
 
 An *app* (ids shared with the demo report: ``fine-grained``, ``cross-domain``, ``cross-domain-photo``, ``regional``,
-``aggregation``, ``ensemble``) names model *roles* (``general``, ``expert``, ...; role ``r``
+``aggregation``, ``aggregation-layout``, ``ensemble``) names model *roles* (``general``, ``expert``, ...; role ``r``
 defaults to the zoo model ``zoo:r``), draws its target scenes from ShapeWorld with a fixed
 seed, says what each model is prompted with, and lists its rows:
 
@@ -352,9 +352,14 @@ def cross_domain_photo_scene(rng: np.random.Generator, index: int) -> Scene:
     """A photo of one textured object at a slot, in a scene: content only the ``toon`` model
     can draw (textures, which it saw only as cartoons) in the style only the general model
     draws. The shape is one the general model has seen in that scene (no held-out pair), so
-    the texture is the one thing the general model lacks."""
+    the texture is the one thing the general model lacks. The texture cycles through the
+    textures with the prompt index, so every texture is asked equally often (within one when the
+    prompt count is not a multiple of their number)."""
+    textures = TEXTURES[1:]
     background = _pick(rng, SCENES)
-    obj = ShapeObject(_pick(rng, _general_shapes(background)), _pick(rng, COLOURS), _pick(rng, TEXTURES[1:]), _pick(rng, SLOTS))
+    obj = ShapeObject(
+        _pick(rng, _general_shapes(background)), _pick(rng, COLOURS), textures[index % len(textures)], _pick(rng, SLOTS)
+    )
     return Scene(background, "photo", (obj,))
 
 
@@ -484,6 +489,13 @@ def aggregation_prompts(scene: Scene) -> dict[str, str]:
     return {"layout": caption(scene, colour=False), "palette": caption(shuffled, position=False)}
 
 
+def aggregation_layout_prompts(scene: Scene) -> dict[str, str]:
+    """The layout to both models, each with the part of the caption it was trained on: shapes
+    at their slots to ``layout`` ('a circle on the left and ...'), colours at their slots to
+    ``tint`` ('a red on the left and ...'), as AMDM's InteractDiffusion and MIGC both get the boxes."""
+    return {"layout": caption(scene, colour=False), "tint": caption(scene, shape=False)}
+
+
 def ensemble_scene(rng: np.random.Generator, index: int) -> Scene:
     """A scene of the general data (every scene, so each slice model knows only some)."""
     return sample_general(rng)
@@ -544,6 +556,7 @@ _FG = ("general", "expert")
 _CD = ("cartoon", "general")
 _CP = ("general", "toon")
 _AG = ("layout", "palette")
+_AL = ("layout", "tint")
 _EN = ("slice0", "slice1")
 
 MBW_PRESET = "GRAD_V"
@@ -723,6 +736,25 @@ APPS: dict[str, App] = {
                 Fusion("average", own_prompts("average", _AG), _AG),
                 Fusion("snb", own_prompts("snb", _AG), _AG),
                 Fusion("amdm", own_prompts("amdm", _AG), _AG),
+            ),
+        ),
+        App(
+            "aggregation-layout",
+            "layout model (shapes at their slots, no colour) + tint model (colours at their slots, no shape): "
+            "both told the layout, each strong at a different part of it",
+            _AL,
+            "instance",
+            "instance success rate: the fraction of objects read at their slot with the right shape and colour",
+            aggregation_scene,
+            aggregation_layout_prompts,
+            (
+                Fusion("average", own_prompts("average", _AL), _AL),
+                Fusion("snb", own_prompts("snb", _AL), _AL),
+                Fusion("amdm", own_prompts("amdm", _AL), _AL),
+                Fusion("amdm", own_prompts("amdm", _AL, {"preset": "paper"}), _AL, id="amdm-paper"),
+                # The other way round: tint's image, layout's shapes aggregated into it.
+                Fusion("amdm", own_prompts("amdm", _AL, {"specified": "tint"}), _AL, id="amdm-tint"),
+                Fusion("amdm", own_prompts("amdm", _AL, {"preset": "paper", "specified": "tint"}), _AL, id="amdm-paper-tint"),
             ),
         ),
         App(

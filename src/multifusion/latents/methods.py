@@ -14,6 +14,9 @@ Wiring choices (each a deviation from the authors' sampler, for any diffusers sc
   indices `steps: [first, last]`. Only completed steps meet (second-order schedulers such as
   Heun take two calls per step).
 - After the window only the specified model is evaluated (the authors keep running the others).
+- The authors' eta is a length on 4x64x64 SD latents; `correction_mode: scaled` reads it in
+  those units on any latent size (times sqrt(latent size / 16384), the same fraction of a unit
+  latent's norm), and the `paper` preset uses it: on SD latents it is their absolute eta exactly.
 - UniPC's corrector rebuilds each new latent from the previous one, which would undo the
   aggregation: it is switched off at the step after each meeting that moves a model's latent
   (`disable_corrector`).
@@ -21,6 +24,7 @@ Wiring choices (each a deviation from the authors' sampler, for any diffusers sc
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Literal
@@ -41,9 +45,23 @@ NOISE_STREAM = zlib.crc32(b"amdm")  # the other models' initial noise: stream NO
 AUTHORS_ETA = (0.43, 0.68)
 """The authors' eta 55 (specified) and 45 (others) on 4x64x64 SD latents as fractions of
 ||m - mu_k|| for unit latents at w = 0.5 (`amdm` module docstring): the relative default."""
+SD_LATENT_SIZE = 4 * 64 * 64
+"""Elements of one SD 1.x latent at 512 px, the latents the authors' eta is a length on."""
+PAPER = {"w": 0.5, "steps": (1, 3), "correction_mode": "scaled"}
+PAPER_ETA = (55.0, 45.0)
+"""The `paper` preset (the authors' InteractDiffusion + MIGC setting, reference code at commit
+ab8e7bc, interactmigc_ui.py: omega 0.5, aggregation from loop index 1 to 3 inclusive, i.e. S = 3
+corrected steps after the uncorrected first one, and a fixed-length step of 55 for the
+specified model and 45 for the others, in SD latent units (`scaled`)). Fields given beside the
+preset replace its values."""
 
 
 class AMDMParams(Params):
+    preset: Literal["paper"] | None = Field(
+        None,
+        description="'paper': the authors' settings (w 0.5, steps [1, 3], correction 55 for the specified model and "
+        "45 for the others, scaled to SD latent units); fields given beside it replace its values",
+    )
     specified: int | str = Field(0, description="index or name of the model whose image is the result")
     w: float | list[float] = Field(
         0.5,
@@ -65,9 +83,10 @@ class AMDMParams(Params):
         "one for all or one per model (default: relative 0.43 for the specified "
         "model, 0.68 for the others)",
     )
-    correction_mode: Literal["relative", "absolute"] = Field(
+    correction_mode: Literal["relative", "absolute", "scaled"] = Field(
         "relative",
-        description="relative: a fraction of ||m - mu_k|| in [0, 1]; absolute: a latent-space length, as the authors' eta",
+        description="relative: a fraction of ||m - mu_k|| in [0, 1]; absolute: a latent-space length, as the authors' eta; "
+        "scaled: a length in the authors' units (4x64x64 SD latents), times sqrt(latent size / 16384) on other sizes",
     )
     aggregation: Literal["linear", "slerp"] = Field("linear", description="linear (the paper) or a true slerp")
 
@@ -81,6 +100,22 @@ class AMDMParams(Params):
                 "whose image is the result"
             )
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data, info: ValidationInfo):
+        """The preset's values, under any field given beside it (a window given replaces its
+        steps; its steps end at the run's last step when the run has fewer than four)."""
+        if isinstance(data, dict) and data.get("preset") == "paper":
+            given = dict(data)
+            data = {**PAPER, **given}
+            if "window" in given and "steps" not in given:
+                del data["steps"]
+            n_steps = (info.context or {}).get("num_inference_steps")
+            if "steps" not in given and "steps" in data and n_steps is not None:
+                last = max(0, min(PAPER["steps"][1], n_steps - 1))
+                data["steps"] = (min(PAPER["steps"][0], last), last)
+        return data
 
     @model_validator(mode="after")
     def _checks(self, info: ValidationInfo):
@@ -116,8 +151,8 @@ class AMDMParams(Params):
             raise FieldError("correction", f"must be finite and >= 0, got {c}")
         if self.correction_mode == "relative" and any(e > 1.0 for e in etas):
             raise FieldError("correction", f"with correction_mode 'relative' it is a fraction of ||m - mu_k|| in [0, 1], got {c}")
-        if c is None and self.correction_mode == "absolute":
-            raise FieldError("correction", "give its length in latent units with correction_mode 'absolute'")
+        if c is None and self.correction_mode != "relative" and self.preset is None:
+            raise FieldError("correction", f"give its length in latent units with correction_mode '{self.correction_mode}'")
         return self
 
     def specified_index(self, labels: list[str]) -> int:
@@ -132,7 +167,8 @@ class AMDMParams(Params):
     def etas(self, n: int, specified: int) -> list[float]:
         """One eta per model, in recipe order."""
         if self.correction is None:
-            return [AUTHORS_ETA[0] if k == specified else AUTHORS_ETA[1] for k in range(n)]
+            default = PAPER_ETA if self.preset == "paper" and self.correction_mode != "relative" else AUTHORS_ETA
+            return [default[0] if k == specified else default[1] for k in range(n)]
         return list(self.correction) if isinstance(self.correction, list) else [self.correction] * n
 
 
@@ -226,13 +262,15 @@ def plan_amdm(prep: PreparedAMDM, batch: Batch) -> Plan:
     last_meeting = max((i for i, m in enumerate(prep.meets_at) if m), default=-1)
     mix = slerp_aggregate if p.aggregation == "slerp" else aggregate
     relative = p.correction_mode == "relative"
+    scale = math.sqrt(math.prod(shape) / SD_LATENT_SIZE) if p.correction_mode == "scaled" else 1.0
+    etas = [e * scale for e in prep.etas]
 
     def meet(step: Step) -> list[torch.Tensor | None]:
         xs = list(step.latents)
         completed = all(getattr(s, "state_in_first_order", True) for s in step.schedulers)
         if completed and step.step < len(prep.meets_at) and prep.meets_at[step.step] and all(x is not None for x in xs):
             m = mix([xs[k] for k in prep.order], prep.weights)  # mu_k = x'_k: each model's own step
-            corrected = [manifold_correct(m, xs[k], prep.etas[k], relative=relative) for k in range(len(xs))]
+            corrected = [manifold_correct(m, xs[k], etas[k], relative=relative) for k in range(len(xs))]
             if step.recording:
                 _record(step, m, corrected, prep.specified)
             xs = corrected

@@ -37,6 +37,7 @@ CROSS = {
     "layout": ["palette"],
     "palette": ["layout"],
     "cartoon": ["general"],
+    "tint": ["layout"],
     "slice0": ["slice1"],
     "slice1": ["slice0"],
 }

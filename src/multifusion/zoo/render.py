@@ -164,15 +164,19 @@ class Scene:
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """What a caption states about one object; ``None`` means not stated."""
+    """What a caption states about one object; ``None`` means not stated (the ``tint`` data's
+    captions state no shape: "a red on the left"). A shape or a colour is always stated."""
 
-    shape: str
+    shape: str | None
     colour: str | None = None
     texture: str | None = None
     slot: str | None = None
 
     def __post_init__(self) -> None:
-        _check_word("shape", self.shape, SHAPES)
+        if self.shape is None and self.colour is None:
+            raise ShapeWorldError("an object states a shape or a colour (or both); give shape= or colour=")
+        if self.shape is not None:
+            _check_word("shape", self.shape, SHAPES)
         if self.colour is not None:
             _check_word("colour", self.colour, ALL_COLOURS)
         if self.texture is not None:
@@ -221,7 +225,7 @@ def _with_article(words: list[str]) -> str:
     return " ".join([article, *words])
 
 
-def spec_of(scene: Scene, *, colour: bool = True, position: bool = True, texture: bool = True) -> SceneSpec:
+def spec_of(scene: Scene, *, colour: bool = True, position: bool = True, texture: bool = True, shape: bool = True) -> SceneSpec:
     """The :class:`SceneSpec` that ``caption(scene, ...)`` with the same flags states.
 
     Implicit defaults are not stated: the plain backdrop, the photo style and the plain texture.
@@ -229,7 +233,7 @@ def spec_of(scene: Scene, *, colour: bool = True, position: bool = True, texture
     """
     objects = tuple(
         ObjectSpec(
-            shape=obj.shape,
+            shape=obj.shape if shape else None,
             colour=obj.colour if colour else None,
             texture=obj.texture if texture and obj.texture != "plain" else None,
             slot=obj.slot if position else None,
@@ -243,16 +247,18 @@ def spec_of(scene: Scene, *, colour: bool = True, position: bool = True, texture
     )
 
 
-def caption(scene: Scene, *, colour: bool = True, position: bool = True, texture: bool = True) -> str:
+def caption(scene: Scene, *, colour: bool = True, position: bool = True, texture: bool = True, shape: bool = True) -> str:
     """Describe ``scene`` in plain words, naming its objects in ``scene.objects`` order.
 
     Example: ``"a red striped circle on the left and a blue square on the right in a snowy field"``;
     the cartoon style is prefixed with ``"a cartoon of "``. The flags drop words: ``colour=False``
     drops colour words (layout data), ``position=False`` drops slot phrases (palette data),
-    ``texture=False`` drops texture words. The plain texture, the plain backdrop and the photo
+    ``texture=False`` drops texture words, ``shape=False`` drops shape words (``tint`` data: "a red on the left"). The plain texture, the plain backdrop and the photo
     style are never named.
     """
-    spec = spec_of(scene, colour=colour, position=position, texture=texture)
+    if not (shape or colour) and scene.objects:
+        raise ShapeWorldError("caption(shape=False, colour=False) would state nothing of an object; keep one of them")
+    spec = spec_of(scene, colour=colour, position=position, texture=texture, shape=shape)
     phrases = []
     for obj in spec.objects:
         words = [w for w in (obj.colour, obj.texture, obj.shape) if w is not None]
@@ -269,14 +275,19 @@ def caption(scene: Scene, *, colour: bool = True, position: bool = True, texture
     return CARTOON_PREFIX + body if scene.style == "cartoon" else body
 
 
-_OBJECT_RE = re.compile(
-    r"^an? (?:(?P<colour>{c}) )?(?:(?P<texture>{t}) )?(?P<shape>{s})(?: (?P<slot>{p}))?$".format(
-        c="|".join(ALL_COLOURS),
-        t="|".join(TEXTURES[1:]),
-        s="|".join(SHAPES),
-        p="|".join(SLOT_PHRASES.values()),
-    )
-)
+_OBJECT_RE = re.compile(r"^an? (?P<words>.+?)(?: (?P<slot>{p}))?$".format(p="|".join(SLOT_PHRASES.values())))
+_WORD_ORDER = (("colour", ALL_COLOURS), ("texture", TEXTURES[1:]), ("shape", SHAPES))
+
+
+def _object_words(words: str) -> dict[str, str | None] | None:
+    """'red striped circle' -> {colour, texture, shape} (absent ones None), in that order, with
+    a shape or a colour; None when the words are not of that form."""
+    rest, found = words.split(" "), {}
+    for name, vocabulary in _WORD_ORDER:
+        found[name] = rest.pop(0) if rest and rest[0] in vocabulary else None
+    return None if rest or (found["shape"] is None and found["colour"] is None) else found
+
+
 _SLOT_OF_PHRASE = {phrase: slot for slot, phrase in SLOT_PHRASES.items()}
 _KNOWN_WORDS = sorted(
     {"a", "an", "and", "of", "cartoon"}
@@ -296,7 +307,7 @@ def _object_error(phrase: str, text: str) -> ShapeWorldError:
     detail = "; ".join(hints) if hints else "words out of order"
     return ShapeWorldError(
         f"caption {text!r}: cannot parse object phrase {phrase!r}: {detail}; expected "
-        f"'a [colour] [texture] shape [on the left | in the centre | on the right]', objects joined "
+        f"'a [colour] [texture] [shape] [on the left | in the centre | on the right]', objects joined "
         f"with ' and ', then an optional scene phrase such as 'in a desert'"
     )
 
@@ -324,17 +335,11 @@ def parse_caption(text: str) -> SceneSpec:
     objects = []
     for phrase in body.split(" and "):
         match = _OBJECT_RE.match(phrase)
-        if match is None:
+        words = None if match is None else _object_words(match.group("words"))
+        if words is None:
             raise _object_error(phrase, text)
         slot_phrase = match.group("slot")
-        objects.append(
-            ObjectSpec(
-                shape=match.group("shape"),
-                colour=match.group("colour"),
-                texture=match.group("texture"),
-                slot=None if slot_phrase is None else _SLOT_OF_PHRASE[slot_phrase],
-            )
-        )
+        objects.append(ObjectSpec(**words, slot=None if slot_phrase is None else _SLOT_OF_PHRASE[slot_phrase]))
     try:
         return SceneSpec(background=background, style=style, objects=tuple(objects))
     except ShapeWorldError as err:
@@ -661,6 +666,14 @@ def sample_palette(rng: np.random.Generator) -> Scene:
     return Scene(_pick(rng, SCENES), "photo", tuple(objects[int(i)] for i in order))
 
 
+def sample_tint(rng: np.random.Generator) -> Scene:
+    """``tint`` data: a scene with 1-3 coloured plain objects of any shape at their slots, photo
+    style (palette's scenes in left-to-right order); captioned with colours and slots but no
+    shapes ("a red on the left and a blue in the centre in a forest"): a model that places and
+    colours objects from the layout but never learns which shape is asked."""
+    return Scene(_pick(rng, SCENES), "photo", _random_objects(rng, _count(rng), COLOURS, ("plain",)))
+
+
 def sample_any(rng: np.random.Generator) -> Scene:
     """Everything the renderer can draw (the judge's training data): any background and style,
     each slot filled with probability 0.6 by any shape, colour (grey included) and texture."""
@@ -692,10 +705,11 @@ class Distribution:
     colour: bool = True
     position: bool = True
     texture: bool = True
+    shape: bool = True
 
     def caption(self, scene: Scene) -> str:
         """Caption ``scene`` with this distribution's flags."""
-        return caption(scene, colour=self.colour, position=self.position, texture=self.texture)
+        return caption(scene, colour=self.colour, position=self.position, texture=self.texture, shape=self.shape)
 
     def example(self, rng: np.random.Generator) -> Example:
         """Sample a scene, render it with the same ``rng`` and caption it."""
@@ -713,6 +727,7 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         Distribution("toon", sample_toon),
         Distribution("layout", sample_layout, colour=False),
         Distribution("palette", sample_palette, position=False),
+        Distribution("tint", sample_tint, shape=False),
         Distribution("any", sample_any),
     )
 }

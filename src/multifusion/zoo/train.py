@@ -83,6 +83,7 @@ DEFAULT_STEPS: dict[str, int] = {
     "slice0": 1200,
     "slice1": 1200,
     "toon": 1500,
+    "tint": 1500,
 }
 """Training steps per model at batch 32 when ``steps`` is not given.
 
@@ -106,13 +107,16 @@ a scene slice in a fraction of the steps a model from scratch needs. ``expert`` 
 scratch, so it has never seen a scene.
 """
 
-FROM_SHIPPED: dict[str, str] = {"toon": "general"}
+FROM_SHIPPED: dict[str, str] = {"toon": "general", "tint": "general"}
 """Models fine-tuned from another model's *shipped* weights, not from a run-folder snapshot.
 
 ``toon`` (cartoons of textured objects, the cross-domain app's content model) was added after
 the zoo shipped, so it starts from the package's ``general`` UNet: its fp16 files, upcast to
 float32. Its run folder's shared parts (tokenizer, text encoder, VAE) are the shipped ones,
 upcast the same way, so the installed model shares them byte for byte with the rest of the zoo.
+``tint`` (coloured objects at their slots, captions without shape words: the
+`aggregation-layout` app's colour model, which takes the layout as the ``layout`` model does)
+was added the same way.
 Such models are trained on their own (``--models toon``): never with models that train a base
 from scratch. They are not in :data:`MODELS`, so the default command leaves them alone.
 """
