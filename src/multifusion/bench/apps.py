@@ -130,6 +130,62 @@ class Fusion:
     views: Callable[[AppPrompt], list[View]] = whole_image
 
 
+# ----------------------------------------------------------------------------- roles that are LoRAs
+
+
+@dataclass(frozen=True)
+class LoraRole:
+    """A role that is another role's model with zoo LoRAs applied: ``loras`` are (zoo LoRA name,
+    scale) pairs, loaded by diffusers' ``load_lora_weights`` (``docs/zoo-training.md``)."""
+
+    base: str
+    loras: tuple[tuple[str, float], ...]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The model entry's ``loras`` (recipe form)."""
+        return [{"path": f"zoo:{name}", "scale": scale} for name, scale in self.loras]
+
+
+MULTI_LORA_SCALE = 0.8
+"""Every LoRA's scale in the `multi-lora` app: the authors' setting (Zhong et al.'s code loads
+each LoRA at weight 1 under a global LoRA scale of 0.8, for every method, merge included)."""
+
+LORA_ROLES: dict[str, LoraRole] = {
+    "texture-lora": LoraRole("general", (("texture", 1.0),)),
+    "cartoon-lora": LoraRole("general", (("cartoon", 1.0),)),
+    "striped": LoraRole("general", (("striped", MULTI_LORA_SCALE),)),
+    "dotted": LoraRole("general", (("dotted", MULTI_LORA_SCALE),)),
+    "style": LoraRole("general", (("cartoon", MULTI_LORA_SCALE),)),
+    "merge-2": LoraRole("general", (("striped", MULTI_LORA_SCALE), ("cartoon", MULTI_LORA_SCALE))),
+    "merge-3": LoraRole("general", (("striped", MULTI_LORA_SCALE), ("dotted", MULTI_LORA_SCALE), ("cartoon", MULTI_LORA_SCALE))),
+}
+"""Roles that are the zoo's ``general`` with zoo LoRAs: ``texture-lora`` and ``cartoon-lora``
+stand in for the full fine-tunes ``expert`` and ``cartoon``; the `multi-lora` app's LoRAs each
+alone (``striped``, ``dotted``, the ``style``), and LoRA Merge of two and three of them (one model
+with every LoRA, as ``set_adapters`` with several weights). A model overriding the base role
+(``--model general=PATH``) carries its LoRA roles along."""
+
+
+def model_entry(role: str, refs: Mapping[str, str]) -> dict[str, Any]:
+    """A recipe's model entry for ``role``: its model, its name, and its LoRAs when it is a LoRA role."""
+    entry: dict[str, Any] = {"model": refs[role], "name": role}
+    if role in LORA_ROLES:
+        entry["loras"] = LORA_ROLES[role].entries()
+    return entry
+
+
+def role_loras(role: str) -> list[dict[str, Any]] | None:
+    """The LoRAs ``role``'s model is loaded with (None: a plain model)."""
+    return LORA_ROLES[role].entries() if role in LORA_ROLES else None
+
+
+def zoo_needs(roles: Sequence[str]) -> tuple[set[str], set[str]]:
+    """(zoo models, zoo LoRAs) that ``roles`` need when none is overridden."""
+    models = {LORA_ROLES[r].base if r in LORA_ROLES else r for r in roles}
+    loras = {name for r in roles if r in LORA_ROLES for name, _ in LORA_ROLES[r].loras}
+    return models, loras
+
+
 # ----------------------------------------------------------------------------- recipe builders
 
 
@@ -138,7 +194,7 @@ def own_prompts(method: str, roles: Sequence[str], params: Mapping[str, Any] | N
     roles = tuple(roles)
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
-        models = [{"model": refs[r], "name": r, "prompt": prompt.prompts[r]} for r in roles]
+        models = [{**model_entry(r, refs), "prompt": prompt.prompts[r]} for r in roles]
         return {"method": method, "models": models, "params": dict(params or {})}
 
     return build
@@ -167,7 +223,7 @@ def tiles_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
             "tile_col_overlap": TILE_OVERLAP,
             "mask_type": mask_type,
         }
-        return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"tiles": tiles}}
+        return {"method": "mod", "models": [model_entry(role, refs)], "params": {"tiles": tiles}}
 
     return build
 
@@ -185,7 +241,7 @@ def layout_on_canvas(role: str) -> RecipeBuilder:
         height, width = tile_canvas()
         return {
             "method": "single",
-            "models": [{"model": refs[role], "name": role, "prompt": prompt.prompts[role]}],
+            "models": [{**model_entry(role, refs), "prompt": prompt.prompts[role]}],
             "params": {},
             "sampling": {"height": height, "width": width},
         }
@@ -226,7 +282,7 @@ def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
                     "mask_type": mask_type,
                 }
             )
-        return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"regions": regions}}
+        return {"method": "mod", "models": [model_entry(role, refs)], "params": {"regions": regions}}
 
     return build
 
@@ -263,7 +319,7 @@ def attention_regions(role: str, on_tiles: bool = False, slot_prompts: bool = Fa
             height, width = tile_canvas()
             recipe["sampling"] = {"height": height, "width": width}
         params = {"regions": regions, "base_prompt": prompt.prompts[role], "base_ratio": ATTENTION_BASE_RATIO}
-        return {"method": "region-attention", "models": [{"model": refs[role], "name": role}], "params": params, **recipe}
+        return {"method": "region-attention", "models": [model_entry(role, refs)], "params": params, **recipe}
 
     return build
 
@@ -417,13 +473,19 @@ def mixed_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
     return tuple((o.slot, caption(_region_scene(scene, k))) for k, o in enumerate(scene.objects))
 
 
-def models_per_region(assign: Sequence[str]) -> RecipeBuilder:
+def models_per_region(assign: Sequence[str], swap: Mapping[str, str] | None = None) -> RecipeBuilder:
     """Mixture of Diffusers over several models on the tile canvas (one native-size region per
     slot, as :func:`tiles_per_slot` places them): ``assign[k]`` draws region ``k``: ``general``
     or ``cartoon`` (that model alone, told the region's object in its own words), or ``snb``
     (SNB of the general model, told the object without texture, and the expert, told the
-    object with it, as in the fine-grained app)."""
-    roles = tuple(dict.fromkeys(r for a in assign for r in (("general", "expert") if a == "snb" else (a,))))
+    object with it, as in the fine-grained app). ``swap`` puts other roles in the place of
+    ``cartoon`` and ``expert`` (their LoRA stand-ins)."""
+    swap = dict(swap or {})
+
+    def role(name: str) -> str:
+        return swap.get(name, name)
+
+    roles = tuple(dict.fromkeys(role(r) for a in assign for r in (("general", "expert") if a == "snb" else (a,))))
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
         scene, step = prompt.scene, TILE - TILE_OVERLAP
@@ -436,17 +498,17 @@ def models_per_region(assign: Sequence[str]) -> RecipeBuilder:
                 "row_end": TILE,
                 "col_init": k * step,
                 "col_end": k * step + TILE,
-                "model": "general" if who == "snb" else who,
+                "model": "general" if who == "snb" else role(who),
                 "prompt": caption(replace(target, style=style), texture=False),
             }
             if who == "snb":
                 expert = caption(Scene(PLAIN, "photo", (scene.objects[k],)), position=False)
-                region["snb"] = {"models": [{"model": "expert", "prompt": expert}]}
+                region["snb"] = {"models": [{"model": role("expert"), "prompt": expert}]}
             regions.append(region)
         height, width = tile_canvas()
         return {
             "method": "mod",
-            "models": [{"model": refs[r], "name": r} for r in roles],
+            "models": [model_entry(r, refs) for r in roles],
             "params": {"regions": regions},
             "sampling": {"height": height, "width": width},
         }
@@ -465,8 +527,8 @@ def mixed_views(prompt: AppPrompt) -> list[View]:
     ]
 
 
-def _mixed(row_id: str, assign: Sequence[str]) -> Fusion:
-    build = models_per_region(assign)
+def _mixed(row_id: str, assign: Sequence[str], swap: Mapping[str, str] | None = None) -> Fusion:
+    build = models_per_region(assign, swap)
     return Fusion("mod", build, build.roles, id=row_id, views=mixed_views)  # type: ignore[attr-defined]
 
 
@@ -590,7 +652,7 @@ def task_merged(row_id: str, params: Mapping[str, Any], base: str, roles: Sequen
         text = prompt.prompts[prompt_role]
         return {
             "method": "merge",
-            "models": [{"model": refs[r], "name": r, "prompt": text} for r in models],
+            "models": [{**model_entry(r, refs), "prompt": text} for r in models],
             "params": dict(params),
         }
 

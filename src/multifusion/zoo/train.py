@@ -181,7 +181,7 @@ def distribution(name: str) -> render.Distribution:
         i = int(name[5:])
         if i < len(slices):
             return slices[i]
-    if name in MODELS or name in FROM_SHIPPED:
+    if name in MODELS or name in FROM_SHIPPED or name in render.DISTRIBUTIONS:
         return render.get_distribution(name)
     import difflib
 
