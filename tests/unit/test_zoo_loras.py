@@ -101,7 +101,7 @@ def test_bad_names_and_steps_are_refused(tmp_path):
 
 
 def test_each_lora_learns_one_distribution_the_general_never_saw():
-    for name, plan in LORAS.items():
+    for plan in LORAS.values():
         assert plan.parent == "general" and plan.data in render.DISTRIBUTIONS
     one = [render.DISTRIBUTIONS[t].example(render.example_rng(t, 0, i)).scene for t in ("striped", "dotted") for i in range(8)]
     assert {o.texture for s in one[:8] for o in s.objects} == {"striped"}
