@@ -249,6 +249,13 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The seed, thread and progress options every zoo training command shares."""
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+
+
 def cmd_zoo_train_lora(args: argparse.Namespace) -> int:
     from multifusion.zoo.loras import install_loras, train_loras
 
@@ -600,8 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs)")
     zt.add_argument("--models", help="comma-separated model names (default: all)")
     zt.add_argument("--steps", type=int, help="training steps per model (default: each model's own)")
-    zt.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    zt.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    _add_run_args(zt)
     zt.add_argument(
         "--from-shipped",
         dest="from_shipped",
@@ -618,7 +624,6 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument(
         "--install", action="store_true", help="copy the trained models (fp16) and judge into the package weights folder"
     )
-    zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)
     zr = zsub.add_parser(
         "train-lora",
@@ -629,10 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     zr.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs)")
     zr.add_argument("--loras", help="comma-separated LoRA names (default: all: texture, striped, dotted, cartoon)")
     zr.add_argument("--steps", type=int, help="training steps per LoRA (default: each LoRA's own)")
-    zr.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    zr.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    _add_run_args(zr)
     zr.add_argument("--install", action="store_true", help="copy the trained LoRAs (fp16) into the package weights folder")
-    zr.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zr.set_defaults(func=cmd_zoo_train_lora)
     zj = zsub.add_parser(
         "judge",

@@ -33,14 +33,12 @@ from typing import Any
 
 import torch
 
-from multifusion.training import CHECKPOINT, TrainingRun, load_checkpoint
+from multifusion.training import CHECKPOINT, load_checkpoint
 from multifusion.zoo.train import (
     TrainConfig,
     ZooTrainError,
-    _accelerator,
     _denoising_loss,
     _ema_update,
-    _locked,
     _lr_factor,
     _shipped_start,
     _summary,
@@ -48,6 +46,8 @@ from multifusion.zoo.train import (
     base_from_shipped,
     prepare_base,
     prepare_data,
+    shared_work,
+    unet_run,
 )
 
 TARGETS: tuple[str, ...] = (
@@ -151,17 +151,7 @@ def train_lora(
     ema.load_state_dict(unet.state_dict())
     trained = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=plan.lr, weight_decay=0.0)
-    run = TrainingRun(
-        out_dir / run_folder(name),
-        f"lora/{name}",
-        unet,
-        opt,
-        seed=seed,
-        modules={"ema": ema},
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        accelerator=_accelerator(),
-    )
+    run = unet_run(out_dir / run_folder(name), f"lora/{name}", unet, ema, opt, config, seed)
     run.resume()
     data = prepare_data(out_dir, plan.data, base, config, seed)
     # The EMA of the frozen base weights is the base itself; only the adapters move.
@@ -240,12 +230,32 @@ def train_loras(
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, dict[str, Any]] = {}
-    for blocking in (False, True):
-        for n in names:
-            if n in summaries:
-                continue
-            with _locked(out_dir / f"lora-{n}.lock", blocking) as got:
-                if got:
-                    summaries[n] = train_lora(out_dir, n, steps, seed, progress)
-    return [summaries[n] for n in names]
+    return shared_work(out_dir, names, lambda n: train_lora(out_dir, n, steps, seed, progress), prefix="lora-")
+
+
+STANDS_IN: dict[str, str] = {"texture": "expert", "cartoon": "cartoon"}
+"""The full fine-tune each LoRA stands in for in the benchmark apps (trained on the same data)."""
+
+
+def evaluate_loras(names: list[str] | None = None, n: int = 32, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Each installed zoo LoRA on ``n`` held-out captions of its own data, through
+    :func:`multifusion.zoo.evaluate.evaluate_model`, and beside it the full fine-tune it stands in
+    for (:data:`STANDS_IN`) on the same captions: rows of ``model``, ``prompts`` and the judge's
+    scores (``attr/...``, ``image_success``)."""
+    from tqdm.auto import tqdm
+
+    from multifusion.loading import load_models
+    from multifusion.lora import zoo_loras
+    from multifusion.zoo.evaluate import evaluate_model
+    from multifusion.zoo.judge import load_judge
+
+    names = [m for m in (names or list(LORAS)) if m in zoo_loras()]
+    judge = load_judge()
+    rows = []
+    for name in tqdm(names, desc="evaluating zoo LoRAs", disable=not progress):
+        plan = LORAS[name]
+        (handle,) = load_models([f"zoo:{plan.parent}"], names=[f"{plan.parent}+{name}"], loras=[[{"path": f"zoo:{name}"}]])
+        rows.append(evaluate_model(handle, n, seed, prompts=plan.data, judge=judge))
+        if name in STANDS_IN:
+            rows.append(evaluate_model(STANDS_IN[name], n, seed, prompts=plan.data, judge=judge))
+    return rows
