@@ -5,7 +5,7 @@ multifusion generate --from-image IMG.png --out DIR
 multifusion validate RECIPE.yaml                 check a recipe without loading models
 multifusion methods                              list the methods
 multifusion demo --out DIR                       the main job on the built-in models
-multifusion zoo list | train | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
+multifusion zoo list | train | train-lora | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
 multifusion bench APP|all --out DIR              every method side by side on the zoo apps
 multifusion merge RECIPE.yaml --out DIR          write a merge/mbw recipe's merged model
 multifusion merge --base MODEL --lora FILE --out DIR   a LoRA merged into a checkpoint (block weights)
@@ -211,6 +211,10 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     for name in names:
         size = sum(f.stat().st_size for f in (zoo_root() / name).rglob("*") if f.is_file())
         print(f"zoo:{name:12s} {size / 1e6:6.2f} MB")
+    from multifusion.lora import zoo_lora_root, zoo_loras
+
+    for name in zoo_loras():
+        print(f"zoo:{name:12s} {(zoo_lora_root() / f'{name}.safetensors').stat().st_size / 1e6:6.2f} MB  LoRA (models[i].loras)")
     return 0
 
 
@@ -242,6 +246,29 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
             install_judge(Path(args.out) / "judge" / "judge.safetensors")
             names.append("judge")
         print("installed: " + ", ".join(names))
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The seed, thread and progress options every zoo training command shares."""
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+
+
+def cmd_zoo_train_lora(args: argparse.Namespace) -> int:
+    from multifusion.zoo.loras import install_loras, train_loras
+
+    _positive("--threads", args.threads)
+    _positive("--steps", args.steps)
+    _check_out(args.out)
+    names = args.loras.split(",") if args.loras else None
+    for summary in train_loras(
+        args.out, names, steps=args.steps, seed=args.seed, progress=not args.no_progress, threads=args.threads
+    ):
+        print(f"{summary['model']}: {summary['steps']} steps, {summary['minutes']} min, final loss {summary['final_loss']}")
+    if args.install:
+        print("installed: " + ", ".join(install_loras(args.out, names)))
     return 0
 
 
@@ -564,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the embedded ShapeWorld models: list, retrain or score them",
         description="The embedded ShapeWorld zoo: small models trained and shipped by the project.",
     )
-    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list, train, judge or evaluate")
+    zsub = z.add_subparsers(
+        dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list, train, train-lora, judge or evaluate"
+    )
     zl = zsub.add_parser(
         "list", help="list the installed zoo models", description="List the installed zoo models and their sizes."
     )
@@ -579,8 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs)")
     zt.add_argument("--models", help="comma-separated model names (default: all)")
     zt.add_argument("--steps", type=int, help="training steps per model (default: each model's own)")
-    zt.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    zt.add_argument("--threads", type=int, default=1, help="torch threads for this process (default 1)")
+    _add_run_args(zt)
     zt.add_argument(
         "--from-shipped",
         dest="from_shipped",
@@ -597,8 +625,19 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument(
         "--install", action="store_true", help="copy the trained models (fp16) and judge into the package weights folder"
     )
-    zt.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     zt.set_defaults(func=cmd_zoo_train)
+    zr = zsub.add_parser(
+        "train-lora",
+        help="train the zoo's LoRAs on the shipped general (deterministic, resumable)",
+        description="Train the zoo's LoRAs (rank 8, on the shipped general, through the zoo's training loop) into "
+        "--out; an interrupted run resumes from its checkpoints (docs/zoo-training.md).",
+    )
+    zr.add_argument("--out", required=True, help="run folder (checkpoints, caches, logs)")
+    zr.add_argument("--loras", help="comma-separated LoRA names (default: all: texture, striped, dotted, cartoon)")
+    zr.add_argument("--steps", type=int, help="training steps per LoRA (default: each LoRA's own)")
+    _add_run_args(zr)
+    zr.add_argument("--install", action="store_true", help="copy the trained LoRAs (fp16) into the package weights folder")
+    zr.set_defaults(func=cmd_zoo_train_lora)
     zj = zsub.add_parser(
         "judge",
         help="train the judge alone (deterministic, resumable), or --evaluate one",

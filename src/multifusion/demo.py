@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from multifusion.io import grid, save_png, write_text
 
@@ -145,6 +146,15 @@ def _pictures(installed: list[str], out: Path, progress: bool) -> list[str]:
     return made
 
 
+def _installed(app: Any, installed: list[str]) -> bool:
+    """Whether every zoo model and zoo LoRA of ``app`` is installed."""
+    from multifusion.bench.apps import zoo_needs
+    from multifusion.lora import zoo_loras
+
+    models, loras = zoo_needs(app.roles)
+    return models <= set(installed) and loras <= set(zoo_loras())
+
+
 def _zoo_demo(installed: list[str], out: Path, progress: bool) -> Path:
     from multifusion.bench.apps import APPS
     from multifusion.bench.run import run_bench
@@ -152,7 +162,7 @@ def _zoo_demo(installed: list[str], out: Path, progress: bool) -> Path:
     start = time.perf_counter()
     base_rows, base_pictures = _base_rows(installed, out, progress)
     save_png(grid([ims for _, ims in base_pictures], [name for name, _ in base_pictures]), out / "base-grid.png")
-    apps = [a.id for a in APPS.values() if set(a.roles) <= set(installed)]
+    apps = [a.id for a in APPS.values() if _installed(a, installed)]
     bench = (
         run_bench(
             apps,

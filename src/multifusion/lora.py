@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from multifusion.errors import ModelLoadError, PickleRefusedError
+from multifusion.errors import ModelLoadError, PickleRefusedError, did_you_mean
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 """Weight files that are pickles, refused unless pickles are allowed (models and LoRAs alike)."""
@@ -60,11 +60,30 @@ class LoraSpec:
         return cls(str(value.path), float(value.scale), getattr(value, "name", None))
 
 
+def zoo_lora_root() -> Path:
+    """Where the embedded zoo's LoRAs are installed (`multifusion.zoo.loras`)."""
+    return Path(__file__).parent / "zoo" / "weights" / "loras"
+
+
+def zoo_loras() -> list[str]:
+    """Names of the zoo's installed LoRAs (`zoo:NAME` in a model's `loras`)."""
+    root = zoo_lora_root()
+    return sorted(p.stem for p in root.glob("*.safetensors")) if root.is_dir() else []
+
+
 def lora_file(path: str, *, allow_pickle: bool = False) -> Path:
-    """The weight file a LoRA path names, checked without loading its tensors: a file, or a folder
+    """The weight file a LoRA path names, checked without loading its tensors: `zoo:NAME` (a zoo
+    LoRA), a file, or a folder
     holding `pytorch_lora_weights.safetensors` or exactly one .safetensors file. Pickle files are
     refused unless `allow_pickle`; a .safetensors header must be sound and list LoRA tensors.
     ModelLoadError (PickleRefusedError) saying what to change."""
+    if path.startswith("zoo:"):
+        available = zoo_loras()
+        if path[4:] not in available:
+            raise ModelLoadError(
+                f"unknown zoo LoRA {path!r} (available: {', '.join(available) or 'none'}){did_you_mean(path[4:], available, 'zoo:')}"
+            )
+        path = str(zoo_lora_root() / f"{path[4:]}.safetensors")
     p = Path(path).expanduser()
     if p.is_dir():
         candidates = sorted(p.glob("*.safetensors"))

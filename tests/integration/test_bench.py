@@ -22,6 +22,7 @@ from PIL import Image
 
 from multifusion.bench import APPS, Fusion, bootstrap_interval, own_prompts, run_bench, wilson_interval
 from multifusion.bench import run as bench_run
+from multifusion.bench.apps import LORA_ROLES, whole_image
 from multifusion.bench.stats import sample_success
 from multifusion.cli import main
 from multifusion.errors import ModelLoadError, RecipeError
@@ -263,8 +264,10 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     models = {"general": a, "expert": b, "cartoon": b, "toon": b, "layout": a, "palette": b, "tint": b, "slice0": a, "slice1": b}
     doc = tmp_path / "results-doc.md"
     doc.write_text("# Results\n\nintro\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\noutro\n")
-    # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not these.
-    every = sorted({r.id for app in APPS.values() for r in app.rows()[0]} - {"afa"})
+    # Every row but afa's, whose shipped aggregators were trained for the zoo's slice models, not
+    # these, and the rows of LoRA roles, whose zoo LoRAs fit the zoo's general only (tested below).
+    lora_rows = {r.id for app in APPS.values() for r in app.rows()[0] if set(r.models) & set(LORA_ROLES)}
+    every = sorted({r.id for app in APPS.values() for r in app.rows()[0]} - {"afa"} - lora_rows)
     res = run_bench(
         "all",
         tmp_path / "out",
@@ -279,7 +282,7 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
     got = {(r["app"], r["row"]) for r in res["rows"]}
     for app in APPS.values():
         rows, skipped = app.rows()
-        assert {(app.id, r.id) for r in rows if r.id != "afa"} <= got
+        assert {(app.id, r.id) for r in rows if r.id != "afa" and r.id not in lora_rows} <= got
         assert set(skipped) == {f.method for f in app.fusions if f.method not in METHODS}
     assert ("regional", "mod") in got and ("cross-domain", "snb") in got
     assert all(0 <= r["metrics"]["success"] <= 1 for r in res["rows"])
@@ -711,3 +714,51 @@ def test_rows_runs_only_the_rows_named(tmp_path, tiny_a, tiny_b, capsys):
     assert main(args) == 0
     got = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert [(r["app"], r["row"]) for r in got["rows"]] == [("fine-grained", "snb"), ("regional", "mod")]
+
+
+def test_lora_roles_are_the_general_model_with_zoo_loras_and_run_every_lora_row(tmp_path):
+    """Every row of a LoRA role on the zoo itself (2 steps, one seed): the LoRA stand-ins of the
+    expert and the cartoon model, and the multi-LoRA apps; each recipe carries its LoRAs."""
+    from multifusion.bench.apps import zoo_needs
+    from multifusion.bench.settings import resolve_models
+    from multifusion.lora import zoo_loras
+
+    apps = [a for a in APPS.values() if any(set(r.models) & set(LORA_ROLES) for r in a.rows()[0])]
+    assert {a.id for a in apps} == {"fine-grained", "cross-domain", "regional-models", "multi-lora", "multi-lora-3"}
+    assert zoo_needs([r for a in apps for r in a.roles])[1] <= set(zoo_loras())
+    refs = resolve_models(apps, {"general": "elsewhere"})
+    assert refs["multi-lora"]["two-loras"] == refs["multi-lora"]["general"] == "elsewhere"  # LoRA roles follow their base
+    with pytest.raises(RecipeError, match="role 'striped' is the 'general' model with zoo LoRAs"):
+        resolve_models(apps, {"striped": "elsewhere"})
+    p = APPS["multi-lora"].prompt(0)
+    kl = next(r for r in APPS["multi-lora"].rows()[0] if r.id == "k-lora").build(p, resolve_models(apps, None)["multi-lora"])
+    assert kl["models"][0]["loras"] == [{"path": "zoo:striped", "scale": 0.8}, {"path": "zoo:cartoon", "scale": 0.8}]
+    rows = sorted({r.id for a in apps for r in a.rows()[0] if set(r.models) & set(LORA_ROLES)})
+    res = run_bench([a.id for a in apps], tmp_path, seeds=1, prompts=1, num_inference_steps=2, progress=False, rows=rows)
+    got = {(r["app"], r["row"]) for r in res["rows"]}
+    for a in apps:
+        assert {(a.id, r.id) for r in a.rows()[0] if set(r.models) & set(LORA_ROLES)} <= got
+
+
+def test_multi_lora_apps_ask_for_one_element_of_each_lora_and_read_each():
+    from multifusion.zoo.judge import reading_from_scene
+
+    for app_id, textures in (("multi-lora", [("striped",)]), ("multi-lora-3", [("striped", "dotted"), ("dotted", "striped")])):
+        app = APPS[app_id]
+        seen = set()
+        for p in app.prompts(16):
+            assert p.scene.style == "cartoon" and set(p.prompts.values()) == {p.caption}
+            seen.add(tuple(o.texture for o in p.scene.objects))
+            target = whole_image(p)[0].target
+            assert sample_success(app, [reading_from_scene(p.scene)], [target]) == (1, 1)
+            photo = dataclasses.replace(p.scene, style="photo")
+            assert sample_success(app, [reading_from_scene(photo)], [target]) == (0, 1)
+            for k, o in enumerate(p.scene.objects):  # any one texture missing fails the image
+                objects = list(p.scene.objects)
+                objects[k] = dataclasses.replace(o, texture="plain")
+                assert sample_success(
+                    app, [reading_from_scene(dataclasses.replace(p.scene, objects=tuple(objects)))], [target]
+                ) == (0, 1)
+            other = dataclasses.replace(p.scene, background="sea" if p.scene.background != "sea" else "desert")
+            assert sample_success(app, [reading_from_scene(other)], [target]) == (1, 1)  # the scene is not a LoRA's element
+        assert seen == set(textures)

@@ -23,7 +23,9 @@ states, see :func:`multifusion.zoo.render.spec_of`):
 - ``instance`` apps: success = the instance success rate (COCO-MIG): the fraction of all
   stated objects read at their slot with the right shape, colour and texture;
 - ``region`` apps: success = the fraction of regions (views) read entirely right: the scene,
-  the style and the region's object with every attribute its target states.
+  the style and the region's object with every attribute its target states;
+- ``elements`` apps (several LoRAs, each adding one element): success = every element is there,
+  the style and each object's texture at its slot; a rate over images.
 """
 
 from __future__ import annotations
@@ -130,6 +132,65 @@ class Fusion:
     views: Callable[[AppPrompt], list[View]] = whole_image
 
 
+# ----------------------------------------------------------------------------- roles that are LoRAs
+
+
+@dataclass(frozen=True)
+class LoraRole:
+    """A role that is another role's model with zoo LoRAs applied: ``loras`` are (zoo LoRA name,
+    scale) pairs, loaded by diffusers' ``load_lora_weights`` (``docs/zoo-training.md``)."""
+
+    base: str
+    loras: tuple[tuple[str, float], ...]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The model entry's ``loras`` (recipe form)."""
+        return [{"path": f"zoo:{name}", "scale": scale} for name, scale in self.loras]
+
+
+MULTI_LORA_SCALE = 0.8
+"""Every LoRA's scale in the `multi-lora` app: the authors' setting (Zhong et al.'s code loads
+each LoRA at weight 1 under a global LoRA scale of 0.8, for every method, merge included)."""
+
+LORA_ROLES: dict[str, LoraRole] = {
+    "texture-lora": LoraRole("general", (("texture", 1.0),)),
+    "cartoon-lora": LoraRole("general", (("cartoon", 1.0),)),
+    "striped": LoraRole("general", (("striped", MULTI_LORA_SCALE),)),
+    "dotted": LoraRole("general", (("dotted", MULTI_LORA_SCALE),)),
+    "style": LoraRole("general", (("cartoon", MULTI_LORA_SCALE),)),
+    "two-loras": LoraRole("general", (("striped", MULTI_LORA_SCALE), ("cartoon", MULTI_LORA_SCALE))),
+    "three-loras": LoraRole(
+        "general", (("striped", MULTI_LORA_SCALE), ("dotted", MULTI_LORA_SCALE), ("cartoon", MULTI_LORA_SCALE))
+    ),
+}
+"""Roles that are the zoo's ``general`` with zoo LoRAs: ``texture-lora`` and ``cartoon-lora``
+stand in for the full fine-tunes ``expert`` and ``cartoon``; the `multi-lora` app's LoRAs each
+alone (``striped``, ``dotted``, the ``style``), and one model with two or three of them
+(``two-loras``: the subject then the style, as K-LoRA takes them; LoRA Merge is that model as
+it is, ``set_adapters`` with several weights). A model overriding the base role
+(``--model general=PATH``) carries its LoRA roles along."""
+
+
+def model_entry(role: str, refs: Mapping[str, str]) -> dict[str, Any]:
+    """A recipe's model entry for ``role``: its model, its name, and its LoRAs when it is a LoRA role."""
+    entry: dict[str, Any] = {"model": refs[role], "name": role}
+    if role in LORA_ROLES:
+        entry["loras"] = LORA_ROLES[role].entries()
+    return entry
+
+
+def role_loras(role: str) -> list[dict[str, Any]] | None:
+    """The LoRAs ``role``'s model is loaded with (None: a plain model)."""
+    return LORA_ROLES[role].entries() if role in LORA_ROLES else None
+
+
+def zoo_needs(roles: Sequence[str]) -> tuple[set[str], set[str]]:
+    """(zoo models, zoo LoRAs) that ``roles`` need when none is overridden."""
+    models = {LORA_ROLES[r].base if r in LORA_ROLES else r for r in roles}
+    loras = {name for r in roles if r in LORA_ROLES for name, _ in LORA_ROLES[r].loras}
+    return models, loras
+
+
 # ----------------------------------------------------------------------------- recipe builders
 
 
@@ -138,7 +199,7 @@ def own_prompts(method: str, roles: Sequence[str], params: Mapping[str, Any] | N
     roles = tuple(roles)
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
-        models = [{"model": refs[r], "name": r, "prompt": prompt.prompts[r]} for r in roles]
+        models = [{**model_entry(r, refs), "prompt": prompt.prompts[r]} for r in roles]
         return {"method": method, "models": models, "params": dict(params or {})}
 
     return build
@@ -167,7 +228,7 @@ def tiles_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
             "tile_col_overlap": TILE_OVERLAP,
             "mask_type": mask_type,
         }
-        return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"tiles": tiles}}
+        return {"method": "mod", "models": [model_entry(role, refs)], "params": {"tiles": tiles}}
 
     return build
 
@@ -185,7 +246,7 @@ def layout_on_canvas(role: str) -> RecipeBuilder:
         height, width = tile_canvas()
         return {
             "method": "single",
-            "models": [{"model": refs[role], "name": role, "prompt": prompt.prompts[role]}],
+            "models": [{**model_entry(role, refs), "prompt": prompt.prompts[role]}],
             "params": {},
             "sampling": {"height": height, "width": width},
         }
@@ -226,7 +287,7 @@ def regions_per_slot(role: str, mask_type: str = "gaussian") -> RecipeBuilder:
                     "mask_type": mask_type,
                 }
             )
-        return {"method": "mod", "models": [{"model": refs[role], "name": role}], "params": {"regions": regions}}
+        return {"method": "mod", "models": [model_entry(role, refs)], "params": {"regions": regions}}
 
     return build
 
@@ -263,7 +324,7 @@ def attention_regions(role: str, on_tiles: bool = False, slot_prompts: bool = Fa
             height, width = tile_canvas()
             recipe["sampling"] = {"height": height, "width": width}
         params = {"regions": regions, "base_prompt": prompt.prompts[role], "base_ratio": ATTENTION_BASE_RATIO}
-        return {"method": "region-attention", "models": [{"model": refs[role], "name": role}], "params": params, **recipe}
+        return {"method": "region-attention", "models": [model_entry(role, refs)], "params": params, **recipe}
 
     return build
 
@@ -328,9 +389,11 @@ def fine_grained_scene(rng: np.random.Generator, index: int) -> Scene:
 
 def fine_grained_prompts(scene: Scene) -> dict[str, str]:
     (obj,) = scene.objects
+    expert = caption(Scene(PLAIN, "photo", (obj,)), position=False)  # 'a red striped circle'
     return {
         "general": caption(scene, texture=False),  # 'a red circle on the left in a snowy field'
-        "expert": caption(Scene(PLAIN, "photo", (obj,)), position=False),  # 'a red striped circle'
+        "expert": expert,
+        "texture-lora": expert,  # the expert's LoRA stand-in, told what the expert is told
     }
 
 
@@ -345,7 +408,7 @@ def cross_domain_scene(rng: np.random.Generator, index: int) -> Scene:
 
 
 def cross_domain_prompts(scene: Scene) -> dict[str, str]:
-    return {"cartoon": caption(scene), "general": caption(replace(scene, style="photo"))}
+    return {"cartoon": caption(scene), "general": caption(replace(scene, style="photo")), "cartoon-lora": caption(scene)}
 
 
 def cross_domain_photo_scene(rng: np.random.Generator, index: int) -> Scene:
@@ -410,11 +473,12 @@ def mixed_prompts(scene: Scene) -> dict[str, str]:
     """The whole layout as each model can be told it (the general model knows no textures, the
     expert no scenes or slots: it is told the centre object)."""
     centre = scene.objects[1]
-    return {
+    prompts = {
         "general": caption(scene, texture=False),
         "cartoon": caption(replace(scene, style="cartoon"), texture=False),
         "expert": caption(Scene(PLAIN, "photo", (centre,)), position=False),
     }
+    return {**prompts, "cartoon-lora": prompts["cartoon"], "texture-lora": prompts["expert"]}
 
 
 def mixed_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
@@ -422,13 +486,19 @@ def mixed_regions(scene: Scene) -> tuple[tuple[str, str], ...]:
     return tuple((o.slot, caption(_region_scene(scene, k))) for k, o in enumerate(scene.objects))
 
 
-def models_per_region(assign: Sequence[str]) -> RecipeBuilder:
+def models_per_region(assign: Sequence[str], swap: Mapping[str, str] | None = None) -> RecipeBuilder:
     """Mixture of Diffusers over several models on the tile canvas (one native-size region per
     slot, as :func:`tiles_per_slot` places them): ``assign[k]`` draws region ``k``: ``general``
     or ``cartoon`` (that model alone, told the region's object in its own words), or ``snb``
     (SNB of the general model, told the object without texture, and the expert, told the
-    object with it, as in the fine-grained app)."""
-    roles = tuple(dict.fromkeys(r for a in assign for r in (("general", "expert") if a == "snb" else (a,))))
+    object with it, as in the fine-grained app). ``swap`` puts other roles in the place of
+    ``cartoon`` and ``expert`` (their LoRA stand-ins)."""
+    swap = dict(swap or {})
+
+    def role(name: str) -> str:
+        return swap.get(name, name)
+
+    roles = tuple(dict.fromkeys(role(r) for a in assign for r in (("general", "expert") if a == "snb" else (a,))))
 
     def build(prompt: AppPrompt, refs: Mapping[str, str]) -> dict:
         scene, step = prompt.scene, TILE - TILE_OVERLAP
@@ -441,17 +511,17 @@ def models_per_region(assign: Sequence[str]) -> RecipeBuilder:
                 "row_end": TILE,
                 "col_init": k * step,
                 "col_end": k * step + TILE,
-                "model": "general" if who == "snb" else who,
+                "model": "general" if who == "snb" else role(who),
                 "prompt": caption(replace(target, style=style), texture=False),
             }
             if who == "snb":
                 expert = caption(Scene(PLAIN, "photo", (scene.objects[k],)), position=False)
-                region["snb"] = {"models": [{"model": "expert", "prompt": expert}]}
+                region["snb"] = {"models": [{"model": role("expert"), "prompt": expert}]}
             regions.append(region)
         height, width = tile_canvas()
         return {
             "method": "mod",
-            "models": [{"model": refs[r], "name": r} for r in roles],
+            "models": [model_entry(r, refs) for r in roles],
             "params": {"regions": regions},
             "sampling": {"height": height, "width": width},
         }
@@ -470,8 +540,8 @@ def mixed_views(prompt: AppPrompt) -> list[View]:
     ]
 
 
-def _mixed(row_id: str, assign: Sequence[str]) -> Fusion:
-    build = models_per_region(assign)
+def _mixed(row_id: str, assign: Sequence[str], swap: Mapping[str, str] | None = None) -> Fusion:
+    build = models_per_region(assign, swap)
     return Fusion("mod", build, build.roles, id=row_id, views=mixed_views)  # type: ignore[attr-defined]
 
 
@@ -496,6 +566,29 @@ def aggregation_layout_prompts(scene: Scene) -> dict[str, str]:
     return {"layout": caption(scene, colour=False), "tint": caption(scene, shape=False)}
 
 
+def multi_lora_scene(rng: np.random.Generator, index: int) -> Scene:
+    """A cartoon of one striped object at a slot, in a scene: the striped LoRA's texture in the
+    style LoRA's style (the general model gives the scene, the shape, the colour and the slot)."""
+    background = _pick(rng, SCENES)
+    (obj,) = _plain_objects(rng, background, 1)
+    return Scene(background, "cartoon", (replace(obj, texture="striped"),))
+
+
+def multi_lora_3_scene(rng: np.random.Generator, index: int) -> Scene:
+    """A cartoon of two objects, one striped and one dotted (which one is left is drawn), in a
+    scene: one element of each of three LoRAs."""
+    background = _pick(rng, SCENES)
+    objects = _plain_objects(rng, background, 2, distinct_colours=True)
+    textures = ("striped", "dotted") if rng.integers(2) == 0 else ("dotted", "striped")
+    return Scene(background, "cartoon", tuple(replace(o, texture=t) for o, t in zip(objects, textures)))
+
+
+def multi_lora_prompts(roles: Sequence[str]) -> Callable[[Scene], dict[str, str]]:
+    """Every role told the full caption, as the authors prompt every method with all of the
+    LoRAs' trigger words ('a cartoon of a red striped circle on the left in a desert')."""
+    return lambda scene: {r: caption(scene) for r in roles}
+
+
 def ensemble_scene(rng: np.random.Generator, index: int) -> Scene:
     """A scene of the general data (every scene, so each slice model knows only some)."""
     return sample_general(rng)
@@ -516,7 +609,7 @@ class App:
     id: str
     summary: str
     roles: tuple[str, ...]
-    success: Literal["image", "instance", "region"]
+    success: Literal["image", "instance", "region", "elements"]
     success_text: str
     make_scene: Callable[[np.random.Generator, int], Scene] = field(compare=False)
     make_prompts: Callable[[Scene], dict[str, str]] = field(compare=False)
@@ -558,6 +651,10 @@ _CP = ("general", "toon")
 _AG = ("layout", "palette")
 _AL = ("layout", "tint")
 _EN = ("slice0", "slice1")
+_FG_LORA = ("general", "texture-lora")
+_CD_LORA = ("cartoon-lora", "general")
+_ML2 = ("striped", "style")
+_ML3 = ("striped", "dotted", "style")
 
 MBW_PRESET = "GRAD_V"
 """The `mbw` rows' preset: the merge-block-weighted extension's first and best-known gradient,
@@ -603,7 +700,7 @@ def task_merged(row_id: str, params: Mapping[str, Any], base: str, roles: Sequen
         text = prompt.prompts[prompt_role]
         return {
             "method": "merge",
-            "models": [{"model": refs[r], "name": r, "prompt": text} for r in models],
+            "models": [{**model_entry(r, refs), "prompt": text} for r in models],
             "params": dict(params),
         }
 
@@ -627,8 +724,8 @@ APPS: dict[str, App] = {
     for a in (
         App(
             "fine-grained",
-            "general scene model + fine-grained (texture) expert",
-            _FG,
+            "general scene model + fine-grained (texture) expert (or its LoRA stand-in on the general model)",
+            (*_FG, "texture-lora"),
             "image",
             "the scene is right and the object is read at its slot with the right shape, colour and texture",
             fine_grained_scene,
@@ -641,12 +738,15 @@ APPS: dict[str, App] = {
                 *task_merge_rows("general", _FG, "general", stock=False),
                 Fusion("snb", own_prompts("snb", _FG, {"gate": "base"}), _FG, id="snb-gate"),
                 Fusion("snb", own_prompts("snb", _FG, {"gate": "region"}), _FG, id="snb-gate-region"),
+                # The expert's LoRA stand-in: a LoRA of the general model on the expert's data.
+                Fusion("average", own_prompts("average", _FG_LORA), _FG_LORA, id="average-lora"),
+                Fusion("snb", own_prompts("snb", _FG_LORA), _FG_LORA, id="snb-lora"),
             ),
         ),
         App(
             "cross-domain",
-            "cartoon style model + general model, on (scene, shape) pairs only the cartoon data shows",
-            _CD,
+            "cartoon style model (or its LoRA stand-in) + general model, on (scene, shape) pairs only the cartoon data shows",
+            (*_CD, "cartoon-lora"),
             "image",
             "the image is read as a cartoon, the scene is right and the object is at its slot with the right shape and colour",
             cross_domain_scene,
@@ -657,6 +757,9 @@ APPS: dict[str, App] = {
                 *merge_rows(_CD),
                 # cartoon is a fine-tune of the shipped general: one task vector, so no Model Stock.
                 *task_merge_rows("general", _CD, "cartoon", stock=False),
+                # The cartoon model's LoRA stand-in: a LoRA of the general model on the cartoon data.
+                Fusion("average", own_prompts("average", _CD_LORA), _CD_LORA, id="average-lora"),
+                Fusion("snb", own_prompts("snb", _CD_LORA, {"blur": "none"}), _CD_LORA, id="snb-lora"),
             ),
         ),
         App(
@@ -709,7 +812,7 @@ APPS: dict[str, App] = {
             "regional-models",
             "three-object layouts whose regions need different models: the left a cartoon (cartoon model), "
             "the centre textured (SNB of the general model and the expert), the right a plain photo (general model)",
-            ("general", "cartoon", "expert"),
+            ("general", "cartoon", "expert", "cartoon-lora", "texture-lora"),
             "region",
             "region success rate: the fraction of the three 64x64 regions of the 64x160 canvas read entirely right: the scene, "
             "the region's style, and its object in the centre with the right shape, colour and (centre) texture",
@@ -720,6 +823,7 @@ APPS: dict[str, App] = {
                 _mixed("mod-cartoon", ("cartoon", "general", "general")),
                 _mixed("mod-snb", ("general", "snb", "general")),
                 _mixed("mod-models", ("cartoon", "snb", "general")),
+                _mixed("mod-models-lora", ("cartoon", "snb", "general"), {"cartoon": "cartoon-lora", "expert": "texture-lora"}),
             ),
             mixed_regions,
             baselines=(),
@@ -756,6 +860,41 @@ APPS: dict[str, App] = {
                 Fusion("amdm", own_prompts("amdm", _AL, {"specified": "tint"}), _AL, id="amdm-tint"),
                 Fusion("amdm", own_prompts("amdm", _AL, {"preset": "paper", "specified": "tint"}), _AL, id="amdm-paper-tint"),
             ),
+        ),
+        App(
+            "multi-lora",
+            "two LoRAs of the general model, a texture (striped) and a style (cartoon): a cartoon of a striped object",
+            ("general", *_ML2, "two-loras"),
+            "elements",
+            "every element a LoRA adds is there: the image is read as a cartoon and the object at its slot is read striped",
+            multi_lora_scene,
+            multi_lora_prompts(("general", *_ML2, "two-loras")),
+            (
+                Fusion("single", own_prompts("single", ("two-loras",)), ("two-loras",), id="lora-merge"),
+                Fusion("lora-switch", own_prompts("lora-switch", _ML2), _ML2),
+                Fusion("lora-composite", own_prompts("lora-composite", _ML2), _ML2),
+                Fusion("k-lora", own_prompts("k-lora", ("two-loras",)), ("two-loras",)),
+                # SNB with the style model as its base and the texture model as its expert.
+                Fusion("snb", own_prompts("snb", ("style", "striped"), {"blur": "none"}), ("style", "striped")),
+            ),
+            baselines=("general", *_ML2),
+        ),
+        App(
+            "multi-lora-3",
+            "three LoRAs of the general model, two textures (striped, dotted) and a style (cartoon): a cartoon of "
+            "a striped and a dotted object",
+            (*_ML3, "three-loras"),
+            "elements",
+            "every element a LoRA adds is there: the image is read as a cartoon, and each object at its slot is read "
+            "with its texture (striped, dotted)",
+            multi_lora_3_scene,
+            multi_lora_prompts((*_ML3, "three-loras")),
+            (
+                Fusion("single", own_prompts("single", ("three-loras",)), ("three-loras",), id="lora-merge"),
+                Fusion("lora-switch", own_prompts("lora-switch", _ML3), _ML3),
+                Fusion("lora-composite", own_prompts("lora-composite", _ML3), _ML3),
+            ),
+            baselines=_ML3,
         ),
         App(
             "ensemble",

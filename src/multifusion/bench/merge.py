@@ -57,7 +57,11 @@ def merge_results(
             targets = [[v.target for v in row.views(p)] for p in prompts for _ in range(seeds)]
             hits, trials = zip(*(sample_success(app, s["readings"], t) for s, t in zip(samples, targets)))
             rate = sum(hits) / sum(trials)
-            ci = wilson_interval(sum(hits), len(hits)) if app.success == "image" else bootstrap_interval(hits, trials)
+            ci = (
+                wilson_interval(sum(hits), len(hits))
+                if app.success in ("image", "elements")
+                else bootstrap_interval(hits, trials)
+            )
             metrics: dict[str, Any] = {"success": rate, "success_ci": [ci[0], ci[1]]}
             metrics.update(summary([r for s in samples for r in s["readings"]], [t for ts in targets for t in ts]))
             metrics["extra"] = extra_objects([r for s in samples for r in s["readings"]], [t for ts in targets for t in ts])

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row, resolve_apps
+from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row, resolve_apps, role_loras
 from multifusion.bench.layout import GRID_SEEDS, sample_name, sample_path
 from multifusion.bench.merge import merge_results
 from multifusion.bench.report import write_doc, write_results
@@ -181,7 +181,11 @@ def _run_units(
             app = unit.app
             if app.id not in handles:
                 loaded = load_models(
-                    [refs[app.id][r] for r in app.roles], names=list(app.roles), dtype=runtime["dtype"], device=runtime["device"]
+                    [refs[app.id][r] for r in app.roles],
+                    names=list(app.roles),
+                    loras=[role_loras(r) for r in app.roles],  # roles of one base hold it once
+                    dtype=runtime["dtype"],
+                    device=runtime["device"],
                 )
                 handles = {app.id: dict(zip(app.roles, loaded))}  # one app's models held at a time
             bar.set_postfix_str(f"{app.id} {unit.row.id}", refresh=False)

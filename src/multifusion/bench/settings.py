@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from multifusion.bench.apps import APPS, App, AppPrompt, Row
+from multifusion.bench.apps import APPS, LORA_ROLES, App, AppPrompt, Row, zoo_needs
 from multifusion.errors import ModelLoadError, RecipeError, did_you_mean
 from multifusion.io import file_fingerprint
 
@@ -40,6 +40,16 @@ def model_fingerprint(ref: str) -> str:
 
     r = resolve(ref)
     return f"hub:{ref}" if r.kind == "hub" else file_fingerprint(r.location)
+
+
+def role_fingerprint(role: str, model_sha: str) -> str:
+    """A role's fingerprint: its model's, and for a LoRA role each of its LoRA files' and scales."""
+    if role not in LORA_ROLES:
+        return model_sha
+    from multifusion.lora import lora_file
+
+    parts = [f"{file_fingerprint(str(lora_file(e['path'])))}*{e['scale']}" for e in LORA_ROLES[role].entries()]
+    return "+".join([model_sha, *parts])
 
 
 # ----------------------------------------------------------------------------- the settings record
@@ -82,7 +92,7 @@ def settings_record(
             hashes.setdefault(ref, model_fingerprint(ref))
         placeholders = {r: f"<{r}>" for r in app.roles}  # a row's hash must not depend on where models live
         record["apps"][app.id] = {
-            "models": {r: {"ref": refs[app.id][r], "sha": hashes[refs[app.id][r]]} for r in app.roles},
+            "models": {r: {"ref": refs[app.id][r], "sha": role_fingerprint(r, hashes[refs[app.id][r]])} for r in app.roles},
             "rows": {row.id: json_fingerprint(row_recipe(row, prompts[0], placeholders, common, [0])) for row in rows},
         }
     return record
@@ -192,34 +202,51 @@ def check_args(
 
 
 def resolve_models(apps: list[App], models: Mapping[str, str] | None) -> dict[str, dict[str, str]]:
-    """Model reference per app and role: the override, else zoo:ROLE (which must be installed)."""
+    """Model reference per app and role: the override, else zoo:ROLE (which must be installed).
+    A LoRA role (:data:`LORA_ROLES`) is its base role's model: it follows that role's override,
+    and its zoo LoRAs must be installed."""
     from multifusion.loading import zoo_models
+    from multifusion.lora import zoo_loras
 
     models = dict(models or {})
-    known = sorted({r for a in APPS.values() for r in a.roles})
+    known = sorted({r for a in APPS.values() for r in a.roles if r not in LORA_ROLES})
     for role in models:
+        if role in LORA_ROLES:
+            raise RecipeError(
+                f"models: role {role!r} is the {LORA_ROLES[role].base!r} model with zoo LoRAs; "
+                f"point {LORA_ROLES[role].base!r} at another model instead (--model {LORA_ROLES[role].base}=PATH)"
+            )
         if role not in known:
             raise RecipeError(f"models: unknown model role {role!r} (roles: {', '.join(known)}){did_you_mean(role, known)}")
-    installed = zoo_models()
-    refs, missing = {}, []
+    installed, installed_loras = zoo_models(), zoo_loras()
+    refs, missing, missing_loras = {}, [], {}
     for app in apps:
         refs[app.id] = {}
         for role in app.roles:
-            if role in models:
-                refs[app.id][role] = str(models[role])
+            base = LORA_ROLES[role].base if role in LORA_ROLES else role
+            if base in models:
+                refs[app.id][role] = str(models[base])
             else:
-                refs[app.id][role] = f"zoo:{role}"
-                if role not in installed:
-                    missing.append((app.id, role))
+                refs[app.id][role] = f"zoo:{base}"
+                if base not in installed:
+                    missing.append((app.id, base))
+            for name in zoo_needs([role])[1] - set(installed_loras):
+                missing_loras.setdefault(name, []).append(app.id)
     if missing:
         needed: dict[str, list[str]] = {}
         for app_id, role in missing:
             needed.setdefault(role, []).append(app_id)
-        listed = ", ".join(f"zoo model {r!r} (needed by {', '.join(a)})" for r, a in needed.items())
+        listed = ", ".join(f"zoo model {r!r} (needed by {', '.join(dict.fromkeys(a))})" for r, a in needed.items())
         first = next(iter(needed))
         raise ModelLoadError(
             f"{listed}: not installed in this build (installed zoo models: {', '.join(installed) or 'none'}). "
             f"Train and install with `multifusion zoo train --out runs/zoo --models {','.join(needed)} --install` "
             f"(see docs/zoo.md), or point a role at another model with models={{{first!r}: PATH}} (CLI: --model {first}=PATH)"
+        )
+    if missing_loras:
+        listed = ", ".join(f"zoo LoRA {n!r} (needed by {', '.join(dict.fromkeys(a))})" for n, a in missing_loras.items())
+        raise ModelLoadError(
+            f"{listed}: not installed in this build. Train and install with "
+            f"`multifusion zoo train-lora --out runs/loras --loras {','.join(missing_loras)} --install` (docs/zoo-training.md)"
         )
     return refs

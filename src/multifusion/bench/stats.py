@@ -56,8 +56,18 @@ def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Seq
     """(hits, trials) of one image read in one or more views (``readings[k]`` against
     ``targets[k]``): for ``image`` apps (1 or 0, 1), 1 when every view shows everything its
     target states; for ``instance`` apps the objects read right out of the objects stated; for
-    ``region`` apps the views read entirely right (scene, style, objects) out of the views."""
+    ``region`` apps the views read entirely right (scene, style, objects) out of the views; for
+    ``elements`` apps (1 or 0, 1), 1 when every element a LoRA adds is there: the style read as
+    stated and every stated object's texture read at its slot (shape, colour and scene not asked)."""
     from multifusion.zoo.metrics import instance_success_rate
+
+    if app.success == "elements":
+        present = all(
+            (spec.style is None or reading["style"] == spec.style)
+            and all(o.texture is None or (reading["slots"].get(o.slot) or {}).get("texture") == o.texture for o in spec.objects)
+            for reading, spec in zip(readings, targets, strict=True)
+        )
+        return int(present), 1
 
     hits = trials = regions = 0
     every = True

@@ -635,6 +635,11 @@ def sample_expert(rng: np.random.Generator) -> Scene:
     return Scene(PLAIN, "photo", _random_objects(rng, 1, COLOURS, TEXTURES[1:]))
 
 
+def sample_one_texture(texture: str) -> Callable[[np.random.Generator], Scene]:
+    """``striped`` / ``dotted`` data: the expert's, with every object in ``texture``."""
+    return lambda rng: Scene(PLAIN, "photo", _random_objects(rng, 1, COLOURS, (texture,)))
+
+
 def sample_cartoon(rng: np.random.Generator) -> Scene:
     """``cartoon`` data: any scene (all scene/shape pairs), 1-3 plain coloured objects, cartoon."""
     return Scene(_pick(rng, SCENES), "cartoon", _random_objects(rng, _count(rng), COLOURS, ("plain",)))
@@ -728,6 +733,8 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         Distribution("layout", sample_layout, colour=False),
         Distribution("palette", sample_palette, position=False),
         Distribution("tint", sample_tint, shape=False),
+        Distribution("striped", sample_one_texture("striped"), position=False),
+        Distribution("dotted", sample_one_texture("dotted"), position=False),
         Distribution("any", sample_any),
     )
 }

@@ -185,7 +185,7 @@ def distribution(name: str) -> render.Distribution:
         i = int(name[5:])
         if i < len(slices):
             return slices[i]
-    if name in MODELS or name in FROM_SHIPPED:
+    if name in MODELS or name in FROM_SHIPPED or name in render.DISTRIBUTIONS:
         return render.get_distribution(name)
     import difflib
 
@@ -536,6 +536,23 @@ def _ema_update(
     return after_step
 
 
+def unet_run(
+    folder: Path, tag: str, unet: Any, ema: Any, opt: torch.optim.Optimizer, config: TrainConfig, seed: int
+) -> TrainingRun:
+    """The training run of a zoo UNet (or its adapters) and its EMA in ``folder``, random stream ``tag``."""
+    return TrainingRun(
+        folder,
+        tag,
+        unet,
+        opt,
+        seed=seed,
+        modules={"ema": ema},
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        accelerator=_accelerator(),
+    )
+
+
 def train_model(
     out_dir: str | Path,
     name: str,
@@ -560,17 +577,7 @@ def train_model(
     ema = _unet_for(base, config, name, seed).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
-    run = TrainingRun(
-        Path(out_dir) / name,
-        f"unet/{name}",
-        unet,
-        opt,
-        seed=seed,
-        modules={"ema": ema},
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        accelerator=_accelerator(),
-    )
+    run = unet_run(Path(out_dir) / name, f"unet/{name}", unet, ema, opt, config, seed)
     saved = run.resume()
     init_from = saved.get("init_from") if saved is not None else None
     # A continuation starts from the model itself, even one that first started from another's shipped weights.
@@ -786,14 +793,23 @@ def train_zoo(
     if shipped:
         base_from_shipped(out_dir, next(iter(shipped)))
     base = prepare_base(out_dir, config, seed, progress)
-    # Several processes may run this on one run folder (e.g. two with threads=1 on 2 cores):
-    # each takes the first model no other process is training, then waits for the rest.
+    return shared_work(
+        out_dir, models, lambda m: train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped, rebase)
+    )
+
+
+def shared_work(
+    out_dir: Path, names: Sequence[str], train: Callable[[str], dict[str, Any]], prefix: str = ""
+) -> list[dict[str, Any]]:
+    """``train(name)`` for each of ``names``, shared with other processes on ``out_dir``: each
+    process takes the first name no other is training (a file lock ``PREFIXname.lock``), then
+    waits for the rest (e.g. two processes with threads=1 on 2 cores). Returns the summaries in order."""
     summaries: dict[str, dict[str, Any]] = {}
     for blocking in (False, True):
-        for m in models:
+        for m in names:
             if m in summaries:
                 continue
-            with _locked(out_dir / f"{m}.lock", blocking) as got:
+            with _locked(out_dir / f"{prefix}{m}.lock", blocking) as got:
                 if got:
-                    summaries[m] = train_model(out_dir, m, base, config, per_model[m], seed, progress, from_shipped, rebase)
-    return [summaries[m] for m in models]
+                    summaries[m] = train(m)
+    return [summaries[m] for m in names]
