@@ -875,7 +875,7 @@ APPS: dict[str, App] = {
                 Fusion("lora-composite", own_prompts("lora-composite", _ML2), _ML2),
                 Fusion("k-lora", own_prompts("k-lora", ("two-loras",)), ("two-loras",)),
                 # SNB with the style model as its base and the texture model as its expert.
-                Fusion("snb", own_prompts("snb", ("style", "striped"), {"blur": "none"}), ("style", "striped")),
+                Fusion("snb", own_prompts("snb", ("style", "striped"), {"blur": "none"}), ("style", "striped"), id="snb-lora"),
             ),
             baselines=("general", *_ML2),
         ),

@@ -180,14 +180,16 @@ def _run_units(
         for unit in todo:
             app = unit.app
             if app.id not in handles:
+                # The roles this run's rows of the app use (a LoRA role needs its LoRAs to fit the model).
+                roles = [r for r in app.roles if any(r in u.row.models for u in todo if u.app.id == app.id)]
                 loaded = load_models(
-                    [refs[app.id][r] for r in app.roles],
-                    names=list(app.roles),
-                    loras=[role_loras(r) for r in app.roles],  # roles of one base hold it once
+                    [refs[app.id][r] for r in roles],
+                    names=roles,
+                    loras=[role_loras(r) for r in roles],  # roles of one base hold it once
                     dtype=runtime["dtype"],
                     device=runtime["device"],
                 )
-                handles = {app.id: dict(zip(app.roles, loaded))}  # one app's models held at a time
+                handles = {app.id: dict(zip(roles, loaded))}  # one app's models held at a time
             bar.set_postfix_str(f"{app.id} {unit.row.id}", refresh=False)
             n = _run_unit(unit, handles[app.id], refs[app.id], common, runtime, judge, out)
             computed += n
