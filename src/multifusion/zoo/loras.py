@@ -86,8 +86,10 @@ LORAS: dict[str, LoraPlan] = {
 }
 """The zoo's LoRAs. ``texture`` learns the expert's data (one textured object on the plain
 backdrop) and stands in for the expert; ``cartoon`` learns the cartoon model's data; ``striped``
-and ``dotted`` learn the expert's data with one texture each, so that each LoRA of the
-``multi-lora`` app adds one element (a texture, a style) that the others cannot draw."""
+and ``dotted`` learn photos of scenes with one object of that texture, so that each LoRA of the
+``multi-lora`` apps adds one element (a texture, a style) that the others cannot draw, in the
+scenes the app asks for. (Trained first on the expert's plain-backdrop data, one texture each,
+they drew no texture at all when the prompt named a scene: 0 of 304 images.)"""
 
 
 def _check(names: list[str]) -> None:

@@ -636,8 +636,10 @@ def sample_expert(rng: np.random.Generator) -> Scene:
 
 
 def sample_one_texture(texture: str) -> Callable[[np.random.Generator], Scene]:
-    """``striped`` / ``dotted`` data: the expert's, with every object in ``texture``."""
-    return lambda rng: Scene(PLAIN, "photo", _random_objects(rng, 1, COLOURS, (texture,)))
+    """``striped`` / ``dotted`` data: photos of one object in ``texture``, any colour, shape and
+    slot, in one of the five scenes (the ``toon`` data as photos, one texture each). The general
+    model never saw a texture: a LoRA trained on this data adds that texture to its scenes."""
+    return lambda rng: Scene(_pick(rng, SCENES), "photo", _random_objects(rng, 1, COLOURS, (texture,)))
 
 
 def sample_cartoon(rng: np.random.Generator) -> Scene:
@@ -733,8 +735,8 @@ DISTRIBUTIONS: dict[str, Distribution] = {
         Distribution("layout", sample_layout, colour=False),
         Distribution("palette", sample_palette, position=False),
         Distribution("tint", sample_tint, shape=False),
-        Distribution("striped", sample_one_texture("striped"), position=False),
-        Distribution("dotted", sample_one_texture("dotted"), position=False),
+        Distribution("striped", sample_one_texture("striped")),
+        Distribution("dotted", sample_one_texture("dotted")),
         Distribution("any", sample_any),
     )
 }
