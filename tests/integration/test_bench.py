@@ -732,7 +732,7 @@ def test_lora_roles_are_the_general_model_with_zoo_loras_and_run_every_lora_row(
         resolve_models(apps, {"striped": "elsewhere"})
     p = APPS["multi-lora"].prompt(0)
     kl = next(r for r in APPS["multi-lora"].rows()[0] if r.id == "k-lora").build(p, resolve_models(apps, None)["multi-lora"])
-    assert kl["models"][0]["loras"] == [{"path": "zoo:striped", "scale": 0.8}, {"path": "zoo:cartoon", "scale": 0.8}]
+    assert kl["models"][0]["loras"] == [{"path": "zoo:striped", "scale": 1.0}, {"path": "zoo:cartoon", "scale": 1.0}]
     rows = sorted({r.id for a in apps for r in a.rows()[0] if set(r.models) & set(LORA_ROLES)})
     res = run_bench([a.id for a in apps], tmp_path, seeds=1, prompts=1, num_inference_steps=2, progress=False, rows=rows)
     got = {(r["app"], r["row"]) for r in res["rows"]}
