@@ -562,8 +562,13 @@ def test_regional_models_gives_each_region_its_model_and_reads_it_against_that_m
 
     app = APPS["regional-models"]
     rows = {r.id: r for r in app.rows()[0]}
-    assert list(rows) == ["mod-general", "mod-cartoon", "mod-snb", "mod-models"]  # no single rows
+    assert list(rows) == ["mod-general", "mod-cartoon", "mod-snb", "mod-models", "mod-models-lora"]  # no single rows
     assert rows["mod-models"].models == ("cartoon", "general", "expert") and rows["mod-general"].models == ("general",)
+    # The LoRA row: the same regions, the LoRA stand-ins in the cartoon model's and the expert's places.
+    assert rows["mod-models-lora"].models == ("cartoon-lora", "general", "texture-lora")
+    lora_regions = ModParams(**rows["mod-models-lora"].build(app.prompt(1), {r: r for r in app.roles})["params"]).regions
+    assert [r.model for r in lora_regions] == ["cartoon-lora", "general", "general"]
+    assert [m.model for m in lora_regions[1].snb.models] == ["texture-lora"]
     p = app.prompt(1)
     left, centre, right = p.scene.objects
     assert centre.texture in TEXTURES[1:] and left.texture == right.texture == "plain"

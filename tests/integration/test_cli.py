@@ -197,9 +197,12 @@ def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatc
 def test_zoo_list_names_every_installed_model(capsys, monkeypatch):
     from multifusion import loading
 
+    from multifusion.lora import zoo_loras
+
     assert main(["zoo", "list"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == [f"zoo:{name}" for name in loading.zoo_models()]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [f"zoo:{name}" for name in [*loading.zoo_models(), *zoo_loras()]]
+    assert zoo_loras() and all(line.endswith("LoRA (models[i].loras)") for line in lines[len(loading.zoo_models()) :])
     monkeypatch.setattr(loading, "zoo_models", lambda: [])
     assert main(["zoo", "list"]) == 0
     assert "multifusion zoo train" in capsys.readouterr().out
