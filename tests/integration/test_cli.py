@@ -196,7 +196,6 @@ def test_zoo_train_runs_models_then_judge_and_installs_both(tmp_path, monkeypatc
 
 def test_zoo_list_names_every_installed_model(capsys, monkeypatch):
     from multifusion import loading
-
     from multifusion.lora import zoo_loras
 
     assert main(["zoo", "list"]) == 0
