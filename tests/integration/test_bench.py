@@ -285,6 +285,8 @@ def test_every_app_runs_its_rows_and_updates_a_doc(tmp_path, tiny_a, tiny_b):
         assert {(app.id, r.id) for r in rows if r.id != "afa" and r.id not in lora_rows} <= got
         assert set(skipped) == {f.method for f in app.fusions if f.method not in METHODS}
     assert ("regional", "mod") in got and ("cross-domain", "snb") in got
+    # With another model as `general`, the rows of LoRA roles (zoo LoRAs fit the zoo's general) are skipped and listed.
+    assert {r for v in res["skipped"].values() for r in v} >= lora_rows
     assert all(0 <= r["metrics"]["success"] <= 1 for r in res["rows"])
     text = doc.read_text()
     assert "old" not in text and "intro" in text and "outro" in text and "### regional" in text

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from multifusion.bench.apps import PROMPT_SEED, App, AppPrompt, Row, resolve_apps, role_loras
+from multifusion.bench.apps import LORA_ROLES, PROMPT_SEED, App, AppPrompt, Row, resolve_apps, role_loras
 from multifusion.bench.layout import GRID_SEEDS, sample_name, sample_path
 from multifusion.bench.merge import merge_results
 from multifusion.bench.report import write_doc, write_results
@@ -154,7 +154,11 @@ def _plan(
             )
     for app in chosen:
         rows, skipped[app.id] = app.rows()
-        rows = [r for r in rows if only is None or r.id in only]
+        # The zoo's LoRAs fit the zoo's general only: with another model in a LoRA role's base
+        # role, the rows of LoRA roles are skipped (and listed as skipped).
+        moved = {r for r in app.roles if r in LORA_ROLES and refs[app.id][r] != f"zoo:{LORA_ROLES[r].base}"}
+        skipped[app.id] += [r.id for r in rows if set(r.models) & moved]
+        rows = [r for r in rows if not set(r.models) & moved and (only is None or r.id in only)]
         if not rows:
             continue
         app_prompts = app.prompts(prompts)
@@ -180,16 +184,21 @@ def _run_units(
         for unit in todo:
             app = unit.app
             if app.id not in handles:
-                # The roles this run's rows of the app use (a LoRA role needs its LoRAs to fit the model).
+                # The roles this run's rows of the app use. The LoRA roles load apart from the plain
+                # ones: among themselves they hold their base once, and a plain model stays a model
+                # without adapters (a weight merge refuses a module that carries any).
                 roles = [r for r in app.roles if any(r in u.row.models for u in todo if u.app.id == app.id)]
-                loaded = load_models(
-                    [refs[app.id][r] for r in roles],
-                    names=roles,
-                    loras=[role_loras(r) for r in roles],  # roles of one base hold it once
-                    dtype=runtime["dtype"],
-                    device=runtime["device"],
-                )
-                handles = {app.id: dict(zip(roles, loaded))}  # one app's models held at a time
+                handles = {app.id: {}}  # one app's models held at a time
+                for group in ([r for r in roles if r not in LORA_ROLES], [r for r in roles if r in LORA_ROLES]):
+                    if group:
+                        loaded = load_models(
+                            [refs[app.id][r] for r in group],
+                            names=group,
+                            loras=[role_loras(r) for r in group],
+                            dtype=runtime["dtype"],
+                            device=runtime["device"],
+                        )
+                        handles[app.id].update(zip(group, loaded))
             bar.set_postfix_str(f"{app.id} {unit.row.id}", refresh=False)
             n = _run_unit(unit, handles[app.id], refs[app.id], common, runtime, judge, out)
             computed += n
