@@ -19,12 +19,18 @@ of one LoRA model (one model evaluated per step, plus one adapter switch), Compo
 times it (N models evaluated per step), K-LoRA about one LoRA model (one adapter per layer; the
 choice is made once per step from top-K sums computed once per run).
 
+Composite's N models (and `average` of the base and one LoRA model) run in one denoiser call of
+N x the batch (`handles.predict_many`: peft's mixed batch); the rows marked "one by one" run the
+same recipes with that grouping off (one call per model, each after its adapter switch), so the
+last column of those pairs is what the shared call saves.
+
     python benchmarks/bench_multi_lora.py [--rank 8] [--steps 10] [--repeats 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,6 +59,32 @@ def plan_runner(recipe: dict, steps: int):
     return go
 
 
+@contextlib.contextmanager
+def one_by_one():
+    """Every model called on its own (`predict_many` without grouping) while the block runs."""
+    from multifusion import handles
+    from multifusion.noise import snb
+
+    grouped = handles.predict_many
+
+    def apart(guided, x_t, t, need_uncond=False):
+        return [g.predict(x_t, t, need_uncond) for g in guided]
+
+    handles.predict_many = snb.predict_many = apart
+    try:
+        yield
+    finally:
+        handles.predict_many = snb.predict_many = grouped
+
+
+def unbatched(go):
+    def run():
+        with one_by_one():
+            go()
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=8)
@@ -78,23 +110,34 @@ def main() -> None:
             return {"method": method, "prompt": PROMPT, "models": ms, "params": params or {}, "sampling": sampling}
 
         runs = {"base alone": recipe("single", [{"model": general}]), "one LoRA model": recipe("single", models[:1])}
+        runs["average, base + one LoRA model"] = recipe("average", [{"model": general}, models[0]])
         for n in (2, 3):
             runs[f"lora-switch, {n} LoRAs (tau 1)"] = recipe("lora-switch", models[:n], {"tau": 1})
             runs[f"lora-composite, {n} LoRAs"] = recipe("lora-composite", models[:n])
         both = [{"model": general, "name": "both", "loras": [{"path": str(f)} for f in loras[:2]]}]
         runs["LoRA Merge, 2 LoRAs on one model (single)"] = recipe("single", both)
         runs["k-lora, subject + style"] = recipe("k-lora", both)
-        times = interleaved_medians({k: plan_runner(r, args.steps) for k, r in runs.items()}, args.repeats, warmup=2)
+        runners = {k: plan_runner(r, args.steps) for k, r in runs.items()}
+        for k in [k for k in runs if k.startswith(("lora-composite", "average"))]:
+            runners[f"{k}, one by one"] = unbatched(runners[k])
+        times = interleaved_medians(runners, args.repeats, warmup=2)
 
         print(
             f"zoo:general, 64x64, CFG, DDIM; random LoRAs of rank {args.rank} on the UNet's attention projections; "
             f"{args.steps} steps per run, median of {args.repeats} runs timed in alternation, one thread"
         )
-        print("| run | ms per step | over the base alone | over one LoRA model |")
-        print("|---|---|---|---|")
+        print("| run | ms per step | over the base alone | over one LoRA model | shared call over one by one |")
+        print("|---|---|---|---|---|")
         base, one = times["base alone"], times["one LoRA model"]
         for name, t in times.items():
-            print(f"| {name} | {t / args.steps * 1e3:.2f} | {t / base:.2f} | {t / one:.2f} |")
+            if name.endswith("one by one"):
+                continue
+            apart = times.get(f"{name}, one by one")
+            print(
+                f"| {name} | {t / args.steps * 1e3:.2f} | {t / base:.2f} | {t / one:.2f} | {'' if apart is None else f'{t / apart:.2f}'} |"
+            )
+            if apart is not None:
+                print(f"| {name}, one by one | {apart / args.steps * 1e3:.2f} | {apart / base:.2f} | {apart / one:.2f} | |")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -7,11 +7,13 @@ v), its own guidance scale and negative prompt. What leaves a handle is a *noise
 
 `ModelHandle` is the interface; each model family (`multifusion.families`) is one subclass.
 `Guided` (a model conditioned on prompts), `predict_together` (several conditionings of one
-model in one call) and `cfg` work on any family.
+model, or of LoRA models of one base, in one call), `predict_many` / `call_all` (the models of a
+combiner grouped into such calls) and `cfg` work on any family.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -373,23 +375,50 @@ class Guided:
         return self.predict(x_t, t).eps
 
 
+def shared_base(a: ModelHandle, b: ModelHandle) -> bool:
+    """Whether two handles are one model or models differing only in LoRAs on one held base: the
+    same denoiser object (not compiled: a compiled graph holds no per-sample adapters), family,
+    dtype, device, offloader and schedule (so `eps` converts their outputs alike)."""
+    return a is b or (
+        a.unet is b.unet
+        and type(a) is type(b)
+        and not hasattr(a.unet, "_orig_mod")
+        and (a.dtype, a.device, a.offloader) == (b.dtype, b.device, b.offloader)
+        and a.scheduler_config == b.scheduler_config
+    )
+
+
 def predict_together(
     guided: Sequence[Guided], xs: Sequence[torch.Tensor], t: torch.Tensor, need_uncond: bool = False
 ) -> list[GuidedPrediction]:
-    """Guided predictions of several conditioned copies of ONE model, each on its own input
-    xs[i] (B_i, C, H, W) of one size, in one UNet call: unconditional halves first, then
-    conditional, as diffusers batches CFG. When every guidance scale is 1 and the unconditional
-    prediction is not asked for, only the conditional half runs."""
+    """Guided predictions of several conditioned copies of ONE model, or of models of one base
+    differing in their LoRAs (`shared_base`, each with at most one LoRA: `lora.per_sample_names`),
+    each on its own input xs[i] (B_i, C, H, W) of one size, in one denoiser call: unconditional
+    halves first, then conditional, as diffusers batches CFG. When every guidance scale is 1 and
+    the unconditional prediction is not asked for, only the conditional half runs."""
+    from multifusion.lora import per_sample_adapters, per_sample_names
+
     handle = guided[0].handle
+    if any(not shared_base(g.handle, handle) for g in guided):
+        raise ValueError("predict_together takes conditioned copies of one model (or of one base); group inputs by model first")
+    mixed = None
     if any(g.handle is not handle for g in guided):
-        raise ValueError("predict_together takes conditioned copies of one model; group inputs by model first")
+        mixed = per_sample_names([g.handle.adapters for g in guided])
+        if mixed is None:
+            raise ValueError("predict_together: these models of one base run several LoRAs or one LoRA at two weights")
     x = torch.cat(list(xs))
     cond = Conditioning.cat([g.positive for g in guided])
-    if not need_uncond and all(g.guidance_scale == 1.0 for g in guided):
-        c_all, u_all = handle.eps(x, t, cond), None
-    else:
-        uncond = Conditioning.cat([g.negative for g in guided])
-        u_all, c_all = handle.eps(torch.cat([x, x]), t, Conditioning.cat([uncond, cond])).chunk(2)
+    halves = 1 if not need_uncond and all(g.guidance_scale == 1.0 for g in guided) else 2
+    mixing = contextlib.nullcontext()
+    if mixed is not None:
+        names = [n for n, xi in zip(mixed[0], xs) for _ in range(xi.shape[0])] * halves
+        mixing = per_sample_adapters(handle.unet, names, mixed[1])
+    with mixing:
+        if halves == 1:
+            c_all, u_all = handle.eps(x, t, cond), None
+        else:
+            uncond = Conditioning.cat([g.negative for g in guided])
+            u_all, c_all = handle.eps(torch.cat([x, x]), t, Conditioning.cat([uncond, cond])).chunk(2)
     out, start = [], 0
     for g, xi in zip(guided, xs):
         n = xi.shape[0]
@@ -398,3 +427,43 @@ def predict_together(
         out.append(GuidedPrediction(c if u is None else cfg(u, c, g.guidance_scale), u, c, g.guidance_scale))
         start += n
     return out
+
+
+def predict_many(
+    guided: Sequence[Guided], x_t: torch.Tensor, t: torch.Tensor, need_uncond: bool = False
+) -> list[GuidedPrediction]:
+    """`[g.predict(x_t, t, need_uncond) for g in guided]`, with the models that can share a
+    denoiser call (`predict_together`: one model's copies, or models of one base each running at
+    most one LoRA) in one call per base; the others one by one. The maths is the same; only the
+    batch the denoiser sees changes (its float rounding may differ in the last bits)."""
+    groups: list[list[int]] = []  # each one call: the first group each model fits, in order
+    for i, g in enumerate(guided):
+        group = next((grp for grp in groups if _joins([guided[j] for j in grp], g)), None)
+        if group is None:
+            groups.append([i])
+        else:
+            group.append(i)
+    out: list[GuidedPrediction | None] = [None] * len(guided)
+    for group in groups:
+        for i, p in zip(group, predict_together([guided[i] for i in group], [x_t] * len(group), t, need_uncond)):
+            out[i] = p
+    return out  # type: ignore[return-value]
+
+
+def _joins(members: list[Guided], g: Guided) -> bool:
+    """Whether `g` can share `members`' denoiser call (`predict_together`)."""
+    from multifusion.lora import per_sample_names
+
+    if not shared_base(members[0].handle, g.handle):
+        return False
+    if all(m.handle is g.handle for m in members):
+        return True
+    return per_sample_names([m.handle.adapters for m in members] + [g.handle.adapters]) is not None
+
+
+def call_all(fns: Sequence[NoiseFn], x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> list[torch.Tensor]:
+    """`[f(x_t, t, record) for f in fns]`, the guided models among them (`Guided`) through
+    `predict_many`, so copies of one model and LoRA models of one base share denoiser calls."""
+    guided = [i for i, f in enumerate(fns) if type(f) is Guided]
+    preds = dict(zip(guided, predict_many([fns[i] for i in guided], x_t, t))) if len(guided) > 1 else {}
+    return [preds[i].eps if i in preds else f(x_t, t, record) for i, f in enumerate(fns)]

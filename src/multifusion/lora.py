@@ -17,6 +17,12 @@ activates it on a shared module right before that module runs (`ModelHandle._on_
 such models cost one base plus N LoRAs in memory. Switching is skipped when the module already has
 the set (the module remembers the last set activated on it). A model of the group without LoRAs
 activates the empty set: every peft layer then runs its base layer alone, the base model exactly.
+
+Models of one base that each run at most one LoRA (or none), every LoRA at one weight across them,
+also denoise together in one call (`per_sample_adapters`): peft's mixed-batch forward runs the base
+layer on the whole batch and adds each LoRA's update to its own samples only, which is each model's
+own layer output sample by sample. Models with several LoRAs at once, or one LoRA at two weights,
+are called one by one (`per_sample_names` says which).
 """
 
 from __future__ import annotations
@@ -158,7 +164,7 @@ class AdapterSet:
         listed once (`_lora_layers`): walking every submodule on each switch costs as much as
         the rest of the switch."""
         state = (self.names, self.weights)
-        if getattr(module, "_active_adapter_set", None) == state:
+        if module.__dict__.get("_per_sample_adapters") or getattr(module, "_active_adapter_set", None) == state:
             return
         layers = _lora_layers(module)
         if not layers:
@@ -171,6 +177,53 @@ class AdapterSet:
         # peft marks active adapters trainable; harmless here, every family's call runs under
         # torch.no_grad (turning it back off would double the cost of a switch).
         module._active_adapter_set = state
+
+
+BASE_ONLY = "__base__"
+"""peft's name for "no adapter" in a mixed batch (`adapter_names`)."""
+
+
+def per_sample_names(sets: Sequence[AdapterSet | None]) -> tuple[list[str], dict[str, float]] | None:
+    """For models of one base with these adapter sets (None: no LoRA): the adapter each runs in a
+    mixed batch (`BASE_ONLY` for none) and every adapter's weight, when each set holds at most one
+    LoRA and a LoRA has one weight wherever it is used; None otherwise (the models run apart)."""
+    names, weights = [], {}
+    for s in sets:
+        if s is None or not s.names:
+            names.append(BASE_ONLY)
+        elif len(s.names) > 1 or weights.setdefault(s.names[0], s.weights[0]) != s.weights[0]:
+            return None
+        else:
+            names.append(s.names[0])
+    return names, weights
+
+
+@contextmanager
+def per_sample_adapters(module: torch.nn.Module, names: list[str], weights: Mapping[str, float]) -> Iterator[None]:
+    """Run `module` (a denoiser) on a batch whose sample i takes adapter `names[i]` (`BASE_ONLY`:
+    the base layer alone), each adapter at its weight in `weights`, for the duration of the
+    block: every peft layer gets peft's `adapter_names` argument (its mixed-batch forward, as
+    `PeftModel` passes it, by a forward pre-hook), and `AdapterSet.activate` leaves the module
+    alone meanwhile. Afterwards the next activation sets every layer again."""
+    layers = _lora_layers(module)
+    for layer in layers:
+        if any(layer.use_dora.get(n, False) for n in weights):
+            raise ValueError("a DoRA adapter cannot run in a mixed batch (peft refuses it); run its models apart")
+        for name, weight in weights.items():
+            layer.set_scale(name, weight)
+
+    def inject(_layer, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    hooks = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]
+    module.__dict__["_per_sample_adapters"] = True
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        module.__dict__.pop("_per_sample_adapters", None)
+        module.__dict__.pop("_active_adapter_set", None)  # the scales changed: the next activation sets them again
 
 
 def _lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -98,6 +98,47 @@ def test_models_on_one_base_hold_it_once(loras):
     assert held_bytes(handles) < held_bytes(two_full)
 
 
+def test_models_of_one_base_share_denoiser_calls(loras):
+    """Average and SNB's models on one base (`predict_many`): the base and models with one LoRA
+    each run in ONE denoiser call (peft's mixed batch) and give what each gives alone (1e-5: only
+    the batch differs); a model with two LoRAs, or a LoRA at a second weight, runs apart; and the
+    models alone give the same afterwards (the mixed call leaves no scale or adapter behind)."""
+    from multifusion.handles import predict_many
+
+    handles = load_models(
+        [loras["a"]] * 5,
+        loras=[
+            [],
+            [_lora(loras["te"], 0.8)],
+            [_lora(loras["unet"], 0.6)],
+            [_lora(loras["unet"], 0.3)],
+            [_lora(loras["unet"]), _lora(loras["te"])],
+        ],
+        names=["base", "te", "unet", "unet-weak", "both"],
+    )
+    guided = [h.guide(PROMPT, negative_prompt="blurry", guidance_scale=5.0, batch_size=2) for h in handles]
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    alone = [g.predict(x, t, need_uncond=True) for g in guided]
+    assert all(not torch.allclose(alone[0].eps, p.eps, atol=1e-3) for p in alone[1:])  # five different models
+    calls = []
+    hook = handles[0].unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        for members, batches in (([0, 1, 2], [12]), ([0, 1, 2, 3], [12, 4]), ([1, 4, 2], [8, 4])):
+            calls.clear()
+            preds = predict_many([guided[i] for i in members], x, t, need_uncond=True)
+            assert sorted(calls, reverse=True) == batches, (members, calls)  # 2 images x 2 halves per model
+            for i, p in zip(members, preds):
+                for part in ("eps", "uncond", "cond"):
+                    torch.testing.assert_close(getattr(p, part), getattr(alone[i], part), atol=1e-5, rtol=1e-5)
+    finally:
+        hook.remove()
+    for g, before in zip(guided, alone):
+        assert torch.equal(g.predict(x, t, need_uncond=True).eps, before.eps)
+    guided[4].predict(x, t)  # its two adapters active; a mixed call; then it again, as it was
+    predict_many(guided[:3], x, t)
+    assert torch.equal(guided[4].predict(x, t, need_uncond=True).eps, alone[4].eps)
+
+
 def _recipe(method: str, models: list[dict], params: dict | None = None, **sampling) -> dict:
     return {
         "method": method,

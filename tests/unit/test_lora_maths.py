@@ -42,3 +42,20 @@ def test_a_layers_delta_is_its_scaled_product():
     assert torch.equal(lora_delta(LoraLayer(down, up, alpha=1.0)), want / 2)  # alpha / r
     conv = lora_delta(LoraLayer(down.reshape(2, 3, 1, 1).repeat(1, 1, 3, 3), up.reshape(2, 2, 1, 1)))
     assert conv.shape == (2, 3, 3, 3) and torch.equal(conv[:, :, 1, 2], want)
+
+
+def test_per_sample_names_mix_single_loras_at_one_weight_each():
+    """Models of one base share a call when each runs at most one LoRA and every LoRA has one
+    weight among them; otherwise None (they run apart)."""
+    from multifusion.lora import BASE_ONLY, AdapterSet, per_sample_names
+
+    a, b, a_weak, ab = (
+        AdapterSet(("a",), (0.8,)),
+        AdapterSet(("b",), (1.0,)),
+        AdapterSet(("a",), (0.3,)),
+        AdapterSet(("a", "b"), (1.0, 1.0)),
+    )
+    assert per_sample_names([None, a, b, AdapterSet()]) == ([BASE_ONLY, "a", "b", BASE_ONLY], {"a": 0.8, "b": 1.0})
+    assert per_sample_names([a, a]) == (["a", "a"], {"a": 0.8})
+    assert per_sample_names([a, a_weak]) is None
+    assert per_sample_names([None, ab]) is None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from multifusion.handles import NoiseFn
+from multifusion.handles import NoiseFn, call_all
 
 
 def weighted_average(eps: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -50,6 +50,6 @@ class Average:
         return Average(fns, self.weights)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> torch.Tensor:
-        # Models with zero weight are not called at all.
+        # Models with zero weight are not called at all; LoRA models of one base share calls (`call_all`).
         pairs = [(f, w) for f, w in zip(self.fns, self.weights) if w != 0]
-        return weighted_average([f(x_t, t, record) for f, _ in pairs], [w for _, w in pairs])
+        return weighted_average(call_all([f for f, _ in pairs], x_t, t, record), [w for _, w in pairs])

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from multifusion.errors import FieldError
-from multifusion.handles import Guided
+from multifusion.handles import Guided, predict_many
 from multifusion.schedulers import in_window, timestep_fraction
 
 Blur = Literal["box", "gaussian", "none"]
@@ -204,7 +204,7 @@ class SNB:
         if not self.active(t):
             return self.guided[0](x_t, t, record)
         check_blur_fits(self.blur, self.blur_size, self.blur_sigma, tuple(x_t.shape[-2:]))
-        preds = [g.predict(x_t, t, need_uncond=True) for g in self.guided]
+        preds = predict_many(self.guided, x_t, t, need_uncond=True)  # models of one base in one call
         maps = torch.stack(
             [spatial_softmax(salience(p.response, self.blur, self.blur_size, self.blur_sigma), k) for p, k in zip(preds, self.k)]
         )  # (N, B, 1, H, W)
