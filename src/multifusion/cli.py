@@ -738,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "app",
-        help="fine-grained, cross-domain, cross-domain-photo, regional, regional-models, aggregation, aggregation-layout, ensemble (several: comma-separated); "
+        help="fine-grained, cross-domain, cross-domain-photo, regional, regional-models, aggregation, aggregation-layout, ensemble, "
+        "multi-lora, multi-lora-3 (several: comma-separated); "
         "'all' for every app; 'real' for your own models (with --recipe and --prompt-file)",
     )
     b.add_argument(

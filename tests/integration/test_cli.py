@@ -134,6 +134,15 @@ def test_help_documents_every_command_and_option(capsys):
     check(parser, "multifusion")
 
 
+def test_bench_help_names_every_app():
+    from multifusion.bench.apps import APPS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    app = next(a for a in sub["bench"]._actions if a.dest == "app")
+    named = {w.strip(" ,") for w in app.help.split("(")[0].split(",")}
+    assert named == set(APPS), set(APPS) ^ named
+
+
 def test_every_sampling_and_runtime_field_is_a_flag(tmp_path, recipe_file, capsys):
     """The override flags come from `Sampling` and `Runtime`: each field has its own flag in
     `generate` and `validate` (and in the help), sets that field, and keeps its short alias."""
