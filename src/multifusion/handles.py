@@ -435,9 +435,15 @@ def predict_many(
     """`[g.predict(x_t, t, need_uncond) for g in guided]`, with the models that can share a
     denoiser call (`predict_together`: one model's copies, or models of one base each running at
     most one LoRA) in one call per base; the others one by one. The maths is the same; only the
-    batch the denoiser sees changes (its float rounding may differ in the last bits)."""
+    batch the denoiser sees changes (its float rounding may differ in the last bits). One model
+    given twice with the same conditioning (an SNB of a model with itself) is predicted once, so
+    a model fused with itself is that model bit for bit."""
+    key = [(id(g.handle), id(g.positive), id(g.negative), g.guidance_scale) for g in guided]
+    first = {k: i for i, k in reversed(list(enumerate(key)))}  # each model and conditioning's first place
     groups: list[list[int]] = []  # each one call: the first group each model fits, in order
     for i, g in enumerate(guided):
+        if first[key[i]] != i:
+            continue
         group = next((grp for grp in groups if _joins([guided[j] for j in grp], g)), None)
         if group is None:
             groups.append([i])
@@ -447,6 +453,8 @@ def predict_many(
     for group in groups:
         for i, p in zip(group, predict_together([guided[i] for i in group], [x_t] * len(group), t, need_uncond)):
             out[i] = p
+    for i in range(len(guided)):
+        out[i] = out[first[key[i]]]
     return out  # type: ignore[return-value]
 
 
