@@ -134,11 +134,25 @@ def evaluate_model(
     return out
 
 
-def evaluate_renders(dist: str, n: int = 32, seed: int = 0, judge: Any = None) -> dict[str, Any]:
-    """The same scores for the renders of the held-out captions: the judge's ceiling."""
+def evaluate_renders(dist: str, n: int = 32, seed: int = 0, judge: Any = None, vae: Any = None) -> dict[str, Any]:
+    """The same scores for the renders of the held-out captions: the judge's ceiling. With `vae`,
+    for those renders encoded and decoded by it (`reconstruct`): the ceiling a model drawing
+    through that VAE can reach, row "reconstructed"."""
     data = render.make_dataset(_distribution(dist), n, EVAL_SEED + seed)
-    readings = (judge or load_judge()).read(data.images)
-    return {"model": "renders", "prompts": dist, "n": n, **metrics.summary(readings, data.captions)}
+    images = data.images if vae is None else reconstruct(vae, data.images)
+    readings = (judge or load_judge()).read(images)
+    name = "renders" if vae is None else "reconstructed"
+    return {"model": name, "prompts": dist, "n": n, **metrics.summary(readings, data.captions)}
+
+
+def reconstruct(vae: Any, images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 images through `vae` (its posterior mean, decoded), as uint8."""
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.dtype)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+    return ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 # ----------------------------------------------------------------------------- report figures
@@ -223,16 +237,12 @@ def loss_plot(
 
 def reconstruction_grid(vae: Any, per_distribution: int = 4, seed: int = 0):
     """Renders (top row) and their VAE reconstructions (bottom row), held-out seeds, PIL image."""
-    import torch
     from PIL import Image
 
     from multifusion.zoo.train import VAE_MIX
 
     images = np.concatenate([render.make_dataset(d, per_distribution, EVAL_SEED + seed).images for d in VAE_MIX])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(vae.dtype)
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-    recon = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    recon = reconstruct(vae, images)
     mse = float(np.mean((recon.astype(np.float64) - images) ** 2))
     psnr = 10 * np.log10(255.0**2 / mse)
     tiles = [Image.fromarray(a) for a in images] + [Image.fromarray(a) for a in recon]
@@ -280,7 +290,8 @@ def evaluate_zoo(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The rows of docs/zoo-training.md's judge table: each model (default: every installed zoo
-    model) on its own prompts and on :data:`CROSS`'s, then the renders of its prompts.
+    model) on its own prompts and on :data:`CROSS`'s, then the renders of its prompts as drawn
+    and through the model's VAE.
 
     With ``out``, also writes there ``zoo-eval.json`` (the rows), ``zoo-eval.md`` (their table)
     and ``zoo-samples-MODEL-on-PROMPTS.png`` (the first 16 images of each row).
@@ -306,6 +317,7 @@ def evaluate_zoo(
             if folder:
                 image_grid(images[:16], cols=8).save(folder / f"zoo-samples-{m}-on-{prompts}.png")
         rows.append(evaluate_renders(m, n, seed, judge=judge))
+        rows.append(evaluate_renders(m, n, seed, judge=judge, vae=handle.vae))
     if folder:
         (folder / "zoo-eval.json").write_text(json.dumps(rows, indent=2))
         (folder / "zoo-eval.md").write_text(format_table(rows) + "\n")
