@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from multifusion.lora import per_sample_adapters, per_sample_names
+
 
 class NoiseFn(Protocol):
     """``(x_t, t, record=None) -> eps``: epsilon prediction for latents ``x_t`` (B, C, H, W),
@@ -396,8 +398,6 @@ def predict_together(
     each on its own input xs[i] (B_i, C, H, W) of one size, in one denoiser call: unconditional
     halves first, then conditional, as diffusers batches CFG. When every guidance scale is 1 and
     the unconditional prediction is not asked for, only the conditional half runs."""
-    from multifusion.lora import per_sample_adapters, per_sample_names
-
     handle = guided[0].handle
     if any(not shared_base(g.handle, handle) for g in guided):
         raise ValueError("predict_together takes conditioned copies of one model (or of one base); group inputs by model first")
@@ -460,8 +460,6 @@ def predict_many(
 
 def _joins(members: list[Guided], g: Guided) -> bool:
     """Whether `g` can share `members`' denoiser call (`predict_together`)."""
-    from multifusion.lora import per_sample_names
-
     if not shared_base(members[0].handle, g.handle):
         return False
     if all(m.handle is g.handle for m in members):
