@@ -31,6 +31,10 @@ pytest.importorskip("gradio", reason='the ui extra is not installed (pip install
 sync_api = pytest.importorskip("playwright.sync_api", reason='the ui extra is not installed (pip install -e ".[ui]")')
 
 pytestmark = pytest.mark.timeout(300)
+# A value the page shows after the server answered (a restored recipe's fields) may take several
+# seconds while the other test process holds the CPU: expectations wait up to 30 s (they pass as
+# soon as the value is there), as the explicit waits below do.
+sync_api.expect.set_options(timeout=30_000)
 
 STEPS = "4"
 
