@@ -403,9 +403,11 @@ def predict_together(
         raise ValueError("predict_together takes conditioned copies of one model (or of one base); group inputs by model first")
     mixed = None
     if any(g.handle is not handle for g in guided):
-        mixed = per_sample_names([g.handle.adapters for g in guided])
+        mixed = per_sample_names([g.handle.adapters for g in guided], handle.unet)
         if mixed is None:
-            raise ValueError("predict_together: these models of one base run several LoRAs or one LoRA at two weights")
+            raise ValueError(
+                "predict_together: these models of one base run several LoRAs, one LoRA at two weights or a DoRA adapter"
+            )
     x = torch.cat(list(xs))
     cond = Conditioning.cat([g.positive for g in guided])
     halves = 1 if not need_uncond and all(g.guidance_scale == 1.0 for g in guided) else 2
@@ -464,7 +466,7 @@ def _joins(members: list[Guided], g: Guided) -> bool:
         return False
     if all(m.handle is g.handle for m in members):
         return True
-    return per_sample_names([m.handle.adapters for m in members] + [g.handle.adapters]) is not None
+    return per_sample_names([m.handle.adapters for m in members] + [g.handle.adapters], g.handle.unet) is not None
 
 
 def call_all(fns: Sequence[NoiseFn], x_t: torch.Tensor, t: torch.Tensor, record: dict | None = None) -> list[torch.Tensor]:

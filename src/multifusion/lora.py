@@ -183,10 +183,15 @@ BASE_ONLY = "__base__"
 """peft's name for "no adapter" in a mixed batch (`adapter_names`)."""
 
 
-def per_sample_names(sets: Sequence[AdapterSet | None]) -> tuple[list[str], dict[str, float]] | None:
+def per_sample_names(
+    sets: Sequence[AdapterSet | None], module: torch.nn.Module | None = None
+) -> tuple[list[str], dict[str, float]] | None:
     """For models of one base with these adapter sets (None: no LoRA): the adapter each runs in a
     mixed batch (`BASE_ONLY` for none) and every adapter's weight, when each set holds at most one
-    LoRA and a LoRA has one weight wherever it is used; None otherwise (the models run apart)."""
+    LoRA, a LoRA has one weight wherever it is used and none is a DoRA adapter of `module` (the
+    shared denoiser; peft refuses DoRA in a mixed batch); None otherwise (the models run apart)."""
+    if module is not None and any(_dora(module, n) for s in sets if s is not None for n in s.names):
+        return None
     names, weights = [], {}
     for s in sets:
         if s is None or not s.names:
@@ -206,9 +211,9 @@ def per_sample_adapters(module: torch.nn.Module, names: list[str], weights: Mapp
     `PeftModel` passes it, by a forward pre-hook), and `AdapterSet.activate` leaves the module
     alone meanwhile. Afterwards the next activation sets every layer again."""
     layers = _lora_layers(module)
+    if any(_dora(module, n) for n in weights):
+        raise ValueError("a DoRA adapter cannot run in a mixed batch (peft refuses it); run its models apart")
     for layer in layers:
-        if any(layer.use_dora.get(n, False) for n in weights):
-            raise ValueError("a DoRA adapter cannot run in a mixed batch (peft refuses it); run its models apart")
         for name, weight in weights.items():
             layer.set_scale(name, weight)
 
@@ -224,6 +229,11 @@ def per_sample_adapters(module: torch.nn.Module, names: list[str], weights: Mapp
             hook.remove()
         module.__dict__.pop("_per_sample_adapters", None)
         module.__dict__.pop("_active_adapter_set", None)  # the scales changed: the next activation sets them again
+
+
+def _dora(module: torch.nn.Module, name: str) -> bool:
+    """Whether adapter `name` is a DoRA adapter on any of `module`'s peft layers."""
+    return any(layer.use_dora.get(name, False) for layer in _lora_layers(module))
 
 
 def _lora_layers(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -139,6 +139,25 @@ def test_models_of_one_base_share_denoiser_calls(loras):
     assert torch.equal(guided[4].predict(x, t, need_uncond=True).eps, alone[4].eps)
 
 
+def test_a_dora_adapter_keeps_its_models_apart(loras):
+    """peft refuses DoRA adapters in a mixed batch: models of one base with one are not grouped
+    (`per_sample_names` None), and `per_sample_adapters` refuses them naming DoRA."""
+    from multifusion.lora import per_sample_adapters, per_sample_names
+
+    base, unet = load_models([loras["a"]] * 2, loras=[[], [_lora(loras["unet"])]], names=["base", "unet"])
+    name = unet.adapters.names[0]
+    assert per_sample_names([base.adapters, unet.adapters], unet.unet) is not None
+    layers = [m for m in unet.unet.modules() if hasattr(m, "use_dora") and name in m.use_dora]
+    assert layers
+    try:
+        layers[0].use_dora[name] = True  # one layer is enough to refuse the batch
+        assert per_sample_names([base.adapters, unet.adapters], unet.unet) is None
+        with pytest.raises(ValueError, match="DoRA"), per_sample_adapters(unet.unet, ["__base__", name], {name: 1.0}):
+            pass
+    finally:
+        layers[0].use_dora[name] = False
+
+
 def _recipe(method: str, models: list[dict], params: dict | None = None, **sampling) -> dict:
     return {
         "method": method,
