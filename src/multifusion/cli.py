@@ -5,7 +5,7 @@ multifusion generate --from-image IMG.png --out DIR
 multifusion validate RECIPE.yaml                 check a recipe without loading models
 multifusion methods                              list the methods
 multifusion demo --out DIR                       the main job on the built-in models
-multifusion zoo list | train | train-lora | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
+multifusion zoo list | train | train-lora | decoder | judge | evaluate  the embedded ShapeWorld models: list, retrain, score
 multifusion bench APP|all --out DIR              every method side by side on the zoo apps
 multifusion merge RECIPE.yaml --out DIR          write a merge/mbw recipe's merged model
 multifusion merge --base MODEL --lora FILE --out DIR   a LoRA merged into a checkpoint (block weights)
@@ -269,6 +269,22 @@ def cmd_zoo_train_lora(args: argparse.Namespace) -> int:
         print(f"{summary['model']}: {summary['steps']} steps, {summary['minutes']} min, final loss {summary['final_loss']}")
     if args.install:
         print("installed: " + ", ".join(install_loras(args.out, names)))
+    return 0
+
+
+def cmd_zoo_decoder(args: argparse.Namespace) -> int:
+    from multifusion.zoo.train import TrainConfig, install_vae, train_shipped_decoder
+
+    _positive("--threads", args.threads)
+    _positive("--steps", args.steps)
+    _check_out(args.out)
+    config = TrainConfig() if args.steps is None else TrainConfig(decoder_steps=args.steps)
+    info = train_shipped_decoder(args.out, config, seed=args.seed, progress=not args.no_progress, threads=args.threads)
+    print(f"decoder: {info['decoder_steps']} steps, {info['decoder_minutes_this_run']} min, PSNR {info['vae_psnr_db']} dB")
+    for d, (before, after) in info["psnr_db_before_after"].items():
+        print(f"  {d:8s} {before:6.2f} -> {after:6.2f} dB")
+    if args.install:
+        print("installed into: " + ", ".join(install_vae(args.out)))
     return 0
 
 
@@ -592,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The embedded ShapeWorld zoo: small models trained and shipped by the project.",
     )
     zsub = z.add_subparsers(
-        dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list, train, train-lora, judge or evaluate"
+        dest="zoo_command", required=True, metavar="ZOO_COMMAND", help="list, train, train-lora, decoder, judge or evaluate"
     )
     zl = zsub.add_parser(
         "list", help="list the installed zoo models", description="List the installed zoo models and their sizes."
@@ -638,6 +654,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(zr)
     zr.add_argument("--install", action="store_true", help="copy the trained LoRAs (fp16) into the package weights folder")
     zr.set_defaults(func=cmd_zoo_train_lora)
+    zd = zsub.add_parser(
+        "decoder",
+        help="train the shipped VAE's decoder further, encoder frozen (no UNet retrain needed)",
+        description="Train the decoder of the zoo's shared VAE further into --out, its encoder frozen, so every "
+        "UNet's latents stay valid; with --install, write it into every zoo model (docs/zoo-training.md).",
+    )
+    zd.add_argument("--out", required=True, help="run folder (checkpoints, logs, the trained VAE)")
+    zd.add_argument("--steps", type=int, help="decoder training steps (default 3000)")
+    _add_run_args(zd)
+    zd.add_argument("--install", action="store_true", help="write the VAE (fp16) into every zoo model of the package")
+    zd.set_defaults(func=cmd_zoo_decoder)
     zj = zsub.add_parser(
         "judge",
         help="train the judge alone (deterministic, resumable), or --evaluate one",

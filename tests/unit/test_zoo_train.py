@@ -15,6 +15,7 @@ from multifusion import loading
 from multifusion.training import CHECKPOINT, Checkpoint, load_checkpoint, load_tensors
 from multifusion.zoo import render
 from multifusion.zoo.models import MAX_TOKENS, build_tokenizer, vocabulary
+from multifusion.zoo.train import DECODER_MIX as MIX
 from multifusion.zoo.train import (
     DEFAULT_STEPS,
     FROM_SHIPPED,
@@ -22,6 +23,9 @@ from multifusion.zoo.train import (
     MODELS,
     TrainConfig,
     ZooTrainError,
+    install_vae,
+    train_decoder,
+    train_shipped_decoder,
     _finetune_start,
     _shipped_start,
     distribution,
@@ -40,6 +44,7 @@ TINY = TrainConfig(
     vae_steps=3,
     vae_dataset_size=6,
     vae_batch_size=2,
+    decoder_steps=2,
     batch_size=4,
     checkpoint_every=3,
     log_every=1,
@@ -286,3 +291,52 @@ def test_shipped_models_share_text_encoder_and_vae_and_stay_small():
     assert len(te) == 1 and len(vae) == 1
     total = sum(p.stat().st_size for n in names for p in (root / n).rglob("*") if p.is_file())
     assert total < 60e6
+
+
+def test_the_decoder_phase_trains_the_decoder_alone_and_resumes_exactly(tmp_path):
+    """The encoder (and so every UNet's latent space) is untouched; the decoder moves; a run
+    stopped and resumed ends where an uninterrupted one does."""
+    from multifusion.zoo.models import SIZES, build_vae
+
+    config = replace(TINY, decoder_steps=4)
+    start = {k: v.clone() for k, v in build_vae(SIZES["tiny"], 0).state_dict().items()}
+    straight = train_decoder(tmp_path / "a", build_vae(SIZES["tiny"], 0), config, 0, False).state_dict()
+    (tmp_path / "b").mkdir()
+    train_decoder(tmp_path / "b", build_vae(SIZES["tiny"], 0), replace(config, decoder_steps=2), 0, False)
+    resumed = train_decoder(tmp_path / "b", build_vae(SIZES["tiny"], 0), config, 0, False).state_dict()
+    for key, value in straight.items():
+        decoder = key.startswith(("decoder.", "post_quant_conv."))
+        assert torch.equal(value, start[key]) is not decoder, key
+        assert torch.equal(value, resumed[key]), key
+    skipped = train_decoder(tmp_path / "c", build_vae(SIZES["tiny"], 0), replace(config, decoder_steps=0), 0, False)
+    assert all(torch.equal(v, start[k]) for k, v in skipped.state_dict().items())
+    with pytest.raises(ZooTrainError, match="decoder_steps"):
+        TrainConfig(decoder_steps=-1)
+
+
+@pytest.mark.skipif(not loading.zoo_models(), reason="no zoo models installed")
+def test_a_decoder_trained_on_the_shipped_vae_installs_into_every_model_as_one_file(tmp_path):
+    from safetensors.torch import load_file
+
+    dest = tmp_path / "weights"
+    for name in ("general", "toon"):
+        shutil.copytree(loading.zoo_root() / name, dest / name)
+    with pytest.raises(ZooTrainError, match="zoo decoder --out"):
+        install_vae(tmp_path / "nothing", dest=dest)
+    with pytest.raises(ZooTrainError, match="at least one step"):
+        train_shipped_decoder(tmp_path / "run", replace(TrainConfig(), decoder_steps=0), progress=False)
+    config = replace(TrainConfig(), decoder_steps=1, vae_dataset_size=4, vae_batch_size=2)
+    info = train_shipped_decoder(tmp_path / "run", config, progress=False)
+    assert info["decoder_steps"] == 1 and set(info["psnr_db_before_after"]) == {*MIX}
+    shipped = load_file(loading.zoo_root() / "general" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert install_vae(tmp_path / "run", dest=dest) == ["general", "toon"]
+    files = [dest / n / "vae" / "diffusion_pytorch_model.safetensors" for n in ("general", "toon")]
+    assert len({_digest(f) for f in files}) == 1
+    new = load_file(files[0])
+    assert {v.dtype for v in new.values()} == {torch.float16} and new.keys() == shipped.keys()
+    decoder = [k for k in shipped if k.startswith(("decoder.", "post_quant_conv."))]
+    assert all(torch.equal(new[k], shipped[k]) for k in shipped if k not in decoder)  # the encoder, bit for bit
+    assert any(not torch.equal(new[k], shipped[k]) for k in decoder)  # one small step: some weights move in fp16
+    record = json.loads((dest / "toon" / "training.json").read_text())
+    assert record["base"]["decoder_steps"] == 1 and record["base"]["vae_psnr_db"] == info["vae_psnr_db"]
+    assert record["init_from"]["model"] == "general"  # the rest of the record is kept
