@@ -239,9 +239,9 @@ def reconstruction_grid(vae: Any, per_distribution: int = 4, seed: int = 0):
     """Renders (top row) and their VAE reconstructions (bottom row), held-out seeds, PIL image."""
     from PIL import Image
 
-    from multifusion.zoo.train import VAE_MIX
+    from multifusion.zoo.train import DECODER_MIX
 
-    images = np.concatenate([render.make_dataset(d, per_distribution, EVAL_SEED + seed).images for d in VAE_MIX])
+    images = np.concatenate([render.make_dataset(d, per_distribution, EVAL_SEED + seed).images for d in DECODER_MIX])
     recon = reconstruct(vae, images)
     mse = float(np.mean((recon.astype(np.float64) - images) ** 2))
     psnr = 10 * np.log10(255.0**2 / mse)

@@ -556,7 +556,8 @@ def train_shipped_decoder(
     """Train the shipped VAE's decoder further, encoder frozen (:func:`train_decoder`, resumable),
     into ``out_dir/decoder/vae`` (fp32), for ``config.decoder_steps`` (default 3000) steps.
     Returns its record: steps, minutes, PSNR on the held-out renders :func:`prepare_base` measures
-    and, before and after, on 64 held-out renders of each distribution of :data:`DECODER_MIX`.
+    and, before and after, on 64 held-out renders of each distribution of :data:`DECODER_MIX`
+    (fewer when ``config.vae_dataset_size`` is smaller).
     :func:`install_vae` puts it into every zoo model."""
     from diffusers import AutoencoderKL
 
@@ -569,8 +570,8 @@ def train_shipped_decoder(
     vae = AutoencoderKL.from_pretrained(out_dir / "base" / "vae", use_safetensors=True).eval()
     # The held-out set `prepare_base` measures a VAE on (comparable with the record's first PSNR),
     # and each distribution of the decoder's mix on its own.
-    held = _vae_data(replace(config, vae_dataset_size=200), seed + 1)
-    per = {d: _vae_data(replace(config, vae_dataset_size=64), seed + 1, (d,)) for d in DECODER_MIX}
+    held = _vae_data(replace(config, vae_dataset_size=min(200, config.vae_dataset_size)), seed + 1)
+    per = {d: _vae_data(replace(config, vae_dataset_size=min(64, config.vae_dataset_size)), seed + 1, (d,)) for d in DECODER_MIX}
     before = {d: vae_psnr(vae, im) for d, im in per.items()}
     folder = out_dir / "decoder"
     folder.mkdir(parents=True, exist_ok=True)
