@@ -291,30 +291,7 @@ def _train_vae(base_dir: Path, config: TrainConfig, seed: int, progress: bool) -
     """Train the shared VAE (resumable like the UNets); return it in eval mode."""
     vae = build_vae(SIZES[config.size], derived_seed(seed, "vae"))
     fast_cpu_attention(vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    run = TrainingRun(
-        base_dir,
-        "vae",
-        vae,
-        opt,
-        seed=seed,
-        metrics=("loss", "mse", "kl"),
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        prefix="vae_",
-        accelerator=_accelerator(),
-    )
-    run.resume()
-    if run.step < config.vae_steps:
-        images = _vae_data(config, seed)  # (N, 64, 64, 3) uint8; re-rendered on resume (deterministic)
-        run.train(
-            _vae_loss(vae, images, config),
-            config.vae_steps,
-            lr=lambda s: config.vae_lr * _lr_factor(s, 100),
-            max_grad_norm=1.0,
-            progress=progress,
-        )
-    return vae.eval()
+    return _vae_run(base_dir, "vae", vae, list(vae.parameters()), config.vae_lr, config.vae_steps, config, seed, progress)
 
 
 def train_decoder(folder: Path, vae: Any, config: TrainConfig, seed: int, progress: bool) -> Any:
@@ -327,29 +304,42 @@ def train_decoder(folder: Path, vae: Any, config: TrainConfig, seed: int, progre
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trained, lr=config.decoder_lr, weight_decay=0.0)
+    _vae_run(folder, "decoder", vae, trained, config.decoder_lr, config.decoder_steps, config, seed, progress)
+    return vae.requires_grad_(False)
+
+
+def _vae_run(
+    folder: Path, tag: str, vae: Any, params: list, lr: float, steps: int, config: TrainConfig, seed: int, progress: bool
+) -> Any:
+    """Train ``params`` of ``vae`` to ``steps`` with AdamW (100 warm-up steps), resumable from
+    ``folder/{tag}_checkpoint.safetensors``: the whole VAE on :data:`VAE_MIX` (``tag`` "vae")
+    or its decoder on :data:`DECODER_MIX` (``tag`` "decoder"). Returns ``vae`` in eval mode."""
+    decoder_only = tag == "decoder"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     run = TrainingRun(
         folder,
-        "decoder",
+        tag,
         vae,
         opt,
         seed=seed,
+        metrics=("loss",) if decoder_only else ("loss", "mse", "kl"),
         checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
-        prefix="decoder_",
+        prefix=f"{tag}_",
         accelerator=_accelerator(),
     )
     run.resume()
-    if run.step < config.decoder_steps:
-        images = _vae_data(config, seed, DECODER_MIX)
+    if run.step < steps:
+        # (N, 64, 64, 3) uint8; re-rendered on resume (deterministic)
+        images = _vae_data(config, seed, DECODER_MIX if decoder_only else VAE_MIX)
         run.train(
-            _vae_loss(vae, images, config, decoder_only=True),
-            config.decoder_steps,
-            lr=lambda s: config.decoder_lr * _lr_factor(s, 100),
+            _vae_loss(vae, images, config, decoder_only),
+            steps,
+            lr=lambda s: lr * _lr_factor(s, 100),
             max_grad_norm=1.0,
             progress=progress,
         )
-    return vae.eval().requires_grad_(False)
+    return vae.eval()
 
 
 def vae_psnr(vae: Any, images: np.ndarray) -> float:
