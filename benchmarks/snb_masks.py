@@ -12,6 +12,9 @@ import argparse
 
 import numpy as np
 
+ROLES = ("general", "expert")
+"""The app's two full models (its other roles, the LoRA stand-ins, belong to other rows)."""
+
 
 def main() -> None:
     import torch
@@ -29,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     app = get_app("fine-grained")
-    handles = load_models([f"zoo:{r}" for r in app.roles], names=list(app.roles))
+    handles = load_models([f"zoo:{r}" for r in ROLES], names=list(ROLES))
     bands = [(0, 3), (3, 10), (10, 20), (20, args.steps)]
     print(
         f"{args.prompts} prompts x {args.seeds} seeds, {args.steps} DDIM steps; expert share of latent pixels (mean over images)\n"
@@ -44,7 +47,7 @@ def main() -> None:
         hi = {b: [] for b in bands}
         lo = {b: [] for b in bands}
         for p in app.prompts(args.prompts):
-            recipe = own_prompts("snb", app.roles, params)(p, {r: f"zoo:{r}" for r in app.roles})
+            recipe = own_prompts("snb", ROLES, params)(p, {r: f"zoo:{r}" for r in ROLES})
             recipe["sampling"] = {"num_inference_steps": args.steps, "seed": 0, "num_images": args.seeds}
             records: list[dict] = []
             list(

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+ROLES = ("general", "expert")
+"""The app's two full models (its other roles, the LoRA stand-ins, belong to other rows)."""
+
 DEFAULTS = {"k": 1.0, "blur": "box", "blur_size": 4, "window": [0.0, 1.0]}
 """The faithful method's parameters before this sweep (the values every one-factor cell varies)."""
 
@@ -113,7 +116,7 @@ def run_cell(params: dict, app, handles, prompts, seeds: int, steps: int, judge,
         if path.is_file():
             out += json.loads(path.read_text())["images"]
             continue
-        recipe = own_prompts("snb", app.roles, full)(p, {r: f"zoo:{r}" for r in app.roles})
+        recipe = own_prompts("snb", ROLES, full)(p, {r: f"zoo:{r}" for r in ROLES})
         if expert_slot:  # the expert's caption with the slot words of the general model's
             recipe["models"][1]["prompt"] = caption(Scene(PLAIN, "photo", p.scene.objects), position=True)
         recipe["sampling"] = {"num_inference_steps": steps, "seed": 0, "num_images": seeds}
@@ -222,7 +225,7 @@ def main() -> None:
     from multifusion.zoo.judge import load_judge
 
     app = get_app("fine-grained")
-    handles = load_models([f"zoo:{r}" for r in app.roles], names=list(app.roles))
+    handles = load_models([f"zoo:{r}" for r in ROLES], names=list(ROLES))
     prompts = app.prompts(args.prompts)
     judge = load_judge()
     work = Path(args.work)
