@@ -18,7 +18,7 @@ attention kernels replaced by a no-op (wrong outputs, timing only), the floor an
 coarser attention could reach.
 
     python benchmarks/bench_afa_step.py [--batch 4] [--latent 16 32] [--repeats 30] [--threads 1] [--layers 1]
-    python benchmarks/bench_afa_step.py --sd15 --batch 1 --repeats 5 --threads 2
+    python benchmarks/bench_afa_step.py --sd15 --batch 1 --repeats 5 --free-attention
 """
 
 from __future__ import annotations
@@ -80,17 +80,12 @@ def main() -> None:
         unets = [UNet2DConditionModel.from_config(SD15).eval() for _ in range(2)]
         names, hashes, label = ["a", "b"], ["a", "b"], "two SD-1.5-config UNets (random weights)"
         args.latent = [64] if args.latent == LATENTS else args.latent
-        text = [torch.randn(2 * args.batch, 77, 768)] * 2
-
-        def context(_side):
-            return text
+        ctx = [torch.randn(2 * args.batch, 77, 768)] * 2
     else:
         handles = load_models(["zoo:slice0", "zoo:slice1"], names=["slice0", "slice1"])
         unets = [h.unet for h in handles]
         names, hashes, label = [h.name for h in handles], [model_hash(h) for h in handles], "zoo slice0 + slice1"
-
-        def context(_side):
-            return [h.encode_prompt(["a red circle on the left in a desert"] * 2 * args.batch).embeds for h in handles]
+        ctx = [h.encode_prompt(["a red circle on the left in a desert"] * 2 * args.batch).embeds for h in handles]
 
     ensembles = {}
     for layers in args.layers:
@@ -113,7 +108,6 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for side in args.latent:
         x = torch.randn(2 * args.batch, 4, side, side, generator=g)
-        ctx = context(side)
         t = torch.tensor(500)
 
         @torch.no_grad()
