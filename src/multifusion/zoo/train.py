@@ -291,7 +291,7 @@ def _train_vae(base_dir: Path, config: TrainConfig, seed: int, progress: bool) -
     """Train the shared VAE (resumable like the UNets); return it in eval mode."""
     vae = build_vae(SIZES[config.size], derived_seed(seed, "vae"))
     fast_cpu_attention(vae)
-    return _vae_run(base_dir, "vae", vae, list(vae.parameters()), config.vae_lr, config.vae_steps, config, seed, progress)
+    return _vae_run(base_dir, vae, list(vae.parameters()), config.vae_lr, config.vae_steps, config, seed, progress)
 
 
 def train_decoder(folder: Path, vae: Any, config: TrainConfig, seed: int, progress: bool) -> Any:
@@ -304,17 +304,26 @@ def train_decoder(folder: Path, vae: Any, config: TrainConfig, seed: int, progre
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in trained:
         p.requires_grad_(True)
-    _vae_run(folder, "decoder", vae, trained, config.decoder_lr, config.decoder_steps, config, seed, progress)
+    _vae_run(folder, vae, trained, config.decoder_lr, config.decoder_steps, config, seed, progress, decoder_only=True)
     return vae.requires_grad_(False)
 
 
 def _vae_run(
-    folder: Path, tag: str, vae: Any, params: list, lr: float, steps: int, config: TrainConfig, seed: int, progress: bool
+    folder: Path,
+    vae: Any,
+    params: list,
+    lr: float,
+    steps: int,
+    config: TrainConfig,
+    seed: int,
+    progress: bool,
+    decoder_only: bool = False,
 ) -> Any:
     """Train ``params`` of ``vae`` to ``steps`` with AdamW (100 warm-up steps), resumable from
-    ``folder/{tag}_checkpoint.safetensors``: the whole VAE on :data:`VAE_MIX` (``tag`` "vae")
-    or its decoder on :data:`DECODER_MIX` (``tag`` "decoder"). Returns ``vae`` in eval mode."""
-    decoder_only = tag == "decoder"
+    ``folder/vae_checkpoint.safetensors`` (the whole VAE on :data:`VAE_MIX`) or, with
+    ``decoder_only``, ``folder/decoder_checkpoint.safetensors`` (its decoder on
+    :data:`DECODER_MIX`, the encoder's posterior sampled). Returns ``vae`` in eval mode."""
+    tag = "decoder" if decoder_only else "vae"
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     run = TrainingRun(
         folder,
