@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+FINE_GRAINED_MODELS = ("general", "expert")
+"""The `fine-grained` app's two full models (its other roles, the LoRA stand-ins, belong to other rows)."""
+
 
 def tiny_models(names_seeds: list[tuple[str, int]], **kwargs) -> list[str]:
     """Build tiny pipelines that share their text encoder and VAE (seed 0) in a temp folder."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
-ROLES = ("general", "expert")
-"""The app's two full models (its other roles, the LoRA stand-ins, belong to other rows)."""
+from common import FINE_GRAINED_MODELS as ROLES
 
 
 def main() -> None:

@@ -21,10 +21,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from common import FINE_GRAINED_MODELS as ROLES
 from PIL import Image, ImageDraw
-
-ROLES = ("general", "expert")
-"""The app's two full models (its other roles, the LoRA stand-ins, belong to other rows)."""
 
 DEFAULTS = {"k": 1.0, "blur": "box", "blur_size": 4, "window": [0.0, 1.0]}
 """The faithful method's parameters before this sweep (the values every one-factor cell varies)."""
