@@ -314,6 +314,26 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_resumes_exactly(tmp_path
         TrainConfig(decoder_steps=-1)
 
 
+def test_the_decoder_learns_every_scene_the_models_draw_and_the_first_vae_its_own_mix(tmp_path, monkeypatch):
+    """The decoder phase renders `toon` and `tint` scenes too (the first VAE never saw them: the
+    reason the phase exists); the whole-VAE phase keeps its own mix."""
+    from multifusion.zoo import train
+    from multifusion.zoo.models import SIZES, build_vae
+
+    mixes = []
+    real = train._vae_data
+
+    def recorded(config, seed, mix=train.VAE_MIX):
+        mixes.append(tuple(mix))
+        return real(config, seed, mix)
+
+    monkeypatch.setattr(train, "_vae_data", recorded)
+    train_decoder(tmp_path / "d", build_vae(SIZES["tiny"], 0), replace(TINY, decoder_steps=1), 0, False)
+    train._train_vae(tmp_path / "v", replace(TINY, vae_steps=1), 0, False)
+    assert mixes == [tuple(MIX), tuple(train.VAE_MIX)]
+    assert {"toon", "tint"} <= set(MIX) and not {"toon", "tint"} & set(train.VAE_MIX)
+
+
 @pytest.mark.skipif(not loading.zoo_models(), reason="no zoo models installed")
 def test_a_decoder_trained_on_the_shipped_vae_installs_into_every_model_as_one_file(tmp_path):
     from safetensors.torch import load_file
