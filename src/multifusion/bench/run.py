@@ -298,6 +298,9 @@ def run_bench(
         from accelerate.utils import gather_object
 
         computed = sum(gather_object([computed]))
+    # The last collective. Without this a gloo process can abort at exit (its worker threads
+    # outlive the interpreter), failing a run whose samples are all written.
+    state.destroy_process_group()
     if not state.is_main_process:
         return None
 
