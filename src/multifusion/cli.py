@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train aggregators over MODELs (frozen); resumable",
         description="Train AFA aggregators over the MODELs, in this order (the recipe must list them in the "
         "same order). Checkpoints in --out; run the same command again to resume. Writes "
-        "--out/aggregator (use as `params: {aggregator: DIR}`), loss.csv, loss.png, heldout.json.",
+        "--out/aggregator (use as `params: {aggregator: DIR}`), loss.csv, loss.png, afa.json (settings and held-out eps-MSE).",
     )
     at.add_argument(
         "models",

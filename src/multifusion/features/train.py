@@ -8,8 +8,9 @@ AdamW (lr 1e-4, weight decay 0.01), linear warm-up over 100 steps, then constant
 
 Runs on `multifusion.training.TrainingRun`: checkpoints every `checkpoint_every` steps and
 exact resume (step s draws only from its own generator), a progress bar, `loss.csv`, and at the
-end `loss.png`, `heldout.json` (held-out eps-MSE per timestep band for the ensemble, the
-untrained ensemble (feature averaging), each model alone and their eps average) and
+end `loss.png`, `afa.json` (the run's settings and, under `heldout`, the held-out eps-MSE per
+timestep band for the ensemble, the untrained ensemble (feature averaging), each model alone and
+their eps average) and
 `aggregator/` (the aggregators with the models' content hashes; what `afa` loads).
 
 Data: `shapeworld:NAME` renders a zoo distribution (`multifusion.zoo.train.distribution`: a
