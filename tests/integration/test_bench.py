@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,9 +19,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from multifusion.bench import APPS, Fusion, bootstrap_interval, own_prompts, run_bench, wilson_interval
+from multifusion.bench import APPS, Fusion, bootstrap_interval, mcnemar_p, own_prompts, run_bench, wilson_interval
 from multifusion.bench import run as bench_run
 from multifusion.bench.apps import LORA_ROLES, whole_image
 from multifusion.bench.stats import sample_success
@@ -125,6 +128,24 @@ def test_confidence_intervals():
     assert bootstrap_interval([2, 2], [2, 2]) == (1.0, 1.0)
     with pytest.raises(ValueError):
         wilson_interval(3, 0)
+
+
+def test_mcnemar_p_by_hand():
+    # n discordant images, each a fair coin under "no difference": P(X <= k) doubled, at most 1.
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 0) == 1.0
+    with pytest.raises(ValueError, match="discordant"):
+        mcnemar_p(-1, 4)
+
+
+@given(a=st.integers(0, 60), b=st.integers(0, 60))
+@settings(max_examples=60, deadline=None)
+def test_mcnemar_p_is_the_doubled_binomial_tail(a, b):
+    n, k = a + b, min(a, b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 0.5
+    assert mcnemar_p(a, b) == pytest.approx(min(1.0, 2 * tail), rel=1e-9)
+    assert mcnemar_p(a, b) == mcnemar_p(b, a)
 
 
 # (successes, n, level) -> interval, as the hand-written Wilson formula (Wilson 1927) gave it

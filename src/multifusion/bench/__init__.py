@@ -9,7 +9,7 @@ seeds and judge (``multifusion bench``); and CLIP score / FID / IS for real mode
 
 from multifusion.bench.apps import APPS, App, AppPrompt, Fusion, Row, View, get_app, own_prompts, regions_per_slot, tiles_per_slot
 from multifusion.bench.run import run_bench
-from multifusion.bench.stats import bootstrap_interval, wilson_interval
+from multifusion.bench.stats import bootstrap_interval, mcnemar_p, wilson_interval
 
 __all__ = [
     "APPS",
@@ -23,6 +23,7 @@ __all__ = [
     "regions_per_slot",
     "tiles_per_slot",
     "bootstrap_interval",
+    "mcnemar_p",
     "run_bench",
     "wilson_interval",
 ]

@@ -7,6 +7,9 @@ Intervals are 95 %:
   resamples images (the objects of one image are not independent), 2,000 resamples from a
   fixed generator, so the interval is reproducible.
 - ``region`` apps (success pools the views of all images): the same bootstrap over images.
+
+Two rows of one image app on the same prompts and seeds are compared image by image with the
+exact McNemar test (:func:`mcnemar_p`; ``benchmarks/paired.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ def bootstrap_interval(
     rates = h[idx].sum(axis=1) / t[idx].sum(axis=1)
     lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value of two rows judged on the same images (same prompts and
+    seeds): ``only_a`` images right in row A only, ``only_b`` in row B only. If neither row is
+    better, each of the ``n = only_a + only_b`` discordant images favours either row with
+    probability 1/2, so ``only_a ~ Binomial(n, 1/2)`` (McNemar 1947, exact form); images both
+    rows get right, or both wrong, say nothing about the difference. Pairing removes the spread
+    the prompts and seeds share, so it separates rows whose Wilson intervals overlap. 1.0 when
+    no image is discordant; ValueError on a negative count."""
+    from scipy.stats import binomtest
+
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {only_a} and {only_b}")
+    n = only_a + only_b
+    return 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
 
 
 def sample_success(app: App, readings: Sequence[Mapping[str, Any]], targets: Sequence[Any]) -> tuple[int, int]:
