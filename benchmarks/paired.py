@@ -34,6 +34,9 @@ def main() -> None:
     if app.success not in ("image", "elements"):
         raise SystemExit(f"--app {app.id}: its success pools {app.success}s, not one yes or no per image; pick an image app")
     sides = [_side(args.a), _side(args.b)]
+    for folder, _ in sides:
+        if not (folder / "results.json").is_file():
+            raise SystemExit(f"{str(folder)!r}: no results.json; finish its bench run (run the same command again) first")
     settings = [json.loads((folder / "results.json").read_text())["settings"] for folder, _ in sides]
     keys = ("seeds", "prompts_per_app", "num_inference_steps", "guidance_scale", "scheduler", "dtype", "judge")
     differ = [k for k in keys if settings[0].get(k) != settings[1].get(k)]
