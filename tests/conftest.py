@@ -14,6 +14,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # another job shares the machine.
 torch.set_num_threads(1)
 
+# The files that take minutes (the whole zoo demo alone about 7 of them), first in the queue: in
+# two processes (`-n 2 --dist loadfile`, with pyproject's `--no-loadscope-reorder`; xdist's
+# default order puts files with few tests last) the other process works through the rest beside
+# them, instead of idling while one of them runs at the end.
+SLOW_FILES_FIRST = ("tests/integration/test_demo.py", "tests/ui/test_browser.py", "tests/integration/test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
