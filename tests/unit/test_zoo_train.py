@@ -104,6 +104,27 @@ def test_install_writes_fp16_pipelines_that_load_as_zoo_models(runs, tmp_path, m
     assert handle is not None
 
 
+def test_install_refuses_a_vae_other_than_the_one_the_installed_models_share(runs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    straight, _, _, _ = runs
+    install(straight, dest=tmp_path / "first")
+    dest = tmp_path / "zoo"
+    shutil.copytree(tmp_path / "first" / "general", dest / "toon")  # another model, the run's VAE
+    assert install(straight, dest=dest) == ["general"]
+    vae_file = dest / "toon" / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(vae_file)
+    key = next(k for k in tensors if k.startswith("decoder."))
+    tensors[key] = tensors[key] + 1  # toon now holds a VAE of its own: an older decoder, say
+    save_file(tensors, vae_file)
+    shutil.rmtree(dest / "general")
+    with pytest.raises(ZooTrainError, match=r"differs from the one \['toon'\].*from-shipped"):
+        install(straight, dest=dest)
+    assert not (dest / "general").exists()  # refused before anything was written
+    shutil.rmtree(dest / "toon")
+    assert install(straight, dest=dest) == ["general"]  # alone in the folder, nothing to agree with
+
+
 def test_more_steps_continue_from_the_checkpoint(runs):
     straight, _, _, _ = runs
     before = _ckpt(straight)

@@ -799,7 +799,7 @@ def install(out_dir: str | Path, models: Sequence[str] | None = None, dest: str 
     from multifusion.loading import zoo_root
 
     dest = Path(dest) if dest is not None else zoo_root()
-    names = []
+    pipes = {}
     for name in models or MODELS:
         run = Path(out_dir) / name
         if not (run / CHECKPOINT).exists():
@@ -807,19 +807,43 @@ def install(out_dir: str | Path, models: Sequence[str] | None = None, dest: str 
         info = run / "pipeline" / "training.json"
         if not info.exists() or json.loads(info.read_text())["steps"] != _summary(out_dir, name)["steps"]:
             export(out_dir, name)
-        src = run / "pipeline"
-        pipe = StableDiffusionPipeline.from_pretrained(
-            src, safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True
-        )
-        pipe.to(torch.float16)
+        pipes[name] = StableDiffusionPipeline.from_pretrained(
+            run / "pipeline", safety_checker=None, feature_extractor=None, requires_safety_checker=False, use_safetensors=True
+        ).to(torch.float16)
+    if pipes:
+        _check_one_vae(next(iter(pipes.values())).vae, dest, set(pipes), out_dir)
+    for name, pipe in pipes.items():
         target = dest / name
         if target.exists():
             shutil.rmtree(target)
         pipe.save_pretrained(target, safe_serialization=True)
-        shutil.copy(src / "training.json", target / "training.json")
+        shutil.copy(Path(out_dir) / name / "pipeline" / "training.json", target / "training.json")
         _drop_local_paths(target)
-        names.append(name)
-    return names
+    return list(pipes)
+
+
+def _check_one_vae(vae: Any, dest: Path, installing: set[str], out_dir: str | Path) -> None:
+    """Refuse, before anything is written, a run whose VAE is not the one the zoo models under
+    ``dest`` that stay installed share: the zoo decodes every model with one VAE (the apps fuse
+    latents, and the judge's reconstructed rows assume it), and a run folder made before a new
+    decoder (`zoo decoder --install`) still holds the old one."""
+    from safetensors.torch import load_file
+
+    ours = {k: v.to(torch.float16) for k, v in vae.state_dict().items()}
+    differ = []
+    for folder in sorted(dest.glob("*/vae/diffusion_pytorch_model.safetensors")):
+        name = folder.parent.parent.name
+        if name in installing:
+            continue
+        theirs = load_file(folder)
+        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours):
+            differ.append(name)
+    if differ:
+        raise ZooTrainError(
+            f"the VAE of the models in {out_dir} differs from the one {differ} under {dest} use (the zoo "
+            f"shares one VAE): install {differ} from this run as well, or train these models in a new run "
+            "folder with `zoo train --from-shipped` or `--rebase` (such a run copies the installed VAE)"
+        )
 
 
 def _drop_local_paths(folder: Path) -> None:
