@@ -326,7 +326,7 @@ def _load_pipeline(
         raise ModelLoadError(f"could not load {ref.text!r}: {_said(err)}") from err
 
 
-def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+def same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """True when two modules are interchangeable: same class, config and every tensor equal.
     Quantized modules are never compared (their tensors have no equality): held once only when
     they are one object."""
@@ -370,7 +370,7 @@ def _share_with_earlier(handles: list[ModelHandle]) -> dict[str, int]:
                 continue  # a pipeline object's modules stay its own; one module cannot sit on two devices
             if theirs is mine:
                 break
-            if _same_module(theirs, mine):
+            if same_module(theirs, mine):
                 setattr(h, kind, theirs)
                 shared[kind] += 1
                 break

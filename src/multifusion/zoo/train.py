@@ -827,17 +827,16 @@ def _check_one_vae(vae: Any, dest: Path, installing: set[str], out_dir: str | Pa
     ``dest`` that stay installed share: the zoo decodes every model with one VAE (the apps fuse
     latents, and the judge's reconstructed rows assume it), and a run folder made before a new
     decoder (`zoo decoder --install`) still holds the old one."""
-    from safetensors.torch import load_file
+    from diffusers import AutoencoderKL
 
-    ours = {k: v.to(torch.float16) for k, v in vae.state_dict().items()}
-    differ = []
-    for folder in sorted(dest.glob("*/vae/diffusion_pytorch_model.safetensors")):
-        name = folder.parent.parent.name
-        if name in installing:
-            continue
-        theirs = load_file(folder)
-        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k], ours[k]) for k in ours):
-            differ.append(name)
+    from multifusion.loading import same_module
+
+    differ = [
+        folder.parent.name
+        for folder in sorted(dest.glob("*/vae"))
+        if folder.parent.name not in installing
+        and not same_module(vae, AutoencoderKL.from_pretrained(folder, use_safetensors=True, torch_dtype=vae.dtype))
+    ]
     if differ:
         raise ZooTrainError(
             f"the VAE of the models in {out_dir} differs from the one {differ} under {dest} use (the zoo "
